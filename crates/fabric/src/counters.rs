@@ -1,0 +1,120 @@
+//! Per-port and per-network counters.
+//!
+//! The worker thread is the only writer; readers (metrics, tests) load the atomics at
+//! any time without asking the worker. Relaxed ordering is enough: each counter is
+//! independent and only has to be eventually exact. The worker adds once per batch, not
+//! once per frame, where it can.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a frame was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    Runt,
+    /// Larger than the network's MTU allows, or truncated by the socket.
+    Oversize,
+    /// Unicast to a MAC that sits on the frame's own port: nowhere to go.
+    NoRoute,
+    /// The destination's egress queue was full.
+    QueueFull,
+    /// Source MAC or sender IP not allowed on the port.
+    Spoofed,
+    /// The MAC table was full, so the source was not learned (the frame is still delivered).
+    TableFull,
+    /// The destination's peer has gone.
+    PeerGone,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Runt,
+        DropReason::Oversize,
+        DropReason::NoRoute,
+        DropReason::QueueFull,
+        DropReason::Spoofed,
+        DropReason::TableFull,
+        DropReason::PeerGone,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::Runt => "runt",
+            DropReason::Oversize => "oversize",
+            DropReason::NoRoute => "no_route",
+            DropReason::QueueFull => "queue_full",
+            DropReason::Spoofed => "spoofed",
+            DropReason::TableFull => "table_full",
+            DropReason::PeerGone => "peer_gone",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Live counters of one port or one network.
+#[derive(Debug, Default)]
+pub struct Counters {
+    rx_frames: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_frames: AtomicU64,
+    tx_bytes: AtomicU64,
+    drops: [AtomicU64; 7],
+}
+
+impl Counters {
+    pub(crate) fn add_rx(&self, frames: u64, bytes: u64) {
+        self.rx_frames.fetch_add(frames, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_tx(&self, frames: u64, bytes: u64) {
+        self.tx_frames.fetch_add(frames, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_drop(&self, reason: DropReason, frames: u64) {
+        self.drops[reason.index()].fetch_add(frames, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let mut drops = [0u64; 7];
+        for (d, a) in drops.iter_mut().zip(&self.drops) {
+            *d = a.load(Ordering::Relaxed);
+        }
+        CounterSnapshot {
+            rx_frames: self.rx_frames.load(Ordering::Relaxed),
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            tx_frames: self.tx_frames.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            drops,
+        }
+    }
+}
+
+/// Counter values at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    drops: [u64; 7],
+}
+
+impl CounterSnapshot {
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Every drop reason with its count, in a fixed order.
+    pub fn drops_by_reason(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.drops(*r)))
+    }
+}

@@ -1,0 +1,240 @@
+//! Views over Ethernet frames as they arrive from ports.
+//!
+//! The switch needs three things from a frame: its destination and source MAC and, for
+//! locked ports, the sender's IPv4 address. The Ethernet header is read here with one
+//! length check (every accessor after it indexes inside that length); ARP and IPv4 are
+//! read with smoltcp's checked wire views, so a short or lying packet is an error,
+//! never a panic.
+
+use std::net::Ipv4Addr;
+
+use smoltcp::wire::{ArpPacket, Ipv4Packet};
+
+use crate::mac::Mac;
+
+/// Ethernet header without a VLAN tag.
+pub const ETH_HEADER_LEN: usize = 14;
+/// Bytes an 802.1Q tag adds.
+pub const VLAN_TAG_LEN: usize = 4;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_VLAN: u16 = 0x8100;
+pub const ETHERTYPE_QINQ: u16 = 0x88a8;
+
+/// Why a frame is unusable before any forwarding decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// Shorter than an Ethernet header.
+    Runt,
+    /// Longer than the network's MTU allows for its kind of frame.
+    Oversize,
+}
+
+/// A validated view of an Ethernet frame's header.
+#[derive(Debug, Clone, Copy)]
+pub struct EthernetView<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> EthernetView<'a> {
+    /// Checks the length against the header and against `mtu` (the largest L3 payload):
+    /// an untagged frame may carry `mtu` bytes after its 14-byte header, a VLAN-tagged
+    /// frame 4 more.
+    pub fn parse(bytes: &'a [u8], mtu: usize) -> Result<Self, FrameError> {
+        if bytes.len() < ETH_HEADER_LEN {
+            return Err(FrameError::Runt);
+        }
+        let view = EthernetView { bytes };
+        let allowed = mtu
+            + ETH_HEADER_LEN
+            + if view.is_vlan_tagged() {
+                VLAN_TAG_LEN
+            } else {
+                0
+            };
+        if bytes.len() > allowed {
+            return Err(FrameError::Oversize);
+        }
+        Ok(view)
+    }
+
+    pub fn dst(&self) -> Mac {
+        Mac(self.bytes[0..6]
+            .try_into()
+            .expect("length checked in parse"))
+    }
+
+    pub fn src(&self) -> Mac {
+        Mac(self.bytes[6..12]
+            .try_into()
+            .expect("length checked in parse"))
+    }
+
+    /// The outer ethertype (0x8100 for a tagged frame).
+    pub fn outer_ethertype(&self) -> u16 {
+        u16::from_be_bytes([self.bytes[12], self.bytes[13]])
+    }
+
+    pub fn is_vlan_tagged(&self) -> bool {
+        matches!(self.outer_ethertype(), ETHERTYPE_VLAN | ETHERTYPE_QINQ)
+    }
+
+    /// Ethertype and payload after at most one VLAN tag; `None` for a tagged frame too
+    /// short to hold its tag.
+    pub fn inner(&self) -> Option<(u16, &'a [u8])> {
+        if self.is_vlan_tagged() {
+            let rest = self.bytes.get(ETH_HEADER_LEN + VLAN_TAG_LEN..)?;
+            let et = u16::from_be_bytes([self.bytes[16], self.bytes[17]]);
+            Some((et, rest))
+        } else {
+            Some((self.outer_ethertype(), &self.bytes[ETH_HEADER_LEN..]))
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// What a frame claims about its sender at layer 3, for port locking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L3Sender {
+    /// IPv4 packet from this source address; `dhcp_client` is set for UDP 68 → 67, the
+    /// only traffic a client may send from 0.0.0.0.
+    Ipv4 { src: Ipv4Addr, dhcp_client: bool },
+    /// ARP with this sender hardware and protocol address.
+    Arp {
+        sender_mac: Mac,
+        sender_ip: Ipv4Addr,
+    },
+    /// Not IPv4 or ARP: layer 3 says nothing the lock checks.
+    Other,
+    /// Claims to be IPv4 or ARP but is malformed.
+    Malformed,
+}
+
+/// Reads the layer-3 sender of a frame.
+pub fn l3_sender(frame: &EthernetView<'_>) -> L3Sender {
+    let Some((ethertype, payload)) = frame.inner() else {
+        return L3Sender::Malformed;
+    };
+    match ethertype {
+        ETHERTYPE_IPV4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(payload) else {
+                return L3Sender::Malformed;
+            };
+            let src: Ipv4Addr = ip.src_addr();
+            let dhcp_client = u8::from(ip.next_header()) == 17 && {
+                let l4 = ip.payload();
+                l4.len() >= 4 && l4[0..2] == 68u16.to_be_bytes() && l4[2..4] == 67u16.to_be_bytes()
+            };
+            L3Sender::Ipv4 { src, dhcp_client }
+        }
+        ETHERTYPE_ARP => {
+            let Ok(arp) = ArpPacket::new_checked(payload) else {
+                return L3Sender::Malformed;
+            };
+            let (hw, proto) = (arp.source_hardware_addr(), arp.source_protocol_addr());
+            match (Mac::from_slice(hw), <[u8; 4]>::try_from(proto)) {
+                (Some(sender_mac), Ok(ip)) if hw.len() == 6 => L3Sender::Arp {
+                    sender_mac,
+                    sender_ip: Ipv4Addr::from(ip),
+                },
+                _ => L3Sender::Malformed,
+            }
+        }
+        _ => L3Sender::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARP_REQUEST: [u8; 42] = [
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 0x08,
+        0x06, // eth
+        0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, // htype ptype hlen plen op
+        0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 10, 77, 0, 5, // sender
+        0, 0, 0, 0, 0, 0, 10, 77, 0, 1, // target
+    ];
+
+    #[test]
+    fn runt_and_oversize() {
+        assert_eq!(
+            EthernetView::parse(&[0u8; 13], 1500).unwrap_err(),
+            FrameError::Runt
+        );
+        assert!(EthernetView::parse(&[0u8; 14], 1500).is_ok());
+        assert!(EthernetView::parse(&[0u8; 1514], 1500).is_ok());
+        assert_eq!(
+            EthernetView::parse(&[0u8; 1515], 1500).unwrap_err(),
+            FrameError::Oversize
+        );
+        let mut tagged = [0u8; 1518];
+        tagged[12] = 0x81;
+        assert!(EthernetView::parse(&tagged, 1500).is_ok());
+        assert_eq!(
+            EthernetView::parse(&[&tagged[..], &[0]].concat(), 1500).unwrap_err(),
+            FrameError::Oversize
+        );
+    }
+
+    #[test]
+    fn reads_addresses_and_arp_sender() {
+        let v = EthernetView::parse(&ARP_REQUEST, 1500).unwrap();
+        assert!(v.dst().is_broadcast());
+        assert_eq!(v.src(), Mac([0x52, 0x54, 0, 0, 0, 1]));
+        assert_eq!(
+            l3_sender(&v),
+            L3Sender::Arp {
+                sender_mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
+                sender_ip: Ipv4Addr::new(10, 77, 0, 5)
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_arp_is_malformed() {
+        let v = EthernetView::parse(&ARP_REQUEST[..30], 1500).unwrap();
+        assert_eq!(l3_sender(&v), L3Sender::Malformed);
+    }
+
+    #[test]
+    fn tagged_frame_too_short_for_its_tag() {
+        let mut f = [0u8; 16];
+        f[12] = 0x81;
+        let v = EthernetView::parse(&f, 1500).unwrap();
+        assert_eq!(v.inner(), None);
+        assert_eq!(l3_sender(&v), L3Sender::Malformed);
+    }
+
+    #[test]
+    fn ipv4_sender_and_dhcp_client() {
+        // 20-byte IPv4 header, UDP 68 -> 67, from 0.0.0.0.
+        let mut f = vec![0xff; 6];
+        f.extend([0x52, 0x54, 0, 0, 0, 2, 0x08, 0x00]);
+        let ip = [
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
+        ];
+        f.extend(ip);
+        f.extend([0, 68, 0, 67, 0, 8, 0, 0]);
+        let v = EthernetView::parse(&f, 1500).unwrap();
+        assert_eq!(
+            l3_sender(&v),
+            L3Sender::Ipv4 {
+                src: Ipv4Addr::UNSPECIFIED,
+                dhcp_client: true
+            }
+        );
+        // A header length field pointing past the end is malformed.
+        let mut bad = f.clone();
+        bad[14] = 0x4f;
+        let v = EthernetView::parse(&bad, 1500).unwrap();
+        assert_eq!(l3_sender(&v), L3Sender::Malformed);
+    }
+}

@@ -1,0 +1,26 @@
+//! vmfabric's data plane: an L2 learning switch that VMMs plug into.
+//!
+//! A [`Switch`] holds many [`NetworkConfig`]-shaped networks, each an isolated broadcast
+//! domain with its own MAC table. Ports reach VMs over socketpairs, bound datagram
+//! paths, length-prefixed stream paths and TAP devices. The data plane knows nothing of
+//! HTTP, storage or QEMU: it takes commands through [`Switch`] methods and reports
+//! [`SwitchEvent`]s and counters.
+
+pub mod clock;
+pub mod config;
+pub mod counters;
+pub mod error;
+pub mod frame;
+pub mod mac;
+pub mod port;
+mod switch;
+mod sys;
+mod transport;
+
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use config::{NetworkConfig, SwitchConfig, DEFAULT_MTU, MAX_MTU};
+pub use counters::{CounterSnapshot, DropReason};
+pub use error::{FabricError, Result};
+pub use mac::Mac;
+pub use port::{MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
+pub use switch::Switch;

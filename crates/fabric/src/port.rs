@@ -1,0 +1,99 @@
+//! What the outside world knows of a port: its id, transport, lock and events.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use crate::mac::Mac;
+
+/// A port's identity; never reused within one switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u64);
+
+impl fmt::Display for PortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// How a port reaches its VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// SOCK_DGRAM socketpair; the VM holds the other end.
+    Socketpair,
+    /// A bound SOCK_DGRAM path; the VMM sends from its own bound path.
+    Unixgram { path: PathBuf },
+    /// A listening SOCK_STREAM path; frames carry a 4-byte big-endian length.
+    Stream { path: PathBuf },
+    /// A TAP device.
+    Tap { ifname: String },
+}
+
+impl Transport {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Transport::Socketpair => "socketpair",
+            Transport::Unixgram { .. } => "unixgram",
+            Transport::Stream { .. } => "stream",
+            Transport::Tap { .. } => "tap",
+        }
+    }
+}
+
+/// Where a TAP port's device comes from.
+#[derive(Debug)]
+pub enum TapSource {
+    /// Create (or attach to) the device with this name; `%d` picks a free number.
+    Name(String),
+    /// Adopt an fd already attached to a TAP device (`IFF_TAP|IFF_NO_PI`), with its name.
+    Fd(std::os::fd::OwnedFd, String),
+}
+
+/// Restricts what a port may send: frames must carry `mac` as source and, when `ips` is
+/// not empty, IPv4 and ARP frames must carry one of `ips` as sender (0.0.0.0 is allowed
+/// for a DHCP client and for ARP probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortLock {
+    pub mac: Mac,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+/// Something that happened in the data plane, for the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchEvent {
+    /// The port's peer is there (connected, or first datagram from a new peer).
+    PortUp { port: PortId, peer: Option<String> },
+    /// The port's peer has gone; the port forwards nothing until it is back or removed.
+    PortDown { port: PortId, reason: String },
+    MacLearned {
+        network: String,
+        mac: Mac,
+        port: PortId,
+    },
+    MacMoved {
+        network: String,
+        mac: Mac,
+        from: PortId,
+        to: PortId,
+    },
+    /// The network's MAC table is full (reported once until it has room again).
+    MacTableFull { network: String },
+}
+
+/// A port as listed by [`crate::Switch::ports`].
+#[derive(Debug, Clone)]
+pub struct PortInfo {
+    pub id: PortId,
+    pub network: String,
+    pub label: String,
+    pub transport: Transport,
+    pub up: bool,
+}
+
+/// One MAC table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacEntry {
+    pub mac: Mac,
+    pub port: PortId,
+    pub age: std::time::Duration,
+}

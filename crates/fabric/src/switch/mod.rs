@@ -1,0 +1,356 @@
+//! The switch handle: what the rest of vmfabric calls to shape the data plane.
+//!
+//! A `Switch` owns one forwarding thread (see [`worker`]). Every change (networks,
+//! ports, locks) is a command sent over a channel with an eventfd kick, answered once
+//! the worker has applied it, so a caller that got `Ok` knows the port is live. Counters
+//! are read straight from shared atomics, without a round trip.
+//!
+//! One forwarding thread serves every network: on the machines vmfabric targets (a few
+//! cores shared with the VMs) a single thread that never locks moves more frames than
+//! several that share MAC tables.
+
+mod table;
+mod worker;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rustix::event::EventfdFlags;
+
+use crate::config::{NetworkConfig, SwitchConfig};
+use crate::counters::CounterSnapshot;
+use crate::error::{FabricError, Result};
+use crate::port::{MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
+use crate::sys::tap::open_tap;
+use crate::transport;
+use worker::{Command, NetShared, NewPort, PortIo, PortShared, Worker, WorkerSetup};
+
+struct PortRecord {
+    network: String,
+    label: String,
+    transport: Transport,
+    shared: Arc<PortShared>,
+}
+
+#[derive(Default)]
+struct Registry {
+    networks: HashMap<String, Arc<NetShared>>,
+    ports: HashMap<PortId, PortRecord>,
+}
+
+/// A running L2 switch with any number of isolated networks.
+pub struct Switch {
+    commands: Sender<Command>,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    events: Mutex<Option<Receiver<SwitchEvent>>>,
+    events_dropped: Arc<AtomicU64>,
+    registry: Mutex<Registry>,
+    next_port: AtomicU64,
+    config: SwitchConfig,
+}
+
+impl Switch {
+    /// Starts the forwarding thread. It sleeps until there is work.
+    pub fn start(config: SwitchConfig) -> Result<Switch> {
+        let wake = Arc::new(
+            rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(|e| FabricError::io("create eventfd", e.into()))?,
+        );
+        let (commands, command_rx) = mpsc::channel();
+        let (event_tx, event_rx) = mpsc::sync_channel(config.event_capacity);
+        let events_dropped = Arc::new(AtomicU64::new(0));
+        let worker = Worker::new(WorkerSetup {
+            wake: wake.clone(),
+            commands: command_rx,
+            events: event_tx,
+            events_dropped: events_dropped.clone(),
+            clock: config.clock.clone(),
+            egress_queue_frames: config.egress_queue_frames,
+            stream_queue_bytes: config.stream_queue_bytes,
+            socket_buffer_bytes: config.socket_buffer_bytes,
+        })
+        .map_err(|e| FabricError::io("set up the switch worker", e))?;
+        let thread = std::thread::Builder::new()
+            .name("fabric-switch".into())
+            .spawn(move || worker.run())
+            .map_err(|e| FabricError::io("spawn the switch thread", e))?;
+        Ok(Switch {
+            commands,
+            wake,
+            thread: Some(thread),
+            events: Mutex::new(Some(event_rx)),
+            events_dropped,
+            registry: Mutex::new(Registry::default()),
+            next_port: AtomicU64::new(1),
+            config,
+        })
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // The registry is only mutated in small blocks that cannot panic half-way.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kick(&self) {
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+    }
+
+    fn call<T>(&self, make: impl FnOnce(worker::Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.commands
+            .send(make(tx))
+            .map_err(|_| FabricError::Stopped)?;
+        self.kick();
+        rx.recv().map_err(|_| FabricError::Stopped)?
+    }
+
+    pub fn add_network(&self, name: &str, config: NetworkConfig) -> Result<()> {
+        if name.is_empty() {
+            return Err(FabricError::InvalidConfig("a network needs a name".into()));
+        }
+        let shared = Arc::new(NetShared::default());
+        let (name_owned, shared_w) = (name.to_string(), shared.clone());
+        self.call(|reply| Command::AddNetwork {
+            name: name_owned,
+            config,
+            shared: shared_w,
+            reply,
+        })?;
+        self.registry().networks.insert(name.to_string(), shared);
+        Ok(())
+    }
+
+    /// Removes an empty network.
+    pub fn remove_network(&self, name: &str) -> Result<()> {
+        let name_owned = name.to_string();
+        self.call(|reply| Command::RemoveNetwork {
+            name: name_owned,
+            reply,
+        })?;
+        self.registry().networks.remove(name);
+        Ok(())
+    }
+
+    pub fn networks(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.registry().networks.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn attach(
+        &self,
+        network: &str,
+        label: &str,
+        transport: Transport,
+        io: PortIo,
+    ) -> Result<PortId> {
+        let id = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
+        let shared = Arc::new(PortShared::default());
+        let port = NewPort {
+            id,
+            io,
+            shared: shared.clone(),
+        };
+        let network_owned = network.to_string();
+        self.call(|reply| Command::AddPort {
+            network: network_owned,
+            port,
+            reply,
+        })?;
+        let record = PortRecord {
+            network: network.into(),
+            label: label.into(),
+            transport,
+            shared,
+        };
+        self.registry().ports.insert(id, record);
+        Ok(id)
+    }
+
+    /// Adds a socketpair port and returns the VM's end (blocking, close-on-exec), the
+    /// in-process attachment VZ-style VMMs and QEMU `-netdev dgram,local.type=fd` take.
+    pub fn add_port(&self, network: &str, label: &str) -> Result<(PortId, OwnedFd)> {
+        let (ours, theirs) = transport::socketpair(self.config.socket_buffer_bytes)?;
+        let id = self.attach(
+            network,
+            label,
+            Transport::Socketpair,
+            PortIo::Connected(ours),
+        )?;
+        Ok((id, theirs))
+    }
+
+    /// Binds a datagram socket at `path`. The VMM sends from its own bound path; the
+    /// switch answers to the last address that sent to it.
+    pub fn add_unixgram_port(&self, network: &str, label: &str, path: &Path) -> Result<PortId> {
+        let sock = transport::bind_unixgram(
+            path,
+            self.config.socket_mode,
+            self.config.socket_buffer_bytes,
+        )?;
+        let t = Transport::Unixgram {
+            path: path.to_path_buf(),
+        };
+        self.attach(network, label, t, PortIo::Path(sock))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })
+    }
+
+    /// Listens on a stream socket at `path` (4-byte big-endian length, then the frame).
+    /// One VMM at a time; a new one may connect after the last one went away.
+    pub fn add_stream_port(&self, network: &str, label: &str, path: &Path) -> Result<PortId> {
+        let sock = transport::listen_stream(
+            path,
+            self.config.socket_mode,
+            self.config.socket_buffer_bytes,
+        )?;
+        let t = Transport::Stream {
+            path: path.to_path_buf(),
+        };
+        self.attach(network, label, t, PortIo::Listener(sock))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })
+    }
+
+    /// Adds a TAP port; returns its id and the device's name. A device created here by
+    /// name is not persistent: it goes away with the port.
+    pub fn add_tap_port(
+        &self,
+        network: &str,
+        label: &str,
+        source: TapSource,
+    ) -> Result<(PortId, String)> {
+        let (fd, ifname) = match source {
+            TapSource::Name(name) => {
+                open_tap(&name).map_err(|e| FabricError::io(format!("open TAP {name}"), e))?
+            }
+            TapSource::Fd(fd, name) => {
+                rustix::io::ioctl_fionbio(&fd, true)
+                    .map_err(|e| FabricError::io("make TAP fd non-blocking", e.into()))?;
+                (fd, name)
+            }
+        };
+        let t = Transport::Tap {
+            ifname: ifname.clone(),
+        };
+        let id = self.attach(network, label, t, PortIo::Tap(fd))?;
+        Ok((id, ifname))
+    }
+
+    /// Removes a port while traffic flows; its socket file, if any, is deleted.
+    pub fn remove_port(&self, id: PortId) -> Result<()> {
+        self.call(|reply| Command::RemovePort { id, reply })?;
+        if let Some(rec) = self.registry().ports.remove(&id) {
+            remove_socket_file(&rec.transport);
+        }
+        Ok(())
+    }
+
+    /// Locks a port to a MAC and IPv4 addresses (`None` unlocks).
+    pub fn lock_port(&self, id: PortId, lock: Option<PortLock>) -> Result<()> {
+        self.call(|reply| Command::LockPort { id, lock, reply })
+    }
+
+    pub fn port_counters(&self, id: PortId) -> Option<CounterSnapshot> {
+        self.registry()
+            .ports
+            .get(&id)
+            .map(|r| r.shared.counters.snapshot())
+    }
+
+    pub fn network_counters(&self, name: &str) -> Option<CounterSnapshot> {
+        self.registry()
+            .networks
+            .get(name)
+            .map(|n| n.counters.snapshot())
+    }
+
+    /// Entries in the network's MAC table right now (as last counted by the worker).
+    pub fn mac_table_len(&self, name: &str) -> Option<u64> {
+        self.registry()
+            .networks
+            .get(name)
+            .map(|n| n.mac_entries.load(Ordering::Relaxed))
+    }
+
+    pub fn is_port_up(&self, id: PortId) -> Option<bool> {
+        self.registry()
+            .ports
+            .get(&id)
+            .map(|r| r.shared.up.load(Ordering::Relaxed))
+    }
+
+    pub fn ports(&self) -> Vec<PortInfo> {
+        let reg = self.registry();
+        let mut v: Vec<PortInfo> = reg
+            .ports
+            .iter()
+            .map(|(id, r)| PortInfo {
+                id: *id,
+                network: r.network.clone(),
+                label: r.label.clone(),
+                transport: r.transport.clone(),
+                up: r.shared.up.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    pub fn mac_table(&self, network: &str) -> Result<Vec<MacEntry>> {
+        let network = network.to_string();
+        self.call(|reply| Command::MacTable { network, reply })
+    }
+
+    /// The event stream; the first caller gets it.
+    pub fn take_events(&self) -> Option<Receiver<SwitchEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Events lost because nobody read them fast enough.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn remove_socket_file(t: &Transport) {
+    if let Transport::Unixgram { path } | Transport::Stream { path } = t {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for rec in self.registry().ports.values() {
+            remove_socket_file(&rec.transport);
+        }
+    }
+}
+
+impl std::fmt::Debug for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Switch>();
+    let _: Option<PathBuf> = None;
+}
