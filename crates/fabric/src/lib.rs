@@ -24,3 +24,9 @@ pub use error::{FabricError, Result};
 pub use mac::Mac;
 pub use port::{MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
 pub use switch::Switch;
+
+/// Opens (creating if needed) the TAP device `name` as `IFF_TAP|IFF_NO_PI`,
+/// non-blocking; returns the fd and the device's name.
+pub fn open_tap(name: &str) -> std::io::Result<(std::os::fd::OwnedFd, String)> {
+    sys::tap::open_tap(name)
+}

@@ -751,6 +751,14 @@ impl Fabric {
                     self.count_drop(d, DropReason::QueueFull, 1);
                     off += 1;
                 }
+                // A TAP whose interface is administratively down refuses frames with
+                // EIO; it is still there and will take frames once it is up.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) =>
+                {
+                    self.count_drop(d, DropReason::PeerGone, 1);
+                    off += 1;
+                }
                 Err(e) => {
                     self.count_drop(d, DropReason::PeerGone, (list.len() - off) as u64);
                     self.port_down(d, format!("send failed: {e}"));
@@ -857,6 +865,12 @@ impl Fabric {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::ENOBUFS)) => {
                     port.backlog.pop_front();
                     self.count_drop(d, DropReason::Oversize, 1);
+                }
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) =>
+                {
+                    port.backlog.pop_front();
+                    self.count_drop(d, DropReason::PeerGone, 1);
                 }
                 Err(e) => {
                     self.port_down(d, format!("send failed: {e}"));

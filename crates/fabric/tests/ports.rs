@@ -1,0 +1,404 @@
+//! Port transports and lifecycle over real fds: unixgram and stream paths, port
+//! locking, removal under load, dead peers, and a thousand ports.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use fabric::{DropReason, Mac, NetworkConfig, PortLock, SwitchEvent};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("fabric-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn unixgram_port_answers_the_peer_it_learned_and_notices_it_leave() {
+    let dir = tmpdir("dgram");
+    let sw = switch();
+    let events = sw.take_events().unwrap();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let sw_path = dir.join("sw.sock");
+    let port = sw.add_unixgram_port("n", "vm", &sw_path).unwrap();
+    assert_eq!(sw.is_port_up(port), Some(false), "no peer yet");
+    let other = Dgram::new(sw.add_port("n", "other").unwrap().1);
+
+    // The VMM binds its own path and sends to the switch's, like QEMU -netdev dgram.
+    let vm_path = dir.join("vm.sock");
+    let vm = UnixDatagram::bind(&vm_path).unwrap();
+    vm.set_read_timeout(Some(WAIT)).unwrap();
+    vm.connect(&sw_path).unwrap();
+    let hello = frame(Mac::BROADCAST, mac(1), 80, 1);
+    vm.send(&hello).unwrap();
+    assert_eq!(other.expect(), hello);
+    wait_event(
+        &events,
+        "PortUp",
+        |e| matches!(e, SwitchEvent::PortUp { port: p, peer: Some(path) } if *p == port && path.ends_with("vm.sock")),
+    );
+    let reply = frame(mac(1), mac(2), 90, 2);
+    other.send(&reply);
+    let mut buf = [0u8; 2000];
+    let n = vm.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &reply[..]);
+
+    // The VMM goes away; the next frame for it finds nobody and the port goes down.
+    drop(vm);
+    std::fs::remove_file(&vm_path).unwrap();
+    other.send(&frame(Mac::BROADCAST, mac(2), 60, 3));
+    wait_event(
+        &events,
+        "PortDown",
+        |e| matches!(e, SwitchEvent::PortDown { port: p, .. } if *p == port),
+    );
+    assert_eq!(sw.is_port_up(port), Some(false));
+
+    // It comes back on the same path and is heard again.
+    let vm = UnixDatagram::bind(&vm_path).unwrap();
+    vm.set_read_timeout(Some(WAIT)).unwrap();
+    vm.send_to(&frame(Mac::BROADCAST, mac(1), 60, 4), &sw_path)
+        .unwrap();
+    assert_eq!(other.expect().last(), Some(&4));
+    wait_event(
+        &events,
+        "PortUp again",
+        |e| matches!(e, SwitchEvent::PortUp { port: p, .. } if *p == port),
+    );
+    other.send(&frame(mac(1), mac(2), 60, 5));
+    let n = vm.recv(&mut buf).unwrap();
+    assert_eq!(buf[n - 1], 5);
+
+    sw.remove_port(port).unwrap();
+    assert!(
+        !sw_path.exists(),
+        "removing the port removes its socket file"
+    );
+}
+
+#[test]
+fn a_live_socket_path_is_not_stolen_but_a_stale_one_is_reused() {
+    let dir = tmpdir("stale");
+    let sw = switch();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let path = dir.join("port.sock");
+    let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    assert!(matches!(
+        sw.add_stream_port("n", "x", &path),
+        Err(fabric::FabricError::PathInUse(_))
+    ));
+    drop(live); // leaves the file behind, as a crash would
+    assert!(path.exists());
+    sw.add_stream_port("n", "x", &path).unwrap();
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"data").unwrap();
+    let err = sw.add_unixgram_port("n", "y", &file).unwrap_err();
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"data",
+        "a regular file is never removed"
+    );
+}
+
+#[test]
+fn stream_port_reassembles_split_frames_and_skips_oversize_ones() {
+    let dir = tmpdir("stream");
+    let sw = switch();
+    let events = sw.take_events().unwrap();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let path = dir.join("st.sock");
+    let port = sw.add_stream_port("n", "vm", &path).unwrap();
+    let other = Dgram::new(sw.add_port("n", "other").unwrap().1);
+    let mut vm = Stream::connect(&path);
+    wait_event(
+        &events,
+        "PortUp",
+        |e| matches!(e, SwitchEvent::PortUp { port: p, .. } if *p == port),
+    );
+
+    // A frame whose length prefix and body arrive in pieces.
+    let f = frame(Mac::BROADCAST, mac(1), 1400, 1);
+    let mut wire = (f.len() as u32).to_be_bytes().to_vec();
+    wire.extend(&f);
+    use std::io::Write;
+    for piece in [&wire[..2], &wire[2..700], &wire[700..]] {
+        vm.0.write_all(piece).unwrap();
+        // Gives the switch a chance to read each piece alone; correctness does not
+        // depend on it.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(other.expect(), f);
+
+    // An announced 100 kB frame is skipped whole; the stream stays in step.
+    vm.send(&vec![0xee; 100_000]);
+    vm.send(&[1, 2, 3]); // runt
+    let g = frame(Mac::BROADCAST, mac(1), 64, 2);
+    vm.send(&g);
+    assert_eq!(other.expect(), g);
+    let c = sw.port_counters(port).unwrap();
+    assert_eq!(
+        (c.drops(DropReason::Oversize), c.drops(DropReason::Runt)),
+        (1, 1)
+    );
+
+    // Frames to the VM come length-prefixed.
+    let h = frame(mac(1), mac(2), 1000, 3);
+    other.send(&h);
+    assert_eq!(vm.recv().unwrap(), h);
+
+    // The VMM disconnects; another may connect to the same path.
+    drop(vm);
+    wait_event(
+        &events,
+        "PortDown",
+        |e| matches!(e, SwitchEvent::PortDown { port: p, .. } if *p == port),
+    );
+    let mut vm2 = Stream::connect(&path);
+    wait_event(
+        &events,
+        "PortUp again",
+        |e| matches!(e, SwitchEvent::PortUp { port: p, .. } if *p == port),
+    );
+    vm2.send(&frame(Mac::BROADCAST, mac(3), 64, 4));
+    assert_eq!(other.expect().last(), Some(&4));
+}
+
+#[test]
+fn locked_port_drops_spoofed_mac_ip_and_arp() {
+    let sw = switch();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let (pa, a) = sw.add_port("n", "a").unwrap();
+    let (pb, b) = sw.add_port("n", "b").unwrap();
+    let (a, b) = (Dgram::new(a), Dgram::new(b));
+    let good_ip = Ipv4Addr::new(10, 77, 0, 5);
+    let other_ip = Ipv4Addr::new(10, 77, 0, 6);
+    let gw = Ipv4Addr::new(10, 77, 0, 1);
+    sw.lock_port(
+        pa,
+        Some(PortLock {
+            mac: mac(1),
+            ips: vec![good_ip],
+        }),
+    )
+    .unwrap();
+
+    let spoofs = [
+        frame(Mac::BROADCAST, mac(9), 64, 0), // another source MAC
+        udp_frame(Mac::BROADCAST, mac(1), other_ip, gw, 1000, 53), // another source IP
+        arp_request(mac(1), mac(1), other_ip, gw), // ARP claiming another IP
+        arp_request(mac(1), mac(9), good_ip, gw), // ARP claiming another MAC
+        frame(Mac::BROADCAST, Mac([0x01, 0, 0x5e, 0, 0, 1]), 64, 0), // group source
+    ];
+    for f in &spoofs {
+        a.send(f);
+    }
+    let allowed = [
+        udp_frame(Mac::BROADCAST, mac(1), good_ip, gw, 1000, 53),
+        udp_frame(
+            Mac::BROADCAST,
+            mac(1),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            68,
+            67,
+        ), // DHCP
+        arp_request(mac(1), mac(1), good_ip, gw),
+        arp_request(mac(1), mac(1), Ipv4Addr::UNSPECIFIED, good_ip), // ARP probe
+    ];
+    for f in &allowed {
+        a.send(f);
+    }
+    for f in &allowed {
+        assert_eq!(&b.expect(), f);
+    }
+    assert_eq!(
+        sw.port_counters(pa).unwrap().drops(DropReason::Spoofed),
+        spoofs.len() as u64
+    );
+
+    // Another port cannot take the locked MAC over.
+    b.send(&frame(Mac::BROADCAST, mac(1), 64, 0x33));
+    marker(&b, mac(2), 0x44);
+    assert!(
+        a.until_marker(0x44).is_empty(),
+        "B was allowed to send as A's MAC"
+    );
+    assert_eq!(sw.port_counters(pb).unwrap().drops(DropReason::Spoofed), 1);
+    assert!(
+        sw.lock_port(
+            pb,
+            Some(PortLock {
+                mac: mac(1),
+                ips: vec![]
+            })
+        )
+        .is_err(),
+        "one MAC, one port"
+    );
+
+    // Unlocked, anything goes again.
+    sw.lock_port(pa, None).unwrap();
+    a.send(&spoofs[0]);
+    assert_eq!(b.expect(), spoofs[0]);
+}
+
+#[test]
+fn dead_socketpair_peer_marks_the_port_down_once() {
+    let sw = switch();
+    let events = sw.take_events().unwrap();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let a = Dgram::new(sw.add_port("n", "a").unwrap().1);
+    let (pb, b) = sw.add_port("n", "b").unwrap();
+    let c = Dgram::new(sw.add_port("n", "c").unwrap().1);
+    drop(b);
+    a.send(&frame(Mac::BROADCAST, mac(1), 64, 1));
+    wait_event(
+        &events,
+        "PortDown",
+        |e| matches!(e, SwitchEvent::PortDown { port, .. } if *port == pb),
+    );
+    assert_eq!(sw.is_port_up(pb), Some(false));
+    assert_eq!(c.expect().last(), Some(&1));
+    // A down port is no longer flooded to: its drop count stays put.
+    let before = sw.port_counters(pb).unwrap().drops(DropReason::PeerGone);
+    for i in 0..10 {
+        a.send(&frame(Mac::BROADCAST, mac(1), 64, 10 + i));
+    }
+    for i in 0..10 {
+        assert_eq!(c.expect().last(), Some(&(10 + i)));
+    }
+    assert_eq!(
+        sw.port_counters(pb).unwrap().drops(DropReason::PeerGone),
+        before
+    );
+    assert!(
+        events
+            .try_iter()
+            .all(|e| !matches!(e, SwitchEvent::PortDown { .. })),
+        "reported once"
+    );
+}
+
+#[test]
+fn ports_come_and_go_while_traffic_flows() {
+    let sw = Arc::new(switch());
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let sender = Dgram::new(sw.add_port("n", "sender").unwrap().1);
+    let (pk, keeper) = sw.add_port("n", "keeper").unwrap();
+    let keeper = Dgram::new(keeper);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let blaster = std::thread::spawn(move || {
+        let f = frame(Mac::BROADCAST, mac(1), 600, 0);
+        let mut sent = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            sender.send(&f);
+            sent += 1;
+        }
+        sent
+    });
+    let drain = std::thread::spawn(move || {
+        let mut n = 0u64;
+        keeper
+            .0
+            .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        while keeper.recv().is_some() {
+            n += 1;
+        }
+        n
+    });
+    for round in 0..50 {
+        let (p, fd) = sw.add_port("n", &format!("churn{round}")).unwrap();
+        let ep = Dgram::new(fd);
+        ep.expect(); // it is live: it gets the flood
+        if round % 2 == 0 {
+            drop(ep); // half die before removal, half are removed live
+        }
+        sw.remove_port(p).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = blaster.join().unwrap();
+    let got = drain.join().unwrap();
+    assert!(sent > 0 && got > 0);
+    let c = sw.port_counters(pk).unwrap();
+    assert_eq!(
+        c.tx_frames + c.drops(DropReason::QueueFull),
+        sent,
+        "every frame to the keeper is accounted for"
+    );
+}
+
+#[test]
+fn a_thousand_ports_on_one_network() {
+    raise_fd_limit(4096);
+    let sw = switch();
+    sw.add_network("big", NetworkConfig::default()).unwrap();
+    let eps: Vec<Dgram> = (0..1000)
+        .map(|i| Dgram::new(sw.add_port("big", &format!("p{i}")).unwrap().1))
+        .collect();
+    let f = frame(Mac::BROADCAST, mac(1), 128, 0x5a);
+    eps[0].send(&f);
+    for ep in &eps[1..] {
+        assert_eq!(ep.expect(), f);
+    }
+    eps[999].send(&frame(mac(1), mac(2), 64, 0x5b));
+    assert_eq!(eps[0].expect().last(), Some(&0x5b));
+    assert_eq!(sw.ports().len(), 1000);
+    let c = sw.network_counters("big").unwrap();
+    assert_eq!(c.tx_frames, 1000);
+}
+
+fn raise_fd_limit(want: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    let max = lim.maximum.unwrap_or(want);
+    if lim.current.is_some_and(|c| c < want) {
+        lim.current = Some(want.min(max));
+        setrlimit(Resource::Nofile, lim).expect("raise RLIMIT_NOFILE");
+    }
+}
+
+#[test]
+fn a_slow_receiver_loses_only_its_own_frames() {
+    let sw = switch();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let sender = Dgram::new(sw.add_port("n", "sender").unwrap().1);
+    let (pslow, _slow) = sw.add_port("n", "slow").unwrap(); // never read
+    let (pfast, fast) = sw.add_port("n", "fast").unwrap();
+    let fast = Dgram::new(fast);
+    const N: u64 = 20_000;
+    let reader = std::thread::spawn(move || {
+        let mut n = 0;
+        while n < N {
+            fast.expect();
+            n += 1;
+        }
+        n
+    });
+    let f = frame(Mac::BROADCAST, mac(1), 1000, 1);
+    for _ in 0..N {
+        sender.send(&f);
+    }
+    assert_eq!(reader.join().unwrap(), N, "the fast port got every frame");
+    let fast_c = sw.port_counters(pfast).unwrap();
+    assert_eq!(fast_c.total_drops(), 0);
+    // The slow port's socket and then its backlog filled up; the rest was dropped.
+    let queued = fabric::SwitchConfig::default().egress_queue_frames as u64;
+    wait_until("the slow port's frames to be accounted for", || {
+        let s = sw.port_counters(pslow).unwrap();
+        s.tx_frames + s.drops(DropReason::QueueFull) + queued == N
+    });
+    assert!(
+        sw.port_counters(pslow)
+            .unwrap()
+            .drops(DropReason::QueueFull)
+            > 0
+    );
+}
