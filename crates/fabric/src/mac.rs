@@ -41,6 +41,26 @@ impl Mac {
     pub fn is_locally_administered(&self) -> bool {
         self.0[0] & 0x02 != 0
     }
+
+    /// A stable, locally administered unicast MAC for `parts` (e.g. network and port
+    /// name): the first six bytes of SHA-256 over the parts, each length-prefixed, with
+    /// the U/L bit set and the I/G bit cleared. SHA-256 and not `DefaultHasher`, whose
+    /// output may change between Rust releases; this derivation is part of our
+    /// interface and must not change (version 1).
+    pub fn derived(parts: &[&str]) -> Mac {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"vmfabric-mac-v1");
+        for p in parts {
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p.as_bytes());
+        }
+        let d = h.finalize();
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&d[..6]);
+        m[0] = (m[0] | 0x02) & !0x01;
+        Mac(m)
+    }
 }
 
 impl fmt::Display for Mac {
@@ -120,6 +140,18 @@ mod tests {
             Mac::from_slice(&[1, 2, 3, 4, 5, 6, 7]),
             Some(Mac([1, 2, 3, 4, 5, 6]))
         );
+    }
+
+    #[test]
+    fn derived_macs_are_stable_local_unicast() {
+        let a = Mac::derived(&["default", "vm0"]);
+        assert_eq!(a, Mac::derived(&["default", "vm0"]));
+        assert!(a.is_unicast() && a.is_locally_administered());
+        assert_ne!(a, Mac::derived(&["default", "vm1"]));
+        // Length prefixes keep ("ab","c") apart from ("a","bc").
+        assert_ne!(Mac::derived(&["ab", "c"]), Mac::derived(&["a", "bc"]));
+        // Pinned: a change here breaks every user's stored MACs.
+        assert_eq!(a.to_string(), "4a:0d:48:d3:e3:2b");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use rustix::buffer::spare_capacity;
 use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::clock::Clock;
 use crate::config::{NetworkConfig, MAX_FRAME_LEN};
@@ -1024,7 +1024,7 @@ impl Fabric {
         port.up = true;
         port.shared.up.store(true, Ordering::Relaxed);
         let id = port.id;
-        info!(port = %id, peer = peer.as_deref().unwrap_or("-"), "port up");
+        debug!(port = %id, peer = peer.as_deref().unwrap_or("-"), "port up");
         self.emit(SwitchEvent::PortUp { port: id, peer });
     }
 
@@ -1071,7 +1071,7 @@ impl Fabric {
             n.table.purge_slot(slot);
         }
         if was_up {
-            info!(port = %id, "port down: {reason}");
+            debug!(port = %id, "port down: {reason}");
             self.emit(SwitchEvent::PortDown { port: id, reason });
         }
     }

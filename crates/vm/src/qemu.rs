@@ -1,0 +1,153 @@
+//! QEMU command lines for guests whose NICs are vmfabric ports.
+//!
+//! One `-netdev`/`-device` pair per NIC, the serial console to a file, no firmware
+//! menus or default devices, and `-no-reboot` so a guest that powers off or panics
+//! ends the QEMU process.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use fabric::Mac;
+
+use crate::accel::{host_tsc_khz, Accel};
+
+/// How a NIC reaches its vmfabric port.
+#[derive(Debug, Clone)]
+pub enum NicBackend {
+    /// A unixgram port: QEMU binds `guest_path` and sends to `switch_path`.
+    Unixgram { switch_path: PathBuf, guest_path: PathBuf },
+    /// A stream port: QEMU connects to `path`.
+    Stream { path: PathBuf },
+    /// An inherited socketpair end (must not be close-on-exec in the child).
+    Fd(i32),
+    /// A TAP device QEMU opens by name.
+    Tap { ifname: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub backend: NicBackend,
+    pub mac: Mac,
+}
+
+impl Nic {
+    fn netdev(&self, id: &str) -> String {
+        match &self.backend {
+            NicBackend::Unixgram { switch_path, guest_path } => format!(
+                "dgram,id={id},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                guest_path.display(),
+                switch_path.display()
+            ),
+            NicBackend::Stream { path } => {
+                format!("stream,id={id},server=off,addr.type=unix,addr.path={}", path.display())
+            }
+            NicBackend::Fd(fd) => format!("dgram,id={id},local.type=fd,local.str={fd}"),
+            NicBackend::Tap { ifname } => format!("tap,id={id},ifname={ifname},script=no,downscript=no"),
+        }
+    }
+}
+
+/// A guest booted from a kernel and an initramfs.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub nics: Vec<Nic>,
+    /// Extra kernel command-line words (`NAME=value` reach the guest's init).
+    pub cmdline: Vec<String>,
+    pub serial: Serial,
+    pub accel: Accel,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone)]
+pub enum Serial {
+    File(PathBuf),
+    /// QEMU's own stdout.
+    Stdio,
+}
+
+impl QemuConfig {
+    pub fn new(kernel: PathBuf, initrd: PathBuf, serial: Serial) -> Self {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            kernel,
+            initrd,
+            memory_mib: 128,
+            cpus: 1,
+            nics: Vec::new(),
+            cmdline: Vec::new(),
+            serial,
+            accel: Accel::detect().0,
+        }
+    }
+
+    /// The kernel command line: console on the first serial port, quiet, and on any
+    /// panic an immediate reset (which `-no-reboot` turns into QEMU exiting).
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into(), "reboot=t".into()];
+        if self.accel == Accel::Tcg {
+            if let Some(khz) = host_tsc_khz() {
+                words.push(format!("tsc_early_khz={khz}"));
+            }
+        }
+        words.extend(self.cmdline.iter().cloned());
+        words.join(" ")
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> =
+            ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"].map(String::from).to_vec();
+        a.extend(self.accel.qemu_args());
+        // microvm: no PCI or firmware to probe, the fastest boot under TCG.
+        a.extend(["-M".into(), "microvm,x-option-roms=off,acpi=on".into()]);
+        a.extend(["-smp".into(), self.cpus.to_string(), "-m".into(), self.memory_mib.to_string()]);
+        a.extend(["-kernel".into(), self.kernel.display().to_string()]);
+        a.extend(["-initrd".into(), self.initrd.display().to_string()]);
+        a.extend(["-append".into(), self.kernel_cmdline()]);
+        let serial = match &self.serial {
+            Serial::File(p) => format!("file:{}", p.display()),
+            Serial::Stdio => "stdio".into(),
+        };
+        a.extend(["-serial".into(), serial]);
+        for (i, nic) in self.nics.iter().enumerate() {
+            let id = format!("net{i}");
+            a.extend(["-netdev".into(), nic.netdev(&id)]);
+            a.extend(["-device".into(), format!("virtio-net-device,netdev={id},mac={}", nic.mac)]);
+        }
+        a
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.args(self.args());
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_one_netdev_per_nic() {
+        let mut q = QemuConfig::new("/k".into(), "/i".into(), Serial::File("/log".into()));
+        q.accel = Accel::Tcg;
+        q.nics.push(Nic {
+            backend: NicBackend::Unixgram { switch_path: "/s.sock".into(), guest_path: "/g.sock".into() },
+            mac: Mac([0x02, 0, 0, 0, 0, 1]),
+        });
+        q.nics.push(Nic { backend: NicBackend::Stream { path: "/st".into() }, mac: Mac([0x02, 0, 0, 0, 0, 2]) });
+        let args = q.args().join(" ");
+        assert!(args.contains(
+            "-netdev dgram,id=net0,local.type=unix,local.path=/g.sock,remote.type=unix,remote.path=/s.sock"
+        ));
+        assert!(args.contains("-device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
+        assert!(args.contains("-netdev stream,id=net1,server=off,addr.type=unix,addr.path=/st"));
+        assert!(args.contains("-accel tcg"));
+        assert!(args.contains("-serial file:/log"));
+    }
+}

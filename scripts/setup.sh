@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# scripts/setup.sh — installs what building, running and testing vmfabric needs on
+# Debian 12: QEMU (guests), busybox-static (guest userland, ping in tests), iproute2
+# (namespaces in tests). Rust comes from rustup; this script checks it is there.
+set -euo pipefail
+need=(qemu-system-x86 busybox-static iproute2 ca-certificates)
+missing=()
+for p in "${need[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+SUDO=
+[ "$(id -u)" = 0 ] || SUDO=sudo
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "[setup] installing: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "[setup] Rust is missing: install it with rustup (https://rustup.rs), then run this again." >&2
+    exit 1
+fi
+# clippy and rustfmt ship with rustup's default profile; add them if a minimal one is in use.
+if command -v rustup >/dev/null 2>&1; then
+    cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+    cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+fi
+echo "[setup] ok: $(cargo --version), $(qemu-system-x86_64 --version | head -n1)"
