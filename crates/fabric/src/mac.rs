@@ -161,6 +161,6 @@ mod tests {
         assert!(mcast.is_group() && !mcast.is_broadcast());
         let laa = Mac([0x02, 0, 0, 0, 0, 1]);
         assert!(laa.is_unicast() && laa.is_locally_administered());
-        assert!(!Mac([0x52, 0x54, 0, 0, 0, 1]).is_locally_administered());
+        assert!(!Mac([0x00, 0x16, 0x3e, 0, 0, 1]).is_locally_administered());
     }
 }

@@ -8,22 +8,30 @@ use std::time::Duration;
 use common::*;
 use fabric::{Mac, NetworkConfig};
 
-/// Context switches of every thread named `fabric-switch` in this process.
-fn switch_thread_wakeups() -> u64 {
-    let mut total = 0;
+/// (voluntary context switches, sleeping?) of the thread named `fabric-switch`.
+fn switch_thread() -> (u64, bool) {
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.trim() != "fabric-switch" {
             continue;
         }
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-        for line in status.lines() {
-            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
-                total += v.trim().parse::<u64>().unwrap();
-            }
-        }
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let switches = field("voluntary_ctxt_switches:").parse().unwrap();
+        return (switches, field("State:").starts_with('S'));
     }
-    total
+    panic!("no fabric-switch thread");
+}
+
+fn switch_thread_wakeups() -> u64 {
+    switch_thread().0
 }
 
 #[test]
@@ -34,6 +42,7 @@ fn an_idle_switch_does_not_wake_up() {
     let b = Dgram::new(sw.add_port("n", "b").unwrap().1);
     a.send(&frame(Mac::BROADCAST, mac(1), 64, 1));
     b.expect();
+    wait_until("the switch thread to sleep", || switch_thread().1);
     let before = switch_thread_wakeups();
     assert!(
         before > 0,
@@ -48,5 +57,7 @@ fn an_idle_switch_does_not_wake_up() {
     );
     a.send(&frame(Mac::BROADCAST, mac(1), 64, 2));
     b.expect();
-    assert!(switch_thread_wakeups() > before, "a frame wakes it");
+    wait_until("a frame to wake the switch thread", || {
+        switch_thread_wakeups() > before
+    });
 }

@@ -102,8 +102,11 @@ fn tap_ports_join_two_namespaces_into_one_network() {
         "ARP broadcast from a TAP port should flood to the observer"
     );
     for p in [pa, pb] {
+        wait_until("the pings to be counted", || {
+            let c = sw.port_counters(p).unwrap();
+            c.rx_frames >= 3 && c.tx_frames >= 3
+        });
         let c = sw.port_counters(p).unwrap();
-        assert!(c.rx_frames >= 3 && c.tx_frames >= 3, "{c:?}");
         // Frames that came while the other device was still down were refused by it
         // (peer_gone); nothing else may be dropped.
         assert_eq!(

@@ -16,9 +16,16 @@ impl Accel {
     /// The accelerator for this host, and why.
     pub fn detect() -> (Accel, &'static str) {
         if Path::new("/sys/module/kvm_pvm").exists() {
-            return (Accel::Tcg, "/dev/kvm is PVM, which stock guest kernels do not run under");
+            return (
+                Accel::Tcg,
+                "/dev/kvm is PVM, which stock guest kernels do not run under",
+            );
         }
-        match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
             Ok(_) => (Accel::Kvm, "/dev/kvm is usable"),
             Err(_) => (Accel::Tcg, "/dev/kvm is missing or not accessible"),
         }
@@ -28,8 +35,18 @@ impl Accel {
     pub fn qemu_args(&self) -> Vec<String> {
         match self {
             // arch-capabilities is masked: some hosts refuse the MSR QEMU would set.
-            Accel::Kvm => vec!["-accel".into(), "kvm".into(), "-cpu".into(), "host,-arch-capabilities".into()],
-            Accel::Tcg => vec!["-accel".into(), "tcg,thread=single,tb-size=64".into(), "-cpu".into(), "max".into()],
+            Accel::Kvm => vec![
+                "-accel".into(),
+                "kvm".into(),
+                "-cpu".into(),
+                "host,-arch-capabilities".into(),
+            ],
+            Accel::Tcg => vec![
+                "-accel".into(),
+                "tcg,thread=single,tb-size=64".into(),
+                "-cpu".into(),
+                "max".into(),
+            ],
         }
     }
 }
@@ -39,6 +56,13 @@ impl Accel {
 /// handing it `tsc_early_khz` avoids that.
 pub fn host_tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
     Some((mhz * 1000.0) as u64).filter(|k| *k > 0)
 }

@@ -15,7 +15,10 @@ use crate::accel::{host_tsc_khz, Accel};
 #[derive(Debug, Clone)]
 pub enum NicBackend {
     /// A unixgram port: QEMU binds `guest_path` and sends to `switch_path`.
-    Unixgram { switch_path: PathBuf, guest_path: PathBuf },
+    Unixgram {
+        switch_path: PathBuf,
+        guest_path: PathBuf,
+    },
     /// A stream port: QEMU connects to `path`.
     Stream { path: PathBuf },
     /// An inherited socketpair end (must not be close-on-exec in the child).
@@ -33,16 +36,24 @@ pub struct Nic {
 impl Nic {
     fn netdev(&self, id: &str) -> String {
         match &self.backend {
-            NicBackend::Unixgram { switch_path, guest_path } => format!(
+            NicBackend::Unixgram {
+                switch_path,
+                guest_path,
+            } => format!(
                 "dgram,id={id},local.type=unix,local.path={},remote.type=unix,remote.path={}",
                 guest_path.display(),
                 switch_path.display()
             ),
             NicBackend::Stream { path } => {
-                format!("stream,id={id},server=off,addr.type=unix,addr.path={}", path.display())
+                format!(
+                    "stream,id={id},server=off,addr.type=unix,addr.path={}",
+                    path.display()
+                )
             }
             NicBackend::Fd(fd) => format!("dgram,id={id},local.type=fd,local.str={fd}"),
-            NicBackend::Tap { ifname } => format!("tap,id={id},ifname={ifname},script=no,downscript=no"),
+            NicBackend::Tap { ifname } => {
+                format!("tap,id={id},ifname={ifname},script=no,downscript=no")
+            }
         }
     }
 }
@@ -88,7 +99,12 @@ impl QemuConfig {
     /// The kernel command line: console on the first serial port, quiet, and on any
     /// panic an immediate reset (which `-no-reboot` turns into QEMU exiting).
     pub fn kernel_cmdline(&self) -> String {
-        let mut words = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into(), "reboot=t".into()];
+        let mut words = vec![
+            "console=ttyS0".to_string(),
+            "quiet".into(),
+            "panic=-1".into(),
+            "reboot=t".into(),
+        ];
         if self.accel == Accel::Tcg {
             if let Some(khz) = host_tsc_khz() {
                 words.push(format!("tsc_early_khz={khz}"));
@@ -99,12 +115,24 @@ impl QemuConfig {
     }
 
     pub fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> =
-            ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"].map(String::from).to_vec();
+        let mut a: Vec<String> = [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]
+        .map(String::from)
+        .to_vec();
         a.extend(self.accel.qemu_args());
         // microvm: no PCI or firmware to probe, the fastest boot under TCG.
         a.extend(["-M".into(), "microvm,x-option-roms=off,acpi=on".into()]);
-        a.extend(["-smp".into(), self.cpus.to_string(), "-m".into(), self.memory_mib.to_string()]);
+        a.extend([
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+        ]);
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);
         a.extend(["-initrd".into(), self.initrd.display().to_string()]);
         a.extend(["-append".into(), self.kernel_cmdline()]);
@@ -116,7 +144,10 @@ impl QemuConfig {
         for (i, nic) in self.nics.iter().enumerate() {
             let id = format!("net{i}");
             a.extend(["-netdev".into(), nic.netdev(&id)]);
-            a.extend(["-device".into(), format!("virtio-net-device,netdev={id},mac={}", nic.mac)]);
+            a.extend([
+                "-device".into(),
+                format!("virtio-net-device,netdev={id},mac={}", nic.mac),
+            ]);
         }
         a
     }
@@ -137,10 +168,16 @@ mod tests {
         let mut q = QemuConfig::new("/k".into(), "/i".into(), Serial::File("/log".into()));
         q.accel = Accel::Tcg;
         q.nics.push(Nic {
-            backend: NicBackend::Unixgram { switch_path: "/s.sock".into(), guest_path: "/g.sock".into() },
+            backend: NicBackend::Unixgram {
+                switch_path: "/s.sock".into(),
+                guest_path: "/g.sock".into(),
+            },
             mac: Mac([0x02, 0, 0, 0, 0, 1]),
         });
-        q.nics.push(Nic { backend: NicBackend::Stream { path: "/st".into() }, mac: Mac([0x02, 0, 0, 0, 0, 2]) });
+        q.nics.push(Nic {
+            backend: NicBackend::Stream { path: "/st".into() },
+            mac: Mac([0x02, 0, 0, 0, 0, 2]),
+        });
         let args = q.args().join(" ");
         assert!(args.contains(
             "-netdev dgram,id=net0,local.type=unix,local.path=/g.sock,remote.type=unix,remote.path=/s.sock"

@@ -14,24 +14,42 @@ use fabric::{Mac, NetworkConfig, Switch, SwitchConfig};
 use vm::{Nic, NicBackend, QemuConfig, Serial};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn skip(why: &str) -> Option<PathBuf> {
-    assert!(std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"), "VM tests are required here but: {why}");
+    assert!(
+        std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+        "VM tests are required here but: {why}"
+    );
     eprintln!("SKIP: {why}");
     None
 }
 
 /// The guest image, built (and cached) on first use.
 fn guest_dir() -> Option<PathBuf> {
-    if Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_err() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
         return skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
     }
-    let dir = std::env::var_os("VMFABRIC_GUEST_DIR").map(PathBuf::from).unwrap_or(workspace().join("target/guest"));
-    let ok = Command::new(workspace().join("guest/build.sh")).arg(&dir).status().map(|s| s.success());
+    let dir = std::env::var_os("VMFABRIC_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(workspace().join("target/guest"));
+    let ok = Command::new(workspace().join("guest/build.sh"))
+        .arg(&dir)
+        .status()
+        .map(|s| s.success());
     if !matches!(ok, Ok(true)) {
-        return skip("the guest image could not be built (guest/build.sh needs apt-get and dpkg-deb)");
+        return skip(
+            "the guest image could not be built (guest/build.sh needs apt-get and dpkg-deb)",
+        );
     }
     Some(dir)
 }
@@ -44,12 +62,26 @@ struct Guest {
 impl Guest {
     fn boot(guest: &Path, work: &Path, nic: Nic, extra: &[&str]) -> Guest {
         let log = work.join("serial.log");
-        let mut q = QemuConfig::new(guest.join("vmlinuz"), guest.join("initramfs.cpio.gz"), Serial::File(log.clone()));
+        let mut q = QemuConfig::new(
+            guest.join("vmlinuz"),
+            guest.join("initramfs.cpio.gz"),
+            Serial::File(log.clone()),
+        );
         q.memory_mib = 96;
         q.nics.push(nic);
-        q.cmdline.extend(["VMF_IP=dhcp".to_string(), "VMF_END=hang".into(), "VMF_HOSTNAME=probe".into()]);
+        q.cmdline.extend([
+            "VMF_IP=dhcp".to_string(),
+            "VMF_END=hang".into(),
+            "VMF_HOSTNAME=probe".into(),
+        ]);
         q.cmdline.extend(extra.iter().map(|s| s.to_string()));
-        let child = q.command().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn qemu");
+        let child = q
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qemu");
         Guest { child, log }
     }
 
@@ -90,7 +122,9 @@ fn is_dhcp_discover(f: &[u8], client: Mac) -> bool {
             0 => opts = rest,
             255 => break,
             _ => {
-                let Some((&len, rest)) = rest.split_first() else { break };
+                let Some((&len, rest)) = rest.split_first() else {
+                    break;
+                };
                 let len = usize::from(len);
                 if rest.len() < len {
                     break;
@@ -106,13 +140,18 @@ fn is_dhcp_discover(f: &[u8], client: Mac) -> bool {
 }
 
 fn wait_for_discover(observer: &UnixDatagram, client: Mac, guest: &mut Guest) {
-    observer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    observer
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut buf = vec![0u8; 70000];
     let mut frames = 0;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = guest.child.try_wait() {
-            panic!("qemu exited early ({status}); serial:\n{}", guest.serial_tail());
+            panic!(
+                "qemu exited early ({status}); serial:\n{}",
+                guest.serial_tail()
+            );
         }
         if let Ok(n) = observer.recv(&mut buf) {
             frames += 1;
@@ -121,7 +160,10 @@ fn wait_for_discover(observer: &UnixDatagram, client: Mac, guest: &mut Guest) {
             }
         }
     }
-    panic!("no DHCP DISCOVER from {client} in 120 s ({frames} other frames); serial:\n{}", guest.serial_tail());
+    panic!(
+        "no DHCP DISCOVER from {client} in 120 s ({frames} other frames); serial:\n{}",
+        guest.serial_tail()
+    );
 }
 
 fn workdir(name: &str) -> PathBuf {
@@ -138,15 +180,31 @@ fn guest_on_a_unixgram_port_is_heard_on_the_network() {
     let sw = Switch::start(SwitchConfig::default()).unwrap();
     sw.add_network("default", NetworkConfig::default()).unwrap();
     let switch_path = work.join("port.sock");
-    let port = sw.add_unixgram_port("default", "guest", &switch_path).unwrap();
+    let port = sw
+        .add_unixgram_port("default", "guest", &switch_path)
+        .unwrap();
     let (_, observer) = sw.add_port("default", "observer").unwrap();
     let observer = UnixDatagram::from(observer);
     let mac = Mac::derived(&["default", "guest"]);
-    let nic = Nic { backend: NicBackend::Unixgram { switch_path, guest_path: work.join("guest.sock") }, mac };
+    let nic = Nic {
+        backend: NicBackend::Unixgram {
+            switch_path,
+            guest_path: work.join("guest.sock"),
+        },
+        mac,
+    };
     let mut g = Guest::boot(&guest, &work, nic, &[]);
     wait_for_discover(&observer, mac, &mut g);
-    assert_eq!(sw.is_port_up(port), Some(true), "the port learned QEMU's address");
-    assert!(sw.mac_table("default").unwrap().iter().any(|e| e.mac == mac && e.port == port));
+    assert_eq!(
+        sw.is_port_up(port),
+        Some(true),
+        "the port learned QEMU's address"
+    );
+    assert!(sw
+        .mac_table("default")
+        .unwrap()
+        .iter()
+        .any(|e| e.mac == mac && e.port == port));
 }
 
 #[test]
@@ -160,7 +218,15 @@ fn guest_on_a_stream_port_is_heard_on_the_network() {
     let (_, observer) = sw.add_port("default", "observer").unwrap();
     let observer = UnixDatagram::from(observer);
     let mac = Mac::derived(&["default", "guest-stream"]);
-    let mut g = Guest::boot(&guest, &work, Nic { backend: NicBackend::Stream { path }, mac }, &[]);
+    let mut g = Guest::boot(
+        &guest,
+        &work,
+        Nic {
+            backend: NicBackend::Stream { path },
+            mac,
+        },
+        &[],
+    );
     wait_for_discover(&observer, mac, &mut g);
     assert_eq!(sw.is_port_up(port), Some(true));
 }

@@ -15,7 +15,11 @@ use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig, SwitchEvent, TapS
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "vmfabric", version, about = "Host-side network for micro-VMs and sandboxes")]
+#[command(
+    name = "vmfabric",
+    version,
+    about = "Host-side network for micro-VMs and sandboxes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,9 +120,14 @@ fn qemu_args(transport: &Transport, mac: Mac, guest_sock: &Path) -> String {
             path.display()
         ),
         Transport::Stream { path } => {
-            format!("-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}", path.display())
+            format!(
+                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                path.display()
+            )
         }
-        Transport::Tap { ifname } => format!("-netdev tap,id=net0,ifname={ifname},script=no,downscript=no"),
+        Transport::Tap { ifname } => {
+            format!("-netdev tap,id=net0,ifname={ifname},script=no,downscript=no")
+        }
         Transport::Socketpair => "-netdev dgram,id=net0,local.type=fd,local.str=FD".to_string(),
     };
     format!("{netdev} -device virtio-net-pci,netdev=net0,mac={mac}")
@@ -130,7 +139,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         dgram.push("vm0".into());
     }
     let ports_dir = args.run_dir.join("ports");
-    std::fs::create_dir_all(&ports_dir).with_context(|| format!("create {}", ports_dir.display()))?;
+    std::fs::create_dir_all(&ports_dir)
+        .with_context(|| format!("create {}", ports_dir.display()))?;
 
     let switch = Switch::start(SwitchConfig::default()).context("start the switch")?;
     let events = switch.take_events().context("event stream")?;
@@ -139,17 +149,23 @@ fn serve(args: ServeArgs) -> Result<()> {
         mac_table_max: args.mac_table_max,
         aging: Duration::from_secs(args.aging_secs),
     };
-    switch.add_network(&args.network, net).context("create the network")?;
+    switch
+        .add_network(&args.network, net)
+        .context("create the network")?;
 
     let mut ports: Vec<(PortId, String)> = Vec::new();
     for name in &dgram {
         let path = ports_dir.join(format!("{name}.sock"));
-        let id = switch.add_unixgram_port(&args.network, name, &path).with_context(|| format!("port {name}"))?;
+        let id = switch
+            .add_unixgram_port(&args.network, name, &path)
+            .with_context(|| format!("port {name}"))?;
         ports.push((id, name.clone()));
     }
     for name in &args.stream_ports {
         let path = ports_dir.join(format!("{name}.stream"));
-        let id = switch.add_stream_port(&args.network, name, &path).with_context(|| format!("port {name}"))?;
+        let id = switch
+            .add_stream_port(&args.network, name, &path)
+            .with_context(|| format!("port {name}"))?;
         ports.push((id, name.clone()));
     }
     for ifname in &args.tap_ports {
@@ -159,14 +175,28 @@ fn serve(args: ServeArgs) -> Result<()> {
         ports.push((id, ifname.clone()));
     }
 
-    println!("vmfabric: network {:?} (MTU {}) is up with {} port(s).", args.network, args.mtu, ports.len());
+    println!(
+        "vmfabric: network {:?} (MTU {}) is up with {} port(s).",
+        args.network,
+        args.mtu,
+        ports.len()
+    );
     for info in switch.ports() {
         let mac = Mac::derived(&[&args.network, &info.label]);
-        let guest_sock = args.run_dir.join("guests").join(format!("{}.sock", info.label));
+        let guest_sock = args
+            .run_dir
+            .join("guests")
+            .join(format!("{}.sock", info.label));
         println!("\nport {} ({}):", info.label, info.transport.kind());
-        println!("  qemu-system-x86_64 ... {}", qemu_args(&info.transport, mac, &guest_sock));
+        println!(
+            "  qemu-system-x86_64 ... {}",
+            qemu_args(&info.transport, mac, &guest_sock)
+        );
         if let Transport::Unixgram { path } = &info.transport {
-            println!("  vfkit ... --device virtio-net,unixSocketPath={},mac={mac}", path.display());
+            println!(
+                "  vfkit ... --device virtio-net,unixSocketPath={},mac={mac}",
+                path.display()
+            );
         }
     }
     println!("\nStop with Ctrl-C or SIGTERM.");
@@ -178,7 +208,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
     }
     let stats_asked = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone()).context("install signal handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone())
+        .context("install signal handler")?;
     let mut last_stats = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // The data plane runs on its own thread; here we only relay its events.
@@ -187,7 +218,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(_) => break,
         }
-        let periodic = args.stats_every_secs > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_every_secs);
+        let periodic = args.stats_every_secs > 0
+            && last_stats.elapsed() >= Duration::from_secs(args.stats_every_secs);
         if periodic || stats_asked.swap(false, Ordering::Relaxed) {
             print_stats(&switch, &args.network, &ports);
             last_stats = std::time::Instant::now();
@@ -199,7 +231,11 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 fn label(ports: &[(PortId, String)], id: PortId) -> String {
-    ports.iter().find(|(p, _)| *p == id).map(|(_, n)| n.clone()).unwrap_or_else(|| id.to_string())
+    ports
+        .iter()
+        .find(|(p, _)| *p == id)
+        .map(|(_, n)| n.clone())
+        .unwrap_or_else(|| id.to_string())
 }
 
 fn log_event(ev: &SwitchEvent, ports: &[(PortId, String)]) {
@@ -207,8 +243,12 @@ fn log_event(ev: &SwitchEvent, ports: &[(PortId, String)]) {
         SwitchEvent::PortUp { port, peer } => {
             info!(port = %label(ports, *port), peer = peer.as_deref().unwrap_or("-"), "port up")
         }
-        SwitchEvent::PortDown { port, reason } => info!(port = %label(ports, *port), %reason, "port down"),
-        SwitchEvent::MacLearned { mac, port, .. } => info!(port = %label(ports, *port), %mac, "MAC learned"),
+        SwitchEvent::PortDown { port, reason } => {
+            info!(port = %label(ports, *port), %reason, "port down")
+        }
+        SwitchEvent::MacLearned { mac, port, .. } => {
+            info!(port = %label(ports, *port), %mac, "MAC learned")
+        }
         SwitchEvent::MacMoved { mac, from, to, .. } => {
             info!(%mac, from = %label(ports, *from), to = %label(ports, *to), "MAC moved")
         }
@@ -217,18 +257,28 @@ fn log_event(ev: &SwitchEvent, ports: &[(PortId, String)]) {
 }
 
 fn print_stats(switch: &Switch, network: &str, ports: &[(PortId, String)]) {
-    println!("{:<12} {:>10} {:>12} {:>10} {:>12}  drops", "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes");
+    println!(
+        "{:<12} {:>10} {:>12} {:>10} {:>12}  drops",
+        "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
+    );
     for (id, name) in ports {
         if let Some(c) = switch.port_counters(*id) {
-            let drops: Vec<String> =
-                c.drops_by_reason().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{}={n}", r.as_str())).collect();
+            let drops: Vec<String> = c
+                .drops_by_reason()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| format!("{}={n}", r.as_str()))
+                .collect();
             println!(
                 "{name:<12} {:>10} {:>12} {:>10} {:>12}  {}",
                 c.rx_frames,
                 c.rx_bytes,
                 c.tx_frames,
                 c.tx_bytes,
-                if drops.is_empty() { "-".to_string() } else { drops.join(",") }
+                if drops.is_empty() {
+                    "-".to_string()
+                } else {
+                    drops.join(",")
+                }
             );
         }
     }
@@ -239,19 +289,28 @@ fn print_stats(switch: &Switch, network: &str, ports: &[(PortId, String)]) {
 
 fn boot_guest(args: BootGuestArgs) -> Result<()> {
     use base64::Engine;
-    let mac = args.mac.unwrap_or_else(|| Mac::derived(&[&args.network, &args.hostname]));
+    let mac = args
+        .mac
+        .unwrap_or_else(|| Mac::derived(&[&args.network, &args.hostname]));
     let backend = match (&args.dgram, &args.stream) {
         (Some(switch_path), None) => {
             let guest_path = switch_path.with_extension(format!("{}.guest", args.hostname));
             let _ = std::fs::remove_file(&guest_path);
-            vm::NicBackend::Unixgram { switch_path: switch_path.clone(), guest_path }
+            vm::NicBackend::Unixgram {
+                switch_path: switch_path.clone(),
+                guest_path,
+            }
         }
         (None, Some(path)) => vm::NicBackend::Stream { path: path.clone() },
         _ => anyhow::bail!("give exactly one of --dgram PATH or --stream PATH"),
     };
     let kernel = args.guest_dir.join("vmlinuz");
     let initrd = args.guest_dir.join("initramfs.cpio.gz");
-    anyhow::ensure!(kernel.exists() && initrd.exists(), "no guest image in {} (run guest/build.sh DIR)", args.guest_dir.display());
+    anyhow::ensure!(
+        kernel.exists() && initrd.exists(),
+        "no guest image in {} (run guest/build.sh DIR)",
+        args.guest_dir.display()
+    );
     let mut q = vm::QemuConfig::new(kernel, initrd, vm::Serial::Stdio);
     q.memory_mib = args.memory_mib;
     q.nics.push(vm::Nic { backend, mac });
@@ -268,7 +327,7 @@ fn boot_guest(args: BootGuestArgs) -> Result<()> {
         }
         None => q.cmdline.push("VMF_END=hang".into()),
     }
-    let status = q.command().status().context("run qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-    anyhow::ensure!(status.success(), "qemu exited with {status}");
-    Ok(())
+    // exec: the guest is this process from here on, so signalling it reaches QEMU.
+    let err = std::os::unix::process::CommandExt::exec(&mut q.command());
+    Err(anyhow::Error::new(err).context("run qemu-system-x86_64 (apt-get install qemu-system-x86)"))
 }
