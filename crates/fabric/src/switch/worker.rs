@@ -445,8 +445,8 @@ impl Worker {
                 }
             }
             let mut frames: [&[u8]; BATCH] = [&[]; BATCH];
-            for i in 0..n {
-                frames[i] = &self.rx.bufs[i][..self.rx.meta[i].len];
+            for ((f, buf), meta) in frames.iter_mut().zip(&self.rx.bufs).zip(&self.rx.meta[..n]) {
+                *f = &buf[..meta.len];
             }
             self.fab.count_cut(slot, cut, cut * (max_len as u64 + 1));
             self.fab.forward(slot, &frames[..n]);
