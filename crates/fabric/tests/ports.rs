@@ -404,3 +404,44 @@ fn a_slow_receiver_loses_only_its_own_frames() {
             > 0
     );
 }
+
+#[test]
+fn a_stream_peer_that_reads_late_gets_whole_frames_in_order() {
+    let dir = tmpdir("stream-late");
+    let sw = switch();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let path = dir.join("st.sock");
+    let port = sw.add_stream_port("n", "vm", &path).unwrap();
+    let sender = Dgram::new(sw.add_port("n", "sender").unwrap().1);
+    let mut vm = Stream::connect(&path);
+    wait_until("the stream port to be up", || {
+        sw.is_port_up(port) == Some(true)
+    });
+    // More than the socket and the port's queue hold: the switch writes what fits,
+    // keeps the rest of a frame it began, and drops whole frames beyond its bound.
+    const N: u32 = 6000;
+    for seq in 0..N {
+        let mut f = frame(Mac::BROADCAST, mac(1), 1400, 0);
+        f[14..18].copy_from_slice(&seq.to_be_bytes());
+        sender.send(&f);
+    }
+    let c = || sw.port_counters(port).unwrap();
+    wait_until("every frame queued or dropped", || {
+        c().tx_frames + c().drops(DropReason::QueueFull) == u64::from(N)
+    });
+    assert!(
+        c().drops(DropReason::QueueFull) > 0,
+        "the test should overflow the queue"
+    );
+    let mut last = None;
+    for _ in 0..c().tx_frames {
+        let f = vm.recv().expect("a whole frame");
+        assert_eq!(f.len(), 1400);
+        let seq = u32::from_be_bytes(f[14..18].try_into().unwrap());
+        assert!(
+            last.is_none_or(|l| seq > l),
+            "frames out of order: {seq} after {last:?}"
+        );
+        last = Some(seq);
+    }
+}
