@@ -419,7 +419,7 @@ fn a_stream_peer_that_reads_late_gets_whole_frames_in_order() {
     });
     // More than the socket and the port's queue hold: the switch writes what fits,
     // keeps the rest of a frame it began, and drops whole frames beyond its bound.
-    const N: u32 = 6000;
+    const N: u32 = 12_000;
     for seq in 0..N {
         let mut f = frame(Mac::BROADCAST, mac(1), 1400, 0);
         f[14..18].copy_from_slice(&seq.to_be_bytes());
