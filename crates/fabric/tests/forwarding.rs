@@ -10,12 +10,7 @@ use fabric::{DropReason, Mac, ManualClock, NetworkConfig, SwitchConfig, SwitchEv
 
 #[test]
 fn broadcast_floods_to_every_other_port_and_never_back() {
-    let sw = switch();
-    sw.add_network("n", NetworkConfig::default()).unwrap();
-    let ports: Vec<_> = (0..4)
-        .map(|i| sw.add_port("n", &format!("p{i}")).unwrap())
-        .collect();
-    let eps: Vec<Dgram> = ports.into_iter().map(|(_, fd)| Dgram::new(fd)).collect();
+    let (_sw, eps) = network_with_ports(4);
     let f = frame(Mac::BROADCAST, mac(1), 100, 7);
     eps[0].send(&f);
     for ep in &eps[1..] {
@@ -31,11 +26,8 @@ fn broadcast_floods_to_every_other_port_and_never_back() {
 
 #[test]
 fn unicast_to_a_learned_mac_reaches_only_that_port() {
-    let sw = switch();
-    sw.add_network("n", NetworkConfig::default()).unwrap();
-    let a = Dgram::new(sw.add_port("n", "a").unwrap().1);
-    let b = Dgram::new(sw.add_port("n", "b").unwrap().1);
-    let c = Dgram::new(sw.add_port("n", "c").unwrap().1);
+    let (sw, eps) = network_with_ports(3);
+    let [a, b, c] = <[Dgram; 3]>::try_from(eps).ok().unwrap();
     // B announces itself; everyone sees the broadcast.
     marker(&b, mac(2), 0x01);
     a.until_marker(0x01);
@@ -51,11 +43,8 @@ fn unicast_to_a_learned_mac_reaches_only_that_port() {
 
 #[test]
 fn unknown_unicast_floods() {
-    let sw = switch();
-    sw.add_network("n", NetworkConfig::default()).unwrap();
-    let a = Dgram::new(sw.add_port("n", "a").unwrap().1);
-    let b = Dgram::new(sw.add_port("n", "b").unwrap().1);
-    let c = Dgram::new(sw.add_port("n", "c").unwrap().1);
+    let (_sw, eps) = network_with_ports(3);
+    let [a, b, c] = <[Dgram; 3]>::try_from(eps).ok().unwrap();
     let f = frame(mac(9), mac(1), 64, 3);
     a.send(&f);
     assert_eq!(b.expect(), f);

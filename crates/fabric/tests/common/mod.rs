@@ -169,6 +169,17 @@ pub fn switch() -> Switch {
     Switch::start(Default::default()).expect("start switch")
 }
 
+/// A switch with network "n" (default config) and `ports` socketpair ports on it.
+pub fn network_with_ports(ports: usize) -> (Switch, Vec<Dgram>) {
+    let sw = switch();
+    sw.add_network("n", fabric::NetworkConfig::default())
+        .unwrap();
+    let eps = (0..ports)
+        .map(|i| Dgram::new(sw.add_port("n", &format!("p{i}")).unwrap().1))
+        .collect();
+    (sw, eps)
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
