@@ -24,6 +24,9 @@ pub struct NetworkConfig {
     pub mac_table_max: usize,
     /// How long an entry lives without a frame from that MAC.
     pub aging: Duration,
+    /// Drop DHCP server messages (UDP source port 67) from ports not trusted to serve
+    /// DHCP (see [`crate::Switch::set_port_trusted`]): no rogue DHCP server on the network.
+    pub dhcp_guard: bool,
 }
 
 impl Default for NetworkConfig {
@@ -32,6 +35,7 @@ impl Default for NetworkConfig {
             mtu: DEFAULT_MTU,
             mac_table_max: 4096,
             aging: Duration::from_secs(300),
+            dhcp_guard: true,
         }
     }
 }

@@ -24,10 +24,12 @@ pub enum DropReason {
     TableFull,
     /// The destination's peer has gone.
     PeerGone,
+    /// A DHCP server message (UDP source port 67) from a port not trusted to serve DHCP.
+    RogueDhcp,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::NoRoute,
@@ -35,6 +37,7 @@ impl DropReason {
         DropReason::Spoofed,
         DropReason::TableFull,
         DropReason::PeerGone,
+        DropReason::RogueDhcp,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -46,6 +49,7 @@ impl DropReason {
             DropReason::Spoofed => "spoofed",
             DropReason::TableFull => "table_full",
             DropReason::PeerGone => "peer_gone",
+            DropReason::RogueDhcp => "rogue_dhcp",
         }
     }
 
@@ -61,7 +65,7 @@ pub struct Counters {
     rx_bytes: AtomicU64,
     tx_frames: AtomicU64,
     tx_bytes: AtomicU64,
-    drops: [AtomicU64; 7],
+    drops: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Counters {
@@ -80,7 +84,7 @@ impl Counters {
     }
 
     pub fn snapshot(&self) -> CounterSnapshot {
-        let mut drops = [0u64; 7];
+        let mut drops = [0u64; DropReason::ALL.len()];
         for (d, a) in drops.iter_mut().zip(&self.drops) {
             *d = a.load(Ordering::Relaxed);
         }
@@ -101,7 +105,7 @@ pub struct CounterSnapshot {
     pub rx_bytes: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    drops: [u64; 7],
+    drops: [u64; DropReason::ALL.len()],
 }
 
 impl CounterSnapshot {

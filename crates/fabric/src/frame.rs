@@ -100,6 +100,21 @@ impl<'a> EthernetView<'a> {
     }
 }
 
+/// Whether the frame is IPv4/UDP from source port 67: a DHCP server speaking. Reads
+/// only fixed offsets, so it is cheap enough for every frame.
+pub fn is_dhcp_server_message(frame: &EthernetView<'_>) -> bool {
+    let Some((ETHERTYPE_IPV4, ip)) = frame.inner() else {
+        return false;
+    };
+    let Some(&vihl) = ip.first() else {
+        return false;
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    vihl >> 4 == 4
+        && ip.get(9) == Some(&17)
+        && ip.get(ihl..ihl + 2) == Some(&67u16.to_be_bytes()[..])
+}
+
 /// What a frame claims about its sender at layer 3, for port locking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L3Sender {

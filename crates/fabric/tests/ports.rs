@@ -445,3 +445,49 @@ fn a_stream_peer_that_reads_late_gets_whole_frames_in_order() {
         last = Some(seq);
     }
 }
+
+#[test]
+fn only_a_trusted_port_may_answer_dhcp() {
+    let (sw, eps) = network_with_ports(3);
+    let [vm, gw, other] = <[Dgram; 3]>::try_from(eps).ok().unwrap();
+    let ids: Vec<_> = sw.ports().iter().map(|p| p.id).collect();
+    let offer = udp_frame(
+        Mac::BROADCAST,
+        mac(66),
+        Ipv4Addr::new(10, 77, 0, 66),
+        Ipv4Addr::BROADCAST,
+        67,
+        68,
+    );
+    vm.send(&offer);
+    marker(&vm, mac(1), 0x10);
+    assert!(other.until_marker(0x10).is_empty(), "a VM port served DHCP");
+    assert_eq!(
+        sw.port_counters(ids[0])
+            .unwrap()
+            .drops(DropReason::RogueDhcp),
+        1
+    );
+    // DHCP client traffic (source port 68) is untouched.
+    let discover = udp_frame(
+        Mac::BROADCAST,
+        mac(1),
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::BROADCAST,
+        68,
+        67,
+    );
+    vm.send(&discover);
+    assert_eq!(other.expect(), discover);
+    sw.set_port_trusted(ids[1], true).unwrap();
+    let offer = udp_frame(
+        Mac::BROADCAST,
+        mac(2),
+        Ipv4Addr::new(10, 77, 0, 1),
+        Ipv4Addr::BROADCAST,
+        67,
+        68,
+    );
+    gw.send(&offer);
+    assert_eq!(other.expect(), offer);
+}

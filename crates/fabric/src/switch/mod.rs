@@ -259,6 +259,12 @@ impl Switch {
         self.call(|reply| Command::LockPort { id, lock, reply })
     }
 
+    /// Trusts a port to serve DHCP (the network's gateway); others' DHCP server
+    /// messages are dropped as `rogue_dhcp` where the network's `dhcp_guard` is on.
+    pub fn set_port_trusted(&self, id: PortId, trusted: bool) -> Result<()> {
+        self.call(|reply| Command::TrustPort { id, trusted, reply })
+    }
+
     pub fn port_counters(&self, id: PortId) -> Option<CounterSnapshot> {
         self.registry()
             .ports

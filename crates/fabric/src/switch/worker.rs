@@ -33,7 +33,7 @@ use crate::clock::Clock;
 use crate::config::{NetworkConfig, MAX_FRAME_LEN};
 use crate::counters::{Counters, DropReason};
 use crate::error::{FabricError, Result};
-use crate::frame::{l3_sender, EthernetView, FrameError, L3Sender};
+use crate::frame::{is_dhcp_server_message, l3_sender, EthernetView, FrameError, L3Sender};
 use crate::mac::Mac;
 use crate::port::{MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
@@ -110,6 +110,11 @@ pub(crate) enum Command {
         lock: Option<PortLock>,
         reply: Reply<()>,
     },
+    TrustPort {
+        id: PortId,
+        trusted: bool,
+        reply: Reply<()>,
+    },
     MacTable {
         network: String,
         reply: Reply<Vec<MacEntry>>,
@@ -147,6 +152,8 @@ struct Port {
     kind: Kind,
     up: bool,
     lock: Option<PortLock>,
+    /// May send DHCP server messages (the network's gateway).
+    trusted: bool,
     backlog: VecDeque<Vec<u8>>,
     out_armed: bool,
 }
@@ -345,6 +352,14 @@ impl Worker {
                 }
                 Command::LockPort { id, lock, reply } => {
                     let _ = reply.send(self.fab.lock_port(id, lock));
+                }
+                Command::TrustPort { id, trusted, reply } => {
+                    let _ = reply.send(self.fab.slot_of(id).map(|slot| {
+                        self.fab
+                            .port_mut(slot)
+                            .expect("indexed port exists")
+                            .trusted = trusted;
+                    }));
                 }
                 Command::MacTable { network, reply } => {
                     let _ = reply.send(self.fab.mac_table(&network));
@@ -622,6 +637,10 @@ impl Fabric {
             let stolen = !repeated_src && net.locked.get(&smac).is_some_and(|owner| *owner != src);
             if smac.is_group() || stolen || !lock_allows(port.lock.as_ref(), &view) {
                 drops[DropReason::Spoofed as usize] += 1;
+                continue;
+            }
+            if !port.trusted && net.config.dhcp_guard && is_dhcp_server_message(&view) {
+                drops[DropReason::RogueDhcp as usize] += 1;
                 continue;
             }
             let learned = if repeated_src {
@@ -1195,6 +1214,7 @@ impl Fabric {
             kind,
             up: false,
             lock: None,
+            trusted: false,
             backlog: VecDeque::new(),
             out_armed: false,
         });
