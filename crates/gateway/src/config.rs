@@ -1,0 +1,237 @@
+//! A network's gateway configuration, with the defaults users expect and validation
+//! that turns every mistake into a message.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fabric::Mac;
+use ipnet::Ipv4Net;
+
+/// Where forwarded DNS queries go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstreams {
+    /// The `nameserver` lines of a resolv.conf, re-read when the file changes.
+    ResolvConf(PathBuf),
+    Static(Vec<SocketAddr>),
+}
+
+/// What a reservation is keyed on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ReservationKey {
+    Mac(Mac),
+    /// The VM's name: its DHCP hostname or its port's label.
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub key: ReservationKey,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub subnet: Ipv4Net,
+    pub gateway_ip: Ipv4Addr,
+    pub gateway_mac: Mac,
+    /// More addresses the gateway answers ARP and ICMP for.
+    pub extra_ips: Vec<Ipv4Addr>,
+    /// First and last address DHCP hands out (inclusive).
+    pub dhcp_range: (Ipv4Addr, Ipv4Addr),
+    pub lease_time: Duration,
+    /// How long an OFFER keeps its address for the client before a REQUEST.
+    pub offer_hold: Duration,
+    /// How long a DECLINEd address stays out of the pool.
+    pub decline_quarantine: Duration,
+    /// DNS domain of the VMs' names.
+    pub domain: String,
+    pub search: Vec<String>,
+    pub mtu: u16,
+    pub upstreams: Upstreams,
+    pub reservations: Vec<Reservation>,
+    /// Lock a VM's port to its MAC and leased IP when the lease is bound.
+    pub lock_ports: bool,
+    pub dns_timeout: Duration,
+    pub dns_inflight_per_client: usize,
+    pub dns_inflight_total: usize,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid gateway configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+impl GatewayConfig {
+    /// Defaults for `subnet`: gateway `.1`, DHCP from `.2` to the last host, 1 h leases,
+    /// domain `vm.internal` (`.internal` is reserved for private use, so it never
+    /// collides with public names), upstreams from /etc/resolv.conf.
+    pub fn new(network: &str, subnet: Ipv4Net) -> GatewayConfig {
+        let subnet = subnet.trunc();
+        let base = u32::from(subnet.network());
+        let last_host = u32::from(subnet.broadcast()).saturating_sub(1);
+        GatewayConfig {
+            subnet,
+            gateway_ip: Ipv4Addr::from(base + 1),
+            gateway_mac: Mac::derived(&["gateway", network]),
+            extra_ips: Vec::new(),
+            dhcp_range: (Ipv4Addr::from(base + 2), Ipv4Addr::from(last_host)),
+            lease_time: Duration::from_secs(3600),
+            offer_hold: Duration::from_secs(30),
+            decline_quarantine: Duration::from_secs(600),
+            domain: "vm.internal".into(),
+            search: vec!["vm.internal".into()],
+            mtu: 1500,
+            upstreams: Upstreams::ResolvConf("/etc/resolv.conf".into()),
+            reservations: Vec::new(),
+            lock_ports: true,
+            dns_timeout: Duration::from_secs(3),
+            dns_inflight_per_client: 16,
+            dns_inflight_total: 256,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let net = &self.subnet;
+        if !(1..=30).contains(&net.prefix_len()) {
+            return err(format!("prefix /{} is outside 1..=30", net.prefix_len()));
+        }
+        if net.addr() != net.network() {
+            return err(format!(
+                "{net} has host bits set; the network is {}",
+                net.trunc()
+            ));
+        }
+        let host = |ip: Ipv4Addr| net.contains(&ip) && ip != net.network() && ip != net.broadcast();
+        if !host(self.gateway_ip) {
+            return err(format!(
+                "gateway {} is not a host address of {net}",
+                self.gateway_ip
+            ));
+        }
+        for ip in &self.extra_ips {
+            if !host(*ip) {
+                return err(format!(
+                    "extra gateway address {ip} is not a host address of {net}"
+                ));
+            }
+        }
+        let (first, last) = self.dhcp_range;
+        if !host(first) || !host(last) || u32::from(first) > u32::from(last) {
+            return err(format!(
+                "DHCP range {first}-{last} is not an ordered range of host addresses of {net}"
+            ));
+        }
+        let in_range = |ip: Ipv4Addr| (u32::from(first)..=u32::from(last)).contains(&u32::from(ip));
+        if in_range(self.gateway_ip) || self.extra_ips.iter().any(|ip| in_range(*ip)) {
+            return err(format!(
+                "DHCP range {first}-{last} overlaps a gateway address"
+            ));
+        }
+        if !self.gateway_mac.is_unicast() {
+            return err(format!("gateway MAC {} is not unicast", self.gateway_mac));
+        }
+        if self.lease_time < Duration::from_secs(60) {
+            return err("lease time must be at least 60 s");
+        }
+        if !(68..=65520).contains(&self.mtu) {
+            return err(format!("MTU {} is outside 68..=65520", self.mtu));
+        }
+        for name in std::iter::once(&self.domain).chain(&self.search) {
+            if hickory_proto::rr::Name::from_utf8(name).is_err() || name.is_empty() {
+                return err(format!("{name:?} is not a valid DNS domain"));
+            }
+        }
+        for r in &self.reservations {
+            if !host(r.ip) || r.ip == self.gateway_ip || self.extra_ips.contains(&r.ip) {
+                return err(format!(
+                    "reserved address {} is not a free host address of {net}",
+                    r.ip
+                ));
+            }
+        }
+        if self.dns_inflight_per_client == 0 || self.dns_inflight_total == 0 {
+            return err("DNS in-flight bounds must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Whether `ip` is one of the gateway's own addresses.
+    pub fn is_gateway_ip(&self, ip: Ipv4Addr) -> bool {
+        ip == self.gateway_ip || self.extra_ips.contains(&ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> GatewayConfig {
+        GatewayConfig::new("default", "10.77.0.0/24".parse().unwrap())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = cfg();
+        c.validate().unwrap();
+        assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 77, 0, 1));
+        assert_eq!(
+            c.dhcp_range,
+            (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 254))
+        );
+        assert!(c.gateway_mac.is_locally_administered());
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        let bad: Vec<(&str, Box<dyn Fn(&mut GatewayConfig)>)> = vec![
+            (
+                "prefix",
+                Box::new(|c| c.subnet = "10.0.0.0/31".parse().unwrap()),
+            ),
+            (
+                "prefix",
+                Box::new(|c| c.subnet = "0.0.0.0/0".parse().unwrap()),
+            ),
+            (
+                "gateway",
+                Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 78, 0, 1)),
+            ),
+            (
+                "gateway",
+                Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 77, 0, 255)),
+            ),
+            (
+                "overlaps",
+                Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 77, 0, 9)),
+            ),
+            (
+                "range",
+                Box::new(|c| {
+                    c.dhcp_range = (Ipv4Addr::new(10, 77, 0, 9), Ipv4Addr::new(10, 77, 0, 3))
+                }),
+            ),
+            ("MTU", Box::new(|c| c.mtu = 10)),
+            ("domain", Box::new(|c| c.domain = "bad..name".into())),
+            (
+                "reserved",
+                Box::new(|c| {
+                    c.reservations.push(Reservation {
+                        key: ReservationKey::Name("x".into()),
+                        ip: Ipv4Addr::new(10, 77, 0, 1),
+                    })
+                }),
+            ),
+        ];
+        for (word, f) in bad {
+            let mut c = cfg();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(word), "{e} should mention {word}");
+        }
+    }
+}

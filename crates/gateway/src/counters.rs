@@ -1,0 +1,72 @@
+//! Gateway counters, readable at any time without asking the gateway task.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Everything the gateway counts. Relaxed atomics: each is independent.
+        #[derive(Debug, Default)]
+        pub struct GatewayCounters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl GatewayCounters {
+            /// Every counter by name, for metrics.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// ARP requests for a gateway address answered.
+    arp_replies,
+    /// ARP announcements (gratuitous) seen.
+    arp_gratuitous,
+    /// Gratuitous ARP claiming a gateway address: another host pretends to be us.
+    arp_conflicts,
+    icmp_echo_replies,
+    /// Frames that claimed ARP/IPv4/UDP/ICMP but were malformed or had bad checksums.
+    malformed_frames,
+    dhcp_discover,
+    dhcp_request,
+    dhcp_decline,
+    dhcp_release,
+    dhcp_inform,
+    dhcp_offer,
+    dhcp_ack,
+    dhcp_nak,
+    /// DHCP messages that did not decode, or made no sense (no type, bad hardware address).
+    dhcp_malformed,
+    /// REQUESTs naming another server: the client chose it; ignored.
+    dhcp_other_server,
+    /// DISCOVERs left unanswered: no free address.
+    dhcp_pool_exhausted,
+    leases_bound,
+    leases_expired,
+    leases_released,
+    /// Lease store writes that failed (the lease still works until a restart).
+    lease_store_errors,
+    dns_local,
+    dns_forwarded,
+    dns_nxdomain,
+    dns_servfail,
+    /// Queries dropped: in-flight bound reached.
+    dns_dropped,
+    /// Queries that did not decode.
+    dns_malformed,
+}
+
+impl GatewayCounters {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.snapshot()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    }
+}

@@ -1,0 +1,310 @@
+//! The DNS server's local side: which queries the gateway answers itself and how.
+//!
+//! Theory of operation: names of VMs live in a `Zone` under the network's domain. A
+//! query for `name.<domain>` (or a bare `name` that is known, for clients that do not
+//! use the search list) is answered here: A from the zone, AAAA and other types with
+//! NOERROR and no data (the name exists, IPv4 only for now), unknown names with
+//! NXDOMAIN — a name inside our domain is never sent upstream. PTR queries for the
+//! network's subnet are answered here too. Everything else is forwarded (see
+//! [`crate::upstream`]).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use ipnet::Ipv4Net;
+
+/// TTL of local answers: short, since leases come and go.
+const LOCAL_TTL: u32 = 30;
+/// EDNS payload size we advertise (the DNS flag day 2020 value).
+const EDNS_PAYLOAD: u16 = 1232;
+
+/// Names of VMs on one network.
+#[derive(Debug)]
+pub struct Zone {
+    domain: Name,
+    subnet: Ipv4Net,
+    names: HashMap<String, Ipv4Addr>,
+    reverse: HashMap<Ipv4Addr, String>,
+}
+
+impl Zone {
+    pub fn new(domain: &str, subnet: Ipv4Net) -> Zone {
+        let mut domain = Name::from_utf8(domain)
+            .unwrap_or_else(|_| Name::root())
+            .to_lowercase();
+        domain.set_fqdn(true);
+        Zone {
+            domain,
+            subnet,
+            names: HashMap::new(),
+            reverse: HashMap::new(),
+        }
+    }
+
+    /// Points `label` at `ip` (replacing what either had).
+    pub fn set(&mut self, label: &str, ip: Ipv4Addr) {
+        let label = label.to_ascii_lowercase();
+        if let Some(old) = self.names.insert(label.clone(), ip) {
+            self.reverse.remove(&old);
+        }
+        if let Some(old_label) = self.reverse.insert(ip, label.clone()) {
+            if old_label != label {
+                self.names.remove(&old_label);
+            }
+        }
+    }
+
+    pub fn remove_ip(&mut self, ip: Ipv4Addr) {
+        if let Some(label) = self.reverse.remove(&ip) {
+            self.names.remove(&label);
+        }
+    }
+
+    pub fn lookup(&self, label: &str) -> Option<Ipv4Addr> {
+        self.names.get(&label.to_ascii_lowercase()).copied()
+    }
+
+    fn fqdn(&self, label: &str) -> Option<Name> {
+        Name::from_utf8(label)
+            .ok()?
+            .append_domain(&self.domain)
+            .ok()
+    }
+}
+
+/// What to do with a query.
+#[derive(Debug)]
+pub enum Decision {
+    /// Send this response.
+    Answer { bytes: Vec<u8>, nxdomain: bool },
+    /// Not ours: forward it upstream.
+    Forward,
+}
+
+/// Decides a query; `Err` means it did not decode and gets no answer.
+pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, ()> {
+    let req = Message::from_vec(query).map_err(|_| ())?;
+    if req.metadata.message_type != MessageType::Query {
+        return Err(());
+    }
+    if req.metadata.op_code != OpCode::Query {
+        return Ok(respond(&req, ResponseCode::NotImp, vec![]));
+    }
+    let [q] = req.queries.as_slice() else {
+        return Ok(respond(&req, ResponseCode::FormErr, vec![]));
+    };
+    let qname = q.name().to_lowercase();
+    let qtype = q.query_type();
+
+    // PTR for our own subnet.
+    if let Ok(ipnet::IpNet::V4(net)) = qname.parse_arpa_name().map(|n| n.into()) {
+        if net.prefix_len() == 32 && zone.subnet.contains(&net.addr()) {
+            let answer = zone.reverse.get(&net.addr()).and_then(|l| zone.fqdn(l));
+            return Ok(match (qtype, answer) {
+                (RecordType::PTR, Some(target)) => {
+                    let rec =
+                        Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::PTR(PTR(target)));
+                    respond(&req, ResponseCode::NoError, vec![rec])
+                }
+                (_, Some(_)) => respond(&req, ResponseCode::NoError, vec![]),
+                (_, None) => respond(&req, ResponseCode::NXDomain, vec![]),
+            });
+        }
+    }
+
+    let label = if zone.domain.zone_of(&qname) && qname != zone.domain {
+        let labels = qname.num_labels() - zone.domain.num_labels();
+        if labels != 1 {
+            return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
+        }
+        qname
+            .iter()
+            .next()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+    } else if qname.num_labels() == 1
+        && zone
+            .lookup(&String::from_utf8_lossy(
+                qname.iter().next().unwrap_or_default(),
+            ))
+            .is_some()
+    {
+        qname
+            .iter()
+            .next()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+    } else if qname == zone.domain {
+        return Ok(respond(&req, ResponseCode::NoError, vec![]));
+    } else {
+        return Ok(Decision::Forward);
+    };
+    let Some(ip) = label.as_deref().and_then(|l| zone.lookup(l)) else {
+        return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
+    };
+    let answers = match qtype {
+        RecordType::A | RecordType::ANY => vec![Record::from_rdata(
+            q.name().clone(),
+            LOCAL_TTL,
+            RData::A(A(ip)),
+        )],
+        // The name exists but has no such record: NOERROR with no data.
+        _ => vec![],
+    };
+    Ok(respond(&req, ResponseCode::NoError, answers))
+}
+
+fn respond(req: &Message, code: ResponseCode, answers: Vec<Record>) -> Decision {
+    let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+    resp.metadata.authoritative = true;
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.response_code = code;
+    resp.add_queries(req.queries.iter().cloned());
+    resp.add_answers(answers);
+    if req.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        resp.edns = Some(edns);
+    }
+    let nxdomain = code == ResponseCode::NXDomain;
+    match resp.to_vec() {
+        Ok(bytes) => Decision::Answer { bytes, nxdomain },
+        Err(_) => Decision::Answer {
+            bytes: servfail(&req.to_vec().unwrap_or_default()).unwrap_or_default(),
+            nxdomain,
+        },
+    }
+}
+
+/// A SERVFAIL answer to `query`, when it decodes.
+pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let req = Message::from_vec(query).ok()?;
+    let mut resp = Message::error_msg(
+        req.metadata.id,
+        req.metadata.op_code,
+        ResponseCode::ServFail,
+    );
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.add_queries(req.queries.iter().cloned());
+    resp.to_vec().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+
+    fn zone() -> Zone {
+        let mut z = Zone::new("vm.internal", "10.77.0.0/24".parse().unwrap());
+        z.set("gateway", Ipv4Addr::new(10, 77, 0, 1));
+        z.set("web", Ipv4Addr::new(10, 77, 0, 5));
+        z
+    }
+
+    fn query(name: &str, t: RecordType, edns: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_utf8(name).unwrap(), t));
+        if edns {
+            m.edns = Some(Edns::new());
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn answer(z: &Zone, name: &str, t: RecordType) -> Message {
+        match decide(z, &query(name, t, true)).unwrap() {
+            Decision::Answer { bytes, .. } => Message::from_vec(&bytes).unwrap(),
+            Decision::Forward => panic!("{name} was forwarded"),
+        }
+    }
+
+    #[test]
+    fn local_names_answer_with_their_address() {
+        let z = zone();
+        for name in ["web.vm.internal.", "WEB.vm.internal", "web"] {
+            let m = answer(&z, name, RecordType::A);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(m.metadata.id, 4242);
+            assert!(m.edns.is_some(), "EDNS in, EDNS out");
+            assert!(
+                matches!(m.answers[0].data, RData::A(A(ip)) if ip == Ipv4Addr::new(10, 77, 0, 5)),
+                "{name}"
+            );
+        }
+        let aaaa = answer(&z, "web.vm.internal", RecordType::AAAA);
+        assert_eq!(
+            (aaaa.metadata.response_code, aaaa.answers.len()),
+            (ResponseCode::NoError, 0)
+        );
+    }
+
+    #[test]
+    fn unknown_names_in_the_domain_are_nxdomain_never_forwarded() {
+        let z = zone();
+        for name in ["nope.vm.internal", "a.b.vm.internal"] {
+            assert_eq!(
+                answer(&z, name, RecordType::A).metadata.response_code,
+                ResponseCode::NXDomain
+            );
+        }
+        assert!(matches!(
+            decide(&z, &query("example.com", RecordType::A, false)).unwrap(),
+            Decision::Forward
+        ));
+        assert!(matches!(
+            decide(&z, &query("unknownbare", RecordType::A, false)).unwrap(),
+            Decision::Forward
+        ));
+    }
+
+    #[test]
+    fn reverse_lookups_for_the_subnet() {
+        let z = zone();
+        let m = answer(&z, "5.0.77.10.in-addr.arpa", RecordType::PTR);
+        assert!(
+            matches!(&m.answers[0].data, RData::PTR(PTR(n)) if n.to_utf8() == "web.vm.internal.")
+        );
+        assert_eq!(
+            answer(&z, "9.0.77.10.in-addr.arpa", RecordType::PTR)
+                .metadata
+                .response_code,
+            ResponseCode::NXDomain
+        );
+        assert!(matches!(
+            decide(
+                &z,
+                &query("1.1.168.192.in-addr.arpa", RecordType::PTR, false)
+            )
+            .unwrap(),
+            Decision::Forward
+        ));
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        let z = zone();
+        assert!(decide(&z, b"").is_err());
+        assert!(decide(&z, &[0xff; 5]).is_err());
+        let mut q = query("web.vm.internal", RecordType::A, false);
+        q.truncate(q.len() - 3);
+        assert!(decide(&z, &q).is_err());
+        // A header claiming 65535 questions with none present.
+        let mut many = query("web.vm.internal", RecordType::A, false);
+        many[4] = 0xff;
+        many[5] = 0xff;
+        assert!(decide(&z, &many).is_err());
+    }
+
+    #[test]
+    fn renaming_moves_both_directions() {
+        let mut z = zone();
+        z.set("web2", Ipv4Addr::new(10, 77, 0, 5));
+        assert_eq!(z.lookup("web"), None);
+        z.remove_ip(Ipv4Addr::new(10, 77, 0, 5));
+        assert_eq!(z.lookup("web2"), None);
+    }
+}

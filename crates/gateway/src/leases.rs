@@ -1,0 +1,59 @@
+//! Leases and the storage interface the control plane implements to make them durable.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use fabric::Mac;
+
+/// A bound DHCP lease. Times are seconds since the Unix epoch, so a stored lease means
+/// the same after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    /// The VM's DNS name: its DHCP hostname, or its port's label.
+    pub hostname: Option<String>,
+    pub expires: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("lease store: {0}")]
+pub struct StoreError(pub String);
+
+/// Where leases are kept. Every change is written before the client hears about it,
+/// so an acknowledged lease survives a crash once the store is durable.
+pub trait LeaseStore: Send {
+    fn load(&self) -> Result<Vec<Lease>, StoreError>;
+    fn save(&mut self, lease: &Lease) -> Result<(), StoreError>;
+    fn remove(&mut self, mac: Mac) -> Result<(), StoreError>;
+}
+
+/// Leases in memory. Clones share one table, so a test (or a restarted gateway in the
+/// same process) sees what another wrote.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryLeaseStore {
+    leases: Arc<Mutex<HashMap<Mac, Lease>>>,
+}
+
+impl MemoryLeaseStore {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Lease>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl LeaseStore for MemoryLeaseStore {
+    fn load(&self) -> Result<Vec<Lease>, StoreError> {
+        Ok(self.table().values().cloned().collect())
+    }
+
+    fn save(&mut self, lease: &Lease) -> Result<(), StoreError> {
+        self.table().insert(lease.mac, lease.clone());
+        Ok(())
+    }
+
+    fn remove(&mut self, mac: Mac) -> Result<(), StoreError> {
+        self.table().remove(&mac);
+        Ok(())
+    }
+}

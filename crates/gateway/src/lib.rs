@@ -1,0 +1,434 @@
+//! vmfabric's gateway: the virtual host on every network.
+//!
+//! A gateway is an ordinary, trusted port of its network (a socketpair port of the
+//! switch). It answers ARP and ICMP echo for its addresses, serves DHCP and DNS, and
+//! reports lease changes as [`LeaseEvent`]s for the control plane, which locks ports.
+//! It never reaches into switch state.
+//!
+//! One tokio task per gateway reads frames from the port and answers in order; only
+//! forwarded DNS queries run beside it, each bounded per client and in total.
+
+pub mod config;
+pub mod counters;
+pub mod dhcp;
+pub mod dns;
+pub mod leases;
+pub mod upstream;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fabric::{Mac, PortId, Switch};
+use smoltcp::wire::ArpOperation;
+use tokio::net::UnixDatagram;
+
+pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, Upstreams};
+pub use counters::GatewayCounters;
+pub use dhcp::LeaseEvent;
+pub use leases::{Lease, LeaseStore, MemoryLeaseStore};
+
+use dhcp::DhcpServer;
+use dns::{Decision, Zone};
+use upstream::UpstreamSet;
+use wire::Inbound;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("attach the gateway to the network: {0}")]
+    Fabric(#[from] fabric::FabricError),
+    #[error("gateway socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct State {
+    dhcp: DhcpServer,
+    zone: Zone,
+}
+
+struct Shared {
+    cfg: Arc<GatewayConfig>,
+    counters: Arc<GatewayCounters>,
+    state: Mutex<State>,
+    upstreams: UpstreamSet,
+    inflight_total: AtomicUsize,
+    inflight_by_client: Mutex<HashMap<Ipv4Addr, usize>>,
+    events: Mutex<Option<mpsc::Sender<LeaseEvent>>>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, ev: LeaseEvent) {
+        let mut st = self.state();
+        match &ev {
+            LeaseEvent::Bound(l) => {
+                if let Some(name) = &l.hostname {
+                    st.zone.set(name, l.ip);
+                }
+            }
+            LeaseEvent::Released { ip, .. } | LeaseEvent::Expired { ip, .. } => {
+                st.zone.remove_ip(*ip)
+            }
+        }
+        drop(st);
+        if let Some(tx) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(ev);
+        }
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    port: PortId,
+    events: Option<mpsc::Receiver<LeaseEvent>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Attaches a gateway to `network` on `switch` and starts serving on `rt`.
+    pub fn attach(
+        rt: &tokio::runtime::Handle,
+        switch: &Switch,
+        network: &str,
+        cfg: GatewayConfig,
+        store: Box<dyn LeaseStore>,
+    ) -> Result<Gateway, GatewayError> {
+        cfg.validate()?;
+        let cfg = Arc::new(cfg);
+        let counters = Arc::new(GatewayCounters::default());
+        let dhcp = DhcpServer::new(cfg.clone(), counters.clone(), store);
+        let mut zone = Zone::new(&cfg.domain, cfg.subnet);
+        zone.set("gateway", cfg.gateway_ip);
+        for l in dhcp.leases() {
+            if let Some(name) = &l.hostname {
+                zone.set(name, l.ip);
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            upstreams: UpstreamSet::new(cfg.upstreams.clone()),
+            cfg,
+            counters,
+            state: Mutex::new(State { dhcp, zone }),
+            inflight_total: AtomicUsize::new(0),
+            inflight_by_client: Mutex::new(HashMap::new()),
+            events: Mutex::new(Some(tx)),
+        });
+        let (port, fd) = switch.add_port(network, "gateway")?;
+        switch.set_port_trusted(port, true)?;
+        let std_sock = std::os::unix::net::UnixDatagram::from(fd);
+        std_sock.set_nonblocking(true)?;
+        let sock = {
+            let _guard = rt.enter();
+            Arc::new(UnixDatagram::from_std(std_sock)?)
+        };
+        let task = rt.spawn(serve(shared.clone(), sock));
+        Ok(Gateway {
+            shared,
+            port,
+            events: Some(rx),
+            task,
+        })
+    }
+
+    /// The switch port the gateway sits on.
+    pub fn port(&self) -> PortId {
+        self.port
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.shared.cfg
+    }
+
+    pub fn counters(&self) -> &GatewayCounters {
+        &self.shared.counters
+    }
+
+    /// Lease changes, for the control plane; the first caller gets them.
+    pub fn take_events(&mut self) -> Option<mpsc::Receiver<LeaseEvent>> {
+        self.events.take()
+    }
+
+    pub fn leases(&self) -> Vec<Lease> {
+        let mut v: Vec<Lease> = self.shared.state().dhcp.leases().cloned().collect();
+        v.sort_by_key(|l| u32::from(l.ip));
+        v
+    }
+
+    /// Names a MAC by its port's label, for VMs that send no DHCP hostname.
+    pub fn set_name_hint(&self, mac: Mac, name: &str) {
+        if let Some(label) = dhcp::sanitize_hostname(name) {
+            self.shared.state().dhcp.set_name_hint(mac, label);
+        }
+    }
+
+    pub fn resolve(&self, label: &str) -> Option<Ipv4Addr> {
+        self.shared.state().zone.lookup(label)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
+    let mut buf = vec![0u8; 65536 + 64];
+    loop {
+        let next = shared.state().dhcp.next_expiry();
+        let sleep = match next {
+            Some(at) => Duration::from_secs(at.saturating_sub(unix_now())),
+            None => Duration::from_secs(24 * 3600),
+        };
+        tokio::select! {
+            r = sock.recv(&mut buf) => match r {
+                Ok(n) => {
+                    for reply in handle_frame(&shared, &sock, &buf[..n]) {
+                        let _ = sock.send(&reply).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("gateway port closed: {e}");
+                    return;
+                }
+            },
+            _ = tokio::time::sleep(sleep) => {
+                let gone = shared.state().dhcp.expire(unix_now());
+                for ev in gone {
+                    shared.emit(ev);
+                }
+            }
+        }
+    }
+}
+
+/// Answers one frame; returns the frames to send back now. Forwarded DNS queries are
+/// answered later by their own task.
+fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> Vec<Vec<u8>> {
+    let cfg = &shared.cfg;
+    let c = &shared.counters;
+    let inbound = match wire::classify(frame) {
+        Ok(i) => i,
+        Err(_) => {
+            GatewayCounters::inc(&c.malformed_frames);
+            return vec![];
+        }
+    };
+    match inbound {
+        Inbound::Arp {
+            op,
+            sender_mac,
+            sender_ip,
+            target_ip,
+        } => {
+            if sender_ip == target_ip {
+                GatewayCounters::inc(&c.arp_gratuitous);
+                if cfg.is_gateway_ip(sender_ip) && sender_mac != cfg.gateway_mac {
+                    GatewayCounters::inc(&c.arp_conflicts);
+                    tracing::warn!(%sender_mac, ip = %sender_ip, "a host claims a gateway address");
+                }
+                return vec![];
+            }
+            if op == ArpOperation::Request && cfg.is_gateway_ip(target_ip) {
+                GatewayCounters::inc(&c.arp_replies);
+                return vec![wire::arp_reply(
+                    cfg.gateway_mac,
+                    target_ip,
+                    sender_mac,
+                    sender_ip,
+                )];
+            }
+            vec![]
+        }
+        Inbound::IcmpEcho {
+            src_mac,
+            src_ip,
+            dst_ip,
+            ident,
+            seq_no,
+            data,
+        } if cfg.is_gateway_ip(dst_ip) => {
+            GatewayCounters::inc(&c.icmp_echo_replies);
+            vec![wire::icmp_echo_reply(
+                cfg.gateway_mac,
+                src_mac,
+                dst_ip,
+                src_ip,
+                ident,
+                seq_no,
+                data,
+            )]
+        }
+        Inbound::Udp {
+            dst_port: 67,
+            src_port: 68,
+            dst_ip,
+            payload,
+            ..
+        } if dst_ip == Ipv4Addr::BROADCAST || cfg.is_gateway_ip(dst_ip) => {
+            let (reply, event) = shared.state().dhcp.handle(payload, unix_now());
+            if let Some(ev) = event {
+                shared.emit(ev);
+            }
+            reply
+                .map(|r| {
+                    wire::udp_frame(
+                        cfg.gateway_mac,
+                        r.dst_mac,
+                        (cfg.gateway_ip, 67),
+                        (r.dst_ip, 68),
+                        &r.bytes,
+                    )
+                })
+                .into_iter()
+                .collect()
+        }
+        Inbound::Udp {
+            dst_port: 53,
+            src_mac,
+            src_ip,
+            dst_ip,
+            src_port,
+            payload,
+            ..
+        } if cfg.is_gateway_ip(dst_ip) => {
+            let reply_to = move |bytes: &[u8]| {
+                wire::udp_frame(
+                    cfg.gateway_mac,
+                    src_mac,
+                    (dst_ip, 53),
+                    (src_ip, src_port),
+                    bytes,
+                )
+            };
+            let decision = dns::decide(&shared.state().zone, payload);
+            match decision {
+                Err(()) => {
+                    GatewayCounters::inc(&c.dns_malformed);
+                    vec![]
+                }
+                Ok(Decision::Answer { bytes, nxdomain }) => {
+                    GatewayCounters::inc(if nxdomain {
+                        &c.dns_nxdomain
+                    } else {
+                        &c.dns_local
+                    });
+                    vec![reply_to(&bytes)]
+                }
+                Ok(Decision::Forward) => {
+                    spawn_forward(
+                        shared,
+                        sock,
+                        payload.to_vec(),
+                        src_mac,
+                        (src_ip, src_port),
+                        dst_ip,
+                    );
+                    vec![]
+                }
+            }
+        }
+        _ => vec![],
+    }
+}
+
+/// Releases a query's place in the in-flight bounds when its task ends.
+struct InflightGuard {
+    shared: Arc<Shared>,
+    client: Ipv4Addr,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.shared.inflight_total.fetch_sub(1, Ordering::Relaxed);
+        let mut map = self
+            .shared
+            .inflight_by_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.client);
+            }
+        }
+    }
+}
+
+fn spawn_forward(
+    shared: &Arc<Shared>,
+    sock: &Arc<UnixDatagram>,
+    query: Vec<u8>,
+    client_mac: Mac,
+    client: (Ipv4Addr, u16),
+    server_ip: Ipv4Addr,
+) {
+    let cfg = &shared.cfg;
+    {
+        let mut map = shared
+            .inflight_by_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mine = map.entry(client.0).or_insert(0);
+        if *mine >= cfg.dns_inflight_per_client
+            || shared.inflight_total.load(Ordering::Relaxed) >= cfg.dns_inflight_total
+        {
+            GatewayCounters::inc(&shared.counters.dns_dropped);
+            if *mine == 0 {
+                map.remove(&client.0);
+            }
+            return;
+        }
+        *mine += 1;
+        shared.inflight_total.fetch_add(1, Ordering::Relaxed);
+    }
+    let guard = InflightGuard {
+        shared: shared.clone(),
+        client: client.0,
+    };
+    let sock = sock.clone();
+    tokio::spawn(async move {
+        let shared = guard.shared.clone();
+        let upstreams = shared.upstreams.current();
+        let answer = upstream::forward(&query, &upstreams, shared.cfg.dns_timeout).await;
+        let bytes = match answer {
+            Some(a) => {
+                GatewayCounters::inc(&shared.counters.dns_forwarded);
+                a
+            }
+            None => {
+                GatewayCounters::inc(&shared.counters.dns_servfail);
+                match dns::servfail(&query) {
+                    Some(b) => b,
+                    None => return,
+                }
+            }
+        };
+        let cfg = &shared.cfg;
+        let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
+        let _ = sock.send(&frame).await;
+        drop(guard);
+    });
+}

@@ -1,0 +1,315 @@
+//! Frames in and out of the gateway, read and written with smoltcp's wire types.
+//!
+//! `classify` checks what it reads (lengths, IPv4 header and UDP/ICMP checksums) and
+//! says what the frame is for; the builders emit complete frames with checksums.
+
+use std::net::Ipv4Addr;
+
+use fabric::Mac;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket,
+    UdpRepr,
+};
+
+/// What an inbound frame is, as far as the gateway cares.
+#[derive(Debug)]
+pub enum Inbound<'a> {
+    Arp {
+        op: ArpOperation,
+        sender_mac: Mac,
+        sender_ip: Ipv4Addr,
+        target_ip: Ipv4Addr,
+    },
+    IcmpEcho {
+        src_mac: Mac,
+        src_ip: Ipv4Addr,
+        dst_ip: Ipv4Addr,
+        ident: u16,
+        seq_no: u16,
+        data: &'a [u8],
+    },
+    Udp {
+        src_mac: Mac,
+        dst_mac: Mac,
+        src_ip: Ipv4Addr,
+        dst_ip: Ipv4Addr,
+        src_port: u16,
+        dst_port: u16,
+        payload: &'a [u8],
+    },
+    /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6).
+    Ignored,
+}
+
+/// A frame that claims a protocol the gateway serves but breaks its rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed Ethernet frame")]
+    Ethernet,
+    #[error("malformed ARP packet")]
+    Arp,
+    #[error("malformed IPv4 header or bad header checksum")]
+    Ipv4,
+    #[error("malformed UDP datagram or bad checksum")]
+    Udp,
+    #[error("malformed ICMP message or bad checksum")]
+    Icmp,
+}
+
+fn mac(a: EthernetAddress) -> Mac {
+    Mac(a.0)
+}
+
+pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
+    let eth = EthernetFrame::new_checked(frame).map_err(|_| WireError::Ethernet)?;
+    let caps = ChecksumCapabilities::default();
+    match eth.ethertype() {
+        EthernetProtocol::Arp => {
+            let pkt = ArpPacket::new_checked(eth.payload()).map_err(|_| WireError::Arp)?;
+            match ArpRepr::parse(&pkt).map_err(|_| WireError::Arp)? {
+                ArpRepr::EthernetIpv4 {
+                    operation,
+                    source_hardware_addr,
+                    source_protocol_addr,
+                    target_protocol_addr,
+                    ..
+                } => Ok(Inbound::Arp {
+                    op: operation,
+                    sender_mac: mac(source_hardware_addr),
+                    sender_ip: source_protocol_addr,
+                    target_ip: target_protocol_addr,
+                }),
+                _ => Ok(Inbound::Ignored),
+            }
+        }
+        EthernetProtocol::Ipv4 => {
+            let pkt = Ipv4Packet::new_checked(eth.payload()).map_err(|_| WireError::Ipv4)?;
+            let ip = Ipv4Repr::parse(&pkt, &caps).map_err(|_| WireError::Ipv4)?;
+            let (src, dst) = (IpAddress::Ipv4(ip.src_addr), IpAddress::Ipv4(ip.dst_addr));
+            match ip.next_header {
+                IpProtocol::Udp => {
+                    let udp = UdpPacket::new_checked(pkt.payload()).map_err(|_| WireError::Udp)?;
+                    let repr =
+                        UdpRepr::parse(&udp, &src, &dst, &caps).map_err(|_| WireError::Udp)?;
+                    Ok(Inbound::Udp {
+                        src_mac: mac(eth.src_addr()),
+                        dst_mac: mac(eth.dst_addr()),
+                        src_ip: ip.src_addr,
+                        dst_ip: ip.dst_addr,
+                        src_port: repr.src_port,
+                        dst_port: repr.dst_port,
+                        payload: udp.payload(),
+                    })
+                }
+                IpProtocol::Icmp => {
+                    let icmp =
+                        Icmpv4Packet::new_checked(pkt.payload()).map_err(|_| WireError::Icmp)?;
+                    match Icmpv4Repr::parse(&icmp, &caps) {
+                        Ok(Icmpv4Repr::EchoRequest {
+                            ident,
+                            seq_no,
+                            data,
+                        }) => Ok(Inbound::IcmpEcho {
+                            src_mac: mac(eth.src_addr()),
+                            src_ip: ip.src_addr,
+                            dst_ip: ip.dst_addr,
+                            ident,
+                            seq_no,
+                            data,
+                        }),
+                        Ok(_) => Ok(Inbound::Ignored),
+                        // smoltcp refuses ICMP types it does not model; only a bad
+                        // checksum or length makes the message malformed.
+                        Err(_) if icmp.verify_checksum() => Ok(Inbound::Ignored),
+                        Err(_) => Err(WireError::Icmp),
+                    }
+                }
+                _ => Ok(Inbound::Ignored),
+            }
+        }
+        _ => Ok(Inbound::Ignored),
+    }
+}
+
+fn ethernet(buf: &mut [u8], src: Mac, dst: Mac, ethertype: EthernetProtocol) {
+    let mut frame = EthernetFrame::new_unchecked(buf);
+    EthernetRepr {
+        src_addr: EthernetAddress(src.0),
+        dst_addr: EthernetAddress(dst.0),
+        ethertype,
+    }
+    .emit(&mut frame);
+}
+
+const ETH: usize = 14;
+const IPV4: usize = 20;
+const UDP: usize = 8;
+
+fn ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload_len: usize) {
+    let repr = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: proto,
+        payload_len,
+        hop_limit: 64,
+    };
+    repr.emit(
+        &mut Ipv4Packet::new_unchecked(&mut buf[ETH..]),
+        &ChecksumCapabilities::default(),
+    );
+}
+
+/// A complete Ethernet/IPv4/UDP frame.
+pub fn udp_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH + IPV4 + UDP + payload.len()];
+    ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv4);
+    ipv4(&mut buf, src.0, dst.0, IpProtocol::Udp, UDP + payload.len());
+    let repr = UdpRepr {
+        src_port: src.1,
+        dst_port: dst.1,
+    };
+    repr.emit(
+        &mut UdpPacket::new_unchecked(&mut buf[ETH + IPV4..]),
+        &IpAddress::Ipv4(src.0),
+        &IpAddress::Ipv4(dst.0),
+        payload.len(),
+        |p| p.copy_from_slice(payload),
+        &ChecksumCapabilities::default(),
+    );
+    buf
+}
+
+/// An ARP reply telling `to` that `ip` is at `mac_of_ip`.
+pub fn arp_reply(mac_of_ip: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH + 28];
+    ethernet(&mut buf, mac_of_ip, to_mac, EthernetProtocol::Arp);
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(mac_of_ip.0),
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress(to_mac.0),
+        target_protocol_addr: to_ip,
+    };
+    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[ETH..]));
+    buf
+}
+
+/// An ICMP echo reply from `src` to the requester.
+pub fn icmp_echo_reply(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ident: u16,
+    seq_no: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    let repr = Icmpv4Repr::EchoReply {
+        ident,
+        seq_no,
+        data,
+    };
+    let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
+    ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv4);
+    ipv4(&mut buf, src, dst, IpProtocol::Icmp, repr.buffer_len());
+    repr.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[ETH + IPV4..]),
+        &ChecksumCapabilities::default(),
+    );
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Mac = Mac([0x02, 0, 0, 0, 0, 1]);
+    const B: Mac = Mac([0x02, 0, 0, 0, 0, 2]);
+
+    #[test]
+    fn udp_round_trip() {
+        let f = udp_frame(
+            A,
+            B,
+            (Ipv4Addr::new(10, 0, 0, 1), 53),
+            (Ipv4Addr::new(10, 0, 0, 2), 5353),
+            b"hello",
+        );
+        match classify(&f).unwrap() {
+            Inbound::Udp {
+                src_mac,
+                src_ip,
+                src_port,
+                dst_port,
+                payload,
+                ..
+            } => {
+                assert_eq!(
+                    (src_mac, src_ip, src_port, dst_port, payload),
+                    (A, Ipv4Addr::new(10, 0, 0, 1), 53, 5353, &b"hello"[..])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupted_checksums_and_lengths_are_errors() {
+        let f = udp_frame(
+            A,
+            B,
+            (Ipv4Addr::new(10, 0, 0, 1), 53),
+            (Ipv4Addr::new(10, 0, 0, 2), 5353),
+            b"hello",
+        );
+        let mut bad_ip = f.clone();
+        bad_ip[14 + 8] ^= 0xff; // TTL changes, header checksum no longer matches
+        assert_eq!(classify(&bad_ip).unwrap_err(), WireError::Ipv4);
+        let mut bad_udp = f.clone();
+        *bad_udp.last_mut().unwrap() ^= 1;
+        assert_eq!(classify(&bad_udp).unwrap_err(), WireError::Udp);
+        assert_eq!(classify(&f[..30]).unwrap_err(), WireError::Ipv4);
+        assert_eq!(classify(&f[..10]).unwrap_err(), WireError::Ethernet);
+    }
+
+    #[test]
+    fn arp_and_icmp_replies_parse_back() {
+        let r = arp_reply(A, Ipv4Addr::new(10, 0, 0, 1), B, Ipv4Addr::new(10, 0, 0, 2));
+        assert!(matches!(
+            classify(&r).unwrap(),
+            Inbound::Arp {
+                op: ArpOperation::Reply,
+                sender_mac: A,
+                ..
+            }
+        ));
+        let e = icmp_echo_reply(
+            A,
+            B,
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            7,
+            9,
+            b"ping",
+        );
+        let pkt = Ipv4Packet::new_checked(&e[14..]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(pkt.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert!(matches!(
+            Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).unwrap(),
+            Icmpv4Repr::EchoReply {
+                ident: 7,
+                seq_no: 9,
+                ..
+            }
+        ));
+    }
+}
