@@ -188,7 +188,8 @@ mod tests {
 
     #[test]
     fn mistakes_are_errors() {
-        let bad: Vec<(&str, Box<dyn Fn(&mut GatewayConfig)>)> = vec![
+        type Breaks = Box<dyn Fn(&mut GatewayConfig)>;
+        let bad: Vec<(&str, Breaks)> = vec![
             (
                 "prefix",
                 Box::new(|c| c.subnet = "10.0.0.0/31".parse().unwrap()),

@@ -84,11 +84,16 @@ pub enum Decision {
     Forward,
 }
 
-/// Decides a query; `Err` means it did not decode and gets no answer.
-pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, ()> {
-    let req = Message::from_vec(query).map_err(|_| ())?;
+/// A query that did not decode (or was not a query): it gets no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed DNS query")]
+pub struct Malformed;
+
+/// Decides a query.
+pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
+    let req = Message::from_vec(query).map_err(|_| Malformed)?;
     if req.metadata.message_type != MessageType::Query {
-        return Err(());
+        return Err(Malformed);
     }
     if req.metadata.op_code != OpCode::Query {
         return Ok(respond(&req, ResponseCode::NotImp, vec![]));
@@ -100,7 +105,7 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, ()> {
     let qtype = q.query_type();
 
     // PTR for our own subnet.
-    if let Ok(ipnet::IpNet::V4(net)) = qname.parse_arpa_name().map(|n| n.into()) {
+    if let Ok(ipnet::IpNet::V4(net)) = qname.parse_arpa_name() {
         if net.prefix_len() == 32 && zone.subnet.contains(&net.addr()) {
             let answer = zone.reverse.get(&net.addr()).and_then(|l| zone.fqdn(l));
             return Ok(match (qtype, answer) {

@@ -325,7 +325,7 @@ fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
             };
             let decision = dns::decide(&shared.state().zone, payload);
             match decision {
-                Err(()) => {
+                Err(dns::Malformed) => {
                     GatewayCounters::inc(&c.dns_malformed);
                     vec![]
                 }

@@ -148,6 +148,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         mtu: args.mtu,
         mac_table_max: args.mac_table_max,
         aging: Duration::from_secs(args.aging_secs),
+        ..NetworkConfig::default()
     };
     switch
         .add_network(&args.network, net)
