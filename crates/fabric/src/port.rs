@@ -49,9 +49,9 @@ pub enum TapSource {
     Fd(std::os::fd::OwnedFd, String),
 }
 
-/// Restricts what a port may send: frames must carry `mac` as source and, when `ips` is
-/// not empty, IPv4 and ARP frames must carry one of `ips` as sender (0.0.0.0 is allowed
-/// for a DHCP client and for ARP probes).
+/// Restricts what a port may send: frames must carry `mac` as source, and IPv4 and ARP
+/// frames one of `ips` as sender. 0.0.0.0 is always allowed for a DHCP client and for
+/// ARP probes, so a port locked with no addresses can still ask for a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortLock {
     pub mac: Mac,

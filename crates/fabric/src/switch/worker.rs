@@ -1343,7 +1343,7 @@ fn lock_allows(lock: Option<&PortLock>, frame: &EthernetView<'_>) -> bool {
     if frame.src() != lock.mac {
         return false;
     }
-    let ip_ok = |ip: std::net::Ipv4Addr| lock.ips.is_empty() || lock.ips.contains(&ip);
+    let ip_ok = |ip: std::net::Ipv4Addr| lock.ips.contains(&ip);
     match l3_sender(frame) {
         L3Sender::Ipv4 { src, dhcp_client } => ip_ok(src) || (src.is_unspecified() && dhcp_client),
         L3Sender::Arp {

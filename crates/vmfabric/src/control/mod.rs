@@ -1,0 +1,3 @@
+//! Control-plane logic that joins what the layers report.
+
+pub mod locks;

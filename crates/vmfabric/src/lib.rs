@@ -1,0 +1,4 @@
+//! vmfabric's control plane: what ties the data plane, the gateways and (later) the
+//! API and the store together. The binary in `main.rs` is its command line.
+
+pub mod control;
