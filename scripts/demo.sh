@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# scripts/demo.sh — vmfabric's main job on this machine: the switch serving network
-# "default", with two real QEMU guests on it. One guest serves HTTP on a unixgram port;
-# the other, on a stream port, pings it and fetches its page. vmfabric keeps running
-# afterwards, with the commands to inspect and stop it.
+# scripts/demo.sh — vmfabric's main job on this machine: network "default"
+# (10.77.0.0/24) with its gateway (DHCP, DNS, ARP/ICMP), and two real QEMU guests on
+# it. Both get their address from vmfabric's DHCP; "web" serves HTTP on a unixgram
+# port; "client", on a stream port, pings the gateway and web by name and fetches
+# web's page. vmfabric keeps running afterwards, with the commands to inspect and stop
+# it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -24,22 +26,22 @@ echo $! > "$RUN/vmfabric.pid"
 for _ in $(seq 100); do [ -S "$RUN/ports/client.stream" ] && break; sleep 0.1; done
 sed -n '1,/^Stop with/p' "$RUN/vmfabric.log"
 
-echo "[demo] booting guest 'web' (10.77.0.11, HTTP server) on the unixgram port"
+echo "[demo] booting guest 'web' (DHCP, HTTP server) on the unixgram port"
 setsid "$BIN" boot-guest --guest-dir target/guest --dgram "$RUN/ports/web.sock" \
-    --ip 10.77.0.11/24 --hostname web --http > "$RUN/web.console" 2>&1 < /dev/null &
+    --hostname web --http > "$RUN/web.console" 2>&1 < /dev/null &
 WEB=$!
-echo "[demo] booting guest 'client' (10.77.0.12) on the stream port: ping web, fetch its page"
-"$BIN" boot-guest --guest-dir target/guest --stream "$RUN/ports/client.stream" \
-    --ip 10.77.0.12/24 --hostname client \
-    --cmd 'for i in $(seq 30); do ping -c1 -W1 10.77.0.11 >/dev/null && break; done; ping -c 3 10.77.0.11 && wget -qO- http://10.77.0.11/' \
-    2>&1 | grep -E '^(VMFABRIC|PING|64 bytes|[0-9]+ packets|round-trip|hello)' | sed 's/^/  client| /'
+for _ in $(seq 300); do grep -q VMFABRIC_READY "$RUN/web.console" 2>/dev/null && break; sleep 0.1; done
+echo "  web| $(grep -a VMFABRIC_READY "$RUN/web.console" || echo 'no readiness marker')"
+echo "[demo] booting guest 'client' (DHCP) on the stream port: resolve web, ping it, fetch its page"
+"$BIN" boot-guest --guest-dir target/guest --stream "$RUN/ports/client.stream" --hostname client \
+    --cmd 'cat /etc/resolv.conf; nslookup web; ping -c 2 gateway; ping -c 3 web && wget -qO- http://web/' \
+    2>&1 | grep -E '^(VMFABRIC|PING|64 bytes|[0-9]+ packets|round-trip|hello|nameserver|search|Name:|Address)' | sed 's/^/  client| /'
 kill "$WEB" 2>/dev/null || true
 wait "$WEB" 2>/dev/null || true
-echo "  web| $(grep -a VMFABRIC_READY "$RUN/web.console" || echo 'no readiness marker')"
 
 kill -USR1 "$(cat "$RUN/vmfabric.pid")"; sleep 0.3
-echo "[demo] vmfabric's counters for the two ports:"
-tac "$RUN/vmfabric.log" | awk '/^MAC table/{p=1} p{print} /^port +rx_frames/{exit}' | tac | sed 's/^/  /'
+echo "[demo] vmfabric's counters and leases:"
+tac "$RUN/vmfabric.log" | awk '/^gateway: /{p=1} p{print} /^port +rx_frames/{exit}' | tac | sed 's/^/  /'
 cat <<MSG
 
 [demo] vmfabric is still running (pid $(cat "$RUN/vmfabric.pid")), serving $RUN/ports/*.

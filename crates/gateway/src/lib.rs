@@ -101,7 +101,7 @@ impl Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     port: PortId,
-    events: Option<mpsc::Receiver<LeaseEvent>>,
+    events: Mutex<Option<mpsc::Receiver<LeaseEvent>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -147,7 +147,7 @@ impl Gateway {
         Ok(Gateway {
             shared,
             port,
-            events: Some(rx),
+            events: Mutex::new(Some(rx)),
             task,
         })
     }
@@ -166,8 +166,8 @@ impl Gateway {
     }
 
     /// Lease changes, for the control plane; the first caller gets them.
-    pub fn take_events(&mut self) -> Option<mpsc::Receiver<LeaseEvent>> {
-        self.events.take()
+    pub fn take_events(&self) -> Option<mpsc::Receiver<LeaseEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     pub fn leases(&self) -> Vec<Lease> {

@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig, SwitchEvent, TapSource, Transport};
+use gateway::{Gateway, GatewayConfig, LeaseEvent, MemoryLeaseStore};
+use std::sync::mpsc;
 use tracing::info;
+use vmfabric::control::locks::{self, ControlEvent, PortLocker};
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +95,15 @@ struct ServeArgs {
     /// A TAP port: the device with this name is created (needs CAP_NET_ADMIN).
     #[arg(long = "tap-port", value_name = "IFNAME")]
     tap_ports: Vec<String>,
+    /// The network's IPv4 subnet; the gateway takes its first address.
+    #[arg(long, default_value = "10.77.0.0/24")]
+    subnet: ipnet::Ipv4Net,
+    /// DNS domain of the VMs' names.
+    #[arg(long, default_value = "vm.internal")]
+    domain: String,
+    /// Run no gateway (no DHCP, DNS, ARP/ICMP for a gateway address) on the network.
+    #[arg(long)]
+    no_gateway: bool,
     /// Print the counters of every port this often (0: only at exit).
     #[arg(long, default_value_t = 0)]
     stats_every_secs: u64,
@@ -141,9 +153,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     let ports_dir = args.run_dir.join("ports");
     std::fs::create_dir_all(&ports_dir)
         .with_context(|| format!("create {}", ports_dir.display()))?;
+    std::fs::create_dir_all(args.run_dir.join("guests")).ok();
 
-    let switch = Switch::start(SwitchConfig::default()).context("start the switch")?;
-    let events = switch.take_events().context("event stream")?;
+    let switch = Arc::new(Switch::start(SwitchConfig::default()).context("start the switch")?);
+    let switch_events = switch.take_events().context("event stream")?;
     let net = NetworkConfig {
         mtu: args.mtu,
         mac_table_max: args.mac_table_max,
@@ -153,6 +166,53 @@ fn serve(args: ServeArgs) -> Result<()> {
     switch
         .add_network(&args.network, net)
         .context("create the network")?;
+
+    // The gateway runs on a small runtime of its own; the data plane has its thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("gateway")
+        .enable_all()
+        .build()
+        .context("start the gateway runtime")?;
+    let (control_tx, control_rx) = mpsc::channel();
+    let mut locker = PortLocker::new(switch.clone());
+    let gateway = if args.no_gateway {
+        None
+    } else {
+        let mut cfg = GatewayConfig::new(&args.network, args.subnet);
+        cfg.mtu = u16::try_from(args.mtu).unwrap_or(u16::MAX);
+        cfg.domain = args.domain.clone();
+        cfg.search = vec![args.domain.clone()];
+        let gw = Gateway::attach(
+            rt.handle(),
+            &switch,
+            &args.network,
+            cfg,
+            Box::new(MemoryLeaseStore::default()),
+        )
+        .context("start the gateway")?;
+        if gw.config().lock_ports {
+            locker.enable(&args.network, gw.port());
+        }
+        let leases = gw.take_events().context("lease events")?;
+        let (tx, network) = (control_tx.clone(), args.network.clone());
+        std::thread::spawn(move || {
+            for event in leases {
+                log_lease(&event);
+                if tx
+                    .send(ControlEvent::Lease {
+                        network: network.clone(),
+                        event,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Some(Arc::new(gw))
+    };
+    let _locker = locks::spawn(locker, control_rx);
 
     let mut ports: Vec<(PortId, String)> = Vec::new();
     for name in &dgram {
@@ -175,6 +235,24 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("TAP port {ifname}"))?;
         ports.push((id, ifname.clone()));
     }
+    let ports = Arc::new(ports);
+    {
+        // Switch events: logged, used to name VMs after their port, and passed on.
+        let (ports, gateway) = (ports.clone(), gateway.clone());
+        std::thread::spawn(move || {
+            for ev in switch_events {
+                log_event(&ev, &ports);
+                if let (SwitchEvent::MacLearned { mac, port, .. }, Some(gw)) = (&ev, &gateway) {
+                    if let Some((_, label)) = ports.iter().find(|(p, _)| p == port) {
+                        gw.set_name_hint(*mac, label);
+                    }
+                }
+                if control_tx.send(ControlEvent::Switch(ev)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
 
     println!(
         "vmfabric: network {:?} (MTU {}) is up with {} port(s).",
@@ -182,7 +260,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.mtu,
         ports.len()
     );
-    for info in switch.ports() {
+    if let Some(gw) = &gateway {
+        let c = gw.config();
+        println!(
+            "gateway {} ({}): DHCP {}-{}, DNS for *.{}, ports locked to their leases: {}",
+            c.gateway_ip, c.subnet, c.dhcp_range.0, c.dhcp_range.1, c.domain, c.lock_ports
+        );
+    }
+    for info in switch.ports().iter().filter(|p| p.label != "gateway") {
         let mac = Mac::derived(&[&args.network, &info.label]);
         let guest_sock = args
             .run_dir
@@ -201,9 +286,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     println!("\nStop with Ctrl-C or SIGTERM.");
-    std::fs::create_dir_all(args.run_dir.join("guests")).ok();
-
     println!("Print the counters with: kill -USR1 {}", std::process::id());
+
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
@@ -213,22 +297,28 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("install signal handler")?;
     let mut last_stats = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        // The data plane runs on its own thread; here we only relay its events.
-        match events.recv_timeout(Duration::from_millis(200)) {
-            Ok(ev) => log_event(&ev, &ports),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
+        // Everything runs on its own threads; this one only waits for signals.
+        std::thread::sleep(Duration::from_millis(100));
         let periodic = args.stats_every_secs > 0
             && last_stats.elapsed() >= Duration::from_secs(args.stats_every_secs);
         if periodic || stats_asked.swap(false, Ordering::Relaxed) {
-            print_stats(&switch, &args.network, &ports);
+            print_stats(&switch, &args.network, &ports, gateway.as_deref());
             last_stats = std::time::Instant::now();
         }
     }
-    print_stats(&switch, &args.network, &ports);
+    print_stats(&switch, &args.network, &ports, gateway.as_deref());
     info!("stopping");
     Ok(())
+}
+
+fn log_lease(ev: &LeaseEvent) {
+    match ev {
+        LeaseEvent::Bound(l) => {
+            info!(mac = %l.mac, ip = %l.ip, name = l.hostname.as_deref().unwrap_or("-"), "lease bound")
+        }
+        LeaseEvent::Released { mac, ip } => info!(%mac, %ip, "lease released"),
+        LeaseEvent::Expired { mac, ip } => info!(%mac, %ip, "lease expired"),
+    }
 }
 
 fn label(ports: &[(PortId, String)], id: PortId) -> String {
@@ -257,7 +347,12 @@ fn log_event(ev: &SwitchEvent, ports: &[(PortId, String)]) {
     }
 }
 
-fn print_stats(switch: &Switch, network: &str, ports: &[(PortId, String)]) {
+fn print_stats(
+    switch: &Switch,
+    network: &str,
+    ports: &[(PortId, String)],
+    gateway: Option<&Gateway>,
+) {
     println!(
         "{:<12} {:>10} {:>12} {:>10} {:>12}  drops",
         "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
@@ -285,6 +380,25 @@ fn print_stats(switch: &Switch, network: &str, ports: &[(PortId, String)]) {
     }
     if let Some(n) = switch.mac_table_len(network) {
         println!("MAC table of {network}: {n} entries");
+    }
+    if let Some(gw) = gateway {
+        println!("leases of {network}:");
+        for l in gw.leases() {
+            println!(
+                "  {:<15} {}  {}",
+                l.ip,
+                l.mac,
+                l.hostname.as_deref().unwrap_or("-")
+            );
+        }
+        let busy: Vec<String> = gw
+            .counters()
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("gateway: {}", busy.join(" "));
     }
 }
 

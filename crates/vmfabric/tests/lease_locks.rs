@@ -68,7 +68,7 @@ fn a_leased_port_cannot_spoof_its_ip_or_mac() {
     sw.add_network("sec", NetworkConfig::default()).unwrap();
     let mut cfg = GatewayConfig::new("sec", "10.233.0.0/24".parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![]);
-    let mut gw = Gateway::attach(
+    let gw = Gateway::attach(
         rt.handle(),
         &sw,
         "sec",
