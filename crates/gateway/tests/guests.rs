@@ -1,0 +1,174 @@
+//! Real QEMU guests (TCG) on a network with a gateway: both get their address from
+//! vmfabric's DHCP, and one resolves and pings the other by name. Needs QEMU and the
+//! guest image (guest/build.sh); skips with a reason otherwise, unless
+//! VMFABRIC_REQUIRE_ALL_TESTS=1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use fabric::{Mac, NetworkConfig, Switch, SwitchConfig};
+use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
+use vm::{Nic, NicBackend, QemuConfig, Serial};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn guest_dir() -> Option<PathBuf> {
+    let skip = |why: &str| {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here but {why}"
+        );
+        eprintln!("SKIP: {why}");
+        None
+    };
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return skip("qemu-system-x86_64 is not installed");
+    }
+    let dir = std::env::var_os("VMFABRIC_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(workspace().join("target/guest"));
+    match Command::new(workspace().join("guest/build.sh"))
+        .arg(&dir)
+        .status()
+    {
+        Ok(s) if s.success() => Some(dir),
+        _ => skip("the guest image could not be built"),
+    }
+}
+
+struct Guest {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Guest {
+    fn boot(
+        image: &Path,
+        work: &Path,
+        name: &str,
+        switch_path: PathBuf,
+        cmd: Option<&str>,
+    ) -> Guest {
+        let log = work.join(format!("{name}.log"));
+        let mut q = QemuConfig::new(
+            image.join("vmlinuz"),
+            image.join("initramfs.cpio.gz"),
+            Serial::File(log.clone()),
+        );
+        q.memory_mib = 96;
+        let guest_path = work.join(format!("{name}.guest.sock"));
+        q.nics.push(Nic {
+            backend: NicBackend::Unixgram {
+                switch_path,
+                guest_path,
+            },
+            mac: Mac::derived(&["t", name]),
+        });
+        q.cmdline
+            .extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
+        match cmd {
+            Some(c) => q.cmdline.push(format!(
+                "VMF_CMD={}",
+                base64::engine::general_purpose::STANDARD.encode(c)
+            )),
+            None => q.cmdline.push("VMF_END=hang".into()),
+        }
+        let child = q
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Guest { child, log }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for(&mut self, marker: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let text = self.console();
+            if text.contains(marker) {
+                return text;
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                panic!("no {marker:?} on the console:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn guests_get_leases_and_find_each_other_by_name() {
+    let Some(image) = guest_dir() else { return };
+    let work = std::env::temp_dir().join(format!("gw-guests-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sw = Switch::start(SwitchConfig::default()).unwrap();
+    sw.add_network("lab", NetworkConfig::default()).unwrap();
+    let mut cfg = GatewayConfig::new("lab", "10.240.0.0/24".parse().unwrap());
+    cfg.upstreams = Upstreams::Static(vec![]);
+    let gw = Gateway::attach(
+        rt.handle(),
+        &sw,
+        "lab",
+        cfg,
+        Box::new(MemoryLeaseStore::default()),
+    )
+    .unwrap();
+    let (a_path, b_path) = (work.join("alpha.sock"), work.join("beta.sock"));
+    sw.add_unixgram_port("lab", "alpha", &a_path).unwrap();
+    sw.add_unixgram_port("lab", "beta", &b_path).unwrap();
+
+    let mut alpha = Guest::boot(&image, &work, "alpha", a_path, None);
+    let ready = alpha.wait_for("VMFABRIC_READY");
+    let alpha_ip = gw.resolve("alpha").expect("alpha's lease named it");
+    assert!(
+        ready.contains(&format!("VMFABRIC_READY - {alpha_ip} ")),
+        "{ready}"
+    );
+    let mut beta = Guest::boot(
+        &image,
+        &work,
+        "beta",
+        b_path,
+        Some("nslookup alpha && ping -c 2 -W 3 alpha"),
+    );
+    let out = beta.wait_for("VMFABRIC_CMD_EXIT");
+    assert!(out.contains("VMFABRIC_CMD_EXIT 0"), "{out}");
+    assert!(
+        out.contains(&format!("Address: {alpha_ip}")),
+        "beta resolved alpha:\n{out}"
+    );
+    let leases = gw.leases();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    assert!(leases.iter().any(|l| l.hostname.as_deref() == Some("beta")));
+}
