@@ -175,10 +175,7 @@ fn thread_cpu_ns() -> u64 {
 
 fn cpu_ns_of(task: &std::path::Path) -> u64 {
     let s = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
-    s.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// On-CPU time of the switch's forwarding thread (vmfabric's or vm-rs's), if any.
@@ -301,10 +298,7 @@ fn ping_pong(which: Impl, iters: usize) -> (Duration, Duration) {
     if which != Impl::Raw {
         learn(&s);
     }
-    let (a, b) = (
-        s.senders[0].try_clone().unwrap(),
-        s.receivers[0].try_clone().unwrap(),
-    );
+    let (a, b) = (s.senders[0].try_clone().unwrap(), s.receivers[0].try_clone().unwrap());
     a.set_nonblocking(false).unwrap();
     b.set_nonblocking(false).unwrap();
     a.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -345,11 +339,7 @@ fn ping_pong(which: Impl, iters: usize) -> (Duration, Duration) {
 
 /// Runs every implementation `reps` times, interleaved so that a noisy moment hits all
 /// of them alike, and keeps each one's median run by rate.
-fn median_runs(
-    impls: &[Impl],
-    reps: usize,
-    mut run: impl FnMut(Impl) -> Throughput,
-) -> Vec<Throughput> {
+fn median_runs(impls: &[Impl], reps: usize, mut run: impl FnMut(Impl) -> Throughput) -> Vec<Throughput> {
     let mut all: Vec<Vec<Throughput>> = impls.iter().map(|_| Vec::new()).collect();
     for _ in 0..reps {
         for (k, w) in impls.iter().enumerate() {
@@ -388,9 +378,7 @@ fn main() {
         .unwrap_or(3);
     let impls = [Impl::Raw, Impl::Vmfabric, Impl::VmRs];
     println!("## Throughput: median of {reps} runs of {secs} s per cell\n");
-    println!(
-        "Delivered frames/s, Gbit/s of frame bytes, and the share of sent frames not delivered.\n"
-    );
+    println!("Delivered frames/s, Gbit/s of frame bytes, and the share of sent frames not delivered.\n");
     println!("| size | ports | raw socketpair | vmfabric | vm-rs 0.2.4 | vmfabric/raw | vmfabric/vm-rs |");
     println!("|---:|---:|---|---|---|---:|---:|");
     let (mut worst_raw, mut worst_vmrs_2port, mut max_drop) = (f64::MAX, f64::MAX, 0.0f64);

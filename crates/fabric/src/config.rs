@@ -49,14 +49,10 @@ impl NetworkConfig {
             )));
         }
         if self.mac_table_max == 0 {
-            return Err(FabricError::InvalidConfig(
-                "mac_table_max must be at least 1".into(),
-            ));
+            return Err(FabricError::InvalidConfig("mac_table_max must be at least 1".into()));
         }
         if self.aging.is_zero() {
-            return Err(FabricError::InvalidConfig(
-                "aging must be longer than zero".into(),
-            ));
+            return Err(FabricError::InvalidConfig("aging must be longer than zero".into()));
         }
         Ok(())
     }

@@ -45,13 +45,7 @@ impl<'a> EthernetView<'a> {
             return Err(FrameError::Runt);
         }
         let view = EthernetView { bytes };
-        let allowed = mtu
-            + ETH_HEADER_LEN
-            + if view.is_vlan_tagged() {
-                VLAN_TAG_LEN
-            } else {
-                0
-            };
+        let allowed = mtu + ETH_HEADER_LEN + if view.is_vlan_tagged() { VLAN_TAG_LEN } else { 0 };
         if bytes.len() > allowed {
             return Err(FrameError::Oversize);
         }
@@ -59,15 +53,11 @@ impl<'a> EthernetView<'a> {
     }
 
     pub fn dst(&self) -> Mac {
-        Mac(self.bytes[0..6]
-            .try_into()
-            .expect("length checked in parse"))
+        Mac(self.bytes[0..6].try_into().expect("length checked in parse"))
     }
 
     pub fn src(&self) -> Mac {
-        Mac(self.bytes[6..12]
-            .try_into()
-            .expect("length checked in parse"))
+        Mac(self.bytes[6..12].try_into().expect("length checked in parse"))
     }
 
     /// The outer ethertype (0x8100 for a tagged frame).
@@ -100,19 +90,29 @@ impl<'a> EthernetView<'a> {
     }
 }
 
-/// Whether the frame is IPv4/UDP from source port 67: a DHCP server speaking. Reads
-/// only fixed offsets, so it is cheap enough for every frame.
-pub fn is_dhcp_server_message(frame: &EthernetView<'_>) -> bool {
+/// The UDP ports of an IPv4/UDP frame. Reads only fixed offsets, so it is cheap
+/// enough for every frame.
+fn udp_ports(frame: &EthernetView<'_>) -> Option<(u16, u16)> {
     let Some((ETHERTYPE_IPV4, ip)) = frame.inner() else {
-        return false;
+        return None;
     };
-    let Some(&vihl) = ip.first() else {
-        return false;
-    };
+    let &vihl = ip.first()?;
     let ihl = usize::from(vihl & 0x0f) * 4;
-    vihl >> 4 == 4
-        && ip.get(9) == Some(&17)
-        && ip.get(ihl..ihl + 2) == Some(&67u16.to_be_bytes()[..])
+    if vihl >> 4 != 4 || ip.get(9) != Some(&17) {
+        return None;
+    }
+    let p = ip.get(ihl..ihl + 4)?;
+    Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
+}
+
+/// Whether the frame is IPv4/UDP from source port 67: a DHCP server speaking.
+pub fn is_dhcp_server_message(frame: &EthernetView<'_>) -> bool {
+    udp_ports(frame).is_some_and(|(src, _)| src == 67)
+}
+
+/// Whether the frame is IPv4/UDP from port 68 to port 67: a DHCP client speaking.
+pub fn is_dhcp_client_message(frame: &EthernetView<'_>) -> bool {
+    udp_ports(frame) == Some((68, 67))
 }
 
 /// What a frame claims about its sender at layer 3, for port locking.
@@ -122,10 +122,7 @@ pub enum L3Sender {
     /// only traffic a client may send from 0.0.0.0.
     Ipv4 { src: Ipv4Addr, dhcp_client: bool },
     /// ARP with this sender hardware and protocol address.
-    Arp {
-        sender_mac: Mac,
-        sender_ip: Ipv4Addr,
-    },
+    Arp { sender_mac: Mac, sender_ip: Ipv4Addr },
     /// Not IPv4 or ARP: layer 3 says nothing the lock checks.
     Other,
     /// Claims to be IPv4 or ARP but is malformed.
@@ -171,8 +168,7 @@ mod tests {
     use super::*;
 
     const ARP_REQUEST: [u8; 42] = [
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 0x08,
-        0x06, // eth
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, // eth
         0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, // htype ptype hlen plen op
         0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 10, 77, 0, 5, // sender
         0, 0, 0, 0, 0, 0, 10, 77, 0, 1, // target
@@ -180,10 +176,7 @@ mod tests {
 
     #[test]
     fn runt_and_oversize() {
-        assert_eq!(
-            EthernetView::parse(&[0u8; 13], 1500).unwrap_err(),
-            FrameError::Runt
-        );
+        assert_eq!(EthernetView::parse(&[0u8; 13], 1500).unwrap_err(), FrameError::Runt);
         assert!(EthernetView::parse(&[0u8; 14], 1500).is_ok());
         assert!(EthernetView::parse(&[0u8; 1514], 1500).is_ok());
         assert_eq!(
@@ -233,9 +226,7 @@ mod tests {
         // 20-byte IPv4 header, UDP 68 -> 67, from 0.0.0.0.
         let mut f = vec![0xff; 6];
         f.extend([0x52, 0x54, 0, 0, 0, 2, 0x08, 0x00]);
-        let ip = [
-            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
-        ];
+        let ip = [0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255];
         f.extend(ip);
         f.extend([0, 68, 0, 67, 0, 8, 0, 0]);
         let v = EthernetView::parse(&f, 1500).unwrap();

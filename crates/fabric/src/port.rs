@@ -62,9 +62,15 @@ pub struct PortLock {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SwitchEvent {
     /// The port's peer is there (connected, or first datagram from a new peer).
-    PortUp { port: PortId, peer: Option<String> },
+    PortUp {
+        port: PortId,
+        peer: Option<String>,
+    },
     /// The port's peer has gone; the port forwards nothing until it is back or removed.
-    PortDown { port: PortId, reason: String },
+    PortDown {
+        port: PortId,
+        reason: String,
+    },
     MacLearned {
         network: String,
         mac: Mac,
@@ -77,7 +83,9 @@ pub enum SwitchEvent {
         to: PortId,
     },
     /// The network's MAC table is full (reported once until it has room again).
-    MacTableFull { network: String },
+    MacTableFull {
+        network: String,
+    },
 }
 
 /// A port as listed by [`crate::Switch::ports`].

@@ -24,15 +24,9 @@ pub(crate) fn size_buffers(fd: &impl AsFd, bytes: usize) {
 /// expects). Both close-on-exec: whoever hands the VM end to a child process clears
 /// that flag on purpose.
 pub(crate) fn socketpair(buffer: usize) -> Result<(OwnedFd, OwnedFd)> {
-    let (ours, theirs) = rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::DGRAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(|e| FabricError::io("create socketpair", e.into()))?;
-    rustix::io::ioctl_fionbio(&ours, true)
-        .map_err(|e| FabricError::io("make socket non-blocking", e.into()))?;
+    let (ours, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::DGRAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| FabricError::io("create socketpair", e.into()))?;
+    rustix::io::ioctl_fionbio(&ours, true).map_err(|e| FabricError::io("make socket non-blocking", e.into()))?;
     size_buffers(&ours, buffer);
     size_buffers(&theirs, buffer);
     Ok((ours, theirs))
@@ -54,24 +48,21 @@ fn clear_stale_socket(path: &Path, kind: SocketType) -> Result<()> {
     }
     let probe = rustix::net::socket_with(AddressFamily::UNIX, kind, SocketFlags::CLOEXEC, None)
         .map_err(|e| FabricError::io("create probe socket", e.into()))?;
-    let addr = SocketAddrUnix::new(path)
-        .map_err(|e| FabricError::io(format!("socket path {}", path.display()), e.into()))?;
+    let addr =
+        SocketAddrUnix::new(path).map_err(|e| FabricError::io(format!("socket path {}", path.display()), e.into()))?;
     match rustix::net::connect(&probe, &addr) {
         Ok(()) => Err(FabricError::PathInUse(path.display().to_string())),
-        Err(rustix::io::Errno::CONNREFUSED) => fs::remove_file(path)
-            .map_err(|e| FabricError::io(format!("remove stale socket {}", path.display()), e)),
-        Err(e) => Err(FabricError::io(
-            format!("probe {}", path.display()),
-            e.into(),
-        )),
+        Err(rustix::io::Errno::CONNREFUSED) => {
+            fs::remove_file(path).map_err(|e| FabricError::io(format!("remove stale socket {}", path.display()), e))
+        }
+        Err(e) => Err(FabricError::io(format!("probe {}", path.display()), e.into())),
     }
 }
 
 /// Binds a socket of `kind` at `path` with the given file mode.
 fn bind_path(path: &Path, kind: SocketType, mode: u32, buffer: usize) -> Result<OwnedFd> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)
-            .map_err(|e| FabricError::io(format!("create {}", dir.display()), e))?;
+        fs::create_dir_all(dir).map_err(|e| FabricError::io(format!("create {}", dir.display()), e))?;
     }
     clear_stale_socket(path, kind)?;
     let sock = rustix::net::socket_with(
@@ -81,10 +72,9 @@ fn bind_path(path: &Path, kind: SocketType, mode: u32, buffer: usize) -> Result<
         None,
     )
     .map_err(|e| FabricError::io("create socket", e.into()))?;
-    let addr = SocketAddrUnix::new(path)
-        .map_err(|e| FabricError::io(format!("socket path {}", path.display()), e.into()))?;
-    rustix::net::bind(&sock, &addr)
-        .map_err(|e| FabricError::io(format!("bind {}", path.display()), e.into()))?;
+    let addr =
+        SocketAddrUnix::new(path).map_err(|e| FabricError::io(format!("socket path {}", path.display()), e.into()))?;
+    rustix::net::bind(&sock, &addr).map_err(|e| FabricError::io(format!("bind {}", path.display()), e.into()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(|e| FabricError::io(format!("chmod {}", path.display()), e))?;
     size_buffers(&sock, buffer);
@@ -97,7 +87,6 @@ pub(crate) fn bind_unixgram(path: &Path, mode: u32, buffer: usize) -> Result<Own
 
 pub(crate) fn listen_stream(path: &Path, mode: u32, buffer: usize) -> Result<OwnedFd> {
     let sock = bind_path(path, SocketType::STREAM, mode, buffer)?;
-    rustix::net::listen(&sock, 16)
-        .map_err(|e| FabricError::io(format!("listen on {}", path.display()), e.into()))?;
+    rustix::net::listen(&sock, 16).map_err(|e| FabricError::io(format!("listen on {}", path.display()), e.into()))?;
     Ok(sock)
 }

@@ -18,10 +18,7 @@ fn broadcast_floods_to_every_other_port_and_never_back() {
     }
     // The sender gets nothing back: the next thing it sees is another port's marker.
     marker(&eps[1], mac(2), 0xAA);
-    assert!(
-        eps[0].until_marker(0xAA).is_empty(),
-        "frame echoed to its sender"
-    );
+    assert!(eps[0].until_marker(0xAA).is_empty(), "frame echoed to its sender");
 }
 
 #[test]
@@ -138,11 +135,7 @@ fn entries_age_out_with_the_clock() {
     clock.advance(Duration::from_secs(1));
     assert!(sw.mac_table("n").unwrap().iter().all(|e| e.mac != mac(2)));
     a.send(&frame(mac(2), mac(1), 64, 0x04));
-    assert_eq!(
-        c.expect().last(),
-        Some(&0x04),
-        "an aged-out MAC should flood"
-    );
+    assert_eq!(c.expect().last(), Some(&0x04), "an aged-out MAC should flood");
     assert_eq!(b.expect().last(), Some(&0x04));
 }
 
@@ -171,12 +164,7 @@ fn a_full_table_learns_nothing_new_but_still_delivers() {
         );
     }
     assert_eq!(sw.mac_table("n").unwrap().len(), 4);
-    assert_eq!(
-        sw.network_counters("n")
-            .unwrap()
-            .drops(DropReason::TableFull),
-        2
-    );
+    assert_eq!(sw.network_counters("n").unwrap().drops(DropReason::TableFull), 2);
     assert_eq!(sw.mac_table_len("n"), Some(4));
     wait_event(&events, "MacTableFull", |e| {
         matches!(e, SwitchEvent::MacTableFull { .. })
@@ -198,11 +186,7 @@ fn runts_and_oversize_frames_are_counted_and_dropped() {
     let mut tagged = frame(Mac::BROADCAST, mac(1), 1518, 4);
     tagged[12..14].copy_from_slice(&[0x81, 0x00]);
     a.send(&tagged);
-    assert_eq!(
-        b.expect(),
-        full,
-        "runts and oversize frames must not arrive"
-    );
+    assert_eq!(b.expect(), full, "runts and oversize frames must not arrive");
     assert_eq!(b.expect(), tagged);
     let c = sw.port_counters(pa).unwrap();
     assert_eq!(c.drops(DropReason::Runt), 2);
@@ -272,10 +256,7 @@ fn invalid_network_config_is_an_error() {
         Err(fabric::FabricError::NetworkBusy(_, 1))
     ));
     sw.remove_port(p).unwrap();
-    assert!(matches!(
-        sw.remove_port(p),
-        Err(fabric::FabricError::NoSuchPort(_))
-    ));
+    assert!(matches!(sw.remove_port(p), Err(fabric::FabricError::NoSuchPort(_))));
     sw.remove_network("n").unwrap();
     assert!(sw.networks().is_empty());
 }

@@ -50,14 +50,8 @@ fn an_idle_switch_does_not_wake_up() {
     );
     // Long enough that any periodic timer (aging, polling) would have fired.
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        switch_thread_wakeups(),
-        before,
-        "the idle switch thread woke up"
-    );
+    assert_eq!(switch_thread_wakeups(), before, "the idle switch thread woke up");
     a.send(&frame(Mac::BROADCAST, mac(1), 64, 2));
     b.expect();
-    wait_until("a frame to wake the switch thread", || {
-        switch_thread_wakeups() > before
-    });
+    wait_until("a frame to wake the switch thread", || switch_thread_wakeups() > before);
 }

@@ -62,8 +62,7 @@ fn unixgram_port_answers_the_peer_it_learned_and_notices_it_leave() {
     // It comes back on the same path and is heard again.
     let vm = UnixDatagram::bind(&vm_path).unwrap();
     vm.set_read_timeout(Some(WAIT)).unwrap();
-    vm.send_to(&frame(Mac::BROADCAST, mac(1), 60, 4), &sw_path)
-        .unwrap();
+    vm.send_to(&frame(Mac::BROADCAST, mac(1), 60, 4), &sw_path).unwrap();
     assert_eq!(other.expect().last(), Some(&4));
     wait_event(
         &events,
@@ -75,10 +74,7 @@ fn unixgram_port_answers_the_peer_it_learned_and_notices_it_leave() {
     assert_eq!(buf[n - 1], 5);
 
     sw.remove_port(port).unwrap();
-    assert!(
-        !sw_path.exists(),
-        "removing the port removes its socket file"
-    );
+    assert!(!sw_path.exists(), "removing the port removes its socket file");
 }
 
 #[test]
@@ -142,10 +138,7 @@ fn stream_port_reassembles_split_frames_and_skips_oversize_ones() {
     vm.send(&g);
     assert_eq!(other.expect(), g);
     let c = sw.port_counters(port).unwrap();
-    assert_eq!(
-        (c.drops(DropReason::Oversize), c.drops(DropReason::Runt)),
-        (1, 1)
-    );
+    assert_eq!((c.drops(DropReason::Oversize), c.drops(DropReason::Runt)), (1, 1));
 
     // Frames to the VM come length-prefixed.
     let h = frame(mac(1), mac(2), 1000, 3);
@@ -189,10 +182,10 @@ fn locked_port_drops_spoofed_mac_ip_and_arp() {
     .unwrap();
 
     let spoofs = [
-        frame(Mac::BROADCAST, mac(9), 64, 0), // another source MAC
-        udp_frame(Mac::BROADCAST, mac(1), other_ip, gw, 1000, 53), // another source IP
-        arp_request(mac(1), mac(1), other_ip, gw), // ARP claiming another IP
-        arp_request(mac(1), mac(9), good_ip, gw), // ARP claiming another MAC
+        frame(Mac::BROADCAST, mac(9), 64, 0),                        // another source MAC
+        udp_frame(Mac::BROADCAST, mac(1), other_ip, gw, 1000, 53),   // another source IP
+        arp_request(mac(1), mac(1), other_ip, gw),                   // ARP claiming another IP
+        arp_request(mac(1), mac(9), good_ip, gw),                    // ARP claiming another MAC
         frame(Mac::BROADCAST, Mac([0x01, 0, 0x5e, 0, 0, 1]), 64, 0), // group source
     ];
     for f in &spoofs {
@@ -225,10 +218,7 @@ fn locked_port_drops_spoofed_mac_ip_and_arp() {
     // Another port cannot take the locked MAC over.
     b.send(&frame(Mac::BROADCAST, mac(1), 64, 0x33));
     marker(&b, mac(2), 0x44);
-    assert!(
-        a.until_marker(0x44).is_empty(),
-        "B was allowed to send as A's MAC"
-    );
+    assert!(a.until_marker(0x44).is_empty(), "B was allowed to send as A's MAC");
     assert_eq!(sw.port_counters(pb).unwrap().drops(DropReason::Spoofed), 1);
     assert!(
         sw.lock_port(
@@ -273,14 +263,9 @@ fn dead_socketpair_peer_marks_the_port_down_once() {
     for i in 0..10 {
         assert_eq!(c.expect().last(), Some(&(10 + i)));
     }
-    assert_eq!(
-        sw.port_counters(pb).unwrap().drops(DropReason::PeerGone),
-        before
-    );
+    assert_eq!(sw.port_counters(pb).unwrap().drops(DropReason::PeerGone), before);
     assert!(
-        events
-            .try_iter()
-            .all(|e| !matches!(e, SwitchEvent::PortDown { .. })),
+        events.try_iter().all(|e| !matches!(e, SwitchEvent::PortDown { .. })),
         "reported once"
     );
 }
@@ -397,12 +382,7 @@ fn a_slow_receiver_loses_only_its_own_frames() {
         let s = sw.port_counters(pslow).unwrap();
         s.tx_frames + s.drops(DropReason::QueueFull) + queued == N
     });
-    assert!(
-        sw.port_counters(pslow)
-            .unwrap()
-            .drops(DropReason::QueueFull)
-            > 0
-    );
+    assert!(sw.port_counters(pslow).unwrap().drops(DropReason::QueueFull) > 0);
 }
 
 #[test]
@@ -414,9 +394,7 @@ fn a_stream_peer_that_reads_late_gets_whole_frames_in_order() {
     let port = sw.add_stream_port("n", "vm", &path).unwrap();
     let sender = Dgram::new(sw.add_port("n", "sender").unwrap().1);
     let mut vm = Stream::connect(&path);
-    wait_until("the stream port to be up", || {
-        sw.is_port_up(port) == Some(true)
-    });
+    wait_until("the stream port to be up", || sw.is_port_up(port) == Some(true));
     // More than the socket and the port's queue hold: the switch writes what fits,
     // keeps the rest of a frame it began, and drops whole frames beyond its bound.
     const N: u32 = 12_000;
@@ -462,13 +440,9 @@ fn only_a_trusted_port_may_answer_dhcp() {
     vm.send(&offer);
     marker(&vm, mac(1), 0x10);
     assert!(other.until_marker(0x10).is_empty(), "a VM port served DHCP");
-    assert_eq!(
-        sw.port_counters(ids[0])
-            .unwrap()
-            .drops(DropReason::RogueDhcp),
-        1
-    );
-    // DHCP client traffic (source port 68) is untouched.
+    assert!(gw.until_marker(0x10).is_empty());
+    assert_eq!(sw.port_counters(ids[0]).unwrap().drops(DropReason::RogueDhcp), 1);
+    // With no DHCP server trusted yet, a client's broadcast floods as usual.
     let discover = udp_frame(
         Mac::BROADCAST,
         mac(1),
@@ -479,7 +453,17 @@ fn only_a_trusted_port_may_answer_dhcp() {
     );
     vm.send(&discover);
     assert_eq!(other.expect(), discover);
+    assert_eq!(gw.expect(), discover);
     sw.set_port_trusted(ids[1], true).unwrap();
+    // Once there is one, client broadcasts go to it alone.
+    vm.send(&discover);
+    assert_eq!(gw.expect(), discover);
+    marker(&vm, mac(1), 0x11);
+    assert!(
+        other.until_marker(0x11).is_empty(),
+        "another VM saw a DHCP client broadcast"
+    );
+    gw.until_marker(0x11);
     let offer = udp_frame(
         Mac::BROADCAST,
         mac(2),

@@ -44,9 +44,7 @@ fn ping_command() -> Option<Vec<&'static str>> {
 #[test]
 fn tap_ports_join_two_namespaces_into_one_network() {
     if !is_root() || !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!(
-            "SKIP tap_ports_join_two_namespaces_into_one_network: needs root and /dev/net/tun"
-        );
+        eprintln!("SKIP tap_ports_join_two_namespaces_into_one_network: needs root and /dev/net/tun");
         return;
     }
     let Some(ping) = ping_command() else {
@@ -63,18 +61,13 @@ fn tap_ports_join_two_namespaces_into_one_network() {
     sw.add_network("n", NetworkConfig::default()).unwrap();
     let observer = Dgram::new(sw.add_port("n", "observer").unwrap().1);
     // A: created by name. B: a persistent device made by `ip`, opened by us, adopted.
-    let (pa, if_a) = sw
-        .add_tap_port("n", "a", TapSource::Name(format!("fta{id}")))
-        .unwrap();
+    let (pa, if_a) = sw.add_tap_port("n", "a", TapSource::Name(format!("fta{id}"))).unwrap();
     let if_b = format!("ftb{id}");
     sh(&["ip", "tuntap", "add", "dev", &if_b, "mode", "tap"]);
     let (fd, name) = fabric::open_tap(&if_b).unwrap();
     let (pb, _) = sw.add_tap_port("n", "b", TapSource::Fd(fd, name)).unwrap();
 
-    for (ifname, ns, ip) in [
-        (&if_a, &ns_a, "10.213.0.1/24"),
-        (&if_b, &ns_b, "10.213.0.2/24"),
-    ] {
+    for (ifname, ns, ip) in [(&if_a, &ns_a, "10.213.0.1/24"), (&if_b, &ns_b, "10.213.0.2/24")] {
         sh(&["ip", "link", "set", ifname, "netns", ns]);
         sh(&["ip", "-n", ns, "addr", "add", ip, "dev", ifname]);
         sh(&["ip", "-n", ns, "link", "set", ifname, "up"]);
@@ -86,17 +79,13 @@ fn tap_ports_join_two_namespaces_into_one_network() {
     if !ok {
         run(&["ip", "-n", &ns_a, "-s", "link"]);
         run(&["ip", "-n", &ns_b, "-s", "link"]);
-        eprintln!(
-            "a: {:?}\nb: {:?}",
-            sw.port_counters(pa),
-            sw.port_counters(pb)
-        );
+        eprintln!("a: {:?}\nb: {:?}", sw.port_counters(pa), sw.port_counters(pb));
         panic!("ping between the namespaces failed");
     }
 
     // The ARP broadcast of the first ping reached the third port too.
-    let seen = std::iter::from_fn(|| observer.recv())
-        .find(|f| f[12..14] == [0x08, 0x06] && f[0..6] == Mac::BROADCAST.0);
+    let seen =
+        std::iter::from_fn(|| observer.recv()).find(|f| f[12..14] == [0x08, 0x06] && f[0..6] == Mac::BROADCAST.0);
     assert!(
         seen.is_some(),
         "ARP broadcast from a TAP port should flood to the observer"
@@ -109,11 +98,7 @@ fn tap_ports_join_two_namespaces_into_one_network() {
         let c = sw.port_counters(p).unwrap();
         // Frames that came while the other device was still down were refused by it
         // (peer_gone); nothing else may be dropped.
-        assert_eq!(
-            c.total_drops(),
-            c.drops(fabric::DropReason::PeerGone),
-            "{c:?}"
-        );
+        assert_eq!(c.total_drops(), c.drops(fabric::DropReason::PeerGone), "{c:?}");
     }
     // Removing the port created by name removes its device.
     sw.remove_port(pa).unwrap();

@@ -101,23 +101,15 @@ impl GatewayConfig {
             return err(format!("prefix /{} is outside 1..=30", net.prefix_len()));
         }
         if net.addr() != net.network() {
-            return err(format!(
-                "{net} has host bits set; the network is {}",
-                net.trunc()
-            ));
+            return err(format!("{net} has host bits set; the network is {}", net.trunc()));
         }
         let host = |ip: Ipv4Addr| net.contains(&ip) && ip != net.network() && ip != net.broadcast();
         if !host(self.gateway_ip) {
-            return err(format!(
-                "gateway {} is not a host address of {net}",
-                self.gateway_ip
-            ));
+            return err(format!("gateway {} is not a host address of {net}", self.gateway_ip));
         }
         for ip in &self.extra_ips {
             if !host(*ip) {
-                return err(format!(
-                    "extra gateway address {ip} is not a host address of {net}"
-                ));
+                return err(format!("extra gateway address {ip} is not a host address of {net}"));
             }
         }
         let (first, last) = self.dhcp_range;
@@ -128,9 +120,7 @@ impl GatewayConfig {
         }
         let in_range = |ip: Ipv4Addr| (u32::from(first)..=u32::from(last)).contains(&u32::from(ip));
         if in_range(self.gateway_ip) || self.extra_ips.iter().any(|ip| in_range(*ip)) {
-            return err(format!(
-                "DHCP range {first}-{last} overlaps a gateway address"
-            ));
+            return err(format!("DHCP range {first}-{last} overlaps a gateway address"));
         }
         if !self.gateway_mac.is_unicast() {
             return err(format!("gateway MAC {} is not unicast", self.gateway_mac));
@@ -148,10 +138,7 @@ impl GatewayConfig {
         }
         for r in &self.reservations {
             if !host(r.ip) || r.ip == self.gateway_ip || self.extra_ips.contains(&r.ip) {
-                return err(format!(
-                    "reserved address {} is not a free host address of {net}",
-                    r.ip
-                ));
+                return err(format!("reserved address {} is not a free host address of {net}", r.ip));
             }
         }
         if self.dns_inflight_per_client == 0 || self.dns_inflight_total == 0 {
@@ -190,31 +177,14 @@ mod tests {
     fn mistakes_are_errors() {
         type Breaks = Box<dyn Fn(&mut GatewayConfig)>;
         let bad: Vec<(&str, Breaks)> = vec![
-            (
-                "prefix",
-                Box::new(|c| c.subnet = "10.0.0.0/31".parse().unwrap()),
-            ),
-            (
-                "prefix",
-                Box::new(|c| c.subnet = "0.0.0.0/0".parse().unwrap()),
-            ),
-            (
-                "gateway",
-                Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 78, 0, 1)),
-            ),
-            (
-                "gateway",
-                Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 77, 0, 255)),
-            ),
-            (
-                "overlaps",
-                Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 77, 0, 9)),
-            ),
+            ("prefix", Box::new(|c| c.subnet = "10.0.0.0/31".parse().unwrap())),
+            ("prefix", Box::new(|c| c.subnet = "0.0.0.0/0".parse().unwrap())),
+            ("gateway", Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 78, 0, 1))),
+            ("gateway", Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 77, 0, 255))),
+            ("overlaps", Box::new(|c| c.gateway_ip = Ipv4Addr::new(10, 77, 0, 9))),
             (
                 "range",
-                Box::new(|c| {
-                    c.dhcp_range = (Ipv4Addr::new(10, 77, 0, 9), Ipv4Addr::new(10, 77, 0, 3))
-                }),
+                Box::new(|c| c.dhcp_range = (Ipv4Addr::new(10, 77, 0, 9), Ipv4Addr::new(10, 77, 0, 3))),
             ),
             ("MTU", Box::new(|c| c.mtu = 10)),
             ("domain", Box::new(|c| c.domain = "bad..name".into())),

@@ -64,9 +64,6 @@ impl GatewayCounters {
     }
 
     pub fn get(&self, name: &str) -> Option<u64> {
-        self.snapshot()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
+        self.snapshot().into_iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 }

@@ -62,13 +62,7 @@ pub fn sanitize_hostname(raw: &str) -> Option<String> {
     let s: String = first
         .chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
         .take(63)
         .collect();
     let s = s.trim_matches('-').to_string();
@@ -76,11 +70,7 @@ pub fn sanitize_hostname(raw: &str) -> Option<String> {
 }
 
 impl DhcpServer {
-    pub fn new(
-        cfg: Arc<GatewayConfig>,
-        counters: Arc<GatewayCounters>,
-        store: Box<dyn LeaseStore>,
-    ) -> Self {
+    pub fn new(cfg: Arc<GatewayConfig>, counters: Arc<GatewayCounters>, store: Box<dyn LeaseStore>) -> Self {
         let mut s = DhcpServer {
             cfg,
             counters,
@@ -120,18 +110,13 @@ impl DhcpServer {
         let label = self.name_hints.get(&mac).map(String::as_str);
         self.cfg.reservations.iter().find_map(|r| match &r.key {
             ReservationKey::Mac(m) if *m == mac => Some(r.ip),
-            ReservationKey::Name(n)
-                if Some(n.as_str()) == hostname || Some(n.as_str()) == label =>
-            {
-                Some(r.ip)
-            }
+            ReservationKey::Name(n) if Some(n.as_str()) == hostname || Some(n.as_str()) == label => Some(r.ip),
             _ => None,
         })
     }
 
     fn reserved_for_other(&self, ip: Ipv4Addr, mac: Mac, hostname: Option<&str>) -> bool {
-        self.cfg.reservations.iter().any(|r| r.ip == ip)
-            && self.reserved_for(mac, hostname) != Some(ip)
+        self.cfg.reservations.iter().any(|r| r.ip == ip) && self.reserved_for(mac, hostname) != Some(ip)
     }
 
     fn in_range(&self, ip: Ipv4Addr) -> bool {
@@ -142,10 +127,7 @@ impl DhcpServer {
     /// Whether `ip` may be given to `mac` now.
     fn available(&self, ip: Ipv4Addr, mac: Mac, hostname: Option<&str>, now: u64) -> bool {
         let net = &self.cfg.subnet;
-        let usable = net.contains(&ip)
-            && ip != net.network()
-            && ip != net.broadcast()
-            && !self.cfg.is_gateway_ip(ip);
+        let usable = net.contains(&ip) && ip != net.network() && ip != net.broadcast() && !self.cfg.is_gateway_ip(ip);
         let reserved_here = self.reserved_for(mac, hostname) == Some(ip);
         usable
             && (self.in_range(ip) || reserved_here)
@@ -249,8 +231,7 @@ impl DhcpServer {
                     GatewayCounters::inc(&self.counters.dhcp_pool_exhausted);
                     return (None, None);
                 };
-                self.offers
-                    .insert(mac, (ip, now + self.cfg.offer_hold.as_secs()));
+                self.offers.insert(mac, (ip, now + self.cfg.offer_hold.as_secs()));
                 GatewayCounters::inc(&self.counters.dhcp_offer);
                 (self.reply(&req, MessageType::Offer, ip, true), None)
             }
@@ -324,8 +305,7 @@ impl DhcpServer {
                     return (None, None);
                 }
                 self.offers.remove(&mac);
-                self.quarantine
-                    .insert(ip, now + self.cfg.decline_quarantine.as_secs());
+                self.quarantine.insert(ip, now + self.cfg.decline_quarantine.as_secs());
                 if self.leases.get(&mac).is_some_and(|l| l.ip == ip) {
                     self.drop_lease(mac);
                     return (None, Some(LeaseEvent::Released { mac, ip }));
@@ -335,10 +315,7 @@ impl DhcpServer {
             MessageType::Inform => {
                 GatewayCounters::inc(&c.dhcp_inform);
                 GatewayCounters::inc(&self.counters.dhcp_ack);
-                (
-                    self.reply(&req, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false),
-                    None,
-                )
+                (self.reply(&req, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false), None)
             }
             _ => {
                 GatewayCounters::inc(&c.dhcp_malformed);
@@ -386,10 +363,8 @@ impl DhcpServer {
     fn nak(&self, req: &v4::Message) -> Option<DhcpReply> {
         GatewayCounters::inc(&self.counters.dhcp_nak);
         let mut m = self.base_reply(req);
-        m.opts_mut()
-            .insert(DhcpOption::MessageType(MessageType::Nak));
-        m.opts_mut()
-            .insert(DhcpOption::ServerIdentifier(self.cfg.gateway_ip));
+        m.opts_mut().insert(DhcpOption::MessageType(MessageType::Nak));
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(self.cfg.gateway_ip));
         // A NAK is always broadcast: the client may have no usable address.
         self.encode(&m, Mac::BROADCAST, Ipv4Addr::BROADCAST)
     }
@@ -404,18 +379,10 @@ impl DhcpServer {
         m
     }
 
-    fn reply(
-        &self,
-        req: &v4::Message,
-        kind: MessageType,
-        ip: Ipv4Addr,
-        with_lease: bool,
-    ) -> Option<DhcpReply> {
+    fn reply(&self, req: &v4::Message, kind: MessageType, ip: Ipv4Addr, with_lease: bool) -> Option<DhcpReply> {
         let cfg = &self.cfg;
         let mut m = self.base_reply(req);
-        m.set_ciaddr(req.ciaddr())
-            .set_yiaddr(ip)
-            .set_siaddr(cfg.gateway_ip);
+        m.set_ciaddr(req.ciaddr()).set_yiaddr(ip).set_siaddr(cfg.gateway_ip);
         let o = m.opts_mut();
         o.insert(DhcpOption::MessageType(kind));
         o.insert(DhcpOption::ServerIdentifier(cfg.gateway_ip));
@@ -458,11 +425,7 @@ impl DhcpServer {
                 if bytes.len() < MIN_BOOTP_LEN {
                     bytes.resize(MIN_BOOTP_LEN, 0);
                 }
-                Some(DhcpReply {
-                    bytes,
-                    dst_mac,
-                    dst_ip,
-                })
+                Some(DhcpReply { bytes, dst_mac, dst_ip })
             }
             Err(e) => {
                 tracing::warn!("cannot encode DHCP reply: {e}");
@@ -483,10 +446,7 @@ mod tests {
         cfg.lease_time = Duration::from_secs(600);
         let store = MemoryLeaseStore::default();
         let c = Arc::new(GatewayCounters::default());
-        (
-            DhcpServer::new(Arc::new(cfg), c, Box::new(store.clone())),
-            store,
-        )
+        (DhcpServer::new(Arc::new(cfg), c, Box::new(store.clone())), store)
     }
 
     fn msg(mac: u8, kind: MessageType, opts: Vec<DhcpOption>, ciaddr: Ipv4Addr) -> Vec<u8> {
@@ -514,20 +474,11 @@ mod tests {
     const GW: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
 
     fn bind(s: &mut DhcpServer, mac: u8, now: u64) -> Ipv4Addr {
-        let offer = s
-            .handle(&msg(mac, MessageType::Discover, vec![], Z), now)
-            .0
-            .unwrap();
+        let offer = s.handle(&msg(mac, MessageType::Discover, vec![], Z), now).0.unwrap();
         let ip = decode(&offer).yiaddr();
-        let req = vec![
-            DhcpOption::ServerIdentifier(GW),
-            DhcpOption::RequestedIpAddress(ip),
-        ];
+        let req = vec![DhcpOption::ServerIdentifier(GW), DhcpOption::RequestedIpAddress(ip)];
         let (ack, ev) = s.handle(&msg(mac, MessageType::Request, req, Z), now);
-        assert_eq!(
-            decode(&ack.unwrap()).opts().msg_type(),
-            Some(MessageType::Ack)
-        );
+        assert_eq!(decode(&ack.unwrap()).opts().msg_type(), Some(MessageType::Ack));
         assert!(matches!(ev, Some(LeaseEvent::Bound(l)) if l.ip == ip));
         ip
     }
@@ -591,12 +542,7 @@ mod tests {
         );
         // INIT-REBOOT of another client for A's address: NAK, broadcast.
         let (nak, _) = s.handle(
-            &msg(
-                2,
-                MessageType::Request,
-                vec![DhcpOption::RequestedIpAddress(a)],
-                Z,
-            ),
+            &msg(2, MessageType::Request, vec![DhcpOption::RequestedIpAddress(a)], Z),
             300,
         );
         let nak = nak.unwrap();
@@ -605,17 +551,11 @@ mod tests {
             (Ipv4Addr::BROADCAST, Some(MessageType::Nak))
         );
         // INIT-REBOOT for an address outside the subnet: NAK.
-        let out = vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(
-            192, 168, 1, 5,
-        ))];
+        let out = vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 5))];
         assert_eq!(
-            decode(
-                &s.handle(&msg(3, MessageType::Request, out, Z), 300)
-                    .0
-                    .unwrap()
-            )
-            .opts()
-            .msg_type(),
+            decode(&s.handle(&msg(3, MessageType::Request, out, Z), 300).0.unwrap())
+                .opts()
+                .msg_type(),
             Some(MessageType::Nak)
         );
     }
@@ -645,12 +585,7 @@ mod tests {
         assert!(store.load().unwrap().is_empty());
         let b = bind(&mut s, 2, 20);
         s.handle(
-            &msg(
-                2,
-                MessageType::Decline,
-                vec![DhcpOption::RequestedIpAddress(b)],
-                Z,
-            ),
+            &msg(2, MessageType::Decline, vec![DhcpOption::RequestedIpAddress(b)], Z),
             21,
         );
         let c = bind(&mut s, 3, 22);
@@ -677,25 +612,14 @@ mod tests {
         let mut cut = msg(1, MessageType::Discover, vec![], Z);
         cut.truncate(240);
         assert!(matches!(s.handle(&cut, 0), (None, None)));
-        assert_eq!(
-            s.counters
-                .dhcp_malformed
-                .load(std::sync::atomic::Ordering::Relaxed),
-            4
-        );
+        assert_eq!(s.counters.dhcp_malformed.load(std::sync::atomic::Ordering::Relaxed), 4);
         // The server keeps serving.
-        assert!(s
-            .handle(&msg(1, MessageType::Discover, vec![], Z), 0)
-            .0
-            .is_some());
+        assert!(s.handle(&msg(1, MessageType::Discover, vec![], Z), 0).0.is_some());
     }
 
     #[test]
     fn hostnames_become_labels() {
-        assert_eq!(
-            sanitize_hostname("Web_Server.example"),
-            Some("web-server".into())
-        );
+        assert_eq!(sanitize_hostname("Web_Server.example"), Some("web-server".into()));
         assert_eq!(sanitize_hostname("---"), None);
         assert_eq!(sanitize_hostname(&"a".repeat(100)).unwrap().len(), 63);
     }

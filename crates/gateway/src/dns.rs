@@ -32,9 +32,7 @@ pub struct Zone {
 
 impl Zone {
     pub fn new(domain: &str, subnet: Ipv4Net) -> Zone {
-        let mut domain = Name::from_utf8(domain)
-            .unwrap_or_else(|_| Name::root())
-            .to_lowercase();
+        let mut domain = Name::from_utf8(domain).unwrap_or_else(|_| Name::root()).to_lowercase();
         domain.set_fqdn(true);
         Zone {
             domain,
@@ -68,10 +66,7 @@ impl Zone {
     }
 
     fn fqdn(&self, label: &str) -> Option<Name> {
-        Name::from_utf8(label)
-            .ok()?
-            .append_domain(&self.domain)
-            .ok()
+        Name::from_utf8(label).ok()?.append_domain(&self.domain).ok()
     }
 }
 
@@ -110,8 +105,7 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
             let answer = zone.reverse.get(&net.addr()).and_then(|l| zone.fqdn(l));
             return Ok(match (qtype, answer) {
                 (RecordType::PTR, Some(target)) => {
-                    let rec =
-                        Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::PTR(PTR(target)));
+                    let rec = Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::PTR(PTR(target)));
                     respond(&req, ResponseCode::NoError, vec![rec])
                 }
                 (_, Some(_)) => respond(&req, ResponseCode::NoError, vec![]),
@@ -125,21 +119,13 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
         if labels != 1 {
             return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
         }
-        qname
-            .iter()
-            .next()
-            .map(|l| String::from_utf8_lossy(l).into_owned())
+        qname.iter().next().map(|l| String::from_utf8_lossy(l).into_owned())
     } else if qname.num_labels() == 1
         && zone
-            .lookup(&String::from_utf8_lossy(
-                qname.iter().next().unwrap_or_default(),
-            ))
+            .lookup(&String::from_utf8_lossy(qname.iter().next().unwrap_or_default()))
             .is_some()
     {
-        qname
-            .iter()
-            .next()
-            .map(|l| String::from_utf8_lossy(l).into_owned())
+        qname.iter().next().map(|l| String::from_utf8_lossy(l).into_owned())
     } else if qname == zone.domain {
         return Ok(respond(&req, ResponseCode::NoError, vec![]));
     } else {
@@ -149,11 +135,7 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
         return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
     };
     let answers = match qtype {
-        RecordType::A | RecordType::ANY => vec![Record::from_rdata(
-            q.name().clone(),
-            LOCAL_TTL,
-            RData::A(A(ip)),
-        )],
+        RecordType::A | RecordType::ANY => vec![Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::A(A(ip)))],
         // The name exists but has no such record: NOERROR with no data.
         _ => vec![],
     };
@@ -186,11 +168,7 @@ fn respond(req: &Message, code: ResponseCode, answers: Vec<Record>) -> Decision 
 /// A SERVFAIL answer to `query`, when it decodes.
 pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     let req = Message::from_vec(query).ok()?;
-    let mut resp = Message::error_msg(
-        req.metadata.id,
-        req.metadata.op_code,
-        ResponseCode::ServFail,
-    );
+    let mut resp = Message::error_msg(req.metadata.id, req.metadata.op_code, ResponseCode::ServFail);
     resp.metadata.recursion_desired = req.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
     resp.add_queries(req.queries.iter().cloned());
@@ -270,9 +248,7 @@ mod tests {
     fn reverse_lookups_for_the_subnet() {
         let z = zone();
         let m = answer(&z, "5.0.77.10.in-addr.arpa", RecordType::PTR);
-        assert!(
-            matches!(&m.answers[0].data, RData::PTR(PTR(n)) if n.to_utf8() == "web.vm.internal.")
-        );
+        assert!(matches!(&m.answers[0].data, RData::PTR(PTR(n)) if n.to_utf8() == "web.vm.internal."));
         assert_eq!(
             answer(&z, "9.0.77.10.in-addr.arpa", RecordType::PTR)
                 .metadata
@@ -280,11 +256,7 @@ mod tests {
             ResponseCode::NXDomain
         );
         assert!(matches!(
-            decide(
-                &z,
-                &query("1.1.168.192.in-addr.arpa", RecordType::PTR, false)
-            )
-            .unwrap(),
+            decide(&z, &query("1.1.168.192.in-addr.arpa", RecordType::PTR, false)).unwrap(),
             Decision::Forward
         ));
     }

@@ -81,17 +81,10 @@ impl Shared {
                     st.zone.set(name, l.ip);
                 }
             }
-            LeaseEvent::Released { ip, .. } | LeaseEvent::Expired { ip, .. } => {
-                st.zone.remove_ip(*ip)
-            }
+            LeaseEvent::Released { ip, .. } | LeaseEvent::Expired { ip, .. } => st.zone.remove_ip(*ip),
         }
         drop(st);
-        if let Some(tx) = self
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(ev);
         }
     }
@@ -253,12 +246,7 @@ fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
             }
             if op == ArpOperation::Request && cfg.is_gateway_ip(target_ip) {
                 GatewayCounters::inc(&c.arp_replies);
-                return vec![wire::arp_reply(
-                    cfg.gateway_mac,
-                    target_ip,
-                    sender_mac,
-                    sender_ip,
-                )];
+                return vec![wire::arp_reply(cfg.gateway_mac, target_ip, sender_mac, sender_ip)];
             }
             vec![]
         }
@@ -314,15 +302,8 @@ fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
             payload,
             ..
         } if cfg.is_gateway_ip(dst_ip) => {
-            let reply_to = move |bytes: &[u8]| {
-                wire::udp_frame(
-                    cfg.gateway_mac,
-                    src_mac,
-                    (dst_ip, 53),
-                    (src_ip, src_port),
-                    bytes,
-                )
-            };
+            let reply_to =
+                move |bytes: &[u8]| wire::udp_frame(cfg.gateway_mac, src_mac, (dst_ip, 53), (src_ip, src_port), bytes);
             let decision = dns::decide(&shared.state().zone, payload);
             match decision {
                 Err(dns::Malformed) => {
@@ -330,22 +311,11 @@ fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
                     vec![]
                 }
                 Ok(Decision::Answer { bytes, nxdomain }) => {
-                    GatewayCounters::inc(if nxdomain {
-                        &c.dns_nxdomain
-                    } else {
-                        &c.dns_local
-                    });
+                    GatewayCounters::inc(if nxdomain { &c.dns_nxdomain } else { &c.dns_local });
                     vec![reply_to(&bytes)]
                 }
                 Ok(Decision::Forward) => {
-                    spawn_forward(
-                        shared,
-                        sock,
-                        payload.to_vec(),
-                        src_mac,
-                        (src_ip, src_port),
-                        dst_ip,
-                    );
+                    spawn_forward(shared, sock, payload.to_vec(), src_mac, (src_ip, src_port), dst_ip);
                     vec![]
                 }
             }
@@ -363,11 +333,7 @@ struct InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.shared.inflight_total.fetch_sub(1, Ordering::Relaxed);
-        let mut map = self
-            .shared
-            .inflight_by_client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut map = self.shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&self.client) {
             *n -= 1;
             if *n == 0 {
@@ -387,10 +353,7 @@ fn spawn_forward(
 ) {
     let cfg = &shared.cfg;
     {
-        let mut map = shared
-            .inflight_by_client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut map = shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
         let mine = map.entry(client.0).or_insert(0);
         if *mine >= cfg.dns_inflight_per_client
             || shared.inflight_total.load(Ordering::Relaxed) >= cfg.dns_inflight_total

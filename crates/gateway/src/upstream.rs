@@ -76,12 +76,7 @@ fn same_question(query: &[u8], answer: &[u8]) -> bool {
     }
 }
 
-async fn over_udp(
-    query: &[u8],
-    upstream: SocketAddr,
-    id: [u8; 2],
-    deadline: tokio::time::Instant,
-) -> Option<Vec<u8>> {
+async fn over_udp(query: &[u8], upstream: SocketAddr, id: [u8; 2], deadline: tokio::time::Instant) -> Option<Vec<u8>> {
     let bind: SocketAddr = if upstream.is_ipv4() {
         "0.0.0.0:0".parse().ok()?
     } else {
@@ -104,12 +99,7 @@ async fn over_udp(
     }
 }
 
-async fn over_tcp(
-    query: &[u8],
-    upstream: SocketAddr,
-    id: [u8; 2],
-    deadline: tokio::time::Instant,
-) -> Option<Vec<u8>> {
+async fn over_tcp(query: &[u8], upstream: SocketAddr, id: [u8; 2], deadline: tokio::time::Instant) -> Option<Vec<u8>> {
     let work = async {
         let mut s = TcpStream::connect(upstream).await.ok()?;
         let mut out = (query.len() as u16).to_be_bytes().to_vec();
@@ -162,9 +152,6 @@ mod tests {
     fn reads_nameserver_lines() {
         let text = "# comment\nnameserver 10.0.0.2\nnameserver ::1\nsearch x\nnameserver bogus\n";
         let v = parse_resolv_conf(text);
-        assert_eq!(
-            v,
-            vec!["10.0.0.2:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
-        );
+        assert_eq!(v, vec!["10.0.0.2:53".parse().unwrap(), "[::1]:53".parse().unwrap()]);
     }
 }

@@ -8,9 +8,8 @@ use std::net::Ipv4Addr;
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket,
-    UdpRepr,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet,
+    Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
 };
 
 /// What an inbound frame is, as far as the gateway cares.
@@ -91,8 +90,7 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
             match ip.next_header {
                 IpProtocol::Udp => {
                     let udp = UdpPacket::new_checked(pkt.payload()).map_err(|_| WireError::Udp)?;
-                    let repr =
-                        UdpRepr::parse(&udp, &src, &dst, &caps).map_err(|_| WireError::Udp)?;
+                    let repr = UdpRepr::parse(&udp, &src, &dst, &caps).map_err(|_| WireError::Udp)?;
                     Ok(Inbound::Udp {
                         src_mac: mac(eth.src_addr()),
                         dst_mac: mac(eth.dst_addr()),
@@ -104,14 +102,9 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                     })
                 }
                 IpProtocol::Icmp => {
-                    let icmp =
-                        Icmpv4Packet::new_checked(pkt.payload()).map_err(|_| WireError::Icmp)?;
+                    let icmp = Icmpv4Packet::new_checked(pkt.payload()).map_err(|_| WireError::Icmp)?;
                     match Icmpv4Repr::parse(&icmp, &caps) {
-                        Ok(Icmpv4Repr::EchoRequest {
-                            ident,
-                            seq_no,
-                            data,
-                        }) => Ok(Inbound::IcmpEcho {
+                        Ok(Icmpv4Repr::EchoRequest { ident, seq_no, data }) => Ok(Inbound::IcmpEcho {
                             src_mac: mac(eth.src_addr()),
                             src_ip: ip.src_addr,
                             dst_ip: ip.dst_addr,
@@ -162,13 +155,7 @@ fn ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload
 }
 
 /// A complete Ethernet/IPv4/UDP frame.
-pub fn udp_frame(
-    src_mac: Mac,
-    dst_mac: Mac,
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    payload: &[u8],
-) -> Vec<u8> {
+pub fn udp_frame(src_mac: Mac, dst_mac: Mac, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; ETH + IPV4 + UDP + payload.len()];
     ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv4);
     ipv4(&mut buf, src.0, dst.0, IpProtocol::Udp, UDP + payload.len());
@@ -212,11 +199,7 @@ pub fn icmp_echo_reply(
     seq_no: u16,
     data: &[u8],
 ) -> Vec<u8> {
-    let repr = Icmpv4Repr::EchoReply {
-        ident,
-        seq_no,
-        data,
-    };
+    let repr = Icmpv4Repr::EchoReply { ident, seq_no, data };
     let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
     ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv4);
     ipv4(&mut buf, src, dst, IpProtocol::Icmp, repr.buffer_len());

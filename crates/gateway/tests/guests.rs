@@ -39,10 +39,7 @@ fn guest_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("VMFABRIC_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or(workspace().join("target/guest"));
-    match Command::new(workspace().join("guest/build.sh"))
-        .arg(&dir)
-        .status()
-    {
+    match Command::new(workspace().join("guest/build.sh")).arg(&dir).status() {
         Ok(s) if s.success() => Some(dir),
         _ => skip("the guest image could not be built"),
     }
@@ -54,13 +51,7 @@ struct Guest {
 }
 
 impl Guest {
-    fn boot(
-        image: &Path,
-        work: &Path,
-        name: &str,
-        switch_path: PathBuf,
-        cmd: Option<&str>,
-    ) -> Guest {
+    fn boot(image: &Path, work: &Path, name: &str, switch_path: PathBuf, cmd: Option<&str>) -> Guest {
         let log = work.join(format!("{name}.log"));
         let mut q = QemuConfig::new(
             image.join("vmlinuz"),
@@ -76,8 +67,7 @@ impl Guest {
             },
             mac: Mac::derived(&["t", name]),
         });
-        q.cmdline
-            .extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
+        q.cmdline.extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
         match cmd {
             Some(c) => q.cmdline.push(format!(
                 "VMF_CMD={}",
@@ -136,14 +126,7 @@ fn guests_get_leases_and_find_each_other_by_name() {
     sw.add_network("lab", NetworkConfig::default()).unwrap();
     let mut cfg = GatewayConfig::new("lab", "10.240.0.0/24".parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(
-        rt.handle(),
-        &sw,
-        "lab",
-        cfg,
-        Box::new(MemoryLeaseStore::default()),
-    )
-    .unwrap();
+    let gw = Gateway::attach(rt.handle(), &sw, "lab", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
     let (a_path, b_path) = (work.join("alpha.sock"), work.join("beta.sock"));
     sw.add_unixgram_port("lab", "alpha", &a_path).unwrap();
     sw.add_unixgram_port("lab", "beta", &b_path).unwrap();
@@ -151,10 +134,7 @@ fn guests_get_leases_and_find_each_other_by_name() {
     let mut alpha = Guest::boot(&image, &work, "alpha", a_path, None);
     let ready = alpha.wait_for("VMFABRIC_READY");
     let alpha_ip = gw.resolve("alpha").expect("alpha's lease named it");
-    assert!(
-        ready.contains(&format!("VMFABRIC_READY - {alpha_ip} ")),
-        "{ready}"
-    );
+    assert!(ready.contains(&format!("VMFABRIC_READY - {alpha_ip} ")), "{ready}");
     let mut beta = Guest::boot(
         &image,
         &work,

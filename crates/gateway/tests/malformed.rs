@@ -22,8 +22,7 @@ fn discover() -> Vec<u8> {
         Ipv4Addr::UNSPECIFIED,
         &CLIENT.0,
     );
-    m.opts_mut()
-        .insert(DhcpOption::MessageType(MessageType::Discover));
+    m.opts_mut().insert(DhcpOption::MessageType(MessageType::Discover));
     m.to_vec().unwrap()
 }
 
@@ -47,19 +46,10 @@ fn malformed_dhcp_and_dns_are_counted_and_the_gateway_keeps_serving() {
     sw.add_network("n", NetworkConfig::default()).unwrap();
     let mut cfg = GatewayConfig::new("n", "10.66.0.0/24".parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(
-        rt.handle(),
-        &sw,
-        "n",
-        cfg,
-        Box::new(MemoryLeaseStore::default()),
-    )
-    .unwrap();
+    let gw = Gateway::attach(rt.handle(), &sw, "n", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
     let (_, fd) = sw.add_port("n", "client").unwrap();
     let client = UnixDatagram::from(fd);
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let gw_ip = Ipv4Addr::new(10, 66, 0, 1);
 
     let mut huge_options = discover();
@@ -69,17 +59,9 @@ fn malformed_dhcp_and_dns_are_counted_and_the_gateway_keeps_serving() {
     }
     let mut bad_hlen = discover();
     bad_hlen[2] = 200;
-    let dhcp_garbage: Vec<Vec<u8>> = vec![
-        vec![],
-        vec![1; 7],
-        discover()[..100].to_vec(),
-        huge_options,
-        bad_hlen,
-    ];
+    let dhcp_garbage: Vec<Vec<u8>> = vec![vec![], vec![1; 7], discover()[..100].to_vec(), huge_options, bad_hlen];
     for g in &dhcp_garbage {
-        client
-            .send(&to_gateway(g, 67, Ipv4Addr::BROADCAST))
-            .unwrap();
+        client.send(&to_gateway(g, 67, Ipv4Addr::BROADCAST)).unwrap();
     }
     let mut lying_counts = vec![0x12, 0x34, 1, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0];
     lying_counts.extend([3, b'w', b'e', b'b', 0, 0, 1, 0, 1]);
@@ -93,23 +75,18 @@ fn malformed_dhcp_and_dns_are_counted_and_the_gateway_keeps_serving() {
     client.send(&bad_sum).unwrap();
 
     // Still serving: a good DISCOVER gets its OFFER.
-    client
-        .send(&to_gateway(&discover(), 67, Ipv4Addr::BROADCAST))
-        .unwrap();
+    client.send(&to_gateway(&discover(), 67, Ipv4Addr::BROADCAST)).unwrap();
     let mut buf = vec![0u8; 2048];
     let offer = loop {
         let n = client.recv(&mut buf).expect("an offer");
         if let Ok(Inbound::Udp {
-            src_port: 67,
-            payload,
-            ..
+            src_port: 67, payload, ..
         }) = wire::classify(&buf[..n])
         {
             break payload.to_vec();
         }
     };
-    let m =
-        <v4::Message as dhcproto::Decodable>::decode(&mut dhcproto::Decoder::new(&offer)).unwrap();
+    let m = <v4::Message as dhcproto::Decodable>::decode(&mut dhcproto::Decoder::new(&offer)).unwrap();
     assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
     let c = gw.counters();
     assert!(c.get("dhcp_malformed").unwrap() >= 4, "{:?}", c.snapshot());

@@ -38,7 +38,9 @@ fn missing_prerequisite() -> Option<String> {
     }
     for cmd in ["busybox", "dhclient", "dig", "dnsmasq", "ip"] {
         if !have(cmd) {
-            return Some(format!("needs {cmd} (apt-get install busybox-static isc-dhcp-client bind9-dnsutils dnsmasq-base iproute2)"));
+            return Some(format!(
+                "needs {cmd} (apt-get install busybox-static isc-dhcp-client bind9-dnsutils dnsmasq-base iproute2)"
+            ));
         }
     }
     None
@@ -188,14 +190,7 @@ fn network(name: &str, subnet: &str, dir: &Path) -> Network {
     let mut cfg = GatewayConfig::new(name, subnet.parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![format!("127.0.0.1:{port}").parse().unwrap()]);
     cfg.lease_time = Duration::from_secs(120);
-    let gw = Gateway::attach(
-        rt.handle(),
-        &sw,
-        name,
-        cfg,
-        Box::new(MemoryLeaseStore::default()),
-    )
-    .unwrap();
+    let gw = Gateway::attach(rt.handle(), &sw, name, cfg, Box::new(MemoryLeaseStore::default())).unwrap();
     Network {
         _rt: rt,
         sw,
@@ -237,9 +232,7 @@ fn udhcpc_gets_renews_and_releases_and_dig_resolves() {
     wait_until("a lease", || net.gw.leases().len() == 1);
     let lease = net.gw.leases()[0].clone();
     assert_eq!(lease.hostname.as_deref(), Some("web"));
-    wait_until("the address on the interface", || {
-        host.address() == Some(lease.ip)
-    });
+    wait_until("the address on the interface", || host.address() == Some(lease.ip));
     assert!(
         host.exec(&["busybox", "ping", "-c", "1", "-W", "3", &gw_ip.to_string()])
             .0,
@@ -251,49 +244,29 @@ fn udhcpc_gets_renews_and_releases_and_dig_resolves() {
         host.dig(gw_ip, &["+short", "web.vm.internal"]).trim(),
         lease.ip.to_string()
     );
-    assert_eq!(
-        host.dig(gw_ip, &["+short", "web"]).trim(),
-        lease.ip.to_string()
-    );
+    assert_eq!(host.dig(gw_ip, &["+short", "web"]).trim(), lease.ip.to_string());
     assert_eq!(
         host.dig(gw_ip, &["+short", "gateway.vm.internal"]).trim(),
         gw_ip.to_string()
     );
     assert_eq!(
-        host.dig(gw_ip, &["+short", "-x", &lease.ip.to_string()])
-            .trim(),
+        host.dig(gw_ip, &["+short", "-x", &lease.ip.to_string()]).trim(),
         "web.vm.internal."
     );
-    assert!(host
-        .dig(gw_ip, &["nobody.vm.internal"])
-        .contains("status: NXDOMAIN"));
-    assert_eq!(
-        host.dig(gw_ip, &["+short", "outside.test"]).trim(),
-        "192.0.2.7"
-    );
+    assert!(host.dig(gw_ip, &["nobody.vm.internal"]).contains("status: NXDOMAIN"));
+    assert_eq!(host.dig(gw_ip, &["+short", "outside.test"]).trim(), "192.0.2.7");
     let aaaa = host.dig(gw_ip, &["web.vm.internal", "AAAA"]);
-    assert!(
-        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"),
-        "{aaaa}"
-    );
+    assert!(aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"), "{aaaa}");
     let c = net.gw.counters();
     assert!(c.get("dns_forwarded").unwrap() >= 1 && c.get("dns_nxdomain").unwrap() >= 1);
 
     // Renew (SIGUSR1) keeps the address and extends the lease; release (SIGUSR2) ends it.
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
     let requests = c.get("dhcp_request").unwrap();
     std::thread::sleep(Duration::from_millis(1100)); // so the new expiry is visibly later
     sh(&["kill", "-USR1", &pid]);
     wait_until("the renewal", || {
-        c.get("dhcp_request").unwrap() > requests
-            && net
-                .gw
-                .leases()
-                .first()
-                .is_some_and(|l| l.expires > lease.expires)
+        c.get("dhcp_request").unwrap() > requests && net.gw.leases().first().is_some_and(|l| l.expires > lease.expires)
     });
     assert_eq!(net.gw.leases()[0].ip, lease.ip);
     sh(&["kill", "-USR2", &pid]);
@@ -313,37 +286,13 @@ fn dhclient_gets_and_releases_a_lease() {
     let host = Host::new(&net.sw, "beta", "b");
     let (pid, leases) = (dir.join("dhclient.pid"), dir.join("dhclient.leases"));
     let (pid, leases) = (pid.to_str().unwrap(), leases.to_str().unwrap());
-    let (ok, out) = host.exec(&[
-        "dhclient",
-        "-1",
-        "-v",
-        "-pf",
-        pid,
-        "-lf",
-        leases,
-        &host.ifname,
-    ]);
+    let (ok, out) = host.exec(&["dhclient", "-1", "-v", "-pf", pid, "-lf", leases, &host.ifname]);
     assert!(ok, "dhclient failed:\n{out}");
     wait_until("a lease", || net.gw.leases().len() == 1);
     let lease = net.gw.leases()[0].clone();
-    assert_eq!(
-        host.address(),
-        Some(lease.ip),
-        "dhclient configured the leased address"
-    );
-    assert!(std::fs::read_to_string(leases)
-        .unwrap()
-        .contains(&lease.ip.to_string()));
-    let (ok, out) = host.exec(&[
-        "dhclient",
-        "-r",
-        "-v",
-        "-pf",
-        pid,
-        "-lf",
-        leases,
-        &host.ifname,
-    ]);
+    assert_eq!(host.address(), Some(lease.ip), "dhclient configured the leased address");
+    assert!(std::fs::read_to_string(leases).unwrap().contains(&lease.ip.to_string()));
+    let (ok, out) = host.exec(&["dhclient", "-r", "-v", "-pf", pid, "-lf", leases, &host.ifname]);
     assert!(ok, "dhclient -r failed:\n{out}");
     wait_until("the release", || net.gw.leases().is_empty());
 }

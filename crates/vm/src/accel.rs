@@ -21,11 +21,7 @@ impl Accel {
                 "/dev/kvm is PVM, which stock guest kernels do not run under",
             );
         }
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-        {
+        match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
             Ok(_) => (Accel::Kvm, "/dev/kvm is usable"),
             Err(_) => (Accel::Tcg, "/dev/kvm is missing or not accessible"),
         }

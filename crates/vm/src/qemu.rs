@@ -15,10 +15,7 @@ use crate::accel::{host_tsc_khz, Accel};
 #[derive(Debug, Clone)]
 pub enum NicBackend {
     /// A unixgram port: QEMU binds `guest_path` and sends to `switch_path`.
-    Unixgram {
-        switch_path: PathBuf,
-        guest_path: PathBuf,
-    },
+    Unixgram { switch_path: PathBuf, guest_path: PathBuf },
     /// A stream port: QEMU connects to `path`.
     Stream { path: PathBuf },
     /// An inherited socketpair end (must not be close-on-exec in the child).
@@ -45,10 +42,7 @@ impl Nic {
                 switch_path.display()
             ),
             NicBackend::Stream { path } => {
-                format!(
-                    "stream,id={id},server=off,addr.type=unix,addr.path={}",
-                    path.display()
-                )
+                format!("stream,id={id},server=off,addr.type=unix,addr.path={}", path.display())
             }
             NicBackend::Fd(fd) => format!("dgram,id={id},local.type=fd,local.str={fd}"),
             NicBackend::Tap { ifname } => {
@@ -115,15 +109,9 @@ impl QemuConfig {
     }
 
     pub fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut a: Vec<String> = ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+            .map(String::from)
+            .to_vec();
         a.extend(self.accel.qemu_args());
         // microvm: no PCI or firmware to probe, the fastest boot under TCG.
         a.extend(["-M".into(), "microvm,x-option-roms=off,acpi=on".into()]);
@@ -179,9 +167,8 @@ mod tests {
             mac: Mac([0x02, 0, 0, 0, 0, 2]),
         });
         let args = q.args().join(" ");
-        assert!(args.contains(
-            "-netdev dgram,id=net0,local.type=unix,local.path=/g.sock,remote.type=unix,remote.path=/s.sock"
-        ));
+        assert!(args
+            .contains("-netdev dgram,id=net0,local.type=unix,local.path=/g.sock,remote.type=unix,remote.path=/s.sock"));
         assert!(args.contains("-device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
         assert!(args.contains("-netdev stream,id=net1,server=off,addr.type=unix,addr.path=/st"));
         assert!(args.contains("-accel tcg"));

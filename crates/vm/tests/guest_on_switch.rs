@@ -47,9 +47,7 @@ fn guest_dir() -> Option<PathBuf> {
         .status()
         .map(|s| s.success());
     if !matches!(ok, Ok(true)) {
-        return skip(
-            "the guest image could not be built (guest/build.sh needs apt-get and dpkg-deb)",
-        );
+        return skip("the guest image could not be built (guest/build.sh needs apt-get and dpkg-deb)");
     }
     Some(dir)
 }
@@ -140,18 +138,13 @@ fn is_dhcp_discover(f: &[u8], client: Mac) -> bool {
 }
 
 fn wait_for_discover(observer: &UnixDatagram, client: Mac, guest: &mut Guest) {
-    observer
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
+    observer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut buf = vec![0u8; 70000];
     let mut frames = 0;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = guest.child.try_wait() {
-            panic!(
-                "qemu exited early ({status}); serial:\n{}",
-                guest.serial_tail()
-            );
+            panic!("qemu exited early ({status}); serial:\n{}", guest.serial_tail());
         }
         if let Ok(n) = observer.recv(&mut buf) {
             frames += 1;
@@ -180,9 +173,7 @@ fn guest_on_a_unixgram_port_is_heard_on_the_network() {
     let sw = Switch::start(SwitchConfig::default()).unwrap();
     sw.add_network("default", NetworkConfig::default()).unwrap();
     let switch_path = work.join("port.sock");
-    let port = sw
-        .add_unixgram_port("default", "guest", &switch_path)
-        .unwrap();
+    let port = sw.add_unixgram_port("default", "guest", &switch_path).unwrap();
     let (_, observer) = sw.add_port("default", "observer").unwrap();
     let observer = UnixDatagram::from(observer);
     let mac = Mac::derived(&["default", "guest"]);
@@ -195,11 +186,7 @@ fn guest_on_a_unixgram_port_is_heard_on_the_network() {
     };
     let mut g = Guest::boot(&guest, &work, nic, &[]);
     wait_for_discover(&observer, mac, &mut g);
-    assert_eq!(
-        sw.is_port_up(port),
-        Some(true),
-        "the port learned QEMU's address"
-    );
+    assert_eq!(sw.is_port_up(port), Some(true), "the port learned QEMU's address");
     assert!(sw
         .mac_table("default")
         .unwrap()

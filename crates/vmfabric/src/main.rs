@@ -18,11 +18,7 @@ use tracing::info;
 use vmfabric::control::locks::{self, ControlEvent, PortLocker};
 
 #[derive(Parser)]
-#[command(
-    name = "vmfabric",
-    version,
-    about = "Host-side network for micro-VMs and sandboxes"
-)]
+#[command(name = "vmfabric", version, about = "Host-side network for micro-VMs and sandboxes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,9 +107,7 @@ struct ServeArgs {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -151,8 +145,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         dgram.push("vm0".into());
     }
     let ports_dir = args.run_dir.join("ports");
-    std::fs::create_dir_all(&ports_dir)
-        .with_context(|| format!("create {}", ports_dir.display()))?;
+    std::fs::create_dir_all(&ports_dir).with_context(|| format!("create {}", ports_dir.display()))?;
     std::fs::create_dir_all(args.run_dir.join("guests")).ok();
 
     let switch = Arc::new(Switch::start(SwitchConfig::default()).context("start the switch")?);
@@ -163,9 +156,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         aging: Duration::from_secs(args.aging_secs),
         ..NetworkConfig::default()
     };
-    switch
-        .add_network(&args.network, net)
-        .context("create the network")?;
+    switch.add_network(&args.network, net).context("create the network")?;
 
     // The gateway runs on a small runtime of its own; the data plane has its thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -269,10 +260,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     for info in switch.ports().iter().filter(|p| p.label != "gateway") {
         let mac = Mac::derived(&[&args.network, &info.label]);
-        let guest_sock = args
-            .run_dir
-            .join("guests")
-            .join(format!("{}.sock", info.label));
+        let guest_sock = args.run_dir.join("guests").join(format!("{}.sock", info.label));
         println!("\nport {} ({}):", info.label, info.transport.kind());
         println!(
             "  qemu-system-x86_64 ... {}",
@@ -293,14 +281,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
     }
     let stats_asked = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone())
-        .context("install signal handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone()).context("install signal handler")?;
     let mut last_stats = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // Everything runs on its own threads; this one only waits for signals.
         std::thread::sleep(Duration::from_millis(100));
-        let periodic = args.stats_every_secs > 0
-            && last_stats.elapsed() >= Duration::from_secs(args.stats_every_secs);
+        let periodic = args.stats_every_secs > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_every_secs);
         if periodic || stats_asked.swap(false, Ordering::Relaxed) {
             print_stats(&switch, &args.network, &ports, gateway.as_deref());
             last_stats = std::time::Instant::now();
@@ -347,12 +333,7 @@ fn log_event(ev: &SwitchEvent, ports: &[(PortId, String)]) {
     }
 }
 
-fn print_stats(
-    switch: &Switch,
-    network: &str,
-    ports: &[(PortId, String)],
-    gateway: Option<&Gateway>,
-) {
+fn print_stats(switch: &Switch, network: &str, ports: &[(PortId, String)], gateway: Option<&Gateway>) {
     println!(
         "{:<12} {:>10} {:>12} {:>10} {:>12}  drops",
         "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
@@ -384,12 +365,7 @@ fn print_stats(
     if let Some(gw) = gateway {
         println!("leases of {network}:");
         for l in gw.leases() {
-            println!(
-                "  {:<15} {}  {}",
-                l.ip,
-                l.mac,
-                l.hostname.as_deref().unwrap_or("-")
-            );
+            println!("  {:<15} {}  {}", l.ip, l.mac, l.hostname.as_deref().unwrap_or("-"));
         }
         let busy: Vec<String> = gw
             .counters()

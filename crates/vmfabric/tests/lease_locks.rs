@@ -42,8 +42,7 @@ impl Drop for Netns {
     }
 }
 
-const SCRIPT: &str =
-    "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr add \"$ip/$mask\" dev \"$interface\" ;; esac\n";
+const SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr add \"$ip/$mask\" dev \"$interface\" ;; esac\n";
 
 #[test]
 fn a_leased_port_cannot_spoof_its_ip_or_mac() {
@@ -68,14 +67,7 @@ fn a_leased_port_cannot_spoof_its_ip_or_mac() {
     sw.add_network("sec", NetworkConfig::default()).unwrap();
     let mut cfg = GatewayConfig::new("sec", "10.233.0.0/24".parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(
-        rt.handle(),
-        &sw,
-        "sec",
-        cfg,
-        Box::new(MemoryLeaseStore::default()),
-    )
-    .unwrap();
+    let gw = Gateway::attach(rt.handle(), &sw, "sec", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
 
     // The control plane: both event streams into one locker.
     let (tx, rx) = mpsc::channel();
@@ -133,28 +125,15 @@ fn a_leased_port_cannot_spoof_its_ip_or_mac() {
     assert!(ok, "udhcpc: {out}");
     let lease = gw.leases()[0].clone();
     let gw_ip = "10.233.0.1";
-    let ping_from =
-        |src: &str| exec(&["busybox", "ping", "-c", "1", "-W", "2", "-I", src, gw_ip]).0;
+    let ping_from = |src: &str| exec(&["busybox", "ping", "-c", "1", "-W", "2", "-I", src, gw_ip]).0;
     assert!(ping_from(&lease.ip.to_string()), "the leased address works");
     let spoofed = || sw.port_counters(port).unwrap().drops(DropReason::Spoofed);
     wait_until("the port to be locked", || {
         // A frame from another address is dropped once the lock is in place.
-        sh(&[
-            "ip",
-            "-n",
-            &ns.0,
-            "addr",
-            "replace",
-            "10.233.0.200/24",
-            "dev",
-            &ifname,
-        ]);
+        sh(&["ip", "-n", &ns.0, "addr", "replace", "10.233.0.200/24", "dev", &ifname]);
         !ping_from("10.233.0.200") && spoofed() > 0
     });
-    assert!(
-        ping_from(&lease.ip.to_string()),
-        "the leased address still works"
-    );
+    assert!(ping_from(&lease.ip.to_string()), "the leased address still works");
 
     // Another MAC on the same port is not heard either.
     let before = spoofed();
@@ -168,10 +147,7 @@ fn a_leased_port_cannot_spoof_its_ip_or_mac() {
         "address",
         "02:99:99:99:99:99",
     ]);
-    assert!(
-        !ping_from(&lease.ip.to_string()),
-        "a spoofed MAC got through"
-    );
+    assert!(!ping_from(&lease.ip.to_string()), "a spoofed MAC got through");
     assert!(spoofed() > before);
     assert_eq!(gw.resolve("gateway"), Some(Ipv4Addr::new(10, 233, 0, 1)));
 }

@@ -103,9 +103,7 @@ impl Switch {
 
     fn call<T>(&self, make: impl FnOnce(worker::Reply<T>) -> Command) -> Result<T> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.commands
-            .send(make(tx))
-            .map_err(|_| FabricError::Stopped)?;
+        self.commands.send(make(tx)).map_err(|_| FabricError::Stopped)?;
         self.kick();
         rx.recv().map_err(|_| FabricError::Stopped)?
     }
@@ -143,13 +141,7 @@ impl Switch {
         v
     }
 
-    fn attach(
-        &self,
-        network: &str,
-        label: &str,
-        transport: Transport,
-        io: PortIo,
-    ) -> Result<PortId> {
+    fn attach(&self, network: &str, label: &str, transport: Transport, io: PortIo) -> Result<PortId> {
         let id = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(PortShared::default());
         let port = NewPort {
@@ -177,70 +169,46 @@ impl Switch {
     /// in-process attachment VZ-style VMMs and QEMU `-netdev dgram,local.type=fd` take.
     pub fn add_port(&self, network: &str, label: &str) -> Result<(PortId, OwnedFd)> {
         let (ours, theirs) = transport::socketpair(self.config.socket_buffer_bytes)?;
-        let id = self.attach(
-            network,
-            label,
-            Transport::Socketpair,
-            PortIo::Connected(ours),
-        )?;
+        let id = self.attach(network, label, Transport::Socketpair, PortIo::Connected(ours))?;
         Ok((id, theirs))
     }
 
     /// Binds a datagram socket at `path`. The VMM sends from its own bound path; the
     /// switch answers to the last address that sent to it.
     pub fn add_unixgram_port(&self, network: &str, label: &str, path: &Path) -> Result<PortId> {
-        let sock = transport::bind_unixgram(
-            path,
-            self.config.socket_mode,
-            self.config.socket_buffer_bytes,
-        )?;
+        let sock = transport::bind_unixgram(path, self.config.socket_mode, self.config.socket_buffer_bytes)?;
         let t = Transport::Unixgram {
             path: path.to_path_buf(),
         };
-        self.attach(network, label, t, PortIo::Path(sock))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(path);
-            })
+        self.attach(network, label, t, PortIo::Path(sock)).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
     }
 
     /// Listens on a stream socket at `path` (4-byte big-endian length, then the frame).
     /// One VMM at a time; a new one may connect after the last one went away.
     pub fn add_stream_port(&self, network: &str, label: &str, path: &Path) -> Result<PortId> {
-        let sock = transport::listen_stream(
-            path,
-            self.config.socket_mode,
-            self.config.socket_buffer_bytes,
-        )?;
+        let sock = transport::listen_stream(path, self.config.socket_mode, self.config.socket_buffer_bytes)?;
         let t = Transport::Stream {
             path: path.to_path_buf(),
         };
-        self.attach(network, label, t, PortIo::Listener(sock))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(path);
-            })
+        self.attach(network, label, t, PortIo::Listener(sock)).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
     }
 
     /// Adds a TAP port; returns its id and the device's name. A device created here by
     /// name is not persistent: it goes away with the port.
-    pub fn add_tap_port(
-        &self,
-        network: &str,
-        label: &str,
-        source: TapSource,
-    ) -> Result<(PortId, String)> {
+    pub fn add_tap_port(&self, network: &str, label: &str, source: TapSource) -> Result<(PortId, String)> {
         let (fd, ifname) = match source {
-            TapSource::Name(name) => {
-                open_tap(&name).map_err(|e| FabricError::io(format!("open TAP {name}"), e))?
-            }
+            TapSource::Name(name) => open_tap(&name).map_err(|e| FabricError::io(format!("open TAP {name}"), e))?,
             TapSource::Fd(fd, name) => {
                 rustix::io::ioctl_fionbio(&fd, true)
                     .map_err(|e| FabricError::io("make TAP fd non-blocking", e.into()))?;
                 (fd, name)
             }
         };
-        let t = Transport::Tap {
-            ifname: ifname.clone(),
-        };
+        let t = Transport::Tap { ifname: ifname.clone() };
         let id = self.attach(network, label, t, PortIo::Tap(fd))?;
         Ok((id, ifname))
     }
@@ -266,17 +234,11 @@ impl Switch {
     }
 
     pub fn port_counters(&self, id: PortId) -> Option<CounterSnapshot> {
-        self.registry()
-            .ports
-            .get(&id)
-            .map(|r| r.shared.counters.snapshot())
+        self.registry().ports.get(&id).map(|r| r.shared.counters.snapshot())
     }
 
     pub fn network_counters(&self, name: &str) -> Option<CounterSnapshot> {
-        self.registry()
-            .networks
-            .get(name)
-            .map(|n| n.counters.snapshot())
+        self.registry().networks.get(name).map(|n| n.counters.snapshot())
     }
 
     /// Entries in the network's MAC table right now (as last counted by the worker).

@@ -59,10 +59,7 @@ impl MacTable {
     }
 
     pub fn lookup(&self, mac: &Mac, now: Duration) -> Option<u32> {
-        self.map
-            .get(mac)
-            .filter(|e| self.live(e, now))
-            .map(|e| e.slot)
+        self.map.get(mac).filter(|e| self.live(e, now)).map(|e| e.slot)
     }
 
     pub fn learn(&mut self, mac: Mac, slot: u32, now: Duration) -> Learned {
@@ -71,11 +68,7 @@ impl MacTable {
             let was_live = now.saturating_sub(e.seen) < aging;
             e.seen = now;
             if e.slot == slot {
-                return if was_live {
-                    Learned::Refreshed
-                } else {
-                    Learned::New
-                };
+                return if was_live { Learned::Refreshed } else { Learned::New };
             }
             let from = e.slot;
             e.slot = slot;
@@ -86,9 +79,7 @@ impl MacTable {
             };
         }
         if self.map.len() >= self.max {
-            let due = self
-                .last_sweep
-                .is_none_or(|t| now.saturating_sub(t) >= SWEEP_INTERVAL);
+            let due = self.last_sweep.is_none_or(|t| now.saturating_sub(t) >= SWEEP_INTERVAL);
             if !due {
                 return Learned::Full;
             }
@@ -162,11 +153,7 @@ mod tests {
             Learned::Full,
             "no sweep again within a second"
         );
-        assert_eq!(
-            t.learn(mac(3), 0, 20 * S),
-            Learned::New,
-            "sweep frees expired entries"
-        );
+        assert_eq!(t.learn(mac(3), 0, 20 * S), Learned::New, "sweep frees expired entries");
         assert_eq!(t.len(), 1);
     }
 

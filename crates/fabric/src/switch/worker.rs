@@ -33,7 +33,7 @@ use crate::clock::Clock;
 use crate::config::{NetworkConfig, MAX_FRAME_LEN};
 use crate::counters::{Counters, DropReason};
 use crate::error::{FabricError, Result};
-use crate::frame::{is_dhcp_server_message, l3_sender, EthernetView, FrameError, L3Sender};
+use crate::frame::{is_dhcp_client_message, is_dhcp_server_message, l3_sender, EthernetView, FrameError, L3Sender};
 use crate::mac::Mac;
 use crate::port::{MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
@@ -162,9 +162,7 @@ impl Port {
     /// The fd epoll watches for writability, if the port can be written now.
     fn writable_fd(&self) -> Option<(BorrowedFd<'_>, bool)> {
         match &self.kind {
-            Kind::Connected(fd) | Kind::Path { sock: fd, .. } | Kind::Tap(fd) => {
-                Some((fd.as_fd(), false))
-            }
+            Kind::Connected(fd) | Kind::Path { sock: fd, .. } | Kind::Tap(fd) => Some((fd.as_fd(), false)),
             Kind::Stream { conn: Some(c), .. } => Some((c.fd.as_fd(), true)),
             Kind::Stream { conn: None, .. } => None,
         }
@@ -311,10 +309,7 @@ impl Worker {
                     self.fab.drain_backlog(slot);
                 }
                 if flags.intersects(
-                    epoll::EventFlags::IN
-                        | epoll::EventFlags::ERR
-                        | epoll::EventFlags::HUP
-                        | epoll::EventFlags::RDHUP,
+                    epoll::EventFlags::IN | epoll::EventFlags::ERR | epoll::EventFlags::HUP | epoll::EventFlags::RDHUP,
                 ) {
                     self.readable(slot, conn);
                 }
@@ -340,11 +335,7 @@ impl Worker {
                 Command::RemoveNetwork { name, reply } => {
                     let _ = reply.send(self.fab.remove_network(&name));
                 }
-                Command::AddPort {
-                    network,
-                    port,
-                    reply,
-                } => {
+                Command::AddPort { network, port, reply } => {
                     let _ = reply.send(self.fab.add_port(&network, port));
                 }
                 Command::RemovePort { id, reply } => {
@@ -355,10 +346,7 @@ impl Worker {
                 }
                 Command::TrustPort { id, trusted, reply } => {
                     let _ = reply.send(self.fab.slot_of(id).map(|slot| {
-                        self.fab
-                            .port_mut(slot)
-                            .expect("indexed port exists")
-                            .trusted = trusted;
+                        self.fab.port_mut(slot).expect("indexed port exists").trusted = trusted;
                     }));
                 }
                 Command::MacTable { network, reply } => {
@@ -392,11 +380,7 @@ impl Worker {
                 Kind::Path { sock, .. } => (sock.as_fd(), true),
                 _ => return,
             };
-            let peers = if is_path {
-                Some(&mut *self.rx.peers)
-            } else {
-                None
-            };
+            let peers = if is_path { Some(&mut *self.rx.peers) } else { None };
             let n = match recv_batch(sock, &mut self.rx.bufs, max_len, &mut self.rx.meta, peers) {
                 Ok(0) => return,
                 Ok(n) => n,
@@ -500,8 +484,7 @@ impl Worker {
                 let mut frames: [&[u8]; BATCH] = [&[]; BATCH];
                 let mut k = 0;
                 while k < BATCH && c.discard == 0 && c.rx_len - off >= 4 {
-                    let len_bytes: [u8; 4] =
-                        c.rx[off..off + 4].try_into().expect("4 bytes checked");
+                    let len_bytes: [u8; 4] = c.rx[off..off + 4].try_into().expect("4 bytes checked");
                     let flen = u32::from_be_bytes(len_bytes) as usize;
                     let avail = c.rx_len - off - 4;
                     if flen > max_frame {
@@ -666,10 +649,7 @@ impl Fabric {
                 }
                 Learned::Moved { from } => {
                     last_dst = None;
-                    let from = ports[from as usize]
-                        .as_ref()
-                        .map(|p| p.id)
-                        .unwrap_or(PortId(u64::MAX));
+                    let from = ports[from as usize].as_ref().map(|p| p.id).unwrap_or(PortId(u64::MAX));
                     emit(
                         &self.events,
                         &self.events_dropped,
@@ -706,17 +686,32 @@ impl Fabric {
                 Some(d) if d == src => drops[DropReason::NoRoute as usize] += 1,
                 Some(d) => push(d, i),
                 None => {
+                    // A DHCP client's broadcast is for the DHCP server only: under the
+                    // guard it goes to the trusted ports, so VMs neither see each
+                    // other's DHCP nor pay for flooding it.
+                    let only_trusted = net.config.dhcp_guard && is_dhcp_client_message(&view);
+                    let mut sent = false;
                     for &d in &net.ports {
-                        if d != src && ports[d as usize].as_ref().is_some_and(|p| p.up) {
+                        let eligible = ports[d as usize]
+                            .as_ref()
+                            .is_some_and(|p| p.up && (!only_trusted || p.trusted));
+                        if d != src && eligible {
                             push(d, i);
+                            sent = true;
+                        }
+                    }
+                    if only_trusted && !sent {
+                        // No trusted server on this network: behave as a plain switch.
+                        for &d in &net.ports {
+                            if d != src && ports[d as usize].as_ref().is_some_and(|p| p.up) {
+                                push(d, i);
+                            }
                         }
                     }
                 }
             }
         }
-        net.shared
-            .mac_entries
-            .store(net.table.len() as u64, Ordering::Relaxed);
+        net.shared.mac_entries.store(net.table.len() as u64, Ordering::Relaxed);
         for (reason, n) in DropReason::ALL.iter().zip(drops) {
             if n > 0 {
                 port.shared.counters.add_drop(*reason, n);
@@ -758,14 +753,9 @@ impl Fabric {
             let Some(port) = self.port(d) else { return };
             let res = match &port.kind {
                 Kind::Connected(fd) => send_batch(fd.as_fd(), &list[off..], None),
-                Kind::Path {
-                    sock,
-                    peer: Some(p),
-                } => send_batch(sock.as_fd(), &list[off..], Some(p)),
+                Kind::Path { sock, peer: Some(p) } => send_batch(sock.as_fd(), &list[off..], Some(p)),
                 Kind::Path { peer: None, .. } => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
-                Kind::Tap(fd) => rustix::io::write(fd, list[off])
-                    .map(|_| 1)
-                    .map_err(io::Error::from),
+                Kind::Tap(fd) => rustix::io::write(fd, list[off]).map(|_| 1).map_err(io::Error::from),
                 Kind::Stream { .. } => unreachable!("handled above"),
             };
             match res {
@@ -790,9 +780,7 @@ impl Fabric {
                 }
                 // A TAP whose interface is administratively down refuses frames with
                 // EIO; it is still there and will take frames once it is up.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) =>
-                {
+                Err(e) if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) => {
                     self.count_drop(d, DropReason::PeerGone, 1);
                     off += 1;
                 }
@@ -838,12 +826,7 @@ impl Fabric {
         if want {
             flags |= epoll::EventFlags::OUT;
         }
-        if let Err(e) = epoll::modify(
-            &self.epoll,
-            fd,
-            epoll::EventData::new_u64(token(d, conn)),
-            flags,
-        ) {
+        if let Err(e) = epoll::modify(&self.epoll, fd, epoll::EventData::new_u64(token(d, conn)), flags) {
             warn!(port = %port.id, "epoll modify failed: {e}");
             return;
         }
@@ -873,14 +856,9 @@ impl Fabric {
             let n = port.backlog.len().min(BATCH);
             let res = match &port.kind {
                 Kind::Connected(fd) => send_batch(fd.as_fd(), &list[..n], None),
-                Kind::Path {
-                    sock,
-                    peer: Some(p),
-                } => send_batch(sock.as_fd(), &list[..n], Some(p)),
+                Kind::Path { sock, peer: Some(p) } => send_batch(sock.as_fd(), &list[..n], Some(p)),
                 Kind::Path { peer: None, .. } => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
-                Kind::Tap(fd) => rustix::io::write(fd, list[0])
-                    .map(|_| 1)
-                    .map_err(io::Error::from),
+                Kind::Tap(fd) => rustix::io::write(fd, list[0]).map(|_| 1).map_err(io::Error::from),
                 Kind::Stream { .. } => unreachable!(),
             };
             match res {
@@ -903,9 +881,7 @@ impl Fabric {
                     port.backlog.pop_front();
                     self.count_drop(d, DropReason::Oversize, 1);
                 }
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) =>
-                {
+                Err(e) if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) => {
                     port.backlog.pop_front();
                     self.count_drop(d, DropReason::PeerGone, 1);
                 }
@@ -987,10 +963,7 @@ impl Fabric {
             let Kind::Stream { listener, conn } = &port.kind else {
                 return;
             };
-            let fd = match rustix::net::accept_with(
-                listener,
-                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-            ) {
+            let fd = match rustix::net::accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => fd,
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return,
@@ -1113,12 +1086,7 @@ impl Fabric {
         }
     }
 
-    fn add_network(
-        &mut self,
-        name: String,
-        config: NetworkConfig,
-        shared: Arc<NetShared>,
-    ) -> Result<()> {
+    fn add_network(&mut self, name: String, config: NetworkConfig, shared: Arc<NetShared>) -> Result<()> {
         if self.net_by_name.contains_key(&name) {
             return Err(FabricError::NetworkExists(name));
         }
@@ -1175,35 +1143,20 @@ impl Fabric {
         };
         let (kind, up, flags) = match new.io {
             PortIo::Connected(fd) => (Kind::Connected(fd), true, epoll::EventFlags::IN),
-            PortIo::Path(sock) => (
-                Kind::Path { sock, peer: None },
-                false,
-                epoll::EventFlags::IN,
-            ),
+            PortIo::Path(sock) => (Kind::Path { sock, peer: None }, false, epoll::EventFlags::IN),
             // Edge-triggered: accept runs until EAGAIN, and a failing accept (EMFILE)
             // must not spin.
             PortIo::Listener(listener) => (
-                Kind::Stream {
-                    listener,
-                    conn: None,
-                },
+                Kind::Stream { listener, conn: None },
                 false,
                 epoll::EventFlags::IN | epoll::EventFlags::ET,
             ),
             PortIo::Tap(fd) => (Kind::Tap(fd), true, epoll::EventFlags::IN),
         };
         let fd = match &kind {
-            Kind::Connected(fd)
-            | Kind::Tap(fd)
-            | Kind::Path { sock: fd, .. }
-            | Kind::Stream { listener: fd, .. } => fd,
+            Kind::Connected(fd) | Kind::Tap(fd) | Kind::Path { sock: fd, .. } | Kind::Stream { listener: fd, .. } => fd,
         };
-        if let Err(e) = epoll::add(
-            &self.epoll,
-            fd,
-            epoll::EventData::new_u64(token(slot, false)),
-            flags,
-        ) {
+        if let Err(e) = epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token(slot, false)), flags) {
             self.free_slots.push(slot);
             return Err(FabricError::io("watch the port's fd", e.into()));
         }
@@ -1219,11 +1172,7 @@ impl Fabric {
             out_armed: false,
         });
         self.by_id.insert(new.id, slot);
-        self.nets[net]
-            .as_mut()
-            .expect("looked up above")
-            .ports
-            .push(slot);
+        self.nets[net].as_mut().expect("looked up above").ports.push(slot);
         if up {
             self.mark_up(slot, None);
         }
@@ -1231,17 +1180,12 @@ impl Fabric {
     }
 
     fn slot_of(&self, id: PortId) -> Result<u32> {
-        self.by_id
-            .get(&id)
-            .copied()
-            .ok_or(FabricError::NoSuchPort(id.0))
+        self.by_id.get(&id).copied().ok_or(FabricError::NoSuchPort(id.0))
     }
 
     fn remove_port(&mut self, id: PortId) -> Result<()> {
         let slot = self.slot_of(id)?;
-        let port = self.ports[slot as usize]
-            .take()
-            .expect("indexed port exists");
+        let port = self.ports[slot as usize].take().expect("indexed port exists");
         match &port.kind {
             Kind::Connected(fd) | Kind::Tap(fd) | Kind::Path { sock: fd, .. } => {
                 let _ = epoll::delete(&self.epoll, fd);
@@ -1258,9 +1202,7 @@ impl Fabric {
             net.ports.retain(|s| *s != slot);
             net.table.purge_slot(slot);
             net.locked.retain(|_, s| *s != slot);
-            net.shared
-                .mac_entries
-                .store(net.table.len() as u64, Ordering::Relaxed);
+            net.shared.mac_entries.store(net.table.len() as u64, Ordering::Relaxed);
         }
         for b in port.backlog {
             if self.spare.len() < SPARE_BUFFERS {
@@ -1279,10 +1221,7 @@ impl Fabric {
         let net = self.nets[net_idx].as_mut().expect("port's network exists");
         if let Some(l) = &lock {
             if let Some(owner) = net.locked.get(&l.mac).filter(|s| **s != slot) {
-                let owner = self.ports[*owner as usize]
-                    .as_ref()
-                    .map(|p| p.id.0)
-                    .unwrap_or(0);
+                let owner = self.ports[*owner as usize].as_ref().map(|p| p.id.0).unwrap_or(0);
                 return Err(FabricError::InvalidConfig(format!(
                     "MAC {} is already locked to port {owner}",
                     l.mac
@@ -1299,11 +1238,7 @@ impl Fabric {
         if let Some(l) = &lock {
             net.locked.insert(l.mac, slot);
             // A MAC learned elsewhere before the lock now belongs to this port only.
-            if net
-                .table
-                .lookup(&l.mac, self.clock.now())
-                .is_some_and(|s| s != slot)
-            {
+            if net.table.lookup(&l.mac, self.clock.now()).is_some_and(|s| s != slot) {
                 net.table.learn(l.mac, slot, self.clock.now());
             }
         }
@@ -1346,10 +1281,9 @@ fn lock_allows(lock: Option<&PortLock>, frame: &EthernetView<'_>) -> bool {
     let ip_ok = |ip: std::net::Ipv4Addr| lock.ips.contains(&ip);
     match l3_sender(frame) {
         L3Sender::Ipv4 { src, dhcp_client } => ip_ok(src) || (src.is_unspecified() && dhcp_client),
-        L3Sender::Arp {
-            sender_mac,
-            sender_ip,
-        } => sender_mac == lock.mac && (ip_ok(sender_ip) || sender_ip.is_unspecified()),
+        L3Sender::Arp { sender_mac, sender_ip } => {
+            sender_mac == lock.mac && (ip_ok(sender_ip) || sender_ip.is_unspecified())
+        }
         L3Sender::Other => true,
         L3Sender::Malformed => false,
     }

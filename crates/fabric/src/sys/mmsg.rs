@@ -153,11 +153,7 @@ pub fn recv_batch(
 /// Sends up to `BATCH` frames without blocking, to `peer` when given (an unconnected
 /// socket) or to the connected peer. Returns how many the kernel took: fewer than asked
 /// means the next one would block or failed; `Err` only when none was sent.
-pub fn send_batch(
-    fd: BorrowedFd<'_>,
-    frames: &[&[u8]],
-    peer: Option<&UnixPeer>,
-) -> io::Result<usize> {
+pub fn send_batch(fd: BorrowedFd<'_>, frames: &[&[u8]], peer: Option<&UnixPeer>) -> io::Result<usize> {
     let n = frames.len().min(BATCH);
     if n == 0 {
         return Ok(0);
@@ -174,8 +170,7 @@ pub fn send_batch(
         h.msg_hdr.msg_iov = iov[i].as_mut_ptr();
         h.msg_hdr.msg_iovlen = 1;
         if let Some(p) = peer {
-            h.msg_hdr.msg_name =
-                (&p.addr as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
+            h.msg_hdr.msg_name = (&p.addr as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
             h.msg_hdr.msg_namelen = p.len;
         }
         hdrs[i].write(h);

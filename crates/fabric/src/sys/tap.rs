@@ -44,11 +44,7 @@ pub fn open_tap(name: &str) -> io::Result<(OwnedFd, String)> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    let end = req
-        .name
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(libc::IFNAMSIZ);
+    let end = req.name.iter().position(|b| *b == 0).unwrap_or(libc::IFNAMSIZ);
     Ok((fd, String::from_utf8_lossy(&req.name[..end]).into_owned()))
 }
 

@@ -37,14 +37,7 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize) -> V
 }
 
 /// A UDP/IPv4 frame.
-pub fn udp_frame(
-    dst: Mac,
-    src: Mac,
-    sip: Ipv4Addr,
-    dip: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-) -> Vec<u8> {
+pub fn udp_frame(dst: Mac, src: Mac, sip: Ipv4Addr, dip: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend(dst.0);
     f.extend(src.0);
@@ -172,8 +165,7 @@ pub fn switch() -> Switch {
 /// A switch with network "n" (default config) and `ports` socketpair ports on it.
 pub fn network_with_ports(ports: usize) -> (Switch, Vec<Dgram>) {
     let sw = switch();
-    sw.add_network("n", fabric::NetworkConfig::default())
-        .unwrap();
+    sw.add_network("n", fabric::NetworkConfig::default()).unwrap();
     let eps = (0..ports)
         .map(|i| Dgram::new(sw.add_port("n", &format!("p{i}")).unwrap().1))
         .collect();

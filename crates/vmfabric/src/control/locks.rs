@@ -55,19 +55,12 @@ impl PortLocker {
         match ev {
             ControlEvent::Switch(SwitchEvent::MacLearned { network, mac, port })
             | ControlEvent::Switch(SwitchEvent::MacMoved {
-                network,
-                mac,
-                to: port,
-                ..
+                network, mac, to: port, ..
             }) => {
                 if self.enabled.get(network) == Some(port) || !self.enabled.contains_key(network) {
                     return;
                 }
-                self.nets
-                    .entry(network.clone())
-                    .or_default()
-                    .ports
-                    .insert(*mac, *port);
+                self.nets.entry(network.clone()).or_default().ports.insert(*mac, *port);
                 self.apply(network, *mac);
             }
             ControlEvent::Lease { network, event } => {
@@ -103,13 +96,7 @@ impl PortLocker {
             return;
         };
         let ips: Vec<Ipv4Addr> = lease.iter().copied().collect();
-        match self.switch.lock_port(
-            port,
-            Some(PortLock {
-                mac,
-                ips: ips.clone(),
-            }),
-        ) {
+        match self.switch.lock_port(port, Some(PortLock { mac, ips: ips.clone() })) {
             Ok(()) => info!(%network, %port, %mac, ips = ?ips, "port locked"),
             Err(e) => warn!(%network, %port, %mac, "cannot lock port: {e}"),
         }
@@ -117,10 +104,7 @@ impl PortLocker {
 }
 
 /// Runs a locker over `events` on its own thread until every sender is gone.
-pub fn spawn(
-    mut locker: PortLocker,
-    events: std::sync::mpsc::Receiver<ControlEvent>,
-) -> std::thread::JoinHandle<()> {
+pub fn spawn(mut locker: PortLocker, events: std::sync::mpsc::Receiver<ControlEvent>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("port-locker".into())
         .spawn(move || {
