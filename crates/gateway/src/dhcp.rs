@@ -48,8 +48,10 @@ pub struct DhcpServer {
     store: Box<dyn LeaseStore>,
     leases: HashMap<Mac, Lease>,
     by_ip: HashMap<Ipv4Addr, Mac>,
-    /// Pending offers: MAC -> (address, expiry).
+    /// Pending offers: MAC -> (address, expiry), and the same indexed by address so
+    /// checking a candidate address costs one lookup, not a scan of every offer.
     offers: HashMap<Mac, (Ipv4Addr, u64)>,
+    offered: HashMap<Ipv4Addr, Mac>,
     quarantine: HashMap<Ipv4Addr, u64>,
     /// Names the control plane knows for MACs (their port's label).
     name_hints: HashMap<Mac, String>,
@@ -78,6 +80,7 @@ impl DhcpServer {
             leases: HashMap::new(),
             by_ip: HashMap::new(),
             offers: HashMap::new(),
+            offered: HashMap::new(),
             quarantine: HashMap::new(),
             name_hints: HashMap::new(),
         };
@@ -138,9 +141,9 @@ impl DhcpServer {
                 .is_none_or(|m| *m == mac || self.leases.get(m).is_some_and(|l| l.expires <= now))
             && self.quarantine.get(&ip).is_none_or(|until| *until <= now)
             && !self
-                .offers
-                .iter()
-                .any(|(m, (o, exp))| *o == ip && *m != mac && *exp > now)
+                .offered
+                .get(&ip)
+                .is_some_and(|m| *m != mac && self.offers.get(m).is_some_and(|(_, exp)| *exp > now))
     }
 
     fn pick_address(
@@ -183,7 +186,7 @@ impl DhcpServer {
             .filter(|(m, _)| **m != mac)
             .min_by_key(|(_, (_, exp))| *exp)
             .map(|(m, _)| *m)?;
-        let (ip, _) = self.offers.remove(&oldest)?;
+        let (ip, _) = self.remove_offer(oldest)?;
         Some(ip)
     }
 
@@ -231,7 +234,7 @@ impl DhcpServer {
                     GatewayCounters::inc(&self.counters.dhcp_pool_exhausted);
                     return (None, None);
                 };
-                self.offers.insert(mac, (ip, now + self.cfg.offer_hold.as_secs()));
+                self.add_offer(mac, ip, now + self.cfg.offer_hold.as_secs());
                 GatewayCounters::inc(&self.counters.dhcp_offer);
                 (self.reply(&req, MessageType::Offer, ip, true), None)
             }
@@ -239,7 +242,7 @@ impl DhcpServer {
                 GatewayCounters::inc(&c.dhcp_request);
                 if server_id.is_some_and(|s| s != self.cfg.gateway_ip) {
                     GatewayCounters::inc(&self.counters.dhcp_other_server);
-                    self.offers.remove(&mac);
+                    self.remove_offer(mac);
                     return (None, None);
                 }
                 let ciaddr = req.ciaddr();
@@ -276,7 +279,7 @@ impl DhcpServer {
                     self.leases.remove(&prev);
                     let _ = self.store.remove(prev);
                 }
-                self.offers.remove(&mac);
+                self.remove_offer(mac);
                 GatewayCounters::inc(&self.counters.dhcp_ack);
                 GatewayCounters::inc(&self.counters.leases_bound);
                 (
@@ -304,7 +307,7 @@ impl DhcpServer {
                 if !ours {
                     return (None, None);
                 }
-                self.offers.remove(&mac);
+                self.remove_offer(mac);
                 self.quarantine.insert(ip, now + self.cfg.decline_quarantine.as_secs());
                 if self.leases.get(&mac).is_some_and(|l| l.ip == ip) {
                     self.drop_lease(mac);
@@ -324,6 +327,20 @@ impl DhcpServer {
         }
     }
 
+    fn add_offer(&mut self, mac: Mac, ip: Ipv4Addr, expires: u64) {
+        self.remove_offer(mac);
+        self.offers.insert(mac, (ip, expires));
+        self.offered.insert(ip, mac);
+    }
+
+    fn remove_offer(&mut self, mac: Mac) -> Option<(Ipv4Addr, u64)> {
+        let removed = self.offers.remove(&mac)?;
+        if self.offered.get(&removed.0) == Some(&mac) {
+            self.offered.remove(&removed.0);
+        }
+        Some(removed)
+    }
+
     fn drop_lease(&mut self, mac: Mac) {
         if let Some(l) = self.leases.remove(&mac) {
             self.by_ip.remove(&l.ip);
@@ -337,6 +354,8 @@ impl DhcpServer {
     /// Drops leases and offers whose time is up.
     pub fn expire(&mut self, now: u64) -> Vec<LeaseEvent> {
         self.offers.retain(|_, (_, exp)| *exp > now);
+        let live = &self.offers;
+        self.offered.retain(|_, mac| live.contains_key(mac));
         self.quarantine.retain(|_, until| *until > now);
         let gone: Vec<(Mac, Ipv4Addr)> = self
             .leases
