@@ -637,6 +637,48 @@ mod tests {
     }
 
     #[test]
+    fn reservations_by_mac_and_by_name() {
+        let mut cfg = GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap());
+        let (r_mac, r_name) = (Ipv4Addr::new(10, 9, 0, 50), Ipv4Addr::new(10, 9, 0, 51));
+        cfg.reservations = vec![
+            crate::config::Reservation {
+                key: ReservationKey::Mac(Mac([2, 0, 0, 0, 0, 1])),
+                ip: r_mac,
+            },
+            crate::config::Reservation {
+                key: ReservationKey::Name("db".into()),
+                ip: r_name,
+            },
+            crate::config::Reservation {
+                key: ReservationKey::Name("cache".into()),
+                ip: Ipv4Addr::new(10, 9, 0, 52),
+            },
+        ];
+        let c = Arc::new(GatewayCounters::default());
+        let mut s = DhcpServer::new(Arc::new(cfg), c, Box::new(MemoryLeaseStore::default()));
+        assert_eq!(bind(&mut s, 1, 0), r_mac);
+        let offer = s
+            .handle(
+                &msg(2, MessageType::Discover, vec![DhcpOption::Hostname("db".into())], Z),
+                0,
+            )
+            .0
+            .unwrap();
+        assert_eq!(decode(&offer).yiaddr(), r_name, "reserved by its DHCP hostname");
+        s.set_name_hint(Mac([2, 0, 0, 0, 0, 3]), "cache".into());
+        let offer = s.handle(&msg(3, MessageType::Discover, vec![], Z), 0).0.unwrap();
+        assert_eq!(
+            decode(&offer).yiaddr(),
+            Ipv4Addr::new(10, 9, 0, 52),
+            "or by its port's label"
+        );
+        // Nobody else gets a reserved address, even by asking for it.
+        let ask = vec![DhcpOption::RequestedIpAddress(r_mac)];
+        let offer = s.handle(&msg(4, MessageType::Discover, ask, Z), 0).0.unwrap();
+        assert!(![r_mac, r_name].contains(&decode(&offer).yiaddr()));
+    }
+
+    #[test]
     fn hostnames_become_labels() {
         assert_eq!(sanitize_hostname("Web_Server.example"), Some("web-server".into()));
         assert_eq!(sanitize_hostname("---"), None);

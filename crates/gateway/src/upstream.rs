@@ -147,11 +147,113 @@ pub async fn forward(query: &[u8], upstreams: &[SocketAddr], timeout: Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    use tokio::net::TcpListener;
 
     #[test]
     fn reads_nameserver_lines() {
         let text = "# comment\nnameserver 10.0.0.2\nnameserver ::1\nsearch x\nnameserver bogus\n";
         let v = parse_resolv_conf(text);
         assert_eq!(v, vec!["10.0.0.2:53".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+    }
+
+    #[test]
+    fn resolv_conf_changes_are_picked_up() {
+        let path = std::env::temp_dir().join(format!("resolv-{}.conf", std::process::id()));
+        std::fs::write(&path, "nameserver 10.0.0.2\n").unwrap();
+        let set = UpstreamSet::new(Upstreams::ResolvConf(path.clone()));
+        assert_eq!(set.current(), vec!["10.0.0.2:53".parse().unwrap()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut n = 0u32;
+        loop {
+            // Rewritten until the mtime visibly moves and the once-a-second check runs.
+            n += 1;
+            std::fs::write(&path, format!("nameserver 10.0.0.{}\n", 2 + n % 200)).unwrap();
+            let now = set.current();
+            if now != vec!["10.0.0.2:53".parse().unwrap()] {
+                assert_eq!(now.len(), 1);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the change was never seen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    fn query(id: u16) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.add_query(Query::query(Name::from_utf8("example.test.").unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    /// An answer to `q` with `id`, optionally truncated.
+    fn answer_to(q: &[u8], id: [u8; 2], truncated: bool) -> Vec<u8> {
+        let mut a = q.to_vec();
+        a[..2].copy_from_slice(&id);
+        a[2] |= 0x80;
+        if truncated {
+            a[2] |= 0x02;
+        }
+        a
+    }
+
+    #[tokio::test]
+    async fn answers_come_back_under_the_client_id_and_forgeries_are_ignored() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            let q = &buf[..n];
+            // A forgery with the wrong ID first, then the real answer.
+            server
+                .send_to(&answer_to(q, [q[0] ^ 1, q[1]], false), from)
+                .await
+                .unwrap();
+            server.send_to(&answer_to(q, [q[0], q[1]], false), from).await.unwrap();
+        });
+        let q = query(0x1234);
+        let a = forward(&q, &[addr], Duration::from_secs(5)).await.expect("an answer");
+        assert_eq!(&a[..2], &[0x12, 0x34], "the client's own ID");
+        assert!(a[2] & 0x80 != 0);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+            udp.send_to(&answer_to(&buf[..n], [buf[0], buf[1]], true), from)
+                .await
+                .unwrap();
+        });
+        tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.unwrap();
+            let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut q).await.unwrap();
+            let mut full = answer_to(&q, [q[0], q[1]], false);
+            let mut out = (full.len() as u16).to_be_bytes().to_vec();
+            out.extend(full);
+            s.write_all(&out).await.unwrap();
+        });
+        let a = forward(&query(7), &[addr], Duration::from_secs(5))
+            .await
+            .expect("an answer over TCP");
+        assert_eq!(a[2] & 0x02, 0, "the TCP answer is whole");
+    }
+
+    #[tokio::test]
+    async fn silence_ends_in_none_within_the_timeout() {
+        let mute = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = mute.local_addr().unwrap();
+        assert!(forward(&query(1), &[addr], Duration::from_millis(300)).await.is_none());
+        drop(mute);
     }
 }

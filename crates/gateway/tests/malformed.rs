@@ -98,3 +98,59 @@ fn malformed_dhcp_and_dns_are_counted_and_the_gateway_keeps_serving() {
     );
     assert_eq!(c.get("malformed_frames"), Some(1));
 }
+
+#[test]
+fn forwarded_queries_are_bounded_per_client() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // An upstream that never answers keeps every forwarded query in flight.
+    let mute = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sw = Switch::start(SwitchConfig::default()).unwrap();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let mut cfg = GatewayConfig::new("n", "10.66.0.0/24".parse().unwrap());
+    cfg.upstreams = Upstreams::Static(vec![mute.local_addr().unwrap()]);
+    cfg.dns_inflight_per_client = 2;
+    cfg.dns_timeout = Duration::from_secs(2);
+    let gw = Gateway::attach(rt.handle(), &sw, "n", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let (_, fd) = sw.add_port("n", "client").unwrap();
+    let client = UnixDatagram::from(fd);
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let query = |id: u16| {
+        let mut m = hickory_proto::op::Message::query();
+        m.metadata.id = id;
+        m.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_utf8("far.example.").unwrap(),
+            hickory_proto::rr::RecordType::A,
+        ));
+        m.to_vec().unwrap()
+    };
+    for id in 0..5 {
+        client
+            .send(&to_gateway(&query(id), 53, Ipv4Addr::new(10, 66, 0, 1)))
+            .unwrap();
+    }
+    // The two admitted queries end in SERVFAIL once the upstream's time is up.
+    let mut buf = vec![0u8; 2048];
+    let mut servfails = 0;
+    while servfails < 2 {
+        let n = client.recv(&mut buf).expect("SERVFAIL answers");
+        if let Ok(Inbound::Udp {
+            src_port: 53, payload, ..
+        }) = wire::classify(&buf[..n])
+        {
+            let m = hickory_proto::op::Message::from_vec(payload).unwrap();
+            assert_eq!(m.metadata.response_code, hickory_proto::op::ResponseCode::ServFail);
+            servfails += 1;
+        }
+    }
+    let c = gw.counters();
+    assert_eq!(
+        (c.get("dns_dropped"), c.get("dns_servfail")),
+        (Some(3), Some(2)),
+        "{:?}",
+        c.snapshot()
+    );
+}
