@@ -238,7 +238,7 @@ mod tests {
             s.read_exact(&mut len).await.unwrap();
             let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
             s.read_exact(&mut q).await.unwrap();
-            let mut full = answer_to(&q, [q[0], q[1]], false);
+            let full = answer_to(&q, [q[0], q[1]], false);
             let mut out = (full.len() as u16).to_be_bytes().to_vec();
             out.extend(full);
             s.write_all(&out).await.unwrap();
