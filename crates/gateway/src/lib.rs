@@ -176,6 +176,11 @@ impl Gateway {
         }
     }
 
+    /// Publishes a name that no lease backs (a host with a static address).
+    pub fn set_static_name(&self, label: &str, ip: Ipv4Addr) {
+        self.shared.state().zone.set(label, ip);
+    }
+
     pub fn resolve(&self, label: &str) -> Option<Ipv4Addr> {
         self.shared.state().zone.lookup(label)
     }

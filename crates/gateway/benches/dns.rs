@@ -1,0 +1,265 @@
+//! DNS answers for local names: vmfabric's gateway against dnsmasq serving the same
+//! names, side by side in one run, over the same path: a client in a network namespace
+//! on a TAP port of a vmfabric network; dnsmasq in a second namespace on another TAP
+//! port of the same network. Needs root, /dev/net/tun, iproute2 and dnsmasq.
+//!
+//! Two measures per server: answers per second with 64 queries in flight, and round
+//! trip p50/p99 with one query at a time.
+//!
+//! Run: `cargo bench -p gateway --bench dns` (BENCH_SECS per measure, default 2).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fabric::{NetworkConfig, Switch, SwitchConfig, TapSource};
+use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+
+const NAMES: usize = 64;
+
+fn sh(args: &[&str]) {
+    let ok = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{} failed", args.join(" "));
+}
+
+struct Cleanup(Vec<String>, Option<Child>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(c) = self.1.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn netns_with_tap(sw: &Switch, ns: &str, tap: &str, cidr: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
+    sh(&["ip", "netns", "add", ns]);
+    let (_, ifname) = sw.add_tap_port("bench", ns, TapSource::Name(tap.into())).unwrap();
+    sh(&["ip", "link", "set", &ifname, "netns", ns]);
+    sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", &ifname]);
+    sh(&["ip", "-n", ns, "link", "set", &ifname, "up"]);
+    sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+}
+
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_utf8(name).unwrap(), RecordType::A));
+    m.to_vec().unwrap()
+}
+
+struct Result {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    lost: u64,
+}
+
+/// Runs the load from inside namespace `ns` against `server`.
+fn load(ns: &str, server: Ipv4Addr, secs: f64) -> Result {
+    let nsfile = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    let server = SocketAddr::from((server, 53));
+    std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(nsfile.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+            .expect("enter the client namespace");
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect(server).unwrap();
+        let queries: Vec<Vec<u8>> = (0..NAMES).map(|i| query(0, &format!("vm{i}.vm.internal."))).collect();
+        let mut buf = [0u8; 1500];
+        // Warm up (ARP, caches).
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for q in queries.iter().take(8) {
+            sock.send(q).unwrap();
+            let _ = sock.recv(&mut buf);
+        }
+        // Throughput: keep 64 in flight.
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut sent_at: HashMap<u16, Instant> = HashMap::new();
+        let (mut id, mut answered, mut lost) = (0u16, 0u64, 0u64);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut send = |sock: &UdpSocket, sent_at: &mut HashMap<u16, Instant>, id: &mut u16| {
+            *id = id.wrapping_add(1);
+            let mut q = queries[*id as usize % NAMES].clone();
+            q[..2].copy_from_slice(&id.to_be_bytes());
+            sock.send(&q).unwrap();
+            sent_at.insert(*id, Instant::now());
+        };
+        for _ in 0..64 {
+            send(&sock, &mut sent_at, &mut id);
+        }
+        while Instant::now() < deadline {
+            match sock.recv(&mut buf) {
+                Ok(n) if n >= 12 => {
+                    let rid = u16::from_be_bytes([buf[0], buf[1]]);
+                    if sent_at.remove(&rid).is_some() {
+                        answered += 1;
+                        send(&sock, &mut sent_at, &mut id);
+                    }
+                }
+                _ => {
+                    // Timed out: count what is outstanding as lost, refill the window.
+                    lost += sent_at.len() as u64;
+                    sent_at.clear();
+                    for _ in 0..64 {
+                        send(&sock, &mut sent_at, &mut id);
+                    }
+                }
+            }
+        }
+        let rate = answered as f64 / start.elapsed().as_secs_f64();
+        // Drain what is still in flight.
+        while sock.recv(&mut buf).is_ok() {}
+        // Latency: one at a time.
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut rtts = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < deadline {
+            id = id.wrapping_add(1);
+            let mut q = queries[id as usize % NAMES].clone();
+            q[..2].copy_from_slice(&id.to_be_bytes());
+            let t = Instant::now();
+            sock.send(&q).unwrap();
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) if n >= 12 && buf[..2] == id.to_be_bytes() => {
+                        rtts.push(t.elapsed());
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => {
+                        lost += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        rtts.sort();
+        Result {
+            rate,
+            p50: rtts[rtts.len() / 2],
+            p99: rtts[rtts.len() * 99 / 100],
+            lost,
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("dns bench: run it with `cargo bench -p gateway --bench dns`");
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        println!("dns bench: SKIP, needs root (network namespaces and TAP devices)");
+        return;
+    }
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sw = Switch::start(SwitchConfig::default()).unwrap();
+    sw.add_network("bench", NetworkConfig::default()).unwrap();
+    let mut cfg = GatewayConfig::new("bench", "10.250.0.0/24".parse().unwrap());
+    cfg.upstreams = Upstreams::Static(vec![]);
+    let gw = Gateway::attach(rt.handle(), &sw, "bench", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let pid = std::process::id() % 10000;
+    let (client_ns, ref_ns) = (format!("dnsc{pid}"), format!("dnsr{pid}"));
+    let mut cleanup = Cleanup(vec![client_ns.clone(), ref_ns.clone()], None);
+    netns_with_tap(&sw, &client_ns, &format!("dbc{pid}"), "10.250.0.10/24");
+    netns_with_tap(&sw, &ref_ns, &format!("dbr{pid}"), "10.250.0.53/24");
+
+    // The same 64 names in both servers.
+    let mut dnsmasq = Command::new("ip");
+    dnsmasq.args([
+        "netns",
+        "exec",
+        &ref_ns,
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+    ]);
+    dnsmasq.args([
+        "--user=root",
+        "--listen-address=10.250.0.53",
+        "--bind-interfaces",
+        "--cache-size=1000",
+    ]);
+    for i in 0..NAMES {
+        let ip = Ipv4Addr::new(10, 250, 0, 100 + i as u8);
+        gw.set_static_name(&format!("vm{i}"), ip);
+        dnsmasq.arg(format!("--host-record=vm{i}.vm.internal,{ip}"));
+    }
+    cleanup.1 = Some(dnsmasq.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500)); // dnsmasq binds its socket
+
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    println!(
+        "## DNS: local names from a client on a TAP port (median of {reps} interleaved runs, {secs} s per measure)\n"
+    );
+    println!("| server | answers/s (64 in flight) | p50 (1 in flight) | p99 | lost |");
+    println!("|---|---:|---:|---:|---:|");
+    let servers = [
+        ("vmfabric gateway", Ipv4Addr::new(10, 250, 0, 1)),
+        ("dnsmasq 2.90", Ipv4Addr::new(10, 250, 0, 53)),
+    ];
+    let mut runs: Vec<Vec<Result>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..reps {
+        for (k, (_, ip)) in servers.iter().enumerate() {
+            runs[k].push(load(&client_ns, *ip, secs));
+        }
+    }
+    let mut rates = Vec::new();
+    for ((name, _), mut v) in servers.iter().zip(runs) {
+        v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        let r = v.swap_remove(v.len() / 2);
+        rates.push(r.rate);
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {} |",
+            r.rate,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.lost
+        );
+    }
+    let ratio = rates[0] / rates[1];
+    println!(
+        "\nvmfabric / dnsmasq answers per second: {ratio:.2}× (target ≥ 1×: {})",
+        if ratio >= 1.0 { "met" } else { "MISSED" }
+    );
+    println!(
+        "gateway counters: {:?}",
+        gw.counters()
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .collect::<Vec<_>>()
+    );
+}
