@@ -95,7 +95,7 @@ fn load(ns: &str, server: Ipv4Addr, secs: f64) -> Result {
         let (mut id, mut answered, mut lost) = (0u16, 0u64, 0u64);
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(secs);
-        let mut send = |sock: &UdpSocket, sent_at: &mut HashMap<u16, Instant>, id: &mut u16| {
+        let send = |sock: &UdpSocket, sent_at: &mut HashMap<u16, Instant>, id: &mut u16| {
             *id = id.wrapping_add(1);
             let mut q = queries[*id as usize % NAMES].clone();
             q[..2].copy_from_slice(&id.to_be_bytes());
