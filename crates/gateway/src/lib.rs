@@ -13,6 +13,7 @@ pub mod counters;
 pub mod dhcp;
 pub mod dns;
 pub mod leases;
+pub mod tcp_dns;
 pub mod upstream;
 pub mod wire;
 
@@ -56,6 +57,18 @@ fn unix_now() -> u64 {
 struct State {
     dhcp: DhcpServer,
     zone: Zone,
+    tcp: tcp_dns::TcpDns,
+}
+
+/// Where a forwarded query's answer goes.
+#[derive(Clone, Copy)]
+enum ReplyTo {
+    Udp {
+        client_mac: Mac,
+        client: (Ipv4Addr, u16),
+        server_ip: Ipv4Addr,
+    },
+    Tcp(smoltcp::iface::SocketHandle),
 }
 
 struct Shared {
@@ -119,11 +132,20 @@ impl Gateway {
             }
         }
         let (tx, rx) = mpsc::channel();
+        let gateway_ips: Vec<Ipv4Addr> = std::iter::once(cfg.gateway_ip)
+            .chain(cfg.extra_ips.iter().copied())
+            .collect();
+        let tcp = tcp_dns::TcpDns::new(
+            cfg.gateway_mac,
+            &gateway_ips,
+            cfg.subnet.prefix_len(),
+            usize::from(cfg.mtu),
+        );
         let shared = Arc::new(Shared {
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
             cfg,
             counters,
-            state: Mutex::new(State { dhcp, zone }),
+            state: Mutex::new(State { dhcp, zone, tcp }),
             inflight_total: AtomicUsize::new(0),
             inflight_by_client: Mutex::new(HashMap::new()),
             events: Mutex::new(Some(tx)),
@@ -194,17 +216,27 @@ impl Drop for Gateway {
 
 async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
     let mut buf = vec![0u8; 65536 + 64];
+    // Answers of forwarded TCP queries come back here, to be written by this task.
+    let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::unbounded_channel::<(smoltcp::iface::SocketHandle, Vec<u8>)>();
     loop {
-        let next = shared.state().dhcp.next_expiry();
+        let (next, tcp_delay) = {
+            let mut st = shared.state();
+            (st.dhcp.next_expiry(), st.tcp.poll_delay())
+        };
         let sleep = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(unix_now())),
             None => Duration::from_secs(24 * 3600),
         };
+        let tcp_sleep = tcp_delay.unwrap_or(Duration::from_secs(24 * 3600));
         tokio::select! {
             r = sock.recv(&mut buf) => match r {
                 Ok(n) => {
-                    for reply in handle_frame(&shared, &sock, &buf[..n]) {
+                    let (replies, tcp_touched) = handle_frame(&shared, &sock, &buf[..n]);
+                    for reply in replies {
                         let _ = sock.send(&reply).await;
+                    }
+                    if tcp_touched {
+                        run_tcp(&shared, &sock, &tcp_tx).await;
                     }
                 }
                 Err(e) => {
@@ -212,6 +244,11 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
                     return;
                 }
             },
+            Some((handle, answer)) = tcp_rx.recv() => {
+                shared.state().tcp.deliver(handle, &answer);
+                run_tcp(&shared, &sock, &tcp_tx).await;
+            }
+            _ = tokio::time::sleep(tcp_sleep) => run_tcp(&shared, &sock, &tcp_tx).await,
             _ = tokio::time::sleep(sleep) => {
                 let gone = shared.state().dhcp.expire(unix_now());
                 for ev in gone {
@@ -222,9 +259,54 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
     }
 }
 
-/// Answers one frame; returns the frames to send back now. Forwarded DNS queries are
-/// answered later by their own task.
-fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> Vec<Vec<u8>> {
+/// Runs the TCP DNS stack, sends what it produced and forwards what it must.
+async fn run_tcp(
+    shared: &Arc<Shared>,
+    sock: &Arc<UnixDatagram>,
+    answers: &tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>,
+) {
+    let out = {
+        let mut st = shared.state();
+        let State { tcp, zone, .. } = &mut *st;
+        tcp.poll(zone)
+    };
+    let c = &shared.counters;
+    c.dns_local.fetch_add(out.local, Ordering::Relaxed);
+    c.dns_nxdomain.fetch_add(out.nxdomain, Ordering::Relaxed);
+    c.dns_malformed.fetch_add(out.malformed, Ordering::Relaxed);
+    for frame in out.frames {
+        let _ = sock.send(&frame).await;
+    }
+    for (handle, query) in out.forward {
+        let client = Ipv4Addr::UNSPECIFIED; // TCP connections share one in-flight budget
+        spawn_forward(shared, sock, query, client, ReplyTo::Tcp(handle), Some(answers.clone()));
+    }
+}
+
+/// Answers one frame; returns the frames to send back now, and whether the TCP stack
+/// got the frame and needs a run. Forwarded DNS queries are answered by their own task.
+fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
+    (answer_frame(shared, sock, frame), feed_tcp(shared, frame))
+}
+
+/// Gives the TCP stack the frames it needs: TCP to a gateway address, and ARP about one
+/// (it learns neighbours from ARP only).
+fn feed_tcp(shared: &Arc<Shared>, frame: &[u8]) -> bool {
+    let cfg = &shared.cfg;
+    let wanted = match wire::classify(frame) {
+        Ok(Inbound::Tcp { dst_ip, .. }) => cfg.is_gateway_ip(dst_ip),
+        Ok(Inbound::Arp {
+            target_ip, sender_ip, ..
+        }) => cfg.is_gateway_ip(target_ip) && sender_ip != target_ip,
+        _ => false,
+    };
+    if wanted {
+        shared.state().tcp.input(frame);
+    }
+    wanted
+}
+
+fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> Vec<Vec<u8>> {
     let cfg = &shared.cfg;
     let c = &shared.counters;
     let inbound = match wire::classify(frame) {
@@ -320,7 +402,12 @@ fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
                     vec![reply_to(&bytes)]
                 }
                 Ok(Decision::Forward) => {
-                    spawn_forward(shared, sock, payload.to_vec(), src_mac, (src_ip, src_port), dst_ip);
+                    let to = ReplyTo::Udp {
+                        client_mac: src_mac,
+                        client: (src_ip, src_port),
+                        server_ip: dst_ip,
+                    };
+                    spawn_forward(shared, sock, payload.to_vec(), src_ip, to, None);
                     vec![]
                 }
             }
@@ -352,20 +439,20 @@ fn spawn_forward(
     shared: &Arc<Shared>,
     sock: &Arc<UnixDatagram>,
     query: Vec<u8>,
-    client_mac: Mac,
-    client: (Ipv4Addr, u16),
-    server_ip: Ipv4Addr,
+    client_ip: Ipv4Addr,
+    reply_to: ReplyTo,
+    tcp_answers: Option<tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>>,
 ) {
     let cfg = &shared.cfg;
     {
         let mut map = shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = map.entry(client.0).or_insert(0);
+        let mine = map.entry(client_ip).or_insert(0);
         if *mine >= cfg.dns_inflight_per_client
             || shared.inflight_total.load(Ordering::Relaxed) >= cfg.dns_inflight_total
         {
             GatewayCounters::inc(&shared.counters.dns_dropped);
             if *mine == 0 {
-                map.remove(&client.0);
+                map.remove(&client_ip);
             }
             return;
         }
@@ -374,7 +461,7 @@ fn spawn_forward(
     }
     let guard = InflightGuard {
         shared: shared.clone(),
-        client: client.0,
+        client: client_ip,
     };
     let sock = sock.clone();
     tokio::spawn(async move {
@@ -394,9 +481,24 @@ fn spawn_forward(
                 }
             }
         };
-        let cfg = &shared.cfg;
-        let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
-        let _ = sock.send(&frame).await;
+        match (reply_to, tcp_answers) {
+            (
+                ReplyTo::Udp {
+                    client_mac,
+                    client,
+                    server_ip,
+                },
+                _,
+            ) => {
+                let cfg = &shared.cfg;
+                let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
+                let _ = sock.send(&frame).await;
+            }
+            (ReplyTo::Tcp(handle), Some(tx)) => {
+                let _ = tx.send((handle, bytes));
+            }
+            (ReplyTo::Tcp(_), None) => {}
+        }
         drop(guard);
     });
 }

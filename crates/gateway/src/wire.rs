@@ -38,6 +38,8 @@ pub enum Inbound<'a> {
         dst_port: u16,
         payload: &'a [u8],
     },
+    /// A TCP segment; its checksum and the rest are the TCP stack's to check.
+    Tcp { dst_ip: Ipv4Addr, dst_port: u16 },
     /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6).
     Ignored,
 }
@@ -118,6 +120,17 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                         Err(_) if icmp.verify_checksum() => Ok(Inbound::Ignored),
                         Err(_) => Err(WireError::Icmp),
                     }
+                }
+                IpProtocol::Tcp => {
+                    let p = pkt.payload();
+                    let dst_port = p
+                        .get(2..4)
+                        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                        .ok_or(WireError::Ipv4)?;
+                    Ok(Inbound::Tcp {
+                        dst_ip: ip.dst_addr,
+                        dst_port,
+                    })
                 }
                 _ => Ok(Inbound::Ignored),
             }

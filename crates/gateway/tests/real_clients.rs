@@ -255,6 +255,23 @@ fn udhcpc_gets_renews_and_releases_and_dig_resolves() {
     );
     assert!(host.dig(gw_ip, &["nobody.vm.internal"]).contains("status: NXDOMAIN"));
     assert_eq!(host.dig(gw_ip, &["+short", "outside.test"]).trim(), "192.0.2.7");
+    // The same over TCP, local and forwarded, several queries on one connection.
+    let tcp = host.dig(
+        gw_ip,
+        &[
+            "+tcp",
+            "+keepopen",
+            "+short",
+            "web.vm.internal",
+            "outside.test",
+            "nobody.vm.internal",
+        ],
+    );
+    assert_eq!(
+        tcp.split_whitespace().collect::<Vec<_>>(),
+        vec![lease.ip.to_string(), "192.0.2.7".to_string()],
+        "{tcp}"
+    );
     let aaaa = host.dig(gw_ip, &["web.vm.internal", "AAAA"]);
     assert!(aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"), "{aaaa}");
     let c = net.gw.counters();

@@ -1,0 +1,243 @@
+//! DNS over TCP on the gateway's address (RFC 7766): the same answers as over UDP, for
+//! clients that retry truncated answers or always use TCP.
+//!
+//! Theory of operation: a smoltcp interface owns the gateway's addresses for TCP only.
+//! The frame loop hands it TCP frames for the gateway and ARP frames about the
+//! gateway (smoltcp learns neighbours only from ARP); the gateway's own ARP responder
+//! keeps answering, so ARP replies smoltcp would send are dropped. One socket always
+//! listens on port 53 while fewer than `MAX_CONNECTIONS` are open. Each connection
+//! carries length-prefixed messages; local answers are written at once, forwarded ones
+//! when the upstream answers. A connection is closed once the client closes its side
+//! and nothing is pending, or when it sends something that is not a DNS query.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use fabric::Mac;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr};
+
+use crate::dns::{self, Decision, Zone};
+
+/// Open TCP DNS connections at most; further SYNs wait for a free slot.
+pub const MAX_CONNECTIONS: usize = 32;
+const BUFFER: usize = 65536 + 2;
+/// A connection with no traffic for this long is dropped.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Frames in and out of the smoltcp interface.
+#[derive(Default)]
+struct Queue {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push(buf);
+        r
+    }
+}
+
+impl Device for Queue {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((Rx(frame), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        caps
+    }
+}
+
+#[derive(Default)]
+struct Conn {
+    rx: Vec<u8>,
+    pending: usize,
+}
+
+/// What one run of the stack produced.
+#[derive(Default)]
+pub struct Output {
+    pub frames: Vec<Vec<u8>>,
+    /// Queries to forward upstream; answer them with [`TcpDns::deliver`].
+    pub forward: Vec<(SocketHandle, Vec<u8>)>,
+    pub local: u64,
+    pub nxdomain: u64,
+    pub malformed: u64,
+}
+
+pub struct TcpDns {
+    iface: Interface,
+    device: Queue,
+    sockets: SocketSet<'static>,
+    conns: HashMap<SocketHandle, Conn>,
+    epoch: std::time::Instant,
+}
+
+impl TcpDns {
+    pub fn new(mac: Mac, addrs: &[Ipv4Addr], prefix: u8, mtu: usize) -> TcpDns {
+        let mut device = Queue {
+            mtu,
+            ..Default::default()
+        };
+        let epoch = std::time::Instant::now();
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
+        let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            for ip in addrs {
+                let _ = a.push(IpCidr::new((*ip).into(), prefix));
+            }
+        });
+        let mut s = TcpDns {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            epoch,
+        };
+        s.ensure_listener();
+        s
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.epoch.elapsed().as_millis() as i64)
+    }
+
+    fn ensure_listener(&mut self) {
+        let listening = self
+            .sockets
+            .iter()
+            .any(|(_, s)| matches!(s, smoltcp::socket::Socket::Tcp(t) if t.is_listening()));
+        if listening || self.conns.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; BUFFER]),
+            tcp::SocketBuffer::new(vec![0; BUFFER]),
+        );
+        sock.set_timeout(Some(IDLE.into()));
+        if sock.listen(53).is_ok() {
+            let h = self.sockets.add(sock);
+            self.conns.insert(h, Conn::default());
+        }
+    }
+
+    /// Hands the stack a frame (TCP to the gateway, or ARP about it).
+    pub fn input(&mut self, frame: &[u8]) {
+        self.device.rx.push_back(frame.to_vec());
+    }
+
+    /// When the stack next needs to run (retransmissions, timeouts).
+    pub fn poll_delay(&mut self) -> Option<Duration> {
+        let now = self.now();
+        self.iface.poll_delay(now, &self.sockets).map(Duration::from)
+    }
+
+    /// Writes a forwarded query's answer to its connection.
+    pub fn deliver(&mut self, handle: SocketHandle, answer: &[u8]) {
+        if let Some(c) = self.conns.get_mut(&handle) {
+            c.pending = c.pending.saturating_sub(1);
+            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+            write_message(sock, answer);
+        }
+    }
+
+    /// Runs the stack and the DNS conversation on every connection.
+    pub fn poll(&mut self, zone: &Zone) -> Output {
+        let mut out = Output::default();
+        let now = self.now();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        let mut gone = Vec::new();
+        for (h, conn) in self.conns.iter_mut() {
+            let sock = self.sockets.get_mut::<tcp::Socket>(*h);
+            let mut buf = [0u8; 4096];
+            while sock.can_recv() {
+                match sock.recv_slice(&mut buf) {
+                    Ok(n) if n > 0 => conn.rx.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            while conn.rx.len() >= 2 {
+                let len = usize::from(u16::from_be_bytes([conn.rx[0], conn.rx[1]]));
+                if conn.rx.len() < 2 + len {
+                    break;
+                }
+                let query: Vec<u8> = conn.rx.drain(..2 + len).skip(2).collect();
+                match dns::decide(zone, &query) {
+                    Ok(Decision::Answer { bytes, nxdomain }) => {
+                        if nxdomain {
+                            out.nxdomain += 1;
+                        } else {
+                            out.local += 1;
+                        }
+                        write_message(sock, &bytes);
+                    }
+                    Ok(Decision::Forward) => {
+                        conn.pending += 1;
+                        out.forward.push((*h, query));
+                    }
+                    Err(dns::Malformed) => {
+                        out.malformed += 1;
+                        sock.abort();
+                        conn.rx.clear();
+                    }
+                }
+            }
+            match sock.state() {
+                tcp::State::CloseWait if conn.pending == 0 && sock.send_queue() == 0 => sock.close(),
+                tcp::State::Closed | tcp::State::TimeWait => gone.push(*h),
+                _ => {}
+            }
+        }
+        for h in gone {
+            self.conns.remove(&h);
+            self.sockets.remove(h);
+        }
+        self.ensure_listener();
+        // Writes made above go out now.
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        out.frames = self.device.tx.drain(..).filter(|f| !is_arp_reply(f)).collect();
+        out
+    }
+}
+
+fn write_message(sock: &mut tcp::Socket, msg: &[u8]) {
+    let Ok(len) = u16::try_from(msg.len()) else { return };
+    // The buffer holds a whole maximal message, so both writes fit unless the client
+    // stopped reading entirely; then the answer is lost with the connection.
+    let _ = sock.send_slice(&len.to_be_bytes());
+    let _ = sock.send_slice(msg);
+}
+
+/// The gateway's own ARP responder has answered already.
+fn is_arp_reply(frame: &[u8]) -> bool {
+    EthernetFrame::new_checked(frame)
+        .is_ok_and(|f| f.ethertype() == EthernetProtocol::Arp && f.payload().get(7) == Some(&2))
+}
