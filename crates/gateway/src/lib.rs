@@ -30,7 +30,7 @@ use tokio::net::UnixDatagram;
 pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, Upstreams};
 pub use counters::GatewayCounters;
 pub use dhcp::LeaseEvent;
-pub use leases::{Lease, LeaseStore, MemoryLeaseStore};
+pub use leases::{Lease, LeaseStore, MemoryLeaseStore, StoreError};
 
 use dhcp::DhcpServer;
 use dns::{Decision, Zone};

@@ -1,4 +1,8 @@
 //! vmfabric's control plane: what ties the data plane, the gateways and (later) the
 //! API and the store together. The binary in `main.rs` is its command line.
 
+pub mod api;
+pub mod client;
 pub mod control;
+pub mod daemon;
+pub mod store;

@@ -1,0 +1,129 @@
+//! The HTTP/JSON API on a Unix socket, versioned under `/v1`.
+//!
+//! Errors are `{"error": code, "message": text}` with 400 for bad input (bad JSON and
+//! unknown fields included), 404 for unknown names, 409 for duplicates and conflicts,
+//! 500 for failures of the host.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::daemon::{ApiError, Daemon, PortRequest};
+use crate::store::NetworkRecord;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        (status, Json(json!({ "error": code, "message": self.to_string() }))).into_response()
+    }
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v).map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+type Shared = State<Arc<Daemon>>;
+
+async fn list_networks(State(d): Shared) -> Response {
+    Json(d.networks()).into_response()
+}
+
+async fn create_network(State(d): Shared, b: Result<Json<NetworkRecord>, JsonRejection>) -> Result<Response, ApiError> {
+    let rec = d.create_network(body(b)?)?;
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+async fn show_network(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.network(&name)?).into_response())
+}
+
+#[derive(Deserialize)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_network(
+    State(d): Shared,
+    UrlPath(name): UrlPath<String>,
+    Query(f): Query<Force>,
+) -> Result<StatusCode, ApiError> {
+    d.delete_network(&name, f.force)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_ports(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.ports(&net)?).into_response())
+}
+
+async fn add_port(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<PortRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let view = d.add_port(&net, body(b)?)?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn remove_port(
+    State(d): Shared,
+    UrlPath((net, port)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    d.remove_port(&net, &port)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.leases(&net)?).into_response())
+}
+
+async fn metrics(State(d): Shared) -> Response {
+    ([("content-type", "text/plain; version=0.0.4")], d.metrics()).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route; see /v1/networks".into())
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route("/v1/networks/{name}", get(show_network).delete(delete_network))
+        .route("/v1/networks/{name}/ports", get(list_ports).post(add_port))
+        .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
+        .route("/v1/networks/{name}/leases", get(list_leases))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(daemon)
+}
+
+/// Binds the API socket (mode 0600). Refuses when another daemon answers on it;
+/// removes a stale socket left by a crash.
+pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another vmfabric daemon is serving {}; stop it first", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}

@@ -1,0 +1,535 @@
+//! The daemon's state: the switch, one gateway per network, the store, and the
+//! operations the API offers on them.
+//!
+//! Every change is written to the store before it is acknowledged, and everything the
+//! data plane holds is rebuilt from the store at start: networks and their gateways
+//! (with their leases), and ports listening again on the same paths with the same MACs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig, SwitchEvent};
+use gateway::{Gateway, GatewayConfig, Lease};
+use serde::{Deserialize, Serialize};
+
+use crate::control::locks::{ControlEvent, PortLocker};
+use crate::store::{DbError, NetworkRecord, PortKind, PortRecord, Store};
+
+/// What went wrong, in the terms the API reports.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<fabric::FabricError> for ApiError {
+    fn from(e: fabric::FabricError) -> Self {
+        match e {
+            fabric::FabricError::InvalidConfig(m) => ApiError::BadRequest(m),
+            fabric::FabricError::PathInUse(p) => ApiError::Conflict(format!("socket path {p} is in use")),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A port to create.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRequest {
+    pub name: String,
+    pub kind: PortKind,
+}
+
+/// A port as the API shows it, with what to give the VMM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortView {
+    #[serde(flatten)]
+    pub record: PortRecord,
+    pub up: bool,
+    pub qemu_args: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkView {
+    #[serde(flatten)]
+    pub record: NetworkRecord,
+    pub ports: usize,
+    pub leases: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub ip: std::net::Ipv4Addr,
+    #[serde(with = "crate::store::mac_text")]
+    pub mac: Mac,
+    pub hostname: Option<String>,
+    pub expires: u64,
+}
+
+impl From<Lease> for LeaseView {
+    fn from(l: Lease) -> Self {
+        LeaseView {
+            ip: l.ip,
+            mac: l.mac,
+            hostname: l.hostname,
+            expires: l.expires,
+        }
+    }
+}
+
+struct Net {
+    record: NetworkRecord,
+    gateway: Option<Arc<Gateway>>,
+    ports: HashMap<String, (PortId, PortRecord)>,
+}
+
+pub struct Daemon {
+    switch: Arc<Switch>,
+    store: Arc<Store>,
+    rt: tokio::runtime::Handle,
+    run_dir: PathBuf,
+    nets: Mutex<HashMap<String, Net>>,
+    /// Port ids to (network, port name), for naming VMs after their port.
+    labels: Arc<Mutex<HashMap<PortId, (String, String)>>>,
+    gateways: Arc<Mutex<HashMap<String, Arc<Gateway>>>>,
+    control: mpsc::Sender<ControlEvent>,
+    locker: Arc<Mutex<PortLocker>>,
+}
+
+fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{what} name {name:?} must be 1 to 64 characters of letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        )))
+    }
+}
+
+fn qemu_args(p: &PortRecord, run_dir: &std::path::Path) -> String {
+    let netdev = match p.kind {
+        PortKind::Unixgram => {
+            let guest = run_dir.join("guests").join(format!("{}-{}.sock", p.network, p.name));
+            format!(
+                "-netdev dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                guest.display(),
+                p.path
+            )
+        }
+        PortKind::Stream => format!("-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}", p.path),
+    };
+    format!("{netdev} -device virtio-net-pci,netdev=net0,mac={}", p.mac)
+}
+
+impl Daemon {
+    /// Opens the store in `state_dir`, starts the data plane and rebuilds it from the
+    /// store. With an empty store, creates the network `default` on 10.77.0.0/24.
+    pub fn start(state_dir: PathBuf, run_dir: PathBuf, rt: tokio::runtime::Handle) -> anyhow::Result<Arc<Daemon>> {
+        std::fs::create_dir_all(&state_dir)?;
+        std::fs::create_dir_all(run_dir.join("ports"))?;
+        std::fs::create_dir_all(run_dir.join("guests"))?;
+        let store = Store::open(&state_dir.join("vmfabric.db"))?;
+        let switch = Arc::new(Switch::start(SwitchConfig::default())?);
+        let (control, control_rx) = mpsc::channel();
+        let labels: Arc<Mutex<HashMap<PortId, (String, String)>>> = Arc::default();
+        let gateways: Arc<Mutex<HashMap<String, Arc<Gateway>>>> = Arc::default();
+        // Switch events: name VMs after their port, then on to the port locker.
+        let events = switch
+            .take_events()
+            .ok_or_else(|| anyhow::anyhow!("switch events taken"))?;
+        {
+            let (control, labels, gateways) = (control.clone(), labels.clone(), gateways.clone());
+            std::thread::Builder::new()
+                .name("switch-events".into())
+                .spawn(move || {
+                    for ev in events {
+                        if let SwitchEvent::MacLearned { network, mac, port } = &ev {
+                            let label = lock(&labels).get(port).map(|(_, name)| name.clone());
+                            let gw = lock(&gateways).get(network).cloned();
+                            if let (Some(label), Some(gw)) = (label, gw) {
+                                gw.set_name_hint(*mac, &label);
+                            }
+                        }
+                        if control.send(ControlEvent::Switch(ev)).is_err() {
+                            break;
+                        }
+                    }
+                })?;
+        }
+        let locker = Arc::new(Mutex::new(PortLocker::new(switch.clone())));
+        {
+            let locker = locker.clone();
+            std::thread::Builder::new().name("port-locker".into()).spawn(move || {
+                for ev in control_rx {
+                    lock(&locker).handle(&ev);
+                }
+            })?;
+        }
+        let daemon = Arc::new(Daemon {
+            switch,
+            store,
+            rt,
+            run_dir,
+            nets: Mutex::new(HashMap::new()),
+            labels,
+            gateways,
+            control,
+            locker,
+        });
+        let saved = daemon.store.networks()?;
+        if saved.is_empty() {
+            let default = NetworkRecord {
+                name: "default".into(),
+                subnet: "10.77.0.0/24".parse().expect("literal"),
+                mtu: 1500,
+                gateway: true,
+            };
+            daemon
+                .create_network(default)
+                .map_err(|e| anyhow::anyhow!("create the default network: {e}"))?;
+        } else {
+            for rec in saved {
+                daemon
+                    .bring_up_network(rec)
+                    .map_err(|e| anyhow::anyhow!("restore a network: {e}"))?;
+            }
+            for port in daemon.store.ports()? {
+                daemon
+                    .bring_up_port(port)
+                    .map_err(|e| anyhow::anyhow!("restore a port: {e}"))?;
+            }
+        }
+        Ok(daemon)
+    }
+
+    fn nets(&self) -> MutexGuard<'_, HashMap<String, Net>> {
+        lock(&self.nets)
+    }
+
+    pub fn switch(&self) -> &Switch {
+        &self.switch
+    }
+
+    fn bring_up_network(&self, rec: NetworkRecord) -> Result<(), ApiError> {
+        let cfg = NetworkConfig {
+            mtu: rec.mtu as usize,
+            ..NetworkConfig::default()
+        };
+        cfg.validate()?;
+        self.switch.add_network(&rec.name, cfg)?;
+        let gateway = if rec.gateway {
+            let mut gcfg = GatewayConfig::new(&rec.name, rec.subnet);
+            gcfg.mtu = u16::try_from(rec.mtu).unwrap_or(u16::MAX);
+            let gw = Gateway::attach(
+                &self.rt,
+                &self.switch,
+                &rec.name,
+                gcfg,
+                Box::new(self.store.leases_of(&rec.name)),
+            )
+            .map_err(|e| ApiError::BadRequest(e.to_string()));
+            let gw = match gw {
+                Ok(gw) => Arc::new(gw),
+                Err(e) => {
+                    let _ = self.switch.remove_network(&rec.name);
+                    return Err(e);
+                }
+            };
+            if gw.config().lock_ports {
+                lock(&self.locker).enable(&rec.name, gw.port());
+            }
+            if let Some(leases) = gw.take_events() {
+                let (control, network) = (self.control.clone(), rec.name.clone());
+                std::thread::spawn(move || {
+                    for event in leases {
+                        if control
+                            .send(ControlEvent::Lease {
+                                network: network.clone(),
+                                event,
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+            lock(&self.gateways).insert(rec.name.clone(), gw.clone());
+            Some(gw)
+        } else {
+            None
+        };
+        self.nets().insert(
+            rec.name.clone(),
+            Net {
+                record: rec,
+                gateway,
+                ports: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn create_network(&self, rec: NetworkRecord) -> Result<NetworkRecord, ApiError> {
+        valid_name("network", &rec.name)?;
+        {
+            let nets = self.nets();
+            if nets.contains_key(&rec.name) {
+                return Err(ApiError::Conflict(format!("network {:?} already exists", rec.name)));
+            }
+            if let Some(other) = nets.values().find(|n| {
+                n.record.subnet.contains(&rec.subnet.network()) || rec.subnet.contains(&n.record.subnet.network())
+            }) {
+                return Err(ApiError::Conflict(format!(
+                    "subnet {} overlaps network {:?} ({})",
+                    rec.subnet, other.record.name, other.record.subnet
+                )));
+            }
+        }
+        if rec.gateway {
+            GatewayConfig::new(&rec.name, rec.subnet)
+                .validate()
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        }
+        self.bring_up_network(rec.clone())?;
+        if let Err(e) = self.store.put_network(&rec) {
+            let _ = self.delete_network(&rec.name, true);
+            return Err(e.into());
+        }
+        Ok(rec)
+    }
+
+    pub fn delete_network(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        let ports: Vec<String> = {
+            let nets = self.nets();
+            let net = nets
+                .get(name)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {name:?}")))?;
+            if !net.ports.is_empty() && !force {
+                return Err(ApiError::Conflict(format!(
+                    "network {name:?} has {} port(s); remove them first or delete with force=true",
+                    net.ports.len()
+                )));
+            }
+            net.ports.keys().cloned().collect()
+        };
+        for p in ports {
+            self.remove_port(name, &p)?;
+        }
+        self.store.delete_network(name)?;
+        let net = self.nets().remove(name);
+        lock(&self.gateways).remove(name);
+        if let Some(gw) = net.and_then(|n| n.gateway) {
+            let _ = self.switch.remove_port(gw.port());
+        }
+        self.switch.remove_network(name)?;
+        Ok(())
+    }
+
+    pub fn networks(&self) -> Vec<NetworkView> {
+        let mut v: Vec<NetworkView> = self
+            .nets()
+            .values()
+            .map(|n| NetworkView {
+                record: n.record.clone(),
+                ports: n.ports.len(),
+                leases: n.gateway.as_ref().map(|g| g.leases().len()).unwrap_or(0),
+            })
+            .collect();
+        v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        v
+    }
+
+    pub fn network(&self, name: &str) -> Result<NetworkView, ApiError> {
+        self.networks()
+            .into_iter()
+            .find(|n| n.record.name == name)
+            .ok_or_else(|| ApiError::NotFound(format!("no network named {name:?}")))
+    }
+
+    fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ApiError> {
+        let path = PathBuf::from(&rec.path);
+        let id = match rec.kind {
+            PortKind::Unixgram => self.switch.add_unixgram_port(&rec.network, &rec.name, &path)?,
+            PortKind::Stream => self.switch.add_stream_port(&rec.network, &rec.name, &path)?,
+        };
+        lock(&self.labels).insert(id, (rec.network.clone(), rec.name.clone()));
+        let mut nets = self.nets();
+        let net = nets
+            .get_mut(&rec.network)
+            .ok_or_else(|| ApiError::NotFound(format!("no network named {:?}", rec.network)))?;
+        net.ports.insert(rec.name.clone(), (id, rec));
+        Ok(id)
+    }
+
+    pub fn add_port(&self, network: &str, req: PortRequest) -> Result<PortView, ApiError> {
+        valid_name("port", &req.name)?;
+        {
+            let nets = self.nets();
+            let net = nets
+                .get(network)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            if net.ports.contains_key(&req.name) {
+                return Err(ApiError::Conflict(format!(
+                    "port {:?} already exists on {network:?}",
+                    req.name
+                )));
+            }
+        }
+        let ext = match req.kind {
+            PortKind::Unixgram => "sock",
+            PortKind::Stream => "stream",
+        };
+        let path = self
+            .run_dir
+            .join("ports")
+            .join(network)
+            .join(format!("{}.{ext}", req.name));
+        let rec = PortRecord {
+            network: network.to_string(),
+            name: req.name.clone(),
+            kind: req.kind,
+            path: path.display().to_string(),
+            mac: Mac::derived(&[network, &req.name]),
+        };
+        let id = self.bring_up_port(rec.clone())?;
+        if let Err(e) = self.store.put_port(&rec) {
+            let _ = self.remove_port(network, &req.name);
+            return Err(e.into());
+        }
+        Ok(PortView {
+            up: self.switch.is_port_up(id).unwrap_or(false),
+            qemu_args: qemu_args(&rec, &self.run_dir),
+            record: rec,
+        })
+    }
+
+    pub fn remove_port(&self, network: &str, name: &str) -> Result<(), ApiError> {
+        let (id, _) = {
+            let mut nets = self.nets();
+            let net = nets
+                .get_mut(network)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            net.ports
+                .remove(name)
+                .ok_or_else(|| ApiError::NotFound(format!("no port {name:?} on {network:?}")))?
+        };
+        self.store.delete_port(network, name)?;
+        lock(&self.labels).remove(&id);
+        self.switch.remove_port(id)?;
+        Ok(())
+    }
+
+    pub fn ports(&self, network: &str) -> Result<Vec<PortView>, ApiError> {
+        let nets = self.nets();
+        let net = nets
+            .get(network)
+            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+        let mut v: Vec<PortView> = net
+            .ports
+            .values()
+            .map(|(id, rec)| PortView {
+                record: rec.clone(),
+                up: self.switch.is_port_up(*id).unwrap_or(false),
+                qemu_args: qemu_args(rec, &self.run_dir),
+            })
+            .collect();
+        v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(v)
+    }
+
+    pub fn leases(&self, network: &str) -> Result<Vec<LeaseView>, ApiError> {
+        let nets = self.nets();
+        let net = nets
+            .get(network)
+            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+        Ok(net
+            .gateway
+            .as_ref()
+            .map(|g| g.leases().into_iter().map(LeaseView::from).collect())
+            .unwrap_or_default())
+    }
+
+    /// Counters in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let nets = self.nets();
+        let mut names: Vec<&String> = nets.keys().collect();
+        names.sort();
+        out.push_str("# TYPE vmfabric_port_frames_total counter\n# TYPE vmfabric_port_drops_total counter\n");
+        for name in &names {
+            let net = &nets[*name];
+            let mut ports: Vec<(&String, &(PortId, PortRecord))> = net.ports.iter().collect();
+            ports.sort_by_key(|(n, _)| *n);
+            for (pname, (id, _)) in ports {
+                if let Some(c) = self.switch.port_counters(*id) {
+                    let l = format!("network=\"{name}\",port=\"{pname}\"");
+                    out.push_str(&format!(
+                        "vmfabric_port_frames_total{{{l},dir=\"rx\"}} {}\n",
+                        c.rx_frames
+                    ));
+                    out.push_str(&format!(
+                        "vmfabric_port_frames_total{{{l},dir=\"tx\"}} {}\n",
+                        c.tx_frames
+                    ));
+                    out.push_str(&format!("vmfabric_port_bytes_total{{{l},dir=\"rx\"}} {}\n", c.rx_bytes));
+                    out.push_str(&format!("vmfabric_port_bytes_total{{{l},dir=\"tx\"}} {}\n", c.tx_bytes));
+                    for (reason, n) in c.drops_by_reason() {
+                        out.push_str(&format!(
+                            "vmfabric_port_drops_total{{{l},reason=\"{}\"}} {n}\n",
+                            reason.as_str()
+                        ));
+                    }
+                }
+            }
+            if let Some(gw) = &net.gateway {
+                out.push_str(&format!(
+                    "vmfabric_leases{{network=\"{name}\"}} {}\n",
+                    gw.leases().len()
+                ));
+                for (k, v) in gw.counters().snapshot() {
+                    out.push_str(&format!("vmfabric_gateway_{k}_total{{network=\"{name}\"}} {v}\n"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes the ports' socket files; the store keeps everything for the next start.
+    pub fn shutdown(&self) {
+        let ids: Vec<PortId> = self
+            .nets()
+            .values()
+            .flat_map(|n| n.ports.values().map(|(id, _)| *id))
+            .collect();
+        for id in ids {
+            let _ = self.switch.remove_port(id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long a client of the API waits for the daemon.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,270 @@
+//! Durable state: networks, ports and leases in SQLite.
+//!
+//! SQLite (rusqlite, bundled) rather than redb: the state is a handful of small
+//! relational tables that users and tests inspect with `sqlite3`, and SQLite's WAL mode
+//! with `synchronous=FULL` gives the guarantee we need: a write that returned is on
+//! disk, so nothing acknowledged to an API client or a DHCP client is lost to `kill -9`.
+//! Every write is one statement or one transaction.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use fabric::Mac;
+use gateway::{Lease, LeaseStore, StoreError};
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct DbError(#[from] rusqlite::Error);
+
+/// A network as stored and as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRecord {
+    pub name: String,
+    pub subnet: ipnet::Ipv4Net,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// Run a gateway (ARP/ICMP, DHCP, DNS) on the network.
+    #[serde(default = "yes")]
+    pub gateway: bool,
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a port is reached, as stored and as the API takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKind {
+    Unixgram,
+    Stream,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub network: String,
+    pub name: String,
+    pub kind: PortKind,
+    pub path: String,
+    #[serde(with = "mac_text")]
+    pub mac: Mac,
+}
+
+/// Serde for `Mac` as text, here so the data plane needs no serde.
+pub mod mac_text {
+    use fabric::Mac;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mac: &Mac, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&mac.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS networks (
+    name TEXT PRIMARY KEY,
+    subnet TEXT NOT NULL,
+    mtu INTEGER NOT NULL,
+    gateway INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ports (
+    network TEXT NOT NULL REFERENCES networks(name),
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    PRIMARY KEY (network, name)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    network TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    hostname TEXT,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (network, mac)
+);
+";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Arc<Store>, DbError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Arc::new(Store { conn: Mutex::new(conn) }))
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn put_network(&self, n: &NetworkRecord) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway) VALUES (?1, ?2, ?3, ?4)",
+            params![n.name, n.subnet.to_string(), n.mtu, n.gateway],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a network with its ports and leases, in one transaction.
+    pub fn delete_network(&self, name: &str) -> Result<(), DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM ports WHERE network = ?1", [name])?;
+        tx.execute("DELETE FROM leases WHERE network = ?1", [name])?;
+        tx.execute("DELETE FROM networks WHERE name = ?1", [name])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn networks(&self) -> Result<Vec<NetworkRecord>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT name, subnet, mtu, gateway FROM networks ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            let subnet: String = r.get(1)?;
+            Ok(NetworkRecord {
+                name: r.get(0)?,
+                subnet: subnet.parse().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+                })?,
+                mtu: r.get(2)?,
+                gateway: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_port(&self, p: &PortRecord) -> Result<(), DbError> {
+        let kind = serde_json::to_value(p.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        self.conn().execute(
+            "INSERT OR REPLACE INTO ports (network, name, kind, path, mac) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.network, p.name, kind, p.path, p.mac.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_port(&self, network: &str, name: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute("DELETE FROM ports WHERE network = ?1 AND name = ?2", [network, name])?;
+        Ok(())
+    }
+
+    pub fn ports(&self) -> Result<Vec<PortRecord>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT network, name, kind, path, mac FROM ports ORDER BY network, name")?;
+        let rows = st.query_map([], |r| {
+            let kind: String = r.get(2)?;
+            let mac: String = r.get(4)?;
+            let bad = |i: usize, e: Box<dyn std::error::Error + Send + Sync>| {
+                rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+            };
+            Ok(PortRecord {
+                network: r.get(0)?,
+                name: r.get(1)?,
+                kind: serde_json::from_value(serde_json::Value::String(kind)).map_err(|e| bad(2, Box::new(e)))?,
+                path: r.get(3)?,
+                mac: mac.parse().map_err(|e| bad(4, Box::new(e)))?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The lease store of one network's gateway.
+    pub fn leases_of(self: &Arc<Self>, network: &str) -> SqliteLeaseStore {
+        SqliteLeaseStore {
+            store: self.clone(),
+            network: network.to_string(),
+        }
+    }
+}
+
+/// A network's leases in the store: written before the DHCP ACK leaves.
+pub struct SqliteLeaseStore {
+    store: Arc<Store>,
+    network: String,
+}
+
+fn store_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl LeaseStore for SqliteLeaseStore {
+    fn load(&self) -> Result<Vec<Lease>, StoreError> {
+        let conn = self.store.conn();
+        let mut st = conn
+            .prepare("SELECT mac, ip, hostname, expires FROM leases WHERE network = ?1")
+            .map_err(store_err)?;
+        let rows = st
+            .query_map([&self.network], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(store_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mac, ip, hostname, expires) = row.map_err(store_err)?;
+            let (Ok(mac), Ok(ip)) = (mac.parse::<Mac>(), ip.parse::<Ipv4Addr>()) else {
+                return Err(StoreError(format!("unreadable lease row {mac} {ip}")));
+            };
+            out.push(Lease {
+                mac,
+                ip,
+                hostname,
+                expires: expires.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn save(&mut self, lease: &Lease) -> Result<(), StoreError> {
+        self.store
+            .conn()
+            .execute(
+                "INSERT OR REPLACE INTO leases (network, mac, ip, hostname, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    self.network,
+                    lease.mac.to_string(),
+                    lease.ip.to_string(),
+                    lease.hostname,
+                    lease.expires as i64
+                ],
+            )
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, mac: Mac) -> Result<(), StoreError> {
+        self.store
+            .conn()
+            .execute(
+                "DELETE FROM leases WHERE network = ?1 AND mac = ?2",
+                params![self.network, mac.to_string()],
+            )
+            .map_err(store_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! The API contract: every route, its errors, and state surviving a restart. The daemon
+//! runs in-process on a temporary socket and state directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use vmfabric::{api, client, daemon::Daemon};
+
+struct Running {
+    rt: tokio::runtime::Runtime,
+    socket: PathBuf,
+    daemon: Arc<Daemon>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn start(dir: &Path) -> Running {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let daemon = Daemon::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
+    let socket = dir.join("api.sock");
+    let listener = {
+        let _g = rt.enter();
+        api::bind(&socket).unwrap()
+    };
+    let app = api::router(daemon.clone());
+    let server = rt.spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Running {
+        rt,
+        socket,
+        daemon,
+        server,
+    }
+}
+
+impl Running {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.rt
+            .block_on(client::call(&self.socket, method, path, body))
+            .unwrap()
+    }
+
+    fn stop(self) {
+        self.server.abort();
+        self.daemon.shutdown();
+        drop(self.daemon);
+        self.rt.shutdown_background();
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmf-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn every_route_and_its_errors() {
+    let dir = tmp("routes");
+    let d = start(&dir);
+    // The embedded default.
+    let (s, nets) = d.call("GET", "/v1/networks", None);
+    assert_eq!(s, 200);
+    assert_eq!(nets[0]["name"], "default");
+    assert_eq!(nets[0]["subnet"], "10.77.0.0/24");
+
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "blue", "subnet": "10.88.0.0/24"})),
+    );
+    assert_eq!((s, v["name"].as_str()), (201, Some("blue")));
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "blue", "subnet": "10.89.0.0/24"})),
+    );
+    assert_eq!((s, v["error"].as_str()), (409, Some("conflict")));
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "green", "subnet": "10.88.0.128/25"})),
+    );
+    assert!(s == 409 && v["message"].as_str().unwrap().contains("overlaps"), "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "x", "subnet": "10.90.0.0/24", "colour": 1})),
+    );
+    assert!(
+        s == 400 && v["message"].as_str().unwrap().contains("colour"),
+        "unknown fields are refused: {v}"
+    );
+    let (s, _) = d.call("POST", "/v1/networks", Some(json!("not an object")));
+    assert_eq!(s, 400);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "-bad", "subnet": "10.91.0.0/24"})),
+    );
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")));
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "tiny", "subnet": "10.92.0.0/31"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.call("GET", "/v1/networks/nope", None);
+    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+
+    let (s, port) = d.call(
+        "POST",
+        "/v1/networks/blue/ports",
+        Some(json!({"name": "vm1", "kind": "unixgram"})),
+    );
+    assert_eq!(s, 201, "{port}");
+    assert!(port["qemu_args"].as_str().unwrap().contains("-netdev dgram"));
+    assert!(Path::new(port["path"].as_str().unwrap()).exists(), "the port listens");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/blue/ports",
+        Some(json!({"name": "vm1", "kind": "stream"})),
+    );
+    assert_eq!(s, 409);
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/blue/ports",
+        Some(json!({"name": "vm2", "kind": "carrier-pigeon"})),
+    );
+    assert_eq!(s, 400);
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/nope/ports",
+        Some(json!({"name": "vm2", "kind": "stream"})),
+    );
+    assert_eq!(s, 404);
+    let (s, ports) = d.call("GET", "/v1/networks/blue/ports", None);
+    assert_eq!((s, ports.as_array().unwrap().len()), (200, 1));
+    let (s, leases) = d.call("GET", "/v1/networks/blue/leases", None);
+    assert_eq!((s, leases), (200, json!([])));
+    let (s, m) = d.call("GET", "/metrics", None);
+    assert!(
+        s == 200
+            && m.as_str()
+                .unwrap()
+                .contains("vmfabric_port_frames_total{network=\"blue\",port=\"vm1\",dir=\"rx\"} 0")
+    );
+
+    let (s, _) = d.call("DELETE", "/v1/networks/blue", None);
+    assert_eq!(s, 409, "a network with ports is not deleted without force");
+    let (s, _) = d.call("DELETE", "/v1/networks/blue/ports/nope", None);
+    assert_eq!(s, 404);
+    let (s, _) = d.call("DELETE", "/v1/networks/blue/ports/vm1", None);
+    assert_eq!(s, 204);
+    assert!(
+        !Path::new(port["path"].as_str().unwrap()).exists(),
+        "its socket is gone"
+    );
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/blue/ports",
+        Some(json!({"name": "vm3", "kind": "stream"})),
+    );
+    assert_eq!(s, 201);
+    let (s, _) = d.call("DELETE", "/v1/networks/blue?force=true", None);
+    assert_eq!(s, 204);
+    let (s, _) = d.call("GET", "/v1/nothing/here", None);
+    assert_eq!(s, 404);
+    d.stop();
+}
+
+#[test]
+fn networks_and_ports_survive_a_restart() {
+    let dir = tmp("restart");
+    let d = start(&dir);
+    d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "red", "subnet": "10.66.0.0/24", "mtu": 9000})),
+    );
+    let (_, port) = d.call(
+        "POST",
+        "/v1/networks/red/ports",
+        Some(json!({"name": "db", "kind": "stream"})),
+    );
+    d.stop();
+    // A second daemon on the same state comes back with the same network and port.
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let d = start(&dir);
+    let (_, red) = d.call("GET", "/v1/networks/red", None);
+    assert_eq!((red["mtu"].as_u64(), red["ports"].as_u64()), (Some(9000), Some(1)));
+    let (_, ports) = d.call("GET", "/v1/networks/red/ports", None);
+    assert_eq!(ports[0]["mac"], port["mac"], "same MAC");
+    assert_eq!(ports[0]["path"], port["path"], "same path");
+    assert!(
+        std::os::unix::net::UnixStream::connect(port["path"].as_str().unwrap()).is_ok(),
+        "listening again"
+    );
+    d.stop();
+}
