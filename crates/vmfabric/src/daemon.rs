@@ -162,6 +162,14 @@ impl Daemon {
                 .name("switch-events".into())
                 .spawn(move || {
                     for ev in events {
+                        match &ev {
+                            SwitchEvent::PortUp { port, peer } => {
+                                tracing::info!(%port, peer = peer.as_deref().unwrap_or("-"), "port up")
+                            }
+                            SwitchEvent::PortDown { port, reason } => tracing::info!(%port, %reason, "port down"),
+                            SwitchEvent::MacTableFull { network } => tracing::warn!(%network, "MAC table full"),
+                            other => tracing::debug!(?other, "switch event"),
+                        }
                         if let SwitchEvent::MacLearned { network, mac, port } = &ev {
                             let label = lock(&labels).get(port).map(|(_, name)| name.clone());
                             let gw = lock(&gateways).get(network).cloned();
@@ -261,6 +269,13 @@ impl Daemon {
                 let (control, network) = (self.control.clone(), rec.name.clone());
                 std::thread::spawn(move || {
                     for event in leases {
+                        match &event {
+                            gateway::LeaseEvent::Bound(l) => {
+                                let name = l.hostname.as_deref().unwrap_or("-");
+                                tracing::info!(%network, ip = %l.ip, mac = %l.mac, name, "lease bound")
+                            }
+                            other => tracing::info!(%network, ?other, "lease ended"),
+                        }
                         if control
                             .send(ControlEvent::Lease {
                                 network: network.clone(),

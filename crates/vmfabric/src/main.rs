@@ -1,21 +1,20 @@
 //! `vmfabric`: the host-side network for micro-VMs.
 //!
-//! This stage serves one network from the data plane: it opens the ports asked for,
-//! prints the exact VMM arguments for each, logs what happens on them and, when
-//! stopped, their counters. The daemon with an API grows from here.
+//! `vmfabric serve` is the daemon; the other commands are clients of its API (on a
+//! Unix socket) and print tables, or JSON with `--json`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig, SwitchEvent, TapSource, Transport};
-use gateway::{Gateway, GatewayConfig, LeaseEvent, MemoryLeaseStore};
-use std::sync::mpsc;
+use fabric::Mac;
 use tracing::info;
-use vmfabric::control::locks::{self, ControlEvent, PortLocker};
+use vmfabric::api;
+use vmfabric::daemon::{Daemon, PortRequest};
+use vmfabric::store::PortKind;
 
 #[derive(Parser)]
 #[command(name = "vmfabric", version, about = "Host-side network for micro-VMs and sandboxes")]
@@ -26,10 +25,400 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a network that VMMs join through datagram, stream or TAP ports.
+    /// Run the daemon: networks, gateways and ports from the state store, the API on a
+    /// Unix socket. With an empty store it creates network `default` (10.77.0.0/24).
     Serve(ServeArgs),
+    /// Networks: create, ls, show, rm.
+    Network {
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
+    /// Ports of a network: add, ls, rm.
+    Port {
+        #[command(subcommand)]
+        cmd: PortCmd,
+    },
+    /// Leases of a network.
+    Lease {
+        #[command(subcommand)]
+        cmd: LeaseCmd,
+    },
+    /// Counters of every network, port and gateway (Prometheus text).
+    Stats {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Boot the test guest (guest/build.sh) under QEMU on a port; its console goes to stdout.
     BootGuest(BootGuestArgs),
+}
+
+const DEFAULT_SOCKET: &str = "/run/vmfabric/vmfabric.sock";
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The daemon's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        subnet: String,
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// No gateway (DHCP, DNS) on this network.
+        #[arg(long)]
+        no_gateway: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        name: String,
+        /// Also remove its ports.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    /// Add a port and print the VMM arguments for it.
+    Add {
+        network: String,
+        name: String,
+        /// unixgram (QEMU -netdev dgram, vfkit) or stream (QEMU -netdev stream, passt framing).
+        #[arg(long, default_value = "unixgram")]
+        kind: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        network: String,
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeaseCmd {
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The API socket (mode 0600).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where the state store lives.
+    #[arg(long, default_value = "/var/lib/vmfabric")]
+    state_dir: PathBuf,
+    /// Directory for the ports' socket files.
+    #[arg(long, default_value = "/run/vmfabric")]
+    run_dir: PathBuf,
+    /// Make sure network `default` has a unixgram port with this name (repeatable).
+    #[arg(long = "dgram-port", value_name = "NAME")]
+    dgram_ports: Vec<String>,
+    /// Make sure network `default` has a stream port with this name (repeatable).
+    #[arg(long = "stream-port", value_name = "NAME")]
+    stream_ports: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::BootGuest(args) => boot_guest(args),
+        Command::Network { cmd } => network_cmd(cmd),
+        Command::Port { cmd } => port_cmd(cmd),
+        Command::Lease {
+            cmd: LeaseCmd::Ls { network, c },
+        } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{network}/leases"), None)?;
+            print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
+            Ok(())
+        }
+        Command::Stats { socket } => {
+            let c = ClientArgs { socket, json: false };
+            let v = request(&c, "GET", "/metrics", None)?;
+            print!("{}", v.as_str().unwrap_or_default());
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vmfabric")
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    let daemon = Daemon::start(args.state_dir.clone(), args.run_dir.clone(), rt.handle().clone())?;
+    let listener = {
+        let _guard = rt.enter();
+        api::bind(&args.socket)?
+    };
+    let wanted = args
+        .dgram_ports
+        .iter()
+        .map(|n| (n, PortKind::Unixgram))
+        .chain(args.stream_ports.iter().map(|n| (n, PortKind::Stream)));
+    for (name, kind) in wanted {
+        let exists = daemon
+            .ports("default")
+            .map(|ps| ps.iter().any(|p| &p.record.name == name))
+            .unwrap_or(false);
+        if !exists {
+            let req = PortRequest {
+                name: name.clone(),
+                kind,
+            };
+            daemon
+                .add_port("default", req)
+                .map_err(|e| anyhow::anyhow!("port {name}: {e}"))?;
+        }
+    }
+    println!(
+        "vmfabric: API on {}, state in {}",
+        args.socket.display(),
+        args.state_dir.display()
+    );
+    for net in daemon.networks() {
+        let r = &net.record;
+        println!(
+            "network {} {} (MTU {}, gateway: {})",
+            r.name, r.subnet, r.mtu, r.gateway
+        );
+        for p in daemon.ports(&r.name).unwrap_or_default() {
+            println!(
+                "  port {} ({:?}): qemu-system-x86_64 ... {}",
+                p.record.name, p.record.kind, p.qemu_args
+            );
+        }
+    }
+    println!(
+        "Stop with Ctrl-C or SIGTERM. Print counters and leases with: kill -USR1 {}",
+        std::process::id()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
+    }
+    let stats_asked = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone()).context("install signal handler")?;
+    let app = api::router(daemon.clone());
+    let server = rt.spawn(async move { axum::serve(listener, app).await });
+    while !stop.load(Ordering::Relaxed) && !server.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        if stats_asked.swap(false, Ordering::Relaxed) {
+            print_stats(&daemon);
+        }
+    }
+    server.abort();
+    daemon.shutdown();
+    let _ = std::fs::remove_file(&args.socket);
+    info!("stopped");
+    Ok(())
+}
+
+/// Counters of every port and the leases, from the same numbers `/metrics` serves.
+fn print_stats(daemon: &Daemon) {
+    let metrics = daemon.metrics();
+    for net in daemon.networks() {
+        let name = &net.record.name;
+        println!("network {name}");
+        println!(
+            "  {:<12} {:>10} {:>12} {:>10} {:>12}  drops",
+            "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
+        );
+        for p in daemon.ports(name).unwrap_or_default() {
+            let labels = format!("network=\"{name}\",port=\"{}\"", p.record.name);
+            let get = |metric: &str, dir: &str| -> String {
+                let key = format!("{metric}{{{labels},dir=\"{dir}\"}} ");
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&key))
+                    .unwrap_or("0")
+                    .to_string()
+            };
+            let prefix = format!("vmfabric_port_drops_total{{{labels},reason=\"");
+            let drops: Vec<String> = metrics
+                .lines()
+                .filter_map(|l| l.strip_prefix(&prefix)?.split_once("\"} "))
+                .filter(|(_, n)| *n != "0")
+                .map(|(r, n)| format!("{r}={n}"))
+                .collect();
+            println!(
+                "  {:<12} {:>10} {:>12} {:>10} {:>12}  {}",
+                p.record.name,
+                get("vmfabric_port_frames_total", "rx"),
+                get("vmfabric_port_bytes_total", "rx"),
+                get("vmfabric_port_frames_total", "tx"),
+                get("vmfabric_port_bytes_total", "tx"),
+                if drops.is_empty() {
+                    "-".to_string()
+                } else {
+                    drops.join(",")
+                }
+            );
+        }
+        println!("  leases:");
+        for l in daemon.leases(name).unwrap_or_default() {
+            println!("    {:<15} {}  {}", l.ip, l.mac, l.hostname.as_deref().unwrap_or("-"));
+        }
+    }
+}
+
+/// Calls the daemon; a non-2xx answer becomes an error with the daemon's message.
+fn request(c: &ClientArgs, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, v) = rt.block_on(vmfabric::client::call(&c.socket, method, path, body))?;
+    if !(200..300).contains(&status) {
+        let msg = v
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(String::from)
+            .unwrap_or_else(|| v.to_string());
+        anyhow::bail!("{msg} (HTTP {status})");
+    }
+    Ok(v)
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A table of `columns` from a JSON array (or object), or the JSON itself with --json.
+fn print_table(c: &ClientArgs, v: &serde_json::Value, columns: &[&str]) {
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<&serde_json::Value> = match v {
+        serde_json::Value::Array(a) => a.iter().collect(),
+        other => vec![other],
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|k| cell(&r[*k])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, h)| cells.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .collect();
+    let line = |vals: Vec<String>| {
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("{}", line(columns.iter().map(|h| h.to_uppercase()).collect()));
+    for r in cells {
+        println!("{}", line(r));
+    }
+}
+
+fn network_cmd(cmd: NetworkCmd) -> Result<()> {
+    match cmd {
+        NetworkCmd::Create {
+            name,
+            subnet,
+            mtu,
+            no_gateway,
+            c,
+        } => {
+            let body = serde_json::json!({ "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway });
+            let v = request(&c, "POST", "/v1/networks", Some(body))?;
+            print_table(&c, &v, &["name", "subnet", "mtu", "gateway"]);
+        }
+        NetworkCmd::Ls { c } => {
+            let v = request(&c, "GET", "/v1/networks", None)?;
+            print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
+        }
+        NetworkCmd::Show { name, c } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{name}"), None)?;
+            print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
+        }
+        NetworkCmd::Rm { name, force, c } => {
+            request(&c, "DELETE", &format!("/v1/networks/{name}?force={force}"), None)?;
+            println!("removed network {name}");
+        }
+    }
+    Ok(())
+}
+
+fn port_cmd(cmd: PortCmd) -> Result<()> {
+    match cmd {
+        PortCmd::Add { network, name, kind, c } => {
+            let body = serde_json::json!({ "name": name, "kind": kind });
+            let v = request(&c, "POST", &format!("/v1/networks/{network}/ports"), Some(body))?;
+            if c.json {
+                print_table(&c, &v, &[]);
+            } else {
+                println!(
+                    "port {network}/{name}: {} at {} (MAC {})",
+                    cell(&v["kind"]),
+                    cell(&v["path"]),
+                    cell(&v["mac"])
+                );
+                println!("  qemu-system-x86_64 ... {}", cell(&v["qemu_args"]));
+                if v["kind"] == "unixgram" {
+                    println!(
+                        "  vfkit ... --device virtio-net,unixSocketPath={},mac={}",
+                        cell(&v["path"]),
+                        cell(&v["mac"])
+                    );
+                }
+            }
+        }
+        PortCmd::Ls { network, c } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{network}/ports"), None)?;
+            print_table(&c, &v, &["name", "kind", "up", "mac", "path"]);
+        }
+        PortCmd::Rm { network, name, c } => {
+            request(&c, "DELETE", &format!("/v1/networks/{network}/ports/{name}"), None)?;
+            println!("removed port {network}/{name}");
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -63,319 +452,6 @@ struct BootGuestArgs {
     cmd: Option<String>,
     #[arg(long, default_value_t = 96)]
     memory_mib: u32,
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Directory for the ports' socket files.
-    #[arg(long, default_value = "/run/vmfabric")]
-    run_dir: PathBuf,
-    /// Name of the network.
-    #[arg(long, default_value = "default")]
-    network: String,
-    /// MTU of the network (68..=65520).
-    #[arg(long, default_value_t = fabric::DEFAULT_MTU)]
-    mtu: usize,
-    /// Seconds a MAC table entry lives without traffic.
-    #[arg(long, default_value_t = 300)]
-    aging_secs: u64,
-    /// MAC table bound.
-    #[arg(long, default_value_t = 4096)]
-    mac_table_max: usize,
-    /// A unixgram port (QEMU -netdev dgram, vfkit unixgram://) with this name; repeat for more.
-    #[arg(long = "dgram-port", value_name = "NAME")]
-    dgram_ports: Vec<String>,
-    /// A stream port (QEMU -netdev stream, passt/gvproxy framing) with this name.
-    #[arg(long = "stream-port", value_name = "NAME")]
-    stream_ports: Vec<String>,
-    /// A TAP port: the device with this name is created (needs CAP_NET_ADMIN).
-    #[arg(long = "tap-port", value_name = "IFNAME")]
-    tap_ports: Vec<String>,
-    /// The network's IPv4 subnet; the gateway takes its first address.
-    #[arg(long, default_value = "10.77.0.0/24")]
-    subnet: ipnet::Ipv4Net,
-    /// DNS domain of the VMs' names.
-    #[arg(long, default_value = "vm.internal")]
-    domain: String,
-    /// Run no gateway (no DHCP, DNS, ARP/ICMP for a gateway address) on the network.
-    #[arg(long)]
-    no_gateway: bool,
-    /// Print the counters of every port this often (0: only at exit).
-    #[arg(long, default_value_t = 0)]
-    stats_every_secs: u64,
-}
-
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
-        Command::Serve(args) => serve(args),
-        Command::BootGuest(args) => boot_guest(args),
-    }
-}
-
-/// The QEMU arguments that attach a guest NIC to this port.
-fn qemu_args(transport: &Transport, mac: Mac, guest_sock: &Path) -> String {
-    let netdev = match transport {
-        Transport::Unixgram { path } => format!(
-            "-netdev dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-            guest_sock.display(),
-            path.display()
-        ),
-        Transport::Stream { path } => {
-            format!(
-                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}",
-                path.display()
-            )
-        }
-        Transport::Tap { ifname } => {
-            format!("-netdev tap,id=net0,ifname={ifname},script=no,downscript=no")
-        }
-        Transport::Socketpair => "-netdev dgram,id=net0,local.type=fd,local.str=FD".to_string(),
-    };
-    format!("{netdev} -device virtio-net-pci,netdev=net0,mac={mac}")
-}
-
-fn serve(args: ServeArgs) -> Result<()> {
-    let mut dgram = args.dgram_ports.clone();
-    if dgram.is_empty() && args.stream_ports.is_empty() && args.tap_ports.is_empty() {
-        dgram.push("vm0".into());
-    }
-    let ports_dir = args.run_dir.join("ports");
-    std::fs::create_dir_all(&ports_dir).with_context(|| format!("create {}", ports_dir.display()))?;
-    std::fs::create_dir_all(args.run_dir.join("guests")).ok();
-
-    let switch = Arc::new(Switch::start(SwitchConfig::default()).context("start the switch")?);
-    let switch_events = switch.take_events().context("event stream")?;
-    let net = NetworkConfig {
-        mtu: args.mtu,
-        mac_table_max: args.mac_table_max,
-        aging: Duration::from_secs(args.aging_secs),
-        ..NetworkConfig::default()
-    };
-    switch.add_network(&args.network, net).context("create the network")?;
-
-    // The gateway runs on a small runtime of its own; the data plane has its thread.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("gateway")
-        .enable_all()
-        .build()
-        .context("start the gateway runtime")?;
-    let (control_tx, control_rx) = mpsc::channel();
-    let mut locker = PortLocker::new(switch.clone());
-    let gateway = if args.no_gateway {
-        None
-    } else {
-        let mut cfg = GatewayConfig::new(&args.network, args.subnet);
-        cfg.mtu = u16::try_from(args.mtu).unwrap_or(u16::MAX);
-        cfg.domain = args.domain.clone();
-        cfg.search = vec![args.domain.clone()];
-        let gw = Gateway::attach(
-            rt.handle(),
-            &switch,
-            &args.network,
-            cfg,
-            Box::new(MemoryLeaseStore::default()),
-        )
-        .context("start the gateway")?;
-        if gw.config().lock_ports {
-            locker.enable(&args.network, gw.port());
-        }
-        let leases = gw.take_events().context("lease events")?;
-        let (tx, network) = (control_tx.clone(), args.network.clone());
-        std::thread::spawn(move || {
-            for event in leases {
-                log_lease(&event);
-                if tx
-                    .send(ControlEvent::Lease {
-                        network: network.clone(),
-                        event,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Some(Arc::new(gw))
-    };
-    let _locker = locks::spawn(locker, control_rx);
-
-    let mut ports: Vec<(PortId, String)> = Vec::new();
-    for name in &dgram {
-        let path = ports_dir.join(format!("{name}.sock"));
-        let id = switch
-            .add_unixgram_port(&args.network, name, &path)
-            .with_context(|| format!("port {name}"))?;
-        ports.push((id, name.clone()));
-    }
-    for name in &args.stream_ports {
-        let path = ports_dir.join(format!("{name}.stream"));
-        let id = switch
-            .add_stream_port(&args.network, name, &path)
-            .with_context(|| format!("port {name}"))?;
-        ports.push((id, name.clone()));
-    }
-    for ifname in &args.tap_ports {
-        let (id, _) = switch
-            .add_tap_port(&args.network, ifname, TapSource::Name(ifname.clone()))
-            .with_context(|| format!("TAP port {ifname}"))?;
-        ports.push((id, ifname.clone()));
-    }
-    let ports = Arc::new(ports);
-    {
-        // Switch events: logged, used to name VMs after their port, and passed on.
-        let (ports, gateway) = (ports.clone(), gateway.clone());
-        std::thread::spawn(move || {
-            for ev in switch_events {
-                log_event(&ev, &ports);
-                if let (SwitchEvent::MacLearned { mac, port, .. }, Some(gw)) = (&ev, &gateway) {
-                    if let Some((_, label)) = ports.iter().find(|(p, _)| p == port) {
-                        gw.set_name_hint(*mac, label);
-                    }
-                }
-                if control_tx.send(ControlEvent::Switch(ev)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
-    println!(
-        "vmfabric: network {:?} (MTU {}) is up with {} port(s).",
-        args.network,
-        args.mtu,
-        ports.len()
-    );
-    if let Some(gw) = &gateway {
-        let c = gw.config();
-        println!(
-            "gateway {} ({}): DHCP {}-{}, DNS for *.{}, ports locked to their leases: {}",
-            c.gateway_ip, c.subnet, c.dhcp_range.0, c.dhcp_range.1, c.domain, c.lock_ports
-        );
-    }
-    for info in switch.ports().iter().filter(|p| p.label != "gateway") {
-        let mac = Mac::derived(&[&args.network, &info.label]);
-        let guest_sock = args.run_dir.join("guests").join(format!("{}.sock", info.label));
-        println!("\nport {} ({}):", info.label, info.transport.kind());
-        println!(
-            "  qemu-system-x86_64 ... {}",
-            qemu_args(&info.transport, mac, &guest_sock)
-        );
-        if let Transport::Unixgram { path } = &info.transport {
-            println!(
-                "  vfkit ... --device virtio-net,unixSocketPath={},mac={mac}",
-                path.display()
-            );
-        }
-    }
-    println!("\nStop with Ctrl-C or SIGTERM.");
-    println!("Print the counters with: kill -USR1 {}", std::process::id());
-
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
-    }
-    let stats_asked = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone()).context("install signal handler")?;
-    let mut last_stats = std::time::Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        // Everything runs on its own threads; this one only waits for signals.
-        std::thread::sleep(Duration::from_millis(100));
-        let periodic = args.stats_every_secs > 0 && last_stats.elapsed() >= Duration::from_secs(args.stats_every_secs);
-        if periodic || stats_asked.swap(false, Ordering::Relaxed) {
-            print_stats(&switch, &args.network, &ports, gateway.as_deref());
-            last_stats = std::time::Instant::now();
-        }
-    }
-    print_stats(&switch, &args.network, &ports, gateway.as_deref());
-    info!("stopping");
-    Ok(())
-}
-
-fn log_lease(ev: &LeaseEvent) {
-    match ev {
-        LeaseEvent::Bound(l) => {
-            info!(mac = %l.mac, ip = %l.ip, name = l.hostname.as_deref().unwrap_or("-"), "lease bound")
-        }
-        LeaseEvent::Released { mac, ip } => info!(%mac, %ip, "lease released"),
-        LeaseEvent::Expired { mac, ip } => info!(%mac, %ip, "lease expired"),
-    }
-}
-
-fn label(ports: &[(PortId, String)], id: PortId) -> String {
-    ports
-        .iter()
-        .find(|(p, _)| *p == id)
-        .map(|(_, n)| n.clone())
-        .unwrap_or_else(|| id.to_string())
-}
-
-fn log_event(ev: &SwitchEvent, ports: &[(PortId, String)]) {
-    match ev {
-        SwitchEvent::PortUp { port, peer } => {
-            info!(port = %label(ports, *port), peer = peer.as_deref().unwrap_or("-"), "port up")
-        }
-        SwitchEvent::PortDown { port, reason } => {
-            info!(port = %label(ports, *port), %reason, "port down")
-        }
-        SwitchEvent::MacLearned { mac, port, .. } => {
-            info!(port = %label(ports, *port), %mac, "MAC learned")
-        }
-        SwitchEvent::MacMoved { mac, from, to, .. } => {
-            info!(%mac, from = %label(ports, *from), to = %label(ports, *to), "MAC moved")
-        }
-        SwitchEvent::MacTableFull { network } => info!(%network, "MAC table full"),
-    }
-}
-
-fn print_stats(switch: &Switch, network: &str, ports: &[(PortId, String)], gateway: Option<&Gateway>) {
-    println!(
-        "{:<12} {:>10} {:>12} {:>10} {:>12}  drops",
-        "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
-    );
-    for (id, name) in ports {
-        if let Some(c) = switch.port_counters(*id) {
-            let drops: Vec<String> = c
-                .drops_by_reason()
-                .filter(|(_, n)| *n > 0)
-                .map(|(r, n)| format!("{}={n}", r.as_str()))
-                .collect();
-            println!(
-                "{name:<12} {:>10} {:>12} {:>10} {:>12}  {}",
-                c.rx_frames,
-                c.rx_bytes,
-                c.tx_frames,
-                c.tx_bytes,
-                if drops.is_empty() {
-                    "-".to_string()
-                } else {
-                    drops.join(",")
-                }
-            );
-        }
-    }
-    if let Some(n) = switch.mac_table_len(network) {
-        println!("MAC table of {network}: {n} entries");
-    }
-    if let Some(gw) = gateway {
-        println!("leases of {network}:");
-        for l in gw.leases() {
-            println!("  {:<15} {}  {}", l.ip, l.mac, l.hostname.as_deref().unwrap_or("-"));
-        }
-        let busy: Vec<String> = gw
-            .counters()
-            .snapshot()
-            .into_iter()
-            .filter(|(_, v)| *v > 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        println!("gateway: {}", busy.join(" "));
-    }
 }
 
 fn boot_guest(args: BootGuestArgs) -> Result<()> {

@@ -204,3 +204,90 @@ fn networks_and_ports_survive_a_restart() {
     );
     d.stop();
 }
+
+/// One DHCP exchange from a client on a socketpair port of `network`: DISCOVER and
+/// REQUEST, or with `reboot` an INIT-REBOOT REQUEST for that address. Returns the ACKed
+/// address.
+fn dhcp(daemon: &Daemon, network: &str, client: fabric::Mac, reboot: Option<std::net::Ipv4Addr>) -> std::net::Ipv4Addr {
+    use dhcproto::v4::{self, DhcpOption, MessageType};
+    use dhcproto::{Decodable, Decoder, Encodable};
+    use gateway::wire::{self, Inbound};
+    use std::net::Ipv4Addr;
+    let (port, fd) = daemon.switch().add_port(network, "dhcp-client").unwrap();
+    let sock = std::os::unix::net::UnixDatagram::from(fd);
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let z = Ipv4Addr::UNSPECIFIED;
+    let send = |kind: MessageType, opts: Vec<DhcpOption>| {
+        let mut m = v4::Message::new_with_id(77, z, z, z, z, &client.0);
+        m.opts_mut().insert(DhcpOption::MessageType(kind));
+        for o in opts {
+            m.opts_mut().insert(o);
+        }
+        let f = wire::udp_frame(
+            client,
+            fabric::Mac::BROADCAST,
+            (z, 68),
+            (Ipv4Addr::BROADCAST, 67),
+            &m.to_vec().unwrap(),
+        );
+        sock.send(&f).unwrap();
+    };
+    let recv = || loop {
+        let mut buf = [0u8; 2048];
+        let n = sock.recv(&mut buf).expect("a DHCP answer");
+        if let Ok(Inbound::Udp {
+            src_port: 67, payload, ..
+        }) = wire::classify(&buf[..n])
+        {
+            return v4::Message::decode(&mut Decoder::new(payload)).unwrap();
+        }
+    };
+    let wanted = match reboot {
+        Some(ip) => ip,
+        None => {
+            send(MessageType::Discover, vec![]);
+            recv().yiaddr()
+        }
+    };
+    let mut opts = vec![DhcpOption::RequestedIpAddress(wanted)];
+    if reboot.is_none() {
+        opts.push(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 66, 0, 1)));
+    }
+    send(MessageType::Request, opts);
+    let ack = recv();
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    daemon.switch().remove_port(port).unwrap();
+    ack.yiaddr()
+}
+
+#[test]
+fn leases_survive_a_restart_and_a_renewing_client_keeps_its_address() {
+    let dir = tmp("leases");
+    let d = start(&dir);
+    d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "red", "subnet": "10.66.0.0/24"})),
+    );
+    let client = fabric::Mac([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+    let ip = dhcp(&d.daemon, "red", client, None);
+    // Someone else takes the next address, so a forgetful server would hand out another.
+    let other = dhcp(&d.daemon, "red", fabric::Mac([0x02, 0, 0, 0, 0, 9]), None);
+    assert_ne!(ip, other);
+    d.stop();
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let d = start(&dir);
+    let (_, leases) = d.call("GET", "/v1/networks/red/leases", None);
+    assert_eq!(leases.as_array().unwrap().len(), 2, "{leases}");
+    assert_eq!(
+        dhcp(&d.daemon, "red", client, Some(ip)),
+        ip,
+        "the renewing client keeps its address"
+    );
+    assert_eq!(
+        dhcp(&d.daemon, "red", client, None),
+        ip,
+        "and a fresh DISCOVER finds it too"
+    );
+    d.stop();
+}
