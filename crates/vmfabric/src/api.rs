@@ -42,8 +42,12 @@ async fn list_networks(State(d): Shared) -> Response {
     Json(d.networks()).into_response()
 }
 
-async fn create_network(State(d): Shared, b: Result<Json<NetworkRecord>, JsonRejection>) -> Result<Response, ApiError> {
-    let rec = d.create_network(body(b)?)?;
+async fn create_network(
+    State(d): Shared,
+    Query(f): Query<Force>,
+    b: Result<Json<NetworkRecord>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let rec = d.create_network(body(b)?, f.force)?;
     Ok((StatusCode::CREATED, Json(rec)).into_response())
 }
 

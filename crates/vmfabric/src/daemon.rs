@@ -52,6 +52,9 @@ impl From<fabric::FabricError> for ApiError {
 pub struct PortRequest {
     pub name: String,
     pub kind: PortKind,
+    /// TAP ports: the interface name (default: `vmf-` and the port name, cut to 15).
+    #[serde(default)]
+    pub ifname: Option<String>,
 }
 
 /// A port as the API shows it, with what to give the VMM.
@@ -108,6 +111,9 @@ pub struct Daemon {
     gateways: Arc<Mutex<HashMap<String, Arc<Gateway>>>>,
     control: mpsc::Sender<ControlEvent>,
     locker: Arc<Mutex<PortLocker>>,
+    /// Serialises changes to networks and ports, so a check and the change it guards
+    /// cannot interleave with another request's (the data plane is never behind it).
+    changes: Mutex<()>,
 }
 
 fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
@@ -136,6 +142,7 @@ fn qemu_args(p: &PortRecord, run_dir: &std::path::Path) -> String {
             )
         }
         PortKind::Stream => format!("-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}", p.path),
+        PortKind::Tap => format!("-netdev tap,id=net0,ifname={},script=no,downscript=no", p.path),
     };
     format!("{netdev} -device virtio-net-pci,netdev=net0,mac={}", p.mac)
 }
@@ -202,6 +209,7 @@ impl Daemon {
             gateways,
             control,
             locker,
+            changes: Mutex::new(()),
         });
         let saved = daemon.store.networks()?;
         if saved.is_empty() {
@@ -211,8 +219,11 @@ impl Daemon {
                 mtu: 1500,
                 gateway: true,
             };
+            if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
+                tracing::warn!(%route, %iface, "the default network overlaps a host route");
+            }
             daemon
-                .create_network(default)
+                .create_network(default, true)
                 .map_err(|e| anyhow::anyhow!("create the default network: {e}"))?;
         } else {
             for rec in saved {
@@ -304,8 +315,17 @@ impl Daemon {
         Ok(())
     }
 
-    pub fn create_network(&self, rec: NetworkRecord) -> Result<NetworkRecord, ApiError> {
+    /// Creates a network. A subnet that overlaps a host route is refused unless `force`:
+    /// VMs on it would shadow the host's real neighbours.
+    pub fn create_network(&self, rec: NetworkRecord, force: bool) -> Result<NetworkRecord, ApiError> {
+        let _serial = lock(&self.changes);
         valid_name("network", &rec.name)?;
+        if let Some((route, iface)) = crate::hostroutes::overlapping(rec.subnet).filter(|_| !force) {
+            return Err(ApiError::Conflict(format!(
+                "subnet {} overlaps the host route {route} on {iface}; pick another subnet or create with force=true",
+                rec.subnet
+            )));
+        }
         {
             let nets = self.nets();
             if nets.contains_key(&rec.name) {
@@ -327,13 +347,18 @@ impl Daemon {
         }
         self.bring_up_network(rec.clone())?;
         if let Err(e) = self.store.put_network(&rec) {
-            let _ = self.delete_network(&rec.name, true);
+            let _ = self.delete_network_unserialised(&rec.name, true);
             return Err(e.into());
         }
         Ok(rec)
     }
 
     pub fn delete_network(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        let _serial = lock(&self.changes);
+        self.delete_network_unserialised(name, force)
+    }
+
+    fn delete_network_unserialised(&self, name: &str, force: bool) -> Result<(), ApiError> {
         let ports: Vec<String> = {
             let nets = self.nets();
             let net = nets
@@ -348,7 +373,7 @@ impl Daemon {
             net.ports.keys().cloned().collect()
         };
         for p in ports {
-            self.remove_port(name, &p)?;
+            self.remove_port_unserialised(name, &p)?;
         }
         self.store.delete_network(name)?;
         let net = self.nets().remove(name);
@@ -386,6 +411,12 @@ impl Daemon {
         let id = match rec.kind {
             PortKind::Unixgram => self.switch.add_unixgram_port(&rec.network, &rec.name, &path)?,
             PortKind::Stream => self.switch.add_stream_port(&rec.network, &rec.name, &path)?,
+            PortKind::Tap => {
+                let source = fabric::TapSource::Name(rec.path.clone());
+                self.switch
+                    .add_tap_port(&rec.network, &rec.name, source)
+                    .map(|(id, _)| id)?
+            }
         };
         lock(&self.labels).insert(id, (rec.network.clone(), rec.name.clone()));
         let mut nets = self.nets();
@@ -397,6 +428,7 @@ impl Daemon {
     }
 
     pub fn add_port(&self, network: &str, req: PortRequest) -> Result<PortView, ApiError> {
+        let _serial = lock(&self.changes);
         valid_name("port", &req.name)?;
         {
             let nets = self.nets();
@@ -410,25 +442,36 @@ impl Daemon {
                 )));
             }
         }
-        let ext = match req.kind {
-            PortKind::Unixgram => "sock",
-            PortKind::Stream => "stream",
+        if req.kind != PortKind::Tap && req.ifname.is_some() {
+            return Err(ApiError::BadRequest("ifname is for TAP ports only".into()));
+        }
+        let socket = |ext: &str| {
+            let file = format!("{}.{ext}", req.name);
+            self.run_dir
+                .join("ports")
+                .join(network)
+                .join(file)
+                .display()
+                .to_string()
         };
-        let path = self
-            .run_dir
-            .join("ports")
-            .join(network)
-            .join(format!("{}.{ext}", req.name));
+        let path = match req.kind {
+            PortKind::Unixgram => socket("sock"),
+            PortKind::Stream => socket("stream"),
+            PortKind::Tap => req
+                .ifname
+                .clone()
+                .unwrap_or_else(|| format!("vmf-{}", req.name).chars().take(15).collect()),
+        };
         let rec = PortRecord {
             network: network.to_string(),
             name: req.name.clone(),
             kind: req.kind,
-            path: path.display().to_string(),
+            path,
             mac: Mac::derived(&[network, &req.name]),
         };
         let id = self.bring_up_port(rec.clone())?;
         if let Err(e) = self.store.put_port(&rec) {
-            let _ = self.remove_port(network, &req.name);
+            let _ = self.remove_port_unserialised(network, &req.name);
             return Err(e.into());
         }
         Ok(PortView {
@@ -439,6 +482,11 @@ impl Daemon {
     }
 
     pub fn remove_port(&self, network: &str, name: &str) -> Result<(), ApiError> {
+        let _serial = lock(&self.changes);
+        self.remove_port_unserialised(network, name)
+    }
+
+    fn remove_port_unserialised(&self, network: &str, name: &str) -> Result<(), ApiError> {
         let (id, _) = {
             let mut nets = self.nets();
             let net = nets

@@ -5,4 +5,5 @@ pub mod api;
 pub mod client;
 pub mod control;
 pub mod daemon;
+pub mod hostroutes;
 pub mod store;

@@ -75,6 +75,9 @@ enum NetworkCmd {
         /// No gateway (DHCP, DNS) on this network.
         #[arg(long)]
         no_gateway: bool,
+        /// Create it even if the subnet overlaps a host route.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -103,9 +106,13 @@ enum PortCmd {
     Add {
         network: String,
         name: String,
-        /// unixgram (QEMU -netdev dgram, vfkit) or stream (QEMU -netdev stream, passt framing).
+        /// unixgram (QEMU -netdev dgram, vfkit), stream (QEMU -netdev stream, passt
+        /// framing) or tap (Firecracker, Cloud Hypervisor; needs CAP_NET_ADMIN).
         #[arg(long, default_value = "unixgram")]
         kind: String,
+        /// TAP ports: the interface name.
+        #[arg(long)]
+        ifname: Option<String>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -203,6 +210,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let req = PortRequest {
                 name: name.clone(),
                 kind,
+                ifname: None,
             };
             daemon
                 .add_port("default", req)
@@ -363,10 +371,11 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
             subnet,
             mtu,
             no_gateway,
+            force,
             c,
         } => {
             let body = serde_json::json!({ "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway });
-            let v = request(&c, "POST", "/v1/networks", Some(body))?;
+            let v = request(&c, "POST", &format!("/v1/networks?force={force}"), Some(body))?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway"]);
         }
         NetworkCmd::Ls { c } => {
@@ -387,8 +396,14 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
 
 fn port_cmd(cmd: PortCmd) -> Result<()> {
     match cmd {
-        PortCmd::Add { network, name, kind, c } => {
-            let body = serde_json::json!({ "name": name, "kind": kind });
+        PortCmd::Add {
+            network,
+            name,
+            kind,
+            ifname,
+            c,
+        } => {
+            let body = serde_json::json!({ "name": name, "kind": kind, "ifname": ifname });
             let v = request(&c, "POST", &format!("/v1/networks/{network}/ports"), Some(body))?;
             if c.json {
                 print_table(&c, &v, &[]);

@@ -46,6 +46,8 @@ fn yes() -> bool {
 pub enum PortKind {
     Unixgram,
     Stream,
+    /// A TAP device; the record's path holds the interface name.
+    Tap,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

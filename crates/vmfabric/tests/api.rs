@@ -291,3 +291,111 @@ fn leases_survive_a_restart_and_a_renewing_client_keeps_its_address() {
     );
     d.stop();
 }
+
+#[test]
+fn a_subnet_over_a_host_route_needs_force() {
+    let Some((route, iface)) = vmfabric::hostroutes::routes().into_iter().next() else {
+        eprintln!("SKIP a_subnet_over_a_host_route_needs_force: this host has no route but the default one");
+        return;
+    };
+    let dir = tmp("routes-overlap");
+    let d = start(&dir);
+    let body = json!({"name": "shadow", "subnet": route.to_string(), "gateway": false});
+    let (s, v) = d.call("POST", "/v1/networks", Some(body.clone()));
+    assert!(s == 409 && v["message"].as_str().unwrap().contains(&iface), "{v}");
+    let (s, _) = d.call("POST", "/v1/networks?force=true", Some(body));
+    assert_eq!(s, 201);
+    d.stop();
+}
+
+#[test]
+fn tap_ports_over_the_api() {
+    if !rustix::process::geteuid().is_root() || !Path::new("/dev/net/tun").exists() {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here: needs root"
+        );
+        eprintln!("SKIP tap_ports_over_the_api: needs root and /dev/net/tun");
+        return;
+    }
+    let dir = tmp("tap");
+    let d = start(&dir);
+    let ifname = format!("vt{}", std::process::id() % 100_000);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/default/ports",
+        Some(json!({"name": "fc1", "kind": "tap", "ifname": ifname})),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert!(v["qemu_args"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("-netdev tap,id=net0,ifname={ifname}")));
+    let exists = || {
+        std::process::Command::new("ip")
+            .args(["link", "show", &ifname])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(exists(), "the device exists");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/default/ports",
+        Some(json!({"name": "x", "kind": "stream", "ifname": "y"})),
+    );
+    assert_eq!(s, 400, "ifname is for TAP ports only");
+    let (s, _) = d.call("DELETE", "/v1/networks/default/ports/fc1", None);
+    assert_eq!(s, 204);
+    assert!(!exists(), "removing the port removes its device");
+    d.stop();
+}
+
+#[test]
+fn fifty_clients_at_once_lose_and_duplicate_nothing() {
+    let dir = tmp("concurrent");
+    let d = Arc::new(start(&dir));
+    let run = |f: &(dyn Fn(usize) -> u16 + Sync)| -> Vec<u16> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..50).map(|i| s.spawn(move || f(i))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let socket = d.socket.clone();
+    let call = |method: &str, path: String, body: Option<Value>| -> u16 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(client::call(&socket, method, &path, body)).unwrap().0
+    };
+    let created = run(&|i| {
+        call(
+            "POST",
+            "/v1/networks/default/ports".into(),
+            Some(json!({"name": format!("p{i}"), "kind": "stream"})),
+        )
+    });
+    assert!(created.iter().all(|s| *s == 201), "{created:?}");
+    let (_, ports) = d.call("GET", "/v1/networks/default/ports", None);
+    assert_eq!(ports.as_array().unwrap().len(), 50);
+    // The same name fifty times: exactly one wins.
+    let same = run(&|_| {
+        call(
+            "POST",
+            "/v1/networks/default/ports".into(),
+            Some(json!({"name": "same", "kind": "unixgram"})),
+        )
+    });
+    assert_eq!(same.iter().filter(|s| **s == 201).count(), 1, "{same:?}");
+    assert!(same.iter().all(|s| *s == 201 || *s == 409), "{same:?}");
+    let deleted = run(&|i| call("DELETE", format!("/v1/networks/default/ports/p{i}"), None));
+    assert!(deleted.iter().all(|s| *s == 204), "{deleted:?}");
+    let (_, ports) = d.call("GET", "/v1/networks/default/ports", None);
+    assert_eq!(ports.as_array().unwrap().len(), 1, "{ports}");
+    match Arc::try_unwrap(d) {
+        Ok(d) => d.stop(),
+        Err(_) => panic!("still shared"),
+    }
+}
