@@ -99,6 +99,13 @@ async fn metrics(State(d): Shared) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], d.metrics()).into_response()
 }
 
+/// The OpenAPI 3 document of this API (a test keeps it in step with the routes).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such route; see /v1/networks".into())
 }
@@ -111,6 +118,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
         .route("/v1/networks/{name}/leases", get(list_leases))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .with_state(daemon)
 }

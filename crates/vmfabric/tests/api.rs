@@ -399,3 +399,31 @@ fn fifty_clients_at_once_lose_and_duplicate_nothing() {
         Err(_) => panic!("still shared"),
     }
 }
+
+#[test]
+fn the_openapi_document_matches_the_routes() {
+    let dir = tmp("openapi");
+    let d = start(&dir);
+    let (s, doc) = d.call("GET", "/v1/openapi.json", None);
+    assert_eq!(s, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 7);
+    let methods = ["get", "post", "delete", "put", "patch"];
+    for (path, item) in paths {
+        let concrete = path.replace("{name}", "default").replace("{port}", "nope");
+        for m in methods {
+            let documented = item.get(m).is_some();
+            let body = (m == "post").then(|| json!({}));
+            let (status, v) = d.call(&m.to_uppercase(), &concrete, body);
+            if documented {
+                assert!(
+                    status != 405 && !v["message"].as_str().unwrap_or("").contains("no such route"),
+                    "{m} {path} is documented but not served ({status} {v})"
+                );
+            } else {
+                assert_eq!(status, 405, "{m} {path} is served but not documented ({v})");
+            }
+        }
+    }
+    d.stop();
+}
