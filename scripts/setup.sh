@@ -5,7 +5,7 @@
 # and DNS clients, and a loopback upstream, in the gateway tests). Rust comes from
 # rustup; this script checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base)
+need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -22,7 +22,7 @@ pub use config::{NetworkConfig, SwitchConfig, DEFAULT_MTU, MAX_MTU};
 pub use counters::{CounterSnapshot, DropReason};
 pub use error::{FabricError, Result};
 pub use mac::Mac;
-pub use port::{MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
+pub use port::{Capture, CapturedFrame, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
 pub use switch::Switch;
 
 /// Opens (creating if needed) the TAP device `name` as `IFF_TAP|IFF_NO_PI`,

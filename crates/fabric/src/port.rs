@@ -105,3 +105,24 @@ pub struct MacEntry {
     pub port: PortId,
     pub age: std::time::Duration,
 }
+
+/// A copy of a frame for a live capture.
+#[derive(Debug, Clone)]
+pub struct CapturedFrame {
+    /// When it passed, since the Unix epoch.
+    pub at: std::time::Duration,
+    pub data: Vec<u8>,
+}
+
+/// A live capture: copies of frames, until this is dropped. A reader that falls behind
+/// loses copies (counted in [`Capture::dropped`]); the network never waits for it.
+pub struct Capture {
+    pub frames: std::sync::mpsc::Receiver<CapturedFrame>,
+    pub(crate) dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Capture {
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

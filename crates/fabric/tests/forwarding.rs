@@ -260,3 +260,39 @@ fn invalid_network_config_is_an_error() {
     sw.remove_network("n").unwrap();
     assert!(sw.networks().is_empty());
 }
+
+#[test]
+fn live_capture_copies_frames_and_never_holds_them_back() {
+    let (sw, eps) = network_with_ports(3);
+    let [a, b, c] = <[Dgram; 3]>::try_from(eps).ok().unwrap();
+    let ids: Vec<_> = sw.ports().iter().map(|p| p.id).collect();
+    let all = sw.capture("n", None, 64).unwrap();
+    let only_c = sw.capture("n", Some(ids[2]), 64).unwrap();
+    let tiny = sw.capture("n", None, 2).unwrap(); // never read
+    marker(&c, mac(3), 0x01); // C announces itself
+    a.until_marker(0x01);
+    b.until_marker(0x01);
+    let ab = frame(mac(2), mac(1), 100, 0x02);
+    a.send(&ab); // unknown unicast: flooded to B and C
+    assert_eq!(b.expect(), ab);
+    assert_eq!(c.expect(), ab);
+    let ac = frame(mac(3), mac(1), 100, 0x03);
+    a.send(&ac);
+    assert_eq!(c.expect(), ac);
+    let seen: Vec<Vec<u8>> = (0..3).map(|_| all.frames.recv_timeout(WAIT).unwrap().data).collect();
+    assert_eq!(seen[1], ab);
+    assert_eq!(seen[2], ac);
+    let to_c: Vec<Vec<u8>> = (0..3).map(|_| only_c.frames.recv_timeout(WAIT).unwrap().data).collect();
+    assert_eq!(
+        to_c[1..],
+        [ab.clone(), ac.clone()],
+        "C's capture has what C sent and got"
+    );
+    assert!(tiny.dropped() >= 1, "a full capture loses copies");
+    assert_eq!(
+        sw.network_counters("n").unwrap().total_drops(),
+        0,
+        "and the network loses nothing"
+    );
+    assert!(sw.capture("nope", None, 1).is_err());
+}

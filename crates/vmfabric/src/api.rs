@@ -95,6 +95,61 @@ async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<
     Ok(Json(d.leases(&net)?).into_response())
 }
 
+#[derive(Deserialize)]
+struct CaptureQuery {
+    port: Option<String>,
+}
+
+/// Feeds what the pcap writer produces into the response body.
+struct BodyWriter(tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>);
+
+impl std::io::Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(axum::body::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Streams a live capture as pcap until the client goes away.
+async fn capture(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    Query(q): Query<CaptureQuery>,
+) -> Result<Response, ApiError> {
+    let cap = d.capture(&net, q.port.as_deref())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let closed = tx.clone();
+            let Ok(mut w) = pcap_file::pcap::PcapWriter::new(BodyWriter(tx)) else {
+                return;
+            };
+            // Wakes now and then to notice a client that left while nothing flowed.
+            loop {
+                match cap.frames.recv_timeout(std::time::Duration::from_millis(500)) {
+                    Ok(f) => {
+                        let pkt = pcap_file::pcap::PcapPacket::new(f.at, f.data.len() as u32, &f.data);
+                        if w.write_packet(&pkt).is_err() {
+                            return;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !closed.is_closed() => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([("content-type", "application/vnd.tcpdump.pcap")], body).into_response())
+}
+
 async fn metrics(State(d): Shared) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], d.metrics()).into_response()
 }
@@ -117,6 +172,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/networks/{name}/ports", get(list_ports).post(add_port))
         .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
         .route("/v1/networks/{name}/leases", get(list_leases))
+        .route("/v1/networks/{name}/capture", get(capture))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)

@@ -41,3 +41,41 @@ pub async fn call(
     };
     Ok((status, value))
 }
+
+/// GETs `path` and copies the body to `out` as it arrives, until the daemon ends it
+/// (or the caller is interrupted). A non-2xx answer is an error with its message.
+pub async fn stream_to(socket: &Path, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connect to the daemon at {} (is `vmfabric serve` running?)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", "vmfabric")
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    if !(200..300).contains(&status) {
+        let data = body.collect().await?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&data).unwrap_or_default();
+        let msg = v["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| String::from_utf8_lossy(&data).into());
+        anyhow::bail!("{msg} (HTTP {status})");
+    }
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            out.write_all(&data)?;
+            // Flushed per chunk so `| tcpdump -r -` sees frames as they pass.
+            out.flush()?;
+        }
+    }
+    Ok(())
+}

@@ -520,6 +520,27 @@ impl Daemon {
         Ok(v)
     }
 
+    /// Starts a live capture of a network, or of one of its ports.
+    pub fn capture(&self, network: &str, port: Option<&str>) -> Result<fabric::Capture, ApiError> {
+        let port_id = {
+            let nets = self.nets();
+            let net = nets
+                .get(network)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            match port {
+                Some(p) => Some(
+                    net.ports
+                        .get(p)
+                        .ok_or_else(|| ApiError::NotFound(format!("no port {p:?} on {network:?}")))?
+                        .0,
+                ),
+                None => None,
+            }
+        };
+        // A few thousand frames of slack; a reader slower than that loses copies.
+        Ok(self.switch.capture(network, port_id, 4096)?)
+    }
+
     pub fn leases(&self, network: &str) -> Result<Vec<LeaseView>, ApiError> {
         let nets = self.nets();
         let net = nets

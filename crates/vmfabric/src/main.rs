@@ -43,6 +43,16 @@ enum Command {
         #[command(subcommand)]
         cmd: LeaseCmd,
     },
+    /// Live capture of a network (NETWORK) or one port (NETWORK/PORT) as pcap, to stdout
+    /// (pipe it into `tcpdump -r -` or `tshark -r -`) or to a file, until interrupted.
+    Capture {
+        target: String,
+        /// Write to this file instead of stdout.
+        #[arg(short = 'w', long)]
+        write: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Counters of every network, port and gateway (Prometheus text).
     Stats {
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -174,6 +184,18 @@ fn main() -> Result<()> {
             let v = request(&c, "GET", &format!("/v1/networks/{network}/leases"), None)?;
             print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
             Ok(())
+        }
+        Command::Capture { target, write, socket } => {
+            let path = match target.split_once('/') {
+                Some((net, port)) => format!("/v1/networks/{net}/capture?port={port}"),
+                None => format!("/v1/networks/{target}/capture"),
+            };
+            let mut out: Box<dyn std::io::Write> = match &write {
+                Some(f) => Box::new(std::fs::File::create(f).with_context(|| format!("create {}", f.display()))?),
+                None => Box::new(std::io::stdout()),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(vmfabric::client::stream_to(&socket, &path, &mut *out))
         }
         Command::Stats { socket } => {
             let c = ClientArgs { socket, json: false };

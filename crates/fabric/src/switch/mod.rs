@@ -25,7 +25,7 @@ use rustix::event::EventfdFlags;
 use crate::config::{NetworkConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
 use crate::error::{FabricError, Result};
-use crate::port::{MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
+use crate::port::{Capture, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
 use crate::sys::tap::open_tap;
 use crate::transport;
 use worker::{Command, NetShared, NewPort, PortIo, PortShared, Worker, WorkerSetup};
@@ -276,6 +276,22 @@ impl Switch {
     pub fn mac_table(&self, network: &str) -> Result<Vec<MacEntry>> {
         let network = network.to_string();
         self.call(|reply| Command::MacTable { network, reply })
+    }
+
+    /// Starts a live capture of every frame entering `network`, or of the frames to
+    /// and from `port` only, with room for `capacity` copies in flight.
+    pub fn capture(&self, network: &str, port: Option<PortId>, capacity: usize) -> Result<Capture> {
+        let (tx, frames) = mpsc::sync_channel(capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let tap = worker::CaptureTap {
+            port,
+            slot: None,
+            tx,
+            dropped: dropped.clone(),
+        };
+        let network = network.to_string();
+        self.call(|reply| Command::AddCapture { network, tap, reply })?;
+        Ok(Capture { frames, dropped })
     }
 
     /// The event stream; the first caller gets it.

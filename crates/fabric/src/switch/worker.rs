@@ -22,6 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustix::buffer::spare_capacity;
 use rustix::event::epoll;
@@ -35,7 +36,7 @@ use crate::counters::{Counters, DropReason};
 use crate::error::{FabricError, Result};
 use crate::frame::{is_dhcp_client_message, is_dhcp_server_message, l3_sender, EthernetView, FrameError, L3Sender};
 use crate::mac::Mac;
-use crate::port::{MacEntry, PortId, PortLock, SwitchEvent};
+use crate::port::{CapturedFrame, MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
 use crate::sys::mmsg::{recv_batch, send_batch, Received, UnixPeer, BATCH};
 use crate::transport;
@@ -119,6 +120,11 @@ pub(crate) enum Command {
         network: String,
         reply: Reply<Vec<MacEntry>>,
     },
+    AddCapture {
+        network: String,
+        tap: CaptureTap,
+        reply: Reply<()>,
+    },
     Shutdown,
 }
 
@@ -178,6 +184,34 @@ struct Net {
     /// MACs locked to a port: no other port may send from them.
     locked: HashMap<Mac, u32>,
     full_reported: bool,
+    /// Live captures; empty unless someone is watching, so forwarding pays one check.
+    captures: Vec<CaptureTap>,
+}
+
+/// Where a capture's copies go: every frame of the network, or those to and from one port.
+pub(crate) struct CaptureTap {
+    pub port: Option<PortId>,
+    pub slot: Option<u32>,
+    pub tx: SyncSender<CapturedFrame>,
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl CaptureTap {
+    /// Offers a copy; a full channel (slow reader) loses the copy, never the frame.
+    /// Returns false once the reader is gone.
+    fn offer(&self, at: Duration, frame: &[u8]) -> bool {
+        match self.tx.try_send(CapturedFrame {
+            at,
+            data: frame.to_vec(),
+        }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
 }
 
 /// Everything forwarding touches, apart from the receive buffers.
@@ -348,6 +382,9 @@ impl Worker {
                     let _ = reply.send(self.fab.slot_of(id).map(|slot| {
                         self.fab.port_mut(slot).expect("indexed port exists").trusted = trusted;
                     }));
+                }
+                Command::AddCapture { network, tap, reply } => {
+                    let _ = reply.send(self.fab.add_capture(&network, tap));
                 }
                 Command::MacTable { network, reply } => {
                     let _ = reply.send(self.fab.mac_table(&network));
@@ -717,6 +754,21 @@ impl Fabric {
                 port.shared.counters.add_drop(*reason, n);
                 net.shared.counters.add_drop(*reason, n);
             }
+        }
+        if !net.captures.is_empty() {
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let (pending, dirty) = (&self.pending, &self.dirty);
+            net.captures.retain(|tap| match tap.slot {
+                // A whole network: each frame once, as it came in.
+                None => frames.iter().all(|f| tap.offer(at, f)),
+                // One port: what it sent, then what it is about to be sent.
+                Some(p) if p == src => frames.iter().all(|f| tap.offer(at, f)),
+                Some(p) => {
+                    !dirty.contains(&p) || pending[p as usize].iter().all(|i| tap.offer(at, frames[*i as usize]))
+                }
+            });
         }
         let mut dirty = mem::take(&mut self.dirty);
         for &d in &dirty {
@@ -1099,6 +1151,7 @@ impl Fabric {
             ports: Vec::new(),
             locked: HashMap::new(),
             full_reported: false,
+            captures: Vec::new(),
         };
         let idx = match self.nets.iter().position(Option::is_none) {
             Some(i) => {
@@ -1202,6 +1255,7 @@ impl Fabric {
             net.ports.retain(|s| *s != slot);
             net.table.purge_slot(slot);
             net.locked.retain(|_, s| *s != slot);
+            net.captures.retain(|tap| tap.slot != Some(slot));
             net.shared.mac_entries.store(net.table.len() as u64, Ordering::Relaxed);
         }
         for b in port.backlog {
@@ -1243,6 +1297,28 @@ impl Fabric {
             }
         }
         self.ports[slot as usize].as_mut().expect("indexed").lock = lock;
+        Ok(())
+    }
+
+    fn add_capture(&mut self, network: &str, mut tap: CaptureTap) -> Result<()> {
+        let idx = *self
+            .net_by_name
+            .get(network)
+            .ok_or_else(|| FabricError::NoSuchNetwork(network.into()))?;
+        if let Some(port) = tap.port {
+            let slot = self.slot_of(port)?;
+            if self.port(slot).map(|p| p.net) != Some(idx) {
+                return Err(FabricError::InvalidConfig(format!(
+                    "port {port} is not on network {network:?}"
+                )));
+            }
+            tap.slot = Some(slot);
+        }
+        self.nets[idx]
+            .as_mut()
+            .expect("indexed network exists")
+            .captures
+            .push(tap);
         Ok(())
     }
 

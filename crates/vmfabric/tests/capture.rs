@@ -1,0 +1,99 @@
+//! Live capture end to end: `vmfabric capture` against a daemon while two ports talk;
+//! tshark reads the file and counts the frames. Needs tshark.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmfabric::{api, daemon::Daemon};
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn capture_while_traffic_flows_and_tshark_reads_it() {
+    if Command::new("tshark")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here: needs tshark"
+        );
+        eprintln!("SKIP capture_while_traffic_flows_and_tshark_reads_it: needs tshark (apt-get install tshark)");
+        return;
+    }
+    let dir: PathBuf = std::env::temp_dir().join(format!("vmf-capture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let daemon = Daemon::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
+    let socket = dir.join("api.sock");
+    let listener = {
+        let _g = rt.enter();
+        api::bind(&socket).unwrap()
+    };
+    let app = api::router(daemon.clone());
+    rt.spawn(async move { axum::serve(listener, app).await });
+    daemon
+        .create_network(
+            vmfabric::store::NetworkRecord {
+                name: "cap".into(),
+                subnet: "10.93.0.0/24".parse().unwrap(),
+                mtu: 1500,
+                gateway: false,
+            },
+            false,
+        )
+        .unwrap();
+    let (_, a) = daemon.switch().add_port("cap", "a").unwrap();
+    let (_, b) = daemon.switch().add_port("cap", "b").unwrap();
+    let (a, b) = (
+        std::os::unix::net::UnixDatagram::from(a),
+        std::os::unix::net::UnixDatagram::from(b),
+    );
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+    let pcap = dir.join("out.pcap");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmfabric"))
+        .args(["capture", "cap", "-w"])
+        .arg(&pcap)
+        .arg("--socket")
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    wait_until("the pcap header", || file_len(&pcap) >= 24);
+    let mut frame = vec![0xff; 6];
+    frame.extend([0x02, 0, 0, 0, 0, 1, 0x88, 0xb5]);
+    frame.resize(100, 0x42);
+    let mut buf = [0u8; 2048];
+    for _ in 0..10 {
+        a.send(&frame).unwrap();
+        assert_eq!(b.recv(&mut buf).unwrap(), 100);
+    }
+    // 24-byte file header, then a 16-byte record header and 100 bytes per frame.
+    wait_until("ten frames in the file", || file_len(&pcap) >= 24 + 10 * 116);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = Command::new("tshark").arg("-r").arg(&pcap).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(lines, 10, "{}", String::from_utf8_lossy(&out.stdout));
+    daemon.shutdown();
+    rt.shutdown_background();
+}
