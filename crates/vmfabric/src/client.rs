@@ -8,6 +8,19 @@ use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
+/// An HTTP/1 connection to the daemon's socket.
+async fn connect(socket: &Path) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connect to the daemon at {} (is `vmfabric serve` running?)",
+            socket.display()
+        )
+    })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// Sends one request; returns the status and the body (JSON, or text as a JSON string).
 pub async fn call(
     socket: &Path,
@@ -15,14 +28,7 @@ pub async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "connect to the daemon at {} (is `vmfabric serve` running?)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(socket).await?;
     let bytes = body.map(|b| b.to_string()).unwrap_or_default();
     let req = Request::builder()
         .method(method)
@@ -45,14 +51,7 @@ pub async fn call(
 /// GETs `path` and copies the body to `out` as it arrives, until the daemon ends it
 /// (or the caller is interrupted). A non-2xx answer is an error with its message.
 pub async fn stream_to(socket: &Path, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "connect to the daemon at {} (is `vmfabric serve` running?)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(socket).await?;
     let req = Request::builder()
         .method("GET")
         .uri(path)
