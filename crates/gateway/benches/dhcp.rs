@@ -4,15 +4,17 @@
 //!
 //! Run: `cargo bench -p gateway --bench dhcp` (BENCH_CLIENTS, BENCH_REPS to change).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::{self, DhcpOption, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
-use fabric::{Mac, NetworkConfig, Switch, SwitchConfig};
+use fabric::Mac;
 use gateway::wire::{self, Inbound};
-use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
 
 fn client_mac(i: usize) -> Mac {
     Mac([0x02, 0xdc, 0, 0, (i >> 8) as u8, i as u8])
@@ -44,16 +46,7 @@ fn reply(sock: &UnixDatagram) -> v4::Message {
 }
 
 fn run(clients: usize) -> Duration {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sw = Switch::start(SwitchConfig::default()).unwrap();
-    sw.add_network("bench", NetworkConfig::default()).unwrap();
-    let mut cfg = GatewayConfig::new("bench", "10.128.0.0/20".parse().unwrap());
-    cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(rt.handle(), &sw, "bench", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let common::Lab { gw, sw, rt: _rt } = common::lab("bench", "10.128.0.0/20", |_| {});
     let socks: Vec<UnixDatagram> = (0..clients)
         .map(|i| {
             let s = UnixDatagram::from(sw.add_port("bench", &format!("c{i}")).unwrap().1);

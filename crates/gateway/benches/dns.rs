@@ -8,14 +8,16 @@
 //!
 //! Run: `cargo bench -p gateway --bench dns` (BENCH_SECS per measure, default 2).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fabric::{NetworkConfig, Switch, SwitchConfig, TapSource};
-use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
+use fabric::{Switch, TapSource};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 
@@ -176,16 +178,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sw = Switch::start(SwitchConfig::default()).unwrap();
-    sw.add_network("bench", NetworkConfig::default()).unwrap();
-    let mut cfg = GatewayConfig::new("bench", "10.250.0.0/24".parse().unwrap());
-    cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(rt.handle(), &sw, "bench", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let common::Lab { gw, sw, rt: _rt } = common::lab("bench", "10.250.0.0/24", |_| {});
     let pid = std::process::id() % 10000;
     let (client_ns, ref_ns) = (format!("dnsc{pid}"), format!("dnsr{pid}"));
     let mut cleanup = Cleanup(vec![client_ns.clone(), ref_ns.clone()], None);

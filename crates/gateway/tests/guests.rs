@@ -3,13 +3,14 @@
 //! guest image (guest/build.sh); skips with a reason otherwise, unless
 //! VMFABRIC_REQUIRE_ALL_TESTS=1.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use fabric::{Mac, NetworkConfig, Switch, SwitchConfig};
-use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
+use fabric::Mac;
 use vm::{Nic, NicBackend, QemuConfig, Serial};
 
 fn workspace() -> PathBuf {
@@ -117,16 +118,7 @@ fn guests_get_leases_and_find_each_other_by_name() {
     let work = std::env::temp_dir().join(format!("gw-guests-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sw = Switch::start(SwitchConfig::default()).unwrap();
-    sw.add_network("lab", NetworkConfig::default()).unwrap();
-    let mut cfg = GatewayConfig::new("lab", "10.240.0.0/24".parse().unwrap());
-    cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(rt.handle(), &sw, "lab", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let common::Lab { gw, sw, rt: _rt } = common::lab("lab", "10.240.0.0/24", |_| {});
     let (a_path, b_path) = (work.join("alpha.sock"), work.join("beta.sock"));
     sw.add_unixgram_port("lab", "alpha", &a_path).unwrap();
     sw.add_unixgram_port("lab", "beta", &b_path).unwrap();

@@ -1,15 +1,17 @@
 //! Garbage sent to the gateway is counted and dropped, and the gateway keeps serving.
 //! Frames are injected through an ordinary socketpair port of the same network.
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use dhcproto::v4::{self, DhcpOption, MessageType};
 use dhcproto::Encodable;
-use fabric::{Mac, NetworkConfig, Switch, SwitchConfig};
+use fabric::Mac;
 use gateway::wire::{self, Inbound};
-use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
+use gateway::Upstreams;
 
 const CLIENT: Mac = Mac([0x02, 0, 0, 0, 0, 0x42]);
 
@@ -37,16 +39,7 @@ fn to_gateway(payload: &[u8], dport: u16, dst: Ipv4Addr) -> Vec<u8> {
 
 #[test]
 fn malformed_dhcp_and_dns_are_counted_and_the_gateway_keeps_serving() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sw = Switch::start(SwitchConfig::default()).unwrap();
-    sw.add_network("n", NetworkConfig::default()).unwrap();
-    let mut cfg = GatewayConfig::new("n", "10.66.0.0/24".parse().unwrap());
-    cfg.upstreams = Upstreams::Static(vec![]);
-    let gw = Gateway::attach(rt.handle(), &sw, "n", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let common::Lab { gw, sw, rt: _rt } = common::lab("n", "10.66.0.0/24", |_| {});
     let (_, fd) = sw.add_port("n", "client").unwrap();
     let client = UnixDatagram::from(fd);
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -101,20 +94,13 @@ fn malformed_dhcp_and_dns_are_counted_and_the_gateway_keeps_serving() {
 
 #[test]
 fn forwarded_queries_are_bounded_per_client() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     // An upstream that never answers keeps every forwarded query in flight.
     let mute = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let sw = Switch::start(SwitchConfig::default()).unwrap();
-    sw.add_network("n", NetworkConfig::default()).unwrap();
-    let mut cfg = GatewayConfig::new("n", "10.66.0.0/24".parse().unwrap());
-    cfg.upstreams = Upstreams::Static(vec![mute.local_addr().unwrap()]);
-    cfg.dns_inflight_per_client = 2;
-    cfg.dns_timeout = Duration::from_secs(2);
-    let gw = Gateway::attach(rt.handle(), &sw, "n", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+    let common::Lab { gw, sw, rt: _rt } = common::lab("n", "10.66.0.0/24", |cfg| {
+        cfg.upstreams = Upstreams::Static(vec![mute.local_addr().unwrap()]);
+        cfg.dns_inflight_per_client = 2;
+        cfg.dns_timeout = Duration::from_secs(2);
+    });
     let (_, fd) = sw.add_port("n", "client").unwrap();
     let client = UnixDatagram::from(fd);
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
