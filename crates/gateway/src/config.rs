@@ -137,12 +137,27 @@ impl GatewayConfig {
             }
         }
         for r in &self.reservations {
-            if !host(r.ip) || r.ip == self.gateway_ip || self.extra_ips.contains(&r.ip) {
-                return err(format!("reserved address {} is not a free host address of {net}", r.ip));
-            }
+            self.validate_reservation(r)?;
         }
         if self.dns_inflight_per_client == 0 || self.dns_inflight_total == 0 {
             return err("DNS in-flight bounds must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// A reservation must name a host address of the subnet that is not the gateway's.
+    pub fn validate_reservation(&self, r: &Reservation) -> Result<(), ConfigError> {
+        let net = &self.subnet;
+        let host = net.contains(&r.ip) && r.ip != net.network() && r.ip != net.broadcast();
+        if !host || self.is_gateway_ip(r.ip) {
+            return err(format!("reserved address {} is not a free host address of {net}", r.ip));
+        }
+        if let ReservationKey::Name(n) = &r.key {
+            if crate::dhcp::sanitize_hostname(n).as_deref() != Some(n.as_str()) {
+                return err(format!(
+                    "reservation name {n:?} must be a DNS label: lower-case letters, digits, inner '-'"
+                ));
+            }
         }
         Ok(())
     }

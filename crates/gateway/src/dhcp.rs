@@ -55,6 +55,7 @@ pub struct DhcpServer {
     quarantine: HashMap<Ipv4Addr, u64>,
     /// Names the control plane knows for MACs (their port's label).
     name_hints: HashMap<Mac, String>,
+    reservations: Vec<crate::config::Reservation>,
 }
 
 /// A DNS label made from a client-chosen name: lower case, letters, digits and inner
@@ -83,7 +84,9 @@ impl DhcpServer {
             offered: HashMap::new(),
             quarantine: HashMap::new(),
             name_hints: HashMap::new(),
+            reservations: Vec::new(),
         };
+        s.reservations = s.cfg.reservations.clone();
         match s.store.load() {
             Ok(leases) => {
                 for l in leases.into_iter().filter(|l| s.cfg.subnet.contains(&l.ip)) {
@@ -103,6 +106,12 @@ impl DhcpServer {
         self.leases.values()
     }
 
+    /// Replaces the reservations (already validated). Existing leases stay; new offers
+    /// follow the new reservations.
+    pub fn set_reservations(&mut self, reservations: Vec<crate::config::Reservation>) {
+        self.reservations = reservations;
+    }
+
     /// The control plane tells the server a MAC's port label, used as its DNS name
     /// when the client sends no hostname.
     pub fn set_name_hint(&mut self, mac: Mac, name: String) {
@@ -111,7 +120,7 @@ impl DhcpServer {
 
     fn reserved_for(&self, mac: Mac, hostname: Option<&str>) -> Option<Ipv4Addr> {
         let label = self.name_hints.get(&mac).map(String::as_str);
-        self.cfg.reservations.iter().find_map(|r| match &r.key {
+        self.reservations.iter().find_map(|r| match &r.key {
             ReservationKey::Mac(m) if *m == mac => Some(r.ip),
             ReservationKey::Name(n) if Some(n.as_str()) == hostname || Some(n.as_str()) == label => Some(r.ip),
             _ => None,
@@ -119,7 +128,7 @@ impl DhcpServer {
     }
 
     fn reserved_for_other(&self, ip: Ipv4Addr, mac: Mac, hostname: Option<&str>) -> bool {
-        self.cfg.reservations.iter().any(|r| r.ip == ip) && self.reserved_for(mac, hostname) != Some(ip)
+        self.reservations.iter().any(|r| r.ip == ip) && self.reserved_for(mac, hostname) != Some(ip)
     }
 
     fn in_range(&self, ip: Ipv4Addr) -> bool {

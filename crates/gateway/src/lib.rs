@@ -198,6 +198,15 @@ impl Gateway {
         }
     }
 
+    /// Replaces the reservations, refusing any that does not fit the network.
+    pub fn set_reservations(&self, reservations: Vec<Reservation>) -> Result<(), ConfigError> {
+        for r in &reservations {
+            self.shared.cfg.validate_reservation(r)?;
+        }
+        self.shared.state().dhcp.set_reservations(reservations);
+        Ok(())
+    }
+
     /// Publishes a name that no lease backs (a host with a static address).
     pub fn set_static_name(&self, label: &str, ip: Ipv4Addr) {
         self.shared.state().zone.set(label, ip);

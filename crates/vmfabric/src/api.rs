@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::daemon::{ApiError, Daemon, PortRequest};
+use crate::daemon::{ApiError, Daemon, PortRequest, ReservationView};
 use crate::store::NetworkRecord;
 
 impl IntoResponse for ApiError {
@@ -88,6 +88,27 @@ async fn remove_port(
     UrlPath((net, port)): UrlPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     d.remove_port(&net, &port)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_reservations(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.reservations(&net)?).into_response())
+}
+
+async fn add_reservation(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<ReservationView>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let r = d.reserve(&net, body(b)?)?;
+    Ok((StatusCode::CREATED, Json(r)).into_response())
+}
+
+async fn remove_reservation(
+    State(d): Shared,
+    UrlPath((net, key)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    d.unreserve(&net, &key)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -173,6 +194,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
         .route("/v1/networks/{name}/leases", get(list_leases))
         .route("/v1/networks/{name}/capture", get(capture))
+        .route(
+            "/v1/networks/{name}/reservations",
+            get(list_reservations).post(add_reservation),
+        )
+        .route("/v1/networks/{name}/reservations/{key}", delete(remove_reservation))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)

@@ -74,6 +74,25 @@ pub struct NetworkView {
     pub leases: usize,
 }
 
+/// A fixed address for a MAC or a VM name (its DHCP hostname or port name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationView {
+    /// A MAC address or a VM name.
+    pub key: String,
+    pub ip: std::net::Ipv4Addr,
+}
+
+impl ReservationView {
+    fn to_gateway(&self) -> gateway::Reservation {
+        let key = match self.key.parse::<Mac>() {
+            Ok(mac) => gateway::ReservationKey::Mac(mac),
+            Err(_) => gateway::ReservationKey::Name(self.key.clone()),
+        };
+        gateway::Reservation { key, ip: self.ip }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseView {
     pub ip: std::net::Ipv4Addr,
@@ -258,6 +277,12 @@ impl Daemon {
         let gateway = if rec.gateway {
             let mut gcfg = GatewayConfig::new(&rec.name, rec.subnet);
             gcfg.mtu = u16::try_from(rec.mtu).unwrap_or(u16::MAX);
+            gcfg.reservations = self
+                .store
+                .reservations(&rec.name)?
+                .into_iter()
+                .map(|(key, ip)| ReservationView { key, ip }.to_gateway())
+                .collect();
             let gw = Gateway::attach(
                 &self.rt,
                 &self.switch,
@@ -518,6 +543,53 @@ impl Daemon {
             .collect();
         v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         Ok(v)
+    }
+
+    fn gateway_of(&self, network: &str) -> Result<Arc<Gateway>, ApiError> {
+        let nets = self.nets();
+        let net = nets
+            .get(network)
+            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+        net.gateway
+            .clone()
+            .ok_or_else(|| ApiError::BadRequest(format!("network {network:?} has no gateway (no DHCP)")))
+    }
+
+    pub fn reservations(&self, network: &str) -> Result<Vec<ReservationView>, ApiError> {
+        self.gateway_of(network)?;
+        let v = self.store.reservations(network)?;
+        Ok(v.into_iter().map(|(key, ip)| ReservationView { key, ip }).collect())
+    }
+
+    /// Adds or replaces a reservation; it applies to the next DHCP exchange.
+    pub fn reserve(&self, network: &str, r: ReservationView) -> Result<ReservationView, ApiError> {
+        let _serial = lock(&self.changes);
+        let gw = self.gateway_of(network)?;
+        let mut all = self.reservations(network)?;
+        if let Some(other) = all.iter().find(|o| o.ip == r.ip && o.key != r.key) {
+            return Err(ApiError::Conflict(format!(
+                "{} is already reserved for {}",
+                r.ip, other.key
+            )));
+        }
+        all.retain(|o| o.key != r.key);
+        all.push(r.clone());
+        gw.set_reservations(all.iter().map(ReservationView::to_gateway).collect())
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.store.put_reservation(network, &r.key, r.ip)?;
+        Ok(r)
+    }
+
+    pub fn unreserve(&self, network: &str, key: &str) -> Result<(), ApiError> {
+        let _serial = lock(&self.changes);
+        let gw = self.gateway_of(network)?;
+        if !self.store.delete_reservation(network, key)? {
+            return Err(ApiError::NotFound(format!("no reservation for {key:?} on {network:?}")));
+        }
+        let rest = self.reservations(network)?;
+        gw.set_reservations(rest.iter().map(ReservationView::to_gateway).collect())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(())
     }
 
     /// Starts a live capture of a network, or of one of its ports.

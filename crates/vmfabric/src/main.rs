@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         cmd: PortCmd,
     },
+    /// Reserved addresses of a network: add, ls, rm.
+    Reservation {
+        #[command(subcommand)]
+        cmd: ReservationCmd,
+    },
     /// Leases of a network.
     Lease {
         #[command(subcommand)]
@@ -140,6 +145,29 @@ enum PortCmd {
 }
 
 #[derive(Subcommand)]
+enum ReservationCmd {
+    /// Reserve IP for KEY: a MAC address, or a VM's name (DHCP hostname or port name).
+    Add {
+        network: String,
+        key: String,
+        ip: std::net::Ipv4Addr,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        network: String,
+        key: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum LeaseCmd {
     Ls {
         network: String,
@@ -178,6 +206,29 @@ fn main() -> Result<()> {
         Command::BootGuest(args) => boot_guest(args),
         Command::Network { cmd } => network_cmd(cmd),
         Command::Port { cmd } => port_cmd(cmd),
+        Command::Reservation { cmd } => {
+            match cmd {
+                ReservationCmd::Add { network, key, ip, c } => {
+                    let body = serde_json::json!({ "key": key, "ip": ip });
+                    let v = request(&c, "POST", &format!("/v1/networks/{network}/reservations"), Some(body))?;
+                    print_table(&c, &v, &["key", "ip"]);
+                }
+                ReservationCmd::Ls { network, c } => {
+                    let v = request(&c, "GET", &format!("/v1/networks/{network}/reservations"), None)?;
+                    print_table(&c, &v, &["key", "ip"]);
+                }
+                ReservationCmd::Rm { network, key, c } => {
+                    request(
+                        &c,
+                        "DELETE",
+                        &format!("/v1/networks/{network}/reservations/{key}"),
+                        None,
+                    )?;
+                    println!("removed the reservation of {key} on {network}");
+                }
+            }
+            Ok(())
+        }
         Command::Lease {
             cmd: LeaseCmd::Ls { network, c },
         } => {

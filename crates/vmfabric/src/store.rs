@@ -93,6 +93,12 @@ CREATE TABLE IF NOT EXISTS ports (
     mac TEXT NOT NULL,
     PRIMARY KEY (network, name)
 );
+CREATE TABLE IF NOT EXISTS reservations (
+    network TEXT NOT NULL,
+    key TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    PRIMARY KEY (network, key)
+);
 CREATE TABLE IF NOT EXISTS leases (
     network TEXT NOT NULL,
     mac TEXT NOT NULL,
@@ -131,6 +137,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM ports WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM leases WHERE network = ?1", [name])?;
+        tx.execute("DELETE FROM reservations WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM networks WHERE name = ?1", [name])?;
         tx.commit()?;
         Ok(())
@@ -189,6 +196,38 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A network's reservations: (key, address); a key is a MAC or a VM name.
+    pub fn reservations(&self, network: &str) -> Result<Vec<(String, Ipv4Addr)>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT key, ip FROM reservations WHERE network = ?1 ORDER BY key")?;
+        let rows = st.query_map([network], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, ip) = row?;
+            if let Ok(ip) = ip.parse() {
+                out.push((key, ip));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_reservation(&self, network: &str, key: &str, ip: Ipv4Addr) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO reservations (network, key, ip) VALUES (?1, ?2, ?3)",
+            params![network, key, ip.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Returns whether there was one.
+    pub fn delete_reservation(&self, network: &str, key: &str) -> Result<bool, DbError> {
+        let n = self.conn().execute(
+            "DELETE FROM reservations WHERE network = ?1 AND key = ?2",
+            [network, key],
+        )?;
+        Ok(n > 0)
     }
 
     /// The lease store of one network's gateway.

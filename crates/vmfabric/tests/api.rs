@@ -261,6 +261,57 @@ fn dhcp(daemon: &Daemon, network: &str, client: fabric::Mac, reboot: Option<std:
 }
 
 #[test]
+fn reservations_apply_to_the_next_lease_and_survive_a_restart() {
+    let dir = tmp("reservations");
+    let d = start(&dir);
+    d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "red", "subnet": "10.66.0.0/24"})),
+    );
+    let mac = "02:aa:bb:cc:dd:01";
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/red/reservations",
+        Some(json!({"key": mac, "ip": "10.66.0.77"})),
+    );
+    assert_eq!(s, 201);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/red/reservations",
+        Some(json!({"key": "db", "ip": "10.66.0.77"})),
+    );
+    assert_eq!(s, 409, "one address, one reservation: {v}");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/red/reservations",
+        Some(json!({"key": "db", "ip": "10.67.0.1"})),
+    );
+    assert_eq!(s, 400, "outside the subnet");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/red/reservations",
+        Some(json!({"key": "db", "ip": "10.66.0.1"})),
+    );
+    assert_eq!(s, 400, "the gateway's own address");
+    let client: fabric::Mac = mac.parse().unwrap();
+    assert_eq!(
+        dhcp(&d.daemon, "red", client, None),
+        "10.66.0.77".parse::<std::net::Ipv4Addr>().unwrap()
+    );
+    d.stop();
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let d = start(&dir);
+    let (_, v) = d.call("GET", "/v1/networks/red/reservations", None);
+    assert_eq!(v, json!([{"key": mac, "ip": "10.66.0.77"}]));
+    let (s, _) = d.call("DELETE", &format!("/v1/networks/red/reservations/{mac}"), None);
+    assert_eq!(s, 204);
+    let (s, _) = d.call("DELETE", "/v1/networks/red/reservations/nobody", None);
+    assert_eq!(s, 404);
+    d.stop();
+}
+
+#[test]
 fn leases_survive_a_restart_and_a_renewing_client_keeps_its_address() {
     let dir = tmp("leases");
     let d = start(&dir);
@@ -410,7 +461,10 @@ fn the_openapi_document_matches_the_routes() {
     assert!(paths.len() >= 7);
     let methods = ["get", "post", "delete", "put", "patch"];
     for (path, item) in paths {
-        let mut concrete = path.replace("{name}", "default").replace("{port}", "nope");
+        let mut concrete = path
+            .replace("{name}", "default")
+            .replace("{port}", "nope")
+            .replace("{key}", "nope");
         if path.ends_with("/capture") {
             concrete.push_str("?port=nope"); // a real capture would stream until closed
         }
