@@ -109,3 +109,111 @@ fn cli_drives_the_daemon_and_state_survives_kill_9() {
     let (ok, _, _) = cli(&dir, &["network", "rm", "blue", "--force"]);
     assert!(ok);
 }
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"; echo \"$ip\" > \"$(dirname \"$0\")/ip\" ;; esac\n";
+
+#[test]
+fn a_real_client_keeps_its_address_across_a_kill_9() {
+    let ready = rustix::process::geteuid().is_root()
+        && Path::new("/dev/net/tun").exists()
+        && Command::new("busybox").arg("true").status().is_ok_and(|s| s.success());
+    if !ready {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here: needs root and busybox"
+        );
+        eprintln!("SKIP a_real_client_keeps_its_address_across_a_kill_9: needs root, /dev/net/tun and busybox");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmf-kill9-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let id = std::process::id() % 100_000;
+    let (ns, ifname) = (Netns(format!("k9{id}")), format!("k9t{id}"));
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns.0])
+        .stderr(Stdio::null())
+        .status();
+    sh(&["ip", "netns", "add", &ns.0]);
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
+    sh(&["chmod", "755", script.to_str().unwrap()]);
+    let guest_mac = "02:0d:0e:0a:0d:01";
+    // The daemon's TAP goes away with the daemon; each time, it is moved into the
+    // namespace and given the guest's MAC again, as a restarted VMM would.
+    let attach = || {
+        sh(&["ip", "link", "set", &ifname, "netns", &ns.0]);
+        sh(&["ip", "-n", &ns.0, "link", "set", &ifname, "address", guest_mac]);
+        sh(&["ip", "-n", &ns.0, "link", "set", &ifname, "up"]);
+    };
+    let dhcp = |extra: &[&str]| -> String {
+        let _ = std::fs::remove_file(dir.join("ip"));
+        let mut args = vec![
+            "ip", "netns", "exec", &ns.0, "busybox", "udhcpc", "-i", &ifname, "-q", "-f", "-n", "-t", "10",
+        ];
+        args.extend(["-T", "1", "-s", script.to_str().unwrap()]);
+        args.extend(extra);
+        sh(&args);
+        std::fs::read_to_string(dir.join("ip")).unwrap().trim().to_string()
+    };
+
+    let mut daemon = start(&dir);
+    let (ok, _, err) = cli(&dir, &["network", "create", "lab", "--subnet", "10.94.0.0/24"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &dir,
+        &["port", "add", "lab", "vm", "--kind", "tap", "--ifname", &ifname],
+    );
+    assert!(ok, "{err}");
+    attach();
+    let first = dhcp(&[]);
+    assert!(first.starts_with("10.94.0."), "{first}");
+    let leases = json(&dir, &["lease", "ls", "lab"]);
+    assert_eq!(leases[0]["ip"].as_str(), Some(first.as_str()));
+
+    daemon.0.kill().unwrap(); // SIGKILL: no chance to flush anything
+    daemon.0.wait().unwrap();
+    let _daemon = start(&dir);
+    wait_until_exists(&ifname);
+    attach();
+    assert_eq!(
+        dhcp(&["-r", &first]),
+        first,
+        "renewing after the restart keeps the address"
+    );
+    assert_eq!(dhcp(&[]), first, "and so does a fresh DISCOVER");
+}
+
+fn wait_until_exists(ifname: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Command::new("ip")
+        .args(["link", "show", ifname])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{ifname} did not come back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
