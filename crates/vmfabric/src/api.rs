@@ -205,6 +205,14 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
+/// Only `/metrics`, for serving on a TCP address to a Prometheus scraper.
+pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(daemon)
+}
+
 /// Binds the API socket (mode 0600). Refuses when another daemon answers on it;
 /// removes a stale socket left by a crash.
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {

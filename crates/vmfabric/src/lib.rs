@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod hostroutes;

@@ -187,6 +187,12 @@ struct ServeArgs {
     /// Directory for the ports' socket files.
     #[arg(long, default_value = "/run/vmfabric")]
     run_dir: PathBuf,
+    /// A TOML file declaring networks, ports and reservations to create at start.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Also serve `/metrics` over TCP on this address (for example 127.0.0.1:9100).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Make sure network `default` has a unixgram port with this name (repeatable).
     #[arg(long = "dgram-port", value_name = "NAME")]
     dgram_ports: Vec<String>,
@@ -264,7 +270,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
+    let declared = args.config.as_deref().map(vmfabric::config::load).transpose()?;
     let daemon = Daemon::start(args.state_dir.clone(), args.run_dir.clone(), rt.handle().clone())?;
+    if let Some(cfg) = &declared {
+        vmfabric::config::apply(&daemon, cfg)?;
+    }
+    if let Some(addr) = args.metrics_addr {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("bind {addr}"))?;
+        let app = api::metrics_router(daemon.clone());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        info!(%addr, "metrics over TCP");
+    }
     let listener = {
         let _guard = rt.enter();
         api::bind(&args.socket)?

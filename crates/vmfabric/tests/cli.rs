@@ -217,3 +217,74 @@ fn wait_until_exists(ifname: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
+    let dir = std::env::temp_dir().join(format!("vmf-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vmfabric.toml");
+    std::fs::write(
+        &cfg,
+        "[[network]]\nname = \"ci\"\nsubnet = \"10.95.0.0/24\"\nmtu = 9000\n\
+         ports = [{ name = \"runner1\", kind = \"stream\" }]\n\
+         reservations = [{ key = \"runner1\", ip = \"10.95.0.10\" }]\n",
+    )
+    .unwrap();
+    // A free loopback port for the metrics listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spawn = || {
+        let child = Command::new(BIN)
+            .args(["serve", "--socket"])
+            .arg(dir.join("api.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon(child)
+    };
+    let daemon = spawn();
+    let nets = json(&dir, &["network", "ls"]);
+    assert!(
+        nets.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "ci" && n["mtu"] == 9000),
+        "{nets}"
+    );
+    let ports = json(&dir, &["port", "ls", "ci"]);
+    assert_eq!(ports[0]["name"], "runner1");
+    let res = json(&dir, &["reservation", "ls", "ci"]);
+    assert_eq!(res[0]["ip"], "10.95.0.10");
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    assert!(
+        text.contains("vmfabric_port_frames_total{network=\"ci\",port=\"runner1\""),
+        "{text}"
+    );
+    // Applying the file again on restart changes nothing and fails nothing.
+    drop(daemon);
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let _daemon = spawn();
+    assert_eq!(json(&dir, &["port", "ls", "ci"]).as_array().unwrap().len(), 1);
+}

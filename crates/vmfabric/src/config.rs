@@ -1,0 +1,114 @@
+//! The optional TOML file that declares networks, their ports and reservations.
+//!
+//! Applied at every start, after the store has been loaded: what the file declares and
+//! the store lacks is created; what exists is left alone (the store and the API stay
+//! the source of truth for changes made at run time), and nothing is deleted.
+//!
+//! ```toml
+//! [[network]]
+//! name = "ci"
+//! subnet = "10.78.0.0/24"
+//! mtu = 9000
+//! ports = [{ name = "runner1", kind = "unixgram" }]
+//! reservations = [{ key = "runner1", ip = "10.78.0.10" }]
+//! ```
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::daemon::{ApiError, Daemon, PortRequest, ReservationView};
+use crate::store::NetworkRecord;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default, rename = "network")]
+    pub networks: Vec<NetworkDecl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkDecl {
+    pub name: String,
+    pub subnet: ipnet::Ipv4Net,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    #[serde(default = "yes")]
+    pub gateway: bool,
+    /// Create it even if the subnet overlaps a host route.
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub ports: Vec<PortRequest>,
+    #[serde(default)]
+    pub reservations: Vec<ReservationView>,
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub fn load(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid vmfabric config", path.display()))
+}
+
+/// Creates what the file declares and the daemon lacks.
+pub fn apply(daemon: &Daemon, cfg: &ConfigFile) -> anyhow::Result<()> {
+    for n in &cfg.networks {
+        let exists = daemon.network(&n.name).is_ok();
+        if !exists {
+            let rec = NetworkRecord {
+                name: n.name.clone(),
+                subnet: n.subnet,
+                mtu: n.mtu,
+                gateway: n.gateway,
+            };
+            daemon
+                .create_network(rec, n.force)
+                .map_err(|e| anyhow::anyhow!("network {}: {e}", n.name))?;
+        }
+        for p in &n.ports {
+            match daemon.add_port(&n.name, p.clone()) {
+                Ok(_) | Err(ApiError::Conflict(_)) => {}
+                Err(e) => anyhow::bail!("port {}/{}: {e}", n.name, p.name),
+            }
+        }
+        for r in &n.reservations {
+            let current = daemon.reservations(&n.name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if !current.iter().any(|c| c.key == r.key) {
+                daemon
+                    .reserve(&n.name, r.clone())
+                    .map_err(|e| anyhow::anyhow!("reservation {}: {e}", r.key))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_a_declaration_and_refuses_typos() {
+        let ok = r#"
+            [[network]]
+            name = "ci"
+            subnet = "10.78.0.0/24"
+            ports = [{ name = "r1", kind = "stream" }]
+            reservations = [{ key = "r1", ip = "10.78.0.10" }]
+        "#;
+        let c: super::ConfigFile = toml::from_str(ok).unwrap();
+        assert_eq!((c.networks[0].mtu, c.networks[0].ports.len()), (1500, 1));
+        let typo = "[[network]]\nname = \"x\"\nsubnet = \"10.0.0.0/24\"\nmtuu = 9000\n";
+        assert!(toml::from_str::<super::ConfigFile>(typo)
+            .unwrap_err()
+            .to_string()
+            .contains("mtuu"));
+    }
+}
