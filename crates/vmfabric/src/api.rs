@@ -91,6 +91,64 @@ async fn remove_port(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SocketpairRequest {
+    name: String,
+}
+
+/// Creates a socketpair port and hands its VM end to the client over this very
+/// connection (see [`crate::fdpass`]).
+async fn socketpair(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    axum::extract::ConnectInfo(conn): axum::extract::ConnectInfo<ConnFd>,
+    mut req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    use axum::http::header::{CONNECTION, UPGRADE};
+    if req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()) != Some(crate::fdpass::PROTOCOL) {
+        return Err(ApiError::BadRequest(format!(
+            "this route hands over an fd: send it with `Connection: upgrade` and `Upgrade: {}`",
+            crate::fdpass::PROTOCOL
+        )));
+    }
+    let Some(conn) = conn.0 else {
+        return Err(ApiError::Internal(
+            "this connection's socket could not be duplicated".into(),
+        ));
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let ask: SocketpairRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let (view, vm_end) = d.add_socketpair_port(&net, &ask.name)?;
+    let payload = serde_json::to_vec(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (daemon, name) = (d.clone(), ask.name.clone());
+    tokio::spawn(async move {
+        let handed = async {
+            // Past the upgrade the HTTP layer reads nothing more from the connection;
+            // the upgraded handle is only kept so the connection stays open.
+            let mut upgraded = hyper_util::rt::TokioIo::new(on_upgrade.await.map_err(std::io::Error::other)?);
+            let mut ready = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut upgraded, &mut ready).await?;
+            if ready[0] != crate::fdpass::READY {
+                return Err(std::io::Error::other("unexpected byte before the fd"));
+            }
+            // The socket is non-blocking (tokio's); the message is small, so one send
+            // fits in its buffer.
+            crate::fdpass::send_with_fd(&*conn, &payload, &vm_end)?;
+            tokio::io::AsyncWriteExt::shutdown(&mut upgraded).await
+        };
+        if let Err(e) = handed.await {
+            tracing::warn!(%net, port = %name, "could not hand over the socketpair end: {e}");
+            let _ = daemon.remove_port(&net, &name);
+        }
+    });
+    let headers = [(CONNECTION, "upgrade"), (UPGRADE, crate::fdpass::PROTOCOL)];
+    Ok((StatusCode::SWITCHING_PROTOCOLS, headers).into_response())
+}
+
 async fn list_reservations(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
     Ok(Json(d.reservations(&net)?).into_response())
 }
@@ -186,6 +244,24 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such route; see /v1/networks".into())
 }
 
+/// A duplicate of a connection's socket, for handing an fd over it (SCM_RIGHTS needs
+/// the socket itself, which the HTTP layer does not expose once it has it).
+#[derive(Clone)]
+pub struct ConnFd(pub Option<Arc<std::os::fd::OwnedFd>>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for ConnFd {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        use std::os::fd::AsFd;
+        ConnFd(stream.io().as_fd().try_clone_to_owned().ok().map(Arc::new))
+    }
+}
+
+/// Serves the API on `listener` until the future is dropped.
+pub async fn serve(listener: tokio::net::UnixListener, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let app = router(daemon).into_make_service_with_connect_info::<ConnFd>();
+    axum::serve(listener, app).await
+}
+
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/networks", get(list_networks).post(create_network))
@@ -194,6 +270,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
         .route("/v1/networks/{name}/leases", get(list_leases))
         .route("/v1/networks/{name}/capture", get(capture))
+        .route("/v1/networks/{name}/socketpairs", axum::routing::post(socketpair))
         .route(
             "/v1/networks/{name}/reservations",
             get(list_reservations).post(add_reservation),

@@ -78,3 +78,54 @@ pub async fn stream_to(socket: &Path, path: &str, out: &mut dyn std::io::Write) 
     }
     Ok(())
 }
+
+/// Creates a socketpair port on `network` and receives its VM end (see
+/// [`crate::fdpass`]). Returns the port as JSON and the fd.
+pub async fn socketpair_port(
+    socket: &Path,
+    network: &str,
+    name: &str,
+) -> anyhow::Result<(serde_json::Value, std::os::fd::OwnedFd)> {
+    use hyper::header::{CONNECTION, UPGRADE};
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connect to the daemon at {} (is `vmfabric serve` running?)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let body = serde_json::json!({ "name": name }).to_string();
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("/v1/networks/{network}/socketpairs"))
+        .header("host", "vmfabric")
+        .header("content-type", "application/json")
+        .header(CONNECTION, "upgrade")
+        .header(UPGRADE, crate::fdpass::PROTOCOL)
+        .body(Full::new(Bytes::from(body)))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    if status != 101 {
+        let data = resp.into_body().collect().await?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&data).unwrap_or_default();
+        let msg = v["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| String::from_utf8_lossy(&data).into());
+        anyhow::bail!("{msg} (HTTP {status})");
+    }
+    let upgraded = hyper::upgrade::on(resp).await?;
+    let parts = upgraded
+        .downcast::<TokioIo<tokio::net::UnixStream>>()
+        .map_err(|_| anyhow::anyhow!("the upgraded connection is not a Unix socket"))?;
+    anyhow::ensure!(parts.read_buf.is_empty(), "the daemon spoke before it was asked");
+    let stream = parts.io.into_inner().into_std()?;
+    stream.set_nonblocking(false)?;
+    let (data, fd) = tokio::task::spawn_blocking(move || {
+        std::io::Write::write_all(&mut &stream, &[crate::fdpass::READY])?;
+        crate::fdpass::recv_with_fd(&stream)
+    })
+    .await??;
+    Ok((serde_json::from_slice(&data)?, fd))
+}

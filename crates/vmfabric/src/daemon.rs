@@ -162,6 +162,7 @@ fn qemu_args(p: &PortRecord, run_dir: &std::path::Path) -> String {
         }
         PortKind::Stream => format!("-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}", p.path),
         PortKind::Tap => format!("-netdev tap,id=net0,ifname={},script=no,downscript=no", p.path),
+        PortKind::Socketpair => "-netdev dgram,id=net0,local.type=fd,local.str=FD".to_string(),
     };
     format!("{netdev} -device virtio-net-pci,netdev=net0,mac={}", p.mac)
 }
@@ -442,6 +443,7 @@ impl Daemon {
                     .add_tap_port(&rec.network, &rec.name, source)
                     .map(|(id, _)| id)?
             }
+            PortKind::Socketpair => return Err(ApiError::Internal("socketpair ports are not restored".into())),
         };
         lock(&self.labels).insert(id, (rec.network.clone(), rec.name.clone()));
         let mut nets = self.nets();
@@ -479,14 +481,20 @@ impl Daemon {
                 .display()
                 .to_string()
         };
-        let path = match req.kind {
-            PortKind::Unixgram => socket("sock"),
-            PortKind::Stream => socket("stream"),
-            PortKind::Tap => req
-                .ifname
-                .clone()
-                .unwrap_or_else(|| format!("vmf-{}", req.name).chars().take(15).collect()),
-        };
+        let path =
+            match req.kind {
+                PortKind::Unixgram => socket("sock"),
+                PortKind::Stream => socket("stream"),
+                PortKind::Tap => req
+                    .ifname
+                    .clone()
+                    .unwrap_or_else(|| format!("vmf-{}", req.name).chars().take(15).collect()),
+                PortKind::Socketpair => return Err(ApiError::BadRequest(
+                    "a socketpair port hands its VM end over the API connection: POST /v1/networks/{name}/socketpairs \
+                     with `Upgrade: vmfabric-fd` (the CLI: vmfabric port add NET NAME --kind socketpair -- CMD {fd})"
+                        .into(),
+                )),
+            };
         let rec = PortRecord {
             network: network.to_string(),
             name: req.name.clone(),
@@ -590,6 +598,41 @@ impl Daemon {
         gw.set_reservations(rest.iter().map(ReservationView::to_gateway).collect())
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(())
+    }
+
+    /// Adds a socketpair port and returns its VM end, for handing to the client.
+    pub fn add_socketpair_port(&self, network: &str, name: &str) -> Result<(PortView, std::os::fd::OwnedFd), ApiError> {
+        let _serial = lock(&self.changes);
+        valid_name("port", name)?;
+        {
+            let nets = self.nets();
+            let net = nets
+                .get(network)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            if net.ports.contains_key(name) {
+                return Err(ApiError::Conflict(format!(
+                    "port {name:?} already exists on {network:?}"
+                )));
+            }
+        }
+        let (id, vm_end) = self.switch.add_port(network, name)?;
+        let rec = PortRecord {
+            network: network.to_string(),
+            name: name.to_string(),
+            kind: PortKind::Socketpair,
+            path: "-".into(),
+            mac: Mac::derived(&[network, name]),
+        };
+        lock(&self.labels).insert(id, (network.to_string(), name.to_string()));
+        if let Some(net) = self.nets().get_mut(network) {
+            net.ports.insert(name.to_string(), (id, rec.clone()));
+        }
+        let view = PortView {
+            up: true,
+            qemu_args: qemu_args(&rec, &self.run_dir),
+            record: rec,
+        };
+        Ok((view, vm_end))
     }
 
     /// Starts a live capture of a network, or of one of its ports.

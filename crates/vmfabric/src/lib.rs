@@ -6,5 +6,6 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fdpass;
 pub mod hostroutes;
 pub mod store;

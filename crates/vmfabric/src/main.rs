@@ -128,6 +128,10 @@ enum PortCmd {
         /// TAP ports: the interface name.
         #[arg(long)]
         ifname: Option<String>,
+        /// Socketpair ports: the VMM to run with the VM end inherited; `{fd}` in its
+        /// arguments becomes the fd number (QEMU: -netdev dgram,id=n0,local.type=fd,local.str={fd}).
+        #[arg(last = true)]
+        exec: Vec<String>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -337,8 +341,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let stats_asked = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone()).context("install signal handler")?;
-    let app = api::router(daemon.clone());
-    let server = rt.spawn(async move { axum::serve(listener, app).await });
+    let server = rt.spawn(api::serve(listener, daemon.clone()));
     while !stop.load(Ordering::Relaxed) && !server.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if stats_asked.swap(false, Ordering::Relaxed) {
@@ -485,14 +488,46 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
     Ok(())
 }
 
+/// Creates a socketpair port and runs `exec` with its VM end inherited.
+fn exec_with_socketpair(c: &ClientArgs, network: &str, name: &str, exec: &[String]) -> Result<()> {
+    anyhow::ensure!(
+        !exec.is_empty(),
+        "a socketpair port needs the VMM to hand its end to: vmfabric port add {network} {name} --kind socketpair -- CMD ... {{fd}} ..."
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (port, fd) = rt.block_on(vmfabric::client::socketpair_port(&c.socket, network, name))?;
+    drop(rt);
+    // The VMM inherits the fd: clear close-on-exec and keep it open across exec.
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    let args: Vec<String> = exec.iter().map(|a| a.replace("{fd}", &raw.to_string())).collect();
+    eprintln!(
+        "port {network}/{name}: socketpair, MAC {}, VM end is fd {raw}",
+        cell(&port["mac"])
+    );
+    let mut vmm = std::process::Command::new(&args[0]);
+    vmm.args(&args[1..]);
+    let err = std::os::unix::process::CommandExt::exec(&mut vmm);
+    Err(anyhow::Error::new(err).context(format!("run {}", args[0])))
+}
+
 fn port_cmd(cmd: PortCmd) -> Result<()> {
     match cmd {
         PortCmd::Add {
             network,
             name,
             kind,
+            exec,
+            c,
+            ..
+        } if kind == "socketpair" => exec_with_socketpair(&c, &network, &name, &exec)?,
+        PortCmd::Add {
+            network,
+            name,
+            kind,
             ifname,
             c,
+            ..
         } => {
             let body = serde_json::json!({ "name": name, "kind": kind, "ifname": ifname });
             let v = request(&c, "POST", &format!("/v1/networks/{network}/ports"), Some(body))?;

@@ -48,6 +48,9 @@ pub enum PortKind {
     Stream,
     /// A TAP device; the record's path holds the interface name.
     Tap,
+    /// A socketpair whose VM end was handed to the client; it lives as long as the
+    /// daemon and is not stored (the other end cannot come back after a restart).
+    Socketpair,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

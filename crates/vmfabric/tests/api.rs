@@ -26,9 +26,9 @@ fn start(dir: &Path) -> Running {
         let _g = rt.enter();
         api::bind(&socket).unwrap()
     };
-    let app = api::router(daemon.clone());
+    let daemon_for_api = daemon.clone();
     let server = rt.spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        api::serve(listener, daemon_for_api).await.unwrap();
     });
     Running {
         rt,
@@ -482,5 +482,48 @@ fn the_openapi_document_matches_the_routes() {
             }
         }
     }
+    d.stop();
+}
+
+#[test]
+fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
+    let dir = tmp("socketpair");
+    let d = start(&dir);
+    let (port, fd) =
+        d.rt.block_on(client::socketpair_port(&d.socket, "default", "vz1"))
+            .unwrap();
+    assert_eq!(port["kind"], "socketpair");
+    assert!(port["qemu_args"].as_str().unwrap().contains("local.type=fd"));
+    let vm = std::os::unix::net::UnixDatagram::from(fd);
+    let (_, other) = d.daemon.switch().add_port("default", "observer").unwrap();
+    let other = std::os::unix::net::UnixDatagram::from(other);
+    other
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut frame = vec![0xff; 6];
+    frame.extend([0x02, 0, 0, 0, 0, 0x42, 0x88, 0xb5]);
+    frame.resize(60, 7);
+    vm.send(&frame).unwrap();
+    let mut buf = [0u8; 128];
+    let n = other.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &frame[..], "the handed-over end is on the network");
+    let (_, ports) = d.call("GET", "/v1/networks/default/ports", None);
+    assert!(ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "vz1" && p["kind"] == "socketpair"));
+    let err =
+        d.rt.block_on(client::socketpair_port(&d.socket, "default", "vz1"))
+            .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let (s, _) = d.call("POST", "/v1/networks/default/socketpairs", Some(json!({"name": "x"})));
+    assert_eq!(s, 400, "without the upgrade there is no fd to hand over");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/default/ports",
+        Some(json!({"name": "x", "kind": "socketpair"})),
+    );
+    assert_eq!(s, 400);
     d.stop();
 }

@@ -48,8 +48,7 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
         let _g = rt.enter();
         api::bind(&socket).unwrap()
     };
-    let app = api::router(daemon.clone());
-    rt.spawn(async move { axum::serve(listener, app).await });
+    rt.spawn(api::serve(listener, daemon.clone()));
     daemon
         .create_network(
             vmfabric::store::NetworkRecord {

@@ -288,3 +288,47 @@ fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
     let _daemon = spawn();
     assert_eq!(json(&dir, &["port", "ls", "ci"]).as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn port_add_socketpair_runs_the_vmm_with_the_fd() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("SKIP port_add_socketpair_runs_the_vmm_with_the_fd: needs python3 as the stand-in VMM");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmf-sp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _daemon = start(&dir);
+    let (ok, _, err) = cli(&dir, &["port", "add", "default", "watch", "--kind", "unixgram"]);
+    assert!(ok, "{err}");
+    let watch_path = json(&dir, &["port", "ls", "default"])[0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let watcher = std::os::unix::net::UnixDatagram::bind(dir.join("watcher.sock")).unwrap();
+    watcher.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Make the unixgram port learn the watcher as its peer.
+    watcher
+        .send_to(
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 9, 0x88, 0xb5, 0],
+            &watch_path,
+        )
+        .unwrap();
+    // The stand-in VMM sends one broadcast frame on the fd it inherited.
+    let vmm = "import socket,sys; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=int(sys.argv[1])); \
+               s.send(bytes([255]*6 + [2,0,0,0,0,0x77, 0x88,0xb5]) + b'hello from the vmm' + bytes(28))";
+    let out = Command::new(BIN)
+        .args(["port", "add", "default", "vm", "--kind", "socketpair", "--socket"])
+        .arg(dir.join("api.sock"))
+        .args(["--", "python3", "-c", vmm, "{fd}"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut buf = [0u8; 256];
+    let n = watcher.recv(&mut buf).unwrap();
+    assert!(
+        buf[..n].windows(18).any(|w| w == b"hello from the vmm"),
+        "{:?}",
+        &buf[..n]
+    );
+}
