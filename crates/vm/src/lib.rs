@@ -1,10 +1,18 @@
 //! Running VMs attached to vmfabric networks.
 //!
-//! This crate builds VMM command lines for guests whose NICs are vmfabric ports and
-//! picks the acceleration that really works on the host.
+//! `config` says what a VM is and checks it; `qemu` turns it into a QEMU command line
+//! (one NIC per vmfabric port); `driver` runs and supervises the process through its
+//! lifecycle; `readiness` and `process` are the two facts the driver must not get
+//! wrong: when the guest is really ready, and which process is really the VMM.
 
 pub mod accel;
+pub mod config;
+pub mod driver;
+pub mod process;
 pub mod qemu;
+pub mod readiness;
 
 pub use accel::Accel;
+pub use config::{VmConfig, VmConfigError};
+pub use driver::{QemuVm, VmState};
 pub use qemu::{Nic, NicBackend, QemuConfig, Serial};

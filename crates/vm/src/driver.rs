@@ -1,0 +1,231 @@
+//! A QEMU process supervised through its lifecycle.
+//!
+//! Theory of operation: `start` validates the config, makes a fresh nonce, and spawns
+//! QEMU with the serial console in a file and a QMP socket. The VM is `Starting`
+//! until the process exists (then `Running`) and `Ready{ip}` once the console shows
+//! the readiness marker with this boot's nonce (and, when known, the leased address).
+//! `poll` notices a VMM that died: `Failed` with its exit status and the console's last
+//! lines. `stop` asks the guest to power off over QMP, then sends SIGTERM, then
+//! SIGKILL, each after a grace period; a stop we asked for ends in `Stopped`. Signals
+//! go to the PID only while it still has the start time we recorded.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::{VmConfig, VmConfigError};
+use crate::process::ProcessId;
+use crate::qemu::{QemuConfig, Serial};
+use crate::readiness::{new_nonce, Readiness, ReadinessScanner};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    Starting,
+    Running,
+    Ready { ip: Ipv4Addr },
+    Stopped,
+    Failed { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Config(#[from] VmConfigError),
+    #[error("start {binary}: {source}")]
+    Spawn { binary: String, source: std::io::Error },
+}
+
+pub struct QemuVm {
+    child: Child,
+    id: Option<ProcessId>,
+    qmp: PathBuf,
+    serial_log: PathBuf,
+    scanner: ReadinessScanner,
+    state: VmState,
+    stop_requested: bool,
+}
+
+/// The last `n` lines of a console log, for a failure's reason.
+pub fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl QemuVm {
+    /// Boots `config` (validated first). `work_dir` holds the QMP socket.
+    pub fn start(config: &VmConfig, work_dir: &std::path::Path) -> Result<QemuVm, DriverError> {
+        config.validate()?;
+        let nonce = new_nonce();
+        let mut q = QemuConfig::new(
+            config.kernel.clone(),
+            config.initramfs.clone(),
+            Serial::File(config.serial_log.clone()),
+        );
+        q.memory_mib = config.memory_mib;
+        q.cpus = config.cpus;
+        q.nics = config.attachments.clone();
+        q.cmdline = config.cmdline.clone();
+        q.cmdline.push(format!("VMF_NONCE={nonce}"));
+        let qmp = work_dir.join(format!("{}.{}.qmp", config.namespace, config.name));
+        let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&config.serial_log);
+        let mut args = q.args();
+        args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
+        if let Some(disk) = &config.root_disk {
+            args.extend([
+                "-drive".into(),
+                format!("file={},if=none,id=root,format=raw", disk.display()),
+            ]);
+            args.extend(["-device".into(), "virtio-blk-device,drive=root".into()]);
+        }
+        let mut cmd = match &config.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&q.binary);
+                c
+            }
+            None => Command::new(&q.binary),
+        };
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let binary = q.binary.display().to_string();
+        let child = cmd.spawn().map_err(|source| DriverError::Spawn { binary, source })?;
+        let id = ProcessId::of(child.id()).ok();
+        let state = if id.is_some() {
+            VmState::Running
+        } else {
+            VmState::Starting
+        };
+        Ok(QemuVm {
+            child,
+            id,
+            qmp,
+            serial_log: config.serial_log.clone(),
+            scanner: ReadinessScanner::new(config.serial_log.clone(), nonce),
+            state,
+            stop_requested: false,
+        })
+    }
+
+    pub fn process(&self) -> Option<ProcessId> {
+        self.id
+    }
+
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    /// Brings the state up to date: exit of the VMM, readiness on the console.
+    pub fn poll(&mut self, leased: Option<Ipv4Addr>) -> &VmState {
+        if matches!(self.state, VmState::Stopped | VmState::Failed { .. }) {
+            return &self.state;
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.state = if self.stop_requested {
+                VmState::Stopped
+            } else {
+                VmState::Failed {
+                    reason: format!(
+                        "the VMM {status}; last console lines:\n{}",
+                        log_tail(&self.serial_log, 10)
+                    ),
+                }
+            };
+            let _ = std::fs::remove_file(&self.qmp);
+            return &self.state;
+        }
+        if self.id.is_none() {
+            self.id = ProcessId::of(self.child.id()).ok();
+            if self.id.is_some() {
+                self.state = VmState::Running;
+            }
+        }
+        if self.state == VmState::Running {
+            match self.scanner.scan(leased) {
+                Ok(Readiness::Ready(ip)) => self.state = VmState::Ready { ip },
+                Ok(Readiness::WrongAddress { claimed, leased }) => {
+                    tracing::warn!(%claimed, %leased, "the guest claims an address it was not leased");
+                }
+                Ok(Readiness::NotYet) | Err(_) => {}
+            }
+        }
+        &self.state
+    }
+
+    /// Polls until `ready` says yes or `timeout` passes.
+    pub fn wait_for(
+        &mut self,
+        leased: Option<Ipv4Addr>,
+        timeout: Duration,
+        ready: impl Fn(&VmState) -> bool,
+    ) -> VmState {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.poll(leased).clone();
+            if ready(&s) || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn qmp_powerdown(&self) -> std::io::Result<()> {
+        let stream = UnixStream::connect(&self.qmp)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?; // greeting
+        let mut w = &stream;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        w.write_all(b"{\"execute\":\"system_powerdown\"}\n")?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        Ok(())
+    }
+
+    /// Stops the VM: ACPI powerdown over QMP, then SIGTERM, then SIGKILL, waiting
+    /// `grace` after each. Returns the final state.
+    pub fn stop(&mut self, grace: Duration) -> VmState {
+        self.stop_requested = true;
+        if matches!(self.poll(None), VmState::Stopped | VmState::Failed { .. }) {
+            return self.state.clone();
+        }
+        let _ = self.qmp_powerdown();
+        let gone =
+            |vm: &mut QemuVm| vm.wait_for(None, grace, |s| matches!(s, VmState::Stopped | VmState::Failed { .. }));
+        if matches!(gone(self), VmState::Stopped) {
+            return self.state.clone();
+        }
+        for signal in [rustix::process::Signal::TERM, rustix::process::Signal::KILL] {
+            if let Some(id) = self.id {
+                let _ = id.signal(signal);
+            }
+            if matches!(gone(self), VmState::Stopped) {
+                return self.state.clone();
+            }
+        }
+        self.state.clone()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Some(id) = self.id {
+                let _ = id.signal(rustix::process::Signal::KILL);
+            }
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.qmp);
+    }
+}

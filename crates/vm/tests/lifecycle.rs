@@ -1,0 +1,98 @@
+//! A VM's lifecycle with a real QEMU guest (TCG): Running, then Ready with the address
+//! its console reports under this boot's nonce; a stop ends in Stopped; a VMM killed
+//! from outside ends in Failed with its exit status and the console's last lines.
+
+mod common;
+
+use std::time::Duration;
+
+use fabric::{Mac, NetworkConfig, Switch, SwitchConfig};
+use vm::{Nic, NicBackend, QemuVm, VmConfig, VmState};
+
+fn config(
+    image: &std::path::Path,
+    work: &std::path::Path,
+    name: &str,
+    ip: &str,
+    switch_path: std::path::PathBuf,
+) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        namespace: "test".into(),
+        kernel: image.join("vmlinuz"),
+        initramfs: image.join("initramfs.cpio.gz"),
+        root_disk: None,
+        cpus: 1,
+        memory_mib: 96,
+        attachments: vec![Nic {
+            backend: NicBackend::Unixgram {
+                switch_path,
+                guest_path: work.join(format!("{name}.guest.sock")),
+            },
+            mac: Mac::derived(&["test", name]),
+        }],
+        serial_log: work.join(format!("{name}.console")),
+        cmdline: vec![format!("VMF_IP={ip}/24"), "VMF_END=hang".into()],
+        netns: None,
+    }
+}
+
+#[test]
+fn ready_then_stopped_and_a_killed_vmm_is_failed() {
+    let Some(image) = common::guest_dir() else { return };
+    let work = common::workdir("lifecycle");
+    let sw = Switch::start(SwitchConfig::default()).unwrap();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let (pa, pb) = (work.join("a.sock"), work.join("b.sock"));
+    sw.add_unixgram_port("n", "a", &pa).unwrap();
+    sw.add_unixgram_port("n", "b", &pb).unwrap();
+
+    let mut a = QemuVm::start(&config(&image, &work, "a", "10.96.0.5", pa), &work).unwrap();
+    let mut b = QemuVm::start(&config(&image, &work, "b", "10.96.0.6", pb), &work).unwrap();
+    assert!(matches!(a.state(), VmState::Running | VmState::Starting));
+    let ip_a = "10.96.0.5".parse().unwrap();
+    let ready = |s: &VmState| !matches!(s, VmState::Running | VmState::Starting);
+    assert_eq!(
+        a.wait_for(Some(ip_a), Duration::from_secs(120), ready),
+        VmState::Ready { ip: ip_a }
+    );
+    let s = b.wait_for(None, Duration::from_secs(120), ready);
+    assert_eq!(
+        s,
+        VmState::Ready {
+            ip: "10.96.0.6".parse().unwrap()
+        }
+    );
+
+    // Stop: powerdown over QMP (this guest ignores it), then SIGTERM.
+    let pid_a = a.process().unwrap();
+    assert_eq!(a.stop(Duration::from_secs(3)), VmState::Stopped);
+    assert!(!pid_a.is_alive(), "the VMM is gone");
+
+    // Killed from outside: Failed, with the reason and the console's tail.
+    let pid_b = b.process().unwrap();
+    assert!(pid_b.signal(rustix::process::Signal::KILL).unwrap());
+    let s = b.wait_for(None, Duration::from_secs(20), |s| matches!(s, VmState::Failed { .. }));
+    let VmState::Failed { reason } = s else { panic!("{s:?}") };
+    assert!(
+        reason.contains("signal: 9") && reason.contains("VMFABRIC_READY"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_bad_config_never_starts() {
+    let work = common::workdir("badconfig");
+    let mut c = config(
+        std::path::Path::new("/nonexistent"),
+        &work,
+        "x",
+        "10.96.0.9",
+        work.join("s.sock"),
+    );
+    c.memory_mib = 32;
+    let Err(e) = QemuVm::start(&c, &work) else {
+        panic!("started")
+    };
+    assert!(e.to_string().contains("32 MiB"), "{e}");
+}
