@@ -5,7 +5,7 @@
 //! until the process exists (then `Running`) and `Ready{ip}` once the console shows
 //! the readiness marker with this boot's nonce (and, when known, the leased address).
 //! `poll` notices a VMM that died: `Failed` with its exit status and the console's last
-//! lines. `stop` asks the guest to power off over QMP, then sends SIGTERM, then
+//! lines (a guest that powered itself off, exit status 0, is `Stopped`). `stop` asks the guest to power off over QMP, then sends SIGTERM, then
 //! SIGKILL, each after a grace period; a stop we asked for ends in `Stopped`. Signals
 //! go to the PID only while it still has the start time we recorded.
 
@@ -129,7 +129,8 @@ impl QemuVm {
             return &self.state;
         }
         if let Ok(Some(status)) = self.child.try_wait() {
-            self.state = if self.stop_requested {
+            // A guest that powered itself off ends the VMM with success: a clean stop.
+            self.state = if self.stop_requested || status.success() {
                 VmState::Stopped
             } else {
                 VmState::Failed {

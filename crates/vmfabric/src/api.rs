@@ -149,6 +149,35 @@ async fn socketpair(
     Ok((StatusCode::SWITCHING_PROTOCOLS, headers).into_response())
 }
 
+async fn list_vms(State(d): Shared) -> Response {
+    Json(d.vms().list()).into_response()
+}
+
+async fn run_vm(State(d): Shared, b: Result<Json<crate::vms::VmRequest>, JsonRejection>) -> Result<Response, ApiError> {
+    let req = body(b)?;
+    // Booting blocks a little (spawning QEMU); keep it off the async workers.
+    let v = tokio::task::spawn_blocking(move || d.vms().run(&d, req))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn show_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.vms().get(&name)?).into_response())
+}
+
+async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    // Stopping waits for the guest (grace periods): off the async workers.
+    let v = tokio::task::spawn_blocking(move || d.vms().stop(&d, &name))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(v).into_response())
+}
+
+async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(([("content-type", "text/plain; charset=utf-8")], d.vms().logs(&name)?).into_response())
+}
+
 async fn list_reservations(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
     Ok(Json(d.reservations(&net)?).into_response())
 }
@@ -276,6 +305,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(list_reservations).post(add_reservation),
         )
         .route("/v1/networks/{name}/reservations/{key}", delete(remove_reservation))
+        .route("/v1/vms", get(list_vms).post(run_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
+        .route("/v1/vms/{name}/logs", get(vm_logs))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)

@@ -130,6 +130,7 @@ pub struct Daemon {
     gateways: Arc<Mutex<HashMap<String, Arc<Gateway>>>>,
     control: mpsc::Sender<ControlEvent>,
     locker: Arc<Mutex<PortLocker>>,
+    vms: Arc<crate::vms::Vms>,
     /// Serialises changes to networks and ports, so a check and the change it guards
     /// cannot interleave with another request's (the data plane is never behind it).
     changes: Mutex<()>,
@@ -171,6 +172,17 @@ impl Daemon {
     /// Opens the store in `state_dir`, starts the data plane and rebuilds it from the
     /// store. With an empty store, creates the network `default` on 10.77.0.0/24.
     pub fn start(state_dir: PathBuf, run_dir: PathBuf, rt: tokio::runtime::Handle) -> anyhow::Result<Arc<Daemon>> {
+        Daemon::start_with_guests(state_dir, run_dir, None, rt)
+    }
+
+    /// Like [`Daemon::start`], able to run VMs from the guest image in `guest_dir`.
+    pub fn start_with_guests(
+        state_dir: PathBuf,
+        run_dir: PathBuf,
+        guest_dir: Option<PathBuf>,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<Arc<Daemon>> {
+        let vms = crate::vms::Vms::new(guest_dir, run_dir.join("vms"));
         std::fs::create_dir_all(&state_dir)?;
         std::fs::create_dir_all(run_dir.join("ports"))?;
         std::fs::create_dir_all(run_dir.join("guests"))?;
@@ -230,7 +242,9 @@ impl Daemon {
             control,
             locker,
             changes: Mutex::new(()),
+            vms,
         });
+        daemon.vms.supervise(Arc::downgrade(&daemon));
         let saved = daemon.store.networks()?;
         if saved.is_empty() {
             let default = NetworkRecord {
@@ -713,8 +727,14 @@ impl Daemon {
         out
     }
 
-    /// Removes the ports' socket files; the store keeps everything for the next start.
+    pub fn vms(&self) -> &crate::vms::Vms {
+        &self.vms
+    }
+
+    /// Stops the VMs and removes the ports' socket files; the store keeps everything
+    /// for the next start.
     pub fn shutdown(&self) {
+        self.vms.stop_all(self);
         let ids: Vec<PortId> = self
             .nets()
             .values()

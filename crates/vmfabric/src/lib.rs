@@ -9,3 +9,4 @@ pub mod daemon;
 pub mod fdpass;
 pub mod hostroutes;
 pub mod store;
+pub mod vms;

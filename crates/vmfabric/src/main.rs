@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         cmd: PortCmd,
     },
+    /// VMs the daemon runs (the test guest image): run, ls, stop, logs.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
     /// Reserved addresses of a network: add, ls, rm.
     Reservation {
         #[command(subcommand)]
@@ -149,6 +154,44 @@ enum PortCmd {
 }
 
 #[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a VM on a new port of a network; it gets its address from the gateway.
+    Run {
+        #[arg(long = "net")]
+        network: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Serve /www over HTTP on port 80 in the guest.
+        #[arg(long)]
+        http: bool,
+        #[arg(long, default_value_t = 96)]
+        memory_mib: u32,
+        /// Wait until the VM is ready (or has ended) before returning.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+        /// Shell command the guest runs once its network is up; it powers off after.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    Ls {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Stop {
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Logs {
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum ReservationCmd {
     /// Reserve IP for KEY: a MAC address, or a VM's name (DHCP hostname or port name).
     Add {
@@ -191,6 +234,10 @@ struct ServeArgs {
     /// Directory for the ports' socket files.
     #[arg(long, default_value = "/run/vmfabric")]
     run_dir: PathBuf,
+    /// The guest image (guest/build.sh DIR) that `vm run` boots; without it the daemon
+    /// runs no VMs.
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
     /// A TOML file declaring networks, ports and reservations to create at start.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -216,6 +263,7 @@ fn main() -> Result<()> {
         Command::BootGuest(args) => boot_guest(args),
         Command::Network { cmd } => network_cmd(cmd),
         Command::Port { cmd } => port_cmd(cmd),
+        Command::Vm { cmd } => vm_cmd(cmd),
         Command::Reservation { cmd } => {
             match cmd {
                 ReservationCmd::Add { network, key, ip, c } => {
@@ -275,7 +323,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         .build()
         .context("start the runtime")?;
     let declared = args.config.as_deref().map(vmfabric::config::load).transpose()?;
-    let daemon = Daemon::start(args.state_dir.clone(), args.run_dir.clone(), rt.handle().clone())?;
+    let daemon = Daemon::start_with_guests(
+        args.state_dir.clone(),
+        args.run_dir.clone(),
+        args.guest_dir.clone(),
+        rt.handle().clone(),
+    )?;
     if let Some(cfg) = &declared {
         vmfabric::config::apply(&daemon, cfg)?;
     }
@@ -486,6 +539,56 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn vm_cmd(cmd: VmCmd) -> Result<()> {
+    const COLUMNS: &[&str] = &["name", "network", "state", "ip", "pid", "mac"];
+    match cmd {
+        VmCmd::Run {
+            network,
+            name,
+            http,
+            memory_mib,
+            wait,
+            c,
+            cmd,
+        } => {
+            let name = name.unwrap_or_else(|| format!("vm-{:06x}", rand_suffix()));
+            let command = (!cmd.is_empty()).then(|| cmd.join(" "));
+            let body = serde_json::json!({ "name": name, "network": network, "http": http, "memory_mib": memory_mib, "cmd": command });
+            let mut v = request(&c, "POST", "/v1/vms", Some(body))?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(180);
+            while wait
+                && matches!(v["state"].as_str(), Some("starting" | "running"))
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                v = request(&c, "GET", &format!("/v1/vms/{name}"), None)?;
+            }
+            print_table(&c, &v, COLUMNS);
+            if let Some(reason) = v["reason"].as_str() {
+                eprintln!("{reason}");
+            }
+        }
+        VmCmd::Ls { c } => print_table(&c, &request(&c, "GET", "/v1/vms", None)?, COLUMNS),
+        VmCmd::Stop { name, c } => print_table(&c, &request(&c, "DELETE", &format!("/v1/vms/{name}"), None)?, COLUMNS),
+        VmCmd::Logs { name, c } => print!(
+            "{}",
+            request(&c, "GET", &format!("/v1/vms/{name}/logs"), None)?
+                .as_str()
+                .unwrap_or_default()
+        ),
+    }
+    Ok(())
+}
+
+/// A short random suffix for unnamed VMs.
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() & 0xffffff)
+        .unwrap_or(0)
+        ^ std::process::id()
 }
 
 /// Creates a socketpair port and runs `exec` with its VM end inherited.

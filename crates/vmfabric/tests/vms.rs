@@ -1,0 +1,124 @@
+//! VMs through the daemon's API with real QEMU guests (TCG): leases from the gateway,
+//! names, a page fetched guest to guest, a guest powering itself off, and a VMM killed
+//! from outside reported Failed with its port freed.
+
+#[path = "../../vm/tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmfabric::{api, client, daemon::Daemon};
+
+struct Running {
+    rt: tokio::runtime::Runtime,
+    socket: PathBuf,
+    daemon: Arc<Daemon>,
+}
+
+impl Running {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.rt
+            .block_on(client::call(&self.socket, method, path, body))
+            .unwrap()
+    }
+
+    fn wait_state(&self, name: &str, done: &[&str]) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        loop {
+            let (_, v) = self.call("GET", &format!("/v1/vms/{name}"), None);
+            if done.contains(&v["state"].as_str().unwrap_or("")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn vms_run_find_each_other_and_end_cleanly_or_failed() {
+    let Some(image) = common::guest_dir() else { return };
+    let dir = common::workdir("daemon-vms");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let daemon =
+        Daemon::start_with_guests(dir.join("state"), dir.join("run"), Some(image), rt.handle().clone()).unwrap();
+    let socket = dir.join("api.sock");
+    let listener = {
+        let _g = rt.enter();
+        api::bind(&socket).unwrap()
+    };
+    rt.spawn(api::serve(listener, daemon.clone()));
+    let d = Running { rt, socket, daemon };
+
+    let (s, v) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "web", "network": "default", "http": true})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, _) = d.call("POST", "/v1/vms", Some(json!({"name": "web", "network": "default"})));
+    assert_eq!(s, 409, "one VM per name");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "big", "network": "default", "memory_mib": 32})),
+    );
+    assert_eq!(s, 400, "too little memory is refused before anything starts");
+    let web = d.wait_state("web", &["ready", "failed"]);
+    assert_eq!(web["state"], "ready", "{web}");
+    let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
+    let lease = leases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["mac"] == web["mac"])
+        .expect("web's lease")
+        .clone();
+    assert_eq!(web["ip"], lease["ip"], "ready with the leased address");
+
+    let cmd = "nslookup web && wget -qO- http://web/";
+    let (s, _) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "client", "network": "default", "cmd": cmd})),
+    );
+    assert_eq!(s, 201);
+    let client_vm = d.wait_state("client", &["stopped", "failed"]);
+    assert_eq!(
+        client_vm["state"], "stopped",
+        "a guest that powers itself off has stopped: {client_vm}"
+    );
+    let (_, logs) = d.call("GET", "/v1/vms/client/logs", None);
+    let logs = logs.as_str().unwrap();
+    assert!(
+        logs.contains("hello from vmfabric guest") && logs.contains("VMFABRIC_CMD_EXIT 0"),
+        "{logs}"
+    );
+
+    // Killed from outside: Failed, with a reason, and its port is freed.
+    let pid = vm::process::ProcessId::of(web["pid"].as_u64().unwrap() as u32).unwrap();
+    assert!(pid.signal(rustix::process::Signal::KILL).unwrap());
+    let web = d.wait_state("web", &["failed"]);
+    assert!(web["reason"].as_str().unwrap().contains("signal: 9"), "{web}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, ports) = d.call("GET", "/v1/networks/default/ports", None);
+        if ports.as_array().unwrap().iter().all(|p| p["name"] != "web") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web's port was not freed: {ports}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (s, _) = d.call("DELETE", "/v1/vms/client", None);
+    assert_eq!(s, 200);
+    let (s, _) = d.call("GET", "/v1/vms/client", None);
+    assert_eq!(s, 404);
+    d.daemon.shutdown();
+}
