@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# scripts/demo.sh — vmfabric's main job on this machine: network "default"
-# (10.77.0.0/24) with its gateway (DHCP, DNS, ARP/ICMP), and two real QEMU guests on
-# it. Both get their address from vmfabric's DHCP; "web" serves HTTP on a unixgram
-# port; "client", on a stream port, pings the gateway and web by name and fetches
-# web's page. vmfabric keeps running afterwards, with the commands to inspect and stop
-# it.
+# scripts/demo.sh — vmfabric's main job on this machine: the daemon on its embedded
+# default (network "default", 10.77.0.0/24, with its gateway: DHCP, DNS, ARP/ICMP) and
+# two real QEMU guests it runs on that network. Both get their address from vmfabric's
+# DHCP; "web" serves HTTP; "client" resolves web by name, pings the gateway and web,
+# and fetches web's page. vmfabric keeps running afterwards, with the commands to
+# inspect and stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -16,43 +16,41 @@ BIN=$PWD/target/release/vmfabric
 RUN=${VMFABRIC_RUN_DIR:-/tmp/vmfabric-demo}
 if [ -f "$RUN/vmfabric.pid" ] && kill -0 "$(cat "$RUN/vmfabric.pid")" 2>/dev/null; then
     echo "[demo] stopping the previous demo's vmfabric"
-    kill "$(cat "$RUN/vmfabric.pid")"; sleep 0.5
+    old=$(cat "$RUN/vmfabric.pid"); kill "$old"
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
 fi
 rm -rf "$RUN"; mkdir -p "$RUN"
 
 SOCK=$RUN/vmfabric.sock
+export VMFABRIC_SOCKET=$SOCK   # every vmfabric command below talks to this daemon
+vmf() { "$BIN" "$@"; }
 echo "[demo] starting the vmfabric daemon (log: $RUN/vmfabric.log, state: $RUN/state)"
 setsid "$BIN" serve --socket "$SOCK" --state-dir "$RUN/state" --run-dir "$RUN" \
-    --dgram-port web --stream-port client > "$RUN/vmfabric.log" 2>&1 < /dev/null &
+    --guest-dir "$PWD/target/guest" > "$RUN/vmfabric.log" 2>&1 < /dev/null &
 echo $! > "$RUN/vmfabric.pid"
 for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
 echo "[demo] \$ vmfabric network ls"
-"$BIN" network ls --socket "$SOCK" | sed 's/^/  /'
-echo "[demo] \$ vmfabric port ls default"
-"$BIN" port ls default --socket "$SOCK" | sed 's/^/  /'
+vmf network ls | sed 's/^/  /'
 
-echo "[demo] booting guest 'web' (DHCP, HTTP server) on the unixgram port"
-setsid "$BIN" boot-guest --guest-dir target/guest --dgram "$RUN/ports/default/web.sock" \
-    --hostname web --http > "$RUN/web.console" 2>&1 < /dev/null &
-WEB=$!
-for _ in $(seq 300); do grep -q VMFABRIC_READY "$RUN/web.console" 2>/dev/null && break; sleep 0.1; done
-echo "  web| $(grep -a VMFABRIC_READY "$RUN/web.console" || echo 'no readiness marker')"
-echo "[demo] booting guest 'client' (DHCP) on the stream port: resolve web, ping it, fetch its page"
-"$BIN" boot-guest --guest-dir target/guest --stream "$RUN/ports/default/client.stream" --hostname client \
-    --cmd 'cat /etc/resolv.conf; nslookup web; ping -c 2 gateway; ping -c 3 web && wget -qO- http://web/' \
-    2>&1 | grep -E '^(VMFABRIC|PING|64 bytes|[0-9]+ packets|round-trip|hello|nameserver|search|Name:|Address)' | sed 's/^/  client| /'
-kill "$WEB" 2>/dev/null || true
-wait "$WEB" 2>/dev/null || true
-
+echo "[demo] \$ vmfabric vm run --net default --name web --http --wait"
+vmf vm run --net default --name web --http --wait | sed 's/^/  /'
+echo "[demo] \$ vmfabric vm run --net default --name client --wait -- 'nslookup web; ping -c 2 gateway; ping -c 3 web && wget -qO- http://web/'"
+vmf vm run --net default --name client --wait -- \
+    'nslookup web; ping -c 2 gateway; ping -c 3 web && wget -qO- http://web/' | sed 's/^/  /'
+for _ in $(seq 300); do vmf vm logs client | grep -q VMFABRIC_END && break; sleep 0.2; done
+echo "[demo] \$ vmfabric vm logs client   (the guest's console)"
+vmf vm logs client | grep -aE '^(VMFABRIC|PING|64 bytes|[0-9]+ packets|round-trip|hello|Name:|Address)' | sed 's/^/  client| /'
 echo "[demo] \$ vmfabric lease ls default"
-"$BIN" lease ls default --socket "$SOCK" | sed 's/^/  /'
+vmf lease ls default | sed 's/^/  /'
+echo "[demo] \$ vmfabric vm ls"
+vmf vm ls | sed 's/^/  /'
 kill -USR1 "$(cat "$RUN/vmfabric.pid")"; sleep 0.3
 echo "[demo] the daemon's counters (kill -USR1):"
 tac "$RUN/vmfabric.log" | awk '{print} /^network default/{exit}' | tac | sed 's/^/  /'
 cat <<MSG
 
-[demo] vmfabric is still running (pid $(cat "$RUN/vmfabric.pid")), API on $SOCK.
-  inspect:   $BIN network ls --socket $SOCK   (also: port ls default, lease ls default, stats)
-  counters:  kill -USR1 $(cat "$RUN/vmfabric.pid"); tail $RUN/vmfabric.log
-  stop it:   kill $(cat "$RUN/vmfabric.pid")
+[demo] vmfabric is still running (pid $(cat "$RUN/vmfabric.pid")) with VM "web"; API on $SOCK.
+  inspect:   VMFABRIC_SOCKET=$SOCK $BIN vm ls   (also: network ls, port ls default, lease ls default, stats)
+  more VMs:  VMFABRIC_SOCKET=$SOCK $BIN vm run --net default --name NAME --wait
+  stop it:   kill $(cat "$RUN/vmfabric.pid")      (stops its VMs too)
 MSG

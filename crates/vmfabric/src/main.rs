@@ -60,12 +60,12 @@ enum Command {
         /// Write to this file instead of stdout.
         #[arg(short = 'w', long)]
         write: Option<PathBuf>,
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
     /// Counters of every network, port and gateway (Prometheus text).
     Stats {
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
     /// Boot the test guest (guest/build.sh) under QEMU on a port; its console goes to stdout.
@@ -77,7 +77,7 @@ const DEFAULT_SOCKET: &str = "/run/vmfabric/vmfabric.sock";
 #[derive(clap::Args)]
 struct ClientArgs {
     /// The daemon's API socket.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -226,7 +226,7 @@ enum LeaseCmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The API socket (mode 0600).
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Where the state store lives.
     #[arg(long, default_value = "/var/lib/vmfabric")]
@@ -344,6 +344,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _guard = rt.enter();
         api::bind(&args.socket)?
     };
+    let socket_inode = std::fs::metadata(&args.socket)
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     let wanted = args
         .dgram_ports
         .iter()
@@ -403,7 +406,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     server.abort();
     daemon.shutdown();
-    let _ = std::fs::remove_file(&args.socket);
+    // Only our own socket: a newer daemon may have bound the path since.
+    if std::fs::metadata(&args.socket).is_ok_and(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) == socket_inode) {
+        let _ = std::fs::remove_file(&args.socket);
+    }
     info!("stopped");
     Ok(())
 }
