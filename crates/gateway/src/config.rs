@@ -55,6 +55,14 @@ pub struct GatewayConfig {
     pub dns_timeout: Duration,
     pub dns_inflight_per_client: usize,
     pub dns_inflight_total: usize,
+    /// The address at which guests reach the host's loopback; `None` (the default)
+    /// keeps the host out of reach. Never the gateway's own address.
+    pub host_access: Option<Ipv4Addr>,
+    pub egress: crate::policy::EgressPolicy,
+    /// A UDP flow with no traffic for this long is closed.
+    pub udp_idle: Duration,
+    pub udp_flows_per_guest: usize,
+    pub udp_flows_total: usize,
 }
 
 /// Why a configuration was refused.
@@ -67,19 +75,21 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 }
 
 impl GatewayConfig {
-    /// Defaults for `subnet`: gateway `.1`, DHCP from `.2` to the last host, 1 h leases,
+    /// Defaults for `subnet`: gateway `.1`, DHCP from `.2` to the last host but one (the
+    /// last is kept for the host-access address), 1 h leases,
     /// domain `vm.internal` (`.internal` is reserved for private use, so it never
     /// collides with public names), upstreams from /etc/resolv.conf.
     pub fn new(network: &str, subnet: Ipv4Net) -> GatewayConfig {
         let subnet = subnet.trunc();
         let base = u32::from(subnet.network());
-        let last_host = u32::from(subnet.broadcast()).saturating_sub(1);
+        // The last host address is kept out of the pool for the host-access address.
+        let last_lease = u32::from(subnet.broadcast()).saturating_sub(2);
         GatewayConfig {
             subnet,
             gateway_ip: Ipv4Addr::from(base + 1),
             gateway_mac: Mac::derived(&["gateway", network]),
             extra_ips: Vec::new(),
-            dhcp_range: (Ipv4Addr::from(base + 2), Ipv4Addr::from(last_host)),
+            dhcp_range: (Ipv4Addr::from(base + 2), Ipv4Addr::from(last_lease.max(base + 2))),
             lease_time: Duration::from_secs(3600),
             offer_hold: Duration::from_secs(30),
             decline_quarantine: Duration::from_secs(600),
@@ -92,6 +102,11 @@ impl GatewayConfig {
             dns_timeout: Duration::from_secs(3),
             dns_inflight_per_client: 16,
             dns_inflight_total: 256,
+            host_access: None,
+            egress: crate::policy::EgressPolicy::default(),
+            udp_idle: Duration::from_secs(60),
+            udp_flows_per_guest: 1024,
+            udp_flows_total: 16384,
         }
     }
 
@@ -139,6 +154,16 @@ impl GatewayConfig {
         for r in &self.reservations {
             self.validate_reservation(r)?;
         }
+        if let Some(h) = self.host_access {
+            if !host(h) || self.is_gateway_ip(h) || in_range(h) {
+                return err(format!(
+                    "host access address {h} must be a host address of {net} outside the DHCP range and not the gateway's"
+                ));
+            }
+        }
+        if self.udp_flows_per_guest == 0 || self.udp_flows_total == 0 || self.udp_idle.is_zero() {
+            return err("UDP flow bounds and idle time must be above zero");
+        }
         if self.dns_inflight_per_client == 0 || self.dns_inflight_total == 0 {
             return err("DNS in-flight bounds must be at least 1");
         }
@@ -162,6 +187,17 @@ impl GatewayConfig {
         Ok(())
     }
 
+    /// The address a network's host access gets by default: the last host address.
+    pub fn default_host_access(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.broadcast()) - 1)
+    }
+
+    /// Whether the gateway answers ARP and ping for `ip`: its own addresses and the
+    /// host-access address when enabled.
+    pub fn answers_for(&self, ip: Ipv4Addr) -> bool {
+        self.is_gateway_ip(ip) || self.host_access == Some(ip)
+    }
+
     /// Whether `ip` is one of the gateway's own addresses.
     pub fn is_gateway_ip(&self, ip: Ipv4Addr) -> bool {
         ip == self.gateway_ip || self.extra_ips.contains(&ip)
@@ -183,7 +219,7 @@ mod tests {
         assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 77, 0, 1));
         assert_eq!(
             c.dhcp_range,
-            (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 254))
+            (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 253))
         );
         assert!(c.gateway_mac.is_locally_administered());
     }

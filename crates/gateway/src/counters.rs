@@ -56,6 +56,14 @@ counters! {
     dns_dropped,
     /// Queries that did not decode.
     dns_malformed,
+    /// UDP flows opened for guests.
+    nat_udp_flows,
+    /// Guest datagrams dropped: flow bounds reached, queue full, or no host socket.
+    nat_udp_dropped,
+    nat_udp_tx_bytes,
+    nat_udp_rx_bytes,
+    /// Guest traffic refused by the egress policy (answered with ICMP prohibited).
+    egress_denied,
 }
 
 impl GatewayCounters {

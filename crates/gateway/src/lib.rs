@@ -13,7 +13,9 @@ pub mod counters;
 pub mod dhcp;
 pub mod dns;
 pub mod leases;
+pub mod policy;
 pub mod tcp_dns;
+pub mod udp_nat;
 pub mod upstream;
 pub mod wire;
 
@@ -79,6 +81,10 @@ struct Shared {
     inflight_total: AtomicUsize,
     inflight_by_client: Mutex<HashMap<Ipv4Addr, usize>>,
     events: Mutex<Option<mpsc::Sender<LeaseEvent>>>,
+    udp_flows: Mutex<udp_nat::FlowTable>,
+    /// The other networks' subnets, which the egress policy keeps out of reach.
+    other_subnets: Mutex<Vec<ipnet::Ipv4Net>>,
+    host_addrs: policy::HostAddresses,
 }
 
 impl Shared {
@@ -149,6 +155,9 @@ impl Gateway {
             inflight_total: AtomicUsize::new(0),
             inflight_by_client: Mutex::new(HashMap::new()),
             events: Mutex::new(Some(tx)),
+            udp_flows: Mutex::default(),
+            other_subnets: Mutex::default(),
+            host_addrs: policy::HostAddresses::default(),
         });
         let (port, fd) = switch.add_port(network, "gateway")?;
         switch.set_port_trusted(port, true)?;
@@ -205,6 +214,16 @@ impl Gateway {
         }
         self.shared.state().dhcp.set_reservations(reservations);
         Ok(())
+    }
+
+    /// The UDP flows the gateway carries for its guests now.
+    pub fn udp_flows(&self) -> Vec<udp_nat::FlowInfo> {
+        self.shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner()).list()
+    }
+
+    /// Tells the gateway the other networks' subnets, which its guests may not reach.
+    pub fn set_other_subnets(&self, subnets: Vec<ipnet::Ipv4Net>) {
+        *self.shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()) = subnets;
     }
 
     /// Publishes a name that no lease backs (a host with a static address).
@@ -340,7 +359,7 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
                 }
                 return vec![];
             }
-            if op == ArpOperation::Request && cfg.is_gateway_ip(target_ip) {
+            if op == ArpOperation::Request && cfg.answers_for(target_ip) {
                 GatewayCounters::inc(&c.arp_replies);
                 return vec![wire::arp_reply(cfg.gateway_mac, target_ip, sender_mac, sender_ip)];
             }
@@ -420,6 +439,28 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
                     vec![]
                 }
             }
+        }
+        // Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
+        Inbound::Udp {
+            src_mac,
+            dst_mac,
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            payload,
+        } if dst_mac == cfg.gateway_mac && !cfg.is_gateway_ip(dst_ip) && cfg.subnet.contains(&src_ip) => {
+            let in_subnet = cfg.subnet.contains(&dst_ip) && cfg.host_access != Some(dst_ip);
+            if in_subnet || dst_ip.is_broadcast() || dst_ip.is_multicast() {
+                return vec![];
+            }
+            let key = udp_nat::FlowKey {
+                guest: std::net::SocketAddrV4::new(src_ip, src_port),
+                dst: std::net::SocketAddrV4::new(dst_ip, dst_port),
+            };
+            udp_nat::outbound(shared, sock, frame, src_mac, key, payload)
+                .into_iter()
+                .collect()
         }
         _ => vec![],
     }

@@ -202,6 +202,28 @@ pub fn arp_reply(mac_of_ip: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> 
     buf
 }
 
+/// ICMP "communication administratively prohibited" (type 3, code 13) from `from` to the
+/// sender of `refused`, the whole frame the gateway refused; `None` if it is no IPv4.
+pub fn icmp_prohibited(gateway_mac: Mac, from: Ipv4Addr, refused: &[u8]) -> Option<Vec<u8>> {
+    let eth = EthernetFrame::new_checked(refused).ok()?;
+    let pkt = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let header = Ipv4Repr::parse(&pkt, &ChecksumCapabilities::default()).ok()?;
+    let data = &pkt.payload()[..pkt.payload().len().min(8)];
+    let repr = Icmpv4Repr::DstUnreachable {
+        reason: smoltcp::wire::Icmpv4DstUnreachable::CommProhibited,
+        header,
+        data,
+    };
+    let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
+    ethernet(&mut buf, gateway_mac, mac(eth.src_addr()), EthernetProtocol::Ipv4);
+    ipv4(&mut buf, from, header.src_addr, IpProtocol::Icmp, repr.buffer_len());
+    repr.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[ETH + IPV4..]),
+        &ChecksumCapabilities::default(),
+    );
+    Some(buf)
+}
+
 /// An ICMP echo reply from `src` to the requester.
 pub fn icmp_echo_reply(
     src_mac: Mac,

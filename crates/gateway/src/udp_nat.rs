@@ -1,0 +1,177 @@
+//! UDP egress: a guest's UDP flows re-originated from host sockets.
+//!
+//! Theory of operation: a flow is (guest address and port, destination address and
+//! port). Its first datagram passes the egress policy and the bounds, then gets a host
+//! socket connected to the destination (or to the host's loopback when the destination
+//! is the network's host-access address); datagrams go out through it and replies come
+//! back to the guest as if from the destination. A flow with no traffic for `udp_idle`
+//! closes. Flows are bounded per guest and per network; going past a bound is counted
+//! and the datagram dropped.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fabric::Mac;
+use tokio::net::{UdpSocket, UnixDatagram};
+use tokio::sync::mpsc;
+
+use crate::counters::GatewayCounters;
+use crate::wire;
+use crate::Shared;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub guest: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+pub(crate) struct Flow {
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+/// A flow as [`crate::Gateway::udp_flows`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub guest: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+#[derive(Default)]
+pub(crate) struct FlowTable {
+    flows: HashMap<FlowKey, Flow>,
+    per_guest: HashMap<Ipv4Addr, usize>,
+}
+
+impl FlowTable {
+    pub fn list(&self) -> Vec<FlowInfo> {
+        self.flows
+            .keys()
+            .map(|k| FlowInfo {
+                guest: k.guest,
+                dst: k.dst,
+            })
+            .collect()
+    }
+
+    fn remove(&mut self, key: &FlowKey) {
+        if self.flows.remove(key).is_some() {
+            if let Some(n) = self.per_guest.get_mut(key.guest.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_guest.remove(key.guest.ip());
+                }
+            }
+        }
+    }
+}
+
+/// Sends a guest's datagram on its flow, opening the flow first when needed. Returns a
+/// frame for the guest when the datagram is refused by policy (ICMP prohibited).
+pub(crate) fn outbound(
+    shared: &Arc<Shared>,
+    port: &Arc<UnixDatagram>,
+    frame: &[u8],
+    guest_mac: Mac,
+    key: FlowKey,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let cfg = &shared.cfg;
+    let c = &shared.counters;
+    let mut table = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(flow) = table.flows.get(&key) {
+        if flow.tx.try_send(payload.to_vec()).is_err() {
+            GatewayCounters::inc(&c.nat_udp_dropped);
+        }
+        return None;
+    }
+    let host_access = cfg.host_access == Some(*key.dst.ip());
+    if !host_access {
+        let others = shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let verdict = cfg.egress.check(
+            *key.dst.ip(),
+            key.dst.port(),
+            crate::policy::Proto::Udp,
+            &others,
+            &shared.host_addrs,
+        );
+        if verdict.is_err() {
+            GatewayCounters::inc(&c.egress_denied);
+            return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
+        }
+    }
+    let mine = table.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
+    if mine >= cfg.udp_flows_per_guest || table.flows.len() >= cfg.udp_flows_total {
+        GatewayCounters::inc(&c.nat_udp_dropped);
+        return None;
+    }
+    let target = if host_access {
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.dst.port())
+    } else {
+        key.dst
+    };
+    let sock = match std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect(target).map(|_| s))
+        .and_then(|s| s.set_nonblocking(true).map(|_| s))
+        .and_then(UdpSocket::from_std)
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%target, "cannot open a UDP flow: {e}");
+            GatewayCounters::inc(&c.nat_udp_dropped);
+            return None;
+        }
+    };
+    // A few datagrams may queue while the host socket is busy; more are dropped.
+    let (tx, rx) = mpsc::channel(64);
+    let _ = tx.try_send(payload.to_vec());
+    table.flows.insert(key, Flow { tx });
+    *table.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
+    GatewayCounters::inc(&c.nat_udp_flows);
+    tokio::spawn(run_flow(shared.clone(), port.clone(), sock, rx, key, guest_mac));
+    None
+}
+
+async fn run_flow(
+    shared: Arc<Shared>,
+    port: Arc<UnixDatagram>,
+    sock: UdpSocket,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    key: FlowKey,
+    guest_mac: Mac,
+) {
+    let idle: Duration = shared.cfg.udp_idle;
+    let c = &shared.counters;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(p) => {
+                    if sock.send(&p).await.is_ok() {
+                        c.nat_udp_tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                None => break,
+            },
+            got = sock.recv(&mut buf) => match got {
+                Ok(n) => {
+                    c.nat_udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    let frame = wire::udp_frame(
+                        shared.cfg.gateway_mac,
+                        guest_mac,
+                        (*key.dst.ip(), key.dst.port()),
+                        (*key.guest.ip(), key.guest.port()),
+                        &buf[..n],
+                    );
+                    let _ = port.send(&frame).await;
+                }
+                // ICMP errors from the far side (port unreachable) end up here.
+                Err(_) => {}
+            },
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
+    shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+}
