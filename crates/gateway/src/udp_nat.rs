@@ -155,8 +155,10 @@ async fn run_flow(
                 }
                 None => break,
             },
-            got = sock.recv(&mut buf) => match got {
-                Ok(n) => {
+            got = sock.recv(&mut buf) => {
+                // An error here is an ICMP error from the far side (port unreachable):
+                // nothing to deliver, the flow stays until it idles out.
+                if let Ok(n) = got {
                     c.nat_udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     let frame = wire::udp_frame(
                         shared.cfg.gateway_mac,
@@ -167,9 +169,7 @@ async fn run_flow(
                     );
                     let _ = port.send(&frame).await;
                 }
-                // ICMP errors from the far side (port unreachable) end up here.
-                Err(_) => {}
-            },
+            }
             _ = tokio::time::sleep(idle) => break,
         }
     }
