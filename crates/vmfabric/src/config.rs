@@ -37,6 +37,9 @@ pub struct NetworkDecl {
     pub mtu: u32,
     #[serde(default = "yes")]
     pub gateway: bool,
+    /// Guests reach the host's loopback at the subnet's last host address.
+    #[serde(default)]
+    pub host_access: bool,
     /// Create it even if the subnet overlaps a host route.
     #[serde(default)]
     pub force: bool,
@@ -69,6 +72,7 @@ pub fn apply(daemon: &Daemon, cfg: &ConfigFile) -> anyhow::Result<()> {
                 subnet: n.subnet,
                 mtu: n.mtu,
                 gateway: n.gateway,
+                host_access: n.host_access,
             };
             daemon
                 .create_network(rec, n.force)

@@ -252,6 +252,7 @@ impl Daemon {
                 subnet: "10.77.0.0/24".parse().expect("literal"),
                 mtu: 1500,
                 gateway: true,
+                host_access: false,
             };
             if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
                 tracing::warn!(%route, %iface, "the default network overlaps a host route");
@@ -292,6 +293,9 @@ impl Daemon {
         let gateway = if rec.gateway {
             let mut gcfg = GatewayConfig::new(&rec.name, rec.subnet);
             gcfg.mtu = u16::try_from(rec.mtu).unwrap_or(u16::MAX);
+            if rec.host_access {
+                gcfg.host_access = Some(gcfg.default_host_access());
+            }
             gcfg.reservations = self
                 .store
                 .reservations(&rec.name)?
@@ -352,7 +356,23 @@ impl Daemon {
                 ports: HashMap::new(),
             },
         );
+        self.share_subnets();
         Ok(())
+    }
+
+    /// Tells every gateway the other networks' subnets, which its guests may not reach.
+    fn share_subnets(&self) {
+        let nets = self.nets();
+        for (name, net) in nets.iter() {
+            if let Some(gw) = &net.gateway {
+                let others = nets
+                    .iter()
+                    .filter(|(n, _)| *n != name)
+                    .map(|(_, o)| o.record.subnet)
+                    .collect();
+                gw.set_other_subnets(others);
+            }
+        }
     }
 
     /// Creates a network. A subnet that overlaps a host route is refused unless `force`:
@@ -422,6 +442,7 @@ impl Daemon {
             let _ = self.switch.remove_port(gw.port());
         }
         self.switch.remove_network(name)?;
+        self.share_subnets();
         Ok(())
     }
 

@@ -95,6 +95,9 @@ enum NetworkCmd {
         /// No gateway (DHCP, DNS) on this network.
         #[arg(long)]
         no_gateway: bool,
+        /// Let guests reach the host's loopback at the subnet's last host address.
+        #[arg(long)]
+        host_access: bool,
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,
@@ -524,10 +527,13 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
             subnet,
             mtu,
             no_gateway,
+            host_access,
             force,
             c,
         } => {
-            let body = serde_json::json!({ "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway });
+            let body = serde_json::json!({
+                "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway, "host_access": host_access
+            });
             let v = request(&c, "POST", &format!("/v1/networks?force={force}"), Some(body))?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway"]);
         }

@@ -30,6 +30,9 @@ pub struct NetworkRecord {
     /// Run a gateway (ARP/ICMP, DHCP, DNS) on the network.
     #[serde(default = "yes")]
     pub gateway: bool,
+    /// Guests reach the host's loopback at the subnet's last host address.
+    #[serde(default)]
+    pub host_access: bool,
 }
 
 fn default_mtu() -> u32 {
@@ -86,7 +89,8 @@ CREATE TABLE IF NOT EXISTS networks (
     name TEXT PRIMARY KEY,
     subnet TEXT NOT NULL,
     mtu INTEGER NOT NULL,
-    gateway INTEGER NOT NULL
+    gateway INTEGER NOT NULL,
+    host_access INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS ports (
     network TEXT NOT NULL REFERENCES networks(name),
@@ -128,8 +132,8 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkRecord) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway) VALUES (?1, ?2, ?3, ?4)",
-            params![n.name, n.subnet.to_string(), n.mtu, n.gateway],
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![n.name, n.subnet.to_string(), n.mtu, n.gateway, n.host_access],
         )?;
         Ok(())
     }
@@ -148,7 +152,7 @@ impl Store {
 
     pub fn networks(&self) -> Result<Vec<NetworkRecord>, DbError> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT name, subnet, mtu, gateway FROM networks ORDER BY name")?;
+        let mut st = conn.prepare("SELECT name, subnet, mtu, gateway, host_access FROM networks ORDER BY name")?;
         let rows = st.query_map([], |r| {
             let subnet: String = r.get(1)?;
             Ok(NetworkRecord {
@@ -158,6 +162,7 @@ impl Store {
                 })?,
                 mtu: r.get(2)?,
                 gateway: r.get(3)?,
+                host_access: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

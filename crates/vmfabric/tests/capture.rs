@@ -56,6 +56,7 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
                 subnet: "10.93.0.0/24".parse().unwrap(),
                 mtu: 1500,
                 gateway: false,
+                host_access: false,
             },
             false,
         )
