@@ -64,6 +64,8 @@ counters! {
     nat_udp_rx_bytes,
     /// Guest traffic refused by the egress policy (answered with ICMP prohibited).
     egress_denied,
+    /// Datagrams to a forward that could not be delivered (guest not seen yet, no flow port).
+    forward_dropped,
 }
 
 impl GatewayCounters {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod counters;
 pub mod dhcp;
 pub mod dns;
+pub mod forward;
 pub mod leases;
 pub mod policy;
 pub mod tcp_dns;
@@ -82,12 +83,34 @@ struct Shared {
     inflight_by_client: Mutex<HashMap<Ipv4Addr, usize>>,
     events: Mutex<Option<mpsc::Sender<LeaseEvent>>>,
     udp_flows: Mutex<udp_nat::FlowTable>,
+    forwards: Mutex<forward::Forwards>,
+    /// Guest addresses and the MACs they were last seen with.
+    neighbours: Mutex<HashMap<Ipv4Addr, Mac>>,
     /// The other networks' subnets, which the egress policy keeps out of reach.
     other_subnets: Mutex<Vec<ipnet::Ipv4Net>>,
     host_addrs: policy::HostAddresses,
 }
 
 impl Shared {
+    fn neighbour(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.neighbours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .copied()
+    }
+
+    /// Remembers where a guest address was seen (bounded: a guest cannot grow it past
+    /// the subnet).
+    fn saw(&self, ip: Ipv4Addr, mac: Mac) {
+        if self.cfg.subnet.contains(&ip) && !ip.is_unspecified() && mac.is_unicast() {
+            self.neighbours
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ip, mac);
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -112,6 +135,9 @@ impl Shared {
 /// A running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
+    /// The gateway's end of its switch port, for forwards to send on.
+    sock: Arc<UnixDatagram>,
     port: PortId,
     events: Mutex<Option<mpsc::Receiver<LeaseEvent>>>,
     task: tokio::task::JoinHandle<()>,
@@ -156,6 +182,8 @@ impl Gateway {
             inflight_by_client: Mutex::new(HashMap::new()),
             events: Mutex::new(Some(tx)),
             udp_flows: Mutex::default(),
+            forwards: Mutex::default(),
+            neighbours: Mutex::default(),
             other_subnets: Mutex::default(),
             host_addrs: policy::HostAddresses::default(),
         });
@@ -167,9 +195,11 @@ impl Gateway {
             let _guard = rt.enter();
             Arc::new(UnixDatagram::from_std(std_sock)?)
         };
-        let task = rt.spawn(serve(shared.clone(), sock));
+        let task = rt.spawn(serve(shared.clone(), sock.clone()));
         Ok(Gateway {
             shared,
+            rt: rt.clone(),
+            sock: sock.clone(),
             port,
             events: Mutex::new(Some(rx)),
             task,
@@ -214,6 +244,34 @@ impl Gateway {
         }
         self.shared.state().dhcp.set_reservations(reservations);
         Ok(())
+    }
+
+    /// Forwards UDP datagrams arriving at `host` (port 0: any free port) to `guest`;
+    /// replies go back to each client. The guest sees the gateway's address as source.
+    pub fn add_udp_forward(
+        &self,
+        host: std::net::SocketAddr,
+        guest: std::net::SocketAddrV4,
+    ) -> std::io::Result<forward::ForwardInfo> {
+        if !self.shared.cfg.subnet.contains(guest.ip()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not on this network", guest.ip()),
+            ));
+        }
+        forward::add(&self.shared, &self.sock, &self.rt, host, guest)
+    }
+
+    /// Stops a forward; returns whether there was one.
+    pub fn remove_forward(&self, id: u64) -> bool {
+        forward::remove(&self.shared, id)
+    }
+
+    pub fn forwards(&self) -> Vec<forward::ForwardInfo> {
+        let fw = self.shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = fw.entries.values().map(|e| e.info.clone()).collect();
+        v.sort_by_key(|f| f.id);
+        v
     }
 
     /// The UDP flows the gateway carries for its guests now.
@@ -344,6 +402,14 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
             return vec![];
         }
     };
+    match &inbound {
+        Inbound::Arp {
+            sender_mac, sender_ip, ..
+        } => shared.saw(*sender_ip, *sender_mac),
+        Inbound::Udp { src_mac, src_ip, .. } => shared.saw(*src_ip, *src_mac),
+        Inbound::IcmpEcho { src_mac, src_ip, .. } => shared.saw(*src_ip, *src_mac),
+        _ => {}
+    }
     match inbound {
         Inbound::Arp {
             op,
@@ -439,6 +505,16 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
                     vec![]
                 }
             }
+        }
+        // A guest answering a forwarded client.
+        Inbound::Udp {
+            dst_ip,
+            dst_port,
+            src_ip,
+            payload,
+            ..
+        } if dst_ip == cfg.gateway_ip && forward::reply(shared, dst_port, src_ip, payload) => {
+            vec![]
         }
         // Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
         Inbound::Udp {

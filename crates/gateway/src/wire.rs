@@ -187,6 +187,21 @@ pub fn udp_frame(src_mac: Mac, dst_mac: Mac, src: (Ipv4Addr, u16), dst: (Ipv4Add
     buf
 }
 
+/// An ARP request from the gateway asking who has `target`.
+pub fn arp_request(mac: Mac, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH + 28];
+    ethernet(&mut buf, mac, Mac::BROADCAST, EthernetProtocol::Arp);
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac.0),
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[ETH..]));
+    buf
+}
+
 /// An ARP reply telling `to` that `ip` is at `mac_of_ip`.
 pub fn arp_reply(mac_of_ip: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> Vec<u8> {
     let mut buf = vec![0u8; ETH + 28];

@@ -1,0 +1,183 @@
+//! Inbound UDP port forwards: a host `address:port` that delivers to a guest's port.
+//!
+//! Theory of operation: a forward listens on a host UDP socket. Each client (source
+//! address) gets a flow with its own gateway-side port, so the guest's replies, sent to
+//! `gateway:that port`, go back to that client alone. The guest sees datagrams from the
+//! gateway's address. Flows idle out after `udp_idle`. The guest's MAC comes from what
+//! the gateway has seen it send (ARP, DHCP, any IPv4); for a guest not seen yet the
+//! gateway asks with an ARP request and that first datagram is dropped (counted).
+//! Removing a forward closes its socket and forgets its flows; nothing else waits.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{UdpSocket, UnixDatagram};
+
+use crate::counters::GatewayCounters;
+use crate::{wire, Shared};
+
+/// Gateway-side ports handed to forward flows (outside Linux's usual ephemeral range,
+/// which the gateway never binds: these ports exist only in frames to guests).
+const FLOW_PORTS: std::ops::Range<u16> = 20000..30000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardInfo {
+    pub id: u64,
+    pub host: SocketAddr,
+    pub guest: SocketAddrV4,
+}
+
+pub(crate) struct ForwardEntry {
+    pub info: ForwardInfo,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// One client of one forward.
+pub(crate) struct ClientFlow {
+    pub socket: Arc<UdpSocket>,
+    pub client: SocketAddr,
+    pub forward: u64,
+    pub last: Instant,
+}
+
+#[derive(Default)]
+pub(crate) struct Forwards {
+    pub entries: HashMap<u64, ForwardEntry>,
+    /// Gateway-side port -> client flow.
+    pub flows: HashMap<u16, ClientFlow>,
+    next_id: u64,
+    next_port: u16,
+}
+
+impl Forwards {
+    fn port_for(&mut self, forward: u64, client: SocketAddr, socket: &Arc<UdpSocket>, idle: Duration) -> Option<u16> {
+        let now = Instant::now();
+        if let Some((p, f)) = self
+            .flows
+            .iter_mut()
+            .find(|(_, f)| f.forward == forward && f.client == client)
+        {
+            f.last = now;
+            return Some(*p);
+        }
+        self.flows.retain(|_, f| now.duration_since(f.last) < idle);
+        let span = FLOW_PORTS.end - FLOW_PORTS.start;
+        for _ in 0..span {
+            let p = FLOW_PORTS.start + self.next_port % span;
+            self.next_port = self.next_port.wrapping_add(1);
+            if !self.flows.contains_key(&p) {
+                self.flows.insert(
+                    p,
+                    ClientFlow {
+                        socket: socket.clone(),
+                        client,
+                        forward,
+                        last: now,
+                    },
+                );
+                return Some(p);
+            }
+        }
+        None
+    }
+}
+
+/// Starts a forward from `host` to `guest`.
+pub(crate) fn add(
+    shared: &Arc<Shared>,
+    port: &Arc<UnixDatagram>,
+    rt: &tokio::runtime::Handle,
+    host: SocketAddr,
+    guest: SocketAddrV4,
+) -> std::io::Result<ForwardInfo> {
+    let std_sock = std::net::UdpSocket::bind(host)?;
+    std_sock.set_nonblocking(true)?;
+    let socket = {
+        let _g = rt.enter();
+        Arc::new(UdpSocket::from_std(std_sock)?)
+    };
+    let host = socket.local_addr()?;
+    let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+    fw.next_id += 1;
+    let info = ForwardInfo {
+        id: fw.next_id,
+        host,
+        guest,
+    };
+    let task = rt.spawn(serve(shared.clone(), port.clone(), socket, info.clone()));
+    fw.entries.insert(
+        info.id,
+        ForwardEntry {
+            info: info.clone(),
+            task,
+        },
+    );
+    Ok(info)
+}
+
+/// Stops a forward: its socket closes and its flows are forgotten.
+pub(crate) fn remove(shared: &Shared, id: u64) -> bool {
+    let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(entry) = fw.entries.remove(&id) else {
+        return false;
+    };
+    entry.task.abort();
+    fw.flows.retain(|_, f| f.forward != id);
+    true
+}
+
+async fn serve(shared: Arc<Shared>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {
+    let cfg = shared.cfg.clone();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, client)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        let guest_ip = *info.guest.ip();
+        let Some(mac) = shared.neighbour(guest_ip) else {
+            // Not seen yet: ask, and let the client's retry find it.
+            GatewayCounters::inc(&shared.counters.forward_dropped);
+            let _ = port
+                .send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, guest_ip))
+                .await;
+            continue;
+        };
+        let flow_port = {
+            let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            fw.port_for(info.id, client, &socket, cfg.udp_idle)
+        };
+        let Some(flow_port) = flow_port else {
+            GatewayCounters::inc(&shared.counters.forward_dropped);
+            continue;
+        };
+        let frame = wire::udp_frame(
+            cfg.gateway_mac,
+            mac,
+            (cfg.gateway_ip, flow_port),
+            (guest_ip, info.guest.port()),
+            &buf[..n],
+        );
+        let _ = port.send(&frame).await;
+    }
+}
+
+/// A guest's reply to `gateway:flow_port`: back to the client of that flow, if any.
+pub(crate) fn reply(shared: &Shared, flow_port: u16, guest: Ipv4Addr, payload: &[u8]) -> bool {
+    let target = {
+        let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(forward) = fw.flows.get(&flow_port).map(|f| f.forward) else {
+            return false;
+        };
+        let forward_guest = fw.entries.get(&forward).map(|e| *e.info.guest.ip());
+        if forward_guest != Some(guest) {
+            return false;
+        }
+        let flow = fw.flows.get_mut(&flow_port).expect("looked up above");
+        flow.last = Instant::now();
+        (flow.socket.clone(), flow.client)
+    };
+    // try_send_to: the host socket is local and rarely full; a full one drops the reply.
+    target.0.try_send_to(payload, target.1).is_ok()
+}
