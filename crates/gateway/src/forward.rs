@@ -67,16 +67,13 @@ impl Forwards {
         for _ in 0..span {
             let p = FLOW_PORTS.start + self.next_port % span;
             self.next_port = self.next_port.wrapping_add(1);
-            if !self.flows.contains_key(&p) {
-                self.flows.insert(
-                    p,
-                    ClientFlow {
-                        socket: socket.clone(),
-                        client,
-                        forward,
-                        last: now,
-                    },
-                );
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.flows.entry(p) {
+                slot.insert(ClientFlow {
+                    socket: socket.clone(),
+                    client,
+                    forward,
+                    last: now,
+                });
                 return Some(p);
             }
         }
