@@ -86,6 +86,8 @@ struct Shared {
     forwards: Mutex<forward::Forwards>,
     /// Guest addresses and the MACs they were last seen with.
     neighbours: Mutex<HashMap<Ipv4Addr, Mac>>,
+    /// The egress policy in force (starts as the config's, replaceable at run time).
+    egress: Mutex<policy::EgressPolicy>,
     /// The other networks' subnets, which the egress policy keeps out of reach.
     other_subnets: Mutex<Vec<ipnet::Ipv4Net>>,
     host_addrs: policy::HostAddresses,
@@ -164,6 +166,7 @@ impl Gateway {
             }
         }
         let (tx, rx) = mpsc::channel();
+        let cfg_egress = cfg.egress.clone();
         let gateway_ips: Vec<Ipv4Addr> = std::iter::once(cfg.gateway_ip)
             .chain(cfg.extra_ips.iter().copied())
             .collect();
@@ -185,6 +188,7 @@ impl Gateway {
             forwards: Mutex::default(),
             neighbours: Mutex::default(),
             other_subnets: Mutex::default(),
+            egress: Mutex::new(cfg_egress),
             host_addrs: policy::HostAddresses::default(),
         });
         let (port, fd) = switch.add_port(network, "gateway")?;
@@ -277,6 +281,15 @@ impl Gateway {
     /// The UDP flows the gateway carries for its guests now.
     pub fn udp_flows(&self) -> Vec<udp_nat::FlowInfo> {
         self.shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner()).list()
+    }
+
+    /// Replaces the egress policy; it applies to flows opened from now on.
+    pub fn set_egress_policy(&self, policy: policy::EgressPolicy) {
+        *self.shared.egress.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    pub fn egress_policy(&self) -> policy::EgressPolicy {
+        self.shared.egress.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Tells the gateway the other networks' subnets, which its guests may not reach.

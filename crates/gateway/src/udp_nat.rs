@@ -90,7 +90,7 @@ pub(crate) fn outbound(
     let host_access = cfg.host_access == Some(*key.dst.ip());
     if !host_access {
         let others = shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let verdict = cfg.egress.check(
+        let verdict = shared.egress.lock().unwrap_or_else(|p| p.into_inner()).check(
             *key.dst.ip(),
             key.dst.port(),
             crate::policy::Proto::Udp,

@@ -178,6 +178,38 @@ async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Res
     Ok(([("content-type", "text/plain; charset=utf-8")], d.vms().logs(&name)?).into_response())
 }
 
+async fn show_policy(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.policy(&net)?).into_response())
+}
+
+async fn set_policy(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<crate::daemon::PolicyView>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    Ok(Json(d.set_policy(&net, body(b)?)?).into_response())
+}
+
+async fn list_forwards(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.forwards(&net)?).into_response())
+}
+
+async fn add_forward(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<crate::daemon::ForwardView>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    Ok((StatusCode::CREATED, Json(d.add_forward(&net, body(b)?)?)).into_response())
+}
+
+async fn remove_forward(
+    State(d): Shared,
+    UrlPath((net, host)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    d.remove_forward(&net, &host)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn list_reservations(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
     Ok(Json(d.reservations(&net)?).into_response())
 }
@@ -299,6 +331,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
         .route("/v1/networks/{name}/leases", get(list_leases))
         .route("/v1/networks/{name}/capture", get(capture))
+        .route("/v1/networks/{name}/policy", get(show_policy).put(set_policy))
+        .route("/v1/networks/{name}/forwards", get(list_forwards).post(add_forward))
+        .route("/v1/networks/{name}/forwards/{host}", delete(remove_forward))
         .route("/v1/networks/{name}/socketpairs", axum::routing::post(socketpair))
         .route(
             "/v1/networks/{name}/reservations",

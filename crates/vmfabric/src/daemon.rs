@@ -284,6 +284,7 @@ impl Daemon {
     }
 
     fn bring_up_network(&self, rec: NetworkRecord) -> Result<(), ApiError> {
+        let name = rec.name.clone();
         let cfg = NetworkConfig {
             mtu: rec.mtu as usize,
             ..NetworkConfig::default()
@@ -357,6 +358,11 @@ impl Daemon {
             },
         );
         self.share_subnets();
+        // Bound first: the nets lock must be released before restoring takes it again.
+        let gw = self.nets().get(&name).and_then(|n| n.gateway.clone());
+        if let Some(gw) = gw {
+            self.restore_gateway_state(&name, &gw);
+        }
         Ok(())
     }
 
@@ -773,3 +779,201 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// How long a client of the API waits for the daemon.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An egress policy as the API takes and shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyView {
+    /// "allow" or "deny": what happens when no rule matches.
+    #[serde(default = "allow")]
+    pub default: String,
+    #[serde(default)]
+    pub rules: Vec<RuleView>,
+}
+
+fn allow() -> String {
+    "allow".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleView {
+    /// "allow" or "deny".
+    pub action: String,
+    pub dst: ipnet::Ipv4Net,
+    /// "53" or "1000-2000"; absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<String>,
+    /// "tcp", "udp" or "icmp"; absent: every protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+}
+
+fn action(s: &str) -> Result<gateway::policy::Action, ApiError> {
+    match s {
+        "allow" => Ok(gateway::policy::Action::Allow),
+        "deny" => Ok(gateway::policy::Action::Deny),
+        other => Err(ApiError::BadRequest(format!(
+            "action {other:?} is neither \"allow\" nor \"deny\""
+        ))),
+    }
+}
+
+impl PolicyView {
+    pub fn to_gateway(&self) -> Result<gateway::policy::EgressPolicy, ApiError> {
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| {
+                let ports = match r.ports.as_deref() {
+                    None => None,
+                    Some(p) => {
+                        let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+                        let parse = |x: &str| {
+                            x.trim()
+                                .parse::<u16>()
+                                .map_err(|_| ApiError::BadRequest(format!("bad port range {p:?}")))
+                        };
+                        let (lo, hi) = (parse(lo)?, parse(hi)?);
+                        if lo > hi {
+                            return Err(ApiError::BadRequest(format!("bad port range {p:?}")));
+                        }
+                        Some((lo, hi))
+                    }
+                };
+                let proto = match r.proto.as_deref() {
+                    None => None,
+                    Some("tcp") => Some(gateway::policy::Proto::Tcp),
+                    Some("udp") => Some(gateway::policy::Proto::Udp),
+                    Some("icmp") => Some(gateway::policy::Proto::Icmp),
+                    Some(other) => {
+                        return Err(ApiError::BadRequest(format!(
+                            "protocol {other:?} is not tcp, udp or icmp"
+                        )))
+                    }
+                };
+                Ok(gateway::policy::Rule {
+                    action: action(&r.action)?,
+                    dst: r.dst.trunc(),
+                    ports,
+                    proto,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(gateway::policy::EgressPolicy {
+            rules,
+            default: action(&self.default)?,
+        })
+    }
+}
+
+/// A port forward as the API takes and shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardView {
+    /// Only "udp" for now.
+    #[serde(default = "udp")]
+    pub proto: String,
+    /// Host address and port; port 0 picks a free one.
+    pub host: std::net::SocketAddr,
+    pub guest: std::net::SocketAddrV4,
+}
+
+fn udp() -> String {
+    "udp".into()
+}
+
+impl Daemon {
+    pub fn policy(&self, network: &str) -> Result<PolicyView, ApiError> {
+        self.gateway_of(network)?;
+        match self.store.policy(network)? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string())),
+            None => Ok(PolicyView {
+                default: allow(),
+                rules: vec![],
+            }),
+        }
+    }
+
+    pub fn set_policy(&self, network: &str, p: PolicyView) -> Result<PolicyView, ApiError> {
+        let _serial = lock(&self.changes);
+        let gw = self.gateway_of(network)?;
+        let policy = p.to_gateway()?;
+        let json = serde_json::to_string(&p).map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.store.put_policy(network, &json)?;
+        gw.set_egress_policy(policy);
+        Ok(p)
+    }
+
+    pub fn forwards(&self, network: &str) -> Result<Vec<ForwardView>, ApiError> {
+        let gw = self.gateway_of(network)?;
+        Ok(gw
+            .forwards()
+            .into_iter()
+            .map(|f| ForwardView {
+                proto: udp(),
+                host: f.host,
+                guest: f.guest,
+            })
+            .collect())
+    }
+
+    pub fn add_forward(&self, network: &str, f: ForwardView) -> Result<ForwardView, ApiError> {
+        let _serial = lock(&self.changes);
+        if f.proto != "udp" {
+            return Err(ApiError::BadRequest(format!(
+                "{} forwards are not available yet; only udp",
+                f.proto
+            )));
+        }
+        let gw = self.gateway_of(network)?;
+        let info = gw.add_udp_forward(f.host, f.guest).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => ApiError::Conflict(format!("{} is in use", f.host)),
+            std::io::ErrorKind::InvalidInput => ApiError::BadRequest(e.to_string()),
+            _ => ApiError::BadRequest(format!("cannot listen on {}: {e}", f.host)),
+        })?;
+        let view = ForwardView {
+            proto: udp(),
+            host: info.host,
+            guest: info.guest,
+        };
+        if let Err(e) = self
+            .store
+            .put_forward(network, &info.host.to_string(), &info.guest.to_string(), "udp")
+        {
+            gw.remove_forward(info.id);
+            return Err(e.into());
+        }
+        Ok(view)
+    }
+
+    pub fn remove_forward(&self, network: &str, host: &str) -> Result<(), ApiError> {
+        let _serial = lock(&self.changes);
+        let gw = self.gateway_of(network)?;
+        let found = gw.forwards().into_iter().find(|f| f.host.to_string() == host);
+        let Some(f) = found else {
+            return Err(ApiError::NotFound(format!("no forward from {host} on {network:?}")));
+        };
+        self.store.delete_forward(host, "udp")?;
+        gw.remove_forward(f.id);
+        Ok(())
+    }
+
+    /// Puts a restored gateway's stored policy and forwards back in force.
+    fn restore_gateway_state(&self, network: &str, gw: &Gateway) {
+        if let Ok(p) = self.policy(network) {
+            match p.to_gateway() {
+                Ok(policy) => gw.set_egress_policy(policy),
+                Err(e) => tracing::warn!(%network, "stored policy unusable: {e}"),
+            }
+        }
+        for (host, guest, _) in self.store.forwards(network).unwrap_or_default() {
+            let (Ok(h), Ok(g)) = (host.parse(), guest.parse()) else {
+                continue;
+            };
+            if let Err(e) = gw.add_udp_forward(h, g) {
+                tracing::warn!(%network, %host, "cannot restore forward: {e}");
+            }
+        }
+    }
+}

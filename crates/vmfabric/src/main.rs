@@ -43,6 +43,16 @@ enum Command {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// Port forwards of a network (host address to guest port): add, ls, rm.
+    Forward {
+        #[command(subcommand)]
+        cmd: ForwardCmd,
+    },
+    /// A network's egress policy: show, set.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Reserved addresses of a network: add, ls, rm.
     Reservation {
         #[command(subcommand)]
@@ -195,6 +205,48 @@ enum VmCmd {
 }
 
 #[derive(Subcommand)]
+enum ForwardCmd {
+    /// Forward HOST (address:port; port 0 picks one) to GUEST (address:port), UDP.
+    Add {
+        network: String,
+        host: std::net::SocketAddr,
+        guest: std::net::SocketAddrV4,
+        #[arg(long, default_value = "udp")]
+        proto: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        network: String,
+        host: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    Show {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Replace the policy with the JSON in FILE (`-` for stdin), e.g.
+    /// {"default": "deny", "rules": [{"action": "allow", "dst": "10.0.0.0/8", "ports": "53", "proto": "udp"}]}
+    Set {
+        network: String,
+        file: PathBuf,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum ReservationCmd {
     /// Reserve IP for KEY: a MAC address, or a VM's name (DHCP hostname or port name).
     Add {
@@ -267,6 +319,48 @@ fn main() -> Result<()> {
         Command::Network { cmd } => network_cmd(cmd),
         Command::Port { cmd } => port_cmd(cmd),
         Command::Vm { cmd } => vm_cmd(cmd),
+        Command::Forward { cmd } => {
+            match cmd {
+                ForwardCmd::Add {
+                    network,
+                    host,
+                    guest,
+                    proto,
+                    c,
+                } => {
+                    let body = serde_json::json!({ "proto": proto, "host": host, "guest": guest });
+                    let v = request(&c, "POST", &format!("/v1/networks/{network}/forwards"), Some(body))?;
+                    print_table(&c, &v, &["proto", "host", "guest"]);
+                }
+                ForwardCmd::Ls { network, c } => {
+                    let v = request(&c, "GET", &format!("/v1/networks/{network}/forwards"), None)?;
+                    print_table(&c, &v, &["proto", "host", "guest"]);
+                }
+                ForwardCmd::Rm { network, host, c } => {
+                    request(&c, "DELETE", &format!("/v1/networks/{network}/forwards/{host}"), None)?;
+                    println!("removed the forward from {host} on {network}");
+                }
+            }
+            Ok(())
+        }
+        Command::Policy { cmd } => {
+            let (network, c, body) = match cmd {
+                PolicyCmd::Show { network, c } => (network, c, None),
+                PolicyCmd::Set { network, file, c } => {
+                    let text = if file.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?
+                    };
+                    let json: serde_json::Value = serde_json::from_str(&text).context("the policy file is not JSON")?;
+                    (network, c, Some(json))
+                }
+            };
+            let method = if body.is_some() { "PUT" } else { "GET" };
+            let v = request(&c, method, &format!("/v1/networks/{network}/policy"), body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Command::Reservation { cmd } => {
             match cmd {
                 ReservationCmd::Add { network, key, ip, c } => {

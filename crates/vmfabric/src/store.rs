@@ -106,6 +106,17 @@ CREATE TABLE IF NOT EXISTS reservations (
     ip TEXT NOT NULL,
     PRIMARY KEY (network, key)
 );
+CREATE TABLE IF NOT EXISTS policies (
+    network TEXT PRIMARY KEY,
+    policy TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS forwards (
+    network TEXT NOT NULL,
+    host TEXT NOT NULL,
+    guest TEXT NOT NULL,
+    proto TEXT NOT NULL,
+    PRIMARY KEY (host, proto)
+);
 CREATE TABLE IF NOT EXISTS leases (
     network TEXT NOT NULL,
     mac TEXT NOT NULL,
@@ -145,6 +156,8 @@ impl Store {
         tx.execute("DELETE FROM ports WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM leases WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM reservations WHERE network = ?1", [name])?;
+        tx.execute("DELETE FROM policies WHERE network = ?1", [name])?;
+        tx.execute("DELETE FROM forwards WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM networks WHERE name = ?1", [name])?;
         tx.commit()?;
         Ok(())
@@ -236,6 +249,45 @@ impl Store {
             [network, key],
         )?;
         Ok(n > 0)
+    }
+
+    /// A network's egress policy as the API wrote it (JSON), if one was set.
+    pub fn policy(&self, network: &str) -> Result<Option<String>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT policy FROM policies WHERE network = ?1")?;
+        let mut rows = st.query_map([network], |r| r.get::<_, String>(0))?;
+        Ok(rows.next().transpose()?)
+    }
+
+    pub fn put_policy(&self, network: &str, json: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO policies (network, policy) VALUES (?1, ?2)",
+            [network, json],
+        )?;
+        Ok(())
+    }
+
+    /// A network's forwards: (host address, guest address, protocol).
+    pub fn forwards(&self, network: &str) -> Result<Vec<(String, String, String)>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT host, guest, proto FROM forwards WHERE network = ?1 ORDER BY host")?;
+        let rows = st.query_map([network], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_forward(&self, network: &str, host: &str, guest: &str, proto: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO forwards (network, host, guest, proto) VALUES (?1, ?2, ?3, ?4)",
+            [network, host, guest, proto],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_forward(&self, host: &str, proto: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM forwards WHERE host = ?1 AND proto = ?2", [host, proto])?
+            > 0)
     }
 
     /// The lease store of one network's gateway.

@@ -464,7 +464,8 @@ fn the_openapi_document_matches_the_routes() {
         let mut concrete = path
             .replace("{name}", "default")
             .replace("{port}", "nope")
-            .replace("{key}", "nope");
+            .replace("{key}", "nope")
+            .replace("{host}", "127.0.0.1:1");
         if path.ends_with("/capture") {
             concrete.push_str("?port=nope"); // a real capture would stream until closed
         }
@@ -525,5 +526,88 @@ fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
         Some(json!({"name": "x", "kind": "socketpair"})),
     );
     assert_eq!(s, 400);
+    d.stop();
+}
+
+#[test]
+fn policy_and_forwards_are_set_listed_and_survive_a_restart() {
+    let dir = tmp("policy-forwards");
+    let d = start(&dir);
+    let (_, p) = d.call("GET", "/v1/networks/default/policy", None);
+    assert_eq!(p, json!({"default": "allow", "rules": []}));
+    let policy = json!({"default": "deny", "rules": [
+        {"action": "allow", "dst": "192.0.2.0/24", "ports": "53", "proto": "udp"},
+        {"action": "allow", "dst": "198.51.100.0/24"}
+    ]});
+    let (s, _) = d.call("PUT", "/v1/networks/default/policy", Some(policy.clone()));
+    assert_eq!(s, 200);
+    let (s, v) = d.call(
+        "PUT",
+        "/v1/networks/default/policy",
+        Some(json!({"rules": [{"action": "maybe", "dst": "10.0.0.0/8"}]})),
+    );
+    assert!(s == 400 && v["message"].as_str().unwrap().contains("maybe"), "{v}");
+    let (s, _) = d.call(
+        "PUT",
+        "/v1/networks/default/policy",
+        Some(json!({"rules": [{"action": "allow", "dst": "10.0.0.0/8", "ports": "9-1"}]})),
+    );
+    assert_eq!(s, 400, "a backwards port range");
+
+    let (s, fw) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": "10.77.0.5:53"})),
+    );
+    assert_eq!(s, 201, "{fw}");
+    let host = fw["host"].as_str().unwrap().to_string();
+    assert!(!host.ends_with(":0"), "the chosen port is reported: {host}");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"host": host, "guest": "10.77.0.6:53"})),
+    );
+    assert_eq!(s, 409, "the address is taken");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"proto": "tcp", "host": "127.0.0.1:0", "guest": "10.77.0.5:80"})),
+    );
+    assert_eq!(s, 400, "tcp forwards are not there yet");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": "192.0.2.1:53"})),
+    );
+    assert_eq!(s, 400, "the guest must be on the network");
+    d.stop();
+
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let d = start(&dir);
+    let (_, p) = d.call("GET", "/v1/networks/default/policy", None);
+    assert_eq!(p, policy);
+    let (_, fws) = d.call("GET", "/v1/networks/default/forwards", None);
+    assert_eq!(
+        fws,
+        json!([{"proto": "udp", "host": host, "guest": "10.77.0.5:53"}]),
+        "listening again"
+    );
+    assert!(
+        std::net::UdpSocket::bind(&host).is_err(),
+        "the restored forward holds its address"
+    );
+    let (s, _) = d.call("DELETE", &format!("/v1/networks/default/forwards/{host}"), None);
+    assert_eq!(s, 204);
+    // The listener closes as its task ends, a moment after the answer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::UdpSocket::bind(&host).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removing a forward closes its listener"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (s, _) = d.call("DELETE", &format!("/v1/networks/default/forwards/{host}"), None);
+    assert_eq!(s, 404);
     d.stop();
 }

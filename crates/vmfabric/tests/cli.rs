@@ -332,3 +332,29 @@ fn port_add_socketpair_runs_the_vmm_with_the_fd() {
         &buf[..n]
     );
 }
+
+#[test]
+fn forwards_and_policy_from_the_cli() {
+    let dir = std::env::temp_dir().join(format!("vmf-fwcli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _daemon = start(&dir);
+    let fw = json(&dir, &["forward", "add", "default", "127.0.0.1:0", "10.77.0.9:53"]);
+    let host = fw["host"].as_str().unwrap().to_string();
+    assert_eq!(json(&dir, &["forward", "ls", "default"])[0]["guest"], "10.77.0.9:53");
+    let (ok, _, err) = cli(&dir, &["forward", "rm", "default", &host]);
+    assert!(ok, "{err}");
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default": "deny", "rules": [{"action": "allow", "dst": "10.0.0.0/8", "proto": "udp"}]}"#,
+    )
+    .unwrap();
+    let (ok, out, err) = cli(&dir, &["policy", "set", "default", policy.to_str().unwrap()]);
+    assert!(ok && out.contains("\"deny\""), "{out}{err}");
+    let (ok, out, _) = cli(&dir, &["policy", "show", "default"]);
+    assert!(ok && out.contains("10.0.0.0/8"), "{out}");
+    std::fs::write(&policy, "not json").unwrap();
+    let (ok, _, err) = cli(&dir, &["policy", "set", "default", policy.to_str().unwrap()]);
+    assert!(!ok && err.contains("not JSON"), "{err}");
+}
