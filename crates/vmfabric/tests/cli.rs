@@ -189,6 +189,39 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
     assert!(first.starts_with("10.94.0."), "{first}");
     let leases = json(&dir, &["lease", "ls", "lab"]);
     assert_eq!(leases[0]["ip"].as_str(), Some(first.as_str()));
+    // A service in the guest, published on host loopback through a forward.
+    let guest_ns = ns.0.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open(format!("/var/run/netns/{guest_ns}")).unwrap();
+        rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network)).unwrap();
+        let s = std::net::UdpSocket::bind("0.0.0.0:7000").unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 256];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    rx.recv().unwrap();
+    let fw = json(
+        &dir,
+        &["forward", "add", "lab", "127.0.0.1:0", &format!("{first}:7000")],
+    );
+    let published = fw["host"].as_str().unwrap().to_string();
+    let ask = |msg: &str| -> Option<String> {
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+        let mut buf = [0u8; 256];
+        for _ in 0..8 {
+            c.send_to(msg.as_bytes(), &published).unwrap();
+            if let Ok(n) = c.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    };
+    assert_eq!(ask("before").as_deref(), Some("before"), "the forward works");
 
     daemon.0.kill().unwrap(); // SIGKILL: no chance to flush anything
     daemon.0.wait().unwrap();
@@ -201,6 +234,11 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
         "renewing after the restart keeps the address"
     );
     assert_eq!(dhcp(&[]), first, "and so does a fresh DISCOVER");
+    assert_eq!(
+        ask("after").as_deref(),
+        Some("after"),
+        "the forward works again after the restart"
+    );
 }
 
 fn wait_until_exists(ifname: &str) {
