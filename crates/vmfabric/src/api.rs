@@ -263,6 +263,7 @@ async fn capture(
     Query(q): Query<CaptureQuery>,
 ) -> Result<Response, ApiError> {
     let cap = d.capture(&net, q.port.as_deref())?;
+    let net_name = net.clone();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     std::thread::Builder::new()
         .name("capture".into())
@@ -277,11 +278,15 @@ async fn capture(
                     Ok(f) => {
                         let pkt = pcap_file::pcap::PcapPacket::new(f.at, f.data.len() as u32, &f.data);
                         if w.write_packet(&pkt).is_err() {
+                            tracing::info!(network = %net_name, lost = cap.dropped(), "capture ended");
                             return;
                         }
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !closed.is_closed() => {}
-                    Err(_) => return,
+                    Err(_) => {
+                        tracing::info!(network = %net_name, lost = cap.dropped(), "capture ended");
+                        return;
+                    }
                 }
             }
         })

@@ -718,6 +718,34 @@ impl Daemon {
         out.push_str("# TYPE vmfabric_port_frames_total counter\n# TYPE vmfabric_port_drops_total counter\n");
         for name in &names {
             let net = &nets[*name];
+            if let Some(c) = self.switch.network_counters(name) {
+                let l = format!("network=\"{name}\"");
+                out.push_str(&format!(
+                    "vmfabric_network_frames_total{{{l},dir=\"rx\"}} {}\n",
+                    c.rx_frames
+                ));
+                out.push_str(&format!(
+                    "vmfabric_network_frames_total{{{l},dir=\"tx\"}} {}\n",
+                    c.tx_frames
+                ));
+                out.push_str(&format!(
+                    "vmfabric_network_bytes_total{{{l},dir=\"rx\"}} {}\n",
+                    c.rx_bytes
+                ));
+                out.push_str(&format!(
+                    "vmfabric_network_bytes_total{{{l},dir=\"tx\"}} {}\n",
+                    c.tx_bytes
+                ));
+                for (reason, n) in c.drops_by_reason() {
+                    out.push_str(&format!(
+                        "vmfabric_network_drops_total{{{l},reason=\"{}\"}} {n}\n",
+                        reason.as_str()
+                    ));
+                }
+            }
+            if let Some(n) = self.switch.mac_table_len(name) {
+                out.push_str(&format!("vmfabric_mac_table_entries{{network=\"{name}\"}} {n}\n"));
+            }
             let mut ports: Vec<(&String, &(PortId, PortRecord))> = net.ports.iter().collect();
             ports.sort_by_key(|(n, _)| *n);
             for (pname, (id, _)) in ports {

@@ -750,11 +750,14 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
                     cell(&v["mac"])
                 );
                 println!("  qemu-system-x86_64 ... {}", cell(&v["qemu_args"]));
+                let (path, mac) = (cell(&v["path"]), cell(&v["mac"]));
                 if v["kind"] == "unixgram" {
+                    println!("  vfkit ... --device virtio-net,unixSocketPath={path},mac={mac}");
+                }
+                if v["kind"] == "tap" {
+                    println!("  cloud-hypervisor ... --net tap={path},mac={mac}");
                     println!(
-                        "  vfkit ... --device virtio-net,unixSocketPath={},mac={}",
-                        cell(&v["path"]),
-                        cell(&v["mac"])
+                        "  firecracker: \"network-interfaces\": [{{\"iface_id\": \"eth0\", \"host_dev_name\": \"{path}\", \"guest_mac\": \"{mac}\"}}]"
                     );
                 }
             }
