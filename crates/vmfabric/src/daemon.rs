@@ -719,29 +719,7 @@ impl Daemon {
         for name in &names {
             let net = &nets[*name];
             if let Some(c) = self.switch.network_counters(name) {
-                let l = format!("network=\"{name}\"");
-                out.push_str(&format!(
-                    "vmfabric_network_frames_total{{{l},dir=\"rx\"}} {}\n",
-                    c.rx_frames
-                ));
-                out.push_str(&format!(
-                    "vmfabric_network_frames_total{{{l},dir=\"tx\"}} {}\n",
-                    c.tx_frames
-                ));
-                out.push_str(&format!(
-                    "vmfabric_network_bytes_total{{{l},dir=\"rx\"}} {}\n",
-                    c.rx_bytes
-                ));
-                out.push_str(&format!(
-                    "vmfabric_network_bytes_total{{{l},dir=\"tx\"}} {}\n",
-                    c.tx_bytes
-                ));
-                for (reason, n) in c.drops_by_reason() {
-                    out.push_str(&format!(
-                        "vmfabric_network_drops_total{{{l},reason=\"{}\"}} {n}\n",
-                        reason.as_str()
-                    ));
-                }
+                counter_lines(&mut out, "network", &format!("network=\"{name}\""), &c);
             }
             if let Some(n) = self.switch.mac_table_len(name) {
                 out.push_str(&format!("vmfabric_mac_table_entries{{network=\"{name}\"}} {n}\n"));
@@ -750,23 +728,7 @@ impl Daemon {
             ports.sort_by_key(|(n, _)| *n);
             for (pname, (id, _)) in ports {
                 if let Some(c) = self.switch.port_counters(*id) {
-                    let l = format!("network=\"{name}\",port=\"{pname}\"");
-                    out.push_str(&format!(
-                        "vmfabric_port_frames_total{{{l},dir=\"rx\"}} {}\n",
-                        c.rx_frames
-                    ));
-                    out.push_str(&format!(
-                        "vmfabric_port_frames_total{{{l},dir=\"tx\"}} {}\n",
-                        c.tx_frames
-                    ));
-                    out.push_str(&format!("vmfabric_port_bytes_total{{{l},dir=\"rx\"}} {}\n", c.rx_bytes));
-                    out.push_str(&format!("vmfabric_port_bytes_total{{{l},dir=\"tx\"}} {}\n", c.tx_bytes));
-                    for (reason, n) in c.drops_by_reason() {
-                        out.push_str(&format!(
-                            "vmfabric_port_drops_total{{{l},reason=\"{}\"}} {n}\n",
-                            reason.as_str()
-                        ));
-                    }
+                    counter_lines(&mut out, "port", &format!("network=\"{name}\",port=\"{pname}\""), &c);
                 }
             }
             if let Some(gw) = &net.gateway {
@@ -798,6 +760,24 @@ impl Daemon {
         for id in ids {
             let _ = self.switch.remove_port(id);
         }
+    }
+}
+
+/// The Prometheus lines of one set of data-plane counters (`vmfabric_{kind}_*`).
+fn counter_lines(out: &mut String, kind: &str, labels: &str, c: &fabric::CounterSnapshot) {
+    for (dir, frames, bytes) in [("rx", c.rx_frames, c.rx_bytes), ("tx", c.tx_frames, c.tx_bytes)] {
+        out.push_str(&format!(
+            "vmfabric_{kind}_frames_total{{{labels},dir=\"{dir}\"}} {frames}\n"
+        ));
+        out.push_str(&format!(
+            "vmfabric_{kind}_bytes_total{{{labels},dir=\"{dir}\"}} {bytes}\n"
+        ));
+    }
+    for (reason, n) in c.drops_by_reason() {
+        out.push_str(&format!(
+            "vmfabric_{kind}_drops_total{{{labels},reason=\"{}\"}} {n}\n",
+            reason.as_str()
+        ));
     }
 }
 
