@@ -361,16 +361,27 @@ fn a_slow_receiver_loses_only_its_own_frames() {
     let (pfast, fast) = sw.add_port("n", "fast").unwrap();
     let fast = Dgram::new(fast);
     const N: u64 = 20_000;
+    // The sender stays at most this far ahead of the fast reader, so the fast port keeps
+    // up however loaded the machine is; the slow port, never read, still overflows.
+    const AHEAD: u64 = 1_000;
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read_by_reader = read.clone();
     let reader = std::thread::spawn(move || {
         let mut n = 0;
         while n < N {
             fast.expect();
             n += 1;
+            read_by_reader.store(n, Ordering::Relaxed);
         }
         n
     });
     let f = frame(Mac::BROADCAST, mac(1), 1000, 1);
-    for _ in 0..N {
+    for sent in 0..N {
+        if sent >= AHEAD {
+            wait_until("the fast reader to catch up", || {
+                read.load(Ordering::Relaxed) >= sent - AHEAD
+            });
+        }
         sender.send(&f);
     }
     assert_eq!(reader.join().unwrap(), N, "the fast port got every frame");
