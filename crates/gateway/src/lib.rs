@@ -385,18 +385,26 @@ async fn run_tcp(
 /// Answers one frame; returns the frames to send back now, and whether the TCP stack
 /// got the frame and needs a run. Forwarded DNS queries are answered by their own task.
 fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
-    (answer_frame(shared, sock, frame), feed_tcp(shared, frame))
+    let inbound = match wire::classify(frame) {
+        Ok(i) => i,
+        Err(_) => {
+            GatewayCounters::inc(&shared.counters.malformed_frames);
+            return (vec![], false);
+        }
+    };
+    let tcp_touched = feed_tcp(shared, frame, &inbound);
+    (answer_frame(shared, sock, frame, inbound), tcp_touched)
 }
 
 /// Gives the TCP stack the frames it needs: TCP to a gateway address, and ARP about one
 /// (it learns neighbours from ARP only).
-fn feed_tcp(shared: &Arc<Shared>, frame: &[u8]) -> bool {
+fn feed_tcp(shared: &Arc<Shared>, frame: &[u8], inbound: &Inbound<'_>) -> bool {
     let cfg = &shared.cfg;
-    let wanted = match wire::classify(frame) {
-        Ok(Inbound::Tcp { dst_ip, .. }) => cfg.is_gateway_ip(dst_ip),
-        Ok(Inbound::Arp {
+    let wanted = match *inbound {
+        Inbound::Tcp { dst_ip, .. } => cfg.is_gateway_ip(dst_ip),
+        Inbound::Arp {
             target_ip, sender_ip, ..
-        }) => cfg.is_gateway_ip(target_ip) && sender_ip != target_ip,
+        } => cfg.is_gateway_ip(target_ip) && sender_ip != target_ip,
         _ => false,
     };
     if wanted {
@@ -405,16 +413,9 @@ fn feed_tcp(shared: &Arc<Shared>, frame: &[u8]) -> bool {
     wanted
 }
 
-fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> Vec<Vec<u8>> {
+fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], inbound: Inbound<'_>) -> Vec<Vec<u8>> {
     let cfg = &shared.cfg;
     let c = &shared.counters;
-    let inbound = match wire::classify(frame) {
-        Ok(i) => i,
-        Err(_) => {
-            GatewayCounters::inc(&c.malformed_frames);
-            return vec![];
-        }
-    };
     match &inbound {
         Inbound::Arp {
             sender_mac, sender_ip, ..

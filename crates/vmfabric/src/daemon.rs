@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig, SwitchEvent};
 use gateway::{Gateway, GatewayConfig, Lease};
@@ -784,9 +783,6 @@ fn counter_lines(out: &mut String, kind: &str, labels: &str, c: &fabric::Counter
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
-
-/// How long a client of the API waits for the daemon.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An egress policy as the API takes and shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

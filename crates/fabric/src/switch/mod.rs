@@ -14,7 +14,7 @@ mod worker;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -330,11 +330,4 @@ impl std::fmt::Debug for Switch {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Switch>();
-    let _: Option<PathBuf> = None;
 }
