@@ -4,53 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use harness::Running;
 use serde_json::{json, Value};
-use vmfabric::{api, client, daemon::Daemon};
+use vmfabric::{client, daemon::Daemon};
 
-struct Running {
-    rt: tokio::runtime::Runtime,
-    socket: PathBuf,
-    daemon: Arc<Daemon>,
-    server: tokio::task::JoinHandle<()>,
-}
+mod harness;
 
 fn start(dir: &Path) -> Running {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let daemon = Daemon::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
-    let socket = dir.join("api.sock");
-    let listener = {
-        let _g = rt.enter();
-        api::bind(&socket).unwrap()
-    };
-    let daemon_for_api = daemon.clone();
-    let server = rt.spawn(async move {
-        api::serve(listener, daemon_for_api).await.unwrap();
-    });
-    Running {
-        rt,
-        socket,
-        daemon,
-        server,
-    }
-}
-
-impl Running {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        self.rt
-            .block_on(client::call(&self.socket, method, path, body))
-            .unwrap()
-    }
-
-    fn stop(self) {
-        self.server.abort();
-        self.daemon.shutdown();
-        drop(self.daemon);
-        self.rt.shutdown_background();
-    }
+    harness::start(dir, None)
 }
 
 fn tmp(name: &str) -> PathBuf {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfabric::{api, daemon::Daemon};
+mod harness;
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -37,18 +37,8 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
     let dir: PathBuf = std::env::temp_dir().join(format!("vmf-capture-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let daemon = Daemon::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
-    let socket = dir.join("api.sock");
-    let listener = {
-        let _g = rt.enter();
-        api::bind(&socket).unwrap()
-    };
-    rt.spawn(api::serve(listener, daemon.clone()));
+    let d = harness::start(&dir, None);
+    let (daemon, socket) = (&d.daemon, &d.socket);
     daemon
         .create_network(
             vmfabric::store::NetworkRecord {
@@ -74,7 +64,7 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
         .args(["capture", "cap", "-w"])
         .arg(&pcap)
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .spawn()
         .unwrap();
     wait_until("the pcap header", || file_len(&pcap) >= 24);
@@ -94,6 +84,5 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(lines, 10, "{}", String::from_utf8_lossy(&out.stdout));
-    daemon.shutdown();
-    rt.shutdown_background();
+    d.stop();
 }

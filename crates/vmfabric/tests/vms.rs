@@ -5,36 +5,23 @@
 #[path = "../../vm/tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod harness;
+
 use std::time::{Duration, Instant};
 
+use harness::Running;
 use serde_json::{json, Value};
-use vmfabric::{api, client, daemon::Daemon};
 
-struct Running {
-    rt: tokio::runtime::Runtime,
-    socket: PathBuf,
-    daemon: Arc<Daemon>,
-}
-
-impl Running {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        self.rt
-            .block_on(client::call(&self.socket, method, path, body))
-            .unwrap()
-    }
-
-    fn wait_state(&self, name: &str, done: &[&str]) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(150);
-        loop {
-            let (_, v) = self.call("GET", &format!("/v1/vms/{name}"), None);
-            if done.contains(&v["state"].as_str().unwrap_or("")) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
-            std::thread::sleep(Duration::from_millis(200));
+/// Polls a VM until its state is one of `done`.
+fn wait_state(d: &Running, name: &str, done: &[&str]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let (_, v) = d.call("GET", &format!("/v1/vms/{name}"), None);
+        if done.contains(&v["state"].as_str().unwrap_or("")) {
+            return v;
         }
+        assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -42,20 +29,7 @@ impl Running {
 fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     let Some(image) = common::guest_dir() else { return };
     let dir = common::workdir("daemon-vms");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let daemon =
-        Daemon::start_with_guests(dir.join("state"), dir.join("run"), Some(image), rt.handle().clone()).unwrap();
-    let socket = dir.join("api.sock");
-    let listener = {
-        let _g = rt.enter();
-        api::bind(&socket).unwrap()
-    };
-    rt.spawn(api::serve(listener, daemon.clone()));
-    let d = Running { rt, socket, daemon };
+    let d = harness::start(&dir, Some(image));
 
     let (s, v) = d.call(
         "POST",
@@ -71,7 +45,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         Some(json!({"name": "big", "network": "default", "memory_mib": 32})),
     );
     assert_eq!(s, 400, "too little memory is refused before anything starts");
-    let web = d.wait_state("web", &["ready", "failed"]);
+    let web = wait_state(&d, "web", &["ready", "failed"]);
     assert_eq!(web["state"], "ready", "{web}");
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
     let lease = leases
@@ -90,7 +64,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         Some(json!({"name": "client", "network": "default", "cmd": cmd})),
     );
     assert_eq!(s, 201);
-    let client_vm = d.wait_state("client", &["stopped", "failed"]);
+    let client_vm = wait_state(&d, "client", &["stopped", "failed"]);
     assert_eq!(
         client_vm["state"], "stopped",
         "a guest that powers itself off has stopped: {client_vm}"
@@ -105,7 +79,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     // Killed from outside: Failed, with a reason, and its port is freed.
     let pid = vm::process::ProcessId::of(web["pid"].as_u64().unwrap() as u32).unwrap();
     assert!(pid.signal(rustix::process::Signal::KILL).unwrap());
-    let web = d.wait_state("web", &["failed"]);
+    let web = wait_state(&d, "web", &["failed"]);
     assert!(web["reason"].as_str().unwrap().contains("signal: 9"), "{web}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -120,5 +94,5 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     assert_eq!(s, 200);
     let (s, _) = d.call("GET", "/v1/vms/client", None);
     assert_eq!(s, 404);
-    d.daemon.shutdown();
+    d.stop();
 }
