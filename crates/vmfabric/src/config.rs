@@ -33,9 +33,9 @@ pub struct ConfigFile {
 pub struct NetworkDecl {
     pub name: String,
     pub subnet: ipnet::Ipv4Net,
-    #[serde(default = "default_mtu")]
+    #[serde(default = "crate::store::default_mtu")]
     pub mtu: u32,
-    #[serde(default = "yes")]
+    #[serde(default = "crate::store::yes")]
     pub gateway: bool,
     /// Guests reach the host's loopback at the subnet's last host address.
     #[serde(default)]
@@ -47,14 +47,6 @@ pub struct NetworkDecl {
     pub ports: Vec<PortRequest>,
     #[serde(default)]
     pub reservations: Vec<ReservationView>,
-}
-
-fn default_mtu() -> u32 {
-    1500
-}
-
-fn yes() -> bool {
-    true
 }
 
 pub fn load(path: &Path) -> anyhow::Result<ConfigFile> {

@@ -35,11 +35,12 @@ pub struct NetworkRecord {
     pub host_access: bool,
 }
 
-fn default_mtu() -> u32 {
+/// The MTU a network gets when none is given (API and config file alike).
+pub(crate) fn default_mtu() -> u32 {
     1500
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 
