@@ -63,6 +63,15 @@ pub struct GatewayConfig {
     pub udp_idle: Duration,
     pub udp_flows_per_guest: usize,
     pub udp_flows_total: usize,
+    /// TCP connections at once, per guest and per network (egress and forwards).
+    pub tcp_flows_per_guest: usize,
+    pub tcp_flows_total: usize,
+    /// How long a guest's connect may wait for the host-side connect.
+    pub tcp_connect_timeout: Duration,
+    /// Each direction's buffer of one TCP connection: the most the gateway holds for it.
+    pub tcp_buffer: usize,
+    /// An ICMP echo flow (guest, id, destination) with no traffic for this long closes.
+    pub icmp_idle: Duration,
 }
 
 /// Why a configuration was refused.
@@ -107,6 +116,11 @@ impl GatewayConfig {
             udp_idle: Duration::from_secs(60),
             udp_flows_per_guest: 1024,
             udp_flows_total: 16384,
+            tcp_flows_per_guest: 512,
+            tcp_flows_total: 2048,
+            tcp_connect_timeout: Duration::from_secs(15),
+            tcp_buffer: 256 * 1024,
+            icmp_idle: Duration::from_secs(30),
         }
     }
 
@@ -163,6 +177,12 @@ impl GatewayConfig {
         }
         if self.udp_flows_per_guest == 0 || self.udp_flows_total == 0 || self.udp_idle.is_zero() {
             return err("UDP flow bounds and idle time must be above zero");
+        }
+        if self.tcp_flows_per_guest == 0 || self.tcp_flows_total == 0 || self.tcp_connect_timeout.is_zero() {
+            return err("TCP flow bounds and connect timeout must be above zero");
+        }
+        if self.tcp_buffer < 4 * usize::from(self.mtu) {
+            return err(format!("TCP buffer {} is below four MTUs", self.tcp_buffer));
         }
         if self.dns_inflight_per_client == 0 || self.dns_inflight_total == 0 {
             return err("DNS in-flight bounds must be at least 1");

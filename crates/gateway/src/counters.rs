@@ -62,6 +62,19 @@ counters! {
     nat_udp_dropped,
     nat_udp_tx_bytes,
     nat_udp_rx_bytes,
+    /// TCP connections opened for guests (egress) and for forward clients.
+    nat_tcp_flows,
+    /// Guest connects refused: the host-side connect was refused, timed out or failed.
+    nat_tcp_refused,
+    /// Guest connects dropped at the flow bounds (answered with RST).
+    nat_tcp_bounded,
+    nat_tcp_tx_bytes,
+    nat_tcp_rx_bytes,
+    /// ICMP echo requests sent on behalf of guests, and replies delivered back.
+    nat_icmp_requests,
+    nat_icmp_replies,
+    /// Echo requests not sent: bounds reached or no ICMP socket available.
+    nat_icmp_dropped,
     /// Guest traffic refused by the egress policy (answered with ICMP prohibited).
     egress_denied,
     /// Datagrams to a forward that could not be delivered (guest not seen yet, no flow port).

@@ -1,6 +1,11 @@
-//! Inbound UDP port forwards: a host `address:port` that delivers to a guest's port.
+//! Inbound port forwards: a host `address:port` that delivers to a guest's port, over
+//! TCP or UDP. The guest sees every forwarded client as the gateway's address.
 //!
-//! Theory of operation: a forward listens on a host UDP socket. Each client (source
+//! TCP: a forward listens on a host socket; each accepted client becomes a connection
+//! the gateway's TCP stack opens to the guest from `gateway:port` (see `tcp_nat`).
+//! Removing the forward closes the listener; connections already made carry on.
+//!
+//! UDP: a forward listens on a host UDP socket. Each client (source
 //! address) gets a flow with its own gateway-side port, so the guest's replies, sent to
 //! `gateway:that port`, go back to that client alone. The guest sees datagrams from the
 //! gateway's address. Flows idle out after `udp_idle`. The guest's MAC comes from what
@@ -13,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{UdpSocket, UnixDatagram};
+use tokio::net::{TcpListener, UdpSocket, UnixDatagram};
 
 use crate::counters::GatewayCounters;
 use crate::{wire, Shared};
@@ -22,9 +27,26 @@ use crate::{wire, Shared};
 /// which the gateway never binds: these ports exist only in frames to guests).
 const FLOW_PORTS: std::ops::Range<u16> = 20000..30000;
 
+/// A forward's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardInfo {
     pub id: u64,
+    pub protocol: Protocol,
     pub host: SocketAddr,
     pub guest: SocketAddrV4,
 }
@@ -86,24 +108,42 @@ pub(crate) fn add(
     shared: &Arc<Shared>,
     port: &Arc<UnixDatagram>,
     rt: &tokio::runtime::Handle,
+    protocol: Protocol,
     host: SocketAddr,
     guest: SocketAddrV4,
 ) -> std::io::Result<ForwardInfo> {
-    let std_sock = std::net::UdpSocket::bind(host)?;
-    std_sock.set_nonblocking(true)?;
-    let socket = {
-        let _g = rt.enter();
-        Arc::new(UdpSocket::from_std(std_sock)?)
-    };
-    let host = socket.local_addr()?;
+    let _g = rt.enter();
     let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
-    fw.next_id += 1;
-    let info = ForwardInfo {
-        id: fw.next_id,
-        host,
-        guest,
+    let id = fw.next_id + 1;
+    let (info, task) = match protocol {
+        Protocol::Udp => {
+            let std_sock = std::net::UdpSocket::bind(host)?;
+            std_sock.set_nonblocking(true)?;
+            let socket = Arc::new(UdpSocket::from_std(std_sock)?);
+            let info = ForwardInfo {
+                id,
+                protocol,
+                host: socket.local_addr()?,
+                guest,
+            };
+            let task = rt.spawn(serve(shared.clone(), port.clone(), socket, info.clone()));
+            (info, task)
+        }
+        Protocol::Tcp => {
+            let std_listener = std::net::TcpListener::bind(host)?;
+            std_listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(std_listener)?;
+            let info = ForwardInfo {
+                id,
+                protocol,
+                host: listener.local_addr()?,
+                guest,
+            };
+            let task = rt.spawn(accept(shared.clone(), port.clone(), listener, guest));
+            (info, task)
+        }
     };
-    let task = rt.spawn(serve(shared.clone(), port.clone(), socket, info.clone()));
+    fw.next_id = id;
     fw.entries.insert(
         info.id,
         ForwardEntry {
@@ -123,6 +163,26 @@ pub(crate) fn remove(shared: &Shared, id: u64) -> bool {
     entry.task.abort();
     fw.flows.retain(|_, f| f.forward != id);
     true
+}
+
+async fn accept(shared: Arc<Shared>, port: Arc<UnixDatagram>, listener: TcpListener, guest: SocketAddrV4) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(crate::tcp_nat::forward_client(
+                    shared.clone(),
+                    port.clone(),
+                    guest,
+                    stream,
+                ));
+            }
+            // Out of descriptors and the like: wait rather than spin.
+            Err(e) => {
+                tracing::warn!("forward listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 async fn serve(shared: Arc<Shared>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {

@@ -15,7 +15,9 @@ pub mod dns;
 pub mod forward;
 pub mod leases;
 pub mod policy;
+mod stack;
 pub mod tcp_dns;
+pub mod tcp_nat;
 pub mod udp_nat;
 pub mod upstream;
 pub mod wire;
@@ -91,6 +93,7 @@ struct Shared {
     /// The other networks' subnets, which the egress policy keeps out of reach.
     other_subnets: Mutex<Vec<ipnet::Ipv4Net>>,
     host_addrs: policy::HostAddresses,
+    tcp_nat: Mutex<tcp_nat::TcpNat>,
 }
 
 impl Shared {
@@ -176,7 +179,15 @@ impl Gateway {
             cfg.subnet.prefix_len(),
             usize::from(cfg.mtu),
         );
+        let nat = tcp_nat::TcpNat::new(
+            cfg.gateway_mac,
+            cfg.gateway_ip,
+            cfg.subnet.prefix_len(),
+            usize::from(cfg.mtu),
+            cfg.tcp_buffer,
+        );
         let shared = Arc::new(Shared {
+            tcp_nat: Mutex::new(nat),
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
             cfg,
             counters,
@@ -250,10 +261,12 @@ impl Gateway {
         Ok(())
     }
 
-    /// Forwards UDP datagrams arriving at `host` (port 0: any free port) to `guest`;
-    /// replies go back to each client. The guest sees the gateway's address as source.
-    pub fn add_udp_forward(
+    /// Forwards TCP connections or UDP datagrams arriving at `host` (port 0: any free
+    /// port) to `guest`; replies go back to each client. The guest sees the gateway's
+    /// address as the source of every client.
+    pub fn add_forward(
         &self,
+        protocol: forward::Protocol,
         host: std::net::SocketAddr,
         guest: std::net::SocketAddrV4,
     ) -> std::io::Result<forward::ForwardInfo> {
@@ -263,7 +276,7 @@ impl Gateway {
                 format!("{} is not on this network", guest.ip()),
             ));
         }
-        forward::add(&self.shared, &self.sock, &self.rt, host, guest)
+        forward::add(&self.shared, &self.sock, &self.rt, protocol, host, guest)
     }
 
     /// Stops a forward; returns whether there was one.
@@ -281,6 +294,11 @@ impl Gateway {
     /// The UDP flows the gateway carries for its guests now.
     pub fn udp_flows(&self) -> Vec<udp_nat::FlowInfo> {
         self.shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner()).list()
+    }
+
+    /// The TCP connections the gateway carries for its guests now (egress and forwards).
+    pub fn tcp_flows(&self) -> Vec<tcp_nat::TcpFlowInfo> {
+        tcp_nat::list(&self.shared)
     }
 
     /// Replaces the egress policy; it applies to flows opened from now on.
@@ -322,11 +340,13 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
             let mut st = shared.state();
             (st.dhcp.next_expiry(), st.tcp.poll_delay())
         };
+        let nat_delay = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll_delay();
         let sleep = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(unix_now())),
             None => Duration::from_secs(24 * 3600),
         };
         let tcp_sleep = tcp_delay.unwrap_or(Duration::from_secs(24 * 3600));
+        let nat_sleep = nat_delay.unwrap_or(Duration::from_secs(24 * 3600));
         tokio::select! {
             r = sock.recv(&mut buf) => match r {
                 Ok(n) => {
@@ -348,6 +368,12 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
                 run_tcp(&shared, &sock, &tcp_tx).await;
             }
             _ = tokio::time::sleep(tcp_sleep) => run_tcp(&shared, &sock, &tcp_tx).await,
+            _ = tokio::time::sleep(nat_sleep) => {
+                let frames = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll();
+                for f in frames {
+                    let _ = sock.send(&f).await;
+                }
+            }
             _ = tokio::time::sleep(sleep) => {
                 let gone = shared.state().dhcp.expire(unix_now());
                 for ev in gone {
@@ -392,25 +418,56 @@ fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) ->
             return (vec![], false);
         }
     };
-    let tcp_touched = feed_tcp(shared, frame, &inbound);
-    (answer_frame(shared, sock, frame, inbound), tcp_touched)
+    let (tcp_touched, mut out) = feed_tcp(shared, sock, frame, &inbound);
+    out.extend(answer_frame(shared, sock, frame, inbound));
+    (out, tcp_touched)
 }
 
-/// Gives the TCP stack the frames it needs: TCP to a gateway address, and ARP about one
-/// (it learns neighbours from ARP only).
-fn feed_tcp(shared: &Arc<Shared>, frame: &[u8], inbound: &Inbound<'_>) -> bool {
+/// Gives the TCP stacks the frames they need: TCP for the gateway's DNS goes to the DNS
+/// stack, TCP routed through the gateway (and a forward's connections to the gateway's
+/// address) to the NAT stack, and ARP about the gateway to both (smoltcp learns
+/// neighbours only from ARP). Returns whether the DNS stack needs a run; the NAT
+/// stack's answers are returned to send.
+fn feed_tcp(
+    shared: &Arc<Shared>,
+    sock: &Arc<UnixDatagram>,
+    frame: &[u8],
+    inbound: &Inbound<'_>,
+) -> (bool, Vec<Vec<u8>>) {
     let cfg = &shared.cfg;
-    let wanted = match *inbound {
-        Inbound::Tcp { dst_ip, .. } => cfg.is_gateway_ip(dst_ip),
+    match *inbound {
+        Inbound::Tcp(head) => {
+            let dst = *head.dst.ip();
+            let nat_key = tcp_nat::FlowKey {
+                guest: head.src,
+                peer: head.dst,
+            };
+            let forwarded =
+                cfg.is_gateway_ip(dst) && shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).knows(&nat_key);
+            if cfg.is_gateway_ip(dst) && !forwarded {
+                shared.state().tcp.input(frame);
+                return (true, vec![]);
+            }
+            let routed = head.dst_mac == cfg.gateway_mac
+                && cfg.subnet.contains(head.src.ip())
+                && !(cfg.subnet.contains(&dst) && cfg.host_access != Some(dst) && !forwarded)
+                && !dst.is_broadcast()
+                && !dst.is_multicast();
+            if routed {
+                return (false, tcp_nat::inbound(shared, sock, frame, head));
+            }
+            (false, vec![])
+        }
         Inbound::Arp {
             target_ip, sender_ip, ..
-        } => cfg.is_gateway_ip(target_ip) && sender_ip != target_ip,
-        _ => false,
-    };
-    if wanted {
-        shared.state().tcp.input(frame);
+        } if cfg.is_gateway_ip(target_ip) && sender_ip != target_ip => {
+            shared.state().tcp.input(frame);
+            let mut nat = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner());
+            nat.input(frame);
+            (true, nat.poll())
+        }
+        _ => (false, vec![]),
     }
-    wanted
 }
 
 fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], inbound: Inbound<'_>) -> Vec<Vec<u8>> {

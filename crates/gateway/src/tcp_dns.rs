@@ -10,71 +10,24 @@
 //! when the upstream answers. A connection is closed once the client closes its side
 //! and nothing is pending, or when it sends something that is not a DNS query.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use fabric::Mac;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use crate::dns::{self, Decision, Zone};
+use crate::stack::Queue;
 
 /// Open TCP DNS connections at most; further SYNs wait for a free slot.
 pub const MAX_CONNECTIONS: usize = 32;
 const BUFFER: usize = 65536 + 2;
 /// A connection with no traffic for this long is dropped.
 const IDLE: Duration = Duration::from_secs(30);
-
-/// Frames in and out of the smoltcp interface.
-#[derive(Default)]
-struct Queue {
-    rx: VecDeque<Vec<u8>>,
-    tx: Vec<Vec<u8>>,
-    mtu: usize,
-}
-
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
-        let r = f(&mut buf);
-        self.0.push(buf);
-        r
-    }
-}
-
-impl Device for Queue {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
-
-    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
-        let frame = self.rx.pop_front()?;
-        Some((Rx(frame), Tx(&mut self.tx)))
-    }
-
-    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.tx))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu + 14;
-        caps
-    }
-}
 
 #[derive(Default)]
 struct Conn {
@@ -103,10 +56,7 @@ pub struct TcpDns {
 
 impl TcpDns {
     pub fn new(mac: Mac, addrs: &[Ipv4Addr], prefix: u8, mtu: usize) -> TcpDns {
-        let mut device = Queue {
-            mtu,
-            ..Default::default()
-        };
+        let mut device = Queue::new(mtu);
         let epoch = std::time::Instant::now();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
@@ -223,7 +173,7 @@ impl TcpDns {
         self.ensure_listener();
         // Writes made above go out now.
         self.iface.poll(now, &mut self.device, &mut self.sockets);
-        out.frames = self.device.tx.drain(..).filter(|f| !is_arp_reply(f)).collect();
+        out.frames = self.device.take_sent();
         out
     }
 }
@@ -234,10 +184,4 @@ fn write_message(sock: &mut tcp::Socket, msg: &[u8]) {
     // stopped reading entirely; then the answer is lost with the connection.
     let _ = sock.send_slice(&len.to_be_bytes());
     let _ = sock.send_slice(msg);
-}
-
-/// The gateway's own ARP responder has answered already.
-fn is_arp_reply(frame: &[u8]) -> bool {
-    EthernetFrame::new_checked(frame)
-        .is_ok_and(|f| f.ethertype() == EthernetProtocol::Arp && f.payload().get(7) == Some(&2))
 }

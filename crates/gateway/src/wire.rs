@@ -3,13 +3,14 @@
 //! `classify` checks what it reads (lengths, IPv4 header and UDP/ICMP checksums) and
 //! says what the frame is for; the builders emit complete frames with checksums.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet,
-    Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// What an inbound frame is, as far as the gateway cares.
@@ -39,9 +40,28 @@ pub enum Inbound<'a> {
         payload: &'a [u8],
     },
     /// A TCP segment; its checksum and the rest are the TCP stack's to check.
-    Tcp { dst_ip: Ipv4Addr, dst_port: u16 },
+    Tcp(TcpHead),
     /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6).
     Ignored,
+}
+
+/// The parts of a TCP segment that pick its handler; the TCP stack checks the rest.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpHead {
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub syn: bool,
+    pub ack: bool,
+    pub rst: bool,
+}
+
+impl TcpHead {
+    /// A connection's first segment.
+    pub fn is_open(&self) -> bool {
+        self.syn && !self.ack && !self.rst
+    }
 }
 
 /// A frame that claims a protocol the gateway serves but breaks its rules.
@@ -57,6 +77,8 @@ pub enum WireError {
     Udp,
     #[error("malformed ICMP message or bad checksum")]
     Icmp,
+    #[error("truncated TCP header")]
+    Tcp,
 }
 
 fn mac(a: EthernetAddress) -> Mac {
@@ -122,15 +144,16 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                     }
                 }
                 IpProtocol::Tcp => {
-                    let p = pkt.payload();
-                    let dst_port = p
-                        .get(2..4)
-                        .map(|b| u16::from_be_bytes([b[0], b[1]]))
-                        .ok_or(WireError::Ipv4)?;
-                    Ok(Inbound::Tcp {
-                        dst_ip: ip.dst_addr,
-                        dst_port,
-                    })
+                    let tcp = TcpPacket::new_checked(pkt.payload()).map_err(|_| WireError::Tcp)?;
+                    Ok(Inbound::Tcp(TcpHead {
+                        src_mac: mac(eth.src_addr()),
+                        dst_mac: mac(eth.dst_addr()),
+                        src: SocketAddrV4::new(ip.src_addr, tcp.src_port()),
+                        dst: SocketAddrV4::new(ip.dst_addr, tcp.dst_port()),
+                        syn: tcp.syn(),
+                        ack: tcp.ack(),
+                        rst: tcp.rst(),
+                    }))
                 }
                 _ => Ok(Inbound::Ignored),
             }
@@ -217,23 +240,71 @@ pub fn arp_reply(mac_of_ip: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> 
     buf
 }
 
-/// ICMP "communication administratively prohibited" (type 3, code 13) from `from` to the
-/// sender of `refused`, the whole frame the gateway refused; `None` if it is no IPv4.
+/// An ICMP "administratively prohibited" answer to a refused IPv4 frame.
 pub fn icmp_prohibited(gateway_mac: Mac, from: Ipv4Addr, refused: &[u8]) -> Option<Vec<u8>> {
+    icmp_unreachable(gateway_mac, from, refused, Icmpv4DstUnreachable::CommProhibited)
+}
+
+/// An ICMP destination-unreachable answer to `refused`, from the gateway's MAC and `from`.
+pub fn icmp_unreachable(
+    gateway_mac: Mac,
+    from: Ipv4Addr,
+    refused: &[u8],
+    reason: Icmpv4DstUnreachable,
+) -> Option<Vec<u8>> {
     let eth = EthernetFrame::new_checked(refused).ok()?;
     let pkt = Ipv4Packet::new_checked(eth.payload()).ok()?;
     let header = Ipv4Repr::parse(&pkt, &ChecksumCapabilities::default()).ok()?;
     let data = &pkt.payload()[..pkt.payload().len().min(8)];
-    let repr = Icmpv4Repr::DstUnreachable {
-        reason: smoltcp::wire::Icmpv4DstUnreachable::CommProhibited,
-        header,
-        data,
-    };
+    let repr = Icmpv4Repr::DstUnreachable { reason, header, data };
     let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
     ethernet(&mut buf, gateway_mac, mac(eth.src_addr()), EthernetProtocol::Ipv4);
     ipv4(&mut buf, from, header.src_addr, IpProtocol::Icmp, repr.buffer_len());
     repr.emit(
         &mut Icmpv4Packet::new_unchecked(&mut buf[ETH + IPV4..]),
+        &ChecksumCapabilities::default(),
+    );
+    Some(buf)
+}
+
+/// A RST answering a guest's TCP segment (its connect refused), as if from its destination.
+pub fn tcp_reset(gateway_mac: Mac, refused: &[u8]) -> Option<Vec<u8>> {
+    let eth = EthernetFrame::new_checked(refused).ok()?;
+    let pkt = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let tcp = TcpPacket::new_checked(pkt.payload()).ok()?;
+    if tcp.rst() {
+        return None;
+    }
+    // RFC 9293 3.10.7.1: acknowledge the segment (its SYN and FIN count as one each) so
+    // the guest accepts the reset.
+    let seg_len = tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin());
+    let (seq_number, ack_number) = if tcp.ack() {
+        (tcp.ack_number(), None)
+    } else {
+        (TcpSeqNumber(0), Some(tcp.seq_number() + seg_len))
+    };
+    let repr = TcpRepr {
+        src_port: tcp.dst_port(),
+        dst_port: tcp.src_port(),
+        control: TcpControl::Rst,
+        seq_number,
+        ack_number,
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let (src, dst) = (pkt.dst_addr(), pkt.src_addr());
+    let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
+    ethernet(&mut buf, gateway_mac, mac(eth.src_addr()), EthernetProtocol::Ipv4);
+    ipv4(&mut buf, src, dst, IpProtocol::Tcp, repr.buffer_len());
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[ETH + IPV4..]),
+        &IpAddress::Ipv4(src),
+        &IpAddress::Ipv4(dst),
         &ChecksumCapabilities::default(),
     );
     Some(buf)

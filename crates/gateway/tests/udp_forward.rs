@@ -86,7 +86,11 @@ fn a_udp_forward_serves_two_clients_and_stops_when_removed() {
 
     let fw = lab
         .gw
-        .add_udp_forward("127.0.0.1:0".parse().unwrap(), "10.98.0.10:7000".parse().unwrap())
+        .add_forward(
+            gateway::forward::Protocol::Udp,
+            "127.0.0.1:0".parse().unwrap(),
+            "10.98.0.10:7000".parse().unwrap(),
+        )
         .unwrap();
     assert_eq!(lab.gw.forwards(), vec![fw.clone()]);
     let (a, b) = (
@@ -112,6 +116,10 @@ fn a_udp_forward_serves_two_clients_and_stops_when_removed() {
     assert_eq!(ask(&a, fw.host, "after"), None, "a removed forward answers nothing");
     assert!(lab
         .gw
-        .add_udp_forward("127.0.0.1:0".parse().unwrap(), "192.0.2.1:7".parse().unwrap())
+        .add_forward(
+            gateway::forward::Protocol::Udp,
+            "127.0.0.1:0".parse().unwrap(),
+            "192.0.2.1:7".parse().unwrap()
+        )
         .is_err());
 }

@@ -202,11 +202,18 @@ async fn add_forward(
     Ok((StatusCode::CREATED, Json(d.add_forward(&net, body(b)?)?)).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardQuery {
+    proto: Option<String>,
+}
+
 async fn remove_forward(
     State(d): Shared,
     UrlPath((net, host)): UrlPath<(String, String)>,
+    Query(q): Query<ForwardQuery>,
 ) -> Result<StatusCode, ApiError> {
-    d.remove_forward(&net, &host)?;
+    d.remove_forward(&net, &host, q.proto.as_deref())?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -875,16 +875,26 @@ impl PolicyView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardView {
-    /// Only "udp" for now.
-    #[serde(default = "udp")]
+    /// "tcp" (the default) or "udp".
+    #[serde(default = "tcp")]
     pub proto: String,
     /// Host address and port; port 0 picks a free one.
     pub host: std::net::SocketAddr,
     pub guest: std::net::SocketAddrV4,
 }
 
-fn udp() -> String {
-    "udp".into()
+fn tcp() -> String {
+    "tcp".into()
+}
+
+fn forward_protocol(name: &str) -> Result<gateway::forward::Protocol, ApiError> {
+    match name {
+        "tcp" => Ok(gateway::forward::Protocol::Tcp),
+        "udp" => Ok(gateway::forward::Protocol::Udp),
+        other => Err(ApiError::BadRequest(format!(
+            "forward protocol {other:?} is not tcp or udp"
+        ))),
+    }
 }
 
 impl Daemon {
@@ -915,7 +925,7 @@ impl Daemon {
             .forwards()
             .into_iter()
             .map(|f| ForwardView {
-                proto: udp(),
+                proto: f.protocol.as_str().into(),
                 host: f.host,
                 guest: f.guest,
             })
@@ -924,42 +934,47 @@ impl Daemon {
 
     pub fn add_forward(&self, network: &str, f: ForwardView) -> Result<ForwardView, ApiError> {
         let _serial = lock(&self.changes);
-        if f.proto != "udp" {
-            return Err(ApiError::BadRequest(format!(
-                "{} forwards are not available yet; only udp",
-                f.proto
-            )));
-        }
+        let protocol = forward_protocol(&f.proto)?;
         let gw = self.gateway_of(network)?;
-        let info = gw.add_udp_forward(f.host, f.guest).map_err(|e| match e.kind() {
+        let info = gw.add_forward(protocol, f.host, f.guest).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => ApiError::Conflict(format!("{} is in use", f.host)),
             std::io::ErrorKind::InvalidInput => ApiError::BadRequest(e.to_string()),
             _ => ApiError::BadRequest(format!("cannot listen on {}: {e}", f.host)),
         })?;
         let view = ForwardView {
-            proto: udp(),
+            proto: protocol.as_str().into(),
             host: info.host,
             guest: info.guest,
         };
-        if let Err(e) = self
-            .store
-            .put_forward(network, &info.host.to_string(), &info.guest.to_string(), "udp")
-        {
+        if let Err(e) = self.store.put_forward(
+            network,
+            &info.host.to_string(),
+            &info.guest.to_string(),
+            protocol.as_str(),
+        ) {
             gw.remove_forward(info.id);
             return Err(e.into());
         }
         Ok(view)
     }
 
-    pub fn remove_forward(&self, network: &str, host: &str) -> Result<(), ApiError> {
+    /// Removes the forwards from `host`: both protocols unless `proto` names one.
+    pub fn remove_forward(&self, network: &str, host: &str, proto: Option<&str>) -> Result<(), ApiError> {
         let _serial = lock(&self.changes);
         let gw = self.gateway_of(network)?;
-        let found = gw.forwards().into_iter().find(|f| f.host.to_string() == host);
-        let Some(f) = found else {
+        let only = proto.map(forward_protocol).transpose()?;
+        let found: Vec<_> = gw
+            .forwards()
+            .into_iter()
+            .filter(|f| f.host.to_string() == host && only.is_none_or(|p| p == f.protocol))
+            .collect();
+        if found.is_empty() {
             return Err(ApiError::NotFound(format!("no forward from {host} on {network:?}")));
-        };
-        self.store.delete_forward(host, "udp")?;
-        gw.remove_forward(f.id);
+        }
+        for f in found {
+            self.store.delete_forward(host, f.protocol.as_str())?;
+            gw.remove_forward(f.id);
+        }
         Ok(())
     }
 
@@ -971,11 +986,11 @@ impl Daemon {
                 Err(e) => tracing::warn!(%network, "stored policy unusable: {e}"),
             }
         }
-        for (host, guest, _) in self.store.forwards(network).unwrap_or_default() {
-            let (Ok(h), Ok(g)) = (host.parse(), guest.parse()) else {
+        for (host, guest, proto) in self.store.forwards(network).unwrap_or_default() {
+            let (Ok(h), Ok(g), Ok(p)) = (host.parse(), guest.parse(), forward_protocol(&proto)) else {
                 continue;
             };
-            if let Err(e) = gw.add_udp_forward(h, g) {
+            if let Err(e) = gw.add_forward(p, h, g) {
                 tracing::warn!(%network, %host, "cannot restore forward: {e}");
             }
         }

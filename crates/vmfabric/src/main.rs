@@ -206,12 +206,12 @@ enum VmCmd {
 
 #[derive(Subcommand)]
 enum ForwardCmd {
-    /// Forward HOST (address:port; port 0 picks one) to GUEST (address:port), UDP.
+    /// Forward HOST (address:port; port 0 picks one) to GUEST (address:port), TCP or UDP.
     Add {
         network: String,
         host: std::net::SocketAddr,
         guest: std::net::SocketAddrV4,
-        #[arg(long, default_value = "udp")]
+        #[arg(long, default_value = "tcp")]
         proto: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -221,9 +221,12 @@ enum ForwardCmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Remove the forwards from HOST (both protocols unless --proto names one).
     Rm {
         network: String,
         host: String,
+        #[arg(long)]
+        proto: Option<String>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -336,8 +339,19 @@ fn main() -> Result<()> {
                     let v = request(&c, "GET", &format!("/v1/networks/{network}/forwards"), None)?;
                     print_table(&c, &v, &["proto", "host", "guest"]);
                 }
-                ForwardCmd::Rm { network, host, c } => {
-                    request(&c, "DELETE", &format!("/v1/networks/{network}/forwards/{host}"), None)?;
+                ForwardCmd::Rm {
+                    network,
+                    host,
+                    proto,
+                    c,
+                } => {
+                    let query = proto.map(|p| format!("?proto={p}")).unwrap_or_default();
+                    request(
+                        &c,
+                        "DELETE",
+                        &format!("/v1/networks/{network}/forwards/{host}{query}"),
+                        None,
+                    )?;
                     println!("removed the forward from {host} on {network}");
                 }
             }

@@ -518,7 +518,7 @@ fn policy_and_forwards_are_set_listed_and_survive_a_restart() {
     let (s, fw) = d.call(
         "POST",
         "/v1/networks/default/forwards",
-        Some(json!({"host": "127.0.0.1:0", "guest": "10.77.0.5:53"})),
+        Some(json!({"proto": "udp", "host": "127.0.0.1:0", "guest": "10.77.0.5:53"})),
     );
     assert_eq!(s, 201, "{fw}");
     let host = fw["host"].as_str().unwrap().to_string();
@@ -526,15 +526,26 @@ fn policy_and_forwards_are_set_listed_and_survive_a_restart() {
     let (s, _) = d.call(
         "POST",
         "/v1/networks/default/forwards",
-        Some(json!({"host": host, "guest": "10.77.0.6:53"})),
+        Some(json!({"proto": "udp", "host": host, "guest": "10.77.0.6:53"})),
     );
     assert_eq!(s, 409, "the address is taken");
+    let (s, tcp_fw) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": "10.77.0.5:80"})),
+    );
+    assert_eq!(
+        (s, &tcp_fw["proto"]),
+        (201, &json!("tcp")),
+        "tcp is the default: {tcp_fw}"
+    );
+    let tcp_host = tcp_fw["host"].as_str().unwrap().to_string();
     let (s, _) = d.call(
         "POST",
         "/v1/networks/default/forwards",
-        Some(json!({"proto": "tcp", "host": "127.0.0.1:0", "guest": "10.77.0.5:80"})),
+        Some(json!({"proto": "sctp", "host": "127.0.0.1:0", "guest": "10.77.0.5:80"})),
     );
-    assert_eq!(s, 400, "tcp forwards are not there yet");
+    assert_eq!(s, 400, "an unknown protocol");
     let (s, _) = d.call(
         "POST",
         "/v1/networks/default/forwards",
@@ -548,11 +559,23 @@ fn policy_and_forwards_are_set_listed_and_survive_a_restart() {
     let (_, p) = d.call("GET", "/v1/networks/default/policy", None);
     assert_eq!(p, policy);
     let (_, fws) = d.call("GET", "/v1/networks/default/forwards", None);
-    assert_eq!(
-        fws,
-        json!([{"proto": "udp", "host": host, "guest": "10.77.0.5:53"}]),
-        "listening again"
+    let fws = fws.as_array().unwrap();
+    assert_eq!(fws.len(), 2, "{fws:?}");
+    assert!(
+        fws.contains(&json!({"proto": "udp", "host": host, "guest": "10.77.0.5:53"}))
+            && fws.contains(&json!({"proto": "tcp", "host": tcp_host, "guest": "10.77.0.5:80"})),
+        "listening again: {fws:?}"
     );
+    assert!(
+        std::net::TcpListener::bind(&tcp_host).is_err(),
+        "the restored TCP forward holds its address"
+    );
+    let (s, _) = d.call(
+        "DELETE",
+        &format!("/v1/networks/default/forwards/{tcp_host}?proto=tcp"),
+        None,
+    );
+    assert_eq!(s, 204);
     assert!(
         std::net::UdpSocket::bind(&host).is_err(),
         "the restored forward holds its address"

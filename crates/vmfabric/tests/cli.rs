@@ -206,7 +206,15 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
     rx.recv().unwrap();
     let fw = json(
         &dir,
-        &["forward", "add", "lab", "127.0.0.1:0", &format!("{first}:7000")],
+        &[
+            "forward",
+            "add",
+            "lab",
+            "127.0.0.1:0",
+            &format!("{first}:7000"),
+            "--proto",
+            "udp",
+        ],
     );
     let published = fw["host"].as_str().unwrap().to_string();
     let ask = |msg: &str| -> Option<String> {

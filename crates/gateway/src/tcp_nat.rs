@@ -1,0 +1,540 @@
+//! TCP egress and TCP port forwards: guest connections terminated in a smoltcp stack
+//! and carried on host sockets.
+//!
+//! Theory of operation: one smoltcp interface per gateway owns the gateway's address
+//! and, in any-IP mode, every address a guest connects to. A guest's SYN to an outside
+//! address is held while the gateway connects a host socket to the destination (the
+//! host's loopback for the host-access address); only when that connect succeeds does a
+//! smoltcp socket listen on the destination and take the held SYN, so the guest's
+//! connect succeeds exactly when the real one did. A refused connect answers the guest
+//! with RST, a failed or timed-out one with ICMP host unreachable. Forwards work the
+//! other way round: a host client's connection makes the stack connect to the guest
+//! from the gateway's address.
+//!
+//! Each open connection has a task that moves bytes between its smoltcp socket and its
+//! host socket, only as far as the other side takes them: it writes to the host what
+//! the guest sent only while the host socket accepts it, and reads the host socket only
+//! while the guest's side has buffer room, so the advertised windows carry flow control
+//! end to end and nothing queues without bound (each direction holds at most
+//! `tcp_buffer` bytes). A FIN in either direction is passed on as a half-close
+//! (shutdown of the host socket's write side, or close of the smoltcp socket), a reset
+//! as a reset (SO_LINGER 0 toward the host, abort toward the guest). After every run of
+//! the stack, tasks whose socket changed are woken.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fabric::Mac;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use tokio::net::{TcpStream, UnixDatagram};
+use tokio::sync::Notify;
+
+use crate::counters::GatewayCounters;
+use crate::stack::Queue;
+use crate::wire::{self, TcpHead};
+use crate::Shared;
+
+/// A connection as the guest sees it: its own end and its peer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub guest: SocketAddrV4,
+    pub peer: SocketAddrV4,
+}
+
+/// Who opened a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The guest, to an outside address (or the host-access address).
+    Egress,
+    /// A host client, through a port forward.
+    Forward,
+}
+
+/// A connection as [`crate::Gateway::tcp_flows`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpFlowInfo {
+    pub guest: SocketAddrV4,
+    pub peer: SocketAddrV4,
+    pub direction: Direction,
+    /// The TCP state toward the guest ("CONNECTING" while the host side connects).
+    pub state: String,
+}
+
+enum Slot {
+    Connecting,
+    Open(SocketHandle),
+}
+
+struct Flow {
+    slot: Slot,
+    direction: Direction,
+}
+
+/// What a connection's task last saw of its socket; a change wakes it.
+struct Watch {
+    notify: Arc<Notify>,
+    seen: (tcp::State, usize, usize),
+}
+
+/// A guest connection dies after this long without an answer to keep-alives, so a
+/// vanished guest does not hold flows forever.
+const DEAD_PEER: Duration = Duration::from_secs(300);
+const KEEP_ALIVE: Duration = Duration::from_secs(75);
+/// Gateway-side ports for forwarded connections, as the guest sees them.
+const FORWARD_PORTS: std::ops::Range<u16> = 30000..60000;
+
+pub(crate) struct TcpNat {
+    iface: Interface,
+    device: Queue,
+    sockets: SocketSet<'static>,
+    flows: HashMap<FlowKey, Flow>,
+    watches: HashMap<SocketHandle, Watch>,
+    per_guest: HashMap<Ipv4Addr, usize>,
+    epoch: std::time::Instant,
+    buffer: usize,
+    next_forward_port: u16,
+}
+
+impl TcpNat {
+    pub fn new(mac: Mac, gateway_ip: Ipv4Addr, prefix: u8, mtu: usize, buffer: usize) -> TcpNat {
+        let mut device = Queue::new(mtu);
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
+        let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(gateway_ip.into(), prefix));
+        });
+        // Any-IP: the stack takes segments for every address routed through the gateway.
+        iface.set_any_ip(true);
+        let _ = iface.routes_mut().add_default_ipv4_route(gateway_ip);
+        TcpNat {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            flows: HashMap::new(),
+            watches: HashMap::new(),
+            per_guest: HashMap::new(),
+            epoch: std::time::Instant::now(),
+            buffer,
+            next_forward_port: 0,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.epoch.elapsed().as_millis() as i64)
+    }
+
+    pub fn knows(&self, key: &FlowKey) -> bool {
+        self.flows.contains_key(key)
+    }
+
+    pub fn input(&mut self, frame: &[u8]) {
+        self.device.rx.push_back(frame.to_vec());
+    }
+
+    pub fn poll_delay(&mut self) -> Option<Duration> {
+        let now = self.now();
+        self.iface.poll_delay(now, &self.sockets).map(Duration::from)
+    }
+
+    /// Runs the stack, wakes the tasks whose socket changed, and returns what it sent.
+    pub fn poll(&mut self) -> Vec<Vec<u8>> {
+        let now = self.now();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        for (handle, watch) in self.watches.iter_mut() {
+            let s = self.sockets.get::<tcp::Socket>(*handle);
+            let seen = (s.state(), s.recv_queue(), s.send_queue());
+            let (state, received, unacked) = watch.seen;
+            // Woken for new state, new data from the guest, or room toward the guest.
+            if seen.0 != state || seen.1 > received || seen.2 < unacked {
+                watch.notify.notify_one();
+            }
+            watch.seen = seen;
+        }
+        self.device.take_sent()
+    }
+
+    /// Counts a new connection against the bounds; false when it is over them.
+    fn admit(&mut self, key: FlowKey, direction: Direction, per_guest: usize, total: usize) -> bool {
+        let mine = self.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
+        if mine >= per_guest || self.flows.len() >= total || self.flows.contains_key(&key) {
+            return false;
+        }
+        *self.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
+        self.flows.insert(
+            key,
+            Flow {
+                slot: Slot::Connecting,
+                direction,
+            },
+        );
+        true
+    }
+
+    fn new_socket(&mut self, timeout: Duration) -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.buffer]),
+            tcp::SocketBuffer::new(vec![0; self.buffer]),
+        );
+        // Bytes are relayed as they come; coalescing is the endpoints' business.
+        s.set_nagle_enabled(false);
+        s.set_timeout(Some(timeout.into()));
+        s
+    }
+
+    fn watch(&mut self, key: FlowKey, handle: SocketHandle) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let s = self.sockets.get::<tcp::Socket>(handle);
+        let seen = (s.state(), s.recv_queue(), s.send_queue());
+        self.watches.insert(
+            handle,
+            Watch {
+                notify: notify.clone(),
+                seen,
+            },
+        );
+        if let Some(f) = self.flows.get_mut(&key) {
+            f.slot = Slot::Open(handle);
+        }
+        notify
+    }
+
+    /// The host side of a guest's connect is up: a socket takes the held SYN.
+    fn accept(&mut self, key: FlowKey, syn: &[u8], timeout: Duration) -> Option<(SocketHandle, Arc<Notify>)> {
+        // Frames queued before this SYN must not meet the listening socket.
+        self.iface.poll(self.now(), &mut self.device, &mut self.sockets);
+        let mut s = self.new_socket(timeout);
+        s.listen(IpListenEndpoint {
+            addr: Some((*key.peer.ip()).into()),
+            port: key.peer.port(),
+        })
+        .ok()?;
+        let handle = self.sockets.add(s);
+        let notify = self.watch(key, handle);
+        self.input(syn);
+        Some((handle, notify))
+    }
+
+    /// A forward's client is connected: the stack connects to the guest.
+    fn connect(&mut self, guest: SocketAddrV4, gateway_ip: Ipv4Addr, cfg: &crate::GatewayConfig) -> Option<Opened> {
+        let span = FORWARD_PORTS.end - FORWARD_PORTS.start;
+        let key = (0..span).find_map(|_| {
+            let port = FORWARD_PORTS.start + self.next_forward_port % span;
+            self.next_forward_port = self.next_forward_port.wrapping_add(1);
+            let key = FlowKey {
+                guest,
+                peer: SocketAddrV4::new(gateway_ip, port),
+            };
+            (!self.flows.contains_key(&key)).then_some(key)
+        })?;
+        if !self.admit(key, Direction::Forward, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
+            return None;
+        }
+        let mut s = self.new_socket(cfg.tcp_connect_timeout);
+        let remote = IpEndpoint::new((*guest.ip()).into(), guest.port());
+        let local = IpListenEndpoint {
+            addr: Some(gateway_ip.into()),
+            port: key.peer.port(),
+        };
+        if s.connect(self.iface.context(), remote, local).is_err() {
+            self.forget(&key);
+            return None;
+        }
+        let handle = self.sockets.add(s);
+        let notify = self.watch(key, handle);
+        Some(Opened { key, handle, notify })
+    }
+
+    /// Drops a connection and everything kept for it.
+    fn forget(&mut self, key: &FlowKey) {
+        let Some(flow) = self.flows.remove(key) else { return };
+        if let Slot::Open(handle) = flow.slot {
+            self.watches.remove(&handle);
+            self.sockets.remove(handle);
+        }
+        if let Some(n) = self.per_guest.get_mut(key.guest.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_guest.remove(key.guest.ip());
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<TcpFlowInfo> {
+        self.flows
+            .iter()
+            .map(|(key, flow)| TcpFlowInfo {
+                guest: key.guest,
+                peer: key.peer,
+                direction: flow.direction,
+                state: match flow.slot {
+                    Slot::Connecting => "CONNECTING".into(),
+                    Slot::Open(h) => format!("{}", self.sockets.get::<tcp::Socket>(h).state()).to_uppercase(),
+                },
+            })
+            .collect()
+    }
+}
+
+struct Opened {
+    key: FlowKey,
+    handle: SocketHandle,
+    notify: Arc<Notify>,
+}
+
+fn lock(nat: &Mutex<TcpNat>) -> MutexGuard<'_, TcpNat> {
+    nat.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Frames to send now for a guest's TCP segment routed through the gateway.
+pub(crate) fn inbound(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, frame: &[u8], head: TcpHead) -> Vec<Vec<u8>> {
+    let key = FlowKey {
+        guest: head.src,
+        peer: head.dst,
+    };
+    let mut nat = lock(&shared.tcp_nat);
+    match nat.flows.get(&key).map(|f| &f.slot) {
+        Some(Slot::Open(_)) => {}
+        // The guest retransmits its SYN while the host side connects: the first one
+        // is held, the copies are not needed.
+        Some(Slot::Connecting) => return vec![],
+        None if head.is_open() => {
+            drop(nat);
+            return open(shared, port, frame, key);
+        }
+        // Anything else for no connection: the stack answers with RST.
+        None => {}
+    }
+    nat.input(frame);
+    nat.poll()
+}
+
+/// A guest's new connection: checked, counted, then connected from the host.
+fn open(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey) -> Vec<Vec<u8>> {
+    let cfg = &shared.cfg;
+    let c = &shared.counters;
+    let dst = *key.peer.ip();
+    let host_access = cfg.host_access == Some(dst);
+    if cfg.is_gateway_ip(dst) {
+        // The gateway's own address never leads to the host.
+        return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+    }
+    if !host_access {
+        let others = shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let verdict = shared.egress.lock().unwrap_or_else(|p| p.into_inner()).check(
+            dst,
+            key.peer.port(),
+            crate::policy::Proto::Tcp,
+            &others,
+            &shared.host_addrs,
+        );
+        if verdict.is_err() {
+            GatewayCounters::inc(&c.egress_denied);
+            return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+        }
+    }
+    if !lock(&shared.tcp_nat).admit(key, Direction::Egress, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
+        GatewayCounters::inc(&c.nat_tcp_bounded);
+        return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+    }
+    let target = if host_access {
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.peer.port())
+    } else {
+        key.peer
+    };
+    tokio::spawn(connect_host(shared.clone(), port.clone(), key, syn.to_vec(), target));
+    vec![]
+}
+
+async fn connect_host(shared: Arc<Shared>, port: Arc<UnixDatagram>, key: FlowKey, syn: Vec<u8>, target: SocketAddrV4) {
+    let cfg = shared.cfg.clone();
+    let c = &shared.counters;
+    let outcome = tokio::time::timeout(cfg.tcp_connect_timeout, TcpStream::connect(target)).await;
+    let stream = match outcome {
+        Ok(Ok(stream)) => stream,
+        failed => {
+            GatewayCounters::inc(&c.nat_tcp_refused);
+            lock(&shared.tcp_nat).forget(&key);
+            let refused = matches!(&failed, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+            tracing::debug!(%target, ?failed, "guest connect failed on the host side");
+            let answer = if refused {
+                wire::tcp_reset(cfg.gateway_mac, &syn)
+            } else {
+                let reason = smoltcp::wire::Icmpv4DstUnreachable::HostUnreachable;
+                wire::icmp_unreachable(cfg.gateway_mac, cfg.gateway_ip, &syn, reason)
+            };
+            if let Some(frame) = answer {
+                let _ = port.send(&frame).await;
+            }
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (frames, opened) = {
+        let mut nat = lock(&shared.tcp_nat);
+        let opened = nat.accept(key, &syn, DEAD_PEER);
+        let frames = nat.poll();
+        // A SYN the socket did not take (it cannot happen for a SYN we classified,
+        // but a stuck listener would hold the slot forever).
+        let taken = opened
+            .as_ref()
+            .is_some_and(|(h, _)| nat.sockets.get::<tcp::Socket>(*h).state() != tcp::State::Listen);
+        if !taken {
+            nat.forget(&key);
+        }
+        (frames, opened.filter(|_| taken))
+    };
+    send_all(&port, frames).await;
+    let Some((handle, notify)) = opened else {
+        if let Some(rst) = wire::tcp_reset(cfg.gateway_mac, &syn) {
+            let _ = port.send(&rst).await;
+        }
+        return;
+    };
+    GatewayCounters::inc(&c.nat_tcp_flows);
+    relay(shared, port, key, handle, notify, stream).await;
+}
+
+/// Connects a forward's host client to `guest` through the stack.
+pub(crate) async fn forward_client(
+    shared: Arc<Shared>,
+    port: Arc<UnixDatagram>,
+    guest: SocketAddrV4,
+    stream: TcpStream,
+) {
+    let _ = stream.set_nodelay(true);
+    let opened = {
+        let mut nat = lock(&shared.tcp_nat);
+        nat.connect(guest, shared.cfg.gateway_ip, &shared.cfg)
+    };
+    let Some(opened) = opened else {
+        GatewayCounters::inc(&shared.counters.nat_tcp_bounded);
+        reset(&stream);
+        return;
+    };
+    let frames = lock(&shared.tcp_nat).poll();
+    send_all(&port, frames).await;
+    GatewayCounters::inc(&shared.counters.nat_tcp_flows);
+    relay(shared, port, opened.key, opened.handle, opened.notify, stream).await;
+}
+
+async fn send_all(port: &UnixDatagram, frames: Vec<Vec<u8>>) {
+    for f in frames {
+        let _ = port.send(&f).await;
+    }
+}
+
+/// Closes the host socket with a reset rather than a FIN.
+fn reset(stream: &TcpStream) {
+    let _ = rustix::net::sockopt::set_socket_linger(stream, Some(Duration::ZERO));
+}
+
+/// States in which the guest has sent its FIN.
+fn guest_finished(state: tcp::State) -> bool {
+    use tcp::State::*;
+    matches!(state, CloseWait | LastAck | Closing | TimeWait)
+}
+
+/// Moves bytes between a connection's smoltcp socket and its host socket until both
+/// sides are done.
+async fn relay(
+    shared: Arc<Shared>,
+    port: Arc<UnixDatagram>,
+    key: FlowKey,
+    handle: SocketHandle,
+    notify: Arc<Notify>,
+    stream: TcpStream,
+) {
+    let c = &shared.counters;
+    let (mut host_eof, mut host_shut, mut host_failed, mut established) = (false, false, false, false);
+    loop {
+        let (mut want_read, mut want_write) = (false, false);
+        let (frames, finished) = {
+            let mut nat = lock(&shared.tcp_nat);
+            let s = nat.sockets.get_mut::<tcp::Socket>(handle);
+            if !established && s.state() == tcp::State::Established {
+                established = true;
+                s.set_timeout(Some(DEAD_PEER.into()));
+                s.set_keep_alive(Some(KEEP_ALIVE.into()));
+            }
+            // Guest to host, as far as the host socket takes it.
+            while s.can_recv() && !host_failed {
+                let wrote = s.recv(|buf| match stream.try_write(buf) {
+                    Ok(n) => (n, Ok(n)),
+                    Err(e) => (0, Err(e)),
+                });
+                match wrote {
+                    Ok(Ok(n)) => {
+                        c.nat_tcp_tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        want_write = true;
+                        break;
+                    }
+                    Ok(Err(_)) => host_failed = true,
+                    Err(_) => break,
+                }
+            }
+            if !host_shut && !host_failed && guest_finished(s.state()) && s.recv_queue() == 0 {
+                host_shut = true;
+                let _ = rustix::net::shutdown(&stream, rustix::net::Shutdown::Write);
+            }
+            // Host to guest, as far as the guest's side has room.
+            while !host_eof && !host_failed && s.can_send() {
+                let read = s.send(|buf| match stream.try_read(buf) {
+                    Ok(n) => (n, Ok(n)),
+                    Err(e) => (0, Err(e)),
+                });
+                match read {
+                    Ok(Ok(0)) => {
+                        host_eof = true;
+                        s.close();
+                    }
+                    Ok(Ok(n)) => {
+                        c.nat_tcp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => want_read = true,
+                    Ok(Err(_)) => host_failed = true,
+                    Err(_) => break,
+                }
+                if want_read {
+                    break;
+                }
+            }
+            if host_failed {
+                s.abort();
+            }
+            let state = s.state();
+            let finished = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+            // Run the stack before forgetting the socket, so its last RST or ACK leaves.
+            let frames = nat.poll();
+            if finished {
+                nat.forget(&key);
+            }
+            (frames, finished)
+        };
+        send_all(&port, frames).await;
+        if finished {
+            // Both FINs passed on: an orderly end. Anything else: the guest reset it.
+            if !(host_eof && host_shut) {
+                reset(&stream);
+            }
+            return;
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = stream.readable(), if want_read => {}
+            _ = stream.writable(), if want_write => {}
+        }
+    }
+}
+
+/// The connections now carried, for the control plane.
+pub(crate) fn list(shared: &Shared) -> Vec<TcpFlowInfo> {
+    lock(&shared.tcp_nat).list()
+}
