@@ -13,6 +13,7 @@ pub mod counters;
 pub mod dhcp;
 pub mod dns;
 pub mod forward;
+mod icmp_nat;
 pub mod leases;
 pub mod policy;
 mod stack;
@@ -94,6 +95,7 @@ struct Shared {
     other_subnets: Mutex<Vec<ipnet::Ipv4Net>>,
     host_addrs: policy::HostAddresses,
     tcp_nat: Mutex<tcp_nat::TcpNat>,
+    icmp_flows: Mutex<icmp_nat::FlowTable>,
 }
 
 impl Shared {
@@ -188,6 +190,7 @@ impl Gateway {
         );
         let shared = Arc::new(Shared {
             tcp_nat: Mutex::new(nat),
+            icmp_flows: Mutex::default(),
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
             cfg,
             counters,
@@ -448,12 +451,7 @@ fn feed_tcp(
                 shared.state().tcp.input(frame);
                 return (true, vec![]);
             }
-            let routed = head.dst_mac == cfg.gateway_mac
-                && cfg.subnet.contains(head.src.ip())
-                && !(cfg.subnet.contains(&dst) && cfg.host_access != Some(dst) && !forwarded)
-                && !dst.is_broadcast()
-                && !dst.is_multicast();
-            if routed {
+            if head.dst_mac == cfg.gateway_mac && (forwarded || routed_out(cfg, *head.src.ip(), dst)) {
                 return (false, tcp_nat::inbound(shared, sock, frame, head));
             }
             (false, vec![])
@@ -509,6 +507,7 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], in
             ident,
             seq_no,
             data,
+            ..
         } if cfg.is_gateway_ip(dst_ip) => {
             GatewayCounters::inc(&c.icmp_echo_replies);
             vec![wire::icmp_echo_reply(
@@ -577,6 +576,25 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], in
                 }
             }
         }
+        // A ping routed through the gateway: re-sent from the host.
+        Inbound::IcmpEcho {
+            src_mac,
+            dst_mac,
+            src_ip,
+            dst_ip,
+            ident,
+            seq_no,
+            data,
+        } if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => {
+            let key = icmp_nat::FlowKey {
+                guest: src_ip,
+                ident,
+                dst: dst_ip,
+            };
+            icmp_nat::outbound(shared, sock, frame, src_mac, key, seq_no, data)
+                .into_iter()
+                .collect()
+        }
         // A guest answering a forwarded client.
         Inbound::Udp {
             dst_ip,
@@ -596,11 +614,7 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], in
             src_port,
             dst_port,
             payload,
-        } if dst_mac == cfg.gateway_mac && !cfg.is_gateway_ip(dst_ip) && cfg.subnet.contains(&src_ip) => {
-            let in_subnet = cfg.subnet.contains(&dst_ip) && cfg.host_access != Some(dst_ip);
-            if in_subnet || dst_ip.is_broadcast() || dst_ip.is_multicast() {
-                return vec![];
-            }
+        } if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => {
             let key = udp_nat::FlowKey {
                 guest: std::net::SocketAddrV4::new(src_ip, src_port),
                 dst: std::net::SocketAddrV4::new(dst_ip, dst_port),
@@ -611,6 +625,13 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], in
         }
         _ => vec![],
     }
+}
+
+/// Whether a packet from `src` to `dst`, sent to the gateway's MAC, leaves the network
+/// through it: from a guest, to an address outside the subnet or the host-access one.
+fn routed_out(cfg: &GatewayConfig, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+    let inside = cfg.subnet.contains(&dst) && cfg.host_access != Some(dst);
+    cfg.subnet.contains(&src) && !cfg.is_gateway_ip(dst) && !inside && !dst.is_broadcast() && !dst.is_multicast()
 }
 
 /// Releases a query's place in the in-flight bounds when its task ends.

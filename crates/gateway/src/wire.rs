@@ -24,6 +24,7 @@ pub enum Inbound<'a> {
     },
     IcmpEcho {
         src_mac: Mac,
+        dst_mac: Mac,
         src_ip: Ipv4Addr,
         dst_ip: Ipv4Addr,
         ident: u16,
@@ -130,6 +131,7 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                     match Icmpv4Repr::parse(&icmp, &caps) {
                         Ok(Icmpv4Repr::EchoRequest { ident, seq_no, data }) => Ok(Inbound::IcmpEcho {
                             src_mac: mac(eth.src_addr()),
+                            dst_mac: mac(eth.dst_addr()),
                             src_ip: ip.src_addr,
                             dst_ip: ip.dst_addr,
                             ident,

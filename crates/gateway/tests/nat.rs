@@ -1,9 +1,10 @@
-//! TCP through the gateway with real sockets: a "guest" network namespace on a TAP port
+//! TCP and ICMP through the gateway with real sockets: a "guest" network namespace on a TAP port
 //! reaches servers on host loopback (through the host-access address) and in an
 //! "outside" namespace (through NAT), moves 200 MiB each way intact, half-closes in
 //! each direction, holds 200 connections at once, is refused quickly by a closed port
 //! and by the egress policy; a TCP forward brings host clients to a guest server until
-//! it is removed. Needs root and /dev/net/tun.
+//! it is removed; pings reach the host and the outside, and not link-local. Needs root
+//! and /dev/net/tun.
 
 mod common;
 
@@ -396,7 +397,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
 }
 
 #[test]
-fn guest_tcp_reaches_an_outside_namespace_through_nat() {
+fn guest_tcp_and_pings_reach_an_outside_namespace_through_nat() {
     let Some(l) = lab() else { return };
     let id = l.id;
     let outside = format!("to{id}");
@@ -436,6 +437,36 @@ fn guest_tcp_reaches_an_outside_namespace_through_nat() {
             .map_err(|e| e.kind())
     });
     assert_eq!(host_addr.join().unwrap(), Err(std::io::ErrorKind::ConnectionRefused));
+
+    // Pings: to the outside through NAT, to the host through the host-access address,
+    // and not to link-local (refused, counted).
+    let ping = |dst: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &l.guest_ns,
+                "busybox",
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "3",
+                dst,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = ping("10.204.0.2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 packets received"));
+    let out = ping("10.95.0.254");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let c = l.lab.gw.counters();
+    assert!(c.get("nat_icmp_replies").unwrap() >= 4, "{:?}", c.snapshot());
+    let denied = c.get("egress_denied").unwrap();
+    assert!(!ping("169.254.169.254").status.success());
+    assert!(c.get("egress_denied").unwrap() > denied);
 }
 
 #[test]
