@@ -25,6 +25,12 @@ pub use mac::Mac;
 pub use port::{Capture, CapturedFrame, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
 pub use switch::Switch;
 
+/// Sends frames on a connected datagram socket (a port's far end) in one syscall,
+/// without blocking; returns how many the kernel took (`Err` only when none was sent).
+pub fn send_frames(fd: std::os::fd::BorrowedFd<'_>, frames: &[&[u8]]) -> std::io::Result<usize> {
+    sys::mmsg::send_batch(fd, frames, None)
+}
+
 /// Opens (creating if needed) the TAP device `name` as `IFF_TAP|IFF_NO_PI`,
 /// non-blocking; returns the fd and the device's name.
 pub fn open_tap(name: &str) -> std::io::Result<(std::os::fd::OwnedFd, String)> {

@@ -68,7 +68,8 @@ pub struct GatewayConfig {
     pub tcp_flows_total: usize,
     /// How long a guest's connect may wait for the host-side connect.
     pub tcp_connect_timeout: Duration,
-    /// Each direction's buffer of one TCP connection: the most the gateway holds for it.
+    /// Each direction's buffer of one TCP connection: the most the gateway holds for it
+    /// (raised to 16 MTUs when that is more, so jumbo frames keep a useful window).
     pub tcp_buffer: usize,
     /// An ICMP echo flow (guest, id, destination) with no traffic for this long closes.
     pub icmp_idle: Duration,

@@ -139,7 +139,7 @@ pub(crate) fn add(
                 host: listener.local_addr()?,
                 guest,
             };
-            let task = rt.spawn(accept(shared.clone(), port.clone(), listener, guest));
+            let task = rt.spawn(accept(shared.clone(), listener, guest));
             (info, task)
         }
     };
@@ -165,16 +165,11 @@ pub(crate) fn remove(shared: &Shared, id: u64) -> bool {
     true
 }
 
-async fn accept(shared: Arc<Shared>, port: Arc<UnixDatagram>, listener: TcpListener, guest: SocketAddrV4) {
+async fn accept(shared: Arc<Shared>, listener: TcpListener, guest: SocketAddrV4) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(crate::tcp_nat::forward_client(
-                    shared.clone(),
-                    port.clone(),
-                    guest,
-                    stream,
-                ));
+                tokio::spawn(crate::tcp_nat::forward_client(shared.clone(), guest, stream));
             }
             // Out of descriptors and the like: wait rather than spin.
             Err(e) => {

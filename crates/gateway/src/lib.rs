@@ -148,6 +148,7 @@ pub struct Gateway {
     port: PortId,
     events: Mutex<Option<mpsc::Receiver<LeaseEvent>>>,
     task: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Gateway {
@@ -181,12 +182,21 @@ impl Gateway {
             cfg.subnet.prefix_len(),
             usize::from(cfg.mtu),
         );
+        let (port, fd) = switch.add_port(network, "gateway")?;
+        switch.set_port_trusted(port, true)?;
+        let std_sock = std::os::unix::net::UnixDatagram::from(fd);
+        std_sock.set_nonblocking(true)?;
+        let sock = {
+            let _guard = rt.enter();
+            Arc::new(UnixDatagram::from_std(std_sock)?)
+        };
         let nat = tcp_nat::TcpNat::new(
             cfg.gateway_mac,
             cfg.gateway_ip,
             cfg.subnet.prefix_len(),
             usize::from(cfg.mtu),
-            cfg.tcp_buffer,
+            cfg.tcp_buffer.max(16 * usize::from(cfg.mtu)),
+            sock.clone(),
         );
         let shared = Arc::new(Shared {
             tcp_nat: Mutex::new(nat),
@@ -205,15 +215,8 @@ impl Gateway {
             egress: Mutex::new(cfg_egress),
             host_addrs: policy::HostAddresses::default(),
         });
-        let (port, fd) = switch.add_port(network, "gateway")?;
-        switch.set_port_trusted(port, true)?;
-        let std_sock = std::os::unix::net::UnixDatagram::from(fd);
-        std_sock.set_nonblocking(true)?;
-        let sock = {
-            let _guard = rt.enter();
-            Arc::new(UnixDatagram::from_std(std_sock)?)
-        };
         let task = rt.spawn(serve(shared.clone(), sock.clone()));
+        let writer = rt.spawn(tcp_nat::write_outbox(shared.clone()));
         Ok(Gateway {
             shared,
             rt: rt.clone(),
@@ -221,6 +224,7 @@ impl Gateway {
             port,
             events: Mutex::new(Some(rx)),
             task,
+            writer,
         })
     }
 
@@ -331,8 +335,12 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.task.abort();
+        self.writer.abort();
     }
 }
+
+/// Frames the gateway takes from its port before running its TCP stacks.
+const BATCH: usize = 64;
 
 async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
     let mut buf = vec![0u8; 65536 + 64];
@@ -353,10 +361,21 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
         tokio::select! {
             r = sock.recv(&mut buf) => match r {
                 Ok(n) => {
-                    let (replies, tcp_touched) = handle_frame(&shared, &sock, &buf[..n]);
-                    for reply in replies {
-                        let _ = sock.send(&reply).await;
+                    // Take what else is waiting too, up to a batch, and run the TCP
+                    // stacks once for all of it.
+                    let mut tcp_touched = false;
+                    let mut len = Some(n);
+                    let mut taken = 0;
+                    while let Some(n) = len {
+                        let (replies, touched) = handle_frame(&shared, &sock, &buf[..n]);
+                        tcp_touched |= touched;
+                        for reply in replies {
+                            let _ = sock.send(&reply).await;
+                        }
+                        taken += 1;
+                        len = if taken < BATCH { sock.try_recv(&mut buf).ok() } else { None };
                     }
+                    shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll_pending();
                     if tcp_touched {
                         run_tcp(&shared, &sock, &tcp_tx).await;
                     }
@@ -371,12 +390,7 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
                 run_tcp(&shared, &sock, &tcp_tx).await;
             }
             _ = tokio::time::sleep(tcp_sleep) => run_tcp(&shared, &sock, &tcp_tx).await,
-            _ = tokio::time::sleep(nat_sleep) => {
-                let frames = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll();
-                for f in frames {
-                    let _ = sock.send(&f).await;
-                }
-            }
+            _ = tokio::time::sleep(nat_sleep) => shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll(),
             _ = tokio::time::sleep(sleep) => {
                 let gone = shared.state().dhcp.expire(unix_now());
                 for ev in gone {
@@ -460,9 +474,8 @@ fn feed_tcp(
             target_ip, sender_ip, ..
         } if cfg.is_gateway_ip(target_ip) && sender_ip != target_ip => {
             shared.state().tcp.input(frame);
-            let mut nat = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner());
-            nat.input(frame);
-            (true, nat.poll())
+            shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).input(frame);
+            (true, vec![])
         }
         _ => (false, vec![]),
     }

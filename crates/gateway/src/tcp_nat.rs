@@ -23,12 +23,13 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fabric::Mac;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, IpListenEndpoint};
@@ -86,6 +87,10 @@ struct Watch {
 /// vanished guest does not hold flows forever.
 const DEAD_PEER: Duration = Duration::from_secs(300);
 const KEEP_ALIVE: Duration = Duration::from_secs(75);
+/// The largest receive buffer smoltcp advertises without window scaling.
+const UNSCALED_WINDOW: usize = 65535;
+/// Egress passes per run of the stack: up to this many segments per connection.
+const EGRESS_PASSES: usize = 64;
 /// Gateway-side ports for forwarded connections, as the guest sees them.
 const FORWARD_PORTS: std::ops::Range<u16> = 30000..60000;
 
@@ -99,10 +104,22 @@ pub(crate) struct TcpNat {
     epoch: std::time::Instant,
     buffer: usize,
     next_forward_port: u16,
+    /// The gateway's port, and the frames waiting for room in it, in order.
+    port: Arc<UnixDatagram>,
+    outbox: std::collections::VecDeque<Vec<u8>>,
+    /// Wakes the task that writes the outbox when the port has room again.
+    writer: Arc<Notify>,
 }
 
 impl TcpNat {
-    pub fn new(mac: Mac, gateway_ip: Ipv4Addr, prefix: u8, mtu: usize, buffer: usize) -> TcpNat {
+    pub fn new(
+        mac: Mac,
+        gateway_ip: Ipv4Addr,
+        prefix: u8,
+        mtu: usize,
+        buffer: usize,
+        port: Arc<UnixDatagram>,
+    ) -> TcpNat {
         let mut device = Queue::new(mtu);
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
@@ -122,6 +139,9 @@ impl TcpNat {
             epoch: std::time::Instant::now(),
             buffer,
             next_forward_port: 0,
+            port,
+            outbox: Default::default(),
+            writer: Arc::new(Notify::new()),
         }
     }
 
@@ -133,8 +153,17 @@ impl TcpNat {
         self.flows.contains_key(key)
     }
 
+    /// Queues a frame for the stack; the next [`TcpNat::poll`] takes it.
     pub fn input(&mut self, frame: &[u8]) {
         self.device.rx.push_back(frame.to_vec());
+    }
+
+    /// Runs the stack if frames wait for it (the frame loop feeds a batch, then runs
+    /// the stack once: one pass answers a burst of ACKs).
+    pub fn poll_pending(&mut self) {
+        if !self.device.rx.is_empty() {
+            self.poll();
+        }
     }
 
     pub fn poll_delay(&mut self) -> Option<Duration> {
@@ -142,10 +171,17 @@ impl TcpNat {
         self.iface.poll_delay(now, &self.sockets).map(Duration::from)
     }
 
-    /// Runs the stack, wakes the tasks whose socket changed, and returns what it sent.
-    pub fn poll(&mut self) -> Vec<Vec<u8>> {
+    /// Runs the stack, queues what it sent and wakes the tasks whose socket changed.
+    pub fn poll(&mut self) {
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
+        // smoltcp sends at most one segment per socket in a pass; pass again while
+        // sockets still have segments ready, so a full window leaves in one run.
+        for _ in 0..EGRESS_PASSES {
+            if self.iface.poll_egress(now, &mut self.device, &mut self.sockets) == PollResult::None {
+                break;
+            }
+        }
         for (handle, watch) in self.watches.iter_mut() {
             let s = self.sockets.get::<tcp::Socket>(*handle);
             let seen = (s.state(), s.recv_queue(), s.send_queue());
@@ -156,7 +192,34 @@ impl TcpNat {
             }
             watch.seen = seen;
         }
-        self.device.take_sent()
+        // Sent while the stack is locked, so segments leave in the order it made them
+        // (tasks sending on their own after unlocking would reorder them, and smoltcp
+        // answers duplicate ACKs by resending the whole window). Without blocking: what
+        // the port cannot take now waits in the outbox for the writer task.
+        let was_empty = self.outbox.is_empty();
+        self.outbox.extend(self.device.take_sent());
+        // When the outbox already held frames, the writer task is on it.
+        if was_empty && !self.flush() {
+            self.writer.notify_one();
+        }
+    }
+
+    /// Sends what the outbox holds, in batches, until the port is full; true when it
+    /// is empty.
+    fn flush(&mut self) -> bool {
+        use std::os::fd::AsFd;
+        while !self.outbox.is_empty() {
+            let frames: Vec<&[u8]> = self.outbox.make_contiguous().iter().take(32).map(|f| &f[..]).collect();
+            match fabric::send_frames(self.port.as_fd(), &frames) {
+                Ok(n) if n > 0 => drop(self.outbox.drain(..n)),
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                    // Not a full port: this frame cannot go (the port is going away).
+                    self.outbox.pop_front();
+                }
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Counts a new connection against the bounds; false when it is over them.
@@ -177,8 +240,13 @@ impl TcpNat {
     }
 
     fn new_socket(&mut self, timeout: Duration) -> tcp::Socket<'static> {
+        // The receive side stays within 64 KiB so the window is never scaled: smoltcp
+        // rounds a scaled window down, which can move its right edge back by a few
+        // bytes; a guest that filled the older window then makes smoltcp 0.12-0.14 panic
+        // ("subtract sequence numbers with underflow" in last_scaled_window, smoltcp
+        // issue 1048). Seen here under a 200 MiB transfer with a 256 KiB buffer.
         let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.buffer]),
+            tcp::SocketBuffer::new(vec![0; self.buffer.min(UNSCALED_WINDOW)]),
             tcp::SocketBuffer::new(vec![0; self.buffer]),
         );
         // Bytes are relayed as they come; coalescing is the endpoints' business.
@@ -291,7 +359,8 @@ fn lock(nat: &Mutex<TcpNat>) -> MutexGuard<'_, TcpNat> {
     nat.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Frames to send now for a guest's TCP segment routed through the gateway.
+/// Takes a guest's TCP segment routed through the gateway; returns frames to send now.
+/// The caller runs the stack ([`TcpNat::poll_pending`]) after its batch of frames.
 pub(crate) fn inbound(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, frame: &[u8], head: TcpHead) -> Vec<Vec<u8>> {
     let key = FlowKey {
         guest: head.src,
@@ -311,7 +380,7 @@ pub(crate) fn inbound(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, frame: &[u
         None => {}
     }
     nat.input(frame);
-    nat.poll()
+    vec![]
 }
 
 /// A guest's new connection: checked, counted, then connected from the host.
@@ -347,38 +416,103 @@ fn open(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey
     } else {
         key.peer
     };
-    tokio::spawn(connect_host(shared.clone(), port.clone(), key, syn.to_vec(), target));
-    vec![]
+    // Started without blocking: a local destination (the host's loopback above all)
+    // usually completes at once, and then the guest gets its SYN-ACK in this same turn.
+    let socket = match start_connect(target) {
+        Ok(s) => s,
+        Err(e) => return refuse(shared, key, syn, target, e),
+    };
+    match connect_outcome(&socket) {
+        Some(Ok(())) => match host_stream(socket) {
+            Ok(stream) => connected(shared, key, syn, stream),
+            Err(e) => refuse(shared, key, syn, target, e),
+        },
+        Some(Err(e)) => refuse(shared, key, syn, target, e),
+        None => {
+            let (shared, port, syn) = (shared.clone(), port.clone(), syn.to_vec());
+            tokio::spawn(async move {
+                let answer = match finish_connect(socket, shared.cfg.tcp_connect_timeout).await {
+                    Ok(stream) => connected(&shared, key, &syn, stream),
+                    Err(e) => refuse(&shared, key, &syn, target, e),
+                };
+                for frame in answer {
+                    let _ = port.send(&frame).await;
+                }
+            });
+            vec![]
+        }
+    }
 }
 
-async fn connect_host(shared: Arc<Shared>, port: Arc<UnixDatagram>, key: FlowKey, syn: Vec<u8>, target: SocketAddrV4) {
-    let cfg = shared.cfg.clone();
-    let c = &shared.counters;
-    let outcome = tokio::time::timeout(cfg.tcp_connect_timeout, TcpStream::connect(target)).await;
-    let stream = match outcome {
-        Ok(Ok(stream)) => stream,
-        failed => {
-            GatewayCounters::inc(&c.nat_tcp_refused);
-            lock(&shared.tcp_nat).forget(&key);
-            let refused = matches!(&failed, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused);
-            tracing::debug!(%target, ?failed, "guest connect failed on the host side");
-            let answer = if refused {
-                wire::tcp_reset(cfg.gateway_mac, &syn)
-            } else {
-                let reason = smoltcp::wire::Icmpv4DstUnreachable::HostUnreachable;
-                wire::icmp_unreachable(cfg.gateway_mac, cfg.gateway_ip, &syn, reason)
-            };
-            if let Some(frame) = answer {
-                let _ = port.send(&frame).await;
-            }
-            return;
-        }
-    };
+/// A non-blocking TCP socket with its connect to `target` under way.
+fn start_connect(target: SocketAddrV4) -> std::io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match rustix::net::connect(&fd, &std::net::SocketAddr::V4(target)) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(fd),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the connect has ended (and how) without waiting.
+fn connect_outcome(fd: &OwnedFd) -> Option<std::io::Result<()>> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(fd, PollFlags::OUT)];
+    match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
+        Ok(1) => Some(match rustix::net::sockopt::socket_error(fd) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) | Err(e) => Err(e.into()),
+        }),
+        _ => None,
+    }
+}
+
+async fn finish_connect(fd: OwnedFd, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = host_stream(fd)?;
+    match tokio::time::timeout(timeout, stream.writable()).await {
+        Ok(Ok(())) => match stream.take_error()? {
+            None => Ok(stream),
+            Some(e) => Err(e),
+        },
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+fn host_stream(fd: OwnedFd) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
     let _ = stream.set_nodelay(true);
-    let (frames, opened) = {
+    Ok(stream)
+}
+
+/// The host side refused or failed: the guest's connect fails the same way (RST for a
+/// refusal, ICMP host unreachable otherwise).
+fn refuse(shared: &Shared, key: FlowKey, syn: &[u8], target: SocketAddrV4, e: std::io::Error) -> Vec<Vec<u8>> {
+    let cfg = &shared.cfg;
+    GatewayCounters::inc(&shared.counters.nat_tcp_refused);
+    lock(&shared.tcp_nat).forget(&key);
+    tracing::debug!(%target, "guest connect failed on the host side: {e}");
+    let answer = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        wire::tcp_reset(cfg.gateway_mac, syn)
+    } else {
+        let reason = smoltcp::wire::Icmpv4DstUnreachable::HostUnreachable;
+        wire::icmp_unreachable(cfg.gateway_mac, cfg.gateway_ip, syn, reason)
+    };
+    answer.into_iter().collect()
+}
+
+/// The host side is up: a socket takes the held SYN (its SYN-ACK leaves through the
+/// outbox) and a task starts relaying. Returns frames to send (a RST if it failed).
+fn connected(shared: &Arc<Shared>, key: FlowKey, syn: &[u8], stream: TcpStream) -> Vec<Vec<u8>> {
+    let opened = {
         let mut nat = lock(&shared.tcp_nat);
-        let opened = nat.accept(key, &syn, DEAD_PEER);
-        let frames = nat.poll();
+        let opened = nat.accept(key, syn, DEAD_PEER);
+        nat.poll();
         // A SYN the socket did not take (it cannot happen for a SYN we classified,
         // but a stuck listener would hold the slot forever).
         let taken = opened
@@ -387,26 +521,18 @@ async fn connect_host(shared: Arc<Shared>, port: Arc<UnixDatagram>, key: FlowKey
         if !taken {
             nat.forget(&key);
         }
-        (frames, opened.filter(|_| taken))
+        opened.filter(|_| taken)
     };
-    send_all(&port, frames).await;
     let Some((handle, notify)) = opened else {
-        if let Some(rst) = wire::tcp_reset(cfg.gateway_mac, &syn) {
-            let _ = port.send(&rst).await;
-        }
-        return;
+        return wire::tcp_reset(shared.cfg.gateway_mac, syn).into_iter().collect();
     };
-    GatewayCounters::inc(&c.nat_tcp_flows);
-    relay(shared, port, key, handle, notify, stream).await;
+    GatewayCounters::inc(&shared.counters.nat_tcp_flows);
+    tokio::spawn(relay(shared.clone(), key, handle, notify, stream));
+    vec![]
 }
 
 /// Connects a forward's host client to `guest` through the stack.
-pub(crate) async fn forward_client(
-    shared: Arc<Shared>,
-    port: Arc<UnixDatagram>,
-    guest: SocketAddrV4,
-    stream: TcpStream,
-) {
+pub(crate) async fn forward_client(shared: Arc<Shared>, guest: SocketAddrV4, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let opened = {
         let mut nat = lock(&shared.tcp_nat);
@@ -417,16 +543,9 @@ pub(crate) async fn forward_client(
         reset(&stream);
         return;
     };
-    let frames = lock(&shared.tcp_nat).poll();
-    send_all(&port, frames).await;
+    lock(&shared.tcp_nat).poll();
     GatewayCounters::inc(&shared.counters.nat_tcp_flows);
-    relay(shared, port, opened.key, opened.handle, opened.notify, stream).await;
-}
-
-async fn send_all(port: &UnixDatagram, frames: Vec<Vec<u8>>) {
-    for f in frames {
-        let _ = port.send(&f).await;
-    }
+    relay(shared, opened.key, opened.handle, opened.notify, stream).await;
 }
 
 /// Closes the host socket with a reset rather than a FIN.
@@ -442,19 +561,12 @@ fn guest_finished(state: tcp::State) -> bool {
 
 /// Moves bytes between a connection's smoltcp socket and its host socket until both
 /// sides are done.
-async fn relay(
-    shared: Arc<Shared>,
-    port: Arc<UnixDatagram>,
-    key: FlowKey,
-    handle: SocketHandle,
-    notify: Arc<Notify>,
-    stream: TcpStream,
-) {
+async fn relay(shared: Arc<Shared>, key: FlowKey, handle: SocketHandle, notify: Arc<Notify>, stream: TcpStream) {
     let c = &shared.counters;
     let (mut host_eof, mut host_shut, mut host_failed, mut established) = (false, false, false, false);
     loop {
         let (mut want_read, mut want_write) = (false, false);
-        let (frames, finished) = {
+        let finished = {
             let mut nat = lock(&shared.tcp_nat);
             let s = nat.sockets.get_mut::<tcp::Socket>(handle);
             if !established && s.state() == tcp::State::Established {
@@ -512,13 +624,12 @@ async fn relay(
             let state = s.state();
             let finished = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
             // Run the stack before forgetting the socket, so its last RST or ACK leaves.
-            let frames = nat.poll();
+            nat.poll();
             if finished {
                 nat.forget(&key);
             }
-            (frames, finished)
+            finished
         };
-        send_all(&port, frames).await;
         if finished {
             // Both FINs passed on: an orderly end. Anything else: the guest reset it.
             if !(host_eof && host_shut) {
@@ -530,6 +641,22 @@ async fn relay(
             _ = notify.notified() => {}
             _ = stream.readable(), if want_read => {}
             _ = stream.writable(), if want_write => {}
+        }
+    }
+}
+
+/// Writes the outbox whenever the port had no room for the stack's frames.
+pub(crate) async fn write_outbox(shared: Arc<Shared>) {
+    let (writer, port) = {
+        let nat = lock(&shared.tcp_nat);
+        (nat.writer.clone(), nat.port.clone())
+    };
+    loop {
+        writer.notified().await;
+        while !lock(&shared.tcp_nat).flush() {
+            if port.writable().await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -190,6 +190,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
     let Some(l) = lab() else { return };
     let gw = &l.lab.gw;
 
+    eprintln!("step 1");
     // 1. wget from the guest to a web server on host loopback, via the host-access address.
     let web = TcpListener::bind("127.0.0.1:0").unwrap();
     let web_port = web.local_addr().unwrap().port();
@@ -228,6 +229,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
         .unwrap();
     assert!(!out.status.success(), "the gateway address reached the host");
 
+    eprintln!("step 2");
     // 2. 200 MiB each way at once, checked by SHA-256 on both ends.
     const BIG: usize = 200 << 20;
     let bulk = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -248,6 +250,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
     assert!(gw.counters().get("nat_tcp_tx_bytes").unwrap() >= BIG as u64);
     assert!(gw.counters().get("nat_tcp_rx_bytes").unwrap() >= BIG as u64);
 
+    eprintln!("step 3");
     // 3. Half-close, guest first: the guest sends and shuts its side; the host reads to
     // the end, then answers on the still-open other half.
     let hc = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -292,6 +295,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
     });
     assert_eq!(host_first.join().unwrap(), "host done");
 
+    eprintln!("step 4");
     // 4. 200 connections open at once.
     const MANY: usize = 200;
     let echo = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -349,6 +353,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    eprintln!("step 5");
     // 5. A closed port refuses, and the refusal reaches the guest as a reset.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
@@ -364,6 +369,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
     assert_eq!(refused.join().unwrap(), Err(std::io::ErrorKind::ConnectionRefused));
     assert!(gw.counters().get("nat_tcp_refused").unwrap() >= 1);
 
+    eprintln!("step 6");
     // 6. The policy refuses cloud metadata with a reset, counted.
     let denied_before = gw.counters().get("egress_denied").unwrap();
     let metadata = in_ns(&l.guest_ns, || {
@@ -374,6 +380,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
     assert_eq!(metadata.join().unwrap(), Err(std::io::ErrorKind::ConnectionRefused));
     assert_eq!(gw.counters().get("egress_denied").unwrap(), denied_before + 1);
 
+    eprintln!("step 7");
     // 7. A guest's reset reaches the host as a reset.
     let rst = TcpListener::bind("127.0.0.1:0").unwrap();
     let rst_port = rst.local_addr().unwrap().port();
