@@ -210,7 +210,12 @@ impl TcpNat {
         use std::os::fd::AsFd;
         while !self.outbox.is_empty() {
             let frames: Vec<&[u8]> = self.outbox.make_contiguous().iter().take(32).map(|f| &f[..]).collect();
-            match fabric::send_frames(self.port.as_fd(), &frames) {
+            // Through try_io, so that a full port clears tokio's write readiness and the
+            // writer task really waits for room.
+            let sent = self.port.try_io(tokio::io::Interest::WRITABLE, || {
+                fabric::send_frames(self.port.as_fd(), &frames)
+            });
+            match sent {
                 Ok(n) if n > 0 => drop(self.outbox.drain(..n)),
                 Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
                     // Not a full port: this frame cannot go (the port is going away).

@@ -1,5 +1,7 @@
 //! Real QEMU guests (TCG) on a network with a gateway: both get their address from
-//! vmfabric's DHCP, and one resolves and pings the other by name. Needs QEMU and the
+//! vmfabric's DHCP, and one resolves and pings the other by name; a guest fetches a
+//! page from a host loopback server through the host-access address and serves one
+//! that the host fetches through a TCP forward. Needs QEMU and the
 //! guest image (guest/build.sh); skips with a reason otherwise, unless
 //! VMFABRIC_REQUIRE_ALL_TESTS=1.
 
@@ -53,6 +55,17 @@ struct Guest {
 
 impl Guest {
     fn boot(image: &Path, work: &Path, name: &str, switch_path: PathBuf, cmd: Option<&str>) -> Guest {
+        Guest::boot_with(image, work, name, switch_path, cmd, &[])
+    }
+
+    fn boot_with(
+        image: &Path,
+        work: &Path,
+        name: &str,
+        switch_path: PathBuf,
+        cmd: Option<&str>,
+        extra: &[&str],
+    ) -> Guest {
         let log = work.join(format!("{name}.log"));
         let mut q = QemuConfig::new(
             image.join("vmlinuz"),
@@ -69,6 +82,7 @@ impl Guest {
             mac: Mac::derived(&["t", name]),
         });
         q.cmdline.extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
+        q.cmdline.extend(extra.iter().map(|s| s.to_string()));
         match cmd {
             Some(c) => q.cmdline.push(format!(
                 "VMF_CMD={}",
@@ -143,4 +157,50 @@ fn guests_get_leases_and_find_each_other_by_name() {
     let leases = gw.leases();
     assert_eq!(leases.len(), 2, "{leases:?}");
     assert!(leases.iter().any(|l| l.hostname.as_deref() == Some("beta")));
+}
+
+#[test]
+fn a_guest_fetches_from_the_host_and_serves_the_host_through_a_forward() {
+    use std::io::{Read, Write};
+    let Some(image) = guest_dir() else { return };
+    let work = std::env::temp_dir().join(format!("gw-nat-guest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let common::Lab { gw, sw, rt: _rt } = common::lab("natlab", "10.241.0.0/24", |cfg| {
+        cfg.host_access = Some(cfg.default_host_access());
+    });
+    // A web server on host loopback only.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body = "page from the host loopback";
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    let path = work.join("web.sock");
+    sw.add_unixgram_port("natlab", "web", &path).unwrap();
+    let cmd = format!("wget -q -O - http://10.241.0.254:{web_port}/ && echo");
+    let mut guest = Guest::boot_with(&image, &work, "web", path, Some(&cmd), &["VMF_HTTP=1", "VMF_END=hang"]);
+    let out = guest.wait_for("VMFABRIC_CMD_EXIT");
+    assert!(out.contains("page from the host loopback"), "{out}");
+    assert!(out.contains("VMFABRIC_CMD_EXIT 0"), "{out}");
+
+    let ip = gw.resolve("web").expect("the guest has a lease");
+    let fw = gw
+        .add_forward(
+            gateway::forward::Protocol::Tcp,
+            "127.0.0.1:0".parse().unwrap(),
+            std::net::SocketAddrV4::new(ip, 80),
+        )
+        .unwrap();
+    let mut s = std::net::TcpStream::connect(fw.host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    assert!(page.contains("hello from vmfabric guest"), "{page}");
 }

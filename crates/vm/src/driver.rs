@@ -39,8 +39,10 @@ pub enum DriverError {
 }
 
 pub struct QemuVm {
-    child: Child,
+    /// The VMM when this process started it; `None` for one adopted after a restart.
+    child: Option<Child>,
     id: Option<ProcessId>,
+    nonce: String,
     qmp: PathBuf,
     serial_log: PathBuf,
     scanner: ReadinessScanner,
@@ -105,14 +107,43 @@ impl QemuVm {
             VmState::Starting
         };
         Ok(QemuVm {
-            child,
+            child: Some(child),
             id,
+            nonce: nonce.clone(),
             qmp,
             serial_log: config.serial_log.clone(),
             scanner: ReadinessScanner::new(config.serial_log.clone(), nonce),
             state,
             stop_requested: false,
         })
+    }
+
+    /// Takes charge of a VMM started by an earlier run of this process (which was
+    /// killed), if that very process still runs. Its console is scanned again from the
+    /// start for this boot's readiness marker; its exit status cannot be known.
+    pub fn adopt(id: ProcessId, qmp: PathBuf, serial_log: PathBuf, nonce: String) -> Option<QemuVm> {
+        if !id.is_alive() {
+            return None;
+        }
+        Some(QemuVm {
+            child: None,
+            id: Some(id),
+            scanner: ReadinessScanner::new(serial_log.clone(), nonce.clone()),
+            nonce,
+            qmp,
+            serial_log,
+            state: VmState::Running,
+            stop_requested: false,
+        })
+    }
+
+    /// This boot's readiness nonce (kept to adopt the VMM later).
+    pub fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
+    pub fn qmp_path(&self) -> &std::path::Path {
+        &self.qmp
     }
 
     pub fn process(&self) -> Option<ProcessId> {
@@ -128,23 +159,29 @@ impl QemuVm {
         if matches!(self.state, VmState::Stopped | VmState::Failed { .. }) {
             return &self.state;
         }
-        if let Ok(Some(status)) = self.child.try_wait() {
+        // Some(exit status, when known) once the VMM is gone.
+        let exited = match &mut self.child {
+            Some(child) => child.try_wait().ok().flatten().map(Some),
+            None => (!self.id.is_some_and(|id| id.is_alive())).then_some(None),
+        };
+        if let Some(status) = exited {
             // A guest that powered itself off ends the VMM with success: a clean stop.
-            self.state = if self.stop_requested || status.success() {
+            self.state = if self.stop_requested || status.is_some_and(|s| s.success()) {
                 VmState::Stopped
             } else {
+                let how = match status {
+                    Some(s) => format!("the VMM {s}"),
+                    None => "the VMM exited (adopted after a restart, so its status is unknown)".into(),
+                };
                 VmState::Failed {
-                    reason: format!(
-                        "the VMM {status}; last console lines:\n{}",
-                        log_tail(&self.serial_log, 10)
-                    ),
+                    reason: format!("{how}; last console lines:\n{}", log_tail(&self.serial_log, 10)),
                 }
             };
             let _ = std::fs::remove_file(&self.qmp);
             return &self.state;
         }
-        if self.id.is_none() {
-            self.id = ProcessId::of(self.child.id()).ok();
+        if let (None, Some(child)) = (self.id, &self.child) {
+            self.id = ProcessId::of(child.id()).ok();
             if self.id.is_some() {
                 self.state = VmState::Running;
             }
@@ -221,11 +258,17 @@ impl QemuVm {
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
+        let running = match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => self.id.is_some_and(|id| id.is_alive()),
+        };
+        if running {
             if let Some(id) = self.id {
                 let _ = id.signal(rustix::process::Signal::KILL);
             }
-            let _ = self.child.wait();
+            if let Some(child) = &mut self.child {
+                let _ = child.wait();
+            }
         }
         let _ = std::fs::remove_file(&self.qmp);
     }

@@ -270,6 +270,7 @@ impl Daemon {
                     .bring_up_port(port)
                     .map_err(|e| anyhow::anyhow!("restore a port: {e}"))?;
             }
+            daemon.vms.restore(&daemon);
         }
         Ok(daemon)
     }
@@ -557,6 +558,27 @@ impl Daemon {
     pub fn remove_port(&self, network: &str, name: &str) -> Result<(), ApiError> {
         let _serial = lock(&self.changes);
         self.remove_port_unserialised(network, name)
+    }
+
+    /// Points a unixgram port at its VMM's socket path (for a VM adopted after a
+    /// restart, which may have nothing to send for a while).
+    pub fn set_port_peer(&self, network: &str, name: &str, peer: &std::path::Path) -> Result<(), ApiError> {
+        let id = {
+            let nets = self.nets();
+            let net = nets
+                .get(network)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            net.ports
+                .get(name)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| ApiError::NotFound(format!("no port {name:?} on {network:?}")))?
+        };
+        self.switch.set_unixgram_peer(id, peer)?;
+        Ok(())
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     fn remove_port_unserialised(&self, network: &str, name: &str) -> Result<(), ApiError> {

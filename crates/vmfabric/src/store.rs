@@ -118,6 +118,10 @@ CREATE TABLE IF NOT EXISTS forwards (
     proto TEXT NOT NULL,
     PRIMARY KEY (host, proto)
 );
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     network TEXT NOT NULL,
     mac TEXT NOT NULL,
@@ -289,6 +293,27 @@ impl Store {
             .conn()
             .execute("DELETE FROM forwards WHERE host = ?1 AND proto = ?2", [host, proto])?
             > 0)
+    }
+
+    /// Running VMs, as JSON records, to adopt them after a restart.
+    pub fn vms(&self) -> Result<Vec<String>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT record FROM vms ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_vm(&self, name: &str, record: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO vms (name, record) VALUES (?1, ?2)",
+            [name, record],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_vm(&self, name: &str) -> Result<(), DbError> {
+        self.conn().execute("DELETE FROM vms WHERE name = ?1", [name])?;
+        Ok(())
     }
 
     /// The lease store of one network's gateway.

@@ -4,7 +4,9 @@
 //! A VM is Ready when its console shows this boot's readiness marker with the address
 //! the network's gateway leased to its MAC. When a VM ends (stopped, powered off, or its
 //! VMM died) its port is removed. VMs live as long as the daemon: they are its child
-//! processes and are stopped with it.
+//! processes and are stopped with it. Each running VM is recorded in the store, so a
+//! daemon that was killed (`kill -9`) adopts the VMMs that outlived it when it starts
+//! again: same port, same address, state from the console.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -65,7 +67,39 @@ struct Entry {
     req: VmRequest,
     mac: Mac,
     console: PathBuf,
+    nic: PathBuf,
     port_removed: bool,
+    recorded: bool,
+}
+
+/// What the store keeps of a running VM, to adopt its VMM after a restart.
+#[derive(Debug, Serialize, Deserialize)]
+struct VmRecord {
+    req: VmRequest,
+    pid: u32,
+    start_time: u64,
+    nonce: String,
+    qmp: PathBuf,
+    console: PathBuf,
+    nic: PathBuf,
+    #[serde(with = "crate::store::mac_text")]
+    mac: Mac,
+}
+
+impl Entry {
+    fn record(&self) -> Option<VmRecord> {
+        let id = self.vm.process()?;
+        Some(VmRecord {
+            req: self.req.clone(),
+            pid: id.pid,
+            start_time: id.start_time,
+            nonce: self.vm.nonce().to_string(),
+            qmp: self.vm.qmp_path().to_path_buf(),
+            console: self.console.clone(),
+            nic: self.nic.clone(),
+            mac: self.mac,
+        })
+    }
 }
 
 pub struct Vms {
@@ -125,6 +159,12 @@ impl Vms {
     fn refresh(&self, daemon: &Daemon) {
         let mut ended = Vec::new();
         for e in self.entries().values_mut() {
+            if !e.recorded {
+                if let Some(r) = e.record() {
+                    let json = serde_json::to_string(&r).expect("plain data");
+                    e.recorded = daemon.store().put_vm(&e.req.name, &json).is_ok();
+                }
+            }
             let leased = daemon
                 .leases(&e.req.network)
                 .ok()
@@ -137,7 +177,49 @@ impl Vms {
             }
         }
         for (network, port) in ended {
+            let _ = daemon.store().delete_vm(&port);
             let _ = daemon.remove_port(&network, &port);
+        }
+    }
+
+    /// Adopts the VMMs an earlier run of the daemon left running; forgets the others
+    /// and frees their ports.
+    pub fn restore(&self, daemon: &Daemon) {
+        for json in daemon.store().vms().unwrap_or_default() {
+            let r: VmRecord = match serde_json::from_str(&json) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("unreadable VM record, dropped: {e}");
+                    continue;
+                }
+            };
+            let id = vm::process::ProcessId {
+                pid: r.pid,
+                start_time: r.start_time,
+            };
+            match QemuVm::adopt(id, r.qmp, r.console.clone(), r.nonce) {
+                Some(vm) => {
+                    tracing::info!(vm = %r.req.name, pid = r.pid, "adopted a running VM");
+                    if let Err(e) = daemon.set_port_peer(&r.req.network, &r.req.name, &r.nic) {
+                        tracing::warn!(vm = %r.req.name, "cannot point its port at the VMM: {e}");
+                    }
+                    let entry = Entry {
+                        vm,
+                        req: r.req.clone(),
+                        mac: r.mac,
+                        console: r.console,
+                        nic: r.nic,
+                        port_removed: false,
+                        recorded: true,
+                    };
+                    self.entries().insert(r.req.name, entry);
+                }
+                None => {
+                    tracing::info!(vm = %r.req.name, "its VMM ended while the daemon was down");
+                    let _ = daemon.store().delete_vm(&r.req.name);
+                    let _ = daemon.remove_port(&r.req.network, &r.req.name);
+                }
+            }
         }
     }
 
@@ -164,6 +246,7 @@ impl Vms {
         )?;
         std::fs::create_dir_all(&self.dir).map_err(|e| ApiError::Internal(e.to_string()))?;
         let console = self.dir.join(format!("{}.console", req.name));
+        let nic = self.dir.join(format!("{}.nic.sock", req.name));
         let mut cmdline = vec![format!("VMF_HOSTNAME={}", req.name), "VMF_IP=dhcp".to_string()];
         if req.http {
             cmdline.push("VMF_HTTP=1".into());
@@ -186,7 +269,7 @@ impl Vms {
             attachments: vec![Nic {
                 backend: NicBackend::Unixgram {
                     switch_path: port.record.path.clone().into(),
-                    guest_path: self.dir.join(format!("{}.nic.sock", req.name)),
+                    guest_path: nic.clone(),
                 },
                 mac: port.record.mac,
             }],
@@ -204,13 +287,19 @@ impl Vms {
                 });
             }
         };
-        let entry = Entry {
+        let mut entry = Entry {
             vm,
             mac: port.record.mac,
             req: req.clone(),
             console,
+            nic,
             port_removed: false,
+            recorded: false,
         };
+        if let Some(r) = entry.record() {
+            let json = serde_json::to_string(&r).expect("plain data");
+            entry.recorded = daemon.store().put_vm(&req.name, &json).is_ok();
+        }
         let v = view(&entry);
         self.entries().insert(req.name.clone(), entry);
         Ok(v)
@@ -236,6 +325,7 @@ impl Vms {
             .remove(name)
             .ok_or_else(|| ApiError::NotFound(format!("no VM named {name:?}")))?;
         e.vm.stop(Duration::from_secs(3));
+        let _ = daemon.store().delete_vm(name);
         if !e.port_removed {
             let _ = daemon.remove_port(&e.req.network, &e.req.name);
         }

@@ -233,6 +233,15 @@ impl Switch {
         self.call(|reply| Command::TrustPort { id, trusted, reply })
     }
 
+    /// Tells a unixgram port where its VMM's socket is, so frames reach the VMM before
+    /// it has sent anything (after a restart of the switch, say). Later senders still
+    /// take over as usual.
+    pub fn set_unixgram_peer(&self, id: PortId, path: &Path) -> Result<()> {
+        let peer =
+            crate::sys::mmsg::UnixPeer::from_path(path).map_err(|e| FabricError::InvalidConfig(e.to_string()))?;
+        self.call(|reply| Command::SetPeer { id, peer, reply })
+    }
+
     pub fn port_counters(&self, id: PortId) -> Option<CounterSnapshot> {
         self.registry().ports.get(&id).map(|r| r.shared.counters.snapshot())
     }

@@ -116,6 +116,11 @@ pub(crate) enum Command {
         trusted: bool,
         reply: Reply<()>,
     },
+    SetPeer {
+        id: PortId,
+        peer: UnixPeer,
+        reply: Reply<()>,
+    },
     MacTable {
         network: String,
         reply: Reply<Vec<MacEntry>>,
@@ -382,6 +387,9 @@ impl Worker {
                     let _ = reply.send(self.fab.slot_of(id).map(|slot| {
                         self.fab.port_mut(slot).expect("indexed port exists").trusted = trusted;
                     }));
+                }
+                Command::SetPeer { id, peer, reply } => {
+                    let _ = reply.send(self.fab.slot_of(id).map(|slot| self.fab.set_peer(slot, peer)));
                 }
                 Command::AddCapture { network, tap, reply } => {
                     let _ = reply.send(self.fab.add_capture(&network, tap));

@@ -28,6 +28,27 @@ impl UnixPeer {
         }
     }
 
+    /// The address of a socket bound at `path` (a VMM's own datagram path, known
+    /// before it sends anything).
+    pub fn from_path(path: &std::path::Path) -> io::Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = path.as_os_str().as_bytes();
+        let mut peer = UnixPeer::empty();
+        if bytes.is_empty() || bytes.len() >= peer.addr.sun_path.len() || bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a usable socket path", path.display()),
+            ));
+        }
+        peer.addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (dst, src) in peer.addr.sun_path.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        // Family, path and its terminating NUL (already zero).
+        peer.len = (Self::FAMILY_LEN + bytes.len() + 1) as libc::socklen_t;
+        Ok(peer)
+    }
+
     /// The peer had bound a name (path or abstract), so it can be answered.
     pub fn is_named(&self) -> bool {
         self.len as usize > Self::FAMILY_LEN

@@ -1,0 +1,335 @@
+//! End to end with real QEMU guests (TCG) run by a real daemon process: four guests on
+//! two networks. Each gets a lease, resolves and pings its neighbour by name and
+//! fetches its page; cannot reach the other network; reaches a host loopback server
+//! through the host-access address only where the network allows it; a guest serves a
+//! page the host fetches through a TCP forward; a guest sending with a spoofed source
+//! IP or MAC is not heard; a guest killed from outside is Failed and its port freed;
+//! the daemon killed with -9 and started again keeps every lease and forward, adopts
+//! the guest that outlived it, and that guest keeps its address across a renew.
+//! Needs root (nothing here creates devices, but QEMU under TCG is slow enough that
+//! the suite is run only where every test must run) and QEMU with the guest image.
+
+#[path = "../../vm/tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmfabric");
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Daemon {
+    fn start(dir: &Path, guests: &Path) -> Daemon {
+        let socket = dir.join("api.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--guest-dir")
+            .arg(guests)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Daemon { child, socket, rt }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.rt
+            .block_on(vmfabric::client::call(&self.socket, method, path, body))
+            .unwrap()
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.call(method, path, body);
+        assert!((200..300).contains(&s), "{method} {path}: {s} {v}");
+        v
+    }
+
+    /// Polls a VM until its state is one of `done`.
+    fn wait_vm(&self, name: &str, done: &[&str]) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let (_, v) = self.call("GET", &format!("/v1/vms/{name}"), None);
+            if done.contains(&v["state"].as_str().unwrap_or("")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn logs(&self, name: &str) -> String {
+        self.ok("GET", &format!("/v1/vms/{name}/logs"), None)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn wait_log(&self, name: &str, marker: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let logs = self.logs(name);
+            if logs.contains(marker) {
+                return logs;
+            }
+            assert!(Instant::now() < deadline, "no {marker:?} from {name}:\n{logs}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn metric(&self, line_start: &str) -> u64 {
+        let text = self.ok("GET", "/metrics", None);
+        let text = text.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM: the daemon stops its VMs.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+    let mut page = String::new();
+    s.read_to_string(&mut page)?;
+    Ok(page)
+}
+
+fn ip_of(v: &Value) -> Ipv4Addr {
+    v["ip"].as_str().unwrap().parse().unwrap()
+}
+
+fn leases(d: &Daemon, net: &str) -> Vec<Value> {
+    let mut v = d
+        .ok("GET", &format!("/v1/networks/{net}/leases"), None)
+        .as_array()
+        .unwrap()
+        .clone();
+    v.sort_by_key(|l| l["ip"].as_str().unwrap().to_string());
+    v
+}
+
+#[test]
+fn four_guests_on_two_networks_end_to_end_across_a_daemon_kill() {
+    let Some(image) = common::guest_dir() else { return };
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here: needs root"
+        );
+        eprintln!("SKIP: the end-to-end suite runs as root");
+        return;
+    }
+    let dir = common::workdir("e2e");
+    let d = Daemon::start(&dir, &image);
+
+    // A web server on host loopback only.
+    let web = TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body = "host loopback page";
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+
+    d.ok(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "red", "subnet": "10.81.0.0/24", "host_access": true})),
+    );
+    d.ok(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "blue", "subnet": "10.82.0.0/24"})),
+    );
+
+    // The servers: r1 renews its lease every few seconds for the rest of its life
+    // (printing what it got), b1 just serves.
+    let renew = "while :; do sleep 4; ip=$(cat /run/ip); \
+                 udhcpc -i eth0 -s /etc/dhcp-hook -n -q -t 3 -T 1 -r \"$ip\" >/dev/null 2>&1 \
+                 && echo \"RENEWED $(cat /run/ip)\"; done";
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "r1", "network": "red", "http": true, "cmd": renew})),
+    );
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "b1", "network": "blue", "http": true})),
+    );
+    let r1 = d.wait_vm("r1", &["ready", "failed"]);
+    let b1 = d.wait_vm("b1", &["ready", "failed"]);
+    assert_eq!(
+        (r1["state"].as_str(), b1["state"].as_str()),
+        (Some("ready"), Some("ready"))
+    );
+    let (r1_ip, b1_ip) = (ip_of(&r1), ip_of(&b1));
+
+    // The clients check everything from inside, then power off. r2 also tries to be
+    // heard with a spoofed source IP, then with a spoofed MAC (its own port is locked
+    // to its lease).
+    let r2_cmd = format!(
+        "nslookup r1 && ping -c 2 -W 3 r1 && wget -qO- http://r1/ && echo NEIGHBOUR-OK; \
+         timeout 10 wget -qO- http://10.81.0.254:{web_port}/ && echo && echo HOST-OK; \
+         if ping -c 2 -W 2 {b1_ip}; then echo CROSS-REACHED; else echo CROSS-BLOCKED; fi; \
+         ip addr add 10.81.0.200/24 dev eth0; \
+         if ping -c 2 -W 2 -I 10.81.0.200 10.81.0.1; then echo SPOOF-IP-HEARD; else echo SPOOF-IP-UNHEARD; fi; \
+         ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:01; ip link set eth0 up; \
+         if ping -c 2 -W 2 10.81.0.1; then echo SPOOF-MAC-HEARD; else echo SPOOF-MAC-UNHEARD; fi"
+    );
+    let b2_cmd = format!(
+        "nslookup b1 && ping -c 2 -W 3 b1 && wget -qO- http://b1/ && echo NEIGHBOUR-OK; \
+         if timeout 8 wget -qO- http://10.82.0.254:{web_port}/; then echo HOST-REACHED; else echo HOST-DENIED; fi; \
+         if ping -c 2 -W 2 {r1_ip}; then echo CROSS-REACHED; else echo CROSS-BLOCKED; fi; \
+         if nslookup r1.vm.internal.; then echo NAME-LEAKED; else echo NAME-UNKNOWN; fi"
+    );
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "r2", "network": "red", "cmd": r2_cmd})),
+    );
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "b2", "network": "blue", "cmd": b2_cmd})),
+    );
+    let r2_out = d.wait_log("r2", "VMFABRIC_END");
+    let b2_out = d.wait_log("b2", "VMFABRIC_END");
+    for (out, want) in [
+        (&r2_out, "NEIGHBOUR-OK"),
+        (&r2_out, "hello from vmfabric guest"),
+        (&r2_out, "host loopback page"),
+        (&r2_out, "HOST-OK"),
+        (&r2_out, "CROSS-BLOCKED"),
+        (&r2_out, "SPOOF-IP-UNHEARD"),
+        (&r2_out, "SPOOF-MAC-UNHEARD"),
+        (&b2_out, "NEIGHBOUR-OK"),
+        (&b2_out, "HOST-DENIED"),
+        (&b2_out, "CROSS-BLOCKED"),
+        (&b2_out, "NAME-UNKNOWN"),
+    ] {
+        assert!(out.contains(want), "{want} missing:\n{out}");
+    }
+    assert!(
+        d.metric("vmfabric_network_drops_total{network=\"red\",reason=\"spoofed\"}") > 0,
+        "the spoofed frames were dropped by the switch"
+    );
+    assert_eq!(leases(&d, "red").len(), 2, "r1 and r2 leased on red");
+    assert_eq!(leases(&d, "blue").len(), 2, "b1 and b2 leased on blue");
+
+    // The host reaches r1's page through a TCP forward.
+    let fw = d.ok(
+        "POST",
+        "/v1/networks/red/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": format!("{r1_ip}:80")})),
+    );
+    let published: std::net::SocketAddr = fw["host"].as_str().unwrap().parse().unwrap();
+    assert!(get(published, "/").unwrap().contains("hello from vmfabric guest"));
+
+    // b1 killed from outside: Failed, and its port is freed.
+    let pid = vm::process::ProcessId::of(b1["pid"].as_u64().unwrap() as u32).unwrap();
+    assert!(pid.signal(rustix::process::Signal::KILL).unwrap());
+    let b1 = d.wait_vm("b1", &["failed"]);
+    assert!(b1["reason"].as_str().unwrap().contains("signal: 9"), "{b1}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d
+        .ok("GET", "/v1/networks/blue/ports", None)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "b1")
+    {
+        assert!(Instant::now() < deadline, "b1's port was not freed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // kill -9 of the daemon: r1 outlives it; the new daemon adopts it and keeps every
+    // lease and forward, and r1 renews to the same address.
+    let red_before = leases(&d, "red");
+    let blue_before = leases(&d, "blue");
+    let forwards_before = d.ok("GET", "/v1/networks/red/forwards", None);
+    d.kill_9();
+    let renewals_before = std::fs::read_to_string(dir.join("run/vms/r1.console"))
+        .map(|t| t.matches("RENEWED").count())
+        .unwrap_or(0);
+    let d = Daemon::start(&dir, &image);
+    assert_eq!(leases(&d, "red"), red_before);
+    assert_eq!(leases(&d, "blue"), blue_before);
+    assert_eq!(d.ok("GET", "/v1/networks/red/forwards", None), forwards_before);
+    let r1_again = d.wait_vm("r1", &["ready", "failed"]);
+    assert_eq!(r1_again["state"], "ready", "{r1_again}");
+    assert_eq!(ip_of(&r1_again), r1_ip);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = d.logs("r1");
+        if logs.matches("RENEWED").count() > renewals_before {
+            let last = logs.lines().rfind(|l| l.starts_with("RENEWED")).unwrap().to_string();
+            assert_eq!(last, format!("RENEWED {r1_ip}"), "r1 keeps its address");
+            break;
+        }
+        assert!(Instant::now() < deadline, "r1 did not renew after the restart:\n{logs}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        get(published, "/").unwrap().contains("hello from vmfabric guest"),
+        "the forward serves again after the restart"
+    );
+    drop(d);
+}
