@@ -49,6 +49,28 @@ pub struct NetworkDecl {
     pub reservations: Vec<ReservationView>,
 }
 
+impl ConfigFile {
+    /// The declaration of the network named `default`, if any.
+    pub fn default_network(&self) -> Option<NetworkRecord> {
+        self.networks
+            .iter()
+            .find(|n| n.name == "default")
+            .map(NetworkDecl::record)
+    }
+}
+
+impl NetworkDecl {
+    fn record(&self) -> NetworkRecord {
+        NetworkRecord {
+            name: self.name.clone(),
+            subnet: self.subnet,
+            mtu: self.mtu,
+            gateway: self.gateway,
+            host_access: self.host_access,
+        }
+    }
+}
+
 pub fn load(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("{} is not a valid vmfabric config", path.display()))
@@ -59,15 +81,8 @@ pub fn apply(daemon: &Daemon, cfg: &ConfigFile) -> anyhow::Result<()> {
     for n in &cfg.networks {
         let exists = daemon.network(&n.name).is_ok();
         if !exists {
-            let rec = NetworkRecord {
-                name: n.name.clone(),
-                subnet: n.subnet,
-                mtu: n.mtu,
-                gateway: n.gateway,
-                host_access: n.host_access,
-            };
             daemon
-                .create_network(rec, n.force)
+                .create_network(n.record(), n.force)
                 .map_err(|e| anyhow::anyhow!("network {}: {e}", n.name))?;
         }
         for p in &n.ports {

@@ -181,6 +181,18 @@ impl Daemon {
         guest_dir: Option<PathBuf>,
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<Arc<Daemon>> {
+        Daemon::start_configured(state_dir, run_dir, guest_dir, rt, None)
+    }
+
+    /// Like [`Daemon::start_with_guests`]; with an empty store, `first` (a config
+    /// file's declaration of `default`, say) replaces the built-in default network.
+    pub fn start_configured(
+        state_dir: PathBuf,
+        run_dir: PathBuf,
+        guest_dir: Option<PathBuf>,
+        rt: tokio::runtime::Handle,
+        first: Option<NetworkRecord>,
+    ) -> anyhow::Result<Arc<Daemon>> {
         let vms = crate::vms::Vms::new(guest_dir, run_dir.join("vms"));
         std::fs::create_dir_all(&state_dir)?;
         std::fs::create_dir_all(run_dir.join("ports"))?;
@@ -246,13 +258,13 @@ impl Daemon {
         daemon.vms.supervise(Arc::downgrade(&daemon));
         let saved = daemon.store.networks()?;
         if saved.is_empty() {
-            let default = NetworkRecord {
+            let default = first.unwrap_or_else(|| NetworkRecord {
                 name: "default".into(),
                 subnet: "10.77.0.0/24".parse().expect("literal"),
                 mtu: 1500,
                 gateway: true,
                 host_access: false,
-            };
+            });
             if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
                 tracing::warn!(%route, %iface, "the default network overlaps a host route");
             }

@@ -434,11 +434,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         .build()
         .context("start the runtime")?;
     let declared = args.config.as_deref().map(vmfabric::config::load).transpose()?;
-    let daemon = Daemon::start_with_guests(
+    // A declared "default" network is the one a new store starts with.
+    let first = declared.as_ref().and_then(|c| c.default_network());
+    let daemon = Daemon::start_configured(
         args.state_dir.clone(),
         args.run_dir.clone(),
         args.guest_dir.clone(),
         rt.handle().clone(),
+        first,
     )?;
     if let Some(cfg) = &declared {
         vmfabric::config::apply(&daemon, cfg)?;
