@@ -238,6 +238,10 @@ async fn remove_reservation(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn list_flows(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.flows(&net)?).into_response())
+}
+
 async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
     Ok(Json(d.leases(&net)?).into_response())
 }
@@ -342,6 +346,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/networks/{name}/ports", get(list_ports).post(add_port))
         .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
         .route("/v1/networks/{name}/leases", get(list_leases))
+        .route("/v1/networks/{name}/flows", get(list_flows))
         .route("/v1/networks/{name}/capture", get(capture))
         .route("/v1/networks/{name}/policy", get(show_policy).put(set_policy))
         .route("/v1/networks/{name}/forwards", get(list_forwards).post(add_forward))

@@ -730,6 +730,35 @@ impl Daemon {
         Ok(self.switch.capture(network, port_id, 4096)?)
     }
 
+    /// The NAT flows the network's gateway carries now.
+    pub fn flows(&self, network: &str) -> Result<FlowsView, ApiError> {
+        let gw = self.gateway_of(network)?;
+        let mut tcp: Vec<TcpFlowView> = gw
+            .tcp_flows()
+            .into_iter()
+            .map(|f| TcpFlowView {
+                guest: f.guest,
+                peer: f.peer,
+                direction: match f.direction {
+                    gateway::tcp_nat::Direction::Egress => "egress".into(),
+                    gateway::tcp_nat::Direction::Forward => "forward".into(),
+                },
+                state: f.state,
+            })
+            .collect();
+        tcp.sort_by_key(|f| (f.guest, f.peer));
+        let mut udp: Vec<UdpFlowView> = gw
+            .udp_flows()
+            .into_iter()
+            .map(|f| UdpFlowView {
+                guest: f.guest,
+                dst: f.dst,
+            })
+            .collect();
+        udp.sort_by_key(|f| (f.guest, f.dst));
+        Ok(FlowsView { tcp, udp })
+    }
+
     pub fn leases(&self, network: &str) -> Result<Vec<LeaseView>, ApiError> {
         let nets = self.nets();
         let net = nets
@@ -903,6 +932,29 @@ impl PolicyView {
             default: action(&self.default)?,
         })
     }
+}
+
+/// A network's NAT flows, as the API shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowsView {
+    pub tcp: Vec<TcpFlowView>,
+    pub udp: Vec<UdpFlowView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpFlowView {
+    pub guest: std::net::SocketAddrV4,
+    /// The other end as the guest sees it (the gateway's address for a forward).
+    pub peer: std::net::SocketAddrV4,
+    /// "egress" (the guest connected out) or "forward" (a host client came in).
+    pub direction: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UdpFlowView {
+    pub guest: std::net::SocketAddrV4,
+    pub dst: std::net::SocketAddrV4,
 }
 
 /// A port forward as the API takes and shows it.

@@ -63,6 +63,12 @@ enum Command {
         #[command(subcommand)]
         cmd: LeaseCmd,
     },
+    /// The NAT flows a network's gateway carries now (TCP egress and forwards, UDP).
+    Flows {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Live capture of a network (NETWORK) or one port (NETWORK/PORT) as pcap, to stdout
     /// (pipe it into `tcpdump -r -` or `tshark -r -`) or to a file, until interrupted.
     Capture {
@@ -403,6 +409,17 @@ fn main() -> Result<()> {
         } => {
             let v = request(&c, "GET", &format!("/v1/networks/{network}/leases"), None)?;
             print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
+            Ok(())
+        }
+        Command::Flows { network, c } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{network}/flows"), None)?;
+            if c.json {
+                print_table(&c, &v, &[]);
+            } else {
+                print_table(&c, &v["tcp"], &["guest", "peer", "direction", "state"]);
+                println!();
+                print_table(&c, &v["udp"], &["guest", "dst"]);
+            }
             Ok(())
         }
         Command::Capture { target, write, socket } => {

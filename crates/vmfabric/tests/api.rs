@@ -105,6 +105,10 @@ fn every_route_and_its_errors() {
     assert_eq!((s, ports.as_array().unwrap().len()), (200, 1));
     let (s, leases) = d.call("GET", "/v1/networks/blue/leases", None);
     assert_eq!((s, leases), (200, json!([])));
+    let (s, flows) = d.call("GET", "/v1/networks/blue/flows", None);
+    assert_eq!((s, flows), (200, json!({"tcp": [], "udp": []})));
+    let (s, _) = d.call("GET", "/v1/networks/nope/flows", None);
+    assert_eq!(s, 404);
     let (s, m) = d.call("GET", "/metrics", None);
     assert!(
         s == 200
