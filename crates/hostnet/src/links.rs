@@ -1,0 +1,224 @@
+//! Bridges and TAP devices through netlink, idempotent and crash-safe: what vmfabric
+//! created carries its alias and is adopted when found again; a device of the same name
+//! without it is somebody else's and is never touched.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{LinkBridge, LinkUnspec};
+
+use crate::{sys, HostnetError, ALIAS_PREFIX};
+
+const EEXIST: i32 = -libc::EEXIST;
+const ENODEV: i32 = -libc::ENODEV;
+
+/// A device vmfabric made, as found on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedLink {
+    pub index: u32,
+    pub name: String,
+    /// The alias after [`ALIAS_PREFIX`]: what vmfabric noted about it.
+    pub tag: String,
+    /// The bridge it is attached to, if any.
+    pub controller: Option<u32>,
+}
+
+/// How a port's TAP device is made.
+#[derive(Debug, Clone, Default)]
+pub struct TapOptions {
+    /// uid and gid allowed to open it (an unprivileged VMM).
+    pub owner: Option<(u32, u32)>,
+    pub multi_queue: bool,
+    pub vnet_hdr: bool,
+    pub mac: Option<fabric::Mac>,
+    pub mtu: Option<u32>,
+}
+
+/// A netlink connection in the network namespace of the thread that opened it.
+pub struct Links {
+    handle: rtnetlink::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn code(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code()),
+        _ => None,
+    }
+}
+
+fn describe(msg: &LinkMessage) -> (String, Option<String>, Option<u32>) {
+    let (mut name, mut alias, mut controller) = (String::new(), None, None);
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::IfAlias(s) => alias = Some(s.clone()),
+            LinkAttribute::Controller(c) => controller = Some(*c),
+            _ => {}
+        }
+    }
+    (name, alias, controller)
+}
+
+fn valid_name(name: &str) -> Result<(), HostnetError> {
+    let ok = !name.is_empty() && name.len() < libc::IFNAMSIZ && !name.contains(['/', ' ', '\0', ':']);
+    if !ok {
+        return Err(HostnetError::Invalid(format!(
+            "invalid interface name {name:?}: 1 to 15 characters, no '/', ':', space or NUL"
+        )));
+    }
+    Ok(())
+}
+
+impl Links {
+    /// Opens the connection; call inside a tokio runtime, on a thread in the namespace
+    /// to manage.
+    pub fn connect() -> Result<Links, HostnetError> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        Ok(Links { handle, task })
+    }
+
+    /// The device named `name`: `Ok(None)` when there is none.
+    async fn find(&self, name: &str) -> Result<Option<LinkMessage>, HostnetError> {
+        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if code(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The index of `name` if vmfabric made it; an error if somebody else did.
+    async fn ours(&self, name: &str) -> Result<Option<u32>, HostnetError> {
+        match self.find(name).await? {
+            None => Ok(None),
+            Some(m) => match describe(&m).1 {
+                Some(a) if a.starts_with(ALIAS_PREFIX) => Ok(Some(m.header.index)),
+                _ => Err(HostnetError::Foreign { name: name.to_string() }),
+            },
+        }
+    }
+
+    async fn index_of(&self, name: &str) -> Result<u32, HostnetError> {
+        self.find(name)
+            .await?
+            .map(|m| m.header.index)
+            .ok_or_else(|| HostnetError::Invalid(format!("{name} vanished while being set up")))
+    }
+
+    /// Makes (or adopts) the bridge `name` with the gateway's address, tagged `tag`, up.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        tag: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: Option<u32>,
+    ) -> Result<u32, HostnetError> {
+        valid_name(name)?;
+        let index = match self.ours(name).await? {
+            Some(i) => i,
+            None => {
+                match self.handle.link().add(LinkBridge::new(name).build()).execute().await {
+                    Ok(()) => {}
+                    // Made by a racing call a moment ago: the alias check below tells.
+                    Err(e) if code(&e) == Some(EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.index_of(name).await?
+            }
+        };
+        let mut set = LinkUnspec::new_with_index(index)
+            .alias(format!("{ALIAS_PREFIX}{tag}"))
+            .up();
+        if let Some(mtu) = mtu {
+            set = set.mtu(mtu);
+        }
+        self.handle.link().set(set.build()).execute().await?;
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(index),
+            Err(e) if code(&e) == Some(EEXIST) => Ok(index),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes (or adopts) the persistent TAP device `name`, tagged `tag`, on `bridge`, up.
+    pub async fn ensure_tap(&self, name: &str, tag: &str, bridge: u32, opts: &TapOptions) -> Result<u32, HostnetError> {
+        valid_name(name)?;
+        if self.ours(name).await?.is_none() {
+            sys::make_persistent_tap(name, opts.owner, opts.multi_queue, opts.vnet_hdr)?;
+        }
+        let index = self.index_of(name).await?;
+        let mut set = LinkUnspec::new_with_index(index)
+            .alias(format!("{ALIAS_PREFIX}{tag}"))
+            .controller(bridge)
+            .up();
+        if let Some(mac) = opts.mac {
+            set = set.address(mac.0.to_vec());
+        }
+        if let Some(mtu) = opts.mtu {
+            set = set.mtu(mtu);
+        }
+        self.handle.link().set(set.build()).execute().await?;
+        Ok(index)
+    }
+
+    /// Every device vmfabric made in this namespace.
+    pub async fn owned(&self) -> Result<Vec<OwnedLink>, HostnetError> {
+        let mut s = self.handle.link().get().execute();
+        let mut found = Vec::new();
+        while let Some(m) = s.try_next().await? {
+            let (name, alias, controller) = describe(&m);
+            if let Some(tag) = alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX)) {
+                found.push(OwnedLink {
+                    index: m.header.index,
+                    name,
+                    tag: tag.to_string(),
+                    controller,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Deletes a device vmfabric made (by name); false when there is none.
+    pub async fn remove(&self, name: &str) -> Result<bool, HostnetError> {
+        match self.ours(name).await? {
+            Some(index) => {
+                self.handle.link().del(index).execute().await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Deletes every device vmfabric made whose name is not in `known` (left by a crash
+    /// after its network or port was deleted); returns their names. Devices without
+    /// vmfabric's alias are never touched.
+    pub async fn remove_stale(&self, known: &HashSet<String>) -> Result<Vec<String>, HostnetError> {
+        let mut gone = Vec::new();
+        for l in self.owned().await? {
+            if !known.contains(&l.name) {
+                self.handle.link().del(l.index).execute().await?;
+                tracing::info!(device = %l.name, tag = %l.tag, "removed a stale vmfabric device");
+                gone.push(l.name);
+            }
+        }
+        Ok(gone)
+    }
+}
