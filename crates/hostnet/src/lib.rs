@@ -2,7 +2,8 @@
 //! with the gateway's address; each port is a persistent TAP device on it, for a VMM
 //! (Firecracker, Cloud Hypervisor) to open. This crate makes and finds those devices
 //! (netlink through `rtnetlink`; only TAP creation needs an ioctl), derives stable
-//! MACs and hands out addresses; it knows nothing of the gateway or the daemon.
+//! MACs, hands out addresses and writes vmfabric's nftables table (masquerade, port
+//! forwards, isolation); it knows nothing of the gateway or the daemon.
 //!
 //! Devices vmfabric makes carry an interface alias starting with [`ALIAS_PREFIX`], so
 //! they are recognised after a crash and never confused with anybody else's.
@@ -10,6 +11,7 @@
 pub mod ipam;
 pub mod links;
 pub mod mac;
+pub mod nft;
 mod sys;
 
 pub use links::{Links, OwnedLink, TapOptions};
@@ -25,6 +27,8 @@ pub enum HostnetError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Invalid(String),
+    #[error("nftables: {0}")]
+    Nft(String),
     #[error("{name} exists and was not created by vmfabric")]
     Foreign { name: String },
 }

@@ -1,0 +1,199 @@
+//! vmfabric's nftables table with real traffic, all inside namespaces the test makes:
+//! a "host" namespace with two vmfabric bridges (made through netlink) and a link to an
+//! "outside" namespace; "guest" namespaces hang off the bridges. Guests reach the
+//! outside masqueraded, an outside client reaches a guest through a forward (DNAT),
+//! the two networks cannot reach each other, removing a network removes exactly its
+//! rules, and another table in the same namespace is never touched. Needs root and nft.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::time::Duration;
+
+use hostnet::nft::{self, Forward, NetworkRules};
+use hostnet::Links;
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn enter(ns: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network)).unwrap();
+}
+
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A server in `ns` on `addr` that answers every connection with the client's address.
+fn who_am_i_server(ns: &str, addr: &'static str) {
+    let listener = in_ns(ns, move || TcpListener::bind(addr).unwrap());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let peer = s.peer_addr().unwrap();
+            let _ = write!(s, "you are {}", peer.ip());
+        }
+    });
+}
+
+fn ask(ns: &str, to: &'static str) -> Result<String, std::io::ErrorKind> {
+    in_ns(ns, move || {
+        let addr: SocketAddr = to.parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.kind())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).map_err(|e| e.kind())?;
+        Ok(answer)
+    })
+}
+
+#[test]
+fn masquerade_forwards_and_isolation_with_real_traffic() {
+    let ready = rustix::process::geteuid().is_root() && Command::new("nft").arg("--version").output().is_ok();
+    if !ready {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here: needs root and nft (apt-get install nftables)"
+        );
+        eprintln!("SKIP: needs root and the nft binary");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let [host, outside, g0, g1] = ["nh", "no", "ng", "nk"].map(|p| format!("{p}{id}"));
+    let _cleanup = Namespaces(vec![host.clone(), outside.clone(), g0.clone(), g1.clone()]);
+    for ns in [&host, &outside, &g0, &g1] {
+        run(&["ip", "netns", "add", ns]);
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    run(&["ip", "netns", "exec", &host, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    // The host's bridges, made as vmfabric makes them.
+    in_ns(&host, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let links = Links::connect().unwrap();
+            links
+                .ensure_bridge("vmfbr0", "network red", "10.72.0.1".parse().unwrap(), 24, None)
+                .await
+                .unwrap();
+            links
+                .ensure_bridge("vmfbr1", "network blue", "10.73.0.1".parse().unwrap(), 24, None)
+                .await
+                .unwrap();
+        })
+    });
+    // Guests on the bridges, and the outside behind a /30.
+    for (guest, bridge, addr, gw) in [
+        (&g0, "vmfbr0", "10.72.0.2/24", "10.72.0.1"),
+        (&g1, "vmfbr1", "10.73.0.2/24", "10.73.0.1"),
+    ] {
+        let (h, g) = (format!("{bridge}p"), "eth0".to_string());
+        run(&[
+            "ip", "-n", &host, "link", "add", &h, "type", "veth", "peer", "name", &g, "netns", guest,
+        ]);
+        run(&["ip", "-n", &host, "link", "set", &h, "master", bridge, "up"]);
+        run(&["ip", "-n", guest, "addr", "add", addr, "dev", &g]);
+        run(&["ip", "-n", guest, "link", "set", &g, "up"]);
+        run(&["ip", "-n", guest, "route", "add", "default", "via", gw]);
+    }
+    run(&[
+        "ip", "-n", &host, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &outside,
+    ]);
+    run(&["ip", "-n", &host, "addr", "add", "10.205.0.1/30", "dev", "up0"]);
+    run(&["ip", "-n", &host, "link", "set", "up0", "up"]);
+    run(&["ip", "-n", &outside, "addr", "add", "10.205.0.2/30", "dev", "eth0"]);
+    run(&["ip", "-n", &outside, "link", "set", "eth0", "up"]);
+    // Somebody else's table in the same namespace.
+    run(&["ip", "netns", "exec", &host, "nft", "add", "table", "inet", "other"]);
+    run(&[
+        "ip", "netns", "exec", &host, "nft", "add", "chain", "inet", "other", "keep",
+    ]);
+
+    who_am_i_server(&outside, "10.205.0.2:8080");
+    who_am_i_server(&g0, "10.72.0.2:80");
+    who_am_i_server(&g1, "10.73.0.2:80");
+    let red = NetworkRules {
+        bridge: "vmfbr0".into(),
+        subnet: "10.72.0.0/24".parse().unwrap(),
+        forwards: vec![Forward {
+            proto: "tcp".into(),
+            host: "10.205.0.1:8081".parse().unwrap(),
+            guest: "10.72.0.2:80".parse().unwrap(),
+        }],
+    };
+    let blue = NetworkRules {
+        bridge: "vmfbr1".into(),
+        subnet: "10.73.0.0/24".parse().unwrap(),
+        forwards: vec![],
+    };
+    // Before the rules: the outside sees the guest's own address (no way back) and the
+    // networks reach each other through the host's routing.
+    assert!(ask(&g0, "10.205.0.2:8080").is_err(), "no masquerade yet, no way back");
+    assert_eq!(ask(&g0, "10.73.0.2:80").as_deref(), Ok("you are 10.72.0.2"));
+
+    let both = [red.clone(), blue.clone()];
+    in_ns(&host, move || nft::apply(&both).unwrap());
+    assert_eq!(
+        ask(&g0, "10.205.0.2:8080").as_deref(),
+        Ok("you are 10.205.0.1"),
+        "masqueraded"
+    );
+    assert_eq!(ask(&g1, "10.205.0.2:8080").as_deref(), Ok("you are 10.205.0.1"));
+    assert_eq!(
+        ask(&outside, "10.205.0.1:8081").as_deref(),
+        Ok("you are 10.205.0.2"),
+        "the forward reaches the guest"
+    );
+    assert!(ask(&g0, "10.73.0.2:80").is_err(), "red cannot reach blue");
+    assert!(ask(&g1, "10.72.0.2:80").is_err(), "blue cannot reach red");
+    // Applying again changes nothing (one table, the same rules).
+    let both = [red.clone(), blue.clone()];
+    in_ns(&host, move || nft::apply(&both).unwrap());
+    let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", "vmfabric"]);
+    assert_eq!(table.matches("masquerade").count(), 2, "{table}");
+
+    // Red removed: exactly its rules go.
+    let only_blue = [blue.clone()];
+    in_ns(&host, move || nft::apply(&only_blue).unwrap());
+    let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", "vmfabric"]);
+    assert!(!table.contains("10.72.0.0/24") && !table.contains("dnat"), "{table}");
+    assert!(table.contains("10.73.0.0/24"), "{table}");
+    assert!(ask(&outside, "10.205.0.1:8081").is_err(), "the forward is gone");
+    assert_eq!(ask(&g1, "10.205.0.2:8080").as_deref(), Ok("you are 10.205.0.1"));
+
+    in_ns(&host, || nft::remove().unwrap());
+    let all = run(&["ip", "netns", "exec", &host, "nft", "list", "ruleset"]);
+    assert!(!all.contains("vmfabric"), "{all}");
+    assert!(
+        all.contains("table inet other") && all.contains("chain keep"),
+        "others' tables stay:\n{all}"
+    );
+}
