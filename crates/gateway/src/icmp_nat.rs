@@ -118,19 +118,8 @@ pub(crate) fn outbound(
         return None;
     }
     let host_access = cfg.host_access == Some(key.dst);
-    if !host_access {
-        let others = shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let verdict = shared.egress.lock().unwrap_or_else(|p| p.into_inner()).check(
-            key.dst,
-            0,
-            crate::policy::Proto::Icmp,
-            &others,
-            &shared.host_addrs,
-        );
-        if verdict.is_err() {
-            GatewayCounters::inc(&c.egress_denied);
-            return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
-        }
+    if shared.egress_refused(key.dst, 0, crate::policy::Proto::Icmp) {
+        return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
     }
     let mine = table.per_guest.get(&key.guest).copied().unwrap_or(0);
     let Some(kind) = kind().filter(|_| mine < FLOWS_PER_GUEST && table.flows.len() < FLOWS_TOTAL) else {

@@ -118,6 +118,21 @@ impl Shared {
         }
     }
 
+    /// Whether the egress policy refuses `dst:port` over `proto` (counted when it does).
+    /// The host-access address is not subject to it: the network enabled it.
+    fn egress_refused(&self, dst: Ipv4Addr, port: u16, proto: policy::Proto) -> bool {
+        if self.cfg.host_access == Some(dst) {
+            return false;
+        }
+        let others = self.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let egress = self.egress.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = egress.check(dst, port, proto, &others, &self.host_addrs).is_err();
+        if refused {
+            GatewayCounters::inc(&self.counters.egress_denied);
+        }
+        refused
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

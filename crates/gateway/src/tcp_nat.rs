@@ -398,19 +398,8 @@ fn open(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey
         // The gateway's own address never leads to the host.
         return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
     }
-    if !host_access {
-        let others = shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let verdict = shared.egress.lock().unwrap_or_else(|p| p.into_inner()).check(
-            dst,
-            key.peer.port(),
-            crate::policy::Proto::Tcp,
-            &others,
-            &shared.host_addrs,
-        );
-        if verdict.is_err() {
-            GatewayCounters::inc(&c.egress_denied);
-            return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
-        }
+    if shared.egress_refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
+        return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
     }
     if !lock(&shared.tcp_nat).admit(key, Direction::Egress, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
         GatewayCounters::inc(&c.nat_tcp_bounded);

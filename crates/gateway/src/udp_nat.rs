@@ -88,19 +88,8 @@ pub(crate) fn outbound(
         return None;
     }
     let host_access = cfg.host_access == Some(*key.dst.ip());
-    if !host_access {
-        let others = shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let verdict = shared.egress.lock().unwrap_or_else(|p| p.into_inner()).check(
-            *key.dst.ip(),
-            key.dst.port(),
-            crate::policy::Proto::Udp,
-            &others,
-            &shared.host_addrs,
-        );
-        if verdict.is_err() {
-            GatewayCounters::inc(&c.egress_denied);
-            return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
-        }
+    if shared.egress_refused(*key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp) {
+        return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
     }
     let mine = table.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
     if mine >= cfg.udp_flows_per_guest || table.flows.len() >= cfg.udp_flows_total {
