@@ -61,6 +61,8 @@ pub struct GatewayConfig {
     pub egress: crate::policy::EgressPolicy,
     /// A UDP flow with no traffic for this long is closed.
     pub udp_idle: Duration,
+    /// The same for DNS-like flows (to port 53), which are one question and one answer.
+    pub udp_dns_idle: Duration,
     pub udp_flows_per_guest: usize,
     pub udp_flows_total: usize,
     /// TCP connections at once, per guest and per network (egress and forwards).
@@ -115,6 +117,7 @@ impl GatewayConfig {
             host_access: None,
             egress: crate::policy::EgressPolicy::default(),
             udp_idle: Duration::from_secs(60),
+            udp_dns_idle: Duration::from_secs(10),
             udp_flows_per_guest: 1024,
             udp_flows_total: 16384,
             tcp_flows_per_guest: 512,
@@ -176,7 +179,11 @@ impl GatewayConfig {
                 ));
             }
         }
-        if self.udp_flows_per_guest == 0 || self.udp_flows_total == 0 || self.udp_idle.is_zero() {
+        if self.udp_flows_per_guest == 0
+            || self.udp_flows_total == 0
+            || self.udp_idle.is_zero()
+            || self.udp_dns_idle.is_zero()
+        {
             return err("UDP flow bounds and idle time must be above zero");
         }
         if self.tcp_flows_per_guest == 0 || self.tcp_flows_total == 0 || self.tcp_connect_timeout.is_zero() {

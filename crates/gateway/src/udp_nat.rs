@@ -5,7 +5,7 @@
 //! socket connected to the destination (or to the host's loopback when the destination
 //! is the network's host-access address); datagrams go out through it and replies come
 //! back to the guest as if from the destination. A flow with no traffic for `udp_idle`
-//! closes. Flows are bounded per guest and per network; going past a bound is counted
+//! closes (`udp_dns_idle`, shorter, for flows to port 53). Flows are bounded per guest and per network; going past a bound is counted
 //! and the datagram dropped.
 
 use std::collections::HashMap;
@@ -131,7 +131,11 @@ async fn run_flow(
     key: FlowKey,
     guest_mac: Mac,
 ) {
-    let idle: Duration = shared.cfg.udp_idle;
+    let idle: Duration = if key.dst.port() == 53 {
+        shared.cfg.udp_dns_idle
+    } else {
+        shared.cfg.udp_idle
+    };
     let c = &shared.counters;
     let mut buf = vec![0u8; 65536];
     loop {

@@ -68,7 +68,8 @@ fn guests_reach_the_host_and_the_outside_over_udp_and_not_link_local() {
     let _cleanup = Cleanup(vec![guest_ns.clone(), outside_ns.clone()]);
     let lab = common::lab("egress", "10.97.0.0/24", |cfg| {
         cfg.host_access = Some(cfg.default_host_access());
-        cfg.udp_idle = Duration::from_secs(5);
+        cfg.udp_idle = Duration::from_secs(20);
+        cfg.udp_dns_idle = Duration::from_secs(1);
     });
 
     // The guest: a namespace on a TAP port, routed through the gateway.
@@ -93,6 +94,7 @@ fn guests_reach_the_host_and_the_outside_over_udp_and_not_link_local() {
 
     let loopback_port = echo_server(None, "127.0.0.1:0");
     let outside_port = echo_server(Some(outside_ns.clone()), "10.203.0.2:0");
+    let dns_like = echo_server(Some(outside_ns.clone()), "10.203.0.2:53");
     // The guest's UDP client: a thread inside the guest namespace.
     let ask = |dst: &str, port: u16| -> String {
         let (ns, dst) = (guest_ns.clone(), format!("{dst}:{port}"));
@@ -138,6 +140,20 @@ fn guests_reach_the_host_and_the_outside_over_udp_and_not_link_local() {
     // The host's own addresses are refused too (the veth end is one).
     ask("10.203.0.1", 9);
     assert!(lab.gw.counters().get("egress_denied").unwrap() > denied_before + 1);
+
+    // A DNS-like flow idles out first; the others are still there when it has gone.
+    assert_eq!(ask("10.203.0.2", dns_like), "hello-53");
+    let dns_flow = |flows: &[gateway::udp_nat::FlowInfo]| flows.iter().any(|f| f.dst.port() == 53);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dns_flow(&lab.gw.udp_flows()) {
+        assert!(Instant::now() < deadline, "the DNS-like flow did not close");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        lab.gw.udp_flows().iter().any(|f| f.dst.port() == outside_port),
+        "the ordinary flow outlives it: {:?}",
+        lab.gw.udp_flows()
+    );
 
     // Idle flows close.
     let deadline = Instant::now() + Duration::from_secs(30);
