@@ -11,13 +11,18 @@
 //! - prerouting and output (nat): each forward DNATs `host address:port` to the guest,
 //!   for clients arriving from outside and for clients on the host itself;
 //! - forward (filter): nothing crosses from one vmfabric bridge to another.
+//!
+//! Port security needs the bridge family, so a second table, `bridge vmfabric`, written
+//! in the same transaction: a locked port (its MAC and leased addresses) may send only
+//! from that MAC, and IPv4 and ARP only from those addresses (0.0.0.0 stays allowed for
+//! DHCP and ARP probes), like the userspace switch's port locks.
 
 use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem};
 use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, NATFamily, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -35,12 +40,21 @@ pub struct Forward {
     pub guest: SocketAddrV4,
 }
 
-/// What the table holds for one kernel-mode network.
+/// A port locked to its MAC and addresses (an empty list: only DHCP and ARP probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortLock {
+    pub ifname: String,
+    pub mac: fabric::Mac,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+/// What the tables hold for one kernel-mode network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkRules {
     pub bridge: String,
     pub subnet: Ipv4Net,
     pub forwards: Vec<Forward>,
+    pub locked_ports: Vec<PortLock>,
 }
 
 fn field(protocol: &'static str, name: &'static str) -> Expression<'static> {
@@ -70,8 +84,18 @@ fn text(s: impl ToString) -> Expression<'static> {
 }
 
 fn chain(name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> NfListObject<'static> {
+    family_chain(NfFamily::INet, name, kind, hook, prio)
+}
+
+fn family_chain(
+    family: NfFamily,
+    name: &'static str,
+    kind: NfChainType,
+    hook: NfHook,
+    prio: i32,
+) -> NfListObject<'static> {
     NfListObject::Chain(Chain {
-        family: NfFamily::INet,
+        family,
         table: TABLE.into(),
         name: name.into(),
         _type: Some(kind),
@@ -83,8 +107,12 @@ fn chain(name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> NfLi
 }
 
 fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    family_rule(NfFamily::INet, chain, expr)
+}
+
+fn family_rule(family: NfFamily, chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
     NfListObject::Rule(Rule {
-        family: NfFamily::INet,
+        family,
         table: TABLE.into(),
         chain: chain.into(),
         expr: Cow::Owned(expr),
@@ -92,12 +120,39 @@ fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'sta
     })
 }
 
-fn table() -> NfListObject<'static> {
+fn family_table(family: NfFamily) -> NfListObject<'static> {
     NfListObject::Table(Table {
-        family: NfFamily::INet,
+        family,
         name: TABLE.into(),
         ..Default::default()
     })
+}
+
+fn set(items: impl IntoIterator<Item = Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(items.into_iter().map(SetItem::Element).collect()))
+}
+
+/// The bridge-family rules that hold a port to its MAC and addresses.
+fn port_lock_rules(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
+    let from_port = || is(meta(MetaKey::Iifname), Operator::EQ, text(&lock.ifname));
+    let allowed = || set(lock.ips.iter().copied().chain([Ipv4Addr::UNSPECIFIED]).map(text));
+    vec![
+        vec![
+            from_port(),
+            is(field("ether", "saddr"), Operator::NEQ, text(lock.mac)),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_port(),
+            is(field("ip", "saddr"), Operator::NEQ, allowed()),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_port(),
+            is(field("arp", "saddr ip"), Operator::NEQ, allowed()),
+            Statement::Drop(None),
+        ],
+    ]
 }
 
 fn dnat(f: &Forward) -> Result<Vec<Statement<'static>>, HostnetError> {
@@ -131,10 +186,19 @@ fn dnat(f: &Forward) -> Result<Vec<Statement<'static>>, HostnetError> {
 /// The whole table for `networks`, as one transaction.
 pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetError> {
     let mut b = Batch::new();
-    // Add-then-delete empties the table whether or not it existed.
-    b.add(table());
-    b.delete(table());
-    b.add(table());
+    // Add-then-delete empties a table whether or not it existed.
+    for family in [NfFamily::INet, NfFamily::Bridge] {
+        b.add(family_table(family));
+        b.delete(family_table(family));
+        b.add(family_table(family));
+    }
+    b.add(family_chain(
+        NfFamily::Bridge,
+        "ports",
+        NfChainType::Filter,
+        NfHook::Prerouting,
+        -200,
+    ));
     b.add(chain("postrouting", NfChainType::NAT, NfHook::Postrouting, 100));
     b.add(chain("prerouting", NfChainType::NAT, NfHook::Prerouting, -100));
     b.add(chain("output", NfChainType::NAT, NfHook::Output, -100));
@@ -151,6 +215,11 @@ pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetEr
         for f in &n.forwards {
             b.add(rule("prerouting", dnat(f)?));
             b.add(rule("output", dnat(f)?));
+        }
+        for lock in &n.locked_ports {
+            for expr in port_lock_rules(lock) {
+                b.add(family_rule(NfFamily::Bridge, "ports", expr));
+            }
         }
         for other in networks.iter().filter(|o| o.bridge != n.bridge) {
             b.add(rule(
@@ -172,11 +241,13 @@ pub fn apply(networks: &[NetworkRules]) -> Result<(), HostnetError> {
     nftables::helper::apply_ruleset(&rs).map_err(|e| HostnetError::Nft(e.to_string()))
 }
 
-/// Removes vmfabric's table altogether.
+/// Removes vmfabric's tables altogether.
 pub fn remove() -> Result<(), HostnetError> {
     let mut b = Batch::new();
-    b.add(table());
-    b.delete(table());
+    for family in [NfFamily::INet, NfFamily::Bridge] {
+        b.add(family_table(family));
+        b.delete(family_table(family));
+    }
     nftables::helper::apply_ruleset(&b.to_nftables()).map_err(|e| HostnetError::Nft(e.to_string()))
 }
 
@@ -200,11 +271,17 @@ mod tests {
                     host: "0.0.0.0:8080".parse().unwrap(),
                     guest: "10.70.0.2:80".parse().unwrap(),
                 }],
+                locked_ports: vec![PortLock {
+                    ifname: "vmft0".into(),
+                    mac: fabric::Mac::derived(&["t", "p"]),
+                    ips: vec!["10.70.0.2".parse().unwrap()],
+                }],
             },
             NetworkRules {
                 bridge: "vmfbr1".into(),
                 subnet: "10.71.0.0/24".parse().unwrap(),
                 forwards: vec![],
+                locked_ports: vec![],
             },
         ];
         let json = serde_json::to_string(&ruleset(&nets).unwrap()).unwrap();
@@ -212,8 +289,8 @@ mod tests {
         assert!(json.contains("\"dnat\""), "{json}");
         assert_eq!(
             json.matches("\"drop\"").count(),
-            2,
-            "each direction between the two bridges"
+            2 + 3,
+            "each direction between the two bridges, and the lock's MAC, IP and ARP rules"
         );
         let bad = vec![NetworkRules {
             forwards: vec![Forward {

@@ -2,8 +2,9 @@
 //! a "host" namespace with two vmfabric bridges (made through netlink) and a link to an
 //! "outside" namespace; "guest" namespaces hang off the bridges. Guests reach the
 //! outside masqueraded, an outside client reaches a guest through a forward (DNAT),
-//! the two networks cannot reach each other, removing a network removes exactly its
-//! rules, and another table in the same namespace is never touched. Needs root and nft.
+//! the two networks cannot reach each other, a locked port is not heard from another
+//! source IP or MAC, removing a network removes exactly its rules, and another table in
+//! the same namespace is never touched. Needs root, nft and busybox (ping).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,7 +12,7 @@ use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::Duration;
 
-use hostnet::nft::{self, Forward, NetworkRules};
+use hostnet::nft::{self, Forward, NetworkRules, PortLock};
 use hostnet::Links;
 
 fn run(args: &[&str]) -> String {
@@ -140,6 +141,13 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     who_am_i_server(&outside, "10.205.0.2:8080");
     who_am_i_server(&g0, "10.72.0.2:80");
     who_am_i_server(&g1, "10.73.0.2:80");
+    let g0_mac: fabric::Mac = run(&["ip", "-n", &g0, "link", "show", "eth0"])
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let red = NetworkRules {
         bridge: "vmfbr0".into(),
         subnet: "10.72.0.0/24".parse().unwrap(),
@@ -148,11 +156,18 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
             host: "10.205.0.1:8081".parse().unwrap(),
             guest: "10.72.0.2:80".parse().unwrap(),
         }],
+        // g0's bridge port, held to g0's MAC and address.
+        locked_ports: vec![PortLock {
+            ifname: "vmfbr0p".into(),
+            mac: g0_mac,
+            ips: vec!["10.72.0.2".parse().unwrap()],
+        }],
     };
     let blue = NetworkRules {
         bridge: "vmfbr1".into(),
         subnet: "10.73.0.0/24".parse().unwrap(),
         forwards: vec![],
+        locked_ports: vec![],
     };
     // Before the rules: the outside sees the guest's own address (no way back) and the
     // networks reach each other through the host's routing.
@@ -180,6 +195,25 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", "vmfabric"]);
     assert_eq!(table.matches("masquerade").count(), 2, "{table}");
 
+    // The locked port: heard from its own MAC and address, not from others.
+    let ping = |args: &[&str]| {
+        let mut cmd = vec!["ip", "netns", "exec", &g0, "busybox", "ping", "-c", "1", "-W", "2"];
+        cmd.extend_from_slice(args);
+        Command::new(cmd[0]).args(&cmd[1..]).output().unwrap().status.success()
+    };
+    assert!(ping(&["10.72.0.1"]), "the locked port's own traffic passes");
+    run(&["ip", "-n", &g0, "addr", "add", "10.72.0.99/24", "dev", "eth0"]);
+    assert!(
+        !ping(&["-I", "10.72.0.99", "10.72.0.1"]),
+        "a spoofed source IP is not heard"
+    );
+    run(&["ip", "-n", &g0, "link", "set", "eth0", "address", "02:de:ad:00:00:01"]);
+    // The host forgets the old MAC, so only the lock can keep the new one out.
+    run(&["ip", "-n", &host, "neigh", "flush", "dev", "vmfbr0"]);
+    assert!(!ping(&["10.72.0.1"]), "a spoofed source MAC is not heard");
+    run(&["ip", "-n", &g0, "link", "set", "eth0", "address", &g0_mac.to_string()]);
+    assert!(ping(&["10.72.0.1"]), "back to its own MAC, heard again");
+
     // Red removed: exactly its rules go.
     let only_blue = [blue.clone()];
     in_ns(&host, move || nft::apply(&only_blue).unwrap());
@@ -191,7 +225,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
 
     in_ns(&host, || nft::remove().unwrap());
     let all = run(&["ip", "netns", "exec", &host, "nft", "list", "ruleset"]);
-    assert!(!all.contains("vmfabric"), "{all}");
+    assert!(!all.contains("vmfabric"), "both of vmfabric's tables are gone: {all}");
     assert!(
         all.contains("table inet other") && all.contains("chain keep"),
         "others' tables stay:\n{all}"
