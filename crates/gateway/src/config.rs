@@ -34,6 +34,9 @@ pub struct Reservation {
 pub struct GatewayConfig {
     pub subnet: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
+    /// The router DHCP announces when it is not the gateway itself (kernel mode: the
+    /// Linux bridge routes, the gateway serves DHCP and DNS beside it).
+    pub router: Option<Ipv4Addr>,
     pub gateway_mac: Mac,
     /// More addresses the gateway answers ARP and ICMP for.
     pub extra_ips: Vec<Ipv4Addr>,
@@ -99,6 +102,7 @@ impl GatewayConfig {
         GatewayConfig {
             subnet,
             gateway_ip: Ipv4Addr::from(base + 1),
+            router: None,
             gateway_mac: Mac::derived(&["gateway", network]),
             extra_ips: Vec::new(),
             dhcp_range: (Ipv4Addr::from(base + 2), Ipv4Addr::from(last_lease.max(base + 2))),
@@ -171,6 +175,13 @@ impl GatewayConfig {
         }
         for r in &self.reservations {
             self.validate_reservation(r)?;
+        }
+        if let Some(r) = self.router {
+            if !host(r) || in_range(r) || self.is_gateway_ip(r) {
+                return err(format!(
+                    "router {r} must be a host address of {net} outside the DHCP range and not the gateway's"
+                ));
+            }
         }
         if let Some(h) = self.host_access {
             if !host(h) || self.is_gateway_ip(h) || in_range(h) {

@@ -416,7 +416,7 @@ impl DhcpServer {
         o.insert(DhcpOption::ServerIdentifier(cfg.gateway_ip));
         o.insert(DhcpOption::SubnetMask(cfg.subnet.netmask()));
         o.insert(DhcpOption::BroadcastAddr(cfg.subnet.broadcast()));
-        o.insert(DhcpOption::Router(vec![cfg.gateway_ip]));
+        o.insert(DhcpOption::Router(vec![cfg.router.unwrap_or(cfg.gateway_ip)]));
         o.insert(DhcpOption::DomainNameServer(vec![cfg.gateway_ip]));
         o.insert(DhcpOption::DomainName(cfg.domain.clone()));
         let search: Vec<dhcproto::Name> = cfg

@@ -32,6 +32,8 @@ pub struct TapOptions {
     pub owner: Option<(u32, u32)>,
     pub multi_queue: bool,
     pub vnet_hdr: bool,
+    /// The host side's MAC (never the guest's: the bridge would take the guest's frames
+    /// for itself).
     pub mac: Option<fabric::Mac>,
     pub mtu: Option<u32>,
 }
@@ -124,6 +126,20 @@ impl Links {
         prefix: u8,
         mtu: Option<u32>,
     ) -> Result<u32, HostnetError> {
+        self.ensure_bridge_with(name, tag, addr, prefix, mtu, None).await
+    }
+
+    /// [`Links::ensure_bridge`] with a fixed MAC, so the bridge's address does not follow
+    /// whichever port happens to have the lowest.
+    pub async fn ensure_bridge_with(
+        &self,
+        name: &str,
+        tag: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: Option<u32>,
+        mac: Option<fabric::Mac>,
+    ) -> Result<u32, HostnetError> {
         valid_name(name)?;
         let index = match self.ours(name).await? {
             Some(i) => i,
@@ -142,6 +158,9 @@ impl Links {
             .up();
         if let Some(mtu) = mtu {
             set = set.mtu(mtu);
+        }
+        if let Some(mac) = mac {
+            set = set.address(mac.0.to_vec());
         }
         self.handle.link().set(set.build()).execute().await?;
         match self
@@ -178,6 +197,11 @@ impl Links {
         Ok(index)
     }
 
+    /// The index of the device vmfabric made under `name`, if there is one.
+    pub async fn index(&self, name: &str) -> Result<Option<u32>, HostnetError> {
+        self.ours(name).await
+    }
+
     /// Every device vmfabric made in this namespace.
     pub async fn owned(&self) -> Result<Vec<OwnedLink>, HostnetError> {
         let mut s = self.handle.link().get().execute();
@@ -207,13 +231,14 @@ impl Links {
         }
     }
 
-    /// Deletes every device vmfabric made whose name is not in `known` (left by a crash
+    /// Deletes every device vmfabric made whose tag starts with `scope` (one daemon's
+    /// devices, when several run) and whose name is not in `known` (left by a crash
     /// after its network or port was deleted); returns their names. Devices without
     /// vmfabric's alias are never touched.
-    pub async fn remove_stale(&self, known: &HashSet<String>) -> Result<Vec<String>, HostnetError> {
+    pub async fn remove_stale(&self, scope: &str, known: &HashSet<String>) -> Result<Vec<String>, HostnetError> {
         let mut gone = Vec::new();
         for l in self.owned().await? {
-            if !known.contains(&l.name) {
+            if l.tag.starts_with(scope) && !known.contains(&l.name) {
                 self.handle.link().del(l.index).execute().await?;
                 tracing::info!(device = %l.name, tag = %l.tag, "removed a stale vmfabric device");
                 gone.push(l.name);

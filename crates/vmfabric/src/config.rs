@@ -40,6 +40,9 @@ pub struct NetworkDecl {
     /// Guests reach the host's loopback at the subnet's last host address.
     #[serde(default)]
     pub host_access: bool,
+    /// "userspace" (the default) or "kernel".
+    #[serde(default)]
+    pub mode: crate::store::NetworkMode,
     /// Create it even if the subnet overlaps a host route.
     #[serde(default)]
     pub force: bool,
@@ -67,6 +70,7 @@ impl NetworkDecl {
             mtu: self.mtu,
             gateway: self.gateway,
             host_access: self.host_access,
+            mode: self.mode,
         }
     }
 }

@@ -14,7 +14,7 @@ use gateway::{Gateway, GatewayConfig, Lease};
 use serde::{Deserialize, Serialize};
 
 use crate::control::locks::{ControlEvent, PortLocker};
-use crate::store::{DbError, NetworkRecord, PortKind, PortRecord, Store};
+use crate::store::{DbError, NetworkMode, NetworkRecord, PortKind, PortRecord, Store};
 
 /// What went wrong, in the terms the API reports.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,15 @@ struct Net {
     record: NetworkRecord,
     gateway: Option<Arc<Gateway>>,
     ports: HashMap<String, (PortId, PortRecord)>,
+    /// Kernel mode: the switch port on the bridge's uplink TAP, where the gateway is.
+    uplink: Option<PortId>,
+}
+
+fn kernel_error(e: hostnet::HostnetError) -> ApiError {
+    match e {
+        hostnet::HostnetError::Foreign { .. } | hostnet::HostnetError::Invalid(_) => ApiError::Conflict(e.to_string()),
+        other => ApiError::Internal(format!("kernel mode: {other}")),
+    }
 }
 
 pub struct Daemon {
@@ -130,6 +139,8 @@ pub struct Daemon {
     control: mpsc::Sender<ControlEvent>,
     locker: Arc<Mutex<PortLocker>>,
     vms: Arc<crate::vms::Vms>,
+    /// Scopes this daemon's kernel devices (see `kernel::instance_of`).
+    instance: String,
     /// Serialises changes to networks and ports, so a check and the change it guards
     /// cannot interleave with another request's (the data plane is never behind it).
     changes: Mutex<()>,
@@ -252,6 +263,7 @@ impl Daemon {
             gateways,
             control,
             locker,
+            instance: crate::kernel::instance_of(&state_dir),
             changes: Mutex::new(()),
             vms,
         });
@@ -264,6 +276,7 @@ impl Daemon {
                 mtu: 1500,
                 gateway: true,
                 host_access: false,
+                mode: Default::default(),
             });
             if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
                 tracing::warn!(%route, %iface, "the default network overlaps a host route");
@@ -284,6 +297,7 @@ impl Daemon {
             }
             daemon.vms.restore(&daemon);
         }
+        daemon.reconcile_kernel();
         Ok(daemon)
     }
 
@@ -297,6 +311,13 @@ impl Daemon {
 
     fn bring_up_network(&self, rec: NetworkRecord) -> Result<(), ApiError> {
         let name = rec.name.clone();
+        let kernel = rec.mode == NetworkMode::Kernel;
+        let base = u32::from(rec.subnet.network());
+        // Kernel mode: the bridge routes at .1, the gateway serves DHCP and DNS at .2.
+        let router = std::net::Ipv4Addr::from(base + 1);
+        if kernel {
+            crate::kernel::bring_up(&self.instance, &rec, router).map_err(kernel_error)?;
+        }
         let cfg = NetworkConfig {
             mtu: rec.mtu as usize,
             ..NetworkConfig::default()
@@ -308,6 +329,16 @@ impl Daemon {
             gcfg.mtu = u16::try_from(rec.mtu).unwrap_or(u16::MAX);
             if rec.host_access {
                 gcfg.host_access = Some(gcfg.default_host_access());
+            }
+            if kernel {
+                gcfg.router = Some(router);
+                gcfg.gateway_ip = std::net::Ipv4Addr::from(base + 2);
+                gcfg.dhcp_range.0 = std::net::Ipv4Addr::from(base + 3);
+                // Every guest arrives through the uplink: the kernel holds ports to
+                // their MAC and address (the bridge-family rules), not the switch.
+                gcfg.lock_ports = false;
+                // The host is the router here; there is no mapped address to offer.
+                gcfg.host_access = None;
             }
             gcfg.reservations = self
                 .store
@@ -361,14 +392,34 @@ impl Daemon {
         } else {
             None
         };
+        let uplink = if kernel {
+            let source = fabric::TapSource::Name(crate::kernel::uplink_name(&self.instance, &rec.name));
+            match self.switch.add_tap_port(&rec.name, "uplink", source) {
+                Ok((id, _)) => Some(id),
+                Err(e) => {
+                    if let Some(gw) = &gateway {
+                        let _ = self.switch.remove_port(gw.port());
+                        lock(&self.gateways).remove(&rec.name);
+                    }
+                    let _ = self.switch.remove_network(&rec.name);
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
         self.nets().insert(
             rec.name.clone(),
             Net {
                 record: rec,
                 gateway,
                 ports: HashMap::new(),
+                uplink,
             },
         );
+        if kernel {
+            self.apply_kernel_rules()?;
+        }
         self.share_subnets();
         // Bound first: the nets lock must be released before restoring takes it again.
         let gw = self.nets().get(&name).and_then(|n| n.gateway.clone());
@@ -456,10 +507,24 @@ impl Daemon {
         self.store.delete_network(name)?;
         let net = self.nets().remove(name);
         lock(&self.gateways).remove(name);
-        if let Some(gw) = net.and_then(|n| n.gateway) {
-            let _ = self.switch.remove_port(gw.port());
+        let kernel = net.as_ref().is_some_and(|n| n.record.mode == NetworkMode::Kernel);
+        if let Some(net) = net {
+            if let Some(gw) = net.gateway {
+                let _ = self.switch.remove_port(gw.port());
+            }
+            if let Some(uplink) = net.uplink {
+                let _ = self.switch.remove_port(uplink);
+            }
         }
         self.switch.remove_network(name)?;
+        if kernel {
+            let devices = vec![
+                crate::kernel::uplink_name(&self.instance, name),
+                crate::kernel::bridge_name(&self.instance, name),
+            ];
+            crate::kernel::remove(devices).map_err(kernel_error)?;
+            self.apply_kernel_rules()?;
+        }
         self.share_subnets();
         Ok(())
     }
@@ -486,6 +551,16 @@ impl Daemon {
     }
 
     fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ApiError> {
+        if self.mode_of(&rec.network)? == NetworkMode::Kernel {
+            let mtu = self.network(&rec.network)?.record.mtu;
+            crate::kernel::add_port(&self.instance, &rec.network, &rec.name, &rec.path, mtu).map_err(kernel_error)?;
+            let id = crate::kernel::port_id();
+            let mut nets = self.nets();
+            if let Some(net) = nets.get_mut(&rec.network) {
+                net.ports.insert(rec.name.clone(), (id, rec));
+            }
+            return Ok(id);
+        }
         let path = PathBuf::from(&rec.path);
         let id = match rec.kind {
             PortKind::Unixgram => self.switch.add_unixgram_port(&rec.network, &rec.name, &path)?,
@@ -524,6 +599,9 @@ impl Daemon {
         }
         if req.kind != PortKind::Tap && req.ifname.is_some() {
             return Err(ApiError::BadRequest("ifname is for TAP ports only".into()));
+        }
+        if self.mode_of(network)? == NetworkMode::Kernel {
+            return self.add_kernel_port(network, req);
         }
         let socket = |ext: &str| {
             let file = format!("{}.{ext}", req.name);
@@ -567,6 +645,68 @@ impl Daemon {
         })
     }
 
+    /// A port of a kernel network: a persistent TAP device on its bridge with a stable
+    /// MAC, an address from the pool held for it by a reservation (a reservation by the
+    /// port's name wins), and the bridge-family rules that keep it to both.
+    fn add_kernel_port(&self, network: &str, req: PortRequest) -> Result<PortView, ApiError> {
+        if req.kind != PortKind::Tap {
+            return Err(ApiError::BadRequest(
+                "a kernel-mode network takes TAP ports (the VMM opens the device by name)".into(),
+            ));
+        }
+        let (taken, subnet) = {
+            let nets = self.nets();
+            let net = nets
+                .get(network)
+                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            let taken: std::collections::HashSet<Mac> = net.ports.values().map(|(_, p)| p.mac).collect();
+            (taken, net.record.subnet)
+        };
+        let mac = hostnet::mac::stable_mac(network, &req.name, &taken);
+        let ifname = req
+            .ifname
+            .clone()
+            .unwrap_or_else(|| crate::kernel::tap_name(&self.instance, network, &req.name));
+        let reservations = self.store.reservations(network)?;
+        let by_name = reservations.iter().find(|(k, _)| *k == req.name).map(|(_, ip)| *ip);
+        let base = u32::from(subnet.network());
+        let used: std::collections::HashSet<std::net::Ipv4Addr> = reservations
+            .iter()
+            .filter(|(k, _)| *k != req.name)
+            .map(|(_, ip)| *ip)
+            .chain(self.leases(network)?.into_iter().filter(|l| l.mac != mac).map(|l| l.ip))
+            .chain([std::net::Ipv4Addr::from(base + 2)])
+            .collect();
+        let pool = hostnet::ipam::Pool {
+            subnet,
+            gateway: std::net::Ipv4Addr::from(base + 1),
+        };
+        let ip = pool.assign(&used, &Default::default(), by_name).map_err(kernel_error)?;
+        let rec = PortRecord {
+            network: network.to_string(),
+            name: req.name.clone(),
+            kind: PortKind::Tap,
+            path: ifname,
+            mac,
+        };
+        let key = mac.to_string();
+        self.reserve_unserialised(network, ReservationView { key: key.clone(), ip })?;
+        let stored = self
+            .bring_up_port(rec.clone())
+            .and_then(|_| self.store.put_port(&rec).map_err(ApiError::from));
+        if let Err(e) = stored {
+            let _ = self.remove_port_unserialised(network, &req.name);
+            let _ = self.unreserve_unserialised(network, &key);
+            return Err(e);
+        }
+        self.apply_kernel_rules()?;
+        Ok(PortView {
+            up: true,
+            qemu_args: qemu_args(&rec, &self.run_dir),
+            record: rec,
+        })
+    }
+
     pub fn remove_port(&self, network: &str, name: &str) -> Result<(), ApiError> {
         let _serial = lock(&self.changes);
         self.remove_port_unserialised(network, name)
@@ -594,7 +734,7 @@ impl Daemon {
     }
 
     fn remove_port_unserialised(&self, network: &str, name: &str) -> Result<(), ApiError> {
-        let (id, _) = {
+        let (id, rec) = {
             let mut nets = self.nets();
             let net = nets
                 .get_mut(network)
@@ -604,9 +744,87 @@ impl Daemon {
                 .ok_or_else(|| ApiError::NotFound(format!("no port {name:?} on {network:?}")))?
         };
         self.store.delete_port(network, name)?;
+        if self.mode_of(network)? == NetworkMode::Kernel {
+            crate::kernel::remove(vec![rec.path.clone()]).map_err(kernel_error)?;
+            // Its address goes back to the pool.
+            let _ = self.unreserve_unserialised(network, &rec.mac.to_string());
+            return self.apply_kernel_rules();
+        }
         lock(&self.labels).remove(&id);
         self.switch.remove_port(id)?;
         Ok(())
+    }
+
+    /// After a start: removes this daemon's kernel devices that the store no longer
+    /// knows (a crash after a delete) and writes the nftables tables again.
+    fn reconcile_kernel(&self) {
+        let (known, any) = {
+            let nets = self.nets();
+            let mut known = std::collections::HashSet::new();
+            let mut any = false;
+            for n in nets.values().filter(|n| n.record.mode == NetworkMode::Kernel) {
+                any = true;
+                known.insert(crate::kernel::bridge_name(&self.instance, &n.record.name));
+                known.insert(crate::kernel::uplink_name(&self.instance, &n.record.name));
+                known.extend(n.ports.values().map(|(_, p)| p.path.clone()));
+            }
+            (known, any)
+        };
+        match crate::kernel::remove_stale(&self.instance, known) {
+            Ok(gone) if !gone.is_empty() => tracing::info!(?gone, "removed stale kernel devices"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot look for stale kernel devices: {e}"),
+        }
+        if any {
+            if let Err(e) = self.apply_kernel_rules() {
+                tracing::warn!("cannot write the nftables tables: {e}");
+            }
+        }
+    }
+
+    fn mode_of(&self, network: &str) -> Result<NetworkMode, ApiError> {
+        self.nets()
+            .get(network)
+            .map(|n| n.record.mode)
+            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))
+    }
+
+    /// Writes vmfabric's nftables tables for every kernel network: masquerade, no
+    /// traffic between networks, each port held to its MAC and reserved address.
+    fn apply_kernel_rules(&self) -> Result<(), ApiError> {
+        let rules: Vec<hostnet::nft::NetworkRules> = {
+            let nets = self.nets();
+            nets.values()
+                .filter(|n| n.record.mode == NetworkMode::Kernel)
+                .map(|n| hostnet::nft::NetworkRules {
+                    bridge: crate::kernel::bridge_name(&self.instance, &n.record.name),
+                    subnet: n.record.subnet,
+                    forwards: vec![],
+                    locked_ports: n
+                        .ports
+                        .values()
+                        .map(|(_, p)| hostnet::nft::PortLock {
+                            ifname: p.path.clone(),
+                            mac: p.mac,
+                            ips: self
+                                .store
+                                .reservations(&n.record.name)
+                                .unwrap_or_default()
+                                .into_iter()
+                                .filter(|(key, _)| *key == p.mac.to_string())
+                                .map(|(_, ip)| ip)
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect()
+        };
+        let result = if rules.is_empty() {
+            hostnet::nft::remove()
+        } else {
+            hostnet::nft::apply(&rules)
+        };
+        result.map_err(kernel_error)
     }
 
     pub fn ports(&self, network: &str) -> Result<Vec<PortView>, ApiError> {
@@ -646,6 +864,10 @@ impl Daemon {
     /// Adds or replaces a reservation; it applies to the next DHCP exchange.
     pub fn reserve(&self, network: &str, r: ReservationView) -> Result<ReservationView, ApiError> {
         let _serial = lock(&self.changes);
+        self.reserve_unserialised(network, r)
+    }
+
+    fn reserve_unserialised(&self, network: &str, r: ReservationView) -> Result<ReservationView, ApiError> {
         let gw = self.gateway_of(network)?;
         let mut all = self.reservations(network)?;
         if let Some(other) = all.iter().find(|o| o.ip == r.ip && o.key != r.key) {
@@ -664,6 +886,10 @@ impl Daemon {
 
     pub fn unreserve(&self, network: &str, key: &str) -> Result<(), ApiError> {
         let _serial = lock(&self.changes);
+        self.unreserve_unserialised(network, key)
+    }
+
+    fn unreserve_unserialised(&self, network: &str, key: &str) -> Result<(), ApiError> {
         let gw = self.gateway_of(network)?;
         if !self.store.delete_reservation(network, key)? {
             return Err(ApiError::NotFound(format!("no reservation for {key:?} on {network:?}")));

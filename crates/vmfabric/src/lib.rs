@@ -8,5 +8,6 @@ pub mod control;
 pub mod daemon;
 pub mod fdpass;
 pub mod hostroutes;
+pub mod kernel;
 pub mod store;
 pub mod vms;

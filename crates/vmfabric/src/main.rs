@@ -114,6 +114,10 @@ enum NetworkCmd {
         /// Let guests reach the host's loopback at the subnet's last host address.
         #[arg(long)]
         host_access: bool,
+        /// userspace (vmfabric's switch) or kernel (a Linux bridge with TAP ports and
+        /// nftables NAT; needs root).
+        #[arg(long, default_value = "userspace")]
+        mode: String,
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,
@@ -656,14 +660,16 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
             mtu,
             no_gateway,
             host_access,
+            mode,
             force,
             c,
         } => {
             let body = serde_json::json!({
-                "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway, "host_access": host_access
+                "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway, "host_access": host_access,
+                "mode": mode
             });
             let v = request(&c, "POST", &format!("/v1/networks?force={force}"), Some(body))?;
-            print_table(&c, &v, &["name", "subnet", "mtu", "gateway"]);
+            print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "mode"]);
         }
         NetworkCmd::Ls { c } => {
             let v = request(&c, "GET", "/v1/networks", None)?;

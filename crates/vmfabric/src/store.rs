@@ -33,6 +33,29 @@ pub struct NetworkRecord {
     /// Guests reach the host's loopback at the subnet's last host address.
     #[serde(default)]
     pub host_access: bool,
+    /// Who carries the frames: vmfabric's switch, or a Linux bridge.
+    #[serde(default)]
+    pub mode: NetworkMode,
+}
+
+/// Who carries a network's frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// vmfabric's userspace switch; ports are sockets (and TAP devices it reads).
+    #[default]
+    Userspace,
+    /// A Linux bridge; ports are persistent TAP devices on it that the VMM opens.
+    Kernel,
+}
+
+impl NetworkMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Userspace => "userspace",
+            NetworkMode::Kernel => "kernel",
+        }
+    }
 }
 
 /// The MTU a network gets when none is given (API and config file alike).
@@ -91,7 +114,8 @@ CREATE TABLE IF NOT EXISTS networks (
     subnet TEXT NOT NULL,
     mtu INTEGER NOT NULL,
     gateway INTEGER NOT NULL,
-    host_access INTEGER NOT NULL DEFAULT 0
+    host_access INTEGER NOT NULL DEFAULT 0,
+    mode TEXT NOT NULL DEFAULT 'userspace'
 );
 CREATE TABLE IF NOT EXISTS ports (
     network TEXT NOT NULL REFERENCES networks(name),
@@ -139,6 +163,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // Stores made before kernel mode lack the column; an existing one is fine.
+        let _ = conn.execute(
+            "ALTER TABLE networks ADD COLUMN mode TEXT NOT NULL DEFAULT 'userspace'",
+            [],
+        );
         Ok(Arc::new(Store { conn: Mutex::new(conn) }))
     }
 
@@ -148,8 +177,8 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkRecord) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![n.name, n.subnet.to_string(), n.mtu, n.gateway, n.host_access],
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![n.name, n.subnet.to_string(), n.mtu, n.gateway, n.host_access, n.mode.as_str()],
         )?;
         Ok(())
     }
@@ -170,7 +199,8 @@ impl Store {
 
     pub fn networks(&self) -> Result<Vec<NetworkRecord>, DbError> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT name, subnet, mtu, gateway, host_access FROM networks ORDER BY name")?;
+        let mut st =
+            conn.prepare("SELECT name, subnet, mtu, gateway, host_access, mode FROM networks ORDER BY name")?;
         let rows = st.query_map([], |r| {
             let subnet: String = r.get(1)?;
             Ok(NetworkRecord {
@@ -181,6 +211,10 @@ impl Store {
                 mtu: r.get(2)?,
                 gateway: r.get(3)?,
                 host_access: r.get(4)?,
+                mode: match r.get::<_, String>(5)?.as_str() {
+                    "kernel" => NetworkMode::Kernel,
+                    _ => NetworkMode::Userspace,
+                },
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -47,6 +47,7 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
                 mtu: 1500,
                 gateway: false,
                 host_access: false,
+                mode: Default::default(),
             },
             false,
         )

@@ -11,132 +11,14 @@
 
 #[path = "../../vm/tests/common/mod.rs"]
 mod common;
+mod harness;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use harness::Process as Daemon;
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vmfabric");
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Daemon {
-    fn start(dir: &Path, guests: &Path) -> Daemon {
-        let socket = dir.join("api.sock");
-        let _ = std::fs::remove_file(&socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .arg("--guest-dir")
-            .arg(guests)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the daemon did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        Daemon { child, socket, rt }
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        self.rt
-            .block_on(vmfabric::client::call(&self.socket, method, path, body))
-            .unwrap()
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let (s, v) = self.call(method, path, body);
-        assert!((200..300).contains(&s), "{method} {path}: {s} {v}");
-        v
-    }
-
-    /// Polls a VM until its state is one of `done`.
-    fn wait_vm(&self, name: &str, done: &[&str]) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let (_, v) = self.call("GET", &format!("/v1/vms/{name}"), None);
-            if done.contains(&v["state"].as_str().unwrap_or("")) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn logs(&self, name: &str) -> String {
-        self.ok("GET", &format!("/v1/vms/{name}/logs"), None)
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn wait_log(&self, name: &str, marker: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let logs = self.logs(name);
-            if logs.contains(marker) {
-                return logs;
-            }
-            assert!(Instant::now() < deadline, "no {marker:?} from {name}:\n{logs}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn metric(&self, line_start: &str) -> u64 {
-        let text = self.ok("GET", "/metrics", None);
-        let text = text.as_str().unwrap_or_default().to_string();
-        text.lines()
-            .find(|l| l.starts_with(line_start))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn kill_9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGTERM: the daemon stops its VMs.
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;

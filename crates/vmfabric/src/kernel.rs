@@ -1,0 +1,150 @@
+//! Kernel-mode networks in the daemon: the Linux bridge and TAP devices (through
+//! `hostnet`), and the nftables tables, kept in line with the store.
+//!
+//! A kernel network's bridge holds the subnet's first host address and routes (with
+//! masquerade) for its guests; vmfabric's gateway serves DHCP and DNS beside it at the
+//! second address, reached through an "uplink" TAP device on the bridge that the
+//! userspace switch reads. Guests' ports are persistent TAP devices on the bridge that
+//! their VMM opens by name. Device names are derived from the network and port names
+//! (SHA-256, like MACs), so they are the same after every restart.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use fabric::Mac;
+use hostnet::{HostnetError, Links, TapOptions};
+
+use crate::store::NetworkRecord;
+
+fn device_name(prefix: &str, parts: &[&str]) -> String {
+    // A derived MAC is SHA-256 of the parts; four of its bytes name the device.
+    let m = Mac::derived(parts).0;
+    format!("{prefix}{:02x}{:02x}{:02x}{:02x}", m[1], m[2], m[3], m[4])
+}
+
+/// Names and tags are scoped by the daemon instance (its state directory), so two
+/// daemons on one host never share or clean up each other's devices.
+pub fn bridge_name(instance: &str, network: &str) -> String {
+    device_name("vmfb", &["bridge", instance, network])
+}
+
+pub fn uplink_name(instance: &str, network: &str) -> String {
+    device_name("vmfu", &["uplink", instance, network])
+}
+
+pub fn tap_name(instance: &str, network: &str, port: &str) -> String {
+    device_name("vmft", &["tap", instance, network, port])
+}
+
+/// The instance id of the daemon whose state lives in `state_dir`.
+pub fn instance_of(state_dir: &std::path::Path) -> String {
+    let path = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
+    device_name("", &["instance", &path.display().to_string()])
+}
+
+/// Runs netlink work on a thread of its own: the daemon's callers may be on its tokio
+/// runtime, where blocking on another future is not allowed.
+fn on_netlink<T, F, Fut>(work: F) -> Result<T, HostnetError>
+where
+    T: Send + 'static,
+    F: FnOnce(Links) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, HostnetError>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move { work(Links::connect()?).await })
+    })
+    .join()
+    .map_err(|_| HostnetError::Invalid("the netlink thread panicked".into()))?
+}
+
+/// Makes (or adopts) the network's bridge with the router address and its uplink TAP.
+pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr) -> Result<(), HostnetError> {
+    let (name, prefix, mtu, instance) = (rec.name.clone(), rec.subnet.prefix_len(), rec.mtu, instance.to_string());
+    on_netlink(move |links| async move {
+        let tag = format!("{instance} network {name}");
+        let mac = Mac::derived(&["bridge", &instance, &name]);
+        let bridge = links
+            .ensure_bridge_with(
+                &bridge_name(&instance, &name),
+                &tag,
+                router,
+                prefix,
+                Some(mtu),
+                Some(mac),
+            )
+            .await?;
+        let opts = TapOptions {
+            mtu: Some(mtu),
+            ..Default::default()
+        };
+        let tag = format!("{instance} uplink {name}");
+        links
+            .ensure_tap(&uplink_name(&instance, &name), &tag, bridge, &opts)
+            .await?;
+        Ok(())
+    })?;
+    enable_forwarding();
+    Ok(())
+}
+
+/// Makes (or adopts) a port's TAP device on the network's bridge.
+/// The device keeps a MAC of its own: the guest's MAC goes to the VMM and the port's
+/// rules, never to the host side, or the bridge would take the guest's frames.
+pub fn add_port(instance: &str, network: &str, port: &str, ifname: &str, mtu: u32) -> Result<(), HostnetError> {
+    let (instance, network, port, ifname) = (
+        instance.to_string(),
+        network.to_string(),
+        port.to_string(),
+        ifname.to_string(),
+    );
+    on_netlink(move |links| async move {
+        let bridge = links
+            .index(&bridge_name(&instance, &network))
+            .await?
+            .ok_or_else(|| HostnetError::Invalid(format!("the bridge of {network} is missing")))?;
+        let opts = TapOptions {
+            mtu: Some(mtu),
+            ..Default::default()
+        };
+        let tag = format!("{instance} port {network}/{port}");
+        links.ensure_tap(&ifname, &tag, bridge, &opts).await?;
+        Ok(())
+    })
+}
+
+/// Deletes devices vmfabric made (missing ones are fine).
+pub fn remove(names: Vec<String>) -> Result<(), HostnetError> {
+    on_netlink(move |links| async move {
+        for n in names {
+            links.remove(&n).await?;
+        }
+        Ok(())
+    })
+}
+
+/// Deletes the devices vmfabric made that the store no longer knows (a crash after a
+/// network or port was deleted); returns their names.
+pub fn remove_stale(instance: &str, known: HashSet<String>) -> Result<Vec<String>, HostnetError> {
+    let instance = instance.to_string();
+    on_netlink(move |links| async move { links.remove_stale(&instance, &known).await })
+}
+
+/// Kernel networks route between the guests and the host's uplinks.
+fn enable_forwarding() {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    match std::fs::write(PATH, "1") {
+        Ok(()) => tracing::info!("enabled IPv4 forwarding for kernel-mode networks"),
+        Err(e) => tracing::warn!("cannot enable IPv4 forwarding ({e}): kernel-mode guests reach only the host"),
+    }
+}
+
+/// An id for a kernel port in the daemon's tables: the switch never sees these ports,
+/// so ids are drawn from the top of the range, where the switch's own never reach.
+pub fn port_id() -> fabric::PortId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+    fabric::PortId(NEXT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed))
+}

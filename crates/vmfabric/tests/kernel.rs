@@ -1,0 +1,333 @@
+//! Kernel-mode networks with a real daemon process and real QEMU guests (TCG) on TAP
+//! devices: both guests get the addresses the pool reserved for their ports from
+//! vmfabric's DHCP (served through the bridge's uplink), resolve and reach each other
+//! through the Linux bridge, and reach a server in an "outside" namespace through
+//! nftables masquerade. After `kill -9` of the daemon and a restart the devices are
+//! adopted (same interface indexes, nothing duplicated), a stale device of this daemon
+//! is removed, a device that is not vmfabric's stays, and the guests stay reachable.
+//! Deleting the network removes its devices and rules. Needs root, nft and QEMU.
+
+#[path = "../../vm/tests/common/mod.rs"]
+mod common;
+mod harness;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use harness::Process;
+use serde_json::{json, Value};
+use vm::{Nic, NicBackend, QemuConfig, Serial};
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+fn ifindex(name: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Devices whose alias marks them as this daemon instance's.
+fn ours(instance: &str) -> HashSet<String> {
+    run(&["ip", "-d", "-o", "link", "show"])
+        .lines()
+        .filter(|l| l.contains(&format!("alias vmfabric:{instance} ")))
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        })
+        .collect()
+}
+
+struct Guest {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Guest {
+    fn boot(image: &Path, work: &Path, name: &str, port: &Value, cmd: &str) -> Guest {
+        let log = work.join(format!("{name}.log"));
+        let mut q = QemuConfig::new(
+            image.join("vmlinuz"),
+            image.join("initramfs.cpio.gz"),
+            Serial::File(log.clone()),
+        );
+        q.memory_mib = 96;
+        q.nics.push(Nic {
+            backend: NicBackend::Tap {
+                ifname: port["path"].as_str().unwrap().to_string(),
+            },
+            mac: port["mac"].as_str().unwrap().parse().unwrap(),
+        });
+        q.cmdline.extend([
+            format!("VMF_HOSTNAME={name}"),
+            "VMF_IP=dhcp".into(),
+            "VMF_HTTP=1".into(),
+            "VMF_END=hang".into(),
+            format!("VMF_CMD={}", base64::engine::general_purpose::STANDARD.encode(cmd)),
+        ]);
+        let child = q
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Guest { child, log }
+    }
+
+    fn wait_for(&mut self, marker: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(marker) {
+                return text;
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                panic!("no {marker:?} on the console:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cleanup(Vec<Vec<&'static str>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new(c[0]).args(&c[1..]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// Whatever happens, this daemon instance's devices and vmfabric's tables go at the end.
+struct OursGone(String);
+
+impl Drop for OursGone {
+    fn drop(&mut self) {
+        for d in ours(&self.0) {
+            let _ = Command::new("ip").args(["link", "del", &d]).status();
+        }
+        for family in ["inet", "bridge"] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", family, "vmfabric"])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
+    let Some(image) = common::guest_dir() else { return };
+    let ready = rustix::process::geteuid().is_root() && Command::new("nft").arg("--version").output().is_ok();
+    if !ready {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here: needs root and nft"
+        );
+        eprintln!("SKIP: needs root and nft");
+        return;
+    }
+    let dir = common::workdir("kernel");
+    let id = std::process::id() % 100_000;
+    let outside = format!("ko{id}");
+    let (host_end, far_end, foreign) = (format!("kh{id}"), format!("kf{id}"), format!("vmfx{id}"));
+    let _cleanup = Cleanup(vec![
+        vec!["ip", "netns", "del", Box::leak(outside.clone().into_boxed_str())],
+        vec!["ip", "link", "del", Box::leak(host_end.clone().into_boxed_str())],
+        vec!["ip", "link", "del", Box::leak(foreign.clone().into_boxed_str())],
+    ]);
+    // The outside: a namespace behind a veth pair with a web server.
+    run(&["ip", "netns", "add", &outside]);
+    run(&["ip", "link", "add", &host_end, "type", "veth", "peer", "name", &far_end]);
+    run(&["ip", "link", "set", &far_end, "netns", &outside]);
+    run(&["ip", "addr", "add", "10.207.0.1/30", "dev", &host_end]);
+    run(&["ip", "link", "set", &host_end, "up"]);
+    run(&["ip", "-n", &outside, "addr", "add", "10.207.0.2/30", "dev", &far_end]);
+    run(&["ip", "-n", &outside, "link", "set", &far_end, "up"]);
+    let web = {
+        let ns = outside.clone();
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+            rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+                .unwrap();
+            std::net::TcpListener::bind("10.207.0.2:8080").unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body = format!("outside sees {}", s.peer_addr().unwrap().ip());
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    // Somebody else's device with a name like ours: never touched.
+    run(&[
+        "ip",
+        "link",
+        "add",
+        &foreign,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("vmfy{id}"),
+    ]);
+
+    let instance = vmfabric::kernel::instance_of(&dir.join("state"));
+    let _devices = OursGone(instance.clone());
+    let d = Process::start(&dir, &image);
+    let net = d.ok(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "kred", "subnet": "10.84.0.0/24", "mode": "kernel"})),
+    );
+    assert_eq!(net["mode"], "kernel", "{net}");
+    let port_a = d.ok(
+        "POST",
+        "/v1/networks/kred/ports",
+        Some(json!({"name": "a", "kind": "tap"})),
+    );
+    let port_b = d.ok(
+        "POST",
+        "/v1/networks/kred/ports",
+        Some(json!({"name": "b", "kind": "tap"})),
+    );
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks/kred/ports",
+        Some(json!({"name": "c", "kind": "unixgram"})),
+    );
+    assert_eq!(s, 400, "kernel networks take TAP ports");
+    let reserved = |mac: &Value| -> String {
+        d.ok("GET", "/v1/networks/kred/reservations", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| &r["key"] == mac)
+            .map(|r| r["ip"].as_str().unwrap().to_string())
+            .expect("a reservation for the port")
+    };
+    let (ip_a, ip_b) = (reserved(&port_a["mac"]), reserved(&port_b["mac"]));
+    assert_eq!(
+        (ip_a.as_str(), ip_b.as_str()),
+        ("10.84.0.3", "10.84.0.4"),
+        "lowest free after .1 and .2"
+    );
+    let tap_a = port_a["path"].as_str().unwrap().to_string();
+    let bridge = run(&["ip", "-o", "link", "show", &tap_a])
+        .split_whitespace()
+        .skip_while(|w| *w != "master")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(run(&["ip", "addr", "show", &bridge]).contains("10.84.0.1/24"));
+
+    let work = dir.join("guests");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut a = Guest::boot(&image, &work, "a", &port_a, "true");
+    let mut b = Guest::boot(
+        &image,
+        &work,
+        "b",
+        &port_b,
+        "nslookup a && ping -c 2 -W 3 a && wget -qO- http://a/ && echo && wget -qO- http://10.207.0.2:8080/ && echo",
+    );
+    let out_a = a.wait_for("VMFABRIC_READY");
+    assert!(
+        out_a.contains(&format!(" {ip_a} ")),
+        "a got its reserved address:\n{out_a}"
+    );
+    let out_b = b.wait_for("VMFABRIC_CMD_EXIT");
+    assert!(out_b.contains(&format!(" {ip_b} ")), "{out_b}");
+    assert!(
+        out_b.contains("hello from vmfabric guest"),
+        "b fetched a's page:\n{out_b}"
+    );
+    assert!(
+        out_b.contains("outside sees 10.207.0.1"),
+        "masqueraded to the outside:\n{out_b}"
+    );
+    assert!(out_b.contains("VMFABRIC_CMD_EXIT 0"), "{out_b}");
+
+    // kill -9, a stale device of this daemon, and a restart.
+    let before: Vec<(String, u32)> = {
+        let mut v: Vec<_> = ours(&instance).into_iter().map(|n| (n.clone(), ifindex(&n))).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(before.len(), 4, "bridge, uplink and two TAPs: {before:?}");
+    d.kill_9();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stale = format!("vmft{id}");
+    rt.block_on(async {
+        let links = hostnet::Links::connect().unwrap();
+        let br = links.index(&bridge).await.unwrap().unwrap();
+        let tag = format!("{instance} port kred/gone");
+        links
+            .ensure_tap(&stale, &tag, br, &hostnet::TapOptions::default())
+            .await
+            .unwrap();
+    });
+    let d = Process::start(&dir, &image);
+    let after: Vec<(String, u32)> = {
+        let mut v: Vec<_> = ours(&instance).into_iter().map(|n| (n.clone(), ifindex(&n))).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(after, before, "adopted, nothing duplicated, the stale one removed");
+    assert!(ifindex(&foreign) > 0, "a device that is not vmfabric's stays");
+    let ping = Command::new("busybox")
+        .args(["ping", "-c", "2", "-W", "3", &ip_a])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "the host still reaches a through the bridge");
+    assert!(
+        run(&["nft", "list", "table", "inet", "vmfabric"]).contains("10.84.0.0/24"),
+        "the NAT rules are there again"
+    );
+
+    // Deleting the network removes its devices and rules.
+    drop(a);
+    drop(b);
+    let (s, v) = d.call("DELETE", "/v1/networks/kred?force=true", None);
+    assert!((200..300).contains(&s), "{s} {v}");
+    assert!(ours(&instance).is_empty(), "{:?}", ours(&instance));
+    assert!(Command::new("nft")
+        .args(["list", "table", "inet", "vmfabric"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true));
+}
