@@ -2,7 +2,7 @@
 //! devices: both guests get the addresses the pool reserved for their ports from
 //! vmfabric's DHCP (served through the bridge's uplink), resolve and reach each other
 //! through the Linux bridge, and reach a server in an "outside" namespace through
-//! nftables masquerade. After `kill -9` of the daemon and a restart the devices are
+//! nftables masquerade; a client in that namespace reaches a guest through a forward. After `kill -9` of the daemon and a restart the devices are
 //! adopted (same interface indexes, nothing duplicated), a stale device of this daemon
 //! is removed, a device that is not vmfabric's stays, and the guests stay reachable.
 //! Deleting the network removes its devices and rules. Needs root, nft and QEMU.
@@ -278,6 +278,27 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "masqueraded to the outside:\n{out_b}"
     );
     assert!(out_b.contains("VMFABRIC_CMD_EXIT 0"), "{out_b}");
+
+    // A forward from the host's outside address reaches a's web server, from outside.
+    d.ok(
+        "POST",
+        "/v1/networks/kred/forwards",
+        Some(json!({"host": "10.207.0.1:8082", "guest": format!("{ip_a}:80")})),
+    );
+    let through_forward = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &outside,
+        "busybox",
+        "wget",
+        "-qO-",
+        "http://10.207.0.1:8082/",
+    ]);
+    assert!(
+        through_forward.contains("hello from vmfabric guest"),
+        "{through_forward}"
+    );
 
     // kill -9, a stale device of this daemon, and a restart.
     let before: Vec<(String, u32)> = {
