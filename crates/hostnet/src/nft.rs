@@ -31,6 +31,8 @@ use crate::HostnetError;
 
 pub const TABLE: &str = "vmfabric";
 
+const LOOPBACK: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8);
+
 /// A forward: connections to `host` (any local address when unspecified) go to `guest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
@@ -203,6 +205,7 @@ pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetEr
     b.add(chain("prerouting", NfChainType::NAT, NfHook::Prerouting, -100));
     b.add(chain("output", NfChainType::NAT, NfHook::Output, -100));
     b.add(chain("forward", NfChainType::Filter, NfHook::Forward, 0));
+    b.add(chain("guard", NfChainType::Filter, NfHook::Prerouting, -300));
     for n in networks {
         b.add(rule(
             "postrouting",
@@ -210,6 +213,25 @@ pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetEr
                 is(field("ip", "saddr"), Operator::EQ, prefix(n.subnet)),
                 is(field("ip", "daddr"), Operator::NEQ, prefix(n.subnet)),
                 Statement::Masquerade(None),
+            ],
+        ));
+        // Host-local clients of forwards to 127.0.0.1 leave through the bridge with a
+        // loopback source (the bridge has route_localnet on): it becomes the bridge's.
+        b.add(rule(
+            "postrouting",
+            vec![
+                is(meta(MetaKey::Oifname), Operator::EQ, text(&n.bridge)),
+                is(field("ip", "saddr"), Operator::EQ, prefix(LOOPBACK)),
+                Statement::Masquerade(None),
+            ],
+        ));
+        // route_localnet would also let guests address the host's loopback: never.
+        b.add(rule(
+            "guard",
+            vec![
+                is(meta(MetaKey::Iifname), Operator::EQ, text(&n.bridge)),
+                is(field("ip", "daddr"), Operator::EQ, prefix(LOOPBACK)),
+                Statement::Drop(None),
             ],
         ));
         for f in &n.forwards {
@@ -285,12 +307,16 @@ mod tests {
             },
         ];
         let json = serde_json::to_string(&ruleset(&nets).unwrap()).unwrap();
-        assert!(json.contains("\"masquerade\""), "{json}");
+        assert_eq!(
+            json.matches("\"masquerade\"").count(),
+            4,
+            "subnet and loopback, each network: {json}"
+        );
         assert!(json.contains("\"dnat\""), "{json}");
         assert_eq!(
             json.matches("\"drop\"").count(),
-            2 + 3,
-            "each direction between the two bridges, and the lock's MAC, IP and ARP rules"
+            2 + 3 + 2,
+            "each direction between the two bridges, the lock's MAC, IP and ARP rules, and each bridge's loopback guard"
         );
         let bad = vec![NetworkRules {
             forwards: vec![Forward {

@@ -799,7 +799,7 @@ impl Daemon {
                 .map(|n| hostnet::nft::NetworkRules {
                     bridge: crate::kernel::bridge_name(&self.instance, &n.record.name),
                     subnet: n.record.subnet,
-                    forwards: vec![],
+                    forwards: self.kernel_forwards(&n.record.name).unwrap_or_default(),
                     locked_ports: n
                         .ports
                         .values()
@@ -1160,6 +1160,16 @@ impl PolicyView {
     }
 }
 
+impl From<hostnet::nft::Forward> for ForwardView {
+    fn from(f: hostnet::nft::Forward) -> ForwardView {
+        ForwardView {
+            proto: f.proto,
+            host: std::net::SocketAddr::V4(f.host),
+            guest: f.guest,
+        }
+    }
+}
+
 /// A network's NAT flows, as the API shows them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlowsView {
@@ -1232,6 +1242,13 @@ impl Daemon {
     }
 
     pub fn forwards(&self, network: &str) -> Result<Vec<ForwardView>, ApiError> {
+        if self.mode_of(network)? == NetworkMode::Kernel {
+            return Ok(self
+                .kernel_forwards(network)?
+                .into_iter()
+                .map(ForwardView::from)
+                .collect());
+        }
         let gw = self.gateway_of(network)?;
         Ok(gw
             .forwards()
@@ -1247,6 +1264,9 @@ impl Daemon {
     pub fn add_forward(&self, network: &str, f: ForwardView) -> Result<ForwardView, ApiError> {
         let _serial = lock(&self.changes);
         let protocol = forward_protocol(&f.proto)?;
+        if self.mode_of(network)? == NetworkMode::Kernel {
+            return self.add_kernel_forward(network, f);
+        }
         let gw = self.gateway_of(network)?;
         let info = gw.add_forward(protocol, f.host, f.guest).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => ApiError::Conflict(format!("{} is in use", f.host)),
@@ -1273,6 +1293,21 @@ impl Daemon {
     /// Removes the forwards from `host`: both protocols unless `proto` names one.
     pub fn remove_forward(&self, network: &str, host: &str, proto: Option<&str>) -> Result<(), ApiError> {
         let _serial = lock(&self.changes);
+        if self.mode_of(network)? == NetworkMode::Kernel {
+            let only = proto.map(forward_protocol).transpose()?.map(|p| p.as_str().to_string());
+            let found: Vec<_> = self
+                .kernel_forwards(network)?
+                .into_iter()
+                .filter(|f| f.host.to_string() == host && only.as_ref().is_none_or(|p| *p == f.proto))
+                .collect();
+            if found.is_empty() {
+                return Err(ApiError::NotFound(format!("no forward from {host} on {network:?}")));
+            }
+            for f in found {
+                self.store.delete_forward(host, &f.proto)?;
+            }
+            return self.apply_kernel_rules();
+        }
         let gw = self.gateway_of(network)?;
         let only = proto.map(forward_protocol).transpose()?;
         let found: Vec<_> = gw
@@ -1290,6 +1325,58 @@ impl Daemon {
         Ok(())
     }
 
+    /// A kernel network's forwards as stored (they live in nftables, not the gateway).
+    fn kernel_forwards(&self, network: &str) -> Result<Vec<hostnet::nft::Forward>, ApiError> {
+        Ok(self
+            .store
+            .forwards(network)?
+            .into_iter()
+            .filter_map(|(host, guest, proto)| {
+                Some(hostnet::nft::Forward {
+                    proto,
+                    host: host.parse().ok()?,
+                    guest: guest.parse().ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// A forward on a kernel network: DNAT rules (prerouting for outside clients,
+    /// output for the host's own, loopback included).
+    fn add_kernel_forward(&self, network: &str, f: ForwardView) -> Result<ForwardView, ApiError> {
+        let std::net::SocketAddr::V4(host) = f.host else {
+            return Err(ApiError::BadRequest(
+                "kernel-mode forwards listen on IPv4 addresses".into(),
+            ));
+        };
+        if host.port() == 0 {
+            return Err(ApiError::BadRequest(
+                "kernel-mode forwards need a host port (nothing listens to pick one)".into(),
+            ));
+        }
+        let subnet = self.network(network)?.record.subnet;
+        if !subnet.contains(f.guest.ip()) {
+            return Err(ApiError::BadRequest(format!("{} is not on {network:?}", f.guest.ip())));
+        }
+        let taken = self.nets().keys().cloned().collect::<Vec<_>>().into_iter().any(|n| {
+            self.store
+                .forwards(&n)
+                .unwrap_or_default()
+                .iter()
+                .any(|(h, _, p)| *h == host.to_string() && *p == f.proto)
+        });
+        if taken {
+            return Err(ApiError::Conflict(format!("{} is in use", f.host)));
+        }
+        self.store
+            .put_forward(network, &host.to_string(), &f.guest.to_string(), &f.proto)?;
+        if let Err(e) = self.apply_kernel_rules() {
+            let _ = self.store.delete_forward(&host.to_string(), &f.proto);
+            return Err(e);
+        }
+        Ok(f)
+    }
+
     /// Puts a restored gateway's stored policy and forwards back in force.
     fn restore_gateway_state(&self, network: &str, gw: &Gateway) {
         if let Ok(p) = self.policy(network) {
@@ -1298,7 +1385,11 @@ impl Daemon {
                 Err(e) => tracing::warn!(%network, "stored policy unusable: {e}"),
             }
         }
+        let kernel = self.mode_of(network).is_ok_and(|m| m == NetworkMode::Kernel);
         for (host, guest, proto) in self.store.forwards(network).unwrap_or_default() {
+            if kernel {
+                break; // in nftables, written with the other kernel rules
+            }
             let (Ok(h), Ok(g), Ok(p)) = (host.parse(), guest.parse(), forward_protocol(&proto)) else {
                 continue;
             };

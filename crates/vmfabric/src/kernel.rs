@@ -60,6 +60,10 @@ where
 
 /// Makes (or adopts) the network's bridge with the router address and its uplink TAP.
 pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr) -> Result<(), HostnetError> {
+    let localnet = format!(
+        "/proc/sys/net/ipv4/conf/{}/route_localnet",
+        bridge_name(instance, &rec.name)
+    );
     let (name, prefix, mtu, instance) = (rec.name.clone(), rec.subnet.prefix_len(), rec.mtu, instance.to_string());
     on_netlink(move |links| async move {
         let tag = format!("{instance} network {name}");
@@ -85,6 +89,11 @@ pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr)
         Ok(())
     })?;
     enable_forwarding();
+    // Forwards from the host's loopback are DNATed out through the bridge; the
+    // nftables guard keeps guests from addressing the loopback in return.
+    if let Err(e) = std::fs::write(&localnet, "1") {
+        tracing::warn!("cannot set {localnet} ({e}): forwards from 127.0.0.1 will not reach guests");
+    }
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! devices: both guests get the addresses the pool reserved for their ports from
 //! vmfabric's DHCP (served through the bridge's uplink), resolve and reach each other
 //! through the Linux bridge, and reach a server in an "outside" namespace through
-//! nftables masquerade; a client in that namespace reaches a guest through a forward. After `kill -9` of the daemon and a restart the devices are
+//! nftables masquerade; clients in that namespace and on the host's loopback reach a
+//! guest through forwards (DNAT). After `kill -9` of the daemon and a restart the devices are
 //! adopted (same interface indexes, nothing duplicated), a stale device of this daemon
 //! is removed, a device that is not vmfabric's stays, and the guests stay reachable.
 //! Deleting the network removes its devices and rules. Needs root, nft and QEMU.
@@ -255,6 +256,8 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     let work = dir.join("guests");
     std::fs::create_dir_all(&work).unwrap();
     let mut a = Guest::boot(&image, &work, "a", &port_a, "true");
+    // b looks a up by name: a must hold its lease first.
+    let out_a = a.wait_for("VMFABRIC_READY");
     let mut b = Guest::boot(
         &image,
         &work,
@@ -262,7 +265,6 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         &port_b,
         "nslookup a && ping -c 2 -W 3 a && wget -qO- http://a/ && echo && wget -qO- http://10.207.0.2:8080/ && echo",
     );
-    let out_a = a.wait_for("VMFABRIC_READY");
     assert!(
         out_a.contains(&format!(" {ip_a} ")),
         "a got its reserved address:\n{out_a}"
@@ -298,6 +300,20 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     assert!(
         through_forward.contains("hello from vmfabric guest"),
         "{through_forward}"
+    );
+    // And from the host itself, at its loopback.
+    d.ok(
+        "POST",
+        "/v1/networks/kred/forwards",
+        Some(json!({"host": "127.0.0.1:18083", "guest": format!("{ip_a}:80")})),
+    );
+    let local = run(&["busybox", "wget", "-qO-", "http://127.0.0.1:18083/"]);
+    assert!(local.contains("hello from vmfabric guest"), "{local}");
+    let table = run(&["nft", "list", "table", "inet", "vmfabric"]);
+    assert_eq!(
+        table.matches("dnat").count(),
+        4,
+        "two forwards, prerouting and output: {table}"
     );
 
     // kill -9, a stale device of this daemon, and a restart.
@@ -338,6 +354,22 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     assert!(
         run(&["nft", "list", "table", "inet", "vmfabric"]).contains("10.84.0.0/24"),
         "the NAT rules are there again"
+    );
+    let (_, forwards) = d.call("GET", "/v1/networks/kred/forwards", None);
+    assert_eq!(forwards.as_array().map(Vec::len), Some(2), "{forwards}");
+    let local = run(&["busybox", "wget", "-qO-", "http://127.0.0.1:18083/"]);
+    assert!(
+        local.contains("hello from vmfabric guest"),
+        "the forward works after the restart"
+    );
+    let (s, _) = d.call("DELETE", "/v1/networks/kred/forwards/127.0.0.1:18083", None);
+    assert_eq!(s, 204);
+    assert_eq!(
+        run(&["nft", "list", "table", "inet", "vmfabric"])
+            .matches("dnat")
+            .count(),
+        2,
+        "removing a forward removes its rules"
     );
 
     // Deleting the network removes its devices and rules.
