@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{LinkBridge, LinkUnspec};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec};
 
 use crate::{sys, HostnetError, ALIAS_PREFIX};
 
@@ -35,6 +35,9 @@ pub struct TapOptions {
     /// The host side's MAC (never the guest's: the bridge would take the guest's frames
     /// for itself).
     pub mac: Option<fabric::Mac>,
+    /// Bridge port isolation: no frames to or from other isolated ports (the gateway's
+    /// uplink and the bridge itself stay reachable).
+    pub isolated: bool,
     pub mtu: Option<u32>,
 }
 
@@ -194,6 +197,8 @@ impl Links {
             set = set.mtu(mtu);
         }
         self.handle.link().set(set.build()).execute().await?;
+        let port = LinkBridgePort::new(index).isolated(opts.isolated).build();
+        self.handle.link().set_port(port).execute().await?;
         Ok(index)
     }
 

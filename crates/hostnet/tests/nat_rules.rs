@@ -193,7 +193,11 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     let both = [red.clone(), blue.clone()];
     in_ns(&host, move || nft::apply(&both).unwrap());
     let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", "vmfabric"]);
-    assert_eq!(table.matches("masquerade").count(), 2, "{table}");
+    assert_eq!(
+        table.matches("masquerade").count(),
+        4,
+        "subnet and loopback sources, for each network: {table}"
+    );
 
     // The locked port: heard from its own MAC and address, not from others.
     let ping = |args: &[&str]| {

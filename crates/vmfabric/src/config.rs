@@ -43,6 +43,9 @@ pub struct NetworkDecl {
     /// "userspace" (the default) or "kernel".
     #[serde(default)]
     pub mode: crate::store::NetworkMode,
+    /// Kernel mode: bridge port isolation.
+    #[serde(default)]
+    pub isolated: bool,
     /// Create it even if the subnet overlaps a host route.
     #[serde(default)]
     pub force: bool,
@@ -71,6 +74,7 @@ impl NetworkDecl {
             gateway: self.gateway,
             host_access: self.host_access,
             mode: self.mode,
+            isolated: self.isolated,
         }
     }
 }

@@ -277,6 +277,7 @@ impl Daemon {
                 gateway: true,
                 host_access: false,
                 mode: Default::default(),
+                isolated: false,
             });
             if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
                 tracing::warn!(%route, %iface, "the default network overlaps a host route");
@@ -469,6 +470,11 @@ impl Daemon {
                 )));
             }
         }
+        if rec.isolated && rec.mode != NetworkMode::Kernel {
+            return Err(ApiError::BadRequest(
+                "port isolation is a kernel-mode option (mode=kernel)".into(),
+            ));
+        }
         if rec.gateway {
             GatewayConfig::new(&rec.name, rec.subnet)
                 .validate()
@@ -552,8 +558,16 @@ impl Daemon {
 
     fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ApiError> {
         if self.mode_of(&rec.network)? == NetworkMode::Kernel {
-            let mtu = self.network(&rec.network)?.record.mtu;
-            crate::kernel::add_port(&self.instance, &rec.network, &rec.name, &rec.path, mtu).map_err(kernel_error)?;
+            let net = self.network(&rec.network)?.record;
+            crate::kernel::add_port(
+                &self.instance,
+                &rec.network,
+                &rec.name,
+                &rec.path,
+                net.mtu,
+                net.isolated,
+            )
+            .map_err(kernel_error)?;
             let id = crate::kernel::port_id();
             let mut nets = self.nets();
             if let Some(net) = nets.get_mut(&rec.network) {

@@ -100,7 +100,14 @@ pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr)
 /// Makes (or adopts) a port's TAP device on the network's bridge.
 /// The device keeps a MAC of its own: the guest's MAC goes to the VMM and the port's
 /// rules, never to the host side, or the bridge would take the guest's frames.
-pub fn add_port(instance: &str, network: &str, port: &str, ifname: &str, mtu: u32) -> Result<(), HostnetError> {
+pub fn add_port(
+    instance: &str,
+    network: &str,
+    port: &str,
+    ifname: &str,
+    mtu: u32,
+    isolated: bool,
+) -> Result<(), HostnetError> {
     let (instance, network, port, ifname) = (
         instance.to_string(),
         network.to_string(),
@@ -114,6 +121,7 @@ pub fn add_port(instance: &str, network: &str, port: &str, ifname: &str, mtu: u3
             .ok_or_else(|| HostnetError::Invalid(format!("the bridge of {network} is missing")))?;
         let opts = TapOptions {
             mtu: Some(mtu),
+            isolated,
             ..Default::default()
         };
         let tag = format!("{instance} port {network}/{port}");

@@ -118,6 +118,9 @@ enum NetworkCmd {
         /// nftables NAT; needs root).
         #[arg(long, default_value = "userspace")]
         mode: String,
+        /// Kernel mode: ports reach the gateway and the router but not each other.
+        #[arg(long)]
+        isolated: bool,
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,
@@ -661,12 +664,13 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
             no_gateway,
             host_access,
             mode,
+            isolated,
             force,
             c,
         } => {
             let body = serde_json::json!({
                 "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway, "host_access": host_access,
-                "mode": mode
+                "mode": mode, "isolated": isolated
             });
             let v = request(&c, "POST", &format!("/v1/networks?force={force}"), Some(body))?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "mode"]);

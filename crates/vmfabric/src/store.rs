@@ -36,6 +36,9 @@ pub struct NetworkRecord {
     /// Who carries the frames: vmfabric's switch, or a Linux bridge.
     #[serde(default)]
     pub mode: NetworkMode,
+    /// Kernel mode: ports cannot reach each other, only the gateway and the router.
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 /// Who carries a network's frames.
@@ -115,7 +118,8 @@ CREATE TABLE IF NOT EXISTS networks (
     mtu INTEGER NOT NULL,
     gateway INTEGER NOT NULL,
     host_access INTEGER NOT NULL DEFAULT 0,
-    mode TEXT NOT NULL DEFAULT 'userspace'
+    mode TEXT NOT NULL DEFAULT 'userspace',
+    isolated INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS ports (
     network TEXT NOT NULL REFERENCES networks(name),
@@ -163,11 +167,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        // Stores made before kernel mode lack the column; an existing one is fine.
-        let _ = conn.execute(
-            "ALTER TABLE networks ADD COLUMN mode TEXT NOT NULL DEFAULT 'userspace'",
-            [],
-        );
+        // Stores made before kernel mode lack these columns; existing ones are fine.
+        for column in [
+            "mode TEXT NOT NULL DEFAULT 'userspace'",
+            "isolated INTEGER NOT NULL DEFAULT 0",
+        ] {
+            let _ = conn.execute(&format!("ALTER TABLE networks ADD COLUMN {column}"), []);
+        }
         Ok(Arc::new(Store { conn: Mutex::new(conn) }))
     }
 
@@ -177,8 +183,8 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkRecord) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![n.name, n.subnet.to_string(), n.mtu, n.gateway, n.host_access, n.mode.as_str()],
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![n.name, n.subnet.to_string(), n.mtu, n.gateway, n.host_access, n.mode.as_str(), n.isolated],
         )?;
         Ok(())
     }
@@ -200,7 +206,7 @@ impl Store {
     pub fn networks(&self) -> Result<Vec<NetworkRecord>, DbError> {
         let conn = self.conn();
         let mut st =
-            conn.prepare("SELECT name, subnet, mtu, gateway, host_access, mode FROM networks ORDER BY name")?;
+            conn.prepare("SELECT name, subnet, mtu, gateway, host_access, mode, isolated FROM networks ORDER BY name")?;
         let rows = st.query_map([], |r| {
             let subnet: String = r.get(1)?;
             Ok(NetworkRecord {
@@ -215,6 +221,7 @@ impl Store {
                     "kernel" => NetworkMode::Kernel,
                     _ => NetworkMode::Userspace,
                 },
+                isolated: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -48,6 +48,7 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
                 gateway: false,
                 host_access: false,
                 mode: Default::default(),
+                isolated: false,
             },
             false,
         )

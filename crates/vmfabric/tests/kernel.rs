@@ -6,7 +6,9 @@
 //! guest through forwards (DNAT). After `kill -9` of the daemon and a restart the devices are
 //! adopted (same interface indexes, nothing duplicated), a stale device of this daemon
 //! is removed, a device that is not vmfabric's stays, and the guests stay reachable.
-//! Deleting the network removes its devices and rules. Needs root, nft and QEMU.
+//! A second network with isolated ports: its guests reach the router but not each
+//! other nor the first network, and a spoofed source IP or MAC is not heard.
+//! Deleting a network removes its devices and rules. Needs root, nft and QEMU.
 
 #[path = "../../vm/tests/common/mod.rs"]
 mod common;
@@ -280,6 +282,56 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "masqueraded to the outside:\n{out_b}"
     );
     assert!(out_b.contains("VMFABRIC_CMD_EXIT 0"), "{out_b}");
+
+    // A second kernel network with isolated ports: c and d get leases and reach the
+    // router, not each other, not the other network; d is not heard with a spoofed
+    // source IP or MAC.
+    d.ok(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "kblue", "subnet": "10.85.0.0/24", "mode": "kernel", "isolated": true})),
+    );
+    let port_c = d.ok(
+        "POST",
+        "/v1/networks/kblue/ports",
+        Some(json!({"name": "c", "kind": "tap"})),
+    );
+    let port_d = d.ok(
+        "POST",
+        "/v1/networks/kblue/ports",
+        Some(json!({"name": "d", "kind": "tap"})),
+    );
+    let mut c = Guest::boot(&image, &work, "c", &port_c, "true");
+    let out_c = c.wait_for("VMFABRIC_READY");
+    let ip_c = out_c
+        .lines()
+        .find(|l| l.starts_with("VMFABRIC_READY"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .to_string();
+    let d_cmd = format!(
+        "ping -c 1 -W 3 10.85.0.1 && echo ROUTER-OK; \
+         if ping -c 2 -W 2 {ip_c}; then echo PEER-REACHED; else echo PEER-ISOLATED; fi; \
+         if timeout 5 wget -qO- http://{ip_a}/; then echo CROSS-REACHED; else echo CROSS-BLOCKED; fi; \
+         ip addr add 10.85.0.200/24 dev eth0; \
+         if ping -c 2 -W 2 -I 10.85.0.200 10.85.0.1; then echo SPOOF-IP-HEARD; else echo SPOOF-IP-UNHEARD; fi; \
+         ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:02; ip link set eth0 up; \
+         if ping -c 2 -W 2 10.85.0.1; then echo SPOOF-MAC-HEARD; else echo SPOOF-MAC-UNHEARD; fi"
+    );
+    let mut dg = Guest::boot(&image, &work, "d", &port_d, &d_cmd);
+    let out_d = dg.wait_for("VMFABRIC_CMD_EXIT");
+    for want in [
+        "ROUTER-OK",
+        "PEER-ISOLATED",
+        "CROSS-BLOCKED",
+        "SPOOF-IP-UNHEARD",
+        "SPOOF-MAC-UNHEARD",
+    ] {
+        assert!(out_d.contains(want), "{want} missing:\n{out_d}");
+    }
+    drop((c, dg));
+    let (s, v) = d.call("DELETE", "/v1/networks/kblue?force=true", None);
+    assert!((200..300).contains(&s), "{s} {v}");
 
     // A forward from the host's outside address reaches a's web server, from outside.
     d.ok(
