@@ -54,6 +54,28 @@ pub struct PortRequest {
     /// TAP ports: the interface name (default: `vmf-` and the port name, cut to 15).
     #[serde(default)]
     pub ifname: Option<String>,
+    /// Kernel-mode TAP ports: the user and group that may open the device.
+    #[serde(default)]
+    pub owner_uid: Option<u32>,
+    #[serde(default)]
+    pub owner_gid: Option<u32>,
+    /// Kernel-mode TAP ports: a multi-queue device (the VMM opens it with as many queues).
+    #[serde(default)]
+    pub multi_queue: bool,
+    /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
+    #[serde(default)]
+    pub vnet_hdr: bool,
+}
+
+impl PortRequest {
+    pub fn tap_settings(&self) -> crate::store::TapSettings {
+        crate::store::TapSettings {
+            owner_uid: self.owner_uid,
+            owner_gid: self.owner_gid,
+            multi_queue: self.multi_queue,
+            vnet_hdr: self.vnet_hdr,
+        }
+    }
 }
 
 /// A port as the API shows it, with what to give the VMM.
@@ -559,15 +581,7 @@ impl Daemon {
     fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ApiError> {
         if self.mode_of(&rec.network)? == NetworkMode::Kernel {
             let net = self.network(&rec.network)?.record;
-            crate::kernel::add_port(
-                &self.instance,
-                &rec.network,
-                &rec.name,
-                &rec.path,
-                net.mtu,
-                net.isolated,
-            )
-            .map_err(kernel_error)?;
+            crate::kernel::add_port(&self.instance, &rec, net.mtu, net.isolated).map_err(kernel_error)?;
             let id = crate::kernel::port_id();
             let mut nets = self.nets();
             if let Some(net) = nets.get_mut(&rec.network) {
@@ -617,6 +631,12 @@ impl Daemon {
         if self.mode_of(network)? == NetworkMode::Kernel {
             return self.add_kernel_port(network, req);
         }
+        if !req.tap_settings().is_default() {
+            return Err(ApiError::BadRequest(
+                "owner, multi_queue and vnet_hdr are for kernel-mode TAP ports (the switch opens userspace ones)"
+                    .into(),
+            ));
+        }
         let socket = |ext: &str| {
             let file = format!("{}.{ext}", req.name);
             self.run_dir
@@ -646,6 +666,7 @@ impl Daemon {
             kind: req.kind,
             path,
             mac: Mac::derived(&[network, &req.name]),
+            tap: Default::default(),
         };
         let id = self.bring_up_port(rec.clone())?;
         if let Err(e) = self.store.put_port(&rec) {
@@ -702,6 +723,7 @@ impl Daemon {
             kind: PortKind::Tap,
             path: ifname,
             mac,
+            tap: req.tap_settings(),
         };
         let key = mac.to_string();
         self.reserve_unserialised(network, ReservationView { key: key.clone(), ip })?;
@@ -936,6 +958,7 @@ impl Daemon {
             kind: PortKind::Socketpair,
             path: "-".into(),
             mac: Mac::derived(&[network, name]),
+            tap: Default::default(),
         };
         lock(&self.labels).insert(id, (network.to_string(), name.to_string()));
         if let Some(net) = self.nets().get_mut(network) {

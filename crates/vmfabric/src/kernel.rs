@@ -14,7 +14,7 @@ use std::future::Future;
 use fabric::Mac;
 use hostnet::{HostnetError, Links, TapOptions};
 
-use crate::store::NetworkRecord;
+use crate::store::{NetworkRecord, PortRecord};
 
 fn device_name(prefix: &str, parts: &[&str]) -> String {
     // A derived MAC is SHA-256 of the parts; four of its bytes name the device.
@@ -100,32 +100,27 @@ pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr)
 /// Makes (or adopts) a port's TAP device on the network's bridge.
 /// The device keeps a MAC of its own: the guest's MAC goes to the VMM and the port's
 /// rules, never to the host side, or the bridge would take the guest's frames.
-pub fn add_port(
-    instance: &str,
-    network: &str,
-    port: &str,
-    ifname: &str,
-    mtu: u32,
-    isolated: bool,
-) -> Result<(), HostnetError> {
-    let (instance, network, port, ifname) = (
-        instance.to_string(),
-        network.to_string(),
-        port.to_string(),
-        ifname.to_string(),
-    );
+pub fn add_port(instance: &str, rec: &PortRecord, mtu: u32, isolated: bool) -> Result<(), HostnetError> {
+    let (instance, rec) = (instance.to_string(), rec.clone());
     on_netlink(move |links| async move {
         let bridge = links
-            .index(&bridge_name(&instance, &network))
+            .index(&bridge_name(&instance, &rec.network))
             .await?
-            .ok_or_else(|| HostnetError::Invalid(format!("the bridge of {network} is missing")))?;
+            .ok_or_else(|| HostnetError::Invalid(format!("the bridge of {} is missing", rec.network)))?;
+        let owner = match (rec.tap.owner_uid, rec.tap.owner_gid) {
+            (None, None) => None,
+            (uid, gid) => Some((uid.unwrap_or(0), gid.unwrap_or(0))),
+        };
         let opts = TapOptions {
             mtu: Some(mtu),
             isolated,
+            owner,
+            multi_queue: rec.tap.multi_queue,
+            vnet_hdr: rec.tap.vnet_hdr,
             ..Default::default()
         };
-        let tag = format!("{instance} port {network}/{port}");
-        links.ensure_tap(&ifname, &tag, bridge, &opts).await?;
+        let tag = format!("{instance} port {}/{}", rec.network, rec.name);
+        links.ensure_tap(&rec.path, &tag, bridge, &opts).await?;
         Ok(())
     })
 }

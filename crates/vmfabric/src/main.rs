@@ -159,6 +159,15 @@ enum PortCmd {
         /// TAP ports: the interface name.
         #[arg(long)]
         ifname: Option<String>,
+        /// Kernel-mode TAP ports: UID:GID that may open the device (an unprivileged VMM).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Kernel-mode TAP ports: a multi-queue device.
+        #[arg(long)]
+        multi_queue: bool,
+        /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
+        #[arg(long)]
+        vnet_hdr: bool,
         /// Socketpair ports: the VMM to run with the VM end inherited; `{fd}` in its
         /// arguments becomes the fd number (QEMU: -netdev dgram,id=n0,local.type=fd,local.str={fd}).
         #[arg(last = true)]
@@ -500,6 +509,10 @@ fn serve(args: ServeArgs) -> Result<()> {
                 name: name.clone(),
                 kind,
                 ifname: None,
+                owner_uid: None,
+                owner_gid: None,
+                multi_queue: false,
+                vnet_hdr: false,
             };
             daemon
                 .add_port("default", req)
@@ -779,10 +792,23 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
             name,
             kind,
             ifname,
+            owner,
+            multi_queue,
+            vnet_hdr,
             c,
             ..
         } => {
-            let body = serde_json::json!({ "name": name, "kind": kind, "ifname": ifname });
+            let (owner_uid, owner_gid) = match owner.as_deref().map(|o| o.split_once(':').unwrap_or((o, o))) {
+                Some((u, g)) => (
+                    Some(u.parse::<u32>().context("--owner takes UID:GID")?),
+                    Some(g.parse::<u32>().context("--owner takes UID:GID")?),
+                ),
+                None => (None, None),
+            };
+            let body = serde_json::json!({
+                "name": name, "kind": kind, "ifname": ifname, "owner_uid": owner_uid, "owner_gid": owner_gid,
+                "multi_queue": multi_queue, "vnet_hdr": vnet_hdr
+            });
             let v = request(&c, "POST", &format!("/v1/networks/{network}/ports"), Some(body))?;
             if c.json {
                 print_table(&c, &v, &[]);

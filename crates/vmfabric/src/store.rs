@@ -91,6 +91,29 @@ pub struct PortRecord {
     pub path: String,
     #[serde(with = "mac_text")]
     pub mac: Mac,
+    /// Kernel-mode TAP devices: how they are made.
+    #[serde(flatten)]
+    pub tap: TapSettings,
+}
+
+/// How a kernel-mode port's TAP device is made (the VMM must open it to match).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapSettings {
+    /// The user and group allowed to open it (an unprivileged VMM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multi_queue: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnet_hdr: bool,
+}
+
+impl TapSettings {
+    pub fn is_default(&self) -> bool {
+        *self == TapSettings::default()
+    }
 }
 
 /// Serde for `Mac` as text, here so the data plane needs no serde.
@@ -127,6 +150,7 @@ CREATE TABLE IF NOT EXISTS ports (
     kind TEXT NOT NULL,
     path TEXT NOT NULL,
     mac TEXT NOT NULL,
+    tap TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (network, name)
 );
 CREATE TABLE IF NOT EXISTS reservations (
@@ -233,8 +257,15 @@ impl Store {
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         self.conn().execute(
-            "INSERT OR REPLACE INTO ports (network, name, kind, path, mac) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![p.network, p.name, kind, p.path, p.mac.to_string()],
+            "INSERT OR REPLACE INTO ports (network, name, kind, path, mac, tap) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                p.network,
+                p.name,
+                kind,
+                p.path,
+                p.mac.to_string(),
+                serde_json::to_string(&p.tap).expect("plain data")
+            ],
         )?;
         Ok(())
     }
@@ -247,7 +278,7 @@ impl Store {
 
     pub fn ports(&self) -> Result<Vec<PortRecord>, DbError> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT network, name, kind, path, mac FROM ports ORDER BY network, name")?;
+        let mut st = conn.prepare("SELECT network, name, kind, path, mac, tap FROM ports ORDER BY network, name")?;
         let rows = st.query_map([], |r| {
             let kind: String = r.get(2)?;
             let mac: String = r.get(4)?;
@@ -260,6 +291,7 @@ impl Store {
                 kind: serde_json::from_value(serde_json::Value::String(kind)).map_err(|e| bad(2, Box::new(e)))?,
                 path: r.get(3)?,
                 mac: mac.parse().map_err(|e| bad(4, Box::new(e)))?,
+                tap: serde_json::from_str(&r.get::<_, String>(5)?).map_err(|e| bad(5, Box::new(e)))?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

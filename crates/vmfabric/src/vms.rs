@@ -242,6 +242,10 @@ impl Vms {
                 name: req.name.clone(),
                 kind: PortKind::Unixgram,
                 ifname: None,
+                owner_uid: None,
+                owner_gid: None,
+                multi_queue: false,
+                vnet_hdr: false,
             },
         )?;
         std::fs::create_dir_all(&self.dir).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -223,7 +223,16 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     let port_b = d.ok(
         "POST",
         "/v1/networks/kred/ports",
-        Some(json!({"name": "b", "kind": "tap"})),
+        Some(json!({"name": "b", "kind": "tap", "owner_uid": 1000, "owner_gid": 1000})),
+    );
+    let sys = |what: &str| {
+        let path = format!("/sys/class/net/{}/{what}", port_b["path"].as_str().unwrap());
+        std::fs::read_to_string(path).unwrap_or_default().trim().to_string()
+    };
+    assert_eq!(
+        (sys("owner"), sys("group")),
+        ("1000".into(), "1000".into()),
+        "an unprivileged VMM may open it"
     );
     let (s, _) = d.call(
         "POST",
