@@ -46,6 +46,9 @@ pub struct NetworkDecl {
     /// Kernel mode: bridge port isolation.
     #[serde(default)]
     pub isolated: bool,
+    /// Kernel mode: the bridge's name.
+    #[serde(default)]
+    pub bridge: Option<String>,
     /// Create it even if the subnet overlaps a host route.
     #[serde(default)]
     pub force: bool,
@@ -75,6 +78,7 @@ impl NetworkDecl {
             host_access: self.host_access,
             mode: self.mode,
             isolated: self.isolated,
+            bridge: self.bridge.clone(),
         }
     }
 }

@@ -300,6 +300,7 @@ impl Daemon {
                 host_access: false,
                 mode: Default::default(),
                 isolated: false,
+                bridge: None,
             });
             if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
                 tracing::warn!(%route, %iface, "the default network overlaps a host route");
@@ -492,10 +493,18 @@ impl Daemon {
                 )));
             }
         }
-        if rec.isolated && rec.mode != NetworkMode::Kernel {
+        if (rec.isolated || rec.bridge.is_some()) && rec.mode != NetworkMode::Kernel {
             return Err(ApiError::BadRequest(
-                "port isolation is a kernel-mode option (mode=kernel)".into(),
+                "isolated and bridge are kernel-mode options (mode=kernel)".into(),
             ));
+        }
+        if let Some(b) = &rec.bridge {
+            let ok = (1..16).contains(&b.len()) && !b.contains(['/', ' ', ':', '\0']);
+            if !ok {
+                return Err(ApiError::BadRequest(format!(
+                    "bridge name {b:?}: 1 to 15 characters, no '/', ':' or space"
+                )));
+            }
         }
         if rec.gateway {
             GatewayConfig::new(&rec.name, rec.subnet)
@@ -536,6 +545,9 @@ impl Daemon {
         let net = self.nets().remove(name);
         lock(&self.gateways).remove(name);
         let kernel = net.as_ref().is_some_and(|n| n.record.mode == NetworkMode::Kernel);
+        let bridge = net
+            .as_ref()
+            .map(|n| crate::kernel::bridge_name(&self.instance, &n.record));
         if let Some(net) = net {
             if let Some(gw) = net.gateway {
                 let _ = self.switch.remove_port(gw.port());
@@ -548,7 +560,7 @@ impl Daemon {
         if kernel {
             let devices = vec![
                 crate::kernel::uplink_name(&self.instance, name),
-                crate::kernel::bridge_name(&self.instance, name),
+                bridge.unwrap_or_default(),
             ];
             crate::kernel::remove(devices).map_err(kernel_error)?;
             self.apply_kernel_rules()?;
@@ -581,7 +593,8 @@ impl Daemon {
     fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ApiError> {
         if self.mode_of(&rec.network)? == NetworkMode::Kernel {
             let net = self.network(&rec.network)?.record;
-            crate::kernel::add_port(&self.instance, &rec, net.mtu, net.isolated).map_err(kernel_error)?;
+            let bridge = crate::kernel::bridge_name(&self.instance, &net);
+            crate::kernel::add_port(&self.instance, &bridge, &rec, net.mtu, net.isolated).map_err(kernel_error)?;
             let id = crate::kernel::port_id();
             let mut nets = self.nets();
             if let Some(net) = nets.get_mut(&rec.network) {
@@ -800,7 +813,7 @@ impl Daemon {
             let mut any = false;
             for n in nets.values().filter(|n| n.record.mode == NetworkMode::Kernel) {
                 any = true;
-                known.insert(crate::kernel::bridge_name(&self.instance, &n.record.name));
+                known.insert(crate::kernel::bridge_name(&self.instance, &n.record));
                 known.insert(crate::kernel::uplink_name(&self.instance, &n.record.name));
                 known.extend(n.ports.values().map(|(_, p)| p.path.clone()));
             }
@@ -833,7 +846,7 @@ impl Daemon {
             nets.values()
                 .filter(|n| n.record.mode == NetworkMode::Kernel)
                 .map(|n| hostnet::nft::NetworkRules {
-                    bridge: crate::kernel::bridge_name(&self.instance, &n.record.name),
+                    bridge: crate::kernel::bridge_name(&self.instance, &n.record),
                     subnet: n.record.subnet,
                     forwards: self.kernel_forwards(&n.record.name).unwrap_or_default(),
                     locked_ports: n

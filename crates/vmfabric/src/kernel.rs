@@ -24,8 +24,11 @@ fn device_name(prefix: &str, parts: &[&str]) -> String {
 
 /// Names and tags are scoped by the daemon instance (its state directory), so two
 /// daemons on one host never share or clean up each other's devices.
-pub fn bridge_name(instance: &str, network: &str) -> String {
-    device_name("vmfb", &["bridge", instance, network])
+/// The network's bridge: the name it was given, or one derived from its name.
+pub fn bridge_name(instance: &str, rec: &NetworkRecord) -> String {
+    rec.bridge
+        .clone()
+        .unwrap_or_else(|| device_name("vmfb", &["bridge", instance, &rec.name]))
 }
 
 pub fn uplink_name(instance: &str, network: &str) -> String {
@@ -60,23 +63,14 @@ where
 
 /// Makes (or adopts) the network's bridge with the router address and its uplink TAP.
 pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr) -> Result<(), HostnetError> {
-    let localnet = format!(
-        "/proc/sys/net/ipv4/conf/{}/route_localnet",
-        bridge_name(instance, &rec.name)
-    );
+    let localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", bridge_name(instance, rec));
+    let bridge_dev = bridge_name(instance, rec);
     let (name, prefix, mtu, instance) = (rec.name.clone(), rec.subnet.prefix_len(), rec.mtu, instance.to_string());
     on_netlink(move |links| async move {
         let tag = format!("{instance} network {name}");
         let mac = Mac::derived(&["bridge", &instance, &name]);
         let bridge = links
-            .ensure_bridge_with(
-                &bridge_name(&instance, &name),
-                &tag,
-                router,
-                prefix,
-                Some(mtu),
-                Some(mac),
-            )
+            .ensure_bridge_with(&bridge_dev, &tag, router, prefix, Some(mtu), Some(mac))
             .await?;
         let opts = TapOptions {
             mtu: Some(mtu),
@@ -100,11 +94,11 @@ pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr)
 /// Makes (or adopts) a port's TAP device on the network's bridge.
 /// The device keeps a MAC of its own: the guest's MAC goes to the VMM and the port's
 /// rules, never to the host side, or the bridge would take the guest's frames.
-pub fn add_port(instance: &str, rec: &PortRecord, mtu: u32, isolated: bool) -> Result<(), HostnetError> {
-    let (instance, rec) = (instance.to_string(), rec.clone());
+pub fn add_port(instance: &str, bridge: &str, rec: &PortRecord, mtu: u32, isolated: bool) -> Result<(), HostnetError> {
+    let (instance, bridge_dev, rec) = (instance.to_string(), bridge.to_string(), rec.clone());
     on_netlink(move |links| async move {
         let bridge = links
-            .index(&bridge_name(&instance, &rec.network))
+            .index(&bridge_dev)
             .await?
             .ok_or_else(|| HostnetError::Invalid(format!("the bridge of {} is missing", rec.network)))?;
         let owner = match (rec.tap.owner_uid, rec.tap.owner_gid) {

@@ -121,6 +121,9 @@ enum NetworkCmd {
         /// Kernel mode: ports reach the gateway and the router but not each other.
         #[arg(long)]
         isolated: bool,
+        /// Kernel mode: the bridge's name (default: derived from the network's name).
+        #[arg(long)]
+        bridge: Option<String>,
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,
@@ -678,12 +681,13 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
             host_access,
             mode,
             isolated,
+            bridge,
             force,
             c,
         } => {
             let body = serde_json::json!({
                 "name": name, "subnet": subnet, "mtu": mtu, "gateway": !no_gateway, "host_access": host_access,
-                "mode": mode, "isolated": isolated
+                "mode": mode, "isolated": isolated, "bridge": bridge
             });
             let v = request(&c, "POST", &format!("/v1/networks?force={force}"), Some(body))?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "mode"]);

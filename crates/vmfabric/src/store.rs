@@ -39,6 +39,9 @@ pub struct NetworkRecord {
     /// Kernel mode: ports cannot reach each other, only the gateway and the router.
     #[serde(default)]
     pub isolated: bool,
+    /// Kernel mode: the bridge's name (default: derived from the network's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 /// Who carries a network's frames.
@@ -142,7 +145,8 @@ CREATE TABLE IF NOT EXISTS networks (
     gateway INTEGER NOT NULL,
     host_access INTEGER NOT NULL DEFAULT 0,
     mode TEXT NOT NULL DEFAULT 'userspace',
-    isolated INTEGER NOT NULL DEFAULT 0
+    isolated INTEGER NOT NULL DEFAULT 0,
+    bridge TEXT
 );
 CREATE TABLE IF NOT EXISTS ports (
     network TEXT NOT NULL REFERENCES networks(name),
@@ -207,8 +211,18 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkRecord) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![n.name, n.subnet.to_string(), n.mtu, n.gateway, n.host_access, n.mode.as_str(), n.isolated],
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                n.name,
+                n.subnet.to_string(),
+                n.mtu,
+                n.gateway,
+                n.host_access,
+                n.mode.as_str(),
+                n.isolated,
+                n.bridge
+            ],
         )?;
         Ok(())
     }
@@ -229,8 +243,9 @@ impl Store {
 
     pub fn networks(&self) -> Result<Vec<NetworkRecord>, DbError> {
         let conn = self.conn();
-        let mut st =
-            conn.prepare("SELECT name, subnet, mtu, gateway, host_access, mode, isolated FROM networks ORDER BY name")?;
+        let mut st = conn.prepare(
+            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge FROM networks ORDER BY name",
+        )?;
         let rows = st.query_map([], |r| {
             let subnet: String = r.get(1)?;
             Ok(NetworkRecord {
@@ -246,6 +261,7 @@ impl Store {
                     _ => NetworkMode::Userspace,
                 },
                 isolated: r.get(6)?,
+                bridge: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

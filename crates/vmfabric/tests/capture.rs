@@ -49,6 +49,7 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
                 host_access: false,
                 mode: Default::default(),
                 isolated: false,
+                bridge: None,
             },
             false,
         )

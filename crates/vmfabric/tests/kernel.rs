@@ -298,7 +298,11 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     d.ok(
         "POST",
         "/v1/networks",
-        Some(json!({"name": "kblue", "subnet": "10.85.0.0/24", "mode": "kernel", "isolated": true})),
+        Some(json!({"name": "kblue", "subnet": "10.85.0.0/24", "mode": "kernel", "isolated": true, "bridge": format!("vmfkb{id}")})),
+    );
+    assert!(
+        ifindex(&format!("vmfkb{id}")) > 0,
+        "the bridge has the name it was given"
     );
     let port_c = d.ok(
         "POST",
