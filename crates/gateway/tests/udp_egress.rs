@@ -11,17 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fabric::TapSource;
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into()
-}
+use testkit::run as sh;
 
 struct Cleanup(Vec<String>);
 

@@ -10,24 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use fabric::TapSource;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use testkit::{run as sh, Netns};
 
 /// Sends `msg` from `sock` to `to` until an answer comes (the first datagram to a guest
 /// the gateway has not seen yet is spent on finding it), or gives up.

@@ -5,27 +5,14 @@
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
-use std::process::Command;
 
 use hostnet::{HostnetError, Links, TapOptions};
+use testkit::Netns;
 
 fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into()
-}
-
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+    let mut all = vec!["ip"];
+    all.extend_from_slice(args);
+    testkit::run(&all)
 }
 
 #[test]

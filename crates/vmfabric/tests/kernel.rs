@@ -23,18 +23,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use harness::Process;
 use serde_json::{json, Value};
+use testkit::run;
 use vm::{Nic, NicBackend, QemuConfig, Serial};
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into()
-}
 
 fn ifindex(name: &str) -> u32 {
     std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))

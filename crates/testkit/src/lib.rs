@@ -1,0 +1,76 @@
+//! Helpers shared by vmfabric's integration tests (a dev-dependency only): running
+//! commands, network namespaces the tests make and remove, and the skip rule (a test
+//! that needs root or a tool skips with a reason, except where every test must run).
+
+use std::os::fd::AsFd;
+use std::process::Command;
+
+/// Runs a command; panics with its stderr when it fails. Returns its stdout.
+pub fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+/// Whether a test may go on: `ready`, or else a printed skip with `why`. Where
+/// VMFABRIC_REQUIRE_ALL_TESTS=1 (CI, as root) a skip is a failure instead.
+pub fn ready_or_skip(ready: bool, why: &str) -> bool {
+    if !ready {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "must run here, but: {why}"
+        );
+        eprintln!("SKIP: {why}");
+    }
+    ready
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A network namespace the test made; deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Makes `name` (removing a leftover of an earlier run first).
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        run(&["ip", "netns", "add", name]);
+        Netns(name.to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Moves the calling thread into network namespace `ns`.
+pub fn enter(ns: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network)).unwrap();
+}
+
+/// Runs `f` on a new thread inside `ns`.
+pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        f()
+    })
+}
+
+/// Runs `f` inside `ns` and waits for it.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_ns(ns, f).join().unwrap()
+}
