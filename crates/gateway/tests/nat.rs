@@ -99,12 +99,8 @@ struct Lab {
 }
 
 fn lab() -> Option<Lab> {
-    if !rustix::process::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists() {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "must run here: needs root"
-        );
-        eprintln!("SKIP: needs root and /dev/net/tun");
+    let ready = testkit::is_root() && std::path::Path::new("/dev/net/tun").exists();
+    if !testkit::ready_or_skip(ready, "needs root and /dev/net/tun") {
         return None;
     }
     // Tests run side by side: each lab gets its own names.

@@ -17,12 +17,8 @@ fn ip(args: &[&str]) -> String {
 
 #[test]
 fn bridges_and_taps_are_made_adopted_and_cleaned_without_touching_others() {
-    if !rustix::process::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists() {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "must run here: needs root"
-        );
-        eprintln!("SKIP: needs root and /dev/net/tun");
+    let ready = testkit::is_root() && std::path::Path::new("/dev/net/tun").exists();
+    if !testkit::ready_or_skip(ready, "needs root and /dev/net/tun") {
         return;
     }
     let ns = Netns(format!("hn{}", std::process::id() % 100_000));

@@ -50,13 +50,8 @@ fn ask(ns: &str, to: &'static str) -> Result<String, std::io::ErrorKind> {
 
 #[test]
 fn masquerade_forwards_and_isolation_with_real_traffic() {
-    let ready = rustix::process::geteuid().is_root() && Command::new("nft").arg("--version").output().is_ok();
-    if !ready {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "must run here: needs root and nft (apt-get install nftables)"
-        );
-        eprintln!("SKIP: needs root and the nft binary");
+    let ready = testkit::is_root() && Command::new("nft").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(ready, "needs root and nft (apt-get install nftables)") {
         return;
     }
     let id = std::process::id() % 100_000;

@@ -136,13 +136,8 @@ impl Drop for OursGone {
 #[test]
 fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     let Some(image) = common::guest_dir() else { return };
-    let ready = rustix::process::geteuid().is_root() && Command::new("nft").arg("--version").output().is_ok();
-    if !ready {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "must run here: needs root and nft"
-        );
-        eprintln!("SKIP: needs root and nft");
+    let ready = testkit::is_root() && Command::new("nft").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(ready, "needs root and nft (apt-get install nftables)") {
         return;
     }
     let dir = common::workdir("kernel");
