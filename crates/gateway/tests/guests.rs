@@ -8,12 +8,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use base64::Engine;
 use fabric::Mac;
-use vm::{Nic, NicBackend, QemuConfig, Serial};
+use testkit::Guest;
+use vm::{Nic, NicBackend};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,82 +48,16 @@ fn guest_dir() -> Option<PathBuf> {
     }
 }
 
-struct Guest {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Guest {
-    fn boot(image: &Path, work: &Path, name: &str, switch_path: PathBuf, cmd: Option<&str>) -> Guest {
-        Guest::boot_with(image, work, name, switch_path, cmd, &[])
-    }
-
-    fn boot_with(
-        image: &Path,
-        work: &Path,
-        name: &str,
-        switch_path: PathBuf,
-        cmd: Option<&str>,
-        extra: &[&str],
-    ) -> Guest {
-        let log = work.join(format!("{name}.log"));
-        let mut q = QemuConfig::new(
-            image.join("vmlinuz"),
-            image.join("initramfs.cpio.gz"),
-            Serial::File(log.clone()),
-        );
-        q.memory_mib = 96;
-        let guest_path = work.join(format!("{name}.guest.sock"));
-        q.nics.push(Nic {
-            backend: NicBackend::Unixgram {
-                switch_path,
-                guest_path,
-            },
-            mac: Mac::derived(&["t", name]),
-        });
-        q.cmdline.extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
-        q.cmdline.extend(extra.iter().map(|s| s.to_string()));
-        match cmd {
-            Some(c) => q.cmdline.push(format!(
-                "VMF_CMD={}",
-                base64::engine::general_purpose::STANDARD.encode(c)
-            )),
-            None => q.cmdline.push("VMF_END=hang".into()),
-        }
-        let child = q
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Guest { child, log }
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&mut self, marker: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let text = self.console();
-            if text.contains(marker) {
-                return text;
-            }
-            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
-                panic!("no {marker:?} on the console:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A guest on a unixgram port of the switch (at `switch_path`).
+fn boot(image: &Path, work: &Path, name: &str, switch_path: PathBuf, cmd: Option<&str>, extra: &[&str]) -> Guest {
+    let nic = Nic {
+        backend: NicBackend::Unixgram {
+            switch_path,
+            guest_path: work.join(format!("{name}.guest.sock")),
+        },
+        mac: Mac::derived(&["t", name]),
+    };
+    Guest::boot(image, work.join(format!("{name}.log")), nic, name, cmd, extra)
 }
 
 #[test]
@@ -137,16 +71,17 @@ fn guests_get_leases_and_find_each_other_by_name() {
     sw.add_unixgram_port("lab", "alpha", &a_path).unwrap();
     sw.add_unixgram_port("lab", "beta", &b_path).unwrap();
 
-    let mut alpha = Guest::boot(&image, &work, "alpha", a_path, None);
+    let mut alpha = boot(&image, &work, "alpha", a_path, None, &[]);
     let ready = alpha.wait_for("VMFABRIC_READY");
     let alpha_ip = gw.resolve("alpha").expect("alpha's lease named it");
     assert!(ready.contains(&format!("VMFABRIC_READY - {alpha_ip} ")), "{ready}");
-    let mut beta = Guest::boot(
+    let mut beta = boot(
         &image,
         &work,
         "beta",
         b_path,
         Some("nslookup alpha && ping -c 2 -W 3 alpha"),
+        &[],
     );
     let out = beta.wait_for("VMFABRIC_CMD_EXIT");
     assert!(out.contains("VMFABRIC_CMD_EXIT 0"), "{out}");
@@ -184,7 +119,7 @@ fn a_guest_fetches_from_the_host_and_serves_the_host_through_a_forward() {
     let path = work.join("web.sock");
     sw.add_unixgram_port("natlab", "web", &path).unwrap();
     let cmd = format!("wget -q -O - http://10.241.0.254:{web_port}/ && echo");
-    let mut guest = Guest::boot_with(&image, &work, "web", path, Some(&cmd), &["VMF_HTTP=1", "VMF_END=hang"]);
+    let mut guest = boot(&image, &work, "web", path, Some(&cmd), &["VMF_HTTP=1", "VMF_END=hang"]);
     let out = guest.wait_for("VMFABRIC_CMD_EXIT");
     assert!(out.contains("page from the host loopback"), "{out}");
     assert!(out.contains("VMFABRIC_CMD_EXIT 0"), "{out}");

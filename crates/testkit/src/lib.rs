@@ -74,3 +74,76 @@ pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + '
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     spawn_in_ns(ns, f).join().unwrap()
 }
+
+/// A QEMU guest of the test image (guest/build.sh), killed when dropped.
+pub struct Guest {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Guest {
+    /// Boots the image in `image` with `nic`, its console in `log`, named `name`, with
+    /// an address from DHCP. `cmd` runs once the network is up (the guest then stays
+    /// up when `extra` says `VMF_END=hang`, else powers off); without it the guest stays
+    /// up. `extra` are more `VMF_*` settings.
+    pub fn boot(
+        image: &std::path::Path,
+        log: std::path::PathBuf,
+        nic: vm::Nic,
+        name: &str,
+        cmd: Option<&str>,
+        extra: &[&str],
+    ) -> Guest {
+        use base64::Engine;
+        let mut q = vm::QemuConfig::new(
+            image.join("vmlinuz"),
+            image.join("initramfs.cpio.gz"),
+            vm::Serial::File(log.clone()),
+        );
+        q.memory_mib = 96;
+        q.nics.push(nic);
+        q.cmdline.extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
+        q.cmdline.extend(extra.iter().map(|s| s.to_string()));
+        match cmd {
+            Some(c) => q.cmdline.push(format!(
+                "VMF_CMD={}",
+                base64::engine::general_purpose::STANDARD.encode(c)
+            )),
+            None => q.cmdline.push("VMF_END=hang".into()),
+        }
+        let child = q
+            .command()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Guest { child, log }
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The console once it shows `marker`; panics if the guest ends or 180 s pass first.
+    pub fn wait_for(&mut self, marker: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let text = self.console();
+            if text.contains(marker) {
+                return text;
+            }
+            if std::time::Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                panic!("no {marker:?} on the console:\n{text}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

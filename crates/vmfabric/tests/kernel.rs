@@ -17,14 +17,13 @@ mod harness;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use base64::Engine;
 use harness::Process;
 use serde_json::{json, Value};
 use testkit::run;
-use vm::{Nic, NicBackend, QemuConfig, Serial};
+use testkit::Guest;
+use vm::{Nic, NicBackend};
 
 fn ifindex(name: &str) -> u32 {
     std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
@@ -47,63 +46,16 @@ fn ours(instance: &str) -> HashSet<String> {
         .collect()
 }
 
-struct Guest {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Guest {
-    fn boot(image: &Path, work: &Path, name: &str, port: &Value, cmd: &str) -> Guest {
-        let log = work.join(format!("{name}.log"));
-        let mut q = QemuConfig::new(
-            image.join("vmlinuz"),
-            image.join("initramfs.cpio.gz"),
-            Serial::File(log.clone()),
-        );
-        q.memory_mib = 96;
-        q.nics.push(Nic {
-            backend: NicBackend::Tap {
-                ifname: port["path"].as_str().unwrap().to_string(),
-            },
-            mac: port["mac"].as_str().unwrap().parse().unwrap(),
-        });
-        q.cmdline.extend([
-            format!("VMF_HOSTNAME={name}"),
-            "VMF_IP=dhcp".into(),
-            "VMF_HTTP=1".into(),
-            "VMF_END=hang".into(),
-            format!("VMF_CMD={}", base64::engine::general_purpose::STANDARD.encode(cmd)),
-        ]);
-        let child = q
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Guest { child, log }
-    }
-
-    fn wait_for(&mut self, marker: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if text.contains(marker) {
-                return text;
-            }
-            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
-                panic!("no {marker:?} on the console:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A guest on a kernel port (its TAP device and MAC from the API), serving HTTP.
+fn boot(image: &Path, work: &Path, name: &str, port: &Value, cmd: &str) -> Guest {
+    let nic = Nic {
+        backend: NicBackend::Tap {
+            ifname: port["path"].as_str().unwrap().to_string(),
+        },
+        mac: port["mac"].as_str().unwrap().parse().unwrap(),
+    };
+    let log = work.join(format!("{name}.log"));
+    Guest::boot(image, log, nic, name, Some(cmd), &["VMF_HTTP=1", "VMF_END=hang"])
 }
 
 struct Cleanup(Vec<Vec<&'static str>>);
@@ -251,10 +203,10 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
 
     let work = dir.join("guests");
     std::fs::create_dir_all(&work).unwrap();
-    let mut a = Guest::boot(&image, &work, "a", &port_a, "true");
+    let mut a = boot(&image, &work, "a", &port_a, "true");
     // b looks a up by name: a must hold its lease first.
     let out_a = a.wait_for("VMFABRIC_READY");
-    let mut b = Guest::boot(
+    let mut b = boot(
         &image,
         &work,
         "b",
@@ -299,7 +251,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "/v1/networks/kblue/ports",
         Some(json!({"name": "d", "kind": "tap"})),
     );
-    let mut c = Guest::boot(&image, &work, "c", &port_c, "true");
+    let mut c = boot(&image, &work, "c", &port_c, "true");
     let out_c = c.wait_for("VMFABRIC_READY");
     let ip_c = out_c
         .lines()
@@ -316,7 +268,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
          ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:02; ip link set eth0 up; \
          if ping -c 2 -W 2 10.85.0.1; then echo SPOOF-MAC-HEARD; else echo SPOOF-MAC-UNHEARD; fi"
     );
-    let mut dg = Guest::boot(&image, &work, "d", &port_d, &d_cmd);
+    let mut dg = boot(&image, &work, "d", &port_d, &d_cmd);
     let out_d = dg.wait_for("VMFABRIC_CMD_EXIT");
     for want in [
         "ROUTER-OK",
