@@ -21,6 +21,8 @@ export VMFABRIC_SOCKET=$WORK/api.sock
 P=kb$$
 cleanup() {
     set +e
+    # The iperf3 servers hold their namespaces (and the veth pairs) alive.
+    for f in "$WORK"/iperf-*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
     for ns in ${P}u0 ${P}u1 ${P}k0 ${P}k1; do ip netns del "$ns" 2>/dev/null; done
     "$BIN" network rm kbench --force >/dev/null 2>&1
     [ -n "${DAEMON:-}" ] && kill "$DAEMON" 2>/dev/null && wait "$DAEMON" 2>/dev/null
@@ -46,8 +48,8 @@ for i in 0 1; do
     ip -n "${P}k$i" addr add "10.233.0.1$i/24" dev eth0
     ip -n "${P}k$i" link set eth0 up
 done
-ip netns exec "${P}u1" iperf3 -s -D -B 10.232.0.11 >/dev/null
-ip netns exec "${P}k1" iperf3 -s -D -B 10.233.0.11 >/dev/null
+ip netns exec "${P}u1" iperf3 -s -D -B 10.232.0.11 -I "$WORK/iperf-u.pid" >/dev/null
+ip netns exec "${P}k1" iperf3 -s -D -B 10.233.0.11 -I "$WORK/iperf-k.pid" >/dev/null
 sleep 0.5
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
