@@ -39,18 +39,13 @@ pub(crate) struct FlowKey {
 #[derive(Default)]
 pub(crate) struct FlowTable {
     flows: HashMap<FlowKey, mpsc::Sender<(u16, Vec<u8>)>>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    per_guest: crate::flows::PerGuest,
 }
 
 impl FlowTable {
     fn remove(&mut self, key: &FlowKey) {
         if self.flows.remove(key).is_some() {
-            if let Some(n) = self.per_guest.get_mut(&key.guest) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_guest.remove(&key.guest);
-                }
-            }
+            self.per_guest.release(key.guest);
         }
     }
 }
@@ -121,7 +116,7 @@ pub(crate) fn outbound(
     if shared.egress_refused(key.dst, 0, crate::policy::Proto::Icmp) {
         return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
     }
-    let mine = table.per_guest.get(&key.guest).copied().unwrap_or(0);
+    let mine = table.per_guest.count(key.guest);
     let Some(kind) = kind().filter(|_| mine < FLOWS_PER_GUEST && table.flows.len() < FLOWS_TOTAL) else {
         GatewayCounters::inc(&c.nat_icmp_dropped);
         return None;
@@ -141,7 +136,7 @@ pub(crate) fn outbound(
     let (tx, rx) = mpsc::channel(16);
     let _ = tx.try_send((seq_no, data.to_vec()));
     table.flows.insert(key, tx);
-    *table.per_guest.entry(key.guest).or_insert(0) += 1;
+    table.per_guest.add(key.guest);
     tokio::spawn(run_flow(shared.clone(), port.clone(), sock, kind, rx, key, guest_mac));
     None
 }

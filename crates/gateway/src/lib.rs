@@ -12,6 +12,7 @@ pub mod config;
 pub mod counters;
 pub mod dhcp;
 pub mod dns;
+mod flows;
 pub mod forward;
 mod icmp_nat;
 pub mod leases;

@@ -100,7 +100,7 @@ pub(crate) struct TcpNat {
     sockets: SocketSet<'static>,
     flows: HashMap<FlowKey, Flow>,
     watches: HashMap<SocketHandle, Watch>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    per_guest: crate::flows::PerGuest,
     epoch: std::time::Instant,
     buffer: usize,
     next_forward_port: u16,
@@ -135,7 +135,7 @@ impl TcpNat {
             sockets: SocketSet::new(Vec::new()),
             flows: HashMap::new(),
             watches: HashMap::new(),
-            per_guest: HashMap::new(),
+            per_guest: Default::default(),
             epoch: std::time::Instant::now(),
             buffer,
             next_forward_port: 0,
@@ -229,11 +229,11 @@ impl TcpNat {
 
     /// Counts a new connection against the bounds; false when it is over them.
     fn admit(&mut self, key: FlowKey, direction: Direction, per_guest: usize, total: usize) -> bool {
-        let mine = self.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
+        let mine = self.per_guest.count(*key.guest.ip());
         if mine >= per_guest || self.flows.len() >= total || self.flows.contains_key(&key) {
             return false;
         }
-        *self.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
+        self.per_guest.add(*key.guest.ip());
         self.flows.insert(
             key,
             Flow {
@@ -330,12 +330,7 @@ impl TcpNat {
             self.watches.remove(&handle);
             self.sockets.remove(handle);
         }
-        if let Some(n) = self.per_guest.get_mut(key.guest.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_guest.remove(key.guest.ip());
-            }
-        }
+        self.per_guest.release(*key.guest.ip());
     }
 
     pub fn list(&self) -> Vec<TcpFlowInfo> {

@@ -42,7 +42,7 @@ pub struct FlowInfo {
 #[derive(Default)]
 pub(crate) struct FlowTable {
     flows: HashMap<FlowKey, Flow>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    per_guest: crate::flows::PerGuest,
 }
 
 impl FlowTable {
@@ -58,12 +58,7 @@ impl FlowTable {
 
     fn remove(&mut self, key: &FlowKey) {
         if self.flows.remove(key).is_some() {
-            if let Some(n) = self.per_guest.get_mut(key.guest.ip()) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_guest.remove(key.guest.ip());
-                }
-            }
+            self.per_guest.release(*key.guest.ip());
         }
     }
 }
@@ -91,7 +86,7 @@ pub(crate) fn outbound(
     if shared.egress_refused(*key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp) {
         return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
     }
-    let mine = table.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
+    let mine = table.per_guest.count(*key.guest.ip());
     if mine >= cfg.udp_flows_per_guest || table.flows.len() >= cfg.udp_flows_total {
         GatewayCounters::inc(&c.nat_udp_dropped);
         return None;
@@ -117,7 +112,7 @@ pub(crate) fn outbound(
     let (tx, rx) = mpsc::channel(64);
     let _ = tx.try_send(payload.to_vec());
     table.flows.insert(key, Flow { tx });
-    *table.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
+    table.per_guest.add(*key.guest.ip());
     GatewayCounters::inc(&c.nat_udp_flows);
     tokio::spawn(run_flow(shared.clone(), port.clone(), sock, rx, key, guest_mac));
     None

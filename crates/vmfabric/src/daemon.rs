@@ -845,26 +845,27 @@ impl Daemon {
             let nets = self.nets();
             nets.values()
                 .filter(|n| n.record.mode == NetworkMode::Kernel)
-                .map(|n| hostnet::nft::NetworkRules {
-                    bridge: crate::kernel::bridge_name(&self.instance, &n.record),
-                    subnet: n.record.subnet,
-                    forwards: self.kernel_forwards(&n.record.name).unwrap_or_default(),
-                    locked_ports: n
-                        .ports
-                        .values()
-                        .map(|(_, p)| hostnet::nft::PortLock {
-                            ifname: p.path.clone(),
-                            mac: p.mac,
-                            ips: self
-                                .store
-                                .reservations(&n.record.name)
-                                .unwrap_or_default()
-                                .into_iter()
-                                .filter(|(key, _)| *key == p.mac.to_string())
-                                .map(|(_, ip)| ip)
-                                .collect(),
-                        })
-                        .collect(),
+                .map(|n| {
+                    // One query per network: each port's reservation (keyed by MAC).
+                    let reserved = self.store.reservations(&n.record.name).unwrap_or_default();
+                    hostnet::nft::NetworkRules {
+                        bridge: crate::kernel::bridge_name(&self.instance, &n.record),
+                        subnet: n.record.subnet,
+                        forwards: self.kernel_forwards(&n.record.name).unwrap_or_default(),
+                        locked_ports: n
+                            .ports
+                            .values()
+                            .map(|(_, p)| hostnet::nft::PortLock {
+                                ifname: p.path.clone(),
+                                mac: p.mac,
+                                ips: reserved
+                                    .iter()
+                                    .filter(|(key, _)| *key == p.mac.to_string())
+                                    .map(|(_, ip)| *ip)
+                                    .collect(),
+                            })
+                            .collect(),
+                    }
                 })
                 .collect()
         };
