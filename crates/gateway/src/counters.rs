@@ -58,6 +58,9 @@ counters! {
     dns_malformed,
     /// UDP flows opened for guests.
     nat_udp_flows,
+    /// TCP segments from guests dropped for ending past the window the gateway
+    /// advertised (DNS over TCP and TCP NAT); an honest TCP never sends them.
+    tcp_beyond_window,
     /// Guest datagrams dropped: flow bounds reached, queue full, or no host socket.
     nat_udp_dropped,
     nat_udp_tx_bytes,

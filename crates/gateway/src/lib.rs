@@ -20,6 +20,8 @@ pub mod policy;
 mod stack;
 pub mod tcp_dns;
 pub mod tcp_nat;
+#[doc(hidden)] // a scripted guest TCP peer for the tests and fuzz targets
+pub mod tcp_peer;
 pub mod udp_nat;
 pub mod upstream;
 pub mod wire;
@@ -197,6 +199,7 @@ impl Gateway {
             &gateway_ips,
             cfg.subnet.prefix_len(),
             usize::from(cfg.mtu),
+            counters.clone(),
         );
         let (port, fd) = switch.add_port(network, "gateway")?;
         switch.set_port_trusted(port, true)?;
@@ -213,6 +216,7 @@ impl Gateway {
             usize::from(cfg.mtu),
             cfg.tcp_buffer.max(16 * usize::from(cfg.mtu)),
             sock.clone(),
+            counters.clone(),
         );
         let shared = Arc::new(Shared {
             tcp_nat: Mutex::new(nat),

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fabric::Mac;
@@ -20,12 +21,17 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
+use crate::counters::GatewayCounters;
 use crate::dns::{self, Decision, Zone};
 use crate::stack::Queue;
 
 /// Open TCP DNS connections at most; further SYNs wait for a free slot.
 pub const MAX_CONNECTIONS: usize = 32;
-const BUFFER: usize = 65536 + 2;
+/// Receive buffer: the largest unscaled window (see `stack`); the connection's reader
+/// drains it into the message being assembled.
+const RX_BUFFER: usize = crate::stack::UNSCALED_WINDOW;
+/// Send buffer: one whole maximal message and its length prefix.
+const TX_BUFFER: usize = 65535 + 2;
 /// A connection with no traffic for this long is dropped.
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -55,8 +61,8 @@ pub struct TcpDns {
 }
 
 impl TcpDns {
-    pub fn new(mac: Mac, addrs: &[Ipv4Addr], prefix: u8, mtu: usize) -> TcpDns {
-        let mut device = Queue::new(mtu);
+    pub fn new(mac: Mac, addrs: &[Ipv4Addr], prefix: u8, mtu: usize, counters: Arc<GatewayCounters>) -> TcpDns {
+        let mut device = Queue::new(mtu, counters);
         let epoch = std::time::Instant::now();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
@@ -89,8 +95,8 @@ impl TcpDns {
             return;
         }
         let mut sock = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; BUFFER]),
-            tcp::SocketBuffer::new(vec![0; BUFFER]),
+            tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
         );
         sock.set_timeout(Some(IDLE.into()));
         if sock.listen(53).is_ok() {
@@ -170,6 +176,16 @@ impl TcpDns {
             self.conns.remove(&h);
             self.sockets.remove(h);
         }
+        let sockets = &self.sockets;
+        self.device.retain_conns(|| {
+            sockets
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    smoltcp::socket::Socket::Tcp(t) => crate::stack::socket_conn(t),
+                    _ => None,
+                })
+                .collect()
+        });
         self.ensure_listener();
         // Writes made above go out now.
         self.iface.poll(now, &mut self.device, &mut self.sockets);
@@ -184,4 +200,110 @@ fn write_message(sock: &mut tcp::Socket, msg: &[u8]) {
     // stopped reading entirely; then the answer is lost with the connection.
     let _ = sock.send_slice(&len.to_be_bytes());
     let _ = sock.send_slice(msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tcp_peer::{Segment, TcpPeer};
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+    fn server(counters: &Arc<GatewayCounters>) -> (TcpDns, Zone) {
+        let dns = TcpDns::new(Mac([2, 0, 0, 0, 0, 1]), &[SERVER], 24, 1500, counters.clone());
+        let zone = Zone::new("vm.internal", "10.0.0.0/24".parse().unwrap());
+        (dns, zone)
+    }
+
+    fn peer() -> TcpPeer {
+        TcpPeer {
+            mac: [2, 0, 0, 0, 0, 9],
+            ip: Ipv4Addr::new(10, 0, 0, 9),
+            port: 40000,
+            server_mac: [2, 0, 0, 0, 0, 1],
+            server_ip: SERVER,
+            server_port: 53,
+            seq: 1000,
+            ack: 0,
+        }
+    }
+
+    fn exchange(dns: &mut TcpDns, zone: &Zone, peer: &mut TcpPeer, frames: Vec<Vec<u8>>) -> Vec<crate::tcp_peer::Seen> {
+        for f in frames {
+            dns.input(&f);
+        }
+        let out = dns.poll(zone);
+        peer.read(&out.frames)
+    }
+
+    fn handshake(dns: &mut TcpDns, zone: &Zone, peer: &mut TcpPeer, window_scale: Option<u8>) -> crate::tcp_peer::Seen {
+        let arp = peer.arp_request();
+        let syn = peer.segment(&Segment {
+            syn: true,
+            window: 65535,
+            window_scale,
+            mss: Some(65535),
+            ..Default::default()
+        });
+        let seen = exchange(dns, zone, peer, vec![arp, syn]);
+        let synack = seen
+            .into_iter()
+            .find(|s| s.control == smoltcp::wire::TcpControl::Syn)
+            .expect("SYN-ACK");
+        let ack = peer.segment(&Segment {
+            ack: true,
+            window: 65535,
+            ..Default::default()
+        });
+        exchange(dns, zone, peer, vec![ack]);
+        synack
+    }
+
+    /// The crash of the hostile-guests issue: a client offering window scaling, then
+    /// data to the end of the server's buffer. It made smoltcp panic in
+    /// `last_scaled_window` ("subtract sequence numbers with underflow") and took the
+    /// whole gateway task down.
+    #[test]
+    fn dns_over_tcp_survives_a_client_that_fills_past_the_advertised_window() {
+        let counters = Arc::new(GatewayCounters::default());
+        let (mut dns, zone) = server(&counters);
+        let mut peer = peer();
+        let synack = handshake(&mut dns, &zone, &mut peer, Some(7));
+        // A message announced as 65,535 bytes and sent in pieces, so the server reads
+        // what arrives and keeps waiting for the rest.
+        let mut msg = vec![0xff, 0xff];
+        msg.extend(std::iter::repeat_n(0u8, 1457));
+        let first = peer.segment(&Segment {
+            ack: true,
+            window: 65535,
+            payload: &msg,
+            ..Default::default()
+        });
+        // A zero-length segment below the window, in the same batch, draws a challenge
+        // ACK whose window is computed while those bytes are still unread.
+        let probe_seq = peer.seq.wrapping_sub(2);
+        let probe = peer.segment(&Segment {
+            ack: true,
+            window: 65535,
+            seq: Some(probe_seq),
+            ..Default::default()
+        });
+        exchange(&mut dns, &zone, &mut peer, vec![first, probe]);
+        // Then, in one batch, segments up to the end of the server's buffer: past the
+        // right edge it advertised, within the space it actually has.
+        let past_edge = vec![0u8; 64500];
+        let last = peer.segment(&Segment {
+            ack: true,
+            window: 65535,
+            payload: &past_edge,
+            ..Default::default()
+        });
+        exchange(&mut dns, &zone, &mut peer, vec![last]);
+        let _ = dns.poll_delay();
+        assert_eq!(
+            synack.window_scale.unwrap_or(0),
+            0,
+            "the server must not scale its window"
+        );
+    }
 }

@@ -37,7 +37,7 @@ use tokio::net::{TcpStream, UnixDatagram};
 use tokio::sync::Notify;
 
 use crate::counters::GatewayCounters;
-use crate::stack::Queue;
+use crate::stack::{Queue, UNSCALED_WINDOW};
 use crate::wire::{self, TcpHead};
 use crate::Shared;
 
@@ -87,8 +87,6 @@ struct Watch {
 /// vanished guest does not hold flows forever.
 const DEAD_PEER: Duration = Duration::from_secs(300);
 const KEEP_ALIVE: Duration = Duration::from_secs(75);
-/// The largest receive buffer smoltcp advertises without window scaling.
-const UNSCALED_WINDOW: usize = 65535;
 /// Egress passes per run of the stack: up to this many segments per connection.
 const EGRESS_PASSES: usize = 64;
 /// Gateway-side ports for forwarded connections, as the guest sees them.
@@ -119,8 +117,9 @@ impl TcpNat {
         mtu: usize,
         buffer: usize,
         port: Arc<UnixDatagram>,
+        counters: Arc<GatewayCounters>,
     ) -> TcpNat {
-        let mut device = Queue::new(mtu);
+        let mut device = Queue::new(mtu, counters);
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
         iface.update_ip_addrs(|a| {
@@ -192,6 +191,14 @@ impl TcpNat {
             }
             watch.seen = seen;
         }
+        let sockets = &self.sockets;
+        let watches = &self.watches;
+        self.device.retain_conns(|| {
+            watches
+                .keys()
+                .filter_map(|h| crate::stack::socket_conn(sockets.get::<tcp::Socket>(*h)))
+                .collect()
+        });
         // Sent while the stack is locked, so segments leave in the order it made them
         // (tasks sending on their own after unlocking would reorder them, and smoltcp
         // answers duplicate ACKs by resending the whole window). Without blocking: what
@@ -245,11 +252,9 @@ impl TcpNat {
     }
 
     fn new_socket(&mut self, timeout: Duration) -> tcp::Socket<'static> {
-        // The receive side stays within 64 KiB so the window is never scaled: smoltcp
-        // rounds a scaled window down, which can move its right edge back by a few
-        // bytes; a guest that filled the older window then makes smoltcp 0.12-0.14 panic
-        // ("subtract sequence numbers with underflow" in last_scaled_window, smoltcp
-        // issue 1048). Seen here under a 200 MiB transfer with a 256 KiB buffer.
+        // The receive side stays within 64 KiB so the window is never scaled and the
+        // window guard's edges are exact (see `stack`; smoltcp issue 1048, first seen
+        // here under a 200 MiB transfer with a 256 KiB buffer).
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; self.buffer.min(UNSCALED_WINDOW)]),
             tcp::SocketBuffer::new(vec![0; self.buffer]),

@@ -1,0 +1,180 @@
+//! A scripted TCP peer for driving the gateway's smoltcp stacks in-process: it builds the
+//! Ethernet/IPv4/TCP frames a guest would send (any flags, options, windows, sequence
+//! numbers, including ones a well-behaved stack never sends) and reads the gateway's
+//! answers. The regression tests and the fuzz targets use it to replay hostile segment
+//! sequences without a network.
+
+use std::net::Ipv4Addr;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
+
+/// One side of a TCP conversation as a guest on the network.
+pub struct TcpPeer {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub server_mac: [u8; 6],
+    pub server_ip: Ipv4Addr,
+    pub server_port: u16,
+    /// Next sequence number this peer sends.
+    pub seq: u32,
+    /// What this peer acknowledges.
+    pub ack: u32,
+}
+
+/// The TCP header fields of a frame the gateway sent to the peer.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub control: TcpControl,
+    pub seq: u32,
+    pub ack: Option<u32>,
+    pub window: u16,
+    pub window_scale: Option<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// What a segment the peer sends carries.
+#[derive(Debug, Clone, Default)]
+pub struct Segment<'a> {
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    /// Acknowledge `TcpPeer::ack` (every segment after the SYN does).
+    pub ack: bool,
+    pub window: u16,
+    pub window_scale: Option<u8>,
+    pub mss: Option<u16>,
+    /// Sequence number to use instead of `TcpPeer::seq` (for probes and old data).
+    pub seq: Option<u32>,
+    pub payload: &'a [u8],
+}
+
+impl TcpPeer {
+    /// An ARP request from the peer for the server's address, from which smoltcp learns
+    /// the peer's MAC.
+    pub fn arp_request(&self) -> Vec<u8> {
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(self.mac),
+            source_protocol_addr: self.ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: self.server_ip,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(self.mac),
+            dst_addr: EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+        let mut frame = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut frame);
+        arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+        buf
+    }
+
+    /// Builds a segment; a sent SYN, FIN or payload advances `seq` unless `seg.seq` is set.
+    pub fn segment(&mut self, seg: &Segment) -> Vec<u8> {
+        let control = match (seg.syn, seg.fin, seg.rst) {
+            (true, _, _) => TcpControl::Syn,
+            (_, true, _) => TcpControl::Fin,
+            (_, _, true) => TcpControl::Rst,
+            _ => TcpControl::None,
+        };
+        let seq = seg.seq.unwrap_or(self.seq);
+        let tcp = TcpRepr {
+            src_port: self.port,
+            dst_port: self.server_port,
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: seg.ack.then_some(TcpSeqNumber(self.ack as i32)),
+            window_len: seg.window,
+            window_scale: seg.window_scale,
+            max_seg_size: seg.mss,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: seg.payload,
+        };
+        if seg.seq.is_none() {
+            self.seq = self.seq.wrapping_add(tcp.segment_len() as u32);
+        }
+        let ip = Ipv4Repr {
+            src_addr: self.ip,
+            dst_addr: self.server_ip,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(self.mac),
+            dst_addr: EthernetAddress(self.server_mac),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+        let mut frame = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut frame);
+        let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
+        ip.emit(&mut packet, &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(packet.payload_mut()),
+            &IpAddress::Ipv4(self.ip),
+            &IpAddress::Ipv4(self.server_ip),
+            &caps,
+        );
+        buf
+    }
+
+    /// The TCP segments among `frames` that are addressed to this peer; a SYN, FIN or
+    /// payload from the server moves `ack` to the end of what it covered.
+    pub fn read(&mut self, frames: &[Vec<u8>]) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        for f in frames {
+            let Ok(eth) = EthernetFrame::new_checked(f.as_slice()) else {
+                continue;
+            };
+            if eth.ethertype() != EthernetProtocol::Ipv4 {
+                continue;
+            }
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                continue;
+            };
+            if ip.dst_addr() != self.ip || ip.next_header() != IpProtocol::Tcp {
+                continue;
+            }
+            let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+                continue;
+            };
+            if tcp.dst_port() != self.port {
+                continue;
+            }
+            let caps = ChecksumCapabilities::default();
+            let src = IpAddress::Ipv4(ip.src_addr());
+            let dst = IpAddress::Ipv4(ip.dst_addr());
+            let Ok(repr) = TcpRepr::parse(&tcp, &src, &dst, &caps) else {
+                continue;
+            };
+            let end = repr.seq_number + repr.segment_len();
+            // Only forward: a retransmission of older data leaves the ack where it is.
+            // A SYN sets where the server's sequence space starts.
+            if repr.control == TcpControl::Syn
+                || repr.segment_len() > 0 && (end.0 as u32).wrapping_sub(self.ack) as i32 > 0
+            {
+                self.ack = end.0 as u32;
+            }
+            seen.push(Seen {
+                control: repr.control,
+                seq: repr.seq_number.0 as u32,
+                ack: repr.ack_number.map(|a| a.0 as u32),
+                window: repr.window_len,
+                window_scale: repr.window_scale,
+                payload: repr.payload.to_vec(),
+            });
+        }
+        seen
+    }
+}
