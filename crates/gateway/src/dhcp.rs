@@ -201,6 +201,10 @@ impl DhcpServer {
 
     /// Handles one DHCP message from a client (the UDP payload).
     pub fn handle(&mut self, payload: &[u8], now: u64) -> (Option<DhcpReply>, Option<LeaseEvent>) {
+        if !options_fit_decoder(payload) {
+            GatewayCounters::inc(&self.counters.dhcp_malformed);
+            return (None, None);
+        }
         let Ok(req) = v4::Message::decode(&mut Decoder::new(payload)) else {
             GatewayCounters::inc(&self.counters.dhcp_malformed);
             return (None, None);
@@ -463,6 +467,76 @@ impl DhcpServer {
     }
 }
 
+/// Whether every option of a message has the length dhcproto's decoder will read.
+///
+/// Why by hand: dhcproto 0.15 trusts the length byte of some options. It asserts on it
+/// (`debug_assert!(len == 0)` for Rapid Commit: an abort in debug builds), subtracts
+/// from it (`len - 3` for Client FQDN, `len - 1` for the bulk-leasequery status:
+/// overflow panics in debug builds), or reads a fixed size whatever it says (the rest of
+/// the options are then parsed from the wrong offset in release builds). Messages whose
+/// options disagree with their sizes are refused before they reach it.
+fn options_fit_decoder(msg: &[u8]) -> bool {
+    use v4::OptionCode as C;
+    /// The fixed-size options dhcproto reads without looking at the length byte.
+    fn expected(code: C) -> Option<std::ops::RangeInclusive<usize>> {
+        Some(match code {
+            C::RapidCommit => 0..=0,
+            C::DefaultIpTtl
+            | C::DefaultTcpTtl
+            | C::NetBiosNodeType
+            | C::OptionOverload
+            | C::MessageType
+            | C::DisableSLAAC
+            | C::BulkLeaseQueryDhcpState
+            | C::BulkLeaseQueryDataSource
+            | C::IpForwarding
+            | C::NonLocalSrcRouting => 1..=1,
+            C::BootFileSize
+            | C::MaxDatagramSize
+            | C::InterfaceMtu
+            | C::MaxMessageSize
+            | C::ClientSystemArchitecture => 2..=2,
+            C::ClientNetworkInterface => 3..=3,
+            C::TimeOffset
+            | C::PathMtuAgingTimeout
+            | C::ArpCacheTimeout
+            | C::TcpKeepaliveInterval
+            | C::AddressLeaseTime
+            | C::Renewal
+            | C::Rebinding
+            | C::ClientLastTransactionTime
+            | C::Ipv6OnlyPreferred
+            | C::BulkLeaseQueryBaseTime
+            | C::BulkLeasQueryStartTimeOfState
+            | C::BulkLeaseQueryQueryStartTime
+            | C::BulkLeaseQueryQueryEndTime => 4..=4,
+            C::BulkLeaseQueryStatusCode => 1..=255,
+            C::ClientFQDN => 3..=255,
+            _ => return None,
+        })
+    }
+    // Fixed header (236 bytes), then the magic cookie; options follow.
+    let Some(mut rest) = msg.get(240..) else { return true };
+    while let Some((&code, tail)) = rest.split_first() {
+        match code {
+            0 => rest = tail,
+            255 => return true,
+            _ => {
+                let Some((&len, tail)) = tail.split_first() else {
+                    return true;
+                };
+                let len = usize::from(len);
+                if expected(C::from(code)).is_some_and(|range| !range.contains(&len)) {
+                    return false;
+                }
+                // A length past the end is the decoder's to refuse.
+                let Some(tail) = tail.get(len..) else { return true };
+                rest = tail;
+            }
+        }
+    }
+    true
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,6 +566,36 @@ mod tests {
             m.opts_mut().insert(o);
         }
         m.to_vec().unwrap()
+    }
+
+    /// A DISCOVER with one raw option added before the end marker.
+    fn with_raw_option(mac: u8, option: &[u8]) -> Vec<u8> {
+        let mut bytes = msg(mac, MessageType::Discover, vec![], Ipv4Addr::UNSPECIFIED);
+        let end = bytes.iter().rposition(|b| *b == 255).unwrap();
+        bytes.splice(end..end, option.iter().copied());
+        bytes
+    }
+
+    /// dhcproto asserts (debug builds) or underflows on these lengths; the server counts
+    /// them as malformed and goes on.
+    #[test]
+    fn options_with_lengths_the_decoder_trusts_are_refused_not_decoded() {
+        let (mut s, _) = server();
+        for bad in [
+            &[80u8, 1, 0][..],
+            &[81, 1, 0],
+            &[81, 0],
+            &[151, 0],
+            &[51, 2, 0, 0],
+            &[53, 0],
+        ] {
+            let (reply, _) = s.handle(&with_raw_option(1, bad), 100);
+            assert!(reply.is_none(), "{bad:?} answered");
+        }
+        assert_eq!(s.counters.dhcp_malformed.load(std::sync::atomic::Ordering::Relaxed), 6);
+        // Well-formed: Rapid Commit with length 0 still gets an answer.
+        let (reply, _) = s.handle(&with_raw_option(1, &[80, 0]), 100);
+        assert!(reply.is_some());
     }
 
     fn decode(r: &DhcpReply) -> v4::Message {
