@@ -9,6 +9,7 @@
 //! forwarded DNS queries run beside it, each bounded per client and in total.
 
 pub mod config;
+pub mod contain;
 pub mod counters;
 pub mod dhcp;
 pub mod dns;
@@ -83,6 +84,7 @@ enum ReplyTo {
 struct Shared {
     cfg: Arc<GatewayConfig>,
     counters: Arc<GatewayCounters>,
+    panics: Arc<contain::PanicCounters>,
     state: Mutex<State>,
     upstreams: UpstreamSet,
     inflight_total: AtomicUsize,
@@ -191,16 +193,8 @@ impl Gateway {
         }
         let (tx, rx) = mpsc::channel();
         let cfg_egress = cfg.egress.clone();
-        let gateway_ips: Vec<Ipv4Addr> = std::iter::once(cfg.gateway_ip)
-            .chain(cfg.extra_ips.iter().copied())
-            .collect();
-        let tcp = tcp_dns::TcpDns::new(
-            cfg.gateway_mac,
-            &gateway_ips,
-            cfg.subnet.prefix_len(),
-            usize::from(cfg.mtu),
-            counters.clone(),
-        );
+        let tcp = new_tcp_dns(&cfg, &counters);
+        let panics = Arc::new(contain::PanicCounters::default());
         let (port, fd) = switch.add_port(network, "gateway")?;
         switch.set_port_trusted(port, true)?;
         let std_sock = std::os::unix::net::UnixDatagram::from(fd);
@@ -209,16 +203,9 @@ impl Gateway {
             let _guard = rt.enter();
             Arc::new(UnixDatagram::from_std(std_sock)?)
         };
-        let nat = tcp_nat::TcpNat::new(
-            cfg.gateway_mac,
-            cfg.gateway_ip,
-            cfg.subnet.prefix_len(),
-            usize::from(cfg.mtu),
-            cfg.tcp_buffer.max(16 * usize::from(cfg.mtu)),
-            sock.clone(),
-            counters.clone(),
-        );
+        let nat = tcp_nat::TcpNat::new(&cfg, sock.clone(), counters.clone(), panics.clone());
         let shared = Arc::new(Shared {
+            panics,
             tcp_nat: Mutex::new(nat),
             icmp_flows: Mutex::default(),
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
@@ -235,7 +222,7 @@ impl Gateway {
             egress: Mutex::new(cfg_egress),
             host_addrs: policy::HostAddresses::default(),
         });
-        let task = rt.spawn(serve(shared.clone(), sock.clone()));
+        let task = rt.spawn(supervise(shared.clone(), sock.clone()));
         let writer = rt.spawn(tcp_nat::write_outbox(shared.clone()));
         Ok(Gateway {
             shared,
@@ -259,6 +246,11 @@ impl Gateway {
 
     pub fn counters(&self) -> &GatewayCounters {
         &self.shared.counters
+    }
+
+    /// Panics in protocol handlers that were contained, per service.
+    pub fn handler_panics(&self) -> &contain::PanicCounters {
+        &self.shared.panics
     }
 
     /// Lease changes, for the control plane; the first caller gets them.
@@ -362,6 +354,46 @@ impl Drop for Gateway {
 /// Frames the gateway takes from its port before running its TCP stacks.
 const BATCH: usize = 64;
 
+fn new_tcp_dns(cfg: &GatewayConfig, counters: &Arc<GatewayCounters>) -> tcp_dns::TcpDns {
+    let gateway_ips: Vec<Ipv4Addr> = std::iter::once(cfg.gateway_ip)
+        .chain(cfg.extra_ips.iter().copied())
+        .collect();
+    tcp_dns::TcpDns::new(
+        cfg.gateway_mac,
+        &gateway_ips,
+        cfg.subnet.prefix_len(),
+        usize::from(cfg.mtu),
+        counters.clone(),
+    )
+}
+
+/// Runs the gateway's frame loop, and runs it again if it ever dies of a panic that
+/// escaped the handlers' containment: the leases, flows and names live in `Shared`
+/// and outlive the loop, so a restart loses at most the frames in hand.
+async fn supervise(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
+    /// Aborts the loop when the supervisor itself is aborted (the gateway dropped).
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    loop {
+        let mut run = AbortOnDrop(tokio::spawn(serve(shared.clone(), sock.clone())));
+        match (&mut run.0).await {
+            // The loop returns only when the port is gone: the gateway was removed.
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                shared.panics.record(contain::Service::Task);
+                tracing::error!(subnet = %shared.cfg.subnet, "gateway task panicked; restarting it with its leases");
+                // A pause, so an input that kills the loop every time cannot spin a core.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
     let mut buf = vec![0u8; 65536 + 64];
     // Answers of forwarded TCP queries come back here, to be written by this task.
@@ -387,6 +419,8 @@ async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
                     let mut len = Some(n);
                     let mut taken = 0;
                     while let Some(n) = len {
+                        #[cfg(test)]
+                        tests::panic_if_marked(&buf[..n], tests::TASK_MARK);
                         let (replies, touched) = handle_frame(&shared, &sock, &buf[..n]);
                         tcp_touched |= touched;
                         for reply in replies {
@@ -430,7 +464,15 @@ async fn run_tcp(
     let out = {
         let mut st = shared.state();
         let State { tcp, zone, .. } = &mut *st;
-        tcp.poll(zone)
+        match contain::contained(&shared.panics, contain::Service::DnsTcp, &[], || tcp.poll(zone)) {
+            Some(out) => out,
+            None => {
+                // The stack's state is unknown after a panic inside it: start it anew
+                // (its connections are lost; the clients retry).
+                *tcp = new_tcp_dns(&shared.cfg, &shared.counters);
+                return;
+            }
+        }
     };
     let c = &shared.counters;
     c.dns_local.fetch_add(out.local, Ordering::Relaxed);
@@ -447,17 +489,44 @@ async fn run_tcp(
 
 /// Answers one frame; returns the frames to send back now, and whether the TCP stack
 /// got the frame and needs a run. Forwarded DNS queries are answered by their own task.
+/// Each step runs contained (see `contain`): a panic drops this frame only.
 fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
-    let inbound = match wire::classify(frame) {
-        Ok(i) => i,
-        Err(_) => {
+    use contain::{contained, Service};
+    let inbound = match contained(&shared.panics, Service::Frame, frame, || wire::classify(frame)) {
+        Some(Ok(i)) => i,
+        Some(Err(_)) => {
             GatewayCounters::inc(&shared.counters.malformed_frames);
             return (vec![], false);
         }
+        None => return (vec![], false),
     };
-    let (tcp_touched, mut out) = feed_tcp(shared, sock, frame, &inbound);
-    out.extend(answer_frame(shared, sock, frame, inbound));
-    (out, tcp_touched)
+    let service = service_of(&shared.cfg, &inbound);
+    contained(&shared.panics, service, frame, || {
+        #[cfg(test)]
+        tests::panic_if_marked(frame, tests::HANDLER_MARK);
+        let (tcp_touched, mut out) = feed_tcp(shared, sock, frame, &inbound);
+        out.extend(answer_frame(shared, sock, frame, inbound));
+        (out, tcp_touched)
+    })
+    .unwrap_or_default()
+}
+
+/// The service a classified frame is for, to name it when its handler panics.
+fn service_of(cfg: &GatewayConfig, inbound: &Inbound<'_>) -> contain::Service {
+    use contain::Service;
+    match inbound {
+        Inbound::Arp { .. } => Service::Arp,
+        Inbound::IcmpEcho { dst_ip, .. } if cfg.is_gateway_ip(*dst_ip) => Service::Icmp,
+        Inbound::IcmpEcho { .. } => Service::IcmpNat,
+        Inbound::Udp { dst_port: 67, .. } => Service::Dhcp,
+        Inbound::Udp {
+            dst_ip, dst_port: 53, ..
+        } if cfg.is_gateway_ip(*dst_ip) => Service::Dns,
+        Inbound::Udp { .. } => Service::UdpNat,
+        Inbound::Tcp(head) if cfg.is_gateway_ip(*head.dst.ip()) && head.dst.port() == 53 => Service::DnsTcp,
+        Inbound::Tcp(_) => Service::TcpNat,
+        Inbound::Ignored => Service::Frame,
+    }
 }
 
 /// Gives the TCP stacks the frames they need: TCP for the gateway's DNS goes to the DNS
@@ -752,4 +821,122 @@ fn spawn_forward(
         }
         drop(guard);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dhcproto::v4::{DhcpOption, MessageType};
+    use dhcproto::{Decodable, Encodable};
+    use std::os::unix::net::UnixDatagram as StdDatagram;
+
+    /// Frames carrying these bytes make the handler (or the loop, outside the
+    /// handlers' containment) panic, standing for a bug that a guest's input finds.
+    pub(crate) const HANDLER_MARK: &[u8] = b"vmfabric-test-panic-in-handler";
+    pub(crate) const TASK_MARK: &[u8] = b"vmfabric-test-panic-in-task";
+
+    pub(crate) fn panic_if_marked(frame: &[u8], mark: &[u8]) {
+        if frame.windows(mark.len()).any(|w| w == mark) {
+            panic!("injected by the test");
+        }
+    }
+
+    const CLIENT: Mac = Mac([2, 0, 0, 0, 0, 0x42]);
+
+    fn client_msg(kind: MessageType, opts: Vec<DhcpOption>) -> Vec<u8> {
+        let mut m = dhcproto::v4::Message::new_with_id(
+            9,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &CLIENT.0,
+        );
+        m.opts_mut().insert(DhcpOption::MessageType(kind));
+        for o in opts {
+            m.opts_mut().insert(o);
+        }
+        let payload = m.to_vec().unwrap();
+        wire::udp_frame(
+            CLIENT,
+            Mac::BROADCAST,
+            (Ipv4Addr::UNSPECIFIED, 68),
+            (Ipv4Addr::BROADCAST, 67),
+            &payload,
+        )
+    }
+
+    fn discover() -> Vec<u8> {
+        client_msg(MessageType::Discover, vec![])
+    }
+
+    fn answer(client: &StdDatagram) -> Option<dhcproto::v4::Message> {
+        let mut buf = vec![0u8; 2048];
+        while let Ok(n) = client.recv(&mut buf) {
+            if let Ok(Inbound::Udp {
+                src_port: 67, payload, ..
+            }) = wire::classify(&buf[..n])
+            {
+                return dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(payload)).ok();
+            }
+        }
+        None
+    }
+
+    fn offered(client: &StdDatagram) -> bool {
+        answer(client).is_some_and(|m| m.opts().msg_type() == Some(MessageType::Offer))
+    }
+
+    fn marked(mark: &[u8]) -> Vec<u8> {
+        wire::udp_frame(
+            CLIENT,
+            Mac::BROADCAST,
+            (Ipv4Addr::new(10, 67, 0, 9), 1000),
+            (Ipv4Addr::new(10, 67, 0, 1), 9),
+            mark,
+        )
+    }
+
+    #[test]
+    fn a_panic_in_a_handler_costs_one_frame_and_a_panic_in_the_loop_a_restart() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sw = Switch::start(fabric::SwitchConfig::default()).unwrap();
+        sw.add_network("n", fabric::NetworkConfig::default()).unwrap();
+        let mut cfg = GatewayConfig::new("n", "10.67.0.0/24".parse().unwrap());
+        cfg.upstreams = Upstreams::Static(vec![]);
+        let gw = Gateway::attach(rt.handle(), &sw, "n", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+        let (_, fd) = sw.add_port("n", "client").unwrap();
+        let client = StdDatagram::from(fd);
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.send(&discover()).unwrap();
+        let offer = answer(&client).unwrap();
+        let request = client_msg(
+            MessageType::Request,
+            vec![
+                DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 67, 0, 1)),
+            ],
+        );
+        client.send(&request).unwrap();
+        assert_eq!(answer(&client).unwrap().opts().msg_type(), Some(MessageType::Ack));
+
+        client.send(&marked(HANDLER_MARK)).unwrap();
+        client.send(&discover()).unwrap();
+        assert!(offered(&client), "the gateway answers after a handler panicked");
+        assert_eq!(gw.handler_panics().get(contain::Service::Dns), 0);
+        assert_eq!(gw.handler_panics().get(contain::Service::UdpNat), 1);
+
+        client.send(&marked(TASK_MARK)).unwrap();
+        client.send(&discover()).unwrap();
+        assert!(offered(&client), "the gateway answers after its loop was restarted");
+        assert_eq!(gw.handler_panics().get(contain::Service::Task), 1);
+        assert_eq!(gw.leases().len(), 1, "the lease outlives the restart");
+        assert_eq!(gw.leases()[0].ip, offer.yiaddr());
+        drop(gw);
+        drop(rt);
+    }
 }

@@ -28,7 +28,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fabric::Mac;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -107,18 +106,19 @@ pub(crate) struct TcpNat {
     outbox: std::collections::VecDeque<Vec<u8>>,
     /// Wakes the task that writes the outbox when the port has room again.
     writer: Arc<Notify>,
+    panics: Arc<crate::contain::PanicCounters>,
 }
 
 impl TcpNat {
     pub fn new(
-        mac: Mac,
-        gateway_ip: Ipv4Addr,
-        prefix: u8,
-        mtu: usize,
-        buffer: usize,
+        cfg: &crate::GatewayConfig,
         port: Arc<UnixDatagram>,
         counters: Arc<GatewayCounters>,
+        panics: Arc<crate::contain::PanicCounters>,
     ) -> TcpNat {
+        let (mac, gateway_ip, prefix) = (cfg.gateway_mac, cfg.gateway_ip, cfg.subnet.prefix_len());
+        let mtu = usize::from(cfg.mtu);
+        let buffer = cfg.tcp_buffer.max(16 * mtu);
         let mut device = Queue::new(mtu, counters);
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
@@ -141,6 +141,7 @@ impl TcpNat {
             port,
             outbox: Default::default(),
             writer: Arc::new(Notify::new()),
+            panics,
         }
     }
 
@@ -173,14 +174,18 @@ impl TcpNat {
     /// Runs the stack, queues what it sent and wakes the tasks whose socket changed.
     pub fn poll(&mut self) {
         let now = self.now();
-        self.iface.poll(now, &mut self.device, &mut self.sockets);
-        // smoltcp sends at most one segment per socket in a pass; pass again while
-        // sockets still have segments ready, so a full window leaves in one run.
-        for _ in 0..EGRESS_PASSES {
-            if self.iface.poll_egress(now, &mut self.device, &mut self.sockets) == PollResult::None {
-                break;
+        let (iface, device, sockets) = (&mut self.iface, &mut self.device, &mut self.sockets);
+        // Contained (see `contain`): what the stack sent before a panic still goes out.
+        crate::contain::contained(&self.panics, crate::contain::Service::TcpNat, &[], || {
+            iface.poll(now, device, sockets);
+            // smoltcp sends at most one segment per socket in a pass; pass again while
+            // sockets still have segments ready, so a full window leaves in one run.
+            for _ in 0..EGRESS_PASSES {
+                if iface.poll_egress(now, device, sockets) == PollResult::None {
+                    break;
+                }
             }
-        }
+        });
         for (handle, watch) in self.watches.iter_mut() {
             let s = self.sockets.get::<tcp::Socket>(*handle);
             let seen = (s.state(), s.recv_queue(), s.send_queue());

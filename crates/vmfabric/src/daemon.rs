@@ -1078,6 +1078,11 @@ impl Daemon {
                 for (k, v) in gw.counters().snapshot() {
                     out.push_str(&format!("vmfabric_gateway_{k}_total{{network=\"{name}\"}} {v}\n"));
                 }
+                for (service, v) in gw.handler_panics().snapshot() {
+                    out.push_str(&format!(
+                        "vmfabric_gateway_handler_panics_total{{network=\"{name}\",service=\"{service}\"}} {v}\n"
+                    ));
+                }
             }
         }
         out
