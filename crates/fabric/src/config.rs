@@ -27,6 +27,11 @@ pub struct NetworkConfig {
     /// Drop DHCP server messages (UDP source port 67) from ports not trusted to serve
     /// DHCP (see [`crate::Switch::set_port_trusted`]): no rogue DHCP server on the network.
     pub dhcp_guard: bool,
+    /// Carry IPv6 between guests. Off (the default), untrusted ports' IPv6 is dropped
+    /// (counted as ipv6_off); on, it passes the first-hop guard: no Router
+    /// Advertisements, redirects or DHCPv6 server messages from untrusted ports, and
+    /// no Neighbour Advertisement announcing another MAC than the sender's.
+    pub ipv6: bool,
 }
 
 impl Default for NetworkConfig {
@@ -36,6 +41,7 @@ impl Default for NetworkConfig {
             mac_table_max: 4096,
             aging: Duration::from_secs(300),
             dhcp_guard: true,
+            ipv6: false,
         }
     }
 }

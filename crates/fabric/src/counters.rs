@@ -26,10 +26,17 @@ pub enum DropReason {
     PeerGone,
     /// A DHCP server message (UDP source port 67) from a port not trusted to serve DHCP.
     RogueDhcp,
+    /// IPv6 from an untrusted port on a network that does not carry IPv6.
+    Ipv6Off,
+    /// IPv6 that only a router may send (RA, redirect, DHCPv6 server), a Neighbour
+    /// Advertisement for another MAC, or IPv6 hiding its upper layer, from an untrusted port.
+    Ipv6Guard,
+    /// More VLAN tags than the switch looks through, or a tag cut short.
+    Malformed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::NoRoute,
@@ -38,6 +45,9 @@ impl DropReason {
         DropReason::TableFull,
         DropReason::PeerGone,
         DropReason::RogueDhcp,
+        DropReason::Ipv6Off,
+        DropReason::Ipv6Guard,
+        DropReason::Malformed,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -50,6 +60,9 @@ impl DropReason {
             DropReason::TableFull => "table_full",
             DropReason::PeerGone => "peer_gone",
             DropReason::RogueDhcp => "rogue_dhcp",
+            DropReason::Ipv6Off => "ipv6_off",
+            DropReason::Ipv6Guard => "ipv6_guard",
+            DropReason::Malformed => "malformed",
         }
     }
 

@@ -18,8 +18,18 @@ pub const ETH_HEADER_LEN: usize = 14;
 pub const VLAN_TAG_LEN: usize = 4;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub const ETHERTYPE_VLAN: u16 = 0x8100;
 pub const ETHERTYPE_QINQ: u16 = 0x88a8;
+/// The pre-standard QinQ ethertype some switches still use.
+pub const ETHERTYPE_QINQ_OLD: u16 = 0x9100;
+/// VLAN tags the switch looks through (802.1ad outer + 802.1Q inner); a frame with
+/// more is malformed to it.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+fn is_tag(ethertype: u16) -> bool {
+    matches!(ethertype, ETHERTYPE_VLAN | ETHERTYPE_QINQ | ETHERTYPE_QINQ_OLD)
+}
 
 /// Why a frame is unusable before any forwarding decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,19 +76,25 @@ impl<'a> EthernetView<'a> {
     }
 
     pub fn is_vlan_tagged(&self) -> bool {
-        matches!(self.outer_ethertype(), ETHERTYPE_VLAN | ETHERTYPE_QINQ)
+        is_tag(self.outer_ethertype())
     }
 
-    /// Ethertype and payload after at most one VLAN tag; `None` for a tagged frame too
-    /// short to hold its tag.
+    /// Ethertype and payload after the VLAN tags (up to [`MAX_VLAN_TAGS`], 802.1Q,
+    /// 802.1ad or the old 0x9100 in any order), so that every check sees what a tagged
+    /// frame really carries. `None` for a frame with more tags, or too short to hold
+    /// the ones it announces.
     pub fn inner(&self) -> Option<(u16, &'a [u8])> {
-        if self.is_vlan_tagged() {
-            let rest = self.bytes.get(ETH_HEADER_LEN + VLAN_TAG_LEN..)?;
-            let et = u16::from_be_bytes([self.bytes[16], self.bytes[17]]);
-            Some((et, rest))
-        } else {
-            Some((self.outer_ethertype(), &self.bytes[ETH_HEADER_LEN..]))
+        let mut ethertype = self.outer_ethertype();
+        let mut rest = &self.bytes[ETH_HEADER_LEN..];
+        for _ in 0..MAX_VLAN_TAGS {
+            if !is_tag(ethertype) {
+                return Some((ethertype, rest));
+            }
+            let tag = rest.get(..VLAN_TAG_LEN)?;
+            ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+            rest = &rest[VLAN_TAG_LEN..];
         }
+        (!is_tag(ethertype)).then_some((ethertype, rest))
     }
 
     pub fn len(&self) -> usize {
@@ -90,29 +106,169 @@ impl<'a> EthernetView<'a> {
     }
 }
 
-/// The UDP ports of an IPv4/UDP frame. Reads only fixed offsets, so it is cheap
-/// enough for every frame.
-fn udp_ports(frame: &EthernetView<'_>) -> Option<(u16, u16)> {
-    let Some((ETHERTYPE_IPV4, ip)) = frame.inner() else {
-        return None;
-    };
-    let &vihl = ip.first()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ip.get(9) != Some(&17) {
-        return None;
-    }
-    let p = ip.get(ihl..ihl + 4)?;
-    Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
+/// What the UDP header of an IPv4 frame says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UdpPorts {
+    /// Not IPv4/UDP, or a later fragment (which carries no UDP header).
+    None,
+    Ports(u16, u16),
+    /// The first fragment of a UDP datagram too short to hold the UDP header: a way to
+    /// hide the ports from a filter (RFC 1858's tiny fragments).
+    Hidden,
 }
 
-/// Whether the frame is IPv4/UDP from source port 67: a DHCP server speaking.
+/// The UDP ports of an IPv4/UDP frame. Reads only fixed offsets, so it is cheap
+/// enough for every frame.
+fn udp_ports(frame: &EthernetView<'_>) -> UdpPorts {
+    let Some((ETHERTYPE_IPV4, ip)) = frame.inner() else {
+        return UdpPorts::None;
+    };
+    let Some(&vihl) = ip.first() else { return UdpPorts::None };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ip.get(9) != Some(&17) {
+        return UdpPorts::None;
+    }
+    let fragment_offset = ip.get(6..8).map(|b| u16::from_be_bytes([b[0] & 0x1f, b[1]]));
+    if fragment_offset.is_some_and(|o| o != 0) {
+        return UdpPorts::None;
+    }
+    match ip.get(ihl..ihl + 8) {
+        Some(p) => UdpPorts::Ports(u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])),
+        None => UdpPorts::Hidden,
+    }
+}
+
+/// Whether the frame is IPv4/UDP from source port 67 (a DHCP server speaking), seen
+/// through VLAN tags, or a UDP first fragment that hides its ports.
 pub fn is_dhcp_server_message(frame: &EthernetView<'_>) -> bool {
-    udp_ports(frame).is_some_and(|(src, _)| src == 67)
+    match udp_ports(frame) {
+        UdpPorts::Ports(src, _) => src == 67,
+        UdpPorts::Hidden => true,
+        UdpPorts::None => false,
+    }
 }
 
 /// Whether the frame is IPv4/UDP from port 68 to port 67: a DHCP client speaking.
 pub fn is_dhcp_client_message(frame: &EthernetView<'_>) -> bool {
-    udp_ports(frame) == Some((68, 67))
+    udp_ports(frame) == UdpPorts::Ports(68, 67)
+}
+
+/// What an IPv6 frame from a guest is, for the first-hop guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Kind {
+    NotIpv6,
+    /// Anything a guest may send when IPv6 passes the network.
+    Plain,
+    /// Router Advertisement (ICMPv6 134): only the gateway may route.
+    RouterAdvert,
+    /// Redirect (ICMPv6 137).
+    Redirect,
+    /// DHCPv6 from the server port (547 to 546): only the gateway may serve.
+    Dhcp6Server,
+    /// Neighbour Advertisement (ICMPv6 136), with the link-layer address it announces.
+    NeighbourAdvert {
+        target_mac: Option<Mac>,
+    },
+    /// Cut short, or an upper layer hidden behind extension headers the first
+    /// fragment does not hold (RFC 7113's evasion of RA guards).
+    Malformed,
+}
+
+/// Classifies an IPv6 frame, walking extension headers to the upper layer. Fixed
+/// offsets and bounds-checked slices only.
+pub fn ipv6_kind(frame: &EthernetView<'_>) -> Ipv6Kind {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DEST_OPTS: u8 = 60;
+    const ICMPV6: u8 = 58;
+    const UDP: u8 = 17;
+    let Some((ethertype, ip)) = frame.inner() else {
+        return Ipv6Kind::Malformed;
+    };
+    if ethertype != ETHERTYPE_IPV6 {
+        return Ipv6Kind::NotIpv6;
+    }
+    let Some(header) = ip.get(..40) else {
+        return Ipv6Kind::Malformed;
+    };
+    if header[0] >> 4 != 6 {
+        return Ipv6Kind::Malformed;
+    }
+    let mut next = header[6];
+    let mut rest = &ip[40..];
+    // A handful of extension headers is all a real packet carries.
+    for _ in 0..8 {
+        match next {
+            HOP_BY_HOP | ROUTING | DEST_OPTS => {
+                let Some(h) = rest.get(..2) else {
+                    return Ipv6Kind::Malformed;
+                };
+                let len = (usize::from(h[1]) + 1) * 8;
+                let Some(tail) = rest.get(len..) else {
+                    return Ipv6Kind::Malformed;
+                };
+                next = h[0];
+                rest = tail;
+            }
+            FRAGMENT => {
+                let Some(h) = rest.get(..8) else {
+                    return Ipv6Kind::Malformed;
+                };
+                let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
+                if offset != 0 {
+                    // A later fragment: without its first fragment it is never
+                    // reassembled, and the first one is checked.
+                    return Ipv6Kind::Plain;
+                }
+                next = h[0];
+                rest = &rest[8..];
+            }
+            ICMPV6 => {
+                let Some(&icmp_type) = rest.first() else {
+                    return Ipv6Kind::Malformed;
+                };
+                return match icmp_type {
+                    134 => Ipv6Kind::RouterAdvert,
+                    137 => Ipv6Kind::Redirect,
+                    136 => Ipv6Kind::NeighbourAdvert {
+                        target_mac: neighbour_advert_lladdr(rest),
+                    },
+                    _ => Ipv6Kind::Plain,
+                };
+            }
+            UDP => {
+                let Some(p) = rest.get(..4) else {
+                    return Ipv6Kind::Malformed;
+                };
+                return if p[0..2] == 547u16.to_be_bytes() {
+                    Ipv6Kind::Dhcp6Server
+                } else {
+                    Ipv6Kind::Plain
+                };
+            }
+            _ => return Ipv6Kind::Plain,
+        }
+    }
+    Ipv6Kind::Malformed
+}
+
+/// The Target Link-Layer Address option of a Neighbour Advertisement, if any.
+fn neighbour_advert_lladdr(icmp: &[u8]) -> Option<Mac> {
+    // type, code, checksum, flags (8 bytes), target address (16), then options.
+    let mut opts = icmp.get(24..)?;
+    while let Some(h) = opts.get(..2) {
+        let len = usize::from(h[1]) * 8;
+        if len == 0 {
+            return None;
+        }
+        let opt = opts.get(..len)?;
+        if h[0] == 2 && len == 8 {
+            return Mac::from_slice(&opt[2..8]);
+        }
+        opts = &opts[len..];
+    }
+    None
 }
 
 /// What a frame claims about its sender at layer 3, for port locking.

@@ -296,3 +296,45 @@ fn live_capture_copies_frames_and_never_holds_them_back() {
     );
     assert!(sw.capture("nope", None, 1).is_err());
 }
+
+#[test]
+fn a_mac_flood_cannot_make_a_locked_guests_unicast_flood() {
+    let sw = switch();
+    sw.add_network(
+        "n",
+        NetworkConfig {
+            mac_table_max: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let attacker = Dgram::new(sw.add_port("n", "attacker").unwrap().1);
+    let sender = Dgram::new(sw.add_port("n", "sender").unwrap().1);
+    // The victim arrives after the flood filled the table; its port is locked at
+    // creation, as the control plane does, and it has sent nothing yet.
+    for n in 100..=110 {
+        attacker.send(&frame(Mac::BROADCAST, mac(n), 64, n));
+    }
+    for _ in 100..=110 {
+        sender.expect();
+    }
+    assert_eq!(sw.mac_table_len("n"), Some(4));
+    let (victim_id, victim) = sw.add_port("n", "victim").unwrap();
+    let victim = Dgram::new(victim);
+    sw.lock_port(
+        victim_id,
+        Some(fabric::PortLock {
+            mac: mac(7),
+            ips: vec![],
+        }),
+    )
+    .unwrap();
+    let f = frame(mac(7), mac(1), 80, 0x33);
+    sender.send(&f);
+    assert_eq!(victim.expect(), f);
+    marker(&sender, mac(1), 0x34);
+    assert!(
+        attacker.until_marker(0x34).is_empty(),
+        "the victim's unicast flooded to the attacker"
+    );
+}

@@ -486,3 +486,119 @@ fn only_a_trusted_port_may_answer_dhcp() {
     gw.send(&offer);
     assert_eq!(other.expect(), offer);
 }
+
+/// An IPv6 frame from `src` with the given extension headers and upper layer.
+fn ipv6_frame(src: Mac, next: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend(Mac::BROADCAST.0);
+    f.extend(src.0);
+    f.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend((body.len() as u16).to_be_bytes());
+    f.extend([next, 255]);
+    f.extend([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    f.extend([0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    f.extend(body);
+    f
+}
+
+/// `frame` with VLAN tags (ethertypes given, outermost first) after the MAC addresses.
+fn tagged(frame: &[u8], tags: &[u16]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    for t in tags {
+        f.extend(t.to_be_bytes());
+        f.extend([0, 1]);
+    }
+    f.extend(&frame[12..]);
+    f
+}
+
+#[test]
+fn the_first_hop_guard_sees_through_tags_fragments_and_ipv6_extension_headers() {
+    let sw = switch();
+    sw.add_network("v4", NetworkConfig::default()).unwrap();
+    sw.add_network(
+        "v6",
+        NetworkConfig {
+            ipv6: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (attacker_id, attacker) = sw.add_port("v4", "attacker").unwrap();
+    let (attacker, victim) = (Dgram::new(attacker), Dgram::new(sw.add_port("v4", "victim").unwrap().1));
+    let offer = udp_frame(
+        Mac::BROADCAST,
+        mac(66),
+        Ipv4Addr::new(10, 77, 0, 66),
+        Ipv4Addr::BROADCAST,
+        67,
+        68,
+    );
+    // A tiny first fragment: the UDP header does not fit, so its ports are hidden.
+    let mut tiny = offer[..14 + 20 + 4].to_vec();
+    tiny[14 + 6] = 0x20; // more fragments, offset 0
+    tiny[14 + 3] = 24; // total length
+    let ra = ipv6_frame(mac(66), 58, &[134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let rogue_v4 = [
+        tagged(&offer, &[0x8100]),
+        tagged(&offer, &[0x88a8, 0x8100]),
+        tagged(&offer, &[0x9100, 0x8100]),
+        tagged(&offer, &[0x88a8, 0x8100, 0x8100]),
+        tiny,
+        ra.clone(),
+        tagged(&ra, &[0x88a8]),
+    ];
+    for f in &rogue_v4 {
+        attacker.send(f);
+    }
+    marker(&attacker, mac(66), 0x20);
+    assert!(
+        victim.until_marker(0x20).is_empty(),
+        "a rogue server's frame reached the victim"
+    );
+    let c = sw.port_counters(attacker_id).unwrap();
+    assert_eq!(c.drops(DropReason::RogueDhcp), 4);
+    assert_eq!(c.drops(DropReason::Malformed), 1, "three tags");
+    assert_eq!(c.drops(DropReason::Ipv6Off), 2);
+    // A tagged frame that carries nothing a guard cares about still passes.
+    let plain_tagged = tagged(&frame(Mac::BROADCAST, mac(66), 100, 1), &[0x8100]);
+    attacker.send(&plain_tagged);
+    assert_eq!(victim.expect(), plain_tagged);
+
+    // On a network that carries IPv6: plain IPv6 passes, a router's messages do not,
+    // also behind extension headers, nor a neighbour advertisement for another MAC.
+    let (attacker_id, attacker) = sw.add_port("v6", "attacker").unwrap();
+    let (attacker, victim) = (Dgram::new(attacker), Dgram::new(sw.add_port("v6", "victim").unwrap().1));
+    let echo = ipv6_frame(mac(66), 58, &[128, 0, 0, 0, 0, 1, 0, 1]);
+    attacker.send(&echo);
+    assert_eq!(victim.expect(), echo);
+    let mut hop_by_hop_ra = vec![58, 0, 1, 4, 0, 0, 0, 0]; // next: ICMPv6; PadN
+    hop_by_hop_ra.extend([134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut fragment_ra = vec![58, 0, 0, 0, 0, 0, 0, 1]; // first fragment
+    fragment_ra.extend([134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let hidden = vec![60, 0, 1, 4, 0, 0, 0, 0]; // a chain cut short
+    let neighbour_advert = |lladdr: Mac| {
+        let mut na = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+        na.extend([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+        na.extend([2, 1]);
+        na.extend(lladdr.0);
+        ipv6_frame(mac(66), 58, &na)
+    };
+    let dhcp6_advertise = ipv6_frame(mac(66), 17, &[2, 35, 2, 34, 0, 8, 0, 0]);
+    let redirect = ipv6_frame(mac(66), 58, &[137, 0, 0, 0, 0, 0, 0, 0]);
+    for f in [
+        ra.clone(),
+        ipv6_frame(mac(66), 0, &hop_by_hop_ra),
+        ipv6_frame(mac(66), 44, &fragment_ra),
+        ipv6_frame(mac(66), 0, &hidden),
+        neighbour_advert(mac(9)),
+        dhcp6_advertise,
+        redirect,
+    ] {
+        attacker.send(&f);
+    }
+    let own = neighbour_advert(mac(66));
+    attacker.send(&own);
+    assert_eq!(victim.expect(), own, "only the guard's catches are dropped");
+    assert_eq!(sw.port_counters(attacker_id).unwrap().drops(DropReason::Ipv6Guard), 7);
+}

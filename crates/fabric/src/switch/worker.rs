@@ -34,7 +34,9 @@ use crate::clock::Clock;
 use crate::config::{NetworkConfig, MAX_FRAME_LEN};
 use crate::counters::{Counters, DropReason};
 use crate::error::{FabricError, Result};
-use crate::frame::{is_dhcp_client_message, is_dhcp_server_message, l3_sender, EthernetView, FrameError, L3Sender};
+use crate::frame::{
+    is_dhcp_client_message, is_dhcp_server_message, l3_sender, EthernetView, FrameError, Ipv6Kind, L3Sender,
+};
 use crate::mac::Mac;
 use crate::port::{CapturedFrame, MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
@@ -667,9 +669,11 @@ impl Fabric {
                 drops[DropReason::Spoofed as usize] += 1;
                 continue;
             }
-            if !port.trusted && net.config.dhcp_guard && is_dhcp_server_message(&view) {
-                drops[DropReason::RogueDhcp as usize] += 1;
-                continue;
+            if !port.trusted {
+                if let Some(reason) = first_hop_violation(&net.config, &view) {
+                    drops[reason as usize] += 1;
+                    continue;
+                }
             }
             let learned = if repeated_src {
                 Learned::Refreshed
@@ -722,7 +726,9 @@ impl Fabric {
                 _ if dmac.is_group() => None,
                 Some((m, known)) if m == dmac => known,
                 _ => {
-                    let known = net.table.lookup(&dmac, now);
+                    // A locked MAC's port is known whatever the table holds: a MAC
+                    // flood that fills the table cannot make a guest's unicast flood.
+                    let known = net.table.lookup(&dmac, now).or_else(|| net.locked.get(&dmac).copied());
                     last_dst = Some((dmac, known));
                     known
                 }
@@ -1353,6 +1359,24 @@ impl Fabric {
 fn emit(events: &SyncSender<SwitchEvent>, dropped: &AtomicU64, ev: SwitchEvent) {
     if let Err(TrySendError::Full(_)) = events.try_send(ev) {
         dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a frame from an untrusted port must not reach the others: it speaks for a
+/// DHCP server or an IPv6 router, or hides what it carries behind VLAN tags.
+fn first_hop_violation(cfg: &crate::NetworkConfig, view: &EthernetView<'_>) -> Option<DropReason> {
+    if view.inner().is_none() {
+        return Some(DropReason::Malformed);
+    }
+    if cfg.dhcp_guard && is_dhcp_server_message(view) {
+        return Some(DropReason::RogueDhcp);
+    }
+    match crate::frame::ipv6_kind(view) {
+        Ipv6Kind::NotIpv6 => None,
+        _ if !cfg.ipv6 => Some(DropReason::Ipv6Off),
+        Ipv6Kind::Plain => None,
+        Ipv6Kind::NeighbourAdvert { target_mac } if target_mac.is_none_or(|m| m == view.src()) => None,
+        _ => Some(DropReason::Ipv6Guard),
     }
 }
 
