@@ -602,3 +602,43 @@ fn the_first_hop_guard_sees_through_tags_fragments_and_ipv6_extension_headers() 
     assert_eq!(victim.expect(), own, "only the guard's catches are dropped");
     assert_eq!(sw.port_counters(attacker_id).unwrap().drops(DropReason::Ipv6Guard), 7);
 }
+
+#[test]
+fn a_port_locked_to_its_first_mac_keeps_it_and_sends_nothing_but_dhcp_and_probes_before_a_lease() {
+    let (sw, eps) = network_with_ports(2);
+    let [vm, other] = <[Dgram; 2]>::try_from(eps).ok().unwrap();
+    let id = sw.ports()[0].id;
+    sw.lock_port_to_first_mac(id).unwrap();
+    let discover = udp_frame(
+        Mac::BROADCAST,
+        mac(1),
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::BROADCAST,
+        68,
+        67,
+    );
+    vm.send(&discover);
+    assert_eq!(other.expect(), discover);
+    let probe = arp_request(mac(1), mac(1), Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(10, 77, 0, 5));
+    vm.send(&probe);
+    assert_eq!(other.expect(), probe);
+    // Another MAC, an address it was never given, a gratuitous ARP for the gateway.
+    vm.send(&frame(Mac::BROADCAST, mac(2), 64, 1));
+    vm.send(&udp_frame(
+        Mac::BROADCAST,
+        mac(1),
+        Ipv4Addr::new(10, 77, 0, 9),
+        Ipv4Addr::BROADCAST,
+        5000,
+        5000,
+    ));
+    vm.send(&arp_request(
+        mac(1),
+        mac(1),
+        Ipv4Addr::new(10, 77, 0, 1),
+        Ipv4Addr::new(10, 77, 0, 1),
+    ));
+    vm.send(&discover);
+    assert_eq!(other.expect(), discover, "only the DISCOVER passes");
+    assert_eq!(sw.port_counters(id).unwrap().drops(DropReason::Spoofed), 3);
+}

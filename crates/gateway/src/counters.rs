@@ -39,6 +39,9 @@ counters! {
     dhcp_nak,
     /// DHCP messages that did not decode, or made no sense (no type, bad hardware address).
     dhcp_malformed,
+    /// Messages whose client hardware address is not the frame's source MAC: a guest
+    /// speaking in another's name; dropped.
+    dhcp_foreign_client,
     /// REQUESTs naming another server: the client chose it; ignored.
     dhcp_other_server,
     /// DISCOVERs left unanswered: no free address.

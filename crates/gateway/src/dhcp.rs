@@ -199,8 +199,22 @@ impl DhcpServer {
         Some(ip)
     }
 
-    /// Handles one DHCP message from a client (the UDP payload).
-    pub fn handle(&mut self, payload: &[u8], now: u64) -> (Option<DhcpReply>, Option<LeaseEvent>) {
+    /// Handles one DHCP message (the UDP payload) that came in a frame from source MAC
+    /// `from`. The message is taken only when its client hardware address is that MAC:
+    /// the switch holds each port to its own MAC, so a guest can ask for, renew,
+    /// release or decline only its own lease (others' are counted as
+    /// `dhcp_foreign_client`).
+    pub fn handle(&mut self, payload: &[u8], from: Mac, now: u64) -> (Option<DhcpReply>, Option<LeaseEvent>) {
+        self.handle_inner(payload, Some(from), now)
+    }
+
+    /// The same, for tests that build messages without frames.
+    #[cfg(test)]
+    fn handle_unbound(&mut self, payload: &[u8], now: u64) -> (Option<DhcpReply>, Option<LeaseEvent>) {
+        self.handle_inner(payload, None, now)
+    }
+
+    fn handle_inner(&mut self, payload: &[u8], from: Option<Mac>, now: u64) -> (Option<DhcpReply>, Option<LeaseEvent>) {
         if !options_fit_decoder(payload) {
             GatewayCounters::inc(&self.counters.dhcp_malformed);
             return (None, None);
@@ -218,6 +232,10 @@ impl DhcpServer {
             GatewayCounters::inc(&self.counters.dhcp_malformed);
             return (None, None);
         };
+        if from.is_some_and(|from| from != mac) {
+            GatewayCounters::inc(&self.counters.dhcp_foreign_client);
+            return (None, None);
+        }
         let Some(kind) = req.opts().msg_type() else {
             GatewayCounters::inc(&self.counters.dhcp_malformed);
             return (None, None);
@@ -589,13 +607,60 @@ mod tests {
             &[51, 2, 0, 0],
             &[53, 0],
         ] {
-            let (reply, _) = s.handle(&with_raw_option(1, bad), 100);
+            let (reply, _) = s.handle_unbound(&with_raw_option(1, bad), 100);
             assert!(reply.is_none(), "{bad:?} answered");
         }
         assert_eq!(s.counters.dhcp_malformed.load(std::sync::atomic::Ordering::Relaxed), 6);
         // Well-formed: Rapid Commit with length 0 still gets an answer.
-        let (reply, _) = s.handle(&with_raw_option(1, &[80, 0]), 100);
+        let (reply, _) = s.handle_unbound(&with_raw_option(1, &[80, 0]), 100);
         assert!(reply.is_some());
+    }
+
+    #[test]
+    fn a_client_speaks_only_for_its_own_hardware_address() {
+        let (mut s, _) = server();
+        let victim = Mac([0x02, 0, 0, 0, 0, 1]);
+        let attacker = Mac([0x02, 0, 0, 0, 0, 2]);
+        let offer = s
+            .handle(
+                &msg(1, MessageType::Discover, vec![], Ipv4Addr::UNSPECIFIED),
+                victim,
+                100,
+            )
+            .0
+            .unwrap();
+        let ip = decode(&offer).yiaddr();
+        let req = vec![
+            DhcpOption::RequestedIpAddress(ip),
+            DhcpOption::ServerIdentifier(s.cfg.gateway_ip),
+        ];
+        let (ack, _) = s.handle(
+            &msg(1, MessageType::Request, req.clone(), Ipv4Addr::UNSPECIFIED),
+            victim,
+            100,
+        );
+        assert!(ack.is_some());
+        // The attacker's frames carry its own MAC; messages in the victim's name are dropped.
+        let release = msg(1, MessageType::Release, vec![], ip);
+        let decline = msg(
+            1,
+            MessageType::Decline,
+            vec![DhcpOption::RequestedIpAddress(ip)],
+            Ipv4Addr::UNSPECIFIED,
+        );
+        let takeover = msg(1, MessageType::Request, req, Ipv4Addr::UNSPECIFIED);
+        for m in [release, decline, takeover] {
+            let (reply, event) = s.handle(&m, attacker, 101);
+            assert!(reply.is_none() && event.is_none());
+        }
+        assert_eq!(
+            s.counters
+                .dhcp_foreign_client
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        let lease = s.leases().next().unwrap();
+        assert_eq!((lease.mac, lease.ip), (victim, ip), "the victim keeps its lease");
     }
 
     fn decode(r: &DhcpReply) -> v4::Message {
@@ -606,10 +671,13 @@ mod tests {
     const GW: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
 
     fn bind(s: &mut DhcpServer, mac: u8, now: u64) -> Ipv4Addr {
-        let offer = s.handle(&msg(mac, MessageType::Discover, vec![], Z), now).0.unwrap();
+        let offer = s
+            .handle_unbound(&msg(mac, MessageType::Discover, vec![], Z), now)
+            .0
+            .unwrap();
         let ip = decode(&offer).yiaddr();
         let req = vec![DhcpOption::ServerIdentifier(GW), DhcpOption::RequestedIpAddress(ip)];
-        let (ack, ev) = s.handle(&msg(mac, MessageType::Request, req, Z), now);
+        let (ack, ev) = s.handle_unbound(&msg(mac, MessageType::Request, req, Z), now);
         assert_eq!(decode(&ack.unwrap()).opts().msg_type(), Some(MessageType::Ack));
         assert!(matches!(ev, Some(LeaseEvent::Bound(l)) if l.ip == ip));
         ip
@@ -618,7 +686,7 @@ mod tests {
     #[test]
     fn discover_offer_request_ack_with_all_options() {
         let (mut s, store) = server();
-        let (offer, ev) = s.handle(&msg(1, MessageType::Discover, vec![], Z), 100);
+        let (offer, ev) = s.handle_unbound(&msg(1, MessageType::Discover, vec![], Z), 100);
         assert!(ev.is_none(), "an offer binds nothing");
         let offer = offer.unwrap();
         assert_eq!(offer.bytes.len(), MIN_BOOTP_LEN.max(offer.bytes.len()));
@@ -650,13 +718,13 @@ mod tests {
     #[test]
     fn request_for_another_server_is_ignored() {
         let (mut s, _) = server();
-        s.handle(&msg(1, MessageType::Discover, vec![], Z), 0);
+        s.handle_unbound(&msg(1, MessageType::Discover, vec![], Z), 0);
         let req = vec![
             DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 9, 0, 99)),
             DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 9, 0, 2)),
         ];
         assert!(matches!(
-            s.handle(&msg(1, MessageType::Request, req, Z), 0),
+            s.handle_unbound(&msg(1, MessageType::Request, req, Z), 0),
             (None, None)
         ));
     }
@@ -666,14 +734,14 @@ mod tests {
         let (mut s, _) = server();
         let a = bind(&mut s, 1, 0);
         // RENEWING: ciaddr set, unicast answer.
-        let (ack, _) = s.handle(&msg(1, MessageType::Request, vec![], a), 300);
+        let (ack, _) = s.handle_unbound(&msg(1, MessageType::Request, vec![], a), 300);
         let ack = ack.unwrap();
         assert_eq!(
             (ack.dst_ip, decode(&ack).opts().msg_type()),
             (a, Some(MessageType::Ack))
         );
         // INIT-REBOOT of another client for A's address: NAK, broadcast.
-        let (nak, _) = s.handle(
+        let (nak, _) = s.handle_unbound(
             &msg(2, MessageType::Request, vec![DhcpOption::RequestedIpAddress(a)], Z),
             300,
         );
@@ -685,7 +753,7 @@ mod tests {
         // INIT-REBOOT for an address outside the subnet: NAK.
         let out = vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 5))];
         assert_eq!(
-            decode(&s.handle(&msg(3, MessageType::Request, out, Z), 300).0.unwrap())
+            decode(&s.handle_unbound(&msg(3, MessageType::Request, out, Z), 300).0.unwrap())
                 .opts()
                 .msg_type(),
             Some(MessageType::Nak)
@@ -697,7 +765,7 @@ mod tests {
         let (mut s, _) = server();
         let a = bind(&mut s, 1, 0);
         for mac in 10..200 {
-            s.handle(&msg(mac, MessageType::Discover, vec![], Z), 1);
+            s.handle_unbound(&msg(mac, MessageType::Discover, vec![], Z), 1);
         }
         assert_eq!(s.leases().count(), 1);
         // A real client arriving during the flood still gets an address, never A's.
@@ -711,12 +779,12 @@ mod tests {
         let (mut s, store) = server();
         let a = bind(&mut s, 1, 0);
         assert!(matches!(
-            s.handle(&msg(1, MessageType::Release, vec![], a), 10).1,
+            s.handle_unbound(&msg(1, MessageType::Release, vec![], a), 10).1,
             Some(LeaseEvent::Released { .. })
         ));
         assert!(store.load().unwrap().is_empty());
         let b = bind(&mut s, 2, 20);
-        s.handle(
+        s.handle_unbound(
             &msg(2, MessageType::Decline, vec![DhcpOption::RequestedIpAddress(b)], Z),
             21,
         );
@@ -738,15 +806,18 @@ mod tests {
     fn garbage_is_counted_not_answered() {
         let (mut s, _) = server();
         for bad in [&b""[..], &[1u8; 10], &[0xffu8; 300]] {
-            assert!(matches!(s.handle(bad, 0), (None, None)));
+            assert!(matches!(s.handle_unbound(bad, 0), (None, None)));
         }
         // Cut right after the magic cookie: no message type left.
         let mut cut = msg(1, MessageType::Discover, vec![], Z);
         cut.truncate(240);
-        assert!(matches!(s.handle(&cut, 0), (None, None)));
+        assert!(matches!(s.handle_unbound(&cut, 0), (None, None)));
         assert_eq!(s.counters.dhcp_malformed.load(std::sync::atomic::Ordering::Relaxed), 4);
         // The server keeps serving.
-        assert!(s.handle(&msg(1, MessageType::Discover, vec![], Z), 0).0.is_some());
+        assert!(s
+            .handle_unbound(&msg(1, MessageType::Discover, vec![], Z), 0)
+            .0
+            .is_some());
     }
 
     #[test]
@@ -771,7 +842,7 @@ mod tests {
         let mut s = DhcpServer::new(Arc::new(cfg), c, Box::new(MemoryLeaseStore::default()));
         assert_eq!(bind(&mut s, 1, 0), r_mac);
         let offer = s
-            .handle(
+            .handle_unbound(
                 &msg(2, MessageType::Discover, vec![DhcpOption::Hostname("db".into())], Z),
                 0,
             )
@@ -779,7 +850,10 @@ mod tests {
             .unwrap();
         assert_eq!(decode(&offer).yiaddr(), r_name, "reserved by its DHCP hostname");
         s.set_name_hint(Mac([2, 0, 0, 0, 0, 3]), "cache".into());
-        let offer = s.handle(&msg(3, MessageType::Discover, vec![], Z), 0).0.unwrap();
+        let offer = s
+            .handle_unbound(&msg(3, MessageType::Discover, vec![], Z), 0)
+            .0
+            .unwrap();
         assert_eq!(
             decode(&offer).yiaddr(),
             Ipv4Addr::new(10, 9, 0, 52),
@@ -787,7 +861,7 @@ mod tests {
         );
         // Nobody else gets a reserved address, even by asking for it.
         let ask = vec![DhcpOption::RequestedIpAddress(r_mac)];
-        let offer = s.handle(&msg(4, MessageType::Discover, ask, Z), 0).0.unwrap();
+        let offer = s.handle_unbound(&msg(4, MessageType::Discover, ask, Z), 0).0.unwrap();
         assert!(![r_mac, r_name].contains(&decode(&offer).yiaddr()));
     }
 

@@ -626,10 +626,11 @@ fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], in
             dst_port: 67,
             src_port: 68,
             dst_ip,
+            src_mac,
             payload,
             ..
         } if dst_ip == Ipv4Addr::BROADCAST || cfg.is_gateway_ip(dst_ip) => {
-            let (reply, event) = shared.state().dhcp.handle(payload, unix_now());
+            let (reply, event) = shared.state().dhcp.handle(payload, src_mac, unix_now());
             if let Some(ev) = event {
                 shared.emit(ev);
             }

@@ -95,6 +95,10 @@ async fn remove_port(
 #[serde(deny_unknown_fields)]
 struct SocketpairRequest {
     name: String,
+    #[serde(default)]
+    mac: Option<String>,
+    #[serde(default)]
+    learn_mac_once: bool,
 }
 
 /// Creates a socketpair port and hands its VM end to the client over this very
@@ -122,7 +126,7 @@ async fn socketpair(
         .await
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let ask: SocketpairRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let (view, vm_end) = d.add_socketpair_port(&net, &ask.name)?;
+    let (view, vm_end) = d.add_socketpair_port(&net, &ask.name, ask.mac.as_deref(), ask.learn_mac_once)?;
     let payload = serde_json::to_vec(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
     let (daemon, name) = (d.clone(), ask.name.clone());
     tokio::spawn(async move {

@@ -79,12 +79,21 @@ pub async fn stream_to(socket: &Path, path: &str, out: &mut dyn std::io::Write) 
     Ok(())
 }
 
+/// Which MAC a new port is locked to: the assigned one (default), `mac`, or the first
+/// one the VMM sends from.
+#[derive(Debug, Clone, Default)]
+pub struct MacChoice {
+    pub mac: Option<String>,
+    pub learn_mac_once: bool,
+}
+
 /// Creates a socketpair port on `network` and receives its VM end (see
 /// [`crate::fdpass`]). Returns the port as JSON and the fd.
 pub async fn socketpair_port(
     socket: &Path,
     network: &str,
     name: &str,
+    choice: &MacChoice,
 ) -> anyhow::Result<(serde_json::Value, std::os::fd::OwnedFd)> {
     use hyper::header::{CONNECTION, UPGRADE};
     let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
@@ -95,7 +104,8 @@ pub async fn socketpair_port(
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn.with_upgrades());
-    let body = serde_json::json!({ "name": name }).to_string();
+    let body =
+        serde_json::json!({ "name": name, "mac": choice.mac, "learn_mac_once": choice.learn_mac_once }).to_string();
     let req = Request::builder()
         .method("POST")
         .uri(format!("/v1/networks/{network}/socketpairs"))

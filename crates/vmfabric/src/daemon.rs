@@ -65,6 +65,48 @@ pub struct PortRequest {
     /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
     #[serde(default)]
     pub vnet_hdr: bool,
+    /// Userspace ports: this MAC instead of the one derived from the names.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Userspace ports: lock to the first MAC the VMM sends from (for VMMs that choose
+    /// their own) instead of the assigned one.
+    #[serde(default)]
+    pub learn_mac_once: bool,
+}
+
+/// The MAC a new userspace port is locked to from birth: `mac` if given (unicast, not
+/// another port's), else one derived from the names; with `learn_mac_once`, the lock
+/// waits for the VMM's first frame (the derived MAC is still shown).
+pub fn choose_mac(
+    network: &str,
+    name: &str,
+    mac: Option<&str>,
+    learn_mac_once: bool,
+    taken: impl Fn(Mac) -> bool,
+) -> Result<(Mac, bool), ApiError> {
+    let mac = match mac {
+        None => Mac::derived(&[network, name]),
+        Some(_) if learn_mac_once => {
+            return Err(ApiError::BadRequest(
+                "mac and learn_mac_once exclude each other: give the MAC, or let the port learn it".into(),
+            ))
+        }
+        Some(text) => {
+            let mac: Mac = text
+                .parse()
+                .map_err(|e| ApiError::BadRequest(format!("mac {text:?}: {e}")))?;
+            if !mac.is_unicast() || mac == Mac([0; 6]) {
+                return Err(ApiError::BadRequest(format!("mac {mac} is not a unicast address")));
+            }
+            if taken(mac) {
+                return Err(ApiError::Conflict(format!(
+                    "mac {mac} belongs to another port on {network:?}"
+                )));
+            }
+            mac
+        }
+    };
+    Ok((mac, learn_mac_once))
 }
 
 impl PortRequest {
@@ -386,7 +428,9 @@ impl Daemon {
                 }
             };
             if gw.config().lock_ports {
-                lock(&self.locker).enable(&rec.name, gw.port());
+                let mut locker = lock(&self.locker);
+                locker.enable(&rec.name, gw.port());
+                locker.remember_leases(&rec.name, gw.leases().into_iter().map(|l| (l.mac, l.ip)));
             }
             if let Some(leases) = gw.take_events() {
                 let (control, network) = (self.control.clone(), rec.name.clone());
@@ -614,6 +658,10 @@ impl Daemon {
             }
             PortKind::Socketpair => return Err(ApiError::Internal("socketpair ports are not restored".into())),
         };
+        if let Err(e) = self.lock_from_birth(&rec, id) {
+            let _ = self.switch.remove_port(id);
+            return Err(e);
+        }
         lock(&self.labels).insert(id, (rec.network.clone(), rec.name.clone()));
         let mut nets = self.nets();
         let net = nets
@@ -642,6 +690,11 @@ impl Daemon {
             return Err(ApiError::BadRequest("ifname is for TAP ports only".into()));
         }
         if self.mode_of(network)? == NetworkMode::Kernel {
+            if req.mac.is_some() || req.learn_mac_once {
+                return Err(ApiError::BadRequest(
+                    "a kernel-mode port gets a stable MAC that its bridge rules hold it to; mac and learn_mac_once are for userspace ports".into(),
+                ));
+            }
             return self.add_kernel_port(network, req);
         }
         if !req.tap_settings().is_default() {
@@ -673,12 +726,16 @@ impl Daemon {
                         .into(),
                 )),
             };
+        let (mac, learn_mac_once) = choose_mac(network, &req.name, req.mac.as_deref(), req.learn_mac_once, |m| {
+            self.mac_taken(network, m)
+        })?;
         let rec = PortRecord {
             network: network.to_string(),
             name: req.name.clone(),
             kind: req.kind,
             path,
-            mac: Mac::derived(&[network, &req.name]),
+            mac,
+            learn_mac_once,
             tap: Default::default(),
         };
         let id = self.bring_up_port(rec.clone())?;
@@ -736,6 +793,7 @@ impl Daemon {
             kind: PortKind::Tap,
             path: ifname,
             mac,
+            learn_mac_once: false,
             tap: req.tap_settings(),
         };
         let key = mac.to_string();
@@ -800,8 +858,28 @@ impl Daemon {
             return self.apply_kernel_rules();
         }
         lock(&self.labels).remove(&id);
+        lock(&self.locker).forget_port(network, id);
         self.switch.remove_port(id)?;
         Ok(())
+    }
+
+    /// Whether another port of `network` has (or may come to have) this MAC.
+    fn mac_taken(&self, network: &str, mac: Mac) -> bool {
+        self.nets()
+            .get(network)
+            .is_some_and(|n| n.ports.values().any(|(_, p)| p.mac == mac))
+    }
+
+    /// Locks a new userspace port to its MAC (or its first MAC) before any frame of
+    /// its passes, where the network's gateway locks ports.
+    fn lock_from_birth(&self, rec: &PortRecord, id: PortId) -> Result<(), ApiError> {
+        let mac = (!rec.learn_mac_once).then_some(rec.mac);
+        lock(&self.locker)
+            .register_port(&rec.network, id, mac)
+            .map_err(|e| match e {
+                fabric::FabricError::InvalidConfig(msg) => ApiError::Conflict(msg),
+                e => e.into(),
+            })
     }
 
     /// After a start: removes this daemon's kernel devices that the store no longer
@@ -951,9 +1029,16 @@ impl Daemon {
     }
 
     /// Adds a socketpair port and returns its VM end, for handing to the client.
-    pub fn add_socketpair_port(&self, network: &str, name: &str) -> Result<(PortView, std::os::fd::OwnedFd), ApiError> {
+    pub fn add_socketpair_port(
+        &self,
+        network: &str,
+        name: &str,
+        mac: Option<&str>,
+        learn_mac_once: bool,
+    ) -> Result<(PortView, std::os::fd::OwnedFd), ApiError> {
         let _serial = lock(&self.changes);
         valid_name("port", name)?;
+        let (mac, learn_mac_once) = choose_mac(network, name, mac, learn_mac_once, |m| self.mac_taken(network, m))?;
         {
             let nets = self.nets();
             let net = nets
@@ -971,9 +1056,14 @@ impl Daemon {
             name: name.to_string(),
             kind: PortKind::Socketpair,
             path: "-".into(),
-            mac: Mac::derived(&[network, name]),
+            mac,
+            learn_mac_once,
             tap: Default::default(),
         };
+        if let Err(e) = self.lock_from_birth(&rec, id) {
+            let _ = self.switch.remove_port(id);
+            return Err(e);
+        }
         lock(&self.labels).insert(id, (network.to_string(), name.to_string()));
         if let Some(net) = self.nets().get_mut(network) {
             net.ports.insert(name.to_string(), (id, rec.clone()));

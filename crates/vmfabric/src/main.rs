@@ -171,6 +171,14 @@ enum PortCmd {
         /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
         #[arg(long)]
         vnet_hdr: bool,
+        /// Userspace ports: the MAC the VM uses (the port is locked to it); default:
+        /// one derived from the network and port names.
+        #[arg(long, conflicts_with = "learn_mac_once")]
+        mac: Option<String>,
+        /// Userspace ports: lock to the first MAC the VMM sends from, for VMMs that
+        /// choose their own MAC.
+        #[arg(long)]
+        learn_mac_once: bool,
         /// Socketpair ports: the VMM to run with the VM end inherited; `{fd}` in its
         /// arguments becomes the fd number (QEMU: -netdev dgram,id=n0,local.type=fd,local.str={fd}).
         #[arg(last = true)]
@@ -516,6 +524,8 @@ fn serve(args: ServeArgs) -> Result<()> {
                 owner_gid: None,
                 multi_queue: false,
                 vnet_hdr: false,
+                mac: None,
+                learn_mac_once: false,
             };
             daemon
                 .add_port("default", req)
@@ -759,13 +769,19 @@ fn rand_suffix() -> u32 {
 }
 
 /// Creates a socketpair port and runs `exec` with its VM end inherited.
-fn exec_with_socketpair(c: &ClientArgs, network: &str, name: &str, exec: &[String]) -> Result<()> {
+fn exec_with_socketpair(
+    c: &ClientArgs,
+    network: &str,
+    name: &str,
+    choice: &vmfabric::client::MacChoice,
+    exec: &[String],
+) -> Result<()> {
     anyhow::ensure!(
         !exec.is_empty(),
         "a socketpair port needs the VMM to hand its end to: vmfabric port add {network} {name} --kind socketpair -- CMD ... {{fd}} ..."
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (port, fd) = rt.block_on(vmfabric::client::socketpair_port(&c.socket, network, name))?;
+    let (port, fd) = rt.block_on(vmfabric::client::socketpair_port(&c.socket, network, name, choice))?;
     drop(rt);
     // The VMM inherits the fd: clear close-on-exec and keep it open across exec.
     rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
@@ -788,9 +804,14 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
             name,
             kind,
             exec,
+            mac,
+            learn_mac_once,
             c,
             ..
-        } if kind == "socketpair" => exec_with_socketpair(&c, &network, &name, &exec)?,
+        } if kind == "socketpair" => {
+            let choice = vmfabric::client::MacChoice { mac, learn_mac_once };
+            exec_with_socketpair(&c, &network, &name, &choice, &exec)?
+        }
         PortCmd::Add {
             network,
             name,
@@ -799,6 +820,8 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
             owner,
             multi_queue,
             vnet_hdr,
+            mac,
+            learn_mac_once,
             c,
             ..
         } => {
@@ -811,7 +834,7 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
             };
             let body = serde_json::json!({
                 "name": name, "kind": kind, "ifname": ifname, "owner_uid": owner_uid, "owner_gid": owner_gid,
-                "multi_queue": multi_queue, "vnet_hdr": vnet_hdr
+                "multi_queue": multi_queue, "vnet_hdr": vnet_hdr, "mac": mac, "learn_mac_once": learn_mac_once
             });
             let v = request(&c, "POST", &format!("/v1/networks/{network}/ports"), Some(body))?;
             if c.json {

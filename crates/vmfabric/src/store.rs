@@ -94,6 +94,10 @@ pub struct PortRecord {
     pub path: String,
     #[serde(with = "mac_text")]
     pub mac: Mac,
+    /// The port is locked to the first MAC its VMM sends from, not to `mac` (for VMMs
+    /// that choose their own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn_mac_once: bool,
     /// Kernel-mode TAP devices: how they are made.
     #[serde(flatten)]
     pub tap: TapSettings,
@@ -155,6 +159,7 @@ CREATE TABLE IF NOT EXISTS ports (
     path TEXT NOT NULL,
     mac TEXT NOT NULL,
     tap TEXT NOT NULL DEFAULT '{}',
+    learn_mac_once INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (network, name)
 );
 CREATE TABLE IF NOT EXISTS reservations (
@@ -202,6 +207,11 @@ impl Store {
         ] {
             let _ = conn.execute(&format!("ALTER TABLE networks ADD COLUMN {column}"), []);
         }
+        // Stores made before ports were locked from birth.
+        let _ = conn.execute(
+            "ALTER TABLE ports ADD COLUMN learn_mac_once INTEGER NOT NULL DEFAULT 0",
+            [],
+        );
         Ok(Arc::new(Store { conn: Mutex::new(conn) }))
     }
 
@@ -273,14 +283,16 @@ impl Store {
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         self.conn().execute(
-            "INSERT OR REPLACE INTO ports (network, name, kind, path, mac, tap) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR REPLACE INTO ports (network, name, kind, path, mac, tap, learn_mac_once) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 p.network,
                 p.name,
                 kind,
                 p.path,
                 p.mac.to_string(),
-                serde_json::to_string(&p.tap).expect("plain data")
+                serde_json::to_string(&p.tap).expect("plain data"),
+                p.learn_mac_once
             ],
         )?;
         Ok(())
@@ -294,7 +306,8 @@ impl Store {
 
     pub fn ports(&self) -> Result<Vec<PortRecord>, DbError> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT network, name, kind, path, mac, tap FROM ports ORDER BY network, name")?;
+        let mut st = conn
+            .prepare("SELECT network, name, kind, path, mac, tap, learn_mac_once FROM ports ORDER BY network, name")?;
         let rows = st.query_map([], |r| {
             let kind: String = r.get(2)?;
             let mac: String = r.get(4)?;
@@ -308,6 +321,7 @@ impl Store {
                 path: r.get(3)?,
                 mac: mac.parse().map_err(|e| bad(4, Box::new(e)))?,
                 tap: serde_json::from_str(&r.get::<_, String>(5)?).map_err(|e| bad(5, Box::new(e)))?,
+                learn_mac_once: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -246,6 +246,8 @@ impl Vms {
                 owner_gid: None,
                 multi_queue: false,
                 vnet_hdr: false,
+                mac: None,
+                learn_mac_once: false,
             },
         )?;
         std::fs::create_dir_all(&self.dir).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -456,8 +456,13 @@ fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
     let dir = tmp("socketpair");
     let d = start(&dir);
     let (port, fd) =
-        d.rt.block_on(client::socketpair_port(&d.socket, "default", "vz1"))
-            .unwrap();
+        d.rt.block_on(client::socketpair_port(
+            &d.socket,
+            "default",
+            "vz1",
+            &Default::default(),
+        ))
+        .unwrap();
     assert_eq!(port["kind"], "socketpair");
     assert!(port["qemu_args"].as_str().unwrap().contains("local.type=fd"));
     let vm = std::os::unix::net::UnixDatagram::from(fd);
@@ -466,8 +471,11 @@ fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
     other
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
+    // The VM sends from the MAC its port was given (and locked to).
+    let mac: fabric::Mac = port["mac"].as_str().unwrap().parse().unwrap();
     let mut frame = vec![0xff; 6];
-    frame.extend([0x02, 0, 0, 0, 0, 0x42, 0x88, 0xb5]);
+    frame.extend(mac.0);
+    frame.extend([0x88, 0xb5]);
     frame.resize(60, 7);
     vm.send(&frame).unwrap();
     let mut buf = [0u8; 128];
@@ -480,8 +488,13 @@ fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
         .iter()
         .any(|p| p["name"] == "vz1" && p["kind"] == "socketpair"));
     let err =
-        d.rt.block_on(client::socketpair_port(&d.socket, "default", "vz1"))
-            .unwrap_err();
+        d.rt.block_on(client::socketpair_port(
+            &d.socket,
+            "default",
+            "vz1",
+            &Default::default(),
+        ))
+        .unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
     let (s, _) = d.call("POST", "/v1/networks/default/socketpairs", Some(json!({"name": "x"})));
     assert_eq!(s, 400, "without the upgrade there is no fd to hand over");

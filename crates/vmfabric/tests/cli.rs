@@ -163,7 +163,9 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
     assert!(ok, "{err}");
     let (ok, _, err) = cli(
         &dir,
-        &["port", "add", "lab", "vm", "--kind", "tap", "--ifname", &ifname],
+        &[
+            "port", "add", "lab", "vm", "--kind", "tap", "--ifname", &ifname, "--mac", guest_mac,
+        ],
     );
     assert!(ok, "{err}");
     attach();
@@ -346,7 +348,17 @@ fn port_add_socketpair_runs_the_vmm_with_the_fd() {
     let vmm = "import socket,sys; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=int(sys.argv[1])); \
                s.send(bytes([255]*6 + [2,0,0,0,0,0x77, 0x88,0xb5]) + b'hello from the vmm' + bytes(28))";
     let out = Command::new(BIN)
-        .args(["port", "add", "default", "vm", "--kind", "socketpair", "--socket"])
+        .args([
+            "port",
+            "add",
+            "default",
+            "vm",
+            "--kind",
+            "socketpair",
+            "--mac",
+            "02:00:00:00:00:77",
+            "--socket",
+        ])
         .arg(dir.join("api.sock"))
         .args(["--", "python3", "-c", vmm, "{fd}"])
         .output()

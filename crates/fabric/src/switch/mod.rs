@@ -227,6 +227,13 @@ impl Switch {
         self.call(|reply| Command::LockPort { id, lock, reply })
     }
 
+    /// Locks a port to the source MAC of the first frame it sends (with no addresses:
+    /// until [`Switch::lock_port`] gives it some, only DHCP from 0.0.0.0 and ARP probes
+    /// pass). For VMMs that choose their own MAC.
+    pub fn lock_port_to_first_mac(&self, id: PortId) -> Result<()> {
+        self.call(|reply| Command::LockToFirstMac { id, reply })
+    }
+
     /// Trusts a port to serve DHCP (the network's gateway); others' DHCP server
     /// messages are dropped as `rogue_dhcp` where the network's `dhcp_guard` is on.
     pub fn set_port_trusted(&self, id: PortId, trusted: bool) -> Result<()> {

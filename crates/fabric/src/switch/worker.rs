@@ -113,6 +113,10 @@ pub(crate) enum Command {
         lock: Option<PortLock>,
         reply: Reply<()>,
     },
+    LockToFirstMac {
+        id: PortId,
+        reply: Reply<()>,
+    },
     TrustPort {
         id: PortId,
         trusted: bool,
@@ -165,6 +169,8 @@ struct Port {
     kind: Kind,
     up: bool,
     lock: Option<PortLock>,
+    /// Lock to the source MAC of the first frame (for VMMs that choose their own MAC).
+    lock_to_first_mac: bool,
     /// May send DHCP server messages (the network's gateway).
     trusted: bool,
     backlog: VecDeque<Vec<u8>>,
@@ -384,6 +390,13 @@ impl Worker {
                 }
                 Command::LockPort { id, lock, reply } => {
                     let _ = reply.send(self.fab.lock_port(id, lock));
+                }
+                Command::LockToFirstMac { id, reply } => {
+                    let _ = reply.send(self.fab.lock_port(id, None).and_then(|()| {
+                        let slot = self.fab.slot_of(id)?;
+                        self.fab.port_mut(slot).expect("indexed port exists").lock_to_first_mac = true;
+                        Ok(())
+                    }));
                 }
                 Command::TrustPort { id, trusted, reply } => {
                     let _ = reply.send(self.fab.slot_of(id).map(|slot| {
@@ -627,6 +640,9 @@ impl Fabric {
     fn forward(&mut self, src: u32, frames: &[&[u8]]) {
         if frames.is_empty() {
             return;
+        }
+        if self.ports[src as usize].as_ref().is_some_and(|p| p.lock_to_first_mac) {
+            self.lock_to_first_mac(src, frames);
         }
         let now = self.clock.now();
         let Some(port) = self.ports[src as usize].as_ref() else {
@@ -1234,6 +1250,7 @@ impl Fabric {
             kind,
             up: false,
             lock: None,
+            lock_to_first_mac: false,
             trusted: false,
             backlog: VecDeque::new(),
             out_armed: false,
@@ -1281,6 +1298,28 @@ impl Fabric {
         self.by_id.remove(&id);
         self.free_slots.push(slot);
         Ok(())
+    }
+
+    /// Locks a port waiting for its first MAC to the first usable source MAC among
+    /// `frames` (unicast, not locked to another port); the lock then judges them all.
+    fn lock_to_first_mac(&mut self, src: u32, frames: &[&[u8]]) {
+        let Some(port) = self.ports[src as usize].as_ref() else {
+            return;
+        };
+        let (id, net) = (port.id, self.net(port.net));
+        let first = frames.iter().find_map(|f| {
+            let mac = EthernetView::parse(f, net.config.mtu).ok()?.src();
+            let free = net.locked.get(&mac).is_none_or(|owner| *owner == src);
+            (mac.is_unicast() && free).then_some(mac)
+        });
+        if let Some(mac) = first {
+            if self.lock_port(id, Some(PortLock { mac, ips: vec![] })).is_ok() {
+                self.ports[src as usize]
+                    .as_mut()
+                    .expect("checked above")
+                    .lock_to_first_mac = false;
+            }
+        }
     }
 
     fn lock_port(&mut self, id: PortId, lock: Option<PortLock>) -> Result<()> {

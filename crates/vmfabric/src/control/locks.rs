@@ -1,10 +1,12 @@
 //! Port security tied to leases.
 //!
-//! The switch says which port a MAC is on (`MacLearned`/`MacMoved`); a gateway says
-//! which address a MAC holds (`LeaseEvent`). Neither knows the other, so the control
-//! plane joins them: once both are known, the VM's port is locked to its MAC and
-//! leased address. When the lease ends the port stays locked to the MAC with no
-//! address, which still lets the VM ask for a new lease and nothing else. Events may
+//! A port is locked from birth: to the MAC vmfabric assigned it (or, for VMMs that
+//! choose their own, to the first MAC it sends from), with no address, which lets the
+//! VM ask for a lease (DHCP from 0.0.0.0, ARP probes) and nothing else. The switch
+//! says which port a MAC is on (`MacLearned`/`MacMoved`); a gateway says which address
+//! a MAC holds (`LeaseEvent`). Neither knows the other, so the control plane joins
+//! them: once both are known, the VM's port is locked to its MAC and leased address.
+//! When the lease ends the port goes back to its MAC with no address. Events may
 //! arrive in either order.
 
 use std::collections::HashMap;
@@ -51,6 +53,41 @@ impl PortLocker {
         self.enabled.insert(network.to_string(), gateway_port);
     }
 
+    /// The leases a gateway already holds when it starts (from the store), so that a
+    /// restored port is locked to its address at once, not only after a renewal.
+    pub fn remember_leases(&mut self, network: &str, leases: impl IntoIterator<Item = (Mac, Ipv4Addr)>) {
+        let n = self.nets.entry(network.to_string()).or_default();
+        for (mac, ip) in leases {
+            n.leases.insert(mac, Some(ip));
+        }
+    }
+
+    /// Locks a new port from birth: to `mac`, or with `None` to the first MAC it sends
+    /// from. Ports of networks without locking are left open.
+    pub fn register_port(&mut self, network: &str, port: PortId, mac: Option<Mac>) -> Result<(), fabric::FabricError> {
+        if !self.enabled.contains_key(network) {
+            return Ok(());
+        }
+        match mac {
+            Some(mac) => {
+                self.nets
+                    .entry(network.to_string())
+                    .or_default()
+                    .ports
+                    .insert(mac, port);
+                self.lock(network, port, mac)
+            }
+            None => self.switch.lock_port_to_first_mac(port),
+        }
+    }
+
+    /// Forgets a removed port's MAC, so the MAC may be locked to another port later.
+    pub fn forget_port(&mut self, network: &str, port: PortId) {
+        if let Some(n) = self.nets.get_mut(network) {
+            n.ports.retain(|_, p| *p != port);
+        }
+    }
+
     pub fn handle(&mut self, ev: &ControlEvent) {
         match ev {
             ControlEvent::Switch(SwitchEvent::MacLearned { network, mac, port })
@@ -91,15 +128,21 @@ impl PortLocker {
         let Some(port) = n.ports.get(&mac).copied() else {
             return;
         };
-        // Before its first lease a port stays open; from then on it is locked.
-        let Some(lease) = n.leases.get(&mac) else {
-            return;
-        };
-        let ips: Vec<Ipv4Addr> = lease.iter().copied().collect();
-        match self.switch.lock_port(port, Some(PortLock { mac, ips: ips.clone() })) {
-            Ok(()) => info!(%network, %port, %mac, ips = ?ips, "port locked"),
-            Err(e) => warn!(%network, %port, %mac, "cannot lock port: {e}"),
+        if let Err(e) = self.lock(network, port, mac) {
+            warn!(%network, %port, %mac, "cannot lock port: {e}");
         }
+    }
+
+    /// Locks `port` to `mac` and the address it holds a lease for, if any.
+    fn lock(&self, network: &str, port: PortId, mac: Mac) -> Result<(), fabric::FabricError> {
+        let lease = self
+            .nets
+            .get(network)
+            .and_then(|n| n.leases.get(&mac).copied().flatten());
+        let ips: Vec<Ipv4Addr> = lease.into_iter().collect();
+        self.switch.lock_port(port, Some(PortLock { mac, ips: ips.clone() }))?;
+        info!(%network, %port, %mac, ips = ?ips, "port locked");
+        Ok(())
     }
 }
 
