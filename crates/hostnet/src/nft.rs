@@ -10,22 +10,33 @@
 //!   masqueraded;
 //! - prerouting and output (nat): each forward DNATs `host address:port` to the guest,
 //!   for clients arriving from outside and for clients on the host itself;
-//! - forward (filter): nothing crosses from one vmfabric bridge to another.
+//! - forward (filter): what a guest sends out of its network passes the network's
+//!   egress policy with the userspace gateway's semantics (gateway::policy): ordered
+//!   rules, first match decides, the built-in denies (169.254.0.0/16, the other vmfabric
+//!   networks; the host's own addresses are input's) lifted only by an explicit allow,
+//!   then the default; refusals answered with a TCP reset or ICMP administratively
+//!   prohibited, counted in `egress_denied_<bridge>`;
+//! - input (filter): a guest reaches the host only for ICMP echo to the router and what
+//!   an explicit allow rule names (forwards are DNAT'd before input and pass through
+//!   forward); everything else is refused and counted in `input_denied_<bridge>`. DHCP
+//!   and DNS are the gateway's, reached on the bridge, never the host's input.
 //!
 //! Port security needs the bridge family, so a second table, `bridge vmfabric`, written
 //! in the same transaction: a locked port (its MAC and leased addresses) may send only
 //! from that MAC, and IPv4 and ARP only from those addresses (0.0.0.0 stays allowed for
-//! DHCP and ARP probes), like the userspace switch's port locks.
+//! DHCP and ARP probes), like the userspace switch's port locks; no port may send
+//! VLAN-tagged frames (the kernel's address checks would not see inside them) or, on a
+//! network without IPv6, IPv6 (the bridge itself has IPv6 disabled).
 
 use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem};
-use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
-use nftables::stmt::{Match, NATFamily, Operator, Statement, NAT};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem, CT};
+use nftables::schema::{Chain, Counter, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::stmt::{self, Match, NATFamily, Operator, Reject, RejectType, Statement, NAT};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use crate::HostnetError;
 
@@ -50,13 +61,123 @@ pub struct PortLock {
     pub ips: Vec<Ipv4Addr>,
 }
 
+/// The layer-4 protocols an egress rule may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// One egress rule: what the gateway's `policy::Rule` says, for nftables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    pub allow: bool,
+    pub dst: Ipv4Net,
+    /// `None`: every protocol.
+    pub proto: Option<L4>,
+    /// Inclusive range; `None`: every port (and ICMP).
+    pub ports: Option<(u16, u16)>,
+}
+
+/// A network's egress policy: ordered rules, then the default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub rules: Vec<EgressRule>,
+    pub default_allow: bool,
+}
+
+impl Default for Egress {
+    fn default() -> Self {
+        Egress {
+            rules: Vec::new(),
+            default_allow: true,
+        }
+    }
+}
+
 /// What the tables hold for one kernel-mode network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkRules {
     pub bridge: String,
     pub subnet: Ipv4Net,
+    /// The host's address on the bridge (guests may ping it).
+    pub router: Ipv4Addr,
     pub forwards: Vec<Forward>,
     pub locked_ports: Vec<PortLock>,
+    pub egress: Egress,
+    /// Whether guests may send IPv6 to each other (dropped at the ports otherwise).
+    pub ipv6: bool,
+}
+
+const LINK_LOCAL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16);
+
+/// The named counter of refusals in a network's forward (egress) or input chain.
+pub fn counter_name(chain: &str, bridge: &str) -> String {
+    format!("{chain}_denied_{bridge}")
+}
+
+fn number(n: u32) -> Expression<'static> {
+    Expression::Number(n)
+}
+
+fn established() -> Statement<'static> {
+    is(
+        Expression::Named(NamedExpression::CT(CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Operator::IN,
+        set([text("established"), text("related")]),
+    )
+}
+
+fn l4proto(p: L4) -> Expression<'static> {
+    text(match p {
+        L4::Tcp => "tcp",
+        L4::Udp => "udp",
+        L4::Icmp => "icmp",
+    })
+}
+
+/// The matches of an egress rule, as the gateway's `Rule::matches` reads it: a port
+/// range matches TCP and UDP only.
+fn egress_match(r: &EgressRule) -> Vec<Statement<'static>> {
+    let mut m = vec![is(field("ip", "daddr"), Operator::EQ, prefix(r.dst))];
+    match (r.proto, r.ports) {
+        (Some(p), _) => m.push(is(meta(MetaKey::L4proto), Operator::EQ, l4proto(p))),
+        (None, Some(_)) => m.push(is(
+            meta(MetaKey::L4proto),
+            Operator::IN,
+            set([l4proto(L4::Tcp), l4proto(L4::Udp)]),
+        )),
+        (None, None) => {}
+    }
+    if let Some((lo, hi)) = r.ports {
+        let range = Expression::Range(Box::new(Range {
+            range: [number(u32::from(lo)), number(u32::from(hi))],
+        }));
+        m.push(is(field("th", "dport"), Operator::EQ, range));
+    }
+    m
+}
+
+/// Refusals as the userspace gateway answers them: TCP with a reset, the rest with
+/// ICMP administratively prohibited; each counted.
+fn refusals(chain: &'static str, base: Vec<Statement<'static>>, counter: &str) -> Vec<NfListObject<'static>> {
+    let count = || Statement::Counter(stmt::Counter::Named(counter.to_string().into()));
+    let mut tcp = base.clone();
+    tcp.push(is(meta(MetaKey::L4proto), Operator::EQ, l4proto(L4::Tcp)));
+    tcp.push(count());
+    tcp.push(Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))));
+    let mut rest = base;
+    rest.push(count());
+    rest.push(Statement::Reject(Some(Reject::new(
+        Some(RejectType::ICMPX),
+        Some(RejectCode::AdminProhibited),
+    ))));
+    vec![rule(chain, tcp), rule(chain, rest)]
 }
 
 fn field(protocol: &'static str, name: &'static str) -> Expression<'static> {
@@ -146,6 +267,15 @@ fn port_lock_rules(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
         ],
         vec![
             from_port(),
+            is(
+                field("ether", "type"),
+                Operator::IN,
+                set([number(0x8100), number(0x88a8), number(0x9100)]),
+            ),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_port(),
             is(field("ip", "saddr"), Operator::NEQ, allowed()),
             Statement::Drop(None),
         ],
@@ -205,7 +335,20 @@ pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetEr
     b.add(chain("prerouting", NfChainType::NAT, NfHook::Prerouting, -100));
     b.add(chain("output", NfChainType::NAT, NfHook::Output, -100));
     b.add(chain("forward", NfChainType::Filter, NfHook::Forward, 0));
+    b.add(chain("input", NfChainType::Filter, NfHook::Input, 0));
     b.add(chain("guard", NfChainType::Filter, NfHook::Prerouting, -300));
+    for n in networks {
+        for chain in ["egress", "input"] {
+            b.add(NfListObject::Counter(Counter {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: counter_name(chain, &n.bridge).into(),
+                handle: None,
+                packets: None,
+                bytes: None,
+            }));
+        }
+    }
     for n in networks {
         b.add(rule(
             "postrouting",
@@ -242,19 +385,132 @@ pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetEr
             for expr in port_lock_rules(lock) {
                 b.add(family_rule(NfFamily::Bridge, "ports", expr));
             }
+            if !n.ipv6 {
+                b.add(family_rule(
+                    NfFamily::Bridge,
+                    "ports",
+                    vec![
+                        is(meta(MetaKey::Iifname), Operator::EQ, text(&lock.ifname)),
+                        is(field("ether", "type"), Operator::EQ, number(0x86dd)),
+                        Statement::Drop(None),
+                    ],
+                ));
+            }
         }
-        for other in networks.iter().filter(|o| o.bridge != n.bridge) {
-            b.add(rule(
-                "forward",
-                vec![
-                    is(meta(MetaKey::Iifname), Operator::EQ, text(&n.bridge)),
-                    is(meta(MetaKey::Oifname), Operator::EQ, text(&other.bridge)),
-                    Statement::Drop(None),
-                ],
-            ));
+        for obj in egress_rules(n, networks) {
+            b.add(obj);
+        }
+        for obj in input_rules(n) {
+            b.add(obj);
         }
     }
     Ok(b.to_nftables())
+}
+
+/// Traffic from `n`'s guests leaving their network: the egress policy.
+fn egress_rules(n: &NetworkRules, networks: &[NetworkRules]) -> Vec<NfListObject<'static>> {
+    let from_guests = || {
+        vec![
+            is(meta(MetaKey::Iifname), Operator::EQ, text(&n.bridge)),
+            is(meta(MetaKey::Oifname), Operator::NEQ, text(&n.bridge)),
+        ]
+    };
+    let counter = counter_name("egress", &n.bridge);
+    let mut out = Vec::new();
+    let mut first = from_guests();
+    first.push(established());
+    first.push(Statement::Accept(None));
+    out.push(rule("forward", first));
+    // A port range with ICMP can never match (as in the gateway): such rules are left out.
+    for r in n
+        .egress
+        .rules
+        .iter()
+        .filter(|r| !(r.proto == Some(L4::Icmp) && r.ports.is_some()))
+    {
+        let mut m = from_guests();
+        m.extend(egress_match(r));
+        if r.allow {
+            m.push(Statement::Accept(None));
+            out.push(rule("forward", m));
+        } else {
+            out.extend(refusals("forward", m, &counter));
+        }
+    }
+    let mut link_local = from_guests();
+    link_local.push(is(field("ip", "daddr"), Operator::EQ, prefix(LINK_LOCAL)));
+    out.extend(refusals("forward", link_local, &counter));
+    for other in networks.iter().filter(|o| o.bridge != n.bridge) {
+        let mut m = from_guests();
+        m.push(is(meta(MetaKey::Oifname), Operator::EQ, text(&other.bridge)));
+        out.extend(refusals("forward", m.clone(), &counter));
+        let mut by_address = from_guests();
+        by_address.push(is(field("ip", "daddr"), Operator::EQ, prefix(other.subnet)));
+        out.extend(refusals("forward", by_address, &counter));
+    }
+    if !n.egress.default_allow {
+        out.extend(refusals("forward", from_guests(), &counter));
+    }
+    out
+}
+
+/// Traffic from `n`'s guests to the host itself.
+fn input_rules(n: &NetworkRules) -> Vec<NfListObject<'static>> {
+    let from_guests = || vec![is(meta(MetaKey::Iifname), Operator::EQ, text(&n.bridge))];
+    let mut out = Vec::new();
+    let mut replies = from_guests();
+    replies.push(established());
+    replies.push(Statement::Accept(None));
+    out.push(rule("input", replies));
+    let mut ping = from_guests();
+    ping.push(is(field("ip", "daddr"), Operator::EQ, text(n.router)));
+    ping.push(is(field("icmp", "type"), Operator::EQ, text("echo-request")));
+    ping.push(Statement::Accept(None));
+    out.push(rule("input", ping));
+    for r in n
+        .egress
+        .rules
+        .iter()
+        .filter(|r| r.allow && !(r.proto == Some(L4::Icmp) && r.ports.is_some()))
+    {
+        let mut m = from_guests();
+        m.extend(egress_match(r));
+        m.push(Statement::Accept(None));
+        out.push(rule("input", m));
+    }
+    // Broadcasts and multicast (DHCP discovers, mDNS) reach the host's bridge too;
+    // they are the gateway's or nobody's: dropped quietly, not counted as refusals.
+    let mut group = from_guests();
+    group.push(is(
+        field("ip", "daddr"),
+        Operator::IN,
+        set([
+            text(Ipv4Addr::BROADCAST),
+            prefix(Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4)),
+        ]),
+    ));
+    group.push(Statement::Drop(None));
+    out.push(rule("input", group));
+    out.extend(refusals("input", from_guests(), &counter_name("input", &n.bridge)));
+    out
+}
+
+/// The refusal counters of vmfabric's table (name, packets), as the kernel holds them
+/// now; they start again from zero whenever the table is written.
+pub fn counters() -> Result<Vec<(String, u64)>, HostnetError> {
+    let args = ["-j", "list", "counters", "table", "inet", TABLE];
+    let rs = nftables::helper::get_current_ruleset_with_args(nftables::helper::DEFAULT_NFT, args)
+        .map_err(|e| HostnetError::Nft(e.to_string()))?;
+    Ok(rs
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            NfObject::ListObject(NfListObject::Counter(c)) => {
+                Some((c.name.to_string(), u64::from(c.packets.unwrap_or(0))))
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// Writes the table for `networks` (an empty list leaves an empty table).
@@ -288,6 +544,9 @@ mod tests {
             NetworkRules {
                 bridge: "vmfbr0".into(),
                 subnet: "10.70.0.0/24".parse().unwrap(),
+                router: "10.70.0.1".parse().unwrap(),
+                egress: Egress::default(),
+                ipv6: false,
                 forwards: vec![Forward {
                     proto: "tcp".into(),
                     host: "0.0.0.0:8080".parse().unwrap(),
@@ -302,6 +561,9 @@ mod tests {
             NetworkRules {
                 bridge: "vmfbr1".into(),
                 subnet: "10.71.0.0/24".parse().unwrap(),
+                router: "10.71.0.1".parse().unwrap(),
+                egress: Egress::default(),
+                ipv6: false,
                 forwards: vec![],
                 locked_ports: vec![],
             },
@@ -315,8 +577,13 @@ mod tests {
         assert!(json.contains("\"dnat\""), "{json}");
         assert_eq!(
             json.matches("\"drop\"").count(),
-            2 + 3 + 2,
-            "each direction between the two bridges, the lock's MAC, IP and ARP rules, and each bridge's loopback guard"
+            5 + 2 + 2,
+            "the lock's MAC, VLAN, IP, ARP and IPv6 rules, each bridge's loopback guard and quiet broadcasts"
+        );
+        assert_eq!(
+            json.matches("\"reject\"").count(),
+            2 * (2 + 4 + 2),
+            "each network, TCP and the rest: link-local, the other bridge and subnet, the host"
         );
         let bad = vec![NetworkRules {
             forwards: vec![Forward {

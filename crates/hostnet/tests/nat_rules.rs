@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use hostnet::nft::{self, Forward, NetworkRules, PortLock};
+use hostnet::nft::{self, Egress, EgressRule, Forward, NetworkRules, PortLock, L4};
 use hostnet::Links;
 use testkit::{in_ns, run};
 
@@ -120,6 +120,9 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     let red = NetworkRules {
         bridge: "vmfbr0".into(),
         subnet: "10.72.0.0/24".parse().unwrap(),
+        router: "10.72.0.1".parse().unwrap(),
+        egress: Egress::default(),
+        ipv6: false,
         forwards: vec![Forward {
             proto: "tcp".into(),
             host: "10.205.0.1:8081".parse().unwrap(),
@@ -135,6 +138,9 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     let blue = NetworkRules {
         bridge: "vmfbr1".into(),
         subnet: "10.73.0.0/24".parse().unwrap(),
+        router: "10.73.0.1".parse().unwrap(),
+        egress: Egress::default(),
+        ipv6: false,
         forwards: vec![],
         locked_ports: vec![],
     };
@@ -195,6 +201,51 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     assert!(table.contains("10.73.0.0/24"), "{table}");
     assert!(ask(&outside, "10.205.0.1:8081").is_err(), "the forward is gone");
     assert_eq!(ask(&g1, "10.205.0.2:8080").as_deref(), Ok("you are 10.205.0.1"));
+
+    // Red again, under an egress policy: only the outside's port 8080, by TCP. The
+    // host's services are out of reach, the router answers pings, and refusals are
+    // answered (a reset, so the connect fails at once) and counted.
+    who_am_i_server(&outside, "10.205.0.2:8083");
+    who_am_i_server(&host, "10.205.0.1:9000");
+    who_am_i_server(&host, "10.72.0.1:9001");
+    let strict = NetworkRules {
+        egress: Egress {
+            rules: vec![EgressRule {
+                allow: true,
+                dst: "10.205.0.2/32".parse().unwrap(),
+                proto: Some(L4::Tcp),
+                ports: Some((8080, 8080)),
+            }],
+            default_allow: false,
+        },
+        ..red.clone()
+    };
+    // A default route, so that metadata's address is routed (and refused by policy)
+    // rather than unreachable.
+    run(&["ip", "-n", &host, "route", "add", "default", "via", "10.205.0.2"]);
+    let both = [strict, blue.clone()];
+    in_ns(&host, move || nft::apply(&both).unwrap());
+    assert_eq!(
+        ask(&g0, "10.205.0.2:8080").as_deref(),
+        Ok("you are 10.205.0.1"),
+        "allowed by rule"
+    );
+    let refused = Err(std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(ask(&g0, "10.205.0.2:8083"), refused, "the default denies, with a reset");
+    assert_eq!(ask(&g0, "169.254.169.254:80"), refused, "metadata is a built-in deny");
+    assert_eq!(ask(&g0, "10.205.0.1:9000"), refused, "the host's own address");
+    assert_eq!(ask(&g0, "10.72.0.1:9001"), refused, "the router's services");
+    assert!(ping(&["10.72.0.1"]), "the router answers pings");
+    assert_eq!(
+        ask(&g1, "10.205.0.2:8083").as_deref(),
+        Ok("you are 10.205.0.1"),
+        "blue's policy is its own"
+    );
+    let counts = in_ns(&host, || nft::counters().unwrap());
+    let count = |name: &str| counts.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+    assert!(count("egress_denied_vmfbr0") >= Some(2), "{counts:?}");
+    assert!(count("input_denied_vmfbr0") >= Some(2), "{counts:?}");
+    assert_eq!(count("egress_denied_vmfbr1"), Some(0), "{counts:?}");
 
     in_ns(&host, || nft::remove().unwrap());
     let all = run(&["ip", "netns", "exec", &host, "nft", "list", "ruleset"]);

@@ -184,6 +184,29 @@ struct Net {
     uplink: Option<PortId>,
 }
 
+/// A gateway egress policy in the terms of the kernel's rules (the same semantics).
+fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
+    use gateway::policy::{Action, Proto};
+    use hostnet::nft::{EgressRule, L4};
+    hostnet::nft::Egress {
+        rules: p
+            .rules
+            .iter()
+            .map(|r| EgressRule {
+                allow: r.action == Action::Allow,
+                dst: r.dst,
+                proto: r.proto.map(|p| match p {
+                    Proto::Tcp => L4::Tcp,
+                    Proto::Udp => L4::Udp,
+                    Proto::Icmp => L4::Icmp,
+                }),
+                ports: r.ports,
+            })
+            .collect(),
+        default_allow: p.default == Action::Allow,
+    }
+}
+
 fn kernel_error(e: hostnet::HostnetError) -> ApiError {
     match e {
         hostnet::HostnetError::Foreign { .. } | hostnet::HostnetError::Invalid(_) => ApiError::Conflict(e.to_string()),
@@ -202,6 +225,9 @@ pub struct Daemon {
     gateways: Arc<Mutex<HashMap<String, Arc<Gateway>>>>,
     control: mpsc::Sender<ControlEvent>,
     locker: Arc<Mutex<PortLocker>>,
+    /// Kernel mode: what the nftables refusal counters held before the table was last
+    /// written (writing starts them again), by counter name.
+    kernel_denied: Mutex<HashMap<String, u64>>,
     vms: Arc<crate::vms::Vms>,
     /// Scopes this daemon's kernel devices (see `kernel::instance_of`).
     instance: String,
@@ -327,6 +353,7 @@ impl Daemon {
             gateways,
             control,
             locker,
+            kernel_denied: Mutex::default(),
             instance: crate::kernel::instance_of(&state_dir),
             changes: Mutex::new(()),
             vms,
@@ -380,7 +407,7 @@ impl Daemon {
         let kernel = rec.mode == NetworkMode::Kernel;
         let base = u32::from(rec.subnet.network());
         // Kernel mode: the bridge routes at .1, the gateway serves DHCP and DNS at .2.
-        let router = std::net::Ipv4Addr::from(base + 1);
+        let router = crate::kernel::router_of(&rec);
         if kernel {
             crate::kernel::bring_up(&self.instance, &rec, router).map_err(kernel_error)?;
         }
@@ -926,9 +953,13 @@ impl Daemon {
                 .map(|n| {
                     // One query per network: each port's reservation (keyed by MAC).
                     let reserved = self.store.reservations(&n.record.name).unwrap_or_default();
+                    let policy = self.policy_of(&n.record.name).unwrap_or_default();
                     hostnet::nft::NetworkRules {
                         bridge: crate::kernel::bridge_name(&self.instance, &n.record),
                         subnet: n.record.subnet,
+                        router: crate::kernel::router_of(&n.record),
+                        egress: kernel_egress(&policy),
+                        ipv6: false,
                         forwards: self.kernel_forwards(&n.record.name).unwrap_or_default(),
                         locked_ports: n
                             .ports
@@ -947,12 +978,41 @@ impl Daemon {
                 })
                 .collect()
         };
+        // Writing the table starts its refusal counters again: keep what they held.
+        if let Ok(counts) = hostnet::nft::counters() {
+            let mut kept = lock(&self.kernel_denied);
+            for (name, n) in counts {
+                *kept.entry(name).or_default() += n;
+            }
+        }
         let result = if rules.is_empty() {
             hostnet::nft::remove()
         } else {
             hostnet::nft::apply(&rules)
         };
         result.map_err(kernel_error)
+    }
+
+    /// The egress policy stored for a network (the default when none was set).
+    fn policy_of(&self, network: &str) -> Result<gateway::policy::EgressPolicy, ApiError> {
+        match self.store.policy(network)? {
+            Some(json) => serde_json::from_str::<PolicyView>(&json)
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .to_gateway(),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// A kernel network's refusals so far: (egress, input), from its nftables counters.
+    /// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
+    fn kernel_refusals(&self, rec: &NetworkRecord, now: &[(String, u64)]) -> (u64, u64) {
+        let bridge = crate::kernel::bridge_name(&self.instance, rec);
+        let kept = lock(&self.kernel_denied);
+        let total = |chain: &str| {
+            let name = hostnet::nft::counter_name(chain, &bridge);
+            kept.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
+        };
+        (total("egress"), total("input"))
     }
 
     pub fn ports(&self, network: &str) -> Result<Vec<PortView>, ApiError> {
@@ -1145,8 +1205,22 @@ impl Daemon {
         let mut names: Vec<&String> = nets.keys().collect();
         names.sort();
         out.push_str("# TYPE vmfabric_port_frames_total counter\n# TYPE vmfabric_port_drops_total counter\n");
+        let kernel_counts = if nets.values().any(|n| n.record.mode == NetworkMode::Kernel) {
+            hostnet::nft::counters().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for name in &names {
             let net = &nets[*name];
+            if net.record.mode == NetworkMode::Kernel {
+                let (egress, input) = self.kernel_refusals(&net.record, &kernel_counts);
+                out.push_str(&format!(
+                    "vmfabric_kernel_egress_denied_total{{network=\"{name}\"}} {egress}\n"
+                ));
+                out.push_str(&format!(
+                    "vmfabric_kernel_input_denied_total{{network=\"{name}\"}} {input}\n"
+                ));
+            }
             if let Some(c) = self.switch.network_counters(name) {
                 counter_lines(&mut out, "network", &format!("network=\"{name}\""), &c);
             }
@@ -1384,6 +1458,10 @@ impl Daemon {
         let json = serde_json::to_string(&p).map_err(|e| ApiError::Internal(e.to_string()))?;
         self.store.put_policy(network, &json)?;
         gw.set_egress_policy(policy);
+        if self.mode_of(network)? == NetworkMode::Kernel {
+            // The guests' traffic bypasses the gateway here: the kernel enforces it.
+            self.apply_kernel_rules()?;
+        }
         Ok(p)
     }
 

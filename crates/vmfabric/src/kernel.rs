@@ -61,10 +61,16 @@ where
     .map_err(|_| HostnetError::Invalid("the netlink thread panicked".into()))?
 }
 
+/// The host's address on a kernel network's bridge: the subnet's first host.
+pub fn router_of(rec: &NetworkRecord) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(rec.subnet.network()) + 1)
+}
+
 /// Makes (or adopts) the network's bridge with the router address and its uplink TAP.
 pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr) -> Result<(), HostnetError> {
     let localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", bridge_name(instance, rec));
     let bridge_dev = bridge_name(instance, rec);
+    let instance_name = instance.to_string();
     let (name, prefix, mtu, instance) = (rec.name.clone(), rec.subnet.prefix_len(), rec.mtu, instance.to_string());
     on_netlink(move |links| async move {
         let tag = format!("{instance} network {name}");
@@ -83,6 +89,15 @@ pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr)
         Ok(())
     })?;
     enable_forwarding();
+    // No IPv6 on the bridge: the host has no link-local address there for guests to
+    // reach (guests' IPv6 is dropped at their ports by the bridge rules).
+    let no_v6 = format!(
+        "/proc/sys/net/ipv6/conf/{}/disable_ipv6",
+        bridge_name(&instance_name, rec)
+    );
+    if let Err(e) = std::fs::write(&no_v6, "1") {
+        tracing::warn!("cannot set {no_v6} ({e}): the host keeps an IPv6 link-local address on the bridge");
+    }
     // Forwards from the host's loopback are DNATed out through the bridge; the
     // nftables guard keeps guests from addressing the loopback in return.
     if let Err(e) = std::fs::write(&localnet, "1") {

@@ -251,6 +251,19 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "/v1/networks/kblue/ports",
         Some(json!({"name": "d", "kind": "tap"})),
     );
+    // kblue's egress policy: only the outside's web server, by TCP; the kernel enforces
+    // it, and the host's own services stay out of the guests' reach.
+    d.ok(
+        "PUT",
+        "/v1/networks/kblue/policy",
+        Some(json!({"default": "deny", "rules": [{"action": "allow", "dst": "10.207.0.2/32", "proto": "tcp", "ports": "8080"}]})),
+    );
+    let host_service = std::net::TcpListener::bind("10.85.0.1:18090").unwrap();
+    std::thread::spawn(move || {
+        for s in host_service.incoming() {
+            let _ = s.and_then(|mut s| s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost service\n"));
+        }
+    });
     let mut c = boot(&image, &work, "c", &port_c, "true");
     let out_c = c.wait_for("VMFABRIC_READY");
     let ip_c = out_c
@@ -263,6 +276,9 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "ping -c 1 -W 3 10.85.0.1 && echo ROUTER-OK; \
          if ping -c 2 -W 2 {ip_c}; then echo PEER-REACHED; else echo PEER-ISOLATED; fi; \
          if timeout 5 wget -qO- http://{ip_a}/; then echo CROSS-REACHED; else echo CROSS-BLOCKED; fi; \
+         if timeout 5 wget -qO- http://10.207.0.2:8080/; then echo; echo OUT-ALLOWED; fi; \
+         if ping -c 1 -W 2 10.207.0.2; then echo OUT-PING-PASSED; else echo OUT-PING-DENIED; fi; \
+         if timeout 5 wget -qO- http://10.85.0.1:18090/; then echo HOST-REACHED; else echo HOST-REFUSED; fi; \
          ip addr add 10.85.0.200/24 dev eth0; \
          if ping -c 2 -W 2 -I 10.85.0.200 10.85.0.1; then echo SPOOF-IP-HEARD; else echo SPOOF-IP-UNHEARD; fi; \
          ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:02; ip link set eth0 up; \
@@ -274,11 +290,16 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "ROUTER-OK",
         "PEER-ISOLATED",
         "CROSS-BLOCKED",
+        "OUT-ALLOWED",
+        "OUT-PING-DENIED",
+        "HOST-REFUSED",
         "SPOOF-IP-UNHEARD",
         "SPOOF-MAC-UNHEARD",
     ] {
         assert!(out_d.contains(want), "{want} missing:\n{out_d}");
     }
+    assert!(d.metric("vmfabric_kernel_egress_denied_total{network=\"kblue\"}") >= 1);
+    assert!(d.metric("vmfabric_kernel_input_denied_total{network=\"kblue\"}") >= 1);
     drop((c, dg));
     let (s, v) = d.call("DELETE", "/v1/networks/kblue?force=true", None);
     assert!((200..300).contains(&s), "{s} {v}");
