@@ -68,9 +68,12 @@ pub struct GatewayConfig {
     pub udp_dns_idle: Duration,
     pub udp_flows_per_guest: usize,
     pub udp_flows_total: usize,
-    /// TCP connections at once, per guest and per network (egress and forwards).
+    /// TCP connections guests open at once, per guest and per network.
     pub tcp_flows_per_guest: usize,
     pub tcp_flows_total: usize,
+    /// TCP connections host clients hold through forwards at once, per network: a
+    /// budget of their own, so idle clients of a forward cannot take guests' egress.
+    pub tcp_forward_flows_total: usize,
     /// How long a guest's connect may wait for the host-side connect.
     pub tcp_connect_timeout: Duration,
     /// Each direction's buffer of one TCP connection: the most the gateway holds for it
@@ -126,6 +129,7 @@ impl GatewayConfig {
             udp_flows_total: 16384,
             tcp_flows_per_guest: 512,
             tcp_flows_total: 2048,
+            tcp_forward_flows_total: 1024,
             tcp_connect_timeout: Duration::from_secs(15),
             tcp_buffer: 256 * 1024,
             icmp_idle: Duration::from_secs(30),
@@ -197,7 +201,11 @@ impl GatewayConfig {
         {
             return err("UDP flow bounds and idle time must be above zero");
         }
-        if self.tcp_flows_per_guest == 0 || self.tcp_flows_total == 0 || self.tcp_connect_timeout.is_zero() {
+        if self.tcp_flows_per_guest == 0
+            || self.tcp_flows_total == 0
+            || self.tcp_forward_flows_total == 0
+            || self.tcp_connect_timeout.is_zero()
+        {
             return err("TCP flow bounds and connect timeout must be above zero");
         }
         if self.tcp_buffer < 4 * usize::from(self.mtu) {

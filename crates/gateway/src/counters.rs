@@ -59,11 +59,16 @@ counters! {
     dns_dropped,
     /// Queries that did not decode.
     dns_malformed,
+    /// DNS-over-TCP connections reset: their client already held its share of slots.
+    dns_tcp_refused,
     /// UDP flows opened for guests.
     nat_udp_flows,
     /// TCP segments from guests dropped for ending past the window the gateway
     /// advertised (DNS over TCP and TCP NAT); an honest TCP never sends them.
     tcp_beyond_window,
+    /// Guest-driven sockets closed again because the daemon's descriptors ran low
+    /// (see `fd_budget`).
+    fd_budget_refused,
     /// Guest datagrams dropped: flow bounds reached, queue full, or no host socket.
     nat_udp_dropped,
     nat_udp_tx_bytes,

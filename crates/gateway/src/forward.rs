@@ -168,6 +168,10 @@ pub(crate) fn remove(shared: &Shared, id: u64) -> bool {
 async fn accept(shared: Arc<Shared>, listener: TcpListener, guest: SocketAddrV4) {
     loop {
         match listener.accept().await {
+            Ok((stream, _)) if !crate::fd_budget::admits(&stream) => {
+                crate::counters::GatewayCounters::inc(&shared.counters.fd_budget_refused);
+                drop(stream);
+            }
             Ok((stream, _)) => {
                 tokio::spawn(crate::tcp_nat::forward_client(shared.clone(), guest, stream));
             }

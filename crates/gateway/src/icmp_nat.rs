@@ -126,6 +126,11 @@ pub(crate) fn outbound(
         .and_then(|s| s.connect(SocketAddrV4::new(target, 0)).map(|_| s))
         .and_then(UdpSocket::from_std)
     {
+        Ok(s) if !crate::fd_budget::admits(&s) => {
+            GatewayCounters::inc(&c.fd_budget_refused);
+            GatewayCounters::inc(&c.nat_icmp_dropped);
+            return None;
+        }
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%target, "cannot open an ICMP flow: {e}");

@@ -13,6 +13,7 @@ pub mod contain;
 pub mod counters;
 pub mod dhcp;
 pub mod dns;
+pub mod fd_budget;
 mod flows;
 pub mod forward;
 mod icmp_nat;
@@ -478,6 +479,7 @@ async fn run_tcp(
     c.dns_local.fetch_add(out.local, Ordering::Relaxed);
     c.dns_nxdomain.fetch_add(out.nxdomain, Ordering::Relaxed);
     c.dns_malformed.fetch_add(out.malformed, Ordering::Relaxed);
+    c.dns_tcp_refused.fetch_add(out.refused, Ordering::Relaxed);
     for frame in out.frames {
         let _ = sock.send(&frame).await;
     }

@@ -27,6 +27,9 @@ use crate::stack::Queue;
 
 /// Open TCP DNS connections at most; further SYNs wait for a free slot.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Connections (half-open ones too) one client address may hold, so that one guest's
+/// SYNs cannot take every slot from the others.
+pub const PER_CLIENT: usize = 4;
 /// Receive buffer: the largest unscaled window (see `stack`); the connection's reader
 /// drains it into the message being assembled.
 const RX_BUFFER: usize = crate::stack::UNSCALED_WINDOW;
@@ -39,6 +42,8 @@ const IDLE: Duration = Duration::from_secs(30);
 struct Conn {
     rx: Vec<u8>,
     pending: usize,
+    /// Counted against its client's `PER_CLIENT`.
+    counted: bool,
 }
 
 /// What one run of the stack produced.
@@ -50,6 +55,8 @@ pub struct Output {
     pub local: u64,
     pub nxdomain: u64,
     pub malformed: u64,
+    /// Connections reset because their client already held `PER_CLIENT`.
+    pub refused: u64,
 }
 
 pub struct TcpDns {
@@ -130,6 +137,7 @@ impl TcpDns {
         let mut out = Output::default();
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
+        out.refused = self.hold_clients_to_their_share();
         let mut gone = Vec::new();
         for (h, conn) in self.conns.iter_mut() {
             let sock = self.sockets.get_mut::<tcp::Socket>(*h);
@@ -191,6 +199,38 @@ impl TcpDns {
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         out.frames = self.device.take_sent();
         out
+    }
+}
+
+impl TcpDns {
+    /// Resets the connections a client holds beyond `PER_CLIENT` (the newest: a
+    /// client's established connections are kept, and it learns at once by the reset).
+    fn hold_clients_to_their_share(&mut self) -> u64 {
+        let mut by_client: HashMap<smoltcp::wire::IpAddress, usize> = HashMap::new();
+        let mut refused = 0;
+        for (h, conn) in self.conns.iter_mut() {
+            let sock = self.sockets.get_mut::<tcp::Socket>(*h);
+            let Some(remote) = sock.remote_endpoint() else { continue };
+            if conn.counted {
+                *by_client.entry(remote.addr).or_default() += 1;
+            }
+        }
+        for (h, conn) in self.conns.iter_mut() {
+            let sock = self.sockets.get_mut::<tcp::Socket>(*h);
+            let Some(remote) = sock.remote_endpoint() else { continue };
+            if conn.counted {
+                continue;
+            }
+            let held = by_client.entry(remote.addr).or_default();
+            if *held >= PER_CLIENT {
+                sock.abort();
+                refused += 1;
+            } else {
+                *held += 1;
+                conn.counted = true;
+            }
+        }
+        refused
     }
 }
 
@@ -257,6 +297,39 @@ mod tests {
         });
         exchange(dns, zone, peer, vec![ack]);
         synack
+    }
+
+    #[test]
+    fn one_client_holds_at_most_its_share_of_connections() {
+        let counters = Arc::new(GatewayCounters::default());
+        let (mut dns, zone) = server(&counters);
+        let mut refused = 0;
+        let mut connect = |dns: &mut TcpDns, ip: Ipv4Addr, port: u16| {
+            let mut p = peer();
+            (p.ip, p.port) = (ip, port);
+            let arp = p.arp_request();
+            let syn = p.segment(&Segment {
+                syn: true,
+                window: 65535,
+                ..Default::default()
+            });
+            dns.input(&arp);
+            dns.input(&syn);
+            let out = dns.poll(&zone);
+            refused += out.refused;
+            p.read(&out.frames)
+        };
+        let greedy = Ipv4Addr::new(10, 0, 0, 9);
+        for port in 0..PER_CLIENT as u16 + 2 {
+            connect(&mut dns, greedy, 41000 + port);
+        }
+        let other = connect(&mut dns, Ipv4Addr::new(10, 0, 0, 10), 42000);
+        assert_eq!(refused, 2, "the greedy client's connections past its share are reset");
+        assert!(
+            other.iter().any(|s| s.control == smoltcp::wire::TcpControl::Syn),
+            "another client still connects"
+        );
+        assert!(other.iter().all(|s| s.control != smoltcp::wire::TcpControl::Rst));
     }
 
     /// The crash of the hostile-guests issue: a client offering window scaling, then

@@ -98,6 +98,9 @@ pub(crate) struct TcpNat {
     flows: HashMap<FlowKey, Flow>,
     watches: HashMap<SocketHandle, Watch>,
     per_guest: crate::flows::PerGuest,
+    /// Flows in the table by direction (each has its own budget).
+    egress_flows: usize,
+    forward_flows: usize,
     epoch: std::time::Instant,
     buffer: usize,
     next_forward_port: u16,
@@ -135,6 +138,8 @@ impl TcpNat {
             flows: HashMap::new(),
             watches: HashMap::new(),
             per_guest: Default::default(),
+            egress_flows: 0,
+            forward_flows: 0,
             epoch: std::time::Instant::now(),
             buffer,
             next_forward_port: 0,
@@ -240,12 +245,27 @@ impl TcpNat {
     }
 
     /// Counts a new connection against the bounds; false when it is over them.
+    /// Takes a flow into the table if its direction's budget has room: a guest's own
+    /// connections count per guest and per network, forwards' against their own total.
     fn admit(&mut self, key: FlowKey, direction: Direction, per_guest: usize, total: usize) -> bool {
-        let mine = self.per_guest.count(*key.guest.ip());
-        if mine >= per_guest || self.flows.len() >= total || self.flows.contains_key(&key) {
+        if self.flows.contains_key(&key) {
             return false;
         }
-        self.per_guest.add(*key.guest.ip());
+        match direction {
+            Direction::Egress => {
+                if self.per_guest.count(*key.guest.ip()) >= per_guest || self.egress_flows >= total {
+                    return false;
+                }
+                self.per_guest.add(*key.guest.ip());
+                self.egress_flows += 1;
+            }
+            Direction::Forward => {
+                if self.forward_flows >= total {
+                    return false;
+                }
+                self.forward_flows += 1;
+            }
+        }
         self.flows.insert(
             key,
             Flow {
@@ -315,7 +335,7 @@ impl TcpNat {
             };
             (!self.flows.contains_key(&key)).then_some(key)
         })?;
-        if !self.admit(key, Direction::Forward, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
+        if !self.admit(key, Direction::Forward, usize::MAX, cfg.tcp_forward_flows_total) {
             return None;
         }
         let mut s = self.new_socket(cfg.tcp_connect_timeout);
@@ -340,7 +360,13 @@ impl TcpNat {
             self.watches.remove(&handle);
             self.sockets.remove(handle);
         }
-        self.per_guest.release(*key.guest.ip());
+        match flow.direction {
+            Direction::Egress => {
+                self.per_guest.release(*key.guest.ip());
+                self.egress_flows -= 1;
+            }
+            Direction::Forward => self.forward_flows -= 1,
+        }
     }
 
     pub fn list(&self) -> Vec<TcpFlowInfo> {
@@ -418,6 +444,11 @@ fn open(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey
     // Started without blocking: a local destination (the host's loopback above all)
     // usually completes at once, and then the guest gets its SYN-ACK in this same turn.
     let socket = match start_connect(target) {
+        Ok(s) if !crate::fd_budget::admits(&s) => {
+            GatewayCounters::inc(&c.fd_budget_refused);
+            lock(&shared.tcp_nat).forget(&key);
+            return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+        }
         Ok(s) => s,
         Err(e) => return refuse(shared, key, syn, target, e),
     };

@@ -101,6 +101,11 @@ pub(crate) fn outbound(
         .and_then(|s| s.set_nonblocking(true).map(|_| s))
         .and_then(UdpSocket::from_std)
     {
+        Ok(s) if !crate::fd_budget::admits(&s) => {
+            GatewayCounters::inc(&c.fd_budget_refused);
+            GatewayCounters::inc(&c.nat_udp_dropped);
+            return None;
+        }
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%target, "cannot open a UDP flow: {e}");

@@ -83,6 +83,9 @@ async fn over_udp(query: &[u8], upstream: SocketAddr, id: [u8; 2], deadline: tok
         "[::]:0".parse().ok()?
     };
     let sock = UdpSocket::bind(bind).await.ok()?;
+    if !crate::fd_budget::admits(&sock) {
+        return None;
+    }
     sock.connect(upstream).await.ok()?;
     sock.send(query).await.ok()?;
     let mut buf = vec![0u8; 65535];

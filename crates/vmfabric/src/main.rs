@@ -470,7 +470,23 @@ fn main() -> Result<()> {
     }
 }
 
+/// Descriptors kept from guests' flows for the daemon's own API, ports and store (a
+/// quarter of the limit where the limit is small).
+const FD_RESERVE: u64 = 1024;
+
 fn serve(args: ServeArgs) -> Result<()> {
+    // Debian's default soft limit (1,024) is the per-guest UDP bound alone: raise it to
+    // the hard limit and keep guests' flows below a reserve.
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum {
+        Some(hard) => {
+            let reserve = FD_RESERVE.min(hard / 4);
+            match gateway::fd_budget::raise_limit(reserve) {
+                Ok(limit) => tracing::info!(limit, reserve, "descriptor limit"),
+                Err(e) => tracing::warn!("cannot raise the descriptor limit: {e}"),
+            }
+        }
+        None => tracing::info!("no descriptor limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vmfabric")
