@@ -169,8 +169,8 @@ fn a_guest_that_never_leased_can_neither_spoof_nor_speak_dhcp_for_another() {
     let first = victim.recv(&mut buf).expect("the probe");
     assert_eq!(&buf[..first], &probe[..], "the victim heard a spoofed frame first");
 
-    let metrics = d.daemon.metrics();
     let value = |prefix: &str| -> u64 {
+        let metrics = d.daemon.metrics();
         metrics
             .lines()
             .find(|l| l.starts_with(prefix))
@@ -189,10 +189,13 @@ fn a_guest_that_never_leased_can_neither_spoof_nor_speak_dhcp_for_another() {
         value("vmfabric_port_drops_total{network=\"default\",port=\"attacker\",reason=\"ipv6_off\"}"),
         1
     );
-    assert_eq!(
-        value("vmfabric_gateway_dhcp_foreign_client_total{network=\"default\"}"),
-        2
-    );
+    // The gateway reads its port on its own task: wait for it to have seen both.
+    let foreign = "vmfabric_gateway_dhcp_foreign_client_total{network=\"default\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while value(foreign) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(value(foreign), 2);
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
     assert_eq!(leases[0]["mac"], victim_mac.to_string());
     assert_eq!(leases[0]["ip"], ip.to_string(), "the victim keeps its lease");
