@@ -3,9 +3,10 @@
 # Debian 12: QEMU (guests), busybox-static (guest userland, ping in tests), iproute2
 # (namespaces in tests), isc-dhcp-client, bind9-dnsutils and dnsmasq-base (real DHCP
 # and DNS clients, and a loopback upstream, in the gateway tests), nftables (kernel-mode
-# NAT rules). Rust comes from rustup; this script checks it is there.
+# NAT rules), g++ (libFuzzer, for the fuzz targets). Rust comes from rustup; this script
+# checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables)
+need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -11,6 +11,7 @@ pub mod config;
 pub mod counters;
 pub mod error;
 pub mod frame;
+pub mod guard;
 pub mod mac;
 pub mod port;
 mod switch;

@@ -77,6 +77,7 @@ impl TcpPeer {
     }
 
     /// Builds a segment; a sent SYN, FIN or payload advances `seq` unless `seg.seq` is set.
+    /// A payload longer than an IPv4 packet can carry is cut to fit.
     pub fn segment(&mut self, seg: &Segment) -> Vec<u8> {
         let control = match (seg.syn, seg.fin, seg.rst) {
             (true, _, _) => TcpControl::Syn,
@@ -85,6 +86,9 @@ impl TcpPeer {
             _ => TcpControl::None,
         };
         let seq = seg.seq.unwrap_or(self.seq);
+        // The most an IPv4 packet carries after its header and a TCP header with options.
+        const MAX_PAYLOAD: usize = 65535 - 20 - 60;
+        let payload = &seg.payload[..seg.payload.len().min(MAX_PAYLOAD)];
         let tcp = TcpRepr {
             src_port: self.port,
             dst_port: self.server_port,
@@ -97,7 +101,7 @@ impl TcpPeer {
             sack_permitted: false,
             sack_ranges: [None; 3],
             timestamp: None,
-            payload: seg.payload,
+            payload,
         };
         if seg.seq.is_none() {
             self.seq = self.seq.wrapping_add(tcp.segment_len() as u32);

@@ -69,6 +69,12 @@ impl UpstreamSet {
     }
 }
 
+/// Whether `answer`, from an upstream, answers `query` sent under `id`: the ID, the
+/// response bit, and the very question (an off-path forgery must guess all three).
+pub fn is_answer_to(query: &[u8], answer: &[u8], id: [u8; 2]) -> bool {
+    answer.len() >= 12 && answer[..2] == id && answer[2] & 0x80 != 0 && same_question(query, answer)
+}
+
 fn same_question(query: &[u8], answer: &[u8]) -> bool {
     match (Message::from_vec(query), Message::from_vec(answer)) {
         (Ok(q), Ok(a)) => q.queries == a.queries,
@@ -96,7 +102,7 @@ async fn over_udp(query: &[u8], upstream: SocketAddr, id: [u8; 2], deadline: tok
             .ok()?;
         let answer = &buf[..n];
         // Anything else arriving on this port is not the answer: keep waiting.
-        if n >= 12 && answer[..2] == id && answer[2] & 0x80 != 0 && same_question(query, answer) {
+        if is_answer_to(query, answer, id) {
             return Some(answer.to_vec());
         }
     }
@@ -112,7 +118,7 @@ async fn over_tcp(query: &[u8], upstream: SocketAddr, id: [u8; 2], deadline: tok
         s.read_exact(&mut len).await.ok()?;
         let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
         s.read_exact(&mut answer).await.ok()?;
-        (answer.len() >= 12 && answer[..2] == id && same_question(query, &answer)).then_some(answer)
+        is_answer_to(query, &answer, id).then_some(answer)
     };
     tokio::time::timeout_at(deadline, work).await.ok()?
 }

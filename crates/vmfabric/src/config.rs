@@ -85,7 +85,12 @@ impl NetworkDecl {
 
 pub fn load(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("{} is not a valid vmfabric config", path.display()))
+    parse(&text).with_context(|| format!("{} is not a valid vmfabric config", path.display()))
+}
+
+/// Reads a config file's text.
+pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
+    Ok(toml::from_str(text)?)
 }
 
 /// Creates what the file declares and the daemon lacks.

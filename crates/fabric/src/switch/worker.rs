@@ -34,9 +34,7 @@ use crate::clock::Clock;
 use crate::config::{NetworkConfig, MAX_FRAME_LEN};
 use crate::counters::{Counters, DropReason};
 use crate::error::{FabricError, Result};
-use crate::frame::{
-    is_dhcp_client_message, is_dhcp_server_message, l3_sender, EthernetView, FrameError, Ipv6Kind, L3Sender,
-};
+use crate::frame::{is_dhcp_client_message, EthernetView, FrameError};
 use crate::mac::Mac;
 use crate::port::{CapturedFrame, MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
@@ -681,15 +679,13 @@ impl Fabric {
             // answers are reused instead of hashed again.
             let repeated_src = last_src == Some(smac);
             let stolen = !repeated_src && net.locked.get(&smac).is_some_and(|owner| *owner != src);
-            if smac.is_group() || stolen || !lock_allows(port.lock.as_ref(), &view) {
+            if stolen {
                 drops[DropReason::Spoofed as usize] += 1;
                 continue;
             }
-            if !port.trusted {
-                if let Some(reason) = first_hop_violation(&net.config, &view) {
-                    drops[reason as usize] += 1;
-                    continue;
-                }
+            if let Some(reason) = crate::guard::verdict(&net.config, port.lock.as_ref(), port.trusted, &view) {
+                drops[reason as usize] += 1;
+                continue;
             }
             let learned = if repeated_src {
                 Learned::Refreshed
@@ -1398,40 +1394,5 @@ impl Fabric {
 fn emit(events: &SyncSender<SwitchEvent>, dropped: &AtomicU64, ev: SwitchEvent) {
     if let Err(TrySendError::Full(_)) = events.try_send(ev) {
         dropped.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Why a frame from an untrusted port must not reach the others: it speaks for a
-/// DHCP server or an IPv6 router, or hides what it carries behind VLAN tags.
-fn first_hop_violation(cfg: &crate::NetworkConfig, view: &EthernetView<'_>) -> Option<DropReason> {
-    if view.inner().is_none() {
-        return Some(DropReason::Malformed);
-    }
-    if cfg.dhcp_guard && is_dhcp_server_message(view) {
-        return Some(DropReason::RogueDhcp);
-    }
-    match crate::frame::ipv6_kind(view) {
-        Ipv6Kind::NotIpv6 => None,
-        _ if !cfg.ipv6 => Some(DropReason::Ipv6Off),
-        Ipv6Kind::Plain => None,
-        Ipv6Kind::NeighbourAdvert { target_mac } if target_mac.is_none_or(|m| m == view.src()) => None,
-        _ => Some(DropReason::Ipv6Guard),
-    }
-}
-
-/// Whether a locked port may send this frame.
-fn lock_allows(lock: Option<&PortLock>, frame: &EthernetView<'_>) -> bool {
-    let Some(lock) = lock else { return true };
-    if frame.src() != lock.mac {
-        return false;
-    }
-    let ip_ok = |ip: std::net::Ipv4Addr| lock.ips.contains(&ip);
-    match l3_sender(frame) {
-        L3Sender::Ipv4 { src, dhcp_client } => ip_ok(src) || (src.is_unspecified() && dhcp_client),
-        L3Sender::Arp { sender_mac, sender_ip } => {
-            sender_mac == lock.mac && (ip_ok(sender_ip) || sender_ip.is_unspecified())
-        }
-        L3Sender::Other => true,
-        L3Sender::Malformed => false,
     }
 }
