@@ -85,6 +85,9 @@ pub struct SwitchConfig {
     /// Mode of the socket files of path ports.
     pub socket_mode: u32,
     pub clock: Arc<dyn Clock>,
+    /// Confine the switch thread to its system-call allowlist (see `sys::seccomp`).
+    /// Off only for debugging.
+    pub sandbox: bool,
 }
 
 impl Default for SwitchConfig {
@@ -96,6 +99,7 @@ impl Default for SwitchConfig {
             event_capacity: 4096,
             socket_mode: 0o600,
             clock: Arc::new(MonotonicClock::default()),
+            sandbox: true,
         }
     }
 }
@@ -108,6 +112,7 @@ impl std::fmt::Debug for SwitchConfig {
             .field("socket_buffer_bytes", &self.socket_buffer_bytes)
             .field("event_capacity", &self.event_capacity)
             .field("socket_mode", &format_args!("{:o}", self.socket_mode))
+            .field("sandbox", &self.sandbox)
             .finish_non_exhaustive()
     }
 }

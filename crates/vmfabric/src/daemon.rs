@@ -282,24 +282,29 @@ impl Daemon {
         guest_dir: Option<PathBuf>,
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<Arc<Daemon>> {
-        Daemon::start_configured(state_dir, run_dir, guest_dir, rt, None)
+        Daemon::start_configured(state_dir, run_dir, guest_dir, rt, None, true)
     }
 
     /// Like [`Daemon::start_with_guests`]; with an empty store, `first` (a config
     /// file's declaration of `default`, say) replaces the built-in default network.
+    /// `sandbox` confines the switch thread (off only for debugging).
     pub fn start_configured(
         state_dir: PathBuf,
         run_dir: PathBuf,
         guest_dir: Option<PathBuf>,
         rt: tokio::runtime::Handle,
         first: Option<NetworkRecord>,
+        sandbox: bool,
     ) -> anyhow::Result<Arc<Daemon>> {
         let vms = crate::vms::Vms::new(guest_dir, run_dir.join("vms"));
         std::fs::create_dir_all(&state_dir)?;
         std::fs::create_dir_all(run_dir.join("ports"))?;
         std::fs::create_dir_all(run_dir.join("guests"))?;
         let store = Store::open(&state_dir.join("vmfabric.db"))?;
-        let switch = Arc::new(Switch::start(SwitchConfig::default())?);
+        let switch = Arc::new(Switch::start(SwitchConfig {
+            sandbox,
+            ..SwitchConfig::default()
+        })?);
         let (control, control_rx) = mpsc::channel();
         let labels: Arc<Mutex<HashMap<PortId, (String, String)>>> = Arc::default();
         let gateways: Arc<Mutex<HashMap<String, Arc<Gateway>>>> = Arc::default();

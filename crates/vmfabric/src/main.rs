@@ -341,6 +341,10 @@ struct ServeArgs {
     /// Make sure network `default` has a stream port with this name (repeatable).
     #[arg(long = "stream-port", value_name = "NAME")]
     stream_ports: Vec<String>,
+    /// Run the switch thread without its seccomp filter. For debugging only: the thread
+    /// that reads every guest's frames then may make any system call.
+    #[arg(long)]
+    no_sandbox: bool,
 }
 
 fn main() -> Result<()> {
@@ -496,12 +500,18 @@ fn serve(args: ServeArgs) -> Result<()> {
     let declared = args.config.as_deref().map(vmfabric::config::load).transpose()?;
     // A declared "default" network is the one a new store starts with.
     let first = declared.as_ref().and_then(|c| c.default_network());
+    if args.no_sandbox {
+        tracing::warn!(
+            "--no-sandbox: the switch thread runs WITHOUT its seccomp filter; a bug in frame handling would have the daemon's full privileges"
+        );
+    }
     let daemon = Daemon::start_configured(
         args.state_dir.clone(),
         args.run_dir.clone(),
         args.guest_dir.clone(),
         rt.handle().clone(),
         first,
+        !args.no_sandbox,
     )?;
     if let Some(cfg) = &declared {
         vmfabric::config::apply(&daemon, cfg)?;

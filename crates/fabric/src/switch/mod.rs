@@ -76,9 +76,17 @@ impl Switch {
             socket_buffer_bytes: config.socket_buffer_bytes,
         })
         .map_err(|e| FabricError::io("set up the switch worker", e))?;
+        let sandbox = config.sandbox;
         let thread = std::thread::Builder::new()
             .name("fabric-switch".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if sandbox {
+                    if let Err(e) = crate::sys::seccomp::confine_switch_thread() {
+                        tracing::warn!("the switch thread runs without its seccomp filter: {e}");
+                    }
+                }
+                worker.run()
+            })
             .map_err(|e| FabricError::io("spawn the switch thread", e))?;
         Ok(Switch {
             commands,

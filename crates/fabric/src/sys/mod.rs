@@ -5,4 +5,5 @@
 //! and the TUN/TAP ioctl. Each block states why it is sound.
 
 pub mod mmsg;
+pub mod seccomp;
 pub mod tap;
