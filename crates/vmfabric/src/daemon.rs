@@ -184,6 +184,28 @@ struct Net {
     uplink: Option<PortId>,
 }
 
+/// A subnet a network can live on: unicast, not loopback, link-local or broadcast,
+/// written without host bits, with room for the gateway (or router and gateway), the
+/// host-access address and at least one guest. Checked before anything is made:
+/// smoltcp panics on a multicast gateway address.
+fn valid_subnet(subnet: ipnet::Ipv4Net) -> Result<(), ApiError> {
+    let net = subnet.network();
+    let bad = |why: &str| Err(ApiError::BadRequest(format!("subnet {subnet}: {why}")));
+    if subnet.addr() != net {
+        return bad(&format!("has host bits set (the network is {})", subnet.trunc()));
+    }
+    if net.is_multicast() || net.is_broadcast() || u32::from(net) >= u32::from(std::net::Ipv4Addr::new(240, 0, 0, 0)) {
+        return bad("is not unicast");
+    }
+    if net.is_loopback() || net.is_link_local() || net.is_unspecified() || net.octets()[0] == 0 {
+        return bad("is loopback, link-local or this-network");
+    }
+    if subnet.prefix_len() > 28 {
+        return bad("is too small: a network needs /28 or larger (gateway, router, host access and guests)");
+    }
+    Ok(())
+}
+
 /// A gateway egress policy in the terms of the kernel's rules (the same semantics).
 fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
     use gateway::policy::{Action, Proto};
@@ -549,6 +571,7 @@ impl Daemon {
     pub fn create_network(&self, rec: NetworkRecord, force: bool) -> Result<NetworkRecord, ApiError> {
         let _serial = lock(&self.changes);
         valid_name("network", &rec.name)?;
+        valid_subnet(rec.subnet)?;
         if let Some((route, iface)) = crate::hostroutes::overlapping(rec.subnet).filter(|_| !force) {
             return Err(ApiError::Conflict(format!(
                 "subnet {} overlaps the host route {route} on {iface}; pick another subnet or create with force=true",

@@ -72,6 +72,27 @@ fn every_route_and_its_errors() {
         Some(json!({"name": "tiny", "subnet": "10.92.0.0/31"})),
     );
     assert_eq!(s, 400, "{v}");
+    // Subnets no network can live on are refused before anything is made (a multicast
+    // one used to panic inside smoltcp and leave the name half-taken).
+    for subnet in [
+        "224.0.0.0/24",
+        "127.0.0.0/24",
+        "169.254.0.0/24",
+        "10.93.0.5/24",
+        "10.93.0.0/29",
+        "240.0.0.0/24",
+    ] {
+        let (s, v) = d.call("POST", "/v1/networks", Some(json!({"name": "odd", "subnet": subnet})));
+        assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{subnet}: {v}");
+    }
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "odd", "subnet": "10.93.0.0/28"})),
+    );
+    assert_eq!(s, 201, "the name is free and a /28 is enough: {v}");
+    let (s, _) = d.call("DELETE", "/v1/networks/odd", None);
+    assert!((200..300).contains(&s));
     let (s, v) = d.call("GET", "/v1/networks/nope", None);
     assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
 
