@@ -24,18 +24,7 @@ fuzz_target!(|data: &[u8]| {
         Arc::new(GatewayCounters::default()),
     );
     let zone = Zone::new("vm.internal", "10.0.0.0/24".parse().unwrap());
-    let mut peers: Vec<TcpPeer> = (0..3)
-        .map(|i| TcpPeer {
-            mac: [2, 0, 0, 0, 0, 9 + i],
-            ip: Ipv4Addr::new(10, 0, 0, 9 + i),
-            port: 40000,
-            server_mac: [2, 0, 0, 0, 0, 1],
-            server_ip: SERVER,
-            server_port: 53,
-            seq: 1000,
-            ack: 0,
-        })
-        .collect();
+    let mut peers: Vec<TcpPeer> = (0..3).map(|i| TcpPeer::guest(9 + i, 53)).collect();
     for p in &peers {
         dns.input(&p.arp_request());
     }

@@ -335,16 +335,7 @@ mod tests {
     fn an_unscaled_stack_survives_a_peer_that_sends_past_the_window() {
         let counters = Arc::new(GatewayCounters::default());
         let mut server = Server::new(counters.clone());
-        let mut peer = TcpPeer {
-            mac: [2, 0, 0, 0, 0, 9],
-            ip: Ipv4Addr::new(10, 0, 0, 9),
-            port: 40000,
-            server_mac: MAC,
-            server_ip: SERVER,
-            server_port: 80,
-            seq: 7,
-            ack: 0,
-        };
+        let mut peer = TcpPeer::guest(9, 80);
         let syn = peer.segment(&Segment {
             syn: true,
             window: 65535,
@@ -359,27 +350,9 @@ mod tests {
             ..Default::default()
         });
         server.exchange(&mut peer, vec![ack]);
-        let data = peer.segment(&Segment {
-            ack: true,
-            window: 65535,
-            payload: &[1; 1459],
-            ..Default::default()
-        });
-        let probe_seq = peer.seq.wrapping_sub(2);
-        let probe = peer.segment(&Segment {
-            ack: true,
-            window: 65535,
-            seq: Some(probe_seq),
-            ..Default::default()
-        });
-        server.exchange(&mut peer, vec![data, probe]);
-        let past_edge = peer.segment(&Segment {
-            ack: true,
-            window: 65535,
-            payload: &[2; 64500],
-            ..Default::default()
-        });
-        server.exchange(&mut peer, vec![past_edge]);
+        let [first, past_edge] = peer.window_overrun();
+        server.exchange(&mut peer, first);
+        server.exchange(&mut peer, past_edge);
         assert_eq!(counters.tcp_beyond_window.load(std::sync::atomic::Ordering::Relaxed), 1);
         // Within the window, the same connection still carries data.
         peer.seq = peer.seq.wrapping_sub(64500);

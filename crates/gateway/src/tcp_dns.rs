@@ -256,16 +256,7 @@ mod tests {
     }
 
     fn peer() -> TcpPeer {
-        TcpPeer {
-            mac: [2, 0, 0, 0, 0, 9],
-            ip: Ipv4Addr::new(10, 0, 0, 9),
-            port: 40000,
-            server_mac: [2, 0, 0, 0, 0, 1],
-            server_ip: SERVER,
-            server_port: 53,
-            seq: 1000,
-            ack: 0,
-        }
+        TcpPeer::guest(9, 53)
     }
 
     fn exchange(dns: &mut TcpDns, zone: &Zone, peer: &mut TcpPeer, frames: Vec<Vec<u8>>) -> Vec<crate::tcp_peer::Seen> {
@@ -342,36 +333,9 @@ mod tests {
         let (mut dns, zone) = server(&counters);
         let mut peer = peer();
         let synack = handshake(&mut dns, &zone, &mut peer, Some(7));
-        // A message announced as 65,535 bytes and sent in pieces, so the server reads
-        // what arrives and keeps waiting for the rest.
-        let mut msg = vec![0xff, 0xff];
-        msg.extend(std::iter::repeat_n(0u8, 1457));
-        let first = peer.segment(&Segment {
-            ack: true,
-            window: 65535,
-            payload: &msg,
-            ..Default::default()
-        });
-        // A zero-length segment below the window, in the same batch, draws a challenge
-        // ACK whose window is computed while those bytes are still unread.
-        let probe_seq = peer.seq.wrapping_sub(2);
-        let probe = peer.segment(&Segment {
-            ack: true,
-            window: 65535,
-            seq: Some(probe_seq),
-            ..Default::default()
-        });
-        exchange(&mut dns, &zone, &mut peer, vec![first, probe]);
-        // Then, in one batch, segments up to the end of the server's buffer: past the
-        // right edge it advertised, within the space it actually has.
-        let past_edge = vec![0u8; 64500];
-        let last = peer.segment(&Segment {
-            ack: true,
-            window: 65535,
-            payload: &past_edge,
-            ..Default::default()
-        });
-        exchange(&mut dns, &zone, &mut peer, vec![last]);
+        let [first, past_edge] = peer.window_overrun();
+        exchange(&mut dns, &zone, &mut peer, first);
+        exchange(&mut dns, &zone, &mut peer, past_edge);
         let _ = dns.poll_delay();
         assert_eq!(
             synack.window_scale.unwrap_or(0),

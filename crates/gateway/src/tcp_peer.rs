@@ -54,6 +54,52 @@ pub struct Segment<'a> {
 }
 
 impl TcpPeer {
+    /// A guest at 10.0.0.`host` (MAC 02:00:00:00:00:`host`) talking to a server at
+    /// 10.0.0.1 (MAC 02:00:00:00:00:01) on `server_port`, from port 40000.
+    pub fn guest(host: u8, server_port: u16) -> TcpPeer {
+        TcpPeer {
+            mac: [2, 0, 0, 0, 0, host],
+            ip: Ipv4Addr::new(10, 0, 0, host),
+            port: 40000,
+            server_mac: [2, 0, 0, 0, 0, 1],
+            server_ip: Ipv4Addr::new(10, 0, 0, 1),
+            server_port,
+            seq: 1000,
+            ack: 0,
+        }
+    }
+
+    /// The window overrun that crashed smoltcp (its issue 1048), in the two batches a
+    /// test feeds it once connected: `first` (1,459 bytes, here starting a DNS message
+    /// announced as 65,535 bytes so a DNS server keeps reading) with a zero-length probe
+    /// below the window, which draws a challenge ACK computed while those bytes are
+    /// unread; then one segment of 64,500 bytes, past the right edge the server
+    /// advertised but within the space it has once it read.
+    pub fn window_overrun(&mut self) -> [Vec<Vec<u8>>; 2] {
+        let mut first = vec![0xff, 0xff];
+        first.extend(std::iter::repeat_n(0u8, 1457));
+        let data = self.segment(&Segment {
+            ack: true,
+            window: 65535,
+            payload: &first,
+            ..Default::default()
+        });
+        let probe_seq = self.seq.wrapping_sub(2);
+        let probe = self.segment(&Segment {
+            ack: true,
+            window: 65535,
+            seq: Some(probe_seq),
+            ..Default::default()
+        });
+        let past_edge = self.segment(&Segment {
+            ack: true,
+            window: 65535,
+            payload: &[0; 64500],
+            ..Default::default()
+        });
+        [vec![data, probe], vec![past_edge]]
+    }
+
     /// An ARP request from the peer for the server's address, from which smoltcp learns
     /// the peer's MAC.
     pub fn arp_request(&self) -> Vec<u8> {

@@ -31,12 +31,7 @@ fn port_mac(d: &Daemon, network: &str, port: &str) -> String {
 #[test]
 fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
     let Some(image) = common::guest_dir() else { return };
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "must run here: needs root"
-        );
-        eprintln!("SKIP: the hostile-guest suite runs as root");
+    if !testkit::ready_or_skip(testkit::is_root(), "the hostile-guest suite runs as root") {
         return;
     }
     let dir = common::workdir("hostile");
