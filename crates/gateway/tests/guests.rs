@@ -105,17 +105,7 @@ fn a_guest_fetches_from_the_host_and_serves_the_host_through_a_forward() {
         cfg.host_access = Some(cfg.default_host_access());
     });
     // A web server on host loopback only.
-    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let web_port = web.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in web.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let body = "page from the host loopback";
-            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        }
-    });
+    let web_port = testkit::loopback_web_server("page from the host loopback");
     let path = work.join("web.sock");
     sw.add_unixgram_port("natlab", "web", &path).unwrap();
     let cmd = format!("wget -q -O - http://10.241.0.254:{web_port}/ && echo");

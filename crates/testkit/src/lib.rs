@@ -147,3 +147,21 @@ impl Drop for Guest {
         let _ = self.child.wait();
     }
 }
+
+/// A web server on the host's loopback only (127.0.0.1, a free port) that answers
+/// every request with `body`, for guests to reach through the gateway's NAT. Returns
+/// its port; it serves until the test process ends.
+pub fn loopback_web_server(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = web.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    port
+}

@@ -14,7 +14,7 @@ mod common;
 mod harness;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use harness::Process as Daemon;
@@ -58,17 +58,7 @@ fn four_guests_on_two_networks_end_to_end_across_a_daemon_kill() {
     let d = Daemon::start(&dir, &image);
 
     // A web server on host loopback only.
-    let web = TcpListener::bind("127.0.0.1:0").unwrap();
-    let web_port = web.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in web.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let body = "host loopback page";
-            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        }
-    });
+    let web_port = testkit::loopback_web_server("host loopback page");
 
     d.ok(
         "POST",

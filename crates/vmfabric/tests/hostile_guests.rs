@@ -10,9 +10,6 @@
 mod common;
 mod harness;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
-
 use harness::Process as Daemon;
 use serde_json::{json, Value};
 
@@ -36,16 +33,7 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
     }
     let dir = common::workdir("hostile");
     let d = Daemon::start(&dir, &image);
-    let web = TcpListener::bind("127.0.0.1:0").unwrap();
-    let web_port = web.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in web.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nhost");
-        }
-    });
+    let web_port = testkit::loopback_web_server("host");
     d.ok(
         "POST",
         "/v1/networks",
