@@ -187,10 +187,11 @@ impl Queue {
     /// Forgets the edges of connections that are no longer in `live` (the connections
     /// the stack's sockets hold). Cheap to call often: it sweeps only when more
     /// connections are tracked than `live` holds, plus some slack.
-    pub fn retain_conns(&mut self, live: impl Fn() -> std::collections::HashSet<Conn>) {
+    /// `sockets` is how many sockets the stack holds; `live` is asked only for a sweep.
+    pub fn retain_conns(&mut self, sockets: usize, live: impl Fn() -> std::collections::HashSet<Conn>) {
         const SLACK: usize = 64;
-        let live = live();
-        if self.guard.edges.len() > live.len() + SLACK {
+        if self.guard.edges.len() > sockets + SLACK {
+            let live = live();
             self.guard.edges.retain(|c, _| live.contains(c));
         }
     }

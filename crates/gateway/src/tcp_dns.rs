@@ -185,7 +185,7 @@ impl TcpDns {
             self.sockets.remove(h);
         }
         let sockets = &self.sockets;
-        self.device.retain_conns(|| {
+        self.device.retain_conns(sockets.iter().count(), || {
             sockets
                 .iter()
                 .filter_map(|(_, s)| match s {

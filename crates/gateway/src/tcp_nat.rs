@@ -203,7 +203,7 @@ impl TcpNat {
         }
         let sockets = &self.sockets;
         let watches = &self.watches;
-        self.device.retain_conns(|| {
+        self.device.retain_conns(watches.len(), || {
             watches
                 .keys()
                 .filter_map(|h| crate::stack::socket_conn(sockets.get::<tcp::Socket>(*h)))
