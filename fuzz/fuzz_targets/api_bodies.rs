@@ -2,18 +2,18 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmfabric::daemon::{choose_mac, ForwardView, PolicyView, PortRequest, ReservationView};
-use vmfabric::store::NetworkRecord;
+use vmfabric::daemon::choose_mac;
+use vmfabric::model::{ForwardSpec, NetworkSpec, PolicySpec, PortSpec, ReservationSpec};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = serde_json::from_slice::<NetworkRecord>(data);
-    let _ = serde_json::from_slice::<ForwardView>(data);
-    let _ = serde_json::from_slice::<ReservationView>(data);
+    let _ = serde_json::from_slice::<NetworkSpec>(data);
+    let _ = serde_json::from_slice::<ForwardSpec>(data);
+    let _ = serde_json::from_slice::<ReservationSpec>(data);
     let _ = serde_json::from_slice::<vmfabric::vms::VmRequest>(data);
-    if let Ok(p) = serde_json::from_slice::<PolicyView>(data) {
+    if let Ok(p) = serde_json::from_slice::<PolicySpec>(data) {
         let _ = p.to_gateway();
     }
-    if let Ok(p) = serde_json::from_slice::<PortRequest>(data) {
+    if let Ok(p) = serde_json::from_slice::<PortSpec>(data) {
         let _ = choose_mac("n", &p.name, p.mac.as_deref(), p.learn_mac_once, |_| false);
     }
 });

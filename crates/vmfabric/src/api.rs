@@ -16,24 +16,25 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::daemon::{ApiError, Daemon, PortRequest, ReservationView};
-use crate::store::NetworkRecord;
+use crate::control::error::{ControlError, ErrorClass};
+use crate::daemon::Daemon;
+use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortSpec, ReservationSpec};
 
-impl IntoResponse for ApiError {
+impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        let (status, code) = match self.class() {
+            ErrorClass::Invalid => (StatusCode::BAD_REQUEST, "bad_request"),
+            ErrorClass::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ErrorClass::Conflict => (StatusCode::CONFLICT, "conflict"),
+            ErrorClass::Host => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         (status, Json(json!({ "error": code, "message": self.to_string() }))).into_response()
     }
 }
 
 /// A JSON body, or a 400 that says what is wrong with it.
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| ApiError::BadRequest(e.body_text()))
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ControlError> {
+    b.map(|Json(v)| v).map_err(|e| ControlError::invalid(e.body_text()))
 }
 
 type Shared = State<Arc<Daemon>>;
@@ -45,13 +46,13 @@ async fn list_networks(State(d): Shared) -> Response {
 async fn create_network(
     State(d): Shared,
     Query(f): Query<Force>,
-    b: Result<Json<NetworkRecord>, JsonRejection>,
-) -> Result<Response, ApiError> {
+    b: Result<Json<NetworkSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
     let rec = d.create_network(body(b)?, f.force)?;
     Ok((StatusCode::CREATED, Json(rec)).into_response())
 }
 
-async fn show_network(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+async fn show_network(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.network(&name)?).into_response())
 }
 
@@ -65,20 +66,20 @@ async fn delete_network(
     State(d): Shared,
     UrlPath(name): UrlPath<String>,
     Query(f): Query<Force>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, ControlError> {
     d.delete_network(&name, f.force)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_ports(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+async fn list_ports(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.ports(&net)?).into_response())
 }
 
 async fn add_port(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
-    b: Result<Json<PortRequest>, JsonRejection>,
-) -> Result<Response, ApiError> {
+    b: Result<Json<PortSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
     let view = d.add_port(&net, body(b)?)?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -86,7 +87,7 @@ async fn add_port(
 async fn remove_port(
     State(d): Shared,
     UrlPath((net, port)): UrlPath<(String, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, ControlError> {
     d.remove_port(&net, &port)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -94,7 +95,7 @@ async fn remove_port(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SocketpairRequest {
-    name: String,
+    name: crate::model::Name,
     #[serde(default)]
     mac: Option<String>,
     #[serde(default)]
@@ -108,26 +109,26 @@ async fn socketpair(
     UrlPath(net): UrlPath<String>,
     axum::extract::ConnectInfo(conn): axum::extract::ConnectInfo<ConnFd>,
     mut req: axum::extract::Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ControlError> {
     use axum::http::header::{CONNECTION, UPGRADE};
     if req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()) != Some(crate::fdpass::PROTOCOL) {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ControlError::invalid(format!(
             "this route hands over an fd: send it with `Connection: upgrade` and `Upgrade: {}`",
             crate::fdpass::PROTOCOL
         )));
     }
     let Some(conn) = conn.0 else {
-        return Err(ApiError::Internal(
+        return Err(ControlError::Host(
             "this connection's socket could not be duplicated".into(),
         ));
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let ask: SocketpairRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        .map_err(|e| ControlError::invalid(e.to_string()))?;
+    let ask: SocketpairRequest = serde_json::from_slice(&bytes).map_err(|e| ControlError::invalid(e.to_string()))?;
     let (view, vm_end) = d.add_socketpair_port(&net, &ask.name, ask.mac.as_deref(), ask.learn_mac_once)?;
-    let payload = serde_json::to_vec(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let payload = serde_json::to_vec(&view).map_err(|e| ControlError::Host(e.to_string()))?;
     let (daemon, name) = (d.clone(), ask.name.clone());
     tokio::spawn(async move {
         let handed = async {
@@ -157,52 +158,55 @@ async fn list_vms(State(d): Shared) -> Response {
     Json(d.vms().list()).into_response()
 }
 
-async fn run_vm(State(d): Shared, b: Result<Json<crate::vms::VmRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn run_vm(
+    State(d): Shared,
+    b: Result<Json<crate::vms::VmRequest>, JsonRejection>,
+) -> Result<Response, ControlError> {
     let req = body(b)?;
     // Booting blocks a little (spawning QEMU); keep it off the async workers.
     let v = tokio::task::spawn_blocking(move || d.vms().run(&d, req))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(|e| ControlError::Host(e.to_string()))??;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
-async fn show_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+async fn show_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.vms().get(&name)?).into_response())
 }
 
-async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     // Stopping waits for the guest (grace periods): off the async workers.
     let v = tokio::task::spawn_blocking(move || d.vms().stop(&d, &name))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(|e| ControlError::Host(e.to_string()))??;
     Ok(Json(v).into_response())
 }
 
-async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(([("content-type", "text/plain; charset=utf-8")], d.vms().logs(&name)?).into_response())
 }
 
-async fn show_policy(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+async fn show_policy(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.policy(&net)?).into_response())
 }
 
 async fn set_policy(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
-    b: Result<Json<crate::daemon::PolicyView>, JsonRejection>,
-) -> Result<Response, ApiError> {
+    b: Result<Json<PolicySpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
     Ok(Json(d.set_policy(&net, body(b)?)?).into_response())
 }
 
-async fn list_forwards(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+async fn list_forwards(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.forwards(&net)?).into_response())
 }
 
 async fn add_forward(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
-    b: Result<Json<crate::daemon::ForwardView>, JsonRejection>,
-) -> Result<Response, ApiError> {
+    b: Result<Json<ForwardSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
     Ok((StatusCode::CREATED, Json(d.add_forward(&net, body(b)?)?)).into_response())
 }
 
@@ -216,20 +220,20 @@ async fn remove_forward(
     State(d): Shared,
     UrlPath((net, host)): UrlPath<(String, String)>,
     Query(q): Query<ForwardQuery>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, ControlError> {
     d.remove_forward(&net, &host, q.proto.as_deref())?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_reservations(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+async fn list_reservations(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.reservations(&net)?).into_response())
 }
 
 async fn add_reservation(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
-    b: Result<Json<ReservationView>, JsonRejection>,
-) -> Result<Response, ApiError> {
+    b: Result<Json<ReservationSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
     let r = d.reserve(&net, body(b)?)?;
     Ok((StatusCode::CREATED, Json(r)).into_response())
 }
@@ -237,16 +241,16 @@ async fn add_reservation(
 async fn remove_reservation(
     State(d): Shared,
     UrlPath((net, key)): UrlPath<(String, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, ControlError> {
     d.unreserve(&net, &key)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_flows(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+async fn list_flows(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.flows(&net)?).into_response())
 }
 
-async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ApiError> {
+async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(d.leases(&net)?).into_response())
 }
 
@@ -276,7 +280,7 @@ async fn capture(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
     Query(q): Query<CaptureQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ControlError> {
     let cap = d.capture(&net, q.port.as_deref())?;
     let net_name = net.clone();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -305,7 +309,7 @@ async fn capture(
                 }
             }
         })
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ControlError::Host(e.to_string()))?;
     let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Ok(([("content-type", "application/vnd.tcpdump.pcap")], body).into_response())
 }
@@ -321,8 +325,8 @@ async fn openapi() -> Response {
     ([("content-type", "application/json")], OPENAPI).into_response()
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such route; see /v1/networks".into())
+async fn not_found() -> ControlError {
+    ControlError::NotFound("no such route; see /v1/networks".into())
 }
 
 /// A duplicate of a connection's socket, for handing an fd over it (SCM_RIGHTS needs
@@ -378,13 +382,22 @@ pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-/// Binds the API socket (mode 0600). Refuses when another daemon answers on it;
-/// removes a stale socket left by a crash.
+/// Binds the API socket (mode 0600). Refuses when another daemon answers on it or
+/// when something other than a socket is at the path; removes a stale socket left by
+/// a crash.
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket nobody answers on is ours to replace: never a file, a link or
+        // a directory that happens to sit at the path given.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it (give --socket another path)",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("another vmfabric daemon is serving {}; stop it first", path.display());
         }

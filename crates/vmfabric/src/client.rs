@@ -108,7 +108,7 @@ pub async fn socketpair_port(
         serde_json::json!({ "name": name, "mac": choice.mac, "learn_mac_once": choice.learn_mac_once }).to_string();
     let req = Request::builder()
         .method("POST")
-        .uri(format!("/v1/networks/{network}/socketpairs"))
+        .uri(format!("/v1/networks/{}/socketpairs", seg(network)))
         .header("host", "vmfabric")
         .header("content-type", "application/json")
         .header(CONNECTION, "upgrade")
@@ -138,4 +138,17 @@ pub async fn socketpair_port(
     })
     .await??;
     Ok((serde_json::from_slice(&data)?, fd))
+}
+
+/// Everything but RFC 3986's unreserved characters is escaped, so a name becomes one
+/// path segment whatever it holds (`net/ports/p0` or `net?force=true` stay names).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A name or address as one URL path segment (or query value).
+pub fn seg(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, SEGMENT).to_string()
 }

@@ -18,8 +18,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::daemon::{ApiError, Daemon, PortRequest, ReservationView};
-use crate::store::NetworkRecord;
+use crate::control::error::ErrorClass;
+use crate::daemon::Daemon;
+use crate::model::{Mtu, Name, NetworkSpec, PortSpec, ReservationSpec};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,11 +32,11 @@ pub struct ConfigFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkDecl {
-    pub name: String,
+    pub name: Name,
     pub subnet: ipnet::Ipv4Net,
-    #[serde(default = "crate::store::default_mtu")]
-    pub mtu: u32,
-    #[serde(default = "crate::store::yes")]
+    #[serde(default)]
+    pub mtu: Mtu,
+    #[serde(default = "yes")]
     pub gateway: bool,
     /// Guests reach the host's loopback at the subnet's last host address.
     #[serde(default)]
@@ -53,24 +54,28 @@ pub struct NetworkDecl {
     #[serde(default)]
     pub force: bool,
     #[serde(default)]
-    pub ports: Vec<PortRequest>,
+    pub ports: Vec<PortSpec>,
     #[serde(default)]
-    pub reservations: Vec<ReservationView>,
+    pub reservations: Vec<ReservationSpec>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ConfigFile {
     /// The declaration of the network named `default`, if any.
-    pub fn default_network(&self) -> Option<NetworkRecord> {
+    pub fn default_network(&self) -> Option<NetworkSpec> {
         self.networks
             .iter()
-            .find(|n| n.name == "default")
+            .find(|n| n.name.as_str() == "default")
             .map(NetworkDecl::record)
     }
 }
 
 impl NetworkDecl {
-    fn record(&self) -> NetworkRecord {
-        NetworkRecord {
+    fn record(&self) -> NetworkSpec {
+        NetworkSpec {
             name: self.name.clone(),
             subnet: self.subnet,
             mtu: self.mtu,
@@ -104,7 +109,8 @@ pub fn apply(daemon: &Daemon, cfg: &ConfigFile) -> anyhow::Result<()> {
         }
         for p in &n.ports {
             match daemon.add_port(&n.name, p.clone()) {
-                Ok(_) | Err(ApiError::Conflict(_)) => {}
+                Ok(_) => {}
+                Err(e) if e.class() == ErrorClass::Conflict => {}
                 Err(e) => anyhow::bail!("port {}/{}: {e}", n.name, p.name),
             }
         }
@@ -132,7 +138,7 @@ mod tests {
             reservations = [{ key = "r1", ip = "10.78.0.10" }]
         "#;
         let c: super::ConfigFile = toml::from_str(ok).unwrap();
-        assert_eq!((c.networks[0].mtu, c.networks[0].ports.len()), (1500, 1));
+        assert_eq!((c.networks[0].mtu.get(), c.networks[0].ports.len()), (1500, 1));
         let typo = "[[network]]\nname = \"x\"\nsubnet = \"10.0.0.0/24\"\nmtuu = 9000\n";
         assert!(toml::from_str::<super::ConfigFile>(typo)
             .unwrap_err()

@@ -10,69 +10,16 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig, SwitchEvent};
-use gateway::{Gateway, GatewayConfig, Lease};
-use serde::{Deserialize, Serialize};
+use gateway::{Gateway, GatewayConfig};
 
+use crate::control::error::ControlError;
 use crate::control::locks::{ControlEvent, PortLocker};
-use crate::store::{DbError, NetworkMode, NetworkRecord, PortKind, PortRecord, Store};
-
-/// What went wrong, in the terms the API reports.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<DbError> for ApiError {
-    fn from(e: DbError) -> Self {
-        ApiError::Internal(e.to_string())
-    }
-}
-
-impl From<fabric::FabricError> for ApiError {
-    fn from(e: fabric::FabricError) -> Self {
-        match e {
-            fabric::FabricError::InvalidConfig(m) => ApiError::BadRequest(m),
-            fabric::FabricError::PathInUse(p) => ApiError::Conflict(format!("socket path {p} is in use")),
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
-}
-
-/// A port to create.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortRequest {
-    pub name: String,
-    pub kind: PortKind,
-    /// TAP ports: the interface name (default: `vmf-` and the port name, cut to 15).
-    #[serde(default)]
-    pub ifname: Option<String>,
-    /// Kernel-mode TAP ports: the user and group that may open the device.
-    #[serde(default)]
-    pub owner_uid: Option<u32>,
-    #[serde(default)]
-    pub owner_gid: Option<u32>,
-    /// Kernel-mode TAP ports: a multi-queue device (the VMM opens it with as many queues).
-    #[serde(default)]
-    pub multi_queue: bool,
-    /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
-    #[serde(default)]
-    pub vnet_hdr: bool,
-    /// Userspace ports: this MAC instead of the one derived from the names.
-    #[serde(default)]
-    pub mac: Option<String>,
-    /// Userspace ports: lock to the first MAC the VMM sends from (for VMMs that choose
-    /// their own) instead of the assigned one.
-    #[serde(default)]
-    pub learn_mac_once: bool,
-}
+use crate::model::Name;
+pub use crate::model::{
+    FlowsView, ForwardProto, ForwardSpec, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec, PortView,
+    ReservationSpec, TcpFlowView, UdpFlowView,
+};
+use crate::store::{NetworkMode, PortKind, PortRecord, Store};
 
 /// The MAC a new userspace port is locked to from birth: `mac` if given (unicast, not
 /// another port's), else one derived from the names; with `learn_mac_once`, the lock
@@ -83,23 +30,23 @@ pub fn choose_mac(
     mac: Option<&str>,
     learn_mac_once: bool,
     taken: impl Fn(Mac) -> bool,
-) -> Result<(Mac, bool), ApiError> {
+) -> Result<(Mac, bool), ControlError> {
     let mac = match mac {
         None => Mac::derived(&[network, name]),
         Some(_) if learn_mac_once => {
-            return Err(ApiError::BadRequest(
-                "mac and learn_mac_once exclude each other: give the MAC, or let the port learn it".into(),
+            return Err(ControlError::invalid(
+                "mac and learn_mac_once exclude each other: give the MAC, or let the port learn it",
             ))
         }
         Some(text) => {
             let mac: Mac = text
                 .parse()
-                .map_err(|e| ApiError::BadRequest(format!("mac {text:?}: {e}")))?;
+                .map_err(|e| ControlError::invalid(format!("mac {text:?}: {e}")))?;
             if !mac.is_unicast() || mac == Mac([0; 6]) {
-                return Err(ApiError::BadRequest(format!("mac {mac} is not a unicast address")));
+                return Err(ControlError::invalid(format!("mac {mac} is not a unicast address")));
             }
             if taken(mac) {
-                return Err(ApiError::Conflict(format!(
+                return Err(ControlError::Conflict(format!(
                     "mac {mac} belongs to another port on {network:?}"
                 )));
             }
@@ -109,75 +56,54 @@ pub fn choose_mac(
     Ok((mac, learn_mac_once))
 }
 
-impl PortRequest {
-    pub fn tap_settings(&self) -> crate::store::TapSettings {
-        crate::store::TapSettings {
-            owner_uid: self.owner_uid,
-            owner_gid: self.owner_gid,
-            multi_queue: self.multi_queue,
-            vnet_hdr: self.vnet_hdr,
-        }
+/// Takes the state directory for this process: two daemons on one store would each
+/// believe their own copy of it (and fight over its kernel devices). The lock is the
+/// kernel's (`flock`), so it goes with the process however it ends; the file holds the
+/// holder's pid for the error the next one prints.
+fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = state_dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    // A daemon that is just exiting (a restart) gets a moment to let go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut held = file.try_lock();
+    while matches!(held, Err(std::fs::TryLockError::WouldBlock)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        held = file.try_lock();
     }
-}
-
-/// A port as the API shows it, with what to give the VMM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PortView {
-    #[serde(flatten)]
-    pub record: PortRecord,
-    pub up: bool,
-    pub qemu_args: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetworkView {
-    #[serde(flatten)]
-    pub record: NetworkRecord,
-    pub ports: usize,
-    pub leases: usize,
-}
-
-/// A fixed address for a MAC or a VM name (its DHCP hostname or port name).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReservationView {
-    /// A MAC address or a VM name.
-    pub key: String,
-    pub ip: std::net::Ipv4Addr,
-}
-
-impl ReservationView {
-    fn to_gateway(&self) -> gateway::Reservation {
-        let key = match self.key.parse::<Mac>() {
-            Ok(mac) => gateway::ReservationKey::Mac(mac),
-            Err(_) => gateway::ReservationKey::Name(self.key.clone()),
-        };
-        gateway::Reservation { key, ip: self.ip }
+    if let Err(std::fs::TryLockError::Error(e)) = held {
+        return Err(anyhow::anyhow!("lock {}: {e}", path.display()));
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LeaseView {
-    pub ip: std::net::Ipv4Addr,
-    #[serde(with = "crate::store::mac_text")]
-    pub mac: Mac,
-    pub hostname: Option<String>,
-    pub expires: u64,
-}
-
-impl From<Lease> for LeaseView {
-    fn from(l: Lease) -> Self {
-        LeaseView {
-            ip: l.ip,
-            mac: l.mac,
-            hostname: l.hostname,
-            expires: l.expires,
-        }
+    if let Err(std::fs::TryLockError::WouldBlock) = held {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        anyhow::bail!(
+            "the state directory {} is in use by another vmfabric daemon (pid {}); stop it, or give this one its own --state-dir",
+            state_dir.display(),
+            holder.trim()
+        );
     }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Stored objects that could not be restored: by name, the spec when it parsed and
+/// the reason.
+#[derive(Default)]
+struct Failed {
+    networks: HashMap<String, (Option<NetworkSpec>, String)>,
+    ports: HashMap<(String, String), (Option<PortRecord>, String)>,
 }
 
 struct Net {
-    record: NetworkRecord,
+    record: NetworkSpec,
     gateway: Option<Arc<Gateway>>,
     ports: HashMap<String, (PortId, PortRecord)>,
     /// Kernel mode: the switch port on the bridge's uplink TAP, where the gateway is.
@@ -188,9 +114,9 @@ struct Net {
 /// written without host bits, with room for the gateway (or router and gateway), the
 /// host-access address and at least one guest. Checked before anything is made:
 /// smoltcp panics on a multicast gateway address.
-fn valid_subnet(subnet: ipnet::Ipv4Net) -> Result<(), ApiError> {
+fn valid_subnet(subnet: ipnet::Ipv4Net) -> Result<(), ControlError> {
     let net = subnet.network();
-    let bad = |why: &str| Err(ApiError::BadRequest(format!("subnet {subnet}: {why}")));
+    let bad = |why: &str| Err(ControlError::invalid(format!("subnet {subnet}: {why}")));
     if subnet.addr() != net {
         return bad(&format!("has host bits set (the network is {})", subnet.trunc()));
     }
@@ -229,13 +155,6 @@ fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
     }
 }
 
-fn kernel_error(e: hostnet::HostnetError) -> ApiError {
-    match e {
-        hostnet::HostnetError::Foreign { .. } | hostnet::HostnetError::Invalid(_) => ApiError::Conflict(e.to_string()),
-        other => ApiError::Internal(format!("kernel mode: {other}")),
-    }
-}
-
 pub struct Daemon {
     switch: Arc<Switch>,
     store: Arc<Store>,
@@ -253,30 +172,24 @@ pub struct Daemon {
     vms: Arc<crate::vms::Vms>,
     /// Scopes this daemon's kernel devices (see `kernel::instance_of`).
     instance: String,
+    /// Held for the daemon's life: one instance per state directory.
+    _state_lock: std::fs::File,
+    /// What the store holds but could not be brought back at start, with why.
+    failed: Mutex<Failed>,
     /// Serialises changes to networks and ports, so a check and the change it guards
     /// cannot interleave with another request's (the data plane is never behind it).
     changes: Mutex<()>,
 }
 
-fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && !name.starts_with(['.', '-']);
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "{what} name {name:?} must be 1 to 64 characters of letters, digits, '.', '_' or '-', not starting with '.' or '-'"
-        )))
-    }
+/// Where a unixgram port's VMM binds its end (the path `qemu_args` prints).
+fn guest_socket(run_dir: &std::path::Path, network: &str, port: &str) -> PathBuf {
+    run_dir.join("guests").join(format!("{network}-{port}.sock"))
 }
 
 fn qemu_args(p: &PortRecord, run_dir: &std::path::Path) -> String {
     let netdev = match p.kind {
         PortKind::Unixgram => {
-            let guest = run_dir.join("guests").join(format!("{}-{}.sock", p.network, p.name));
+            let guest = guest_socket(run_dir, &p.network, &p.name);
             format!(
                 "-netdev dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
                 guest.display(),
@@ -315,14 +228,21 @@ impl Daemon {
         run_dir: PathBuf,
         guest_dir: Option<PathBuf>,
         rt: tokio::runtime::Handle,
-        first: Option<NetworkRecord>,
+        first: Option<NetworkSpec>,
         sandbox: bool,
     ) -> anyhow::Result<Arc<Daemon>> {
         let vms = crate::vms::Vms::new(guest_dir, run_dir.join("vms"));
         std::fs::create_dir_all(&state_dir)?;
+        // Leases, MACs and names are nobody else's business.
+        std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let state_lock = lock_state_dir(&state_dir)?;
         std::fs::create_dir_all(run_dir.join("ports"))?;
         std::fs::create_dir_all(run_dir.join("guests"))?;
         let store = Store::open(&state_dir.join("vmfabric.db"))?;
+        std::fs::set_permissions(
+            state_dir.join("vmfabric.db"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
         let switch = Arc::new(Switch::start(SwitchConfig {
             sandbox,
             ..SwitchConfig::default()
@@ -383,20 +303,18 @@ impl Daemon {
             kernel_denied: Mutex::default(),
             instance: crate::kernel::instance_of(&state_dir),
             changes: Mutex::new(()),
+            failed: Mutex::default(),
+            _state_lock: state_lock,
             vms,
         });
         daemon.vms.supervise(Arc::downgrade(&daemon));
         let saved = daemon.store.networks()?;
         if saved.is_empty() {
-            let default = first.unwrap_or_else(|| NetworkRecord {
-                name: "default".into(),
-                subnet: "10.77.0.0/24".parse().expect("literal"),
-                mtu: 1500,
-                gateway: true,
-                host_access: false,
-                mode: Default::default(),
-                isolated: false,
-                bridge: None,
+            let default = first.unwrap_or_else(|| {
+                NetworkSpec::new(
+                    Name::new("network", "default").expect("literal"),
+                    "10.77.0.0/24".parse().expect("literal"),
+                )
             });
             if let Some((route, iface)) = crate::hostroutes::overlapping(default.subnet) {
                 tracing::warn!(%route, %iface, "the default network overlaps a host route");
@@ -405,20 +323,50 @@ impl Daemon {
                 .create_network(default, true)
                 .map_err(|e| anyhow::anyhow!("create the default network: {e}"))?;
         } else {
-            for rec in saved {
-                daemon
-                    .bring_up_network(rec)
-                    .map_err(|e| anyhow::anyhow!("restore a network: {e}"))?;
-            }
-            for port in daemon.store.ports()? {
-                daemon
-                    .bring_up_port(port)
-                    .map_err(|e| anyhow::anyhow!("restore a port: {e}"))?;
-            }
-            daemon.vms.restore(&daemon);
+            daemon.restore(saved)?;
         }
         daemon.reconcile_kernel();
         Ok(daemon)
+    }
+
+    /// Brings back what the store holds. What cannot come back (a row that no longer
+    /// parses, a socket path now in use, a kernel device that cannot be made) stays in
+    /// the store, is logged and listed with its reason, and can be removed through the
+    /// API; everything else starts.
+    fn restore(self: &Arc<Self>, saved: Vec<Result<NetworkSpec, crate::store::BadRow>>) -> anyhow::Result<()> {
+        for row in saved {
+            let failure = match row {
+                Ok(spec) => match self.bring_up_network(spec.clone()) {
+                    Ok(()) => continue,
+                    Err(e) => (spec.name.to_string(), Some(spec), e.to_string()),
+                },
+                Err(bad) => (bad.key.clone(), None, bad.to_string()),
+            };
+            tracing::error!(network = %failure.0, "cannot restore the network: {}", failure.2);
+            lock(&self.failed).networks.insert(failure.0, (failure.1, failure.2));
+        }
+        for row in self.store.ports()? {
+            let failure = match row {
+                Ok(rec) if lock(&self.failed).networks.contains_key(&rec.network) => {
+                    let why = format!("its network {:?} did not come back", rec.network);
+                    (rec.network.clone(), rec.name.clone(), Some(rec), why)
+                }
+                Ok(rec) => match self.bring_up_port(rec.clone()) {
+                    Ok(_) => continue,
+                    Err(e) => (rec.network.clone(), rec.name.clone(), Some(rec), e.to_string()),
+                },
+                Err(bad) => {
+                    let (net, name) = bad.key.split_once('/').unwrap_or((&bad.key, ""));
+                    (net.to_string(), name.to_string(), None, bad.to_string())
+                }
+            };
+            tracing::error!(network = %failure.0, port = %failure.1, "cannot restore the port: {}", failure.3);
+            lock(&self.failed)
+                .ports
+                .insert((failure.0, failure.1), (failure.2, failure.3));
+        }
+        self.vms.restore(self);
+        Ok(())
     }
 
     fn nets(&self) -> MutexGuard<'_, HashMap<String, Net>> {
@@ -429,24 +377,26 @@ impl Daemon {
         &self.switch
     }
 
-    fn bring_up_network(&self, rec: NetworkRecord) -> Result<(), ApiError> {
-        let name = rec.name.clone();
+    fn bring_up_network(&self, rec: NetworkSpec) -> Result<(), ControlError> {
+        let name = rec.name.to_string();
         let kernel = rec.mode == NetworkMode::Kernel;
         let base = u32::from(rec.subnet.network());
         // Kernel mode: the bridge routes at .1, the gateway serves DHCP and DNS at .2.
         let router = crate::kernel::router_of(&rec);
-        if kernel {
-            crate::kernel::bring_up(&self.instance, &rec, router).map_err(kernel_error)?;
-        }
         let cfg = NetworkConfig {
-            mtu: rec.mtu as usize,
+            mtu: usize::from(rec.mtu.get()),
             ..NetworkConfig::default()
         };
+        // Everything is checked before the first device is made.
         cfg.validate()?;
+        valid_subnet(rec.subnet)?;
+        if kernel {
+            crate::kernel::bring_up(&self.instance, &rec, router)?;
+        }
         self.switch.add_network(&rec.name, cfg)?;
         let gateway = if rec.gateway {
             let mut gcfg = GatewayConfig::new(&rec.name, rec.subnet);
-            gcfg.mtu = u16::try_from(rec.mtu).unwrap_or(u16::MAX);
+            gcfg.mtu = rec.mtu.get();
             if rec.host_access {
                 gcfg.host_access = Some(gcfg.default_host_access());
             }
@@ -462,22 +412,22 @@ impl Daemon {
             }
             gcfg.reservations = self
                 .store
-                .reservations(&rec.name)?
+                .reservations(rec.name.as_str())?
                 .into_iter()
-                .map(|(key, ip)| ReservationView { key, ip }.to_gateway())
+                .map(|(key, ip)| ReservationSpec { key, ip }.to_gateway())
                 .collect();
             let gw = Gateway::attach(
                 &self.rt,
                 &self.switch,
                 &rec.name,
                 gcfg,
-                Box::new(self.store.leases_of(&rec.name)),
+                Box::new(self.store.leases_of(rec.name.as_str())),
             )
-            .map_err(|e| ApiError::BadRequest(e.to_string()));
+            .map_err(|e| ControlError::invalid(e.to_string()));
             let gw = match gw {
                 Ok(gw) => Arc::new(gw),
                 Err(e) => {
-                    let _ = self.switch.remove_network(&rec.name);
+                    let _ = self.switch.remove_network(rec.name.as_str());
                     return Err(e);
                 }
             };
@@ -487,7 +437,7 @@ impl Daemon {
                 locker.remember_leases(&rec.name, gw.leases().into_iter().map(|l| (l.mac, l.ip)));
             }
             if let Some(leases) = gw.take_events() {
-                let (control, network) = (self.control.clone(), rec.name.clone());
+                let (control, network) = (self.control.clone(), rec.name.to_string());
                 std::thread::spawn(move || {
                     for event in leases {
                         match &event {
@@ -509,7 +459,7 @@ impl Daemon {
                     }
                 });
             }
-            lock(&self.gateways).insert(rec.name.clone(), gw.clone());
+            lock(&self.gateways).insert(rec.name.to_string(), gw.clone());
             Some(gw)
         } else {
             None
@@ -521,9 +471,9 @@ impl Daemon {
                 Err(e) => {
                     if let Some(gw) = &gateway {
                         let _ = self.switch.remove_port(gw.port());
-                        lock(&self.gateways).remove(&rec.name);
+                        lock(&self.gateways).remove(rec.name.as_str());
                     }
-                    let _ = self.switch.remove_network(&rec.name);
+                    let _ = self.switch.remove_network(rec.name.as_str());
                     return Err(e.into());
                 }
             }
@@ -531,7 +481,7 @@ impl Daemon {
             None
         };
         self.nets().insert(
-            rec.name.clone(),
+            rec.name.to_string(),
             Net {
                 record: rec,
                 gateway,
@@ -568,47 +518,41 @@ impl Daemon {
 
     /// Creates a network. A subnet that overlaps a host route is refused unless `force`:
     /// VMs on it would shadow the host's real neighbours.
-    pub fn create_network(&self, rec: NetworkRecord, force: bool) -> Result<NetworkRecord, ApiError> {
+    pub fn create_network(&self, rec: NetworkSpec, force: bool) -> Result<NetworkSpec, ControlError> {
         let _serial = lock(&self.changes);
-        valid_name("network", &rec.name)?;
         valid_subnet(rec.subnet)?;
         if let Some((route, iface)) = crate::hostroutes::overlapping(rec.subnet).filter(|_| !force) {
-            return Err(ApiError::Conflict(format!(
+            return Err(ControlError::Conflict(format!(
                 "subnet {} overlaps the host route {route} on {iface}; pick another subnet or create with force=true",
                 rec.subnet
             )));
         }
         {
             let nets = self.nets();
-            if nets.contains_key(&rec.name) {
-                return Err(ApiError::Conflict(format!("network {:?} already exists", rec.name)));
+            if nets.contains_key(rec.name.as_str()) || lock(&self.failed).networks.contains_key(rec.name.as_str()) {
+                return Err(ControlError::Conflict(format!("network {:?} already exists", rec.name)));
             }
             if let Some(other) = nets.values().find(|n| {
                 n.record.subnet.contains(&rec.subnet.network()) || rec.subnet.contains(&n.record.subnet.network())
             }) {
-                return Err(ApiError::Conflict(format!(
+                return Err(ControlError::Conflict(format!(
                     "subnet {} overlaps network {:?} ({})",
                     rec.subnet, other.record.name, other.record.subnet
                 )));
             }
         }
         if (rec.isolated || rec.bridge.is_some()) && rec.mode != NetworkMode::Kernel {
-            return Err(ApiError::BadRequest(
-                "isolated and bridge are kernel-mode options (mode=kernel)".into(),
+            return Err(ControlError::invalid(
+                "isolated and bridge are kernel-mode options (mode=kernel)",
             ));
         }
         if let Some(b) = &rec.bridge {
-            let ok = (1..16).contains(&b.len()) && !b.contains(['/', ' ', ':', '\0']);
-            if !ok {
-                return Err(ApiError::BadRequest(format!(
-                    "bridge name {b:?}: 1 to 15 characters, no '/', ':' or space"
-                )));
-            }
+            crate::model::check_ifname("bridge", b)?;
         }
         if rec.gateway {
             GatewayConfig::new(&rec.name, rec.subnet)
                 .validate()
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                .map_err(|e| ControlError::invalid(e.to_string()))?;
         }
         self.bring_up_network(rec.clone())?;
         if let Err(e) = self.store.put_network(&rec) {
@@ -618,19 +562,27 @@ impl Daemon {
         Ok(rec)
     }
 
-    pub fn delete_network(&self, name: &str, force: bool) -> Result<(), ApiError> {
+    pub fn delete_network(&self, name: &str, force: bool) -> Result<(), ControlError> {
         let _serial = lock(&self.changes);
         self.delete_network_unserialised(name, force)
     }
 
-    fn delete_network_unserialised(&self, name: &str, force: bool) -> Result<(), ApiError> {
+    fn delete_network_unserialised(&self, name: &str, force: bool) -> Result<(), ControlError> {
+        if lock(&self.failed).networks.contains_key(name) && !self.nets().contains_key(name) {
+            // Never came back at start: only its rows remain.
+            self.store.delete_network(name)?;
+            let mut failed = lock(&self.failed);
+            failed.networks.remove(name);
+            failed.ports.retain(|(net, _), _| net != name);
+            return Ok(());
+        }
         let ports: Vec<String> = {
             let nets = self.nets();
             let net = nets
                 .get(name)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {name:?}")))?;
+                .ok_or_else(|| ControlError::NoNetwork(name.to_string()))?;
             if !net.ports.is_empty() && !force {
-                return Err(ApiError::Conflict(format!(
+                return Err(ControlError::Conflict(format!(
                     "network {name:?} has {} port(s); remove them first or delete with force=true",
                     net.ports.len()
                 )));
@@ -649,6 +601,10 @@ impl Daemon {
             .map(|n| crate::kernel::bridge_name(&self.instance, &n.record));
         if let Some(net) = net {
             if let Some(gw) = net.gateway {
+                // Its forwards' listeners hold the gateway: close them with it.
+                for f in gw.forwards() {
+                    gw.remove_forward(f.id);
+                }
                 let _ = self.switch.remove_port(gw.port());
             }
             if let Some(uplink) = net.uplink {
@@ -661,7 +617,7 @@ impl Daemon {
                 crate::kernel::uplink_name(&self.instance, name),
                 bridge.unwrap_or_default(),
             ];
-            crate::kernel::remove(devices).map_err(kernel_error)?;
+            crate::kernel::remove(devices)?;
             self.apply_kernel_rules()?;
         }
         self.share_subnets();
@@ -673,31 +629,45 @@ impl Daemon {
             .nets()
             .values()
             .map(|n| NetworkView {
-                record: n.record.clone(),
+                spec: n.record.clone(),
                 ports: n.ports.len(),
                 leases: n.gateway.as_ref().map(|g| g.leases().len()).unwrap_or(0),
+                failed: None,
             })
             .collect();
-        v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        let failed = lock(&self.failed);
+        v.extend(failed.networks.values().filter_map(|(spec, why)| {
+            Some(NetworkView {
+                spec: spec.clone()?,
+                ports: failed
+                    .ports
+                    .keys()
+                    .filter(|(n, _)| spec.as_ref().is_some_and(|s| *n == *s.name))
+                    .count(),
+                leases: 0,
+                failed: Some(why.clone()),
+            })
+        }));
+        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         v
     }
 
-    pub fn network(&self, name: &str) -> Result<NetworkView, ApiError> {
+    pub fn network(&self, name: &str) -> Result<NetworkView, ControlError> {
         self.networks()
             .into_iter()
-            .find(|n| n.record.name == name)
-            .ok_or_else(|| ApiError::NotFound(format!("no network named {name:?}")))
+            .find(|n| n.spec.name.as_str() == name)
+            .ok_or_else(|| ControlError::NoNetwork(name.to_string()))
     }
 
-    fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ApiError> {
+    fn bring_up_port(&self, rec: PortRecord) -> Result<PortId, ControlError> {
         if self.mode_of(&rec.network)? == NetworkMode::Kernel {
-            let net = self.network(&rec.network)?.record;
+            let net = self.network(&rec.network)?.spec;
             let bridge = crate::kernel::bridge_name(&self.instance, &net);
-            crate::kernel::add_port(&self.instance, &bridge, &rec, net.mtu, net.isolated).map_err(kernel_error)?;
+            crate::kernel::add_port(&self.instance, &bridge, &rec, net.mtu.into(), net.isolated)?;
             let id = crate::kernel::port_id();
             let mut nets = self.nets();
             if let Some(net) = nets.get_mut(&rec.network) {
-                net.ports.insert(rec.name.clone(), (id, rec));
+                net.ports.insert(rec.name.to_string(), (id, rec));
             }
             return Ok(id);
         }
@@ -711,51 +681,49 @@ impl Daemon {
                     .add_tap_port(&rec.network, &rec.name, source)
                     .map(|(id, _)| id)?
             }
-            PortKind::Socketpair => return Err(ApiError::Internal("socketpair ports are not restored".into())),
+            PortKind::Socketpair => return Err(ControlError::Host("socketpair ports are not restored".into())),
         };
         if let Err(e) = self.lock_from_birth(&rec, id) {
             let _ = self.switch.remove_port(id);
             return Err(e);
         }
-        lock(&self.labels).insert(id, (rec.network.clone(), rec.name.clone()));
+        lock(&self.labels).insert(id, (rec.network.clone(), rec.name.to_string()));
         let mut nets = self.nets();
         let net = nets
             .get_mut(&rec.network)
-            .ok_or_else(|| ApiError::NotFound(format!("no network named {:?}", rec.network)))?;
-        net.ports.insert(rec.name.clone(), (id, rec));
+            .ok_or_else(|| ControlError::NoNetwork(rec.network.to_string()))?;
+        net.ports.insert(rec.name.to_string(), (id, rec));
         Ok(id)
     }
 
-    pub fn add_port(&self, network: &str, req: PortRequest) -> Result<PortView, ApiError> {
+    pub fn add_port(&self, network: &str, req: PortSpec) -> Result<PortView, ControlError> {
         let _serial = lock(&self.changes);
-        valid_name("port", &req.name)?;
         {
             let nets = self.nets();
             let net = nets
                 .get(network)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
-            if net.ports.contains_key(&req.name) {
-                return Err(ApiError::Conflict(format!(
+                .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
+            if net.ports.contains_key(req.name.as_str()) {
+                return Err(ControlError::Conflict(format!(
                     "port {:?} already exists on {network:?}",
                     req.name
                 )));
             }
         }
         if req.kind != PortKind::Tap && req.ifname.is_some() {
-            return Err(ApiError::BadRequest("ifname is for TAP ports only".into()));
+            return Err(ControlError::invalid("ifname is for TAP ports only"));
         }
         if self.mode_of(network)? == NetworkMode::Kernel {
             if req.mac.is_some() || req.learn_mac_once {
-                return Err(ApiError::BadRequest(
-                    "a kernel-mode port gets a stable MAC that its bridge rules hold it to; mac and learn_mac_once are for userspace ports".into(),
+                return Err(ControlError::invalid(
+                    "a kernel-mode port gets a stable MAC that its bridge rules hold it to; mac and learn_mac_once are for userspace ports",
                 ));
             }
             return self.add_kernel_port(network, req);
         }
         if !req.tap_settings().is_default() {
-            return Err(ApiError::BadRequest(
-                "owner, multi_queue and vnet_hdr are for kernel-mode TAP ports (the switch opens userspace ones)"
-                    .into(),
+            return Err(ControlError::invalid(
+                "owner, multi_queue and vnet_hdr are for kernel-mode TAP ports (the switch opens userspace ones)",
             ));
         }
         let socket = |ext: &str| {
@@ -775,18 +743,35 @@ impl Daemon {
                     .ifname
                     .clone()
                     .unwrap_or_else(|| format!("vmf-{}", req.name).chars().take(15).collect()),
-                PortKind::Socketpair => return Err(ApiError::BadRequest(
+                PortKind::Socketpair => return Err(ControlError::invalid(
                     "a socketpair port hands its VM end over the API connection: POST /v1/networks/{name}/socketpairs \
-                     with `Upgrade: vmfabric-fd` (the CLI: vmfabric port add NET NAME --kind socketpair -- CMD {fd})"
-                        .into(),
+                     with `Upgrade: vmfabric-fd` (the CLI: vmfabric port add NET NAME --kind socketpair -- CMD {fd})",
                 )),
             };
+        match req.kind {
+            PortKind::Unixgram => {
+                crate::model::check_socket_path(std::path::Path::new(&path))?;
+                crate::model::check_socket_path(&self.guest_socket(network, &req.name))?;
+            }
+            PortKind::Stream => crate::model::check_socket_path(std::path::Path::new(&path))?,
+            PortKind::Tap => {
+                crate::model::check_ifname("interface", &path)?;
+                // A device that exists belongs to someone else (the switch makes its
+                // TAPs and they go with it): never attach to it.
+                if std::path::Path::new("/sys/class/net").join(&path).exists() {
+                    return Err(ControlError::conflict(format!(
+                        "interface {path:?} exists; a userspace TAP port makes its own device (pick another ifname)"
+                    )));
+                }
+            }
+            PortKind::Socketpair => {}
+        }
         let (mac, learn_mac_once) = choose_mac(network, &req.name, req.mac.as_deref(), req.learn_mac_once, |m| {
             self.mac_taken(network, m)
         })?;
         let rec = PortRecord {
             network: network.to_string(),
-            name: req.name.clone(),
+            name: req.name.to_string(),
             kind: req.kind,
             path,
             mac,
@@ -802,23 +787,24 @@ impl Daemon {
             up: self.switch.is_port_up(id).unwrap_or(false),
             qemu_args: qemu_args(&rec, &self.run_dir),
             record: rec,
+            failed: None,
         })
     }
 
     /// A port of a kernel network: a persistent TAP device on its bridge with a stable
     /// MAC, an address from the pool held for it by a reservation (a reservation by the
     /// port's name wins), and the bridge-family rules that keep it to both.
-    fn add_kernel_port(&self, network: &str, req: PortRequest) -> Result<PortView, ApiError> {
+    fn add_kernel_port(&self, network: &str, req: PortSpec) -> Result<PortView, ControlError> {
         if req.kind != PortKind::Tap {
-            return Err(ApiError::BadRequest(
-                "a kernel-mode network takes TAP ports (the VMM opens the device by name)".into(),
+            return Err(ControlError::invalid(
+                "a kernel-mode network takes TAP ports (the VMM opens the device by name)",
             ));
         }
         let (taken, subnet) = {
             let nets = self.nets();
             let net = nets
                 .get(network)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+                .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
             let taken: std::collections::HashSet<Mac> = net.ports.values().map(|(_, p)| p.mac).collect();
             (taken, net.record.subnet)
         };
@@ -827,12 +813,16 @@ impl Daemon {
             .ifname
             .clone()
             .unwrap_or_else(|| crate::kernel::tap_name(&self.instance, network, &req.name));
+        crate::model::check_ifname("interface", &ifname)?;
         let reservations = self.store.reservations(network)?;
-        let by_name = reservations.iter().find(|(k, _)| *k == req.name).map(|(_, ip)| *ip);
+        let by_name = reservations
+            .iter()
+            .find(|(k, _)| k.as_str() == req.name.as_str())
+            .map(|(_, ip)| *ip);
         let base = u32::from(subnet.network());
         let used: std::collections::HashSet<std::net::Ipv4Addr> = reservations
             .iter()
-            .filter(|(k, _)| *k != req.name)
+            .filter(|(k, _)| k.as_str() != req.name.as_str())
             .map(|(_, ip)| *ip)
             .chain(self.leases(network)?.into_iter().filter(|l| l.mac != mac).map(|l| l.ip))
             .chain([std::net::Ipv4Addr::from(base + 2)])
@@ -841,10 +831,10 @@ impl Daemon {
             subnet,
             gateway: std::net::Ipv4Addr::from(base + 1),
         };
-        let ip = pool.assign(&used, &Default::default(), by_name).map_err(kernel_error)?;
+        let ip = pool.assign(&used, &Default::default(), by_name)?;
         let rec = PortRecord {
             network: network.to_string(),
-            name: req.name.clone(),
+            name: req.name.to_string(),
             kind: PortKind::Tap,
             path: ifname,
             mac,
@@ -852,10 +842,10 @@ impl Daemon {
             tap: req.tap_settings(),
         };
         let key = mac.to_string();
-        self.reserve_unserialised(network, ReservationView { key: key.clone(), ip })?;
+        self.reserve_unserialised(network, ReservationSpec { key: key.clone(), ip })?;
         let stored = self
             .bring_up_port(rec.clone())
-            .and_then(|_| self.store.put_port(&rec).map_err(ApiError::from));
+            .and_then(|_| self.store.put_port(&rec).map_err(ControlError::from));
         if let Err(e) = stored {
             let _ = self.remove_port_unserialised(network, &req.name);
             let _ = self.unreserve_unserialised(network, &key);
@@ -866,48 +856,60 @@ impl Daemon {
             up: true,
             qemu_args: qemu_args(&rec, &self.run_dir),
             record: rec,
+            failed: None,
         })
     }
 
-    pub fn remove_port(&self, network: &str, name: &str) -> Result<(), ApiError> {
+    pub fn remove_port(&self, network: &str, name: &str) -> Result<(), ControlError> {
         let _serial = lock(&self.changes);
         self.remove_port_unserialised(network, name)
     }
 
     /// Points a unixgram port at its VMM's socket path (for a VM adopted after a
     /// restart, which may have nothing to send for a while).
-    pub fn set_port_peer(&self, network: &str, name: &str, peer: &std::path::Path) -> Result<(), ApiError> {
+    pub fn set_port_peer(&self, network: &str, name: &str, peer: &std::path::Path) -> Result<(), ControlError> {
         let id = {
             let nets = self.nets();
             let net = nets
                 .get(network)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+                .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
             net.ports
                 .get(name)
                 .map(|(id, _)| *id)
-                .ok_or_else(|| ApiError::NotFound(format!("no port {name:?} on {network:?}")))?
+                .ok_or_else(|| ControlError::no_port(network, name))?
         };
         self.switch.set_unixgram_peer(id, peer)?;
         Ok(())
+    }
+
+    fn guest_socket(&self, network: &str, port: &str) -> PathBuf {
+        guest_socket(&self.run_dir, network, port)
     }
 
     pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
-    fn remove_port_unserialised(&self, network: &str, name: &str) -> Result<(), ApiError> {
+    fn remove_port_unserialised(&self, network: &str, name: &str) -> Result<(), ControlError> {
+        let key = (network.to_string(), name.to_string());
+        if lock(&self.failed).ports.contains_key(&key) {
+            // Never came back at start: only its row remains.
+            self.store.delete_port(network, name)?;
+            lock(&self.failed).ports.remove(&key);
+            return Ok(());
+        }
         let (id, rec) = {
             let mut nets = self.nets();
             let net = nets
                 .get_mut(network)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+                .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
             net.ports
                 .remove(name)
-                .ok_or_else(|| ApiError::NotFound(format!("no port {name:?} on {network:?}")))?
+                .ok_or_else(|| ControlError::no_port(network, name))?
         };
         self.store.delete_port(network, name)?;
         if self.mode_of(network)? == NetworkMode::Kernel {
-            crate::kernel::remove(vec![rec.path.clone()]).map_err(kernel_error)?;
+            crate::kernel::remove(vec![rec.path.clone()])?;
             // Its address goes back to the pool.
             let _ = self.unreserve_unserialised(network, &rec.mac.to_string());
             return self.apply_kernel_rules();
@@ -927,12 +929,12 @@ impl Daemon {
 
     /// Locks a new userspace port to its MAC (or its first MAC) before any frame of
     /// its passes, where the network's gateway locks ports.
-    fn lock_from_birth(&self, rec: &PortRecord, id: PortId) -> Result<(), ApiError> {
+    fn lock_from_birth(&self, rec: &PortRecord, id: PortId) -> Result<(), ControlError> {
         let mac = (!rec.learn_mac_once).then_some(rec.mac);
         lock(&self.locker)
             .register_port(&rec.network, id, mac)
             .map_err(|e| match e {
-                fabric::FabricError::InvalidConfig(msg) => ApiError::Conflict(msg),
+                fabric::FabricError::InvalidConfig(msg) => ControlError::Conflict(msg),
                 e => e.into(),
             })
     }
@@ -947,7 +949,7 @@ impl Daemon {
             for n in nets.values().filter(|n| n.record.mode == NetworkMode::Kernel) {
                 any = true;
                 known.insert(crate::kernel::bridge_name(&self.instance, &n.record));
-                known.insert(crate::kernel::uplink_name(&self.instance, &n.record.name));
+                known.insert(crate::kernel::uplink_name(&self.instance, n.record.name.as_str()));
                 known.extend(n.ports.values().map(|(_, p)| p.path.clone()));
             }
             (known, any)
@@ -964,31 +966,31 @@ impl Daemon {
         }
     }
 
-    fn mode_of(&self, network: &str) -> Result<NetworkMode, ApiError> {
+    fn mode_of(&self, network: &str) -> Result<NetworkMode, ControlError> {
         self.nets()
             .get(network)
             .map(|n| n.record.mode)
-            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))
+            .ok_or_else(|| ControlError::NoNetwork(network.to_string()))
     }
 
     /// Writes vmfabric's nftables tables for every kernel network: masquerade, no
     /// traffic between networks, each port held to its MAC and reserved address.
-    fn apply_kernel_rules(&self) -> Result<(), ApiError> {
+    fn apply_kernel_rules(&self) -> Result<(), ControlError> {
         let rules: Vec<hostnet::nft::NetworkRules> = {
             let nets = self.nets();
             nets.values()
                 .filter(|n| n.record.mode == NetworkMode::Kernel)
                 .map(|n| {
                     // One query per network: each port's reservation (keyed by MAC).
-                    let reserved = self.store.reservations(&n.record.name).unwrap_or_default();
-                    let policy = self.policy_of(&n.record.name).unwrap_or_default();
+                    let reserved = self.store.reservations(n.record.name.as_str()).unwrap_or_default();
+                    let policy = self.policy_of(n.record.name.as_str()).unwrap_or_default();
                     hostnet::nft::NetworkRules {
                         bridge: crate::kernel::bridge_name(&self.instance, &n.record),
                         subnet: n.record.subnet,
                         router: crate::kernel::router_of(&n.record),
                         egress: kernel_egress(&policy),
                         ipv6: false,
-                        forwards: self.kernel_forwards(&n.record.name).unwrap_or_default(),
+                        forwards: self.kernel_forwards(n.record.name.as_str()).unwrap_or_default(),
                         locked_ports: n
                             .ports
                             .values()
@@ -1018,22 +1020,22 @@ impl Daemon {
         } else {
             hostnet::nft::apply(&rules)
         };
-        result.map_err(kernel_error)
+        Ok(result?)
     }
 
     /// The egress policy stored for a network (the default when none was set).
-    fn policy_of(&self, network: &str) -> Result<gateway::policy::EgressPolicy, ApiError> {
+    fn policy_of(&self, network: &str) -> Result<gateway::policy::EgressPolicy, ControlError> {
         match self.store.policy(network)? {
-            Some(json) => serde_json::from_str::<PolicyView>(&json)
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .to_gateway(),
+            Some(json) => Ok(serde_json::from_str::<PolicySpec>(&json)
+                .map_err(|e| ControlError::Host(format!("stored policy of {network:?}: {e}")))?
+                .to_gateway()),
             None => Ok(Default::default()),
         }
     }
 
     /// A kernel network's refusals so far: (egress, input), from its nftables counters.
     /// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
-    fn kernel_refusals(&self, rec: &NetworkRecord, now: &[(String, u64)]) -> (u64, u64) {
+    fn kernel_refusals(&self, rec: &NetworkSpec, now: &[(String, u64)]) -> (u64, u64) {
         let bridge = crate::kernel::bridge_name(&self.instance, rec);
         let kept = lock(&self.kernel_denied);
         let total = |chain: &str| {
@@ -1043,11 +1045,11 @@ impl Daemon {
         (total("egress"), total("input"))
     }
 
-    pub fn ports(&self, network: &str) -> Result<Vec<PortView>, ApiError> {
+    pub fn ports(&self, network: &str) -> Result<Vec<PortView>, ControlError> {
         let nets = self.nets();
         let net = nets
             .get(network)
-            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
         let mut v: Vec<PortView> = net
             .ports
             .values()
@@ -1055,64 +1057,77 @@ impl Daemon {
                 record: rec.clone(),
                 up: self.switch.is_port_up(*id).unwrap_or(false),
                 qemu_args: qemu_args(rec, &self.run_dir),
+                failed: None,
             })
             .collect();
+        let failed = lock(&self.failed);
+        v.extend(failed.ports.iter().filter_map(|((n, _), (rec, why))| {
+            let rec = rec.clone().filter(|_| n == network)?;
+            Some(PortView {
+                up: false,
+                qemu_args: qemu_args(&rec, &self.run_dir),
+                record: rec,
+                failed: Some(why.clone()),
+            })
+        }));
         v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         Ok(v)
     }
 
-    fn gateway_of(&self, network: &str) -> Result<Arc<Gateway>, ApiError> {
+    fn gateway_of(&self, network: &str) -> Result<Arc<Gateway>, ControlError> {
         let nets = self.nets();
         let net = nets
             .get(network)
-            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
         net.gateway
             .clone()
-            .ok_or_else(|| ApiError::BadRequest(format!("network {network:?} has no gateway (no DHCP)")))
+            .ok_or_else(|| ControlError::invalid(format!("network {network:?} has no gateway (no DHCP)")))
     }
 
-    pub fn reservations(&self, network: &str) -> Result<Vec<ReservationView>, ApiError> {
+    pub fn reservations(&self, network: &str) -> Result<Vec<ReservationSpec>, ControlError> {
         self.gateway_of(network)?;
         let v = self.store.reservations(network)?;
-        Ok(v.into_iter().map(|(key, ip)| ReservationView { key, ip }).collect())
+        Ok(v.into_iter().map(|(key, ip)| ReservationSpec { key, ip }).collect())
     }
 
     /// Adds or replaces a reservation; it applies to the next DHCP exchange.
-    pub fn reserve(&self, network: &str, r: ReservationView) -> Result<ReservationView, ApiError> {
+    pub fn reserve(&self, network: &str, r: ReservationSpec) -> Result<ReservationSpec, ControlError> {
         let _serial = lock(&self.changes);
         self.reserve_unserialised(network, r)
     }
 
-    fn reserve_unserialised(&self, network: &str, r: ReservationView) -> Result<ReservationView, ApiError> {
+    fn reserve_unserialised(&self, network: &str, r: ReservationSpec) -> Result<ReservationSpec, ControlError> {
         let gw = self.gateway_of(network)?;
         let mut all = self.reservations(network)?;
         if let Some(other) = all.iter().find(|o| o.ip == r.ip && o.key != r.key) {
-            return Err(ApiError::Conflict(format!(
+            return Err(ControlError::Conflict(format!(
                 "{} is already reserved for {}",
                 r.ip, other.key
             )));
         }
         all.retain(|o| o.key != r.key);
         all.push(r.clone());
-        gw.set_reservations(all.iter().map(ReservationView::to_gateway).collect())
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        gw.set_reservations(all.iter().map(ReservationSpec::to_gateway).collect())
+            .map_err(|e| ControlError::invalid(e.to_string()))?;
         self.store.put_reservation(network, &r.key, r.ip)?;
         Ok(r)
     }
 
-    pub fn unreserve(&self, network: &str, key: &str) -> Result<(), ApiError> {
+    pub fn unreserve(&self, network: &str, key: &str) -> Result<(), ControlError> {
         let _serial = lock(&self.changes);
         self.unreserve_unserialised(network, key)
     }
 
-    fn unreserve_unserialised(&self, network: &str, key: &str) -> Result<(), ApiError> {
+    fn unreserve_unserialised(&self, network: &str, key: &str) -> Result<(), ControlError> {
         let gw = self.gateway_of(network)?;
         if !self.store.delete_reservation(network, key)? {
-            return Err(ApiError::NotFound(format!("no reservation for {key:?} on {network:?}")));
+            return Err(ControlError::NotFound(format!(
+                "no reservation for {key:?} on {network:?}"
+            )));
         }
         let rest = self.reservations(network)?;
-        gw.set_reservations(rest.iter().map(ReservationView::to_gateway).collect())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        gw.set_reservations(rest.iter().map(ReservationSpec::to_gateway).collect())
+            .map_err(|e| ControlError::Host(e.to_string()))?;
         Ok(())
     }
 
@@ -1120,20 +1135,20 @@ impl Daemon {
     pub fn add_socketpair_port(
         &self,
         network: &str,
-        name: &str,
+        name: &Name,
         mac: Option<&str>,
         learn_mac_once: bool,
-    ) -> Result<(PortView, std::os::fd::OwnedFd), ApiError> {
+    ) -> Result<(PortView, std::os::fd::OwnedFd), ControlError> {
         let _serial = lock(&self.changes);
-        valid_name("port", name)?;
+        let name = name.as_str();
         let (mac, learn_mac_once) = choose_mac(network, name, mac, learn_mac_once, |m| self.mac_taken(network, m))?;
         {
             let nets = self.nets();
             let net = nets
                 .get(network)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+                .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
             if net.ports.contains_key(name) {
-                return Err(ApiError::Conflict(format!(
+                return Err(ControlError::Conflict(format!(
                     "port {name:?} already exists on {network:?}"
                 )));
             }
@@ -1160,24 +1175,20 @@ impl Daemon {
             up: true,
             qemu_args: qemu_args(&rec, &self.run_dir),
             record: rec,
+            failed: None,
         };
         Ok((view, vm_end))
     }
 
     /// Starts a live capture of a network, or of one of its ports.
-    pub fn capture(&self, network: &str, port: Option<&str>) -> Result<fabric::Capture, ApiError> {
+    pub fn capture(&self, network: &str, port: Option<&str>) -> Result<fabric::Capture, ControlError> {
         let port_id = {
             let nets = self.nets();
             let net = nets
                 .get(network)
-                .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+                .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
             match port {
-                Some(p) => Some(
-                    net.ports
-                        .get(p)
-                        .ok_or_else(|| ApiError::NotFound(format!("no port {p:?} on {network:?}")))?
-                        .0,
-                ),
+                Some(p) => Some(net.ports.get(p).ok_or_else(|| ControlError::no_port(network, p))?.0),
                 None => None,
             }
         };
@@ -1186,7 +1197,7 @@ impl Daemon {
     }
 
     /// The NAT flows the network's gateway carries now.
-    pub fn flows(&self, network: &str) -> Result<FlowsView, ApiError> {
+    pub fn flows(&self, network: &str) -> Result<FlowsView, ControlError> {
         let gw = self.gateway_of(network)?;
         let mut tcp: Vec<TcpFlowView> = gw
             .tcp_flows()
@@ -1195,8 +1206,8 @@ impl Daemon {
                 guest: f.guest,
                 peer: f.peer,
                 direction: match f.direction {
-                    gateway::tcp_nat::Direction::Egress => "egress".into(),
-                    gateway::tcp_nat::Direction::Forward => "forward".into(),
+                    gateway::tcp_nat::Direction::Egress => crate::model::Direction::Egress,
+                    gateway::tcp_nat::Direction::Forward => crate::model::Direction::Forward,
                 },
                 state: f.state,
             })
@@ -1214,11 +1225,11 @@ impl Daemon {
         Ok(FlowsView { tcp, udp })
     }
 
-    pub fn leases(&self, network: &str) -> Result<Vec<LeaseView>, ApiError> {
+    pub fn leases(&self, network: &str) -> Result<Vec<LeaseView>, ControlError> {
         let nets = self.nets();
         let net = nets
             .get(network)
-            .ok_or_else(|| ApiError::NotFound(format!("no network named {network:?}")))?;
+            .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
         Ok(net
             .gateway
             .as_ref()
@@ -1296,6 +1307,14 @@ impl Daemon {
         for id in ids {
             let _ = self.switch.remove_port(id);
         }
+        // Forward listeners run on threads of their own: close them (the store keeps
+        // the forwards for the next start).
+        let gateways: Vec<Arc<Gateway>> = self.nets().values().filter_map(|n| n.gateway.clone()).collect();
+        for gw in gateways {
+            for f in gw.forwards() {
+                gw.remove_forward(f.id);
+            }
+        }
     }
 }
 
@@ -1321,169 +1340,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An egress policy as the API takes and shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyView {
-    /// "allow" or "deny": what happens when no rule matches.
-    #[serde(default = "allow")]
-    pub default: String,
-    #[serde(default)]
-    pub rules: Vec<RuleView>,
-}
-
-fn allow() -> String {
-    "allow".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleView {
-    /// "allow" or "deny".
-    pub action: String,
-    pub dst: ipnet::Ipv4Net,
-    /// "53" or "1000-2000"; absent: every port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<String>,
-    /// "tcp", "udp" or "icmp"; absent: every protocol.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proto: Option<String>,
-}
-
-fn action(s: &str) -> Result<gateway::policy::Action, ApiError> {
-    match s {
-        "allow" => Ok(gateway::policy::Action::Allow),
-        "deny" => Ok(gateway::policy::Action::Deny),
-        other => Err(ApiError::BadRequest(format!(
-            "action {other:?} is neither \"allow\" nor \"deny\""
-        ))),
-    }
-}
-
-impl PolicyView {
-    pub fn to_gateway(&self) -> Result<gateway::policy::EgressPolicy, ApiError> {
-        let rules = self
-            .rules
-            .iter()
-            .map(|r| {
-                let ports = match r.ports.as_deref() {
-                    None => None,
-                    Some(p) => {
-                        let (lo, hi) = p.split_once('-').unwrap_or((p, p));
-                        let parse = |x: &str| {
-                            x.trim()
-                                .parse::<u16>()
-                                .map_err(|_| ApiError::BadRequest(format!("bad port range {p:?}")))
-                        };
-                        let (lo, hi) = (parse(lo)?, parse(hi)?);
-                        if lo > hi {
-                            return Err(ApiError::BadRequest(format!("bad port range {p:?}")));
-                        }
-                        Some((lo, hi))
-                    }
-                };
-                let proto = match r.proto.as_deref() {
-                    None => None,
-                    Some("tcp") => Some(gateway::policy::Proto::Tcp),
-                    Some("udp") => Some(gateway::policy::Proto::Udp),
-                    Some("icmp") => Some(gateway::policy::Proto::Icmp),
-                    Some(other) => {
-                        return Err(ApiError::BadRequest(format!(
-                            "protocol {other:?} is not tcp, udp or icmp"
-                        )))
-                    }
-                };
-                Ok(gateway::policy::Rule {
-                    action: action(&r.action)?,
-                    dst: r.dst.trunc(),
-                    ports,
-                    proto,
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(gateway::policy::EgressPolicy {
-            rules,
-            default: action(&self.default)?,
-        })
-    }
-}
-
-impl From<hostnet::nft::Forward> for ForwardView {
-    fn from(f: hostnet::nft::Forward) -> ForwardView {
-        ForwardView {
-            proto: f.proto,
-            host: std::net::SocketAddr::V4(f.host),
-            guest: f.guest,
-        }
-    }
-}
-
-/// A network's NAT flows, as the API shows them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FlowsView {
-    pub tcp: Vec<TcpFlowView>,
-    pub udp: Vec<UdpFlowView>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TcpFlowView {
-    pub guest: std::net::SocketAddrV4,
-    /// The other end as the guest sees it (the gateway's address for a forward).
-    pub peer: std::net::SocketAddrV4,
-    /// "egress" (the guest connected out) or "forward" (a host client came in).
-    pub direction: String,
-    pub state: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UdpFlowView {
-    pub guest: std::net::SocketAddrV4,
-    pub dst: std::net::SocketAddrV4,
-}
-
-/// A port forward as the API takes and shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForwardView {
-    /// "tcp" (the default) or "udp".
-    #[serde(default = "tcp")]
-    pub proto: String,
-    /// Host address and port; port 0 picks a free one.
-    pub host: std::net::SocketAddr,
-    pub guest: std::net::SocketAddrV4,
-}
-
-fn tcp() -> String {
-    "tcp".into()
-}
-
-fn forward_protocol(name: &str) -> Result<gateway::forward::Protocol, ApiError> {
-    match name {
-        "tcp" => Ok(gateway::forward::Protocol::Tcp),
-        "udp" => Ok(gateway::forward::Protocol::Udp),
-        other => Err(ApiError::BadRequest(format!(
-            "forward protocol {other:?} is not tcp or udp"
-        ))),
-    }
-}
-
 impl Daemon {
-    pub fn policy(&self, network: &str) -> Result<PolicyView, ApiError> {
+    pub fn policy(&self, network: &str) -> Result<PolicySpec, ControlError> {
         self.gateway_of(network)?;
         match self.store.policy(network)? {
-            Some(json) => serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string())),
-            None => Ok(PolicyView {
-                default: allow(),
-                rules: vec![],
-            }),
+            Some(json) => serde_json::from_str(&json).map_err(|e| ControlError::Host(e.to_string())),
+            None => Ok(PolicySpec::default()),
         }
     }
 
-    pub fn set_policy(&self, network: &str, p: PolicyView) -> Result<PolicyView, ApiError> {
+    pub fn set_policy(&self, network: &str, p: PolicySpec) -> Result<PolicySpec, ControlError> {
         let _serial = lock(&self.changes);
         let gw = self.gateway_of(network)?;
-        let policy = p.to_gateway()?;
-        let json = serde_json::to_string(&p).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let policy = p.to_gateway();
+        let json = serde_json::to_string(&p).map_err(|e| ControlError::Host(e.to_string()))?;
         self.store.put_policy(network, &json)?;
         gw.set_egress_policy(policy);
         if self.mode_of(network)? == NetworkMode::Kernel {
@@ -1493,137 +1363,142 @@ impl Daemon {
         Ok(p)
     }
 
-    pub fn forwards(&self, network: &str) -> Result<Vec<ForwardView>, ApiError> {
+    pub fn forwards(&self, network: &str) -> Result<Vec<ForwardSpec>, ControlError> {
         if self.mode_of(network)? == NetworkMode::Kernel {
-            return Ok(self
-                .kernel_forwards(network)?
-                .into_iter()
-                .map(ForwardView::from)
-                .collect());
+            return self.stored_forwards(network);
         }
         let gw = self.gateway_of(network)?;
         Ok(gw
             .forwards()
             .into_iter()
-            .map(|f| ForwardView {
-                proto: f.protocol.as_str().into(),
+            .map(|f| ForwardSpec {
+                proto: ForwardProto::from_gateway(f.protocol),
                 host: f.host,
                 guest: f.guest,
             })
             .collect())
     }
 
-    pub fn add_forward(&self, network: &str, f: ForwardView) -> Result<ForwardView, ApiError> {
+    pub fn add_forward(&self, network: &str, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {
         let _serial = lock(&self.changes);
-        let protocol = forward_protocol(&f.proto)?;
         if self.mode_of(network)? == NetworkMode::Kernel {
             return self.add_kernel_forward(network, f);
         }
         let gw = self.gateway_of(network)?;
-        let info = gw.add_forward(protocol, f.host, f.guest).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AddrInUse => ApiError::Conflict(format!("{} is in use", f.host)),
-            std::io::ErrorKind::InvalidInput => ApiError::BadRequest(e.to_string()),
-            _ => ApiError::BadRequest(format!("cannot listen on {}: {e}", f.host)),
-        })?;
-        let view = ForwardView {
-            proto: protocol.as_str().into(),
+        let info = gw
+            .add_forward(f.proto.to_gateway(), f.host, f.guest)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => ControlError::conflict(format!("{} is in use", f.host)),
+                std::io::ErrorKind::InvalidInput => ControlError::invalid(e.to_string()),
+                _ => ControlError::invalid(format!("cannot listen on {}: {e}", f.host)),
+            })?;
+        let view = ForwardSpec {
+            proto: f.proto,
             host: info.host,
             guest: info.guest,
         };
-        if let Err(e) = self.store.put_forward(
-            network,
-            &info.host.to_string(),
-            &info.guest.to_string(),
-            protocol.as_str(),
-        ) {
+        if let Err(e) = self.store.put_forward(network, &view) {
             gw.remove_forward(info.id);
             return Err(e.into());
         }
         Ok(view)
     }
 
-    /// Removes the forwards from `host`: both protocols unless `proto` names one.
-    pub fn remove_forward(&self, network: &str, host: &str, proto: Option<&str>) -> Result<(), ApiError> {
+    /// Removes the forwards from `host`: both protocols unless `proto` names one. A
+    /// stored forward that could not be restored (its host port was taken) goes too.
+    pub fn remove_forward(&self, network: &str, host: &str, proto: Option<&str>) -> Result<(), ControlError> {
         let _serial = lock(&self.changes);
+        let only = proto.map(str::parse::<ForwardProto>).transpose()?;
+        let wanted = |f: &ForwardSpec| f.host.to_string() == host && only.is_none_or(|p| p == f.proto);
+        let stored: Vec<ForwardSpec> = self.stored_forwards(network)?.into_iter().filter(wanted).collect();
         if self.mode_of(network)? == NetworkMode::Kernel {
-            let only = proto.map(forward_protocol).transpose()?.map(|p| p.as_str().to_string());
-            let found: Vec<_> = self
-                .kernel_forwards(network)?
-                .into_iter()
-                .filter(|f| f.host.to_string() == host && only.as_ref().is_none_or(|p| *p == f.proto))
-                .collect();
-            if found.is_empty() {
-                return Err(ApiError::NotFound(format!("no forward from {host} on {network:?}")));
+            if stored.is_empty() {
+                return Err(ControlError::NotFound(format!("no forward from {host} on {network:?}")));
             }
-            for f in found {
-                self.store.delete_forward(host, &f.proto)?;
+            for f in &stored {
+                self.store.delete_forward(host, f.proto)?;
             }
             return self.apply_kernel_rules();
         }
         let gw = self.gateway_of(network)?;
-        let only = proto.map(forward_protocol).transpose()?;
-        let found: Vec<_> = gw
+        let live: Vec<_> = gw
             .forwards()
             .into_iter()
-            .filter(|f| f.host.to_string() == host && only.is_none_or(|p| p == f.protocol))
+            .filter(|f| {
+                wanted(&ForwardSpec {
+                    proto: ForwardProto::from_gateway(f.protocol),
+                    host: f.host,
+                    guest: f.guest,
+                })
+            })
             .collect();
-        if found.is_empty() {
-            return Err(ApiError::NotFound(format!("no forward from {host} on {network:?}")));
+        if live.is_empty() && stored.is_empty() {
+            return Err(ControlError::NotFound(format!("no forward from {host} on {network:?}")));
         }
-        for f in found {
-            self.store.delete_forward(host, f.protocol.as_str())?;
+        for f in &stored {
+            self.store.delete_forward(host, f.proto)?;
+        }
+        for f in live {
             gw.remove_forward(f.id);
         }
         Ok(())
     }
 
-    /// A kernel network's forwards as stored (they live in nftables, not the gateway).
-    fn kernel_forwards(&self, network: &str) -> Result<Vec<hostnet::nft::Forward>, ApiError> {
+    /// A network's forwards as stored; rows that no longer parse are logged and left
+    /// out (they stay in the store, and `DELETE` by host still finds nothing to do).
+    fn stored_forwards(&self, network: &str) -> Result<Vec<ForwardSpec>, ControlError> {
         Ok(self
             .store
             .forwards(network)?
             .into_iter()
-            .filter_map(|(host, guest, proto)| {
-                Some(hostnet::nft::Forward {
-                    proto,
-                    host: host.parse().ok()?,
-                    guest: guest.parse().ok()?,
-                })
+            .filter_map(|row| row.map_err(|bad| tracing::warn!("{bad}")).ok())
+            .collect())
+    }
+
+    /// A kernel network's forwards in the terms of its nftables rules.
+    fn kernel_forwards(&self, network: &str) -> Result<Vec<hostnet::nft::Forward>, ControlError> {
+        Ok(self
+            .stored_forwards(network)?
+            .into_iter()
+            .filter_map(|f| match f.host {
+                std::net::SocketAddr::V4(host) => Some(hostnet::nft::Forward {
+                    proto: f.proto.as_str().to_string(),
+                    host,
+                    guest: f.guest,
+                }),
+                std::net::SocketAddr::V6(_) => None,
             })
             .collect())
     }
 
     /// A forward on a kernel network: DNAT rules (prerouting for outside clients,
     /// output for the host's own, loopback included).
-    fn add_kernel_forward(&self, network: &str, f: ForwardView) -> Result<ForwardView, ApiError> {
+    fn add_kernel_forward(&self, network: &str, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {
         let std::net::SocketAddr::V4(host) = f.host else {
-            return Err(ApiError::BadRequest(
-                "kernel-mode forwards listen on IPv4 addresses".into(),
-            ));
+            return Err(ControlError::invalid("kernel-mode forwards listen on IPv4 addresses"));
         };
         if host.port() == 0 {
-            return Err(ApiError::BadRequest(
-                "kernel-mode forwards need a host port (nothing listens to pick one)".into(),
+            return Err(ControlError::invalid(
+                "kernel-mode forwards need a host port (nothing listens to pick one)",
             ));
         }
-        let subnet = self.network(network)?.record.subnet;
+        let subnet = self.network(network)?.spec.subnet;
         if !subnet.contains(f.guest.ip()) {
-            return Err(ApiError::BadRequest(format!("{} is not on {network:?}", f.guest.ip())));
+            return Err(ControlError::invalid(format!("{} is not on {network:?}", f.guest.ip())));
         }
-        let taken = self.nets().keys().cloned().collect::<Vec<_>>().into_iter().any(|n| {
-            self.store
-                .forwards(&n)
+        let names: Vec<String> = self.nets().keys().cloned().collect();
+        let taken = names.iter().any(|n| {
+            self.stored_forwards(n)
                 .unwrap_or_default()
                 .iter()
-                .any(|(h, _, p)| *h == host.to_string() && *p == f.proto)
+                .any(|o| o.host == f.host && o.proto == f.proto)
         });
         if taken {
-            return Err(ApiError::Conflict(format!("{} is in use", f.host)));
+            return Err(ControlError::conflict(format!("{} is in use", f.host)));
         }
-        self.store
-            .put_forward(network, &host.to_string(), &f.guest.to_string(), &f.proto)?;
+        self.store.put_forward(network, &f)?;
         if let Err(e) = self.apply_kernel_rules() {
-            let _ = self.store.delete_forward(&host.to_string(), &f.proto);
+            let _ = self.store.delete_forward(&host.to_string(), f.proto);
             return Err(e);
         }
         Ok(f)
@@ -1631,22 +1506,16 @@ impl Daemon {
 
     /// Puts a restored gateway's stored policy and forwards back in force.
     fn restore_gateway_state(&self, network: &str, gw: &Gateway) {
-        if let Ok(p) = self.policy(network) {
-            match p.to_gateway() {
-                Ok(policy) => gw.set_egress_policy(policy),
-                Err(e) => tracing::warn!(%network, "stored policy unusable: {e}"),
-            }
+        match self.policy(network) {
+            Ok(p) => gw.set_egress_policy(p.to_gateway()),
+            Err(e) => tracing::warn!(%network, "stored policy unusable: {e}"),
         }
-        let kernel = self.mode_of(network).is_ok_and(|m| m == NetworkMode::Kernel);
-        for (host, guest, proto) in self.store.forwards(network).unwrap_or_default() {
-            if kernel {
-                break; // in nftables, written with the other kernel rules
-            }
-            let (Ok(h), Ok(g), Ok(p)) = (host.parse(), guest.parse(), forward_protocol(&proto)) else {
-                continue;
-            };
-            if let Err(e) = gw.add_forward(p, h, g) {
-                tracing::warn!(%network, %host, "cannot restore forward: {e}");
+        if self.mode_of(network).is_ok_and(|m| m == NetworkMode::Kernel) {
+            return; // in nftables, written with the other kernel rules
+        }
+        for f in self.stored_forwards(network).unwrap_or_default() {
+            if let Err(e) = gw.add_forward(f.proto.to_gateway(), f.host, f.guest) {
+                tracing::error!(%network, host = %f.host, "cannot restore the forward (it stays stored; DELETE removes it): {e}");
             }
         }
     }

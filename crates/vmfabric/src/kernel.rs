@@ -14,7 +14,8 @@ use std::future::Future;
 use fabric::Mac;
 use hostnet::{HostnetError, Links, TapOptions};
 
-use crate::store::{NetworkRecord, PortRecord};
+use crate::model::NetworkSpec;
+use crate::store::PortRecord;
 
 fn device_name(prefix: &str, parts: &[&str]) -> String {
     // A derived MAC is SHA-256 of the parts; four of its bytes name the device.
@@ -25,7 +26,7 @@ fn device_name(prefix: &str, parts: &[&str]) -> String {
 /// Names and tags are scoped by the daemon instance (its state directory), so two
 /// daemons on one host never share or clean up each other's devices.
 /// The network's bridge: the name it was given, or one derived from its name.
-pub fn bridge_name(instance: &str, rec: &NetworkRecord) -> String {
+pub fn bridge_name(instance: &str, rec: &NetworkSpec) -> String {
     rec.bridge
         .clone()
         .unwrap_or_else(|| device_name("vmfb", &["bridge", instance, &rec.name]))
@@ -62,16 +63,21 @@ where
 }
 
 /// The host's address on a kernel network's bridge: the subnet's first host.
-pub fn router_of(rec: &NetworkRecord) -> std::net::Ipv4Addr {
+pub fn router_of(rec: &NetworkSpec) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(u32::from(rec.subnet.network()) + 1)
 }
 
 /// Makes (or adopts) the network's bridge with the router address and its uplink TAP.
-pub fn bring_up(instance: &str, rec: &NetworkRecord, router: std::net::Ipv4Addr) -> Result<(), HostnetError> {
+pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -> Result<(), HostnetError> {
     let localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", bridge_name(instance, rec));
     let bridge_dev = bridge_name(instance, rec);
     let instance_name = instance.to_string();
-    let (name, prefix, mtu, instance) = (rec.name.clone(), rec.subnet.prefix_len(), rec.mtu, instance.to_string());
+    let (name, prefix, mtu, instance) = (
+        rec.name.to_string(),
+        rec.subnet.prefix_len(),
+        u32::from(rec.mtu),
+        instance.to_string(),
+    );
     on_netlink(move |links| async move {
         let tag = format!("{instance} network {name}");
         let mac = Mac::derived(&["bridge", &instance, &name]);

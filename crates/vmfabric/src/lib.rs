@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod fdpass;
 pub mod hostroutes;
 pub mod kernel;
+pub mod model;
 pub mod store;
 pub mod vms;

@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
 use fabric::Mac;
 use tracing::info;
 use vmfabric::api;
-use vmfabric::daemon::{Daemon, PortRequest};
+use vmfabric::client::seg;
+use vmfabric::daemon::{Daemon, PortSpec};
 use vmfabric::store::PortKind;
 
 #[derive(Parser)]
@@ -369,11 +370,16 @@ fn main() -> Result<()> {
                     c,
                 } => {
                     let body = serde_json::json!({ "proto": proto, "host": host, "guest": guest });
-                    let v = request(&c, "POST", &format!("/v1/networks/{network}/forwards"), Some(body))?;
+                    let v = request(
+                        &c,
+                        "POST",
+                        &format!("/v1/networks/{}/forwards", seg(&network)),
+                        Some(body),
+                    )?;
                     print_table(&c, &v, &["proto", "host", "guest"]);
                 }
                 ForwardCmd::Ls { network, c } => {
-                    let v = request(&c, "GET", &format!("/v1/networks/{network}/forwards"), None)?;
+                    let v = request(&c, "GET", &format!("/v1/networks/{}/forwards", seg(&network)), None)?;
                     print_table(&c, &v, &["proto", "host", "guest"]);
                 }
                 ForwardCmd::Rm {
@@ -386,7 +392,7 @@ fn main() -> Result<()> {
                     request(
                         &c,
                         "DELETE",
-                        &format!("/v1/networks/{network}/forwards/{host}{query}"),
+                        &format!("/v1/networks/{}/forwards/{}{query}", seg(&network), seg(&host)),
                         None,
                     )?;
                     println!("removed the forward from {host} on {network}");
@@ -408,7 +414,7 @@ fn main() -> Result<()> {
                 }
             };
             let method = if body.is_some() { "PUT" } else { "GET" };
-            let v = request(&c, method, &format!("/v1/networks/{network}/policy"), body)?;
+            let v = request(&c, method, &format!("/v1/networks/{}/policy", seg(&network)), body)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
@@ -416,18 +422,23 @@ fn main() -> Result<()> {
             match cmd {
                 ReservationCmd::Add { network, key, ip, c } => {
                     let body = serde_json::json!({ "key": key, "ip": ip });
-                    let v = request(&c, "POST", &format!("/v1/networks/{network}/reservations"), Some(body))?;
+                    let v = request(
+                        &c,
+                        "POST",
+                        &format!("/v1/networks/{}/reservations", seg(&network)),
+                        Some(body),
+                    )?;
                     print_table(&c, &v, &["key", "ip"]);
                 }
                 ReservationCmd::Ls { network, c } => {
-                    let v = request(&c, "GET", &format!("/v1/networks/{network}/reservations"), None)?;
+                    let v = request(&c, "GET", &format!("/v1/networks/{}/reservations", seg(&network)), None)?;
                     print_table(&c, &v, &["key", "ip"]);
                 }
                 ReservationCmd::Rm { network, key, c } => {
                     request(
                         &c,
                         "DELETE",
-                        &format!("/v1/networks/{network}/reservations/{key}"),
+                        &format!("/v1/networks/{}/reservations/{}", seg(&network), seg(&key)),
                         None,
                     )?;
                     println!("removed the reservation of {key} on {network}");
@@ -438,12 +449,12 @@ fn main() -> Result<()> {
         Command::Lease {
             cmd: LeaseCmd::Ls { network, c },
         } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{network}/leases"), None)?;
+            let v = request(&c, "GET", &format!("/v1/networks/{}/leases", seg(&network)), None)?;
             print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
             Ok(())
         }
         Command::Flows { network, c } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{network}/flows"), None)?;
+            let v = request(&c, "GET", &format!("/v1/networks/{}/flows", seg(&network)), None)?;
             if c.json {
                 print_table(&c, &v, &[]);
             } else {
@@ -455,8 +466,8 @@ fn main() -> Result<()> {
         }
         Command::Capture { target, write, socket } => {
             let path = match target.split_once('/') {
-                Some((net, port)) => format!("/v1/networks/{net}/capture?port={port}"),
-                None => format!("/v1/networks/{target}/capture"),
+                Some((net, port)) => format!("/v1/networks/{}/capture?port={}", seg(net), seg(port)),
+                None => format!("/v1/networks/{}/capture", seg(&target)),
             };
             let mut out: Box<dyn std::io::Write> = match &write {
                 Some(f) => Box::new(std::fs::File::create(f).with_context(|| format!("create {}", f.display()))?),
@@ -542,17 +553,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .map(|ps| ps.iter().any(|p| &p.record.name == name))
             .unwrap_or(false);
         if !exists {
-            let req = PortRequest {
-                name: name.clone(),
-                kind,
-                ifname: None,
-                owner_uid: None,
-                owner_gid: None,
-                multi_queue: false,
-                vnet_hdr: false,
-                mac: None,
-                learn_mac_once: false,
-            };
+            let req = PortSpec::new(vmfabric::model::Name::new("port", name)?, kind);
             daemon
                 .add_port("default", req)
                 .map_err(|e| anyhow::anyhow!("port {name}: {e}"))?;
@@ -564,7 +565,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.state_dir.display()
     );
     for net in daemon.networks() {
-        let r = &net.record;
+        let r = &net.spec;
         println!(
             "network {} {} (MTU {}, gateway: {})",
             r.name, r.subnet, r.mtu, r.gateway
@@ -608,7 +609,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 fn print_stats(daemon: &Daemon) {
     let metrics = daemon.metrics();
     for net in daemon.networks() {
-        let name = &net.record.name;
+        let name = &net.spec.name;
         println!("network {name}");
         println!(
             "  {:<12} {:>10} {:>12} {:>10} {:>12}  drops",
@@ -733,11 +734,16 @@ fn network_cmd(cmd: NetworkCmd) -> Result<()> {
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
         }
         NetworkCmd::Show { name, c } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{name}"), None)?;
+            let v = request(&c, "GET", &format!("/v1/networks/{}", seg(&name)), None)?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
         }
         NetworkCmd::Rm { name, force, c } => {
-            request(&c, "DELETE", &format!("/v1/networks/{name}?force={force}"), None)?;
+            request(
+                &c,
+                "DELETE",
+                &format!("/v1/networks/{}?force={force}", seg(&name)),
+                None,
+            )?;
             println!("removed network {name}");
         }
     }
@@ -766,7 +772,7 @@ fn vm_cmd(cmd: VmCmd) -> Result<()> {
                 && std::time::Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(200));
-                v = request(&c, "GET", &format!("/v1/vms/{name}"), None)?;
+                v = request(&c, "GET", &format!("/v1/vms/{}", seg(&name)), None)?;
             }
             print_table(&c, &v, COLUMNS);
             if let Some(reason) = v["reason"].as_str() {
@@ -774,10 +780,14 @@ fn vm_cmd(cmd: VmCmd) -> Result<()> {
             }
         }
         VmCmd::Ls { c } => print_table(&c, &request(&c, "GET", "/v1/vms", None)?, COLUMNS),
-        VmCmd::Stop { name, c } => print_table(&c, &request(&c, "DELETE", &format!("/v1/vms/{name}"), None)?, COLUMNS),
+        VmCmd::Stop { name, c } => print_table(
+            &c,
+            &request(&c, "DELETE", &format!("/v1/vms/{}", seg(&name)), None)?,
+            COLUMNS,
+        ),
         VmCmd::Logs { name, c } => print!(
             "{}",
-            request(&c, "GET", &format!("/v1/vms/{name}/logs"), None)?
+            request(&c, "GET", &format!("/v1/vms/{}/logs", seg(&name)), None)?
                 .as_str()
                 .unwrap_or_default()
         ),
@@ -862,7 +872,7 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
                 "name": name, "kind": kind, "ifname": ifname, "owner_uid": owner_uid, "owner_gid": owner_gid,
                 "multi_queue": multi_queue, "vnet_hdr": vnet_hdr, "mac": mac, "learn_mac_once": learn_mac_once
             });
-            let v = request(&c, "POST", &format!("/v1/networks/{network}/ports"), Some(body))?;
+            let v = request(&c, "POST", &format!("/v1/networks/{}/ports", seg(&network)), Some(body))?;
             if c.json {
                 print_table(&c, &v, &[]);
             } else {
@@ -886,11 +896,16 @@ fn port_cmd(cmd: PortCmd) -> Result<()> {
             }
         }
         PortCmd::Ls { network, c } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{network}/ports"), None)?;
+            let v = request(&c, "GET", &format!("/v1/networks/{}/ports", seg(&network)), None)?;
             print_table(&c, &v, &["name", "kind", "up", "mac", "path"]);
         }
         PortCmd::Rm { network, name, c } => {
-            request(&c, "DELETE", &format!("/v1/networks/{network}/ports/{name}"), None)?;
+            request(
+                &c,
+                "DELETE",
+                &format!("/v1/networks/{}/ports/{}", seg(&network), seg(&name)),
+                None,
+            )?;
             println!("removed port {network}/{name}");
         }
     }

@@ -15,33 +15,21 @@ use gateway::{Lease, LeaseStore, StoreError};
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
+use crate::model::{ForwardProto, ForwardSpec, Mtu, Name, NetworkSpec};
+
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
 pub struct DbError(#[from] rusqlite::Error);
 
-/// A network as stored and as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkRecord {
-    pub name: String,
-    pub subnet: ipnet::Ipv4Net,
-    #[serde(default = "default_mtu")]
-    pub mtu: u32,
-    /// Run a gateway (ARP/ICMP, DHCP, DNS) on the network.
-    #[serde(default = "yes")]
-    pub gateway: bool,
-    /// Guests reach the host's loopback at the subnet's last host address.
-    #[serde(default)]
-    pub host_access: bool,
-    /// Who carries the frames: vmfabric's switch, or a Linux bridge.
-    #[serde(default)]
-    pub mode: NetworkMode,
-    /// Kernel mode: ports cannot reach each other, only the gateway and the router.
-    #[serde(default)]
-    pub isolated: bool,
-    /// Kernel mode: the bridge's name (default: derived from the network's name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bridge: Option<String>,
+/// A stored row that no longer parses (written by hand, or by a version that allowed
+/// what this one refuses): its table, key and what is wrong. The rest of the store
+/// still loads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored {table} {key:?}: {why}")]
+pub struct BadRow {
+    pub table: &'static str,
+    pub key: String,
+    pub why: String,
 }
 
 /// Who carries a network's frames.
@@ -62,15 +50,6 @@ impl NetworkMode {
             NetworkMode::Kernel => "kernel",
         }
     }
-}
-
-/// The MTU a network gets when none is given (API and config file alike).
-pub(crate) fn default_mtu() -> u32 {
-    1500
-}
-
-pub(crate) fn yes() -> bool {
-    true
 }
 
 /// How a port is reached, as stored and as the API takes it.
@@ -219,14 +198,14 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn put_network(&self, n: &NetworkRecord) -> Result<(), DbError> {
+    pub fn put_network(&self, n: &NetworkSpec) -> Result<(), DbError> {
         self.conn().execute(
             "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
-                n.name,
+                n.name.as_str(),
                 n.subnet.to_string(),
-                n.mtu,
+                u32::from(n.mtu),
                 n.gateway,
                 n.host_access,
                 n.mode.as_str(),
@@ -251,28 +230,40 @@ impl Store {
         Ok(())
     }
 
-    pub fn networks(&self) -> Result<Vec<NetworkRecord>, DbError> {
+    /// Every stored network; a row that does not parse comes back as its [`BadRow`].
+    pub fn networks(&self) -> Result<Vec<Result<NetworkSpec, BadRow>>, DbError> {
         let conn = self.conn();
         let mut st = conn.prepare(
             "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge FROM networks ORDER BY name",
         )?;
         let rows = st.query_map([], |r| {
+            let name: String = r.get(0)?;
             let subnet: String = r.get(1)?;
-            Ok(NetworkRecord {
-                name: r.get(0)?,
-                subnet: subnet.parse().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
-                })?,
-                mtu: r.get(2)?,
-                gateway: r.get(3)?,
-                host_access: r.get(4)?,
-                mode: match r.get::<_, String>(5)?.as_str() {
-                    "kernel" => NetworkMode::Kernel,
-                    _ => NetworkMode::Userspace,
-                },
-                isolated: r.get(6)?,
-                bridge: r.get(7)?,
-            })
+            let mtu: u32 = r.get(2)?;
+            let mode: String = r.get(5)?;
+            let (gateway, host_access, isolated, bridge) = (r.get(3)?, r.get(4)?, r.get(6)?, r.get(7)?);
+            let bad = |why: String| BadRow {
+                table: "network",
+                key: name.clone(),
+                why,
+            };
+            let parsed = (|| {
+                Ok(NetworkSpec {
+                    name: Name::new("network", &name).map_err(|e| bad(e.0))?,
+                    subnet: subnet.parse().map_err(|e| bad(format!("subnet {subnet:?}: {e}")))?,
+                    mtu: Mtu::try_from(mtu).map_err(|e| bad(e.0))?,
+                    gateway,
+                    host_access,
+                    mode: match mode.as_str() {
+                        "kernel" => NetworkMode::Kernel,
+                        "userspace" => NetworkMode::Userspace,
+                        other => return Err(bad(format!("mode {other:?}"))),
+                    },
+                    isolated,
+                    bridge,
+                })
+            })();
+            Ok(parsed)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -304,25 +295,33 @@ impl Store {
         Ok(())
     }
 
-    pub fn ports(&self) -> Result<Vec<PortRecord>, DbError> {
+    /// Every stored port; a row that does not parse comes back as its [`BadRow`].
+    pub fn ports(&self) -> Result<Vec<Result<PortRecord, BadRow>>, DbError> {
         let conn = self.conn();
         let mut st = conn
             .prepare("SELECT network, name, kind, path, mac, tap, learn_mac_once FROM ports ORDER BY network, name")?;
         let rows = st.query_map([], |r| {
-            let kind: String = r.get(2)?;
-            let mac: String = r.get(4)?;
-            let bad = |i: usize, e: Box<dyn std::error::Error + Send + Sync>| {
-                rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+            let (network, name): (String, String) = (r.get(0)?, r.get(1)?);
+            let (kind, path, mac, tap): (String, String, String, String) = (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+            let learn_mac_once: bool = r.get(6)?;
+            let bad = |why: String| BadRow {
+                table: "port",
+                key: format!("{network}/{name}"),
+                why,
             };
-            Ok(PortRecord {
-                network: r.get(0)?,
-                name: r.get(1)?,
-                kind: serde_json::from_value(serde_json::Value::String(kind)).map_err(|e| bad(2, Box::new(e)))?,
-                path: r.get(3)?,
-                mac: mac.parse().map_err(|e| bad(4, Box::new(e)))?,
-                tap: serde_json::from_str(&r.get::<_, String>(5)?).map_err(|e| bad(5, Box::new(e)))?,
-                learn_mac_once: r.get(6)?,
-            })
+            let parsed = (|| {
+                Ok(PortRecord {
+                    kind: serde_json::from_value(serde_json::Value::String(kind.clone()))
+                        .map_err(|_| bad(format!("kind {kind:?}")))?,
+                    mac: mac.parse().map_err(|e| bad(format!("mac {mac:?}: {e}")))?,
+                    tap: serde_json::from_str(&tap).map_err(|e| bad(format!("tap settings {tap:?}: {e}")))?,
+                    network: network.clone(),
+                    name: name.clone(),
+                    path,
+                    learn_mac_once,
+                })
+            })();
+            Ok(parsed)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -376,26 +375,41 @@ impl Store {
     }
 
     /// A network's forwards: (host address, guest address, protocol).
-    pub fn forwards(&self, network: &str) -> Result<Vec<(String, String, String)>, DbError> {
+    /// A network's forwards; a row that does not parse comes back as its [`BadRow`].
+    pub fn forwards(&self, network: &str) -> Result<Vec<Result<ForwardSpec, BadRow>>, DbError> {
         let conn = self.conn();
         let mut st = conn.prepare("SELECT host, guest, proto FROM forwards WHERE network = ?1 ORDER BY host")?;
-        let rows = st.query_map([network], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let rows = st.query_map([network], |r| {
+            let (host, guest, proto): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let bad = |why: String| BadRow {
+                table: "forward",
+                key: format!("{network}/{host}/{proto}"),
+                why,
+            };
+            Ok((|| {
+                Ok(ForwardSpec {
+                    proto: proto.parse().map_err(|e: crate::model::Invalid| bad(e.0))?,
+                    host: host.parse().map_err(|e| bad(format!("host {host:?}: {e}")))?,
+                    guest: guest.parse().map_err(|e| bad(format!("guest {guest:?}: {e}")))?,
+                })
+            })())
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn put_forward(&self, network: &str, host: &str, guest: &str, proto: &str) -> Result<(), DbError> {
+    pub fn put_forward(&self, network: &str, f: &ForwardSpec) -> Result<(), DbError> {
         self.conn().execute(
             "INSERT OR REPLACE INTO forwards (network, host, guest, proto) VALUES (?1, ?2, ?3, ?4)",
-            [network, host, guest, proto],
+            [network, &f.host.to_string(), &f.guest.to_string(), f.proto.as_str()],
         )?;
         Ok(())
     }
 
-    pub fn delete_forward(&self, host: &str, proto: &str) -> Result<bool, DbError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM forwards WHERE host = ?1 AND proto = ?2", [host, proto])?
-            > 0)
+    pub fn delete_forward(&self, host: &str, proto: ForwardProto) -> Result<bool, DbError> {
+        Ok(self.conn().execute(
+            "DELETE FROM forwards WHERE host = ?1 AND proto = ?2",
+            [host, proto.as_str()],
+        )? > 0)
     }
 
     /// Running VMs, as JSON records, to adopt them after a restart.

@@ -18,7 +18,9 @@ use fabric::Mac;
 use serde::{Deserialize, Serialize};
 use vm::{Nic, NicBackend, QemuVm, VmConfig, VmState};
 
-use crate::daemon::{ApiError, Daemon, PortRequest};
+use crate::control::error::ControlError;
+use crate::daemon::Daemon;
+use crate::model::PortSpec;
 use crate::store::PortKind;
 
 /// A VM to run.
@@ -223,34 +225,22 @@ impl Vms {
         }
     }
 
-    pub fn run(&self, daemon: &Daemon, req: VmRequest) -> Result<VmView, ApiError> {
+    pub fn run(&self, daemon: &Daemon, req: VmRequest) -> Result<VmView, ControlError> {
         let guest = self.guest_dir.clone().ok_or_else(|| {
-            ApiError::BadRequest(
-                "this daemon has no guest image: start it with --guest-dir (guest/build.sh DIR)".into(),
-            )
+            ControlError::invalid("this daemon has no guest image: start it with --guest-dir (guest/build.sh DIR)")
         })?;
         if self
             .entries()
             .get(&req.name)
             .is_some_and(|e| !matches!(e.vm.state(), VmState::Stopped | VmState::Failed { .. }))
         {
-            return Err(ApiError::Conflict(format!("VM {:?} is running", req.name)));
+            return Err(ControlError::Conflict(format!("VM {:?} is running", req.name)));
         }
         let port = daemon.add_port(
             &req.network,
-            PortRequest {
-                name: req.name.clone(),
-                kind: PortKind::Unixgram,
-                ifname: None,
-                owner_uid: None,
-                owner_gid: None,
-                multi_queue: false,
-                vnet_hdr: false,
-                mac: None,
-                learn_mac_once: false,
-            },
+            PortSpec::new(crate::model::Name::new("VM", &req.name)?, PortKind::Unixgram),
         )?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| ApiError::Internal(e.to_string()))?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| ControlError::Host(e.to_string()))?;
         let console = self.dir.join(format!("{}.console", req.name));
         let nic = self.dir.join(format!("{}.nic.sock", req.name));
         let mut cmdline = vec![format!("VMF_HOSTNAME={}", req.name), "VMF_IP=dhcp".to_string()];
@@ -288,8 +278,8 @@ impl Vms {
             Err(e) => {
                 let _ = daemon.remove_port(&req.network, &req.name);
                 return Err(match e {
-                    vm::driver::DriverError::Config(c) => ApiError::BadRequest(c.to_string()),
-                    other => ApiError::Internal(other.to_string()),
+                    vm::driver::DriverError::Config(c) => ControlError::invalid(c.to_string()),
+                    other => ControlError::Host(other.to_string()),
                 });
             }
         };
@@ -317,19 +307,19 @@ impl Vms {
         v
     }
 
-    pub fn get(&self, name: &str) -> Result<VmView, ApiError> {
+    pub fn get(&self, name: &str) -> Result<VmView, ControlError> {
         self.entries()
             .get(name)
             .map(view)
-            .ok_or_else(|| ApiError::NotFound(format!("no VM named {name:?}")))
+            .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))
     }
 
     /// Stops a VM (powerdown, then SIGTERM, then SIGKILL) and forgets it.
-    pub fn stop(&self, daemon: &Daemon, name: &str) -> Result<VmView, ApiError> {
+    pub fn stop(&self, daemon: &Daemon, name: &str) -> Result<VmView, ControlError> {
         let mut e = self
             .entries()
             .remove(name)
-            .ok_or_else(|| ApiError::NotFound(format!("no VM named {name:?}")))?;
+            .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
         e.vm.stop(Duration::from_secs(3));
         let _ = daemon.store().delete_vm(name);
         if !e.port_removed {
@@ -338,12 +328,12 @@ impl Vms {
         Ok(view(&e))
     }
 
-    pub fn logs(&self, name: &str) -> Result<String, ApiError> {
+    pub fn logs(&self, name: &str) -> Result<String, ControlError> {
         let path = self
             .entries()
             .get(name)
             .map(|e| e.console.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("no VM named {name:?}")))?;
+            .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
         Ok(std::fs::read(&path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default())

@@ -41,15 +41,12 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
     let (daemon, socket) = (&d.daemon, &d.socket);
     daemon
         .create_network(
-            vmfabric::store::NetworkRecord {
-                name: "cap".into(),
-                subnet: "10.93.0.0/24".parse().unwrap(),
-                mtu: 1500,
+            vmfabric::model::NetworkSpec {
                 gateway: false,
-                host_access: false,
-                mode: Default::default(),
-                isolated: false,
-                bridge: None,
+                ..vmfabric::model::NetworkSpec::new(
+                    vmfabric::model::Name::new("network", "cap").unwrap(),
+                    "10.93.0.0/24".parse().unwrap(),
+                )
             },
             false,
         )

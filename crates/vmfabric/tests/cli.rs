@@ -87,6 +87,11 @@ fn cli_drives_the_daemon_and_state_survives_kill_9() {
     assert!(!ok && err.contains("already exists") && err.contains("409"), "{err}");
     let (ok, _, err) = cli(&dir, &["port", "ls", "nope"]);
     assert!(!ok && err.contains("no network named"), "{err}");
+    // A name is one path segment: it cannot reach another route or add a query.
+    let (ok, _, err) = cli(&dir, &["network", "rm", "blue/ports/vm1"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) = cli(&dir, &["network", "rm", "blue?force=true&"]);
+    assert!(!ok && err.contains("404"), "{err}");
     let ports = json(&dir, &["port", "ls", "blue"]);
     let mac = ports[0]["mac"].clone();
 
@@ -283,7 +288,9 @@ fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            || std::os::unix::net::UnixStream::connect(dir.join("api.sock")).is_err()
+        {
             assert!(Instant::now() < deadline, "the daemon did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,3 +1,4 @@
 //! Control-plane logic that joins what the layers report.
 
+pub mod error;
 pub mod locks;

@@ -1,0 +1,561 @@
+//! The API's vocabulary: what clients send and what they are shown, shared by the
+//! API, the control plane, the typed client and the config file. Names and MTUs are
+//! checked once, when a body is read; protocols, actions and directions are enums, so
+//! the rest of the code never parses text again.
+//!
+//! The store keeps its own row types (`store.rs`); these types are the API's and
+//! serialise exactly as the API always answered.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use fabric::Mac;
+use serde::{Deserialize, Serialize};
+
+pub use crate::store::{NetworkMode, PortKind, TapSettings};
+
+/// Input the API refuses, with what is wrong with it (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Invalid {
+    pub fn new(msg: impl Into<String>) -> Invalid {
+        Invalid(msg.into())
+    }
+}
+
+/// A network, port or VM name: 1 to [`Name::MAX`] letters, digits, '.', '_' or '-',
+/// not starting with '.' or '-' (it becomes part of file and device names).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+impl Name {
+    pub const MAX: usize = 64;
+
+    pub fn new(what: &str, text: &str) -> Result<Name, Invalid> {
+        let ok = (1..=Name::MAX).contains(&text.len())
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            && !text.starts_with(['.', '-']);
+        if ok {
+            Ok(Name(text.to_string()))
+        } else {
+            Err(Invalid(format!(
+                "{what} name {text:?} must be 1 to {} characters of letters, digits, '.', '_' or '-', not starting with '.' or '-'",
+                Name::MAX
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Name, Invalid> {
+        Name::new("the", &s)
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks an interface name the kernel will be given: 1 to 15 bytes, none of '/',
+/// ':', '%' or whitespace (the kernel would refuse them, or with '%' pick a name of its
+/// own: `cp%d` becomes `cp0`, and the stored name would not be the device's).
+pub fn check_ifname(what: &str, name: &str) -> Result<(), Invalid> {
+    let ok = (1..16).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "{what} name {name:?}: 1 to 15 characters, none of '/', ':', '%' or space"
+        )))
+    }
+}
+
+/// The longest Unix socket path a `sockaddr_un` holds (108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Checks that a socket path built from names fits `sun_path`.
+pub fn check_socket_path(path: &std::path::Path) -> Result<(), Invalid> {
+    let len = path.as_os_str().len();
+    if len <= MAX_SOCKET_PATH {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "the socket path {} would be {len} bytes, longer than the {MAX_SOCKET_PATH} a Unix socket path holds: \
+             use shorter network or port names (or a shorter --run-dir)",
+            path.display()
+        )))
+    }
+}
+
+/// A link MTU: 68 (IPv4's minimum) to 65520 (what a TAP device and the switch's
+/// buffers take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Mtu(u16);
+
+impl Mtu {
+    pub const MIN: u32 = fabric::config::MIN_MTU as u32;
+    pub const MAX: u32 = fabric::config::MAX_MTU as u32;
+    pub const ETHERNET: Mtu = Mtu(1500);
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl Default for Mtu {
+    fn default() -> Mtu {
+        Mtu::ETHERNET
+    }
+}
+
+impl TryFrom<u32> for Mtu {
+    type Error = Invalid;
+    fn try_from(v: u32) -> Result<Mtu, Invalid> {
+        if (Mtu::MIN..=Mtu::MAX).contains(&v) {
+            Ok(Mtu(v as u16))
+        } else {
+            Err(Invalid(format!("mtu {v} is outside {}..={}", Mtu::MIN, Mtu::MAX)))
+        }
+    }
+}
+
+impl From<Mtu> for u32 {
+    fn from(m: Mtu) -> u32 {
+        m.0.into()
+    }
+}
+
+impl fmt::Display for Mtu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A network to create, and as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub name: Name,
+    pub subnet: ipnet::Ipv4Net,
+    #[serde(default)]
+    pub mtu: Mtu,
+    /// Run a gateway (ARP/ICMP, DHCP, DNS) on the network.
+    #[serde(default = "yes")]
+    pub gateway: bool,
+    /// Guests reach the host's loopback at the subnet's last host address.
+    #[serde(default)]
+    pub host_access: bool,
+    /// Who carries the frames: vmfabric's switch, or a Linux bridge.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Kernel mode: ports cannot reach each other, only the gateway and the router.
+    #[serde(default)]
+    pub isolated: bool,
+    /// Kernel mode: the bridge's name (default: derived from the network's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NetworkSpec {
+    /// A network with the defaults the API gives (gateway on, MTU 1500, userspace).
+    pub fn new(name: Name, subnet: ipnet::Ipv4Net) -> NetworkSpec {
+        NetworkSpec {
+            name,
+            subnet,
+            mtu: Mtu::default(),
+            gateway: true,
+            host_access: false,
+            mode: NetworkMode::default(),
+            isolated: false,
+            bridge: None,
+        }
+    }
+}
+
+/// A network as listed: its spec and how much lives on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkView {
+    #[serde(flatten)]
+    pub spec: NetworkSpec,
+    pub ports: usize,
+    pub leases: usize,
+    /// Set when the stored network could not be brought back at start: why. It stays
+    /// stored; DELETE removes it, a restart tries again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
+
+/// A port to create.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub name: Name,
+    pub kind: PortKind,
+    /// TAP ports: the interface name (default: `vmf-` and the port name, cut to 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// Kernel-mode TAP ports: the user and group that may open the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_gid: Option<u32>,
+    /// Kernel-mode TAP ports: a multi-queue device (the VMM opens it with as many queues).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multi_queue: bool,
+    /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnet_hdr: bool,
+    /// Userspace ports: this MAC instead of the one derived from the names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Userspace ports: lock to the first MAC the VMM sends from (for VMMs that choose
+    /// their own) instead of the assigned one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn_mac_once: bool,
+}
+
+impl PortSpec {
+    /// A port of `kind` with every option at its default.
+    pub fn new(name: Name, kind: PortKind) -> PortSpec {
+        PortSpec {
+            name,
+            kind,
+            ifname: None,
+            owner_uid: None,
+            owner_gid: None,
+            multi_queue: false,
+            vnet_hdr: false,
+            mac: None,
+            learn_mac_once: false,
+        }
+    }
+
+    pub fn tap_settings(&self) -> TapSettings {
+        TapSettings {
+            owner_uid: self.owner_uid,
+            owner_gid: self.owner_gid,
+            multi_queue: self.multi_queue,
+            vnet_hdr: self.vnet_hdr,
+        }
+    }
+}
+
+/// A port as the API shows it, with what to give the VMM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortView {
+    #[serde(flatten)]
+    pub record: crate::store::PortRecord,
+    pub up: bool,
+    pub qemu_args: String,
+    /// Set when the stored port could not be brought back at start: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
+
+/// A fixed address for a MAC or a VM name (its DHCP hostname or port name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationSpec {
+    /// A MAC address or a VM name.
+    pub key: String,
+    pub ip: Ipv4Addr,
+}
+
+impl ReservationSpec {
+    pub fn to_gateway(&self) -> gateway::Reservation {
+        let key = match self.key.parse::<Mac>() {
+            Ok(mac) => gateway::ReservationKey::Mac(mac),
+            Err(_) => gateway::ReservationKey::Name(self.key.clone()),
+        };
+        gateway::Reservation { key, ip: self.ip }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub ip: Ipv4Addr,
+    #[serde(with = "crate::store::mac_text")]
+    pub mac: Mac,
+    pub hostname: Option<String>,
+    pub expires: u64,
+}
+
+impl From<gateway::Lease> for LeaseView {
+    fn from(l: gateway::Lease) -> Self {
+        LeaseView {
+            ip: l.ip,
+            mac: l.mac,
+            hostname: l.hostname,
+            expires: l.expires,
+        }
+    }
+}
+
+/// What an egress rule (or the policy's default) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// The protocols an egress rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A port or an inclusive range of ports, written "53" or "1000-2000".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = Invalid;
+    fn try_from(text: String) -> Result<PortRange, Invalid> {
+        let bad = || Invalid(format!("bad port range {text:?} (a port, or two joined by '-')"));
+        let (lo, hi) = text.split_once('-').unwrap_or((&text, &text));
+        let parse = |x: &str| x.trim().parse::<u16>().map_err(|_| bad());
+        let (lo, hi) = (parse(lo)?, parse(hi)?);
+        if lo > hi {
+            return Err(bad());
+        }
+        Ok(PortRange { lo, hi })
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        if r.lo == r.hi {
+            r.lo.to_string()
+        } else {
+            format!("{}-{}", r.lo, r.hi)
+        }
+    }
+}
+
+/// An egress policy as the API takes and shows it (and as the store keeps it, in
+/// JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// What happens when no rule matches.
+    #[serde(default)]
+    pub default: Action,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub action: Action,
+    pub dst: ipnet::Ipv4Net,
+    /// Absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortRange>,
+    /// Absent: every protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<RuleProto>,
+}
+
+impl PolicySpec {
+    pub fn to_gateway(&self) -> gateway::policy::EgressPolicy {
+        use gateway::policy as p;
+        let action = |a: Action| match a {
+            Action::Allow => p::Action::Allow,
+            Action::Deny => p::Action::Deny,
+        };
+        p::EgressPolicy {
+            rules: self
+                .rules
+                .iter()
+                .map(|r| p::Rule {
+                    action: action(r.action),
+                    dst: r.dst.trunc(),
+                    ports: r.ports.map(|r| (r.lo, r.hi)),
+                    proto: r.proto.map(|x| match x {
+                        RuleProto::Tcp => p::Proto::Tcp,
+                        RuleProto::Udp => p::Proto::Udp,
+                        RuleProto::Icmp => p::Proto::Icmp,
+                    }),
+                })
+                .collect(),
+            default: action(self.default),
+        }
+    }
+}
+
+/// The protocols a port forward carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardProto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl ForwardProto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardProto::Tcp => "tcp",
+            ForwardProto::Udp => "udp",
+        }
+    }
+
+    pub fn to_gateway(self) -> gateway::forward::Protocol {
+        match self {
+            ForwardProto::Tcp => gateway::forward::Protocol::Tcp,
+            ForwardProto::Udp => gateway::forward::Protocol::Udp,
+        }
+    }
+
+    pub fn from_gateway(p: gateway::forward::Protocol) -> ForwardProto {
+        match p {
+            gateway::forward::Protocol::Tcp => ForwardProto::Tcp,
+            gateway::forward::Protocol::Udp => ForwardProto::Udp,
+        }
+    }
+}
+
+impl std::str::FromStr for ForwardProto {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<ForwardProto, Invalid> {
+        match s {
+            "tcp" => Ok(ForwardProto::Tcp),
+            "udp" => Ok(ForwardProto::Udp),
+            other => Err(Invalid(format!("forward protocol {other:?} is not tcp or udp"))),
+        }
+    }
+}
+
+/// A port forward as the API takes and shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    #[serde(default)]
+    pub proto: ForwardProto,
+    /// Host address and port; port 0 picks a free one.
+    pub host: SocketAddr,
+    pub guest: SocketAddrV4,
+}
+
+/// A network's NAT flows, as the API shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowsView {
+    pub tcp: Vec<TcpFlowView>,
+    pub udp: Vec<UdpFlowView>,
+}
+
+/// Who opened a TCP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The guest connected out.
+    Egress,
+    /// A host client came in through a forward.
+    Forward,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpFlowView {
+    pub guest: SocketAddrV4,
+    /// The other end as the guest sees it (the gateway's address for a forward).
+    pub peer: SocketAddrV4,
+    pub direction: Direction,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UdpFlowView {
+    pub guest: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_mtus_are_checked_when_read() {
+        assert!(serde_json::from_str::<Name>("\"net-1.a_b\"").is_ok());
+        for bad in ["\"\"", "\"-x\"", "\".x\"", "\"a/b\"", "\"a?b\""] {
+            assert!(serde_json::from_str::<Name>(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<Name>(&format!("\"{}\"", "n".repeat(Name::MAX + 1))).is_err());
+        assert_eq!(serde_json::from_str::<Mtu>("9000").unwrap().get(), 9000);
+        for bad in ["67", "65521", "70000"] {
+            let e = serde_json::from_str::<Mtu>(bad).unwrap_err().to_string();
+            assert!(e.contains("outside 68..=65520"), "{e}");
+        }
+    }
+
+    #[test]
+    fn policy_text_is_what_the_api_always_took() {
+        let json = r#"{"default":"deny","rules":[{"action":"allow","dst":"10.0.0.0/8","ports":"53","proto":"udp"},{"action":"deny","dst":"0.0.0.0/0","ports":"1000-2000"}]}"#;
+        let p: PolicySpec = serde_json::from_str(json).unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), json);
+        assert_eq!(p.rules[1].ports, Some(PortRange { lo: 1000, hi: 2000 }));
+        assert!(serde_json::from_str::<PolicySpec>(r#"{"default":"maybe"}"#).is_err());
+        assert!(serde_json::from_str::<RuleSpec>(r#"{"action":"allow","dst":"1.0.0.0/8","ports":"9-3"}"#).is_err());
+        assert_eq!(serde_json::from_str::<PolicySpec>("{}").unwrap().default, Action::Allow);
+    }
+
+    #[test]
+    fn forwards_default_to_tcp() {
+        let f: ForwardSpec = serde_json::from_str(r#"{"host":"127.0.0.1:0","guest":"10.0.0.5:80"}"#).unwrap();
+        assert_eq!(f.proto, ForwardProto::Tcp);
+        assert!(
+            serde_json::from_str::<ForwardSpec>(r#"{"proto":"sctp","host":"127.0.0.1:0","guest":"10.0.0.5:80"}"#)
+                .is_err()
+        );
+    }
+}

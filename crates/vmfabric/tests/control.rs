@@ -1,0 +1,283 @@
+//! The control plane checks a request before it makes anything, answers a user's
+//! mistake with a 4xx (never a 500), keeps one instance per state directory, and
+//! starts with what it can when part of its store cannot come back. Each test here
+//! is the regression test of a bug seen from outside; the daemon runs in-process.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+mod harness;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmf-ctl-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn message(v: &serde_json::Value) -> &str {
+    v["message"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn a_name_whose_socket_path_would_not_fit_is_refused_before_anything_is_made() {
+    let dir = tmp("sunpath");
+    let d = harness::start(&dir, None);
+    let net = "n".repeat(40);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": net, "subnet": "10.61.0.0/24"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    for kind in ["unixgram", "stream"] {
+        let port = "p".repeat(64);
+        let (s, v) = d.call(
+            "POST",
+            &format!("/v1/networks/{net}/ports"),
+            Some(json!({"name": port, "kind": kind})),
+        );
+        assert_eq!(s, 400, "{kind}: {v}");
+        assert!(message(&v).contains("socket path"), "{v}");
+    }
+    let (_, ports) = d.call("GET", &format!("/v1/networks/{net}/ports"), None);
+    assert_eq!(ports, json!([]));
+    let sockets = std::fs::read_dir(dir.join("run/ports").join(&net)).map_or(0, |d| d.count());
+    assert_eq!(sockets, 0, "nothing was bound");
+}
+
+#[test]
+fn a_multicast_subnet_is_refused_and_leaves_nothing_behind() {
+    let dir = tmp("mcast");
+    let d = harness::start(&dir, None);
+    for subnet in ["224.0.0.0/24", "10.62.0.5/24", "127.0.0.0/24", "10.62.0.0/30"] {
+        let (s, v) = d.call("POST", "/v1/networks", Some(json!({"name": "x", "subnet": subnet})));
+        assert_eq!(s, 400, "{subnet}: {v}");
+    }
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "x", "subnet": "10.62.0.0/24"})),
+    );
+    assert_eq!(s, 201, "the name is free: {v}");
+    let (s, _) = d.call("DELETE", "/v1/networks/x", None);
+    assert_eq!(s, 204);
+}
+
+#[test]
+fn names_mtus_and_interface_names_are_checked_when_the_body_is_read() {
+    let dir = tmp("typed");
+    let d = harness::start(&dir, None);
+    for body in [
+        json!({"name": "m", "subnet": "10.63.0.0/24", "mtu": 70000}),
+        json!({"name": "m", "subnet": "10.63.0.0/24", "mtu": 67}),
+        json!({"name": "a/b", "subnet": "10.63.0.0/24"}),
+        json!({"name": "m", "subnet": "10.63.0.0/24", "mode": "kernel", "bridge": "cp%d"}),
+    ] {
+        let (s, v) = d.call("POST", "/v1/networks", Some(body.clone()));
+        assert_eq!(s, 400, "{body}: {v}");
+    }
+    // `cp%d` would be named by the kernel (cp0) while the store kept `cp%d`.
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/default/ports",
+        Some(json!({"name": "t", "kind": "tap", "ifname": "cp%d"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"proto": "sctp", "host": "127.0.0.1:0", "guest": "10.77.0.9:80"})),
+    );
+    assert_eq!(s, 400, "{v}");
+}
+
+#[test]
+fn a_kernel_network_with_a_bad_mtu_is_refused_before_its_bridge_is_made() {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root for kernel mode") {
+        return;
+    }
+    let dir = tmp("kmtu");
+    let d = harness::start(&dir, None);
+    let bridge = format!("vmfm{}", std::process::id() % 100000);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "k1", "subnet": "10.67.0.0/24", "mode": "kernel", "mtu": 70000, "bridge": bridge})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        !Path::new("/sys/class/net").join(&bridge).exists(),
+        "no bridge was left behind"
+    );
+}
+
+#[test]
+fn a_userspace_tap_port_never_attaches_to_an_existing_device() {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root to make a TAP device") {
+        return;
+    }
+    let dir = tmp("tapown");
+    let d = harness::start(&dir, None);
+    let name = format!("vmfx{}", std::process::id() % 100000);
+    testkit::run(&["ip", "tuntap", "add", "dev", &name, "mode", "tap"]);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/default/ports",
+        Some(json!({"name": "t", "kind": "tap", "ifname": name})),
+    );
+    testkit::run(&["ip", "link", "del", &name]);
+    assert_eq!(s, 409, "{v}");
+}
+
+#[test]
+fn two_daemons_cannot_share_a_state_directory() {
+    let dir = tmp("twice");
+    let d = harness::start(&dir, None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let second = vmfabric::daemon::Daemon::start(dir.join("state"), dir.join("run2"), rt.handle().clone());
+    let err = second.err().expect("the second daemon must not start").to_string();
+    assert!(
+        err.contains("in use by another vmfabric daemon") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    d.stop();
+    // Once the first is gone the directory is free again.
+    let third = harness::start(&dir, None);
+    third.stop();
+}
+
+#[test]
+fn the_state_is_private_and_the_api_socket_replaces_only_a_stale_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp("perms");
+    let d = harness::start(&dir, None);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("state")), 0o700);
+    assert_eq!(mode(&dir.join("state/vmfabric.db")), 0o600);
+    d.stop();
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let err = vmfabric::api::bind(&file).unwrap_err().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[test]
+fn deleting_a_network_closes_its_forwards() {
+    let dir = tmp("fwdleak");
+    let d = harness::start(&dir, None);
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "f", "subnet": "10.64.0.0/24"})),
+    );
+    assert_eq!(s, 201);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/f/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": "10.64.0.10:80"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let host = v["host"].as_str().unwrap().to_string();
+    let (s, _) = d.call("DELETE", "/v1/networks/f?force=true", None);
+    assert_eq!(s, 204);
+    // The listener went with the network: nothing accepts, and the port is free.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(&host).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "{host} still accepts");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (s, _) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "f", "subnet": "10.64.0.0/24"})),
+    );
+    assert_eq!(s, 201);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/f/forwards",
+        Some(json!({"host": host, "guest": "10.64.0.10:80"})),
+    );
+    assert_eq!(s, 201, "the host port is free again: {v}");
+}
+
+#[test]
+fn what_cannot_be_restored_is_listed_and_removable_and_the_rest_starts() {
+    let dir = tmp("degrade");
+    let d = harness::start(&dir, None);
+    for (name, subnet) in [("good", "10.65.0.0/24"), ("hand", "10.66.0.0/24")] {
+        let (s, _) = d.call("POST", "/v1/networks", Some(json!({"name": name, "subnet": subnet})));
+        assert_eq!(s, 201);
+    }
+    let (s, port) = d.call(
+        "POST",
+        "/v1/networks/good/ports",
+        Some(json!({"name": "busy", "kind": "stream"})),
+    );
+    assert_eq!(s, 201);
+    let (s, fwd) = d.call(
+        "POST",
+        "/v1/networks/good/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": "10.65.0.10:80"})),
+    );
+    assert_eq!(s, 201);
+    d.stop();
+
+    // While it is down: someone serves on the port's socket path and on the forward's
+    // host port, and a hand edit breaks a row.
+    let path = port["path"].as_str().unwrap().to_string();
+    let _ = std::fs::remove_file(&path);
+    let _squatter = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let host = fwd["host"].as_str().unwrap().to_string();
+    // (The old listener's task is dropped by its runtime a moment after the stop.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let _taken = loop {
+        match std::net::TcpListener::bind(&host) {
+            Ok(l) => break l,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("{host} stays bound after the daemon stopped: {e}"),
+        }
+    };
+    let db = rusqlite::Connection::open(dir.join("state/vmfabric.db")).unwrap();
+    db.execute("UPDATE networks SET subnet = 'ten' WHERE name = 'hand'", [])
+        .unwrap();
+    drop(db);
+
+    let d = harness::start(&dir, None);
+    let (s, nets) = d.call("GET", "/v1/networks", None);
+    assert_eq!(s, 200);
+    let names: Vec<&str> = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"good") && names.contains(&"default"), "{nets}");
+    let (_, ports) = d.call("GET", "/v1/networks/good/ports", None);
+    assert!(
+        ports[0]["name"] == "busy" && ports[0]["failed"].as_str().is_some_and(|f| f.contains("in use")),
+        "{ports}"
+    );
+    // Removable through the API: the stored rows go.
+    let (s, v) = d.call("DELETE", "/v1/networks/good/ports/busy", None);
+    assert_eq!(s, 204, "{v}");
+    let (s, v) = d.call("DELETE", &format!("/v1/networks/good/forwards/{host}"), None);
+    assert_eq!(s, 204, "a forward that could not listen is no ghost: {v}");
+    let (s, v) = d.call("DELETE", "/v1/networks/hand", None);
+    assert_eq!(s, 204, "{v}");
+    d.stop();
+    let d = harness::start(&dir, None);
+    let (_, ports) = d.call("GET", "/v1/networks/good/ports", None);
+    assert_eq!(ports, json!([]));
+    let (_, fwds) = d.call("GET", "/v1/networks/good/forwards", None);
+    assert_eq!(fwds, json!([]));
+    let (s, _) = d.call("GET", "/v1/networks/hand", None);
+    assert_eq!(s, 404);
+}
