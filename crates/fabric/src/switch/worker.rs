@@ -829,44 +829,29 @@ impl Fabric {
         let mut off = 0;
         while off < list.len() {
             let Some(port) = self.port(d) else { return };
-            let res = match &port.kind {
-                Kind::Connected(fd) => send_batch(fd.as_fd(), &list[off..], None),
-                Kind::Path { sock, peer: Some(p) } => send_batch(sock.as_fd(), &list[off..], Some(p)),
-                Kind::Path { peer: None, .. } => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
-                Kind::Tap(fd) => rustix::io::write(fd, list[off]).map(|_| 1).map_err(io::Error::from),
-                Kind::Stream { .. } => unreachable!("handled above"),
-            };
-            match res {
+            match send_frames(&port.kind, &list[off..]) {
                 Ok(k) => {
                     let bytes = list[off..off + k].iter().map(|f| f.len() as u64).sum();
                     port.shared.counters.add_tx(k as u64, bytes);
                     self.net(port.net).shared.counters.add_tx(k as u64, bytes);
                     off += k;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.enqueue(d, &list[off..]);
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                    self.count_drop(d, DropReason::Oversize, 1);
-                    off += 1;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    self.count_drop(d, DropReason::QueueFull, 1);
-                    off += 1;
-                }
-                // A TAP whose interface is administratively down refuses frames with
-                // EIO; it is still there and will take frames once it is up.
-                Err(e) if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) => {
-                    self.count_drop(d, DropReason::PeerGone, 1);
-                    off += 1;
-                }
-                Err(e) => {
-                    self.count_drop(d, DropReason::PeerGone, (list.len() - off) as u64);
-                    self.port_down(d, format!("send failed: {e}"));
-                    return;
-                }
+                Err(e) => match send_failure(&e, &port.kind) {
+                    SendFailure::Later => {
+                        self.enqueue(d, &list[off..]);
+                        return;
+                    }
+                    SendFailure::Retry => {}
+                    SendFailure::Drop(reason) => {
+                        self.count_drop(d, reason, 1);
+                        off += 1;
+                    }
+                    SendFailure::Down => {
+                        self.count_drop(d, DropReason::PeerGone, (list.len() - off) as u64);
+                        self.port_down(d, format!("send failed: {e}"));
+                        return;
+                    }
+                },
             }
         }
     }
@@ -932,14 +917,7 @@ impl Fabric {
                 *s = f;
             }
             let n = port.backlog.len().min(BATCH);
-            let res = match &port.kind {
-                Kind::Connected(fd) => send_batch(fd.as_fd(), &list[..n], None),
-                Kind::Path { sock, peer: Some(p) } => send_batch(sock.as_fd(), &list[..n], Some(p)),
-                Kind::Path { peer: None, .. } => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
-                Kind::Tap(fd) => rustix::io::write(fd, list[0]).map(|_| 1).map_err(io::Error::from),
-                Kind::Stream { .. } => unreachable!(),
-            };
-            match res {
+            match send_frames(&port.kind, &list[..n]) {
                 Ok(k) => {
                     let mut bytes = 0;
                     for _ in 0..k {
@@ -953,20 +931,18 @@ impl Fabric {
                     let net = port.net;
                     self.net(net).shared.counters.add_tx(k as u64, bytes);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::ENOBUFS)) => {
-                    port.backlog.pop_front();
-                    self.count_drop(d, DropReason::Oversize, 1);
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EIO) && matches!(port.kind, Kind::Tap(_)) => {
-                    port.backlog.pop_front();
-                    self.count_drop(d, DropReason::PeerGone, 1);
-                }
-                Err(e) => {
-                    self.port_down(d, format!("send failed: {e}"));
-                    return;
-                }
+                Err(e) => match send_failure(&e, &port.kind) {
+                    SendFailure::Later => return,
+                    SendFailure::Retry => {}
+                    SendFailure::Drop(reason) => {
+                        port.backlog.pop_front();
+                        self.count_drop(d, reason, 1);
+                    }
+                    SendFailure::Down => {
+                        self.port_down(d, format!("send failed: {e}"));
+                        return;
+                    }
+                },
             }
         }
         self.set_out_interest(d, false);
@@ -1394,5 +1370,83 @@ impl Fabric {
 fn emit(events: &SyncSender<SwitchEvent>, dropped: &AtomicU64, ev: SwitchEvent) {
     if let Err(TrySendError::Full(_)) = events.try_send(ev) {
         dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends frames on a datagram or TAP port: a batch on sockets, one frame on a TAP.
+/// Returns how many went. (Stream ports queue bytes instead: `queue_stream`.)
+fn send_frames(kind: &Kind, frames: &[&[u8]]) -> io::Result<usize> {
+    match kind {
+        Kind::Connected(fd) => send_batch(fd.as_fd(), frames, None),
+        Kind::Path { sock, peer: Some(p) } => send_batch(sock.as_fd(), frames, Some(p)),
+        Kind::Path { peer: None, .. } => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
+        Kind::Tap(fd) => rustix::io::write(fd, frames[0]).map(|_| 1).map_err(io::Error::from),
+        Kind::Stream { .. } => Err(io::Error::other("stream ports queue bytes, not frames")),
+    }
+}
+
+/// What a failed send means, for the frame at the head and for the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendFailure {
+    /// The socket is full: keep the frames and wait for writability.
+    Later,
+    /// Interrupted: send again now.
+    Retry,
+    /// This frame cannot go (too big, no kernel buffers, a TAP that is down): count it
+    /// and go on with the next.
+    Drop(DropReason),
+    /// The peer is gone: the port goes down.
+    Down,
+}
+
+/// The one errno table of the send paths (transmit and the backlog drain), so a
+/// condition is never counted under two reasons.
+fn send_failure(e: &io::Error, kind: &Kind) -> SendFailure {
+    match (e.kind(), e.raw_os_error()) {
+        (io::ErrorKind::WouldBlock, _) => SendFailure::Later,
+        (io::ErrorKind::Interrupted, _) => SendFailure::Retry,
+        (_, Some(libc::EMSGSIZE)) => SendFailure::Drop(DropReason::Oversize),
+        (_, Some(libc::ENOBUFS)) => SendFailure::Drop(DropReason::QueueFull),
+        // A TAP whose interface is administratively down refuses frames with EIO; it
+        // is still there and will take frames once it is up.
+        (_, Some(libc::EIO)) if matches!(kind, Kind::Tap(_)) => SendFailure::Drop(DropReason::PeerGone),
+        _ => SendFailure::Down,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_errno_table_for_both_send_paths() {
+        let sock = || {
+            let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+            Kind::Connected(a.into())
+        };
+        let err = |n| io::Error::from_raw_os_error(n);
+        let udp = sock();
+        assert_eq!(send_failure(&err(libc::EAGAIN), &udp), SendFailure::Later);
+        assert_eq!(send_failure(&err(libc::EINTR), &udp), SendFailure::Retry);
+        assert_eq!(
+            send_failure(&err(libc::EMSGSIZE), &udp),
+            SendFailure::Drop(DropReason::Oversize)
+        );
+        assert_eq!(
+            send_failure(&err(libc::ENOBUFS), &udp),
+            SendFailure::Drop(DropReason::QueueFull)
+        );
+        assert_eq!(
+            send_failure(&err(libc::EIO), &udp),
+            SendFailure::Down,
+            "EIO is only a TAP's 'down'"
+        );
+        assert_eq!(send_failure(&err(libc::ECONNREFUSED), &udp), SendFailure::Down);
+        let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let tap = Kind::Tap(a.into());
+        assert_eq!(
+            send_failure(&err(libc::EIO), &tap),
+            SendFailure::Drop(DropReason::PeerGone)
+        );
     }
 }
