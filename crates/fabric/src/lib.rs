@@ -5,6 +5,7 @@
 //! paths, length-prefixed stream paths and TAP devices. The data plane knows nothing of
 //! HTTP, storage or QEMU: it takes commands through [`Switch`] methods and reports
 //! [`SwitchEvent`]s and counters.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod clock;
 pub mod config;

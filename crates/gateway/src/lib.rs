@@ -7,6 +7,7 @@
 //!
 //! One tokio task per gateway reads frames from the port and answers in order; only
 //! forwarded DNS queries run beside it, each bounded per client and in total.
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod contain;

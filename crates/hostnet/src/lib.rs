@@ -7,6 +7,7 @@
 //!
 //! Devices vmfabric makes carry an interface alias starting with [`ALIAS_PREFIX`], so
 //! they are recognised after a crash and never confused with anybody else's.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod ipam;
 pub mod links;

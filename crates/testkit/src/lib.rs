@@ -1,6 +1,7 @@
 //! Helpers shared by vmfabric's integration tests (a dev-dependency only): running
 //! commands, network namespaces the tests make and remove, and the skip rule (a test
 //! that needs root or a tool skips with a reason, except where every test must run).
+#![forbid(unsafe_code)]
 
 use std::os::fd::AsFd;
 use std::process::Command;

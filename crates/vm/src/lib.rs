@@ -4,6 +4,7 @@
 //! (one NIC per vmfabric port); `driver` runs and supervises the process through its
 //! lifecycle; `readiness` and `process` are the two facts the driver must not get
 //! wrong: when the guest is really ready, and which process is really the VMM.
+#![forbid(unsafe_code)]
 
 pub mod accel;
 pub mod config;

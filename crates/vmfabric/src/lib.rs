@@ -1,5 +1,6 @@
 //! vmfabric's control plane: what ties the data plane, the gateways and (later) the
 //! API and the store together. The binary in `main.rs` is its command line.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod client;

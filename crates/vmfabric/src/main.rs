@@ -2,6 +2,7 @@
 //!
 //! `vmfabric serve` is the daemon; the other commands are clients of its API (on a
 //! Unix socket) and print tables, or JSON with `--json`.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
