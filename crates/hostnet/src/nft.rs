@@ -1,6 +1,8 @@
 //! NAT and isolation for kernel-mode networks with nftables.
 //!
-//! vmfabric owns one table, `inet vmfabric`, and never touches another. The table is
+//! Each vmfabric instance owns one table, `inet vmfabric_<instance>` ([`table_name`]),
+//! and never touches another (two daemons on one host keep their rules apart). The
+//! table is
 //! written whole from the desired state in one nft transaction (the table is added,
 //! deleted and built again in the same batch, which the kernel applies atomically):
 //! removing a network or a forward re-applies without it, so exactly its rules go, and
@@ -21,7 +23,8 @@
 //!   forward); everything else is refused and counted in `input_denied_<bridge>`. DHCP
 //!   and DNS are the gateway's, reached on the bridge, never the host's input.
 //!
-//! Port security needs the bridge family, so a second table, `bridge vmfabric`, written
+//! Port security needs the bridge family, so a second table of the same name, `bridge`
+//! family, written
 //! in the same transaction: a locked port (its MAC and leased addresses) may send only
 //! from that MAC, and IPv4 and ARP only from those addresses (0.0.0.0 stays allowed for
 //! DHCP and ARP probes), like the userspace switch's port locks; no port may send
@@ -34,13 +37,45 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem, CT};
-use nftables::schema::{Chain, Counter, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, Counter, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{self, Match, NATFamily, Operator, Reject, RejectType, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use crate::HostnetError;
 
-pub const TABLE: &str = "vmfabric";
+/// The tables' name before tables were per instance (removed at start: see
+/// [`remove`]).
+pub const LEGACY_TABLE: &str = "vmfabric";
+
+/// The rule builders below describe objects of one table; its name is set last, by
+/// [`in_table`], so the builders need not carry it.
+const UNNAMED: &str = "vmfabric";
+
+/// The name of an instance's tables (nft names take letters, digits and '_').
+pub fn table_name(instance: &str) -> String {
+    let id: String = instance.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    format!("vmfabric_{id}")
+}
+
+/// Puts every object of a batch in `table`.
+fn in_table(mut nft: Nftables<'static>, table: &str) -> Nftables<'static> {
+    let name: Cow<'static, str> = Cow::Owned(table.to_string());
+    for obj in nft.objects.to_mut().iter_mut() {
+        // The builders only add and delete tables, chains, rules and counters.
+        let list = match obj {
+            NfObject::ListObject(l) | NfObject::CmdObject(NfCmd::Add(l) | NfCmd::Delete(l)) => l,
+            _ => continue,
+        };
+        match list {
+            NfListObject::Table(t) => t.name = name.clone(),
+            NfListObject::Chain(c) => c.table = name.clone(),
+            NfListObject::Rule(r) => r.table = name.clone(),
+            NfListObject::Counter(c) => c.table = name.clone(),
+            _ => {}
+        }
+    }
+    nft
+}
 
 const LOOPBACK: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8);
 
@@ -219,7 +254,7 @@ fn family_chain(
 ) -> NfListObject<'static> {
     NfListObject::Chain(Chain {
         family,
-        table: TABLE.into(),
+        table: UNNAMED.into(),
         name: name.into(),
         _type: Some(kind),
         hook: Some(hook),
@@ -236,7 +271,7 @@ fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'sta
 fn family_rule(family: NfFamily, chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
     NfListObject::Rule(Rule {
         family,
-        table: TABLE.into(),
+        table: UNNAMED.into(),
         chain: chain.into(),
         expr: Cow::Owned(expr),
         ..Default::default()
@@ -246,7 +281,7 @@ fn family_rule(family: NfFamily, chain: &'static str, expr: Vec<Statement<'stati
 fn family_table(family: NfFamily) -> NfListObject<'static> {
     NfListObject::Table(Table {
         family,
-        name: TABLE.into(),
+        name: UNNAMED.into(),
         ..Default::default()
     })
 }
@@ -315,8 +350,12 @@ fn dnat(f: &Forward) -> Result<Vec<Statement<'static>>, HostnetError> {
     Ok(expr)
 }
 
-/// The whole table for `networks`, as one transaction.
-pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetError> {
+/// The whole table `table` for `networks`, as one transaction.
+pub fn ruleset(table: &str, networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetError> {
+    Ok(in_table(unnamed_ruleset(networks)?, table))
+}
+
+fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetError> {
     let mut b = Batch::new();
     // Add-then-delete empties a table whether or not it existed.
     for family in [NfFamily::INet, NfFamily::Bridge] {
@@ -341,7 +380,7 @@ pub fn ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, HostnetEr
         for chain in ["egress", "input"] {
             b.add(NfListObject::Counter(Counter {
                 family: NfFamily::INet,
-                table: TABLE.into(),
+                table: UNNAMED.into(),
                 name: counter_name(chain, &n.bridge).into(),
                 handle: None,
                 packets: None,
@@ -497,8 +536,8 @@ fn input_rules(n: &NetworkRules) -> Vec<NfListObject<'static>> {
 
 /// The refusal counters of vmfabric's table (name, packets), as the kernel holds them
 /// now; they start again from zero whenever the table is written.
-pub fn counters() -> Result<Vec<(String, u64)>, HostnetError> {
-    let args = ["-j", "list", "counters", "table", "inet", TABLE];
+pub fn counters(table: &str) -> Result<Vec<(String, u64)>, HostnetError> {
+    let args = ["-j", "list", "counters", "table", "inet", table];
     let rs = nftables::helper::get_current_ruleset_with_args(nftables::helper::DEFAULT_NFT, args)
         .map_err(|e| HostnetError::Nft(e.to_string()))?;
     Ok(rs
@@ -513,20 +552,21 @@ pub fn counters() -> Result<Vec<(String, u64)>, HostnetError> {
         .collect())
 }
 
-/// Writes the table for `networks` (an empty list leaves an empty table).
-pub fn apply(networks: &[NetworkRules]) -> Result<(), HostnetError> {
-    let rs = ruleset(networks)?;
+/// Writes the table `table` for `networks` (an empty list leaves an empty table).
+pub fn apply(table: &str, networks: &[NetworkRules]) -> Result<(), HostnetError> {
+    let rs = ruleset(table, networks)?;
     nftables::helper::apply_ruleset(&rs).map_err(|e| HostnetError::Nft(e.to_string()))
 }
 
-/// Removes vmfabric's tables altogether.
-pub fn remove() -> Result<(), HostnetError> {
+/// Removes the tables named `table` altogether (both families; adding first makes
+/// it work whether or not they exist). Also how a start clears [`LEGACY_TABLE`].
+pub fn remove(table: &str) -> Result<(), HostnetError> {
     let mut b = Batch::new();
     for family in [NfFamily::INet, NfFamily::Bridge] {
         b.add(family_table(family));
         b.delete(family_table(family));
     }
-    nftables::helper::apply_ruleset(&b.to_nftables()).map_err(|e| HostnetError::Nft(e.to_string()))
+    nftables::helper::apply_ruleset(&in_table(b.to_nftables(), table)).map_err(|e| HostnetError::Nft(e.to_string()))
 }
 
 /// Whether a guest address is inside one of `networks` (for callers checking forwards).
@@ -568,13 +608,17 @@ mod tests {
                 locked_ports: vec![],
             },
         ];
-        let json = serde_json::to_string(&ruleset(&nets).unwrap()).unwrap();
+        let json = serde_json::to_string(&ruleset("vmfabric_t", &nets).unwrap()).unwrap();
         assert_eq!(
             json.matches("\"masquerade\"").count(),
             4,
             "subnet and loopback, each network: {json}"
         );
         assert!(json.contains("\"dnat\""), "{json}");
+        assert!(
+            !json.contains("\"vmfabric\"") && json.contains("\"table\":\"vmfabric_t\""),
+            "every object is in the instance's table: {json}"
+        );
         assert_eq!(
             json.matches("\"drop\"").count(),
             5 + 2 + 2,
@@ -592,6 +636,6 @@ mod tests {
             }],
             ..nets[0].clone()
         }];
-        assert!(ruleset(&bad).is_err());
+        assert!(ruleset("vmfabric_t", &bad).is_err());
     }
 }

@@ -12,6 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use hostnet::nft::{self, Egress, EgressRule, Forward, NetworkRules, PortLock, L4};
+
+/// An instance's table, as a daemon names it.
+const TABLE: &str = "vmfabric_test";
 use hostnet::Links;
 use testkit::{in_ns, run};
 
@@ -150,7 +153,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     assert_eq!(ask(&g0, "10.73.0.2:80").as_deref(), Ok("you are 10.72.0.2"));
 
     let both = [red.clone(), blue.clone()];
-    in_ns(&host, move || nft::apply(&both).unwrap());
+    in_ns(&host, move || nft::apply(TABLE, &both).unwrap());
     assert_eq!(
         ask(&g0, "10.205.0.2:8080").as_deref(),
         Ok("you are 10.205.0.1"),
@@ -166,8 +169,8 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     assert!(ask(&g1, "10.72.0.2:80").is_err(), "blue cannot reach red");
     // Applying again changes nothing (one table, the same rules).
     let both = [red.clone(), blue.clone()];
-    in_ns(&host, move || nft::apply(&both).unwrap());
-    let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", "vmfabric"]);
+    in_ns(&host, move || nft::apply(TABLE, &both).unwrap());
+    let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", TABLE]);
     assert_eq!(
         table.matches("masquerade").count(),
         4,
@@ -195,8 +198,8 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
 
     // Red removed: exactly its rules go.
     let only_blue = [blue.clone()];
-    in_ns(&host, move || nft::apply(&only_blue).unwrap());
-    let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", "vmfabric"]);
+    in_ns(&host, move || nft::apply(TABLE, &only_blue).unwrap());
+    let table = run(&["ip", "netns", "exec", &host, "nft", "list", "table", "inet", TABLE]);
     assert!(!table.contains("10.72.0.0/24") && !table.contains("dnat"), "{table}");
     assert!(table.contains("10.73.0.0/24"), "{table}");
     assert!(ask(&outside, "10.205.0.1:8081").is_err(), "the forward is gone");
@@ -224,7 +227,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     // rather than unreachable.
     run(&["ip", "-n", &host, "route", "add", "default", "via", "10.205.0.2"]);
     let both = [strict, blue.clone()];
-    in_ns(&host, move || nft::apply(&both).unwrap());
+    in_ns(&host, move || nft::apply(TABLE, &both).unwrap());
     assert_eq!(
         ask(&g0, "10.205.0.2:8080").as_deref(),
         Ok("you are 10.205.0.1"),
@@ -241,13 +244,13 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         Ok("you are 10.205.0.1"),
         "blue's policy is its own"
     );
-    let counts = in_ns(&host, || nft::counters().unwrap());
+    let counts = in_ns(&host, || nft::counters(TABLE).unwrap());
     let count = |name: &str| counts.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
     assert!(count("egress_denied_vmfbr0") >= Some(2), "{counts:?}");
     assert!(count("input_denied_vmfbr0") >= Some(2), "{counts:?}");
     assert_eq!(count("egress_denied_vmfbr1"), Some(0), "{counts:?}");
 
-    in_ns(&host, || nft::remove().unwrap());
+    in_ns(&host, || nft::remove(TABLE).unwrap());
     let all = run(&["ip", "netns", "exec", &host, "nft", "list", "ruleset"]);
     assert!(!all.contains("vmfabric"), "both of vmfabric's tables are gone: {all}");
     assert!(

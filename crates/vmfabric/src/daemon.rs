@@ -960,10 +960,20 @@ impl Daemon {
             Err(e) => tracing::warn!("cannot look for stale kernel devices: {e}"),
         }
         if any {
+            // Before tables were per instance they were all called `vmfabric`: a table
+            // of that name holds an older daemon's rules for devices now gone.
+            if let Err(e) = hostnet::nft::remove(hostnet::nft::LEGACY_TABLE) {
+                tracing::warn!("cannot remove the old shared nftables table: {e}");
+            }
             if let Err(e) = self.apply_kernel_rules() {
                 tracing::warn!("cannot write the nftables tables: {e}");
             }
         }
+    }
+
+    /// This instance's nftables tables (both families share the name).
+    fn nft_table(&self) -> String {
+        hostnet::nft::table_name(&self.instance)
     }
 
     fn mode_of(&self, network: &str) -> Result<NetworkMode, ControlError> {
@@ -1009,16 +1019,16 @@ impl Daemon {
                 .collect()
         };
         // Writing the table starts its refusal counters again: keep what they held.
-        if let Ok(counts) = hostnet::nft::counters() {
+        if let Ok(counts) = hostnet::nft::counters(&self.nft_table()) {
             let mut kept = lock(&self.kernel_denied);
             for (name, n) in counts {
                 *kept.entry(name).or_default() += n;
             }
         }
         let result = if rules.is_empty() {
-            hostnet::nft::remove()
+            hostnet::nft::remove(&self.nft_table())
         } else {
-            hostnet::nft::apply(&rules)
+            hostnet::nft::apply(&self.nft_table(), &rules)
         };
         Ok(result?)
     }
@@ -1245,7 +1255,7 @@ impl Daemon {
         names.sort();
         out.push_str("# TYPE vmfabric_port_frames_total counter\n# TYPE vmfabric_port_drops_total counter\n");
         let kernel_counts = if nets.values().any(|n| n.record.mode == NetworkMode::Kernel) {
-            hostnet::nft::counters().unwrap_or_default()
+            hostnet::nft::counters(&self.nft_table()).unwrap_or_default()
         } else {
             Vec::new()
         };

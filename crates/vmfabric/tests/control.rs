@@ -281,3 +281,66 @@ fn what_cannot_be_restored_is_listed_and_removable_and_the_rest_starts() {
     let (s, _) = d.call("GET", "/v1/networks/hand", None);
     assert_eq!(s, 404);
 }
+
+#[test]
+fn two_kernel_mode_daemons_keep_their_rules_and_devices_apart() {
+    let ready = testkit::is_root() && std::process::Command::new("nft").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(ready, "needs root and nft for kernel mode") {
+        return;
+    }
+    let (dir_a, dir_b) = (tmp("kern-a"), tmp("kern-b"));
+    let (a, b) = (harness::start(&dir_a, None), harness::start(&dir_b, None));
+    let table = |dir: &Path| hostnet::nft::table_name(&vmfabric::kernel::instance_of(&dir.join("state")));
+    let (table_a, table_b) = (table(&dir_a), table(&dir_b));
+    assert_ne!(table_a, table_b);
+    let list = |t: &str| testkit::run(&["nft", "list", "table", "inet", t]);
+    let pid = std::process::id() % 10000;
+    let (bridge_a, bridge_b) = (format!("vmfka{pid}"), format!("vmfkb{pid}"));
+    for (d, name, subnet, bridge) in [
+        (&a, "ka", "10.68.0.0/24", &bridge_a),
+        (&b, "kb", "10.69.0.0/24", &bridge_b),
+    ] {
+        let (s, v) = d.call(
+            "POST",
+            "/v1/networks",
+            Some(json!({"name": name, "subnet": subnet, "mode": "kernel", "bridge": bridge})),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    let both_there = || {
+        list(&table_a).contains("10.68.0.0/24")
+            && list(&table_b).contains("10.69.0.0/24")
+            && Path::new("/sys/class/net").join(&bridge_a).exists()
+            && Path::new("/sys/class/net").join(&bridge_b).exists()
+    };
+    assert!(both_there(), "{}\n{}", list(&table_a), list(&table_b));
+    assert!(
+        !list(&table_a).contains("10.69.0.0/24"),
+        "each table holds its own networks"
+    );
+    // Every change rewrites a table whole: a change in one must not touch the other.
+    let (s, v) = a.call(
+        "POST",
+        "/v1/networks/ka/ports",
+        Some(json!({"name": "p1", "kind": "tap"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert!(both_there(), "{}", list(&table_b));
+    let (s, _) = a.call("DELETE", "/v1/networks/ka?force=true", None);
+    assert_eq!(s, 204);
+    assert!(!Path::new("/sys/class/net").join(&bridge_a).exists());
+    assert!(
+        list(&table_b).contains("10.69.0.0/24") && Path::new("/sys/class/net").join(&bridge_b).exists(),
+        "b's rules and bridge outlive a's network: {}",
+        list(&table_b)
+    );
+    let (s, _) = b.call("DELETE", "/v1/networks/kb?force=true", None);
+    assert_eq!(s, 204);
+    for t in [&table_a, &table_b] {
+        for family in ["inet", "bridge"] {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", family, t])
+                .status();
+        }
+    }
+}

@@ -76,9 +76,10 @@ impl Drop for OursGone {
         for d in ours(&self.0) {
             let _ = Command::new("ip").args(["link", "del", &d]).status();
         }
+        let table = hostnet::nft::table_name(&self.0);
         for family in ["inet", "bridge"] {
             let _ = Command::new("nft")
-                .args(["delete", "table", family, "vmfabric"])
+                .args(["delete", "table", family, &table])
                 .stderr(Stdio::null())
                 .status();
         }
@@ -145,6 +146,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
 
     let instance = vmfabric::kernel::instance_of(&dir.join("state"));
     let _devices = OursGone(instance.clone());
+    let table = hostnet::nft::table_name(&instance);
     let d = Process::start(&dir, &image);
     let net = d.ok(
         "POST",
@@ -332,11 +334,11 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     );
     let local = run(&["busybox", "wget", "-qO-", "http://127.0.0.1:18083/"]);
     assert!(local.contains("hello from vmfabric guest"), "{local}");
-    let table = run(&["nft", "list", "table", "inet", "vmfabric"]);
+    let rules = run(&["nft", "list", "table", "inet", &table]);
     assert_eq!(
-        table.matches("dnat").count(),
+        rules.matches("dnat").count(),
         4,
-        "two forwards, prerouting and output: {table}"
+        "two forwards, prerouting and output: {rules}"
     );
 
     // kill -9, a stale device of this daemon, and a restart.
@@ -375,7 +377,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         .unwrap();
     assert!(ping.status.success(), "the host still reaches a through the bridge");
     assert!(
-        run(&["nft", "list", "table", "inet", "vmfabric"]).contains("10.84.0.0/24"),
+        run(&["nft", "list", "table", "inet", &table]).contains("10.84.0.0/24"),
         "the NAT rules are there again"
     );
     let (_, forwards) = d.call("GET", "/v1/networks/kred/forwards", None);
@@ -388,9 +390,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     let (s, _) = d.call("DELETE", "/v1/networks/kred/forwards/127.0.0.1:18083", None);
     assert_eq!(s, 204);
     assert_eq!(
-        run(&["nft", "list", "table", "inet", "vmfabric"])
-            .matches("dnat")
-            .count(),
+        run(&["nft", "list", "table", "inet", &table]).matches("dnat").count(),
         2,
         "removing a forward removes its rules"
     );
@@ -402,7 +402,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     assert!((200..300).contains(&s), "{s} {v}");
     assert!(ours(&instance).is_empty(), "{:?}", ours(&instance));
     assert!(Command::new("nft")
-        .args(["list", "table", "inet", "vmfabric"])
+        .args(["list", "table", "inet", &table])
         .output()
         .map(|o| !o.status.success())
         .unwrap_or(true));
