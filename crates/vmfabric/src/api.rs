@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::control::error::{ControlError, ErrorClass};
-use crate::daemon::Daemon;
+use crate::control::Control;
 use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortSpec, ReservationSpec};
 
 impl IntoResponse for ControlError {
@@ -37,7 +37,7 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ControlError> {
     b.map(|Json(v)| v).map_err(|e| ControlError::invalid(e.body_text()))
 }
 
-type Shared = State<Arc<Daemon>>;
+type Shared = State<Arc<Control>>;
 
 async fn list_networks(State(d): Shared) -> Response {
     Json(d.networks()).into_response()
@@ -160,11 +160,11 @@ async fn list_vms(State(d): Shared) -> Response {
 
 async fn run_vm(
     State(d): Shared,
-    b: Result<Json<crate::vms::VmRequest>, JsonRejection>,
+    b: Result<Json<crate::control::vms::VmRequest>, JsonRejection>,
 ) -> Result<Response, ControlError> {
     let req = body(b)?;
     // Booting blocks a little (spawning QEMU); keep it off the async workers.
-    let v = tokio::task::spawn_blocking(move || d.vms().run(&d, req))
+    let v = tokio::task::spawn_blocking(move || d.vms().run(&*d, req))
         .await
         .map_err(|e| ControlError::Host(e.to_string()))??;
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -176,7 +176,7 @@ async fn show_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Res
 
 async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     // Stopping waits for the guest (grace periods): off the async workers.
-    let v = tokio::task::spawn_blocking(move || d.vms().stop(&d, &name))
+    let v = tokio::task::spawn_blocking(move || d.vms().stop(&*d, &name))
         .await
         .map_err(|e| ControlError::Host(e.to_string()))??;
     Ok(Json(v).into_response())
@@ -342,12 +342,12 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, toki
 }
 
 /// Serves the API on `listener` until the future is dropped.
-pub async fn serve(listener: tokio::net::UnixListener, daemon: Arc<Daemon>) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::UnixListener, daemon: Arc<Control>) -> std::io::Result<()> {
     let app = router(daemon).into_make_service_with_connect_info::<ConnFd>();
     axum::serve(listener, app).await
 }
 
-pub fn router(daemon: Arc<Daemon>) -> Router {
+pub fn router(daemon: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/networks", get(list_networks).post(create_network))
         .route("/v1/networks/{name}", get(show_network).delete(delete_network))
@@ -375,7 +375,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 }
 
 /// Only `/metrics`, for serving on a TCP address to a Prometheus scraper.
-pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
+pub fn metrics_router(daemon: Arc<Control>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .fallback(not_found)

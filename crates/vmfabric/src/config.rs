@@ -19,7 +19,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::control::error::ErrorClass;
-use crate::daemon::Daemon;
+use crate::control::Control;
 use crate::model::{Mtu, Name, NetworkSpec, PortSpec, ReservationSpec};
 
 #[derive(Debug, Deserialize)]
@@ -99,7 +99,7 @@ pub fn parse(text: &str) -> anyhow::Result<ConfigFile> {
 }
 
 /// Creates what the file declares and the daemon lacks.
-pub fn apply(daemon: &Daemon, cfg: &ConfigFile) -> anyhow::Result<()> {
+pub fn apply(daemon: &Control, cfg: &ConfigFile) -> anyhow::Result<()> {
     for n in &cfg.networks {
         let exists = daemon.network(&n.name).is_ok();
         if !exists {

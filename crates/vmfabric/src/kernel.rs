@@ -168,10 +168,3 @@ fn enable_forwarding() {
         Err(e) => tracing::warn!("cannot enable IPv4 forwarding ({e}): kernel-mode guests reach only the host"),
     }
 }
-
-/// An id for a kernel port in the daemon's tables: the switch never sees these ports,
-/// so ids are drawn from the top of the range, where the switch's own never reach.
-pub fn port_id() -> fabric::PortId {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
-    fabric::PortId(NEXT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed))
-}

@@ -15,7 +15,8 @@ use fabric::Mac;
 use tracing::info;
 use vmfabric::api;
 use vmfabric::client::seg;
-use vmfabric::daemon::{Daemon, PortSpec};
+use vmfabric::control::Control;
+use vmfabric::model::PortSpec;
 use vmfabric::store::PortKind;
 
 #[derive(Parser)]
@@ -517,7 +518,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             "--no-sandbox: the switch thread runs WITHOUT its seccomp filter; a bug in frame handling would have the daemon's full privileges"
         );
     }
-    let daemon = Daemon::start_configured(
+    let daemon = Control::start_configured(
         args.state_dir.clone(),
         args.run_dir.clone(),
         args.guest_dir.clone(),
@@ -607,7 +608,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Counters of every port and the leases, from the same numbers `/metrics` serves.
-fn print_stats(daemon: &Daemon) {
+fn print_stats(daemon: &Control) {
     let metrics = daemon.metrics();
     for net in daemon.networks() {
         let name = &net.spec.name;

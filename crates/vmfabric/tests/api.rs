@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use harness::Running;
 use serde_json::{json, Value};
-use vmfabric::{client, daemon::Daemon};
+use vmfabric::{client, control::Control};
 
 mod harness;
 
@@ -194,7 +194,12 @@ fn networks_and_ports_survive_a_restart() {
 /// One DHCP exchange from a client on a socketpair port of `network`: DISCOVER and
 /// REQUEST, or with `reboot` an INIT-REBOOT REQUEST for that address. Returns the ACKed
 /// address.
-fn dhcp(daemon: &Daemon, network: &str, client: fabric::Mac, reboot: Option<std::net::Ipv4Addr>) -> std::net::Ipv4Addr {
+fn dhcp(
+    daemon: &Control,
+    network: &str,
+    client: fabric::Mac,
+    reboot: Option<std::net::Ipv4Addr>,
+) -> std::net::Ipv4Addr {
     use dhcproto::v4::{self, DhcpOption, MessageType};
     use dhcproto::{Decodable, Decoder, Encodable};
     use gateway::wire::{self, Inbound};

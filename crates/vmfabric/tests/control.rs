@@ -136,7 +136,7 @@ fn two_daemons_cannot_share_a_state_directory() {
     let dir = tmp("twice");
     let d = harness::start(&dir, None);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let second = vmfabric::daemon::Daemon::start(dir.join("state"), dir.join("run2"), rt.handle().clone());
+    let second = vmfabric::control::Control::start(dir.join("state"), dir.join("run2"), rt.handle().clone());
     let err = second.err().expect("the second daemon must not start").to_string();
     assert!(
         err.contains("in use by another vmfabric daemon") && err.contains(&std::process::id().to_string()),

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmfabric::{api, client, daemon::Daemon};
+use vmfabric::{api, client, control::Control};
 
 pub struct Running {
     pub rt: tokio::runtime::Runtime,
     pub socket: PathBuf,
-    pub daemon: Arc<Daemon>,
+    pub daemon: Arc<Control>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -25,7 +25,8 @@ pub fn start(dir: &Path, guest_dir: Option<PathBuf>) -> Running {
         .enable_all()
         .build()
         .unwrap();
-    let daemon = Daemon::start_with_guests(dir.join("state"), dir.join("run"), guest_dir, rt.handle().clone()).unwrap();
+    let daemon =
+        Control::start_with_guests(dir.join("state"), dir.join("run"), guest_dir, rt.handle().clone()).unwrap();
     let socket = dir.join("api.sock");
     let listener = {
         let _g = rt.enter();

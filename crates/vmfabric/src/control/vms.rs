@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use vm::{Nic, NicBackend, QemuVm, VmConfig, VmState};
 
 use crate::control::error::ControlError;
-use crate::daemon::Daemon;
 use crate::model::PortSpec;
 use crate::store::PortKind;
 
@@ -107,7 +106,19 @@ impl Entry {
 pub struct Vms {
     guest_dir: Option<PathBuf>,
     dir: PathBuf,
+    /// Where running VMs are recorded, to adopt them after a restart.
+    store: Arc<crate::store::Store>,
     entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// What VM supervision needs of the control plane: a port per VM, pointed at its VMM,
+/// and the address the VM leased. The control plane implements it; this module never
+/// sees the controller itself.
+pub trait PortBroker: Send + Sync {
+    fn add_port(&self, network: &str, spec: PortSpec) -> Result<crate::model::PortView, ControlError>;
+    fn remove_port(&self, network: &str, name: &str) -> Result<(), ControlError>;
+    fn set_port_peer(&self, network: &str, name: &str, peer: &std::path::Path) -> Result<(), ControlError>;
+    fn lease_of(&self, network: &str, mac: fabric::Mac) -> Option<std::net::Ipv4Addr>;
 }
 
 fn view(e: &Entry) -> VmView {
@@ -131,10 +142,11 @@ fn view(e: &Entry) -> VmView {
 }
 
 impl Vms {
-    pub fn new(guest_dir: Option<PathBuf>, dir: PathBuf) -> Arc<Vms> {
+    pub fn new(guest_dir: Option<PathBuf>, dir: PathBuf, store: Arc<crate::store::Store>) -> Arc<Vms> {
         Arc::new(Vms {
             guest_dir,
             dir,
+            store,
             entries: Mutex::new(HashMap::new()),
         })
     }
@@ -145,33 +157,29 @@ impl Vms {
 
     /// Starts the supervisor: every quarter second, brings each VM's state up to date
     /// and frees the port of a VM that ended.
-    pub fn supervise(self: &Arc<Self>, daemon: Weak<Daemon>) {
+    pub fn supervise(self: &Arc<Self>, broker: Weak<dyn PortBroker>) {
         let vms = Arc::downgrade(self);
         let _ = std::thread::Builder::new()
             .name("vm-supervisor".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(250));
-                let (Some(vms), Some(daemon)) = (vms.upgrade(), daemon.upgrade()) else {
+                let (Some(vms), Some(broker)) = (vms.upgrade(), broker.upgrade()) else {
                     return;
                 };
-                vms.refresh(&daemon);
+                vms.refresh(&*broker);
             });
     }
 
-    fn refresh(&self, daemon: &Daemon) {
+    fn refresh(&self, broker: &dyn PortBroker) {
         let mut ended = Vec::new();
         for e in self.entries().values_mut() {
             if !e.recorded {
                 if let Some(r) = e.record() {
                     let json = serde_json::to_string(&r).expect("plain data");
-                    e.recorded = daemon.store().put_vm(&e.req.name, &json).is_ok();
+                    e.recorded = self.store.put_vm(&e.req.name, &json).is_ok();
                 }
             }
-            let leased = daemon
-                .leases(&e.req.network)
-                .ok()
-                .and_then(|ls| ls.into_iter().find(|l| l.mac == e.mac))
-                .map(|l| l.ip);
+            let leased = broker.lease_of(&e.req.network, e.mac);
             let state = e.vm.poll(leased);
             if matches!(state, VmState::Stopped | VmState::Failed { .. }) && !e.port_removed {
                 e.port_removed = true;
@@ -179,15 +187,15 @@ impl Vms {
             }
         }
         for (network, port) in ended {
-            let _ = daemon.store().delete_vm(&port);
-            let _ = daemon.remove_port(&network, &port);
+            let _ = self.store.delete_vm(&port);
+            let _ = broker.remove_port(&network, &port);
         }
     }
 
     /// Adopts the VMMs an earlier run of the daemon left running; forgets the others
     /// and frees their ports.
-    pub fn restore(&self, daemon: &Daemon) {
-        for json in daemon.store().vms().unwrap_or_default() {
+    pub fn restore(&self, broker: &dyn PortBroker) {
+        for json in self.store.vms().unwrap_or_default() {
             let r: VmRecord = match serde_json::from_str(&json) {
                 Ok(r) => r,
                 Err(e) => {
@@ -202,7 +210,7 @@ impl Vms {
             match QemuVm::adopt(id, r.qmp, r.console.clone(), r.nonce) {
                 Some(vm) => {
                     tracing::info!(vm = %r.req.name, pid = r.pid, "adopted a running VM");
-                    if let Err(e) = daemon.set_port_peer(&r.req.network, &r.req.name, &r.nic) {
+                    if let Err(e) = broker.set_port_peer(&r.req.network, &r.req.name, &r.nic) {
                         tracing::warn!(vm = %r.req.name, "cannot point its port at the VMM: {e}");
                     }
                     let entry = Entry {
@@ -218,14 +226,14 @@ impl Vms {
                 }
                 None => {
                     tracing::info!(vm = %r.req.name, "its VMM ended while the daemon was down");
-                    let _ = daemon.store().delete_vm(&r.req.name);
-                    let _ = daemon.remove_port(&r.req.network, &r.req.name);
+                    let _ = self.store.delete_vm(&r.req.name);
+                    let _ = broker.remove_port(&r.req.network, &r.req.name);
                 }
             }
         }
     }
 
-    pub fn run(&self, daemon: &Daemon, req: VmRequest) -> Result<VmView, ControlError> {
+    pub fn run(&self, broker: &dyn PortBroker, req: VmRequest) -> Result<VmView, ControlError> {
         let guest = self.guest_dir.clone().ok_or_else(|| {
             ControlError::invalid("this daemon has no guest image: start it with --guest-dir (guest/build.sh DIR)")
         })?;
@@ -236,7 +244,7 @@ impl Vms {
         {
             return Err(ControlError::Conflict(format!("VM {:?} is running", req.name)));
         }
-        let port = daemon.add_port(
+        let port = broker.add_port(
             &req.network,
             PortSpec::new(crate::model::Name::new("VM", &req.name)?, PortKind::Unixgram),
         )?;
@@ -276,7 +284,7 @@ impl Vms {
         let vm = match QemuVm::start(&config, &self.dir) {
             Ok(vm) => vm,
             Err(e) => {
-                let _ = daemon.remove_port(&req.network, &req.name);
+                let _ = broker.remove_port(&req.network, &req.name);
                 return Err(match e {
                     vm::driver::DriverError::Config(c) => ControlError::invalid(c.to_string()),
                     other => ControlError::Host(other.to_string()),
@@ -294,7 +302,7 @@ impl Vms {
         };
         if let Some(r) = entry.record() {
             let json = serde_json::to_string(&r).expect("plain data");
-            entry.recorded = daemon.store().put_vm(&req.name, &json).is_ok();
+            entry.recorded = self.store.put_vm(&req.name, &json).is_ok();
         }
         let v = view(&entry);
         self.entries().insert(req.name.clone(), entry);
@@ -315,15 +323,15 @@ impl Vms {
     }
 
     /// Stops a VM (powerdown, then SIGTERM, then SIGKILL) and forgets it.
-    pub fn stop(&self, daemon: &Daemon, name: &str) -> Result<VmView, ControlError> {
+    pub fn stop(&self, broker: &dyn PortBroker, name: &str) -> Result<VmView, ControlError> {
         let mut e = self
             .entries()
             .remove(name)
             .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
         e.vm.stop(Duration::from_secs(3));
-        let _ = daemon.store().delete_vm(name);
+        let _ = self.store.delete_vm(name);
         if !e.port_removed {
-            let _ = daemon.remove_port(&e.req.network, &e.req.name);
+            let _ = broker.remove_port(&e.req.network, &e.req.name);
         }
         Ok(view(&e))
     }
@@ -340,10 +348,10 @@ impl Vms {
     }
 
     /// Stops every VM (daemon shutdown).
-    pub fn stop_all(&self, daemon: &Daemon) {
+    pub fn stop_all(&self, broker: &dyn PortBroker) {
         let names: Vec<String> = self.entries().keys().cloned().collect();
         for n in names {
-            let _ = self.stop(daemon, &n);
+            let _ = self.stop(broker, &n);
         }
     }
 }

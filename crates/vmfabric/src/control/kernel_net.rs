@@ -1,0 +1,368 @@
+//! Kernel-mode networks: a Linux bridge routes at the subnet's first address, the
+//! gateway serves DHCP and DNS beside it through an uplink TAP the switch reads,
+//! guests' ports are persistent TAP devices held by bridge rules to a stable MAC and
+//! the address the pool reserved for them, and forwards and the egress policy are
+//! nftables rules of this instance's own tables. Devices are made by `crate::kernel`.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use fabric::{Mac, PortId};
+use gateway::{Gateway, GatewayConfig};
+
+use super::backend::{Env, PortHandle};
+use super::error::ControlError;
+use super::state::{NetState, State};
+use crate::kernel;
+use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortKind, PortSpec, ReservationSpec};
+use crate::store::{PortRecord, Store};
+
+pub(crate) struct KernelNet {
+    bridge: String,
+    /// The switch port on the bridge's uplink TAP, where the gateway is.
+    uplink: Option<PortId>,
+}
+
+fn base(spec: &NetworkSpec) -> u32 {
+    u32::from(spec.subnet.network())
+}
+
+impl KernelNet {
+    pub fn prepare(env: &Env, spec: &NetworkSpec) -> Result<KernelNet, ControlError> {
+        kernel::bring_up(env.instance, spec, kernel::router_of(spec))?;
+        Ok(KernelNet {
+            bridge: kernel::bridge_name(env.instance, spec),
+            uplink: None,
+        })
+    }
+
+    pub fn gateway_config(&self, spec: &NetworkSpec, cfg: &mut GatewayConfig) {
+        cfg.router = Some(kernel::router_of(spec));
+        cfg.gateway_ip = Ipv4Addr::from(base(spec) + 2);
+        cfg.dhcp_range.0 = Ipv4Addr::from(base(spec) + 3);
+        // Every guest arrives through the uplink: the kernel holds ports to their MAC
+        // and address (the bridge-family rules), not the switch.
+        cfg.lock_ports = false;
+        // The host is the router here; there is no mapped address to offer.
+        cfg.host_access = None;
+    }
+
+    pub fn attach(&mut self, env: &Env, spec: &NetworkSpec) -> Result<(), ControlError> {
+        let source = fabric::TapSource::Name(kernel::uplink_name(env.instance, &spec.name));
+        let (id, _) = env.switch.add_tap_port(&spec.name, "uplink", source)?;
+        self.uplink = Some(id);
+        Ok(())
+    }
+
+    pub fn tear_down(&mut self, env: &Env, spec: &NetworkSpec) -> Result<(), ControlError> {
+        if let Some(id) = self.uplink.take() {
+            let _ = env.switch.remove_port(id);
+        }
+        kernel::remove(vec![kernel::uplink_name(env.instance, &spec.name), self.bridge.clone()])?;
+        Ok(())
+    }
+
+    /// A port: a persistent TAP device on the bridge with a stable MAC, and an address
+    /// from the pool held for it by a reservation (a reservation by the port's name
+    /// wins). The caller writes the rules that keep it to both.
+    pub fn add_port(
+        &self,
+        env: &Env,
+        net: &NetState,
+        spec: &PortSpec,
+    ) -> Result<(PortRecord, PortHandle), ControlError> {
+        let network = net.spec.name.as_str();
+        let taken: HashSet<Mac> = net.ports.values().map(|p| p.rec.mac).collect();
+        let mac = hostnet::mac::stable_mac(network, &spec.name, &taken);
+        let ifname = spec
+            .ifname
+            .clone()
+            .unwrap_or_else(|| kernel::tap_name(env.instance, network, &spec.name));
+        crate::model::check_ifname("interface", &ifname)?;
+        let reservations = env.store.reservations(network)?;
+        let by_name = reservations
+            .iter()
+            .find(|(k, _)| k.as_str() == spec.name.as_str())
+            .map(|(_, ip)| *ip);
+        let leases = net.gateway.as_ref().map(|g| g.leases()).unwrap_or_default();
+        let used: HashSet<Ipv4Addr> = reservations
+            .iter()
+            .filter(|(k, _)| k.as_str() != spec.name.as_str())
+            .map(|(_, ip)| *ip)
+            .chain(leases.into_iter().filter(|l| l.mac != mac).map(|l| l.ip))
+            .chain([Ipv4Addr::from(base(&net.spec) + 2)])
+            .collect();
+        let pool = hostnet::ipam::Pool {
+            subnet: net.spec.subnet,
+            gateway: Ipv4Addr::from(base(&net.spec) + 1),
+        };
+        let ip = pool.assign(&used, &Default::default(), by_name)?;
+        let rec = PortRecord {
+            network: network.to_string(),
+            name: spec.name.to_string(),
+            kind: PortKind::Tap,
+            path: ifname,
+            mac,
+            learn_mac_once: false,
+            tap: spec.tap_settings(),
+        };
+        let gw = net.gateway.as_deref();
+        reserve(
+            env.store,
+            network,
+            gw,
+            ReservationSpec {
+                key: mac.to_string(),
+                ip,
+            },
+        )?;
+        match self.restore_port(env, net, &rec) {
+            Ok(handle) => Ok((rec, handle)),
+            Err(e) => {
+                let _ = unreserve(env.store, network, gw, &mac.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    pub fn restore_port(&self, env: &Env, net: &NetState, rec: &PortRecord) -> Result<PortHandle, ControlError> {
+        kernel::add_port(env.instance, &self.bridge, rec, net.spec.mtu.into(), net.spec.isolated)?;
+        Ok(PortHandle::Kernel {
+            ifname: rec.path.clone(),
+        })
+    }
+
+    /// Removes the device; its address goes back to the pool.
+    pub fn remove_port(
+        &self,
+        env: &Env,
+        gateway: Option<&Gateway>,
+        rec: &PortRecord,
+        ifname: &str,
+    ) -> Result<(), ControlError> {
+        kernel::remove(vec![ifname.to_string()])?;
+        let _ = unreserve(env.store, &rec.network, gateway, &rec.mac.to_string());
+        Ok(())
+    }
+}
+
+pub fn check_port(spec: &PortSpec) -> Result<(), ControlError> {
+    if spec.kind != PortKind::Tap {
+        return Err(ControlError::invalid(
+            "a kernel-mode network takes TAP ports (the VMM opens the device by name)",
+        ));
+    }
+    if spec.mac.is_some() || spec.learn_mac_once {
+        return Err(ControlError::invalid(
+            "a kernel-mode port gets a stable MAC that its bridge rules hold it to; mac and learn_mac_once are for userspace ports",
+        ));
+    }
+    Ok(())
+}
+
+/// Adds or replaces a reservation in the store and the gateway.
+pub fn reserve(store: &Store, network: &str, gw: Option<&Gateway>, r: ReservationSpec) -> Result<(), ControlError> {
+    let mut all: Vec<ReservationSpec> = stored_reservations(store, network)?;
+    all.retain(|o| o.key != r.key);
+    all.push(r.clone());
+    if let Some(gw) = gw {
+        gw.set_reservations(all.iter().map(ReservationSpec::to_gateway).collect())
+            .map_err(|e| ControlError::invalid(e.to_string()))?;
+    }
+    store.put_reservation(network, &r.key, r.ip)?;
+    Ok(())
+}
+
+/// Removes a reservation from the store and the gateway; false if there was none.
+pub fn unreserve(store: &Store, network: &str, gw: Option<&Gateway>, key: &str) -> Result<bool, ControlError> {
+    if !store.delete_reservation(network, key)? {
+        return Ok(false);
+    }
+    if let Some(gw) = gw {
+        let rest = stored_reservations(store, network)?;
+        gw.set_reservations(rest.iter().map(ReservationSpec::to_gateway).collect())
+            .map_err(ControlError::host)?;
+    }
+    Ok(true)
+}
+
+pub fn stored_reservations(store: &Store, network: &str) -> Result<Vec<ReservationSpec>, ControlError> {
+    Ok(store
+        .reservations(network)?
+        .into_iter()
+        .map(|(key, ip)| ReservationSpec { key, ip })
+        .collect())
+}
+
+/// A network's forwards as stored; rows that no longer parse are logged and left out
+/// (they stay in the store).
+pub fn stored_forwards(env: &Env, network: &str) -> Result<Vec<ForwardSpec>, ControlError> {
+    Ok(env
+        .store
+        .forwards(network)?
+        .into_iter()
+        .filter_map(|row| row.map_err(|bad| tracing::warn!("{bad}")).ok())
+        .collect())
+}
+
+/// A forward on a kernel network, checked: DNAT rules need an IPv4 host address
+/// with a port, to a guest on the network.
+pub fn check_forward(env: &Env, spec: &NetworkSpec, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {
+    let SocketAddr::V4(host) = f.host else {
+        return Err(ControlError::invalid("kernel-mode forwards listen on IPv4 addresses"));
+    };
+    if host.port() == 0 {
+        return Err(ControlError::invalid(
+            "kernel-mode forwards need a host port (nothing listens to pick one)",
+        ));
+    }
+    if !spec.subnet.contains(f.guest.ip()) {
+        return Err(ControlError::invalid(format!(
+            "{} is not on {:?}",
+            f.guest.ip(),
+            spec.name.as_str()
+        )));
+    }
+    let _ = env;
+    Ok(f)
+}
+
+/// The egress policy stored for a network (the default when none was set).
+pub fn stored_policy(store: &Store, network: &str) -> Result<PolicySpec, ControlError> {
+    match store.policy(network)? {
+        Some(json) => {
+            serde_json::from_str(&json).map_err(|e| ControlError::Host(format!("stored policy of {network:?}: {e}")))
+        }
+        None => Ok(PolicySpec::default()),
+    }
+}
+
+/// A gateway egress policy in the terms of the kernel's rules (the same semantics).
+fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
+    use gateway::policy::{Action, Proto};
+    use hostnet::nft::{EgressRule, L4};
+    hostnet::nft::Egress {
+        rules: p
+            .rules
+            .iter()
+            .map(|r| EgressRule {
+                allow: r.action == Action::Allow,
+                dst: r.dst,
+                proto: r.proto.map(|p| match p {
+                    Proto::Tcp => L4::Tcp,
+                    Proto::Udp => L4::Udp,
+                    Proto::Icmp => L4::Icmp,
+                }),
+                ports: r.ports,
+            })
+            .collect(),
+        default_allow: p.default == Action::Allow,
+    }
+}
+
+/// This instance's nftables tables (both families share the name).
+pub fn table(instance: &str) -> String {
+    hostnet::nft::table_name(instance)
+}
+
+/// Writes this instance's nftables tables for every kernel network: masquerade, no
+/// traffic between networks, each port held to its MAC and reserved address, the
+/// egress policy and the forwards.
+pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
+    let mut rules = Vec::new();
+    for n in st.nets.values() {
+        let super::backend::Backend::Kernel(k) = &n.backend else {
+            continue;
+        };
+        let name = n.spec.name.as_str();
+        // One query per network: each port's reservation (keyed by MAC).
+        let reserved = env.store.reservations(name).unwrap_or_default();
+        let policy = stored_policy(env.store, name).unwrap_or_default().to_gateway();
+        let forwards = stored_forwards(env, name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| match f.host {
+                SocketAddr::V4(host) => Some(hostnet::nft::Forward {
+                    proto: f.proto.as_str().to_string(),
+                    host,
+                    guest: f.guest,
+                }),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        rules.push(hostnet::nft::NetworkRules {
+            bridge: k.bridge.clone(),
+            subnet: n.spec.subnet,
+            router: kernel::router_of(&n.spec),
+            egress: kernel_egress(&policy),
+            ipv6: false,
+            forwards,
+            locked_ports: n
+                .ports
+                .values()
+                .map(|p| hostnet::nft::PortLock {
+                    ifname: p.rec.path.clone(),
+                    mac: p.rec.mac,
+                    ips: reserved
+                        .iter()
+                        .filter(|(key, _)| *key == p.rec.mac.to_string())
+                        .map(|(_, ip)| *ip)
+                        .collect(),
+                })
+                .collect(),
+        });
+    }
+    let table = table(env.instance);
+    // Writing the tables starts their refusal counters again: keep what they held.
+    if let Ok(counts) = hostnet::nft::counters(&table) {
+        for (name, n) in counts {
+            *st.kernel_denied.entry(name).or_default() += n;
+        }
+    }
+    if rules.is_empty() {
+        hostnet::nft::remove(&table)?;
+    } else {
+        hostnet::nft::apply(&table, &rules)?;
+    }
+    Ok(())
+}
+
+/// A kernel network's refusals so far: (egress, input), from its nftables counters.
+/// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
+pub fn refusals(st: &State, k: &KernelNet, now: &[(String, u64)]) -> (u64, u64) {
+    let total = |chain: &str| {
+        let name = hostnet::nft::counter_name(chain, &k.bridge);
+        st.kernel_denied.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
+    };
+    (total("egress"), total("input"))
+}
+
+/// After a start: removes this instance's kernel devices that the store no longer
+/// knows (a crash after a delete) and writes the nftables tables again.
+pub fn reconcile(env: &Env, st: &mut State) {
+    let mut known = HashSet::new();
+    let mut any = false;
+    for n in st.nets.values() {
+        if let super::backend::Backend::Kernel(k) = &n.backend {
+            any = true;
+            known.insert(k.bridge.clone());
+            known.insert(kernel::uplink_name(env.instance, &n.spec.name));
+            known.extend(n.ports.values().map(|p| p.rec.path.clone()));
+        }
+    }
+    match kernel::remove_stale(env.instance, known) {
+        Ok(gone) if !gone.is_empty() => tracing::info!(?gone, "removed stale kernel devices"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot look for stale kernel devices: {e}"),
+    }
+    if any {
+        // Before tables were per instance they were all called `vmfabric`: a table of
+        // that name holds an older daemon's rules for devices now gone.
+        if let Err(e) = hostnet::nft::remove(hostnet::nft::LEGACY_TABLE) {
+            tracing::warn!("cannot remove the old shared nftables table: {e}");
+        }
+        if let Err(e) = apply_rules(env, st) {
+            tracing::warn!("cannot write the nftables tables: {e}");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! What a network's gateway serves, as the API reaches it: reservations, the egress
+//! policy, forwards, NAT flows, leases, and live captures of the network.
+
+use std::sync::Arc;
+
+use gateway::Gateway;
+
+use super::error::ControlError;
+use super::kernel_net;
+use super::state::State;
+use super::Control;
+use crate::model::{
+    Direction, FlowsView, ForwardProto, ForwardSpec, LeaseView, PolicySpec, ReservationSpec, TcpFlowView, UdpFlowView,
+};
+
+impl Control {
+    pub fn reservations(&self, network: &str) -> Result<Vec<ReservationSpec>, ControlError> {
+        let st = self.lock();
+        st.gateway(network)?;
+        kernel_net::stored_reservations(&self.store, network)
+    }
+
+    /// Adds or replaces a reservation; it applies to the next DHCP exchange.
+    pub fn reserve(&self, network: &str, r: ReservationSpec) -> Result<ReservationSpec, ControlError> {
+        let st = self.lock();
+        let gw = st.gateway(network)?;
+        let all = kernel_net::stored_reservations(&self.store, network)?;
+        if let Some(other) = all.iter().find(|o| o.ip == r.ip && o.key != r.key) {
+            return Err(ControlError::conflict(format!(
+                "{} is already reserved for {}",
+                r.ip, other.key
+            )));
+        }
+        kernel_net::reserve(&self.store, network, Some(&gw), r.clone())?;
+        Ok(r)
+    }
+
+    pub fn unreserve(&self, network: &str, key: &str) -> Result<(), ControlError> {
+        let st = self.lock();
+        let gw = st.gateway(network)?;
+        if !kernel_net::unreserve(&self.store, network, Some(&gw), key)? {
+            return Err(ControlError::NotFound(format!(
+                "no reservation for {key:?} on {network:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn policy(&self, network: &str) -> Result<PolicySpec, ControlError> {
+        let st = self.lock();
+        st.gateway(network)?;
+        kernel_net::stored_policy(&self.store, network)
+    }
+
+    pub fn set_policy(&self, network: &str, p: PolicySpec) -> Result<PolicySpec, ControlError> {
+        let mut st = self.lock();
+        let gw = st.gateway(network)?;
+        let json = serde_json::to_string(&p).map_err(ControlError::host)?;
+        self.store.put_policy(network, &json)?;
+        gw.set_egress_policy(p.to_gateway());
+        if st.net(network)?.backend.is_kernel() {
+            // The guests' traffic bypasses the gateway here: the kernel enforces it.
+            kernel_net::apply_rules(&self.env(), &mut st)?;
+        }
+        Ok(p)
+    }
+
+    pub fn forwards(&self, network: &str) -> Result<Vec<ForwardSpec>, ControlError> {
+        let st = self.lock();
+        let net = st.net(network)?;
+        net.backend.forwards(&self.env(), network, net.gateway.as_deref())
+    }
+
+    pub fn add_forward(&self, network: &str, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {
+        let mut st = self.lock();
+        let env = self.env();
+        let net = st.net(network)?;
+        if net.backend.is_kernel() {
+            let taken = st.nets.keys().any(|n| {
+                kernel_net::stored_forwards(&env, n)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|o| o.host == f.host && o.proto == f.proto)
+            });
+            if taken {
+                return Err(ControlError::conflict(format!("{} is in use", f.host)));
+            }
+        }
+        let (started, undo) = net.backend.add_forward(&env, &net.spec, net.gateway.as_deref(), f)?;
+        if let Err(e) = self.store.put_forward(network, &started) {
+            if let (super::backend::ForwardUndo::Gateway(id), Some(gw)) = (undo, &net.gateway) {
+                gw.remove_forward(id);
+            }
+            return Err(e.into());
+        }
+        if net.backend.is_kernel() {
+            if let Err(e) = kernel_net::apply_rules(&env, &mut st) {
+                let _ = self.store.delete_forward(&started.host.to_string(), started.proto);
+                return Err(e);
+            }
+        }
+        Ok(started)
+    }
+
+    /// Removes the forwards from `host`: both protocols unless `proto` names one. A
+    /// stored forward that could not be restored (its host port was taken) goes too.
+    pub fn remove_forward(&self, network: &str, host: &str, proto: Option<&str>) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        let env = self.env();
+        let only = proto.map(str::parse::<ForwardProto>).transpose()?;
+        let wanted = |f: &ForwardSpec| f.host.to_string() == host && only.is_none_or(|p| p == f.proto);
+        let net = st.net(network)?;
+        let stored: Vec<ForwardSpec> = kernel_net::stored_forwards(&env, network)?
+            .into_iter()
+            .filter(wanted)
+            .collect();
+        let live = net
+            .backend
+            .forwards(&env, network, net.gateway.as_deref())?
+            .into_iter()
+            .any(|f| wanted(&f));
+        if stored.is_empty() && !live {
+            return Err(ControlError::NotFound(format!("no forward from {host} on {network:?}")));
+        }
+        for f in &stored {
+            self.store.delete_forward(host, f.proto)?;
+        }
+        net.backend.remove_forwards(net.gateway.as_deref(), &wanted);
+        if net.backend.is_kernel() {
+            kernel_net::apply_rules(&env, &mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a restored gateway's stored policy and forwards back in force. A forward
+    /// whose host port is taken stays stored (DELETE removes it) and is logged.
+    pub(super) fn restore_gateway_state(&self, st: &State, network: &str, gw: &Gateway) {
+        match kernel_net::stored_policy(&self.store, network) {
+            Ok(p) => gw.set_egress_policy(p.to_gateway()),
+            Err(e) => tracing::warn!(%network, "stored policy unusable: {e}"),
+        }
+        if st.nets.get(network).is_some_and(|n| n.backend.is_kernel()) {
+            return; // in nftables, written with the other kernel rules
+        }
+        for f in kernel_net::stored_forwards(&self.env(), network).unwrap_or_default() {
+            if let Err(e) = gw.add_forward(f.proto.to_gateway(), f.host, f.guest) {
+                tracing::error!(%network, host = %f.host, "cannot restore the forward (it stays stored; DELETE removes it): {e}");
+            }
+        }
+    }
+
+    /// The NAT flows the network's gateway carries now.
+    pub fn flows(&self, network: &str) -> Result<FlowsView, ControlError> {
+        let gw: Arc<Gateway> = self.lock().gateway(network)?;
+        let mut tcp: Vec<TcpFlowView> = gw
+            .tcp_flows()
+            .into_iter()
+            .map(|f| TcpFlowView {
+                guest: f.guest,
+                peer: f.peer,
+                direction: match f.direction {
+                    gateway::tcp_nat::Direction::Egress => Direction::Egress,
+                    gateway::tcp_nat::Direction::Forward => Direction::Forward,
+                },
+                state: f.state,
+            })
+            .collect();
+        tcp.sort_by_key(|f| (f.guest, f.peer));
+        let mut udp: Vec<UdpFlowView> = gw
+            .udp_flows()
+            .into_iter()
+            .map(|f| UdpFlowView {
+                guest: f.guest,
+                dst: f.dst,
+            })
+            .collect();
+        udp.sort_by_key(|f| (f.guest, f.dst));
+        Ok(FlowsView { tcp, udp })
+    }
+
+    pub fn leases(&self, network: &str) -> Result<Vec<LeaseView>, ControlError> {
+        let st = self.lock();
+        Ok(st
+            .net(network)?
+            .gateway
+            .as_ref()
+            .map(|g| g.leases().into_iter().map(LeaseView::from).collect())
+            .unwrap_or_default())
+    }
+
+    /// Starts a live capture of a network, or of one of its ports.
+    pub fn capture(&self, network: &str, port: Option<&str>) -> Result<fabric::Capture, ControlError> {
+        let st = self.lock();
+        let net = st.net(network)?;
+        let port_id = match port {
+            Some(p) => Some(net.port(network, p)?.handle.switch_port().ok_or_else(|| {
+                ControlError::invalid(format!(
+                    "{p:?} is a kernel-mode port: capture it on its TAP device (tcpdump -i {})",
+                    net.ports[p].rec.path
+                ))
+            })?),
+            None => None,
+        };
+        // A few thousand frames of slack; a reader slower than that loses copies.
+        Ok(self.switch.capture(network, port_id, 4096)?)
+    }
+}

@@ -1,0 +1,234 @@
+//! Userspace networks: ports are sockets and TAP devices the switch reads, locked from
+//! birth to their MAC; forwards are the gateway's host listeners.
+
+use std::path::{Path, PathBuf};
+
+use fabric::{Mac, PortId};
+use gateway::Gateway;
+
+use super::backend::{Env, ForwardUndo, PortHandle};
+use super::error::ControlError;
+use super::locks::PortLocker;
+use super::state::NetState;
+use crate::model::{check_ifname, check_socket_path, ForwardProto, ForwardSpec, PortKind, PortSpec};
+use crate::store::PortRecord;
+
+/// The MAC a new userspace port is locked to from birth: `mac` if given (unicast, not
+/// another port's), else one derived from the names; with `learn_mac_once`, the lock
+/// waits for the VMM's first frame (the derived MAC is still shown).
+pub fn choose_mac(
+    network: &str,
+    name: &str,
+    mac: Option<&str>,
+    learn_mac_once: bool,
+    taken: impl Fn(Mac) -> bool,
+) -> Result<(Mac, bool), ControlError> {
+    let mac = match mac {
+        None => Mac::derived(&[network, name]),
+        Some(_) if learn_mac_once => {
+            return Err(ControlError::invalid(
+                "mac and learn_mac_once exclude each other: give the MAC, or let the port learn it",
+            ))
+        }
+        Some(text) => {
+            let mac: Mac = text
+                .parse()
+                .map_err(|e| ControlError::invalid(format!("mac {text:?}: {e}")))?;
+            if !mac.is_unicast() || mac == Mac([0; 6]) {
+                return Err(ControlError::invalid(format!("mac {mac} is not a unicast address")));
+            }
+            if taken(mac) {
+                return Err(ControlError::conflict(format!(
+                    "mac {mac} belongs to another port on {network:?}"
+                )));
+            }
+            mac
+        }
+    };
+    Ok((mac, learn_mac_once))
+}
+
+pub fn check_port(spec: &PortSpec) -> Result<(), ControlError> {
+    if !spec.tap_settings().is_default() {
+        return Err(ControlError::invalid(
+            "owner, multi_queue and vnet_hdr are for kernel-mode TAP ports (the switch opens userspace ones)",
+        ));
+    }
+    if spec.kind == PortKind::Socketpair {
+        return Err(ControlError::invalid(
+            "a socketpair port hands its VM end over the API connection: POST /v1/networks/{name}/socketpairs \
+             with `Upgrade: vmfabric-fd` (the CLI: vmfabric port add NET NAME --kind socketpair -- CMD {fd})",
+        ));
+    }
+    Ok(())
+}
+
+/// Where a unixgram port's VMM binds its end (the path `qemu_args` prints).
+pub fn guest_socket(run_dir: &Path, network: &str, port: &str) -> PathBuf {
+    run_dir.join("guests").join(format!("{network}-{port}.sock"))
+}
+
+/// The socket path or interface name a new port gets; checked to fit.
+fn port_path(env: &Env, network: &str, spec: &PortSpec) -> Result<String, ControlError> {
+    let socket = |ext: &str| {
+        env.run_dir
+            .join("ports")
+            .join(network)
+            .join(format!("{}.{ext}", spec.name))
+    };
+    Ok(match spec.kind {
+        PortKind::Unixgram => {
+            let path = socket("sock");
+            check_socket_path(&path)?;
+            check_socket_path(&guest_socket(env.run_dir, network, &spec.name))?;
+            path.display().to_string()
+        }
+        PortKind::Stream => {
+            let path = socket("stream");
+            check_socket_path(&path)?;
+            path.display().to_string()
+        }
+        PortKind::Tap => {
+            let name = spec
+                .ifname
+                .clone()
+                .unwrap_or_else(|| format!("vmf-{}", spec.name).chars().take(15).collect());
+            check_ifname("interface", &name)?;
+            // A device that exists belongs to someone else (the switch makes its TAPs
+            // and they go with it): never attach to it.
+            if Path::new("/sys/class/net").join(&name).exists() {
+                return Err(ControlError::conflict(format!(
+                    "interface {name:?} exists; a userspace TAP port makes its own device (pick another ifname)"
+                )));
+            }
+            name
+        }
+        PortKind::Socketpair => "-".into(),
+    })
+}
+
+pub fn add_port(
+    env: &Env,
+    net: &NetState,
+    locker: &mut PortLocker,
+    spec: &PortSpec,
+) -> Result<(PortRecord, PortHandle), ControlError> {
+    let network = net.spec.name.as_str();
+    let path = port_path(env, network, spec)?;
+    let (mac, learn_mac_once) = choose_mac(network, &spec.name, spec.mac.as_deref(), spec.learn_mac_once, |m| {
+        net.ports.values().any(|p| p.rec.mac == m)
+    })?;
+    let rec = PortRecord {
+        network: network.to_string(),
+        name: spec.name.to_string(),
+        kind: spec.kind,
+        path,
+        mac,
+        learn_mac_once,
+        tap: Default::default(),
+    };
+    let handle = restore_port(env, locker, &rec)?;
+    Ok((rec, handle))
+}
+
+/// Makes the switch port for a record (new or stored) and locks it from birth.
+pub fn restore_port(env: &Env, locker: &mut PortLocker, rec: &PortRecord) -> Result<PortHandle, ControlError> {
+    let path = PathBuf::from(&rec.path);
+    let id = match rec.kind {
+        PortKind::Unixgram => env.switch.add_unixgram_port(&rec.network, &rec.name, &path)?,
+        PortKind::Stream => env.switch.add_stream_port(&rec.network, &rec.name, &path)?,
+        PortKind::Tap => {
+            let source = fabric::TapSource::Name(rec.path.clone());
+            env.switch
+                .add_tap_port(&rec.network, &rec.name, source)
+                .map(|(id, _)| id)?
+        }
+        PortKind::Socketpair => return Err(ControlError::host("socketpair ports are not restored")),
+    };
+    if let Err(e) = lock_from_birth(locker, rec, id) {
+        let _ = env.switch.remove_port(id);
+        return Err(e);
+    }
+    Ok(PortHandle::Switch(id))
+}
+
+/// Locks a new userspace port to its MAC (or its first MAC) before any frame of its
+/// passes, where the network's gateway locks ports.
+pub fn lock_from_birth(locker: &mut PortLocker, rec: &PortRecord, id: PortId) -> Result<(), ControlError> {
+    let mac = (!rec.learn_mac_once).then_some(rec.mac);
+    locker.register_port(&rec.network, id, mac).map_err(|e| match e {
+        fabric::FabricError::InvalidConfig(msg) => ControlError::Conflict(msg),
+        e => e.into(),
+    })
+}
+
+pub fn remove_port(env: &Env, locker: &mut PortLocker, rec: &PortRecord, id: PortId) -> Result<(), ControlError> {
+    locker.forget_port(&rec.network, id);
+    env.switch.remove_port(id)?;
+    Ok(())
+}
+
+pub fn forwards(gw: &Gateway) -> Vec<ForwardSpec> {
+    gw.forwards()
+        .into_iter()
+        .map(|f| ForwardSpec {
+            proto: ForwardProto::from_gateway(f.protocol),
+            host: f.host,
+            guest: f.guest,
+        })
+        .collect()
+}
+
+pub fn add_forward(gw: &Gateway, f: ForwardSpec) -> Result<(ForwardSpec, ForwardUndo), ControlError> {
+    let info = gw
+        .add_forward(f.proto.to_gateway(), f.host, f.guest)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => ControlError::conflict(format!("{} is in use", f.host)),
+            std::io::ErrorKind::InvalidInput => ControlError::invalid(e.to_string()),
+            _ => ControlError::invalid(format!("cannot listen on {}: {e}", f.host)),
+        })?;
+    let started = ForwardSpec {
+        proto: f.proto,
+        host: info.host,
+        guest: info.guest,
+    };
+    Ok((started, ForwardUndo::Gateway(info.id)))
+}
+
+/// Stops the gateway's forwards that `wanted` picks; returns how many.
+pub fn remove_forwards(gw: &Gateway, wanted: &dyn Fn(&ForwardSpec) -> bool) -> usize {
+    let found: Vec<u64> = gw
+        .forwards()
+        .into_iter()
+        .filter(|f| {
+            wanted(&ForwardSpec {
+                proto: ForwardProto::from_gateway(f.protocol),
+                host: f.host,
+                guest: f.guest,
+            })
+        })
+        .map(|f| f.id)
+        .collect();
+    for id in &found {
+        gw.remove_forward(*id);
+    }
+    found.len()
+}
+
+/// The QEMU arguments that attach a VM to a port.
+pub fn qemu_args(p: &PortRecord, run_dir: &Path) -> String {
+    let netdev = match p.kind {
+        PortKind::Unixgram => {
+            let guest = guest_socket(run_dir, &p.network, &p.name);
+            format!(
+                "-netdev dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                guest.display(),
+                p.path
+            )
+        }
+        PortKind::Stream => format!("-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}", p.path),
+        PortKind::Tap => format!("-netdev tap,id=net0,ifname={},script=no,downscript=no", p.path),
+        PortKind::Socketpair => "-netdev dgram,id=net0,local.type=fd,local.str=FD".to_string(),
+    };
+    format!("{netdev} -device virtio-net-pci,netdev=net0,mac={}", p.mac)
+}
