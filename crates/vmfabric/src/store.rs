@@ -173,6 +173,14 @@ CREATE TABLE IF NOT EXISTS leases (
 ";
 
 impl Store {
+    /// Makes every write fail (as a full disk would) or work again: for the tests of
+    /// the control plane's undo paths.
+    #[doc(hidden)]
+    pub fn refuse_writes(&self, refuse: bool) -> Result<(), DbError> {
+        self.conn().pragma_update(None, "query_only", refuse)?;
+        Ok(())
+    }
+
     pub fn open(path: &Path) -> Result<Arc<Store>, DbError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -48,6 +48,20 @@ impl PortHandle {
 }
 
 impl Backend {
+    /// Checks a network's mode-specific options; nothing is made.
+    pub fn check_network(spec: &NetworkSpec) -> Result<(), ControlError> {
+        match spec.mode {
+            NetworkMode::Userspace if spec.isolated || spec.bridge.is_some() => Err(ControlError::invalid(
+                "isolated and bridge are kernel-mode options (mode=kernel)",
+            )),
+            NetworkMode::Userspace => Ok(()),
+            NetworkMode::Kernel => match &spec.bridge {
+                Some(b) => Ok(crate::model::check_ifname("bridge", b)?),
+                None => Ok(()),
+            },
+        }
+    }
+
     /// Makes what the mode needs before the switch network exists (a kernel network's
     /// bridge and uplink device). Everything about `spec` was checked before.
     pub fn prepare(env: &Env, spec: &NetworkSpec) -> Result<Backend, ControlError> {
