@@ -125,4 +125,10 @@ impl Capture {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The count of copies this capture lost, readable while another thread owns the
+    /// capture (for metrics).
+    pub fn loss_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.dropped.clone()
+    }
 }

@@ -340,7 +340,91 @@ fn two_kernel_mode_daemons_keep_their_rules_and_devices_apart() {
         for family in ["inet", "bridge"] {
             let _ = std::process::Command::new("nft")
                 .args(["delete", "table", family, t])
+                .stderr(std::process::Stdio::null())
                 .status();
         }
     }
+}
+
+#[test]
+fn api_connections_are_bounded_and_idle_ones_are_closed() {
+    use std::io::{Read, Write};
+    let dir = tmp("bounds");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ctl = vmfabric::control::Control::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
+    let socket = dir.join("api.sock");
+    let listener = {
+        let _g = rt.enter();
+        vmfabric::api::bind(&socket).unwrap()
+    };
+    let limits = vmfabric::api::Limits {
+        max_connections: 4,
+        header_timeout: std::time::Duration::from_secs(1),
+    };
+    rt.spawn(vmfabric::api::serve_with(listener, ctl.clone(), limits));
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Over the limit: a clear refusal, not a silent hang.
+    let mut over = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    over.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    over.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("\"busy\""),
+        "{answer}"
+    );
+    // Connections that send nothing are closed after the header timeout...
+    for mut c in idle {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "closed by the daemon");
+    }
+    // ... and so are kept-alive ones that go quiet after a request.
+    let mut kept = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    kept.write_all(b"GET /v1/networks HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    kept.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match kept.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("the idle keep-alive connection stayed open: {e}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // The slots are free again.
+    let (s, _) = rt
+        .block_on(vmfabric::client::call(&socket, "GET", "/v1/networks", None))
+        .unwrap();
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn captures_are_bounded_and_their_losses_counted() {
+    let dir = tmp("captures");
+    let d = harness::start(&dir, None);
+    let max = vmfabric::control::MAX_CAPTURES;
+    let mut held: Vec<_> = (0..max).map(|_| d.daemon.capture("default", None).unwrap()).collect();
+    let err = d.daemon.capture("default", None).err().expect("over the limit");
+    assert_eq!(err.class(), vmfabric::control::error::ErrorClass::Busy, "{err}");
+    let (s, v) = d.call("GET", "/v1/networks/default/capture", None);
+    assert_eq!(s, 503, "{v}");
+    let (_, metrics) = d.call("GET", "/metrics", None);
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains(&format!("vmfabric_captures_active {max}")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vmfabric_capture_lost_frames_total{network=\"default\",capture=\"0\"} 0"),
+        "{metrics}"
+    );
+    held.pop();
+    assert!(
+        d.daemon.capture("default", None).is_ok(),
+        "an ended capture frees its slot"
+    );
 }

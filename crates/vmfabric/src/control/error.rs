@@ -25,6 +25,9 @@ pub enum ControlError {
     Fabric(#[from] fabric::FabricError),
     #[error(transparent)]
     Store(#[from] DbError),
+    /// A bound is reached (too many captures, say): retry later.
+    #[error("{0}")]
+    Busy(String),
     /// The host failed us (a thread, a directory, a system call).
     #[error("{0}")]
     Host(String),
@@ -63,6 +66,7 @@ impl ControlError {
             ControlError::Conflict(_)
             | ControlError::Fabric(F::PathInUse(_) | F::NetworkExists(_) | F::NetworkBusy(..))
             | ControlError::Kernel(H::Foreign { .. } | H::Invalid(_)) => ErrorClass::Conflict,
+            ControlError::Busy(_) => ErrorClass::Busy,
             ControlError::Kernel(_) | ControlError::Fabric(_) | ControlError::Store(_) | ControlError::Host(_) => {
                 ErrorClass::Host
             }
@@ -79,6 +83,8 @@ pub enum ErrorClass {
     NotFound,
     /// It clashes with what exists (409).
     Conflict,
+    /// A bound is reached; the request may succeed later (503).
+    Busy,
     /// The host failed; the request may succeed later (500).
     Host,
 }

@@ -52,6 +52,19 @@ impl Control {
                 }
             }
         }
+        out.push_str(&format!("vmfabric_captures_active {}\n", st.captures.live.len()));
+        for (id, c) in &st.captures.live {
+            let lost = c.lost.load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!(
+                "vmfabric_capture_lost_frames_total{{network=\"{}\",capture=\"{id}\"}} {lost}\n",
+                c.network
+            ));
+        }
+        for (network, lost) in &st.captures.ended_lost {
+            out.push_str(&format!(
+                "vmfabric_capture_lost_frames_total{{network=\"{network}\",capture=\"ended\"}} {lost}\n"
+            ));
+        }
         let failed = st.failed.networks.len() + st.failed.ports.len();
         out.push_str(&format!("vmfabric_restore_failures {failed}\n"));
         out

@@ -31,6 +31,7 @@ use state::{NetState, PortState, State};
 use crate::model::{Name, NetworkSpec, NetworkView, PortSpec, PortView};
 use crate::store::{PortKind, PortRecord, Store};
 
+pub use services::{CaptureHandle, MAX_CAPTURES};
 pub use user_net::choose_mac;
 
 pub struct Control {

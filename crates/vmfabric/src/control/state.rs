@@ -21,6 +21,7 @@ pub(crate) struct State {
     pub index: HashMap<PortId, (String, String)>,
     pub failed: Failed,
     pub locker: PortLocker,
+    pub captures: Captures,
     /// Kernel mode: what the nftables refusal counters held before the tables were
     /// last written (writing starts them again), by counter name.
     pub kernel_denied: HashMap<String, u64>,
@@ -46,12 +47,27 @@ pub(crate) struct Failed {
     pub ports: HashMap<(String, String), (Option<PortRecord>, String)>,
 }
 
+/// The live captures, with the copies each lost, and what ended ones lost by network
+/// (so the counters never go back).
+#[derive(Default)]
+pub(crate) struct Captures {
+    pub live: BTreeMap<u64, LiveCapture>,
+    pub next_id: u64,
+    pub ended_lost: BTreeMap<String, u64>,
+}
+
+pub(crate) struct LiveCapture {
+    pub network: String,
+    pub lost: Arc<std::sync::atomic::AtomicU64>,
+}
+
 impl State {
     pub fn new(locker: PortLocker) -> State {
         State {
             nets: BTreeMap::new(),
             index: HashMap::new(),
             failed: Failed::default(),
+            captures: Captures::default(),
             locker,
             kernel_denied: HashMap::new(),
         }

@@ -1,0 +1,330 @@
+//! The API's handlers: each reads its request, runs the control-plane call off the
+//! async workers (they also run every gateway; a store write or a netlink call must
+//! not stall DHCP and DNS), and answers.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::ConnFd;
+use crate::control::error::ControlError;
+use crate::control::Control;
+use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortSpec, ReservationSpec};
+
+/// Runs a control-plane call on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ControlError> {
+    tokio::task::spawn_blocking(call).await.map_err(ControlError::host)?
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ControlError> {
+    b.map(|Json(v)| v).map_err(|e| ControlError::invalid(e.body_text()))
+}
+
+type Shared = State<Arc<Control>>;
+
+pub(super) async fn list_networks(State(d): Shared) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || Ok(d.networks())).await?).into_response())
+}
+
+pub(super) async fn create_network(
+    State(d): Shared,
+    Query(f): Query<Force>,
+    b: Result<Json<NetworkSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let spec = body(b)?;
+    let rec = blocking(move || d.create_network(spec, f.force)).await?;
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+pub(super) async fn show_network(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.network(&name)).await?).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+pub(super) async fn delete_network(
+    State(d): Shared,
+    UrlPath(name): UrlPath<String>,
+    Query(f): Query<Force>,
+) -> Result<StatusCode, ControlError> {
+    blocking(move || d.delete_network(&name, f.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn list_ports(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.ports(&net)).await?).into_response())
+}
+
+pub(super) async fn add_port(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<PortSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let spec = body(b)?;
+    let view = blocking(move || d.add_port(&net, spec)).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+pub(super) async fn remove_port(
+    State(d): Shared,
+    UrlPath((net, port)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ControlError> {
+    blocking(move || d.remove_port(&net, &port)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SocketpairRequest {
+    name: crate::model::Name,
+    #[serde(default)]
+    mac: Option<String>,
+    #[serde(default)]
+    learn_mac_once: bool,
+}
+
+/// Creates a socketpair port and hands its VM end to the client over this very
+/// connection (see [`crate::fdpass`]).
+pub(super) async fn socketpair(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    axum::extract::ConnectInfo(conn): axum::extract::ConnectInfo<ConnFd>,
+    mut req: axum::extract::Request,
+) -> Result<Response, ControlError> {
+    use axum::http::header::{CONNECTION, UPGRADE};
+    if req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()) != Some(crate::fdpass::PROTOCOL) {
+        return Err(ControlError::invalid(format!(
+            "this route hands over an fd: send it with `Connection: upgrade` and `Upgrade: {}`",
+            crate::fdpass::PROTOCOL
+        )));
+    }
+    let Some(conn) = conn.0 else {
+        return Err(ControlError::Host(
+            "this connection's socket could not be duplicated".into(),
+        ));
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|e| ControlError::invalid(e.to_string()))?;
+    let ask: SocketpairRequest = serde_json::from_slice(&bytes).map_err(|e| ControlError::invalid(e.to_string()))?;
+    let (view, vm_end) = {
+        let (d, net, ask) = (d.clone(), net.clone(), ask.clone());
+        blocking(move || d.add_socketpair_port(&net, &ask.name, ask.mac.as_deref(), ask.learn_mac_once)).await?
+    };
+    let payload = serde_json::to_vec(&view).map_err(|e| ControlError::Host(e.to_string()))?;
+    let (daemon, name) = (d.clone(), ask.name.clone());
+    tokio::spawn(async move {
+        let handed = async {
+            // Past the upgrade the HTTP layer reads nothing more from the connection;
+            // the upgraded handle is only kept so the connection stays open.
+            let mut upgraded = hyper_util::rt::TokioIo::new(on_upgrade.await.map_err(std::io::Error::other)?);
+            let mut ready = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut upgraded, &mut ready).await?;
+            if ready[0] != crate::fdpass::READY {
+                return Err(std::io::Error::other("unexpected byte before the fd"));
+            }
+            // The socket is non-blocking (tokio's); the message is small, so one send
+            // fits in its buffer.
+            crate::fdpass::send_with_fd(&*conn, &payload, &vm_end)?;
+            tokio::io::AsyncWriteExt::shutdown(&mut upgraded).await
+        };
+        if let Err(e) = handed.await {
+            tracing::warn!(%net, port = %name, "could not hand over the socketpair end: {e}");
+            let _ = tokio::task::spawn_blocking(move || daemon.remove_port(&net, &name)).await;
+        }
+    });
+    let headers = [(CONNECTION, "upgrade"), (UPGRADE, crate::fdpass::PROTOCOL)];
+    Ok((StatusCode::SWITCHING_PROTOCOLS, headers).into_response())
+}
+
+pub(super) async fn list_vms(State(d): Shared) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || Ok(d.vms().list())).await?).into_response())
+}
+
+pub(super) async fn run_vm(
+    State(d): Shared,
+    b: Result<Json<crate::control::vms::VmRequest>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let req = body(b)?;
+    // Booting blocks a little (spawning QEMU); keep it off the async workers.
+    let v = tokio::task::spawn_blocking(move || d.vms().run(&*d, req))
+        .await
+        .map_err(|e| ControlError::Host(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+pub(super) async fn show_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.vms().get(&name)).await?).into_response())
+}
+
+pub(super) async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    // Stopping waits for the guest (grace periods): off the async workers.
+    let v = tokio::task::spawn_blocking(move || d.vms().stop(&*d, &name))
+        .await
+        .map_err(|e| ControlError::Host(e.to_string()))??;
+    Ok(Json(v).into_response())
+}
+
+pub(super) async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    let text = blocking(move || d.vms().logs(&name)).await?;
+    Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response())
+}
+
+pub(super) async fn show_policy(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.policy(&net)).await?).into_response())
+}
+
+pub(super) async fn set_policy(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<PolicySpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let p = body(b)?;
+    Ok(Json(blocking(move || d.set_policy(&net, p)).await?).into_response())
+}
+
+pub(super) async fn list_forwards(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.forwards(&net)).await?).into_response())
+}
+
+pub(super) async fn add_forward(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<ForwardSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let f = body(b)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(blocking(move || d.add_forward(&net, f)).await?),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ForwardQuery {
+    proto: Option<String>,
+}
+
+pub(super) async fn remove_forward(
+    State(d): Shared,
+    UrlPath((net, host)): UrlPath<(String, String)>,
+    Query(q): Query<ForwardQuery>,
+) -> Result<StatusCode, ControlError> {
+    blocking(move || d.remove_forward(&net, &host, q.proto.as_deref())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn list_reservations(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.reservations(&net)).await?).into_response())
+}
+
+pub(super) async fn add_reservation(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<ReservationSpec>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let r = body(b)?;
+    let r = blocking(move || d.reserve(&net, r)).await?;
+    Ok((StatusCode::CREATED, Json(r)).into_response())
+}
+
+pub(super) async fn remove_reservation(
+    State(d): Shared,
+    UrlPath((net, key)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ControlError> {
+    blocking(move || d.unreserve(&net, &key)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn list_flows(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.flows(&net)).await?).into_response())
+}
+
+pub(super) async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.leases(&net)).await?).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct CaptureQuery {
+    port: Option<String>,
+}
+
+/// Feeds what the pcap writer produces into the response body.
+struct BodyWriter(tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>);
+
+impl std::io::Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(axum::body::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Streams a live capture as pcap until the client goes away.
+pub(super) async fn capture(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    Query(q): Query<CaptureQuery>,
+) -> Result<Response, ControlError> {
+    let cap = {
+        let (d, net) = (d.clone(), net.clone());
+        blocking(move || d.capture(&net, q.port.as_deref())).await?
+    };
+    let net_name = net.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let closed = tx.clone();
+            let Ok(mut w) = pcap_file::pcap::PcapWriter::new(BodyWriter(tx)) else {
+                return;
+            };
+            // Wakes now and then to notice a client that left while nothing flowed.
+            loop {
+                match cap.capture.frames.recv_timeout(std::time::Duration::from_millis(500)) {
+                    Ok(f) => {
+                        let pkt = pcap_file::pcap::PcapPacket::new(f.at, f.data.len() as u32, &f.data);
+                        if w.write_packet(&pkt).is_err() {
+                            tracing::info!(network = %net_name, lost = cap.capture.dropped(), "capture ended");
+                            return;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !closed.is_closed() => {}
+                    Err(_) => {
+                        tracing::info!(network = %net_name, lost = cap.capture.dropped(), "capture ended");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| ControlError::Host(e.to_string()))?;
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([("content-type", "application/vnd.tcpdump.pcap")], body).into_response())
+}
+
+pub(super) async fn metrics(State(d): Shared) -> Result<Response, ControlError> {
+    let text = blocking(move || Ok(d.metrics())).await?;
+    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
+}

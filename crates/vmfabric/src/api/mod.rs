@@ -1,0 +1,193 @@
+//! The HTTP/JSON API on a Unix socket, versioned under `/v1`.
+//!
+//! Errors are `{"error": code, "message": text}` with 400 for bad input (bad JSON and
+//! unknown fields included), 404 for unknown names, 409 for duplicates and conflicts,
+//! 503 when a bound is reached, 500 for failures of the host (`error.rs` is the one
+//! place that decides). Connections are bounded in number, and one that sends no
+//! request head within [`Limits::header_timeout`] (a new or an idle keep-alive one) is
+//! closed.
+
+mod error;
+mod handlers;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::control::error::ControlError;
+use crate::control::Control;
+use handlers::*;
+
+/// The OpenAPI 3 document of this API (a test keeps it in step with the routes).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> ControlError {
+    ControlError::NotFound("no such route; see /v1/networks".into())
+}
+
+/// A duplicate of a connection's socket, for handing an fd over it (SCM_RIGHTS needs
+/// the socket itself, which the HTTP layer does not expose once it has it).
+#[derive(Clone)]
+pub struct ConnFd(pub Option<Arc<std::os::fd::OwnedFd>>);
+
+/// What one client may hold of the daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections at once; the next one is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time to send a request head, on a new connection or between requests on a
+    /// kept-alive one.
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        // Far below the daemon's fd limit (it raises its soft limit at start), far
+        // above what a CLI or an orchestrator keeps open.
+        Limits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves the API on `listener` until the future is dropped.
+pub async fn serve(listener: tokio::net::UnixListener, control: Arc<Control>) -> std::io::Result<()> {
+    serve_with(listener, control, Limits::default()).await
+}
+
+/// Like [`serve`], with the given bounds.
+pub async fn serve_with(
+    listener: tokio::net::UnixListener,
+    control: Arc<Control>,
+    limits: Limits,
+) -> std::io::Result<()> {
+    let app = router(control);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            // Out of fds, say: the listener stays; try again shortly.
+            Err(e) => {
+                tracing::warn!("cannot accept an API connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream, limits.max_connections));
+            continue;
+        };
+        let conn_fd = {
+            use std::os::fd::AsFd;
+            ConnFd(stream.as_fd().try_clone_to_owned().ok().map(Arc::new))
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(axum::extract::ConnectInfo(conn_fd.clone()));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// Answers a connection over the limit with a 503 that says so, and closes it.
+async fn refuse_busy(mut stream: tokio::net::UnixStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({
+        "error": "busy",
+        "message": format!("the daemon has {max} API connections open, its limit; close idle ones and retry"),
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route("/v1/networks/{name}", get(show_network).delete(delete_network))
+        .route("/v1/networks/{name}/ports", get(list_ports).post(add_port))
+        .route("/v1/networks/{name}/ports/{port}", delete(remove_port))
+        .route("/v1/networks/{name}/leases", get(list_leases))
+        .route("/v1/networks/{name}/flows", get(list_flows))
+        .route("/v1/networks/{name}/capture", get(capture))
+        .route("/v1/networks/{name}/policy", get(show_policy).put(set_policy))
+        .route("/v1/networks/{name}/forwards", get(list_forwards).post(add_forward))
+        .route("/v1/networks/{name}/forwards/{host}", delete(remove_forward))
+        .route("/v1/networks/{name}/socketpairs", axum::routing::post(socketpair))
+        .route(
+            "/v1/networks/{name}/reservations",
+            get(list_reservations).post(add_reservation),
+        )
+        .route("/v1/networks/{name}/reservations/{key}", delete(remove_reservation))
+        .route("/v1/vms", get(list_vms).post(run_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
+        .route("/v1/vms/{name}/logs", get(vm_logs))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(control)
+}
+
+/// Only `/metrics`, for serving on a TCP address to a Prometheus scraper.
+pub fn metrics_router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(control)
+}
+
+/// Binds the API socket (mode 0600). Refuses when another daemon answers on it or
+/// when something other than a socket is at the path; removes a stale socket left by
+/// a crash.
+pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket nobody answers on is ours to replace: never a file, a link or
+        // a directory that happens to sit at the path given.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it (give --socket another path)",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another vmfabric daemon is serving {}; stop it first", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
