@@ -95,7 +95,6 @@ impl Guest {
         cmd: Option<&str>,
         extra: &[&str],
     ) -> Guest {
-        use base64::Engine;
         let mut q = vm::QemuConfig::new(
             image.join("vmlinuz"),
             image.join("initramfs.cpio.gz"),
@@ -103,15 +102,15 @@ impl Guest {
         );
         q.memory_mib = 96;
         q.nics.push(nic);
-        q.cmdline.extend([format!("VMF_HOSTNAME={name}"), "VMF_IP=dhcp".into()]);
+        q.cmdline.extend(
+            vm::GuestCmdline {
+                cmd: cmd.map(String::from),
+                ..vm::GuestCmdline::dhcp(name)
+            }
+            .args(),
+        );
+        // More settings (`VMF_HTTP=1`, `VMF_END=hang`); the guest reads the last of each.
         q.cmdline.extend(extra.iter().map(|s| s.to_string()));
-        match cmd {
-            Some(c) => q.cmdline.push(format!(
-                "VMF_CMD={}",
-                base64::engine::general_purpose::STANDARD.encode(c)
-            )),
-            None => q.cmdline.push("VMF_END=hang".into()),
-        }
         let child = q
             .command()
             .stdin(std::process::Stdio::null())

@@ -9,6 +9,7 @@
 pub mod accel;
 pub mod config;
 pub mod driver;
+pub mod guest;
 pub mod process;
 pub mod qemu;
 pub mod readiness;
@@ -16,4 +17,5 @@ pub mod readiness;
 pub use accel::Accel;
 pub use config::{VmConfig, VmConfigError};
 pub use driver::{QemuVm, VmState};
+pub use guest::GuestCmdline;
 pub use qemu::{Nic, NicBackend, QemuConfig, Serial};

@@ -22,6 +22,9 @@ pub enum NicBackend {
     Fd(i32),
     /// A TAP device QEMU opens by name.
     Tap { ifname: String },
+    /// A socketpair end a VMM will inherit, for printed arguments: `FD` stands where
+    /// its number goes.
+    FdToBeGiven,
 }
 
 #[derive(Debug, Clone)]
@@ -31,7 +34,8 @@ pub struct Nic {
 }
 
 impl Nic {
-    fn netdev(&self, id: &str) -> String {
+    /// The `-netdev` value for this NIC (QEMU's syntax, written here only).
+    pub fn netdev(&self, id: &str) -> String {
         match &self.backend {
             NicBackend::Unixgram {
                 switch_path,
@@ -45,11 +49,23 @@ impl Nic {
                 format!("stream,id={id},server=off,addr.type=unix,addr.path={}", path.display())
             }
             NicBackend::Fd(fd) => format!("dgram,id={id},local.type=fd,local.str={fd}"),
+            NicBackend::FdToBeGiven => format!("dgram,id={id},local.type=fd,local.str=FD"),
             NicBackend::Tap { ifname } => {
                 format!("tap,id={id},ifname={ifname},script=no,downscript=no")
             }
         }
     }
+}
+
+/// The QEMU arguments that attach a VM with a PCI bus (the usual machine types) to a
+/// vmfabric port, as `port add` prints them; the runner's microvm guests use
+/// `virtio-net-device` instead (see [`QemuConfig::args`]).
+pub fn nic_args(nic: &Nic) -> String {
+    format!(
+        "-netdev {} -device virtio-net-pci,netdev=net0,mac={}",
+        nic.netdev("net0"),
+        nic.mac
+    )
 }
 
 /// A guest booted from a kernel and an initramfs.

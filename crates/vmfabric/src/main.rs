@@ -948,7 +948,6 @@ struct BootGuestArgs {
 }
 
 fn boot_guest(args: BootGuestArgs) -> Result<()> {
-    use base64::Engine;
     let mac = args
         .mac
         .unwrap_or_else(|| Mac::derived(&[&args.network, &args.hostname]));
@@ -974,19 +973,16 @@ fn boot_guest(args: BootGuestArgs) -> Result<()> {
     let mut q = vm::QemuConfig::new(kernel, initrd, vm::Serial::Stdio);
     q.memory_mib = args.memory_mib;
     q.nics.push(vm::Nic { backend, mac });
-    q.cmdline.push(format!("VMF_IP={}", args.ip));
-    q.cmdline.push(format!("VMF_HOSTNAME={}", args.hostname));
-    if args.http {
-        q.cmdline.push("VMF_HTTP=1".into());
-    }
-    match &args.cmd {
-        // Base64: the kernel command line cannot carry quotes, pipes or semicolons.
-        Some(cmd) => {
-            let b64 = base64::engine::general_purpose::STANDARD.encode(cmd.as_bytes());
-            q.cmdline.push(format!("VMF_CMD={b64}"))
+    q.cmdline.extend(
+        vm::GuestCmdline {
+            hostname: args.hostname.clone(),
+            ip: args.ip.clone(),
+            http: args.http,
+            cmd: args.cmd.clone(),
+            stay_up: false,
         }
-        None => q.cmdline.push("VMF_END=hang".into()),
-    }
+        .args(),
+    );
     // exec: the guest is this process from here on, so signalling it reaches QEMU.
     let err = std::os::unix::process::CommandExt::exec(&mut q.command());
     Err(anyhow::Error::new(err).context("run qemu-system-x86_64 (apt-get install qemu-system-x86)"))

@@ -217,18 +217,16 @@ pub fn remove_forwards(gw: &Gateway, wanted: &dyn Fn(&ForwardSpec) -> bool) -> u
 
 /// The QEMU arguments that attach a VM to a port.
 pub fn qemu_args(p: &PortRecord, run_dir: &Path) -> String {
-    let netdev = match p.kind {
-        PortKind::Unixgram => {
-            let guest = guest_socket(run_dir, &p.network, &p.name);
-            format!(
-                "-netdev dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                guest.display(),
-                p.path
-            )
-        }
-        PortKind::Stream => format!("-netdev stream,id=net0,server=off,addr.type=unix,addr.path={}", p.path),
-        PortKind::Tap => format!("-netdev tap,id=net0,ifname={},script=no,downscript=no", p.path),
-        PortKind::Socketpair => "-netdev dgram,id=net0,local.type=fd,local.str=FD".to_string(),
+    let backend = match p.kind {
+        PortKind::Unixgram => vm::NicBackend::Unixgram {
+            switch_path: PathBuf::from(&p.path),
+            guest_path: guest_socket(run_dir, &p.network, &p.name),
+        },
+        PortKind::Stream => vm::NicBackend::Stream {
+            path: PathBuf::from(&p.path),
+        },
+        PortKind::Tap => vm::NicBackend::Tap { ifname: p.path.clone() },
+        PortKind::Socketpair => vm::NicBackend::FdToBeGiven,
     };
-    format!("{netdev} -device virtio-net-pci,netdev=net0,mac={}", p.mac)
+    vm::qemu::nic_args(&vm::Nic { backend, mac: p.mac })
 }

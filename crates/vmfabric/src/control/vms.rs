@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use base64::Engine;
 use fabric::Mac;
 use serde::{Deserialize, Serialize};
 use vm::{Nic, NicBackend, QemuVm, VmConfig, VmState};
@@ -251,17 +250,12 @@ impl Vms {
         std::fs::create_dir_all(&self.dir).map_err(|e| ControlError::Host(e.to_string()))?;
         let console = self.dir.join(format!("{}.console", req.name));
         let nic = self.dir.join(format!("{}.nic.sock", req.name));
-        let mut cmdline = vec![format!("VMF_HOSTNAME={}", req.name), "VMF_IP=dhcp".to_string()];
-        if req.http {
-            cmdline.push("VMF_HTTP=1".into());
+        let cmdline = vm::GuestCmdline {
+            http: req.http,
+            cmd: req.cmd.clone(),
+            ..vm::GuestCmdline::dhcp(&req.name)
         }
-        match &req.cmd {
-            Some(cmd) => cmdline.push(format!(
-                "VMF_CMD={}",
-                base64::engine::general_purpose::STANDARD.encode(cmd)
-            )),
-            None => cmdline.push("VMF_END=hang".into()),
-        }
+        .args();
         let config = VmConfig {
             name: req.name.clone(),
             namespace: req.network.clone(),
