@@ -33,8 +33,18 @@ pub fn send_frames(fd: std::os::fd::BorrowedFd<'_>, frames: &[&[u8]]) -> std::io
     sys::mmsg::send_batch(fd, frames, None)
 }
 
+pub use sys::tun::{check_name as check_ifname, Tun, TunOptions};
+
 /// Opens (creating if needed) the TAP device `name` as `IFF_TAP|IFF_NO_PI`,
 /// non-blocking; returns the fd and the device's name.
 pub fn open_tap(name: &str) -> std::io::Result<(std::os::fd::OwnedFd, String)> {
-    sys::tap::open_tap(name)
+    let tun = Tun::open(
+        name,
+        TunOptions {
+            nonblocking: true,
+            ..Default::default()
+        },
+    )?;
+    let name = tun.name().to_string();
+    Ok((tun.into_fd(), name))
 }

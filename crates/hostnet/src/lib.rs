@@ -7,13 +7,12 @@
 //!
 //! Devices vmfabric makes carry an interface alias starting with [`ALIAS_PREFIX`], so
 //! they are recognised after a crash and never confused with anybody else's.
-#![deny(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 
 pub mod ipam;
 pub mod links;
 pub mod mac;
 pub mod nft;
-mod sys;
 
 pub use links::{Links, OwnedLink, TapOptions};
 

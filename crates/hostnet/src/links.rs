@@ -9,7 +9,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec};
 
-use crate::{sys, HostnetError, ALIAS_PREFIX};
+use crate::{HostnetError, ALIAS_PREFIX};
 
 const EEXIST: i32 = -libc::EEXIST;
 const ENODEV: i32 = -libc::ENODEV;
@@ -74,13 +74,7 @@ fn describe(msg: &LinkMessage) -> (String, Option<String>, Option<u32>) {
 }
 
 fn valid_name(name: &str) -> Result<(), HostnetError> {
-    let ok = !name.is_empty() && name.len() < libc::IFNAMSIZ && !name.contains(['/', ' ', '\0', ':']);
-    if !ok {
-        return Err(HostnetError::Invalid(format!(
-            "invalid interface name {name:?}: 1 to 15 characters, no '/', ':', space or NUL"
-        )));
-    }
-    Ok(())
+    fabric::check_ifname(name).map_err(|e| HostnetError::Invalid(e.to_string()))
 }
 
 impl Links {
@@ -183,7 +177,7 @@ impl Links {
     pub async fn ensure_tap(&self, name: &str, tag: &str, bridge: u32, opts: &TapOptions) -> Result<u32, HostnetError> {
         valid_name(name)?;
         if self.ours(name).await?.is_none() {
-            sys::make_persistent_tap(name, opts.owner, opts.multi_queue, opts.vnet_hdr)?;
+            make_persistent_tap(name, opts.owner, opts.multi_queue, opts.vnet_hdr)?;
         }
         let index = self.index_of(name).await?;
         let mut set = LinkUnspec::new_with_index(index)
@@ -251,4 +245,28 @@ impl Links {
         }
         Ok(gone)
     }
+}
+
+/// Creates the TAP device `name` if it does not exist (an existing one is reused) and
+/// makes it persistent, owned by `owner` (uid, gid) when given, so an unprivileged VMM
+/// can open it. The fd used to set it up is closed on return.
+fn make_persistent_tap(
+    name: &str,
+    owner: Option<(u32, u32)>,
+    multi_queue: bool,
+    vnet_hdr: bool,
+) -> std::io::Result<()> {
+    let tun = fabric::Tun::open(
+        name,
+        fabric::TunOptions {
+            nonblocking: false,
+            multi_queue,
+            vnet_hdr,
+        },
+    )?;
+    if let Some((uid, gid)) = owner {
+        tun.set_owner(uid)?;
+        tun.set_group(gid)?;
+    }
+    tun.set_persist(true)
 }

@@ -91,19 +91,7 @@ impl fmt::Display for Name {
 /// ':', '%' or whitespace (the kernel would refuse them, or with '%' pick a name of its
 /// own: `cp%d` becomes `cp0`, and the stored name would not be the device's).
 pub fn check_ifname(what: &str, name: &str) -> Result<(), Invalid> {
-    let ok = (1..16).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(())
-    } else {
-        Err(Invalid(format!(
-            "{what} name {name:?}: 1 to 15 characters, none of '/', ':', '%' or space"
-        )))
-    }
+    fabric::check_ifname(name).map_err(|e| Invalid(format!("{what}: {e}")))
 }
 
 /// The longest Unix socket path a `sockaddr_un` holds (108 bytes with its NUL).

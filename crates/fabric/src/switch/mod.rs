@@ -25,8 +25,8 @@ use rustix::event::EventfdFlags;
 use crate::config::{NetworkConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
 use crate::error::{FabricError, Result};
+use crate::open_tap;
 use crate::port::{Capture, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
-use crate::sys::tap::open_tap;
 use crate::transport;
 use worker::{Command, NetShared, NewPort, PortIo, PortShared, Worker, WorkerSetup};
 

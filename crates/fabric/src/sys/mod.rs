@@ -6,4 +6,4 @@
 
 pub mod mmsg;
 pub mod seccomp;
-pub mod tap;
+pub mod tun;
