@@ -567,7 +567,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.state_dir.display()
     );
     for net in daemon.networks() {
-        let r = &net.spec;
+        let r = &net;
         println!(
             "network {} {} (MTU {}, gateway: {})",
             r.name, r.subnet, r.mtu, r.gateway
@@ -611,7 +611,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 fn print_stats(daemon: &Control) {
     let metrics = daemon.metrics();
     for net in daemon.networks() {
-        let name = &net.spec.name;
+        let name = &net.name;
         println!("network {name}");
         println!(
             "  {:<12} {:>10} {:>12} {:>10} {:>12}  drops",

@@ -27,8 +27,9 @@ impl Invalid {
 
 /// A network, port or VM name: 1 to [`Name::MAX`] letters, digits, '.', '_' or '-',
 /// not starting with '.' or '-' (it becomes part of file and device names).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
 pub struct Name(String);
 
 impl Name {
@@ -117,6 +118,19 @@ pub fn check_socket_path(path: &std::path::Path) -> Result<(), Invalid> {
 #[serde(try_from = "u32", into = "u32")]
 pub struct Mtu(u16);
 
+impl utoipa::PartialSchema for Mtu {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Integer)
+            .minimum(Some(Mtu::MIN))
+            .maximum(Some(Mtu::MAX))
+            .default(Some(1500.into()))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Mtu {}
+
 impl Mtu {
     pub const MIN: u32 = fabric::config::MIN_MTU as u32;
     pub const MAX: u32 = fabric::config::MAX_MTU as u32;
@@ -157,10 +171,11 @@ impl fmt::Display for Mtu {
 }
 
 /// A network to create, and as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: Name,
+    #[schema(value_type = String, example = "10.77.0.0/24")]
     pub subnet: ipnet::Ipv4Net,
     #[serde(default)]
     pub mtu: Mtu,
@@ -201,11 +216,21 @@ impl NetworkSpec {
     }
 }
 
-/// A network as listed: its spec and how much lives on it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A network as listed: its settings and how much lives on it. Its own fields, not a
+/// flattened [`NetworkSpec`]: a request body refuses unknown fields, and the schema
+/// must not say a view does.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NetworkView {
-    #[serde(flatten)]
-    pub spec: NetworkSpec,
+    pub name: Name,
+    #[schema(value_type = String, example = "10.77.0.0/24")]
+    pub subnet: ipnet::Ipv4Net,
+    pub mtu: Mtu,
+    pub gateway: bool,
+    pub host_access: bool,
+    pub mode: NetworkMode,
+    pub isolated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     pub ports: usize,
     pub leases: usize,
     /// Set when the stored network could not be brought back at start: why. It stays
@@ -214,8 +239,26 @@ pub struct NetworkView {
     pub failed: Option<String>,
 }
 
+impl NetworkView {
+    pub fn of(spec: &NetworkSpec, ports: usize, leases: usize, failed: Option<String>) -> NetworkView {
+        NetworkView {
+            name: spec.name.clone(),
+            subnet: spec.subnet,
+            mtu: spec.mtu,
+            gateway: spec.gateway,
+            host_access: spec.host_access,
+            mode: spec.mode,
+            isolated: spec.isolated,
+            bridge: spec.bridge.clone(),
+            ports,
+            leases,
+            failed,
+        }
+    }
+}
+
 /// A port to create.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     pub name: Name,
@@ -270,7 +313,7 @@ impl PortSpec {
 }
 
 /// A port as the API shows it, with what to give the VMM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortView {
     #[serde(flatten)]
     pub record: crate::store::PortRecord,
@@ -282,11 +325,12 @@ pub struct PortView {
 }
 
 /// A fixed address for a MAC or a VM name (its DHCP hostname or port name).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReservationSpec {
     /// A MAC address or a VM name.
     pub key: String,
+    #[schema(value_type = String)]
     pub ip: Ipv4Addr,
 }
 
@@ -300,10 +344,12 @@ impl ReservationSpec {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseView {
+    #[schema(value_type = String)]
     pub ip: Ipv4Addr,
     #[serde(with = "crate::store::mac_text")]
+    #[schema(value_type = String)]
     pub mac: Mac,
     pub hostname: Option<String>,
     pub expires: u64,
@@ -321,7 +367,7 @@ impl From<gateway::Lease> for LeaseView {
 }
 
 /// What an egress rule (or the policy's default) does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     #[default]
@@ -330,7 +376,7 @@ pub enum Action {
 }
 
 /// The protocols an egress rule can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleProto {
     Tcp,
@@ -345,6 +391,18 @@ pub struct PortRange {
     pub lo: u16,
     pub hi: u16,
 }
+
+impl utoipa::PartialSchema for PortRange {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[0-9]+(-[0-9]+)?$"))
+            .examples(["53", "1000-2000"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for PortRange {}
 
 impl TryFrom<String> for PortRange {
     type Error = Invalid;
@@ -372,7 +430,7 @@ impl From<PortRange> for String {
 
 /// An egress policy as the API takes and shows it (and as the store keeps it, in
 /// JSON).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     /// What happens when no rule matches.
@@ -382,10 +440,11 @@ pub struct PolicySpec {
     pub rules: Vec<RuleSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     pub action: Action,
+    #[schema(value_type = String, example = "10.0.0.0/8")]
     pub dst: ipnet::Ipv4Net,
     /// Absent: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -423,7 +482,7 @@ impl PolicySpec {
 }
 
 /// The protocols a port forward carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardProto {
     #[default]
@@ -466,25 +525,27 @@ impl std::str::FromStr for ForwardProto {
 }
 
 /// A port forward as the API takes and shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSpec {
     #[serde(default)]
     pub proto: ForwardProto,
     /// Host address and port; port 0 picks a free one.
+    #[schema(value_type = String, example = "127.0.0.1:8080")]
     pub host: SocketAddr,
+    #[schema(value_type = String, example = "10.77.0.5:80")]
     pub guest: SocketAddrV4,
 }
 
 /// A network's NAT flows, as the API shows them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FlowsView {
     pub tcp: Vec<TcpFlowView>,
     pub udp: Vec<UdpFlowView>,
 }
 
 /// Who opened a TCP flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// The guest connected out.
@@ -493,18 +554,22 @@ pub enum Direction {
     Forward,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TcpFlowView {
+    #[schema(value_type = String)]
     pub guest: SocketAddrV4,
     /// The other end as the guest sees it (the gateway's address for a forward).
+    #[schema(value_type = String)]
     pub peer: SocketAddrV4,
     pub direction: Direction,
     pub state: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UdpFlowView {
+    #[schema(value_type = String)]
     pub guest: SocketAddrV4,
+    #[schema(value_type = String)]
     pub dst: SocketAddrV4,
 }
 

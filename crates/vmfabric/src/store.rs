@@ -33,7 +33,7 @@ pub struct BadRow {
 }
 
 /// Who carries a network's frames.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// vmfabric's userspace switch; ports are sockets (and TAP devices it reads).
@@ -53,7 +53,7 @@ impl NetworkMode {
 }
 
 /// How a port is reached, as stored and as the API takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PortKind {
     Unixgram,
@@ -65,13 +65,14 @@ pub enum PortKind {
     Socketpair,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortRecord {
     pub network: String,
     pub name: String,
     pub kind: PortKind,
     pub path: String,
     #[serde(with = "mac_text")]
+    #[schema(value_type = String)]
     pub mac: Mac,
     /// The port is locked to the first MAC its VMM sends from, not to `mac` (for VMMs
     /// that choose their own).
@@ -83,7 +84,7 @@ pub struct PortRecord {
 }
 
 /// How a kernel-mode port's TAP device is made (the VMM must open it to match).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TapSettings {
     /// The user and group allowed to open it (an unprivileged VMM).
     #[serde(default, skip_serializing_if = "Option::is_none")]

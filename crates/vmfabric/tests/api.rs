@@ -638,3 +638,164 @@ fn policy_and_forwards_are_set_listed_and_survive_a_restart() {
     assert_eq!(s, 404);
     d.stop();
 }
+
+/// Checks an answer against what the document says of that route and status: the
+/// status must be documented, and a JSON body must match the documented schema.
+fn conforms(doc: &Value, path: &str, method: &str, status: u16, body: &Value) -> Result<(), String> {
+    let op = &doc["paths"][path][method];
+    let resp = &op["responses"][status.to_string()];
+    if !resp.is_object() {
+        return Err(format!(
+            "{method} {path} answered {status}, which it does not document ({body})"
+        ));
+    }
+    let Some(schema) = resp["content"]["application/json"]["schema"].as_object() else {
+        return Ok(()); // not JSON (text, pcap) or no body
+    };
+    // Refs point into the document's components: give the schema the document's.
+    let mut schema = Value::Object(schema.clone());
+    schema["components"] = doc["components"].clone();
+    let validator = jsonschema::draft202012::new(&schema).map_err(|e| format!("schema of {method} {path}: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{method} {path} {status}: {errors:?}\n{body}"))
+    }
+}
+
+#[test]
+fn every_route_answers_what_the_generated_openapi_document_says() {
+    let dir = tmp("contract");
+    let d = start(&dir);
+    let (s, doc) = d.call("GET", "/v1/openapi.json", None);
+    assert_eq!(s, 200);
+    // Objects for every route to find: a network with a port, a forward, a
+    // reservation and a policy.
+    let setup = [
+        (
+            "POST",
+            "/v1/networks",
+            json!({"name": "c", "subnet": "10.58.0.0/24", "mtu": 1400}),
+        ),
+        ("POST", "/v1/networks/c/ports", json!({"name": "p", "kind": "stream"})),
+        (
+            "POST",
+            "/v1/networks/c/forwards",
+            json!({"host": "127.0.0.1:0", "guest": "10.58.0.9:80"}),
+        ),
+        (
+            "POST",
+            "/v1/networks/c/reservations",
+            json!({"key": "p", "ip": "10.58.0.9"}),
+        ),
+        (
+            "PUT",
+            "/v1/networks/c/policy",
+            json!({"default": "deny", "rules": [{"action": "allow", "dst": "10.0.0.0/8", "ports": "53", "proto": "udp"}]}),
+        ),
+    ];
+    let mut failures = Vec::new();
+    let mut check = |path: &str, method: &str, concrete: &str, body: Option<Value>| {
+        let (status, v) = d.call(&method.to_uppercase(), concrete, body);
+        if let Err(e) = conforms(&doc, path, method, status, &v) {
+            failures.push(e);
+        }
+        v
+    };
+    let templated = |p: &str| match p {
+        "/v1/networks" | "/v1/networks/c/ports" => p.replace("/c/", "/{name}/"),
+        _ => p.replace("/c/", "/{name}/"),
+    };
+    let mut host = String::new();
+    for (method, path, body) in &setup {
+        let v = check(&templated(path), &method.to_lowercase(), path, Some(body.clone()));
+        if path.ends_with("/forwards") {
+            host = v["host"].as_str().unwrap_or_default().to_string();
+        }
+    }
+    // Each documented operation, on real objects and on missing ones.
+    let paths: Vec<(String, Vec<String>)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(p, item)| (p.clone(), item.as_object().unwrap().keys().cloned().collect()))
+        .collect();
+    for (path, methods) in &paths {
+        for method in methods {
+            if ["post", "put"].contains(&method.as_str()) || method == "delete" {
+                continue; // changes are checked by the setup and the removals below
+            }
+            for (net, port, key) in [("c", "p", "p"), ("nope", "nope", "nope")] {
+                let mut concrete = path
+                    .replace("{name}", if path.starts_with("/v1/vms") { "nope" } else { net })
+                    .replace("{port}", port)
+                    .replace("{key}", key)
+                    .replace("{host}", &host);
+                if path.ends_with("/capture") {
+                    concrete.push_str("?port=nope"); // a real capture streams until closed
+                }
+                check(path, method, &concrete, None);
+            }
+        }
+    }
+    // Refusals are documented too: bad input, duplicates, missing objects.
+    check(
+        "/v1/networks",
+        "post",
+        "/v1/networks",
+        Some(json!({"name": "c", "subnet": "10.59.0.0/24"})),
+    );
+    check(
+        "/v1/networks",
+        "post",
+        "/v1/networks",
+        Some(json!({"name": "x", "subnet": "224.0.0.0/24"})),
+    );
+    check(
+        "/v1/networks/{name}/ports",
+        "post",
+        "/v1/networks/c/ports",
+        Some(json!({"name": "p", "kind": "stream"})),
+    );
+    check("/v1/vms", "post", "/v1/vms", Some(json!({"name": "v", "network": "c"})));
+    check(
+        "/v1/networks/{name}/socketpairs",
+        "post",
+        "/v1/networks/c/socketpairs",
+        Some(json!({"name": "s"})),
+    );
+    // Removals.
+    check(
+        "/v1/networks/{name}/forwards/{host}",
+        "delete",
+        &format!("/v1/networks/c/forwards/{host}"),
+        None,
+    );
+    check(
+        "/v1/networks/{name}/reservations/{key}",
+        "delete",
+        "/v1/networks/c/reservations/p",
+        None,
+    );
+    check(
+        "/v1/networks/{name}/ports/{port}",
+        "delete",
+        "/v1/networks/c/ports/p",
+        None,
+    );
+    check(
+        "/v1/networks/{name}/ports/{port}",
+        "delete",
+        "/v1/networks/c/ports/p",
+        None,
+    );
+    check("/v1/vms/{name}", "delete", "/v1/vms/nope", None);
+    check("/v1/networks/{name}", "delete", "/v1/networks/c", None);
+    check("/v1/networks/{name}", "delete", "/v1/networks/c", None);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    d.stop();
+}

@@ -3,19 +3,41 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::control::error::{ControlError, ErrorClass};
 
+/// What every failed request answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorCode,
+    /// What is wrong, in a sentence.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    Conflict,
+    Busy,
+    Internal,
+}
+
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
-        let (status, code) = match self.class() {
-            ErrorClass::Invalid => (StatusCode::BAD_REQUEST, "bad_request"),
-            ErrorClass::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            ErrorClass::Conflict => (StatusCode::CONFLICT, "conflict"),
-            ErrorClass::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            ErrorClass::Host => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        let (status, error) = match self.class() {
+            ErrorClass::Invalid => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+            ErrorClass::NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            ErrorClass::Conflict => (StatusCode::CONFLICT, ErrorCode::Conflict),
+            ErrorClass::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy),
+            ErrorClass::Host => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
         };
-        (status, Json(json!({ "error": code, "message": self.to_string() }))).into_response()
+        let body = ErrorBody {
+            error,
+            message: self.to_string(),
+        };
+        (status, Json(body)).into_response()
     }
 }

@@ -11,10 +11,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::error::ErrorBody;
 use super::ConnFd;
 use crate::control::error::ControlError;
+use crate::control::vms::{VmRequest, VmView};
 use crate::control::Control;
-use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortSpec, ReservationSpec};
+use crate::model::{
+    FlowsView, ForwardProto, ForwardSpec, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec, PortView,
+    ReservationSpec,
+};
 
 /// Runs a control-plane call on the blocking pool.
 pub(super) async fn blocking<T: Send + 'static>(
@@ -30,10 +35,12 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ControlError> {
 
 type Shared = State<Arc<Control>>;
 
+#[utoipa::path(get, path = "/v1/networks", tag = "networks", responses((status = 200, description = "Networks", body = [NetworkView])), operation_id = "list_networks")]
 pub(super) async fn list_networks(State(d): Shared) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || Ok(d.networks())).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/networks", tag = "networks", params(("force" = Option<bool>, Query, description = "Create even over a host route")), request_body = NetworkSpec, responses((status = 201, description = "Created", body = NetworkSpec), (status = 400, description = "Bad input", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "create_network")]
 pub(super) async fn create_network(
     State(d): Shared,
     Query(f): Query<Force>,
@@ -44,6 +51,7 @@ pub(super) async fn create_network(
     Ok((StatusCode::CREATED, Json(rec)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "The network", body = NetworkView), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "show_network")]
 pub(super) async fn show_network(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.network(&name)).await?).into_response())
 }
@@ -54,6 +62,7 @@ pub(super) struct Force {
     force: bool,
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path, description = "The network"), ("force" = Option<bool>, Query, description = "Remove its ports too")), responses((status = 204, description = "Deleted"), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "delete_network")]
 pub(super) async fn delete_network(
     State(d): Shared,
     UrlPath(name): UrlPath<String>,
@@ -63,10 +72,12 @@ pub(super) async fn delete_network(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}/ports", tag = "ports", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Ports", body = [PortView]), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_ports")]
 pub(super) async fn list_ports(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.ports(&net)).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/networks/{name}/ports", tag = "ports", params(("name" = String, Path, description = "The network")), request_body = PortSpec, responses((status = 201, description = "Created, with the arguments to give the VMM", body = PortView), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "add_port")]
 pub(super) async fn add_port(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -77,6 +88,7 @@ pub(super) async fn add_port(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{name}/ports/{port}", tag = "ports", params(("name" = String, Path, description = "The network"), ("port" = String, Path, description = "The port")), responses((status = 204, description = "Removed"), (status = 404, description = "No such network or object", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "remove_port")]
 pub(super) async fn remove_port(
     State(d): Shared,
     UrlPath((net, port)): UrlPath<(String, String)>,
@@ -85,7 +97,7 @@ pub(super) async fn remove_port(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SocketpairRequest {
     name: crate::model::Name,
@@ -97,6 +109,7 @@ pub(super) struct SocketpairRequest {
 
 /// Creates a socketpair port and hands its VM end to the client over this very
 /// connection (see [`crate::fdpass`]).
+#[utoipa::path(post, path = "/v1/networks/{name}/socketpairs", tag = "ports", params(("name" = String, Path, description = "The network")), request_body = SocketpairRequest, responses((status = 101, description = "Upgraded: after the client writes one byte, the port (JSON) comes with its VM end as an SCM_RIGHTS fd"), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody)), operation_id = "socketpair")]
 pub(super) async fn socketpair(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -150,10 +163,12 @@ pub(super) async fn socketpair(
     Ok((StatusCode::SWITCHING_PROTOCOLS, headers).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, description = "VMs", body = [VmView])), operation_id = "list_vms")]
 pub(super) async fn list_vms(State(d): Shared) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || Ok(d.vms().list())).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = VmRequest, responses((status = 201, description = "Starting", body = VmView), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "run_vm")]
 pub(super) async fn run_vm(
     State(d): Shared,
     b: Result<Json<crate::control::vms::VmRequest>, JsonRejection>,
@@ -166,10 +181,12 @@ pub(super) async fn run_vm(
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "The VM", body = VmView), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "show_vm")]
 pub(super) async fn show_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.vms().get(&name)).await?).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Stopped", body = VmView), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "stop_vm")]
 pub(super) async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     // Stopping waits for the guest (grace periods): off the async workers.
     let v = tokio::task::spawn_blocking(move || d.vms().stop(&*d, &name))
@@ -178,15 +195,18 @@ pub(super) async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) ->
     Ok(Json(v).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Its serial console", content_type = "text/plain", body = String), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "vm_logs")]
 pub(super) async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     let text = blocking(move || d.vms().logs(&name)).await?;
     Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}/policy", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "The egress policy", body = PolicySpec), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "show_policy")]
 pub(super) async fn show_policy(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.policy(&net)).await?).into_response())
 }
 
+#[utoipa::path(put, path = "/v1/networks/{name}/policy", tag = "gateway", params(("name" = String, Path, description = "The network")), request_body = PolicySpec, responses((status = 200, description = "In force", body = PolicySpec), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "set_policy")]
 pub(super) async fn set_policy(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -196,10 +216,12 @@ pub(super) async fn set_policy(
     Ok(Json(blocking(move || d.set_policy(&net, p)).await?).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}/forwards", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Forwards", body = [ForwardSpec]), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_forwards")]
 pub(super) async fn list_forwards(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.forwards(&net)).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/networks/{name}/forwards", tag = "gateway", params(("name" = String, Path, description = "The network")), request_body = ForwardSpec, responses((status = 201, description = "Listening", body = ForwardSpec), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "add_forward")]
 pub(super) async fn add_forward(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -219,6 +241,7 @@ pub(super) struct ForwardQuery {
     proto: Option<String>,
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{name}/forwards/{host}", tag = "gateway", params(("name" = String, Path, description = "The network"), ("host" = String, Path, description = "The host address and port"), ("proto" = Option<ForwardProto>, Query, description = "Only this protocol; absent: both")), responses((status = 204, description = "Removed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "remove_forward")]
 pub(super) async fn remove_forward(
     State(d): Shared,
     UrlPath((net, host)): UrlPath<(String, String)>,
@@ -228,6 +251,7 @@ pub(super) async fn remove_forward(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}/reservations", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Reservations", body = [ReservationSpec]), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_reservations")]
 pub(super) async fn list_reservations(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -235,6 +259,7 @@ pub(super) async fn list_reservations(
     Ok(Json(blocking(move || d.reservations(&net)).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/networks/{name}/reservations", tag = "gateway", params(("name" = String, Path, description = "The network")), request_body = ReservationSpec, responses((status = 201, description = "Reserved", body = ReservationSpec), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "add_reservation")]
 pub(super) async fn add_reservation(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -245,6 +270,7 @@ pub(super) async fn add_reservation(
     Ok((StatusCode::CREATED, Json(r)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{name}/reservations/{key}", tag = "gateway", params(("name" = String, Path, description = "The network"), ("key" = String, Path, description = "A MAC or a VM name")), responses((status = 204, description = "Removed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "remove_reservation")]
 pub(super) async fn remove_reservation(
     State(d): Shared,
     UrlPath((net, key)): UrlPath<(String, String)>,
@@ -253,10 +279,12 @@ pub(super) async fn remove_reservation(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}/flows", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "NAT flows", body = FlowsView), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_flows")]
 pub(super) async fn list_flows(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.flows(&net)).await?).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}/leases", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Leases", body = [LeaseView]), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_leases")]
 pub(super) async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.leases(&net)).await?).into_response())
 }
@@ -283,6 +311,7 @@ impl std::io::Write for BodyWriter {
 }
 
 /// Streams a live capture as pcap until the client goes away.
+#[utoipa::path(get, path = "/v1/networks/{name}/capture", tag = "networks", params(("name" = String, Path, description = "The network"), ("port" = Option<String>, Query, description = "Only this port")), responses((status = 200, description = "A live pcap stream until the client leaves", content_type = "application/vnd.tcpdump.pcap", body = Vec<u8>), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 503, description = "A bound is reached", body = ErrorBody)), operation_id = "capture")]
 pub(super) async fn capture(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -324,6 +353,7 @@ pub(super) async fn capture(
     Ok(([("content-type", "application/vnd.tcpdump.pcap")], body).into_response())
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "daemon", responses((status = 200, description = "Counters in the Prometheus text format", content_type = "text/plain", body = String)), operation_id = "metrics")]
 pub(super) async fn metrics(State(d): Shared) -> Result<Response, ControlError> {
     let text = blocking(move || Ok(d.metrics())).await?;
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())

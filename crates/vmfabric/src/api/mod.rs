@@ -23,11 +23,58 @@ use crate::control::error::ControlError;
 use crate::control::Control;
 use handlers::*;
 
-/// The OpenAPI 3 document of this API (a test keeps it in step with the routes).
-pub const OPENAPI: &str = include_str!("openapi.json");
+/// The API's OpenAPI document, made from the handlers' and types' own annotations
+/// (a contract test checks live answers against it).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "vmfabric API",
+        version = "1",
+        description = "The vmfabric daemon's HTTP/JSON API, served on a Unix socket (default /run/vmfabric/vmfabric.sock, mode 0600). Errors are {\"error\": code, \"message\": text}."
+    ),
+    paths(
+        list_networks,
+        create_network,
+        show_network,
+        delete_network,
+        list_ports,
+        add_port,
+        remove_port,
+        socketpair,
+        list_vms,
+        run_vm,
+        show_vm,
+        stop_vm,
+        vm_logs,
+        show_policy,
+        set_policy,
+        list_forwards,
+        add_forward,
+        remove_forward,
+        list_reservations,
+        add_reservation,
+        remove_reservation,
+        list_flows,
+        list_leases,
+        capture,
+        metrics,
+        openapi
+    )
+)]
+pub struct ApiDoc;
 
+/// The document as JSON.
+pub fn openapi_json() -> String {
+    use utoipa::OpenApi;
+    static DOC: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| ApiDoc::openapi().to_pretty_json().expect("a document of plain data"));
+    DOC.clone()
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "daemon", operation_id = "openapi",
+    responses((status = 200, description = "This document", content_type = "application/json", body = Object)))]
 async fn openapi() -> Response {
-    ([("content-type", "application/json")], OPENAPI).into_response()
+    ([("content-type", "application/json")], openapi_json()).into_response()
 }
 
 async fn not_found() -> ControlError {
@@ -190,4 +237,32 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_operation_has_an_id_and_every_schema_it_names_exists() {
+        let doc: serde_json::Value = serde_json::from_str(&super::openapi_json()).unwrap();
+        if std::env::var_os("VMFABRIC_PRINT_OPENAPI").is_some() {
+            println!("{}", super::openapi_json());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path} has no id"));
+                assert!(ids.insert(id.to_string()), "{id} twice");
+            }
+        }
+        let text = super::openapi_json();
+        for r in text.split("\"#/components/schemas/").skip(1) {
+            let name = &r[..r.find('"').unwrap()];
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "{name} is named but not defined"
+            );
+        }
+    }
 }

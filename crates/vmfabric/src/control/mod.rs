@@ -306,30 +306,24 @@ impl Control {
         let mut v: Vec<NetworkView> = st
             .nets
             .values()
-            .map(|n| NetworkView {
-                spec: n.spec.clone(),
-                ports: n.ports.len(),
-                leases: n.gateway.as_ref().map(|g| g.leases().len()).unwrap_or(0),
-                failed: None,
+            .map(|n| {
+                let leases = n.gateway.as_ref().map(|g| g.leases().len()).unwrap_or(0);
+                NetworkView::of(&n.spec, n.ports.len(), leases, None)
             })
             .collect();
         v.extend(st.failed.networks.values().filter_map(|(spec, why)| {
-            let spec = spec.clone()?;
-            Some(NetworkView {
-                ports: st.failed.ports.keys().filter(|(n, _)| *n == *spec.name).count(),
-                spec,
-                leases: 0,
-                failed: Some(why.clone()),
-            })
+            let spec = spec.as_ref()?;
+            let ports = st.failed.ports.keys().filter(|(n, _)| *n == *spec.name).count();
+            Some(NetworkView::of(spec, ports, 0, Some(why.clone())))
         }));
-        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     pub fn network(&self, name: &str) -> Result<NetworkView, ControlError> {
         self.networks()
             .into_iter()
-            .find(|n| n.spec.name.as_str() == name)
+            .find(|n| n.name.as_str() == name)
             .ok_or_else(|| ControlError::NoNetwork(name.to_string()))
     }
 

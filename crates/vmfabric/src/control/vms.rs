@@ -22,7 +22,7 @@ use crate::model::PortSpec;
 use crate::store::PortKind;
 
 /// A VM to run.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmRequest {
     pub name: String,
@@ -48,17 +48,19 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmView {
     pub name: String,
     pub network: String,
     /// starting, running, ready, stopped or failed.
     pub state: String,
+    #[schema(value_type = Option<String>)]
     pub ip: Option<std::net::Ipv4Addr>,
     pub reason: Option<String>,
     pub pid: Option<u32>,
     pub port: String,
     #[serde(with = "crate::store::mac_text")]
+    #[schema(value_type = String)]
     pub mac: Mac,
 }
 
