@@ -1,0 +1,452 @@
+//! The command line: the clap tree, and the client commands, each of which calls the
+//! daemon's API and prints a table (or JSON with `--json`).
+
+pub(crate) mod boot_guest;
+mod network;
+mod port;
+mod table;
+mod vm;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use vmfabric::client::seg;
+use vmfabric::model::{ForwardSpec, PolicySpec, ReservationSpec};
+
+use table::{print_table, request};
+
+#[derive(Parser)]
+#[command(name = "vmfabric", version, about = "Host-side network for micro-VMs and sandboxes")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run the daemon: networks, gateways and ports from the state store, the API on a
+    /// Unix socket. With an empty store it creates network `default` (10.77.0.0/24).
+    Serve(crate::serve::ServeArgs),
+    /// Networks: create, ls, show, rm.
+    Network {
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
+    /// Ports of a network: add, ls, rm.
+    Port {
+        #[command(subcommand)]
+        cmd: PortCmd,
+    },
+    /// VMs the daemon runs (the test guest image): run, ls, stop, logs.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Port forwards of a network (host address to guest port): add, ls, rm.
+    Forward {
+        #[command(subcommand)]
+        cmd: ForwardCmd,
+    },
+    /// A network's egress policy: show, set.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Reserved addresses of a network: add, ls, rm.
+    Reservation {
+        #[command(subcommand)]
+        cmd: ReservationCmd,
+    },
+    /// Leases of a network.
+    Lease {
+        #[command(subcommand)]
+        cmd: LeaseCmd,
+    },
+    /// The NAT flows a network's gateway carries now (TCP egress and forwards, UDP).
+    Flows {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Live capture of a network (NETWORK) or one port (NETWORK/PORT) as pcap, to stdout
+    /// (pipe it into `tcpdump -r -` or `tshark -r -`) or to a file, until interrupted.
+    Capture {
+        target: String,
+        /// Write to this file instead of stdout.
+        #[arg(short = 'w', long)]
+        write: Option<PathBuf>,
+        #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Counters of every network, port and gateway (Prometheus text).
+    Stats {
+        #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Boot the test guest (guest/build.sh) under QEMU on a port; its console goes to stdout.
+    BootGuest(boot_guest::BootGuestArgs),
+}
+
+pub(crate) const DEFAULT_SOCKET: &str = "/run/vmfabric/vmfabric.sock";
+
+#[derive(clap::Args)]
+pub(crate) struct ClientArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum NetworkCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        subnet: String,
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// No gateway (DHCP, DNS) on this network.
+        #[arg(long)]
+        no_gateway: bool,
+        /// Let guests reach the host's loopback at the subnet's last host address.
+        #[arg(long)]
+        host_access: bool,
+        /// userspace (vmfabric's switch) or kernel (a Linux bridge with TAP ports and
+        /// nftables NAT; needs root).
+        #[arg(long, default_value = "userspace")]
+        mode: String,
+        /// Kernel mode: ports reach the gateway and the router but not each other.
+        #[arg(long)]
+        isolated: bool,
+        /// Kernel mode: the bridge's name (default: derived from the network's name).
+        #[arg(long)]
+        bridge: Option<String>,
+        /// Create it even if the subnet overlaps a host route.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        name: String,
+        /// Also remove its ports.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PortCmd {
+    /// Add a port and print the VMM arguments for it.
+    Add {
+        network: String,
+        name: String,
+        /// unixgram (QEMU -netdev dgram, vfkit), stream (QEMU -netdev stream, passt
+        /// framing) or tap (Firecracker, Cloud Hypervisor; needs CAP_NET_ADMIN).
+        #[arg(long, default_value = "unixgram")]
+        kind: String,
+        /// TAP ports: the interface name.
+        #[arg(long)]
+        ifname: Option<String>,
+        /// Kernel-mode TAP ports: UID:GID that may open the device (an unprivileged VMM).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Kernel-mode TAP ports: a multi-queue device.
+        #[arg(long)]
+        multi_queue: bool,
+        /// Kernel-mode TAP ports: made with IFF_VNET_HDR.
+        #[arg(long)]
+        vnet_hdr: bool,
+        /// Userspace ports: the MAC the VM uses (the port is locked to it); default:
+        /// one derived from the network and port names.
+        #[arg(long, conflicts_with = "learn_mac_once")]
+        mac: Option<String>,
+        /// Userspace ports: lock to the first MAC the VMM sends from, for VMMs that
+        /// choose their own MAC.
+        #[arg(long)]
+        learn_mac_once: bool,
+        /// Socketpair ports: the VMM to run with the VM end inherited; `{fd}` in its
+        /// arguments becomes the fd number (QEMU: -netdev dgram,id=n0,local.type=fd,local.str={fd}).
+        #[arg(last = true)]
+        exec: Vec<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        network: String,
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum VmCmd {
+    /// Boot a VM on a new port of a network; it gets its address from the gateway.
+    Run {
+        #[arg(long = "net")]
+        network: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Serve /www over HTTP on port 80 in the guest.
+        #[arg(long)]
+        http: bool,
+        #[arg(long, default_value_t = 96)]
+        memory_mib: u32,
+        /// Wait until the VM is ready (or has ended) before returning.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+        /// Shell command the guest runs once its network is up; it powers off after.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    Ls {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Stop {
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Logs {
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ForwardCmd {
+    /// Forward HOST (address:port; port 0 picks one) to GUEST (address:port), TCP or UDP.
+    Add {
+        network: String,
+        host: std::net::SocketAddr,
+        guest: std::net::SocketAddrV4,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Remove the forwards from HOST (both protocols unless --proto names one).
+    Rm {
+        network: String,
+        host: String,
+        #[arg(long)]
+        proto: Option<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCmd {
+    Show {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Replace the policy with the JSON in FILE (`-` for stdin), e.g.
+    /// {"default": "deny", "rules": [{"action": "allow", "dst": "10.0.0.0/8", "ports": "53", "proto": "udp"}]}
+    Set {
+        network: String,
+        file: PathBuf,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ReservationCmd {
+    /// Reserve IP for KEY: a MAC address, or a VM's name (DHCP hostname or port name).
+    Add {
+        network: String,
+        key: String,
+        ip: std::net::Ipv4Addr,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    Rm {
+        network: String,
+        key: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum LeaseCmd {
+    Ls {
+        network: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+/// Runs a client command (anything but `serve` and `boot-guest`).
+pub(crate) fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Network { cmd } => network::run(cmd),
+        Command::Port { cmd } => port::run(cmd),
+        Command::Vm { cmd } => vm::run(cmd),
+        Command::Forward { cmd } => {
+            match cmd {
+                ForwardCmd::Add {
+                    network,
+                    host,
+                    guest,
+                    proto,
+                    c,
+                } => {
+                    let body = ForwardSpec {
+                        proto: proto.parse()?,
+                        host,
+                        guest,
+                    };
+                    let v = request(
+                        &c,
+                        "POST",
+                        &format!("/v1/networks/{}/forwards", seg(&network)),
+                        Some(serde_json::to_value(&body)?),
+                    )?;
+                    print_table(&c, &v, &["proto", "host", "guest"]);
+                }
+                ForwardCmd::Ls { network, c } => {
+                    let v = request(&c, "GET", &format!("/v1/networks/{}/forwards", seg(&network)), None)?;
+                    print_table(&c, &v, &["proto", "host", "guest"]);
+                }
+                ForwardCmd::Rm {
+                    network,
+                    host,
+                    proto,
+                    c,
+                } => {
+                    let query = proto.map(|p| format!("?proto={p}")).unwrap_or_default();
+                    request(
+                        &c,
+                        "DELETE",
+                        &format!("/v1/networks/{}/forwards/{}{query}", seg(&network), seg(&host)),
+                        None,
+                    )?;
+                    println!("removed the forward from {host} on {network}");
+                }
+            }
+            Ok(())
+        }
+        Command::Policy { cmd } => {
+            let (network, c, body) = match cmd {
+                PolicyCmd::Show { network, c } => (network, c, None),
+                PolicyCmd::Set { network, file, c } => {
+                    let text = if file.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?
+                    };
+                    let json: serde_json::Value = serde_json::from_str(&text).context("the policy file is not JSON")?;
+                    let policy: PolicySpec = serde_json::from_value(json).context("the policy file is not a policy")?;
+                    (network, c, Some(serde_json::to_value(&policy)?))
+                }
+            };
+            let method = if body.is_some() { "PUT" } else { "GET" };
+            let v = request(&c, method, &format!("/v1/networks/{}/policy", seg(&network)), body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Reservation { cmd } => {
+            match cmd {
+                ReservationCmd::Add { network, key, ip, c } => {
+                    let body = ReservationSpec { key, ip };
+                    let v = request(
+                        &c,
+                        "POST",
+                        &format!("/v1/networks/{}/reservations", seg(&network)),
+                        Some(serde_json::to_value(&body)?),
+                    )?;
+                    print_table(&c, &v, &["key", "ip"]);
+                }
+                ReservationCmd::Ls { network, c } => {
+                    let v = request(&c, "GET", &format!("/v1/networks/{}/reservations", seg(&network)), None)?;
+                    print_table(&c, &v, &["key", "ip"]);
+                }
+                ReservationCmd::Rm { network, key, c } => {
+                    request(
+                        &c,
+                        "DELETE",
+                        &format!("/v1/networks/{}/reservations/{}", seg(&network), seg(&key)),
+                        None,
+                    )?;
+                    println!("removed the reservation of {key} on {network}");
+                }
+            }
+            Ok(())
+        }
+        Command::Lease {
+            cmd: LeaseCmd::Ls { network, c },
+        } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{}/leases", seg(&network)), None)?;
+            print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
+            Ok(())
+        }
+        Command::Flows { network, c } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{}/flows", seg(&network)), None)?;
+            if c.json {
+                print_table(&c, &v, &[]);
+            } else {
+                print_table(&c, &v["tcp"], &["guest", "peer", "direction", "state"]);
+                println!();
+                print_table(&c, &v["udp"], &["guest", "dst"]);
+            }
+            Ok(())
+        }
+        Command::Capture { target, write, socket } => {
+            let path = match target.split_once('/') {
+                Some((net, port)) => format!("/v1/networks/{}/capture?port={}", seg(net), seg(port)),
+                None => format!("/v1/networks/{}/capture", seg(&target)),
+            };
+            let mut out: Box<dyn std::io::Write> = match &write {
+                Some(f) => Box::new(std::fs::File::create(f).with_context(|| format!("create {}", f.display()))?),
+                None => Box::new(std::io::stdout()),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(vmfabric::client::stream_to(&socket, &path, &mut *out))
+        }
+        Command::Stats { socket } => {
+            let c = ClientArgs { socket, json: false };
+            let v = request(&c, "GET", "/metrics", None)?;
+            print!("{}", v.as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Serve(_) | Command::BootGuest(_) => unreachable!("run by main"),
+    }
+}

@@ -1,0 +1,142 @@
+//! `vmfabric port`: add (a socket, TAP or socketpair port; with a command, the VMM is
+//! run on a socketpair end), ls, rm.
+
+use anyhow::{Context, Result};
+use vmfabric::client::seg;
+
+use super::table::{cell, print_table, request};
+use vmfabric::model::{Name, PortSpec};
+
+use super::{ClientArgs, PortCmd};
+
+/// A short random suffix for unnamed VMs.
+pub(super) fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() & 0xffffff)
+        .unwrap_or(0)
+        ^ std::process::id()
+}
+
+/// Creates a socketpair port and runs `exec` with its VM end inherited.
+fn exec_with_socketpair(
+    c: &ClientArgs,
+    network: &str,
+    name: &str,
+    choice: &vmfabric::client::MacChoice,
+    exec: &[String],
+) -> Result<()> {
+    anyhow::ensure!(
+        !exec.is_empty(),
+        "a socketpair port needs the VMM to hand its end to: vmfabric port add {network} {name} --kind socketpair -- CMD ... {{fd}} ..."
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (port, fd) = rt.block_on(vmfabric::client::socketpair_port(&c.socket, network, name, choice))?;
+    drop(rt);
+    // The VMM inherits the fd: clear close-on-exec and keep it open across exec.
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    let args: Vec<String> = exec.iter().map(|a| a.replace("{fd}", &raw.to_string())).collect();
+    eprintln!(
+        "port {network}/{name}: socketpair, MAC {}, VM end is fd {raw}",
+        cell(&port["mac"])
+    );
+    let mut vmm = std::process::Command::new(&args[0]);
+    vmm.args(&args[1..]);
+    let err = std::os::unix::process::CommandExt::exec(&mut vmm);
+    Err(anyhow::Error::new(err).context(format!("run {}", args[0])))
+}
+
+pub(super) fn run(cmd: PortCmd) -> Result<()> {
+    match cmd {
+        PortCmd::Add {
+            network,
+            name,
+            kind,
+            exec,
+            mac,
+            learn_mac_once,
+            c,
+            ..
+        } if kind == "socketpair" => {
+            let choice = vmfabric::client::MacChoice { mac, learn_mac_once };
+            exec_with_socketpair(&c, &network, &name, &choice, &exec)?
+        }
+        PortCmd::Add {
+            network,
+            name,
+            kind,
+            ifname,
+            owner,
+            multi_queue,
+            vnet_hdr,
+            mac,
+            learn_mac_once,
+            c,
+            ..
+        } => {
+            let (owner_uid, owner_gid) = match owner.as_deref().map(|o| o.split_once(':').unwrap_or((o, o))) {
+                Some((u, g)) => (
+                    Some(u.parse::<u32>().context("--owner takes UID:GID")?),
+                    Some(g.parse::<u32>().context("--owner takes UID:GID")?),
+                ),
+                None => (None, None),
+            };
+            let body = PortSpec {
+                ifname,
+                owner_uid,
+                owner_gid,
+                multi_queue,
+                vnet_hdr,
+                mac,
+                learn_mac_once,
+                ..PortSpec::new(
+                    Name::new("port", &name)?,
+                    serde_json::from_value(serde_json::Value::String(kind.clone()))
+                        .with_context(|| format!("kind {kind:?}: unixgram, stream, tap or socketpair"))?,
+                )
+            };
+            let v = request(
+                &c,
+                "POST",
+                &format!("/v1/networks/{}/ports", seg(&network)),
+                Some(serde_json::to_value(&body)?),
+            )?;
+            if c.json {
+                print_table(&c, &v, &[]);
+            } else {
+                println!(
+                    "port {network}/{name}: {} at {} (MAC {})",
+                    cell(&v["kind"]),
+                    cell(&v["path"]),
+                    cell(&v["mac"])
+                );
+                println!("  qemu-system-x86_64 ... {}", cell(&v["qemu_args"]));
+                let (path, mac) = (cell(&v["path"]), cell(&v["mac"]));
+                if v["kind"] == "unixgram" {
+                    println!("  vfkit ... --device virtio-net,unixSocketPath={path},mac={mac}");
+                }
+                if v["kind"] == "tap" {
+                    println!("  cloud-hypervisor ... --net tap={path},mac={mac}");
+                    println!(
+                        "  firecracker: \"network-interfaces\": [{{\"iface_id\": \"eth0\", \"host_dev_name\": \"{path}\", \"guest_mac\": \"{mac}\"}}]"
+                    );
+                }
+            }
+        }
+        PortCmd::Ls { network, c } => {
+            let v = request(&c, "GET", &format!("/v1/networks/{}/ports", seg(&network)), None)?;
+            print_table(&c, &v, &["name", "kind", "up", "mac", "path"]);
+        }
+        PortCmd::Rm { network, name, c } => {
+            request(
+                &c,
+                "DELETE",
+                &format!("/v1/networks/{}/ports/{}", seg(&network), seg(&name)),
+                None,
+            )?;
+            println!("removed port {network}/{name}");
+        }
+    }
+    Ok(())
+}
