@@ -1,0 +1,86 @@
+//! What the handle asks of the worker thread, and what the two share.
+
+use super::*;
+
+/// State the worker shares with the handle for reading without a command.
+#[derive(Debug, Default)]
+pub(crate) struct PortShared {
+    pub counters: Counters,
+    pub up: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct NetShared {
+    pub counters: Counters,
+    pub mac_entries: AtomicU64,
+}
+
+/// The fd a new port is served through.
+pub(crate) enum PortIo {
+    /// A socketpair end: connected, the peer is fixed.
+    Connected(OwnedFd),
+    /// A bound datagram path; the peer is whoever sends to it.
+    Path(OwnedFd),
+    /// A listening stream path.
+    Listener(OwnedFd),
+    Tap(OwnedFd),
+}
+
+pub(crate) struct NewPort {
+    pub id: PortId,
+    pub io: PortIo,
+    pub shared: Arc<PortShared>,
+}
+
+pub(crate) type Reply<T> = SyncSender<Result<T>>;
+
+pub(crate) enum Command {
+    AddNetwork {
+        name: String,
+        config: NetworkConfig,
+        shared: Arc<NetShared>,
+        reply: Reply<()>,
+    },
+    RemoveNetwork {
+        name: String,
+        reply: Reply<()>,
+    },
+    AddPort {
+        network: String,
+        port: NewPort,
+        reply: Reply<()>,
+    },
+    RemovePort {
+        id: PortId,
+        reply: Reply<()>,
+    },
+    LockPort {
+        id: PortId,
+        lock: Option<PortLock>,
+        reply: Reply<()>,
+    },
+    LockToFirstMac {
+        id: PortId,
+        reply: Reply<()>,
+    },
+    TrustPort {
+        id: PortId,
+        trusted: bool,
+        reply: Reply<()>,
+    },
+    SetPeer {
+        id: PortId,
+        peer: UnixPeer,
+        reply: Reply<()>,
+    },
+    MacTable {
+        network: String,
+        reply: Reply<Vec<MacEntry>>,
+    },
+    AddCapture {
+        network: String,
+        tap: CaptureTap,
+        reply: Reply<()>,
+    },
+    Shutdown,
+}

@@ -1,0 +1,409 @@
+//! The forwarding thread.
+//!
+//! Theory of operation: one thread owns every port, network and MAC table, so the hot
+//! path takes no lock. It sleeps in `epoll_wait` with no timeout (an idle switch never
+//! wakes) and is woken by port fds or by the control eventfd. For a readable port it
+//! receives a batch of frames (`recvmmsg` for datagram sockets, one large `read` for a
+//! stream, reads until EAGAIN for a TAP), decides each frame's destinations, then sends
+//! each destination its share of the batch in one `sendmmsg` (or one `write` for a
+//! stream). Frames are sent straight from the receive buffers; they are copied only
+//! when a destination cannot take them now, into that port's bounded backlog, which is
+//! drained when epoll reports the port writable. A full backlog drops that port's
+//! frames and nobody else's.
+//!
+//! Invariants: a frame never leaves on its own port or on another network's port; a
+//! port that is down is never sent to and, for a socketpair, no longer polled; every
+//! frame received is either delivered or counted as a drop with its reason.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll;
+use rustix::io::Errno;
+use rustix::net::SocketFlags;
+use tracing::{debug, warn};
+
+use crate::clock::Clock;
+use crate::config::{NetworkConfig, MAX_FRAME_LEN};
+use crate::counters::{Counters, DropReason};
+use crate::error::{FabricError, Result};
+use crate::frame::{is_dhcp_client_message, EthernetView, FrameError};
+use crate::mac::Mac;
+use crate::port::{CapturedFrame, MacEntry, PortId, PortLock, SwitchEvent};
+use crate::switch::table::{Learned, MacTable};
+use crate::sys::mmsg::{recv_batch, send_batch, Received, UnixPeer, BATCH};
+use crate::transport;
+
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Batches read from one port per wake-up before the others get their turn.
+const ROUNDS_PER_WAKE: usize = 8;
+/// Backlog buffers kept for reuse instead of being freed.
+const SPARE_BUFFERS: usize = 4096;
+/// Extra room in a stream port's receive buffer beyond one maximal frame, so one read
+/// usually brings many frames.
+const STREAM_RX_SLACK: usize = 256 << 10;
+
+fn token(slot: u32, conn: bool) -> u64 {
+    (u64::from(slot) << 1) | u64::from(conn)
+}
+
+mod command;
+mod egress;
+mod forward;
+mod lifecycle;
+mod rx;
+
+pub(crate) use command::*;
+
+struct StreamConn {
+    fd: OwnedFd,
+    rx: Vec<u8>,
+    rx_len: usize,
+    /// Bytes of an oversize frame still to skip.
+    discard: usize,
+    tx: Vec<u8>,
+    tx_off: usize,
+}
+
+enum Kind {
+    Connected(OwnedFd),
+    Path {
+        sock: OwnedFd,
+        peer: Option<UnixPeer>,
+    },
+    Stream {
+        listener: OwnedFd,
+        conn: Option<StreamConn>,
+    },
+    Tap(OwnedFd),
+}
+
+struct Port {
+    id: PortId,
+    net: usize,
+    shared: Arc<PortShared>,
+    kind: Kind,
+    up: bool,
+    lock: Option<PortLock>,
+    /// Lock to the source MAC of the first frame (for VMMs that choose their own MAC).
+    lock_to_first_mac: bool,
+    /// May send DHCP server messages (the network's gateway).
+    trusted: bool,
+    backlog: VecDeque<Vec<u8>>,
+    out_armed: bool,
+}
+
+impl Port {
+    /// The fd epoll watches for writability, if the port can be written now.
+    fn writable_fd(&self) -> Option<(BorrowedFd<'_>, bool)> {
+        match &self.kind {
+            Kind::Connected(fd) | Kind::Path { sock: fd, .. } | Kind::Tap(fd) => Some((fd.as_fd(), false)),
+            Kind::Stream { conn: Some(c), .. } => Some((c.fd.as_fd(), true)),
+            Kind::Stream { conn: None, .. } => None,
+        }
+    }
+}
+
+struct Net {
+    name: String,
+    config: NetworkConfig,
+    shared: Arc<NetShared>,
+    ports: Vec<u32>,
+    table: MacTable,
+    /// MACs locked to a port: no other port may send from them.
+    locked: HashMap<Mac, u32>,
+    full_reported: bool,
+    /// Live captures; empty unless someone is watching, so forwarding pays one check.
+    captures: Vec<CaptureTap>,
+}
+
+/// Where a capture's copies go: every frame of the network, or those to and from one port.
+pub(crate) struct CaptureTap {
+    pub port: Option<PortId>,
+    pub slot: Option<u32>,
+    pub tx: SyncSender<CapturedFrame>,
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl CaptureTap {
+    /// Offers a copy; a full channel (slow reader) loses the copy, never the frame.
+    /// Returns false once the reader is gone.
+    fn offer(&self, at: Duration, frame: &[u8]) -> bool {
+        match self.tx.try_send(CapturedFrame {
+            at,
+            data: frame.to_vec(),
+        }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// Everything forwarding touches, apart from the receive buffers.
+struct Fabric {
+    epoll: OwnedFd,
+    clock: Arc<dyn Clock>,
+    events: SyncSender<SwitchEvent>,
+    events_dropped: Arc<AtomicU64>,
+    egress_queue_frames: usize,
+    stream_queue_bytes: usize,
+    socket_buffer_bytes: usize,
+    ports: Vec<Option<Port>>,
+    free_slots: Vec<u32>,
+    by_id: HashMap<PortId, u32>,
+    nets: Vec<Option<Net>>,
+    net_by_name: HashMap<String, usize>,
+    /// Per destination slot: indices into the batch being forwarded.
+    pending: Vec<Vec<u16>>,
+    dirty: Vec<u32>,
+    spare: Vec<Vec<u8>>,
+}
+
+struct RxBuffers {
+    bufs: Vec<Box<[u8]>>,
+    meta: [Received; BATCH],
+    peers: Box<[UnixPeer; BATCH]>,
+}
+
+pub(crate) struct Worker {
+    fab: Fabric,
+    rx: RxBuffers,
+    wake: Arc<OwnedFd>,
+    commands: Receiver<Command>,
+}
+
+pub(crate) struct WorkerSetup {
+    pub wake: Arc<OwnedFd>,
+    pub commands: Receiver<Command>,
+    pub events: SyncSender<SwitchEvent>,
+    pub events_dropped: Arc<AtomicU64>,
+    pub clock: Arc<dyn Clock>,
+    pub egress_queue_frames: usize,
+    pub stream_queue_bytes: usize,
+    pub socket_buffer_bytes: usize,
+}
+
+fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::ENOENT
+                | libc::EPIPE
+                | libc::ECONNRESET
+                | libc::ENOTCONN
+                | libc::EBADFD
+                | libc::EIO
+        )
+    )
+}
+
+impl Worker {
+    pub(crate) fn new(s: WorkerSetup) -> io::Result<Worker> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(
+            &epoll,
+            &*s.wake,
+            epoll::EventData::new_u64(WAKE_TOKEN),
+            epoll::EventFlags::IN,
+        )?;
+        let bufs = (0..BATCH)
+            .map(|_| vec![0u8; MAX_FRAME_LEN + 1].into_boxed_slice())
+            .collect();
+        Ok(Worker {
+            fab: Fabric {
+                epoll,
+                clock: s.clock,
+                events: s.events,
+                events_dropped: s.events_dropped,
+                egress_queue_frames: s.egress_queue_frames,
+                stream_queue_bytes: s.stream_queue_bytes,
+                socket_buffer_bytes: s.socket_buffer_bytes,
+                ports: Vec::new(),
+                free_slots: Vec::new(),
+                by_id: HashMap::new(),
+                nets: Vec::new(),
+                net_by_name: HashMap::new(),
+                pending: Vec::new(),
+                dirty: Vec::with_capacity(64),
+                spare: Vec::new(),
+            },
+            rx: RxBuffers {
+                bufs,
+                meta: [Received::default(); BATCH],
+                peers: Box::new([UnixPeer::default(); BATCH]),
+            },
+            wake: s.wake,
+            commands: s.commands,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        loop {
+            events.clear();
+            match epoll::wait(&self.fab.epoll, spare_capacity(&mut events), None) {
+                Ok(_) => {}
+                Err(Errno::INTR) => continue,
+                Err(e) => {
+                    warn!("switch worker stops: epoll_wait failed: {e}");
+                    return;
+                }
+            }
+            for ev in &events {
+                let tok = ev.data.u64();
+                if tok == WAKE_TOKEN {
+                    if !self.drain_commands() {
+                        return;
+                    }
+                    continue;
+                }
+                let slot = (tok >> 1) as u32;
+                let conn = tok & 1 == 1;
+                if self.fab.port(slot).is_none() {
+                    continue; // removed earlier in this batch
+                }
+                let flags = ev.flags;
+                if flags.contains(epoll::EventFlags::OUT) {
+                    self.fab.drain_backlog(slot);
+                }
+                if flags.intersects(
+                    epoll::EventFlags::IN | epoll::EventFlags::ERR | epoll::EventFlags::HUP | epoll::EventFlags::RDHUP,
+                ) {
+                    self.readable(slot, conn);
+                }
+            }
+        }
+    }
+
+    /// Returns false when told to shut down.
+    fn drain_commands(&mut self) -> bool {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&*self.wake, &mut buf);
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Shutdown => return false,
+                Command::AddNetwork {
+                    name,
+                    config,
+                    shared,
+                    reply,
+                } => {
+                    let _ = reply.send(self.fab.add_network(name, config, shared));
+                }
+                Command::RemoveNetwork { name, reply } => {
+                    let _ = reply.send(self.fab.remove_network(&name));
+                }
+                Command::AddPort { network, port, reply } => {
+                    let _ = reply.send(self.fab.add_port(&network, port));
+                }
+                Command::RemovePort { id, reply } => {
+                    let _ = reply.send(self.fab.remove_port(id));
+                }
+                Command::LockPort { id, lock, reply } => {
+                    let _ = reply.send(self.fab.lock_port(id, lock));
+                }
+                Command::LockToFirstMac { id, reply } => {
+                    let _ = reply.send(self.fab.lock_port(id, None).and_then(|()| {
+                        let slot = self.fab.slot_of(id)?;
+                        self.fab.port_mut(slot).expect("indexed port exists").lock_to_first_mac = true;
+                        Ok(())
+                    }));
+                }
+                Command::TrustPort { id, trusted, reply } => {
+                    let _ = reply.send(self.fab.slot_of(id).map(|slot| {
+                        self.fab.port_mut(slot).expect("indexed port exists").trusted = trusted;
+                    }));
+                }
+                Command::SetPeer { id, peer, reply } => {
+                    let _ = reply.send(self.fab.slot_of(id).map(|slot| self.fab.set_peer(slot, peer)));
+                }
+                Command::AddCapture { network, tap, reply } => {
+                    let _ = reply.send(self.fab.add_capture(&network, tap));
+                }
+                Command::MacTable { network, reply } => {
+                    let _ = reply.send(self.fab.mac_table(&network));
+                }
+            }
+        }
+        true
+    }
+
+    fn readable(&mut self, slot: u32, conn: bool) {
+        let Some(port) = self.fab.port(slot) else {
+            return;
+        };
+        match &port.kind {
+            Kind::Connected(_) | Kind::Path { .. } => self.read_datagrams(slot),
+            Kind::Tap(_) => self.read_tap(slot),
+            Kind::Stream { .. } if conn => self.read_stream(slot),
+            Kind::Stream { .. } => self.fab.accept(slot),
+        }
+    }
+}
+
+impl Fabric {
+    fn port(&self, slot: u32) -> Option<&Port> {
+        self.ports.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    fn port_mut(&mut self, slot: u32) -> Option<&mut Port> {
+        self.ports.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    fn port_id(&self, slot: u32) -> PortId {
+        self.port(slot).map(|p| p.id).unwrap_or(PortId(u64::MAX))
+    }
+
+    fn net(&self, idx: usize) -> &Net {
+        self.nets[idx]
+            .as_ref()
+            .expect("a port's network exists while the port does")
+    }
+
+    fn emit(&self, ev: SwitchEvent) {
+        emit(&self.events, &self.events_dropped, ev);
+    }
+
+    /// Frames the socket cut or the stream announced as too long: received and dropped.
+    fn count_cut(&self, slot: u32, frames: u64, bytes: u64) {
+        if frames == 0 {
+            return;
+        }
+        if let Some(p) = self.port(slot) {
+            let net = &self.net(p.net).shared.counters;
+            for c in [&p.shared.counters, net] {
+                c.add_rx(frames, bytes);
+                c.add_drop(DropReason::Oversize, frames);
+            }
+        }
+    }
+
+    fn count_drop(&self, slot: u32, reason: DropReason, frames: u64) {
+        if frames == 0 {
+            return;
+        }
+        if let Some(p) = self.port(slot) {
+            p.shared.counters.add_drop(reason, frames);
+            self.net(p.net).shared.counters.add_drop(reason, frames);
+        }
+    }
+}
+
+/// Hands an event to the control plane, or counts it when nobody keeps up.
+fn emit(events: &SyncSender<SwitchEvent>, dropped: &AtomicU64, ev: SwitchEvent) {
+    if let Err(TrySendError::Full(_)) = events.try_send(ev) {
+        dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
