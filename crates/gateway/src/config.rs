@@ -225,7 +225,7 @@ impl GatewayConfig {
             return err(format!("reserved address {} is not a free host address of {net}", r.ip));
         }
         if let ReservationKey::Name(n) = &r.key {
-            if crate::dhcp::sanitize_hostname(n).as_deref() != Some(n.as_str()) {
+            if crate::names::sanitize_hostname(n).as_deref() != Some(n.as_str()) {
                 return err(format!(
                     "reservation name {n:?} must be a DNS label: lower-case letters, digits, inner '-'"
                 ));

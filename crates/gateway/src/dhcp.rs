@@ -58,19 +58,7 @@ pub struct DhcpServer {
     reservations: Vec<crate::config::Reservation>,
 }
 
-/// A DNS label made from a client-chosen name: lower case, letters, digits and inner
-/// dashes, at most 63 bytes; `None` when nothing usable is left.
-pub fn sanitize_hostname(raw: &str) -> Option<String> {
-    let first = raw.split('.').next().unwrap_or("");
-    let s: String = first
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
-        .take(63)
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    (!s.is_empty()).then_some(s)
-}
+use crate::names::sanitize_hostname;
 
 impl DhcpServer {
     pub fn new(cfg: Arc<GatewayConfig>, counters: Arc<GatewayCounters>, store: Box<dyn LeaseStore>) -> Self {
@@ -863,12 +851,5 @@ mod tests {
         let ask = vec![DhcpOption::RequestedIpAddress(r_mac)];
         let offer = s.handle_unbound(&msg(4, MessageType::Discover, ask, Z), 0).0.unwrap();
         assert!(![r_mac, r_name].contains(&decode(&offer).yiaddr()));
-    }
-
-    #[test]
-    fn hostnames_become_labels() {
-        assert_eq!(sanitize_hostname("Web_Server.example"), Some("web-server".into()));
-        assert_eq!(sanitize_hostname("---"), None);
-        assert_eq!(sanitize_hostname(&"a".repeat(100)).unwrap().len(), 63);
     }
 }

@@ -19,6 +19,7 @@ mod flows;
 pub mod forward;
 mod icmp_nat;
 pub mod leases;
+mod names;
 pub mod policy;
 mod stack;
 pub mod tcp_dns;
@@ -29,14 +30,21 @@ pub mod udp_nat;
 pub mod upstream;
 pub mod wire;
 
+mod dispatch;
+mod dns_forward;
+mod serve;
+
+use dispatch::*;
+use dns_forward::*;
+use serve::*;
+
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use fabric::{Mac, PortId, Switch};
-use smoltcp::wire::ArpOperation;
 use tokio::net::UnixDatagram;
 
 pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, Upstreams};
@@ -45,9 +53,8 @@ pub use dhcp::LeaseEvent;
 pub use leases::{Lease, LeaseStore, MemoryLeaseStore, StoreError};
 
 use dhcp::DhcpServer;
-use dns::{Decision, Zone};
+use dns::Zone;
 use upstream::UpstreamSet;
-use wire::Inbound;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -268,7 +275,7 @@ impl Gateway {
 
     /// Names a MAC by its port's label, for VMs that send no DHCP hostname.
     pub fn set_name_hint(&self, mac: Mac, name: &str) {
-        if let Some(label) = dhcp::sanitize_hostname(name) {
+        if let Some(label) = names::sanitize_hostname(name) {
             self.shared.state().dhcp.set_name_hint(mac, label);
         }
     }
@@ -369,470 +376,14 @@ fn new_tcp_dns(cfg: &GatewayConfig, counters: &Arc<GatewayCounters>) -> tcp_dns:
     )
 }
 
-/// Runs the gateway's frame loop, and runs it again if it ever dies of a panic that
-/// escaped the handlers' containment: the leases, flows and names live in `Shared`
-/// and outlive the loop, so a restart loses at most the frames in hand.
-async fn supervise(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
-    /// Aborts the loop when the supervisor itself is aborted (the gateway dropped).
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    loop {
-        let mut run = AbortOnDrop(tokio::spawn(serve(shared.clone(), sock.clone())));
-        match (&mut run.0).await {
-            // The loop returns only when the port is gone: the gateway was removed.
-            Ok(()) => return,
-            Err(e) if e.is_panic() => {
-                shared.panics.record(contain::Service::Task);
-                tracing::error!(subnet = %shared.cfg.subnet, "gateway task panicked; restarting it with its leases");
-                // A pause, so an input that kills the loop every time cannot spin a core.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(_) => return,
-        }
-    }
-}
-
-async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
-    let mut buf = vec![0u8; 65536 + 64];
-    // Answers of forwarded TCP queries come back here, to be written by this task.
-    let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::unbounded_channel::<(smoltcp::iface::SocketHandle, Vec<u8>)>();
-    loop {
-        let (next, tcp_delay) = {
-            let mut st = shared.state();
-            (st.dhcp.next_expiry(), st.tcp.poll_delay())
-        };
-        let nat_delay = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll_delay();
-        let sleep = match next {
-            Some(at) => Duration::from_secs(at.saturating_sub(unix_now())),
-            None => Duration::from_secs(24 * 3600),
-        };
-        let tcp_sleep = tcp_delay.unwrap_or(Duration::from_secs(24 * 3600));
-        let nat_sleep = nat_delay.unwrap_or(Duration::from_secs(24 * 3600));
-        tokio::select! {
-            r = sock.recv(&mut buf) => match r {
-                Ok(n) => {
-                    // Take what else is waiting too, up to a batch, and run the TCP
-                    // stacks once for all of it.
-                    let mut tcp_touched = false;
-                    let mut len = Some(n);
-                    let mut taken = 0;
-                    while let Some(n) = len {
-                        #[cfg(test)]
-                        tests::panic_if_marked(&buf[..n], tests::TASK_MARK);
-                        let (replies, touched) = handle_frame(&shared, &sock, &buf[..n]);
-                        tcp_touched |= touched;
-                        for reply in replies {
-                            let _ = sock.send(&reply).await;
-                        }
-                        taken += 1;
-                        len = if taken < BATCH { sock.try_recv(&mut buf).ok() } else { None };
-                    }
-                    shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll_pending();
-                    if tcp_touched {
-                        run_tcp(&shared, &sock, &tcp_tx).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("gateway port closed: {e}");
-                    return;
-                }
-            },
-            Some((handle, answer)) = tcp_rx.recv() => {
-                shared.state().tcp.deliver(handle, &answer);
-                run_tcp(&shared, &sock, &tcp_tx).await;
-            }
-            _ = tokio::time::sleep(tcp_sleep) => run_tcp(&shared, &sock, &tcp_tx).await,
-            _ = tokio::time::sleep(nat_sleep) => shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll(),
-            _ = tokio::time::sleep(sleep) => {
-                let gone = shared.state().dhcp.expire(unix_now());
-                for ev in gone {
-                    shared.emit(ev);
-                }
-            }
-        }
-    }
-}
-
-/// Runs the TCP DNS stack, sends what it produced and forwards what it must.
-async fn run_tcp(
-    shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
-    answers: &tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>,
-) {
-    let out = {
-        let mut st = shared.state();
-        let State { tcp, zone, .. } = &mut *st;
-        match contain::contained(&shared.panics, contain::Service::DnsTcp, &[], || tcp.poll(zone)) {
-            Some(out) => out,
-            None => {
-                // The stack's state is unknown after a panic inside it: start it anew
-                // (its connections are lost; the clients retry).
-                *tcp = new_tcp_dns(&shared.cfg, &shared.counters);
-                return;
-            }
-        }
-    };
-    let c = &shared.counters;
-    c.dns_local.fetch_add(out.local, Ordering::Relaxed);
-    c.dns_nxdomain.fetch_add(out.nxdomain, Ordering::Relaxed);
-    c.dns_malformed.fetch_add(out.malformed, Ordering::Relaxed);
-    c.dns_tcp_refused.fetch_add(out.refused, Ordering::Relaxed);
-    for frame in out.frames {
-        let _ = sock.send(&frame).await;
-    }
-    for (handle, query) in out.forward {
-        let client = Ipv4Addr::UNSPECIFIED; // TCP connections share one in-flight budget
-        spawn_forward(shared, sock, query, client, ReplyTo::Tcp(handle), Some(answers.clone()));
-    }
-}
-
-/// Answers one frame; returns the frames to send back now, and whether the TCP stack
-/// got the frame and needs a run. Forwarded DNS queries are answered by their own task.
-/// Each step runs contained (see `contain`): a panic drops this frame only.
-fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
-    use contain::{contained, Service};
-    let inbound = match contained(&shared.panics, Service::Frame, frame, || wire::classify(frame)) {
-        Some(Ok(i)) => i,
-        Some(Err(_)) => {
-            GatewayCounters::inc(&shared.counters.malformed_frames);
-            return (vec![], false);
-        }
-        None => return (vec![], false),
-    };
-    let service = service_of(&shared.cfg, &inbound);
-    contained(&shared.panics, service, frame, || {
-        #[cfg(test)]
-        tests::panic_if_marked(frame, tests::HANDLER_MARK);
-        let (tcp_touched, mut out) = feed_tcp(shared, sock, frame, &inbound);
-        out.extend(answer_frame(shared, sock, frame, inbound));
-        (out, tcp_touched)
-    })
-    .unwrap_or_default()
-}
-
-/// The service a classified frame is for, to name it when its handler panics.
-fn service_of(cfg: &GatewayConfig, inbound: &Inbound<'_>) -> contain::Service {
-    use contain::Service;
-    match inbound {
-        Inbound::Arp { .. } => Service::Arp,
-        Inbound::IcmpEcho { dst_ip, .. } if cfg.is_gateway_ip(*dst_ip) => Service::Icmp,
-        Inbound::IcmpEcho { .. } => Service::IcmpNat,
-        Inbound::Udp { dst_port: 67, .. } => Service::Dhcp,
-        Inbound::Udp {
-            dst_ip, dst_port: 53, ..
-        } if cfg.is_gateway_ip(*dst_ip) => Service::Dns,
-        Inbound::Udp { .. } => Service::UdpNat,
-        Inbound::Tcp(head) if cfg.is_gateway_ip(*head.dst.ip()) && head.dst.port() == 53 => Service::DnsTcp,
-        Inbound::Tcp(_) => Service::TcpNat,
-        Inbound::Ignored => Service::Frame,
-    }
-}
-
-/// Gives the TCP stacks the frames they need: TCP for the gateway's DNS goes to the DNS
-/// stack, TCP routed through the gateway (and a forward's connections to the gateway's
-/// address) to the NAT stack, and ARP about the gateway to both (smoltcp learns
-/// neighbours only from ARP). Returns whether the DNS stack needs a run; the NAT
-/// stack's answers are returned to send.
-fn feed_tcp(
-    shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
-    frame: &[u8],
-    inbound: &Inbound<'_>,
-) -> (bool, Vec<Vec<u8>>) {
-    let cfg = &shared.cfg;
-    match *inbound {
-        Inbound::Tcp(head) => {
-            let dst = *head.dst.ip();
-            let nat_key = tcp_nat::FlowKey {
-                guest: head.src,
-                peer: head.dst,
-            };
-            let forwarded =
-                cfg.is_gateway_ip(dst) && shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).knows(&nat_key);
-            if cfg.is_gateway_ip(dst) && !forwarded {
-                shared.state().tcp.input(frame);
-                return (true, vec![]);
-            }
-            if head.dst_mac == cfg.gateway_mac && (forwarded || routed_out(cfg, *head.src.ip(), dst)) {
-                return (false, tcp_nat::inbound(shared, sock, frame, head));
-            }
-            (false, vec![])
-        }
-        Inbound::Arp {
-            target_ip, sender_ip, ..
-        } if cfg.is_gateway_ip(target_ip) && sender_ip != target_ip => {
-            shared.state().tcp.input(frame);
-            shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).input(frame);
-            (true, vec![])
-        }
-        _ => (false, vec![]),
-    }
-}
-
-fn answer_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], inbound: Inbound<'_>) -> Vec<Vec<u8>> {
-    let cfg = &shared.cfg;
-    let c = &shared.counters;
-    match &inbound {
-        Inbound::Arp {
-            sender_mac, sender_ip, ..
-        } => shared.saw(*sender_ip, *sender_mac),
-        Inbound::Udp { src_mac, src_ip, .. } => shared.saw(*src_ip, *src_mac),
-        Inbound::IcmpEcho { src_mac, src_ip, .. } => shared.saw(*src_ip, *src_mac),
-        _ => {}
-    }
-    match inbound {
-        Inbound::Arp {
-            op,
-            sender_mac,
-            sender_ip,
-            target_ip,
-        } => {
-            if sender_ip == target_ip {
-                GatewayCounters::inc(&c.arp_gratuitous);
-                if cfg.is_gateway_ip(sender_ip) && sender_mac != cfg.gateway_mac {
-                    GatewayCounters::inc(&c.arp_conflicts);
-                    tracing::warn!(%sender_mac, ip = %sender_ip, "a host claims a gateway address");
-                }
-                return vec![];
-            }
-            if op == ArpOperation::Request && cfg.answers_for(target_ip) {
-                GatewayCounters::inc(&c.arp_replies);
-                return vec![wire::arp_reply(cfg.gateway_mac, target_ip, sender_mac, sender_ip)];
-            }
-            vec![]
-        }
-        Inbound::IcmpEcho {
-            src_mac,
-            src_ip,
-            dst_ip,
-            ident,
-            seq_no,
-            data,
-            ..
-        } if cfg.is_gateway_ip(dst_ip) => {
-            GatewayCounters::inc(&c.icmp_echo_replies);
-            vec![wire::icmp_echo_reply(
-                cfg.gateway_mac,
-                src_mac,
-                dst_ip,
-                src_ip,
-                ident,
-                seq_no,
-                data,
-            )]
-        }
-        Inbound::Udp {
-            dst_port: 67,
-            src_port: 68,
-            dst_ip,
-            src_mac,
-            payload,
-            ..
-        } if dst_ip == Ipv4Addr::BROADCAST || cfg.is_gateway_ip(dst_ip) => {
-            let (reply, event) = shared.state().dhcp.handle(payload, src_mac, unix_now());
-            if let Some(ev) = event {
-                shared.emit(ev);
-            }
-            reply
-                .map(|r| {
-                    wire::udp_frame(
-                        cfg.gateway_mac,
-                        r.dst_mac,
-                        (cfg.gateway_ip, 67),
-                        (r.dst_ip, 68),
-                        &r.bytes,
-                    )
-                })
-                .into_iter()
-                .collect()
-        }
-        Inbound::Udp {
-            dst_port: 53,
-            src_mac,
-            src_ip,
-            dst_ip,
-            src_port,
-            payload,
-            ..
-        } if cfg.is_gateway_ip(dst_ip) => {
-            let reply_to =
-                move |bytes: &[u8]| wire::udp_frame(cfg.gateway_mac, src_mac, (dst_ip, 53), (src_ip, src_port), bytes);
-            let decision = dns::decide(&shared.state().zone, payload);
-            match decision {
-                Err(dns::Malformed) => {
-                    GatewayCounters::inc(&c.dns_malformed);
-                    vec![]
-                }
-                Ok(Decision::Answer { bytes, nxdomain }) => {
-                    GatewayCounters::inc(if nxdomain { &c.dns_nxdomain } else { &c.dns_local });
-                    vec![reply_to(&bytes)]
-                }
-                Ok(Decision::Forward) => {
-                    let to = ReplyTo::Udp {
-                        client_mac: src_mac,
-                        client: (src_ip, src_port),
-                        server_ip: dst_ip,
-                    };
-                    spawn_forward(shared, sock, payload.to_vec(), src_ip, to, None);
-                    vec![]
-                }
-            }
-        }
-        // A ping routed through the gateway: re-sent from the host.
-        Inbound::IcmpEcho {
-            src_mac,
-            dst_mac,
-            src_ip,
-            dst_ip,
-            ident,
-            seq_no,
-            data,
-        } if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => {
-            let key = icmp_nat::FlowKey {
-                guest: src_ip,
-                ident,
-                dst: dst_ip,
-            };
-            icmp_nat::outbound(shared, sock, frame, src_mac, key, seq_no, data)
-                .into_iter()
-                .collect()
-        }
-        // A guest answering a forwarded client.
-        Inbound::Udp {
-            dst_ip,
-            dst_port,
-            src_ip,
-            payload,
-            ..
-        } if dst_ip == cfg.gateway_ip && forward::reply(shared, dst_port, src_ip, payload) => {
-            vec![]
-        }
-        // Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
-        Inbound::Udp {
-            src_mac,
-            dst_mac,
-            src_ip,
-            dst_ip,
-            src_port,
-            dst_port,
-            payload,
-        } if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => {
-            let key = udp_nat::FlowKey {
-                guest: std::net::SocketAddrV4::new(src_ip, src_port),
-                dst: std::net::SocketAddrV4::new(dst_ip, dst_port),
-            };
-            udp_nat::outbound(shared, sock, frame, src_mac, key, payload)
-                .into_iter()
-                .collect()
-        }
-        _ => vec![],
-    }
-}
-
-/// Whether a packet from `src` to `dst`, sent to the gateway's MAC, leaves the network
-/// through it: from a guest, to an address outside the subnet or the host-access one.
-fn routed_out(cfg: &GatewayConfig, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-    let inside = cfg.subnet.contains(&dst) && cfg.host_access != Some(dst);
-    cfg.subnet.contains(&src) && !cfg.is_gateway_ip(dst) && !inside && !dst.is_broadcast() && !dst.is_multicast()
-}
-
-/// Releases a query's place in the in-flight bounds when its task ends.
-struct InflightGuard {
-    shared: Arc<Shared>,
-    client: Ipv4Addr,
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.shared.inflight_total.fetch_sub(1, Ordering::Relaxed);
-        let mut map = self.shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.client);
-            }
-        }
-    }
-}
-
-fn spawn_forward(
-    shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
-    query: Vec<u8>,
-    client_ip: Ipv4Addr,
-    reply_to: ReplyTo,
-    tcp_answers: Option<tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>>,
-) {
-    let cfg = &shared.cfg;
-    {
-        let mut map = shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = map.entry(client_ip).or_insert(0);
-        if *mine >= cfg.dns_inflight_per_client
-            || shared.inflight_total.load(Ordering::Relaxed) >= cfg.dns_inflight_total
-        {
-            GatewayCounters::inc(&shared.counters.dns_dropped);
-            if *mine == 0 {
-                map.remove(&client_ip);
-            }
-            return;
-        }
-        *mine += 1;
-        shared.inflight_total.fetch_add(1, Ordering::Relaxed);
-    }
-    let guard = InflightGuard {
-        shared: shared.clone(),
-        client: client_ip,
-    };
-    let sock = sock.clone();
-    tokio::spawn(async move {
-        let shared = guard.shared.clone();
-        let upstreams = shared.upstreams.current();
-        let answer = upstream::forward(&query, &upstreams, shared.cfg.dns_timeout).await;
-        let bytes = match answer {
-            Some(a) => {
-                GatewayCounters::inc(&shared.counters.dns_forwarded);
-                a
-            }
-            None => {
-                GatewayCounters::inc(&shared.counters.dns_servfail);
-                match dns::servfail(&query) {
-                    Some(b) => b,
-                    None => return,
-                }
-            }
-        };
-        match (reply_to, tcp_answers) {
-            (
-                ReplyTo::Udp {
-                    client_mac,
-                    client,
-                    server_ip,
-                },
-                _,
-            ) => {
-                let cfg = &shared.cfg;
-                let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
-                let _ = sock.send(&frame).await;
-            }
-            (ReplyTo::Tcp(handle), Some(tx)) => {
-                let _ = tx.send((handle, bytes));
-            }
-            (ReplyTo::Tcp(_), None) => {}
-        }
-        drop(guard);
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use dhcproto::v4::{DhcpOption, MessageType};
     use dhcproto::{Decodable, Encodable};
     use std::os::unix::net::UnixDatagram as StdDatagram;
+    use std::time::Duration;
+    use wire::Inbound;
 
     /// Frames carrying these bytes make the handler (or the loop, outside the
     /// handlers' containment) panic, standing for a bug that a guest's input finds.
