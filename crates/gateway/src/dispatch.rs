@@ -74,13 +74,13 @@ pub(crate) fn feed_tcp(
                 peer: head.dst,
             };
             let forwarded =
-                cfg.is_gateway_ip(dst) && shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).knows(&nat_key);
+                cfg.is_gateway_ip(dst) && shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).knows(&nat_key);
             if cfg.is_gateway_ip(dst) && !forwarded {
                 shared.state().tcp.input(frame);
                 return (true, vec![]);
             }
             if head.dst_mac == cfg.gateway_mac && (forwarded || routed_out(cfg, *head.src.ip(), dst)) {
-                return (false, tcp_nat::inbound(shared, sock, frame, head));
+                return (false, tcp_nat::inbound(&shared.tcp, sock, frame, head));
             }
             (false, vec![])
         }
@@ -88,7 +88,7 @@ pub(crate) fn feed_tcp(
             target_ip, sender_ip, ..
         } if cfg.is_gateway_ip(target_ip) && sender_ip != target_ip => {
             shared.state().tcp.input(frame);
-            shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).input(frame);
+            shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).input(frame);
             (true, vec![])
         }
         _ => (false, vec![]),
@@ -106,9 +106,9 @@ pub(crate) fn answer_frame(
     match &inbound {
         Inbound::Arp {
             sender_mac, sender_ip, ..
-        } => shared.saw(*sender_ip, *sender_mac),
-        Inbound::Udp { src_mac, src_ip, .. } => shared.saw(*src_ip, *src_mac),
-        Inbound::IcmpEcho { src_mac, src_ip, .. } => shared.saw(*src_ip, *src_mac),
+        } => shared.ctx.neighbours.saw(*sender_ip, *sender_mac),
+        Inbound::Udp { src_mac, src_ip, .. } => shared.ctx.neighbours.saw(*src_ip, *src_mac),
+        Inbound::IcmpEcho { src_mac, src_ip, .. } => shared.ctx.neighbours.saw(*src_ip, *src_mac),
         _ => {}
     }
     match inbound {
@@ -224,7 +224,7 @@ pub(crate) fn answer_frame(
                 ident,
                 dst: dst_ip,
             };
-            icmp_nat::outbound(shared, sock, frame, src_mac, key, seq_no, data)
+            icmp_nat::outbound(&shared.icmp, sock, frame, src_mac, key, seq_no, data)
                 .into_iter()
                 .collect()
         }
@@ -235,7 +235,7 @@ pub(crate) fn answer_frame(
             src_ip,
             payload,
             ..
-        } if dst_ip == cfg.gateway_ip && forward::reply(shared, dst_port, src_ip, payload) => {
+        } if dst_ip == cfg.gateway_ip && forward::reply(&shared.forwards, dst_port, src_ip, payload) => {
             vec![]
         }
         // Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
@@ -252,7 +252,7 @@ pub(crate) fn answer_frame(
                 guest: std::net::SocketAddrV4::new(src_ip, src_port),
                 dst: std::net::SocketAddrV4::new(dst_ip, dst_port),
             };
-            udp_nat::outbound(shared, sock, frame, src_mac, key, payload)
+            udp_nat::outbound(&shared.udp, sock, frame, src_mac, key, payload)
                 .into_iter()
                 .collect()
         }

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UdpSocket, UnixDatagram};
 
 use crate::counters::GatewayCounters;
-use crate::{wire, Shared};
+use crate::ctx::Ctx;
+use crate::wire;
 
 /// Gateway-side ports handed to forward flows (outside Linux's usual ephemeral range,
 /// which the gateway never binds: these ports exist only in frames to guests).
@@ -62,6 +63,14 @@ pub(crate) struct ClientFlow {
     pub client: SocketAddr,
     pub forward: u64,
     pub last: Instant,
+}
+
+/// Host listeners carried to guest ports: the forwards beside the context and the TCP
+/// translator that carries their connections.
+pub(crate) struct ForwardService {
+    pub ctx: Arc<Ctx>,
+    pub table: std::sync::Mutex<Forwards>,
+    pub tcp: Arc<crate::tcp_nat::TcpService>,
 }
 
 #[derive(Default)]
@@ -105,7 +114,7 @@ impl Forwards {
 
 /// Starts a forward from `host` to `guest`.
 pub(crate) fn add(
-    shared: &Arc<Shared>,
+    svc: &Arc<ForwardService>,
     port: &Arc<UnixDatagram>,
     rt: &tokio::runtime::Handle,
     protocol: Protocol,
@@ -113,7 +122,7 @@ pub(crate) fn add(
     guest: SocketAddrV4,
 ) -> std::io::Result<ForwardInfo> {
     let _g = rt.enter();
-    let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+    let mut fw = svc.table.lock().unwrap_or_else(|p| p.into_inner());
     let id = fw.next_id + 1;
     let (info, task) = match protocol {
         Protocol::Udp => {
@@ -126,7 +135,7 @@ pub(crate) fn add(
                 host: socket.local_addr()?,
                 guest,
             };
-            let task = rt.spawn(serve(shared.clone(), port.clone(), socket, info.clone()));
+            let task = rt.spawn(serve(svc.clone(), port.clone(), socket, info.clone()));
             (info, task)
         }
         Protocol::Tcp => {
@@ -139,7 +148,7 @@ pub(crate) fn add(
                 host: listener.local_addr()?,
                 guest,
             };
-            let task = rt.spawn(accept(shared.clone(), listener, guest));
+            let task = rt.spawn(accept(svc.clone(), listener, guest));
             (info, task)
         }
     };
@@ -155,8 +164,8 @@ pub(crate) fn add(
 }
 
 /// Stops a forward: its socket closes and its flows are forgotten.
-pub(crate) fn remove(shared: &Shared, id: u64) -> bool {
-    let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+pub(crate) fn remove(svc: &ForwardService, id: u64) -> bool {
+    let mut fw = svc.table.lock().unwrap_or_else(|p| p.into_inner());
     let Some(entry) = fw.entries.remove(&id) else {
         return false;
     };
@@ -165,15 +174,15 @@ pub(crate) fn remove(shared: &Shared, id: u64) -> bool {
     true
 }
 
-async fn accept(shared: Arc<Shared>, listener: TcpListener, guest: SocketAddrV4) {
+async fn accept(svc: Arc<ForwardService>, listener: TcpListener, guest: SocketAddrV4) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) if !crate::fd_budget::admits(&stream) => {
-                crate::counters::GatewayCounters::inc(&shared.counters.fd_budget_refused);
+                crate::counters::GatewayCounters::inc(&svc.ctx.counters.fd_budget_refused);
                 drop(stream);
             }
             Ok((stream, _)) => {
-                tokio::spawn(crate::tcp_nat::forward_client(shared.clone(), guest, stream));
+                tokio::spawn(crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream));
             }
             // Out of descriptors and the like: wait rather than spin.
             Err(e) => {
@@ -184,28 +193,28 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener, guest: SocketAddrV4)
     }
 }
 
-async fn serve(shared: Arc<Shared>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {
-    let cfg = shared.cfg.clone();
+async fn serve(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {
+    let cfg = svc.ctx.cfg.clone();
     let mut buf = vec![0u8; 65536];
     loop {
         let Ok((n, client)) = socket.recv_from(&mut buf).await else {
             return;
         };
         let guest_ip = *info.guest.ip();
-        let Some(mac) = shared.neighbour(guest_ip) else {
+        let Some(mac) = svc.ctx.neighbours.get(guest_ip) else {
             // Not seen yet: ask, and let the client's retry find it.
-            GatewayCounters::inc(&shared.counters.forward_dropped);
+            GatewayCounters::inc(&svc.ctx.counters.forward_dropped);
             let _ = port
                 .send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, guest_ip))
                 .await;
             continue;
         };
         let flow_port = {
-            let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fw = svc.table.lock().unwrap_or_else(|p| p.into_inner());
             fw.port_for(info.id, client, &socket, cfg.udp_idle)
         };
         let Some(flow_port) = flow_port else {
-            GatewayCounters::inc(&shared.counters.forward_dropped);
+            GatewayCounters::inc(&svc.ctx.counters.forward_dropped);
             continue;
         };
         let frame = wire::udp_frame(
@@ -220,9 +229,9 @@ async fn serve(shared: Arc<Shared>, port: Arc<UnixDatagram>, socket: Arc<UdpSock
 }
 
 /// A guest's reply to `gateway:flow_port`: back to the client of that flow, if any.
-pub(crate) fn reply(shared: &Shared, flow_port: u16, guest: Ipv4Addr, payload: &[u8]) -> bool {
+pub(crate) fn reply(svc: &ForwardService, flow_port: u16, guest: Ipv4Addr, payload: &[u8]) -> bool {
     let target = {
-        let mut fw = shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fw = svc.table.lock().unwrap_or_else(|p| p.into_inner());
         let Some(forward) = fw.flows.get(&flow_port).map(|f| f.forward) else {
             return false;
         };

@@ -21,8 +21,8 @@ use tokio::net::{UdpSocket, UnixDatagram};
 use tokio::sync::mpsc;
 
 use crate::counters::GatewayCounters;
+use crate::ctx::Ctx;
 use crate::wire;
-use crate::Shared;
 
 /// Echo flows at most per guest and per network: a ping per destination is the usual
 /// use, so these are far above what a well-behaved guest needs.
@@ -34,6 +34,12 @@ pub(crate) struct FlowKey {
     pub guest: Ipv4Addr,
     pub ident: u16,
     pub dst: Ipv4Addr,
+}
+
+/// Guest pings re-originated from host ping sockets: the flow table beside the context.
+pub(crate) struct IcmpNat {
+    pub ctx: Arc<Ctx>,
+    pub flows: std::sync::Mutex<FlowTable>,
 }
 
 #[derive(Default)]
@@ -95,7 +101,7 @@ fn open(kind: Kind) -> std::io::Result<std::net::UdpSocket> {
 /// Returns a frame for the guest when the request is refused (ICMP prohibited).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn outbound(
-    shared: &Arc<Shared>,
+    svc: &Arc<IcmpNat>,
     port: &Arc<UnixDatagram>,
     frame: &[u8],
     guest_mac: Mac,
@@ -103,9 +109,9 @@ pub(crate) fn outbound(
     seq_no: u16,
     data: &[u8],
 ) -> Option<Vec<u8>> {
-    let cfg = &shared.cfg;
-    let c = &shared.counters;
-    let mut table = shared.icmp_flows.lock().unwrap_or_else(|p| p.into_inner());
+    let cfg = &svc.ctx.cfg;
+    let c = &svc.ctx.counters;
+    let mut table = svc.flows.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(tx) = table.flows.get(&key) {
         if tx.try_send((seq_no, data.to_vec())).is_err() {
             GatewayCounters::inc(&c.nat_icmp_dropped);
@@ -113,7 +119,7 @@ pub(crate) fn outbound(
         return None;
     }
     let host_access = cfg.host_access == Some(key.dst);
-    if shared.egress_refused(key.dst, 0, crate::policy::Proto::Icmp) {
+    if svc.ctx.egress.refused(key.dst, 0, crate::policy::Proto::Icmp) {
         return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
     }
     let mine = table.per_guest.count(key.guest);
@@ -142,12 +148,12 @@ pub(crate) fn outbound(
     let _ = tx.try_send((seq_no, data.to_vec()));
     table.flows.insert(key, tx);
     table.per_guest.add(key.guest);
-    tokio::spawn(run_flow(shared.clone(), port.clone(), sock, kind, rx, key, guest_mac));
+    tokio::spawn(run_flow(svc.clone(), port.clone(), sock, kind, rx, key, guest_mac));
     None
 }
 
 async fn run_flow(
-    shared: Arc<Shared>,
+    svc: Arc<IcmpNat>,
     port: Arc<UnixDatagram>,
     sock: UdpSocket,
     kind: Kind,
@@ -155,8 +161,8 @@ async fn run_flow(
     key: FlowKey,
     guest_mac: Mac,
 ) {
-    let cfg = shared.cfg.clone();
-    let c = &shared.counters;
+    let cfg = svc.ctx.cfg.clone();
+    let c = &svc.ctx.counters;
     // A datagram socket's identifier is rewritten by the kernel; a raw one keeps ours.
     let host_ident: u16 = rand::random();
     let caps = ChecksumCapabilities::default();
@@ -197,5 +203,5 @@ async fn run_flow(
             _ = tokio::time::sleep(cfg.icmp_idle) => break,
         }
     }
-    shared.icmp_flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    svc.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
 }

@@ -30,6 +30,7 @@ pub mod udp_nat;
 pub mod upstream;
 pub mod wire;
 
+mod ctx;
 mod dispatch;
 mod dns_forward;
 mod serve;
@@ -93,60 +94,20 @@ enum ReplyTo {
 struct Shared {
     cfg: Arc<GatewayConfig>,
     counters: Arc<GatewayCounters>,
+    ctx: Arc<ctx::Ctx>,
     panics: Arc<contain::PanicCounters>,
     state: Mutex<State>,
     upstreams: UpstreamSet,
     inflight_total: AtomicUsize,
     inflight_by_client: Mutex<HashMap<Ipv4Addr, usize>>,
     events: Mutex<Option<mpsc::Sender<LeaseEvent>>>,
-    udp_flows: Mutex<udp_nat::FlowTable>,
-    forwards: Mutex<forward::Forwards>,
-    /// Guest addresses and the MACs they were last seen with.
-    neighbours: Mutex<HashMap<Ipv4Addr, Mac>>,
-    /// The egress policy in force (starts as the config's, replaceable at run time).
-    egress: Mutex<policy::EgressPolicy>,
-    /// The other networks' subnets, which the egress policy keeps out of reach.
-    other_subnets: Mutex<Vec<ipnet::Ipv4Net>>,
-    host_addrs: policy::HostAddresses,
-    tcp_nat: Mutex<tcp_nat::TcpNat>,
-    icmp_flows: Mutex<icmp_nat::FlowTable>,
+    udp: Arc<udp_nat::UdpNat>,
+    icmp: Arc<icmp_nat::IcmpNat>,
+    tcp: Arc<tcp_nat::TcpService>,
+    forwards: Arc<forward::ForwardService>,
 }
 
 impl Shared {
-    fn neighbour(&self, ip: Ipv4Addr) -> Option<Mac> {
-        self.neighbours
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&ip)
-            .copied()
-    }
-
-    /// Remembers where a guest address was seen (bounded: a guest cannot grow it past
-    /// the subnet).
-    fn saw(&self, ip: Ipv4Addr, mac: Mac) {
-        if self.cfg.subnet.contains(&ip) && !ip.is_unspecified() && mac.is_unicast() {
-            self.neighbours
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(ip, mac);
-        }
-    }
-
-    /// Whether the egress policy refuses `dst:port` over `proto` (counted when it does).
-    /// The host-access address is not subject to it: the network enabled it.
-    fn egress_refused(&self, dst: Ipv4Addr, port: u16, proto: policy::Proto) -> bool {
-        if self.cfg.host_access == Some(dst) {
-            return false;
-        }
-        let others = self.other_subnets.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let egress = self.egress.lock().unwrap_or_else(|p| p.into_inner());
-        let refused = egress.check(dst, port, proto, &others, &self.host_addrs).is_err();
-        if refused {
-            GatewayCounters::inc(&self.counters.egress_denied);
-        }
-        refused
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -201,8 +162,7 @@ impl Gateway {
             }
         }
         let (tx, rx) = mpsc::channel();
-        let cfg_egress = cfg.egress.clone();
-        let tcp = new_tcp_dns(&cfg, &counters);
+        let tcp_dns = new_tcp_dns(&cfg, &counters);
         let panics = Arc::new(contain::PanicCounters::default());
         let (port, fd) = switch.add_port(network, "gateway")?;
         switch.set_port_trusted(port, true)?;
@@ -213,26 +173,42 @@ impl Gateway {
             Arc::new(UnixDatagram::from_std(std_sock)?)
         };
         let nat = tcp_nat::TcpNat::new(&cfg, sock.clone(), counters.clone(), panics.clone());
+        let ctx = Arc::new(ctx::Ctx::new(cfg.clone(), counters.clone()));
+        let tcp = Arc::new(tcp_nat::TcpService {
+            ctx: ctx.clone(),
+            nat: Mutex::new(nat),
+        });
         let shared = Arc::new(Shared {
             panics,
-            tcp_nat: Mutex::new(nat),
-            icmp_flows: Mutex::default(),
+            udp: Arc::new(udp_nat::UdpNat {
+                ctx: ctx.clone(),
+                flows: Mutex::default(),
+            }),
+            icmp: Arc::new(icmp_nat::IcmpNat {
+                ctx: ctx.clone(),
+                flows: Mutex::default(),
+            }),
+            forwards: Arc::new(forward::ForwardService {
+                ctx: ctx.clone(),
+                table: Mutex::default(),
+                tcp: tcp.clone(),
+            }),
+            tcp,
+            ctx,
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
             cfg,
             counters,
-            state: Mutex::new(State { dhcp, zone, tcp }),
+            state: Mutex::new(State {
+                dhcp,
+                zone,
+                tcp: tcp_dns,
+            }),
             inflight_total: AtomicUsize::new(0),
             inflight_by_client: Mutex::new(HashMap::new()),
             events: Mutex::new(Some(tx)),
-            udp_flows: Mutex::default(),
-            forwards: Mutex::default(),
-            neighbours: Mutex::default(),
-            other_subnets: Mutex::default(),
-            egress: Mutex::new(cfg_egress),
-            host_addrs: policy::HostAddresses::default(),
         });
         let task = rt.spawn(supervise(shared.clone(), sock.clone()));
-        let writer = rt.spawn(tcp_nat::write_outbox(shared.clone()));
+        let writer = rt.spawn(tcp_nat::write_outbox(shared.tcp.clone()));
         Ok(Gateway {
             shared,
             rt: rt.clone(),
@@ -304,16 +280,16 @@ impl Gateway {
                 format!("{} is not on this network", guest.ip()),
             ));
         }
-        forward::add(&self.shared, &self.sock, &self.rt, protocol, host, guest)
+        forward::add(&self.shared.forwards, &self.sock, &self.rt, protocol, host, guest)
     }
 
     /// Stops a forward; returns whether there was one.
     pub fn remove_forward(&self, id: u64) -> bool {
-        forward::remove(&self.shared, id)
+        forward::remove(&self.shared.forwards, id)
     }
 
     pub fn forwards(&self) -> Vec<forward::ForwardInfo> {
-        let fw = self.shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        let fw = self.shared.forwards.table.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = fw.entries.values().map(|e| e.info.clone()).collect();
         v.sort_by_key(|f| f.id);
         v
@@ -321,26 +297,26 @@ impl Gateway {
 
     /// The UDP flows the gateway carries for its guests now.
     pub fn udp_flows(&self) -> Vec<udp_nat::FlowInfo> {
-        self.shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner()).list()
+        self.shared.udp.flows.lock().unwrap_or_else(|p| p.into_inner()).list()
     }
 
     /// The TCP connections the gateway carries for its guests now (egress and forwards).
     pub fn tcp_flows(&self) -> Vec<tcp_nat::TcpFlowInfo> {
-        tcp_nat::list(&self.shared)
+        tcp_nat::list(&self.shared.tcp)
     }
 
     /// Replaces the egress policy; it applies to flows opened from now on.
     pub fn set_egress_policy(&self, policy: policy::EgressPolicy) {
-        *self.shared.egress.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+        self.shared.ctx.egress.set_policy(policy);
     }
 
     pub fn egress_policy(&self) -> policy::EgressPolicy {
-        self.shared.egress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared.ctx.egress.policy()
     }
 
     /// Tells the gateway the other networks' subnets, which its guests may not reach.
     pub fn set_other_subnets(&self, subnets: Vec<ipnet::Ipv4Net>) {
-        *self.shared.other_subnets.lock().unwrap_or_else(|p| p.into_inner()) = subnets;
+        self.shared.ctx.egress.set_other_subnets(subnets);
     }
 
     /// Publishes a name that no lease backs (a host with a static address).

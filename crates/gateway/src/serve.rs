@@ -45,7 +45,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
             let mut st = shared.state();
             (st.dhcp.next_expiry(), st.tcp.poll_delay())
         };
-        let nat_delay = shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll_delay();
+        let nat_delay = shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).poll_delay();
         let sleep = match next {
             Some(at) => Duration::from_secs(at.saturating_sub(unix_now())),
             None => Duration::from_secs(24 * 3600),
@@ -71,7 +71,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
                         taken += 1;
                         len = if taken < BATCH { sock.try_recv(&mut buf).ok() } else { None };
                     }
-                    shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll_pending();
+                    shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).poll_pending();
                     if tcp_touched {
                         run_tcp(&shared, &sock, &tcp_tx).await;
                     }
@@ -86,7 +86,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
                 run_tcp(&shared, &sock, &tcp_tx).await;
             }
             _ = tokio::time::sleep(tcp_sleep) => run_tcp(&shared, &sock, &tcp_tx).await,
-            _ = tokio::time::sleep(nat_sleep) => shared.tcp_nat.lock().unwrap_or_else(|p| p.into_inner()).poll(),
+            _ = tokio::time::sleep(nat_sleep) => shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).poll(),
             _ = tokio::time::sleep(sleep) => {
                 let gone = shared.state().dhcp.expire(unix_now());
                 for ev in gone {

@@ -36,9 +36,9 @@ use tokio::net::{TcpStream, UnixDatagram};
 use tokio::sync::Notify;
 
 use crate::counters::GatewayCounters;
+use crate::ctx::Ctx;
 use crate::stack::{Queue, UNSCALED_WINDOW};
 use crate::wire::{self, TcpHead};
-use crate::Shared;
 
 /// A connection as the guest sees it: its own end and its peer's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +90,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(75);
 const EGRESS_PASSES: usize = 64;
 /// Gateway-side ports for forwarded connections, as the guest sees them.
 const FORWARD_PORTS: std::ops::Range<u16> = 30000..60000;
+
+/// Guest TCP translated to host sockets: the translator beside the context.
+pub(crate) struct TcpService {
+    pub ctx: Arc<Ctx>,
+    pub nat: Mutex<TcpNat>,
+}
 
 pub(crate) struct TcpNat {
     iface: Interface,
@@ -397,12 +403,12 @@ fn lock(nat: &Mutex<TcpNat>) -> MutexGuard<'_, TcpNat> {
 
 /// Takes a guest's TCP segment routed through the gateway; returns frames to send now.
 /// The caller runs the stack ([`TcpNat::poll_pending`]) after its batch of frames.
-pub(crate) fn inbound(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, frame: &[u8], head: TcpHead) -> Vec<Vec<u8>> {
+pub(crate) fn inbound(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, frame: &[u8], head: TcpHead) -> Vec<Vec<u8>> {
     let key = FlowKey {
         guest: head.src,
         peer: head.dst,
     };
-    let mut nat = lock(&shared.tcp_nat);
+    let mut nat = lock(&svc.nat);
     match nat.flows.get(&key).map(|f| &f.slot) {
         Some(Slot::Open(_)) => {}
         // The guest retransmits its SYN while the host side connects: the first one
@@ -410,7 +416,7 @@ pub(crate) fn inbound(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, frame: &[u
         Some(Slot::Connecting) => return vec![],
         None if head.is_open() => {
             drop(nat);
-            return open(shared, port, frame, key);
+            return open(svc, port, frame, key);
         }
         // Anything else for no connection: the stack answers with RST.
         None => {}
@@ -420,19 +426,19 @@ pub(crate) fn inbound(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, frame: &[u
 }
 
 /// A guest's new connection: checked, counted, then connected from the host.
-fn open(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey) -> Vec<Vec<u8>> {
-    let cfg = &shared.cfg;
-    let c = &shared.counters;
+fn open(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey) -> Vec<Vec<u8>> {
+    let cfg = &svc.ctx.cfg;
+    let c = &svc.ctx.counters;
     let dst = *key.peer.ip();
     let host_access = cfg.host_access == Some(dst);
     if cfg.is_gateway_ip(dst) {
         // The gateway's own address never leads to the host.
         return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
     }
-    if shared.egress_refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
+    if svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
         return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
     }
-    if !lock(&shared.tcp_nat).admit(key, Direction::Egress, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
+    if !lock(&svc.nat).admit(key, Direction::Egress, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
         GatewayCounters::inc(&c.nat_tcp_bounded);
         return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
     }
@@ -446,24 +452,24 @@ fn open(shared: &Arc<Shared>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey
     let socket = match start_connect(target) {
         Ok(s) if !crate::fd_budget::admits(&s) => {
             GatewayCounters::inc(&c.fd_budget_refused);
-            lock(&shared.tcp_nat).forget(&key);
+            lock(&svc.nat).forget(&key);
             return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
         }
         Ok(s) => s,
-        Err(e) => return refuse(shared, key, syn, target, e),
+        Err(e) => return refuse(svc, key, syn, target, e),
     };
     match connect_outcome(&socket) {
         Some(Ok(())) => match host_stream(socket) {
-            Ok(stream) => connected(shared, key, syn, stream),
-            Err(e) => refuse(shared, key, syn, target, e),
+            Ok(stream) => connected(svc, key, syn, stream),
+            Err(e) => refuse(svc, key, syn, target, e),
         },
-        Some(Err(e)) => refuse(shared, key, syn, target, e),
+        Some(Err(e)) => refuse(svc, key, syn, target, e),
         None => {
-            let (shared, port, syn) = (shared.clone(), port.clone(), syn.to_vec());
+            let (svc, port, syn) = (svc.clone(), port.clone(), syn.to_vec());
             tokio::spawn(async move {
-                let answer = match finish_connect(socket, shared.cfg.tcp_connect_timeout).await {
-                    Ok(stream) => connected(&shared, key, &syn, stream),
-                    Err(e) => refuse(&shared, key, &syn, target, e),
+                let answer = match finish_connect(socket, svc.ctx.cfg.tcp_connect_timeout).await {
+                    Ok(stream) => connected(&svc, key, &syn, stream),
+                    Err(e) => refuse(&svc, key, &syn, target, e),
                 };
                 for frame in answer {
                     let _ = port.send(&frame).await;
@@ -522,10 +528,10 @@ fn host_stream(fd: OwnedFd) -> std::io::Result<TcpStream> {
 
 /// The host side refused or failed: the guest's connect fails the same way (RST for a
 /// refusal, ICMP host unreachable otherwise).
-fn refuse(shared: &Shared, key: FlowKey, syn: &[u8], target: SocketAddrV4, e: std::io::Error) -> Vec<Vec<u8>> {
-    let cfg = &shared.cfg;
-    GatewayCounters::inc(&shared.counters.nat_tcp_refused);
-    lock(&shared.tcp_nat).forget(&key);
+fn refuse(svc: &TcpService, key: FlowKey, syn: &[u8], target: SocketAddrV4, e: std::io::Error) -> Vec<Vec<u8>> {
+    let cfg = &svc.ctx.cfg;
+    GatewayCounters::inc(&svc.ctx.counters.nat_tcp_refused);
+    lock(&svc.nat).forget(&key);
     tracing::debug!(%target, "guest connect failed on the host side: {e}");
     let answer = if e.kind() == std::io::ErrorKind::ConnectionRefused {
         wire::tcp_reset(cfg.gateway_mac, syn)
@@ -538,9 +544,9 @@ fn refuse(shared: &Shared, key: FlowKey, syn: &[u8], target: SocketAddrV4, e: st
 
 /// The host side is up: a socket takes the held SYN (its SYN-ACK leaves through the
 /// outbox) and a task starts relaying. Returns frames to send (a RST if it failed).
-fn connected(shared: &Arc<Shared>, key: FlowKey, syn: &[u8], stream: TcpStream) -> Vec<Vec<u8>> {
+fn connected(svc: &Arc<TcpService>, key: FlowKey, syn: &[u8], stream: TcpStream) -> Vec<Vec<u8>> {
     let opened = {
-        let mut nat = lock(&shared.tcp_nat);
+        let mut nat = lock(&svc.nat);
         let opened = nat.accept(key, syn, DEAD_PEER);
         nat.poll();
         // A SYN the socket did not take (it cannot happen for a SYN we classified,
@@ -554,28 +560,28 @@ fn connected(shared: &Arc<Shared>, key: FlowKey, syn: &[u8], stream: TcpStream) 
         opened.filter(|_| taken)
     };
     let Some((handle, notify)) = opened else {
-        return wire::tcp_reset(shared.cfg.gateway_mac, syn).into_iter().collect();
+        return wire::tcp_reset(svc.ctx.cfg.gateway_mac, syn).into_iter().collect();
     };
-    GatewayCounters::inc(&shared.counters.nat_tcp_flows);
-    tokio::spawn(relay(shared.clone(), key, handle, notify, stream));
+    GatewayCounters::inc(&svc.ctx.counters.nat_tcp_flows);
+    tokio::spawn(relay(svc.clone(), key, handle, notify, stream));
     vec![]
 }
 
 /// Connects a forward's host client to `guest` through the stack.
-pub(crate) async fn forward_client(shared: Arc<Shared>, guest: SocketAddrV4, stream: TcpStream) {
+pub(crate) async fn forward_client(svc: Arc<TcpService>, guest: SocketAddrV4, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let opened = {
-        let mut nat = lock(&shared.tcp_nat);
-        nat.connect(guest, shared.cfg.gateway_ip, &shared.cfg)
+        let mut nat = lock(&svc.nat);
+        nat.connect(guest, svc.ctx.cfg.gateway_ip, &svc.ctx.cfg)
     };
     let Some(opened) = opened else {
-        GatewayCounters::inc(&shared.counters.nat_tcp_bounded);
+        GatewayCounters::inc(&svc.ctx.counters.nat_tcp_bounded);
         reset(&stream);
         return;
     };
-    lock(&shared.tcp_nat).poll();
-    GatewayCounters::inc(&shared.counters.nat_tcp_flows);
-    relay(shared, opened.key, opened.handle, opened.notify, stream).await;
+    lock(&svc.nat).poll();
+    GatewayCounters::inc(&svc.ctx.counters.nat_tcp_flows);
+    relay(svc, opened.key, opened.handle, opened.notify, stream).await;
 }
 
 /// Closes the host socket with a reset rather than a FIN.
@@ -591,13 +597,13 @@ fn guest_finished(state: tcp::State) -> bool {
 
 /// Moves bytes between a connection's smoltcp socket and its host socket until both
 /// sides are done.
-async fn relay(shared: Arc<Shared>, key: FlowKey, handle: SocketHandle, notify: Arc<Notify>, stream: TcpStream) {
-    let c = &shared.counters;
+async fn relay(svc: Arc<TcpService>, key: FlowKey, handle: SocketHandle, notify: Arc<Notify>, stream: TcpStream) {
+    let c = &svc.ctx.counters;
     let (mut host_eof, mut host_shut, mut host_failed, mut established) = (false, false, false, false);
     loop {
         let (mut want_read, mut want_write) = (false, false);
         let finished = {
-            let mut nat = lock(&shared.tcp_nat);
+            let mut nat = lock(&svc.nat);
             let s = nat.sockets.get_mut::<tcp::Socket>(handle);
             if !established && s.state() == tcp::State::Established {
                 established = true;
@@ -676,14 +682,14 @@ async fn relay(shared: Arc<Shared>, key: FlowKey, handle: SocketHandle, notify: 
 }
 
 /// Writes the outbox whenever the port had no room for the stack's frames.
-pub(crate) async fn write_outbox(shared: Arc<Shared>) {
+pub(crate) async fn write_outbox(svc: Arc<TcpService>) {
     let (writer, port) = {
-        let nat = lock(&shared.tcp_nat);
+        let nat = lock(&svc.nat);
         (nat.writer.clone(), nat.port.clone())
     };
     loop {
         writer.notified().await;
-        while !lock(&shared.tcp_nat).flush() {
+        while !lock(&svc.nat).flush() {
             if port.writable().await.is_err() {
                 return;
             }
@@ -692,6 +698,6 @@ pub(crate) async fn write_outbox(shared: Arc<Shared>) {
 }
 
 /// The connections now carried, for the control plane.
-pub(crate) fn list(shared: &Shared) -> Vec<TcpFlowInfo> {
-    lock(&shared.tcp_nat).list()
+pub(crate) fn list(svc: &TcpService) -> Vec<TcpFlowInfo> {
+    lock(&svc.nat).list()
 }

@@ -19,8 +19,8 @@ use tokio::net::{UdpSocket, UnixDatagram};
 use tokio::sync::mpsc;
 
 use crate::counters::GatewayCounters;
+use crate::ctx::Ctx;
 use crate::wire;
-use crate::Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -37,6 +37,12 @@ pub(crate) struct Flow {
 pub struct FlowInfo {
     pub guest: SocketAddrV4,
     pub dst: SocketAddrV4,
+}
+
+/// Guest UDP re-originated from host sockets: the flow table beside the context.
+pub(crate) struct UdpNat {
+    pub ctx: Arc<Ctx>,
+    pub flows: std::sync::Mutex<FlowTable>,
 }
 
 #[derive(Default)]
@@ -66,16 +72,16 @@ impl FlowTable {
 /// Sends a guest's datagram on its flow, opening the flow first when needed. Returns a
 /// frame for the guest when the datagram is refused by policy (ICMP prohibited).
 pub(crate) fn outbound(
-    shared: &Arc<Shared>,
+    svc: &Arc<UdpNat>,
     port: &Arc<UnixDatagram>,
     frame: &[u8],
     guest_mac: Mac,
     key: FlowKey,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
-    let cfg = &shared.cfg;
-    let c = &shared.counters;
-    let mut table = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
+    let cfg = &svc.ctx.cfg;
+    let c = &svc.ctx.counters;
+    let mut table = svc.flows.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(flow) = table.flows.get(&key) {
         if flow.tx.try_send(payload.to_vec()).is_err() {
             GatewayCounters::inc(&c.nat_udp_dropped);
@@ -83,7 +89,11 @@ pub(crate) fn outbound(
         return None;
     }
     let host_access = cfg.host_access == Some(*key.dst.ip());
-    if shared.egress_refused(*key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp) {
+    if svc
+        .ctx
+        .egress
+        .refused(*key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp)
+    {
         return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
     }
     let mine = table.per_guest.count(*key.guest.ip());
@@ -119,12 +129,12 @@ pub(crate) fn outbound(
     table.flows.insert(key, Flow { tx });
     table.per_guest.add(*key.guest.ip());
     GatewayCounters::inc(&c.nat_udp_flows);
-    tokio::spawn(run_flow(shared.clone(), port.clone(), sock, rx, key, guest_mac));
+    tokio::spawn(run_flow(svc.clone(), port.clone(), sock, rx, key, guest_mac));
     None
 }
 
 async fn run_flow(
-    shared: Arc<Shared>,
+    svc: Arc<UdpNat>,
     port: Arc<UnixDatagram>,
     sock: UdpSocket,
     mut rx: mpsc::Receiver<Vec<u8>>,
@@ -132,11 +142,11 @@ async fn run_flow(
     guest_mac: Mac,
 ) {
     let idle: Duration = if key.dst.port() == 53 {
-        shared.cfg.udp_dns_idle
+        svc.ctx.cfg.udp_dns_idle
     } else {
-        shared.cfg.udp_idle
+        svc.ctx.cfg.udp_idle
     };
-    let c = &shared.counters;
+    let c = &svc.ctx.counters;
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
@@ -154,7 +164,7 @@ async fn run_flow(
                 if let Ok(n) = got {
                     c.nat_udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     let frame = wire::udp_frame(
-                        shared.cfg.gateway_mac,
+                        svc.ctx.cfg.gateway_mac,
                         guest_mac,
                         (*key.dst.ip(), key.dst.port()),
                         (*key.guest.ip(), key.guest.port()),
@@ -166,5 +176,5 @@ async fn run_flow(
             _ = tokio::time::sleep(idle) => break,
         }
     }
-    shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    svc.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
 }

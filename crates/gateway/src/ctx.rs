@@ -1,0 +1,107 @@
+//! What the gateway's services share, and nothing more: the configuration, the
+//! counters, where guests were last seen, and the egress check. Each service owns its
+//! own table beside it (`UdpNat`, `IcmpNat`, `TcpService`, `ForwardService`).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use fabric::Mac;
+
+use crate::config::GatewayConfig;
+use crate::counters::GatewayCounters;
+use crate::policy;
+
+pub(crate) struct Ctx {
+    pub cfg: Arc<GatewayConfig>,
+    pub counters: Arc<GatewayCounters>,
+    pub neighbours: Neighbours,
+    pub egress: Egress,
+}
+
+impl Ctx {
+    pub fn new(cfg: Arc<GatewayConfig>, counters: Arc<GatewayCounters>) -> Ctx {
+        Ctx {
+            neighbours: Neighbours {
+                subnet: cfg.subnet,
+                map: Mutex::default(),
+            },
+            egress: Egress {
+                state: RwLock::new(EgressState {
+                    policy: cfg.egress.clone(),
+                    other_subnets: Vec::new(),
+                }),
+                host_access: cfg.host_access,
+                host_addrs: policy::HostAddresses::default(),
+                counters: counters.clone(),
+            },
+            cfg,
+            counters,
+        }
+    }
+}
+
+/// Guest addresses and the MACs they were last seen with (bounded: a guest cannot
+/// grow it past the subnet).
+pub(crate) struct Neighbours {
+    subnet: ipnet::Ipv4Net,
+    map: Mutex<HashMap<Ipv4Addr, Mac>>,
+}
+
+impl Neighbours {
+    pub fn get(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied()
+    }
+
+    pub fn saw(&self, ip: Ipv4Addr, mac: Mac) {
+        if self.subnet.contains(&ip) && !ip.is_unspecified() && mac.is_unicast() {
+            self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(ip, mac);
+        }
+    }
+}
+
+struct EgressState {
+    /// The policy in force (starts as the config's, replaceable at run time).
+    policy: policy::EgressPolicy,
+    /// The other networks' subnets, which the policy keeps out of reach.
+    other_subnets: Vec<ipnet::Ipv4Net>,
+}
+
+/// The egress check every NAT service asks before it opens a flow.
+pub(crate) struct Egress {
+    state: RwLock<EgressState>,
+    host_access: Option<Ipv4Addr>,
+    host_addrs: policy::HostAddresses,
+    counters: Arc<GatewayCounters>,
+}
+
+impl Egress {
+    /// Whether the policy refuses `dst:port` over `proto` (counted when it does). The
+    /// host-access address is not subject to it: the network enabled it.
+    pub fn refused(&self, dst: Ipv4Addr, port: u16, proto: policy::Proto) -> bool {
+        if self.host_access == Some(dst) {
+            return false;
+        }
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let refused = st
+            .policy
+            .check(dst, port, proto, &st.other_subnets, &self.host_addrs)
+            .is_err();
+        if refused {
+            GatewayCounters::inc(&self.counters.egress_denied);
+        }
+        refused
+    }
+
+    pub fn policy(&self) -> policy::EgressPolicy {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).policy.clone()
+    }
+
+    pub fn set_policy(&self, policy: policy::EgressPolicy) {
+        self.state.write().unwrap_or_else(|p| p.into_inner()).policy = policy;
+    }
+
+    pub fn set_other_subnets(&self, subnets: Vec<ipnet::Ipv4Net>) {
+        self.state.write().unwrap_or_else(|p| p.into_inner()).other_subnets = subnets;
+    }
+}
