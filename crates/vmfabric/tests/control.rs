@@ -428,3 +428,57 @@ fn captures_are_bounded_and_their_losses_counted() {
         "an ended capture frees its slot"
     );
 }
+
+/// A store written by the daemon before the restructure (commit 1a7f555: `sqlite3
+/// .dump` of its database after `network create`, `port add`, `reservation add`,
+/// `forward add` and `policy set` through its CLI) opens unchanged.
+#[test]
+fn a_store_written_before_the_restructure_opens_unchanged() {
+    let dir = tmp("oldstore");
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    // The dump names the run directory it was made with; this test's stands in.
+    let sql = include_str!("fixtures/store-1a7f555.sql")
+        .replace("/tmp/vmf-fixture/run", &dir.join("run").display().to_string());
+    let db = rusqlite::Connection::open(dir.join("state/vmfabric.db")).unwrap();
+    db.execute_batch(&sql).unwrap();
+    drop(db);
+    let d = harness::start(&dir, None);
+    let (_, nets) = d.call("GET", "/v1/networks", None);
+    let blue = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "blue")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (blue["subnet"].as_str(), blue["mtu"].as_u64(), blue["ports"].as_u64()),
+        (Some("10.71.0.0/24"), Some(9000), Some(2))
+    );
+    let quiet = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "quiet")
+        .cloned()
+        .unwrap();
+    assert_eq!(quiet["gateway"], false);
+    let (_, ports) = d.call("GET", "/v1/networks/blue/ports", None);
+    assert_eq!(ports[1]["mac"], "02:aa:bb:cc:dd:ee", "{ports}");
+    assert!(
+        ports.as_array().unwrap().iter().all(|p| p["failed"].is_null()),
+        "{ports}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(ports[0]["path"].as_str().unwrap()).is_ok(),
+        "listening again"
+    );
+    let (_, fwds) = d.call("GET", "/v1/networks/blue/forwards", None);
+    assert_eq!(fwds.as_array().unwrap().len(), 2, "{fwds}");
+    let (_, policy) = d.call("GET", "/v1/networks/blue/policy", None);
+    assert_eq!(policy["default"], "deny");
+    assert_eq!(policy["rules"][0]["ports"], "53");
+    let (_, res) = d.call("GET", "/v1/networks/blue/reservations", None);
+    assert_eq!(res, json!([{"key": "vm1", "ip": "10.71.0.20"}]));
+    d.stop();
+}
