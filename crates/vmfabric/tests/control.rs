@@ -16,6 +16,23 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// Creates a network (asserting it worked).
+fn create_network(d: &harness::Running, name: &str, subnet: &str) {
+    let (s, v) = d.call("POST", "/v1/networks", Some(json!({"name": name, "subnet": subnet})));
+    assert_eq!(s, 201, "{v}");
+}
+
+/// Adds a TCP forward from a free loopback port to `guest`; returns its host address.
+fn add_forward(d: &harness::Running, network: &str, guest: &str) -> String {
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/networks/{network}/forwards"),
+        Some(json!({"host": "127.0.0.1:0", "guest": guest})),
+    );
+    assert_eq!(s, 201, "{v}");
+    v["host"].as_str().unwrap().to_string()
+}
+
 fn message(v: &serde_json::Value) -> &str {
     v["message"].as_str().unwrap_or_default()
 }
@@ -170,19 +187,8 @@ fn the_state_is_private_and_the_api_socket_replaces_only_a_stale_socket() {
 fn deleting_a_network_closes_its_forwards() {
     let dir = tmp("fwdleak");
     let d = harness::start(&dir, None);
-    let (s, _) = d.call(
-        "POST",
-        "/v1/networks",
-        Some(json!({"name": "f", "subnet": "10.64.0.0/24"})),
-    );
-    assert_eq!(s, 201);
-    let (s, v) = d.call(
-        "POST",
-        "/v1/networks/f/forwards",
-        Some(json!({"host": "127.0.0.1:0", "guest": "10.64.0.10:80"})),
-    );
-    assert_eq!(s, 201, "{v}");
-    let host = v["host"].as_str().unwrap().to_string();
+    create_network(&d, "f", "10.64.0.0/24");
+    let host = add_forward(&d, "f", "10.64.0.10:80");
     let (s, _) = d.call("DELETE", "/v1/networks/f?force=true", None);
     assert_eq!(s, 204);
     // The listener went with the network: nothing accepts, and the port is free.
@@ -191,12 +197,7 @@ fn deleting_a_network_closes_its_forwards() {
         assert!(std::time::Instant::now() < deadline, "{host} still accepts");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let (s, _) = d.call(
-        "POST",
-        "/v1/networks",
-        Some(json!({"name": "f", "subnet": "10.64.0.0/24"})),
-    );
-    assert_eq!(s, 201);
+    create_network(&d, "f", "10.64.0.0/24");
     let (s, v) = d.call(
         "POST",
         "/v1/networks/f/forwards",
@@ -209,22 +210,15 @@ fn deleting_a_network_closes_its_forwards() {
 fn what_cannot_be_restored_is_listed_and_removable_and_the_rest_starts() {
     let dir = tmp("degrade");
     let d = harness::start(&dir, None);
-    for (name, subnet) in [("good", "10.65.0.0/24"), ("hand", "10.66.0.0/24")] {
-        let (s, _) = d.call("POST", "/v1/networks", Some(json!({"name": name, "subnet": subnet})));
-        assert_eq!(s, 201);
-    }
+    create_network(&d, "good", "10.65.0.0/24");
+    create_network(&d, "hand", "10.66.0.0/24");
     let (s, port) = d.call(
         "POST",
         "/v1/networks/good/ports",
         Some(json!({"name": "busy", "kind": "stream"})),
     );
     assert_eq!(s, 201);
-    let (s, fwd) = d.call(
-        "POST",
-        "/v1/networks/good/forwards",
-        Some(json!({"host": "127.0.0.1:0", "guest": "10.65.0.10:80"})),
-    );
-    assert_eq!(s, 201);
+    let host = add_forward(&d, "good", "10.65.0.10:80");
     d.stop();
 
     // While it is down: someone serves on the port's socket path and on the forward's
@@ -232,7 +226,6 @@ fn what_cannot_be_restored_is_listed_and_removable_and_the_rest_starts() {
     let path = port["path"].as_str().unwrap().to_string();
     let _ = std::fs::remove_file(&path);
     let _squatter = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let host = fwd["host"].as_str().unwrap().to_string();
     // (The old listener's task is dropped by its runtime a moment after the stop.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let _taken = loop {

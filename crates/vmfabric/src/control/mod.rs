@@ -339,10 +339,7 @@ impl Control {
     pub fn add_port(&self, network: &str, spec: PortSpec) -> Result<PortView, ControlError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let net = st
-            .nets
-            .get(network)
-            .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
+        let net = state::net_in(&st.nets, network)?;
         if net.ports.contains_key(spec.name.as_str())
             || st
                 .failed
@@ -394,10 +391,7 @@ impl Control {
     ) -> Result<(PortView, std::os::fd::OwnedFd), ControlError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let net = st
-            .nets
-            .get(network)
-            .ok_or_else(|| ControlError::NoNetwork(network.to_string()))?;
+        let net = state::net_in(&st.nets, network)?;
         if net.ports.contains_key(name.as_str()) {
             return Err(ControlError::conflict(format!(
                 "port {:?} already exists on {network:?}",

@@ -74,9 +74,7 @@ impl State {
     }
 
     pub fn net(&self, name: &str) -> Result<&NetState, ControlError> {
-        self.nets
-            .get(name)
-            .ok_or_else(|| ControlError::NoNetwork(name.to_string()))
+        net_in(&self.nets, name)
     }
 
     pub fn gateway(&self, name: &str) -> Result<Arc<Gateway>, ControlError> {
@@ -90,6 +88,12 @@ impl State {
     pub fn network_exists(&self, name: &str) -> bool {
         self.nets.contains_key(name) || self.failed.networks.contains_key(name)
     }
+}
+
+/// A network by name, from the map alone (so the caller may borrow the state's other
+/// fields beside it).
+pub(crate) fn net_in<'a>(nets: &'a BTreeMap<String, NetState>, name: &str) -> Result<&'a NetState, ControlError> {
+    nets.get(name).ok_or_else(|| ControlError::NoNetwork(name.to_string()))
 }
 
 impl NetState {
