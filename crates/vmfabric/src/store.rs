@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fabric::Mac;
 use gateway::{Lease, LeaseStore, StoreError};
 use rusqlite::{params, Connection};
-use serde::{Deserialize, Serialize};
 
 use crate::model::{ForwardProto, ForwardSpec, Mtu, Name, NetworkSpec};
 
@@ -32,90 +31,7 @@ pub struct BadRow {
     pub why: String,
 }
 
-/// Who carries a network's frames.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// vmfabric's userspace switch; ports are sockets (and TAP devices it reads).
-    #[default]
-    Userspace,
-    /// A Linux bridge; ports are persistent TAP devices on it that the VMM opens.
-    Kernel,
-}
-
-impl NetworkMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            NetworkMode::Userspace => "userspace",
-            NetworkMode::Kernel => "kernel",
-        }
-    }
-}
-
-/// How a port is reached, as stored and as the API takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PortKind {
-    Unixgram,
-    Stream,
-    /// A TAP device; the record's path holds the interface name.
-    Tap,
-    /// A socketpair whose VM end was handed to the client; it lives as long as the
-    /// daemon and is not stored (the other end cannot come back after a restart).
-    Socketpair,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PortRecord {
-    pub network: String,
-    pub name: String,
-    pub kind: PortKind,
-    pub path: String,
-    #[serde(with = "mac_text")]
-    #[schema(value_type = String)]
-    pub mac: Mac,
-    /// The port is locked to the first MAC its VMM sends from, not to `mac` (for VMMs
-    /// that choose their own).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub learn_mac_once: bool,
-    /// Kernel-mode TAP devices: how they are made.
-    #[serde(flatten)]
-    pub tap: TapSettings,
-}
-
-/// How a kernel-mode port's TAP device is made (the VMM must open it to match).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct TapSettings {
-    /// The user and group allowed to open it (an unprivileged VMM).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_uid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_gid: Option<u32>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub multi_queue: bool,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub vnet_hdr: bool,
-}
-
-impl TapSettings {
-    pub fn is_default(&self) -> bool {
-        *self == TapSettings::default()
-    }
-}
-
-/// Serde for `Mac` as text, here so the data plane needs no serde.
-pub mod mac_text {
-    use fabric::Mac;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(mac: &Mac, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&mac.to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use crate::model::{mac_text, NetworkMode, PortKind, PortRecord, TapSettings};
 
 pub struct Store {
     conn: Mutex<Connection>,

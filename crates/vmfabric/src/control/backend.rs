@@ -4,47 +4,20 @@
 //! the controller.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use fabric::{PortId, Switch};
 use gateway::{Gateway, GatewayConfig};
 
+use super::env::{Env, ForwardUndo, NetParts, PortHandle};
 use super::error::ControlError;
 use super::kernel_net::{self, KernelNet};
 use super::locks::PortLocker;
-use super::state::NetState;
 use super::user_net;
 use crate::model::{ForwardSpec, NetworkMode, NetworkSpec, PortSpec};
-use crate::store::{PortRecord, Store};
-
-/// What a backend may use: the data plane, the store, where sockets go, and which
-/// daemon instance it is (kernel names are scoped by it).
-pub(crate) struct Env<'a> {
-    pub switch: &'a Arc<Switch>,
-    pub store: &'a Store,
-    pub run_dir: &'a Path,
-    pub instance: &'a str,
-}
+use crate::store::PortRecord;
 
 pub(crate) enum Backend {
     User,
     Kernel(KernelNet),
-}
-
-/// How a port is reached: a switch port, or a TAP device on a bridge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PortHandle {
-    Switch(PortId),
-    Kernel { ifname: String },
-}
-
-impl PortHandle {
-    pub fn switch_port(&self) -> Option<PortId> {
-        match self {
-            PortHandle::Switch(id) => Some(*id),
-            PortHandle::Kernel { .. } => None,
-        }
-    }
 }
 
 impl Backend {
@@ -99,6 +72,14 @@ impl Backend {
         matches!(self, Backend::Kernel(_))
     }
 
+    /// The kernel network, for its rules; `None` in userspace mode.
+    pub fn kernel(&self) -> Option<&KernelNet> {
+        match self {
+            Backend::Kernel(k) => Some(k),
+            Backend::User => None,
+        }
+    }
+
     /// Checks a port request against the mode; nothing is made.
     pub fn check_port(&self, spec: &PortSpec) -> Result<(), ControlError> {
         match self {
@@ -111,7 +92,7 @@ impl Backend {
     pub fn add_port(
         &self,
         env: &Env,
-        net: &NetState,
+        net: &NetParts,
         locker: &mut PortLocker,
         spec: &PortSpec,
     ) -> Result<(PortRecord, PortHandle), ControlError> {
@@ -125,7 +106,7 @@ impl Backend {
     pub fn restore_port(
         &self,
         env: &Env,
-        net: &NetState,
+        net: &NetParts,
         locker: &mut PortLocker,
         rec: &PortRecord,
     ) -> Result<PortHandle, ControlError> {
@@ -193,10 +174,4 @@ impl Backend {
             _ => 0,
         }
     }
-}
-
-/// How to take back a forward that was started but could not be stored.
-pub(crate) enum ForwardUndo {
-    Nothing,
-    Gateway(u64),
 }

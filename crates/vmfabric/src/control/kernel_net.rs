@@ -10,15 +10,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use fabric::{Mac, PortId};
 use gateway::{Gateway, GatewayConfig};
 
-use super::backend::{Env, PortHandle};
+use super::env::{Env, NetParts, PortHandle};
 use super::error::ControlError;
-use super::state::{NetState, State};
 use crate::kernel;
 use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortKind, PortSpec, ReservationSpec};
 use crate::store::{PortRecord, Store};
 
 pub(crate) struct KernelNet {
-    bridge: String,
+    pub(super) bridge: String,
     /// The switch port on the bridge's uplink TAP, where the gateway is.
     uplink: Option<PortId>,
 }
@@ -68,11 +67,11 @@ impl KernelNet {
     pub fn add_port(
         &self,
         env: &Env,
-        net: &NetState,
+        net: &NetParts,
         spec: &PortSpec,
     ) -> Result<(PortRecord, PortHandle), ControlError> {
         let network = net.spec.name.as_str();
-        let taken: HashSet<Mac> = net.ports.values().map(|p| p.rec.mac).collect();
+        let taken: HashSet<Mac> = net.macs.iter().copied().collect();
         let mac = hostnet::mac::stable_mac(network, &spec.name, &taken);
         let ifname = spec
             .ifname
@@ -84,17 +83,17 @@ impl KernelNet {
             .iter()
             .find(|(k, _)| k.as_str() == spec.name.as_str())
             .map(|(_, ip)| *ip);
-        let leases = net.gateway.as_ref().map(|g| g.leases()).unwrap_or_default();
+        let leases = net.gateway.map(|g| g.leases()).unwrap_or_default();
         let used: HashSet<Ipv4Addr> = reservations
             .iter()
             .filter(|(k, _)| k.as_str() != spec.name.as_str())
             .map(|(_, ip)| *ip)
             .chain(leases.into_iter().filter(|l| l.mac != mac).map(|l| l.ip))
-            .chain([Ipv4Addr::from(base(&net.spec) + 2)])
+            .chain([Ipv4Addr::from(base(net.spec) + 2)])
             .collect();
         let pool = hostnet::ipam::Pool {
             subnet: net.spec.subnet,
-            gateway: Ipv4Addr::from(base(&net.spec) + 1),
+            gateway: Ipv4Addr::from(base(net.spec) + 1),
         };
         let ip = pool.assign(&used, &Default::default(), by_name)?;
         let rec = PortRecord {
@@ -106,7 +105,7 @@ impl KernelNet {
             learn_mac_once: false,
             tap: spec.tap_settings(),
         };
-        let gw = net.gateway.as_deref();
+        let gw = net.gateway;
         reserve(
             env.store,
             network,
@@ -125,7 +124,7 @@ impl KernelNet {
         }
     }
 
-    pub fn restore_port(&self, env: &Env, net: &NetState, rec: &PortRecord) -> Result<PortHandle, ControlError> {
+    pub fn restore_port(&self, env: &Env, net: &NetParts, rec: &PortRecord) -> Result<PortHandle, ControlError> {
         kernel::add_port(env.instance, &self.bridge, rec, net.spec.mtu.into(), net.spec.isolated)?;
         Ok(PortHandle::Kernel {
             ifname: rec.path.clone(),
@@ -234,135 +233,5 @@ pub fn stored_policy(store: &Store, network: &str) -> Result<PolicySpec, Control
             serde_json::from_str(&json).map_err(|e| ControlError::Host(format!("stored policy of {network:?}: {e}")))
         }
         None => Ok(PolicySpec::default()),
-    }
-}
-
-/// A gateway egress policy in the terms of the kernel's rules (the same semantics).
-fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
-    use gateway::policy::{Action, Proto};
-    use hostnet::nft::{EgressRule, L4};
-    hostnet::nft::Egress {
-        rules: p
-            .rules
-            .iter()
-            .map(|r| EgressRule {
-                allow: r.action == Action::Allow,
-                dst: r.dst,
-                proto: r.proto.map(|p| match p {
-                    Proto::Tcp => L4::Tcp,
-                    Proto::Udp => L4::Udp,
-                    Proto::Icmp => L4::Icmp,
-                }),
-                ports: r.ports,
-            })
-            .collect(),
-        default_allow: p.default == Action::Allow,
-    }
-}
-
-/// This instance's nftables tables (both families share the name).
-pub fn table(instance: &str) -> String {
-    hostnet::nft::table_name(instance)
-}
-
-/// Writes this instance's nftables tables for every kernel network: masquerade, no
-/// traffic between networks, each port held to its MAC and reserved address, the
-/// egress policy and the forwards.
-pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
-    let mut rules = Vec::new();
-    for n in st.nets.values() {
-        let super::backend::Backend::Kernel(k) = &n.backend else {
-            continue;
-        };
-        let name = n.spec.name.as_str();
-        // One query per network: each port's reservation (keyed by MAC).
-        let reserved = env.store.reservations(name).unwrap_or_default();
-        let policy = stored_policy(env.store, name).unwrap_or_default().to_gateway();
-        let forwards = stored_forwards(env, name)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|f| match f.host {
-                SocketAddr::V4(host) => Some(hostnet::nft::Forward {
-                    proto: f.proto.as_str().to_string(),
-                    host,
-                    guest: f.guest,
-                }),
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
-        rules.push(hostnet::nft::NetworkRules {
-            bridge: k.bridge.clone(),
-            subnet: n.spec.subnet,
-            router: kernel::router_of(&n.spec),
-            egress: kernel_egress(&policy),
-            ipv6: false,
-            forwards,
-            locked_ports: n
-                .ports
-                .values()
-                .map(|p| hostnet::nft::PortLock {
-                    ifname: p.rec.path.clone(),
-                    mac: p.rec.mac,
-                    ips: reserved
-                        .iter()
-                        .filter(|(key, _)| *key == p.rec.mac.to_string())
-                        .map(|(_, ip)| *ip)
-                        .collect(),
-                })
-                .collect(),
-        });
-    }
-    let table = table(env.instance);
-    // Writing the tables starts their refusal counters again: keep what they held.
-    if let Ok(counts) = hostnet::nft::counters(&table) {
-        for (name, n) in counts {
-            *st.kernel_denied.entry(name).or_default() += n;
-        }
-    }
-    if rules.is_empty() {
-        hostnet::nft::remove(&table)?;
-    } else {
-        hostnet::nft::apply(&table, &rules)?;
-    }
-    Ok(())
-}
-
-/// A kernel network's refusals so far: (egress, input), from its nftables counters.
-/// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
-pub fn refusals(st: &State, k: &KernelNet, now: &[(String, u64)]) -> (u64, u64) {
-    let total = |chain: &str| {
-        let name = hostnet::nft::counter_name(chain, &k.bridge);
-        st.kernel_denied.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
-    };
-    (total("egress"), total("input"))
-}
-
-/// After a start: removes this instance's kernel devices that the store no longer
-/// knows (a crash after a delete) and writes the nftables tables again.
-pub fn reconcile(env: &Env, st: &mut State) {
-    let mut known = HashSet::new();
-    let mut any = false;
-    for n in st.nets.values() {
-        if let super::backend::Backend::Kernel(k) = &n.backend {
-            any = true;
-            known.insert(k.bridge.clone());
-            known.insert(kernel::uplink_name(env.instance, &n.spec.name));
-            known.extend(n.ports.values().map(|p| p.rec.path.clone()));
-        }
-    }
-    match kernel::remove_stale(env.instance, known) {
-        Ok(gone) if !gone.is_empty() => tracing::info!(?gone, "removed stale kernel devices"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot look for stale kernel devices: {e}"),
-    }
-    if any {
-        // Before tables were per instance they were all called `vmfabric`: a table of
-        // that name holds an older daemon's rules for devices now gone.
-        if let Err(e) = hostnet::nft::remove(hostnet::nft::LEGACY_TABLE) {
-            tracing::warn!("cannot remove the old shared nftables table: {e}");
-        }
-        if let Err(e) = apply_rules(env, st) {
-            tracing::warn!("cannot write the nftables tables: {e}");
-        }
     }
 }

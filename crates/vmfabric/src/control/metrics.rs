@@ -1,8 +1,7 @@
 //! Counters in the Prometheus text format: the data plane's per network and port,
 //! the gateways', and kernel mode's nftables refusals.
 
-use super::backend::Backend;
-use super::kernel_net;
+use super::kernel_rules;
 use super::Control;
 
 impl Control {
@@ -11,13 +10,13 @@ impl Control {
         let st = self.lock();
         out.push_str("# TYPE vmfabric_port_frames_total counter\n# TYPE vmfabric_port_drops_total counter\n");
         let kernel_counts = if st.nets.values().any(|n| n.backend.is_kernel()) {
-            hostnet::nft::counters(&kernel_net::table(&self.instance)).unwrap_or_default()
+            hostnet::nft::counters(&kernel_rules::table(&self.instance)).unwrap_or_default()
         } else {
             Vec::new()
         };
         for (name, net) in &st.nets {
-            if let Backend::Kernel(k) = &net.backend {
-                let (egress, input) = kernel_net::refusals(&st, k, &kernel_counts);
+            if let Some(k) = net.backend.kernel() {
+                let (egress, input) = kernel_rules::refusals(&st, k, &kernel_counts);
                 out.push_str(&format!(
                     "vmfabric_kernel_egress_denied_total{{network=\"{name}\"}} {egress}\n"
                 ));

@@ -9,8 +9,10 @@ pub mod locks;
 pub mod vms;
 
 mod backend;
+mod env;
 mod events;
 mod kernel_net;
+mod kernel_rules;
 mod metrics;
 mod restore;
 mod services;
@@ -23,7 +25,8 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use fabric::{NetworkConfig, Switch};
 use gateway::{Gateway, GatewayConfig};
 
-use backend::{Backend, Env, PortHandle};
+use backend::Backend;
+use env::{Env, PortHandle};
 use error::ControlError;
 use locks::ControlEvent;
 use state::{NetState, PortState, State};
@@ -186,7 +189,7 @@ impl Control {
             },
         );
         if kernel {
-            if let Err(e) = kernel_net::apply_rules(&env, st) {
+            if let Err(e) = kernel_rules::apply_rules(&env, st) {
                 self.tear_down_network(st, &name);
                 return Err(e);
             }
@@ -270,7 +273,7 @@ impl Control {
             tracing::warn!(network = %name, "removing its devices: {e}");
         }
         if net.backend.is_kernel() {
-            if let Err(e) = kernel_net::apply_rules(&env, st) {
+            if let Err(e) = kernel_rules::apply_rules(&env, st) {
                 tracing::warn!("cannot write the nftables tables: {e}");
             }
         }
@@ -356,7 +359,7 @@ impl Control {
         }
         net.backend.check_port(&spec)?;
         let env = self.env();
-        let (rec, handle) = net.backend.add_port(&env, net, &mut st.locker, &spec)?;
+        let (rec, handle) = net.backend.add_port(&env, &net.parts(), &mut st.locker, &spec)?;
         if let Err(e) = self.store.put_port(&rec) {
             let _ = net
                 .backend
@@ -367,7 +370,7 @@ impl Control {
         let kernel = net.backend.is_kernel();
         self.commit_port(st, rec, handle);
         if kernel {
-            kernel_net::apply_rules(&env, st)?;
+            kernel_rules::apply_rules(&env, st)?;
         }
         Ok(view)
     }
@@ -454,7 +457,7 @@ impl Control {
             tracing::warn!(%network, port = %name, "taking the port down: {e}");
         }
         if net.backend.is_kernel() {
-            kernel_net::apply_rules(&env, st)?;
+            kernel_rules::apply_rules(&env, st)?;
         }
         Ok(())
     }

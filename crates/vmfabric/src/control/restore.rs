@@ -11,7 +11,7 @@ use fabric::{Switch, SwitchConfig};
 
 use super::locks::PortLocker;
 use super::state::State;
-use super::{kernel_net, Control};
+use super::{kernel_rules, Control};
 use crate::model::{Name, NetworkSpec};
 use crate::store::{BadRow, Store};
 
@@ -134,7 +134,7 @@ impl Control {
         }
         {
             let mut st = control.lock();
-            kernel_net::reconcile(&control.env(), &mut st);
+            kernel_rules::reconcile(&control.env(), &mut st);
         }
         Ok(control)
     }
@@ -161,7 +161,7 @@ impl Control {
                         let why = format!("its network {:?} did not come back", rec.network);
                         (rec.network.clone(), rec.name.clone(), Some(rec), why)
                     }
-                    Some(net) => match net.backend.restore_port(&env, net, &mut st.locker, &rec) {
+                    Some(net) => match net.backend.restore_port(&env, &net.parts(), &mut st.locker, &rec) {
                         Ok(handle) => {
                             self.commit_port(st, rec, handle);
                             continue;

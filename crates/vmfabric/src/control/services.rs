@@ -6,9 +6,9 @@ use std::sync::Arc;
 use gateway::Gateway;
 
 use super::error::ControlError;
-use super::kernel_net;
 use super::state::{LiveCapture, State};
 use super::Control;
+use super::{kernel_net, kernel_rules};
 use crate::model::{
     Direction, FlowsView, ForwardProto, ForwardSpec, LeaseView, PolicySpec, ReservationSpec, TcpFlowView, UdpFlowView,
 };
@@ -60,7 +60,7 @@ impl Control {
         gw.set_egress_policy(p.to_gateway());
         if st.net(network)?.backend.is_kernel() {
             // The guests' traffic bypasses the gateway here: the kernel enforces it.
-            kernel_net::apply_rules(&self.env(), &mut st)?;
+            kernel_rules::apply_rules(&self.env(), &mut st)?;
         }
         Ok(p)
     }
@@ -88,13 +88,13 @@ impl Control {
         }
         let (started, undo) = net.backend.add_forward(&env, &net.spec, net.gateway.as_deref(), f)?;
         if let Err(e) = self.store.put_forward(network, &started) {
-            if let (super::backend::ForwardUndo::Gateway(id), Some(gw)) = (undo, &net.gateway) {
+            if let (super::env::ForwardUndo::Gateway(id), Some(gw)) = (undo, &net.gateway) {
                 gw.remove_forward(id);
             }
             return Err(e.into());
         }
         if net.backend.is_kernel() {
-            if let Err(e) = kernel_net::apply_rules(&env, &mut st) {
+            if let Err(e) = kernel_rules::apply_rules(&env, &mut st) {
                 let _ = self.store.delete_forward(&started.host.to_string(), started.proto);
                 return Err(e);
             }
@@ -127,7 +127,7 @@ impl Control {
         }
         net.backend.remove_forwards(net.gateway.as_deref(), &wanted);
         if net.backend.is_kernel() {
-            kernel_net::apply_rules(&env, &mut st)?;
+            kernel_rules::apply_rules(&env, &mut st)?;
         }
         Ok(())
     }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use fabric::PortId;
 use gateway::Gateway;
 
-use super::backend::{Backend, PortHandle};
+use super::backend::Backend;
+use super::env::{NetParts, PortHandle};
 use super::error::ControlError;
 use super::locks::PortLocker;
 use crate::model::NetworkSpec;
@@ -97,6 +98,15 @@ pub(crate) fn net_in<'a>(nets: &'a BTreeMap<String, NetState>, name: &str) -> Re
 }
 
 impl NetState {
+    /// What a backend may know of this network.
+    pub fn parts(&self) -> NetParts<'_> {
+        NetParts {
+            spec: &self.spec,
+            gateway: self.gateway.as_deref(),
+            macs: self.ports.values().map(|p| p.rec.mac).collect(),
+        }
+    }
+
     pub fn port(&self, network: &str, name: &str) -> Result<&PortState, ControlError> {
         self.ports.get(name).ok_or_else(|| ControlError::no_port(network, name))
     }

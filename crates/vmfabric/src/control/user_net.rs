@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use fabric::{Mac, PortId};
 use gateway::Gateway;
 
-use super::backend::{Env, ForwardUndo, PortHandle};
+use super::env::{Env, ForwardUndo, NetParts, PortHandle};
 use super::error::ControlError;
 use super::locks::PortLocker;
-use super::state::NetState;
 use crate::model::{check_ifname, check_socket_path, ForwardProto, ForwardSpec, PortKind, PortSpec};
 use crate::store::PortRecord;
 
@@ -109,14 +108,14 @@ fn port_path(env: &Env, network: &str, spec: &PortSpec) -> Result<String, Contro
 
 pub fn add_port(
     env: &Env,
-    net: &NetState,
+    net: &NetParts,
     locker: &mut PortLocker,
     spec: &PortSpec,
 ) -> Result<(PortRecord, PortHandle), ControlError> {
     let network = net.spec.name.as_str();
     let path = port_path(env, network, spec)?;
     let (mac, learn_mac_once) = choose_mac(network, &spec.name, spec.mac.as_deref(), spec.learn_mac_once, |m| {
-        net.ports.values().any(|p| p.rec.mac == m)
+        net.macs.contains(&m)
     })?;
     let rec = PortRecord {
         network: network.to_string(),

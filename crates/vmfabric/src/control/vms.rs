@@ -59,7 +59,7 @@ pub struct VmView {
     pub reason: Option<String>,
     pub pid: Option<u32>,
     pub port: String,
-    #[serde(with = "crate::store::mac_text")]
+    #[serde(with = "crate::model::mac_text")]
     #[schema(value_type = String)]
     pub mac: Mac,
 }
@@ -84,7 +84,7 @@ struct VmRecord {
     qmp: PathBuf,
     console: PathBuf,
     nic: PathBuf,
-    #[serde(with = "crate::store::mac_text")]
+    #[serde(with = "crate::model::mac_text")]
     mac: Mac,
 }
 

@@ -1,0 +1,142 @@
+//! This instance's nftables tables, written whole from the state of every kernel
+//! network (masquerade, isolation, port locks, egress policy, forwards), their refusal
+//! counters, and the start-up reconciliation of kernel devices.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::env::Env;
+use super::error::ControlError;
+use super::kernel_net::{stored_forwards, stored_policy, KernelNet};
+use super::state::State;
+use crate::kernel;
+
+/// A gateway egress policy in the terms of the kernel's rules (the same semantics).
+fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
+    use gateway::policy::{Action, Proto};
+    use hostnet::nft::{EgressRule, L4};
+    hostnet::nft::Egress {
+        rules: p
+            .rules
+            .iter()
+            .map(|r| EgressRule {
+                allow: r.action == Action::Allow,
+                dst: r.dst,
+                proto: r.proto.map(|p| match p {
+                    Proto::Tcp => L4::Tcp,
+                    Proto::Udp => L4::Udp,
+                    Proto::Icmp => L4::Icmp,
+                }),
+                ports: r.ports,
+            })
+            .collect(),
+        default_allow: p.default == Action::Allow,
+    }
+}
+
+/// This instance's nftables tables (both families share the name).
+pub fn table(instance: &str) -> String {
+    hostnet::nft::table_name(instance)
+}
+
+/// Writes this instance's nftables tables for every kernel network: masquerade, no
+/// traffic between networks, each port held to its MAC and reserved address, the
+/// egress policy and the forwards.
+pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
+    let mut rules = Vec::new();
+    for n in st.nets.values() {
+        let Some(k) = n.backend.kernel() else {
+            continue;
+        };
+        let name = n.spec.name.as_str();
+        // One query per network: each port's reservation (keyed by MAC).
+        let reserved = env.store.reservations(name).unwrap_or_default();
+        let policy = stored_policy(env.store, name).unwrap_or_default().to_gateway();
+        let forwards = stored_forwards(env, name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| match f.host {
+                SocketAddr::V4(host) => Some(hostnet::nft::Forward {
+                    proto: f.proto.as_str().to_string(),
+                    host,
+                    guest: f.guest,
+                }),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        rules.push(hostnet::nft::NetworkRules {
+            bridge: k.bridge.clone(),
+            subnet: n.spec.subnet,
+            router: kernel::router_of(&n.spec),
+            egress: kernel_egress(&policy),
+            ipv6: false,
+            forwards,
+            locked_ports: n
+                .ports
+                .values()
+                .map(|p| hostnet::nft::PortLock {
+                    ifname: p.rec.path.clone(),
+                    mac: p.rec.mac,
+                    ips: reserved
+                        .iter()
+                        .filter(|(key, _)| *key == p.rec.mac.to_string())
+                        .map(|(_, ip)| *ip)
+                        .collect(),
+                })
+                .collect(),
+        });
+    }
+    let table = table(env.instance);
+    // Writing the tables starts their refusal counters again: keep what they held.
+    if let Ok(counts) = hostnet::nft::counters(&table) {
+        for (name, n) in counts {
+            *st.kernel_denied.entry(name).or_default() += n;
+        }
+    }
+    if rules.is_empty() {
+        hostnet::nft::remove(&table)?;
+    } else {
+        hostnet::nft::apply(&table, &rules)?;
+    }
+    Ok(())
+}
+
+/// A kernel network's refusals so far: (egress, input), from its nftables counters.
+/// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
+pub fn refusals(st: &State, k: &KernelNet, now: &[(String, u64)]) -> (u64, u64) {
+    let total = |chain: &str| {
+        let name = hostnet::nft::counter_name(chain, &k.bridge);
+        st.kernel_denied.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
+    };
+    (total("egress"), total("input"))
+}
+
+/// After a start: removes this instance's kernel devices that the store no longer
+/// knows (a crash after a delete) and writes the nftables tables again.
+pub fn reconcile(env: &Env, st: &mut State) {
+    let mut known = HashSet::new();
+    let mut any = false;
+    for n in st.nets.values() {
+        if let Some(k) = n.backend.kernel() {
+            any = true;
+            known.insert(k.bridge.clone());
+            known.insert(kernel::uplink_name(env.instance, &n.spec.name));
+            known.extend(n.ports.values().map(|p| p.rec.path.clone()));
+        }
+    }
+    match kernel::remove_stale(env.instance, known) {
+        Ok(gone) if !gone.is_empty() => tracing::info!(?gone, "removed stale kernel devices"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot look for stale kernel devices: {e}"),
+    }
+    if any {
+        // Before tables were per instance they were all called `vmfabric`: a table of
+        // that name holds an older daemon's rules for devices now gone.
+        if let Err(e) = hostnet::nft::remove(hostnet::nft::LEGACY_TABLE) {
+            tracing::warn!("cannot remove the old shared nftables table: {e}");
+        }
+        if let Err(e) = apply_rules(env, st) {
+            tracing::warn!("cannot write the nftables tables: {e}");
+        }
+    }
+}
