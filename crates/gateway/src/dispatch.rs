@@ -20,12 +20,12 @@ pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame
     let inbound = match contained(&shared.panics, Service::Frame, frame, || wire::classify(frame)) {
         Some(Ok(i)) => i,
         Some(Err(_)) => {
-            GatewayCounters::inc(&shared.counters.malformed_frames);
+            GatewayCounters::inc(&shared.ctx.counters.malformed_frames);
             return (vec![], false);
         }
         None => return (vec![], false),
     };
-    let service = service_of(&shared.cfg, &inbound);
+    let service = service_of(&shared.ctx.cfg, &inbound);
     contained(&shared.panics, service, frame, || {
         #[cfg(test)]
         tests::panic_if_marked(frame, tests::HANDLER_MARK);
@@ -65,7 +65,7 @@ pub(crate) fn feed_tcp(
     frame: &[u8],
     inbound: &Inbound<'_>,
 ) -> (bool, Vec<Vec<u8>>) {
-    let cfg = &shared.cfg;
+    let cfg = &shared.ctx.cfg;
     match *inbound {
         Inbound::Tcp(head) => {
             let dst = *head.dst.ip();
@@ -101,8 +101,8 @@ pub(crate) fn answer_frame(
     frame: &[u8],
     inbound: Inbound<'_>,
 ) -> Vec<Vec<u8>> {
-    let cfg = &shared.cfg;
-    let c = &shared.counters;
+    let cfg = &shared.ctx.cfg;
+    let c = &shared.ctx.counters;
     match &inbound {
         Inbound::Arp {
             sender_mac, sender_ip, ..

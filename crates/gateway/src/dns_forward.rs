@@ -36,14 +36,14 @@ pub(crate) fn spawn_forward(
     reply_to: ReplyTo,
     tcp_answers: Option<tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>>,
 ) {
-    let cfg = &shared.cfg;
+    let cfg = &shared.ctx.cfg;
     {
         let mut map = shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
         let mine = map.entry(client_ip).or_insert(0);
         if *mine >= cfg.dns_inflight_per_client
             || shared.inflight_total.load(Ordering::Relaxed) >= cfg.dns_inflight_total
         {
-            GatewayCounters::inc(&shared.counters.dns_dropped);
+            GatewayCounters::inc(&shared.ctx.counters.dns_dropped);
             if *mine == 0 {
                 map.remove(&client_ip);
             }
@@ -60,14 +60,14 @@ pub(crate) fn spawn_forward(
     tokio::spawn(async move {
         let shared = guard.shared.clone();
         let upstreams = shared.upstreams.current();
-        let answer = upstream::forward(&query, &upstreams, shared.cfg.dns_timeout).await;
+        let answer = upstream::forward(&query, &upstreams, shared.ctx.cfg.dns_timeout).await;
         let bytes = match answer {
             Some(a) => {
-                GatewayCounters::inc(&shared.counters.dns_forwarded);
+                GatewayCounters::inc(&shared.ctx.counters.dns_forwarded);
                 a
             }
             None => {
-                GatewayCounters::inc(&shared.counters.dns_servfail);
+                GatewayCounters::inc(&shared.ctx.counters.dns_servfail);
                 match dns::servfail(&query) {
                     Some(b) => b,
                     None => return,
@@ -83,7 +83,7 @@ pub(crate) fn spawn_forward(
                 },
                 _,
             ) => {
-                let cfg = &shared.cfg;
+                let cfg = &shared.ctx.cfg;
                 let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
                 let _ = sock.send(&frame).await;
             }

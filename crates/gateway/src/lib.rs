@@ -92,8 +92,7 @@ enum ReplyTo {
 }
 
 struct Shared {
-    cfg: Arc<GatewayConfig>,
-    counters: Arc<GatewayCounters>,
+    /// The config, counters, neighbours and egress check the services share too.
     ctx: Arc<ctx::Ctx>,
     panics: Arc<contain::PanicCounters>,
     state: Mutex<State>,
@@ -196,8 +195,6 @@ impl Gateway {
             tcp,
             ctx,
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
-            cfg,
-            counters,
             state: Mutex::new(State {
                 dhcp,
                 zone,
@@ -226,11 +223,11 @@ impl Gateway {
     }
 
     pub fn config(&self) -> &GatewayConfig {
-        &self.shared.cfg
+        &self.shared.ctx.cfg
     }
 
     pub fn counters(&self) -> &GatewayCounters {
-        &self.shared.counters
+        &self.shared.ctx.counters
     }
 
     /// Panics in protocol handlers that were contained, per service.
@@ -259,7 +256,7 @@ impl Gateway {
     /// Replaces the reservations, refusing any that does not fit the network.
     pub fn set_reservations(&self, reservations: Vec<Reservation>) -> Result<(), ConfigError> {
         for r in &reservations {
-            self.shared.cfg.validate_reservation(r)?;
+            self.shared.ctx.cfg.validate_reservation(r)?;
         }
         self.shared.state().dhcp.set_reservations(reservations);
         Ok(())
@@ -274,7 +271,7 @@ impl Gateway {
         host: std::net::SocketAddr,
         guest: std::net::SocketAddrV4,
     ) -> std::io::Result<forward::ForwardInfo> {
-        if !self.shared.cfg.subnet.contains(guest.ip()) {
+        if !self.shared.ctx.cfg.subnet.contains(guest.ip()) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("{} is not on this network", guest.ip()),

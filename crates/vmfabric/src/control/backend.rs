@@ -153,7 +153,6 @@ impl Backend {
     /// Starts a forward (the kernel's are written with the rules, by the caller).
     pub fn add_forward(
         &self,
-        env: &Env,
         spec: &NetworkSpec,
         gateway: Option<&Gateway>,
         f: ForwardSpec,
@@ -163,7 +162,7 @@ impl Backend {
                 let gw = gateway.ok_or_else(|| ControlError::invalid("forwards need the network's gateway"))?;
                 user_net::add_forward(gw, f)
             }
-            Backend::Kernel(_) => kernel_net::check_forward(env, spec, f).map(|f| (f, ForwardUndo::Nothing)),
+            Backend::Kernel(_) => kernel_net::check_forward(spec, f).map(|f| (f, ForwardUndo::Nothing)),
         }
     }
 

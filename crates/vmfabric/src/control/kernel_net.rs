@@ -206,7 +206,7 @@ pub fn stored_forwards(env: &Env, network: &str) -> Result<Vec<ForwardSpec>, Con
 
 /// A forward on a kernel network, checked: DNAT rules need an IPv4 host address
 /// with a port, to a guest on the network.
-pub fn check_forward(env: &Env, spec: &NetworkSpec, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {
+pub fn check_forward(spec: &NetworkSpec, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {
     let SocketAddr::V4(host) = f.host else {
         return Err(ControlError::invalid("kernel-mode forwards listen on IPv4 addresses"));
     };
@@ -222,7 +222,6 @@ pub fn check_forward(env: &Env, spec: &NetworkSpec, f: ForwardSpec) -> Result<Fo
             spec.name.as_str()
         )));
     }
-    let _ = env;
     Ok(f)
 }
 

@@ -86,7 +86,7 @@ impl Control {
                 return Err(ControlError::conflict(format!("{} is in use", f.host)));
             }
         }
-        let (started, undo) = net.backend.add_forward(&env, &net.spec, net.gateway.as_deref(), f)?;
+        let (started, undo) = net.backend.add_forward(&net.spec, net.gateway.as_deref(), f)?;
         if let Err(e) = self.store.put_forward(network, &started) {
             if let (super::env::ForwardUndo::Gateway(id), Some(gw)) = (undo, &net.gateway) {
                 gw.remove_forward(id);
