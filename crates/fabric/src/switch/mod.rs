@@ -28,7 +28,7 @@ use crate::error::{FabricError, Result};
 use crate::open_tap;
 use crate::port::{Capture, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
 use crate::transport;
-use worker::{Command, NetShared, NewPort, PortIo, PortShared, Worker, WorkerSetup};
+use worker::{Command, NetShared, NewPort, PortFd, PortShared, Worker, WorkerSetup};
 
 struct PortRecord {
     network: String,
@@ -149,7 +149,7 @@ impl Switch {
         v
     }
 
-    fn attach(&self, network: &str, label: &str, transport: Transport, io: PortIo) -> Result<PortId> {
+    fn attach(&self, network: &str, label: &str, transport: Transport, io: PortFd) -> Result<PortId> {
         let id = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(PortShared::default());
         let port = NewPort {
@@ -177,7 +177,7 @@ impl Switch {
     /// in-process attachment VZ-style VMMs and QEMU `-netdev dgram,local.type=fd` take.
     pub fn add_port(&self, network: &str, label: &str) -> Result<(PortId, OwnedFd)> {
         let (ours, theirs) = transport::socketpair(self.config.socket_buffer_bytes)?;
-        let id = self.attach(network, label, Transport::Socketpair, PortIo::Connected(ours))?;
+        let id = self.attach(network, label, Transport::Socketpair, PortFd::Connected(ours))?;
         Ok((id, theirs))
     }
 
@@ -188,7 +188,7 @@ impl Switch {
         let t = Transport::Unixgram {
             path: path.to_path_buf(),
         };
-        self.attach(network, label, t, PortIo::Path(sock)).inspect_err(|_| {
+        self.attach(network, label, t, PortFd::Path(sock)).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
         })
     }
@@ -200,7 +200,7 @@ impl Switch {
         let t = Transport::Stream {
             path: path.to_path_buf(),
         };
-        self.attach(network, label, t, PortIo::Listener(sock)).inspect_err(|_| {
+        self.attach(network, label, t, PortFd::Listener(sock)).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
         })
     }
@@ -217,7 +217,7 @@ impl Switch {
             }
         };
         let t = Transport::Tap { ifname: ifname.clone() };
-        let id = self.attach(network, label, t, PortIo::Tap(fd))?;
+        let id = self.attach(network, label, t, PortFd::Tap(fd))?;
         Ok((id, ifname))
     }
 

@@ -15,20 +15,9 @@ pub(crate) struct NetShared {
     pub mac_entries: AtomicU64,
 }
 
-/// The fd a new port is served through.
-pub(crate) enum PortIo {
-    /// A socketpair end: connected, the peer is fixed.
-    Connected(OwnedFd),
-    /// A bound datagram path; the peer is whoever sends to it.
-    Path(OwnedFd),
-    /// A listening stream path.
-    Listener(OwnedFd),
-    Tap(OwnedFd),
-}
-
 pub(crate) struct NewPort {
     pub id: PortId,
-    pub io: PortIo,
+    pub io: PortFd,
     pub shared: Arc<PortShared>,
 }
 

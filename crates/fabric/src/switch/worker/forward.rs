@@ -249,7 +249,7 @@ mod tests {
             vm.set_nonblocking(true).unwrap();
             let port = NewPort {
                 id: PortId(i as u64 + 1),
-                io: PortIo::Connected(near.into()),
+                io: PortFd::Connected(near.into()),
                 shared: Arc::default(),
             };
             fab.add_port(net, port).unwrap();

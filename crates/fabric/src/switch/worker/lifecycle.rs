@@ -7,13 +7,9 @@ impl Fabric {
         let Some(port) = self.port_mut(slot) else {
             return;
         };
-        let Kind::Path { peer: current, .. } = &mut port.kind else {
-            return;
-        };
-        if current.as_ref() == Some(&peer) {
+        if !port.io.set_peer(peer) {
             return;
         }
-        *current = Some(peer);
         let was_up = port.up;
         port.up = false;
         if was_up {
@@ -49,27 +45,7 @@ impl Fabric {
                 self.spare.push(b);
             }
         }
-        match &mut port.kind {
-            Kind::Connected(fd) | Kind::Tap(fd) => {
-                let _ = epoll::delete(epoll, &*fd);
-            }
-            Kind::Path { sock, peer } => {
-                *peer = None;
-                if port.out_armed {
-                    let _ = epoll::modify(
-                        epoll,
-                        &*sock,
-                        epoll::EventData::new_u64(token(slot, false)),
-                        epoll::EventFlags::IN,
-                    );
-                }
-            }
-            Kind::Stream { conn, .. } => {
-                if let Some(c) = conn.take() {
-                    let _ = epoll::delete(epoll, &c.fd);
-                }
-            }
-        }
+        port.io.down(epoll, slot, port.out_armed);
         port.out_armed = false;
         let was_up = mem::replace(&mut port.up, false);
         port.shared.up.store(false, Ordering::Relaxed);
@@ -140,30 +116,21 @@ impl Fabric {
                 (self.ports.len() - 1) as u32
             }
         };
-        let (kind, up, flags) = match new.io {
-            PortIo::Connected(fd) => (Kind::Connected(fd), true, epoll::EventFlags::IN),
-            PortIo::Path(sock) => (Kind::Path { sock, peer: None }, false, epoll::EventFlags::IN),
-            // Edge-triggered: accept runs until EAGAIN, and a failing accept (EMFILE)
-            // must not spin.
-            PortIo::Listener(listener) => (
-                Kind::Stream { listener, conn: None },
-                false,
-                epoll::EventFlags::IN | epoll::EventFlags::ET,
-            ),
-            PortIo::Tap(fd) => (Kind::Tap(fd), true, epoll::EventFlags::IN),
+        let limits = IoLimits {
+            stream_queue_bytes: self.stream_queue_bytes,
+            socket_buffer_bytes: self.socket_buffer_bytes,
         };
-        let fd = match &kind {
-            Kind::Connected(fd) | Kind::Tap(fd) | Kind::Path { sock: fd, .. } | Kind::Stream { listener: fd, .. } => fd,
-        };
-        if let Err(e) = epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token(slot, false)), flags) {
+        let io = PortIo::open(new.io, &limits);
+        let up = io.up_at_once();
+        if let Err(e) = io.watch(&self.epoll, slot) {
             self.free_slots.push(slot);
-            return Err(FabricError::io("watch the port's fd", e.into()));
+            return Err(FabricError::io("watch the port's fd", e));
         }
         self.ports[slot as usize] = Some(Port {
             id: new.id,
             net,
             shared: new.shared,
-            kind,
+            io,
             up: false,
             lock: None,
             lock_to_first_mac: false,
@@ -186,17 +153,7 @@ impl Fabric {
     pub(super) fn remove_port(&mut self, id: PortId) -> Result<()> {
         let slot = self.slot_of(id)?;
         let port = self.ports[slot as usize].take().expect("indexed port exists");
-        match &port.kind {
-            Kind::Connected(fd) | Kind::Tap(fd) | Kind::Path { sock: fd, .. } => {
-                let _ = epoll::delete(&self.epoll, fd);
-            }
-            Kind::Stream { listener, conn } => {
-                let _ = epoll::delete(&self.epoll, listener);
-                if let Some(c) = conn {
-                    let _ = epoll::delete(&self.epoll, &c.fd);
-                }
-            }
-        }
+        port.io.unwatch(&self.epoll);
         port.shared.up.store(false, Ordering::Relaxed);
         if let Some(net) = self.nets[port.net].as_mut() {
             net.ports.retain(|s| *s != slot);

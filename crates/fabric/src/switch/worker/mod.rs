@@ -18,7 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use std::time::Duration;
 use rustix::buffer::spare_capacity;
 use rustix::event::epoll;
 use rustix::io::Errno;
-use rustix::net::SocketFlags;
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
@@ -38,17 +37,13 @@ use crate::frame::{is_dhcp_client_message, EthernetView, FrameError};
 use crate::mac::Mac;
 use crate::port::{CapturedFrame, MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
-use crate::sys::mmsg::{recv_batch, send_batch, Received, UnixPeer, BATCH};
-use crate::transport;
+use crate::sys::mmsg::{Received, UnixPeer, BATCH};
 
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Batches read from one port per wake-up before the others get their turn.
 const ROUNDS_PER_WAKE: usize = 8;
 /// Backlog buffers kept for reuse instead of being freed.
 const SPARE_BUFFERS: usize = 4096;
-/// Extra room in a stream port's receive buffer beyond one maximal frame, so one read
-/// usually brings many frames.
-const STREAM_RX_SLACK: usize = 256 << 10;
 
 fn token(slot: u32, conn: bool) -> u64 {
     (u64::from(slot) << 1) | u64::from(conn)
@@ -58,38 +53,18 @@ mod command;
 mod egress;
 mod forward;
 mod lifecycle;
+mod port_io;
 mod rx;
 
 pub(crate) use command::*;
-
-struct StreamConn {
-    fd: OwnedFd,
-    rx: Vec<u8>,
-    rx_len: usize,
-    /// Bytes of an oversize frame still to skip.
-    discard: usize,
-    tx: Vec<u8>,
-    tx_off: usize,
-}
-
-enum Kind {
-    Connected(OwnedFd),
-    Path {
-        sock: OwnedFd,
-        peer: Option<UnixPeer>,
-    },
-    Stream {
-        listener: OwnedFd,
-        conn: Option<StreamConn>,
-    },
-    Tap(OwnedFd),
-}
+pub(crate) use port_io::PortFd;
+use port_io::{IoLimits, PortIo};
 
 struct Port {
     id: PortId,
     net: usize,
     shared: Arc<PortShared>,
-    kind: Kind,
+    io: PortIo,
     up: bool,
     lock: Option<PortLock>,
     /// Lock to the source MAC of the first frame (for VMMs that choose their own MAC).
@@ -98,17 +73,6 @@ struct Port {
     trusted: bool,
     backlog: VecDeque<Vec<u8>>,
     out_armed: bool,
-}
-
-impl Port {
-    /// The fd epoll watches for writability, if the port can be written now.
-    fn writable_fd(&self) -> Option<(BorrowedFd<'_>, bool)> {
-        match &self.kind {
-            Kind::Connected(fd) | Kind::Path { sock: fd, .. } | Kind::Tap(fd) => Some((fd.as_fd(), false)),
-            Kind::Stream { conn: Some(c), .. } => Some((c.fd.as_fd(), true)),
-            Kind::Stream { conn: None, .. } => None,
-        }
-    }
 }
 
 struct Net {
@@ -170,10 +134,28 @@ struct Fabric {
     spare: Vec<Vec<u8>>,
 }
 
+/// Where received frames land. Datagram and TAP ports receive into `bufs`; a stream
+/// port lends its own buffer as `stream` for one batch, its frames at `spans`.
 struct RxBuffers {
     bufs: Vec<Box<[u8]>>,
     meta: [Received; BATCH],
     peers: Box<[UnixPeer; BATCH]>,
+    stream: Vec<u8>,
+    spans: [(usize, usize); BATCH],
+}
+
+impl RxBuffers {
+    fn new() -> RxBuffers {
+        RxBuffers {
+            bufs: (0..BATCH)
+                .map(|_| vec![0u8; MAX_FRAME_LEN + 1].into_boxed_slice())
+                .collect(),
+            meta: [Received::default(); BATCH],
+            peers: Box::new([UnixPeer::default(); BATCH]),
+            stream: Vec::new(),
+            spans: [(0, 0); BATCH],
+        }
+    }
 }
 
 pub(crate) struct Worker {
@@ -194,21 +176,6 @@ pub(crate) struct WorkerSetup {
     pub socket_buffer_bytes: usize,
 }
 
-fn is_peer_gone(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNREFUSED
-                | libc::ENOENT
-                | libc::EPIPE
-                | libc::ECONNRESET
-                | libc::ENOTCONN
-                | libc::EBADFD
-                | libc::EIO
-        )
-    )
-}
-
 impl Worker {
     pub(crate) fn new(s: WorkerSetup) -> io::Result<Worker> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
@@ -218,9 +185,6 @@ impl Worker {
             epoll::EventData::new_u64(WAKE_TOKEN),
             epoll::EventFlags::IN,
         )?;
-        let bufs = (0..BATCH)
-            .map(|_| vec![0u8; MAX_FRAME_LEN + 1].into_boxed_slice())
-            .collect();
         Ok(Worker {
             fab: Fabric {
                 epoll,
@@ -239,11 +203,7 @@ impl Worker {
                 dirty: Vec::with_capacity(64),
                 spare: Vec::new(),
             },
-            rx: RxBuffers {
-                bufs,
-                meta: [Received::default(); BATCH],
-                peers: Box::new([UnixPeer::default(); BATCH]),
-            },
+            rx: RxBuffers::new(),
             wake: s.wake,
             commands: s.commands,
         })
@@ -338,18 +298,6 @@ impl Worker {
             }
         }
         true
-    }
-
-    fn readable(&mut self, slot: u32, conn: bool) {
-        let Some(port) = self.fab.port(slot) else {
-            return;
-        };
-        match &port.kind {
-            Kind::Connected(_) | Kind::Path { .. } => self.read_datagrams(slot),
-            Kind::Tap(_) => self.read_tap(slot),
-            Kind::Stream { .. } if conn => self.read_stream(slot),
-            Kind::Stream { .. } => self.fab.accept(slot),
-        }
     }
 }
 
