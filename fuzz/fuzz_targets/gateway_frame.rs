@@ -1,13 +1,22 @@
-//! The gateway's classification of a frame and the refusals it builds from one.
+//! The gateway's classification of a frame and the refusals it builds from what
+//! classification kept.
 #![no_main]
 
 use fabric::Mac;
+use gateway::wire::Inbound;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|frame: &[u8]| {
-    if gateway::wire::classify(frame).is_ok() {
-        let mac = Mac([2, 0, 0, 0, 0, 1]);
-        let _ = gateway::wire::tcp_reset(mac, frame);
-        let _ = gateway::wire::icmp_prohibited(mac, std::net::Ipv4Addr::new(10, 0, 0, 1), frame);
+    let mac = Mac([2, 0, 0, 0, 0, 1]);
+    let from = std::net::Ipv4Addr::new(10, 0, 0, 1);
+    match gateway::wire::classify(frame) {
+        Ok(Inbound::Tcp(head)) => {
+            let _ = gateway::wire::tcp_reset(mac, &head);
+            let _ = gateway::wire::icmp_prohibited(mac, from, &head.origin);
+        }
+        Ok(Inbound::Udp { origin, .. } | Inbound::IcmpEcho { origin, .. }) => {
+            let _ = gateway::wire::icmp_prohibited(mac, from, &origin);
+        }
+        _ => {}
     }
 });

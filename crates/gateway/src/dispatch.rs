@@ -1,165 +1,247 @@
-//! Where a frame from the network goes: ARP and ICMP answered here, DHCP, DNS
-//! (UDP and TCP), NAT (UDP, ICMP, TCP) and forwards' return traffic handed to their
-//! services, everything else counted and dropped.
+//! Where a frame from the network goes. [`route`] is the one decision: it takes a
+//! classified frame and names its service with what that service needs; [`deliver`]
+//! hands it over. ARP and ICMP echo are answered here; DHCP, DNS (UDP and TCP), NAT
+//! (UDP, ICMP, TCP) and forwards' return traffic go to their services; everything else
+//! is counted and dropped.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use smoltcp::wire::ArpOperation;
 use tokio::net::UnixDatagram;
 
 use crate::dns::Decision;
-use crate::wire::Inbound;
+use crate::wire::{Inbound, Origin, TcpHead};
 use crate::*;
 
-/// Answers one frame; returns the frames to send back now, and whether the TCP stack
-/// got the frame and needs a run. Forwarded DNS queries are answered by their own task.
-/// Each step runs contained (see `contain`): a panic drops this frame only.
-pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
-    use contain::{contained, Service};
-    let inbound = match contained(&shared.panics, Service::Frame, frame, || wire::classify(frame)) {
-        Some(Ok(i)) => i,
-        Some(Err(_)) => {
-            GatewayCounters::inc(&shared.ctx.counters.malformed_frames);
-            return (vec![], false);
-        }
-        None => return (vec![], false),
-    };
-    let service = service_of(&shared.ctx.cfg, &inbound);
-    contained(&shared.panics, service, frame, || {
-        #[cfg(test)]
-        tests::panic_if_marked(frame, tests::HANDLER_MARK);
-        let (tcp_touched, mut out) = feed_tcp(shared, sock, frame, &inbound);
-        out.extend(answer_frame(shared, sock, frame, inbound));
-        (out, tcp_touched)
-    })
-    .unwrap_or_default()
+/// A UDP datagram or ICMP echo, as its service takes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Datagram<'a> {
+    pub src_mac: Mac,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub payload: &'a [u8],
+    pub origin: Origin,
 }
 
-/// The service a classified frame is for, to name it when its handler panics.
-pub(crate) fn service_of(cfg: &GatewayConfig, inbound: &Inbound<'_>) -> contain::Service {
-    use contain::Service;
-    match inbound {
-        Inbound::Arp { .. } => Service::Arp,
-        Inbound::IcmpEcho { dst_ip, .. } if cfg.is_gateway_ip(*dst_ip) => Service::Icmp,
-        Inbound::IcmpEcho { .. } => Service::IcmpNat,
-        Inbound::Udp { dst_port: 67, .. } => Service::Dhcp,
-        Inbound::Udp {
-            dst_ip, dst_port: 53, ..
-        } if cfg.is_gateway_ip(*dst_ip) => Service::Dns,
-        Inbound::Udp { .. } => Service::UdpNat,
-        Inbound::Tcp(head) if cfg.is_gateway_ip(*head.dst.ip()) && head.dst.port() == 53 => Service::DnsTcp,
-        Inbound::Tcp(_) => Service::TcpNat,
-        Inbound::Ignored => Service::Frame,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Echo<'a> {
+    pub src_mac: Mac,
+    pub src_ip: Ipv4Addr,
+    pub dst_ip: Ipv4Addr,
+    pub ident: u16,
+    pub seq_no: u16,
+    pub data: &'a [u8],
+    pub origin: Origin,
+}
+
+/// Where a classified frame goes, and what it carries there.
+#[derive(Debug)]
+pub(crate) enum Route<'a> {
+    /// Answered here when it asks for an address the gateway holds; about the gateway,
+    /// it also teaches both TCP stacks (smoltcp learns neighbours only from ARP).
+    Arp {
+        op: ArpOperation,
+        sender_mac: Mac,
+        sender_ip: Ipv4Addr,
+        target_ip: Ipv4Addr,
+        teaches_tcp: bool,
+    },
+    /// A ping to the gateway.
+    Echo(Echo<'a>),
+    Dhcp {
+        src_mac: Mac,
+        payload: &'a [u8],
+    },
+    Dns(Datagram<'a>),
+    /// TCP to the gateway's own address: its DNS-over-TCP stack (which refuses other
+    /// ports).
+    GatewayTcp,
+    /// TCP routed through the gateway, or a forward's connection to a guest.
+    TcpNat(TcpHead),
+    /// A ping routed through the gateway: re-sent from the host.
+    IcmpNat(Echo<'a>),
+    /// A guest answering a forwarded UDP client (to the gateway's address).
+    ForwardReply(Datagram<'a>),
+    /// Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
+    UdpNat(Datagram<'a>),
+    Nowhere,
+}
+
+impl Route<'_> {
+    /// The service that runs it, to name it when its handler panics.
+    pub(crate) fn service(&self) -> contain::Service {
+        use contain::Service;
+        match self {
+            Route::Arp { .. } => Service::Arp,
+            Route::Echo(_) => Service::Icmp,
+            Route::Dhcp { .. } => Service::Dhcp,
+            Route::Dns(_) => Service::Dns,
+            Route::GatewayTcp => Service::DnsTcp,
+            Route::TcpNat(_) => Service::TcpNat,
+            Route::IcmpNat(_) => Service::IcmpNat,
+            Route::ForwardReply(_) | Route::UdpNat(_) => Service::UdpNat,
+            Route::Nowhere => Service::Frame,
+        }
     }
 }
 
-/// Gives the TCP stacks the frames they need: TCP for the gateway's DNS goes to the DNS
-/// stack, TCP routed through the gateway (and a forward's connections to the gateway's
-/// address) to the NAT stack, and ARP about the gateway to both (smoltcp learns
-/// neighbours only from ARP). Returns whether the DNS stack needs a run; the NAT
-/// stack's answers are returned to send.
-pub(crate) fn feed_tcp(
-    shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
-    frame: &[u8],
-    inbound: &Inbound<'_>,
-) -> (bool, Vec<Vec<u8>>) {
-    let cfg = &shared.ctx.cfg;
-    match *inbound {
-        Inbound::Tcp(head) => {
-            let dst = *head.dst.ip();
-            let nat_key = tcp_nat::FlowKey {
-                guest: head.src,
-                peer: head.dst,
-            };
-            let forwarded =
-                cfg.is_gateway_ip(dst) && shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).knows(&nat_key);
-            if cfg.is_gateway_ip(dst) && !forwarded {
-                shared.state().tcp.input(frame);
-                return (true, vec![]);
-            }
-            if head.dst_mac == cfg.gateway_mac && (forwarded || routed_out(cfg, *head.src.ip(), dst)) {
-                return (false, tcp_nat::inbound(&shared.tcp, sock, frame, head));
-            }
-            (false, vec![])
-        }
-        Inbound::Arp {
-            target_ip, sender_ip, ..
-        } if cfg.is_gateway_ip(target_ip) && sender_ip != target_ip => {
-            shared.state().tcp.input(frame);
-            shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).input(frame);
-            (true, vec![])
-        }
-        _ => (false, vec![]),
-    }
-}
-
-pub(crate) fn answer_frame(
-    shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
-    frame: &[u8],
-    inbound: Inbound<'_>,
-) -> Vec<Vec<u8>> {
-    let cfg = &shared.ctx.cfg;
-    let c = &shared.ctx.counters;
-    match &inbound {
-        Inbound::Arp {
-            sender_mac, sender_ip, ..
-        } => shared.ctx.neighbours.saw(*sender_ip, *sender_mac),
-        Inbound::Udp { src_mac, src_ip, .. } => shared.ctx.neighbours.saw(*src_ip, *src_mac),
-        Inbound::IcmpEcho { src_mac, src_ip, .. } => shared.ctx.neighbours.saw(*src_ip, *src_mac),
-        _ => {}
-    }
+/// The one decision of where a frame goes. `nat_knows` says whether the TCP NAT has a
+/// flow for a (guest, peer) pair: a forward's connections use the gateway's address.
+pub(crate) fn route<'a>(
+    cfg: &GatewayConfig,
+    inbound: Inbound<'a>,
+    nat_knows: impl FnOnce(&tcp_nat::FlowKey) -> bool,
+) -> Route<'a> {
     match inbound {
         Inbound::Arp {
             op,
             sender_mac,
             sender_ip,
             target_ip,
-        } => {
-            if sender_ip == target_ip {
-                GatewayCounters::inc(&c.arp_gratuitous);
-                if cfg.is_gateway_ip(sender_ip) && sender_mac != cfg.gateway_mac {
-                    GatewayCounters::inc(&c.arp_conflicts);
-                    tracing::warn!(%sender_mac, ip = %sender_ip, "a host claims a gateway address");
-                }
-                return vec![];
-            }
-            if op == ArpOperation::Request && cfg.answers_for(target_ip) {
-                GatewayCounters::inc(&c.arp_replies);
-                return vec![wire::arp_reply(cfg.gateway_mac, target_ip, sender_mac, sender_ip)];
-            }
-            vec![]
-        }
+        } => Route::Arp {
+            op,
+            sender_mac,
+            sender_ip,
+            target_ip,
+            teaches_tcp: cfg.is_gateway_ip(target_ip) && sender_ip != target_ip,
+        },
         Inbound::IcmpEcho {
             src_mac,
+            dst_mac,
             src_ip,
             dst_ip,
             ident,
             seq_no,
             data,
-            ..
-        } if cfg.is_gateway_ip(dst_ip) => {
-            GatewayCounters::inc(&c.icmp_echo_replies);
-            vec![wire::icmp_echo_reply(
-                cfg.gateway_mac,
+            origin,
+        } => {
+            let echo = Echo {
                 src_mac,
-                dst_ip,
                 src_ip,
+                dst_ip,
                 ident,
                 seq_no,
                 data,
-            )]
+                origin,
+            };
+            if cfg.is_gateway_ip(dst_ip) {
+                Route::Echo(echo)
+            } else if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) {
+                Route::IcmpNat(echo)
+            } else {
+                Route::Nowhere
+            }
         }
         Inbound::Udp {
-            dst_port: 67,
-            src_port: 68,
-            dst_ip,
             src_mac,
+            dst_mac,
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
             payload,
-            ..
-        } if dst_ip == Ipv4Addr::BROADCAST || cfg.is_gateway_ip(dst_ip) => {
+            origin,
+        } => {
+            let d = Datagram {
+                src_mac,
+                src: SocketAddrV4::new(src_ip, src_port),
+                dst: SocketAddrV4::new(dst_ip, dst_port),
+                payload,
+                origin,
+            };
+            match (src_port, dst_port) {
+                (68, 67) if dst_ip == Ipv4Addr::BROADCAST || cfg.is_gateway_ip(dst_ip) => {
+                    Route::Dhcp { src_mac, payload }
+                }
+                (_, 53) if cfg.is_gateway_ip(dst_ip) => Route::Dns(d),
+                _ if dst_ip == cfg.gateway_ip => Route::ForwardReply(d),
+                _ if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => Route::UdpNat(d),
+                _ => Route::Nowhere,
+            }
+        }
+        Inbound::Tcp(head) => {
+            let dst = *head.dst.ip();
+            let to_gateway = cfg.is_gateway_ip(dst);
+            let forwarded = to_gateway
+                && nat_knows(&tcp_nat::FlowKey {
+                    guest: head.src,
+                    peer: head.dst,
+                });
+            if to_gateway && !forwarded {
+                Route::GatewayTcp
+            } else if head.dst_mac == cfg.gateway_mac && (forwarded || routed_out(cfg, *head.src.ip(), dst)) {
+                Route::TcpNat(head)
+            } else {
+                Route::Nowhere
+            }
+        }
+        Inbound::Ignored => Route::Nowhere,
+    }
+}
+
+/// Answers one frame; returns the frames to send back now, and whether the DNS TCP
+/// stack got the frame and needs a run. Forwarded DNS queries are answered by their
+/// own task. Each step runs contained (see `contain`): a panic drops this frame only.
+pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
+    use contain::{contained, Service};
+    let classified = contained(&shared.panics, Service::Frame, frame, || {
+        let inbound = wire::classify(frame)?;
+        if let Some((ip, mac)) = inbound.sender() {
+            shared.ctx.neighbours.saw(ip, mac);
+        }
+        Ok::<_, wire::WireError>(route(&shared.ctx.cfg, inbound, |key| {
+            shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).knows(key)
+        }))
+    });
+    let route = match classified {
+        Some(Ok(r)) => r,
+        Some(Err(_)) => {
+            GatewayCounters::inc(&shared.ctx.counters.malformed_frames);
+            return (vec![], false);
+        }
+        None => return (vec![], false),
+    };
+    contained(&shared.panics, route.service(), frame, || {
+        #[cfg(test)]
+        crate::tests::panic_if_marked(frame, crate::tests::HANDLER_MARK);
+        deliver(shared, sock, frame, route)
+    })
+    .unwrap_or_default()
+}
+
+/// Hands a routed frame to its service.
+fn deliver(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], route: Route<'_>) -> (Vec<Vec<u8>>, bool) {
+    let cfg = &shared.ctx.cfg;
+    let c = &shared.ctx.counters;
+    let replies = match route {
+        Route::Arp {
+            op,
+            sender_mac,
+            sender_ip,
+            target_ip,
+            teaches_tcp,
+        } => {
+            if teaches_tcp {
+                shared.state().tcp.input(frame);
+                shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).input(frame);
+            }
+            let reply = arp(cfg, c, op, sender_mac, sender_ip, target_ip);
+            return (reply.into_iter().collect(), teaches_tcp);
+        }
+        Route::Echo(e) => {
+            GatewayCounters::inc(&c.icmp_echo_replies);
+            vec![wire::icmp_echo_reply(
+                cfg.gateway_mac,
+                e.src_mac,
+                e.dst_ip,
+                e.src_ip,
+                e.ident,
+                e.seq_no,
+                e.data,
+            )]
+        }
+        Route::Dhcp { src_mac, payload } => {
             let (reply, event) = shared.state().dhcp.handle(payload, src_mac, unix_now());
             if let Some(ev) = event {
                 shared.emit(ev);
@@ -177,86 +259,88 @@ pub(crate) fn answer_frame(
                 .into_iter()
                 .collect()
         }
-        Inbound::Udp {
-            dst_port: 53,
-            src_mac,
-            src_ip,
-            dst_ip,
-            src_port,
-            payload,
-            ..
-        } if cfg.is_gateway_ip(dst_ip) => {
-            let reply_to =
-                move |bytes: &[u8]| wire::udp_frame(cfg.gateway_mac, src_mac, (dst_ip, 53), (src_ip, src_port), bytes);
-            let decision = dns::decide(&shared.state().zone, payload);
-            match decision {
-                Err(dns::Malformed) => {
-                    GatewayCounters::inc(&c.dns_malformed);
-                    vec![]
-                }
-                Ok(Decision::Answer { bytes, nxdomain }) => {
-                    GatewayCounters::inc(if nxdomain { &c.dns_nxdomain } else { &c.dns_local });
-                    vec![reply_to(&bytes)]
-                }
-                Ok(Decision::Forward) => {
-                    let to = ReplyTo::Udp {
-                        client_mac: src_mac,
-                        client: (src_ip, src_port),
-                        server_ip: dst_ip,
-                    };
-                    spawn_forward(shared, sock, payload.to_vec(), src_ip, to, None);
-                    vec![]
-                }
-            }
+        Route::Dns(d) => dns_query(shared, sock, d),
+        Route::GatewayTcp => {
+            shared.state().tcp.input(frame);
+            return (vec![], true);
         }
-        // A ping routed through the gateway: re-sent from the host.
-        Inbound::IcmpEcho {
-            src_mac,
-            dst_mac,
-            src_ip,
-            dst_ip,
-            ident,
-            seq_no,
-            data,
-        } if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => {
+        Route::TcpNat(head) => tcp_nat::inbound(&shared.tcp, sock, frame, head),
+        Route::IcmpNat(e) => {
             let key = icmp_nat::FlowKey {
-                guest: src_ip,
-                ident,
-                dst: dst_ip,
+                guest: e.src_ip,
+                ident: e.ident,
+                dst: e.dst_ip,
             };
-            icmp_nat::outbound(&shared.icmp, sock, frame, src_mac, key, seq_no, data)
+            icmp_nat::outbound(&shared.icmp, sock, &e.origin, key, e.seq_no, e.data)
                 .into_iter()
                 .collect()
         }
-        // A guest answering a forwarded client.
-        Inbound::Udp {
-            dst_ip,
-            dst_port,
-            src_ip,
-            payload,
-            ..
-        } if dst_ip == cfg.gateway_ip && forward::reply(&shared.forwards, dst_port, src_ip, payload) => {
+        Route::ForwardReply(d) => {
+            forward::reply(&shared.forwards, d.dst.port(), *d.src.ip(), d.payload);
             vec![]
         }
-        // Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
-        Inbound::Udp {
-            src_mac,
-            dst_mac,
-            src_ip,
-            dst_ip,
-            src_port,
-            dst_port,
-            payload,
-        } if dst_mac == cfg.gateway_mac && routed_out(cfg, src_ip, dst_ip) => {
+        Route::UdpNat(d) => {
             let key = udp_nat::FlowKey {
-                guest: std::net::SocketAddrV4::new(src_ip, src_port),
-                dst: std::net::SocketAddrV4::new(dst_ip, dst_port),
+                guest: d.src,
+                dst: d.dst,
             };
-            udp_nat::outbound(&shared.udp, sock, frame, src_mac, key, payload)
+            udp_nat::outbound(&shared.udp, sock, &d.origin, key, d.payload)
                 .into_iter()
                 .collect()
         }
-        _ => vec![],
+        Route::Nowhere => vec![],
+    };
+    (replies, false)
+}
+
+/// ARP: a gratuitous one is counted (and a claim on a gateway address warned about);
+/// a request for an address the gateway answers for gets its reply.
+fn arp(
+    cfg: &GatewayConfig,
+    c: &GatewayCounters,
+    op: ArpOperation,
+    sender_mac: Mac,
+    sender_ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
+) -> Option<Vec<u8>> {
+    if sender_ip == target_ip {
+        GatewayCounters::inc(&c.arp_gratuitous);
+        if cfg.is_gateway_ip(sender_ip) && sender_mac != cfg.gateway_mac {
+            GatewayCounters::inc(&c.arp_conflicts);
+            tracing::warn!(%sender_mac, ip = %sender_ip, "a host claims a gateway address");
+        }
+        return None;
+    }
+    if op == ArpOperation::Request && cfg.answers_for(target_ip) {
+        GatewayCounters::inc(&c.arp_replies);
+        return Some(wire::arp_reply(cfg.gateway_mac, target_ip, sender_mac, sender_ip));
+    }
+    None
+}
+
+/// A DNS query over UDP: answered from the zone, or forwarded upstream by its own task.
+fn dns_query(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, d: Datagram<'_>) -> Vec<Vec<u8>> {
+    let cfg = &shared.ctx.cfg;
+    let c = &shared.ctx.counters;
+    match dns::decide(&shared.state().zone, d.payload) {
+        Err(dns::Malformed) => {
+            GatewayCounters::inc(&c.dns_malformed);
+            vec![]
+        }
+        Ok(Decision::Answer { bytes, nxdomain }) => {
+            GatewayCounters::inc(if nxdomain { &c.dns_nxdomain } else { &c.dns_local });
+            let (client, server) = ((*d.src.ip(), d.src.port()), (*d.dst.ip(), 53));
+            vec![wire::udp_frame(cfg.gateway_mac, d.src_mac, server, client, &bytes)]
+        }
+        Ok(Decision::Forward) => {
+            let to = ReplyTo::Udp {
+                client_mac: d.src_mac,
+                client: (*d.src.ip(), d.src.port()),
+                server_ip: *d.dst.ip(),
+            };
+            spawn_forward(shared, sock, d.payload.to_vec(), *d.src.ip(), to, None);
+            vec![]
+        }
     }
 }
 
@@ -265,4 +349,110 @@ pub(crate) fn answer_frame(
 pub(crate) fn routed_out(cfg: &GatewayConfig, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
     let inside = cfg.subnet.contains(&dst) && cfg.host_access != Some(dst);
     cfg.subnet.contains(&src) && !cfg.is_gateway_ip(dst) && !inside && !dst.is_broadcast() && !dst.is_multicast()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The decision alone: frames built with `wire`, classified, routed; no sockets.
+    use super::*;
+
+    const GUEST: Mac = Mac([0x02, 0, 0, 0, 0, 0x10]);
+
+    fn cfg() -> GatewayConfig {
+        GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap())
+    }
+
+    fn udp(dst_mac: Mac, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+        wire::udp_frame(GUEST, dst_mac, src, dst, b"x")
+    }
+
+    /// An echo request: a reply's frame with its type (0) made a request (8).
+    fn echo_request(dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+        use smoltcp::wire::{Icmpv4Packet, Ipv4Packet};
+        let mut f = wire::icmp_echo_reply(GUEST, dst_mac, src, dst, 1, 1, b"p");
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+        let mut icmp = Icmpv4Packet::new_unchecked(ip.payload_mut());
+        icmp.set_msg_type(smoltcp::wire::Icmpv4Message::EchoRequest);
+        icmp.fill_checksum();
+        f
+    }
+
+    fn routed(cfg: &GatewayConfig, frame: &[u8]) -> String {
+        let r = route(cfg, wire::classify(frame).unwrap(), |_| false);
+        format!("{r:?}").split(['(', ' ', '{']).next().unwrap().to_string()
+    }
+
+    #[test]
+    fn each_kind_of_frame_has_one_destination() {
+        let cfg = cfg();
+        let (gw, gw_mac) = (cfg.gateway_ip, cfg.gateway_mac);
+        let guest = Ipv4Addr::new(10, 9, 0, 20);
+        let outside = Ipv4Addr::new(192, 0, 2, 7);
+        let bcast = Mac::BROADCAST;
+        let cases: [(&str, Vec<u8>); 10] = [
+            (
+                "Dhcp",
+                udp(bcast, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67)),
+            ),
+            ("Dns", udp(gw_mac, (guest, 5000), (gw, 53))),
+            ("ForwardReply", udp(gw_mac, (guest, 8080), (gw, 40000))),
+            ("UdpNat", udp(gw_mac, (guest, 5000), (outside, 53))),
+            // Bound outside, but not addressed to the gateway's MAC: not ours to route.
+            ("Nowhere", udp(Mac([2, 0, 0, 0, 0, 0x11]), (guest, 5000), (outside, 53))),
+            // Between two guests of the subnet: the switch's business.
+            ("Nowhere", udp(gw_mac, (guest, 5000), (Ipv4Addr::new(10, 9, 0, 21), 53))),
+            ("Echo", echo_request(gw_mac, guest, gw)),
+            ("IcmpNat", echo_request(gw_mac, guest, outside)),
+            ("Arp", wire::arp_request(GUEST, guest, gw)),
+            ("Arp", wire::arp_reply(GUEST, guest, gw_mac, gw)),
+        ];
+        for (want, frame) in cases {
+            assert_eq!(routed(&cfg, &frame), want, "{frame:02x?}");
+        }
+    }
+
+    #[test]
+    fn arp_about_the_gateway_teaches_the_tcp_stacks_and_a_gratuitous_one_does_not() {
+        let cfg = cfg();
+        let guest = Ipv4Addr::new(10, 9, 0, 20);
+        let teaches = |f: &[u8]| match route(&cfg, wire::classify(f).unwrap(), |_| false) {
+            Route::Arp { teaches_tcp, .. } => teaches_tcp,
+            other => panic!("{other:?}"),
+        };
+        assert!(teaches(&wire::arp_request(GUEST, guest, cfg.gateway_ip)));
+        assert!(!teaches(&wire::arp_request(GUEST, guest, guest)));
+        assert!(!teaches(&wire::arp_request(GUEST, guest, Ipv4Addr::new(10, 9, 0, 30))));
+    }
+
+    #[test]
+    fn a_refusal_quotes_the_refused_packet_from_what_classification_kept() {
+        use smoltcp::wire::{EthernetFrame, Icmpv4Message, Icmpv4Packet, Ipv4Packet};
+        let cfg = cfg();
+        let guest = Ipv4Addr::new(10, 9, 0, 20);
+        let f = wire::udp_frame(
+            GUEST,
+            cfg.gateway_mac,
+            (guest, 5000),
+            (Ipv4Addr::new(192, 0, 2, 7), 9),
+            b"payload",
+        );
+        let Route::UdpNat(d) = route(&cfg, wire::classify(&f).unwrap(), |_| false) else {
+            panic!("not routed out");
+        };
+        let answer = wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, &d.origin);
+        let eth = EthernetFrame::new_checked(&answer[..]).unwrap();
+        assert_eq!(eth.dst_addr().0, GUEST.0);
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        assert_eq!(icmp.msg_code(), 13, "communication administratively prohibited");
+        // The refused packet's IPv4 header, then the first 8 bytes of its payload
+        // (smoltcp will not parse a quoted, truncated packet back, so by hand).
+        let quoted = icmp.data();
+        assert_eq!(quoted.len(), 20 + 8);
+        assert_eq!(&quoted[12..16], &guest.octets());
+        assert_eq!(&quoted[16..20], &[192, 0, 2, 7]);
+        assert_eq!(&quoted[20..24], &[0x13, 0x88, 0, 9], "ports 5000 -> 9");
+    }
 }

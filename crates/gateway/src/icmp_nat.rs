@@ -99,16 +99,15 @@ fn open(kind: Kind) -> std::io::Result<std::net::UdpSocket> {
 
 /// Sends a guest's echo request on its flow, opening the flow first when needed.
 /// Returns a frame for the guest when the request is refused (ICMP prohibited).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn outbound(
     svc: &Arc<IcmpNat>,
     port: &Arc<UnixDatagram>,
-    frame: &[u8],
-    guest_mac: Mac,
+    origin: &wire::Origin,
     key: FlowKey,
     seq_no: u16,
     data: &[u8],
 ) -> Option<Vec<u8>> {
+    let guest_mac = origin.src_mac;
     let cfg = &svc.ctx.cfg;
     let c = &svc.ctx.counters;
     let mut table = svc.flows.lock().unwrap_or_else(|p| p.into_inner());
@@ -120,7 +119,7 @@ pub(crate) fn outbound(
     }
     let host_access = cfg.host_access == Some(key.dst);
     if svc.ctx.egress.refused(key.dst, 0, crate::policy::Proto::Icmp) {
-        return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
+        return Some(wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, origin));
     }
     let mine = table.per_guest.count(key.guest);
     let Some(kind) = kind().filter(|_| mine < FLOWS_PER_GUEST && table.flows.len() < FLOWS_TOTAL) else {

@@ -74,11 +74,11 @@ impl FlowTable {
 pub(crate) fn outbound(
     svc: &Arc<UdpNat>,
     port: &Arc<UnixDatagram>,
-    frame: &[u8],
-    guest_mac: Mac,
+    origin: &wire::Origin,
     key: FlowKey,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
+    let guest_mac = origin.src_mac;
     let cfg = &svc.ctx.cfg;
     let c = &svc.ctx.counters;
     let mut table = svc.flows.lock().unwrap_or_else(|p| p.into_inner());
@@ -94,7 +94,7 @@ pub(crate) fn outbound(
         .egress
         .refused(*key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp)
     {
-        return wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, frame);
+        return Some(wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, origin));
     }
     let mine = table.per_guest.count(*key.guest.ip());
     if mine >= cfg.udp_flows_per_guest || table.flows.len() >= cfg.udp_flows_total {

@@ -1,7 +1,9 @@
 //! Frames in and out of the gateway, read and written with smoltcp's wire types.
 //!
 //! `classify` checks what it reads (lengths, IPv4 header and UDP/ICMP checksums) and
-//! says what the frame is for; the builders emit complete frames with checksums.
+//! says what the frame is for, keeping what a refusal needs (the [`Origin`] of an IPv4
+//! packet, a TCP segment's numbers), so an answer is never built by parsing the frame
+//! again; the builders emit complete frames with checksums.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -30,6 +32,7 @@ pub enum Inbound<'a> {
         ident: u16,
         seq_no: u16,
         data: &'a [u8],
+        origin: Origin,
     },
     Udp {
         src_mac: Mac,
@@ -39,11 +42,26 @@ pub enum Inbound<'a> {
         src_port: u16,
         dst_port: u16,
         payload: &'a [u8],
+        origin: Origin,
     },
     /// A TCP segment; its checksum and the rest are the TCP stack's to check.
     Tcp(TcpHead),
     /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6).
     Ignored,
+}
+
+impl Inbound<'_> {
+    /// Who sent it, by the addresses it claims (neighbours are learnt from ARP, UDP
+    /// and ICMP echo).
+    pub fn sender(&self) -> Option<(Ipv4Addr, Mac)> {
+        match *self {
+            Inbound::Arp {
+                sender_ip, sender_mac, ..
+            } => Some((sender_ip, sender_mac)),
+            Inbound::IcmpEcho { src_ip, src_mac, .. } | Inbound::Udp { src_ip, src_mac, .. } => Some((src_ip, src_mac)),
+            Inbound::Tcp(_) | Inbound::Ignored => None,
+        }
+    }
 }
 
 /// The parts of a TCP segment that pick its handler; the TCP stack checks the rest.
@@ -56,6 +74,39 @@ pub struct TcpHead {
     pub syn: bool,
     pub ack: bool,
     pub rst: bool,
+    pub seq: TcpSeqNumber,
+    pub ack_number: TcpSeqNumber,
+    /// Sequence space the segment takes: its payload, and one each for SYN and FIN.
+    pub seq_len: usize,
+    pub origin: Origin,
+}
+
+/// What an ICMP error about an IPv4 packet needs from it: who sent it, its header and
+/// the first 8 bytes of its payload (RFC 792).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    pub src_mac: Mac,
+    pub header: Ipv4Repr,
+    quote: [u8; 8],
+    quote_len: u8,
+}
+
+impl Origin {
+    fn new(src_mac: Mac, header: Ipv4Repr, payload: &[u8]) -> Origin {
+        let mut quote = [0u8; 8];
+        let quote_len = payload.len().min(quote.len());
+        quote[..quote_len].copy_from_slice(&payload[..quote_len]);
+        Origin {
+            src_mac,
+            header,
+            quote,
+            quote_len: quote_len as u8,
+        }
+    }
+
+    pub fn quote(&self) -> &[u8] {
+        &self.quote[..usize::from(self.quote_len)]
+    }
 }
 
 impl TcpHead {
@@ -112,6 +163,7 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
             let pkt = Ipv4Packet::new_checked(eth.payload()).map_err(|_| WireError::Ipv4)?;
             let ip = Ipv4Repr::parse(&pkt, &caps).map_err(|_| WireError::Ipv4)?;
             let (src, dst) = (IpAddress::Ipv4(ip.src_addr), IpAddress::Ipv4(ip.dst_addr));
+            let origin = Origin::new(mac(eth.src_addr()), ip, pkt.payload());
             match ip.next_header {
                 IpProtocol::Udp => {
                     let udp = UdpPacket::new_checked(pkt.payload()).map_err(|_| WireError::Udp)?;
@@ -124,6 +176,7 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                         src_port: repr.src_port,
                         dst_port: repr.dst_port,
                         payload: udp.payload(),
+                        origin,
                     })
                 }
                 IpProtocol::Icmp => {
@@ -137,6 +190,7 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                             ident,
                             seq_no,
                             data,
+                            origin,
                         }),
                         Ok(_) => Ok(Inbound::Ignored),
                         // smoltcp refuses ICMP types it does not model; only a bad
@@ -155,6 +209,10 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                         syn: tcp.syn(),
                         ack: tcp.ack(),
                         rst: tcp.rst(),
+                        seq: tcp.seq_number(),
+                        ack_number: tcp.ack_number(),
+                        seq_len: tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin()),
+                        origin,
                     }))
                 }
                 _ => Ok(Inbound::Ignored),
@@ -242,52 +300,50 @@ pub fn arp_reply(mac_of_ip: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> 
     buf
 }
 
-/// An ICMP "administratively prohibited" answer to a refused IPv4 frame.
-pub fn icmp_prohibited(gateway_mac: Mac, from: Ipv4Addr, refused: &[u8]) -> Option<Vec<u8>> {
+/// An ICMP "administratively prohibited" answer to a refused IPv4 packet.
+pub fn icmp_prohibited(gateway_mac: Mac, from: Ipv4Addr, refused: &Origin) -> Vec<u8> {
     icmp_unreachable(gateway_mac, from, refused, Icmpv4DstUnreachable::CommProhibited)
 }
 
 /// An ICMP destination-unreachable answer to `refused`, from the gateway's MAC and `from`.
-pub fn icmp_unreachable(
-    gateway_mac: Mac,
-    from: Ipv4Addr,
-    refused: &[u8],
-    reason: Icmpv4DstUnreachable,
-) -> Option<Vec<u8>> {
-    let eth = EthernetFrame::new_checked(refused).ok()?;
-    let pkt = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    let header = Ipv4Repr::parse(&pkt, &ChecksumCapabilities::default()).ok()?;
-    let data = &pkt.payload()[..pkt.payload().len().min(8)];
-    let repr = Icmpv4Repr::DstUnreachable { reason, header, data };
+pub fn icmp_unreachable(gateway_mac: Mac, from: Ipv4Addr, refused: &Origin, reason: Icmpv4DstUnreachable) -> Vec<u8> {
+    let repr = Icmpv4Repr::DstUnreachable {
+        reason,
+        header: refused.header,
+        data: refused.quote(),
+    };
     let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
-    ethernet(&mut buf, gateway_mac, mac(eth.src_addr()), EthernetProtocol::Ipv4);
-    ipv4(&mut buf, from, header.src_addr, IpProtocol::Icmp, repr.buffer_len());
+    ethernet(&mut buf, gateway_mac, refused.src_mac, EthernetProtocol::Ipv4);
+    ipv4(
+        &mut buf,
+        from,
+        refused.header.src_addr,
+        IpProtocol::Icmp,
+        repr.buffer_len(),
+    );
     repr.emit(
         &mut Icmpv4Packet::new_unchecked(&mut buf[ETH + IPV4..]),
         &ChecksumCapabilities::default(),
     );
-    Some(buf)
+    buf
 }
 
-/// A RST answering a guest's TCP segment (its connect refused), as if from its destination.
-pub fn tcp_reset(gateway_mac: Mac, refused: &[u8]) -> Option<Vec<u8>> {
-    let eth = EthernetFrame::new_checked(refused).ok()?;
-    let pkt = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    let tcp = TcpPacket::new_checked(pkt.payload()).ok()?;
-    if tcp.rst() {
+/// A RST answering a guest's TCP segment (its connect refused), as if from its
+/// destination; none for a RST.
+pub fn tcp_reset(gateway_mac: Mac, refused: &TcpHead) -> Option<Vec<u8>> {
+    if refused.rst {
         return None;
     }
     // RFC 9293 3.10.7.1: acknowledge the segment (its SYN and FIN count as one each) so
     // the guest accepts the reset.
-    let seg_len = tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin());
-    let (seq_number, ack_number) = if tcp.ack() {
-        (tcp.ack_number(), None)
+    let (seq_number, ack_number) = if refused.ack {
+        (refused.ack_number, None)
     } else {
-        (TcpSeqNumber(0), Some(tcp.seq_number() + seg_len))
+        (TcpSeqNumber(0), Some(refused.seq + refused.seq_len))
     };
     let repr = TcpRepr {
-        src_port: tcp.dst_port(),
-        dst_port: tcp.src_port(),
+        src_port: refused.dst.port(),
+        dst_port: refused.src.port(),
         control: TcpControl::Rst,
         seq_number,
         ack_number,
@@ -299,9 +355,9 @@ pub fn tcp_reset(gateway_mac: Mac, refused: &[u8]) -> Option<Vec<u8>> {
         timestamp: None,
         payload: &[],
     };
-    let (src, dst) = (pkt.dst_addr(), pkt.src_addr());
+    let (src, dst) = (*refused.dst.ip(), *refused.src.ip());
     let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
-    ethernet(&mut buf, gateway_mac, mac(eth.src_addr()), EthernetProtocol::Ipv4);
+    ethernet(&mut buf, gateway_mac, refused.src_mac, EthernetProtocol::Ipv4);
     ipv4(&mut buf, src, dst, IpProtocol::Tcp, repr.buffer_len());
     repr.emit(
         &mut TcpPacket::new_unchecked(&mut buf[ETH + IPV4..]),

@@ -23,7 +23,7 @@ pub(crate) fn inbound(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, frame: &[
         Some(Slot::Connecting) => return vec![],
         None if head.is_open() => {
             drop(nat);
-            return open(svc, port, frame, key);
+            return open(svc, port, frame, head, key);
         }
         // Anything else for no connection: the stack answers with RST.
         None => {}
@@ -33,21 +33,27 @@ pub(crate) fn inbound(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, frame: &[
 }
 
 /// A guest's new connection: checked, counted, then connected from the host.
-pub(super) fn open(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, syn: &[u8], key: FlowKey) -> Vec<Vec<u8>> {
+pub(super) fn open(
+    svc: &Arc<TcpService>,
+    port: &Arc<UnixDatagram>,
+    syn: &[u8],
+    head: TcpHead,
+    key: FlowKey,
+) -> Vec<Vec<u8>> {
     let cfg = &svc.ctx.cfg;
     let c = &svc.ctx.counters;
     let dst = *key.peer.ip();
     let host_access = cfg.host_access == Some(dst);
     if cfg.is_gateway_ip(dst) {
         // The gateway's own address never leads to the host.
-        return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+        return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
     if svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
-        return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+        return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
     if !lock(&svc.nat).admit(key, Direction::Egress, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
         GatewayCounters::inc(&c.nat_tcp_bounded);
-        return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+        return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
     let target = if host_access {
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.peer.port())
@@ -60,23 +66,23 @@ pub(super) fn open(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, syn: &[u8], 
         Ok(s) if !crate::fd_budget::admits(&s) => {
             GatewayCounters::inc(&c.fd_budget_refused);
             lock(&svc.nat).forget(&key);
-            return wire::tcp_reset(cfg.gateway_mac, syn).into_iter().collect();
+            return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
         }
         Ok(s) => s,
-        Err(e) => return refuse(svc, key, syn, target, e),
+        Err(e) => return refuse(svc, key, head, target, e),
     };
     match connect_outcome(&socket) {
         Some(Ok(())) => match host_stream(socket) {
-            Ok(stream) => connected(svc, key, syn, stream),
-            Err(e) => refuse(svc, key, syn, target, e),
+            Ok(stream) => connected(svc, key, syn, head, stream),
+            Err(e) => refuse(svc, key, head, target, e),
         },
-        Some(Err(e)) => refuse(svc, key, syn, target, e),
+        Some(Err(e)) => refuse(svc, key, head, target, e),
         None => {
             let (svc, port, syn) = (svc.clone(), port.clone(), syn.to_vec());
             tokio::spawn(async move {
                 let answer = match finish_connect(socket, svc.ctx.cfg.tcp_connect_timeout).await {
-                    Ok(stream) => connected(&svc, key, &syn, stream),
-                    Err(e) => refuse(&svc, key, &syn, target, e),
+                    Ok(stream) => connected(&svc, key, &syn, head, stream),
+                    Err(e) => refuse(&svc, key, head, target, e),
                 };
                 for frame in answer {
                     let _ = port.send(&frame).await;
@@ -138,7 +144,7 @@ pub(super) fn host_stream(fd: OwnedFd) -> std::io::Result<TcpStream> {
 pub(super) fn refuse(
     svc: &TcpService,
     key: FlowKey,
-    syn: &[u8],
+    head: TcpHead,
     target: SocketAddrV4,
     e: std::io::Error,
 ) -> Vec<Vec<u8>> {
@@ -147,17 +153,28 @@ pub(super) fn refuse(
     lock(&svc.nat).forget(&key);
     tracing::debug!(%target, "guest connect failed on the host side: {e}");
     let answer = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-        wire::tcp_reset(cfg.gateway_mac, syn)
+        wire::tcp_reset(cfg.gateway_mac, &head)
     } else {
         let reason = smoltcp::wire::Icmpv4DstUnreachable::HostUnreachable;
-        wire::icmp_unreachable(cfg.gateway_mac, cfg.gateway_ip, syn, reason)
+        Some(wire::icmp_unreachable(
+            cfg.gateway_mac,
+            cfg.gateway_ip,
+            &head.origin,
+            reason,
+        ))
     };
     answer.into_iter().collect()
 }
 
 /// The host side is up: a socket takes the held SYN (its SYN-ACK leaves through the
 /// outbox) and a task starts relaying. Returns frames to send (a RST if it failed).
-pub(super) fn connected(svc: &Arc<TcpService>, key: FlowKey, syn: &[u8], stream: TcpStream) -> Vec<Vec<u8>> {
+pub(super) fn connected(
+    svc: &Arc<TcpService>,
+    key: FlowKey,
+    syn: &[u8],
+    head: TcpHead,
+    stream: TcpStream,
+) -> Vec<Vec<u8>> {
     let opened = {
         let mut nat = lock(&svc.nat);
         let opened = nat.accept(key, syn, DEAD_PEER);
@@ -173,7 +190,7 @@ pub(super) fn connected(svc: &Arc<TcpService>, key: FlowKey, syn: &[u8], stream:
         opened.filter(|_| taken)
     };
     let Some((handle, notify)) = opened else {
-        return wire::tcp_reset(svc.ctx.cfg.gateway_mac, syn).into_iter().collect();
+        return wire::tcp_reset(svc.ctx.cfg.gateway_mac, &head).into_iter().collect();
     };
     GatewayCounters::inc(&svc.ctx.counters.nat_tcp_flows);
     tokio::spawn(relay(svc.clone(), key, handle, notify, stream));
