@@ -481,16 +481,16 @@ fn the_openapi_document_matches_the_routes() {
 fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
     let dir = tmp("socketpair");
     let d = start(&dir);
+    let spec = vmfabric::model::SocketpairSpec {
+        name: vmfabric::model::Name::new("port", "vz1").unwrap(),
+        mac: None,
+        learn_mac_once: false,
+    };
     let (port, fd) =
-        d.rt.block_on(client::socketpair_port(
-            &d.socket,
-            "default",
-            "vz1",
-            &Default::default(),
-        ))
-        .unwrap();
-    assert_eq!(port["kind"], "socketpair");
-    assert!(port["qemu_args"].as_str().unwrap().contains("local.type=fd"));
+        d.rt.block_on(client::socketpair_port(&d.socket, "default", &spec))
+            .unwrap();
+    assert_eq!(port.record.kind, vmfabric::model::PortKind::Socketpair);
+    assert!(port.qemu_args.contains("local.type=fd"));
     let vm = std::os::unix::net::UnixDatagram::from(fd);
     let (_, other) = d.daemon.switch().add_port("default", "observer").unwrap();
     let other = std::os::unix::net::UnixDatagram::from(other);
@@ -498,7 +498,7 @@ fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     // The VM sends from the MAC its port was given (and locked to).
-    let mac: fabric::Mac = port["mac"].as_str().unwrap().parse().unwrap();
+    let mac = port.record.mac;
     let mut frame = vec![0xff; 6];
     frame.extend(mac.0);
     frame.extend([0x88, 0xb5]);
@@ -514,13 +514,8 @@ fn a_socketpair_port_hands_its_vm_end_over_the_api_socket() {
         .iter()
         .any(|p| p["name"] == "vz1" && p["kind"] == "socketpair"));
     let err =
-        d.rt.block_on(client::socketpair_port(
-            &d.socket,
-            "default",
-            "vz1",
-            &Default::default(),
-        ))
-        .unwrap_err();
+        d.rt.block_on(client::socketpair_port(&d.socket, "default", &spec))
+            .unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
     let (s, _) = d.call("POST", "/v1/networks/default/socketpairs", Some(json!({"name": "x"})));
     assert_eq!(s, 400, "without the upgrade there is no fd to hand over");
@@ -797,5 +792,62 @@ fn every_route_answers_what_the_generated_openapi_document_says() {
     check("/v1/networks/{name}", "delete", "/v1/networks/c", None);
     check("/v1/networks/{name}", "delete", "/v1/networks/c", None);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    d.stop();
+}
+
+/// The CLI's typed client against a live daemon: each call's body is the model's
+/// request type and each answer parses into the model's view, so a view that drifts
+/// from what the server sends fails here.
+#[test]
+fn the_typed_client_reads_every_answer_into_the_model() {
+    use vmfabric::client::{ApiError, Client};
+    use vmfabric::model::{ForwardProto, ForwardSpec, Name, NetworkSpec, PolicySpec, PortKind, PortSpec};
+    let dir = tmp("typed-client");
+    let d = start(&dir);
+    let api = Client::new(&d.socket).unwrap();
+    let spec = NetworkSpec::new(Name::new("network", "typed").unwrap(), "10.231.0.0/24".parse().unwrap());
+    let net = api.create_network(&spec, false).unwrap();
+    assert_eq!(net.name.as_str(), "typed");
+    assert!(api.networks().unwrap().iter().any(|n| n.name.as_str() == "typed"));
+    assert_eq!(api.network("typed").unwrap().subnet, spec.subnet);
+    let port = api
+        .add_port(
+            "typed",
+            &PortSpec::new(Name::new("port", "p0").unwrap(), PortKind::Unixgram),
+        )
+        .unwrap();
+    assert_eq!(port.record.kind, PortKind::Unixgram);
+    assert_eq!(api.ports("typed").unwrap().len(), 1);
+    let fwd = ForwardSpec {
+        proto: ForwardProto::Tcp,
+        host: "127.0.0.1:0".parse().unwrap(),
+        guest: "10.231.0.9:80".parse().unwrap(),
+    };
+    let added = api.add_forward("typed", &fwd).unwrap();
+    assert_eq!(api.forwards("typed").unwrap().len(), 1);
+    let deny: PolicySpec = serde_json::from_value(json!({"default": "deny"})).unwrap();
+    assert_eq!(api.set_policy("typed", &deny).unwrap(), deny);
+    assert_eq!(api.policy("typed").unwrap(), deny);
+    let r = vmfabric::model::ReservationSpec {
+        key: "vm-a".into(),
+        ip: "10.231.0.50".parse().unwrap(),
+    };
+    assert_eq!(api.add_reservation("typed", &r).unwrap(), r);
+    assert_eq!(api.reservations("typed").unwrap(), vec![r]);
+    assert!(api.leases("typed").unwrap().is_empty());
+    let flows = api.flows("typed").unwrap();
+    assert!(flows.tcp.is_empty() && flows.udp.is_empty());
+    assert!(api.vms().unwrap().is_empty());
+    assert!(api.metrics().unwrap().contains("vmfabric_"));
+    api.remove_reservation("typed", "vm-a").unwrap();
+    assert_ne!(added.host.port(), 0, "the daemon picked a port");
+    api.remove_forward("typed", &added.host.to_string(), Some(ForwardProto::Tcp))
+        .unwrap();
+    api.remove_port("typed", "p0").unwrap();
+    api.remove_network("typed", false).unwrap();
+    // A refusal keeps the daemon's status and message.
+    let err = api.network("typed").unwrap_err();
+    let refusal = err.downcast_ref::<ApiError>().expect("an API error");
+    assert_eq!(refusal.status, 404, "{refusal}");
     d.stop();
 }

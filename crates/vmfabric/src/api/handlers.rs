@@ -18,7 +18,7 @@ use crate::control::vms::{VmRequest, VmView};
 use crate::control::Control;
 use crate::model::{
     FlowsView, ForwardProto, ForwardSpec, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec, PortView,
-    ReservationSpec,
+    ReservationSpec, SocketpairSpec,
 };
 
 /// Runs a control-plane call on the blocking pool.
@@ -97,19 +97,9 @@ pub(super) async fn remove_port(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SocketpairRequest {
-    name: crate::model::Name,
-    #[serde(default)]
-    mac: Option<String>,
-    #[serde(default)]
-    learn_mac_once: bool,
-}
-
 /// Creates a socketpair port and hands its VM end to the client over this very
 /// connection (see [`crate::fdpass`]).
-#[utoipa::path(post, path = "/v1/networks/{name}/socketpairs", tag = "ports", params(("name" = String, Path, description = "The network")), request_body = SocketpairRequest, responses((status = 101, description = "Upgraded: after the client writes one byte, the port (JSON) comes with its VM end as an SCM_RIGHTS fd"), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody)), operation_id = "socketpair")]
+#[utoipa::path(post, path = "/v1/networks/{name}/socketpairs", tag = "ports", params(("name" = String, Path, description = "The network")), request_body = SocketpairSpec, responses((status = 101, description = "Upgraded: after the client writes one byte, the port (JSON) comes with its VM end as an SCM_RIGHTS fd"), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody)), operation_id = "socketpair")]
 pub(super) async fn socketpair(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -132,7 +122,7 @@ pub(super) async fn socketpair(
     let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
         .map_err(|e| ControlError::invalid(e.to_string()))?;
-    let ask: SocketpairRequest = serde_json::from_slice(&bytes).map_err(|e| ControlError::invalid(e.to_string()))?;
+    let ask: SocketpairSpec = serde_json::from_slice(&bytes).map_err(|e| ControlError::invalid(e.to_string()))?;
     let (view, vm_end) = {
         let (d, net, ask) = (d.clone(), net.clone(), ask.clone());
         blocking(move || d.add_socketpair_port(&net, &ask.name, ask.mac.as_deref(), ask.learn_mac_once)).await?

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use vmfabric::client::seg;
+use vmfabric::client::Client;
 use vmfabric::model::{ForwardSpec, PolicySpec, ReservationSpec};
 
-use table::{print_table, request};
+use table::{client, print_table};
 
 #[derive(Parser)]
 #[command(name = "vmfabric", version, about = "Host-side network for micro-VMs and sandboxes")]
@@ -334,16 +334,11 @@ pub(crate) fn run(command: Command) -> Result<()> {
                         host,
                         guest,
                     };
-                    let v = request(
-                        &c,
-                        "POST",
-                        &format!("/v1/networks/{}/forwards", seg(&network)),
-                        Some(serde_json::to_value(&body)?),
-                    )?;
+                    let v = client(&c)?.add_forward(&network, &body)?;
                     print_table(&c, &v, &["proto", "host", "guest"]);
                 }
                 ForwardCmd::Ls { network, c } => {
-                    let v = request(&c, "GET", &format!("/v1/networks/{}/forwards", seg(&network)), None)?;
+                    let v = client(&c)?.forwards(&network)?;
                     print_table(&c, &v, &["proto", "host", "guest"]);
                 }
                 ForwardCmd::Rm {
@@ -352,21 +347,16 @@ pub(crate) fn run(command: Command) -> Result<()> {
                     proto,
                     c,
                 } => {
-                    let query = proto.map(|p| format!("?proto={p}")).unwrap_or_default();
-                    request(
-                        &c,
-                        "DELETE",
-                        &format!("/v1/networks/{}/forwards/{}{query}", seg(&network), seg(&host)),
-                        None,
-                    )?;
+                    let proto = proto.map(|p| p.parse()).transpose()?;
+                    client(&c)?.remove_forward(&network, &host, proto)?;
                     println!("removed the forward from {host} on {network}");
                 }
             }
             Ok(())
         }
         Command::Policy { cmd } => {
-            let (network, c, body) = match cmd {
-                PolicyCmd::Show { network, c } => (network, c, None),
+            let policy = match cmd {
+                PolicyCmd::Show { network, c } => client(&c)?.policy(&network)?,
                 PolicyCmd::Set { network, file, c } => {
                     let text = if file.as_os_str() == "-" {
                         std::io::read_to_string(std::io::stdin())?
@@ -375,37 +365,25 @@ pub(crate) fn run(command: Command) -> Result<()> {
                     };
                     let json: serde_json::Value = serde_json::from_str(&text).context("the policy file is not JSON")?;
                     let policy: PolicySpec = serde_json::from_value(json).context("the policy file is not a policy")?;
-                    (network, c, Some(serde_json::to_value(&policy)?))
+                    client(&c)?.set_policy(&network, &policy)?
                 }
             };
-            let method = if body.is_some() { "PUT" } else { "GET" };
-            let v = request(&c, method, &format!("/v1/networks/{}/policy", seg(&network)), body)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", serde_json::to_string_pretty(&policy)?);
             Ok(())
         }
         Command::Reservation { cmd } => {
             match cmd {
                 ReservationCmd::Add { network, key, ip, c } => {
                     let body = ReservationSpec { key, ip };
-                    let v = request(
-                        &c,
-                        "POST",
-                        &format!("/v1/networks/{}/reservations", seg(&network)),
-                        Some(serde_json::to_value(&body)?),
-                    )?;
+                    let v = client(&c)?.add_reservation(&network, &body)?;
                     print_table(&c, &v, &["key", "ip"]);
                 }
                 ReservationCmd::Ls { network, c } => {
-                    let v = request(&c, "GET", &format!("/v1/networks/{}/reservations", seg(&network)), None)?;
+                    let v = client(&c)?.reservations(&network)?;
                     print_table(&c, &v, &["key", "ip"]);
                 }
                 ReservationCmd::Rm { network, key, c } => {
-                    request(
-                        &c,
-                        "DELETE",
-                        &format!("/v1/networks/{}/reservations/{}", seg(&network), seg(&key)),
-                        None,
-                    )?;
+                    client(&c)?.remove_reservation(&network, &key)?;
                     println!("removed the reservation of {key} on {network}");
                 }
             }
@@ -414,37 +392,34 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Lease {
             cmd: LeaseCmd::Ls { network, c },
         } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{}/leases", seg(&network)), None)?;
+            let v = client(&c)?.leases(&network)?;
             print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
             Ok(())
         }
         Command::Flows { network, c } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{}/flows", seg(&network)), None)?;
+            let v = client(&c)?.flows(&network)?;
             if c.json {
                 print_table(&c, &v, &[]);
             } else {
-                print_table(&c, &v["tcp"], &["guest", "peer", "direction", "state"]);
+                print_table(&c, &v.tcp, &["guest", "peer", "direction", "state"]);
                 println!();
-                print_table(&c, &v["udp"], &["guest", "dst"]);
+                print_table(&c, &v.udp, &["guest", "dst"]);
             }
             Ok(())
         }
         Command::Capture { target, write, socket } => {
-            let path = match target.split_once('/') {
-                Some((net, port)) => format!("/v1/networks/{}/capture?port={}", seg(net), seg(port)),
-                None => format!("/v1/networks/{}/capture", seg(&target)),
+            let (network, port) = match target.split_once('/') {
+                Some((net, port)) => (net, Some(port)),
+                None => (target.as_str(), None),
             };
             let mut out: Box<dyn std::io::Write> = match &write {
                 Some(f) => Box::new(std::fs::File::create(f).with_context(|| format!("create {}", f.display()))?),
                 None => Box::new(std::io::stdout()),
             };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(vmfabric::client::stream_to(&socket, &path, &mut *out))
+            Client::new(&socket)?.capture(network, port, &mut *out)
         }
         Command::Stats { socket } => {
-            let c = ClientArgs { socket, json: false };
-            let v = request(&c, "GET", "/metrics", None)?;
-            print!("{}", v.as_str().unwrap_or_default());
+            print!("{}", Client::new(&socket)?.metrics()?);
             Ok(())
         }
         Command::Serve(_) | Command::BootGuest(_) => unreachable!("run by main"),

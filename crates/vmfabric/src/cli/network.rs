@@ -1,9 +1,8 @@
 //! `vmfabric network`: create, ls, show, rm.
 
 use anyhow::{Context, Result};
-use vmfabric::client::seg;
 
-use super::table::{print_table, request};
+use super::table::{client, print_table};
 use vmfabric::model::{Mtu, Name, NetworkSpec};
 
 use super::NetworkCmd;
@@ -33,29 +32,19 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
                 isolated,
                 bridge,
             };
-            let v = request(
-                &c,
-                "POST",
-                &format!("/v1/networks?force={force}"),
-                Some(serde_json::to_value(&body)?),
-            )?;
+            let v = client(&c)?.create_network(&body, force)?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "mode"]);
         }
         NetworkCmd::Ls { c } => {
-            let v = request(&c, "GET", "/v1/networks", None)?;
+            let v = client(&c)?.networks()?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
         }
         NetworkCmd::Show { name, c } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{}", seg(&name)), None)?;
+            let v = client(&c)?.network(&name)?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
         }
         NetworkCmd::Rm { name, force, c } => {
-            request(
-                &c,
-                "DELETE",
-                &format!("/v1/networks/{}?force={force}", seg(&name)),
-                None,
-            )?;
+            client(&c)?.remove_network(&name, force)?;
             println!("removed network {name}");
         }
     }

@@ -2,10 +2,9 @@
 //! run on a socketpair end), ls, rm.
 
 use anyhow::{Context, Result};
-use vmfabric::client::seg;
 
-use super::table::{cell, print_table, request};
-use vmfabric::model::{Name, PortSpec};
+use super::table::{cell, client, print_table};
+use vmfabric::model::{Name, PortSpec, SocketpairSpec};
 
 use super::{ClientArgs, PortCmd};
 
@@ -19,27 +18,20 @@ pub(super) fn rand_suffix() -> u32 {
 }
 
 /// Creates a socketpair port and runs `exec` with its VM end inherited.
-fn exec_with_socketpair(
-    c: &ClientArgs,
-    network: &str,
-    name: &str,
-    choice: &vmfabric::client::MacChoice,
-    exec: &[String],
-) -> Result<()> {
+fn exec_with_socketpair(c: &ClientArgs, network: &str, spec: &SocketpairSpec, exec: &[String]) -> Result<()> {
+    let name = &spec.name;
     anyhow::ensure!(
         !exec.is_empty(),
         "a socketpair port needs the VMM to hand its end to: vmfabric port add {network} {name} --kind socketpair -- CMD ... {{fd}} ..."
     );
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (port, fd) = rt.block_on(vmfabric::client::socketpair_port(&c.socket, network, name, choice))?;
-    drop(rt);
+    let (port, fd) = client(c)?.socketpair_port(network, spec)?;
     // The VMM inherits the fd: clear close-on-exec and keep it open across exec.
     rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
     let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
     let args: Vec<String> = exec.iter().map(|a| a.replace("{fd}", &raw.to_string())).collect();
     eprintln!(
         "port {network}/{name}: socketpair, MAC {}, VM end is fd {raw}",
-        cell(&port["mac"])
+        port.record.mac
     );
     let mut vmm = std::process::Command::new(&args[0]);
     vmm.args(&args[1..]);
@@ -59,8 +51,12 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
             c,
             ..
         } if kind == "socketpair" => {
-            let choice = vmfabric::client::MacChoice { mac, learn_mac_once };
-            exec_with_socketpair(&c, &network, &name, &choice, &exec)?
+            let spec = SocketpairSpec {
+                name: Name::new("port", &name)?,
+                mac,
+                learn_mac_once,
+            };
+            exec_with_socketpair(&c, &network, &spec, &exec)?
         }
         PortCmd::Add {
             network,
@@ -96,12 +92,8 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
                         .with_context(|| format!("kind {kind:?}: unixgram, stream, tap or socketpair"))?,
                 )
             };
-            let v = request(
-                &c,
-                "POST",
-                &format!("/v1/networks/{}/ports", seg(&network)),
-                Some(serde_json::to_value(&body)?),
-            )?;
+            let port = client(&c)?.add_port(&network, &body)?;
+            let v = serde_json::to_value(&port)?;
             if c.json {
                 print_table(&c, &v, &[]);
             } else {
@@ -125,16 +117,11 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
             }
         }
         PortCmd::Ls { network, c } => {
-            let v = request(&c, "GET", &format!("/v1/networks/{}/ports", seg(&network)), None)?;
+            let v = client(&c)?.ports(&network)?;
             print_table(&c, &v, &["name", "kind", "up", "mac", "path"]);
         }
         PortCmd::Rm { network, name, c } => {
-            request(
-                &c,
-                "DELETE",
-                &format!("/v1/networks/{}/ports/{}", seg(&network), seg(&name)),
-                None,
-            )?;
+            client(&c)?.remove_port(&network, &name)?;
             println!("removed port {network}/{name}");
         }
     }

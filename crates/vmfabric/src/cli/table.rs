@@ -1,27 +1,14 @@
 //! Calling the daemon from the CLI and printing what it answers.
 
 use anyhow::Result;
+use serde::Serialize;
+use vmfabric::client::Client;
 
 use super::ClientArgs;
 
-/// Calls the daemon; a non-2xx answer becomes an error with the daemon's message.
-pub(super) fn request(
-    c: &ClientArgs,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> Result<serde_json::Value> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (status, v) = rt.block_on(vmfabric::client::call(&c.socket, method, path, body))?;
-    if !(200..300).contains(&status) {
-        let msg = v
-            .get("message")
-            .and_then(|m| m.as_str())
-            .map(String::from)
-            .unwrap_or_else(|| v.to_string());
-        anyhow::bail!("{msg} (HTTP {status})");
-    }
-    Ok(v)
+/// The daemon's client for these arguments.
+pub(super) fn client(c: &ClientArgs) -> Result<Client> {
+    Client::new(&c.socket)
 }
 
 pub(super) fn cell(v: &serde_json::Value) -> String {
@@ -32,8 +19,9 @@ pub(super) fn cell(v: &serde_json::Value) -> String {
     }
 }
 
-/// A table of `columns` from a JSON array (or object), or the JSON itself with --json.
-pub(super) fn print_table(c: &ClientArgs, v: &serde_json::Value, columns: &[&str]) {
+/// A table of `columns` from a view or a list of them, or the JSON itself with --json.
+pub(super) fn print_table(c: &ClientArgs, view: &impl Serialize, columns: &[&str]) {
+    let v = &serde_json::to_value(view).unwrap_or_default();
     if c.json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
         return;

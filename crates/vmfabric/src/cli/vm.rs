@@ -1,9 +1,8 @@
 //! `vmfabric vm`: run, ls, stop, logs.
 
 use anyhow::Result;
-use vmfabric::client::seg;
 
-use super::table::{print_table, request};
+use super::table::{client, print_table};
 use std::time::Duration;
 
 use vmfabric::control::vms::VmRequest;
@@ -33,32 +32,21 @@ pub(super) fn run(cmd: VmCmd) -> Result<()> {
                 memory_mib,
                 cpus: 1,
             };
-            let mut v = request(&c, "POST", "/v1/vms", Some(serde_json::to_value(&body)?))?;
+            let api = client(&c)?;
+            let mut v = api.run_vm(&body)?;
             let deadline = std::time::Instant::now() + Duration::from_secs(180);
-            while wait
-                && matches!(v["state"].as_str(), Some("starting" | "running"))
-                && std::time::Instant::now() < deadline
-            {
+            while wait && matches!(v.state.as_str(), "starting" | "running") && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(200));
-                v = request(&c, "GET", &format!("/v1/vms/{}", seg(&name)), None)?;
+                v = api.vm(&name)?;
             }
             print_table(&c, &v, COLUMNS);
-            if let Some(reason) = v["reason"].as_str() {
+            if let Some(reason) = &v.reason {
                 eprintln!("{reason}");
             }
         }
-        VmCmd::Ls { c } => print_table(&c, &request(&c, "GET", "/v1/vms", None)?, COLUMNS),
-        VmCmd::Stop { name, c } => print_table(
-            &c,
-            &request(&c, "DELETE", &format!("/v1/vms/{}", seg(&name)), None)?,
-            COLUMNS,
-        ),
-        VmCmd::Logs { name, c } => print!(
-            "{}",
-            request(&c, "GET", &format!("/v1/vms/{}/logs", seg(&name)), None)?
-                .as_str()
-                .unwrap_or_default()
-        ),
+        VmCmd::Ls { c } => print_table(&c, &client(&c)?.vms()?, COLUMNS),
+        VmCmd::Stop { name, c } => print_table(&c, &client(&c)?.stop_vm(&name)?, COLUMNS),
+        VmCmd::Logs { name, c } => print!("{}", client(&c)?.vm_logs(&name)?),
     }
     Ok(())
 }

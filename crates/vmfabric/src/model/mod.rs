@@ -254,6 +254,19 @@ pub struct PortView {
     pub failed: Option<String>,
 }
 
+/// A socketpair port: created and its VM end handed to the caller (an fd) at once.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SocketpairSpec {
+    pub name: Name,
+    /// This MAC instead of the one derived from the names.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Lock the port to the first source MAC its VMM sends from.
+    #[serde(default)]
+    pub learn_mac_once: bool,
+}
+
 /// A fixed address for a MAC or a VM name (its DHCP hostname or port name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
