@@ -81,6 +81,7 @@ impl Control {
         first: Option<NetworkSpec>,
         sandbox: bool,
     ) -> anyhow::Result<Arc<Control>> {
+        crate::model::check_run_dir(&run_dir)?;
         std::fs::create_dir_all(&state_dir)?;
         // Leases, MACs and names are nobody else's business.
         std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
@@ -100,7 +101,7 @@ impl Control {
         let state = Arc::new(Mutex::new(State::new(PortLocker::new(switch.clone()))));
         let (events, events_rx) = mpsc::channel();
         super::events::spawn(state.clone(), switch_events, events.clone(), events_rx)?;
-        let vms = super::vms::Vms::new(guest_dir, run_dir.join("vms"), store.clone());
+        let vms = super::vms::Vms::new(guest_dir, run_dir.clone(), store.clone());
         let control = Arc::new(Control {
             switch,
             store,

@@ -9,7 +9,7 @@ use gateway::Gateway;
 use super::env::{Env, ForwardUndo, NetParts, PortHandle};
 use super::error::ControlError;
 use super::locks::PortLocker;
-use crate::model::{check_ifname, check_socket_path, ForwardProto, ForwardSpec, PortKind, PortSpec};
+use crate::model::{check_ifname, socket_path, ForwardProto, ForwardSpec, PortKind, PortSpec, SocketPlace};
 use crate::store::PortRecord;
 
 /// The MAC a new userspace port is locked to from birth: `mac` if given (unicast, not
@@ -64,29 +64,16 @@ pub fn check_port(spec: &PortSpec) -> Result<(), ControlError> {
 
 /// Where a unixgram port's VMM binds its end (the path `qemu_args` prints).
 pub fn guest_socket(run_dir: &Path, network: &str, port: &str) -> PathBuf {
-    run_dir.join("guests").join(format!("{network}-{port}.sock"))
+    socket_path(run_dir, SocketPlace::Guest, &[network, port])
 }
 
-/// The socket path or interface name a new port gets; checked to fit.
+/// The socket path or interface name a new port gets (a socket path fits whatever
+/// the names: see [`socket_path`]).
 fn port_path(env: &Env, network: &str, spec: &PortSpec) -> Result<String, ControlError> {
-    let socket = |ext: &str| {
-        env.run_dir
-            .join("ports")
-            .join(network)
-            .join(format!("{}.{ext}", spec.name))
-    };
+    let socket = |place| socket_path(env.run_dir, place, &[network, &spec.name]);
     Ok(match spec.kind {
-        PortKind::Unixgram => {
-            let path = socket("sock");
-            check_socket_path(&path)?;
-            check_socket_path(&guest_socket(env.run_dir, network, &spec.name))?;
-            path.display().to_string()
-        }
-        PortKind::Stream => {
-            let path = socket("stream");
-            check_socket_path(&path)?;
-            path.display().to_string()
-        }
+        PortKind::Unixgram => socket(SocketPlace::PortDatagram).display().to_string(),
+        PortKind::Stream => socket(SocketPlace::PortStream).display().to_string(),
         PortKind::Tap => {
             let name = spec
                 .ifname

@@ -106,6 +106,8 @@ impl Entry {
 
 pub struct Vms {
     guest_dir: Option<PathBuf>,
+    /// The daemon's run dir; VMs' files are under `vms/`.
+    run_dir: PathBuf,
     dir: PathBuf,
     /// Where running VMs are recorded, to adopt them after a restart.
     store: Arc<crate::store::Store>,
@@ -143,10 +145,11 @@ fn view(e: &Entry) -> VmView {
 }
 
 impl Vms {
-    pub fn new(guest_dir: Option<PathBuf>, dir: PathBuf, store: Arc<crate::store::Store>) -> Arc<Vms> {
+    pub fn new(guest_dir: Option<PathBuf>, run_dir: PathBuf, store: Arc<crate::store::Store>) -> Arc<Vms> {
         Arc::new(Vms {
             guest_dir,
-            dir,
+            dir: run_dir.join(crate::model::SocketPlace::VmNic.subdir()),
+            run_dir,
             store,
             entries: Mutex::new(HashMap::new()),
         })
@@ -251,7 +254,7 @@ impl Vms {
         )?;
         std::fs::create_dir_all(&self.dir).map_err(|e| ControlError::Host(e.to_string()))?;
         let console = self.dir.join(format!("{}.console", req.name));
-        let nic = self.dir.join(format!("{}.nic.sock", req.name));
+        let nic = crate::model::socket_path(&self.run_dir, crate::model::SocketPlace::VmNic, &[&req.name]);
         let cmdline = vm::GuestCmdline {
             http: req.http,
             cmd: req.cmd.clone(),

@@ -89,16 +89,93 @@ pub fn check_ifname(what: &str, name: &str) -> Result<(), Invalid> {
 /// The longest Unix socket path a `sockaddr_un` holds (108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// Checks that a socket path built from names fits `sun_path`.
-pub fn check_socket_path(path: &std::path::Path) -> Result<(), Invalid> {
-    let len = path.as_os_str().len();
-    if len <= MAX_SOCKET_PATH {
+/// The sockets the daemon binds (or tells a VMM to bind) under its run dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketPlace {
+    /// A unixgram port's own end: `ports/NETWORK/PORT.sock`.
+    PortDatagram,
+    /// A stream port's listener: `ports/NETWORK/PORT.stream`.
+    PortStream,
+    /// Where a unixgram port's VMM binds: `guests/NETWORK-PORT.sock`.
+    Guest,
+    /// A VM's NIC (the runner's QEMU binds it): `vms/VM.nic.sock`.
+    VmNic,
+}
+
+impl SocketPlace {
+    pub const ALL: [SocketPlace; 4] = [
+        SocketPlace::PortDatagram,
+        SocketPlace::PortStream,
+        SocketPlace::Guest,
+        SocketPlace::VmNic,
+    ];
+
+    pub fn subdir(self) -> &'static str {
+        match self {
+            SocketPlace::PortDatagram | SocketPlace::PortStream => "ports",
+            SocketPlace::Guest => "guests",
+            SocketPlace::VmNic => "vms",
+        }
+    }
+
+    fn ext(self) -> &'static str {
+        match self {
+            SocketPlace::PortDatagram | SocketPlace::Guest => "sock",
+            SocketPlace::PortStream => "stream",
+            SocketPlace::VmNic => "nic.sock",
+        }
+    }
+
+    /// The path's readable form, from the names it is for.
+    fn readable(self, names: &[&str]) -> String {
+        match self {
+            SocketPlace::PortDatagram | SocketPlace::PortStream => names.join("/"),
+            SocketPlace::Guest | SocketPlace::VmNic => names.join("-"),
+        }
+    }
+}
+
+/// Hex digits of the digest that stands for names too long to spell out.
+const DIGEST_HEX: usize = 16;
+
+/// The longest path a socket can have under a run dir of `run_dir_len` bytes: the
+/// longest subdir, then a digest name with the longest extension.
+const fn longest_fallback(run_dir_len: usize) -> usize {
+    // "/guests/" + "~" + digest + "." + "nic.sock"
+    run_dir_len + "/guests/".len() + 1 + DIGEST_HEX + 1 + "nic.sock".len()
+}
+
+/// The longest run dir under which every socket path fits `sun_path`, whatever the
+/// names (checked once at start, [`check_run_dir`]).
+pub const MAX_RUN_DIR: usize = MAX_SOCKET_PATH - longest_fallback(0);
+
+/// The socket path for `names` at `place` under `run_dir`: spelled out when it fits
+/// `sun_path`, else a digest of the names (`~` and 16 hex digits), which fits for any
+/// names because the run dir is at most [`MAX_RUN_DIR`] bytes. Deterministic: the same
+/// names give the same path after a restart.
+pub fn socket_path(run_dir: &std::path::Path, place: SocketPlace, names: &[&str]) -> std::path::PathBuf {
+    use sha2::{Digest, Sha256};
+    let dir = run_dir.join(place.subdir());
+    let readable = place.readable(names);
+    let spelled = dir.join(format!("{readable}.{}", place.ext()));
+    if spelled.as_os_str().len() <= MAX_SOCKET_PATH {
+        return spelled;
+    }
+    let digest = Sha256::digest(readable.as_bytes());
+    let hex: String = digest.iter().take(DIGEST_HEX / 2).map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("~{hex}.{}", place.ext()))
+}
+
+/// Refuses a run dir so long that a socket path under it might not fit `sun_path`.
+pub fn check_run_dir(run_dir: &std::path::Path) -> Result<(), Invalid> {
+    let len = run_dir.as_os_str().len();
+    if len <= MAX_RUN_DIR {
         Ok(())
     } else {
         Err(Invalid(format!(
-            "the socket path {} would be {len} bytes, longer than the {MAX_SOCKET_PATH} a Unix socket path holds: \
-             use shorter network or port names (or a shorter --run-dir)",
-            path.display()
+            "the run dir {} is {len} bytes; the sockets under it need it at most {MAX_RUN_DIR} (a Unix socket path \
+             holds {MAX_SOCKET_PATH}): pick a shorter --run-dir",
+            run_dir.display()
         )))
     }
 }
@@ -158,5 +235,55 @@ impl From<Mtu> for u32 {
 impl fmt::Display for Mtu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod socket_path_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn any_names_fit_under_the_longest_run_dir_and_short_ones_stay_readable() {
+        let run_dir = format!("/{}", "r".repeat(MAX_RUN_DIR - 1));
+        let run_dir = Path::new(&run_dir);
+        check_run_dir(run_dir).unwrap();
+        let long = "n".repeat(Name::MAX);
+        let other = "m".repeat(Name::MAX);
+        for place in SocketPlace::ALL {
+            let p = socket_path(run_dir, place, &[&long, &long]);
+            assert!(p.as_os_str().len() <= MAX_SOCKET_PATH, "{place:?}: {}", p.display());
+            assert_eq!(
+                p,
+                socket_path(run_dir, place, &[&long, &long]),
+                "the same after a restart"
+            );
+            assert_ne!(p, socket_path(run_dir, place, &[&long, &other]), "names do not collide");
+        }
+        let run = Path::new("/run/vmfabric");
+        let readable = [
+            (
+                SocketPlace::PortDatagram,
+                &["blue", "vm1"][..],
+                "/run/vmfabric/ports/blue/vm1.sock",
+            ),
+            (
+                SocketPlace::PortStream,
+                &["blue", "vm1"],
+                "/run/vmfabric/ports/blue/vm1.stream",
+            ),
+            (
+                SocketPlace::Guest,
+                &["blue", "vm1"],
+                "/run/vmfabric/guests/blue-vm1.sock",
+            ),
+            (SocketPlace::VmNic, &["vm1"], "/run/vmfabric/vms/vm1.nic.sock"),
+        ];
+        for (place, names, want) in readable {
+            assert_eq!(socket_path(run, place, names), Path::new(want));
+        }
+        let too_long = format!("{}x", run_dir.display());
+        assert!(check_run_dir(Path::new(&too_long)).is_err());
     }
 }
