@@ -3,10 +3,11 @@
 # Debian 12: QEMU (guests), busybox-static (guest userland, ping in tests), iproute2
 # (namespaces in tests), isc-dhcp-client, bind9-dnsutils and dnsmasq-base (real DHCP
 # and DNS clients, and a loopback upstream, in the gateway tests), nftables (kernel-mode
-# NAT rules), g++ (libFuzzer, for the fuzz targets). Rust comes from rustup; this script
+# NAT rules), g++ (libFuzzer, for the fuzz targets), python3-venv, socat and curl (the
+# API fuzzing with schemathesis). Rust comes from rustup; this script
 # checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++)
+need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

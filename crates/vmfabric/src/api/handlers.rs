@@ -62,7 +62,7 @@ pub(super) struct Force {
     force: bool,
 }
 
-#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path, description = "The network"), ("force" = Option<bool>, Query, description = "Remove its ports too")), responses((status = 204, description = "Deleted"), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "delete_network")]
+#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path, description = "The network"), ("force" = Option<bool>, Query, description = "Remove its ports too")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "delete_network")]
 pub(super) async fn delete_network(
     State(d): Shared,
     UrlPath(name): UrlPath<String>,

@@ -202,7 +202,43 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(control)
+}
+
+/// Refusals axum makes itself (a query or path that does not parse, a method a route
+/// does not have) come as plain text; every refusal the API documents is an
+/// `ErrorBody`, so they are rewritten here, in one place.
+async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use axum::response::IntoResponse;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("refused").to_string();
+    }
+    let error = match status.as_u16() {
+        404 => error::ErrorCode::NotFound,
+        409 => error::ErrorCode::Conflict,
+        503 => error::ErrorCode::Busy,
+        500.. => error::ErrorCode::Internal,
+        _ => error::ErrorCode::BadRequest,
+    };
+    parts.headers.remove(CONTENT_TYPE);
+    parts.headers.remove(CONTENT_LENGTH);
+    let mut answer = axum::Json(error::ErrorBody { error, message }).into_response();
+    answer.headers_mut().extend(parts.headers);
+    *answer.status_mut() = status;
+    answer
 }
 
 /// Only `/metrics`, for serving on a TCP address to a Prometheus scraper.

@@ -55,7 +55,7 @@ pub struct PortRecord {
     pub kind: PortKind,
     pub path: String,
     #[serde(with = "mac_text")]
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
     pub mac: Mac,
     /// The port is locked to the first MAC its VMM sends from, not to `mac` (for VMMs
     /// that choose their own).
@@ -105,7 +105,7 @@ pub mod mac_text {
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: Name,
-    #[schema(value_type = String, example = "10.77.0.0/24")]
+    #[schema(value_type = String, example = "10.77.0.0/24", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
     pub subnet: ipnet::Ipv4Net,
     #[serde(default)]
     pub mtu: Mtu,
@@ -152,7 +152,7 @@ impl NetworkSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NetworkView {
     pub name: Name,
-    #[schema(value_type = String, example = "10.77.0.0/24")]
+    #[schema(value_type = String, example = "10.77.0.0/24", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
     pub subnet: ipnet::Ipv4Net,
     pub mtu: Mtu,
     pub gateway: bool,
@@ -273,7 +273,7 @@ pub struct SocketpairSpec {
 pub struct ReservationSpec {
     /// A MAC address or a VM name.
     pub key: String,
-    #[schema(value_type = String)]
+    #[schema(value_type = String, format = Ipv4)]
     pub ip: Ipv4Addr,
 }
 
@@ -289,10 +289,10 @@ impl ReservationSpec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseView {
-    #[schema(value_type = String)]
+    #[schema(value_type = String, format = Ipv4)]
     pub ip: Ipv4Addr,
     #[serde(with = "mac_text")]
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
     pub mac: Mac,
     pub hostname: Option<String>,
     pub expires: u64,
@@ -387,7 +387,7 @@ pub struct PolicySpec {
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     pub action: Action,
-    #[schema(value_type = String, example = "10.0.0.0/8")]
+    #[schema(value_type = String, example = "10.0.0.0/8", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
     pub dst: ipnet::Ipv4Net,
     /// Absent: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -474,9 +474,9 @@ pub struct ForwardSpec {
     #[serde(default)]
     pub proto: ForwardProto,
     /// Host address and port; port 0 picks a free one.
-    #[schema(value_type = String, example = "127.0.0.1:8080")]
+    #[schema(value_type = String, example = "127.0.0.1:8080", pattern = r"^(\[[0-9a-fA-F:.]+\]|[0-9]{1,3}(\.[0-9]{1,3}){3}):[0-9]{1,5}$")]
     pub host: SocketAddr,
-    #[schema(value_type = String, example = "10.77.0.5:80")]
+    #[schema(value_type = String, example = "10.77.0.5:80", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}$")]
     pub guest: SocketAddrV4,
 }
 
