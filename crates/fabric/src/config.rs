@@ -20,7 +20,7 @@ pub const MAX_FRAME_LEN: usize = MAX_MTU + ETH_HEADER_LEN + VLAN_TAG_LEN;
 pub struct NetworkConfig {
     /// Largest layer-3 payload; frames may be this plus 14 bytes (18 with a VLAN tag).
     pub mtu: usize,
-    /// MAC table bound; when full, new sources are not learned (counted as table_full).
+    /// MAC table bound; when full, new sources are not learned (counted as not learned, and still delivered).
     pub mac_table_max: usize,
     /// How long an entry lives without a frame from that MAC.
     pub aging: Duration,

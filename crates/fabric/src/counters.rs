@@ -20,8 +20,6 @@ pub enum DropReason {
     QueueFull,
     /// Source MAC or sender IP not allowed on the port.
     Spoofed,
-    /// The MAC table was full, so the source was not learned (the frame is still delivered).
-    TableFull,
     /// The destination's peer has gone.
     PeerGone,
     /// A DHCP server message (UDP source port 67) from a port not trusted to serve DHCP.
@@ -36,13 +34,12 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::NoRoute,
         DropReason::QueueFull,
         DropReason::Spoofed,
-        DropReason::TableFull,
         DropReason::PeerGone,
         DropReason::RogueDhcp,
         DropReason::Ipv6Off,
@@ -57,7 +54,6 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::QueueFull => "queue_full",
             DropReason::Spoofed => "spoofed",
-            DropReason::TableFull => "table_full",
             DropReason::PeerGone => "peer_gone",
             DropReason::RogueDhcp => "rogue_dhcp",
             DropReason::Ipv6Off => "ipv6_off",
@@ -79,6 +75,10 @@ pub struct Counters {
     tx_frames: AtomicU64,
     tx_bytes: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+    /// Frames whose source MAC could not be learned because the MAC table was full.
+    /// They are delivered (flooded when their destination is unknown), so this is not
+    /// a drop reason.
+    not_learned: AtomicU64,
 }
 
 impl Counters {
@@ -90,6 +90,10 @@ impl Counters {
     pub(crate) fn add_tx(&self, frames: u64, bytes: u64) {
         self.tx_frames.fetch_add(frames, Ordering::Relaxed);
         self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_not_learned(&self, frames: u64) {
+        self.not_learned.fetch_add(frames, Ordering::Relaxed);
     }
 
     pub(crate) fn add_drop(&self, reason: DropReason, frames: u64) {
@@ -107,6 +111,7 @@ impl Counters {
             tx_frames: self.tx_frames.load(Ordering::Relaxed),
             tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
             drops,
+            not_learned: self.not_learned.load(Ordering::Relaxed),
         }
     }
 }
@@ -119,6 +124,8 @@ pub struct CounterSnapshot {
     pub tx_frames: u64,
     pub tx_bytes: u64,
     drops: [u64; DropReason::ALL.len()],
+    /// Delivered frames whose source the full MAC table could not learn.
+    pub not_learned: u64,
 }
 
 impl CounterSnapshot {

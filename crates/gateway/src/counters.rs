@@ -24,7 +24,9 @@ counters! {
     arp_replies,
     /// ARP announcements (gratuitous) seen.
     arp_gratuitous,
-    /// Gratuitous ARP claiming a gateway address: another host pretends to be us.
+    /// Gratuitous ARP claiming a gateway address that reached the gateway. A guest's
+    /// claim never does (its port lock drops it as `spoofed` before anyone hears it),
+    /// so a non-zero count means a trusted port (or the host, in kernel mode) claims it.
     arp_conflicts,
     icmp_echo_replies,
     /// Frames that claimed ARP/IPv4/UDP/ICMP but were malformed or had bad checksums.

@@ -196,6 +196,9 @@ fn a_guest_that_never_leased_can_neither_spoof_nor_speak_dhcp_for_another() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(value(foreign), 2);
+    // The claims on the gateway's address never reached it: the count of conflicts it
+    // saw stays 0, because there was nothing left to act on.
+    assert_eq!(value("vmfabric_gateway_arp_conflicts_total{network=\"default\"}"), 0);
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
     assert_eq!(leases[0]["mac"], victim_mac.to_string());
     assert_eq!(leases[0]["ip"], ip.to_string(), "the victim keeps its lease");

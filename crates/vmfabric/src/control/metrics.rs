@@ -80,6 +80,10 @@ fn counter_lines(out: &mut String, kind: &str, labels: &str, c: &fabric::Counter
             "vmfabric_{kind}_bytes_total{{{labels},dir=\"{dir}\"}} {bytes}\n"
         ));
     }
+    out.push_str(&format!(
+        "vmfabric_{kind}_mac_not_learned_total{{{labels}}} {}\n",
+        c.not_learned
+    ));
     for (reason, n) in c.drops_by_reason() {
         out.push_str(&format!(
             "vmfabric_{kind}_drops_total{{{labels},reason=\"{}\"}} {n}\n",
