@@ -162,6 +162,52 @@ fn stream_port_reassembles_split_frames_and_skips_oversize_ones() {
     assert_eq!(other.expect().last(), Some(&4));
 }
 
+/// On a network whose ports are locked by a control plane, a port is born sealed: not
+/// a frame passes between its creation and its lock.
+#[test]
+fn a_sealed_network_s_new_ports_pass_nothing_until_locked_or_trusted() {
+    let sw = switch();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let (_, before) = sw.add_port("n", "before").unwrap();
+    sw.seal_new_ports("n").unwrap();
+    let (pa, a) = sw.add_port("n", "a").unwrap();
+    let (pt, t) = sw.add_port("n", "trusted").unwrap();
+    let (pb, b) = sw.add_port("n", "b").unwrap();
+    let (before, a, t, b) = (Dgram::new(before), Dgram::new(a), Dgram::new(t), Dgram::new(b));
+    a.send(&frame(Mac::BROADCAST, mac(1), 64, 1));
+    t.send(&frame(Mac::BROADCAST, mac(7), 64, 2));
+    // A port made before the seal stays as it was: its frame is the first B hears.
+    before.send(&frame(Mac::BROADCAST, mac(9), 64, 3));
+    assert_eq!(b.expect().last(), Some(&3), "the sealed ports' frames went nowhere");
+    assert_eq!(sw.port_counters(pa).unwrap().drops(DropReason::Spoofed), 1);
+    assert_eq!(sw.port_counters(pt).unwrap().drops(DropReason::Spoofed), 1);
+    sw.lock_port(
+        pa,
+        Some(PortLock {
+            mac: mac(1),
+            ips: vec![],
+        }),
+    )
+    .unwrap();
+    sw.set_port_trusted(pt, true).unwrap();
+    a.send(&frame(Mac::BROADCAST, mac(1), 64, 4));
+    assert_eq!(b.expect().last(), Some(&4), "locked: its own MAC passes");
+    t.send(&frame(Mac::BROADCAST, mac(7), 64, 5));
+    assert_eq!(b.expect().last(), Some(&5), "trusted");
+    // B, still sealed, is heard by nobody.
+    b.send(&frame(Mac::BROADCAST, mac(2), 64, 6));
+    wait_until("B's frame to be dropped", || {
+        sw.port_counters(pb).unwrap().drops(DropReason::Spoofed) == 1
+    });
+    marker(&t, mac(7), 7);
+    let heard = a.until_marker(7);
+    assert!(
+        !heard.iter().any(|f| f.last() == Some(&6)),
+        "a sealed port's frame got through"
+    );
+    assert!(sw.seal_new_ports("nope").is_err());
+}
+
 #[test]
 fn locked_port_drops_spoofed_mac_ip_and_arp() {
     let sw = switch();

@@ -205,6 +205,13 @@ fn dhcp(
     use gateway::wire::{self, Inbound};
     use std::net::Ipv4Addr;
     let (port, fd) = daemon.switch().add_port(network, "dhcp-client").unwrap();
+    // A port made past the control plane is born sealed like every port of a locked
+    // network: it is locked to its MAC here, as the control plane would.
+    let lock = fabric::PortLock {
+        mac: client,
+        ips: vec![],
+    };
+    daemon.switch().lock_port(port, Some(lock)).unwrap();
     let sock = std::os::unix::net::UnixDatagram::from(fd);
     sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
     let z = Ipv4Addr::UNSPECIFIED;
@@ -849,5 +856,21 @@ fn the_typed_client_reads_every_answer_into_the_model() {
     let err = api.network("typed").unwrap_err();
     let refusal = err.downcast_ref::<ApiError>().expect("an API error");
     assert_eq!(refusal.status, 404, "{refusal}");
+    d.stop();
+}
+
+/// What axum refuses by itself (a query that does not parse, a method a route does not
+/// have) answers the same JSON error body as every other refusal.
+#[test]
+fn refusals_made_by_the_http_layer_are_json_error_bodies_too() {
+    let dir = tmp("json-refusals");
+    let d = start(&dir);
+    let (s, v) = d.call("DELETE", "/v1/networks/default?force=maybe", None);
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"], "bad_request", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("force"), "{v}");
+    let (s, v) = d.call("PATCH", "/v1/networks/default", None);
+    assert_eq!(s, 405, "{v}");
+    assert_eq!(v["error"], "bad_request", "{v}");
     d.stop();
 }

@@ -108,12 +108,8 @@ fn wait_port_up(d: &harness::Running, net: &str, port: &str) {
 #[test]
 fn a_run_dir_too_long_for_socket_paths_is_refused_at_start() {
     let dir = tmp("long-run-dir");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let run_dir = dir.join("r".repeat(vmfabric::model::MAX_RUN_DIR));
-    let err = vmfabric::control::Control::start_with_guests(dir.join("state"), run_dir, None, rt.handle().clone())
+    let err = vmfabric::control::Control::start_with_guests(dir.join("state"), run_dir, None)
         .err()
         .expect("refused");
     assert!(err.to_string().contains("shorter --run-dir"), "{err}");
@@ -208,8 +204,7 @@ fn a_userspace_tap_port_never_attaches_to_an_existing_device() {
 fn two_daemons_cannot_share_a_state_directory() {
     let dir = tmp("twice");
     let d = harness::start(&dir, None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let second = vmfabric::control::Control::start(dir.join("state"), dir.join("run2"), rt.handle().clone());
+    let second = vmfabric::control::Control::start(dir.join("state"), dir.join("run2"));
     let err = second.err().expect("the second daemon must not start").to_string();
     assert!(
         err.contains("in use by another vmfabric daemon") && err.contains(&std::process::id().to_string()),
@@ -400,7 +395,7 @@ fn api_connections_are_bounded_and_idle_ones_are_closed() {
     use std::io::{Read, Write};
     let dir = tmp("bounds");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ctl = vmfabric::control::Control::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
+    let ctl = vmfabric::control::Control::start(dir.join("state"), dir.join("run")).unwrap();
     let socket = dir.join("api.sock");
     let listener = {
         let _g = rt.enter();
@@ -529,5 +524,48 @@ fn a_store_written_before_the_restructure_opens_unchanged() {
     assert_eq!(policy["rules"][0]["ports"], "53");
     let (_, res) = d.call("GET", "/v1/networks/blue/reservations", None);
     assert_eq!(res, json!([{"key": "vm1", "ip": "10.71.0.20"}]));
+    d.stop();
+}
+
+/// The threads that parse guests' frames hold almost nothing of root's power: the
+/// switch thread no capability, the gateways' threads only CAP_NET_RAW (raw ICMP
+/// sockets for ICMP NAT), both with no_new_privs; the control plane keeps what it needs
+/// to make devices (capabilities are per thread).
+#[test]
+fn the_threads_that_read_guests_frames_run_without_roots_capabilities() {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root (capabilities to drop)") {
+        return;
+    }
+    let dir = tmp("caps");
+    let d = harness::start(&dir, None);
+    let field = |status: &str, key: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let threads: Vec<(String, String, String)> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?.trim().to_string();
+            let status = std::fs::read_to_string(t.join("status")).ok()?;
+            Some((comm, field(&status, "CapEff:"), field(&status, "NoNewPrivs:")))
+        })
+        .collect();
+    let named = |name: &str| threads.iter().filter(move |t| t.0 == name).collect::<Vec<_>>();
+    let switch = named("fabric-switch");
+    let gateway = named("vmf-gateway");
+    assert!(!switch.is_empty() && !gateway.is_empty(), "{threads:?}");
+    for (_, caps, nnp) in switch {
+        assert_eq!((caps.as_str(), nnp.as_str()), ("0000000000000000", "1"), "switch");
+    }
+    let net_raw = format!("{:016x}", 1u64 << 13);
+    for (_, caps, nnp) in gateway {
+        assert_eq!((caps, nnp.as_str()), (&net_raw, "1"), "gateway");
+    }
+    let own = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    assert_ne!(field(&own, "CapEff:"), "0000000000000000", "this thread is root's");
     d.stop();
 }

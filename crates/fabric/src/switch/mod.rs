@@ -81,6 +81,9 @@ impl Switch {
             .name("fabric-switch".into())
             .spawn(move || {
                 if sandbox {
+                    if let Err(e) = crate::sys::seccomp::drop_capabilities() {
+                        tracing::warn!("the switch thread keeps the daemon's capabilities: {e}");
+                    }
                     if let Err(e) = crate::sys::seccomp::confine_switch_thread() {
                         tracing::warn!("the switch thread runs without its seccomp filter: {e}");
                     }
@@ -228,6 +231,15 @@ impl Switch {
             remove_socket_file(&rec.transport);
         }
         Ok(())
+    }
+
+    /// From now on, a new port of `network` is born sealed: everything it sends is
+    /// dropped (counted as `spoofed`) until it is locked ([`Switch::lock_port`],
+    /// [`Switch::lock_port_to_first_mac`]) or trusted. For a control plane that locks
+    /// every port: no port is open, not even between its creation and its lock.
+    pub fn seal_new_ports(&self, network: &str) -> Result<()> {
+        let network = network.to_string();
+        self.call(|reply| Command::SealNewPorts { network, reply })
     }
 
     /// Locks a port to a MAC and IPv4 addresses (`None` unlocks).

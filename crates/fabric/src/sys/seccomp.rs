@@ -82,6 +82,23 @@ fn filter(
     Ok(SeccompFilter::new(rules, others, these, arch)?.try_into()?)
 }
 
+/// Gives up every capability the calling thread holds. The daemon runs as root to make
+/// TAP devices and talk netlink; the switch thread needs none of that, and
+/// capabilities are per thread, so the rest of the daemon keeps its own.
+pub fn drop_capabilities() -> std::io::Result<()> {
+    use rustix::thread::{set_capabilities, CapabilitySet, CapabilitySets};
+    let none = CapabilitySet::empty();
+    set_capabilities(
+        None,
+        CapabilitySets {
+            effective: none,
+            permitted: none,
+            inheritable: none,
+        },
+    )?;
+    Ok(())
+}
+
 /// Confines the calling thread to [`ALLOWED`]; for the switch thread, before its loop.
 /// Two filters, as the kernel takes the stricter answer of all: one lets
 /// [`ALLOWED`] and [`REFUSED`] through and kills on anything else, the other makes

@@ -15,6 +15,7 @@ mod kernel_net;
 mod kernel_rules;
 mod metrics;
 mod restore;
+mod sandbox;
 mod services;
 mod state;
 mod user_net;
@@ -40,7 +41,8 @@ pub use user_net::choose_mac;
 pub struct Control {
     switch: Arc<Switch>,
     store: Arc<Store>,
-    rt: tokio::runtime::Handle,
+    /// Where the gateways run (confined threads: see `sandbox.rs`).
+    gateways: sandbox::GatewayRuntime,
     run_dir: PathBuf,
     /// Scopes this daemon's kernel devices and tables (see `kernel::instance_of`).
     instance: String,
@@ -222,7 +224,7 @@ impl Control {
             .map(crate::model::ReservationSpec::to_gateway)
             .collect();
         let gw = Gateway::attach(
-            &self.rt,
+            self.gateways.handle(),
             &self.switch,
             &spec.name,
             gcfg,
@@ -231,6 +233,11 @@ impl Control {
         .map_err(|e| ControlError::invalid(e.to_string()))?;
         let gw = Arc::new(gw);
         if gw.config().lock_ports {
+            // Every port made from now on is born sealed, until the locker locks it.
+            if let Err(e) = self.switch.seal_new_ports(&spec.name) {
+                let _ = self.switch.remove_port(gw.port());
+                return Err(e.into());
+            }
             st.locker.enable(&spec.name, gw.port());
             st.locker
                 .remember_leases(&spec.name, gw.leases().into_iter().map(|l| (l.mac, l.ip)));

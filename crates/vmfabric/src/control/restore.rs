@@ -56,8 +56,8 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
 impl Control {
     /// Opens the store in `state_dir`, starts the data plane and rebuilds it from the
     /// store. With an empty store, creates the network `default` on 10.77.0.0/24.
-    pub fn start(state_dir: PathBuf, run_dir: PathBuf, rt: tokio::runtime::Handle) -> anyhow::Result<Arc<Control>> {
-        Control::start_with_guests(state_dir, run_dir, None, rt)
+    pub fn start(state_dir: PathBuf, run_dir: PathBuf) -> anyhow::Result<Arc<Control>> {
+        Control::start_with_guests(state_dir, run_dir, None)
     }
 
     /// Like [`Control::start`], able to run VMs from the guest image in `guest_dir`.
@@ -65,19 +65,18 @@ impl Control {
         state_dir: PathBuf,
         run_dir: PathBuf,
         guest_dir: Option<PathBuf>,
-        rt: tokio::runtime::Handle,
     ) -> anyhow::Result<Arc<Control>> {
-        Control::start_configured(state_dir, run_dir, guest_dir, rt, None, true)
+        Control::start_configured(state_dir, run_dir, guest_dir, None, true)
     }
 
     /// Like [`Control::start_with_guests`]; with an empty store, `first` (a config
     /// file's declaration of `default`, say) replaces the built-in default network.
-    /// `sandbox` confines the switch thread (off only for debugging).
+    /// `sandbox` confines the switch thread and the gateways' threads (off only for
+    /// debugging; see `sandbox.rs`).
     pub fn start_configured(
         state_dir: PathBuf,
         run_dir: PathBuf,
         guest_dir: Option<PathBuf>,
-        rt: tokio::runtime::Handle,
         first: Option<NetworkSpec>,
         sandbox: bool,
     ) -> anyhow::Result<Arc<Control>> {
@@ -105,7 +104,7 @@ impl Control {
         let control = Arc::new(Control {
             switch,
             store,
-            rt,
+            gateways: super::sandbox::GatewayRuntime::start(sandbox)?,
             run_dir,
             instance: crate::kernel::instance_of(&state_dir),
             state,

@@ -12,12 +12,7 @@ fn name(text: &str) -> Name {
 fn a_change_that_fails_at_any_step_leaves_nothing_behind() {
     let dir = std::env::temp_dir().join(format!("vmf-undo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let ctl = Control::start(dir.join("state"), dir.join("run"), rt.handle().clone()).unwrap();
+    let ctl = Control::start(dir.join("state"), dir.join("run")).unwrap();
     let socket = |port: &str| dir.join("run/ports/default").join(format!("{port}.stream"));
     let stored_ports = |ctl: &Control| -> Vec<String> {
         ctl.store

@@ -25,8 +25,7 @@ pub fn start(dir: &Path, guest_dir: Option<PathBuf>) -> Running {
         .enable_all()
         .build()
         .unwrap();
-    let daemon =
-        Control::start_with_guests(dir.join("state"), dir.join("run"), guest_dir, rt.handle().clone()).unwrap();
+    let daemon = Control::start_with_guests(dir.join("state"), dir.join("run"), guest_dir).unwrap();
     let socket = dir.join("api.sock");
     let listener = {
         let _g = rt.enter();

@@ -48,6 +48,10 @@ pub(crate) enum Command {
         lock: Option<PortLock>,
         reply: Reply<()>,
     },
+    SealNewPorts {
+        network: String,
+        reply: Reply<()>,
+    },
     LockToFirstMac {
         id: PortId,
         reply: Reply<()>,

@@ -21,7 +21,14 @@ impl Fabric {
         let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
         port.shared.counters.add_rx(frames.len() as u64, bytes);
         net.shared.counters.add_rx(frames.len() as u64, bytes);
+        if port.sealed {
+            let n = frames.len() as u64;
+            port.shared.counters.add_drop(DropReason::Spoofed, n);
+            net.shared.counters.add_drop(DropReason::Spoofed, n);
+            return;
+        }
         let mut drops = [0u64; DropReason::ALL.len()];
+        let mut not_learned = 0u64;
         let (pending, dirty, ports) = (&mut self.pending, &mut self.dirty, &self.ports);
         let mut push = |dest: u32, i: usize| {
             let list = &mut pending[dest as usize];
@@ -94,7 +101,7 @@ impl Fabric {
                     );
                 }
                 Learned::Full => {
-                    drops[DropReason::TableFull as usize] += 1;
+                    not_learned += 1;
                     if !net.full_reported {
                         net.full_reported = true;
                         let ev = SwitchEvent::MacTableFull {
@@ -151,6 +158,10 @@ impl Fabric {
                 port.shared.counters.add_drop(*reason, n);
                 net.shared.counters.add_drop(*reason, n);
             }
+        }
+        if not_learned > 0 {
+            port.shared.counters.add_not_learned(not_learned);
+            net.shared.counters.add_not_learned(not_learned);
         }
         if !net.captures.is_empty() {
             let at = std::time::SystemTime::now()

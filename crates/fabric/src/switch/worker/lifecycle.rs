@@ -73,6 +73,7 @@ impl Fabric {
             ports: Vec::new(),
             locked: HashMap::new(),
             full_reported: false,
+            seal_new_ports: false,
             captures: Vec::new(),
         };
         let idx = match self.nets.iter().position(Option::is_none) {
@@ -135,6 +136,7 @@ impl Fabric {
             lock: None,
             lock_to_first_mac: false,
             trusted: false,
+            sealed: self.net(net).seal_new_ports,
             backlog: VecDeque::new(),
             out_armed: false,
         });
@@ -200,7 +202,18 @@ impl Fabric {
                 net.table.learn(l.mac, slot, self.clock.now());
             }
         }
-        self.ports[slot as usize].as_mut().expect("indexed").lock = lock;
+        let port = self.ports[slot as usize].as_mut().expect("indexed");
+        port.lock = lock;
+        port.sealed = false;
+        Ok(())
+    }
+
+    pub(super) fn seal_new_ports(&mut self, network: &str) -> Result<()> {
+        let idx = *self
+            .net_by_name
+            .get(network)
+            .ok_or_else(|| FabricError::NoSuchNetwork(network.into()))?;
+        self.nets[idx].as_mut().expect("indexed network exists").seal_new_ports = true;
         Ok(())
     }
 

@@ -71,6 +71,9 @@ struct Port {
     lock_to_first_mac: bool,
     /// May send DHCP server messages (the network's gateway).
     trusted: bool,
+    /// Born on a network that seals new ports, and not locked or trusted yet:
+    /// everything it sends is dropped.
+    sealed: bool,
     backlog: VecDeque<Vec<u8>>,
     out_armed: bool,
 }
@@ -84,6 +87,8 @@ struct Net {
     /// MACs locked to a port: no other port may send from them.
     locked: HashMap<Mac, u32>,
     full_reported: bool,
+    /// New ports are born sealed (see `Switch::seal_new_ports`).
+    seal_new_ports: bool,
     /// Live captures; empty unless someone is watching, so forwarding pays one check.
     captures: Vec<CaptureTap>,
 }
@@ -283,8 +288,13 @@ impl Worker {
                 }
                 Command::TrustPort { id, trusted, reply } => {
                     let _ = reply.send(self.fab.slot_of(id).map(|slot| {
-                        self.fab.port_mut(slot).expect("indexed port exists").trusted = trusted;
+                        let port = self.fab.port_mut(slot).expect("indexed port exists");
+                        port.trusted = trusted;
+                        port.sealed = false;
                     }));
+                }
+                Command::SealNewPorts { network, reply } => {
+                    let _ = reply.send(self.fab.seal_new_ports(&network));
                 }
                 Command::SetPeer { id, peer, reply } => {
                     let _ = reply.send(self.fab.slot_of(id).map(|slot| self.fab.set_peer(slot, peer)));
