@@ -76,7 +76,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let first = declared.as_ref().and_then(|c| c.default_network());
     if args.no_sandbox {
         tracing::warn!(
-            "--no-sandbox: the switch thread runs WITHOUT its seccomp filter and capabilities dropped, and the gateways WITH all of root's capabilities; a bug in frame handling would have the daemon's full privileges"
+            "--no-sandbox: the switch thread runs WITHOUT its seccomp filter and capabilities dropped, and the gateways WITH all of root's capabilities, no seccomp filter and no Landlock; a bug in frame handling would have the daemon's full privileges"
         );
     }
     let daemon = Control::start_configured(

@@ -104,7 +104,7 @@ impl Control {
         let control = Arc::new(Control {
             switch,
             store,
-            gateways: super::sandbox::GatewayRuntime::start(sandbox)?,
+            gateways: super::sandbox::GatewayRuntime::start(sandbox, &state_dir)?,
             run_dir,
             instance: crate::kernel::instance_of(&state_dir),
             state,
