@@ -234,6 +234,13 @@ impl GatewayConfig {
         Ok(())
     }
 
+    /// The largest IPv4 payload a frame to a guest can carry (the network's MTU less
+    /// the IPv4 header): what a NAT flow reads from the host at most, since more could
+    /// not reach the guest in one frame anyway.
+    pub fn max_ipv4_payload(&self) -> usize {
+        usize::from(self.mtu).saturating_sub(20)
+    }
+
     /// The address a network's host access gets by default: the last host address.
     pub fn default_host_access(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.broadcast()) - 1)

@@ -165,7 +165,9 @@ async fn run_flow(
     // A datagram socket's identifier is rewritten by the kernel; a raw one keeps ours.
     let host_ident: u16 = rand::random();
     let caps = ChecksumCapabilities::default();
-    let mut buf = vec![0u8; 65536];
+    // An echo reply the guest can take, with a raw socket's IPv4 header in front (and a
+    // byte more: a longer one is cut and fails to parse).
+    let mut buf = vec![0u8; cfg.max_ipv4_payload() + 60 + 1];
     loop {
         tokio::select! {
             req = rx.recv() => match req {

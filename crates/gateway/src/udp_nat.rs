@@ -147,7 +147,11 @@ async fn run_flow(
         svc.ctx.cfg.udp_idle
     };
     let c = &svc.ctx.counters;
-    let mut buf = vec![0u8; 65536];
+    // Sized to what fits a frame to the guest, plus one byte to notice a datagram that
+    // does not: a flow's buffer is its largest allocation, and a guest may open a
+    // thousand flows (64 KiB each left the allocator holding tens of MB after floods).
+    let max = svc.ctx.cfg.max_ipv4_payload().saturating_sub(8);
+    let mut buf = vec![0u8; max + 1];
     loop {
         tokio::select! {
             out = rx.recv() => match out {
@@ -162,6 +166,10 @@ async fn run_flow(
                 // An error here is an ICMP error from the far side (port unreachable):
                 // nothing to deliver, the flow stays until it idles out.
                 if let Ok(n) = got {
+                    if n > max {
+                        GatewayCounters::inc(&c.nat_udp_dropped);
+                        continue;
+                    }
                     c.nat_udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     let frame = wire::udp_frame(
                         svc.ctx.cfg.gateway_mac,
