@@ -523,6 +523,10 @@ fn options_fit_decoder(msg: &[u8]) -> bool {
     }
     // Fixed header (236 bytes), then the magic cookie; options follow.
     let Some(mut rest) = msg.get(240..) else { return true };
+    // dhcproto joins the parts of an option that appears more than once (RFC 3396), so
+    // a fixed-size option given twice decodes at twice its size and trips the same
+    // assertions: each may appear once.
+    let mut seen = [false; 256];
     while let Some((&code, tail)) = rest.split_first() {
         match code {
             0 => rest = tail,
@@ -532,7 +536,14 @@ fn options_fit_decoder(msg: &[u8]) -> bool {
                     return true;
                 };
                 let len = usize::from(len);
-                if expected(C::from(code)).is_some_and(|range| !range.contains(&len)) {
+                if let Some(range) = expected(C::from(code)) {
+                    if !range.contains(&len) || std::mem::replace(&mut seen[usize::from(code)], true) {
+                        return false;
+                    }
+                }
+                // Options carried in the sname and file fields are not scanned here:
+                // refuse the overload (clients have no use for it).
+                if C::from(code) == C::OptionOverload {
                     return false;
                 }
                 // A length past the end is the decoder's to refuse.

@@ -47,11 +47,17 @@ fn options_with_lengths_the_decoder_trusts_are_refused_not_decoded() {
         &[151, 0],
         &[51, 2, 0, 0],
         &[53, 0],
+        // Found by the fuzzer: a fixed-size option given twice is joined (RFC 3396)
+        // into one of twice the size, which dhcproto asserts against.
+        &[154, 4, 0, 0, 0, 1, 154, 4, 0, 0, 0, 2],
+        &[51, 4, 0, 0, 0, 1, 51, 4, 0, 0, 0, 2],
+        // Options overloaded into sname/file are not checked, so not taken.
+        &[52, 1, 3],
     ] {
         let (reply, _) = s.handle_unbound(&with_raw_option(1, bad), 100);
         assert!(reply.is_none(), "{bad:?} answered");
     }
-    assert_eq!(s.counters.dhcp_malformed.load(std::sync::atomic::Ordering::Relaxed), 6);
+    assert_eq!(s.counters.dhcp_malformed.load(std::sync::atomic::Ordering::Relaxed), 9);
     // Well-formed: Rapid Commit with length 0 still gets an answer.
     let (reply, _) = s.handle_unbound(&with_raw_option(1, &[80, 0]), 100);
     assert!(reply.is_some());
