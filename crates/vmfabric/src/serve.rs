@@ -42,8 +42,11 @@ pub(crate) struct ServeArgs {
     /// Make sure network `default` has a stream port with this name (repeatable).
     #[arg(long = "stream-port", value_name = "NAME")]
     stream_ports: Vec<String>,
-    /// Run the switch thread without its seccomp filter. For debugging only: the thread
-    /// that reads every guest's frames then may make any system call.
+    /// Run the switch and gateway threads unconfined (no seccomp filter, capabilities,
+    /// Landlock). For debugging only: the threads that read every guest's frames then
+    /// hold root's privileges. (VMFABRIC_SECCOMP=refuse|kill|log says what becomes of
+    /// a gateway thread's call off its allowlist: ENOSYS, the end of the daemon, or a
+    /// kernel log line.)
     #[arg(long)]
     no_sandbox: bool,
 }

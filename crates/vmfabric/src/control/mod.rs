@@ -41,7 +41,7 @@ pub use user_net::choose_mac;
 pub struct Control {
     switch: Arc<Switch>,
     store: Arc<Store>,
-    /// Where the gateways run (confined threads: see `sandbox.rs`).
+    /// Where the gateways run (confined threads: see `sandbox/`).
     gateways: sandbox::GatewayRuntime,
     run_dir: PathBuf,
     /// Scopes this daemon's kernel devices and tables (see `kernel::instance_of`).

@@ -72,7 +72,7 @@ impl Control {
     /// Like [`Control::start_with_guests`]; with an empty store, `first` (a config
     /// file's declaration of `default`, say) replaces the built-in default network.
     /// `sandbox` confines the switch thread and the gateways' threads (off only for
-    /// debugging; see `sandbox.rs`).
+    /// debugging; see `sandbox/`).
     pub fn start_configured(
         state_dir: PathBuf,
         run_dir: PathBuf,

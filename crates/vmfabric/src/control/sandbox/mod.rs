@@ -6,16 +6,15 @@
 //! where the host's `ping_group_range` allows no ping sockets), `no_new_privs`, and
 //! where the kernel has Landlock, files only under the state directory (the lease
 //! store) and, to read, `/etc` (resolv.conf, which the host may replace at any time),
-//! `/proc` and `/sys` (the allocator and the runtime read a few of their files). A
-//! seccomp filter refuses them what no gateway does: sockets other than IPv4/IPv6
-//! (Landlock does not stop a connect to a path-named Unix socket, and the API's is
-//! one), exec, tracing other processes, mounts, namespaces, modules, BPF and keys.
-//! Capabilities are per thread in Linux, so the control plane and the API, which make
-//! TAP devices, bridges and nftables rules, keep theirs; forward listeners are bound
+//! `/proc` and `/sys` (the allocator and the runtime read a few of their files), and a
+//! system-call allowlist (`calls.rs`). Capabilities are per thread in Linux, so the
+//! control plane and the API, which make TAP devices, bridges and nftables rules, keep theirs; forward listeners are bound
 //! by the control plane and handed to the gateway. The switch thread confines itself
 //! further (`fabric::sys::seccomp`: no capabilities and a system-call allowlist).
 
 use std::path::Path;
+
+mod calls;
 
 use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
 use rustix::thread::{CapabilitySet, CapabilitySets};
@@ -32,13 +31,18 @@ impl GatewayRuntime {
     /// `state_dir` is the one directory the gateways may write (their lease store).
     pub fn start(sandbox: bool, state_dir: &Path) -> std::io::Result<GatewayRuntime> {
         let state_dir = state_dir.to_path_buf();
+        let mode = calls::SeccompMode::from_env().map_err(std::io::Error::other)?;
+        if sandbox && mode != calls::SeccompMode::Refuse {
+            tracing::info!("gateway threads' calls outside their allowlist: {mode:?}");
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmf-gateway")
             .enable_all()
             .on_thread_start(move || {
-                if sandbox {
-                    if let Err(e) = confine_gateway_thread(&state_dir) {
+                // A thread started by a confined one is confined already.
+                if sandbox && !calls::already_confined() {
+                    if let Err(e) = confine_gateway_thread(&state_dir, mode) {
                         tracing::warn!("a gateway thread keeps the daemon's privileges: {e}");
                     }
                 }
@@ -62,9 +66,10 @@ impl Drop for GatewayRuntime {
     }
 }
 
-/// Gives the calling thread `no_new_privs`, only [`GATEWAY_CAPABILITIES`], and (with
-/// Landlock) files only where [`confine_files`] says.
-fn confine_gateway_thread(state_dir: &Path) -> Result<(), String> {
+/// Gives the calling thread `no_new_privs`, only [`GATEWAY_CAPABILITIES`], (with
+/// Landlock) files only where [`confine_files`] says, and the calls of
+/// [`calls::confine_calls`].
+fn confine_gateway_thread(state_dir: &Path, mode: calls::SeccompMode) -> Result<(), String> {
     rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
     let keep = GATEWAY_CAPABILITIES;
     rustix::thread::set_capabilities(
@@ -76,15 +81,15 @@ fn confine_gateway_thread(state_dir: &Path) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("capabilities: {e}"))?;
-    refuse_calls().map_err(|e| format!("seccomp: {e}"))?;
     match confine_files(state_dir) {
         Ok(RulesetStatus::NotEnforced) => {
-            tracing::debug!("no Landlock in this kernel: gateway threads' file access is not confined");
-            Ok(())
+            tracing::debug!("no Landlock in this kernel: gateway threads' file access is not confined")
         }
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("Landlock: {e}")),
+        Ok(_) => {}
+        Err(e) => return Err(format!("Landlock: {e}")),
     }
+    // Last: the allowlist has no room for the calls that set up the rest.
+    calls::confine_calls(mode).map_err(|e| format!("seccomp: {e}"))
 }
 
 /// The directories a gateway thread may use: all of `state_dir`, and to read, the
@@ -101,52 +106,6 @@ fn confine_files(state_dir: &Path) -> Result<RulesetStatus, landlock::RulesetErr
         .restrict_self()?;
     Ok(status.ruleset)
 }
-
-/// Installs the gateway threads' seccomp filter: everything passes but the calls no
-/// gateway makes, which fail with EACCES (not a kill: a refused call costs one task,
-/// not every network's gateway).
-fn refuse_calls() -> Result<(), seccompiler::Error> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
-    };
-    let not_domain = |domain: i32| SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, domain as u64);
-    let socket = SeccompRule::new(vec![not_domain(libc::AF_INET)?, not_domain(libc::AF_INET6)?])?;
-    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
-        REFUSED.iter().map(|nr| (*nr, Vec::new())).collect();
-    rules.insert(libc::SYS_socket, vec![socket]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::try_from(std::env::consts::ARCH)?,
-    )?;
-    let program: seccompiler::BpfProgram = filter.try_into()?;
-    seccompiler::apply_filter(&program)
-}
-
-/// Calls a gateway never makes, refused whatever their arguments.
-const REFUSED: &[libc::c_long] = &[
-    libc::SYS_socketpair,
-    libc::SYS_execve,
-    libc::SYS_execveat,
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_unshare,
-    libc::SYS_setns,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_kexec_load,
-    libc::SYS_bpf,
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-];
 
 /// What a gateway thread may read besides its state directory.
 const READABLE: [&str; 3] = ["/etc", "/proc", "/sys"];
@@ -207,5 +166,81 @@ mod tests {
         assert!(std::fs::read(&secret).is_ok());
         drop(gateways);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A thread a gateway task starts (the C library's `clone3` is refused, so it
+    /// falls back to `clone`) runs, and inherits the confinement.
+    #[test]
+    fn threads_started_by_a_gateway_thread_start_and_are_confined() {
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIP: needs root (capabilities to drop)");
+            return;
+        }
+        let state = std::env::temp_dir().join(format!("vmf-sandbox-threads-{}", std::process::id()));
+        std::fs::create_dir_all(&state).unwrap();
+        let gateways = GatewayRuntime::start(true, &state).unwrap();
+        let status = gateways
+            .handle()
+            .block_on(gateways.handle().spawn(async {
+                std::thread::spawn(|| std::fs::read_to_string("/proc/thread-self/status").unwrap())
+                    .join()
+                    .unwrap()
+            }))
+            .unwrap();
+        assert!(
+            status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            "{status}"
+        );
+        let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+        assert_eq!(caps, format!("{:016x}", GATEWAY_CAPABILITIES.bits()));
+        drop(gateways);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    /// A call off the allowlist (`chroot`): refused with ENOSYS by default, and the
+    /// end of the process in the mode the tests run with. In child processes (this
+    /// test binary run again), one per mode.
+    #[test]
+    fn an_unlisted_call_is_refused_or_kills_as_the_mode_says() {
+        use std::os::unix::process::ExitStatusExt;
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIP: needs root (capabilities to drop)");
+            return;
+        }
+        const NAME: &str = "control::sandbox::tests::an_unlisted_call_is_refused_or_kills_as_the_mode_says";
+        if let Some(state) = std::env::var_os("VMFABRIC_SANDBOX_CHILD") {
+            let gateways = GatewayRuntime::start(true, Path::new(&state)).unwrap();
+            let chroot = gateways
+                .handle()
+                .block_on(
+                    gateways
+                        .handle()
+                        .spawn(async { std::os::unix::fs::chroot("/").map_err(|e| e.raw_os_error()) }),
+                )
+                .unwrap();
+            println!("chroot: {chroot:?}");
+            return;
+        }
+        let state = std::env::temp_dir().join(format!("vmf-sandbox-modes-{}", std::process::id()));
+        std::fs::create_dir_all(&state).unwrap();
+        let child = |mode: &str| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env("VMFABRIC_SANDBOX_CHILD", &state)
+                .env("VMFABRIC_SECCOMP", mode)
+                .output()
+                .unwrap()
+        };
+        let refused = child("refuse");
+        let stdout = String::from_utf8_lossy(&refused.stdout);
+        assert!(
+            stdout.contains(&format!("chroot: Err(Some({}))", libc::ENOSYS)),
+            "{stdout}"
+        );
+        let killed = child("kill");
+        let stdout = String::from_utf8_lossy(&killed.stdout);
+        assert!(!stdout.contains("chroot:"), "{stdout}");
+        assert_eq!(killed.status.signal(), Some(libc::SIGSYS), "{:?}", killed.status);
+        let _ = std::fs::remove_dir_all(&state);
     }
 }
