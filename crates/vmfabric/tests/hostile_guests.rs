@@ -6,7 +6,8 @@
 //! round: every round must succeed, its neighbour entry for the gateway must not point
 //! at the attacker, and it must keep its lease. Then the attacker cycles through a
 //! hundred source MACs (a MAC flood): every frame is dropped at its port and none is
-//! learned. Needs root and QEMU with the guest image.
+//! learned. A second pair: a leased attacker opens UDP flows through NAT beyond its
+//! share while the victim keeps its service. Needs root and QEMU with the guest image.
 
 #[path = "../../vm/tests/common/mod.rs"]
 mod common;
@@ -30,21 +31,76 @@ fn port_mac(d: &Daemon, network: &str, port: &str) -> String {
         .unwrap()
 }
 
-#[test]
-fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
-    let Some(image) = common::guest_dir() else { return };
+/// What a test starts from: a daemon with network `arena`, and a web server on the
+/// host's loopback.
+struct Arena {
+    d: Daemon,
+    web_port: u16,
+    image: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+/// An [`Arena`] in `workdir` with `subnet` (host access on); `None` (the test skips)
+/// without root or the guest image.
+fn arena(workdir: &str, subnet: &str) -> Option<Arena> {
+    let image = common::guest_dir()?;
     if !testkit::ready_or_skip(testkit::is_root(), "the hostile-guest suite runs as root") {
-        return;
+        return None;
     }
-    let dir = common::workdir("hostile");
+    let dir = common::workdir(workdir);
     let d = Daemon::start(&dir, &image);
     let web_port = testkit::loopback_web_server("host");
     d.ok(
         "POST",
         "/v1/networks",
-        Some(json!({"name": "arena", "subnet": "10.86.0.0/24", "host_access": true})),
+        Some(json!({"name": "arena", "subnet": subnet, "host_access": true})),
     );
+    Some(Arena {
+        d,
+        web_port,
+        image,
+        dir,
+    })
+}
 
+/// Starts the victim VM with `cmd` and waits for its lease; its address.
+fn start_victim(d: &Daemon, cmd: &str) -> String {
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "victim", "network": "arena", "cmd": cmd})),
+    );
+    let victim = d.wait_vm("victim", &["ready", "failed"]);
+    assert_eq!(victim["state"], "ready", "{victim}");
+    victim["ip"].as_str().unwrap().to_string()
+}
+
+/// The victim's `ROUND` lines once it is done: `rounds` of them, each ending `all_ok`.
+fn victim_rounds(d: &Daemon, rounds: usize, all_ok: &str) -> Vec<String> {
+    let out = d.wait_log("victim", "VICTIM-DONE");
+    let lines: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with("ROUND"))
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), rounds, "{out}");
+    for r in &lines {
+        assert!(r.ends_with(all_ok), "the victim lost service: {r}\n{out}");
+    }
+    lines
+}
+
+#[test]
+fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
+    let Some(Arena {
+        d,
+        web_port,
+        image,
+        dir,
+    }) = arena("hostile", "10.86.0.0/24")
+    else {
+        return;
+    };
     let victim_cmd = format!(
         "i=0; while [ $i -lt {ROUNDS} ]; do i=$((i+1)); sleep 2; ip=$(cat /run/ip); \
          if udhcpc -i eth0 -s /etc/dhcp-hook -n -q -t 3 -T 1 -r \"$ip\" >/dev/null 2>&1 \
@@ -54,14 +110,7 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
          echo \"ROUND $i gw=$(ip neigh show 10.86.0.1 | cut -d' ' -f5) renew=$r dns=$n nat=$w\"; done; \
          echo VICTIM-DONE"
     );
-    d.ok(
-        "POST",
-        "/v1/vms",
-        Some(json!({"name": "victim", "network": "arena", "cmd": victim_cmd})),
-    );
-    let victim = d.wait_vm("victim", &["ready", "failed"]);
-    assert_eq!(victim["state"], "ready", "{victim}");
-    let victim_ip = victim["ip"].as_str().unwrap().to_string();
+    let victim_ip = start_victim(&d, &victim_cmd);
     let victim_mac = port_mac(&d, "arena", "victim");
 
     // The attacker: a guest on a stream port that never asks for a lease and attacks
@@ -105,14 +154,7 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
     assert!(attacker_out.contains("MAC-FLOOD-DONE"), "{attacker_out}");
     assert!(!attacker_out.contains("TAKEOVER-ACKED"), "{attacker_out}");
 
-    let out = d.wait_log("victim", "VICTIM-DONE");
-    let rounds: Vec<&str> = out.lines().filter(|l| l.starts_with("ROUND")).collect();
-    assert_eq!(rounds.len(), ROUNDS, "{out}");
-    for r in &rounds {
-        assert!(
-            r.ends_with("renew=ok dns=ok nat=ok"),
-            "the victim lost service: {r}\n{out}"
-        );
+    for r in victim_rounds(&d, ROUNDS, "renew=ok dns=ok nat=ok") {
         assert!(
             !r.contains(&attacker_mac),
             "the victim's gateway entry points at the attacker: {r}"
@@ -146,5 +188,106 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
         .unwrap_or(usize::MAX);
     assert!(entries < 10, "the flood's MACs were learned: {entries} entries");
     drop(attacker);
+    drop(d);
+}
+
+/// UDP flows through NAT the attacker opens: each lookup is a new socket in the guest,
+/// so a new flow at the gateway (and a host socket), more than its share of 1,024.
+const UDP_FLOWS: usize = 1_200;
+
+/// A DNS-shaped UDP responder on the host's loopback: answers every query NXDOMAIN at
+/// once (so busybox `nslookup` ends quickly) and counts the distinct host-side
+/// sources it heard from, one per NAT flow.
+fn loopback_nxdomain_responder() -> (u16, std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u16>>>) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let sources = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let seen = sources.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if n < 12 {
+                continue;
+            }
+            seen.lock().unwrap().insert(from.port());
+            // A response (QR), NXDOMAIN (RCODE 3), the question echoed.
+            buf[2] |= 0x80;
+            buf[3] = (buf[3] & 0xf0) | 3;
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    (port, sources)
+}
+
+/// A leased QEMU guest opens UDP flows through NAT as fast as it can, beyond its
+/// share: the gateway admits its share and drops the rest, the daemon's descriptors
+/// grow by at most that share, and a victim guest beside it keeps its DHCP renewals,
+/// DNS, UDP through NAT (its own flows, to the same host service) and HTTP through
+/// NAT throughout.
+#[test]
+fn a_guest_flooding_nat_with_udp_flows_exhausts_only_its_own_share() {
+    let Some(Arena { d, web_port, .. }) = arena("hostile-nat", "10.87.0.0/24") else {
+        return;
+    };
+    let (udp_port, sources) = loopback_nxdomain_responder();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap().count();
+
+    const NAT_ROUNDS: usize = 12;
+    let victim_cmd = format!(
+        "n=0; until ping -c 1 -W 1 attacker >/dev/null 2>&1 || [ $n -gt 300 ]; do n=$((n+1)); sleep 1; done; \
+         i=0; while [ $i -lt {NAT_ROUNDS} ]; do i=$((i+1)); sleep 2; ip=$(cat /run/ip); \
+         if udhcpc -i eth0 -s /etc/dhcp-hook -n -q -t 3 -T 1 -r \"$ip\" >/dev/null 2>&1 \
+            && [ \"$(cat /run/ip)\" = \"$ip\" ]; then r=ok; else r=fail; fi; \
+         if nslookup gateway >/dev/null 2>&1; then n=ok; else n=fail; fi; \
+         if timeout 10 nslookup probe 10.87.0.254:{udp_port} 2>&1 | grep -q NXDOMAIN; then u=ok; else u=fail; fi; \
+         if timeout 10 wget -qO- http://10.87.0.254:{web_port}/ >/dev/null 2>&1; then w=ok; else w=fail; fi; \
+         echo \"ROUND $i renew=$r dns=$n udp=$u nat=$w\"; done; \
+         echo VICTIM-DONE"
+    );
+    start_victim(&d, &victim_cmd);
+    // Four loops of lookups, each a new UDP socket and so a new flow; a lookup the
+    // gateway drops waits a second at most. The victim starts its rounds when the
+    // attacker answers a ping, as the flood begins.
+    let per_loop = UDP_FLOWS / 4;
+    let attack = format!(
+        "for l in 1 2 3 4; do ( i=0; while [ $i -lt {per_loop} ]; do i=$((i+1)); \
+           timeout 1 nslookup f$l-$i 10.87.0.254:{udp_port} >/dev/null 2>&1; done; echo LOOP-DONE ) & done; \
+         wait; echo FLOOD-DONE"
+    );
+    let fds_before = fds();
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "attacker", "network": "arena", "cmd": attack})),
+    );
+    let attacker = d.wait_vm("attacker", &["ready", "failed"]);
+    assert_eq!(attacker["state"], "ready", "{attacker}");
+    // Descriptors while the flood is on: its flows' host sockets, at most its share.
+    let mut fds_peak = 0;
+    let out = loop {
+        fds_peak = fds_peak.max(fds());
+        let logs = d.logs("attacker");
+        if logs.contains("FLOOD-DONE") {
+            break logs;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(out.matches("LOOP-DONE").count(), 4, "{out}");
+    victim_rounds(&d, NAT_ROUNDS, "renew=ok dns=ok udp=ok nat=ok");
+    let dropped = d.metric("vmfabric_gateway_nat_udp_dropped_total{network=\"arena\"}");
+    let flows = d.metric("vmfabric_gateway_nat_udp_flows_total{network=\"arena\"}");
+    let heard = sources.lock().unwrap().len();
+    println!(
+        "UDP flows opened {flows}, datagrams dropped {dropped}, sources heard {heard}, \
+         descriptors {fds_before} -> peak {fds_peak}"
+    );
+    // The attacker's share and the victim's few flows reached the host, no more.
+    assert!(heard <= 1_024 + NAT_ROUNDS, "{heard} host-side flows");
+    assert!(heard >= 1_000, "the attacker did not fill its share: {heard} flows");
+    assert!(dropped >= 50, "nothing past the share was dropped: {dropped}");
+    assert!(
+        fds_peak <= fds_before + 1_024 + 64,
+        "{fds_before} -> {fds_peak} descriptors"
+    );
     drop(d);
 }
