@@ -18,6 +18,10 @@
 //!   networks; the host's own addresses are input's) lifted only by an explicit allow,
 //!   then the default; refusals answered with a TCP reset or ICMP administratively
 //!   prohibited, counted in `egress_denied_<bridge>`;
+//!   Before the policy, a guest's new connections leaving its network are bounded per
+//!   guest address (a port sends only from its own): past `flows_per_guest` live
+//!   conntrack entries, refused the same way and counted in `flows_denied_<bridge>`,
+//!   so one guest cannot fill the host's conntrack table for the others;
 //! - input (filter): a guest reaches the host only for ICMP echo to the router and what
 //!   an explicit allow rule names (forwards are DNAT'd before input and pass through
 //!   forward); everything else is refused and counted in `input_denied_<bridge>`. DHCP
@@ -37,7 +41,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem, CT};
-use nftables::schema::{Chain, Counter, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::schema::{
+    self, Chain, Counter, NfCmd, NfListObject, NfObject, Nftables, Rule, SetType, SetTypeValue, Table,
+};
 use nftables::stmt::{self, Match, NATFamily, Operator, Reject, RejectType, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
@@ -71,6 +77,7 @@ fn in_table(mut nft: Nftables<'static>, table: &str) -> Nftables<'static> {
             NfListObject::Chain(c) => c.table = name.clone(),
             NfListObject::Rule(r) => r.table = name.clone(),
             NfListObject::Counter(c) => c.table = name.clone(),
+            NfListObject::Set(set) => set.table = name.clone(),
             _ => {}
         }
     }
@@ -143,6 +150,9 @@ pub struct NetworkRules {
     pub egress: Egress,
     /// Whether guests may send IPv6 to each other (dropped at the ports otherwise).
     pub ipv6: bool,
+    /// Live connections out of the network each guest address may hold (`None`: no
+    /// bound).
+    pub flows_per_guest: Option<u32>,
 }
 
 const LINK_LOCAL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16);
@@ -377,7 +387,20 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
     b.add(chain("input", NfChainType::Filter, NfHook::Input, 0));
     b.add(chain("guard", NfChainType::Filter, NfHook::Prerouting, -300));
     for n in networks {
-        for chain in ["egress", "input"] {
+        if n.flows_per_guest.is_some() {
+            b.add(NfListObject::Set(Box::new(schema::Set {
+                family: NfFamily::INet,
+                table: UNNAMED.into(),
+                name: flows_set(&n.bridge).into(),
+                set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+                // No `dynamic` flag: nft 1.0.6 (Debian 12) refuses it in JSON and sets
+                // it itself for a set that rules add to.
+                // One element per guest address: a /16 is the largest subnet.
+                size: Some(65_536),
+                ..Default::default()
+            })));
+        }
+        for chain in ["egress", "input", "flows"] {
             b.add(NfListObject::Counter(Counter {
                 family: NfFamily::INet,
                 table: UNNAMED.into(),
@@ -446,6 +469,85 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
     Ok(b.to_nftables())
 }
 
+/// The dynamic set that counts each guest address's connections on `bridge`.
+fn flows_set(bridge: &str) -> String {
+    format!("flows_{bridge}")
+}
+
+/// Refuses a guest's new connection past its bound: the counting statement (marked
+/// for [`with_flow_bounds`]) comes after the protocol match, so each rule counts only
+/// what it may refuse.
+fn flow_bound(n: &NetworkRules, from_guests: Vec<Statement<'static>>) -> Vec<NfListObject<'static>> {
+    let counter = counter_name("flows", &n.bridge);
+    let count = || Statement::Counter(stmt::Counter::Named(counter.clone().into()));
+    let over = || {
+        Statement::Set(stmt::Set {
+            op: stmt::SetOp::Add,
+            elem: field("ip", "saddr"),
+            set: format!("@{}", flows_set(&n.bridge)).into(),
+        })
+    };
+    let mut base = from_guests;
+    base.push(is(
+        Expression::Named(NamedExpression::CT(CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Operator::IN,
+        text("new"),
+    ));
+    let mut tcp = base.clone();
+    tcp.push(is(meta(MetaKey::L4proto), Operator::EQ, l4proto(L4::Tcp)));
+    tcp.extend([over(), count()]);
+    tcp.push(Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))));
+    // Not TCP again: a connection counted twice would take two places.
+    let mut rest = base;
+    rest.push(is(meta(MetaKey::L4proto), Operator::NEQ, l4proto(L4::Tcp)));
+    rest.extend([over(), count()]);
+    rest.push(Statement::Reject(Some(Reject::new(
+        Some(RejectType::ICMPX),
+        Some(RejectCode::AdminProhibited),
+    ))));
+    vec![rule("forward", tcp), rule("forward", rest)]
+}
+
+/// Gives each flow-bounding set statement its `ct count over N`. Written into the JSON
+/// by hand: the `nftables` crate (0.6) has no field for a set statement's stateful
+/// statements (`"stmt"`), which is where nft takes `ct count`.
+fn with_flow_bounds(mut json: serde_json::Value, networks: &[NetworkRules]) -> serde_json::Value {
+    fn visit(v: &mut serde_json::Value, bounds: &[(String, u32)]) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Object(set)) = map.get_mut("set") {
+                    let named = set.get("set").and_then(|s| s.as_str()).map(str::to_string);
+                    if let Some((_, n)) = named.and_then(|name| bounds.iter().find(|(b, _)| *b == name)) {
+                        set.insert(
+                            "stmt".into(),
+                            serde_json::json!([{ "ct count": { "val": n, "inv": true } }]),
+                        );
+                    }
+                }
+                map.values_mut().for_each(|v| visit(v, bounds));
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| visit(v, bounds)),
+            _ => {}
+        }
+    }
+    let bounds: Vec<(String, u32)> = networks
+        .iter()
+        .filter_map(|n| Some((format!("@{}", flows_set(&n.bridge)), n.flows_per_guest?)))
+        .collect();
+    visit(&mut json, &bounds);
+    json
+}
+
+/// What [`apply`] hands to nft: [`ruleset`] with the flow bounds.
+pub fn ruleset_json(table: &str, networks: &[NetworkRules]) -> Result<serde_json::Value, HostnetError> {
+    let json = serde_json::to_value(ruleset(table, networks)?).map_err(|e| HostnetError::Nft(e.to_string()))?;
+    Ok(with_flow_bounds(json, networks))
+}
+
 /// Traffic from `n`'s guests leaving their network: the egress policy.
 fn egress_rules(n: &NetworkRules, networks: &[NetworkRules]) -> Vec<NfListObject<'static>> {
     let from_guests = || {
@@ -460,6 +562,9 @@ fn egress_rules(n: &NetworkRules, networks: &[NetworkRules]) -> Vec<NfListObject
     first.push(established());
     first.push(Statement::Accept(None));
     out.push(rule("forward", first));
+    if n.flows_per_guest.is_some() {
+        out.extend(flow_bound(n, from_guests()));
+    }
     // A port range with ICMP can never match (as in the gateway): such rules are left out.
     for r in n
         .egress
@@ -554,8 +659,11 @@ pub fn counters(table: &str) -> Result<Vec<(String, u64)>, HostnetError> {
 
 /// Writes the table `table` for `networks` (an empty list leaves an empty table).
 pub fn apply(table: &str, networks: &[NetworkRules]) -> Result<(), HostnetError> {
-    let rs = ruleset(table, networks)?;
-    nftables::helper::apply_ruleset(&rs).map_err(|e| HostnetError::Nft(e.to_string()))
+    let payload = ruleset_json(table, networks)?.to_string();
+    let no_args: [&str; 0] = [];
+    nftables::helper::apply_ruleset_raw(&payload, nftables::helper::DEFAULT_NFT, no_args)
+        .map(drop)
+        .map_err(|e| HostnetError::Nft(e.to_string()))
 }
 
 /// Removes the tables named `table` altogether (both families; adding first makes

@@ -9,6 +9,7 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
             router: "10.70.0.1".parse().unwrap(),
             egress: Egress::default(),
             ipv6: false,
+            flows_per_guest: Some(1536),
             forwards: vec![Forward {
                 proto: "tcp".into(),
                 host: "0.0.0.0:8080".parse().unwrap(),
@@ -26,11 +27,12 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
             router: "10.71.0.1".parse().unwrap(),
             egress: Egress::default(),
             ipv6: false,
+            flows_per_guest: None,
             forwards: vec![],
             locked_ports: vec![],
         },
     ];
-    let json = serde_json::to_string(&ruleset("vmfabric_t", &nets).unwrap()).unwrap();
+    let json = ruleset_json("vmfabric_t", &nets).unwrap().to_string();
     assert_eq!(
         json.matches("\"masquerade\"").count(),
         4,
@@ -48,8 +50,22 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
     );
     assert_eq!(
         json.matches("\"reject\"").count(),
-        2 * (2 + 4 + 2),
-        "each network, TCP and the rest: link-local, the other bridge and subnet, the host"
+        2 * (2 + 4 + 2) + 2,
+        "each network, TCP and the rest: link-local, the other bridge and subnet, the host; \
+         and the first network's flow bound"
+    );
+    // The bound: a dynamic set of guest addresses in the instance's table, and each of
+    // the two rules adding to it carries its `ct count`.
+    assert_eq!(
+        json.matches("{\"ct count\":{\"inv\":true,\"val\":1536}}").count(),
+        2,
+        "{json}"
+    );
+    assert!(json.contains("\"set\":\"@flows_vmfbr0\""), "{json}");
+    assert!(json.contains("\"name\":\"flows_vmfbr0\""), "{json}");
+    assert!(
+        !json.contains("flows_vmfbr1"),
+        "an unbounded network has no set: {json}"
     );
     let bad = vec![NetworkRules {
         forwards: vec![Forward {

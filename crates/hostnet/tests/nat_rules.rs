@@ -3,8 +3,9 @@
 //! "outside" namespace; "guest" namespaces hang off the bridges. Guests reach the
 //! outside masqueraded, an outside client reaches a guest through a forward (DNAT),
 //! the two networks cannot reach each other, a locked port is not heard from another
-//! source IP or MAC, removing a network removes exactly its rules, and another table in
-//! the same namespace is never touched. Needs root, nft and busybox (ping).
+//! source IP or MAC, a guest holds no more connections out than its share, removing a
+//! network removes exactly its rules, and another table in the same namespace is never
+//! touched. Needs root, nft and busybox (ping).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -36,6 +37,23 @@ fn who_am_i_server(ns: &str, addr: &'static str) {
             let Ok(mut s) = s else { continue };
             let peer = s.peer_addr().unwrap();
             let _ = write!(s, "you are {}", peer.ip());
+        }
+    });
+}
+
+/// Blue's bound in this test.
+const FLOWS_PER_GUEST: u32 = 3;
+
+/// A server in `ns` on `addr` that holds each connection until its client ends it.
+fn holding_server(ns: &str, addr: &'static str) {
+    let listener = in_ns(ns, move || TcpListener::bind(addr).unwrap());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut sink = [0u8; 64];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
         }
     });
 }
@@ -126,6 +144,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         router: "10.72.0.1".parse().unwrap(),
         egress: Egress::default(),
         ipv6: false,
+        flows_per_guest: None,
         forwards: vec![Forward {
             proto: "tcp".into(),
             host: "10.205.0.1:8081".parse().unwrap(),
@@ -144,6 +163,8 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         router: "10.73.0.1".parse().unwrap(),
         egress: Egress::default(),
         ipv6: false,
+        // Small, so that the test can reach it.
+        flows_per_guest: Some(FLOWS_PER_GUEST),
         forwards: vec![],
         locked_ports: vec![],
     };
@@ -167,6 +188,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     );
     assert!(ask(&g0, "10.73.0.2:80").is_err(), "red cannot reach blue");
     assert!(ask(&g1, "10.72.0.2:80").is_err(), "blue cannot reach red");
+
     // Applying again changes nothing (one table, the same rules).
     let both = [red.clone(), blue.clone()];
     in_ns(&host, move || nft::apply(TABLE, &both).unwrap());
@@ -249,6 +271,47 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
     assert!(count("egress_denied_vmfbr0") >= Some(2), "{counts:?}");
     assert!(count("input_denied_vmfbr0") >= Some(2), "{counts:?}");
     assert_eq!(count("egress_denied_vmfbr1"), Some(0), "{counts:?}");
+
+    // Blue's guest holds its share of connections to the outside: one more is reset
+    // (and counted) while red's guest still connects; when one closes, the share has
+    // room again.
+    holding_server(&outside, "10.205.0.2:8090");
+    let hold = || {
+        in_ns(&g1, || {
+            TcpStream::connect_timeout(&"10.205.0.2:8090".parse().unwrap(), Duration::from_secs(3))
+                .map_err(|e| e.kind())
+        })
+    };
+    // The kernel forgets the connections of earlier checks once it sees them closed: a
+    // refusal before the share is full is retried.
+    let hold_retrying = || {
+        (0..50).find_map(|_| {
+            hold().ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            })
+        })
+    };
+    let mut held: Vec<TcpStream> = (0..FLOWS_PER_GUEST).map(|_| hold_retrying().unwrap()).collect();
+    assert_eq!(
+        hold().err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "past the share"
+    );
+    assert_eq!(
+        ask(&g0, "10.205.0.2:8080").as_deref(),
+        Ok("you are 10.205.0.1"),
+        "red is not bounded by blue"
+    );
+    drop(held.pop());
+    // The outside closes its side once it reads the end; the kernel then stops
+    // counting the connection.
+    let again = hold_retrying();
+    assert!(again.is_some(), "a closed connection gives its place back");
+    let counts = in_ns(&host, || nft::counters(TABLE).unwrap());
+    let flows_denied = counts.iter().find(|(n, _)| n == "flows_denied_vmfbr1").map(|(_, c)| *c);
+    assert!(flows_denied >= Some(1), "{counts:?}");
+    drop((held, again));
 
     in_ns(&host, || nft::remove(TABLE).unwrap());
     let all = run(&["ip", "netns", "exec", &host, "nft", "list", "ruleset"]);

@@ -302,6 +302,16 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     }
     assert!(d.metric("vmfabric_kernel_egress_denied_total{network=\"kblue\"}") >= 1);
     assert!(d.metric("vmfabric_kernel_input_denied_total{network=\"kblue\"}") >= 1);
+    // Every kernel network bounds each guest's connections (hostnet's nat_rules test
+    // drives the bound); nobody here came near it.
+    let metrics = d.ok("GET", "/metrics", None);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("vmfabric_kernel_flows_denied_total{network=\"kblue\"} 0\n"),
+        "{metrics}"
+    );
     drop((c, dg));
     let (s, v) = d.call("DELETE", "/v1/networks/kblue?force=true", None);
     assert!((200..300).contains(&s), "{s} {v}");

@@ -34,6 +34,14 @@ fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
     }
 }
 
+/// A kernel-mode guest's live connections out of its network: what the userspace
+/// gateway lets one guest hold, its TCP and UDP shares together (the kernel counts
+/// every protocol's conntrack entries alike).
+fn kernel_flows_per_guest(spec: &crate::model::NetworkSpec) -> u32 {
+    let cfg = gateway::GatewayConfig::new(&spec.name, spec.subnet);
+    u32::try_from(cfg.tcp_flows_per_guest + cfg.udp_flows_per_guest).unwrap_or(u32::MAX)
+}
+
 /// This instance's nftables tables (both families share the name).
 pub fn table(instance: &str) -> String {
     hostnet::nft::table_name(instance)
@@ -70,6 +78,7 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
             router: kernel::router_of(&n.spec),
             egress: kernel_egress(&policy),
             ipv6: false,
+            flows_per_guest: Some(kernel_flows_per_guest(&n.spec)),
             forwards,
             locked_ports: n
                 .ports
@@ -101,14 +110,15 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// A kernel network's refusals so far: (egress, input), from its nftables counters.
+/// A kernel network's refusals so far: (egress, input, flows past a guest's bound),
+/// from its nftables counters.
 /// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
-pub fn refusals(st: &State, k: &KernelNet, now: &[(String, u64)]) -> (u64, u64) {
+pub fn refusals(st: &State, k: &KernelNet, now: &[(String, u64)]) -> (u64, u64, u64) {
     let total = |chain: &str| {
         let name = hostnet::nft::counter_name(chain, &k.bridge);
         st.kernel_denied.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
     };
-    (total("egress"), total("input"))
+    (total("egress"), total("input"), total("flows"))
 }
 
 /// After a start: removes this instance's kernel devices that the store no longer

@@ -16,12 +16,15 @@ impl Control {
         };
         for (name, net) in &st.nets {
             if let Some(k) = net.backend.kernel() {
-                let (egress, input) = kernel_rules::refusals(&st, k, &kernel_counts);
+                let (egress, input, flows) = kernel_rules::refusals(&st, k, &kernel_counts);
                 out.push_str(&format!(
                     "vmfabric_kernel_egress_denied_total{{network=\"{name}\"}} {egress}\n"
                 ));
                 out.push_str(&format!(
                     "vmfabric_kernel_input_denied_total{{network=\"{name}\"}} {input}\n"
+                ));
+                out.push_str(&format!(
+                    "vmfabric_kernel_flows_denied_total{{network=\"{name}\"}} {flows}\n"
                 ));
             }
             if let Some(c) = self.switch.network_counters(name) {
