@@ -4,10 +4,12 @@
 # (namespaces in tests), isc-dhcp-client, bind9-dnsutils and dnsmasq-base (real DHCP
 # and DNS clients, and a loopback upstream, in the gateway tests), nftables (kernel-mode
 # NAT rules), g++ (libFuzzer, for the fuzz targets), python3-venv, socat and curl (the
-# API fuzzing with schemathesis). Rust comes from rustup; this script
+# API fuzzing with schemathesis), python3-prometheus-client (its OpenMetrics parser
+# checks the metrics page) and promtool (so does it, in the Prometheus text format:
+# taken from Debian's prometheus package, without the server). Rust comes from rustup; this script
 # checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl)
+need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -18,6 +20,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "[setup] installing: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "[setup] installing promtool (from Debian's prometheus package)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1 || { $SUDO apt-get update -qq && apt-get download prometheus >/dev/null; })
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+    $SUDO install -m 755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$tmp"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

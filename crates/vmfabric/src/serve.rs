@@ -172,7 +172,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
 
 /// Counters of every port and the leases, from the same numbers `/metrics` serves.
 fn print_stats(daemon: &Control) {
-    let metrics = daemon.metrics();
+    let families = daemon.metric_families();
     for net in daemon.networks() {
         let name = &net.name;
         println!("network {name}");
@@ -181,29 +181,28 @@ fn print_stats(daemon: &Control) {
             "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
         );
         for p in daemon.ports(name).unwrap_or_default() {
-            let labels = format!("network=\"{name}\",port=\"{}\"", p.record.name);
-            let get = |metric: &str, dir: &str| -> String {
-                let key = format!("{metric}{{{labels},dir=\"{dir}\"}} ");
-                metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&key))
-                    .unwrap_or("0")
-                    .to_string()
+            let port = p.record.name.as_str();
+            let get = |family: &str, direction: &str| {
+                families
+                    .value(family, &[("network", name), ("port", port), ("direction", direction)])
+                    .unwrap_or(0)
             };
-            let prefix = format!("vmfabric_port_drops_total{{{labels},reason=\"");
-            let drops: Vec<String> = metrics
-                .lines()
-                .filter_map(|l| l.strip_prefix(&prefix)?.split_once("\"} "))
-                .filter(|(_, n)| *n != "0")
-                .map(|(r, n)| format!("{r}={n}"))
+            let drops: Vec<String> = families
+                .iter()
+                .filter(|f| f.name == "vmfabric_port_drops")
+                .flat_map(|f| &f.samples)
+                .filter(|(labels, n)| {
+                    *n > 0 && labels[..2] == [("network", name.to_string()), ("port", port.to_string())]
+                })
+                .map(|(labels, n)| format!("{}={n}", labels[2].1))
                 .collect();
             println!(
                 "  {:<12} {:>10} {:>12} {:>10} {:>12}  {}",
-                p.record.name,
-                get("vmfabric_port_frames_total", "rx"),
-                get("vmfabric_port_bytes_total", "rx"),
-                get("vmfabric_port_frames_total", "tx"),
-                get("vmfabric_port_bytes_total", "tx"),
+                port,
+                get("vmfabric_port_frames", "rx"),
+                get("vmfabric_port_bytes", "rx"),
+                get("vmfabric_port_frames", "tx"),
+                get("vmfabric_port_bytes", "tx"),
                 if drops.is_empty() {
                     "-".to_string()
                 } else {

@@ -135,7 +135,7 @@ fn every_route_and_its_errors() {
         s == 200
             && m.as_str()
                 .unwrap()
-                .contains("vmfabric_port_frames_total{network=\"blue\",port=\"vm1\",dir=\"rx\"} 0")
+                .contains("vmfabric_port_frames_total{network=\"blue\",port=\"vm1\",direction=\"rx\"} 0")
     );
 
     let (s, _) = d.call("DELETE", "/v1/networks/blue", None);

@@ -190,7 +190,7 @@ fn a_guest_that_never_leased_can_neither_spoof_nor_speak_dhcp_for_another() {
         1
     );
     // The gateway reads its port on its own task: wait for it to have seen both.
-    let foreign = "vmfabric_gateway_dhcp_foreign_client_total{network=\"default\"}";
+    let foreign = "vmfabric_dhcp_refused_total{network=\"default\",reason=\"foreign_client\"}";
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while value(foreign) < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -198,10 +198,12 @@ fn a_guest_that_never_leased_can_neither_spoof_nor_speak_dhcp_for_another() {
     assert_eq!(value(foreign), 2);
     // The claims on the gateway's address never reached it: the count of conflicts it
     // saw stays 0, because there was nothing left to act on.
-    assert_eq!(value("vmfabric_gateway_arp_conflicts_total{network=\"default\"}"), 0);
+    assert_eq!(value("vmfabric_arp_conflicts_total{network=\"default\"}"), 0);
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
     assert_eq!(leases[0]["mac"], victim_mac.to_string());
     assert_eq!(leases[0]["ip"], ip.to_string(), "the victim keeps its lease");
+    // The page after all this (ports, drops, DHCP, a lease) is well formed.
+    harness::check_metrics_pages(&d.socket);
     d.stop();
 }
 

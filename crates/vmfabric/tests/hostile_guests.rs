@@ -274,8 +274,8 @@ fn a_guest_flooding_nat_with_udp_flows_exhausts_only_its_own_share() {
     };
     assert_eq!(out.matches("LOOP-DONE").count(), 4, "{out}");
     victim_rounds(&d, NAT_ROUNDS, "renew=ok dns=ok udp=ok nat=ok");
-    let dropped = d.metric("vmfabric_gateway_nat_udp_dropped_total{network=\"arena\"}");
-    let flows = d.metric("vmfabric_gateway_nat_udp_flows_total{network=\"arena\"}");
+    let dropped = d.metric("vmfabric_nat_refused_total{network=\"arena\",proto=\"udp\",reason=\"dropped\"}");
+    let flows = d.metric("vmfabric_nat_flows_total{network=\"arena\",proto=\"udp\"}");
     let heard = sources.lock().unwrap().len();
     println!(
         "UDP flows opened {flows}, datagrams dropped {dropped}, sources heard {heard}, \

@@ -331,7 +331,7 @@ fn a_kernel_mode_guest_without_a_lease_can_neither_spoof_nor_serve_nor_act_in_an
     );
 
     // The gateway saw the REQUEST and DECLINE and refused both.
-    let foreign = "vmfabric_gateway_dhcp_foreign_client_total{network=\"hk\"}";
+    let foreign = "vmfabric_dhcp_refused_total{network=\"hk\",reason=\"foreign_client\"}";
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric(&d, foreign) < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

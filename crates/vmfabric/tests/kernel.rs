@@ -312,6 +312,8 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
             .contains("vmfabric_kernel_flows_denied_total{network=\"kblue\"} 0\n"),
         "{metrics}"
     );
+    // With kernel networks' families too, the page is well formed.
+    harness::check_metrics_pages(&d.socket);
     drop((c, dg));
     let (s, v) = d.call("DELETE", "/v1/networks/kblue?force=true", None);
     assert!((200..300).contains(&s), "{s} {v}");

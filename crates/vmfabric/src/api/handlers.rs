@@ -343,8 +343,28 @@ pub(super) async fn capture(
     Ok(([("content-type", "application/vnd.tcpdump.pcap")], body).into_response())
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "daemon", responses((status = 200, description = "Counters in the Prometheus text format", content_type = "text/plain", body = String)), operation_id = "metrics")]
-pub(super) async fn metrics(State(d): Shared) -> Result<Response, ControlError> {
-    let text = blocking(move || Ok(d.metrics())).await?;
-    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
+#[utoipa::path(get, path = "/metrics", tag = "daemon", responses((status = 200, description = "Every metric family with help and type: the Prometheus text format (0.0.4), or OpenMetrics when the Accept header asks for application/openmetrics-text", content((String = "text/plain"), (String = "application/openmetrics-text")))), operation_id = "metrics")]
+pub(super) async fn metrics(State(d): Shared, headers: axum::http::HeaderMap) -> Result<Response, ControlError> {
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let families = blocking(move || Ok(d.metric_families())).await?;
+    Ok(if openmetrics {
+        (
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            families.openmetrics_text(),
+        )
+            .into_response()
+    } else {
+        (
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            families.prometheus_text(),
+        )
+            .into_response()
+    })
 }

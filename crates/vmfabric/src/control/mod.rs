@@ -13,7 +13,7 @@ mod env;
 mod events;
 mod kernel_net;
 mod kernel_rules;
-mod metrics;
+pub mod metrics;
 mod restore;
 mod sandbox;
 mod services;

@@ -59,10 +59,73 @@ impl Running {
     }
 }
 
+/// Checks the daemon's `/metrics` in both encodings with the tools Prometheus users
+/// run: `promtool check metrics` on the Prometheus text format (the default), and the
+/// Python client's OpenMetrics parser (which refuses clashing names) on the page
+/// served for `Accept: application/openmetrics-text`. Needs curl, promtool and
+/// python3-prometheus-client (scripts/setup.sh installs them).
+pub fn check_metrics_pages(socket: &Path) {
+    let fetch = |accept: &str| {
+        let out = Command::new("curl")
+            .args(["-sSf", "--unix-socket"])
+            .arg(socket)
+            .args([
+                "-H",
+                &format!("Accept: {accept}"),
+                "-w",
+                "\n%{content_type}",
+                "http://vmfabric/metrics",
+            ])
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (page, content_type) = text.rsplit_once('\n').unwrap();
+        (format!("{page}\n").replace("\n\n", "\n"), content_type.to_string())
+    };
+    let check = |program: &str, args: &[&str], page: &str| {
+        use std::io::Write;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program}: {e} (scripts/setup.sh installs it)"));
+        child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} refuses the page:\n{}{}\n{page}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (text, content_type) = fetch("text/plain");
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    check("promtool", &["check", "metrics"], &text);
+    let (openmetrics, content_type) = fetch("application/openmetrics-text; version=1.0.0");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    // Debian's python, where python3-prometheus-client is installed (not another on PATH).
+    check(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import sys; from prometheus_client.openmetrics.parser import text_string_to_metric_families as p; \
+             print(len(list(p(sys.stdin.read()))), 'families')",
+        ],
+        &openmetrics,
+    );
+}
+
 /// A real daemon process (so it can be killed with -9), with its API.
 pub struct Process {
     child: Child,
-    socket: PathBuf,
+    pub socket: PathBuf,
     rt: tokio::runtime::Runtime,
 }
 
