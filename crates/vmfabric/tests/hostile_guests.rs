@@ -31,9 +31,14 @@ fn port_mac(d: &Daemon, network: &str, port: &str) -> String {
         .unwrap()
 }
 
+/// One pair of guests at a time: the NAT flood must open its flows faster than they
+/// idle out (60 s), which four TCG guests on two cores may not.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// What a test starts from: a daemon with network `arena`, and a web server on the
 /// host's loopback.
 struct Arena {
+    _turn: std::sync::MutexGuard<'static, ()>,
     d: Daemon,
     web_port: u16,
     image: std::path::PathBuf,
@@ -47,6 +52,7 @@ fn arena(workdir: &str, subnet: &str) -> Option<Arena> {
     if !testkit::ready_or_skip(testkit::is_root(), "the hostile-guest suite runs as root") {
         return None;
     }
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::workdir(workdir);
     let d = Daemon::start(&dir, &image);
     let web_port = testkit::loopback_web_server("host");
@@ -56,6 +62,7 @@ fn arena(workdir: &str, subnet: &str) -> Option<Arena> {
         Some(json!({"name": "arena", "subnet": subnet, "host_access": true})),
     );
     Some(Arena {
+        _turn: turn,
         d,
         web_port,
         image,
@@ -93,6 +100,7 @@ fn victim_rounds(d: &Daemon, rounds: usize, all_ok: &str) -> Vec<String> {
 #[test]
 fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
     let Some(Arena {
+        _turn,
         d,
         web_port,
         image,
@@ -226,7 +234,7 @@ fn loopback_nxdomain_responder() -> (u16, std::sync::Arc<std::sync::Mutex<std::c
 /// NAT throughout.
 #[test]
 fn a_guest_flooding_nat_with_udp_flows_exhausts_only_its_own_share() {
-    let Some(Arena { d, web_port, .. }) = arena("hostile-nat", "10.87.0.0/24") else {
+    let Some(Arena { _turn, d, web_port, .. }) = arena("hostile-nat", "10.87.0.0/24") else {
         return;
     };
     let (udp_port, sources) = loopback_nxdomain_responder();

@@ -164,7 +164,12 @@ fn labels(pairs: &[(&'static str, &str)]) -> Labels {
 }
 
 /// (gateway counter, family, help or "" after a family's first entry, labels).
-type GatewayEntry = (&'static str, &'static str, &'static str, &'static [(&'static str, &'static str)]);
+type GatewayEntry = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 /// Where each gateway counter goes: its family, help, and the labels that tell it from
 /// the family's other members (besides `network`).
