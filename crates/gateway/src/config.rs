@@ -47,6 +47,9 @@ pub struct GatewayConfig {
     pub offer_hold: Duration,
     /// How long a DECLINEd address stays out of the pool.
     pub decline_quarantine: Duration,
+    /// How long the address of a port taken away stays out of other MACs' reach (a
+    /// late packet to it must not find a new owner); its own MAC may have it back.
+    pub release_quarantine: Duration,
     /// DNS domain of the VMs' names.
     pub domain: String,
     pub search: Vec<String>,
@@ -112,6 +115,7 @@ impl GatewayConfig {
             lease_time: Duration::from_secs(3600),
             offer_hold: Duration::from_secs(30),
             decline_quarantine: Duration::from_secs(600),
+            release_quarantine: Duration::from_secs(60),
             domain: "vm.internal".into(),
             search: vec!["vm.internal".into()],
             mtu: 1500,

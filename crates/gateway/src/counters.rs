@@ -92,6 +92,9 @@ counters! {
     egress_denied,
     /// Datagrams to a forward that could not be delivered (guest not seen yet, no flow port).
     forward_dropped,
+    /// Connections to a TCP forward reset at once: no guest at its address (no lease,
+    /// no frames seen from it).
+    forward_refused,
 }
 
 impl GatewayCounters {

@@ -16,16 +16,25 @@ pub(crate) struct Ctx {
     pub cfg: Arc<GatewayConfig>,
     pub counters: Arc<GatewayCounters>,
     pub neighbours: Neighbours,
+    /// Addresses leases hold now (kept by the lease events), for services that must
+    /// know whether a guest is there without asking the DHCP server.
+    pub leased: Mutex<std::collections::HashSet<Ipv4Addr>>,
     pub egress: Egress,
 }
 
 impl Ctx {
+    /// Whether some guest is at `ip`: it holds a lease, or frames came from it.
+    pub fn guest_at(&self, ip: Ipv4Addr) -> bool {
+        self.leased.lock().unwrap_or_else(|p| p.into_inner()).contains(&ip) || self.neighbours.get(ip).is_some()
+    }
+
     pub fn new(cfg: Arc<GatewayConfig>, counters: Arc<GatewayCounters>) -> Ctx {
         Ctx {
             neighbours: Neighbours {
                 subnet: cfg.subnet,
                 map: Mutex::default(),
             },
+            leased: Mutex::default(),
             egress: Egress {
                 state: RwLock::new(EgressState {
                     policy: cfg.egress.clone(),
@@ -51,6 +60,14 @@ pub(crate) struct Neighbours {
 impl Neighbours {
     pub fn get(&self, ip: Ipv4Addr) -> Option<Mac> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied()
+    }
+
+    /// Forgets every address last seen with `mac` (its port is gone).
+    pub fn forget_mac(&self, mac: Mac) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, m| *m != mac);
     }
 
     pub fn saw(&self, ip: Ipv4Addr, mac: Mac) {

@@ -52,7 +52,8 @@ pub struct DhcpServer {
     /// checking a candidate address costs one lookup, not a scan of every offer.
     offers: HashMap<Mac, (Ipv4Addr, u64)>,
     offered: HashMap<Ipv4Addr, Mac>,
-    quarantine: HashMap<Ipv4Addr, u64>,
+    /// Addresses out of the pool until a time; `Some(mac)`: except to that MAC.
+    quarantine: HashMap<Ipv4Addr, (u64, Option<Mac>)>,
     /// Names the control plane knows for MACs (their port's label).
     name_hints: HashMap<Mac, String>,
     reservations: Vec<crate::config::Reservation>,
@@ -136,7 +137,10 @@ impl DhcpServer {
                 .by_ip
                 .get(&ip)
                 .is_none_or(|m| *m == mac || self.leases.get(m).is_some_and(|l| l.expires <= now))
-            && self.quarantine.get(&ip).is_none_or(|until| *until <= now)
+            && self
+                .quarantine
+                .get(&ip)
+                .is_none_or(|(until, owner)| *until <= now || *owner == Some(mac))
             && !self
                 .offered
                 .get(&ip)
@@ -327,7 +331,8 @@ impl DhcpServer {
                     return (None, None);
                 }
                 self.remove_offer(mac);
-                self.quarantine.insert(ip, now + self.cfg.decline_quarantine.as_secs());
+                self.quarantine
+                    .insert(ip, (now + self.cfg.decline_quarantine.as_secs(), None));
                 if self.leases.get(&mac).is_some_and(|l| l.ip == ip) {
                     self.drop_lease(mac);
                     return (None, Some(LeaseEvent::Released { mac, ip }));
@@ -360,6 +365,20 @@ impl DhcpServer {
         Some(removed)
     }
 
+    /// The control plane took `mac`'s port away: its lease, offer and name go now (not
+    /// when the lease would have run out), and its address rests for
+    /// `release_quarantine` before another MAC may have it.
+    pub fn release_port(&mut self, mac: Mac, now: u64) -> Option<LeaseEvent> {
+        self.remove_offer(mac);
+        self.name_hints.remove(&mac);
+        let ip = self.leases.get(&mac)?.ip;
+        self.drop_lease(mac);
+        self.quarantine
+            .insert(ip, (now + self.cfg.release_quarantine.as_secs(), Some(mac)));
+        GatewayCounters::inc(&self.counters.leases_released);
+        Some(LeaseEvent::Released { mac, ip })
+    }
+
     fn drop_lease(&mut self, mac: Mac) {
         if let Some(l) = self.leases.remove(&mac) {
             self.by_ip.remove(&l.ip);
@@ -375,7 +394,7 @@ impl DhcpServer {
         self.offers.retain(|_, (_, exp)| *exp > now);
         let live = &self.offers;
         self.offered.retain(|_, mac| live.contains_key(mac));
-        self.quarantine.retain(|_, until| *until > now);
+        self.quarantine.retain(|_, (until, _)| *until > now);
         let gone: Vec<(Mac, Ipv4Addr)> = self
             .leases
             .values()

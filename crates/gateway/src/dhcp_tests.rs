@@ -249,6 +249,31 @@ fn release_decline_and_expiry() {
     assert_eq!(s.leases().count(), 0);
 }
 
+/// A port taken away: its lease goes at once, its address rests from other MACs for
+/// `release_quarantine`, and its own MAC (the same port made again) may have it back.
+#[test]
+fn a_released_port_frees_its_lease_now_and_rests_its_address() {
+    let (mut s, store) = server();
+    let a = bind(&mut s, 1, 0);
+    assert_eq!(
+        s.release_port(Mac([2, 0, 0, 0, 0, 1]), 10),
+        Some(LeaseEvent::Released {
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+            ip: a
+        })
+    );
+    assert!(store.load().unwrap().is_empty());
+    assert_eq!(s.leases().count(), 0);
+    assert_eq!(s.release_port(Mac([2, 0, 0, 0, 0, 1]), 10), None, "nothing left");
+    let b = bind(&mut s, 2, 11);
+    assert_ne!(b, a, "another MAC does not get the address while it rests");
+    assert_eq!(bind(&mut s, 1, 12), a, "its own MAC does");
+    s.release_port(Mac([2, 0, 0, 0, 0, 1]), 13);
+    let rested = 13 + s.cfg.release_quarantine.as_secs();
+    s.expire(rested);
+    assert_eq!(bind(&mut s, 3, rested), a, "after the rest, anyone may");
+}
+
 #[test]
 fn garbage_is_counted_not_answered() {
     let (mut s, _) = server();

@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, UdpSocket, UnixDatagram};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixDatagram};
 
 use crate::counters::GatewayCounters;
 use crate::ctx::Ctx;
@@ -148,7 +148,7 @@ pub(crate) fn add(
                 host: listener.local_addr()?,
                 guest,
             };
-            let task = rt.spawn(accept(svc.clone(), listener, guest));
+            let task = rt.spawn(accept(svc.clone(), port.clone(), listener, guest));
             (info, task)
         }
     };
@@ -174,7 +174,7 @@ pub(crate) fn remove(svc: &ForwardService, id: u64) -> bool {
     true
 }
 
-async fn accept(svc: Arc<ForwardService>, listener: TcpListener, guest: SocketAddrV4) {
+async fn accept(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, listener: TcpListener, guest: SocketAddrV4) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) if !crate::fd_budget::admits(&stream) => {
@@ -182,7 +182,7 @@ async fn accept(svc: Arc<ForwardService>, listener: TcpListener, guest: SocketAd
                 drop(stream);
             }
             Ok((stream, _)) => {
-                tokio::spawn(crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream));
+                tokio::spawn(connect_guest(svc.clone(), port.clone(), guest, stream));
             }
             // Out of descriptors and the like: wait rather than spin.
             Err(e) => {
@@ -191,6 +191,30 @@ async fn accept(svc: Arc<ForwardService>, listener: TcpListener, guest: SocketAd
             }
         }
     }
+}
+
+/// How long a host client waits for a guest the gateway has not seen to answer ARP.
+const GUEST_ARP_WAIT: Duration = Duration::from_millis(500);
+
+/// Carries one host client to the guest, if a guest is there: one that holds a lease
+/// or was seen, or that answers ARP at once. Otherwise (its port is gone, or it never
+/// came) the client gets a reset now, not a connect that hangs until it times out.
+async fn connect_guest(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, guest: SocketAddrV4, stream: TcpStream) {
+    let ip = *guest.ip();
+    if !svc.ctx.guest_at(ip) {
+        let cfg = &svc.ctx.cfg;
+        let _ = port.send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, ip)).await;
+        let deadline = tokio::time::Instant::now() + GUEST_ARP_WAIT;
+        while !svc.ctx.guest_at(ip) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !svc.ctx.guest_at(ip) {
+            GatewayCounters::inc(&svc.ctx.counters.forward_refused);
+            let _ = stream.set_zero_linger();
+            return;
+        }
+    }
+    crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await;
 }
 
 async fn serve(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {

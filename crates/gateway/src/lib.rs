@@ -113,14 +113,20 @@ impl Shared {
 
     fn emit(&self, ev: LeaseEvent) {
         let mut st = self.state();
+        let mut leased = self.ctx.leased.lock().unwrap_or_else(|p| p.into_inner());
         match &ev {
             LeaseEvent::Bound(l) => {
                 if let Some(name) = &l.hostname {
                     st.zone.set(name, l.ip);
                 }
+                leased.insert(l.ip);
             }
-            LeaseEvent::Released { ip, .. } | LeaseEvent::Expired { ip, .. } => st.zone.remove_ip(*ip),
+            LeaseEvent::Released { ip, .. } | LeaseEvent::Expired { ip, .. } => {
+                st.zone.remove_ip(*ip);
+                leased.remove(ip);
+            }
         }
+        drop(leased);
         drop(st);
         if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(ev);
@@ -173,6 +179,10 @@ impl Gateway {
         };
         let nat = tcp_nat::TcpNat::new(&cfg, sock.clone(), counters.clone(), panics.clone());
         let ctx = Arc::new(ctx::Ctx::new(cfg.clone(), counters.clone()));
+        ctx.leased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(dhcp.leases().map(|l| l.ip));
         let tcp = Arc::new(tcp_nat::TcpService {
             ctx: ctx.clone(),
             nat: Mutex::new(nat),
@@ -314,6 +324,26 @@ impl Gateway {
     /// Tells the gateway the other networks' subnets, which its guests may not reach.
     pub fn set_other_subnets(&self, subnets: Vec<ipnet::Ipv4Net>) {
         self.shared.ctx.egress.set_other_subnets(subnets);
+    }
+
+    /// The port of `mac` is gone: its lease, DNS name and neighbour entry go now, and
+    /// its address rests (`release_quarantine`) before another guest may lease it.
+    /// Returns the address it held.
+    pub fn release_port(&self, mac: Mac) -> Option<Ipv4Addr> {
+        let event = self.shared.state().dhcp.release_port(mac, unix_now());
+        self.shared.ctx.neighbours.forget_mac(mac);
+        let event = event?;
+        let ip = match &event {
+            LeaseEvent::Released { ip, .. } => *ip,
+            _ => return None,
+        };
+        self.shared.emit(event);
+        Some(ip)
+    }
+
+    /// Whether some guest is at `ip`: it holds a lease, or frames came from it.
+    pub fn guest_at(&self, ip: Ipv4Addr) -> bool {
+        self.shared.ctx.guest_at(ip)
     }
 
     /// Publishes a name that no lease backs (a host with a static address).

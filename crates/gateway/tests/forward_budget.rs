@@ -23,7 +23,18 @@ fn idle_forward_clients_cannot_take_the_guests_egress() {
     let guest = UnixDatagram::from(fd);
     guest.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let guest_ip = Ipv4Addr::new(10, 66, 0, 9);
-    // A forward to a guest port nobody answers: each client's connection waits there.
+    let me = Mac([2, 0, 0, 0, 0, 9]);
+    // The guest makes itself known (a forward to an address nobody is at refuses at
+    // once), then answers nothing on the forward's port: each client's connection
+    // waits there.
+    guest
+        .send(&gateway::wire::arp_request(me, guest_ip, Ipv4Addr::new(10, 66, 0, 1)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.guest_at(guest_ip) {
+        assert!(Instant::now() < deadline, "the gateway never saw the guest");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let fw = gw
         .add_forward(
             Protocol::Tcp,
@@ -44,7 +55,7 @@ fn idle_forward_clients_cannot_take_the_guests_egress() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut peer = TcpPeer {
-        mac: [2, 0, 0, 0, 0, 9],
+        mac: me.0,
         ip: guest_ip,
         port: 45000,
         server_mac: gw.config().gateway_mac.0,
@@ -53,10 +64,6 @@ fn idle_forward_clients_cannot_take_the_guests_egress() {
         seq: 100,
         ack: 0,
     };
-    let me = Mac(peer.mac);
-    guest
-        .send(&gateway::wire::arp_request(me, guest_ip, Ipv4Addr::new(10, 66, 0, 1)))
-        .unwrap();
     guest
         .send(&peer.segment(&Segment {
             syn: true,

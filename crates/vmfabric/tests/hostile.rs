@@ -68,6 +68,23 @@ fn dhcp_answer(sock: &UnixDatagram) -> v4::Message {
     }
 }
 
+/// DISCOVER then REQUEST what was offered, asking for `wanted` if given: the address
+/// the guest is acked.
+fn lease(sock: &UnixDatagram, mac: Mac, wanted: Option<Ipv4Addr>) -> Ipv4Addr {
+    let z = Ipv4Addr::UNSPECIFIED;
+    let ask: Vec<DhcpOption> = wanted.map(DhcpOption::RequestedIpAddress).into_iter().collect();
+    sock.send(&dhcp(MessageType::Discover, mac, mac, ask, z)).unwrap();
+    let offered = dhcp_answer(sock).yiaddr();
+    let request = vec![
+        DhcpOption::RequestedIpAddress(offered),
+        DhcpOption::ServerIdentifier(GATEWAY),
+    ];
+    sock.send(&dhcp(MessageType::Request, mac, mac, request, z)).unwrap();
+    let ack = dhcp_answer(sock);
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    ack.yiaddr()
+}
+
 fn arp(op: u16, eth_src: Mac, sender: (Mac, Ipv4Addr), target_ip: Ipv4Addr) -> Vec<u8> {
     let mut f = Mac::BROADCAST.0.to_vec();
     f.extend(eth_src.0);
@@ -204,6 +221,51 @@ fn a_guest_that_never_leased_can_neither_spoof_nor_speak_dhcp_for_another() {
     assert_eq!(leases[0]["ip"], ip.to_string(), "the victim keeps its lease");
     // The page after all this (ports, drops, DHCP, a lease) is well formed.
     harness::check_metrics_pages(&d.socket);
+    d.stop();
+}
+
+/// A port taken away takes its lease with it at once (not when the lease would have
+/// run out), its address rests before another guest may lease it (a late packet to it
+/// must not reach a new owner), and a forward to it resets its clients at once instead
+/// of leaving them hanging.
+#[test]
+fn a_removed_port_frees_its_lease_at_once_and_its_forward_refuses() {
+    let dir = tmp("gone");
+    let d = harness::start(&dir, None);
+    let (web, web_mac) = guest(&d, &dir, "web");
+    let ip = lease(&web, web_mac, None);
+    let (s, fwd) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": format!("{ip}:80")})),
+    );
+    assert_eq!(s, 201, "{fwd}");
+    let host: std::net::SocketAddr = fwd["host"].as_str().unwrap().parse().unwrap();
+
+    let (s, _) = d.call("DELETE", "/v1/networks/default/ports/web", None);
+    assert_eq!(s, 204);
+    let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
+    assert_eq!(leases, json!([]), "the lease went with its port");
+
+    // Another guest asks for the address: it rests, so it gets another.
+    let (late, late_mac) = guest(&d, &dir, "late");
+    assert_ne!(lease(&late, late_mac, Some(ip)), ip, "the gone port's address rests");
+
+    // A client of the forward is reset, not left waiting for the gone guest (a connect
+    // to it would wait 15 s before giving up).
+    use std::io::Read;
+    let mut client = std::net::TcpStream::connect(host).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = client.read(&mut [0u8; 16]);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset) || matches!(read, Ok(0)),
+        "{read:?}"
+    );
+    let refused = d
+        .daemon
+        .metric_families()
+        .value("vmfabric_forward_refused", &[("network", "default")]);
+    assert_eq!(refused, Some(1));
     d.stop();
 }
 

@@ -218,6 +218,7 @@ const GATEWAY: &[GatewayEntry] = &[
     ("fd_budget_refused", "vmfabric_fd_budget_refused", "Guest-driven sockets closed again because the daemon's descriptors ran low.", &[]),
     ("egress_denied", "vmfabric_egress_denied", "Guest traffic refused by the network's egress policy.", &[]),
     ("forward_dropped", "vmfabric_forward_dropped", "Datagrams to a UDP forward that could not be delivered.", &[]),
+    ("forward_refused", "vmfabric_forward_refused", "Connections to a TCP forward reset at once: no guest at its address.", &[]),
 ];
 
 /// The first entry of a family carries its help.

@@ -463,6 +463,10 @@ impl Control {
         {
             tracing::warn!(%network, port = %name, "taking the port down: {e}");
         }
+        // Its lease and DNS name go with it, not when the lease would have run out.
+        if let Some(ip) = net.gateway.as_ref().and_then(|gw| gw.release_port(port.rec.mac)) {
+            tracing::info!(%network, port = %name, %ip, "released the port's lease");
+        }
         if net.backend.is_kernel() {
             kernel_rules::apply_rules(&env, st)?;
         }
