@@ -116,7 +116,7 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
          if nslookup gateway >/dev/null 2>&1; then n=ok; else n=fail; fi; \
          if timeout 10 wget -qO- http://10.86.0.254:{web_port}/ >/dev/null 2>&1; then w=ok; else w=fail; fi; \
          echo \"ROUND $i gw=$(ip neigh show 10.86.0.1 | cut -d' ' -f5) renew=$r dns=$n nat=$w\"; done; \
-         echo VICTIM-DONE"
+         echo VICTIM-DONE; sleep 600"
     );
     let victim_ip = start_victim(&d, &victim_cmd);
     let victim_mac = port_mac(&d, "arena", "victim");
@@ -168,6 +168,7 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
             "the victim's gateway entry points at the attacker: {r}"
         );
     }
+    // (The victim sleeps after its rounds: a VM that ends takes its lease with it.)
     let leases: Vec<Value> = d
         .ok("GET", "/v1/networks/arena/leases", None)
         .as_array()
