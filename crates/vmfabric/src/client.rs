@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::control::vms::{VmRequest, VmView};
 use crate::model::{
-    FlowsView, ForwardProto, ForwardSpec, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec, PortView,
-    ReservationSpec, SocketpairSpec,
+    FlowsView, ForwardProto, ForwardSpec, ForwardView, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec,
+    PortView, ReservationSpec, SocketpairSpec,
 };
 
 /// A refusal from the daemon: its HTTP status and message.
@@ -37,16 +37,24 @@ impl ApiError {
     }
 }
 
+/// The daemon's socket could not be reached (no daemon, a wrong path, no permission).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the daemon at {socket} (is `vmfabric serve` running?): {source}")]
+pub struct Unreachable {
+    pub socket: PathBuf,
+    pub source: std::io::Error,
+}
+
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 type Connection = hyper::client::conn::http1::Connection<TokioIo<tokio::net::UnixStream>, Full<Bytes>>;
 
 async fn handshake(socket: &Path) -> anyhow::Result<(Sender, Connection)> {
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "connect to the daemon at {} (is `vmfabric serve` running?)",
-            socket.display()
-        )
-    })?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| Unreachable {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
     Ok(hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?)
 }
 
@@ -202,7 +210,7 @@ impl Client {
         self.json("POST", &format!("/v1/networks/{}/forwards", seg(network)), Some(spec))
     }
 
-    pub fn forwards(&self, network: &str) -> anyhow::Result<Vec<ForwardSpec>> {
+    pub fn forwards(&self, network: &str) -> anyhow::Result<Vec<ForwardView>> {
         self.get(&format!("/v1/networks/{}/forwards", seg(network)))
     }
 

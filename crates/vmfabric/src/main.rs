@@ -7,18 +7,41 @@
 mod cli;
 mod serve;
 
-use anyhow::Result;
-use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> Result<()> {
+use clap::Parser;
+use vmfabric::client::{ApiError, Unreachable};
+
+/// What a failed command exits with, for scripts (clap exits 2 for usage errors
+/// itself; see `vmfabric --help`).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<Unreachable>()) {
+        return 5;
+    }
+    match e.downcast_ref::<ApiError>().map(|a| a.status) {
+        Some(400 | 422) => 2,
+        Some(404) => 3,
+        Some(409) => 4,
+        _ => 1,
+    }
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli::Cli::parse().command {
+    let result = match cli::Cli::parse().command {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::BootGuest(args) => cli::boot_guest::run(args),
         other => cli::run(other),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
     }
 }

@@ -607,9 +607,9 @@ fn policy_and_forwards_are_set_listed_and_survive_a_restart() {
     let fws = fws.as_array().unwrap();
     assert_eq!(fws.len(), 2, "{fws:?}");
     assert!(
-        fws.contains(&json!({"proto": "udp", "host": host, "guest": "10.77.0.5:53"}))
-            && fws.contains(&json!({"proto": "tcp", "host": tcp_host, "guest": "10.77.0.5:80"})),
-        "listening again: {fws:?}"
+        fws.contains(&json!({"proto": "udp", "host": host, "guest": "10.77.0.5:53", "dangling": true}))
+            && fws.contains(&json!({"proto": "tcp", "host": tcp_host, "guest": "10.77.0.5:80", "dangling": true})),
+        "listening again, and dangling: no guest holds 10.77.0.5: {fws:?}"
     );
     assert!(
         std::net::TcpListener::bind(&tcp_host).is_err(),

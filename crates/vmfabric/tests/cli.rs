@@ -405,3 +405,43 @@ fn forwards_and_policy_from_the_cli() {
     let (ok, _, err) = cli(&dir, &["policy", "set", "default", policy.to_str().unwrap()]);
     assert!(!ok && err.contains("not JSON"), "{err}");
 }
+
+/// Each kind of failure has its own exit code, so scripts can tell them apart.
+#[test]
+fn exit_codes_tell_usage_not_found_conflict_and_no_daemon_apart() {
+    let dir = std::env::temp_dir().join(format!("vmf-cli-codes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let code = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(dir.join("api.sock"))
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(code(&["network", "ls"]), Some(5), "no daemon");
+    let _d = start(&dir);
+    assert_eq!(code(&["network", "ls"]), Some(0));
+    assert_eq!(code(&["network", "show", "nope"]), Some(3), "not found");
+    assert_eq!(code(&["network", "create", "a", "--subnet", "10.91.0.0/24"]), Some(0));
+    assert_eq!(
+        code(&["network", "create", "a", "--subnet", "10.91.0.0/24"]),
+        Some(4),
+        "exists"
+    );
+    assert_eq!(
+        code(&["network", "create", "b", "--subnet", "224.0.0.0/24"]),
+        Some(2),
+        "bad input"
+    );
+    assert_eq!(code(&["network", "frobnicate"]), Some(2), "bad usage (clap)");
+    // Commands that return nothing still answer --json.
+    assert_eq!(
+        json(&dir, &["network", "rm", "a"]),
+        serde_json::json!({"removed": "network", "name": "a"})
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -241,11 +241,14 @@ fn a_removed_port_frees_its_lease_at_once_and_its_forward_refuses() {
     );
     assert_eq!(s, 201, "{fwd}");
     let host: std::net::SocketAddr = fwd["host"].as_str().unwrap().parse().unwrap();
+    let dangling = || d.call("GET", "/v1/networks/default/forwards", None).1[0]["dangling"].clone();
+    assert_eq!(dangling(), json!(false), "its guest holds the address");
 
     let (s, _) = d.call("DELETE", "/v1/networks/default/ports/web", None);
     assert_eq!(s, 204);
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
     assert_eq!(leases, json!([]), "the lease went with its port");
+    assert_eq!(dangling(), json!(true), "the forward is listed as dangling");
 
     // Another guest asks for the address: it rests, so it gets another.
     let (late, late_mac) = guest(&d, &dir, "late");

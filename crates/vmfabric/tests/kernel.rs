@@ -407,8 +407,33 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
         "removing a forward removes its rules"
     );
 
-    // Deleting the network removes its devices and rules.
+    // a's port goes: the forward to it is listed as dangling and loses its DNAT, so a
+    // client from outside is refused at once by the host instead of waiting on a
+    // guest that is gone.
     drop(a);
+    let (s, _) = d.call("DELETE", "/v1/networks/kred/ports/a", None);
+    assert_eq!(s, 204);
+    let (_, forwards) = d.call("GET", "/v1/networks/kred/forwards", None);
+    assert_eq!(forwards[0]["dangling"], json!(true), "{forwards}");
+    assert_eq!(
+        run(&["nft", "list", "table", "inet", &table]).matches("dnat").count(),
+        0,
+        "no DNAT to a gone guest"
+    );
+    let refused = Command::new("ip")
+        // (busybox 1.35's wget crashes on a refusal when given -T: `timeout` instead.)
+        .args(["netns", "exec", &outside, "timeout", "10", "busybox", "wget", "-O-"])
+        .arg("http://10.207.0.1:8082/")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("refused"),
+        "{:?}: {said}",
+        refused.status
+    );
+
+    // Deleting the network removes its devices and rules.
     drop(b);
     let (s, v) = d.call("DELETE", "/v1/networks/kred?force=true", None);
     assert!((200..300).contains(&s), "{s} {v}");

@@ -17,8 +17,8 @@ use crate::control::error::ControlError;
 use crate::control::vms::{VmRequest, VmView};
 use crate::control::Control;
 use crate::model::{
-    FlowsView, ForwardProto, ForwardSpec, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec, PortView,
-    ReservationSpec, SocketpairSpec,
+    FlowsView, ForwardProto, ForwardSpec, ForwardView, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec,
+    PortView, ReservationSpec, SocketpairSpec,
 };
 
 /// Runs a control-plane call on the blocking pool.
@@ -206,7 +206,7 @@ pub(super) async fn set_policy(
     Ok(Json(blocking(move || d.set_policy(&net, p)).await?).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/networks/{name}/forwards", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Forwards", body = [ForwardSpec]), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_forwards")]
+#[utoipa::path(get, path = "/v1/networks/{name}/forwards", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Forwards", body = [ForwardView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_forwards")]
 pub(super) async fn list_forwards(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.forwards(&net)).await?).into_response())
 }

@@ -14,10 +14,15 @@ use clap::{Parser, Subcommand};
 use vmfabric::client::Client;
 use vmfabric::model::{ForwardSpec, PolicySpec, ReservationSpec};
 
-use table::{client, print_table};
+use table::{client, print_table, report};
 
 #[derive(Parser)]
-#[command(name = "vmfabric", version, about = "Host-side network for micro-VMs and sandboxes")]
+#[command(
+    name = "vmfabric",
+    version,
+    about = "Host-side network for micro-VMs and sandboxes",
+    after_help = "Exit codes: 0 done; 1 failed; 2 bad usage or input; 3 not found; 4 conflicts with what exists; 5 the daemon cannot be reached."
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -339,7 +344,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
                 }
                 ForwardCmd::Ls { network, c } => {
                     let v = client(&c)?.forwards(&network)?;
-                    print_table(&c, &v, &["proto", "host", "guest"]);
+                    print_table(&c, &v, &["proto", "host", "guest", "dangling"]);
                 }
                 ForwardCmd::Rm {
                     network,
@@ -349,7 +354,11 @@ pub(crate) fn run(command: Command) -> Result<()> {
                 } => {
                     let proto = proto.map(|p| p.parse()).transpose()?;
                     client(&c)?.remove_forward(&network, &host, proto)?;
-                    println!("removed the forward from {host} on {network}");
+                    report(
+                        &c,
+                        format!("removed the forward from {host} on {network}"),
+                        serde_json::json!({"removed": "forward", "network": network, "host": host}),
+                    );
                 }
             }
             Ok(())
@@ -384,7 +393,11 @@ pub(crate) fn run(command: Command) -> Result<()> {
                 }
                 ReservationCmd::Rm { network, key, c } => {
                     client(&c)?.remove_reservation(&network, &key)?;
-                    println!("removed the reservation of {key} on {network}");
+                    report(
+                        &c,
+                        format!("removed the reservation of {key} on {network}"),
+                        serde_json::json!({"removed": "reservation", "network": network, "key": key}),
+                    );
                 }
             }
             Ok(())
@@ -393,13 +406,28 @@ pub(crate) fn run(command: Command) -> Result<()> {
             cmd: LeaseCmd::Ls { network, c },
         } => {
             let v = client(&c)?.leases(&network)?;
-            print_table(&c, &v, &["ip", "mac", "hostname", "expires"]);
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<serde_json::Value> = v
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "ip": l.ip,
+                            "mac": l.mac.to_string(),
+                            "hostname": l.hostname,
+                            "expires": format!("{} ({})", l.expires_at, table::relative(l.expires)),
+                        })
+                    })
+                    .collect();
+                print_table(&c, &rows, &["ip", "mac", "hostname", "expires"]);
+            }
             Ok(())
         }
         Command::Flows { network, c } => {
             let v = client(&c)?.flows(&network)?;
             if c.json {
-                print_table(&c, &v, &[]);
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_table(&c, &v.tcp, &["guest", "peer", "direction", "state"]);
                 println!();

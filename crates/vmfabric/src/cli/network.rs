@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use super::table::{client, print_table};
+use super::table::{client, print_table, report};
 use vmfabric::model::{Mtu, Name, NetworkSpec};
 
 use super::NetworkCmd;
@@ -45,7 +45,11 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
         }
         NetworkCmd::Rm { name, force, c } => {
             client(&c)?.remove_network(&name, force)?;
-            println!("removed network {name}");
+            report(
+                &c,
+                format!("removed network {name}"),
+                serde_json::json!({"removed": "network", "name": name}),
+            );
         }
     }
     Ok(())

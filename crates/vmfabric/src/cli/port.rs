@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 
-use super::table::{cell, client, print_table};
+use super::table::{cell, client, print_table, report};
 use vmfabric::model::{Name, PortSpec, SocketpairSpec};
 
 use super::{ClientArgs, PortCmd};
@@ -122,7 +122,11 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
         }
         PortCmd::Rm { network, name, c } => {
             client(&c)?.remove_port(&network, &name)?;
-            println!("removed port {network}/{name}");
+            report(
+                &c,
+                format!("removed port {network}/{name}"),
+                serde_json::json!({"removed": "port", "network": network, "name": name}),
+            );
         }
     }
     Ok(())

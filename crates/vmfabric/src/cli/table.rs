@@ -19,6 +19,30 @@ pub(super) fn cell(v: &serde_json::Value) -> String {
     }
 }
 
+/// A time (seconds since the Unix epoch) from now, for people: "in 59m 58s", "3s ago".
+pub(super) fn relative(unix: u64) -> String {
+    use jiff::{SpanRound, Unit};
+    let now = jiff::Timestamp::now().as_second();
+    let diff = i64::try_from(unix).unwrap_or(i64::MAX).saturating_sub(now);
+    let span = jiff::Span::new()
+        .try_seconds(diff.abs())
+        .and_then(|s| s.round(SpanRound::new().largest(Unit::Hour)));
+    match span {
+        Ok(span) if diff >= 0 => format!("in {span:#}"),
+        Ok(span) => format!("{span:#} ago"),
+        Err(_) => "-".into(),
+    }
+}
+
+/// What a command that returns nothing did: `text` for people, `json` with --json.
+pub(super) fn report(c: &ClientArgs, text: String, json: serde_json::Value) {
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+    } else {
+        println!("{text}");
+    }
+}
+
 /// A table of `columns` from a view or a list of them, or the JSON itself with --json.
 pub(super) fn print_table(c: &ClientArgs, view: &impl Serialize, columns: &[&str]) {
     let v = &serde_json::to_value(view).unwrap_or_default();
@@ -49,5 +73,20 @@ pub(super) fn print_table(c: &ClientArgs, view: &impl Serialize, columns: &[&str
     println!("{}", line(columns.iter().map(|h| h.to_uppercase()).collect()));
     for r in cells {
         println!("{}", line(r));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_from_now_read_as_people_say_them() {
+        let now = jiff::Timestamp::now().as_second() as u64;
+        let soon = super::relative(now + 2 * 3600 + 30);
+        assert!(soon.starts_with("in 2h") || soon.starts_with("in 1h 59m"), "{soon}");
+        assert!(
+            super::relative(now - 90).ends_with(" ago"),
+            "{}",
+            super::relative(now - 90)
+        );
     }
 }

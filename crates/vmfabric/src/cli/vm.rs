@@ -46,7 +46,14 @@ pub(super) fn run(cmd: VmCmd) -> Result<()> {
         }
         VmCmd::Ls { c } => print_table(&c, &client(&c)?.vms()?, COLUMNS),
         VmCmd::Stop { name, c } => print_table(&c, &client(&c)?.stop_vm(&name)?, COLUMNS),
-        VmCmd::Logs { name, c } => print!("{}", client(&c)?.vm_logs(&name)?),
+        VmCmd::Logs { name, c } => {
+            let logs = client(&c)?.vm_logs(&name)?;
+            if c.json {
+                println!("{}", serde_json::json!({"name": name, "logs": logs}));
+            } else {
+                print!("{logs}");
+            }
+        }
     }
     Ok(())
 }

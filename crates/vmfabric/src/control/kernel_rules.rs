@@ -3,12 +3,12 @@
 //! counters, and the start-up reconciliation of kernel devices.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use super::env::Env;
 use super::error::ControlError;
 use super::kernel_net::{stored_forwards, stored_policy, KernelNet};
-use super::state::State;
+use super::state::{NetState, State};
 use crate::kernel;
 
 /// A gateway egress policy in the terms of the kernel's rules (the same semantics).
@@ -47,6 +47,23 @@ pub fn table(instance: &str) -> String {
     hostnet::nft::table_name(instance)
 }
 
+/// The addresses a kernel network's guests hold: each port's reservation. `None` for
+/// a userspace network, whose gateway knows its guests.
+pub fn held_addresses(env: &Env, network: &str, n: &NetState) -> Option<HashSet<Ipv4Addr>> {
+    n.backend.kernel()?;
+    Some(held_among(&env.store.reservations(network).unwrap_or_default(), n))
+}
+
+/// Of `reserved` (key, address), the addresses reserved for `n`'s ports' MACs.
+fn held_among(reserved: &[(String, Ipv4Addr)], n: &NetState) -> HashSet<Ipv4Addr> {
+    let macs: HashSet<String> = n.ports.values().map(|p| p.rec.mac.to_string()).collect();
+    reserved
+        .iter()
+        .filter(|(key, _)| macs.contains(key))
+        .map(|(_, ip)| *ip)
+        .collect()
+}
+
 /// Writes this instance's nftables tables for every kernel network: masquerade, no
 /// traffic between networks, each port held to its MAC and reserved address, the
 /// egress policy and the forwards.
@@ -60,9 +77,13 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
         // One query per network: each port's reservation (keyed by MAC).
         let reserved = env.store.reservations(name).unwrap_or_default();
         let policy = stored_policy(env.store, name).unwrap_or_default().to_gateway();
+        let held = held_among(&reserved, n);
+        // A forward whose guest is gone gets no DNAT: its clients meet the host's own
+        // refusal at once instead of a guest that never answers.
         let forwards = stored_forwards(env, name)
             .unwrap_or_default()
             .into_iter()
+            .filter(|f| held.contains(f.guest.ip()))
             .filter_map(|f| match f.host {
                 SocketAddr::V4(host) => Some(hostnet::nft::Forward {
                     proto: f.proto.as_str().to_string(),

@@ -103,7 +103,7 @@ impl Control {
         valid_subnet(spec.subnet)?;
         if let Some((route, iface)) = crate::hostroutes::overlapping(spec.subnet).filter(|_| !force) {
             return Err(ControlError::conflict(format!(
-                "subnet {} overlaps the host route {route} on {iface}; pick another subnet or create with force=true",
+                "subnet {} overlaps the host route {route} on {iface}; pick another subnet or create with force (`--force`; force=true in the API)",
                 spec.subnet
             )));
         }
@@ -299,7 +299,7 @@ impl Control {
         let net = st.net(name)?;
         if !net.ports.is_empty() && !force {
             return Err(ControlError::conflict(format!(
-                "network {name:?} has {} port(s); remove them first or delete with force=true",
+                "network {name:?} has {} port(s); remove them first or delete with force (`--force`; force=true in the API)",
                 net.ports.len()
             )));
         }

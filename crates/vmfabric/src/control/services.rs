@@ -10,7 +10,8 @@ use super::state::{LiveCapture, State};
 use super::Control;
 use super::{kernel_net, kernel_rules};
 use crate::model::{
-    Direction, FlowsView, ForwardProto, ForwardSpec, LeaseView, PolicySpec, ReservationSpec, TcpFlowView, UdpFlowView,
+    Direction, FlowsView, ForwardProto, ForwardSpec, ForwardView, LeaseView, PolicySpec, ReservationSpec, TcpFlowView,
+    UdpFlowView,
 };
 
 impl Control {
@@ -65,10 +66,27 @@ impl Control {
         Ok(p)
     }
 
-    pub fn forwards(&self, network: &str) -> Result<Vec<ForwardSpec>, ControlError> {
+    /// The network's forwards, each said dangling when no guest holds its address.
+    pub fn forwards(&self, network: &str) -> Result<Vec<ForwardView>, ControlError> {
         let st = self.lock();
         let net = st.net(network)?;
-        net.backend.forwards(&self.env(), network, net.gateway.as_deref())
+        let env = self.env();
+        let held = kernel_rules::held_addresses(&env, network, net);
+        Ok(net
+            .backend
+            .forwards(&env, network, net.gateway.as_deref())?
+            .into_iter()
+            .map(|f| ForwardView {
+                dangling: match (&held, &net.gateway) {
+                    (Some(held), _) => !held.contains(f.guest.ip()),
+                    (None, Some(gw)) => !gw.guest_at(*f.guest.ip()),
+                    (None, None) => false,
+                },
+                proto: f.proto,
+                host: f.host,
+                guest: f.guest,
+            })
+            .collect())
     }
 
     pub fn add_forward(&self, network: &str, f: ForwardSpec) -> Result<ForwardSpec, ControlError> {

@@ -295,7 +295,11 @@ pub struct LeaseView {
     #[schema(value_type = String, pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
     pub mac: Mac,
     pub hostname: Option<String>,
+    /// When the lease runs out, in seconds since the Unix epoch.
     pub expires: u64,
+    /// The same, in RFC 3339 (UTC).
+    #[schema(format = DateTime)]
+    pub expires_at: String,
 }
 
 impl From<gateway::Lease> for LeaseView {
@@ -305,6 +309,11 @@ impl From<gateway::Lease> for LeaseView {
             mac: l.mac,
             hostname: l.hostname,
             expires: l.expires,
+            expires_at: i64::try_from(l.expires)
+                .ok()
+                .and_then(|s| jiff::Timestamp::from_second(s).ok())
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -478,6 +487,19 @@ pub struct ForwardSpec {
     pub host: SocketAddr,
     #[schema(value_type = String, example = "10.77.0.5:80", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}$")]
     pub guest: SocketAddrV4,
+}
+
+/// A port forward as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ForwardView {
+    pub proto: ForwardProto,
+    #[schema(value_type = String, example = "127.0.0.1:8080")]
+    pub host: SocketAddr,
+    #[schema(value_type = String, example = "10.77.0.5:80")]
+    pub guest: SocketAddrV4,
+    /// No guest holds the guest address now (its port is gone, or it never came): new
+    /// connections are refused at once.
+    pub dangling: bool,
 }
 
 /// A network's NAT flows, as the API shows them.
