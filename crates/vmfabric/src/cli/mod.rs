@@ -161,7 +161,9 @@ pub(crate) enum PortCmd {
         network: String,
         name: String,
         /// unixgram (QEMU -netdev dgram, vfkit), stream (QEMU -netdev stream, passt
-        /// framing) or tap (Firecracker, Cloud Hypervisor; needs CAP_NET_ADMIN).
+        /// framing) or tap (needs CAP_NET_ADMIN). On a kernel-mode network a TAP port is
+        /// for QEMU, Cloud Hypervisor and Firecracker, which open it; on a userspace one
+        /// the daemon holds it, so it attaches a host interface or namespace instead.
         #[arg(long, default_value = "unixgram")]
         kind: String,
         /// TAP ports: the interface name.

@@ -103,16 +103,21 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
                     cell(&v["path"]),
                     cell(&v["mac"])
                 );
-                println!("  qemu-system-x86_64 ... {}", cell(&v["qemu_args"]));
-                let (path, mac) = (cell(&v["path"]), cell(&v["mac"]));
-                if v["kind"] == "unixgram" {
-                    println!("  vfkit ... --device virtio-net,unixSocketPath={path},mac={mac}");
+                let vmm = &port.vmm;
+                if let Some(q) = &vmm.qemu {
+                    println!("  qemu-system-x86_64 ... {q}");
                 }
-                if v["kind"] == "tap" {
-                    println!("  cloud-hypervisor ... --net tap={path},mac={mac}");
-                    println!(
-                        "  firecracker: \"network-interfaces\": [{{\"iface_id\": \"eth0\", \"host_dev_name\": \"{path}\", \"guest_mac\": \"{mac}\"}}]"
-                    );
+                if let Some(d) = &vmm.vfkit {
+                    println!("  vfkit ... --device {d}");
+                }
+                if let Some(n) = &vmm.cloud_hypervisor {
+                    println!("  cloud-hypervisor ... --net {n}");
+                }
+                if let Some(f) = &vmm.firecracker {
+                    println!("  firecracker: \"network-interfaces\": [{f}]");
+                }
+                if let Some(note) = &vmm.note {
+                    println!("  {note}");
                 }
             }
         }

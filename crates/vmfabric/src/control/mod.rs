@@ -338,11 +338,23 @@ impl Control {
     }
 
     fn view(&self, backend: &Backend, rec: &PortRecord, handle: &PortHandle) -> PortView {
+        self.port_view(
+            backend.is_kernel(),
+            rec.clone(),
+            backend.port_up(&self.env(), handle),
+            None,
+        )
+    }
+
+    /// A port's view, with what each VMM is given for it.
+    fn port_view(&self, kernel: bool, record: PortRecord, up: bool, failed: Option<String>) -> PortView {
+        let vmm = user_net::vmm_lines(&record, &self.run_dir, kernel);
         PortView {
-            up: backend.port_up(&self.env(), handle),
-            qemu_args: user_net::qemu_args(rec, &self.run_dir),
-            record: rec.clone(),
-            failed: None,
+            up,
+            qemu_args: vmm.qemu.clone().unwrap_or_default(),
+            vmm,
+            record,
+            failed,
         }
     }
 
@@ -428,12 +440,7 @@ impl Control {
             let _ = self.switch.remove_port(id);
             return Err(e);
         }
-        let view = PortView {
-            up: true,
-            qemu_args: user_net::qemu_args(&rec, &self.run_dir),
-            record: rec.clone(),
-            failed: None,
-        };
+        let view = self.port_view(false, rec.clone(), true, None);
         self.commit_port(st, rec, PortHandle::Switch(id));
         Ok((view, vm_end))
     }
@@ -494,14 +501,10 @@ impl Control {
             .values()
             .map(|p| self.view(&net.backend, &p.rec, &p.handle))
             .collect();
+        let kernel = net.backend.is_kernel();
         v.extend(st.failed.ports.iter().filter_map(|((n, _), (rec, why))| {
             let rec = rec.clone().filter(|_| n == network)?;
-            Some(PortView {
-                up: false,
-                qemu_args: user_net::qemu_args(&rec, &self.run_dir),
-                record: rec,
-                failed: Some(why.clone()),
-            })
+            Some(self.port_view(kernel, rec, false, Some(why.clone())))
         }));
         v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         Ok(v)

@@ -9,7 +9,7 @@ use gateway::Gateway;
 use super::env::{Env, ForwardUndo, NetParts, PortHandle};
 use super::error::ControlError;
 use super::locks::PortLocker;
-use crate::model::{check_ifname, socket_path, ForwardProto, ForwardSpec, PortKind, PortSpec, SocketPlace};
+use crate::model::{check_ifname, socket_path, ForwardProto, ForwardSpec, PortKind, PortSpec, SocketPlace, VmmLines};
 use crate::store::PortRecord;
 
 /// The MAC a new userspace port is locked to from birth: `mac` if given (unicast, not
@@ -202,17 +202,115 @@ pub fn remove_forwards(gw: &Gateway, wanted: &dyn Fn(&ForwardSpec) -> bool) -> u
 }
 
 /// The QEMU arguments that attach a VM to a port.
-pub fn qemu_args(p: &PortRecord, run_dir: &Path) -> String {
-    let backend = match p.kind {
-        PortKind::Unixgram => vm::NicBackend::Unixgram {
-            switch_path: PathBuf::from(&p.path),
-            guest_path: guest_socket(run_dir, &p.network, &p.name),
+/// What each VMM is given for port `p` (`kernel`: on a kernel-mode network).
+pub fn vmm_lines(p: &PortRecord, run_dir: &Path, kernel: bool) -> VmmLines {
+    let qemu = |backend| vm::qemu::nic_args(&vm::Nic { backend, mac: p.mac });
+    let (path, mac) = (&p.path, p.mac);
+    match p.kind {
+        PortKind::Unixgram => VmmLines {
+            qemu: Some(qemu(vm::NicBackend::Unixgram {
+                switch_path: PathBuf::from(path),
+                guest_path: guest_socket(run_dir, &p.network, &p.name),
+            })),
+            vfkit: Some(format!("virtio-net,unixSocketPath={path},mac={mac}")),
+            ..VmmLines::default()
         },
-        PortKind::Stream => vm::NicBackend::Stream {
-            path: PathBuf::from(&p.path),
+        PortKind::Stream => VmmLines {
+            qemu: Some(qemu(vm::NicBackend::Stream {
+                path: PathBuf::from(path),
+            })),
+            ..VmmLines::default()
         },
-        PortKind::Tap => vm::NicBackend::Tap { ifname: p.path.clone() },
-        PortKind::Socketpair => vm::NicBackend::FdToBeGiven,
-    };
-    vm::qemu::nic_args(&vm::Nic { backend, mac: p.mac })
+        PortKind::Socketpair => VmmLines {
+            qemu: Some(qemu(vm::NicBackend::FdToBeGiven)),
+            ..VmmLines::default()
+        },
+        // The bridge has the device; the VMM opens it by name.
+        PortKind::Tap if kernel => VmmLines {
+            qemu: Some(qemu(vm::NicBackend::Tap { ifname: path.clone() })),
+            cloud_hypervisor: Some(format!("tap={path},mac={mac}")),
+            firecracker: Some(
+                serde_json::json!({"iface_id": "eth0", "host_dev_name": path, "guest_mac": mac.to_string()})
+                    .to_string(),
+            ),
+            ..VmmLines::default()
+        },
+        // The daemon holds the device to read its frames: a VMM opening it would fail
+        // (busy) or take frames from under it.
+        PortKind::Tap => VmmLines {
+            note: Some(format!(
+                "the daemon holds TAP device {path}, so no VMM can open it: it attaches a host \
+                 interface to the network (configure {path} on the host, or move it into a \
+                 namespace: ip link set {path} netns NS). Firecracker and Cloud Hypervisor open \
+                 TAP devices themselves: give them a port on a kernel-mode network \
+                 (network create NAME --mode kernel), whose TAP devices the bridge holds."
+            )),
+            ..VmmLines::default()
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(kind: PortKind, path: &str) -> PortRecord {
+        PortRecord {
+            network: "n".into(),
+            name: "p".into(),
+            kind,
+            path: path.into(),
+            mac: "02:00:00:00:00:07".parse().unwrap(),
+            learn_mac_once: false,
+            tap: Default::default(),
+        }
+    }
+
+    /// Each kind of port, on each kind of network, gets the lines that work and no
+    /// others; the Cloud Hypervisor and Firecracker lines follow their documented
+    /// syntax (`--net tap=<if>,mac=<mac>`; `network-interfaces` entries with
+    /// `iface_id`, `host_dev_name`, `guest_mac`).
+    #[test]
+    fn each_port_gets_only_the_vmm_lines_that_work_for_it() {
+        let run = Path::new("/run/vmfabric");
+        let dgram = vmm_lines(&port(PortKind::Unixgram, "/run/vmfabric/ports/n/p.sock"), run, false);
+        assert!(dgram.qemu.as_deref().unwrap().contains("-netdev dgram"), "{dgram:?}");
+        assert_eq!(
+            dgram.vfkit.as_deref(),
+            Some("virtio-net,unixSocketPath=/run/vmfabric/ports/n/p.sock,mac=02:00:00:00:00:07")
+        );
+        assert!(dgram.cloud_hypervisor.is_none() && dgram.firecracker.is_none() && dgram.note.is_none());
+
+        let stream = vmm_lines(&port(PortKind::Stream, "/run/vmfabric/ports/n/p.stream"), run, false);
+        assert!(stream.qemu.as_deref().unwrap().contains("-netdev stream"), "{stream:?}");
+        assert!(stream.vfkit.is_none() && stream.cloud_hypervisor.is_none());
+
+        let held = vmm_lines(&port(PortKind::Tap, "vmft7"), run, false);
+        assert_eq!(
+            (&held.qemu, &held.cloud_hypervisor, &held.firecracker),
+            (&None, &None, &None),
+            "the daemon holds a userspace TAP: no VMM line can work"
+        );
+        let note = held.note.unwrap();
+        assert!(
+            note.contains("ip link set vmft7 netns") && note.contains("--mode kernel"),
+            "{note}"
+        );
+
+        let bridged = vmm_lines(&port(PortKind::Tap, "vmft7"), run, true);
+        assert!(bridged
+            .qemu
+            .as_deref()
+            .unwrap()
+            .contains("tap,id=net0,ifname=vmft7,script=no"));
+        let ch = bridged.cloud_hypervisor.unwrap();
+        let pairs: Vec<(&str, &str)> = ch.split(',').map(|kv| kv.split_once('=').unwrap()).collect();
+        assert_eq!(pairs, [("tap", "vmft7"), ("mac", "02:00:00:00:00:07")]);
+        let fc: serde_json::Value = serde_json::from_str(&bridged.firecracker.unwrap()).unwrap();
+        assert_eq!(
+            fc,
+            serde_json::json!({"iface_id": "eth0", "host_dev_name": "vmft7", "guest_mac": "02:00:00:00:00:07"})
+        );
+        assert!(bridged.note.is_none());
+    }
 }

@@ -242,13 +242,36 @@ impl PortSpec {
     }
 }
 
+/// What to give each VMM for a port: only lines that work for this port on its
+/// network. A VMM a port does not suit has no line; `note` then says what the port is
+/// for and where to go instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmmLines {
+    /// QEMU's `-netdev`/`-device` arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<String>,
+    /// vfkit's `--device` argument.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfkit: Option<String>,
+    /// Cloud Hypervisor's `--net` argument.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_hypervisor: Option<String>,
+    /// Firecracker's `network-interfaces` entry (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firecracker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 /// A port as the API shows it, with what to give the VMM.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortView {
     #[serde(flatten)]
     pub record: PortRecord,
     pub up: bool,
+    /// The same as `vmm.qemu` (empty where QEMU cannot use the port).
     pub qemu_args: String,
+    pub vmm: VmmLines,
     /// Set when the stored port could not be brought back at start: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
