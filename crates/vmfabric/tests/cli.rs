@@ -445,3 +445,30 @@ fn exit_codes_tell_usage_not_found_conflict_and_no_daemon_apart() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `network show` tells what `ls` has no room for: what the gateway serves and the
+/// network's traffic.
+#[test]
+fn network_show_says_what_the_gateway_serves() {
+    let dir = std::env::temp_dir().join(format!("vmf-cli-show-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _d = start(&dir);
+    let (ok, _, err) = cli(&dir, &["network", "create", "s", "--subnet", "10.92.0.0/24"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&dir, &["network", "show", "s"]);
+    assert!(ok, "{err}");
+    for want in [
+        "subnet:      10.92.0.0/24 (MTU 1500)",
+        "gateway:     10.92.0.1",
+        "dhcp:        10.92.0.2 to 10.92.0.253, leases of 1h",
+        "dns domain:  vm.internal",
+        "host access: off",
+        "traffic:     rx 0 frames",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    let v = json(&dir, &["network", "show", "s"]);
+    assert_eq!(v["served"]["address"], "10.92.0.1", "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

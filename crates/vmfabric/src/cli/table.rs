@@ -34,6 +34,16 @@ pub(super) fn relative(unix: u64) -> String {
     }
 }
 
+/// A length of time in seconds, for people: "1h", "10m 30s".
+pub(super) fn duration(secs: u64) -> String {
+    use jiff::{SpanRound, Unit};
+    jiff::Span::new()
+        .try_seconds(i64::try_from(secs).unwrap_or(i64::MAX))
+        .and_then(|s| s.round(SpanRound::new().largest(Unit::Hour)))
+        .map(|s| format!("{s:#}"))
+        .unwrap_or_else(|_| format!("{secs}s"))
+}
+
 /// What a command that returns nothing did: `text` for people, `json` with --json.
 pub(super) fn report(c: &ClientArgs, text: String, json: serde_json::Value) {
     if c.json {

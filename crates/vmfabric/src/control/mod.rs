@@ -318,7 +318,11 @@ impl Control {
             .values()
             .map(|n| {
                 let leases = n.gateway.as_ref().map(|g| g.leases().len()).unwrap_or(0);
-                NetworkView::of(&n.spec, n.ports.len(), leases, None)
+                NetworkView {
+                    served: n.gateway.as_ref().map(|g| crate::model::GatewayView::of(g.config())),
+                    traffic: self.switch.network_counters(&n.spec.name).as_ref().map(Into::into),
+                    ..NetworkView::of(&n.spec, n.ports.len(), leases, None)
+                }
             })
             .collect();
         v.extend(st.failed.networks.values().filter_map(|(spec, why)| {

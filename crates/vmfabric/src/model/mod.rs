@@ -163,10 +163,66 @@ pub struct NetworkView {
     pub bridge: Option<String>,
     pub ports: usize,
     pub leases: usize,
+    /// What the network's gateway serves (none without a gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<GatewayView>,
+    /// The network's frames so far (its ports together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficView>,
     /// Set when the stored network could not be brought back at start: why. It stays
     /// stored; DELETE removes it, a restart tries again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+}
+
+/// What a network's gateway serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GatewayView {
+    #[schema(value_type = String, format = Ipv4)]
+    pub address: Ipv4Addr,
+    /// First and last address DHCP gives out.
+    #[schema(value_type = [String])]
+    pub dhcp_range: (Ipv4Addr, Ipv4Addr),
+    pub lease_secs: u64,
+    pub dns_domain: String,
+    /// Where guests reach the host's loopback, when the network allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub host_access: Option<Ipv4Addr>,
+}
+
+impl GatewayView {
+    pub fn of(cfg: &gateway::GatewayConfig) -> GatewayView {
+        GatewayView {
+            address: cfg.gateway_ip,
+            dhcp_range: cfg.dhcp_range,
+            lease_secs: cfg.lease_time.as_secs(),
+            dns_domain: cfg.domain.clone(),
+            host_access: cfg.host_access,
+        }
+    }
+}
+
+/// Frames and bytes a network's ports received (rx) and sent (tx), and dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TrafficView {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub dropped: u64,
+}
+
+impl From<&fabric::CounterSnapshot> for TrafficView {
+    fn from(c: &fabric::CounterSnapshot) -> Self {
+        TrafficView {
+            rx_frames: c.rx_frames,
+            rx_bytes: c.rx_bytes,
+            tx_frames: c.tx_frames,
+            tx_bytes: c.tx_bytes,
+            dropped: c.drops_by_reason().map(|(_, n)| n).sum(),
+        }
+    }
 }
 
 impl NetworkView {
@@ -182,6 +238,8 @@ impl NetworkView {
             bridge: spec.bridge.clone(),
             ports,
             leases,
+            served: None,
+            traffic: None,
             failed,
         }
     }
