@@ -49,6 +49,10 @@ pub(crate) struct FlowTable {
 }
 
 impl FlowTable {
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
     fn remove(&mut self, key: &FlowKey) {
         if self.flows.remove(key).is_some() {
             self.per_guest.release(key.guest);

@@ -134,6 +134,14 @@ impl Shared {
     }
 }
 
+/// Flows a gateway carries now, by protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenFlows {
+    pub udp: usize,
+    pub tcp: usize,
+    pub icmp: usize,
+}
+
 /// A running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -300,6 +308,15 @@ impl Gateway {
         let mut v: Vec<_> = fw.entries.values().map(|e| e.info.clone()).collect();
         v.sort_by_key(|f| f.id);
         v
+    }
+
+    /// How many flows the gateway carries now: UDP, TCP (egress and forwards), ICMP.
+    pub fn open_flows(&self) -> OpenFlows {
+        OpenFlows {
+            udp: self.shared.udp.flows.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            tcp: self.shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            icmp: self.shared.icmp.flows.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        }
     }
 
     /// The UDP flows the gateway carries for its guests now.

@@ -52,6 +52,10 @@ pub(crate) struct FlowTable {
 }
 
 impl FlowTable {
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
     pub fn list(&self) -> Vec<FlowInfo> {
         self.flows
             .keys()

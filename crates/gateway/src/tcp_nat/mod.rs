@@ -375,6 +375,11 @@ impl TcpNat {
         }
     }
 
+    /// Connections carried now (egress and forwards).
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
     pub fn list(&self) -> Vec<TcpFlowInfo> {
         self.flows
             .iter()

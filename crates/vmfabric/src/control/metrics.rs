@@ -359,6 +359,15 @@ impl Control {
                     labels(&network),
                     gw.leases().len() as u64,
                 );
+                let open = gw.open_flows();
+                for (proto, n) in [("udp", open.udp), ("tcp", open.tcp), ("icmp", open.icmp)] {
+                    out.gauge(
+                        "vmfabric_nat_open_flows",
+                        "Flows NAT carries now (TCP: guests' and forwards' connections).",
+                        labels(&[("network", name.as_str()), ("proto", proto)]),
+                        n as u64,
+                    );
+                }
                 for (counter, value) in gw.counters().snapshot() {
                     // Every counter is mapped (a unit test holds to that).
                     let Some((_, family, _, extra)) = GATEWAY.iter().find(|(c, ..)| *c == counter) else {
