@@ -59,8 +59,9 @@ fn json(dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn tmp() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmf-cli-{}", std::process::id()));
+/// An empty directory of this test process, `vmf-NAME-PID` under the temp dir.
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmf-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -68,7 +69,7 @@ fn tmp() -> PathBuf {
 
 #[test]
 fn cli_drives_the_daemon_and_state_survives_kill_9() {
-    let dir = tmp();
+    let dir = tmp("cli");
     let mut daemon = start(&dir);
     let (ok, out, _) = cli(&dir, &["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
     assert!(ok && out.contains("blue"), "{out}");
@@ -131,9 +132,7 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
         eprintln!("SKIP a_real_client_keeps_its_address_across_a_kill_9: needs root, /dev/net/tun and busybox");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmf-kill9-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp("kill9");
     let id = std::process::id() % 100_000;
     let (ns, ifname) = (Netns(format!("k9{id}")), format!("k9t{id}"));
     let _ = Command::new("ip")
@@ -255,9 +254,7 @@ fn wait_until_exists(ifname: &str) {
 
 #[test]
 fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
-    let dir = std::env::temp_dir().join(format!("vmf-config-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp("config");
     let cfg = dir.join("vmfabric.toml");
     std::fs::write(
         &cfg,
@@ -332,9 +329,7 @@ fn port_add_socketpair_runs_the_vmm_with_the_fd() {
         eprintln!("SKIP port_add_socketpair_runs_the_vmm_with_the_fd: needs python3 as the stand-in VMM");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmf-sp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp("sp");
     let _daemon = start(&dir);
     let (ok, _, err) = cli(&dir, &["port", "add", "default", "watch", "--kind", "unixgram"]);
     assert!(ok, "{err}");
@@ -382,9 +377,7 @@ fn port_add_socketpair_runs_the_vmm_with_the_fd() {
 
 #[test]
 fn forwards_and_policy_from_the_cli() {
-    let dir = std::env::temp_dir().join(format!("vmf-fwcli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp("fwcli");
     let _daemon = start(&dir);
     let fw = json(&dir, &["forward", "add", "default", "127.0.0.1:0", "10.77.0.9:53"]);
     let host = fw["host"].as_str().unwrap().to_string();
@@ -409,9 +402,7 @@ fn forwards_and_policy_from_the_cli() {
 /// Each kind of failure has its own exit code, so scripts can tell them apart.
 #[test]
 fn exit_codes_tell_usage_not_found_conflict_and_no_daemon_apart() {
-    let dir = std::env::temp_dir().join(format!("vmf-cli-codes-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp("cli-codes");
     let code = |args: &[&str]| {
         Command::new(BIN)
             .args(args)
@@ -450,9 +441,7 @@ fn exit_codes_tell_usage_not_found_conflict_and_no_daemon_apart() {
 /// network's traffic.
 #[test]
 fn network_show_says_what_the_gateway_serves() {
-    let dir = std::env::temp_dir().join(format!("vmf-cli-show-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tmp("cli-show");
     let _d = start(&dir);
     let (ok, _, err) = cli(&dir, &["network", "create", "s", "--subnet", "10.92.0.0/24"]);
     assert!(ok, "{err}");

@@ -70,16 +70,16 @@ fn arena(workdir: &str, subnet: &str) -> Option<Arena> {
     })
 }
 
-/// Starts the victim VM with `cmd` and waits for its lease; its address.
-fn start_victim(d: &Daemon, cmd: &str) -> String {
+/// Starts VM `name` on `arena` with `cmd` and waits for its lease; its address.
+fn start_vm(d: &Daemon, name: &str, cmd: &str) -> String {
     d.ok(
         "POST",
         "/v1/vms",
-        Some(json!({"name": "victim", "network": "arena", "cmd": cmd})),
+        Some(json!({"name": name, "network": "arena", "cmd": cmd})),
     );
-    let victim = d.wait_vm("victim", &["ready", "failed"]);
-    assert_eq!(victim["state"], "ready", "{victim}");
-    victim["ip"].as_str().unwrap().to_string()
+    let vm = d.wait_vm(name, &["ready", "failed"]);
+    assert_eq!(vm["state"], "ready", "{vm}");
+    vm["ip"].as_str().unwrap().to_string()
 }
 
 /// The victim's `ROUND` lines once it is done: `rounds` of them, each ending `all_ok`.
@@ -118,7 +118,7 @@ fn a_hostile_guest_cannot_take_its_neighbours_gateway_or_lease() {
          echo \"ROUND $i gw=$(ip neigh show 10.86.0.1 | cut -d' ' -f5) renew=$r dns=$n nat=$w\"; done; \
          echo VICTIM-DONE; sleep 600"
     );
-    let victim_ip = start_victim(&d, &victim_cmd);
+    let victim_ip = start_vm(&d, "victim", &victim_cmd);
     let victim_mac = port_mac(&d, "arena", "victim");
 
     // The attacker: a guest on a stream port that never asks for a lease and attacks
@@ -253,7 +253,7 @@ fn a_guest_flooding_nat_with_udp_flows_exhausts_only_its_own_share() {
          echo \"ROUND $i renew=$r dns=$n udp=$u nat=$w\"; done; \
          echo VICTIM-DONE"
     );
-    start_victim(&d, &victim_cmd);
+    start_vm(&d, "victim", &victim_cmd);
     // Four loops of lookups, each a new UDP socket and so a new flow; a lookup the
     // gateway drops waits a second at most. The victim starts its rounds when the
     // attacker answers a ping, as the flood begins.
@@ -264,13 +264,7 @@ fn a_guest_flooding_nat_with_udp_flows_exhausts_only_its_own_share() {
          wait; echo FLOOD-DONE"
     );
     let fds_before = fds();
-    d.ok(
-        "POST",
-        "/v1/vms",
-        Some(json!({"name": "attacker", "network": "arena", "cmd": attack})),
-    );
-    let attacker = d.wait_vm("attacker", &["ready", "failed"]);
-    assert_eq!(attacker["state"], "ready", "{attacker}");
+    start_vm(&d, "attacker", &attack);
     // Descriptors while the flood is on: its flows' host sockets, at most its share.
     let mut fds_peak = 0;
     let mut flows_peak = 0;
