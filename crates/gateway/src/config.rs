@@ -24,6 +24,56 @@ pub enum ReservationKey {
     Name(String),
 }
 
+/// A DNS record the gateway answers itself, beside the VMs' names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticRecord {
+    /// A single label lives under the network's domain (`db` is `db.vm.internal`); a
+    /// name with a dot is taken as written (`api.corp.example`).
+    pub name: String,
+    pub data: RecordData,
+    pub ttl: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordData {
+    A(Ipv4Addr),
+    Aaaa(std::net::Ipv6Addr),
+    Cname(String),
+    Txt(String),
+    Srv {
+        priority: u16,
+        weight: u16,
+        port: u16,
+        target: String,
+    },
+}
+
+/// Queries for names under `domain` go to `servers` instead of the upstreams (a
+/// corporate zone reached over a VPN, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarder {
+    pub domain: String,
+    pub servers: Vec<SocketAddr>,
+}
+
+/// DHCP options the server would not send on its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DhcpExtras {
+    /// Option 121 (RFC 3442) routes; a client that takes them ignores option 3, so the
+    /// default route via the router is sent with them.
+    pub routes: Vec<(Ipv4Net, Ipv4Addr)>,
+    /// Option 42.
+    pub ntp: Vec<Ipv4Addr>,
+    /// Other options by number, their payload as given.
+    pub raw: Vec<(u8, Vec<u8>)>,
+}
+
+/// Option numbers the server writes itself (or that frame the options): a raw option
+/// may not replace them.
+pub const SERVER_OWNED_OPTIONS: &[u8] = &[
+    0, 1, 3, 6, 15, 26, 28, 42, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 61, 119, 121, 255,
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub key: ReservationKey,
@@ -56,6 +106,13 @@ pub struct GatewayConfig {
     pub mtu: u16,
     pub upstreams: Upstreams,
     pub reservations: Vec<Reservation>,
+    /// Records answered beside the VMs' names.
+    pub records: Vec<StaticRecord>,
+    /// The name (under the domain) of the host-access address, when host access is on;
+    /// empty for none.
+    pub host_alias: String,
+    pub forwarders: Vec<Forwarder>,
+    pub dhcp_extras: DhcpExtras,
     /// Lock a VM's port to its MAC and leased IP when the lease is bound.
     pub lock_ports: bool,
     pub dns_timeout: Duration,
@@ -121,6 +178,10 @@ impl GatewayConfig {
             mtu: 1500,
             upstreams: Upstreams::ResolvConf("/etc/resolv.conf".into()),
             reservations: Vec::new(),
+            records: Vec::new(),
+            host_alias: "host".into(),
+            forwarders: Vec::new(),
+            dhcp_extras: DhcpExtras::default(),
             lock_ports: true,
             dns_timeout: Duration::from_secs(3),
             dns_inflight_per_client: 16,
@@ -184,6 +245,8 @@ impl GatewayConfig {
         for r in &self.reservations {
             self.validate_reservation(r)?;
         }
+        self.validate_dns_extras()?;
+        self.validate_dhcp_extras()?;
         if let Some(r) = self.router {
             if !host(r) || in_range(r) || self.is_gateway_ip(r) {
                 return err(format!(
@@ -219,6 +282,86 @@ impl GatewayConfig {
             return err("DNS in-flight bounds must be at least 1");
         }
         Ok(())
+    }
+
+    fn validate_dns_extras(&self) -> Result<(), ConfigError> {
+        let dns_name = |n: &str| !n.is_empty() && hickory_proto::rr::Name::from_utf8(n).is_ok();
+        if !self.host_alias.is_empty()
+            && crate::names::sanitize_hostname(&self.host_alias).as_deref() != Some(self.host_alias.as_str())
+        {
+            return err(format!("host alias {:?} must be a DNS label", self.host_alias));
+        }
+        for r in &self.records {
+            if !dns_name(&r.name) {
+                return err(format!("record name {:?} is not a valid DNS name", r.name));
+            }
+            match &r.data {
+                RecordData::Cname(t) | RecordData::Srv { target: t, .. } if !dns_name(t) => {
+                    return err(format!("record {}: target {t:?} is not a valid DNS name", r.name));
+                }
+                RecordData::Txt(t) if t.len() > 255 => {
+                    return err(format!("record {}: TXT text is longer than 255 bytes", r.name));
+                }
+                _ => {}
+            }
+        }
+        for f in &self.forwarders {
+            if !dns_name(&f.domain) {
+                return err(format!("forwarder domain {:?} is not a valid DNS name", f.domain));
+            }
+            if f.servers.is_empty() {
+                return err(format!("forwarder for {} names no server", f.domain));
+            }
+            let ours = hickory_proto::rr::Name::from_utf8(&self.domain).ok();
+            let theirs = hickory_proto::rr::Name::from_utf8(&f.domain).ok();
+            if let (Some(ours), Some(theirs)) = (ours, theirs) {
+                if ours.zone_of(&theirs) {
+                    return err(format!(
+                        "forwarder domain {} is inside the network's own domain {}",
+                        f.domain, self.domain
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_dhcp_extras(&self) -> Result<(), ConfigError> {
+        for (dst, via) in &self.dhcp_extras.routes {
+            if dst.addr() != dst.network() {
+                return err(format!("route {dst} has host bits set; the network is {}", dst.trunc()));
+            }
+            if !self.subnet.contains(via) {
+                return err(format!(
+                    "route {dst} via {via}: the next hop is outside {}",
+                    self.subnet
+                ));
+            }
+        }
+        for (code, data) in &self.dhcp_extras.raw {
+            if SERVER_OWNED_OPTIONS.contains(code) {
+                return err(format!(
+                    "DHCP option {code} is written by the server; set it through its own setting"
+                ));
+            }
+            if data.len() > 255 {
+                return err(format!("DHCP option {code} is longer than 255 bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `new` changes only what a running gateway can take without a restart:
+    /// everything but its addresses, MTU, router and host access.
+    pub fn same_identity(&self, new: &GatewayConfig) -> bool {
+        self.subnet == new.subnet
+            && self.gateway_ip == new.gateway_ip
+            && self.gateway_mac == new.gateway_mac
+            && self.extra_ips == new.extra_ips
+            && self.router == new.router
+            && self.mtu == new.mtu
+            && self.host_access == new.host_access
+            && self.tcp_buffer == new.tcp_buffer
     }
 
     /// A reservation must name a host address of the subnet that is not the gateway's.
@@ -282,6 +425,14 @@ mod tests {
         assert!(c.gateway_mac.is_locally_administered());
     }
 
+    fn rec(name: &str, data: RecordData) -> StaticRecord {
+        StaticRecord {
+            name: name.into(),
+            data,
+            ttl: 60,
+        }
+    }
+
     #[test]
     fn mistakes_are_errors() {
         type Breaks = Box<dyn Fn(&mut GatewayConfig)>;
@@ -306,6 +457,36 @@ mod tests {
                     })
                 }),
             ),
+            (
+                "record",
+                Box::new(|c| c.records.push(rec("bad..name", RecordData::A(Ipv4Addr::LOCALHOST)))),
+            ),
+            (
+                "target",
+                Box::new(|c| c.records.push(rec("www", RecordData::Cname("a..b".into())))),
+            ),
+            (
+                "inside",
+                Box::new(|c| {
+                    c.forwarders.push(Forwarder {
+                        domain: "x.vm.internal".into(),
+                        servers: vec!["127.0.0.1:53".parse().unwrap()],
+                    })
+                }),
+            ),
+            (
+                "written by the server",
+                Box::new(|c| c.dhcp_extras.raw.push((3, vec![1, 2, 3, 4]))),
+            ),
+            (
+                "next hop",
+                Box::new(|c| {
+                    c.dhcp_extras
+                        .routes
+                        .push(("10.1.0.0/16".parse().unwrap(), Ipv4Addr::new(10, 1, 0, 1)))
+                }),
+            ),
+            ("alias", Box::new(|c| c.host_alias = "Not A Label".into())),
         ];
         for (word, f) in bad {
             let mut c = cfg();

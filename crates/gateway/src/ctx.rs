@@ -13,7 +13,8 @@ use crate::counters::GatewayCounters;
 use crate::policy;
 
 pub(crate) struct Ctx {
-    pub cfg: Arc<GatewayConfig>,
+    /// Swapped whole when the network's settings change; readers see one version.
+    config: arc_swap::ArcSwap<GatewayConfig>,
     pub counters: Arc<GatewayCounters>,
     pub neighbours: Neighbours,
     /// Addresses leases hold now (kept by the lease events), for services that must
@@ -23,6 +24,18 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    pub fn cfg(&self) -> arc_swap::Guard<Arc<GatewayConfig>> {
+        self.config.load()
+    }
+
+    pub fn cfg_arc(&self) -> Arc<GatewayConfig> {
+        self.config.load_full()
+    }
+
+    pub fn set_cfg(&self, cfg: Arc<GatewayConfig>) {
+        self.config.store(cfg);
+    }
+
     /// Whether some guest is at `ip`: it holds a lease, or frames came from it.
     pub fn guest_at(&self, ip: Ipv4Addr) -> bool {
         self.leased.lock().unwrap_or_else(|p| p.into_inner()).contains(&ip) || self.neighbours.get(ip).is_some()
@@ -44,7 +57,7 @@ impl Ctx {
                 host_addrs: policy::HostAddresses::default(),
                 counters: counters.clone(),
             },
-            cfg,
+            config: arc_swap::ArcSwap::new(cfg),
             counters,
         }
     }

@@ -62,6 +62,13 @@ pub struct DhcpServer {
 use crate::names::sanitize_hostname;
 
 impl DhcpServer {
+    /// Takes a new configuration (same subnet and addresses: see
+    /// [`GatewayConfig::same_identity`]). Leases keep their terms until they renew;
+    /// one outside a new range is refused then (NAK), and its guest asks for a new one.
+    pub fn set_config(&mut self, cfg: Arc<GatewayConfig>) {
+        self.cfg = cfg;
+    }
+
     pub fn new(cfg: Arc<GatewayConfig>, counters: Arc<GatewayCounters>, store: Box<dyn LeaseStore>) -> Self {
         let mut s = DhcpServer {
             cfg,
@@ -457,6 +464,24 @@ impl DhcpServer {
             o.insert(DhcpOption::DomainSearch(search));
         }
         o.insert(DhcpOption::InterfaceMtu(cfg.mtu));
+        let extras = &cfg.dhcp_extras;
+        if !extras.routes.is_empty() {
+            let default = (
+                "0.0.0.0/0".parse().unwrap_or_default(),
+                cfg.router.unwrap_or(cfg.gateway_ip),
+            );
+            let routes = extras.routes.iter().copied().chain(std::iter::once(default));
+            o.insert(DhcpOption::ClasslessStaticRoute(routes.collect()));
+        }
+        if !extras.ntp.is_empty() {
+            o.insert(DhcpOption::NtpServers(extras.ntp.clone()));
+        }
+        for (code, data) in &extras.raw {
+            o.insert(DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+                (*code).into(),
+                data.clone(),
+            )));
+        }
         if with_lease {
             let t = cfg.lease_time.as_secs().min(u64::from(u32::MAX)) as u32;
             o.insert(DhcpOption::AddressLeaseTime(t));

@@ -336,3 +336,39 @@ fn reservations_by_mac_and_by_name() {
     let offer = s.handle_unbound(&msg(4, MessageType::Discover, ask, Z), 0).0.unwrap();
     assert!(![r_mac, r_name].contains(&decode(&offer).yiaddr()));
 }
+
+#[test]
+fn extra_options_and_a_new_range_take_effect_without_a_restart() {
+    let (mut s, _) = server();
+    let mac = Mac([0x02, 0, 0, 0, 0, 1]);
+    let discover = msg(1, MessageType::Discover, vec![], Ipv4Addr::UNSPECIFIED);
+    let first = decode(&s.handle(&discover, mac, 100).0.unwrap());
+    assert_eq!(first.yiaddr(), Ipv4Addr::new(10, 9, 0, 2));
+    assert!(first.opts().get(v4::OptionCode::ClasslessStaticRoute).is_none());
+
+    let mut cfg = (*s.cfg).clone();
+    cfg.dhcp_range = (Ipv4Addr::new(10, 9, 0, 4), Ipv4Addr::new(10, 9, 0, 5));
+    cfg.dhcp_extras.routes = vec![("192.168.50.0/24".parse().unwrap(), Ipv4Addr::new(10, 9, 0, 6))];
+    cfg.dhcp_extras.ntp = vec![Ipv4Addr::new(10, 9, 0, 1)];
+    cfg.dhcp_extras.raw = vec![(224, b"hello".to_vec())];
+    cfg.validate().unwrap();
+    s.set_config(Arc::new(cfg));
+
+    let discover = msg(2, MessageType::Discover, vec![], Ipv4Addr::UNSPECIFIED);
+    let second = decode(&s.handle(&discover, Mac([0x02, 0, 0, 0, 0, 2]), 101).0.unwrap());
+    assert_eq!(second.yiaddr(), Ipv4Addr::new(10, 9, 0, 4), "the new range is used");
+    let Some(DhcpOption::ClasslessStaticRoute(routes)) = second.opts().get(v4::OptionCode::ClasslessStaticRoute) else {
+        panic!("no option 121");
+    };
+    // The default route rides along: a client that takes 121 ignores option 3.
+    assert_eq!(routes.len(), 2);
+    assert_eq!(routes[1], ("0.0.0.0/0".parse().unwrap(), Ipv4Addr::new(10, 9, 0, 1)));
+    assert!(matches!(
+        second.opts().get(v4::OptionCode::NtpServers),
+        Some(DhcpOption::NtpServers(v)) if v == &vec![Ipv4Addr::new(10, 9, 0, 1)]
+    ));
+    assert!(matches!(
+        second.opts().get(v4::OptionCode::Unknown(224)),
+        Some(DhcpOption::Unknown(u)) if u.data() == b"hello"
+    ));
+}

@@ -190,7 +190,7 @@ pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame
         if let Some((ip, mac)) = inbound.sender() {
             shared.ctx.neighbours.saw(ip, mac);
         }
-        Ok::<_, wire::WireError>(route(&shared.ctx.cfg, inbound, |key| {
+        Ok::<_, wire::WireError>(route(&shared.ctx.cfg(), inbound, |key| {
             shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).knows(key)
         }))
     });
@@ -212,7 +212,7 @@ pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame
 
 /// Hands a routed frame to its service.
 fn deliver(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], route: Route<'_>) -> (Vec<Vec<u8>>, bool) {
-    let cfg = &shared.ctx.cfg;
+    let cfg = &shared.ctx.cfg();
     let c = &shared.ctx.counters;
     let replies = match route {
         Route::Arp {
@@ -320,7 +320,7 @@ fn arp(
 
 /// A DNS query over UDP: answered from the zone, or forwarded upstream by its own task.
 fn dns_query(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, d: Datagram<'_>) -> Vec<Vec<u8>> {
-    let cfg = &shared.ctx.cfg;
+    let cfg = &shared.ctx.cfg();
     let c = &shared.ctx.counters;
     match dns::decide(&shared.state().zone, d.payload) {
         Err(dns::Malformed) => {

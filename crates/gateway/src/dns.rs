@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use ipnet::Ipv4Net;
 
@@ -28,6 +28,8 @@ pub struct Zone {
     subnet: Ipv4Net,
     names: HashMap<String, Ipv4Addr>,
     reverse: HashMap<Ipv4Addr, String>,
+    /// Records set by the operator, by lower-case fully qualified name.
+    records: HashMap<Name, Vec<(u32, RData)>>,
 }
 
 impl Zone {
@@ -39,7 +41,42 @@ impl Zone {
             subnet,
             names: HashMap::new(),
             reverse: HashMap::new(),
+            records: HashMap::new(),
         }
+    }
+
+    /// Takes the domain and records of `cfg` (the VMs' names stay: they are labels).
+    /// The host alias is an A record for the host-access address when that is on.
+    pub fn configure(&mut self, cfg: &crate::GatewayConfig) {
+        *self = Zone {
+            names: std::mem::take(&mut self.names),
+            reverse: std::mem::take(&mut self.reverse),
+            ..Zone::new(&cfg.domain, cfg.subnet)
+        };
+        let host = cfg.host_access.filter(|_| !cfg.host_alias.is_empty());
+        let alias = host.map(|ip| crate::config::StaticRecord {
+            name: cfg.host_alias.clone(),
+            data: crate::config::RecordData::A(ip),
+            ttl: LOCAL_TTL,
+        });
+        for r in cfg.records.iter().chain(alias.as_ref()) {
+            let (Some(name), Some(data)) = (self.record_name(&r.name), record_data(&r.data)) else {
+                continue; // validated before; nothing to answer otherwise
+            };
+            self.records.entry(name).or_default().push((r.ttl, data));
+        }
+    }
+
+    /// A single label lives under the domain; a dotted name is taken as written.
+    fn record_name(&self, name: &str) -> Option<Name> {
+        let n = Name::from_utf8(name.trim_end_matches('.')).ok()?.to_lowercase();
+        let mut n = if n.num_labels() == 1 {
+            n.append_domain(&self.domain).ok()?
+        } else {
+            n
+        };
+        n.set_fqdn(true);
+        Some(n)
     }
 
     /// Points `label` at `ip` (replacing what either had).
@@ -114,6 +151,18 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
         }
     }
 
+    if let Some(records) = zone.records.get(&{
+        let mut n = qname.clone();
+        n.set_fqdn(true);
+        n
+    }) {
+        return Ok(respond(
+            &req,
+            ResponseCode::NoError,
+            static_answers(zone, q.name(), qtype, records),
+        ));
+    }
+
     let label = if zone.domain.zone_of(&qname) && qname != zone.domain {
         let labels = qname.num_labels() - zone.domain.num_labels();
         if labels != 1 {
@@ -140,6 +189,65 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
         _ => vec![],
     };
     Ok(respond(&req, ResponseCode::NoError, answers))
+}
+
+/// The records of one name that answer `qtype`; a CNAME answers every type, followed
+/// by its target's records when the target is local too (one step: no loops).
+fn static_answers(zone: &Zone, qname: &Name, qtype: RecordType, records: &[(u32, RData)]) -> Vec<Record> {
+    let matching = |recs: &[(u32, RData)], name: &Name| -> Vec<Record> {
+        recs.iter()
+            .filter(|(_, d)| qtype == RecordType::ANY || d.record_type() == qtype)
+            .map(|(ttl, d)| Record::from_rdata(name.clone(), *ttl, d.clone()))
+            .collect()
+    };
+    let direct = matching(records, qname);
+    if !direct.is_empty() {
+        return direct;
+    }
+    let Some((ttl, RData::CNAME(CNAME(target)))) = records.iter().find(|(_, d)| d.record_type() == RecordType::CNAME)
+    else {
+        return vec![];
+    };
+    let mut answers = vec![Record::from_rdata(
+        qname.clone(),
+        *ttl,
+        RData::CNAME(CNAME(target.clone())),
+    )];
+    let target = target.to_lowercase();
+    if let Some(recs) = zone.records.get(&target) {
+        answers.extend(matching(recs, &target));
+    } else if zone.domain.zone_of(&target) && target.num_labels() == zone.domain.num_labels() + 1 {
+        let label = target
+            .iter()
+            .next()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .unwrap_or_default();
+        if let (Some(ip), RecordType::A | RecordType::ANY) = (zone.lookup(&label), qtype) {
+            answers.push(Record::from_rdata(target, LOCAL_TTL, RData::A(A(ip))));
+        }
+    }
+    answers
+}
+
+fn record_data(d: &crate::config::RecordData) -> Option<RData> {
+    use crate::config::RecordData as D;
+    let fqdn = |t: &str| {
+        let mut n = Name::from_utf8(t.trim_end_matches('.')).ok()?;
+        n.set_fqdn(true);
+        Some(n)
+    };
+    Some(match d {
+        D::A(ip) => RData::A(A(*ip)),
+        D::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+        D::Cname(t) => RData::CNAME(CNAME(fqdn(t)?)),
+        D::Txt(t) => RData::TXT(TXT::new(vec![t.clone()])),
+        D::Srv {
+            priority,
+            weight,
+            port,
+            target,
+        } => RData::SRV(SRV::new(*priority, *weight, *port, fqdn(target)?)),
+    })
 }
 
 fn respond(req: &Message, code: ResponseCode, answers: Vec<Record>) -> Decision {
@@ -283,5 +391,95 @@ mod tests {
         assert_eq!(z.lookup("web"), None);
         z.remove_ip(Ipv4Addr::new(10, 77, 0, 5));
         assert_eq!(z.lookup("web2"), None);
+    }
+
+    #[test]
+    fn static_records_and_the_host_alias_answer_locally() {
+        use crate::config::{RecordData as D, StaticRecord};
+        let mut cfg = crate::GatewayConfig::new("n", "10.77.0.0/24".parse().unwrap());
+        cfg.host_access = Some(Ipv4Addr::new(10, 77, 0, 254));
+        let rec = |name: &str, data| StaticRecord {
+            name: name.into(),
+            data,
+            ttl: 120,
+        };
+        cfg.records = vec![
+            rec("db", D::A(Ipv4Addr::new(10, 77, 0, 40))),
+            rec("db", D::Aaaa("fd00::40".parse().unwrap())),
+            rec("api.corp.example", D::A(Ipv4Addr::new(192, 0, 2, 7))),
+            rec("www", D::Cname("web.vm.internal".into())),
+            rec("db", D::Txt("primary".into())),
+            rec(
+                "_pg._tcp.vm.internal",
+                D::Srv {
+                    priority: 1,
+                    weight: 2,
+                    port: 5432,
+                    target: "db.vm.internal".into(),
+                },
+            ),
+        ];
+        cfg.validate().unwrap();
+        let mut z = zone();
+        z.configure(&cfg);
+        let a = answer(&z, "db.vm.internal", RecordType::A);
+        assert!(
+            matches!(a.answers[..], [ref r] if r.data == RData::A(A(Ipv4Addr::new(10, 77, 0, 40))) && r.ttl == 120)
+        );
+        assert!(matches!(
+            answer(&z, "db.vm.internal", RecordType::AAAA).answers[0].data,
+            RData::AAAA(_)
+        ));
+        assert!(matches!(
+            answer(&z, "db.vm.internal", RecordType::TXT).answers[0].data,
+            RData::TXT(_)
+        ));
+        assert!(matches!(
+            answer(&z, "api.corp.example", RecordType::A).answers[0].data,
+            RData::A(_)
+        ));
+        let srv = answer(&z, "_pg._tcp.vm.internal", RecordType::SRV);
+        assert!(matches!(&srv.answers[0].data, RData::SRV(s) if s.port == 5432));
+        // A CNAME to a VM's name answers with both records.
+        let www = answer(&z, "www.vm.internal", RecordType::A);
+        assert!(matches!(www.answers[0].data, RData::CNAME(_)));
+        assert!(matches!(www.answers[1].data, RData::A(A(ip)) if ip == Ipv4Addr::new(10, 77, 0, 5)));
+        let host = answer(&z, "host.vm.internal", RecordType::A);
+        assert!(matches!(host.answers[0].data, RData::A(A(ip)) if ip == Ipv4Addr::new(10, 77, 0, 254)));
+        // VMs' names survive a new configuration; a removed record is gone.
+        cfg.records.clear();
+        cfg.host_alias.clear();
+        z.configure(&cfg);
+        assert_eq!(
+            answer(&z, "db.vm.internal", RecordType::A).metadata.response_code,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            answer(&z, "host.vm.internal", RecordType::A).metadata.response_code,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(answer(&z, "web.vm.internal", RecordType::A).answers.len(), 1);
+    }
+
+    #[test]
+    fn forwarders_take_their_domains_longest_first() {
+        use crate::config::Forwarder;
+        let srv = |s: &str| vec![s.parse::<std::net::SocketAddr>().unwrap()];
+        let fw = vec![
+            Forwarder {
+                domain: "corp.example".into(),
+                servers: srv("10.1.2.3:53"),
+            },
+            Forwarder {
+                domain: "lab.corp.example".into(),
+                servers: srv("10.1.2.4:53"),
+            },
+        ];
+        let default = srv("127.0.0.1:53");
+        let pick = |name: &str| crate::upstream::servers_for(&fw, &query(name, RecordType::A, false), default.clone());
+        assert_eq!(pick("a.corp.example"), srv("10.1.2.3:53"));
+        assert_eq!(pick("X.Lab.corp.example."), srv("10.1.2.4:53"));
+        assert_eq!(pick("example.com"), default);
+        assert_eq!(pick("notcorp.example"), default);
     }
 }

@@ -36,7 +36,7 @@ pub(crate) fn spawn_forward(
     reply_to: ReplyTo,
     tcp_answers: Option<tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>>,
 ) {
-    let cfg = &shared.ctx.cfg;
+    let cfg = &shared.ctx.cfg();
     {
         let mut map = shared.inflight_by_client.lock().unwrap_or_else(|p| p.into_inner());
         let mine = map.entry(client_ip).or_insert(0);
@@ -59,8 +59,9 @@ pub(crate) fn spawn_forward(
     let sock = sock.clone();
     tokio::spawn(async move {
         let shared = guard.shared.clone();
-        let upstreams = shared.upstreams.current();
-        let answer = upstream::forward(&query, &upstreams, shared.ctx.cfg.dns_timeout).await;
+        let cfg = shared.ctx.cfg_arc();
+        let upstreams = upstream::servers_for(&cfg.forwarders, &query, shared.upstreams.current());
+        let answer = upstream::forward(&query, &upstreams, cfg.dns_timeout).await;
         let bytes = match answer {
             Some(a) => {
                 GatewayCounters::inc(&shared.ctx.counters.dns_forwarded);
@@ -83,7 +84,6 @@ pub(crate) fn spawn_forward(
                 },
                 _,
             ) => {
-                let cfg = &shared.ctx.cfg;
                 let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
                 let _ = sock.send(&frame).await;
             }

@@ -202,7 +202,7 @@ const GUEST_ARP_WAIT: Duration = Duration::from_millis(500);
 async fn connect_guest(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, guest: SocketAddrV4, stream: TcpStream) {
     let ip = *guest.ip();
     if !svc.ctx.guest_at(ip) {
-        let cfg = &svc.ctx.cfg;
+        let cfg = &svc.ctx.cfg();
         let _ = port.send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, ip)).await;
         let deadline = tokio::time::Instant::now() + GUEST_ARP_WAIT;
         while !svc.ctx.guest_at(ip) && tokio::time::Instant::now() < deadline {
@@ -218,7 +218,7 @@ async fn connect_guest(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, guest:
 }
 
 async fn serve(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {
-    let cfg = svc.ctx.cfg.clone();
+    let cfg = svc.ctx.cfg_arc();
     let mut buf = vec![0u8; 65536];
     loop {
         let Ok((n, client)) = socket.recv_from(&mut buf).await else {

@@ -112,7 +112,7 @@ pub(crate) fn outbound(
     data: &[u8],
 ) -> Option<Vec<u8>> {
     let guest_mac = origin.src_mac;
-    let cfg = &svc.ctx.cfg;
+    let cfg = &svc.ctx.cfg();
     let c = &svc.ctx.counters;
     let mut table = svc.flows.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(tx) = table.flows.get(&key) {
@@ -164,7 +164,7 @@ async fn run_flow(
     key: FlowKey,
     guest_mac: Mac,
 ) {
-    let cfg = svc.ctx.cfg.clone();
+    let cfg = svc.ctx.cfg_arc();
     let c = &svc.ctx.counters;
     // A datagram socket's identifier is rewritten by the kernel; a raw one keeps ours.
     let host_ident: u16 = rand::random();

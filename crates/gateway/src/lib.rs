@@ -168,6 +168,7 @@ impl Gateway {
         let counters = Arc::new(GatewayCounters::default());
         let dhcp = DhcpServer::new(cfg.clone(), counters.clone(), store);
         let mut zone = Zone::new(&cfg.domain, cfg.subnet);
+        zone.configure(&cfg);
         zone.set("gateway", cfg.gateway_ip);
         for l in dhcp.leases() {
             if let Some(name) = &l.hostname {
@@ -240,8 +241,30 @@ impl Gateway {
         self.port
     }
 
-    pub fn config(&self) -> &GatewayConfig {
-        &self.shared.ctx.cfg
+    /// Takes new settings while running: DNS (domain, search list, upstreams,
+    /// forwarders, records), DHCP (range, lease time, options), flow bounds and
+    /// timeouts. Leases, flows and forwards stay. Its addresses, MTU and host access
+    /// are the network's and cannot change here.
+    pub fn reconfigure(&self, cfg: GatewayConfig) -> Result<(), GatewayError> {
+        cfg.validate()?;
+        if !self.shared.ctx.cfg().same_identity(&cfg) {
+            return Err(ConfigError(
+                "the gateway's subnet, addresses, MTU and host access are fixed while it runs".into(),
+            )
+            .into());
+        }
+        let cfg = Arc::new(cfg);
+        let mut st = self.shared.state();
+        st.dhcp.set_config(cfg.clone());
+        st.zone.configure(&cfg);
+        self.shared.upstreams.set_source(cfg.upstreams.clone());
+        self.shared.ctx.set_cfg(cfg);
+        Ok(())
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<GatewayConfig> {
+        self.shared.ctx.cfg_arc()
     }
 
     pub fn counters(&self) -> &GatewayCounters {
@@ -274,7 +297,7 @@ impl Gateway {
     /// Replaces the reservations, refusing any that does not fit the network.
     pub fn set_reservations(&self, reservations: Vec<Reservation>) -> Result<(), ConfigError> {
         for r in &reservations {
-            self.shared.ctx.cfg.validate_reservation(r)?;
+            self.shared.ctx.cfg().validate_reservation(r)?;
         }
         self.shared.state().dhcp.set_reservations(reservations);
         Ok(())
@@ -289,7 +312,7 @@ impl Gateway {
         host: std::net::SocketAddr,
         guest: std::net::SocketAddrV4,
     ) -> std::io::Result<forward::ForwardInfo> {
-        if !self.shared.ctx.cfg.subnet.contains(guest.ip()) {
+        if !self.shared.ctx.cfg().subnet.contains(guest.ip()) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("{} is not on this network", guest.ip()),

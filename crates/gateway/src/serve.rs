@@ -27,7 +27,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 shared.panics.record(contain::Service::Task);
-                tracing::error!(subnet = %shared.ctx.cfg.subnet, "gateway task panicked; restarting it with its leases");
+                tracing::error!(subnet = %shared.ctx.cfg().subnet, "gateway task panicked; restarting it with its leases");
                 // A pause, so an input that kills the loop every time cannot spin a core.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -111,7 +111,7 @@ pub(crate) async fn run_tcp(
             None => {
                 // The stack's state is unknown after a panic inside it: start it anew
                 // (its connections are lost; the clients retry).
-                *tcp = new_tcp_dns(&shared.ctx.cfg, &shared.ctx.counters);
+                *tcp = new_tcp_dns(&shared.ctx.cfg(), &shared.ctx.counters);
                 return;
             }
         }

@@ -83,7 +83,7 @@ pub(crate) fn outbound(
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     let guest_mac = origin.src_mac;
-    let cfg = &svc.ctx.cfg;
+    let cfg = &svc.ctx.cfg();
     let c = &svc.ctx.counters;
     let mut table = svc.flows.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(flow) = table.flows.get(&key) {
@@ -146,15 +146,15 @@ async fn run_flow(
     guest_mac: Mac,
 ) {
     let idle: Duration = if key.dst.port() == 53 {
-        svc.ctx.cfg.udp_dns_idle
+        svc.ctx.cfg().udp_dns_idle
     } else {
-        svc.ctx.cfg.udp_idle
+        svc.ctx.cfg().udp_idle
     };
     let c = &svc.ctx.counters;
     // Sized to what fits a frame to the guest, plus one byte to notice a datagram that
     // does not: a flow's buffer is its largest allocation, and a guest may open a
     // thousand flows (64 KiB each left the allocator holding tens of MB after floods).
-    let max = svc.ctx.cfg.max_ipv4_payload().saturating_sub(8);
+    let max = svc.ctx.cfg().max_ipv4_payload().saturating_sub(8);
     let mut buf = vec![0u8; max + 1];
     loop {
         tokio::select! {
@@ -176,7 +176,7 @@ async fn run_flow(
                     }
                     c.nat_udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     let frame = wire::udp_frame(
-                        svc.ctx.cfg.gateway_mac,
+                        svc.ctx.cfg().gateway_mac,
                         guest_mac,
                         (*key.dst.ip(), key.dst.port()),
                         (*key.guest.ip(), key.guest.port()),

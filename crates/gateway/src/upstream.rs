@@ -18,8 +18,29 @@ use crate::config::Upstreams;
 
 /// The upstream list, re-read from resolv.conf when the file changes.
 pub struct UpstreamSet {
+    cache: Mutex<Cache>,
+}
+
+struct Cache {
     source: Upstreams,
-    cache: Mutex<(Option<SystemTime>, Instant, Vec<SocketAddr>)>,
+    mtime: Option<SystemTime>,
+    checked: Instant,
+    list: Vec<SocketAddr>,
+}
+
+impl Cache {
+    fn of(source: Upstreams) -> Cache {
+        let (mtime, list) = match &source {
+            Upstreams::Static(v) => (None, v.clone()),
+            Upstreams::ResolvConf(p) => read_resolv(p),
+        };
+        Cache {
+            source,
+            mtime,
+            checked: Instant::now(),
+            list,
+        }
+    }
 }
 
 /// `nameserver` lines of a resolv.conf.
@@ -41,32 +62,58 @@ fn read_resolv(path: &Path) -> (Option<SystemTime>, Vec<SocketAddr>) {
 
 impl UpstreamSet {
     pub fn new(source: Upstreams) -> UpstreamSet {
-        let initial = match &source {
-            Upstreams::Static(v) => (None, v.clone()),
-            Upstreams::ResolvConf(p) => read_resolv(p),
-        };
         UpstreamSet {
-            source,
-            cache: Mutex::new((initial.0, Instant::now(), initial.1)),
+            cache: Mutex::new(Cache::of(source)),
+        }
+    }
+
+    /// Takes a new source (the network's settings changed); the same source keeps its
+    /// cache.
+    pub fn set_source(&self, source: Upstreams) {
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.source != source {
+            *c = Cache::of(source);
         }
     }
 
     /// The current list; a resolv.conf is checked for changes at most once a second.
     pub fn current(&self) -> Vec<SocketAddr> {
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Upstreams::ResolvConf(path) = &self.source {
-            if c.1.elapsed() >= Duration::from_secs(1) {
-                c.1 = Instant::now();
-                let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                if mtime != c.0 {
-                    let (m, list) = read_resolv(&PathBuf::from(path));
-                    c.0 = m;
-                    c.2 = list;
+        if let Upstreams::ResolvConf(path) = &c.source {
+            if c.checked.elapsed() >= Duration::from_secs(1) {
+                let path = PathBuf::from(path);
+                c.checked = Instant::now();
+                let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                if mtime != c.mtime {
+                    (c.mtime, c.list) = read_resolv(&path);
                 }
             }
         }
-        c.2.clone()
+        c.list.clone()
     }
+}
+
+/// The servers for `query`: those of the forwarder with the longest domain that holds
+/// its name, else `default`.
+pub fn servers_for(forwarders: &[crate::config::Forwarder], query: &[u8], default: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    if forwarders.is_empty() {
+        return default;
+    }
+    let Some(qname) = Message::from_vec(query)
+        .ok()
+        .and_then(|m| m.queries.first().map(|q| q.name().to_lowercase()))
+    else {
+        return default;
+    };
+    forwarders
+        .iter()
+        .filter_map(|f| {
+            let d = hickory_proto::rr::Name::from_utf8(&f.domain).ok()?.to_lowercase();
+            d.zone_of(&qname).then_some((d.num_labels(), &f.servers))
+        })
+        .max_by_key(|(labels, _)| *labels)
+        .map(|(_, servers)| servers.clone())
+        .unwrap_or(default)
 }
 
 /// Whether `answer`, from an upstream, answers `query` sent under `id`: the ID, the

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use fabric::{NetworkConfig, Switch, SwitchConfig, TapSource};
 use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, Upstreams};
+use testkit::Killed;
 
 fn run_out(args: &[&str]) -> (bool, String) {
     match Command::new(args[0]).args(&args[1..]).output() {
@@ -129,15 +130,6 @@ impl Drop for Host {
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gw-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -171,22 +163,7 @@ fn network(name: &str, subnet: &str, dir: &Path) -> Network {
     sw.add_network(name, NetworkConfig::default()).unwrap();
     // The upstream: dnsmasq on loopback knows one outside name and nothing else.
     let port = 20000 + (std::process::id() % 20000) as u16 + subnet.len() as u16;
-    let dnsmasq = Command::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-        ])
-        .arg(format!("--port={port}"))
-        .arg("--address=/outside.test/192.0.2.7")
-        .arg("--user=root")
-        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let dnsmasq = testkit::loopback_resolver(dir, port, "outside.test", "192.0.2.7");
     let mut cfg = GatewayConfig::new(name, subnet.parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![format!("127.0.0.1:{port}").parse().unwrap()]);
     cfg.lease_time = Duration::from_secs(120);
@@ -195,7 +172,7 @@ fn network(name: &str, subnet: &str, dir: &Path) -> Network {
         _rt: rt,
         sw,
         gw,
-        _dnsmasq: Killed(dnsmasq),
+        _dnsmasq: dnsmasq,
     }
 }
 

@@ -165,3 +165,69 @@ pub fn loopback_web_server(body: &'static str) -> u16 {
     });
     port
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// dnsmasq on 127.0.0.1:`port` that answers `domain` and the names under it with `ip`
+/// and knows nothing else: an upstream resolver the test owns (tests never ask the
+/// machine's own). Its pid file goes in `dir`.
+pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &str) -> Killed {
+    let child = Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--user=root",
+        ])
+        .arg(format!(
+            "--pid-file={}",
+            dir.join(format!("dnsmasq-{port}.pid")).display()
+        ))
+        .arg(format!("--port={port}"))
+        .arg(format!("--address=/{domain}/{ip}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Killed(child)
+}
+
+/// The udhcpc script: takes the address and writes what it was told, one `VAR=value`
+/// a line, to `env` beside itself.
+const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"; env > \"$(dirname \"$0\")/env\" ;; esac\n";
+
+/// One busybox udhcpc exchange in namespace `ns` on `ifname` (up to 10 tries a second
+/// apart; `extra` adds flags such as `-r IP` or `-O staticroutes`): the variables its
+/// script was given (`ip`, `lease`, `domain`, ...). Scratch files go in `dir`.
+pub fn udhcpc_once(
+    ns: &str,
+    ifname: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> std::collections::HashMap<String, String> {
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
+    run(&["chmod", "755", script.to_str().unwrap()]);
+    let _ = std::fs::remove_file(dir.join("env"));
+    let mut args = vec![
+        "ip", "netns", "exec", ns, "busybox", "udhcpc", "-i", ifname, "-q", "-f", "-n", "-t", "10", "-T", "1", "-s",
+    ];
+    args.push(script.to_str().unwrap());
+    args.extend(extra);
+    run(&args);
+    std::fs::read_to_string(dir.join("env"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::control::vms::{VmRequest, VmView};
 use crate::model::{
-    FlowsView, ForwardProto, ForwardSpec, ForwardView, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec,
-    PortView, ReservationSpec, SocketpairSpec,
+    FlowsView, ForwardProto, ForwardSpec, ForwardView, GatewaySettings, LeaseView, NetworkSpec, NetworkView,
+    PolicySpec, PortSpec, PortView, ReservationSpec, SocketpairSpec,
 };
 
 /// A refusal from the daemon: its HTTP status and message.
@@ -226,6 +226,18 @@ impl Client {
 
     pub fn set_policy(&self, network: &str, policy: &PolicySpec) -> anyhow::Result<PolicySpec> {
         self.json("PUT", &format!("/v1/networks/{}/policy", seg(network)), Some(policy))
+    }
+
+    pub fn settings(&self, network: &str) -> anyhow::Result<GatewaySettings> {
+        self.get(&format!("/v1/networks/{}/settings", seg(network)))
+    }
+
+    pub fn set_settings(&self, network: &str, settings: &GatewaySettings) -> anyhow::Result<GatewaySettings> {
+        self.json(
+            "PUT",
+            &format!("/v1/networks/{}/settings", seg(network)),
+            Some(settings),
+        )
     }
 
     pub fn add_reservation(&self, network: &str, spec: &ReservationSpec) -> anyhow::Result<ReservationSpec> {

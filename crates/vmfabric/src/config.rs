@@ -1,4 +1,5 @@
-//! The optional TOML file that declares networks, their ports and reservations.
+//! The optional TOML file that declares networks, their ports, reservations and
+//! gateway settings (the reference, with a full example: docs/config.md).
 //!
 //! Applied at every start, after the store has been loaded: what the file declares and
 //! the store lacks is created; what exists is left alone (the store and the API stay
@@ -33,6 +34,8 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct NetworkDecl {
     pub name: Name,
+    /// Left out: the daemon picks a free private /24 when it creates the network.
+    #[serde(default)]
     pub subnet: ipnet::Ipv4Net,
     #[serde(default)]
     pub mtu: Mtu,
@@ -50,6 +53,9 @@ pub struct NetworkDecl {
     /// Kernel mode: the bridge's name.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// The gateway's DNS, DHCP and flow settings (`[network.settings.dns]` and so on).
+    #[serde(default)]
+    pub settings: crate::model::GatewaySettings,
     /// Create it even if the subnet overlaps a host route.
     #[serde(default)]
     pub force: bool,
@@ -84,6 +90,7 @@ impl NetworkDecl {
             mode: self.mode,
             isolated: self.isolated,
             bridge: self.bridge.clone(),
+            settings: self.settings.clone(),
         }
     }
 }
@@ -128,6 +135,30 @@ pub fn apply(daemon: &Control, cfg: &ConfigFile) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The reference's example is a file the daemon takes, with settings it accepts.
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let toml = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/config.md has a TOML example");
+        let c = super::parse(toml).unwrap();
+        let n = &c.networks[0];
+        assert_eq!(
+            (n.ports.len(), n.reservations.len(), n.settings.dns.records.len()),
+            (3, 2, 6)
+        );
+        let mut gw = gateway::GatewayConfig::new(&n.name, n.subnet);
+        gw.mtu = n.mtu.get();
+        gw.host_access = Some(gw.default_host_access());
+        n.settings.apply(&mut gw).unwrap();
+        for r in &n.reservations {
+            gw.validate_reservation(&r.to_gateway()).unwrap();
+        }
+    }
+
     #[test]
     fn reads_a_declaration_and_refuses_typos() {
         let ok = r#"

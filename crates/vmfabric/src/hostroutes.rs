@@ -31,8 +31,36 @@ pub fn overlapping(subnet: Ipv4Net) -> Option<(Ipv4Net, String)> {
         .find(|(r, _)| r.contains(&subnet.network()) || subnet.contains(&r.network()))
 }
 
+/// The first private /24 that overlaps none of `taken` and no host route: 10.77.0.0/24
+/// onwards through 10.254.0.0/24, then 192.168.100.0/24 to 192.168.254.0/24.
+pub fn free_subnet(taken: &[Ipv4Net]) -> Option<Ipv4Net> {
+    let routes = routes();
+    free_among(taken, &routes)
+}
+
+fn free_among(taken: &[Ipv4Net], routes: &[(Ipv4Net, String)]) -> Option<Ipv4Net> {
+    let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
+    let tens = (77..=254u8).map(|b| std::net::Ipv4Addr::new(10, b, 0, 0));
+    let one_nine_twos = (100..=254u8).map(|c| std::net::Ipv4Addr::new(192, 168, c, 0));
+    tens.chain(one_nine_twos)
+        .filter_map(|a| Ipv4Net::new(a, 24).ok())
+        .find(|c| !taken.iter().any(|t| overlaps(t, c)) && !routes.iter().any(|(r, _)| overlaps(r, c)))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_free_subnet_avoids_networks_and_routes() {
+        let n = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
+        let taken = [n("10.77.0.0/24"), n("10.78.0.0/16")];
+        let routes = [
+            (n("10.79.0.0/24"), "eth0".to_string()),
+            (n("10.80.0.0/20"), "wg0".to_string()),
+        ];
+        assert_eq!(super::free_among(&taken, &routes), Some(n("10.81.0.0/24")));
+        assert_eq!(super::free_among(&[n("10.0.0.0/8")], &[]), Some(n("192.168.100.0/24")));
+    }
+
     #[test]
     fn reads_proc_net_route() {
         let text = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\

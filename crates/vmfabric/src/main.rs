@@ -18,6 +18,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if e.chain().any(|c| c.is::<Unreachable>()) {
         return 5;
     }
+    if e.chain().any(|c| c.is::<cli::BadInput>()) {
+        return 2;
+    }
     match e.downcast_ref::<ApiError>().map(|a| a.status) {
         Some(400 | 422) => 2,
         Some(404) => 3,

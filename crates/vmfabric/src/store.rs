@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS networks (
     host_access INTEGER NOT NULL DEFAULT 0,
     mode TEXT NOT NULL DEFAULT 'userspace',
     isolated INTEGER NOT NULL DEFAULT 0,
-    bridge TEXT
+    bridge TEXT,
+    settings TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS ports (
     network TEXT NOT NULL REFERENCES networks(name),
@@ -108,6 +109,8 @@ impl Store {
         for column in [
             "mode TEXT NOT NULL DEFAULT 'userspace'",
             "isolated INTEGER NOT NULL DEFAULT 0",
+            // and these before gateway settings.
+            "settings TEXT NOT NULL DEFAULT '{}'",
         ] {
             let _ = conn.execute(&format!("ALTER TABLE networks ADD COLUMN {column}"), []);
         }
@@ -125,8 +128,8 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkSpec) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 n.name.as_str(),
                 n.subnet.to_string(),
@@ -135,7 +138,8 @@ impl Store {
                 n.host_access,
                 n.mode.as_str(),
                 n.isolated,
-                n.bridge
+                n.bridge,
+                serde_json::to_string(&n.settings).expect("plain data")
             ],
         )?;
         Ok(())
@@ -159,7 +163,7 @@ impl Store {
     pub fn networks(&self) -> Result<Vec<Result<NetworkSpec, BadRow>>, DbError> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge FROM networks ORDER BY name",
+            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings FROM networks ORDER BY name",
         )?;
         let rows = st.query_map([], |r| {
             let name: String = r.get(0)?;
@@ -167,6 +171,7 @@ impl Store {
             let mtu: u32 = r.get(2)?;
             let mode: String = r.get(5)?;
             let (gateway, host_access, isolated, bridge) = (r.get(3)?, r.get(4)?, r.get(6)?, r.get(7)?);
+            let settings: String = r.get(8)?;
             let bad = |why: String| BadRow {
                 table: "network",
                 key: name.clone(),
@@ -186,6 +191,7 @@ impl Store {
                     },
                     isolated,
                     bridge,
+                    settings: serde_json::from_str(&settings).map_err(|e| bad(format!("settings: {e}")))?,
                 })
             })();
             Ok(parsed)

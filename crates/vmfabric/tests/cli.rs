@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use testkit::{run as sh, Netns};
+use testkit::{run as sh, udhcpc_once, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmfabric");
 
@@ -49,6 +49,13 @@ fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// Runs a command that must succeed; its stdout.
+fn must(dir: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = cli(dir, args);
+    assert!(ok, "{args:?} failed: {err}");
+    out
 }
 
 fn json(dir: &Path, args: &[&str]) -> serde_json::Value {
@@ -117,8 +124,6 @@ fn cli_drives_the_daemon_and_state_survives_kill_9() {
     assert!(ok);
 }
 
-const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"; echo \"$ip\" > \"$(dirname \"$0\")/ip\" ;; esac\n";
-
 #[test]
 fn a_real_client_keeps_its_address_across_a_kill_9() {
     let ready = rustix::process::geteuid().is_root()
@@ -140,38 +145,20 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
         .stderr(Stdio::null())
         .status();
     sh(&["ip", "netns", "add", &ns.0]);
-    let script = dir.join("udhcpc.sh");
-    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
-    sh(&["chmod", "755", script.to_str().unwrap()]);
     let guest_mac = "02:0d:0e:0a:0d:01";
     // The daemon's TAP goes away with the daemon; each time, it is moved into the
     // namespace and given the guest's MAC again, as a restarted VMM would.
-    let attach = || {
-        sh(&["ip", "link", "set", &ifname, "netns", &ns.0]);
-        sh(&["ip", "-n", &ns.0, "link", "set", &ifname, "address", guest_mac]);
-        sh(&["ip", "-n", &ns.0, "link", "set", &ifname, "up"]);
-    };
-    let dhcp = |extra: &[&str]| -> String {
-        let _ = std::fs::remove_file(dir.join("ip"));
-        let mut args = vec![
-            "ip", "netns", "exec", &ns.0, "busybox", "udhcpc", "-i", &ifname, "-q", "-f", "-n", "-t", "10",
-        ];
-        args.extend(["-T", "1", "-s", script.to_str().unwrap()]);
-        args.extend(extra);
-        sh(&args);
-        std::fs::read_to_string(dir.join("ip")).unwrap().trim().to_string()
-    };
+    let attach = || attach_tap(&ns, &ifname, guest_mac);
+    let dhcp = |extra: &[&str]| -> String { udhcpc_once(&ns.0, &ifname, &dir, extra)["ip"].clone() };
 
     let mut daemon = start(&dir);
-    let (ok, _, err) = cli(&dir, &["network", "create", "lab", "--subnet", "10.94.0.0/24"]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = cli(
+    must(&dir, &["network", "create", "lab", "--subnet", "10.94.0.0/24"]);
+    must(
         &dir,
         &[
             "port", "add", "lab", "vm", "--kind", "tap", "--ifname", &ifname, "--mac", guest_mac,
         ],
     );
-    assert!(ok, "{err}");
     attach();
     let first = dhcp(&[]);
     assert!(first.starts_with("10.94.0."), "{first}");
@@ -237,6 +224,14 @@ fn a_real_client_keeps_its_address_across_a_kill_9() {
     );
 }
 
+/// Moves the daemon's TAP `ifname` into `ns` and gives it the guest's MAC, as a VMM
+/// taking the device would.
+fn attach_tap(ns: &Netns, ifname: &str, mac: &str) {
+    sh(&["ip", "link", "set", ifname, "netns", &ns.0]);
+    sh(&["ip", "-n", &ns.0, "link", "set", ifname, "address", mac]);
+    sh(&["ip", "-n", &ns.0, "link", "set", ifname, "up"]);
+}
+
 fn wait_until_exists(ifname: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !Command::new("ip")
@@ -260,7 +255,10 @@ fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
         &cfg,
         "[[network]]\nname = \"ci\"\nsubnet = \"10.95.0.0/24\"\nmtu = 9000\n\
          ports = [{ name = \"runner1\", kind = \"stream\" }]\n\
-         reservations = [{ key = \"runner1\", ip = \"10.95.0.10\" }]\n",
+         reservations = [{ key = \"runner1\", ip = \"10.95.0.10\" }]\n\
+         [network.settings.dns]\ndomain = \"ci.internal\"\nupstreams = [\"127.0.0.1:5399\"]\n\
+         records = [{ name = \"cache\", type = \"A\", value = \"10.95.0.5\" }]\n\
+         [network.settings.dhcp]\nlease_secs = 600\n",
     )
     .unwrap();
     // A free loopback port for the metrics listener.
@@ -302,6 +300,13 @@ fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
             .any(|n| n["name"] == "ci" && n["mtu"] == 9000),
         "{nets}"
     );
+    let ci = json(&dir, &["network", "show", "ci"]);
+    assert_eq!(
+        (&ci["served"]["dns_domain"], &ci["served"]["lease_secs"]),
+        (&serde_json::json!("ci.internal"), &serde_json::json!(600)),
+        "{ci}"
+    );
+    assert_eq!(ci["settings"]["dns"]["records"][0]["name"], "cache", "{ci}");
     let ports = json(&dir, &["port", "ls", "ci"]);
     assert_eq!(ports[0]["name"], "runner1");
     let res = json(&dir, &["reservation", "ls", "ci"]);
@@ -331,8 +336,7 @@ fn port_add_socketpair_runs_the_vmm_with_the_fd() {
     }
     let dir = tmp("sp");
     let _daemon = start(&dir);
-    let (ok, _, err) = cli(&dir, &["port", "add", "default", "watch", "--kind", "unixgram"]);
-    assert!(ok, "{err}");
+    must(&dir, &["port", "add", "default", "watch", "--kind", "unixgram"]);
     let watch_path = json(&dir, &["port", "ls", "default"])[0]["path"]
         .as_str()
         .unwrap()
@@ -382,8 +386,7 @@ fn forwards_and_policy_from_the_cli() {
     let fw = json(&dir, &["forward", "add", "default", "127.0.0.1:0", "10.77.0.9:53"]);
     let host = fw["host"].as_str().unwrap().to_string();
     assert_eq!(json(&dir, &["forward", "ls", "default"])[0]["guest"], "10.77.0.9:53");
-    let (ok, _, err) = cli(&dir, &["forward", "rm", "default", &host]);
-    assert!(ok, "{err}");
+    must(&dir, &["forward", "rm", "default", &host]);
     let policy = dir.join("policy.json");
     std::fs::write(
         &policy,
@@ -443,8 +446,7 @@ fn exit_codes_tell_usage_not_found_conflict_and_no_daemon_apart() {
 fn network_show_says_what_the_gateway_serves() {
     let dir = tmp("cli-show");
     let _d = start(&dir);
-    let (ok, _, err) = cli(&dir, &["network", "create", "s", "--subnet", "10.92.0.0/24"]);
-    assert!(ok, "{err}");
+    must(&dir, &["network", "create", "s", "--subnet", "10.92.0.0/24"]);
     let (ok, out, err) = cli(&dir, &["network", "show", "s"]);
     assert!(ok, "{err}");
     for want in [
@@ -459,5 +461,188 @@ fn network_show_says_what_the_gateway_serves() {
     }
     let v = json(&dir, &["network", "show", "s"]);
     assert_eq!(v["served"]["address"], "10.92.0.1", "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every gateway setting set from the CLI reaches real clients (udhcpc, dig), changes
+/// at run time with `network set`, and survives a kill -9 of the daemon.
+#[test]
+fn gateway_settings_from_the_cli_reach_real_clients() {
+    let tools = ["busybox", "dig", "dnsmasq"];
+    let ready = testkit::is_root()
+        && Path::new("/dev/net/tun").exists()
+        && tools
+            .iter()
+            .all(|t| Command::new("which").arg(t).output().is_ok_and(|o| o.status.success()));
+    if !testkit::ready_or_skip(
+        ready,
+        "gateway settings: needs root, /dev/net/tun, busybox, dig and dnsmasq",
+    ) {
+        return;
+    }
+    let dir = tmp("settings");
+    let id = std::process::id() % 100_000;
+    let base = 20000 + (id % 20000) as u16;
+    let (upstream_port, corp_port) = (base + 101, base + 102);
+    let upstream = testkit::loopback_resolver(&dir, upstream_port, "outside.test", "192.0.2.7");
+    let corp = testkit::loopback_resolver(&dir, corp_port, "corp.example", "198.51.100.9");
+    let (ns, ifname) = (Netns(format!("gs{id}")), format!("gst{id}"));
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns.0])
+        .stderr(Stdio::null())
+        .status();
+    sh(&["ip", "netns", "add", &ns.0]);
+    let guest_mac = "02:0d:0e:0a:0d:07";
+    let attach = || attach_tap(&ns, &ifname, guest_mac);
+    let dhcp = || {
+        udhcpc_once(
+            &ns.0,
+            &ifname,
+            &dir,
+            &["-O", "staticroutes", "-O", "ntpsrv", "-O", "224"],
+        )
+    };
+    let dig = |args: &[&str]| -> String {
+        let mut a = vec![
+            "ip",
+            "netns",
+            "exec",
+            &ns.0,
+            "dig",
+            "@10.97.0.1",
+            "+time=2",
+            "+tries=2",
+            "+short",
+        ];
+        a.extend(args);
+        sh(&a).trim().to_string()
+    };
+
+    let mut daemon = start(&dir);
+    must(
+        &dir,
+        &[
+            "network",
+            "create",
+            "lab",
+            "--subnet",
+            "10.97.0.0/24",
+            "--host-access",
+            "--dns-domain",
+            "dev.internal",
+            "--upstream",
+            &format!("127.0.0.1:{upstream_port}"),
+            "--forwarder",
+            &format!("corp.example=127.0.0.1:{corp_port}"),
+            "--record",
+            "db=A:10.97.0.40",
+            "--record",
+            "www=CNAME:db.dev.internal",
+            "--record",
+            "note=TXT:hello there",
+            "--dhcp-range",
+            "10.97.0.100-10.97.0.110",
+            "--lease-time",
+            "2m",
+            "--ntp",
+            "10.97.0.1",
+            "--dhcp-route",
+            "192.168.50.0/24=10.97.0.1",
+            "--dhcp-option",
+            "224=6869",
+        ],
+    );
+    must(
+        &dir,
+        &[
+            "port", "add", "lab", "vm", "--kind", "tap", "--ifname", &ifname, "--mac", guest_mac,
+        ],
+    );
+    attach();
+    let env = dhcp();
+    let ip: std::net::Ipv4Addr = env["ip"].parse().unwrap();
+    assert!((100..=110).contains(&ip.octets()[3]), "{ip} is outside the range set");
+    assert_eq!(env["lease"], "120");
+    assert_eq!(env["domain"], "dev.internal");
+    assert_eq!(env["ntpsrv"], "10.97.0.1");
+    assert!(env["staticroutes"].contains("192.168.50.0/24 10.97.0.1"), "{env:?}");
+    assert!(
+        env["staticroutes"].contains("0.0.0.0/0 10.97.0.1"),
+        "the default route rides along: {env:?}"
+    );
+    assert_eq!(env.get("opt224").map(String::as_str), Some("6869"), "{env:?}");
+
+    assert_eq!(dig(&["db.dev.internal"]), "10.97.0.40");
+    assert_eq!(dig(&["www.dev.internal"]), "db.dev.internal.\n10.97.0.40");
+    assert_eq!(dig(&["note.dev.internal", "TXT"]), "\"hello there\"");
+    assert_eq!(dig(&["host.dev.internal"]), "10.97.0.254", "the host alias");
+    assert_eq!(dig(&["outside.test"]), "192.0.2.7", "the upstream set");
+    assert_eq!(dig(&["db.corp.example"]), "198.51.100.9", "the forwarder");
+
+    // Changed while running: the next query and the next lease see it.
+    let (ok, out, err) = cli(
+        &dir,
+        &[
+            "network",
+            "set",
+            "lab",
+            "--record",
+            "db=A:10.97.0.41",
+            "--lease-time",
+            "3m",
+            "--host-alias",
+            "hostbox",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("leases of 3m"), "{out}");
+    assert_eq!(dig(&["db.dev.internal"]), "10.97.0.41");
+    assert_eq!(dig(&["www.dev.internal"]), "", "records not named again are gone");
+    assert_eq!(dig(&["hostbox.dev.internal"]), "10.97.0.254");
+    let env = dhcp();
+    assert_eq!(
+        (env["ip"].as_str(), env["lease"].as_str()),
+        (ip.to_string().as_str(), "180")
+    );
+
+    // Mistakes: refused with the reason and the usage exit code; nothing changes.
+    let code = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(dir.join("api.sock"))
+            .output()
+            .unwrap()
+    };
+    let bad = code(&["network", "set", "lab", "--dhcp-range", "10.97.0.9-10.97.0.3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("range"), "{bad:?}");
+    assert_eq!(
+        code(&["network", "set", "nope", "--lease-time", "1h"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        code(&["network", "set", "lab"]).status.code(),
+        Some(2),
+        "no setting named"
+    );
+
+    // A kill -9 keeps them.
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    let _daemon = start(&dir);
+    wait_until_exists(&ifname);
+    attach();
+    assert_eq!(dhcp()["lease"], "180");
+    let v = json(&dir, &["network", "show", "lab"]);
+    assert_eq!(v["settings"]["dhcp"]["lease_secs"], 180, "{v}");
+    assert_eq!(v["served"]["host_name"], "hostbox.dev.internal", "{v}");
+    assert_eq!(dig(&["db.dev.internal"]), "10.97.0.41");
+
+    // A network made without a subnet gets a free one.
+    let auto = json(&dir, &["network", "create", "auto"]);
+    let subnet: ipnet::Ipv4Net = auto["subnet"].as_str().unwrap().parse().unwrap();
+    assert!(!subnet.contains(&ip) && subnet.prefix_len() == 24, "{auto}");
+    drop((upstream, corp));
     let _ = std::fs::remove_dir_all(&dir);
 }

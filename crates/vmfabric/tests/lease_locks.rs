@@ -42,8 +42,6 @@ impl Drop for Netns {
     }
 }
 
-const SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr add \"$ip/$mask\" dev \"$interface\" ;; esac\n";
-
 #[test]
 fn a_leased_port_cannot_spoof_its_ip_or_mac() {
     let ready = rustix::process::geteuid().is_root()
@@ -99,30 +97,14 @@ fn a_leased_port_cannot_spoof_its_ip_or_mac() {
         .unwrap();
     sh(&["ip", "link", "set", &ifname, "netns", &ns.0]);
     sh(&["ip", "-n", &ns.0, "link", "set", &ifname, "up"]);
-    let script = std::env::temp_dir().join(format!("lk-{id}.sh"));
-    std::fs::write(&script, SCRIPT).unwrap();
-    sh(&["chmod", "755", script.to_str().unwrap()]);
     let exec = |args: &[&str]| {
         let mut full = vec!["ip", "netns", "exec", ns.0.as_str()];
         full.extend(args);
         run(&full)
     };
-    let (ok, out) = exec(&[
-        "busybox",
-        "udhcpc",
-        "-i",
-        &ifname,
-        "-q",
-        "-f",
-        "-n",
-        "-t",
-        "10",
-        "-T",
-        "1",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
-    assert!(ok, "udhcpc: {out}");
+    let scratch = std::env::temp_dir().join(format!("lk-{id}"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    testkit::udhcpc_once(&ns.0, &ifname, &scratch, &[]);
     let lease = gw.leases()[0].clone();
     let gw_ip = "10.233.0.1";
     let ping_from = |src: &str| exec(&["busybox", "ping", "-c", "1", "-W", "2", "-I", src, gw_ip]).0;

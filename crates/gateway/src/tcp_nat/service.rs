@@ -40,7 +40,7 @@ pub(super) fn open(
     head: TcpHead,
     key: FlowKey,
 ) -> Vec<Vec<u8>> {
-    let cfg = &svc.ctx.cfg;
+    let cfg = &svc.ctx.cfg();
     let c = &svc.ctx.counters;
     let dst = *key.peer.ip();
     let host_access = cfg.host_access == Some(dst);
@@ -80,7 +80,7 @@ pub(super) fn open(
         None => {
             let (svc, port, syn) = (svc.clone(), port.clone(), syn.to_vec());
             tokio::spawn(async move {
-                let answer = match finish_connect(socket, svc.ctx.cfg.tcp_connect_timeout).await {
+                let answer = match finish_connect(socket, svc.ctx.cfg().tcp_connect_timeout).await {
                     Ok(stream) => connected(&svc, key, &syn, head, stream),
                     Err(e) => refuse(&svc, key, head, target, e),
                 };
@@ -148,7 +148,7 @@ pub(super) fn refuse(
     target: SocketAddrV4,
     e: std::io::Error,
 ) -> Vec<Vec<u8>> {
-    let cfg = &svc.ctx.cfg;
+    let cfg = &svc.ctx.cfg();
     GatewayCounters::inc(&svc.ctx.counters.nat_tcp_refused);
     lock(&svc.nat).forget(&key);
     tracing::debug!(%target, "guest connect failed on the host side: {e}");
@@ -190,7 +190,7 @@ pub(super) fn connected(
         opened.filter(|_| taken)
     };
     let Some((handle, notify)) = opened else {
-        return wire::tcp_reset(svc.ctx.cfg.gateway_mac, &head).into_iter().collect();
+        return wire::tcp_reset(svc.ctx.cfg().gateway_mac, &head).into_iter().collect();
     };
     GatewayCounters::inc(&svc.ctx.counters.nat_tcp_flows);
     tokio::spawn(relay(svc.clone(), key, handle, notify, stream));
@@ -202,7 +202,7 @@ pub(crate) async fn forward_client(svc: Arc<TcpService>, guest: SocketAddrV4, st
     let _ = stream.set_nodelay(true);
     let opened = {
         let mut nat = lock(&svc.nat);
-        nat.connect(guest, svc.ctx.cfg.gateway_ip, &svc.ctx.cfg)
+        nat.connect(guest, svc.ctx.cfg().gateway_ip, &svc.ctx.cfg())
     };
     let Some(opened) = opened else {
         GatewayCounters::inc(&svc.ctx.counters.nat_tcp_bounded);

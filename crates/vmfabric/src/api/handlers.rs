@@ -17,8 +17,8 @@ use crate::control::error::ControlError;
 use crate::control::vms::{VmRequest, VmView};
 use crate::control::Control;
 use crate::model::{
-    FlowsView, ForwardProto, ForwardSpec, ForwardView, LeaseView, NetworkSpec, NetworkView, PolicySpec, PortSpec,
-    PortView, ReservationSpec, SocketpairSpec,
+    FlowsView, ForwardProto, ForwardSpec, ForwardView, GatewaySettings, LeaseView, NetworkSpec, NetworkView,
+    PolicySpec, PortSpec, PortView, ReservationSpec, SocketpairSpec,
 };
 
 /// Runs a control-plane call on the blocking pool.
@@ -204,6 +204,21 @@ pub(super) async fn set_policy(
 ) -> Result<Response, ControlError> {
     let p = body(b)?;
     Ok(Json(blocking(move || d.set_policy(&net, p)).await?).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/networks/{name}/settings", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "The gateway settings chosen (unset ones have their defaults)", body = GatewaySettings), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "show_settings")]
+pub(super) async fn show_settings(State(d): Shared, UrlPath(net): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.network(&net).map(|n| n.settings)).await?).into_response())
+}
+
+#[utoipa::path(put, path = "/v1/networks/{name}/settings", tag = "gateway", params(("name" = String, Path, description = "The network")), request_body = GatewaySettings, responses((status = 200, description = "In force at once and stored", body = GatewaySettings), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "set_settings")]
+pub(super) async fn set_settings(
+    State(d): Shared,
+    UrlPath(net): UrlPath<String>,
+    b: Result<Json<GatewaySettings>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let s = body(b)?;
+    Ok(Json(blocking(move || d.set_settings(&net, s).map(|spec| spec.settings)).await?).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/networks/{name}/forwards", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "Forwards", body = [ForwardView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "list_forwards")]

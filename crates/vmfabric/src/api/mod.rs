@@ -48,6 +48,8 @@ use handlers::*;
         vm_logs,
         show_policy,
         set_policy,
+        show_settings,
+        set_settings,
         list_forwards,
         add_forward,
         remove_forward,
@@ -188,6 +190,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/networks/{name}/flows", get(list_flows))
         .route("/v1/networks/{name}/capture", get(capture))
         .route("/v1/networks/{name}/policy", get(show_policy).put(set_policy))
+        .route("/v1/networks/{name}/settings", get(show_settings).put(set_settings))
         .route("/v1/networks/{name}/forwards", get(list_forwards).post(add_forward))
         .route("/v1/networks/{name}/forwards/{host}", delete(remove_forward))
         .route("/v1/networks/{name}/socketpairs", axum::routing::post(socketpair))

@@ -4,6 +4,7 @@
 pub(crate) mod boot_guest;
 mod network;
 mod port;
+mod settings;
 mod table;
 mod vm;
 
@@ -33,7 +34,7 @@ pub(crate) enum Command {
     /// Run the daemon: networks, gateways and ports from the state store, the API on a
     /// Unix socket. With an empty store it creates network `default` (10.77.0.0/24).
     Serve(crate::serve::ServeArgs),
-    /// Networks: create, ls, show, rm.
+    /// Networks: create, set, ls, show, rm.
     Network {
         #[command(subcommand)]
         cmd: NetworkCmd,
@@ -93,6 +94,17 @@ pub(crate) enum Command {
     BootGuest(boot_guest::BootGuestArgs),
 }
 
+/// Input the CLI itself refuses (a flag's value it cannot read): exits 2, as a usage
+/// error does.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct BadInput(pub(crate) String);
+
+/// Marks `r`'s error as bad input.
+pub(crate) fn bad_input<T>(r: Result<T>) -> Result<T> {
+    r.map_err(|e| BadInput(format!("{e:#}")).into())
+}
+
 pub(crate) const DEFAULT_SOCKET: &str = "/run/vmfabric/vmfabric.sock";
 
 #[derive(clap::Args)]
@@ -107,10 +119,13 @@ pub(crate) struct ClientArgs {
 
 #[derive(Subcommand)]
 pub(crate) enum NetworkCmd {
+    /// Create a network (with a gateway serving DHCP and DNS unless --no-gateway).
     Create {
+        /// The network's name: up to 64 letters, digits, '.', '_' or '-'.
         name: String,
+        /// Its IPv4 subnet, e.g. 10.80.0.0/24 (default: the first free private /24).
         #[arg(long)]
-        subnet: String,
+        subnet: Option<String>,
         #[arg(long, default_value_t = 1500)]
         mtu: u32,
         /// No gateway (DHCP, DNS) on this network.
@@ -132,6 +147,19 @@ pub(crate) enum NetworkCmd {
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        settings: Box<settings::SettingsArgs>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Change a network's gateway settings while it runs (leases, flows and forwards
+    /// stay). A list flag given replaces that list; --reset puts a setting back to its
+    /// default first.
+    Set {
+        /// The network.
+        name: String,
+        #[command(flatten)]
+        settings: Box<settings::SettingsArgs>,
         #[command(flatten)]
         c: ClientArgs,
     },

@@ -3,9 +3,9 @@
 use anyhow::{Context, Result};
 
 use super::table::{client, print_table, report};
-use vmfabric::model::{Mtu, Name, NetworkSpec};
+use vmfabric::model::{GatewaySettings, Mtu, Name, NetworkSpec};
 
-use super::NetworkCmd;
+use super::{bad_input, NetworkCmd};
 
 pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
     match cmd {
@@ -19,21 +19,44 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
             isolated,
             bridge,
             force,
+            settings,
             c,
         } => {
+            let mut gateway_settings = GatewaySettings::default();
+            bad_input(settings.edit(&mut gateway_settings))?;
+            let subnet = match subnet {
+                Some(s) => bad_input(s.parse().with_context(|| format!("subnet {s:?}")))?,
+                None => Default::default(),
+            };
+            let mode = bad_input(
+                serde_json::from_value(serde_json::Value::String(mode.clone()))
+                    .with_context(|| format!("mode {mode:?} is neither userspace nor kernel")),
+            )?;
             let body = NetworkSpec {
-                name: Name::new("network", &name)?,
-                subnet: subnet.parse().with_context(|| format!("subnet {subnet:?}"))?,
-                mtu: Mtu::try_from(mtu)?,
+                name: bad_input(Name::new("network", &name).map_err(Into::into))?,
+                subnet,
+                mtu: bad_input(Mtu::try_from(mtu).map_err(Into::into))?,
                 gateway: !no_gateway,
                 host_access,
-                mode: serde_json::from_value(serde_json::Value::String(mode.clone()))
-                    .with_context(|| format!("mode {mode:?} is neither userspace nor kernel"))?,
+                mode,
                 isolated,
                 bridge,
+                settings: gateway_settings,
             };
             let v = client(&c)?.create_network(&body, force)?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "mode"]);
+        }
+        NetworkCmd::Set { name, settings, c } => {
+            bad_input(super::settings::require_some(&settings))?;
+            let client = client(&c)?;
+            let mut current = client.settings(&name)?;
+            bad_input(settings.edit(&mut current))?;
+            let now = client.set_settings(&name, &current)?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&now)?);
+            } else {
+                print!("{}", describe(&client.network(&name)?));
+            }
         }
         NetworkCmd::Ls { c } => {
             let v = client(&c)?.networks()?;
@@ -57,6 +80,34 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The chosen settings `network show` has no other line for.
+fn settings_lines(s: &GatewaySettings, lines: &mut Vec<(&'static str, String)>) {
+    for f in &s.dns.forwarders {
+        lines.push(("forwarder", format!("{} to {}", f.domain, f.servers.join(", "))));
+    }
+    for r in &s.dns.records {
+        let kind = serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|k| k.as_str().map(String::from));
+        lines.push(("record", format!("{} {} {}", r.name, kind.unwrap_or_default(), r.value)));
+    }
+    for r in &s.dhcp.routes {
+        lines.push(("dhcp route", format!("{} via {}", r.dst, r.via)));
+    }
+    if !s.dhcp.ntp.is_empty() {
+        let ntp: Vec<String> = s.dhcp.ntp.iter().map(ToString::to_string).collect();
+        lines.push(("ntp", ntp.join(", ")));
+    }
+    for o in &s.dhcp.options {
+        lines.push(("dhcp option", format!("{} = {}", o.code, o.hex)));
+    }
+    if let Ok(serde_json::Value::Object(flows)) = serde_json::to_value(&s.flows) {
+        for (k, v) in flows {
+            lines.push(("flows", format!("{k} = {v}")));
+        }
+    }
 }
 
 /// A network, one fact a line, for `network show`.
@@ -85,10 +136,14 @@ fn describe(v: &vmfabric::model::NetworkView) -> String {
                 ),
             ));
             lines.push(("dns domain", g.dns_domain.clone()));
-            let host = g
-                .host_access
-                .map_or("off".to_string(), |a| format!("{a} (the host's loopback)"));
+            lines.push(("dns search", g.dns_search.join(" ")));
+            lines.push(("upstreams", g.dns_upstreams.clone()));
+            let host = g.host_access.map_or("off".to_string(), |a| {
+                let name = g.host_name.as_ref().map(|n| format!(", {n}")).unwrap_or_default();
+                format!("{a} (the host's loopback{name})")
+            });
             lines.push(("host access", host));
+            settings_lines(&v.settings, &mut lines);
         }
         None => lines.push(("gateway", "none".into())),
     }

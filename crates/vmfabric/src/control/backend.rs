@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use gateway::{Gateway, GatewayConfig};
+use gateway::Gateway;
 
 use super::env::{Env, ForwardUndo, NetParts, PortHandle};
 use super::error::ControlError;
@@ -41,14 +41,6 @@ impl Backend {
         match spec.mode {
             NetworkMode::Userspace => Ok(Backend::User),
             NetworkMode::Kernel => Ok(Backend::Kernel(KernelNet::prepare(env, spec)?)),
-        }
-    }
-
-    /// Adjusts the gateway to the mode (a kernel network's gateway sits beside the
-    /// bridge's router and leaves port locks to the kernel).
-    pub fn gateway_config(&self, spec: &NetworkSpec, cfg: &mut GatewayConfig) {
-        if let Backend::Kernel(k) = self {
-            k.gateway_config(spec, cfg);
         }
     }
 

@@ -35,7 +35,8 @@ impl KernelNet {
         })
     }
 
-    pub fn gateway_config(&self, spec: &NetworkSpec, cfg: &mut GatewayConfig) {
+    /// Kernel mode's part of a gateway's configuration (the bridge routes).
+    pub fn gateway_config(spec: &NetworkSpec, cfg: &mut GatewayConfig) {
         cfg.router = Some(kernel::router_of(spec));
         cfg.gateway_ip = Ipv4Addr::from(base(spec) + 2);
         cfg.dhcp_range.0 = Ipv4Addr::from(base(spec) + 3);

@@ -32,7 +32,7 @@ use error::ControlError;
 use locks::ControlEvent;
 use state::{NetState, PortState, State};
 
-use crate::model::{Name, NetworkSpec, NetworkView, PortSpec, PortView};
+use crate::model::{GatewaySettings, Name, NetworkSpec, NetworkView, PortSpec, PortView};
 use crate::store::{PortKind, PortRecord, Store};
 
 pub use services::{CaptureHandle, MAX_CAPTURES};
@@ -127,17 +127,22 @@ impl Control {
         }
         Backend::check_network(spec)?;
         if spec.gateway {
-            GatewayConfig::new(&spec.name, spec.subnet)
-                .validate()
-                .map_err(|e| ControlError::invalid(e.to_string()))?;
+            gateway_config(spec)?;
         }
         Ok(())
     }
 
     /// Creates a network. A subnet that overlaps a host route is refused unless `force`:
-    /// VMs on it would shadow the host's real neighbours.
-    pub fn create_network(&self, spec: NetworkSpec, force: bool) -> Result<NetworkSpec, ControlError> {
+    /// VMs on it would shadow the host's real neighbours. No subnet (0.0.0.0/0, what a
+    /// body without one reads as): the first free private /24.
+    pub fn create_network(&self, mut spec: NetworkSpec, force: bool) -> Result<NetworkSpec, ControlError> {
         let mut st = self.lock();
+        if spec.subnet == ipnet::Ipv4Net::default() {
+            let taken: Vec<ipnet::Ipv4Net> = st.nets.values().map(|n| n.spec.subnet).collect();
+            spec.subnet = crate::hostroutes::free_subnet(&taken).ok_or_else(|| {
+                ControlError::conflict("no free private /24 is left (10.77-254.0.0, 192.168.100-254.0); name a subnet")
+            })?;
+        }
         Self::check_network(&st, &spec, force)?;
         self.bring_up_network(&mut st, spec.clone())?;
         if let Err(e) = self.store.put_network(&spec) {
@@ -163,7 +168,7 @@ impl Control {
             let _ = backend.tear_down(&env, &spec);
             return Err(e.into());
         }
-        let gateway = match self.attach_gateway(st, &spec, &backend) {
+        let gateway = match self.attach_gateway(st, &spec) {
             Ok(gw) => gw,
             Err(e) => {
                 let _ = self.switch.remove_network(&spec.name);
@@ -204,21 +209,11 @@ impl Control {
     }
 
     /// The network's gateway, attached to its switch network (none if it has none).
-    fn attach_gateway(
-        &self,
-        st: &mut State,
-        spec: &NetworkSpec,
-        backend: &Backend,
-    ) -> Result<Option<Arc<Gateway>>, ControlError> {
+    fn attach_gateway(&self, st: &mut State, spec: &NetworkSpec) -> Result<Option<Arc<Gateway>>, ControlError> {
         if !spec.gateway {
             return Ok(None);
         }
-        let mut gcfg = GatewayConfig::new(&spec.name, spec.subnet);
-        gcfg.mtu = spec.mtu.get();
-        if spec.host_access {
-            gcfg.host_access = Some(gcfg.default_host_access());
-        }
-        backend.gateway_config(spec, &mut gcfg);
+        let mut gcfg = gateway_config(spec)?;
         gcfg.reservations = kernel_net::stored_reservations(&self.store, &spec.name)?
             .iter()
             .map(crate::model::ReservationSpec::to_gateway)
@@ -246,6 +241,39 @@ impl Control {
             events::forward_leases(spec.name.to_string(), leases, self.events.clone());
         }
         Ok(Some(gw))
+    }
+
+    /// Changes a network's gateway settings: checked, stored, then in force at once
+    /// (leases, flows and forwards stay).
+    pub fn set_settings(&self, network: &str, settings: GatewaySettings) -> Result<NetworkSpec, ControlError> {
+        let mut st = self.lock();
+        let net = st.net(network)?;
+        let mut spec = net.spec.clone();
+        spec.settings = settings;
+        let mut cfg = gateway_config(&spec)?;
+        if let Some(gw) = &net.gateway {
+            cfg.reservations = gw.config().reservations.clone();
+            gw.reconfigure(cfg).map_err(|e| ControlError::invalid(e.to_string()))?;
+        }
+        if let Err(e) = self.store.put_network(&spec) {
+            if let Some(gw) = &net.gateway {
+                // Back to what the store still says.
+                if let Ok(old) = gateway_config(&net.spec) {
+                    let _ = gw.reconfigure(GatewayConfig {
+                        reservations: gw.config().reservations.clone(),
+                        ..old
+                    });
+                }
+            }
+            return Err(e.into());
+        }
+        let net = st.nets.get_mut(network).expect("looked up above");
+        net.spec = spec.clone();
+        if net.backend.is_kernel() {
+            // The kernel bounds each guest's flows from the same settings.
+            kernel_rules::apply_rules(&self.env(), &mut st)?;
+        }
+        Ok(spec)
     }
 
     /// Takes a network out of the state and down: its forwards' listeners, gateway,
@@ -319,7 +347,7 @@ impl Control {
             .map(|n| {
                 let leases = n.gateway.as_ref().map(|g| g.leases().len()).unwrap_or(0);
                 NetworkView {
-                    served: n.gateway.as_ref().map(|g| crate::model::GatewayView::of(g.config())),
+                    served: n.gateway.as_ref().map(|g| crate::model::GatewayView::of(&g.config())),
                     traffic: self.switch.network_counters(&n.spec.name).as_ref().map(Into::into),
                     ..NetworkView::of(&n.spec, n.ports.len(), leases, None)
                 }
@@ -572,3 +600,20 @@ impl vms::PortBroker for Control {
 
 #[cfg(test)]
 mod tests;
+
+/// The configuration a network's gateway runs with: the defaults for its subnet, its
+/// mode's part, then the operator's settings, checked together.
+fn gateway_config(spec: &NetworkSpec) -> Result<GatewayConfig, ControlError> {
+    let mut gcfg = GatewayConfig::new(&spec.name, spec.subnet);
+    gcfg.mtu = spec.mtu.get();
+    if spec.host_access {
+        gcfg.host_access = Some(gcfg.default_host_access());
+    }
+    if spec.mode == crate::model::NetworkMode::Kernel {
+        kernel_net::KernelNet::gateway_config(spec, &mut gcfg);
+    }
+    spec.settings
+        .apply(&mut gcfg)
+        .map_err(|e| ControlError::invalid(format!("gateway settings: {e}")))?;
+    Ok(gcfg)
+}

@@ -12,8 +12,10 @@ use fabric::Mac;
 use serde::{Deserialize, Serialize};
 
 mod checked;
+mod settings;
 
 pub use checked::*;
+pub use settings::*;
 
 /// Who carries a network's frames.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -105,6 +107,9 @@ pub mod mac_text {
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: Name,
+    /// Left out: the first private /24 that overlaps no other network and no host
+    /// route (10.77.0.0/24, 10.78.0.0/24, ...).
+    #[serde(default)]
     #[schema(value_type = String, example = "10.77.0.0/24", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
     pub subnet: ipnet::Ipv4Net,
     #[serde(default)]
@@ -124,6 +129,9 @@ pub struct NetworkSpec {
     /// Kernel mode: the bridge's name (default: derived from the network's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    /// The gateway's DNS, DHCP and flow settings; unset ones keep their defaults.
+    #[serde(default)]
+    pub settings: GatewaySettings,
 }
 
 fn yes() -> bool {
@@ -142,6 +150,7 @@ impl NetworkSpec {
             mode: NetworkMode::default(),
             isolated: false,
             bridge: None,
+            settings: GatewaySettings::default(),
         }
     }
 }
@@ -163,6 +172,9 @@ pub struct NetworkView {
     pub bridge: Option<String>,
     pub ports: usize,
     pub leases: usize,
+    /// The gateway settings chosen for it (unset ones have their defaults).
+    #[serde(default, skip_serializing_if = "GatewaySettings::is_default")]
+    pub settings: GatewaySettings,
     /// What the network's gateway serves (none without a gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served: Option<GatewayView>,
@@ -185,6 +197,12 @@ pub struct GatewayView {
     pub dhcp_range: (Ipv4Addr, Ipv4Addr),
     pub lease_secs: u64,
     pub dns_domain: String,
+    pub dns_search: Vec<String>,
+    /// Where other names are asked: the servers set, or the host's resolv.conf's.
+    pub dns_upstreams: String,
+    /// The name of the host-access address, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_name: Option<String>,
     /// Where guests reach the host's loopback, when the network allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = Ipv4)]
@@ -198,6 +216,15 @@ impl GatewayView {
             dhcp_range: cfg.dhcp_range,
             lease_secs: cfg.lease_time.as_secs(),
             dns_domain: cfg.domain.clone(),
+            dns_search: cfg.search.clone(),
+            dns_upstreams: match &cfg.upstreams {
+                gateway::Upstreams::Static(v) => v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                gateway::Upstreams::ResolvConf(p) => format!("those of {}", p.display()),
+            },
+            host_name: cfg
+                .host_access
+                .filter(|_| !cfg.host_alias.is_empty())
+                .map(|_| format!("{}.{}", cfg.host_alias, cfg.domain)),
             host_access: cfg.host_access,
         }
     }
@@ -238,6 +265,7 @@ impl NetworkView {
             bridge: spec.bridge.clone(),
             ports,
             leases,
+            settings: spec.settings.clone(),
             served: None,
             traffic: None,
             failed,
