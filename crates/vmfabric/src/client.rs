@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::control::vms::{VmRequest, VmView};
 use crate::model::{
-    FlowsView, ForwardProto, ForwardSpec, ForwardView, GatewaySettings, LeaseView, NetworkSpec, NetworkView,
-    PolicySpec, PortSpec, PortView, ReservationSpec, SocketpairSpec,
+    FlowsView, ForwardProto, ForwardSpec, ForwardView, GatewaySettings, LeaseView, NetworkSpec, NetworkStats,
+    NetworkView, PolicySpec, PortSpec, PortView, ReservationSpec, SocketpairSpec,
 };
 
 /// A refusal from the daemon: its HTTP status and message.
@@ -228,6 +228,10 @@ impl Client {
         self.json("PUT", &format!("/v1/networks/{}/policy", seg(network)), Some(policy))
     }
 
+    pub fn stats(&self) -> anyhow::Result<Vec<NetworkStats>> {
+        self.get("/v1/stats")
+    }
+
     pub fn settings(&self, network: &str) -> anyhow::Result<GatewaySettings> {
         self.get(&format!("/v1/networks/{}/settings", seg(network)))
     }
@@ -288,6 +292,12 @@ impl Client {
     /// The Prometheus text.
     pub fn metrics(&self) -> anyhow::Result<String> {
         self.text("/metrics")
+    }
+
+    /// Copies the event stream (JSON lines) to `out` until the daemon ends it or
+    /// writing fails.
+    pub fn events(&self, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+        self.rt.block_on(stream_to(&self.socket, "/v1/events", out))
     }
 
     /// Copies a capture (pcap) of a network, or of one port of it, to `out` until the

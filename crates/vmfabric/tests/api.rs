@@ -468,6 +468,15 @@ fn the_openapi_document_matches_the_routes() {
         if path.ends_with("/capture") {
             concrete.push_str("?port=nope"); // a real capture would stream until closed
         }
+        if path == "/v1/events" {
+            // A stream that never ends: its head says it is served.
+            let head = d.stream_head(path);
+            assert!(
+                head.starts_with("HTTP/1.1 200") && head.contains("application/x-ndjson"),
+                "{head}"
+            );
+            continue;
+        }
         for m in methods {
             let documented = item.get(m).is_some();
             let body = (m == "post").then(|| json!({}));
@@ -652,7 +661,12 @@ fn conforms(doc: &Value, path: &str, method: &str, status: u16, body: &Value) ->
             "{method} {path} answered {status}, which it does not document ({body})"
         ));
     }
-    let Some(schema) = resp["content"]["application/json"]["schema"].as_object() else {
+    // JSON, or JSON lines (a stream's body is checked a line at a time).
+    let content = &resp["content"];
+    let schema = content["application/json"]["schema"]
+        .as_object()
+        .or(content["application/x-ndjson"]["schema"].as_object());
+    let Some(schema) = schema else {
         return Ok(()); // not JSON (text, pcap) or no body
     };
     // Refs point into the document's components: give the schema the document's.
@@ -700,7 +714,13 @@ fn every_route_answers_what_the_generated_openapi_document_says() {
             "/v1/networks/c/policy",
             json!({"default": "deny", "rules": [{"action": "allow", "dst": "10.0.0.0/8", "ports": "53", "proto": "udp"}]}),
         ),
+        (
+            "PUT",
+            "/v1/networks/c/settings",
+            json!({"dns": {"domain": "c.internal", "records": [{"name": "db", "type": "A", "value": "10.58.0.40"}]}, "dhcp": {"lease_secs": 600}}),
+        ),
     ];
+    let events = d.follow_events();
     let mut failures = Vec::new();
     let mut check = |path: &str, method: &str, concrete: &str, body: Option<Value>| {
         let (status, v) = d.call(&method.to_uppercase(), concrete, body);
@@ -741,10 +761,38 @@ fn every_route_answers_what_the_generated_openapi_document_says() {
                 if path.ends_with("/capture") {
                     concrete.push_str("?port=nope"); // a real capture streams until closed
                 }
+                if path == "/v1/events" {
+                    continue; // a stream that never ends: its lines are checked below
+                }
                 check(path, method, &concrete, None);
             }
         }
     }
+    // The event stream's lines are what the document says: a VMM comes and goes.
+    let (_, ports) = d.call("GET", "/v1/networks/c/ports", None);
+    drop(std::os::unix::net::UnixStream::connect(ports[0]["path"].as_str().unwrap()).unwrap());
+    events.wait_for(json!({"type": "port_down", "network": "c", "port": "p"}));
+    assert!(
+        conforms(&doc, "/v1/events", "get", 200, &json!({"time": "t", "type": "nope"})).is_err(),
+        "the check of event lines bites"
+    );
+    let event_failures: Vec<String> = events
+        .events()
+        .iter()
+        .filter_map(|e| conforms(&doc, "/v1/events", "get", 200, e).err())
+        .collect();
+    check(
+        "/v1/networks/{name}/settings",
+        "put",
+        "/v1/networks/c/settings",
+        Some(json!({"dhcp": {"range": ["10.58.0.9", "10.58.0.3"]}})),
+    );
+    check(
+        "/v1/networks/{name}/settings",
+        "put",
+        "/v1/networks/nope/settings",
+        Some(json!({})),
+    );
     // Refusals are documented too: bad input, duplicates, missing objects.
     check(
         "/v1/networks",
@@ -799,6 +847,7 @@ fn every_route_answers_what_the_generated_openapi_document_says() {
     check("/v1/vms/{name}", "delete", "/v1/vms/nope", None);
     check("/v1/networks/{name}", "delete", "/v1/networks/c", None);
     check("/v1/networks/{name}", "delete", "/v1/networks/c", None);
+    failures.extend(event_failures);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     d.stop();
 }
@@ -873,5 +922,55 @@ fn refusals_made_by_the_http_layer_are_json_error_bodies_too() {
     let (s, v) = d.call("PATCH", "/v1/networks/default", None);
     assert_eq!(s, 405, "{v}");
     assert_eq!(v["error"], "bad_request", "{v}");
+    d.stop();
+}
+
+/// Egress refusals reach the event stream, sampled: a guest's datagrams to the host's
+/// loopback (a built-in deny) show as one `policy_refused` with their count.
+#[test]
+fn egress_refusals_are_sampled_into_the_event_stream() {
+    use std::net::Ipv4Addr;
+    let dir = tmp("refusals");
+    let d = start(&dir);
+    d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "red", "subnet": "10.66.0.0/24"})),
+    );
+    let events = d.follow_events();
+    let guest = fabric::Mac([0x02, 0x11, 0x22, 0x33, 0x44, 0x66]);
+    let ip = dhcp(&d.daemon, "red", guest, None);
+    events.wait_for(json!({"type": "lease_bound", "network": "red", "ip": ip.to_string()}));
+    let (port, fd) = d.daemon.switch().add_port("red", "sender").unwrap();
+    let lock = fabric::PortLock {
+        mac: guest,
+        ips: vec![ip],
+    };
+    d.daemon.switch().lock_port(port, Some(lock)).unwrap();
+    let sock = std::os::unix::net::UnixDatagram::from(fd);
+    let gw_mac = gateway::GatewayConfig::new("red", "10.66.0.0/24".parse().unwrap()).gateway_mac;
+    for src_port in 40000..40005 {
+        let f = gateway::wire::udp_frame(guest, gw_mac, (ip, src_port), (Ipv4Addr::LOCALHOST, 9), b"x");
+        sock.send(&f).unwrap();
+    }
+    events.wait_for(json!({"type": "policy_refused", "network": "red"}));
+    // The five may straddle two samples; together they are five.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let total: u64 = events
+            .events()
+            .iter()
+            .filter(|e| e["type"] == "policy_refused" && e["network"] == "red")
+            .map(|e| e["refused"].as_u64().unwrap())
+            .sum();
+        if total == 5 {
+            break;
+        }
+        assert!(
+            total < 5 && std::time::Instant::now() < deadline,
+            "{total} refusals reported"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     d.stop();
 }

@@ -115,11 +115,19 @@ fn cli_drives_the_daemon_and_state_survives_kill_9() {
         std::os::unix::net::UnixStream::connect(ports[0]["path"].as_str().unwrap()).is_ok(),
         "listening again"
     );
-    let (ok, out, _) = cli(&dir, &["stats"]);
+    let out = must(&dir, &["stats", "--prometheus"]);
     assert!(
-        ok && out.contains("vmfabric_port_frames_total{network=\"blue\",port=\"vm1\""),
+        out.contains("vmfabric_port_frames_total{network=\"blue\",port=\"vm1\""),
         "{out}"
     );
+    let out = must(&dir, &["stats"]);
+    assert!(
+        out.contains("network blue: rx 0 frames") && out.contains("\nvm1 "),
+        "{out}"
+    );
+    assert_eq!(json(&dir, &["stats", "blue"])[0]["ports"][0]["port"], "vm1");
+    let (ok, _, err) = cli(&dir, &["stats", "nope"]);
+    assert!(!ok && err.contains("no network named"), "{err}");
     let (ok, _, _) = cli(&dir, &["network", "rm", "blue", "--force"]);
     assert!(ok);
 }
@@ -579,6 +587,24 @@ fn gateway_settings_from_the_cli_reach_real_clients() {
     assert_eq!(dig(&["outside.test"]), "192.0.2.7", "the upstream set");
     assert_eq!(dig(&["db.corp.example"]), "198.51.100.9", "the forwarder");
 
+    // The typed stats saw it all: DHCP acks, local and forwarded DNS, the guest's frames.
+    let stats = json(&dir, &["stats", "lab"]);
+    let counters = &stats[0]["gateway"]["counters"];
+    assert!(
+        counters["dhcp_ack"].as_u64() >= Some(1) && counters["dns_forwarded"].as_u64() >= Some(2),
+        "{stats}"
+    );
+    assert!(counters["dns_local"].as_u64() >= Some(4), "{stats}");
+    assert!(
+        stats[0]["ports"][0]["traffic"]["rx_frames"].as_u64() >= Some(10),
+        "{stats}"
+    );
+    let table = must(&dir, &["stats", "lab"]);
+    assert!(
+        table.contains("gateway: 1 leases") && table.contains("\ndhcp "),
+        "{table}"
+    );
+
     // Changed while running: the next query and the next lease see it.
     let (ok, out, err) = cli(
         &dir,
@@ -644,5 +670,65 @@ fn gateway_settings_from_the_cli_reach_real_clients() {
     let subnet: ipnet::Ipv4Net = auto["subnet"].as_str().unwrap().parse().unwrap();
     assert!(!subnet.contains(&ip) && subnet.prefix_len() == 24, "{auto}");
     drop((upstream, corp));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vmfabric events` follows the daemon: a VMM connecting to a stream port and leaving
+/// again shows as two lines; `--json` gives the stream's JSON lines.
+#[test]
+fn events_follow_ports_coming_and_going() {
+    let dir = tmp("events");
+    let _d = start(&dir);
+    let follow = |json: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("events").arg("--socket").arg(dir.join("api.sock"));
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.stdout(Stdio::piped()).spawn().unwrap()
+    };
+    let (human, machine) = (follow(false), follow(true));
+    let port = json(&dir, &["port", "add", "default", "vmm", "--kind", "stream"]);
+    let path = port["path"].as_str().unwrap().to_string();
+    // Nothing says when both followers are subscribed; connect until they saw it.
+    let read_until = |child: Child, want: &[&str]| -> String {
+        let mut child = child;
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !want.iter().all(|w| seen.contains(w)) {
+            assert!(Instant::now() < deadline, "{want:?} not in:\n{seen}");
+            // A VMM comes and goes; each visit is one up and one down.
+            drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
+            while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        seen
+    };
+    let text = read_until(human, &["port default/vmm up", "port default/vmm down"]);
+    let first = text.lines().next().unwrap();
+    let time = first.split_whitespace().next().unwrap();
+    assert!(
+        time.parse::<jiff::Timestamp>().is_ok(),
+        "each line starts with its time: {first}"
+    );
+    let lines = read_until(machine, &["\"type\":\"port_up\"", "\"type\":\"port_down\""]);
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["time"].is_string() && v["type"].is_string(), "{l}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,6 +30,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     let Some(image) = common::guest_dir() else { return };
     let dir = common::workdir("daemon-vms");
     let d = harness::start(&dir, Some(image));
+    let events = d.follow_events();
 
     let (s, v) = d.call(
         "POST",
@@ -46,6 +47,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     );
     assert_eq!(s, 400, "too little memory is refused before anything starts");
     let web = wait_state(&d, "web", &["ready", "failed"]);
+    let web_ip = web["ip"].clone();
     assert_eq!(web["state"], "ready", "{web}");
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
     let lease = leases
@@ -89,6 +91,22 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         }
         assert!(Instant::now() < deadline, "web's port was not freed: {ports}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+    // The event stream told the same story as it happened.
+    for want in [
+        json!({"type": "vm_state", "vm": "web", "state": "running"}),
+        json!({"type": "vm_state", "vm": "web", "state": "ready", "ip": web_ip}),
+        json!({"type": "port_up", "network": "default", "port": "web"}),
+        json!({"type": "lease_bound", "network": "default", "ip": web_ip}),
+        json!({"type": "vm_state", "vm": "client", "state": "stopped"}),
+        json!({"type": "lease_released", "network": "default", "mac": client_vm["mac"]}),
+        json!({"type": "vm_state", "vm": "web", "state": "failed"}),
+    ] {
+        let e = events.wait_for(want);
+        assert!(
+            e["time"].as_str().is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()),
+            "{e}"
+        );
     }
     let (s, _) = d.call("DELETE", "/v1/vms/client", None);
     assert_eq!(s, 200);

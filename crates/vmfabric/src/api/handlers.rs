@@ -17,8 +17,8 @@ use crate::control::error::ControlError;
 use crate::control::vms::{VmRequest, VmView};
 use crate::control::Control;
 use crate::model::{
-    FlowsView, ForwardProto, ForwardSpec, ForwardView, GatewaySettings, LeaseView, NetworkSpec, NetworkView,
-    PolicySpec, PortSpec, PortView, ReservationSpec, SocketpairSpec,
+    EventView, FlowsView, ForwardProto, ForwardSpec, ForwardView, GatewaySettings, LeaseView, NetworkSpec,
+    NetworkStats, NetworkView, PolicySpec, PortSpec, PortView, ReservationSpec, SocketpairSpec,
 };
 
 /// Runs a control-plane call on the blocking pool.
@@ -204,6 +204,44 @@ pub(super) async fn set_policy(
 ) -> Result<Response, ControlError> {
     let p = body(b)?;
     Ok(Json(blocking(move || d.set_policy(&net, p)).await?).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "daemon", responses((status = 200, description = "Events from now on, one JSON object a line, until the client leaves", content_type = "application/x-ndjson", body = EventView)), operation_id = "events")]
+pub(super) async fn events(State(d): Shared) -> Result<Response, ControlError> {
+    let mut events = d.subscribe_events();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        loop {
+            let line: std::sync::Arc<str> = tokio::select! {
+                _ = tx.closed() => return,
+                ev = events.recv() => match ev {
+                    Ok(line) => line,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let lag = crate::model::EventView {
+                            time: jiff::Timestamp::now().to_string(),
+                            event: crate::model::Event::Lagged { missed },
+                        };
+                        (serde_json::to_string(&lag).expect("plain data") + "\n").into()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if tx
+                .send(Ok(axum::body::Bytes::from(line.as_bytes().to_vec())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([("content-type", "application/x-ndjson")], body).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "daemon", responses((status = 200, description = "Every network's counters: traffic and drops, its ports', its gateway's", body = [NetworkStats])), operation_id = "stats")]
+pub(super) async fn stats(State(d): Shared) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || Ok(d.stats())).await?).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/networks/{name}/settings", tag = "gateway", params(("name" = String, Path, description = "The network")), responses((status = 200, description = "The gateway settings chosen (unset ones have their defaults)", body = GatewaySettings), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "show_settings")]

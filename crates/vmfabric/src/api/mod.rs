@@ -59,6 +59,8 @@ use handlers::*;
         list_flows,
         list_leases,
         capture,
+        events,
+        stats,
         metrics,
         openapi
     )
@@ -202,6 +204,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/vms", get(list_vms).post(run_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
+        .route("/v1/stats", get(stats))
+        .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)

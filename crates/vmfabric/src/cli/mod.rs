@@ -2,9 +2,11 @@
 //! daemon's API and prints a table (or JSON with `--json`).
 
 pub(crate) mod boot_guest;
+mod events;
 mod network;
 mod port;
 mod settings;
+mod stats;
 mod table;
 mod vm;
 
@@ -85,10 +87,22 @@ pub(crate) enum Command {
         #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Counters of every network, port and gateway (Prometheus text).
+    /// Follow what happens, one line an event, until interrupted: ports up and down,
+    /// leases bound, released and expired, MAC moves, VM states, egress refusals
+    /// (sampled). --json prints the stream's JSON lines.
+    Events {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Counters of every network (or one), its ports and its gateway, as tables.
     Stats {
-        #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// Only this network.
+        network: Option<String>,
+        /// The Prometheus text of /metrics instead.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
+        #[command(flatten)]
+        c: ClientArgs,
     },
     /// Boot the test guest (guest/build.sh) under QEMU on a port; its console goes to stdout.
     BootGuest(boot_guest::BootGuestArgs),
@@ -476,10 +490,8 @@ pub(crate) fn run(command: Command) -> Result<()> {
             };
             Client::new(&socket)?.capture(network, port, &mut *out)
         }
-        Command::Stats { socket } => {
-            print!("{}", Client::new(&socket)?.metrics()?);
-            Ok(())
-        }
+        Command::Stats { network, prometheus, c } => stats::run(network, prometheus, c),
+        Command::Events { c } => events::run(c),
         Command::Serve(_) | Command::BootGuest(_) => unreachable!("run by main"),
     }
 }

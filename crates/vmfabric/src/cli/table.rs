@@ -68,22 +68,26 @@ pub(super) fn print_table(c: &ClientArgs, view: &impl Serialize, columns: &[&str
         .iter()
         .map(|r| columns.iter().map(|k| cell(&r[*k])).collect())
         .collect();
-    let widths: Vec<usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, h)| cells.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
-        .collect();
-    let line = |vals: Vec<String>| {
-        vals.iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    println!("{}", line(columns.iter().map(|h| h.to_uppercase()).collect()));
-    for r in cells {
-        println!("{}", line(r));
+    print!("{}", text_table(columns, cells));
+}
+
+/// Columns under upper-case headers, two spaces apart, no borders: easy to read and to
+/// cut with awk.
+pub(super) fn text_table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(headers.iter().map(|h| h.to_uppercase().replace('_', " ")));
+    for r in rows {
+        t.add_row(r);
     }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    let mut out: String = t.lines().map(|l| l.trim_end().to_string() + "\n").collect();
+    if out.is_empty() {
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

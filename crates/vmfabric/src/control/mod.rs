@@ -18,6 +18,7 @@ mod restore;
 mod sandbox;
 mod services;
 mod state;
+mod stats;
 mod user_net;
 
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ pub struct Control {
     state: Arc<Mutex<State>>,
     /// Into the events thread (lease events from the gateways).
     events: mpsc::Sender<ControlEvent>,
+    /// Out to `GET /v1/events`.
+    bus: events::EventBus,
     vms: Arc<vms::Vms>,
     /// Held for the daemon's life: one instance per state directory.
     _state_lock: std::fs::File,
@@ -241,6 +244,16 @@ impl Control {
             events::forward_leases(spec.name.to_string(), leases, self.events.clone());
         }
         Ok(Some(gw))
+    }
+
+    /// Events from now on, as JSON lines.
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.bus.subscribe()
+    }
+
+    /// How many clients follow the events now.
+    pub fn event_readers(&self) -> usize {
+        self.bus.readers()
     }
 
     /// Changes a network's gateway settings: checked, stored, then in force at once

@@ -99,8 +99,9 @@ impl Control {
             .ok_or_else(|| anyhow::anyhow!("switch events taken"))?;
         let state = Arc::new(Mutex::new(State::new(PortLocker::new(switch.clone()))));
         let (events, events_rx) = mpsc::channel();
-        super::events::spawn(state.clone(), switch_events, events.clone(), events_rx)?;
-        let vms = super::vms::Vms::new(guest_dir, run_dir.clone(), store.clone());
+        let bus = super::events::EventBus::default();
+        super::events::spawn(state.clone(), switch_events, events.clone(), events_rx, bus.clone())?;
+        let vms = super::vms::Vms::new(guest_dir, run_dir.clone(), store.clone(), bus.clone());
         let control = Arc::new(Control {
             switch,
             store,
@@ -109,6 +110,7 @@ impl Control {
             instance: crate::kernel::instance_of(&state_dir),
             state,
             events,
+            bus,
             vms,
             _state_lock: state_lock,
         });

@@ -112,6 +112,8 @@ pub struct Vms {
     /// Where running VMs are recorded, to adopt them after a restart.
     store: Arc<crate::store::Store>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// VM state changes go out here.
+    bus: super::events::EventBus,
 }
 
 /// What VM supervision needs of the control plane: a port per VM, pointed at its VMM,
@@ -145,13 +147,19 @@ fn view(e: &Entry) -> VmView {
 }
 
 impl Vms {
-    pub fn new(guest_dir: Option<PathBuf>, run_dir: PathBuf, store: Arc<crate::store::Store>) -> Arc<Vms> {
+    pub fn new(
+        guest_dir: Option<PathBuf>,
+        run_dir: PathBuf,
+        store: Arc<crate::store::Store>,
+        bus: super::events::EventBus,
+    ) -> Arc<Vms> {
         Arc::new(Vms {
             guest_dir,
             dir: run_dir.join(crate::model::SocketPlace::VmNic.subdir()),
             run_dir,
             store,
             entries: Mutex::new(HashMap::new()),
+            bus,
         })
     }
 
@@ -184,7 +192,11 @@ impl Vms {
                 }
             }
             let leased = broker.lease_of(&e.req.network, e.mac);
-            let state = e.vm.poll(leased);
+            let before = e.vm.state().clone();
+            let state = e.vm.poll(leased).clone();
+            if state != before {
+                self.announce(&view(e));
+            }
             if matches!(state, VmState::Stopped | VmState::Failed { .. }) && !e.port_removed {
                 e.port_removed = true;
                 ended.push((e.req.network.clone(), e.req.name.clone()));
@@ -305,7 +317,19 @@ impl Vms {
         }
         let v = view(&entry);
         self.entries().insert(req.name.clone(), entry);
+        self.announce(&v);
         Ok(v)
+    }
+
+    /// A VM's state, out to the event stream.
+    fn announce(&self, v: &VmView) {
+        self.bus.publish(crate::model::Event::VmState {
+            vm: v.name.clone(),
+            network: v.network.clone(),
+            state: v.state.clone(),
+            ip: v.ip,
+            reason: v.reason.clone(),
+        });
     }
 
     pub fn list(&self) -> Vec<VmView> {
@@ -332,7 +356,9 @@ impl Vms {
         if !e.port_removed {
             let _ = broker.remove_port(&e.req.network, &e.req.name);
         }
-        Ok(view(&e))
+        let v = view(&e);
+        self.announce(&v);
+        Ok(v)
     }
 
     pub fn logs(&self, name: &str) -> Result<String, ControlError> {

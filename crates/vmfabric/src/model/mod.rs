@@ -240,6 +240,119 @@ pub struct TrafficView {
     pub dropped: u64,
 }
 
+/// A network's counters now, for `GET /v1/stats` (and `vmfabric stats`): the same
+/// numbers `/metrics` gives, shaped for reading.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkStats {
+    pub network: Name,
+    pub traffic: TrafficView,
+    /// Dropped frames by reason (only reasons seen).
+    pub drops: std::collections::BTreeMap<String, u64>,
+    pub mac_table_entries: u64,
+    pub ports: Vec<PortStats>,
+    /// None without a gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortStats {
+    pub port: String,
+    pub traffic: TrafficView,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GatewayStats {
+    pub leases: u64,
+    /// Flows NAT carries now.
+    pub open_flows: OpenFlowsView,
+    /// Every gateway counter by name (`dhcp_ack`, `dns_forwarded`, `nat_tcp_flows`, ...;
+    /// the metric each feeds is in `/metrics`).
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OpenFlowsView {
+    pub tcp: u64,
+    pub udp: u64,
+    pub icmp: u64,
+}
+
+/// One line of `GET /v1/events`: when, and what happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventView {
+    /// RFC 3339, UTC.
+    pub time: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What the daemon reports as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A port's peer is there (connected, first datagram, device up).
+    PortUp {
+        network: String,
+        port: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+    },
+    /// A port's peer went away.
+    PortDown {
+        network: String,
+        port: String,
+        reason: String,
+    },
+    LeaseBound {
+        network: String,
+        #[schema(value_type = String, format = Ipv4)]
+        ip: Ipv4Addr,
+        mac: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
+    },
+    LeaseReleased {
+        network: String,
+        #[schema(value_type = String, format = Ipv4)]
+        ip: Ipv4Addr,
+        mac: String,
+    },
+    LeaseExpired {
+        network: String,
+        #[schema(value_type = String, format = Ipv4)]
+        ip: Ipv4Addr,
+        mac: String,
+    },
+    /// A MAC was seen behind another port than before.
+    MacMoved {
+        network: String,
+        mac: String,
+        from: String,
+        to: String,
+    },
+    /// The network's MAC table is full: new sources are delivered but not learned.
+    MacTableFull { network: String },
+    /// A VM changed state (`starting`, `running`, `ready`, `stopped`, `failed`).
+    VmState {
+        vm: String,
+        network: String,
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>, format = Ipv4)]
+        ip: Option<Ipv4Addr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Guest traffic the egress policy refused, sampled: the count since the last such
+    /// event of the network (at most one a second).
+    PolicyRefused { network: String, refused: u64 },
+    /// This reader fell behind and missed `missed` events.
+    Lagged { missed: u64 },
+}
+
 impl From<&fabric::CounterSnapshot> for TrafficView {
     fn from(c: &fabric::CounterSnapshot) -> Self {
         TrafficView {

@@ -50,12 +50,87 @@ impl Running {
             .unwrap()
     }
 
+    /// The status line and headers of a GET whose body never ends (a stream): read up
+    /// to the blank line, then the connection is dropped.
+    pub fn stream_head(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: vmfabric\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    /// Follows `GET /v1/events` (through the typed client) from now on.
+    pub fn follow_events(&self) -> EventLog {
+        let log = EventLog(Arc::new(std::sync::Mutex::new(Vec::new())));
+        let (socket, sink) = (self.socket.clone(), log.clone());
+        let before = self.daemon.event_readers();
+        std::thread::spawn(move || {
+            let mut out = sink;
+            let _ = client::Client::new(&socket).and_then(|c| c.events(&mut out));
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.daemon.event_readers() == before {
+            assert!(Instant::now() < deadline, "the event stream did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log
+    }
+
     /// Stops the daemon as SIGTERM would; the state stays for the next start.
     pub fn stop(self) {
         self.server.abort();
         self.daemon.shutdown();
         drop(self.daemon);
         self.rt.shutdown_background();
+    }
+}
+
+/// What an event stream brought so far.
+#[derive(Clone)]
+pub struct EventLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for EventLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl EventLog {
+    /// Every whole line, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event {l:?} is not JSON: {e}")))
+            .collect()
+    }
+
+    /// Waits until an event has every field of `want` (a JSON object); returns it.
+    pub fn wait_for(&self, want: Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let events = self.events();
+            let found = events
+                .iter()
+                .find(|e| want.as_object().unwrap().iter().all(|(k, v)| &e[k] == v));
+            if let Some(e) = found {
+                return e.clone();
+            }
+            assert!(Instant::now() < deadline, "no event like {want} in {events:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
