@@ -6,10 +6,11 @@
 # NAT rules), g++ (libFuzzer, for the fuzz targets), python3-venv, socat and curl (the
 # API fuzzing with schemathesis), python3-prometheus-client (its OpenMetrics parser
 # checks the metrics page) and promtool (so does it, in the Prometheus text format:
-# taken from Debian's prometheus package, without the server). Rust comes from rustup; this script
-# checks it is there.
+# taken from Debian's prometheus package, without the server), systemd, adduser and
+# passwd (the package test: socket activation, systemd-analyze, the vmfabric group and a
+# member of it). Rust comes from rustup; this script checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client)
+need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # scripts/test.sh — every check and test vmfabric has: formatting, clippy, unit and
 # integration tests over real sockets, TAP devices in network namespaces (root) and
-# real QEMU guests (TCG), schemathesis against the API's OpenAPI document, and a short
-# run of every fuzz target. Installs what it needs
+# real QEMU guests (TCG), the Debian package installed and started, schemathesis
+# against the API's OpenAPI document, and a short run of every fuzz target. Installs what it needs
 # first. Run as root to run them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,9 @@ if [ "$(id -u)" = 0 ]; then export VMFABRIC_REQUIRE_ALL_TESTS=1; fi
 export VMFABRIC_SECCOMP=kill
 echo "[test] cargo test"
 VMFABRIC_GUEST_DIR=$PWD/target/guest cargo test --workspace --no-fail-fast
+# The Debian package, installed, started as systemd would, and purged.
+echo "[test] package"
+scripts/test-package.sh
 # The HTTP API against its own OpenAPI document (schemathesis).
 echo "[test] api fuzz"
 scripts/api-fuzz.sh

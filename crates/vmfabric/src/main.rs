@@ -30,12 +30,18 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = cli::Cli::parse();
+    let json = matches!(&cli.command, cli::Command::Serve(a) if a.log_format == serve::LogFormat::Json);
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let result = match cli::Cli::parse().command {
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    let result = match cli.command {
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::BootGuest(args) => cli::boot_guest::run(args),
         other => cli::run(other),

@@ -15,23 +15,42 @@ use vmfabric::store::PortKind;
 
 use crate::cli::DEFAULT_SOCKET;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where a packaged daemon finds its configuration.
+const DEFAULT_CONFIG: &str = "/etc/vmfabric/vmfabric.toml";
+
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
-    /// The API socket (mode 0600).
+    /// The API socket (mode 0600, or 0660 with --socket-group). Under systemd socket
+    /// activation (LISTEN_FDS) the socket systemd passes is served instead.
     #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Members of this group (name or number) may use the API socket, and so the CLI,
+    /// without root.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Logs as text for people, or as JSON lines for collectors.
+    #[arg(long, value_enum, default_value = "text", env = "VMFABRIC_LOG_FORMAT")]
+    pub(crate) log_format: LogFormat,
     /// Where the state store lives.
-    #[arg(long, default_value = "/var/lib/vmfabric")]
+    #[arg(long, env = "VMFABRIC_STATE_DIR", default_value = "/var/lib/vmfabric")]
     state_dir: PathBuf,
     /// Directory for the ports' socket files.
-    #[arg(long, default_value = "/run/vmfabric")]
+    #[arg(long, env = "VMFABRIC_RUN_DIR", default_value = "/run/vmfabric")]
     run_dir: PathBuf,
     /// The guest image (guest/build.sh DIR) that `vm run` boots; without it the daemon
     /// runs no VMs.
     #[arg(long)]
     guest_dir: Option<PathBuf>,
-    /// A TOML file declaring networks, ports and reservations to create at start.
-    #[arg(long)]
+    /// A TOML file declaring networks, ports, reservations and gateway settings to
+    /// create at start (docs/config.md). Default: /etc/vmfabric/vmfabric.toml when it
+    /// exists.
+    #[arg(long, env = "VMFABRIC_CONFIG")]
     config: Option<PathBuf>,
     /// Also serve `/metrics` over TCP on this address (for example 127.0.0.1:9100).
     #[arg(long)]
@@ -74,7 +93,14 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
-    let declared = args.config.as_deref().map(vmfabric::config::load).transpose()?;
+    let config = args
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+    if let Some(c) = &config {
+        info!(config = %c.display(), "configuration");
+    }
+    let declared = config.as_deref().map(vmfabric::config::load).transpose()?;
     // A declared "default" network is the one a new store starts with.
     let first = declared.as_ref().and_then(|c| c.default_network());
     if args.no_sandbox {
@@ -100,12 +126,20 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         rt.spawn(async move { axum::serve(listener, app).await });
         info!(%addr, "metrics over TCP");
     }
-    let listener = {
+    let (listener, activated) = {
         let _guard = rt.enter();
-        api::bind(&args.socket)?
+        match activated_listener()? {
+            Some(l) => (l, true),
+            None => (api::bind(&args.socket)?, false),
+        }
     };
+    if let (Some(group), false) = (&args.socket_group, activated) {
+        share_with_group(&args.socket, group)?;
+    }
+    // Only a socket this daemon made is its to remove; systemd keeps its own.
     let socket_inode = std::fs::metadata(&args.socket)
         .ok()
+        .filter(|_| !activated)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     let wanted = args
         .dgram_ports
@@ -124,11 +158,12 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("port {name}: {e}"))?;
         }
     }
-    println!(
-        "vmfabric: API on {}, state in {}",
-        args.socket.display(),
-        args.state_dir.display()
-    );
+    let api_at = if activated {
+        "the socket systemd passed".to_string()
+    } else {
+        args.socket.display().to_string()
+    };
+    println!("vmfabric: API on {api_at}, state in {}", args.state_dir.display());
     for net in daemon.networks() {
         let r = &net;
         println!(
@@ -154,12 +189,17 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let stats_asked = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, stats_asked.clone()).context("install signal handler")?;
     let server = rt.spawn(api::serve(listener, daemon.clone()));
+    // Under systemd (Type=notify): ready once the API answers. Elsewhere a no-op.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell the service manager the daemon is ready: {e}");
+    }
     while !stop.load(Ordering::Relaxed) && !server.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if stats_asked.swap(false, Ordering::Relaxed) {
             print_stats(&daemon);
         }
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
     daemon.shutdown();
     // Only our own socket: a newer daemon may have bound the path since.
@@ -168,6 +208,50 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The API socket systemd passed (socket activation: LISTEN_PID is this process and
+/// LISTEN_FDS counts from fd 3), if any.
+fn activated_listener() -> Result<Option<tokio::net::UnixListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    let Some(std_listener) = fds
+        .take_unix_listener(0)
+        .context("the socket systemd passed is not a Unix stream socket")?
+    else {
+        return Ok(None);
+    };
+    std_listener.set_nonblocking(true)?;
+    info!("API on the socket systemd passed");
+    Ok(Some(tokio::net::UnixListener::from_std(std_listener)?))
+}
+
+/// Gives `group` read and write on the socket (0660).
+fn share_with_group(socket: &std::path::Path, group: &str) -> Result<()> {
+    let gid = match group.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => {
+            let text = std::fs::read_to_string("/etc/group").context("read /etc/group")?;
+            group_id(&text, group).with_context(|| format!("no group named {group:?} in /etc/group"))?
+        }
+    };
+    rustix::fs::chown(socket, None, Some(rustix::fs::Gid::from_raw(gid)))
+        .with_context(|| format!("give {} to group {group}", socket.display()))?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    info!(group, gid, "API socket shared with a group");
+    Ok(())
+}
+
+/// A group's id from /etc/group text. Read by hand: the C library's getgrnam is not
+/// reachable without `unsafe`, and groups from NSS modules (LDAP) can be given by number.
+fn group_id(etc_group: &str, name: &str) -> Option<u32> {
+    etc_group.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// Counters of every port and the leases, from the same numbers `/metrics` serves.
@@ -214,5 +298,15 @@ fn print_stats(daemon: &Control) {
         for l in daemon.leases(name).unwrap_or_default() {
             println!("    {:<15} {}  {}", l.ip, l.mac, l.hostname.as_deref().unwrap_or("-"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn group_ids_come_from_etc_group() {
+        let text = "root:x:0:\nvmfabric:x:998:alice,bob\n";
+        assert_eq!(super::group_id(text, "vmfabric"), Some(998));
+        assert_eq!(super::group_id(text, "nobody"), None);
     }
 }

@@ -17,23 +17,31 @@ impl Drop for Daemon {
     }
 }
 
+/// `serve` with its socket at `socket` and its state and ports under `dir`.
+fn serve_args(dir: &Path, socket: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec!["serve".into(), "--socket".into(), socket.into()];
+    a.extend(["--state-dir".into(), dir.join("state").into()]);
+    a.extend(["--run-dir".into(), dir.join("run").into()]);
+    a
+}
+
+/// Waits until something answers on `socket`.
+fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start(dir: &Path) -> Daemon {
     let child = Command::new(BIN)
-        .args(["serve", "--socket"])
-        .arg(dir.join("api.sock"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
+        .args(serve_args(dir, &dir.join("api.sock")))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(dir.join("api.sock")).is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&dir.join("api.sock"));
     Daemon(child)
 }
 
@@ -277,12 +285,7 @@ fn a_config_file_declares_networks_and_metrics_go_out_over_tcp() {
         .port();
     let spawn = || {
         let child = Command::new(BIN)
-            .args(["serve", "--socket"])
-            .arg(dir.join("api.sock"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
+            .args(serve_args(&dir, &dir.join("api.sock")))
             .arg("--config")
             .arg(&cfg)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
@@ -730,5 +733,122 @@ fn events_follow_ports_coming_and_going() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         assert!(v["time"].is_string() && v["type"].is_string(), "{l}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The daemon as systemd runs it (packaging/systemd): the API socket passed by socket
+/// activation, readiness told over NOTIFY_SOCKET, logs as JSON lines; on SIGTERM it
+/// says it is stopping and leaves systemd's socket alone.
+#[test]
+fn the_daemon_runs_under_socket_activation_and_tells_systemd_it_is_ready() {
+    let tool = "systemd-socket-activate";
+    let ready = Command::new("which")
+        .arg(tool)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !testkit::ready_or_skip(
+        ready,
+        "socket activation: needs systemd-socket-activate (Debian's systemd package)",
+    ) {
+        return;
+    }
+    let dir = tmp("activation");
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sock = dir.join("api.sock");
+    let child = Command::new(tool)
+        .arg("-l")
+        .arg(&sock)
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", dir.join("notify.sock").display()))
+        .arg(BIN)
+        .args(serve_args(&dir, &dir.join("unused.sock")))
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts the daemon, which answers it.
+    let nets = json(&dir, &["network", "ls"]);
+    assert_eq!(nets[0]["name"], "default", "{nets}");
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(
+        !dir.join("unused.sock").exists(),
+        "the passed socket is served, no other"
+    );
+    sh(&["kill", "-TERM", &child.id().to_string()]);
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(sock.exists(), "systemd's socket is systemd's to remove");
+    let logs = String::from_utf8_lossy(&out.stderr);
+    // After systemd-socket-activate's own lines ("Listening on ...", "Execing ..."),
+    // every line is the daemon's, and JSON.
+    let daemon_lines: Vec<&str> = logs.lines().skip_while(|l| !l.starts_with('{')).collect();
+    assert!(daemon_lines.len() >= 2, "{logs}");
+    for l in daemon_lines {
+        let line: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        assert!(
+            line["level"].is_string() && line["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--socket-group`: members of the group use the CLI without root; others cannot.
+#[test]
+fn a_socket_group_lets_its_members_in() {
+    let ready = testkit::is_root() && Command::new("setpriv").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(
+        ready,
+        "socket group: needs root (to chown the socket and switch users) and setpriv",
+    ) {
+        return;
+    }
+    let dir = tmp("group");
+    sh(&["chmod", "755", dir.to_str().unwrap()]);
+    let gid = 4242u32; // no group needs to exist by that number
+    let child = Command::new(BIN)
+        .args(serve_args(&dir, &dir.join("api.sock")))
+        .args(["--socket-group", &gid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _d = Daemon(child);
+    wait_for_socket(&dir.join("api.sock"));
+    let meta = std::fs::metadata(dir.join("api.sock")).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!((meta.gid(), meta.permissions().mode() & 0o777), (gid, 0o660));
+    let as_user = |groups: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                groups,
+                "--",
+                BIN,
+                "network",
+                "ls",
+                "--socket",
+            ])
+            .arg(dir.join("api.sock"))
+            .output()
+            .unwrap()
+    };
+    let member = as_user(&format!("--groups={gid}"));
+    assert!(member.status.success(), "{member:?}");
+    assert!(String::from_utf8_lossy(&member.stdout).contains("default"));
+    let stranger = as_user("--clear-groups");
+    assert_eq!(stranger.status.code(), Some(5), "{stranger:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

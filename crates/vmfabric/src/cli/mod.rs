@@ -106,6 +106,14 @@ pub(crate) enum Command {
     },
     /// Boot the test guest (guest/build.sh) under QEMU on a port; its console goes to stdout.
     BootGuest(boot_guest::BootGuestArgs),
+    /// Print shell completions (source them, or install them where the shell looks:
+    /// the Debian package does).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vmfabric.1 and one per subcommand) into DIR.
+    Man { dir: PathBuf },
 }
 
 /// Input the CLI itself refuses (a flag's value it cannot read): exits 2, as a usage
@@ -492,6 +500,17 @@ pub(crate) fn run(command: Command) -> Result<()> {
         }
         Command::Stats { network, prometheus, c } => stats::run(network, prometheus, c),
         Command::Events { c } => events::run(c),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "vmfabric", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("write man pages into {}", dir.display()))?;
+            Ok(())
+        }
         Command::Serve(_) | Command::BootGuest(_) => unreachable!("run by main"),
     }
 }
