@@ -128,6 +128,8 @@ pub async fn stream_to(socket: &Path, path: &str, out: &mut dyn std::io::Write) 
 pub struct Client {
     socket: PathBuf,
     rt: tokio::runtime::Runtime,
+    /// How long one call may wait for its answer (streams are not calls).
+    timeout: Option<std::time::Duration>,
 }
 
 /// No body (`Option::<&NoBody>::None`).
@@ -139,12 +141,28 @@ impl Client {
         Ok(Client {
             socket: socket.into(),
             rt,
+            timeout: None,
         })
+    }
+
+    /// Gives up on a call the daemon has not answered within `timeout`.
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Client {
+        self.timeout = Some(timeout);
+        self
     }
 
     fn raw(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> anyhow::Result<Bytes> {
         let bytes = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
-        let (status, data) = self.rt.block_on(send(&self.socket, method, path, bytes))?;
+        let call = send(&self.socket, method, path, bytes);
+        let (status, data) = match self.timeout {
+            None => self.rt.block_on(call)?,
+            Some(t) => self
+                .rt
+                .block_on(async { tokio::time::timeout(t, call).await })
+                .map_err(|_| {
+                    anyhow::anyhow!("the daemon did not answer {method} {path} within {t:?} (see --timeout)")
+                })??,
+        };
         if !(200..300).contains(&status) {
             return Err(ApiError::from_body(status, &data).into());
         }

@@ -443,11 +443,40 @@ fn exit_codes_tell_usage_not_found_conflict_and_no_daemon_apart() {
         "bad input"
     );
     assert_eq!(code(&["network", "frobnicate"]), Some(2), "bad usage (clap)");
+    assert_eq!(
+        code(&["port", "add", "a", "p", "--kind", "bogus"]),
+        Some(2),
+        "kinds are a fixed set"
+    );
+    // Idempotent creation where asked for.
+    assert_eq!(
+        code(&["network", "create", "a", "--subnet", "10.91.0.0/24", "--exist-ok"]),
+        Some(0)
+    );
+    assert_eq!(code(&["port", "add", "a", "p", "--kind", "stream"]), Some(0));
+    assert_eq!(code(&["port", "add", "a", "p", "--kind", "stream"]), Some(4));
+    assert_eq!(
+        code(&["port", "add", "a", "p", "--kind", "stream", "--exist-ok"]),
+        Some(0)
+    );
     // Commands that return nothing still answer --json.
     assert_eq!(
-        json(&dir, &["network", "rm", "a"]),
+        json(&dir, &["network", "rm", "a", "--force"]),
         serde_json::json!({"removed": "network", "name": "a"})
     );
+    // A daemon that takes the connection and never answers: the request times out.
+    let mute = std::os::unix::net::UnixListener::bind(dir.join("mute.sock")).unwrap();
+    let out = Command::new(BIN)
+        .args(["network", "ls", "--timeout", "1s", "--socket"])
+        .arg(dir.join("mute.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not answer"),
+        "{out:?}"
+    );
+    drop(mute);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

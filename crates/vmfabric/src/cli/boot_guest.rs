@@ -26,6 +26,7 @@ pub(crate) struct BootGuestArgs {
     /// `dhcp` or a static address with prefix, e.g. 10.77.0.11/24.
     #[arg(long, default_value = "dhcp")]
     ip: String,
+    /// The guest's DHCP hostname (its DNS name).
     #[arg(long, default_value = "guest")]
     hostname: String,
     /// Serve /www over HTTP on port 80 inside the guest.
@@ -34,6 +35,7 @@ pub(crate) struct BootGuestArgs {
     /// Shell command the guest runs once its network is up; it powers off after.
     #[arg(long)]
     cmd: Option<String>,
+    /// Guest memory in MiB.
     #[arg(long, default_value_t = 96)]
     memory_mib: u32,
 }

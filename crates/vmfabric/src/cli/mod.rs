@@ -73,6 +73,7 @@ pub(crate) enum Command {
     },
     /// The NAT flows a network's gateway carries now (TCP egress and forwards, UDP).
     Flows {
+        /// The network.
         network: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -80,10 +81,12 @@ pub(crate) enum Command {
     /// Live capture of a network (NETWORK) or one port (NETWORK/PORT) as pcap, to stdout
     /// (pipe it into `tcpdump -r -` or `tshark -r -`) or to a file, until interrupted.
     Capture {
+        /// NETWORK, or NETWORK/PORT.
         target: String,
         /// Write to this file instead of stdout.
         #[arg(short = 'w', long)]
         write: Option<PathBuf>,
+        /// The daemon's API socket.
         #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -109,11 +112,15 @@ pub(crate) enum Command {
     /// Print shell completions (source them, or install them where the shell looks:
     /// the Debian package does).
     Completions {
+        /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
     /// Write the man pages (vmfabric.1 and one per subcommand) into DIR.
-    Man { dir: PathBuf },
+    Man {
+        /// Where the pages go (made if missing).
+        dir: PathBuf,
+    },
 }
 
 /// Input the CLI itself refuses (a flag's value it cannot read): exits 2, as a usage
@@ -137,6 +144,10 @@ pub(crate) struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Give up on a daemon that has not answered after this long (streams such as
+    /// `events` and `capture` run until stopped).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = settings::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +159,7 @@ pub(crate) enum NetworkCmd {
         /// Its IPv4 subnet, e.g. 10.80.0.0/24 (default: the first free private /24).
         #[arg(long)]
         subnet: Option<String>,
+        /// The largest frame payload on it, 68 to 65520 (jumbo frames: 9000).
         #[arg(long, default_value_t = 1500)]
         mtu: u32,
         /// No gateway (DHCP, DNS) on this network.
@@ -156,10 +168,10 @@ pub(crate) enum NetworkCmd {
         /// Let guests reach the host's loopback at the subnet's last host address.
         #[arg(long)]
         host_access: bool,
-        /// userspace (vmfabric's switch) or kernel (a Linux bridge with TAP ports and
-        /// nftables NAT; needs root).
-        #[arg(long, default_value = "userspace")]
-        mode: String,
+        /// Who carries the frames: vmfabric's switch, or a Linux bridge with TAP ports
+        /// and nftables NAT (needs root).
+        #[arg(long, value_enum, default_value = "userspace")]
+        mode: vmfabric::model::NetworkMode,
         /// Kernel mode: ports reach the gateway and the router but not each other.
         #[arg(long)]
         isolated: bool,
@@ -169,6 +181,9 @@ pub(crate) enum NetworkCmd {
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,
+        /// A network of that name already there is fine (exit 0, print it).
+        #[arg(long)]
+        exist_ok: bool,
         #[command(flatten)]
         settings: Box<settings::SettingsArgs>,
         #[command(flatten)]
@@ -185,16 +200,21 @@ pub(crate) enum NetworkCmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// List the networks.
     Ls {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Show a network: what its gateway serves, its settings, ports, leases, traffic.
     Show {
+        /// The network.
         name: String,
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Remove a network (its leases, forwards and reservations go with it).
     Rm {
+        /// The network.
         name: String,
         /// Also remove its ports.
         #[arg(long)]
@@ -208,14 +228,15 @@ pub(crate) enum NetworkCmd {
 pub(crate) enum PortCmd {
     /// Add a port and print the VMM arguments for it.
     Add {
+        /// The network.
         network: String,
+        /// The port's name (a VM on it gets this DNS name unless its DHCP hostname says otherwise).
         name: String,
-        /// unixgram (QEMU -netdev dgram, vfkit), stream (QEMU -netdev stream, passt
-        /// framing) or tap (needs CAP_NET_ADMIN). On a kernel-mode network a TAP port is
-        /// for QEMU, Cloud Hypervisor and Firecracker, which open it; on a userspace one
-        /// the daemon holds it, so it attaches a host interface or namespace instead.
-        #[arg(long, default_value = "unixgram")]
-        kind: String,
+        /// How the VMM connects. On a kernel-mode network a TAP port is for QEMU, Cloud
+        /// Hypervisor and Firecracker, which open it; on a userspace one the daemon holds
+        /// it, so it attaches a host interface or namespace instead (needs CAP_NET_ADMIN).
+        #[arg(long, value_enum, default_value = "unixgram")]
+        kind: vmfabric::model::PortKind,
         /// TAP ports: the interface name.
         #[arg(long)]
         ifname: Option<String>,
@@ -236,6 +257,9 @@ pub(crate) enum PortCmd {
         /// choose their own MAC.
         #[arg(long)]
         learn_mac_once: bool,
+        /// A port of that name already there is fine (exit 0, print it).
+        #[arg(long)]
+        exist_ok: bool,
         /// Socketpair ports: the VMM to run with the VM end inherited; `{fd}` in its
         /// arguments becomes the fd number (QEMU: -netdev dgram,id=n0,local.type=fd,local.str={fd}).
         #[arg(last = true)]
@@ -243,13 +267,18 @@ pub(crate) enum PortCmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// List a network's ports (up: a VMM is attached).
     Ls {
+        /// The network.
         network: String,
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Remove a port: its lease and DNS name go at once.
     Rm {
+        /// The network.
         network: String,
+        /// The port.
         name: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -260,13 +289,16 @@ pub(crate) enum PortCmd {
 pub(crate) enum VmCmd {
     /// Boot a VM on a new port of a network; it gets its address from the gateway.
     Run {
+        /// The network to attach it to.
         #[arg(long = "net")]
         network: String,
+        /// Its name (and its port's and DNS name); default: vm-<random>.
         #[arg(long)]
         name: Option<String>,
         /// Serve /www over HTTP on port 80 in the guest.
         #[arg(long)]
         http: bool,
+        /// Guest memory in MiB.
         #[arg(long, default_value_t = 96)]
         memory_mib: u32,
         /// Wait until the VM is ready (or has ended) before returning.
@@ -278,16 +310,21 @@ pub(crate) enum VmCmd {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
+    /// List the VMs and their states.
     Ls {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Stop a VM (ACPI powerdown, then SIGTERM, then SIGKILL) and free its port.
     Stop {
+        /// The VM.
         name: String,
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Print a VM's serial console so far.
     Logs {
+        /// The VM.
         name: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -298,25 +335,34 @@ pub(crate) enum VmCmd {
 pub(crate) enum ForwardCmd {
     /// Forward HOST (address:port; port 0 picks one) to GUEST (address:port), TCP or UDP.
     Add {
+        /// The network.
         network: String,
+        /// Where the host listens, ADDRESS:PORT.
         host: std::net::SocketAddr,
+        /// The guest's ADDRESS:PORT.
         guest: std::net::SocketAddrV4,
-        #[arg(long, default_value = "tcp")]
-        proto: String,
+        /// The protocol forwarded.
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: vmfabric::model::ForwardProto,
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// List a network's forwards (dangling: no guest at the address now).
     Ls {
+        /// The network.
         network: String,
         #[command(flatten)]
         c: ClientArgs,
     },
     /// Remove the forwards from HOST (both protocols unless --proto names one).
     Rm {
+        /// The network.
         network: String,
+        /// The host ADDRESS:PORT the forward listens on.
         host: String,
-        #[arg(long)]
-        proto: Option<String>,
+        /// Only this protocol's forward.
+        #[arg(long, value_enum)]
+        proto: Option<vmfabric::model::ForwardProto>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -324,7 +370,9 @@ pub(crate) enum ForwardCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCmd {
+    /// Print a network's egress policy (JSON).
     Show {
+        /// The network.
         network: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -332,7 +380,9 @@ pub(crate) enum PolicyCmd {
     /// Replace the policy with the JSON in FILE (`-` for stdin), e.g.
     /// {"default": "deny", "rules": [{"action": "allow", "dst": "10.0.0.0/8", "ports": "53", "proto": "udp"}]}
     Set {
+        /// The network.
         network: String,
+        /// The policy's JSON (`-`: stdin).
         file: PathBuf,
         #[command(flatten)]
         c: ClientArgs,
@@ -343,19 +393,27 @@ pub(crate) enum PolicyCmd {
 pub(crate) enum ReservationCmd {
     /// Reserve IP for KEY: a MAC address, or a VM's name (DHCP hostname or port name).
     Add {
+        /// The network.
         network: String,
+        /// A MAC address, or a VM's name.
         key: String,
+        /// The address it always gets.
         ip: std::net::Ipv4Addr,
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// List a network's reservations.
     Ls {
+        /// The network.
         network: String,
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Remove a reservation (a lease it gave stays until it ends).
     Rm {
+        /// The network.
         network: String,
+        /// The MAC address or name it was made for.
         key: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -364,7 +422,9 @@ pub(crate) enum ReservationCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum LeaseCmd {
+    /// List a network's leases: address, MAC, name, when each ends.
     Ls {
+        /// The network.
         network: String,
         #[command(flatten)]
         c: ClientArgs,
@@ -386,11 +446,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
                     proto,
                     c,
                 } => {
-                    let body = ForwardSpec {
-                        proto: proto.parse()?,
-                        host,
-                        guest,
-                    };
+                    let body = ForwardSpec { proto, host, guest };
                     let v = client(&c)?.add_forward(&network, &body)?;
                     print_table(&c, &v, &["proto", "host", "guest"]);
                 }
@@ -404,7 +460,6 @@ pub(crate) fn run(command: Command) -> Result<()> {
                     proto,
                     c,
                 } => {
-                    let proto = proto.map(|p| p.parse()).transpose()?;
                     client(&c)?.remove_forward(&network, &host, proto)?;
                     report(
                         &c,
@@ -512,5 +567,30 @@ pub(crate) fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Serve(_) | Command::BootGuest(_) => unreachable!("run by main"),
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    /// Every command says what it does and every argument what it takes.
+    #[test]
+    fn every_command_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: no description"));
+            }
+            for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if a.get_help().is_none() {
+                    missing.push(format!("{path} {}: no description", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<super::Cli as clap::CommandFactory>::command(), "", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use super::table::{client, print_table, report};
+use super::table::{client, is_conflict, print_table, report};
 use vmfabric::model::{GatewaySettings, Mtu, Name, NetworkSpec};
 
 use super::{bad_input, NetworkCmd};
@@ -19,6 +19,7 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
             isolated,
             bridge,
             force,
+            exist_ok,
             settings,
             c,
         } => {
@@ -28,10 +29,6 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
                 Some(s) => bad_input(s.parse().with_context(|| format!("subnet {s:?}")))?,
                 None => Default::default(),
             };
-            let mode = bad_input(
-                serde_json::from_value(serde_json::Value::String(mode.clone()))
-                    .with_context(|| format!("mode {mode:?} is neither userspace nor kernel")),
-            )?;
             let body = NetworkSpec {
                 name: bad_input(Name::new("network", &name).map_err(Into::into))?,
                 subnet,
@@ -43,8 +40,15 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
                 bridge,
                 settings: gateway_settings,
             };
-            let v = client(&c)?.create_network(&body, force)?;
-            print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "mode"]);
+            let client = client(&c)?;
+            let columns = ["name", "subnet", "mtu", "gateway", "mode"];
+            match client.create_network(&body, force) {
+                Ok(v) => print_table(&c, &v, &columns),
+                Err(e) if exist_ok && is_conflict(&e) && client.network(&name).is_ok() => {
+                    print_table(&c, &client.network(&name)?, &columns)
+                }
+                Err(e) => return Err(e),
+            }
         }
         NetworkCmd::Set { name, settings, c } => {
             bad_input(super::settings::require_some(&settings))?;

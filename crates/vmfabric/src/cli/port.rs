@@ -3,10 +3,10 @@
 
 use anyhow::{Context, Result};
 
-use super::table::{cell, client, print_table, report};
-use vmfabric::model::{Name, PortSpec, SocketpairSpec};
+use super::table::{cell, client, is_conflict, print_table, report};
+use vmfabric::model::{Name, PortKind, PortSpec, SocketpairSpec};
 
-use super::{ClientArgs, PortCmd};
+use super::{bad_input, ClientArgs, PortCmd};
 
 /// A short random suffix for unnamed VMs.
 pub(super) fn rand_suffix() -> u32 {
@@ -44,13 +44,13 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
         PortCmd::Add {
             network,
             name,
-            kind,
+            kind: PortKind::Socketpair,
             exec,
             mac,
             learn_mac_once,
             c,
             ..
-        } if kind == "socketpair" => {
+        } => {
             let spec = SocketpairSpec {
                 name: Name::new("port", &name)?,
                 mac,
@@ -68,6 +68,7 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
             vnet_hdr,
             mac,
             learn_mac_once,
+            exist_ok,
             c,
             ..
         } => {
@@ -86,13 +87,18 @@ pub(super) fn run(cmd: PortCmd) -> Result<()> {
                 vnet_hdr,
                 mac,
                 learn_mac_once,
-                ..PortSpec::new(
-                    Name::new("port", &name)?,
-                    serde_json::from_value(serde_json::Value::String(kind.clone()))
-                        .with_context(|| format!("kind {kind:?}: unixgram, stream, tap or socketpair"))?,
-                )
+                ..PortSpec::new(bad_input(Name::new("port", &name).map_err(Into::into))?, kind)
             };
-            let port = client(&c)?.add_port(&network, &body)?;
+            let client = client(&c)?;
+            let port = match client.add_port(&network, &body) {
+                Err(e) if exist_ok && is_conflict(&e) => {
+                    match client.ports(&network)?.into_iter().find(|p| p.record.name == name) {
+                        Some(p) => p,
+                        None => return Err(e),
+                    }
+                }
+                other => other?,
+            };
             let v = serde_json::to_value(&port)?;
             if c.json {
                 print_table(&c, &v, &[]);

@@ -104,6 +104,13 @@ pub(crate) fn parse_secs(text: &str) -> Result<u64> {
     u64::try_from(d.as_secs()).with_context(|| format!("{text:?} is negative"))
 }
 
+/// A friendly duration as clap parses it (`--timeout 10s`).
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    parse_secs(text)
+        .map(std::time::Duration::from_secs)
+        .map_err(|e| format!("{e:#}"))
+}
+
 fn split_pair<'a>(text: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
     text.split_once('=')
         .filter(|(a, b)| !a.is_empty() && !b.is_empty())

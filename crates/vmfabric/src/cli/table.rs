@@ -8,7 +8,13 @@ use super::ClientArgs;
 
 /// The daemon's client for these arguments.
 pub(super) fn client(c: &ClientArgs) -> Result<Client> {
-    Client::new(&c.socket)
+    Ok(Client::new(&c.socket)?.with_timeout(c.timeout))
+}
+
+/// Whether `e` is the daemon saying the object exists already (409).
+pub(super) fn is_conflict(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<vmfabric::client::ApiError>()
+        .is_some_and(|a| a.status == 409)
 }
 
 pub(super) fn cell(v: &serde_json::Value) -> String {

@@ -18,7 +18,7 @@ pub use checked::*;
 pub use settings::*;
 
 /// Who carries a network's frames.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// vmfabric's userspace switch; ports are sockets (and TAP devices it reads).
@@ -38,12 +38,14 @@ impl NetworkMode {
 }
 
 /// How a port is reached, as stored and as the API takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PortKind {
+    /// One frame a datagram on a Unix socket path (QEMU -netdev dgram, vfkit).
     Unixgram,
+    /// Length-prefixed frames on a Unix stream socket (QEMU -netdev stream, passt).
     Stream,
-    /// A TAP device; the record's path holds the interface name.
+    /// A TAP device (the record's path holds the interface name).
     Tap,
     /// A socketpair whose VM end was handed to the client; it lives as long as the
     /// daemon and is not stored (the other end cannot come back after a restart).
@@ -656,7 +658,9 @@ impl PolicySpec {
 }
 
 /// The protocols a port forward carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardProto {
     #[default]
