@@ -87,6 +87,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         }
         None => tracing::info!("no descriptor limit"),
     }
+    if let Some(note) = vmfabric::control::privileges::unprivileged_note() {
+        tracing::warn!("{note}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vmfabric")

@@ -28,10 +28,12 @@ impl Backend {
                 "isolated and bridge are kernel-mode options (mode=kernel)",
             )),
             NetworkMode::Userspace => Ok(()),
-            NetworkMode::Kernel => match &spec.bridge {
-                Some(b) => Ok(crate::model::check_ifname("bridge", b)?),
-                None => Ok(()),
-            },
+            NetworkMode::Kernel => {
+                if let Some(b) = &spec.bridge {
+                    crate::model::check_ifname("bridge", b)?;
+                }
+                super::privileges::need_net_admin("a kernel-mode network (a bridge, TAP devices, nftables)")
+            }
         }
     }
 

@@ -14,6 +14,7 @@ mod events;
 mod kernel_net;
 mod kernel_rules;
 pub mod metrics;
+pub mod privileges;
 mod restore;
 mod sandbox;
 mod services;
@@ -420,6 +421,9 @@ impl Control {
         }
         if spec.kind != PortKind::Tap && spec.ifname.is_some() {
             return Err(ControlError::invalid("ifname is for TAP ports only"));
+        }
+        if spec.kind == PortKind::Tap {
+            privileges::need_net_admin("a TAP port")?;
         }
         net.backend.check_port(&spec)?;
         let env = self.env();

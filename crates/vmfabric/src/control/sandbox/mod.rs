@@ -71,7 +71,12 @@ impl Drop for GatewayRuntime {
 /// [`calls::confine_calls`].
 fn confine_gateway_thread(state_dir: &Path, mode: calls::SeccompMode) -> Result<(), String> {
     rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
-    let keep = GATEWAY_CAPABILITIES;
+    // What the thread has of them: an unprivileged daemon has none to keep, and
+    // asking for more than it has would fail (and leave the thread unconfined).
+    let held = rustix::thread::capabilities(None)
+        .map(|c| c.permitted)
+        .map_err(|e| format!("capabilities: {e}"))?;
+    let keep = GATEWAY_CAPABILITIES & held;
     rustix::thread::set_capabilities(
         None,
         CapabilitySets {
