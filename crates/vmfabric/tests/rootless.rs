@@ -30,7 +30,10 @@ fn as_nobody(args: &[&str]) -> Command {
 fn cli(dir: &Path, args: &[&str]) -> Output {
     let mut a = vec![BIN];
     a.extend(args);
-    as_nobody(&a).env("VMFABRIC_SOCKET", dir.join("api.sock")).output().unwrap()
+    as_nobody(&a)
+        .env("VMFABRIC_SOCKET", dir.join("api.sock"))
+        .output()
+        .unwrap()
 }
 
 struct Killed(Child);
@@ -98,7 +101,9 @@ fn an_unprivileged_daemon_serves_a_real_guest() {
         "--upstream",
         &format!("127.0.0.1:{upstream_port}"),
     ]);
-    let cmd = format!("nslookup -type=a outside.test && nslookup -type=a gateway && wget -qO- http://host.vm.internal:{port}/");
+    let cmd = format!(
+        "nslookup -type=a outside.test && nslookup -type=a gateway && wget -qO- http://host.vm.internal:{port}/"
+    );
     ok(&["vm", "run", "--net", "r", "--name", "g", "--wait", "--", &cmd]);
     // Ready is when its network is up; the command runs on until it powers off.
     let deadline = Instant::now() + Duration::from_secs(180);
