@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmfabric");
@@ -34,15 +34,6 @@ fn cli(dir: &Path, args: &[&str]) -> Output {
         .env("VMFABRIC_SOCKET", dir.join("api.sock"))
         .output()
         .unwrap()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -71,7 +62,7 @@ fn an_unprivileged_daemon_serves_a_real_guest() {
         .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut daemon = Killed(daemon);
+    let mut daemon = testkit::Killed(daemon);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::os::unix::net::UnixStream::connect(dir.join("api.sock")).is_err() {
         assert!(Instant::now() < deadline, "the daemon did not come up");

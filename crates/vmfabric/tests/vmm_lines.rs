@@ -33,7 +33,7 @@ fn boot_printed(image: &Path, dir: &Path, name: &str, printed: &str) -> String {
         .stderr(std::fs::File::create(dir.join(format!("{name}.qemu.log"))).unwrap())
         .spawn()
         .unwrap();
-    let mut guest = Booted(child);
+    let mut guest = testkit::Killed(child);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     loop {
         let console = std::fs::read_to_string(dir.join(format!("{name}.console"))).unwrap_or_default();
@@ -46,15 +46,6 @@ fn boot_printed(image: &Path, dir: &Path, name: &str, printed: &str) -> String {
             panic!("the guest on `{printed}` never leased:\n{console}\nQEMU: {qemu}");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-struct Booted(std::process::Child);
-
-impl Drop for Booted {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
