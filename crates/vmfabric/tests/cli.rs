@@ -881,3 +881,47 @@ fn a_socket_group_lets_its_members_in() {
     assert_eq!(stranger.status.code(), Some(5), "{stranger:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The README's walk through a network with its own DNS and DHCP settings runs as
+/// written (bash -e, `vmfabric` on PATH, a test daemon behind VMFABRIC_SOCKET).
+#[test]
+fn the_readmes_settings_walkthrough_runs_as_written() {
+    let readme = include_str!("../../../README.md");
+    let section = readme
+        .split("### A network with its own DNS and DHCP settings")
+        .nth(1)
+        .expect("the README has the section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the section has a sh block");
+    let dir = tmp("readme");
+    let _d = start(&dir);
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(BIN, bin.join("vmfabric")).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("bash")
+        .args(["-e", "-c", block])
+        .env("PATH", path)
+        .env("VMFABRIC_SOCKET", dir.join("api.sock"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{block}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("dns domain:  dev.internal") && text.contains("leases of 30m"),
+        "{text}"
+    );
+    let v = json(&dir, &["network", "show", "lab"]);
+    assert!(
+        v["settings"]["dns"].get("records").is_none(),
+        "the last line reset them: {v}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
