@@ -111,6 +111,8 @@ pub struct MacEntry {
 pub struct CapturedFrame {
     /// When it passed, since the Unix epoch.
     pub at: std::time::Duration,
+    /// The port it came in through.
+    pub from: PortId,
     pub data: Vec<u8>,
 }
 

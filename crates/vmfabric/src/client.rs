@@ -320,10 +320,17 @@ impl Client {
 
     /// Copies a capture (pcap) of a network, or of one port of it, to `out` until the
     /// daemon ends it.
-    pub fn capture(&self, network: &str, port: Option<&str>, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    pub fn capture(
+        &self,
+        network: &str,
+        port: Option<&str>,
+        pcapng: bool,
+        out: &mut dyn std::io::Write,
+    ) -> anyhow::Result<()> {
+        let format = if pcapng { "pcapng" } else { "pcap" };
         let path = match port {
-            Some(p) => format!("/v1/networks/{}/capture?port={}", seg(network), seg(p)),
-            None => format!("/v1/networks/{}/capture", seg(network)),
+            Some(p) => format!("/v1/networks/{}/capture?format={format}&port={}", seg(network), seg(p)),
+            None => format!("/v1/networks/{}/capture?format={format}", seg(network)),
         };
         self.rt.block_on(stream_to(&self.socket, &path, out))
     }

@@ -84,5 +84,51 @@ fn capture_while_traffic_flows_and_tshark_reads_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(lines, 10, "{}", String::from_utf8_lossy(&out.stdout));
+
+    // pcapng: one interface per port, so the whole network's capture says which port
+    // each frame came in through.
+    let name = |n: &str| vmfabric::model::Name::new("port", n).unwrap();
+    let (alpha, alpha_fd) = daemon.add_socketpair_port("cap", &name("alpha"), None, false).unwrap();
+    let (beta, beta_fd) = daemon.add_socketpair_port("cap", &name("beta"), None, false).unwrap();
+    let (alpha_fd, beta_fd) = (
+        std::os::unix::net::UnixDatagram::from(alpha_fd),
+        std::os::unix::net::UnixDatagram::from(beta_fd),
+    );
+    let pcapng = dir.join("out.pcapng");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmfabric"))
+        .args(["capture", "cap", "--pcapng", "-w"])
+        .arg(&pcapng)
+        .arg("--socket")
+        .arg(socket)
+        .spawn()
+        .unwrap();
+    wait_until("the section header", || file_len(&pcapng) >= 28);
+    let from = |mac: fabric::Mac| {
+        let mut f = vec![0xff; 6];
+        f.extend(mac.0);
+        f.extend([0x88, 0xb5]);
+        f.resize(80, 0x42);
+        f
+    };
+    for _ in 0..3 {
+        alpha_fd.send(&from(alpha.record.mac)).unwrap();
+        beta_fd.send(&from(beta.record.mac)).unwrap();
+    }
+    let before = file_len(&pcapng);
+    // Six blocks of 80-byte frames and two interface blocks at least.
+    wait_until("six frames in the file", || file_len(&pcapng) >= before + 6 * 112);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(&pcapng)
+        .args(["-T", "fields", "-e", "frame.interface_name"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text.lines().collect();
+    assert_eq!(names.iter().filter(|n| **n == "cap/alpha").count(), 3, "{text}");
+    assert_eq!(names.iter().filter(|n| **n == "cap/beta").count(), 3, "{text}");
     d.stop();
 }

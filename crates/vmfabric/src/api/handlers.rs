@@ -335,6 +335,8 @@ pub(super) async fn list_leases(State(d): Shared, UrlPath(net): UrlPath<String>)
 #[derive(Deserialize)]
 pub(super) struct CaptureQuery {
     port: Option<String>,
+    /// `pcap` (the default) or `pcapng` (one interface per port).
+    format: Option<String>,
 }
 
 /// Feeds what the pcap writer produces into the response body.
@@ -354,7 +356,7 @@ impl std::io::Write for BodyWriter {
 }
 
 /// Streams a live capture as pcap until the client goes away.
-#[utoipa::path(get, path = "/v1/networks/{name}/capture", tag = "networks", params(("name" = String, Path, description = "The network"), ("port" = Option<String>, Query, description = "Only this port")), responses((status = 200, description = "A live pcap stream until the client leaves", content_type = "application/vnd.tcpdump.pcap", body = Vec<u8>), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 503, description = "A bound is reached", body = ErrorBody)), operation_id = "capture")]
+#[utoipa::path(get, path = "/v1/networks/{name}/capture", tag = "networks", params(("name" = String, Path, description = "The network"), ("port" = Option<String>, Query, description = "Only this port"), ("format" = Option<String>, Query, description = "pcap (the default) or pcapng: one interface per port, named NETWORK/PORT")), responses((status = 200, description = "A live pcap (or pcapng) stream until the client leaves", content_type = "application/vnd.tcpdump.pcap", body = Vec<u8>), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 503, description = "A bound is reached", body = ErrorBody)), operation_id = "capture")]
 pub(super) async fn capture(
     State(d): Shared,
     UrlPath(net): UrlPath<String>,
@@ -366,19 +368,25 @@ pub(super) async fn capture(
     };
     let net_name = net.clone();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let pcapng = q.format.as_deref() == Some("pcapng");
+    if !matches!(q.format.as_deref(), None | Some("pcap" | "pcapng")) {
+        return Err(ControlError::invalid("format is pcap (the default) or pcapng"));
+    }
+    let labels = d.clone();
     std::thread::Builder::new()
         .name("capture".into())
         .spawn(move || {
             let closed = tx.clone();
-            let Ok(mut w) = pcap_file::pcap::PcapWriter::new(BodyWriter(tx)) else {
-                return;
+            let mut out = match CaptureWriter::new(BodyWriter(tx), pcapng) {
+                Ok(w) => w,
+                Err(_) => return,
             };
             // Wakes now and then to notice a client that left while nothing flowed.
             loop {
                 match cap.capture.frames.recv_timeout(std::time::Duration::from_millis(500)) {
                     Ok(f) => {
-                        let pkt = pcap_file::pcap::PcapPacket::new(f.at, f.data.len() as u32, &f.data);
-                        if w.write_packet(&pkt).is_err() {
+                        let label = || format!("{net_name}/{}", labels.port_label(&net_name, f.from));
+                        if out.write(&f, label).is_err() {
                             tracing::info!(network = %net_name, lost = cap.capture.dropped(), "capture ended");
                             return;
                         }
@@ -392,8 +400,74 @@ pub(super) async fn capture(
             }
         })
         .map_err(|e| ControlError::Host(e.to_string()))?;
+    let kind = if pcapng {
+        "application/x-pcapng"
+    } else {
+        "application/vnd.tcpdump.pcap"
+    };
     let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Ok(([("content-type", "application/vnd.tcpdump.pcap")], body).into_response())
+    Ok(([("content-type", kind)], body).into_response())
+}
+
+/// Writes captured frames as pcap, or as pcapng with one interface per port (named
+/// NETWORK/PORT, described as it is first seen), so a whole network's capture tells
+/// which port each frame came in through.
+enum CaptureWriter {
+    Pcap(pcap_file::pcap::PcapWriter<BodyWriter>),
+    PcapNg {
+        writer: pcap_file::pcapng::PcapNgWriter<BodyWriter>,
+        interfaces: std::collections::HashMap<fabric::PortId, u32>,
+    },
+}
+
+impl CaptureWriter {
+    fn new(out: BodyWriter, pcapng: bool) -> pcap_file::PcapResult<CaptureWriter> {
+        Ok(if pcapng {
+            CaptureWriter::PcapNg {
+                writer: pcap_file::pcapng::PcapNgWriter::new(out)?,
+                interfaces: Default::default(),
+            }
+        } else {
+            CaptureWriter::Pcap(pcap_file::pcap::PcapWriter::new(out)?)
+        })
+    }
+
+    fn write(&mut self, f: &fabric::CapturedFrame, label: impl FnOnce() -> String) -> pcap_file::PcapResult<()> {
+        use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+        use pcap_file::pcapng::blocks::interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption};
+        match self {
+            CaptureWriter::Pcap(w) => {
+                w.write_packet(&pcap_file::pcap::PcapPacket::new(f.at, f.data.len() as u32, &f.data))?;
+            }
+            CaptureWriter::PcapNg { writer, interfaces } => {
+                let next = interfaces.len() as u32;
+                let id = match interfaces.get(&f.from) {
+                    Some(id) => *id,
+                    None => {
+                        writer.write_pcapng_block(InterfaceDescriptionBlock {
+                            linktype: pcap_file::DataLink::ETHERNET,
+                            snaplen: 0,
+                            options: vec![
+                                InterfaceDescriptionOption::IfName(label().into()),
+                                // The blocks' timestamps are in nanoseconds.
+                                InterfaceDescriptionOption::IfTsResol(9),
+                            ],
+                        })?;
+                        interfaces.insert(f.from, next);
+                        next
+                    }
+                };
+                writer.write_pcapng_block(EnhancedPacketBlock {
+                    interface_id: id,
+                    timestamp: f.at,
+                    original_len: f.data.len() as u32,
+                    data: std::borrow::Cow::Borrowed(&f.data),
+                    options: vec![],
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "daemon", responses((status = 200, description = "Every metric family with help and type: the Prometheus text format (0.0.4), or OpenMetrics when the Accept header asks for application/openmetrics-text", content((String = "text/plain"), (String = "application/openmetrics-text")))), operation_id = "metrics")]

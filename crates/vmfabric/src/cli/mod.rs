@@ -86,6 +86,10 @@ pub(crate) enum Command {
         /// Write to this file instead of stdout.
         #[arg(short = 'w', long)]
         write: Option<PathBuf>,
+        /// pcapng with one interface per port (NETWORK/PORT), so a whole network's
+        /// capture shows which port each frame came in through.
+        #[arg(long)]
+        pcapng: bool,
         /// The daemon's API socket.
         #[arg(long, env = "VMFABRIC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -542,7 +546,12 @@ pub(crate) fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Capture { target, write, socket } => {
+        Command::Capture {
+            target,
+            write,
+            pcapng,
+            socket,
+        } => {
             let (network, port) = match target.split_once('/') {
                 Some((net, port)) => (net, Some(port)),
                 None => (target.as_str(), None),
@@ -551,7 +560,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
                 Some(f) => Box::new(std::fs::File::create(f).with_context(|| format!("create {}", f.display()))?),
                 None => Box::new(std::io::stdout()),
             };
-            Client::new(&socket)?.capture(network, port, &mut *out)
+            Client::new(&socket)?.capture(network, port, pcapng, &mut *out)
         }
         Command::Stats { network, prometheus, c } => stats::run(network, prometheus, c),
         Command::Events { c } => events::run(c),

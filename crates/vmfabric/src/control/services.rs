@@ -244,6 +244,22 @@ impl Control {
     }
 }
 
+impl Control {
+    /// What a capture calls the port `id` of `network`: its name, `gateway` for the
+    /// gateway's, or its number for one gone since.
+    pub fn port_label(&self, network: &str, id: fabric::PortId) -> String {
+        let st = self.lock();
+        if let Some((_, name)) = st.index.get(&id) {
+            return name.clone();
+        }
+        let gateway = st.nets.get(network).and_then(|n| n.gateway.as_ref()).map(|g| g.port());
+        if gateway == Some(id) {
+            return "gateway".into();
+        }
+        id.to_string()
+    }
+}
+
 /// How many live captures may run at once: each copies every frame of its network
 /// through a channel, so an unbounded number would cut forwarding for everyone
 /// (measured: 100 unread captures took forwarding from 120k to 24k frames/s).

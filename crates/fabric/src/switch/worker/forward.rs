@@ -168,13 +168,17 @@ impl Fabric {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
             let (pending, dirty) = (&self.pending, &self.dirty);
+            let from = port.id;
             net.captures.retain(|tap| match tap.slot {
                 // A whole network: each frame once, as it came in.
-                None => frames.iter().all(|f| tap.offer(at, f)),
+                None => frames.iter().all(|f| tap.offer(at, from, f)),
                 // One port: what it sent, then what it is about to be sent.
-                Some(p) if p == src => frames.iter().all(|f| tap.offer(at, f)),
+                Some(p) if p == src => frames.iter().all(|f| tap.offer(at, from, f)),
                 Some(p) => {
-                    !dirty.contains(&p) || pending[p as usize].iter().all(|i| tap.offer(at, frames[*i as usize]))
+                    !dirty.contains(&p)
+                        || pending[p as usize]
+                            .iter()
+                            .all(|i| tap.offer(at, from, frames[*i as usize]))
                 }
             });
         }

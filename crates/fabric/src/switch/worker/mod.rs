@@ -104,9 +104,10 @@ pub(crate) struct CaptureTap {
 impl CaptureTap {
     /// Offers a copy; a full channel (slow reader) loses the copy, never the frame.
     /// Returns false once the reader is gone.
-    fn offer(&self, at: Duration, frame: &[u8]) -> bool {
+    fn offer(&self, at: Duration, from: PortId, frame: &[u8]) -> bool {
         match self.tx.try_send(CapturedFrame {
             at,
+            from,
             data: frame.to_vec(),
         }) {
             Ok(()) => true,
