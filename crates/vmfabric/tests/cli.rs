@@ -762,6 +762,19 @@ fn events_follow_ports_coming_and_going() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         assert!(v["time"].is_string() && v["type"].is_string(), "{l}");
     }
+    // The metrics count the ports with their VMM attached now.
+    let ports_up = |want: &str| {
+        let line = format!("vmfabric_ports_up{{network=\"default\"}} {want}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !must(&dir, &["stats", "--prometheus"]).contains(&line) {
+            assert!(Instant::now() < deadline, "no {line:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let vmm = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    ports_up("1");
+    drop(vmm);
+    ports_up("0");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

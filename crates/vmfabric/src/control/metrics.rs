@@ -341,6 +341,18 @@ impl Control {
                 labels(&network),
                 net.ports.len() as u64,
             );
+            let env = self.env();
+            let up = net
+                .ports
+                .values()
+                .filter(|p| net.backend.port_up(&env, &p.handle))
+                .count();
+            out.gauge(
+                "vmfabric_ports_up",
+                "Ports on the network with their VMM attached now.",
+                labels(&network),
+                up as u64,
+            );
             for (pname, p) in &net.ports {
                 let Some(id) = p.handle.switch_port() else { continue };
                 if let Some(c) = self.switch.port_counters(id) {
