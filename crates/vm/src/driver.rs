@@ -51,6 +51,11 @@ pub struct QemuVm {
 }
 
 /// The last `n` lines of a console log, for a failure's reason.
+/// Where a VM's QEMU writes its own messages: beside its console, `NAME.qemu.log`.
+pub fn stderr_log(serial_log: &std::path::Path) -> PathBuf {
+    serial_log.with_extension("qemu.log")
+}
+
 pub fn log_tail(path: &std::path::Path, n: usize) -> String {
     let text = std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -94,10 +99,15 @@ impl QemuVm {
             }
             None => Command::new(&q.binary),
         };
+        // What QEMU says goes beside the console: why it would not start, above all.
+        let stderr = std::fs::File::create(stderr_log(&config.serial_log)).map_err(|source| DriverError::Spawn {
+            binary: q.binary.display().to_string(),
+            source,
+        })?;
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(stderr);
         let binary = q.binary.display().to_string();
         let child = cmd.spawn().map_err(|source| DriverError::Spawn { binary, source })?;
         let id = ProcessId::of(child.id()).ok();
@@ -173,8 +183,14 @@ impl QemuVm {
                     Some(s) => format!("the VMM {s}"),
                     None => "the VMM exited (adopted after a restart, so its status is unknown)".into(),
                 };
+                let said = log_tail(&stderr_log(&self.serial_log), 5);
+                let said = if said.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("; QEMU said:\n{said}\n")
+                };
                 VmState::Failed {
-                    reason: format!("{how}; last console lines:\n{}", log_tail(&self.serial_log, 10)),
+                    reason: format!("{how}{said}; last console lines:\n{}", log_tail(&self.serial_log, 10)),
                 }
             };
             let _ = std::fs::remove_file(&self.qmp);

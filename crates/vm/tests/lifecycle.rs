@@ -96,3 +96,24 @@ fn a_bad_config_never_starts() {
     };
     assert!(e.to_string().contains("32 MiB"), "{e}");
 }
+
+/// A VMM that will not start says why: QEMU's own message is in the Failed reason (and
+/// in the log beside the console).
+#[test]
+fn a_vmm_that_will_not_start_says_why() {
+    // (The image is not booted; this is the skip rule for tests that need QEMU.)
+    let Some(_) = common::guest_dir() else { return };
+    let work = common::workdir("nostart");
+    // A file that exists but is no kernel: validation passes, QEMU refuses it.
+    let junk = work.join("not-a-kernel");
+    std::fs::write(&junk, b"junk").unwrap();
+    let mut c = config(&work, &work, "x", "10.96.0.9", work.join("s.sock"));
+    c.kernel = junk.clone();
+    c.initramfs = junk;
+    let mut vm = QemuVm::start(&c, &work).unwrap();
+    let s = vm.wait_for(None, Duration::from_secs(20), |s| matches!(s, VmState::Failed { .. }));
+    let VmState::Failed { reason } = s else { panic!("{s:?}") };
+    assert!(reason.contains("QEMU said") && reason.contains("kernel"), "{reason}");
+    let log = std::fs::read_to_string(vm::driver::stderr_log(&c.serial_log)).unwrap();
+    assert!(log.contains("kernel"), "{log}");
+}
