@@ -25,9 +25,15 @@ use crate::readiness::{new_nonce, Readiness, ReadinessScanner};
 pub enum VmState {
     Starting,
     Running,
-    Ready { ip: Ipv4Addr },
+    Ready {
+        ip: Ipv4Addr,
+    },
+    /// Its vCPUs stopped (QMP `stop`); `resume` puts it back where it was.
+    Paused,
     Stopped,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,8 @@ pub struct QemuVm {
     serial_log: PathBuf,
     scanner: ReadinessScanner,
     state: VmState,
+    /// The state a pause interrupted, to go back to on resume.
+    paused_from: Option<VmState>,
     stop_requested: bool,
 }
 
@@ -124,6 +132,7 @@ impl QemuVm {
             serial_log: config.serial_log.clone(),
             scanner: ReadinessScanner::new(config.serial_log.clone(), nonce),
             state,
+            paused_from: None,
             stop_requested: false,
         })
     }
@@ -143,6 +152,7 @@ impl QemuVm {
             qmp,
             serial_log,
             state: VmState::Running,
+            paused_from: None,
             stop_requested: false,
         })
     }
@@ -231,19 +241,58 @@ impl QemuVm {
         }
     }
 
-    fn qmp_powerdown(&self) -> std::io::Result<()> {
+    /// Runs one QMP command and waits for its answer (events QEMU sends meanwhile are
+    /// skipped); an `error` answer is an error.
+    fn qmp(&self, command: &str) -> std::io::Result<()> {
         let stream = UnixStream::connect(&self.qmp)?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut line = String::new();
         reader.read_line(&mut line)?; // greeting
         let mut w = &stream;
-        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
-        line.clear();
-        reader.read_line(&mut line)?;
-        w.write_all(b"{\"execute\":\"system_powerdown\"}\n")?;
-        line.clear();
-        reader.read_line(&mut line)?;
+        for execute in ["qmp_capabilities", command] {
+            w.write_all(format!("{{\"execute\":\"{execute}\"}}\n").as_bytes())?;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Err(std::io::Error::other("QMP closed before it answered"));
+                }
+                if line.contains("\"return\"") {
+                    break;
+                }
+                if line.contains("\"error\"") {
+                    return Err(std::io::Error::other(format!("QMP {execute}: {}", line.trim())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn qmp_powerdown(&self) -> std::io::Result<()> {
+        self.qmp("system_powerdown")
+    }
+
+    /// Stops the guest's vCPUs (QMP `stop`): it answers nothing until resumed. Only a
+    /// running or ready VM pauses.
+    pub fn pause(&mut self) -> Result<(), String> {
+        match self.poll(None).clone() {
+            s @ (VmState::Running | VmState::Ready { .. }) => {
+                self.qmp("stop").map_err(|e| format!("pause: {e}"))?;
+                self.paused_from = Some(s);
+                self.state = VmState::Paused;
+                Ok(())
+            }
+            other => Err(format!("a {other:?} VM cannot be paused")),
+        }
+    }
+
+    /// Lets a paused guest run on (QMP `cont`), in the state it was paused in.
+    pub fn resume(&mut self) -> Result<(), String> {
+        if self.poll(None) != &VmState::Paused {
+            return Err(format!("the VM is {:?}, not paused", self.state));
+        }
+        self.qmp("cont").map_err(|e| format!("resume: {e}"))?;
+        self.state = self.paused_from.take().unwrap_or(VmState::Running);
         Ok(())
     }
 

@@ -298,6 +298,12 @@ impl Client {
         self.get(&format!("/v1/vms/{}", seg(name)))
     }
 
+    /// Pauses a VM (`paused`) or lets it run on.
+    pub fn pause_vm(&self, name: &str, paused: bool) -> anyhow::Result<VmView> {
+        let verb = if paused { "pause" } else { "resume" };
+        self.json("POST", &format!("/v1/vms/{}/{verb}", seg(name)), None::<&NoBody>)
+    }
+
     pub fn stop_vm(&self, name: &str) -> anyhow::Result<VmView> {
         self.json("DELETE", &format!("/v1/vms/{}", seg(name)), None::<&NoBody>)
     }

@@ -78,6 +78,35 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         "{logs}"
     );
 
+    // Paused: the guest answers nothing, keeping its port and lease; resumed: it
+    // answers again, Ready as before.
+    let (s, fw) = d.call(
+        "POST",
+        "/v1/networks/default/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": format!("{}:80", web_ip.as_str().unwrap())})),
+    );
+    assert_eq!(s, 201, "{fw}");
+    let published = fw["host"].as_str().unwrap().to_string();
+    let fetch = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&published).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        c.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n").ok()?;
+        let mut page = String::new();
+        c.read_to_string(&mut page).ok()?;
+        (!page.is_empty()).then_some(page)
+    };
+    assert!(fetch().is_some(), "web answers through the forward");
+    let (s, v) = d.call("POST", "/v1/vms/web/pause", None);
+    assert_eq!((s, v["state"].as_str()), (200, Some("paused")), "{v}");
+    assert_eq!(fetch(), None, "a paused guest answers nothing");
+    let (s, v) = d.call("POST", "/v1/vms/web/pause", None);
+    assert_eq!(s, 409, "paused already: {v}");
+    let (s, v) = d.call("POST", "/v1/vms/web/resume", None);
+    assert_eq!((s, v["state"].as_str()), (200, Some("ready")), "{v}");
+    assert!(fetch().is_some(), "resumed, it answers again");
+    events.wait_for(json!({"type": "vm_state", "vm": "web", "state": "paused"}));
+
     // Killed from outside: Failed, with a reason, and its port is freed.
     let pid = vm::process::ProcessId::of(web["pid"].as_u64().unwrap() as u32).unwrap();
     assert!(pid.signal(rustix::process::Signal::KILL).unwrap());

@@ -185,6 +185,16 @@ pub(super) async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) ->
     Ok(Json(v).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Paused: its vCPUs stopped, its port and lease kept", body = VmView), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody)), operation_id = "pause_vm")]
+pub(super) async fn pause_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.vms().set_paused(&name, true)).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Running again, in the state it was paused in", body = VmView), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody)), operation_id = "resume_vm")]
+pub(super) async fn resume_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    Ok(Json(blocking(move || d.vms().set_paused(&name, false)).await?).into_response())
+}
+
 #[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Its serial console", content_type = "text/plain", body = String), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "vm_logs")]
 pub(super) async fn vm_logs(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     let text = blocking(move || d.vms().logs(&name)).await?;

@@ -45,6 +45,8 @@ use handlers::*;
         run_vm,
         show_vm,
         stop_vm,
+        pause_vm,
+        resume_vm,
         vm_logs,
         show_policy,
         set_policy,
@@ -204,6 +206,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/vms", get(list_vms).post(run_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
+        .route("/v1/vms/{name}/pause", axum::routing::post(pause_vm))
+        .route("/v1/vms/{name}/resume", axum::routing::post(resume_vm))
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))

@@ -46,7 +46,7 @@ pub(crate) enum Command {
         #[command(subcommand)]
         cmd: PortCmd,
     },
-    /// VMs the daemon runs (the test guest image): run, ls, stop, logs.
+    /// VMs the daemon runs (the test guest image): run, ls, stop, pause, resume, logs.
     Vm {
         #[command(subcommand)]
         cmd: VmCmd,
@@ -321,6 +321,20 @@ pub(crate) enum VmCmd {
     },
     /// Stop a VM (ACPI powerdown, then SIGTERM, then SIGKILL) and free its port.
     Stop {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Pause a VM: its vCPUs stop (it answers nothing); its port and lease stay.
+    Pause {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Let a paused VM run on, in the state it was paused in.
+    Resume {
         /// The VM.
         name: String,
         #[command(flatten)]

@@ -46,6 +46,8 @@ pub(super) fn run(cmd: VmCmd) -> Result<()> {
         }
         VmCmd::Ls { c } => print_table(&c, &client(&c)?.vms()?, COLUMNS),
         VmCmd::Stop { name, c } => print_table(&c, &client(&c)?.stop_vm(&name)?, COLUMNS),
+        VmCmd::Pause { name, c } => print_table(&c, &client(&c)?.pause_vm(&name, true)?, COLUMNS),
+        VmCmd::Resume { name, c } => print_table(&c, &client(&c)?.pause_vm(&name, false)?, COLUMNS),
         VmCmd::Logs { name, c } => {
             let logs = client(&c)?.vm_logs(&name)?;
             if c.json {

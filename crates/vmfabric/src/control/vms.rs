@@ -52,7 +52,7 @@ fn one() -> u32 {
 pub struct VmView {
     pub name: String,
     pub network: String,
-    /// starting, running, ready, stopped or failed.
+    /// starting, running, ready, paused, stopped or failed.
     pub state: String,
     #[schema(value_type = Option<String>)]
     pub ip: Option<std::net::Ipv4Addr>,
@@ -131,6 +131,7 @@ fn view(e: &Entry) -> VmView {
         VmState::Starting => ("starting", None, None),
         VmState::Running => ("running", None, None),
         VmState::Ready { ip } => ("ready", Some(*ip), None),
+        VmState::Paused => ("paused", None, None),
         VmState::Stopped => ("stopped", None, None),
         VmState::Failed { reason } => ("failed", None, Some(reason.clone())),
     };
@@ -357,6 +358,21 @@ impl Vms {
             let _ = broker.remove_port(&e.req.network, &e.req.name);
         }
         let v = view(&e);
+        self.announce(&v);
+        Ok(v)
+    }
+
+    /// Pauses a VM (its vCPUs stop; its port and lease stay) or lets it run on.
+    pub fn set_paused(&self, name: &str, paused: bool) -> Result<VmView, ControlError> {
+        let v = {
+            let mut entries = self.entries();
+            let e = entries
+                .get_mut(name)
+                .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
+            let done = if paused { e.vm.pause() } else { e.vm.resume() };
+            done.map_err(ControlError::conflict)?;
+            view(e)
+        };
         self.announce(&v);
         Ok(v)
     }
