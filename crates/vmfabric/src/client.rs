@@ -298,6 +298,10 @@ impl Client {
         self.get(&format!("/v1/vms/{}", seg(name)))
     }
 
+    pub fn restart_vm(&self, name: &str) -> anyhow::Result<VmView> {
+        self.json("POST", &format!("/v1/vms/{}/restart", seg(name)), None::<&NoBody>)
+    }
+
     /// Pauses a VM (`paused`) or lets it run on.
     pub fn pause_vm(&self, name: &str, paused: bool) -> anyhow::Result<VmView> {
         let verb = if paused { "pause" } else { "resume" };

@@ -107,9 +107,30 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     assert!(fetch().is_some(), "resumed, it answers again");
     events.wait_for(json!({"type": "vm_state", "vm": "web", "state": "paused"}));
 
+    // Restarted: a new VMM with the same settings, the same name, MAC and address.
+    let (s, v) = d.call("POST", "/v1/vms/web/restart", None);
+    assert_eq!(s, 200, "{v}");
+    assert_ne!(v["pid"], web["pid"], "a new VMM");
+    // `vm logs --follow` prints the console as it grows, until the VM ends.
+    let follower = std::process::Command::new(env!("CARGO_BIN_EXE_vmfabric"))
+        .args(["vm", "logs", "web", "--follow", "--socket"])
+        .arg(&d.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let web = wait_state(&d, "web", &["ready", "failed"]);
+    assert_eq!((web["state"].as_str(), &web["ip"]), (Some("ready"), &web_ip), "{web}");
+    assert!(fetch().is_some(), "the restarted guest serves its page");
+
     // Killed from outside: Failed, with a reason, and its port is freed.
     let pid = vm::process::ProcessId::of(web["pid"].as_u64().unwrap() as u32).unwrap();
     assert!(pid.signal(rustix::process::Signal::KILL).unwrap());
+    let followed = follower.wait_with_output().unwrap();
+    let followed = String::from_utf8_lossy(&followed.stdout);
+    assert!(
+        followed.contains("VMFABRIC_READY"),
+        "the follower saw the boot: {followed}"
+    );
     let web = wait_state(&d, "web", &["failed"]);
     assert!(web["reason"].as_str().unwrap().contains("signal: 9"), "{web}");
     let deadline = Instant::now() + Duration::from_secs(10);

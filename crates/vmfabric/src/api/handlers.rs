@@ -185,6 +185,15 @@ pub(super) async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) ->
     Ok(Json(v).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/restart", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Stopped and started again with its settings", body = VmView), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "restart_vm")]
+pub(super) async fn restart_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
+    // Stopping waits for the guest (grace periods): off the async workers.
+    let v = tokio::task::spawn_blocking(move || d.vms().restart(&*d, &name))
+        .await
+        .map_err(|e| ControlError::Host(e.to_string()))??;
+    Ok(Json(v).into_response())
+}
+
 #[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Paused: its vCPUs stopped, its port and lease kept", body = VmView), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody)), operation_id = "pause_vm")]
 pub(super) async fn pause_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
     Ok(Json(blocking(move || d.vms().set_paused(&name, true)).await?).into_response())

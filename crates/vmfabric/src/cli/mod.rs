@@ -46,7 +46,7 @@ pub(crate) enum Command {
         #[command(subcommand)]
         cmd: PortCmd,
     },
-    /// VMs the daemon runs (the test guest image): run, ls, stop, pause, resume, logs.
+    /// VMs the daemon runs (the test guest image): run, ls, stop, restart, pause, resume, logs.
     Vm {
         #[command(subcommand)]
         cmd: VmCmd,
@@ -342,6 +342,16 @@ pub(crate) enum VmCmd {
     },
     /// Print a VM's serial console so far.
     Logs {
+        /// The VM.
+        name: String,
+        /// Keep printing what the console says until the VM ends.
+        #[arg(short, long, conflicts_with = "json")]
+        follow: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Stop a VM and start it again with the same settings, on a fresh port.
+    Restart {
         /// The VM.
         name: String,
         #[command(flatten)]

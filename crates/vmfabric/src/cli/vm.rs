@@ -1,4 +1,4 @@
-//! `vmfabric vm`: run, ls, stop, logs.
+//! `vmfabric vm`: run, ls, stop, restart, pause, resume, logs.
 
 use anyhow::Result;
 
@@ -48,14 +48,47 @@ pub(super) fn run(cmd: VmCmd) -> Result<()> {
         VmCmd::Stop { name, c } => print_table(&c, &client(&c)?.stop_vm(&name)?, COLUMNS),
         VmCmd::Pause { name, c } => print_table(&c, &client(&c)?.pause_vm(&name, true)?, COLUMNS),
         VmCmd::Resume { name, c } => print_table(&c, &client(&c)?.pause_vm(&name, false)?, COLUMNS),
-        VmCmd::Logs { name, c } => {
-            let logs = client(&c)?.vm_logs(&name)?;
+        VmCmd::Logs { name, follow, c } => {
+            let api = client(&c)?;
+            let logs = api.vm_logs(&name)?;
             if c.json {
                 println!("{}", serde_json::json!({"name": name, "logs": logs}));
             } else {
                 print!("{logs}");
             }
+            if follow {
+                follow_logs(&api, &name, logs.len())?;
+            }
+        }
+        VmCmd::Restart { name, c } => {
+            let api = client(&c)?;
+            let v = api.restart_vm(&name)?;
+            print_table(&c, &v, COLUMNS);
         }
     }
     Ok(())
+}
+
+/// Prints what the console adds after `seen` bytes, until the VM has ended (and its
+/// last lines are out) or is gone.
+fn follow_logs(api: &vmfabric::client::Client, name: &str, mut seen: usize) -> Result<()> {
+    use std::io::Write;
+    loop {
+        let ended = match api.vm(name) {
+            Ok(v) => matches!(v.state.as_str(), "stopped" | "failed"),
+            Err(_) => true,
+        };
+        if let Ok(logs) = api.vm_logs(name) {
+            // (A character cut in two last time may read differently now: then skip.)
+            if let Some(new) = logs.get(seen..).filter(|n| !n.is_empty()) {
+                print!("{new}");
+                std::io::stdout().flush()?;
+            }
+            seen = seen.max(logs.len());
+        }
+        if ended {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

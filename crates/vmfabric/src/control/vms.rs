@@ -362,6 +362,17 @@ impl Vms {
         Ok(v)
     }
 
+    /// Stops a VM and runs it again with the request it was run with.
+    pub fn restart(&self, broker: &dyn PortBroker, name: &str) -> Result<VmView, ControlError> {
+        let req = self
+            .entries()
+            .get(name)
+            .map(|e| e.req.clone())
+            .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
+        self.stop(broker, name)?;
+        self.run(broker, req)
+    }
+
     /// Pauses a VM (its vCPUs stop; its port and lease stay) or lets it run on.
     pub fn set_paused(&self, name: &str, paused: bool) -> Result<VmView, ControlError> {
         let v = {
