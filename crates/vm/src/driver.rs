@@ -268,6 +268,30 @@ impl QemuVm {
         Ok(())
     }
 
+    /// What QEMU says of the guest's run state (QMP `query-status`: `running`,
+    /// `paused`, `shutdown`, ...); `None` when QMP does not answer.
+    pub fn qmp_status(&self) -> Option<String> {
+        let stream = UnixStream::connect(&self.qmp).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut reader = BufReader::new(stream.try_clone().ok()?);
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?; // greeting
+        let mut w = &stream;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
+            .ok()?;
+        for _ in 0..16 {
+            line.clear();
+            if reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            // {"return": {"status": "running", "singlestep": false, "running": true}}
+            if let Some(rest) = line.split("\"status\":").nth(1) {
+                return rest.split('"').nth(1).map(String::from);
+            }
+        }
+        None
+    }
+
     fn qmp_powerdown(&self) -> std::io::Result<()> {
         self.qmp("system_powerdown")
     }

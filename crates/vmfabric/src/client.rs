@@ -298,6 +298,10 @@ impl Client {
         self.get(&format!("/v1/vms/{}", seg(name)))
     }
 
+    pub fn inspect_vm(&self, name: &str) -> anyhow::Result<crate::control::vms::VmInspect> {
+        self.get(&format!("/v1/vms/{}/inspect", seg(name)))
+    }
+
     pub fn restart_vm(&self, name: &str) -> anyhow::Result<VmView> {
         self.json("POST", &format!("/v1/vms/{}/restart", seg(name)), None::<&NoBody>)
     }

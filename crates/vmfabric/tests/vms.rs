@@ -100,6 +100,23 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
     let (s, v) = d.call("POST", "/v1/vms/web/pause", None);
     assert_eq!((s, v["state"].as_str()), (200, Some("paused")), "{v}");
     assert_eq!(fetch(), None, "a paused guest answers nothing");
+    let (s, v) = d.call("GET", "/v1/vms/web/inspect", None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["qmp_status"].as_str(), &v["lease"]["ip"], &v["port_view"]["up"]),
+        (Some("paused"), &web_ip, &json!(true)),
+        "{v}"
+    );
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_vmfabric"))
+        .args(["vm", "inspect", "web", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("qemu says: paused") && text.contains("http:      true"),
+        "{text}"
+    );
     let (s, v) = d.call("POST", "/v1/vms/web/pause", None);
     assert_eq!(s, 409, "paused already: {v}");
     let (s, v) = d.call("POST", "/v1/vms/web/resume", None);

@@ -45,6 +45,7 @@ use handlers::*;
         run_vm,
         show_vm,
         stop_vm,
+        inspect_vm,
         restart_vm,
         pause_vm,
         resume_vm,
@@ -207,6 +208,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/vms", get(list_vms).post(run_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
+        .route("/v1/vms/{name}/inspect", get(inspect_vm))
         .route("/v1/vms/{name}/restart", axum::routing::post(restart_vm))
         .route("/v1/vms/{name}/pause", axum::routing::post(pause_vm))
         .route("/v1/vms/{name}/resume", axum::routing::post(resume_vm))

@@ -46,7 +46,8 @@ pub(crate) enum Command {
         #[command(subcommand)]
         cmd: PortCmd,
     },
-    /// VMs the daemon runs (the test guest image): run, ls, stop, restart, pause, resume, logs.
+    /// VMs the daemon runs (the test guest image): run, ls, inspect, stop, restart, pause,
+    /// resume, logs.
     Vm {
         #[command(subcommand)]
         cmd: VmCmd,
@@ -347,6 +348,13 @@ pub(crate) enum VmCmd {
         /// Keep printing what the console says until the VM ends.
         #[arg(short, long, conflicts_with = "json")]
         follow: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Everything about a VM: settings, state, QEMU's run state, files, port, lease.
+    Inspect {
+        /// The VM.
+        name: String,
         #[command(flatten)]
         c: ClientArgs,
     },

@@ -60,6 +60,14 @@ pub(super) fn run(cmd: VmCmd) -> Result<()> {
                 follow_logs(&api, &name, logs.len())?;
             }
         }
+        VmCmd::Inspect { name, c } => {
+            let v = client(&c)?.inspect_vm(&name)?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", describe(&v));
+            }
+        }
         VmCmd::Restart { name, c } => {
             let api = client(&c)?;
             let v = api.restart_vm(&name)?;
@@ -91,4 +99,42 @@ fn follow_logs(api: &vmfabric::client::Client, name: &str, mut seen: usize) -> R
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A VM, one fact a line, for `vm inspect`.
+fn describe(v: &vmfabric::control::vms::VmInspect) -> String {
+    let vm = &v.vm;
+    let r = &v.request;
+    let or_dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+    let mut lines = vec![
+        ("name", vm.name.clone()),
+        ("network", vm.network.clone()),
+        ("state", vm.state.clone()),
+        ("qemu says", or_dash(v.qmp_status.clone())),
+        ("address", or_dash(vm.ip.map(|i| i.to_string()))),
+        ("mac", vm.mac.to_string()),
+        ("pid", or_dash(vm.pid.map(|p| p.to_string()))),
+        ("memory", format!("{} MiB, {} vCPU", r.memory_mib, r.cpus)),
+        ("command", or_dash(r.cmd.clone())),
+        ("http", r.http.to_string()),
+    ];
+    if let Some(p) = &v.port_view {
+        let up = if p.up { "up" } else { "down" };
+        lines.push((
+            "port",
+            format!("{} ({:?}, {up}) at {}", p.record.name, p.record.kind, p.record.path),
+        ));
+    }
+    if let Some(l) = &v.lease {
+        lines.push(("lease", format!("{} until {}", l.ip, l.expires_at)));
+    }
+    if let Some(reason) = &vm.reason {
+        lines.push(("reason", reason.clone()));
+    }
+    lines.push(("console", v.console.clone()));
+    lines.push(("qemu log", v.qemu_log.clone()));
+    lines
+        .iter()
+        .map(|(k, val)| format!("{:<10} {val}\n", format!("{k}:")))
+        .collect()
 }

@@ -64,6 +64,27 @@ pub struct VmView {
     pub mac: Mac,
 }
 
+/// Everything about one VM, for `vm inspect`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmInspect {
+    #[serde(flatten)]
+    pub vm: VmView,
+    /// What it was run with.
+    pub request: VmRequest,
+    /// Its serial console, and QEMU's own messages beside it.
+    pub console: String,
+    pub qemu_log: String,
+    /// QEMU's word on the run state (`running`, `paused`, ...), when QMP answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp_status: Option<String>,
+    /// Its port, while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_view: Option<crate::model::PortView>,
+    /// Its lease, while it holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<crate::model::LeaseView>,
+}
+
 struct Entry {
     vm: QemuVm,
     req: VmRequest,
@@ -360,6 +381,34 @@ impl Vms {
         let v = view(&e);
         self.announce(&v);
         Ok(v)
+    }
+
+    /// A VM with its request, files, QMP status, port and lease.
+    pub fn inspect(&self, control: &super::Control, name: &str) -> Result<VmInspect, ControlError> {
+        let (vm, request, console, qmp_status) = {
+            let entries = self.entries();
+            let e = entries
+                .get(name)
+                .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
+            (view(e), e.req.clone(), e.console.clone(), e.vm.qmp_status())
+        };
+        let port_view = control
+            .ports(&vm.network)
+            .ok()
+            .and_then(|ps| ps.into_iter().find(|p| p.record.name == vm.port));
+        let lease = control
+            .leases(&vm.network)
+            .ok()
+            .and_then(|ls| ls.into_iter().find(|l| l.mac == vm.mac));
+        Ok(VmInspect {
+            vm,
+            request,
+            qemu_log: ::vm::driver::stderr_log(&console).display().to_string(),
+            console: console.display().to_string(),
+            qmp_status,
+            port_view,
+            lease,
+        })
     }
 
     /// Stops a VM and runs it again with the request it was run with.
