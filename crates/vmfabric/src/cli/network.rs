@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use super::table::{client, is_conflict, print_table, report};
+use super::table::{client, is_conflict, print_one, print_table, report};
 use vmfabric::model::{GatewaySettings, Mtu, Name, NetworkSpec};
 
 use super::{bad_input, NetworkCmd};
@@ -66,14 +66,7 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
             let v = client(&c)?.networks()?;
             print_table(&c, &v, &["name", "subnet", "mtu", "gateway", "ports", "leases"]);
         }
-        NetworkCmd::Show { name, c } => {
-            let v = client(&c)?.network(&name)?;
-            if c.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", describe(&v));
-            }
-        }
+        NetworkCmd::Show { name, c } => print_one(&c, &client(&c)?.network(&name)?, describe)?,
         NetworkCmd::Rm { name, force, c } => {
             client(&c)?.remove_network(&name, force)?;
             report(

@@ -59,6 +59,16 @@ pub(super) fn report(c: &ClientArgs, text: String, json: serde_json::Value) {
     }
 }
 
+/// One object: as JSON with --json, else as `describe` words it (a fact a line).
+pub(super) fn print_one<T: Serialize>(c: &ClientArgs, v: &T, describe: impl Fn(&T) -> String) -> Result<()> {
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", describe(v));
+    }
+    Ok(())
+}
+
 /// A table of `columns` from a view or a list of them, or the JSON itself with --json.
 pub(super) fn print_table(c: &ClientArgs, view: &impl Serialize, columns: &[&str]) {
     let v = &serde_json::to_value(view).unwrap_or_default();

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::table::{client, print_table};
+use super::table::{client, print_one, print_table};
 use std::time::Duration;
 
 use vmfabric::control::vms::VmRequest;
@@ -60,14 +60,7 @@ pub(super) fn run(cmd: VmCmd) -> Result<()> {
                 follow_logs(&api, &name, logs.len())?;
             }
         }
-        VmCmd::Inspect { name, c } => {
-            let v = client(&c)?.inspect_vm(&name)?;
-            if c.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", describe(&v));
-            }
-        }
+        VmCmd::Inspect { name, c } => print_one(&c, &client(&c)?.inspect_vm(&name)?, describe)?,
         VmCmd::Restart { name, c } => {
             let api = client(&c)?;
             let v = api.restart_vm(&name)?;
