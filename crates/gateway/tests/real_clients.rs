@@ -141,7 +141,12 @@ fn tmpdir(name: &str) -> PathBuf {
 const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
 case "$1" in
 deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
-bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"
+bound) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"
+    echo "$1 $ip" >> "$(dirname "$0")/events" ;;
+# A renewal keeps the address: replacing it in place keeps the neighbour cache too.
+# (Flushing the interface's last address empties it, and then the RELEASE that follows
+# waits for ARP while the deconfig flush drops it: a lost release under load.)
+renew) ip addr replace "$ip/$mask" dev "$interface"
     echo "$1 $ip" >> "$(dirname "$0")/events" ;;
 esac
 "#;
