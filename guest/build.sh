@@ -10,6 +10,8 @@
 #   VMF_IP=dhcp|A.B.C.D/NN|none   network config (default dhcp, via udhcpc)
 #   VMF_GW=A.B.C.D VMF_DNS=A.B.C.D  with a static address
 #   VMF_HOSTNAME=name              sent as the DHCP hostname too
+#   VMF_NICS=N                     wait for N NICs (each leases; default 1)
+#   VMF_READY_MAC=mac              the NIC the readiness marker names (default: first)
 #   VMF_NONCE=token                echoed in the readiness marker (per boot)
 #   VMF_HTTP=1                     serve /www on TCP 80 (busybox httpd)
 #   VMF_CMD=<base64 sh script>     run after the network is ready
@@ -73,7 +75,9 @@ done
 # virtio-net over PCI (q35) and MMIO (microvm). The package ships no modules.dep, so
 # the load order is fixed here, dependencies first; a module missing as a file is
 # built into this kernel.
-MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio failover net_failover virtio_net"
+# Beside the NIC: virtio-blk with FAT (data disks, the cloud-init seed) and vsock.
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio failover net_failover virtio_net
+virtio_blk fat vfat nls_cp437 nls_ascii nls_utf8 vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
 : > "$ROOT/lib/modules/order"
 for m in $MODULES; do
     f=$(find "$WORK/kernel/lib/modules/$KVER" -name "$m.ko*" | head -n1)
@@ -97,14 +101,17 @@ bound|renew)
     ip addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
-    if [ -n "$router" ]; then
-        ip route replace default via "${router%% *}" dev "$interface"
+    # With several NICs the first to lease (the readiness NIC) keeps the default
+    # route and the resolver.
+    if [ -n "$router" ] && [ -z "$(ip route show default)" ]; then
+        ip route add default via "${router%% *}" dev "$interface"
     fi
-    : > /etc/resolv.conf
-    for s in $dns; do echo "nameserver $s" >> /etc/resolv.conf; done
-    [ -n "$search" ] && echo "search $search" >> /etc/resolv.conf
-    [ -z "$search" ] && [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
-    echo "$ip" > /run/ip ;;
+    if [ ! -s /etc/resolv.conf ]; then
+        for s in $dns; do echo "nameserver $s" >> /etc/resolv.conf; done
+        [ -n "$search" ] && echo "search $search" >> /etc/resolv.conf
+        [ -z "$search" ] && [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+    fi
+    echo "$ip" > "/run/ip.$interface" ;;
 esac
 exit 0
 EOF
@@ -124,26 +131,38 @@ while read -r m; do insmod "/lib/modules/$m.ko" 2>/dev/null; done < /lib/modules
 hostname "${VMF_HOSTNAME:-guest}"
 ip link set lo up
 
-nic=
+# NICs appear one by one: wait for as many as the runner attached (VMF_NICS).
+nics=
 for _ in $(seq 50); do
-    for d in /sys/class/net/*; do [ "${d##*/}" != lo ] && nic=${d##*/} && break; done
-    [ -n "$nic" ] && break
+    nics=$(ls /sys/class/net | grep -vx lo)
+    [ "$(echo "$nics" | grep -c .)" -ge "${VMF_NICS:-1}" ] && break
     sleep 0.1
 done
+# The readiness NIC (VMF_READY_MAC, else the first) leases first; the others after.
+nic=$(echo "$nics" | head -n1)
+for n in $nics; do
+    [ "$(cat "/sys/class/net/$n/address")" = "$VMF_READY_MAC" ] && nic=$n
+done
+lease() {
+    udhcpc -i "$1" -s /etc/dhcp-hook -x "hostname:${VMF_HOSTNAME:-guest}" -O search -O mtu \
+        -t "${VMF_DHCP_TRIES:-10}" -T 1 -A 1 -n -q -f
+}
 
 ip=
 if [ -z "$nic" ]; then
     echo "VMFABRIC_NET_FAIL no-nic"
 else
-    ip link set "$nic" up
+    for n in $nics; do ip link set "$n" up; done
     case "${VMF_IP:-dhcp}" in
     dhcp)
-        if udhcpc -i "$nic" -s /etc/dhcp-hook -x "hostname:${VMF_HOSTNAME:-guest}" -O search -O mtu \
-                -t "${VMF_DHCP_TRIES:-10}" -T 1 -A 1 -n -q -f; then
-            ip=$(cat /run/ip)
+        if lease "$nic"; then
+            ip=$(cat "/run/ip.$nic")
         else
             echo "VMFABRIC_NET_FAIL dhcp"
-        fi ;;
+        fi
+        for n in $nics; do
+            [ "$n" = "$nic" ] || lease "$n" || echo "VMFABRIC_NET_FAIL dhcp $n"
+        done ;;
     none) ;;
     *)
         ip addr add "$VMF_IP" dev "$nic"

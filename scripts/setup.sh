@@ -10,7 +10,7 @@
 # passwd (the package test: socket activation, systemd-analyze, the vmfabric group and a
 # member of it). Rust comes from rustup; this script checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd)
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -97,7 +97,7 @@ impl Guest {
     ) -> Guest {
         let mut q = vm::QemuConfig::new(
             image.join("vmlinuz"),
-            image.join("initramfs.cpio.gz"),
+            Some(image.join("initramfs.cpio.gz")),
             vm::Serial::File(log.clone()),
         );
         q.memory_mib = 96;

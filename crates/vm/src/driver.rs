@@ -42,6 +42,10 @@ pub enum DriverError {
     Config(#[from] VmConfigError),
     #[error("start {binary}: {source}")]
     Spawn { binary: String, source: std::io::Error },
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("write the cloud-init seed {path}: {source}")]
+    Seed { path: PathBuf, source: std::io::Error },
 }
 
 pub struct QemuVm {
@@ -62,6 +66,12 @@ pub struct QemuVm {
 /// Where a VM's QEMU writes its own messages: beside its console, `NAME.qemu.log`.
 pub fn stderr_log(serial_log: &std::path::Path) -> PathBuf {
     serial_log.with_extension("qemu.log")
+}
+
+/// Where a boot keeps the files it made for its VM (overlays, the cloud-init seed):
+/// beside its QMP socket, removed with the VM.
+fn scratch_dir(qmp: &std::path::Path) -> PathBuf {
+    qmp.with_extension("files")
 }
 
 pub fn log_tail(path: &std::path::Path, n: usize) -> String {
@@ -87,18 +97,48 @@ impl QemuVm {
         q.nics = config.attachments.clone();
         q.cmdline = config.cmdline.clone();
         q.cmdline.push(format!("VMF_NONCE={nonce}"));
+        if let Some(id) = &config.machine_id {
+            q.cmdline.push(format!("systemd.machine_id={id}"));
+        }
         let qmp = work_dir.join(format!("{}.{}.qmp", config.namespace, config.name));
         let _ = std::fs::remove_file(&qmp);
         let _ = std::fs::remove_file(&config.serial_log);
+        let scratch = scratch_dir(&qmp);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let made_dir = |path: &std::path::Path| {
+            std::fs::create_dir_all(&scratch).map_err(|source| DriverError::Seed {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        for (i, disk) in config.root_disk.iter().chain(&config.data_disks).enumerate() {
+            let overlay = scratch.join(format!("disk{i}.overlay.qcow2"));
+            if disk.mode == crate::storage::DiskMode::Overlay {
+                made_dir(&overlay)?;
+            }
+            let attached = crate::storage::attach(disk, &overlay)?;
+            match (i, config.root_disk.is_some()) {
+                (0, true) => q.root_disk = Some(attached),
+                _ => q.disks.push(attached),
+            }
+        }
+        if let Some(ci) = &config.cloud_init {
+            let path = scratch.join("cloud-init-seed.img");
+            made_dir(&path)?;
+            ci.write_seed(&path).map_err(|source| DriverError::Seed {
+                path: path.clone(),
+                source,
+            })?;
+            q.disks.push(crate::storage::AttachedDisk {
+                file: path,
+                format: crate::storage::DiskFormat::Raw,
+                read_only: true,
+            });
+        }
+        q.shares = config.shares.clone();
+        q.vsock_cid = config.vsock_cid;
         let mut args = q.args();
         args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
-        if let Some(disk) = &config.root_disk {
-            args.extend([
-                "-drive".into(),
-                format!("file={},if=none,id=root,format=raw", disk.display()),
-            ]);
-            args.extend(["-device".into(), "virtio-blk-device,drive=root".into()]);
-        }
         let mut cmd = match &config.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -360,5 +400,6 @@ impl Drop for QemuVm {
             }
         }
         let _ = std::fs::remove_file(&self.qmp);
+        let _ = std::fs::remove_dir_all(scratch_dir(&self.qmp));
     }
 }

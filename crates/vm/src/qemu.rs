@@ -10,6 +10,7 @@ use std::process::Command;
 use fabric::Mac;
 
 use crate::accel::{host_tsc_khz, Accel};
+use crate::storage::{share_args, AttachedDisk, Share};
 
 /// How a NIC reaches its vmfabric port.
 #[derive(Debug, Clone)]
@@ -68,12 +69,18 @@ pub fn nic_args(nic: &Nic) -> String {
     )
 }
 
-/// A guest booted from a kernel and an initramfs.
+/// A guest booted from a kernel, with an initramfs or a root disk or both.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
     pub binary: PathBuf,
     pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The root filesystem's disk, attached first: the guest's `/dev/vda`.
+    pub root_disk: Option<AttachedDisk>,
+    /// Further disks, `/dev/vdb` on, in order.
+    pub disks: Vec<AttachedDisk>,
+    pub shares: Vec<Share>,
+    pub vsock_cid: Option<u32>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub nics: Vec<Nic>,
@@ -92,11 +99,15 @@ pub enum Serial {
 }
 
 impl QemuConfig {
-    pub fn new(kernel: PathBuf, initrd: PathBuf, serial: Serial) -> Self {
+    pub fn new(kernel: PathBuf, initrd: Option<PathBuf>, serial: Serial) -> Self {
         QemuConfig {
             binary: "qemu-system-x86_64".into(),
             kernel,
             initrd,
+            root_disk: None,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            vsock_cid: None,
             memory_mib: 128,
             cpus: 1,
             nics: Vec::new(),
@@ -120,6 +131,10 @@ impl QemuConfig {
                 words.push(format!("tsc_early_khz={khz}"));
             }
         }
+        if let Some(root) = &self.root_disk {
+            words.push("root=/dev/vda".into());
+            words.push(if root.read_only { "ro" } else { "rw" }.into());
+        }
         words.extend(self.cmdline.iter().cloned());
         words.join(" ")
     }
@@ -138,7 +153,9 @@ impl QemuConfig {
             self.memory_mib.to_string(),
         ]);
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);
-        a.extend(["-initrd".into(), self.initrd.display().to_string()]);
+        if let Some(initrd) = &self.initrd {
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
         a.extend(["-append".into(), self.kernel_cmdline()]);
         let serial = match &self.serial {
             Serial::File(p) => format!("file:{}", p.display()),
@@ -152,6 +169,15 @@ impl QemuConfig {
                 "-device".into(),
                 format!("virtio-net-device,netdev={id},mac={}", nic.mac),
             ]);
+        }
+        for (i, disk) in self.root_disk.iter().chain(&self.disks).enumerate() {
+            a.extend(disk.args(&format!("disk{i}")));
+        }
+        for (i, share) in self.shares.iter().enumerate() {
+            a.extend(share_args(share, &format!("share{i}")));
+        }
+        if let Some(cid) = self.vsock_cid {
+            a.extend(["-device".into(), format!("vhost-vsock-device,guest-cid={cid}")]);
         }
         a
     }
@@ -169,7 +195,7 @@ mod tests {
 
     #[test]
     fn builds_one_netdev_per_nic() {
-        let mut q = QemuConfig::new("/k".into(), "/i".into(), Serial::File("/log".into()));
+        let mut q = QemuConfig::new("/k".into(), Some("/i".into()), Serial::File("/log".into()));
         q.accel = Accel::Tcg;
         q.nics.push(Nic {
             backend: NicBackend::Unixgram {

@@ -26,7 +26,7 @@ impl Guest {
         let log = work.join("serial.log");
         let mut q = QemuConfig::new(
             guest.join("vmlinuz"),
-            guest.join("initramfs.cpio.gz"),
+            Some(guest.join("initramfs.cpio.gz")),
             Serial::File(log.clone()),
         );
         q.memory_mib = 96;

@@ -20,8 +20,13 @@ fn config(
         name: name.into(),
         namespace: "test".into(),
         kernel: image.join("vmlinuz"),
-        initramfs: image.join("initramfs.cpio.gz"),
+        initramfs: Some(image.join("initramfs.cpio.gz")),
         root_disk: None,
+        data_disks: vec![],
+        shares: vec![],
+        vsock_cid: None,
+        cloud_init: None,
+        machine_id: None,
         cpus: 1,
         memory_mib: 96,
         attachments: vec![Nic {
@@ -109,7 +114,7 @@ fn a_vmm_that_will_not_start_says_why() {
     std::fs::write(&junk, b"junk").unwrap();
     let mut c = config(&work, &work, "x", "10.96.0.9", work.join("s.sock"));
     c.kernel = junk.clone();
-    c.initramfs = junk;
+    c.initramfs = Some(junk);
     let mut vm = QemuVm::start(&c, &work).unwrap();
     let s = vm.wait_for(None, Duration::from_secs(20), |s| matches!(s, VmState::Failed { .. }));
     let VmState::Failed { reason } = s else { panic!("{s:?}") };

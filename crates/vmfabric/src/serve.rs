@@ -47,6 +47,11 @@ pub(crate) struct ServeArgs {
     /// runs no VMs.
     #[arg(long)]
     guest_dir: Option<PathBuf>,
+    /// A host directory whose files and subdirectories VMs may use as kernels, disks
+    /// and shares (repeatable). VMs may name nothing else on the host but the guest
+    /// image.
+    #[arg(long = "vm-path", value_name = "DIR")]
+    vm_paths: Vec<PathBuf>,
     /// A TOML file declaring networks, ports, reservations and gateway settings to
     /// create at start (docs/config.md). Default: /etc/vmfabric/vmfabric.toml when it
     /// exists.
@@ -118,6 +123,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         first,
         !args.no_sandbox,
     )?;
+    daemon.vms().allow_paths(args.vm_paths.clone());
     if let Some(cfg) = &declared {
         vmfabric::config::apply(&daemon, cfg)?;
     }

@@ -17,7 +17,7 @@ use serde_json::json;
 fn boot_printed(image: &Path, dir: &Path, name: &str, printed: &str) -> String {
     let mut q = vm::QemuConfig::new(
         image.join("vmlinuz"),
-        image.join("initramfs.cpio.gz"),
+        Some(image.join("initramfs.cpio.gz")),
         vm::Serial::File(dir.join(format!("{name}.console"))),
     );
     q.cmdline.extend(vm::GuestCmdline::dhcp(name).args());

@@ -187,7 +187,7 @@ pub(super) async fn stop_vm(State(d): Shared, UrlPath(name): UrlPath<String>) ->
 
 #[utoipa::path(get, path = "/v1/vms/{name}/inspect", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "The VM with what it was run with, its files, QEMU's run state, its port and lease", body = crate::control::vms::VmInspect), (status = 404, description = "No such network or object", body = ErrorBody)), operation_id = "inspect_vm")]
 pub(super) async fn inspect_vm(State(d): Shared, UrlPath(name): UrlPath<String>) -> Result<Response, ControlError> {
-    Ok(Json(blocking(move || d.vms().inspect(&d, &name)).await?).into_response())
+    Ok(Json(blocking(move || d.vms().inspect(&*d, &name)).await?).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/vms/{name}/restart", tag = "vms", params(("name" = String, Path, description = "The VM")), responses((status = 200, description = "Stopped and started again with its settings", body = VmView), (status = 400, description = "Bad input", body = ErrorBody), (status = 404, description = "No such network or object", body = ErrorBody), (status = 409, description = "Conflicts with what exists", body = ErrorBody), (status = 500, description = "The host failed", body = ErrorBody)), operation_id = "restart_vm")]

@@ -63,7 +63,7 @@ pub(crate) fn run(args: BootGuestArgs) -> Result<()> {
         "no guest image in {} (run guest/build.sh DIR)",
         args.guest_dir.display()
     );
-    let mut q = vm::QemuConfig::new(kernel, initrd, vm::Serial::Stdio);
+    let mut q = vm::QemuConfig::new(kernel, Some(initrd), vm::Serial::Stdio);
     q.memory_mib = args.memory_mib;
     q.nics.push(vm::Nic { backend, mac });
     q.cmdline.extend(

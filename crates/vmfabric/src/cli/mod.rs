@@ -294,18 +294,8 @@ pub(crate) enum PortCmd {
 pub(crate) enum VmCmd {
     /// Boot a VM on a new port of a network; it gets its address from the gateway.
     Run {
-        /// The network to attach it to.
-        #[arg(long = "net")]
-        network: String,
-        /// Its name (and its port's and DNS name); default: vm-<random>.
-        #[arg(long)]
-        name: Option<String>,
-        /// Serve /www over HTTP on port 80 in the guest.
-        #[arg(long)]
-        http: bool,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 96)]
-        memory_mib: u32,
+        #[command(flatten)]
+        spec: Box<vm::VmRunArgs>,
         /// Wait until the VM is ready (or has ended) before returning.
         #[arg(long)]
         wait: bool,

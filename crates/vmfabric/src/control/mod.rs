@@ -607,11 +607,12 @@ impl vms::PortBroker for Control {
         Control::set_port_peer(self, network, name, peer)
     }
 
-    fn lease_of(&self, network: &str, mac: fabric::Mac) -> Option<std::net::Ipv4Addr> {
-        let st = self.lock();
-        let gw = st.nets.get(network)?.gateway.clone()?;
-        drop(st);
-        gw.leases().into_iter().find(|l| l.mac == mac).map(|l| l.ip)
+    fn port(&self, network: &str, name: &str) -> Option<PortView> {
+        self.ports(network).ok()?.into_iter().find(|p| p.record.name == name)
+    }
+
+    fn lease(&self, network: &str, mac: fabric::Mac) -> Option<crate::model::LeaseView> {
+        self.leases(network).ok()?.into_iter().find(|l| l.mac == mac)
     }
 }
 

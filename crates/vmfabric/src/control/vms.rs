@@ -26,18 +26,107 @@ use crate::store::PortKind;
 #[serde(deny_unknown_fields)]
 pub struct VmRequest {
     pub name: String,
+    /// The network of its first NIC.
     pub network: String,
+    /// Further networks, a NIC on each, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_networks: Vec<String>,
+    /// The network whose lease makes the VM Ready (default: `network`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_network: Option<String>,
     /// Shell command the guest runs once its network is up; it powers off after.
-    /// Without one it stays up.
+    /// Without one it stays up. (The daemon's test guest only.)
     #[serde(default)]
     pub cmd: Option<String>,
-    /// Serve /www over HTTP on port 80 in the guest.
+    /// Serve /www over HTTP on port 80 in the guest. (The daemon's test guest only.)
     #[serde(default)]
     pub http: bool,
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
     #[serde(default = "one")]
     pub cpus: u32,
+    /// The kernel to boot; default: the daemon's guest image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub kernel: Option<PathBuf>,
+    /// Its initramfs; default: the guest image's, unless a root disk or kernel is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command-line words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub append: Vec<String>,
+    /// The root filesystem's disk (the guest's /dev/vda); mode default `overlay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<vm::Disk>,
+    /// Data disks, /dev/vdb on; mode default `rw`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<vm::Disk>,
+    /// Host directories the guest mounts by tag (virtio-9p).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<vm::Share>,
+    /// Give the guest a vsock device with a CID the daemon allocates.
+    #[serde(default)]
+    pub vsock: bool,
+    /// ... or with this CID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_cid: Option<u32>,
+    /// A cloud-init NoCloud seed (meta-data names the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitData>,
+    /// systemd's machine id (32 lowercase hex digits); default: derived from the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+}
+
+/// What a VM's cloud-init reads besides its name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitData {
+    /// `#cloud-config` YAML.
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// Network config YAML; without it cloud-init takes DHCP on the first NIC.
+    #[serde(default)]
+    pub network_config: Option<String>,
+}
+
+impl VmRequest {
+    /// A VM of the daemon's test guest on `network`, as the API's defaults make it.
+    pub fn new(name: &str, network: &str) -> VmRequest {
+        VmRequest {
+            name: name.into(),
+            network: network.into(),
+            extra_networks: vec![],
+            ready_network: None,
+            cmd: None,
+            http: false,
+            memory_mib: default_memory(),
+            cpus: 1,
+            kernel: None,
+            initrd: None,
+            append: vec![],
+            root_disk: None,
+            disks: vec![],
+            shares: vec![],
+            vsock: false,
+            vsock_cid: None,
+            cloud_init: None,
+            machine_id: None,
+        }
+    }
+
+    /// Every network it has a NIC on, the first first.
+    fn networks(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.network).chain(&self.extra_networks)
+    }
+
+    /// Every host file or directory it names, to check against the daemon's VM paths.
+    fn host_paths(&self) -> impl Iterator<Item = &std::path::Path> {
+        let files = self.kernel.iter().chain(&self.initrd).map(PathBuf::as_path);
+        let disks = self.root_disk.iter().chain(&self.disks).map(|d| d.path.as_path());
+        files.chain(disks).chain(self.shares.iter().map(|s| s.host.as_path()))
+    }
 }
 
 fn default_memory() -> u32 {
@@ -62,6 +151,21 @@ pub struct VmView {
     #[serde(with = "crate::model::mac_text")]
     #[schema(value_type = String)]
     pub mac: Mac,
+    /// Its vsock address, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_cid: Option<u32>,
+}
+
+/// One of a VM's NICs: its port and what it leased.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmNic {
+    pub network: String,
+    pub port: String,
+    #[serde(with = "crate::model::mac_text")]
+    #[schema(value_type = String)]
+    pub mac: Mac,
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Everything about one VM, for `vm inspect`.
@@ -77,20 +181,32 @@ pub struct VmInspect {
     /// QEMU's word on the run state (`running`, `paused`, ...), when QMP answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qmp_status: Option<String>,
-    /// Its port, while it has one.
+    /// Every NIC, the first first.
+    pub nics: Vec<VmNic>,
+    /// Its first NIC's port, while it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_view: Option<crate::model::PortView>,
-    /// Its lease, while it holds one.
+    /// Its first NIC's lease, while it holds one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<crate::model::LeaseView>,
+}
+
+/// A NIC of a running VM: its port, and the socket its VMM end binds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NicPort {
+    network: String,
+    port: String,
+    #[serde(with = "crate::model::mac_text")]
+    mac: Mac,
+    guest_path: PathBuf,
 }
 
 struct Entry {
     vm: QemuVm,
     req: VmRequest,
-    mac: Mac,
+    /// The first is the VM's own (named after it, on `req.network`).
+    nics: Vec<NicPort>,
     console: PathBuf,
-    nic: PathBuf,
     port_removed: bool,
     recorded: bool,
 }
@@ -104,9 +220,7 @@ struct VmRecord {
     nonce: String,
     qmp: PathBuf,
     console: PathBuf,
-    nic: PathBuf,
-    #[serde(with = "crate::model::mac_text")]
-    mac: Mac,
+    nics: Vec<NicPort>,
 }
 
 impl Entry {
@@ -119,9 +233,14 @@ impl Entry {
             nonce: self.vm.nonce().to_string(),
             qmp: self.vm.qmp_path().to_path_buf(),
             console: self.console.clone(),
-            nic: self.nic.clone(),
-            mac: self.mac,
+            nics: self.nics.clone(),
         })
+    }
+
+    /// The NIC whose lease makes the VM Ready.
+    fn ready_nic(&self) -> &NicPort {
+        let ready = self.req.ready_network.as_ref().unwrap_or(&self.req.network);
+        self.nics.iter().find(|n| &n.network == ready).unwrap_or(&self.nics[0])
     }
 }
 
@@ -133,6 +252,8 @@ pub struct Vms {
     /// Where running VMs are recorded, to adopt them after a restart.
     store: Arc<crate::store::Store>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Host directories VMs may name besides the guest image's ([`Vms::allow_paths`]).
+    allowed: Mutex<Vec<PathBuf>>,
     /// VM state changes go out here.
     bus: super::events::EventBus,
 }
@@ -144,7 +265,33 @@ pub trait PortBroker: Send + Sync {
     fn add_port(&self, network: &str, spec: PortSpec) -> Result<crate::model::PortView, ControlError>;
     fn remove_port(&self, network: &str, name: &str) -> Result<(), ControlError>;
     fn set_port_peer(&self, network: &str, name: &str, peer: &std::path::Path) -> Result<(), ControlError>;
-    fn lease_of(&self, network: &str, mac: fabric::Mac) -> Option<std::net::Ipv4Addr>;
+    fn port(&self, network: &str, name: &str) -> Option<crate::model::PortView>;
+    fn lease(&self, network: &str, mac: fabric::Mac) -> Option<crate::model::LeaseView>;
+}
+
+/// A NIC's port as it is made: where its switch end listens, besides what is kept.
+struct NewNic {
+    nic: NicPort,
+    switch_path: PathBuf,
+}
+
+fn remove_ports(broker: &dyn PortBroker, nics: &[NicPort]) {
+    for n in nics {
+        let _ = broker.remove_port(&n.network, &n.port);
+    }
+}
+
+/// The lowest vsock CID (guests take 3 on) none of `taken` holds.
+fn free_cid(taken: &std::collections::HashSet<u32>) -> u32 {
+    (3..).find(|c| !taken.contains(c)).expect("fewer VMs than CIDs")
+}
+
+/// A VM's machine id when none is given: stable for its name, so a restarted VM is the
+/// same machine to systemd and journald.
+fn derived_machine_id(name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("vmfabric-vm/{name}"));
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn view(e: &Entry) -> VmView {
@@ -156,15 +303,17 @@ fn view(e: &Entry) -> VmView {
         VmState::Stopped => ("stopped", None, None),
         VmState::Failed { reason } => ("failed", None, Some(reason.clone())),
     };
+    let nic = e.ready_nic();
     VmView {
         name: e.req.name.clone(),
-        network: e.req.network.clone(),
+        network: nic.network.clone(),
         state: state.into(),
         ip,
         reason,
         pid: e.vm.process().map(|p| p.pid),
-        port: e.req.name.clone(),
-        mac: e.mac,
+        port: nic.port.clone(),
+        mac: nic.mac,
+        vsock_cid: e.req.vsock_cid,
     }
 }
 
@@ -181,6 +330,7 @@ impl Vms {
             run_dir,
             store,
             entries: Mutex::new(HashMap::new()),
+            allowed: Mutex::new(Vec::new()),
             bus,
         })
     }
@@ -213,7 +363,8 @@ impl Vms {
                     e.recorded = self.store.put_vm(&e.req.name, &json).is_ok();
                 }
             }
-            let leased = broker.lease_of(&e.req.network, e.mac);
+            let nic = e.ready_nic();
+            let leased = broker.lease(&nic.network, nic.mac).map(|l| l.ip);
             let before = e.vm.state().clone();
             let state = e.vm.poll(leased).clone();
             if state != before {
@@ -221,12 +372,12 @@ impl Vms {
             }
             if matches!(state, VmState::Stopped | VmState::Failed { .. }) && !e.port_removed {
                 e.port_removed = true;
-                ended.push((e.req.network.clone(), e.req.name.clone()));
+                ended.push((e.req.name.clone(), e.nics.clone()));
             }
         }
-        for (network, port) in ended {
-            let _ = self.store.delete_vm(&port);
-            let _ = broker.remove_port(&network, &port);
+        for (name, nics) in ended {
+            let _ = self.store.delete_vm(&name);
+            remove_ports(broker, &nics);
         }
     }
 
@@ -248,15 +399,16 @@ impl Vms {
             match QemuVm::adopt(id, r.qmp, r.console.clone(), r.nonce) {
                 Some(vm) => {
                     tracing::info!(vm = %r.req.name, pid = r.pid, "adopted a running VM");
-                    if let Err(e) = broker.set_port_peer(&r.req.network, &r.req.name, &r.nic) {
-                        tracing::warn!(vm = %r.req.name, "cannot point its port at the VMM: {e}");
+                    for nic in &r.nics {
+                        if let Err(e) = broker.set_port_peer(&nic.network, &nic.port, &nic.guest_path) {
+                            tracing::warn!(vm = %r.req.name, "cannot point its port at the VMM: {e}");
+                        }
                     }
                     let entry = Entry {
                         vm,
                         req: r.req.clone(),
-                        mac: r.mac,
+                        nics: r.nics,
                         console: r.console,
-                        nic: r.nic,
                         port_removed: false,
                         recorded: true,
                     };
@@ -265,16 +417,13 @@ impl Vms {
                 None => {
                     tracing::info!(vm = %r.req.name, "its VMM ended while the daemon was down");
                     let _ = self.store.delete_vm(&r.req.name);
-                    let _ = broker.remove_port(&r.req.network, &r.req.name);
+                    remove_ports(broker, &r.nics);
                 }
             }
         }
     }
 
     pub fn run(&self, broker: &dyn PortBroker, req: VmRequest) -> Result<VmView, ControlError> {
-        let guest = self.guest_dir.clone().ok_or_else(|| {
-            ControlError::invalid("this daemon has no guest image: start it with --guest-dir (guest/build.sh DIR)")
-        })?;
         if self
             .entries()
             .get(&req.name)
@@ -282,54 +431,78 @@ impl Vms {
         {
             return Err(ControlError::Conflict(format!("VM {:?} is running", req.name)));
         }
-        let port = broker.add_port(
-            &req.network,
-            PortSpec::new(crate::model::Name::new("VM", &req.name)?, PortKind::Unixgram),
-        )?;
+        let mut req = req;
+        self.check_request(&mut req)?;
+        let (kernel, initramfs) = self.boot_files(&req)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| ControlError::Host(e.to_string()))?;
+        let nics = self.add_nic_ports(broker, &req)?;
         let console = self.dir.join(format!("{}.console", req.name));
-        let nic = crate::model::socket_path(&self.run_dir, crate::model::SocketPlace::VmNic, &[&req.name]);
-        let cmdline = vm::GuestCmdline {
+        let mut cmdline = vm::GuestCmdline {
             http: req.http,
             cmd: req.cmd.clone(),
             ..vm::GuestCmdline::dhcp(&req.name)
         }
         .args();
+        let ready_mac = {
+            let ready = req.ready_network.as_ref().unwrap_or(&req.network);
+            nics.iter()
+                .find(|n| &n.nic.network == ready)
+                .unwrap_or(&nics[0])
+                .nic
+                .mac
+        };
+        cmdline.push(format!("VMF_NICS={}", nics.len()));
+        cmdline.push(format!("VMF_READY_MAC={ready_mac}"));
+        cmdline.extend(req.append.iter().cloned());
         let config = VmConfig {
             name: req.name.clone(),
             namespace: req.network.clone(),
-            kernel: guest.join("vmlinuz"),
-            initramfs: guest.join("initramfs.cpio.gz"),
-            root_disk: None,
+            kernel,
+            initramfs,
+            root_disk: req.root_disk.clone(),
+            data_disks: req.disks.clone(),
+            shares: req.shares.clone(),
+            vsock_cid: req.vsock_cid,
+            cloud_init: req.cloud_init.as_ref().map(|c| vm::CloudInit {
+                instance_id: format!("iid-{}", req.name),
+                hostname: req.name.clone(),
+                user_data: c.user_data.clone(),
+                network_config: c.network_config.clone(),
+            }),
+            machine_id: req.machine_id.clone(),
             cpus: req.cpus,
             memory_mib: req.memory_mib,
-            attachments: vec![Nic {
-                backend: NicBackend::Unixgram {
-                    switch_path: port.record.path.clone().into(),
-                    guest_path: nic.clone(),
-                },
-                mac: port.record.mac,
-            }],
+            attachments: nics
+                .iter()
+                .map(|n| Nic {
+                    backend: NicBackend::Unixgram {
+                        switch_path: n.switch_path.clone(),
+                        guest_path: n.nic.guest_path.clone(),
+                    },
+                    mac: n.nic.mac,
+                })
+                .collect(),
             serial_log: console.clone(),
             cmdline,
             netns: None,
         };
+        let nics: Vec<NicPort> = nics.into_iter().map(|n| n.nic).collect();
         let vm = match QemuVm::start(&config, &self.dir) {
             Ok(vm) => vm,
             Err(e) => {
-                let _ = broker.remove_port(&req.network, &req.name);
+                remove_ports(broker, &nics);
                 return Err(match e {
                     vm::driver::DriverError::Config(c) => ControlError::invalid(c.to_string()),
+                    vm::driver::DriverError::Storage(s) => ControlError::invalid(s.to_string()),
                     other => ControlError::Host(other.to_string()),
                 });
             }
         };
         let mut entry = Entry {
             vm,
-            mac: port.record.mac,
+            nics,
             req: req.clone(),
             console,
-            nic,
             port_removed: false,
             recorded: false,
         };
@@ -341,6 +514,117 @@ impl Vms {
         self.entries().insert(req.name.clone(), entry);
         self.announce(&v);
         Ok(v)
+    }
+
+    /// Lets VMs use host files and directories under `dirs` (disks, shares, kernels)
+    /// besides the guest image's. Nothing else on the host is theirs to name: the API's
+    /// users need not be root.
+    pub fn allow_paths(&self, dirs: Vec<PathBuf>) {
+        *self.allowed.lock().unwrap_or_else(|p| p.into_inner()) = dirs;
+    }
+
+    /// Checks what validation of the VM's config cannot (names, networks, which host
+    /// paths it may use) and fills in what the daemon chooses (vsock CID, machine id).
+    fn check_request(&self, req: &mut VmRequest) -> Result<(), ControlError> {
+        crate::model::Name::new("VM", &req.name)?;
+        if let Some(r) = &req.ready_network {
+            if !req.networks().any(|n| n == r) {
+                return Err(ControlError::invalid(format!(
+                    "ready network {r:?} is none of the VM's networks"
+                )));
+            }
+        }
+        let allowed: Vec<PathBuf> = {
+            let extra = self.allowed.lock().unwrap_or_else(|p| p.into_inner());
+            self.guest_dir
+                .iter()
+                .chain(extra.iter())
+                .filter_map(|d| d.canonicalize().ok())
+                .collect()
+        };
+        for path in req.host_paths() {
+            // A path that does not exist is refused by the config's validation, by name.
+            let Ok(real) = path.canonicalize() else { continue };
+            if !allowed.iter().any(|dir| real.starts_with(dir)) {
+                return Err(ControlError::invalid(format!(
+                    "{} is outside the directories this daemon lets VMs use (serve --vm-path DIR)",
+                    path.display()
+                )));
+            }
+        }
+        let taken: std::collections::HashSet<u32> = self
+            .entries()
+            .values()
+            .filter(|e| !matches!(e.vm.state(), VmState::Stopped | VmState::Failed { .. }))
+            .filter_map(|e| e.req.vsock_cid)
+            .collect();
+        match req.vsock_cid {
+            Some(cid) if taken.contains(&cid) => {
+                return Err(ControlError::Conflict(format!("vsock CID {cid} belongs to another VM")));
+            }
+            None if req.vsock => req.vsock_cid = Some(free_cid(&taken)),
+            _ => {}
+        }
+        if req.machine_id.is_none() {
+            req.machine_id = Some(derived_machine_id(&req.name));
+        }
+        Ok(())
+    }
+
+    /// The kernel and initramfs: the request's, else the guest image's (whose
+    /// initramfs goes with its kernel only and is the root unless a disk is).
+    fn boot_files(&self, req: &VmRequest) -> Result<(PathBuf, Option<PathBuf>), ControlError> {
+        let guest = self.guest_dir.as_ref();
+        let kernel = match (&req.kernel, guest) {
+            (Some(k), _) => k.clone(),
+            (None, Some(g)) => g.join("vmlinuz"),
+            (None, None) => {
+                return Err(ControlError::invalid(
+                    "this daemon has no guest image (serve --guest-dir DIR, made by guest/build.sh DIR): give the VM a kernel",
+                ))
+            }
+        };
+        let initramfs = match (&req.initrd, guest) {
+            (Some(i), _) => Some(i.clone()),
+            (None, Some(g)) if req.kernel.is_none() && req.root_disk.is_none() => Some(g.join("initramfs.cpio.gz")),
+            _ => None,
+        };
+        Ok((kernel, initramfs))
+    }
+
+    /// A unixgram port per NIC: the first named after the VM, the others `NAME-nicI`.
+    /// All or none: a port that cannot be made takes back the ones made before it.
+    fn add_nic_ports(&self, broker: &dyn PortBroker, req: &VmRequest) -> Result<Vec<NewNic>, ControlError> {
+        let mut made: Vec<NewNic> = Vec::new();
+        for (i, network) in req.networks().enumerate() {
+            let port = match i {
+                0 => req.name.clone(),
+                _ => format!("{}-nic{i}", req.name),
+            };
+            let added = crate::model::Name::new("port", &port)
+                .map_err(ControlError::from)
+                .and_then(|n| broker.add_port(network, PortSpec::new(n, PortKind::Unixgram)));
+            match added {
+                Ok(view) => made.push(NewNic {
+                    switch_path: view.record.path.clone().into(),
+                    nic: NicPort {
+                        network: network.clone(),
+                        guest_path: crate::model::socket_path(
+                            &self.run_dir,
+                            crate::model::SocketPlace::VmNic,
+                            &[&port],
+                        ),
+                        port,
+                        mac: view.record.mac,
+                    },
+                }),
+                Err(e) => {
+                    remove_ports(broker, &made.into_iter().map(|n| n.nic).collect::<Vec<_>>());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(made)
     }
 
     /// A VM's state, out to the event stream.
@@ -376,36 +660,46 @@ impl Vms {
         e.vm.stop(Duration::from_secs(3));
         let _ = self.store.delete_vm(name);
         if !e.port_removed {
-            let _ = broker.remove_port(&e.req.network, &e.req.name);
+            remove_ports(broker, &e.nics);
         }
         let v = view(&e);
         self.announce(&v);
         Ok(v)
     }
 
-    /// A VM with its request, files, QMP status, port and lease.
-    pub fn inspect(&self, control: &super::Control, name: &str) -> Result<VmInspect, ControlError> {
-        let (vm, request, console, qmp_status) = {
+    /// A VM with its request, files, QMP status, ports and leases.
+    pub fn inspect(&self, broker: &dyn PortBroker, name: &str) -> Result<VmInspect, ControlError> {
+        let (vm, request, console, qmp_status, nics) = {
             let entries = self.entries();
             let e = entries
                 .get(name)
                 .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))?;
-            (view(e), e.req.clone(), e.console.clone(), e.vm.qmp_status())
+            (
+                view(e),
+                e.req.clone(),
+                e.console.clone(),
+                e.vm.qmp_status(),
+                e.nics.clone(),
+            )
         };
-        let port_view = control
-            .ports(&vm.network)
-            .ok()
-            .and_then(|ps| ps.into_iter().find(|p| p.record.name == vm.port));
-        let lease = control
-            .leases(&vm.network)
-            .ok()
-            .and_then(|ls| ls.into_iter().find(|l| l.mac == vm.mac));
+        let port_view = broker.port(&vm.network, &vm.port);
+        let lease = broker.lease(&vm.network, vm.mac);
+        let nics = nics
+            .into_iter()
+            .map(|n| VmNic {
+                ip: broker.lease(&n.network, n.mac).map(|l| l.ip),
+                network: n.network,
+                port: n.port,
+                mac: n.mac,
+            })
+            .collect();
         Ok(VmInspect {
             vm,
             request,
             qemu_log: ::vm::driver::stderr_log(&console).display().to_string(),
             console: console.display().to_string(),
             qmp_status,
+            nics,
             port_view,
             lease,
         })
