@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         dns.input(&frame);
         let out = dns.poll(&zone);
         peer.read(&out.frames);
-        for (handle, _) in out.forward {
+        for (handle, _, _) in out.forward {
             dns.deliver(handle, &[0u8; 12]);
         }
         if flags & 128 != 0 {

@@ -332,13 +332,13 @@ fn dns_query(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, d: Datagram<'_>) ->
             let (client, server) = ((*d.src.ip(), d.src.port()), (*d.dst.ip(), 53));
             vec![wire::udp_frame(cfg.gateway_mac, d.src_mac, server, client, &bytes)]
         }
-        Ok(Decision::Forward) => {
+        Ok(Decision::Forward { qname }) => {
             let to = ReplyTo::Udp {
                 client_mac: d.src_mac,
                 client: (*d.src.ip(), d.src.port()),
                 server_ip: *d.dst.ip(),
             };
-            spawn_forward(shared, sock, d.payload.to_vec(), *d.src.ip(), to, None);
+            spawn_forward(shared, sock, d.payload.to_vec(), qname, *d.src.ip(), to, None);
             vec![]
         }
     }

@@ -112,8 +112,9 @@ impl Zone {
 pub enum Decision {
     /// Send this response.
     Answer { bytes: Vec<u8>, nxdomain: bool },
-    /// Not ours: forward it upstream.
-    Forward,
+    /// Not ours: forward it upstream. The question's name (lowercase) picks the
+    /// upstream, so it is not parsed again.
+    Forward { qname: Name },
 }
 
 /// A query that did not decode (or was not a query): it gets no answer.
@@ -178,7 +179,7 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
     } else if qname == zone.domain {
         return Ok(respond(&req, ResponseCode::NoError, vec![]));
     } else {
-        return Ok(Decision::Forward);
+        return Ok(Decision::Forward { qname });
     };
     let Some(ip) = label.as_deref().and_then(|l| zone.lookup(l)) else {
         return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
@@ -309,7 +310,7 @@ mod tests {
     fn answer(z: &Zone, name: &str, t: RecordType) -> Message {
         match decide(z, &query(name, t, true)).unwrap() {
             Decision::Answer { bytes, .. } => Message::from_vec(&bytes).unwrap(),
-            Decision::Forward => panic!("{name} was forwarded"),
+            Decision::Forward { .. } => panic!("{name} was forwarded"),
         }
     }
 
@@ -344,11 +345,11 @@ mod tests {
         }
         assert!(matches!(
             decide(&z, &query("example.com", RecordType::A, false)).unwrap(),
-            Decision::Forward
+            Decision::Forward { .. }
         ));
         assert!(matches!(
             decide(&z, &query("unknownbare", RecordType::A, false)).unwrap(),
-            Decision::Forward
+            Decision::Forward { .. }
         ));
     }
 
@@ -365,7 +366,7 @@ mod tests {
         );
         assert!(matches!(
             decide(&z, &query("1.1.168.192.in-addr.arpa", RecordType::PTR, false)).unwrap(),
-            Decision::Forward
+            Decision::Forward { .. }
         ));
     }
 
@@ -476,7 +477,9 @@ mod tests {
             },
         ];
         let default = srv("127.0.0.1:53");
-        let pick = |name: &str| crate::upstream::servers_for(&fw, &query(name, RecordType::A, false), default.clone());
+        let pick = |name: &str| {
+            crate::upstream::servers_for(&fw, &Name::from_utf8(name).unwrap().to_lowercase(), default.clone())
+        };
         assert_eq!(pick("a.corp.example"), srv("10.1.2.3:53"));
         assert_eq!(pick("X.Lab.corp.example."), srv("10.1.2.4:53"));
         assert_eq!(pick("example.com"), default);

@@ -32,6 +32,7 @@ pub(crate) fn spawn_forward(
     shared: &Arc<Shared>,
     sock: &Arc<UnixDatagram>,
     query: Vec<u8>,
+    qname: hickory_proto::rr::Name,
     client_ip: Ipv4Addr,
     reply_to: ReplyTo,
     tcp_answers: Option<tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>>,
@@ -60,7 +61,7 @@ pub(crate) fn spawn_forward(
     tokio::spawn(async move {
         let shared = guard.shared.clone();
         let cfg = shared.ctx.cfg_arc();
-        let upstreams = upstream::servers_for(&cfg.forwarders, &query, shared.upstreams.current());
+        let upstreams = upstream::servers_for(&cfg.forwarders, &qname, shared.upstreams.current());
         let answer = upstream::forward(&query, &upstreams, cfg.dns_timeout).await;
         let bytes = match answer {
             Some(a) => {

@@ -124,8 +124,16 @@ pub(crate) async fn run_tcp(
     for frame in out.frames {
         let _ = sock.send(&frame).await;
     }
-    for (handle, query) in out.forward {
+    for (handle, query, qname) in out.forward {
         let client = Ipv4Addr::UNSPECIFIED; // TCP connections share one in-flight budget
-        spawn_forward(shared, sock, query, client, ReplyTo::Tcp(handle), Some(answers.clone()));
+        spawn_forward(
+            shared,
+            sock,
+            query,
+            qname,
+            client,
+            ReplyTo::Tcp(handle),
+            Some(answers.clone()),
+        );
     }
 }

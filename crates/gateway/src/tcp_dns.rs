@@ -51,7 +51,7 @@ struct Conn {
 pub struct Output {
     pub frames: Vec<Vec<u8>>,
     /// Queries to forward upstream; answer them with [`TcpDns::deliver`].
-    pub forward: Vec<(SocketHandle, Vec<u8>)>,
+    pub forward: Vec<(SocketHandle, Vec<u8>, hickory_proto::rr::Name)>,
     pub local: u64,
     pub nxdomain: u64,
     pub malformed: u64,
@@ -163,9 +163,9 @@ impl TcpDns {
                         }
                         write_message(sock, &bytes);
                     }
-                    Ok(Decision::Forward) => {
+                    Ok(Decision::Forward { qname }) => {
                         conn.pending += 1;
-                        out.forward.push((*h, query));
+                        out.forward.push((*h, query, qname));
                     }
                     Err(dns::Malformed) => {
                         out.malformed += 1;

@@ -93,23 +93,18 @@ impl UpstreamSet {
     }
 }
 
-/// The servers for `query`: those of the forwarder with the longest domain that holds
-/// its name, else `default`.
-pub fn servers_for(forwarders: &[crate::config::Forwarder], query: &[u8], default: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    if forwarders.is_empty() {
-        return default;
-    }
-    let Some(qname) = Message::from_vec(query)
-        .ok()
-        .and_then(|m| m.queries.first().map(|q| q.name().to_lowercase()))
-    else {
-        return default;
-    };
+/// The servers for a query of `qname` (lowercase): those of the forwarder with the
+/// longest domain that holds it, else `default`.
+pub fn servers_for(
+    forwarders: &[crate::config::Forwarder],
+    qname: &hickory_proto::rr::Name,
+    default: Vec<SocketAddr>,
+) -> Vec<SocketAddr> {
     forwarders
         .iter()
         .filter_map(|f| {
             let d = hickory_proto::rr::Name::from_utf8(&f.domain).ok()?.to_lowercase();
-            d.zone_of(&qname).then_some((d.num_labels(), &f.servers))
+            d.zone_of(qname).then_some((d.num_labels(), &f.servers))
         })
         .max_by_key(|(labels, _)| *labels)
         .map(|(_, servers)| servers.clone())

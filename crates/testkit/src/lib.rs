@@ -231,3 +231,11 @@ pub fn udhcpc_once(
         .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect()
 }
+
+/// The `n`th (from 0) fenced code block of language `lang` in a Markdown document, for
+/// tests that run or parse what the docs show.
+pub fn fenced_block<'a>(doc: &'a str, lang: &str, n: usize) -> Option<&'a str> {
+    doc.split(&format!("```{lang}\n"))
+        .nth(n + 1)
+        .and_then(|rest| rest.split("```").next())
+}

@@ -12,7 +12,15 @@
 //! mtu = 9000
 //! ports = [{ name = "runner1", kind = "unixgram" }]
 //! reservations = [{ key = "runner1", ip = "10.78.0.10" }]
+//!
+//! vm_paths = ["/srv/images"]
+//! [[vm]]
+//! name = "runner1"
+//! network = "ci"
 //! ```
+//!
+//! Declared VMs are started at every start unless they run already (adopted after a
+//! restart); one that will not start is listed as failed with the reason.
 
 use std::path::Path;
 
@@ -28,6 +36,12 @@ use crate::model::{Mtu, Name, NetworkSpec, PortSpec, ReservationSpec};
 pub struct ConfigFile {
     #[serde(default, rename = "network")]
     pub networks: Vec<NetworkDecl>,
+    /// Host directories VMs may use files from (as `serve --vm-path`).
+    #[serde(default)]
+    pub vm_paths: Vec<std::path::PathBuf>,
+    /// VMs to run at start (`[[vm]]`, the fields of `POST /v1/vms`).
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<crate::control::vms::VmRequest>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +144,9 @@ pub fn apply(daemon: &Control, cfg: &ConfigFile) -> anyhow::Result<()> {
             }
         }
     }
+    for vm in &cfg.vms {
+        daemon.vms().run_declared(daemon, vm.clone());
+    }
     Ok(())
 }
 
@@ -139,11 +156,7 @@ mod tests {
     #[test]
     fn the_documented_example_is_valid() {
         let doc = include_str!("../../../docs/config.md");
-        let toml = doc
-            .split("```toml\n")
-            .nth(1)
-            .and_then(|rest| rest.split("```").next())
-            .expect("docs/config.md has a TOML example");
+        let toml = testkit::fenced_block(doc, "toml", 0).expect("docs/config.md has a TOML example");
         let c = super::parse(toml).unwrap();
         let n = &c.networks[0];
         assert_eq!(
@@ -157,6 +170,27 @@ mod tests {
         for r in &n.reservations {
             gw.validate_reservation(&r.to_gateway()).unwrap();
         }
+    }
+
+    /// The reference's VM example declares what it says.
+    #[test]
+    fn the_documented_vms_are_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let toml = testkit::fenced_block(doc, "toml", 1).expect("docs/config.md has a VM example");
+        let c = super::parse(toml).unwrap();
+        assert_eq!((c.vm_paths.len(), c.vms.len()), (2, 2));
+        let r = &c.vms[0];
+        assert_eq!(r.root_disk.as_ref().map(|d| d.mode), Some(vm::DiskMode::Overlay));
+        assert!(r.shares[0].read_only && r.vsock);
+        assert!(r
+            .cloud_init
+            .as_ref()
+            .unwrap()
+            .user_data
+            .as_ref()
+            .unwrap()
+            .starts_with("#cloud-config"));
+        assert_eq!(c.vms[1].memory_mib, 96, "the API's defaults");
     }
 
     #[test]

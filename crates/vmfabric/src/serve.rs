@@ -123,7 +123,10 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         first,
         !args.no_sandbox,
     )?;
-    daemon.vms().allow_paths(args.vm_paths.clone());
+    let file_paths = declared.iter().flat_map(|c| c.vm_paths.iter().cloned());
+    daemon
+        .vms()
+        .allow_paths(args.vm_paths.iter().cloned().chain(file_paths).collect());
     if let Some(cfg) = &declared {
         vmfabric::config::apply(&daemon, cfg)?;
     }
@@ -264,47 +267,13 @@ fn group_id(etc_group: &str, name: &str) -> Option<u32> {
 }
 
 /// Counters of every port and the leases, from the same numbers `/metrics` serves.
+/// SIGUSR1: the `vmfabric stats` tables (from the same typed stats) and each
+/// network's leases, on stdout.
 fn print_stats(daemon: &Control) {
-    let families = daemon.metric_families();
-    for net in daemon.networks() {
-        let name = &net.name;
-        println!("network {name}");
-        println!(
-            "  {:<12} {:>10} {:>12} {:>10} {:>12}  drops",
-            "port", "rx_frames", "rx_bytes", "tx_frames", "tx_bytes"
-        );
-        for p in daemon.ports(name).unwrap_or_default() {
-            let port = p.record.name.as_str();
-            let get = |family: &str, direction: &str| {
-                families
-                    .value(family, &[("network", name), ("port", port), ("direction", direction)])
-                    .unwrap_or(0)
-            };
-            let drops: Vec<String> = families
-                .iter()
-                .filter(|f| f.name == "vmfabric_port_drops")
-                .flat_map(|f| &f.samples)
-                .filter(|(labels, n)| {
-                    *n > 0 && labels[..2] == [("network", name.to_string()), ("port", port.to_string())]
-                })
-                .map(|(labels, n)| format!("{}={n}", labels[2].1))
-                .collect();
-            println!(
-                "  {:<12} {:>10} {:>12} {:>10} {:>12}  {}",
-                port,
-                get("vmfabric_port_frames", "rx"),
-                get("vmfabric_port_bytes", "rx"),
-                get("vmfabric_port_frames", "tx"),
-                get("vmfabric_port_bytes", "tx"),
-                if drops.is_empty() {
-                    "-".to_string()
-                } else {
-                    drops.join(",")
-                }
-            );
-        }
+    for s in daemon.stats() {
+        print!("{}", crate::cli::stats::describe(&s));
         println!("  leases:");
-        for l in daemon.leases(name).unwrap_or_default() {
+        for l in daemon.leases(s.network.as_str()).unwrap_or_default() {
             println!("    {:<15} {}  {}", l.ip, l.mac, l.hostname.as_deref().unwrap_or("-"));
         }
     }

@@ -904,11 +904,7 @@ fn the_readmes_settings_walkthrough_runs_as_written() {
         .split("### A network with its own DNS and DHCP settings")
         .nth(1)
         .expect("the README has the section");
-    let block = section
-        .split("```sh\n")
-        .nth(1)
-        .and_then(|b| b.split("```").next())
-        .expect("the section has a sh block");
+    let block = testkit::fenced_block(section, "sh", 0).expect("the section has a sh block");
     let dir = tmp("readme");
     let _d = start(&dir);
     let bin = dir.join("bin");

@@ -217,3 +217,63 @@ fn four_guests_on_two_networks_end_to_end_across_a_daemon_kill() {
     );
     drop(d);
 }
+
+/// VMs declared in the config file start with the daemon; one that cannot start (its
+/// disk is missing) is listed as failed with the reason and the daemon runs on. After
+/// a `kill -9` and a restart with the same file, the running VM is adopted, not
+/// started twice.
+#[test]
+fn declared_vms_start_with_the_daemon_and_are_adopted_after_its_kill() {
+    let Some(image) = common::guest_dir() else { return };
+    let dir = common::workdir("e2e-declared-vms");
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let cfg = dir.join("vmfabric.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "vm_paths = [{files:?}]\n\
+             [[vm]]\nname = \"decl\"\nnetwork = \"default\"\nhttp = true\n\
+             [[vm]]\nname = \"broken\"\nnetwork = \"default\"\n\
+             disks = [{{ path = {missing:?} }}]\n",
+            files = files.display().to_string(),
+            missing = files.join("missing.raw").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let more = [std::ffi::OsStr::new("--config"), cfg.as_os_str()];
+    let d = Daemon::start_with(&dir, &image, &more);
+    let decl = d.wait_vm("decl", &["ready", "failed"]);
+    assert_eq!(decl["state"], "ready", "{decl}");
+    let broken = d.ok("GET", "/v1/vms/broken", None);
+    assert_eq!(broken["state"], "failed", "{broken}");
+    assert!(
+        broken["reason"]
+            .as_str()
+            .unwrap()
+            .contains("missing.raw does not exist"),
+        "{broken}"
+    );
+    let names = |d: &Daemon| -> Vec<String> {
+        let vms = d.ok("GET", "/v1/vms", None);
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&d), ["broken", "decl"]);
+
+    d.kill_9();
+    let d = Daemon::start_with(&dir, &image, &more);
+    let again = d.wait_vm("decl", &["ready", "failed"]);
+    assert_eq!(
+        (&again["state"], &again["pid"], &again["ip"]),
+        (&decl["state"], &decl["pid"], &decl["ip"]),
+        "the same VMM, adopted: {again}"
+    );
+    assert_eq!(names(&d), ["broken", "decl"], "nothing started twice");
+    // Stopping the failed one forgets it.
+    d.ok("DELETE", "/v1/vms/broken", None);
+    assert_eq!(names(&d), ["decl"]);
+}

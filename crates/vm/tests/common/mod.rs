@@ -50,3 +50,25 @@ pub fn workdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The Debian disk guest (guest/build-debian.sh), built (and cached) on first use
+/// where root can run mmdebstrap; `None` (after saying why) elsewhere.
+pub fn debian_guest_dir() -> Option<PathBuf> {
+    guest_dir()?;
+    if !rustix::process::geteuid().is_root() {
+        return skip("the Debian guest is built by mmdebstrap as root");
+    }
+    let dir = std::env::var_os("VMFABRIC_DEBIAN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(workspace().join("target/debian-guest"));
+    let ok = Command::new(workspace().join("guest/build-debian.sh"))
+        .arg(&dir)
+        .status()
+        .map(|s| s.success());
+    if !matches!(ok, Ok(true)) {
+        return skip(
+            "the Debian guest could not be built (guest/build-debian.sh needs mmdebstrap and Debian's mirror)",
+        );
+    }
+    Some(dir)
+}

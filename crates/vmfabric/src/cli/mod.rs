@@ -6,7 +6,7 @@ mod events;
 mod network;
 mod port;
 mod settings;
-mod stats;
+pub(crate) mod stats;
 mod table;
 mod vm;
 

@@ -69,7 +69,7 @@ fn counts<'a>(pairs: impl Iterator<Item = (&'a String, &'a u64)>) -> String {
 }
 
 /// One network: a line of totals, its ports as a table, its gateway by service.
-fn describe(s: &NetworkStats) -> String {
+pub(crate) fn describe(s: &NetworkStats) -> String {
     let mut out = format!(
         "network {}: {}; {} MACs learned\n",
         s.network.as_str(),

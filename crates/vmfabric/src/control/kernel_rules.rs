@@ -38,11 +38,10 @@ fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
 /// gateway lets one guest hold, its TCP and UDP shares together (the kernel counts
 /// every protocol's conntrack entries alike).
 fn kernel_flows_per_guest(spec: &crate::model::NetworkSpec) -> u32 {
-    let cfg = gateway::GatewayConfig::new(&spec.name, spec.subnet);
-    let flows = &spec.settings.flows;
-    let tcp = flows.tcp_per_guest.unwrap_or(cfg.tcp_flows_per_guest);
-    let udp = flows.udp_per_guest.unwrap_or(cfg.udp_flows_per_guest);
-    u32::try_from(tcp + udp).unwrap_or(u32::MAX)
+    // The settings were checked when they were stored; the gateway's defaults stand in
+    // should they ever not be.
+    let cfg = super::gateway_config(spec).unwrap_or_else(|_| gateway::GatewayConfig::new(&spec.name, spec.subnet));
+    u32::try_from(cfg.tcp_flows_per_guest + cfg.udp_flows_per_guest).unwrap_or(u32::MAX)
 }
 
 /// This instance's nftables tables (both families share the name).

@@ -252,6 +252,9 @@ pub struct Vms {
     /// Where running VMs are recorded, to adopt them after a restart.
     store: Arc<crate::store::Store>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// VMs the config file declared that would not start, as `vm ls` shows them
+    /// (failed, with why) until they are run again or stopped.
+    unstarted: Mutex<HashMap<String, VmView>>,
     /// Host directories VMs may name besides the guest image's ([`Vms::allow_paths`]).
     allowed: Mutex<Vec<PathBuf>>,
     /// VM state changes go out here.
@@ -331,6 +334,7 @@ impl Vms {
             store,
             entries: Mutex::new(HashMap::new()),
             allowed: Mutex::new(Vec::new()),
+            unstarted: Mutex::new(HashMap::new()),
             bus,
         })
     }
@@ -511,6 +515,7 @@ impl Vms {
             entry.recorded = self.store.put_vm(&req.name, &json).is_ok();
         }
         let v = view(&entry);
+        self.unstarted().remove(&req.name);
         self.entries().insert(req.name.clone(), entry);
         self.announce(&v);
         Ok(v)
@@ -638,21 +643,56 @@ impl Vms {
         });
     }
 
+    fn unstarted(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmView>> {
+        self.unstarted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a VM the config file declares, unless it runs already (adopted after a
+    /// restart). One that will not start is listed as failed with the reason: at
+    /// daemon start nobody is there to be told otherwise.
+    pub fn run_declared(&self, broker: &dyn PortBroker, req: VmRequest) {
+        if self.entries().contains_key(&req.name) {
+            return;
+        }
+        let name = req.name.clone();
+        if let Err(e) = self.run(broker, req.clone()) {
+            tracing::error!(vm = %name, "the declared VM did not start: {e}");
+            let v = VmView {
+                state: "failed".into(),
+                reason: Some(e.to_string()),
+                pid: None,
+                ip: None,
+                port: name.clone(),
+                // The MAC its port gets on a userspace network, for the record.
+                mac: Mac::derived(&[&req.network, &name]),
+                network: req.network,
+                name: name.clone(),
+                vsock_cid: None,
+            };
+            self.announce(&v);
+            self.unstarted().insert(name, v);
+        }
+    }
+
     pub fn list(&self) -> Vec<VmView> {
         let mut v: Vec<VmView> = self.entries().values().map(view).collect();
+        v.extend(self.unstarted().values().cloned());
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     pub fn get(&self, name: &str) -> Result<VmView, ControlError> {
-        self.entries()
-            .get(name)
-            .map(view)
+        let running = self.entries().get(name).map(view);
+        running
+            .or_else(|| self.unstarted().get(name).cloned())
             .ok_or_else(|| ControlError::NotFound(format!("no VM named {name:?}")))
     }
 
     /// Stops a VM (powerdown, then SIGTERM, then SIGKILL) and forgets it.
     pub fn stop(&self, broker: &dyn PortBroker, name: &str) -> Result<VmView, ControlError> {
+        if let Some(v) = self.unstarted().remove(name) {
+            return Ok(v);
+        }
         let mut e = self
             .entries()
             .remove(name)

@@ -206,6 +206,11 @@ pub struct Process {
 
 impl Process {
     pub fn start(dir: &Path, guests: &Path) -> Process {
+        Process::start_with(dir, guests, &[])
+    }
+
+    /// Like [`Process::start`], with more `serve` arguments.
+    pub fn start_with(dir: &Path, guests: &Path, more: &[&std::ffi::OsStr]) -> Process {
         let socket = dir.join("api.sock");
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::OpenOptions::new()
@@ -222,6 +227,7 @@ impl Process {
             .arg(dir.join("run"))
             .arg("--guest-dir")
             .arg(guests)
+            .args(more)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
