@@ -304,6 +304,19 @@ fn a_vm_gets_its_nics_disks_seed_and_share() {
         bytes.windows(19).any(|w| w == b"guest-wrote-overlay"),
         "the overlay holds the guest's write"
     );
+    // Run again under the same name while the ended one is still listed: the new
+    // boot's files (overlay, QMP socket) are where the old one's were, and stay.
+    let (s, v) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "multi", "network": "default", "disks": [{"path": files.join("base.raw"), "mode": "overlay"}]})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let again = wait_state(&d, "multi", &["ready", "failed"]);
+    assert_eq!(again["state"], "ready", "{again}");
+    assert!(overlay.exists(), "the new boot's overlay is there");
+    let (s, v) = d.call("POST", "/v1/vms/multi/pause", None);
+    assert_eq!((s, v["state"].as_str()), (200, Some("paused")), "QMP answers: {v}");
     let (s, _) = d.call("DELETE", "/v1/vms/multi", None);
     assert_eq!(s, 200);
     assert!(!overlay.exists(), "a VM's overlay goes with it");

@@ -237,11 +237,15 @@ impl Entry {
         })
     }
 
-    /// The NIC whose lease makes the VM Ready.
     fn ready_nic(&self) -> &NicPort {
-        let ready = self.req.ready_network.as_ref().unwrap_or(&self.req.network);
-        self.nics.iter().find(|n| &n.network == ready).unwrap_or(&self.nics[0])
+        ready_nic(&self.req, &self.nics)
     }
+}
+
+/// Of a VM's NICs, the one whose lease makes it Ready.
+fn ready_nic<'a>(req: &VmRequest, nics: &'a [NicPort]) -> &'a NicPort {
+    let ready = req.ready_network.as_ref().unwrap_or(&req.network);
+    nics.iter().find(|n| &n.network == ready).unwrap_or(&nics[0])
 }
 
 pub struct Vms {
@@ -435,11 +439,19 @@ impl Vms {
         {
             return Err(ControlError::Conflict(format!("VM {:?} is running", req.name)));
         }
+        // An ended VM of this name goes first: its files (QMP socket, overlays) are
+        // where the new one's will be.
+        let ended = self.entries().remove(&req.name);
+        drop(ended);
         let mut req = req;
         self.check_request(&mut req)?;
         let (kernel, initramfs) = self.boot_files(&req)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| ControlError::Host(e.to_string()))?;
-        let nics = self.add_nic_ports(broker, &req)?;
+        let (nics, switch_paths): (Vec<NicPort>, Vec<PathBuf>) = self
+            .add_nic_ports(broker, &req)?
+            .into_iter()
+            .map(|n| (n.nic, n.switch_path))
+            .unzip();
         let console = self.dir.join(format!("{}.console", req.name));
         let mut cmdline = vm::GuestCmdline {
             http: req.http,
@@ -447,16 +459,8 @@ impl Vms {
             ..vm::GuestCmdline::dhcp(&req.name)
         }
         .args();
-        let ready_mac = {
-            let ready = req.ready_network.as_ref().unwrap_or(&req.network);
-            nics.iter()
-                .find(|n| &n.nic.network == ready)
-                .unwrap_or(&nics[0])
-                .nic
-                .mac
-        };
         cmdline.push(format!("VMF_NICS={}", nics.len()));
-        cmdline.push(format!("VMF_READY_MAC={ready_mac}"));
+        cmdline.push(format!("VMF_READY_MAC={}", ready_nic(&req, &nics).mac));
         cmdline.extend(req.append.iter().cloned());
         let config = VmConfig {
             name: req.name.clone(),
@@ -478,19 +482,19 @@ impl Vms {
             memory_mib: req.memory_mib,
             attachments: nics
                 .iter()
-                .map(|n| Nic {
+                .zip(switch_paths)
+                .map(|(n, switch_path)| Nic {
                     backend: NicBackend::Unixgram {
-                        switch_path: n.switch_path.clone(),
-                        guest_path: n.nic.guest_path.clone(),
+                        switch_path,
+                        guest_path: n.guest_path.clone(),
                     },
-                    mac: n.nic.mac,
+                    mac: n.mac,
                 })
                 .collect(),
             serial_log: console.clone(),
             cmdline,
             netns: None,
         };
-        let nics: Vec<NicPort> = nics.into_iter().map(|n| n.nic).collect();
         let vm = match QemuVm::start(&config, &self.dir) {
             Ok(vm) => vm,
             Err(e) => {
