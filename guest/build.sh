@@ -111,7 +111,9 @@ bound|renew)
         [ -n "$search" ] && echo "search $search" >> /etc/resolv.conf
         [ -z "$search" ] && [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
     fi
-    echo "$ip" > "/run/ip.$interface" ;;
+    echo "$ip" > "/run/ip.$interface"
+    # /run/ip: the readiness NIC's address (what commands and renewals read).
+    [ "$interface" = "${VMF_READY_NIC:-$interface}" ] && echo "$ip" > /run/ip ;;
 esac
 exit 0
 EOF
@@ -143,6 +145,7 @@ nic=$(echo "$nics" | head -n1)
 for n in $nics; do
     [ "$(cat "/sys/class/net/$n/address")" = "$VMF_READY_MAC" ] && nic=$n
 done
+export VMF_READY_NIC=$nic
 lease() {
     udhcpc -i "$1" -s /etc/dhcp-hook -x "hostname:${VMF_HOSTNAME:-guest}" -O search -O mtu \
         -t "${VMF_DHCP_TRIES:-10}" -T 1 -A 1 -n -q -f
@@ -156,7 +159,7 @@ else
     case "${VMF_IP:-dhcp}" in
     dhcp)
         if lease "$nic"; then
-            ip=$(cat "/run/ip.$nic")
+            ip=$(cat /run/ip)
         else
             echo "VMFABRIC_NET_FAIL dhcp"
         fi

@@ -9,9 +9,10 @@
 # taken from Debian's prometheus package, without the server), systemd, adduser and
 # passwd (the package test: socket activation, systemd-analyze, the vmfabric group and a
 # member of it), mmdebstrap and openssh-client (the Debian disk guest: built from
-# Debian's packages, reached over SSH). Rust comes from rustup; this script checks it is there.
+# Debian's packages, reached over SSH), libseccomp-dev and libcap-ng-dev (virtiofsd,
+# built from crates.io by scripts/test.sh). Rust comes from rustup; this script checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd mmdebstrap openssh-client)
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd mmdebstrap openssh-client libseccomp-dev libcap-ng-dev)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

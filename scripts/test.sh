@@ -18,6 +18,14 @@ if [ "$(id -u)" = 0 ]; then
     guest/build-debian.sh "$DEBIAN_GUEST" > target/debian-guest.log 2>&1 &
     debian_build=$!
 fi
+# virtiofsd serves VMs' shares over virtio-fs (else QEMU's 9p does); Debian 12 does not
+# package it, so it is built from crates.io, also in the background.
+virtiofsd_build=
+if ! command -v virtiofsd >/dev/null 2>&1; then
+    mkdir -p target
+    cargo install --locked --quiet virtiofsd@1.14.0 > target/virtiofsd-build.log 2>&1 &
+    virtiofsd_build=$!
+fi
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy"
@@ -33,6 +41,11 @@ if [ -n "$debian_build" ] && ! wait "$debian_build"; then
     exit 1
 fi
 export VMFABRIC_DEBIAN_GUEST_DIR=$DEBIAN_GUEST
+if [ -n "$virtiofsd_build" ] && ! wait "$virtiofsd_build"; then
+    cat target/virtiofsd-build.log >&2
+    echo "[test] virtiofsd did not build" >&2
+    exit 1
+fi
 echo "[test] cargo test"
 VMFABRIC_GUEST_DIR=$PWD/target/guest cargo test --workspace --no-fail-fast
 # The Debian package, installed, started as systemd would, and purged.

@@ -60,12 +60,62 @@ pub struct QemuVm {
     /// The state a pause interrupted, to go back to on resume.
     paused_from: Option<VmState>,
     stop_requested: bool,
+    /// virtiofsd processes serving its shares.
+    helpers: Helpers,
+}
+
+/// Helper processes of one boot, ended with it (or when the boot fails to start).
+#[derive(Default)]
+struct Helpers(Vec<Child>);
+
+impl Drop for Helpers {
+    fn drop(&mut self) {
+        for h in &mut self.0 {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
 }
 
 /// The last `n` lines of a console log, for a failure's reason.
 /// Where a VM's QEMU writes its own messages: beside its console, `NAME.qemu.log`.
 pub fn stderr_log(serial_log: &std::path::Path) -> PathBuf {
     serial_log.with_extension("qemu.log")
+}
+
+/// Starts a virtiofsd for `share` and waits (a few seconds at most) for its socket,
+/// which QEMU connects to as it starts. Its messages go beside the socket (`.log`).
+fn start_virtiofsd(
+    binary: &std::path::Path,
+    share: &crate::storage::Share,
+    socket: &std::path::Path,
+) -> Result<Child, DriverError> {
+    let spawn_error = |source| DriverError::Spawn {
+        binary: binary.display().to_string(),
+        source,
+    };
+    let log = std::fs::File::create(socket.with_extension("log")).map_err(spawn_error)?;
+    let mut child = crate::storage::virtiofsd_command(binary, share, socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(spawn_error)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = std::fs::read_to_string(socket.with_extension("log")).unwrap_or_default();
+            return Err(spawn_error(std::io::Error::other(format!(
+                "virtiofsd did not serve {}: {}",
+                share.host.display(),
+                said.trim()
+            ))));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
 }
 
 /// Where a boot keeps the files it made for its VM (overlays, the cloud-init seed):
@@ -135,7 +185,21 @@ impl QemuVm {
                 read_only: true,
             });
         }
-        q.shares = config.shares.clone();
+        let mut helpers = Helpers::default();
+        match crate::storage::find_virtiofsd().filter(|_| !config.shares.is_empty()) {
+            Some(binary) => {
+                for (i, share) in config.shares.iter().enumerate() {
+                    let socket = scratch.join(format!("fs{i}.sock"));
+                    made_dir(&socket)?;
+                    helpers.0.push(start_virtiofsd(&binary, share, &socket)?);
+                    q.virtio_fs.push(crate::storage::VirtioFs {
+                        socket,
+                        tag: share.tag.clone(),
+                    });
+                }
+            }
+            None => q.shares = config.shares.clone(),
+        }
         q.vsock_cid = config.vsock_cid;
         let mut args = q.args();
         args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
@@ -174,6 +238,7 @@ impl QemuVm {
             state,
             paused_from: None,
             stop_requested: false,
+            helpers,
         })
     }
 
@@ -194,6 +259,7 @@ impl QemuVm {
             state: VmState::Running,
             paused_from: None,
             stop_requested: false,
+            helpers: Helpers::default(),
         })
     }
 
@@ -399,6 +465,7 @@ impl Drop for QemuVm {
                 let _ = child.wait();
             }
         }
+        self.helpers = Helpers::default();
         let _ = std::fs::remove_file(&self.qmp);
         let _ = std::fs::remove_dir_all(scratch_dir(&self.qmp));
     }

@@ -10,7 +10,7 @@ use std::process::Command;
 use fabric::Mac;
 
 use crate::accel::{host_tsc_khz, Accel};
-use crate::storage::{share_args, AttachedDisk, Share};
+use crate::storage::{share_args, AttachedDisk, Share, VirtioFs};
 
 /// How a NIC reaches its vmfabric port.
 #[derive(Debug, Clone)]
@@ -79,7 +79,10 @@ pub struct QemuConfig {
     pub root_disk: Option<AttachedDisk>,
     /// Further disks, `/dev/vdb` on, in order.
     pub disks: Vec<AttachedDisk>,
+    /// Shares QEMU serves itself (virtio-9p).
     pub shares: Vec<Share>,
+    /// Shares a virtiofsd serves (virtio-fs); the guest's memory is then shared with it.
+    pub virtio_fs: Vec<VirtioFs>,
     pub vsock_cid: Option<u32>,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -107,6 +110,7 @@ impl QemuConfig {
             root_disk: None,
             disks: Vec::new(),
             shares: Vec::new(),
+            virtio_fs: Vec::new(),
             vsock_cid: None,
             memory_mib: 128,
             cpus: 1,
@@ -176,6 +180,24 @@ impl QemuConfig {
         for (i, share) in self.shares.iter().enumerate() {
             a.extend(share_args(share, &format!("share{i}")));
         }
+        if !self.virtio_fs.is_empty() {
+            // virtiofsd reads and writes the guest's buffers in place: its memory must
+            // be a shared mapping the daemon can map too.
+            a.extend([
+                "-object".into(),
+                format!("memory-backend-memfd,id=mem,size={}M,share=on", self.memory_mib),
+                "-machine".into(),
+                "memory-backend=mem".into(),
+            ]);
+        }
+        for (i, fs) in self.virtio_fs.iter().enumerate() {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=fs{i},path={}", fs.socket.display()),
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev=fs{i},tag={}", fs.tag),
+            ]);
+        }
         if let Some(cid) = self.vsock_cid {
             a.extend(["-device".into(), format!("vhost-vsock-device,guest-cid={cid}")]);
         }
@@ -214,6 +236,16 @@ mod tests {
         assert!(args.contains("-device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
         assert!(args.contains("-netdev stream,id=net1,server=off,addr.type=unix,addr.path=/st"));
         assert!(args.contains("-accel tcg"));
+        assert!(!args.contains("memory-backend"), "private memory without virtio-fs");
+        q.virtio_fs.push(crate::storage::VirtioFs {
+            socket: "/run/fs0.sock".into(),
+            tag: "src".into(),
+        });
+        let args = q.args().join(" ");
+        assert!(args.contains("-object memory-backend-memfd,id=mem,size=128M,share=on -machine memory-backend=mem"));
+        assert!(
+            args.contains("-chardev socket,id=fs0,path=/run/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=src")
+        );
         assert!(args.contains("-serial file:/log"));
     }
 }

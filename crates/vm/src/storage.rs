@@ -211,6 +211,49 @@ pub fn attach(disk: &Disk, overlay: &Path) -> Result<AttachedDisk, StorageError>
     }
 }
 
+/// The host's virtiofsd, when it has one: `VMFABRIC_VIRTIOFSD`, else `virtiofsd` on the
+/// PATH, else where QEMU's packages put it. Shares go over virtio-fs through it (faster
+/// and closer to a local file system than 9p), else over virtio-9p, which QEMU serves
+/// itself.
+pub fn find_virtiofsd() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VMFABRIC_VIRTIOFSD") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("virtiofsd"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/libexec/virtiofsd".into(), "/usr/lib/qemu/virtiofsd".into()])
+        .find(|p| p.is_file())
+}
+
+/// A share served by a virtiofsd process: its socket and the tag the guest mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioFs {
+    pub socket: PathBuf,
+    pub tag: String,
+}
+
+/// The virtiofsd command that serves `share` on `socket`; it ends when its VMM
+/// disconnects.
+pub fn virtiofsd_command(binary: &Path, share: &Share, socket: &Path) -> Command {
+    let mut c = Command::new(binary);
+    c.arg("--socket-path")
+        .arg(socket)
+        .arg("--shared-dir")
+        .arg(&share.host)
+        .args(["--cache", "auto"]);
+    if share.read_only {
+        c.arg("--readonly");
+    }
+    c
+}
+
 /// The `-fsdev`/`-device` pair that shares a host directory over virtio-9p.
 /// `security_model=none`: files keep the host's owners and the guest's chown/chmod
 /// failures are ignored, which is what a shared work directory wants.

@@ -49,8 +49,8 @@ pub(crate) struct VmRunArgs {
     /// A data disk, /dev/vdb on: PATH[:rw|:ro|:overlay], default rw (repeatable).
     #[arg(long = "disk", value_name = "PATH[:MODE]", value_parser = |s: &str| ::vm::Disk::parse(s, ::vm::DiskMode::Rw))]
     disks: Vec<::vm::Disk>,
-    /// Share a host directory, mounted in the guest by TAG (virtio-9p):
-    /// HOST:TAG[:ro] (repeatable).
+    /// Share a host directory, mounted in the guest by TAG (virtio-fs where the host
+    /// has virtiofsd, else virtio-9p): HOST:TAG[:ro] (repeatable).
     #[arg(long = "share", value_name = "HOST:TAG[:ro]", value_parser = ::vm::Share::parse)]
     shares: Vec<::vm::Share>,
     /// Give it a vsock device with a CID the daemon picks.

@@ -62,7 +62,8 @@ pub struct VmRequest {
     /// Data disks, /dev/vdb on; mode default `rw`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<vm::Disk>,
-    /// Host directories the guest mounts by tag (virtio-9p).
+    /// Host directories the guest mounts by tag (virtio-fs where the host has
+    /// virtiofsd, else virtio-9p).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<vm::Share>,
     /// Give the guest a vsock device with a CID the daemon allocates.
