@@ -237,6 +237,9 @@ mod tests {
         assert!(args.contains("-netdev stream,id=net1,server=off,addr.type=unix,addr.path=/st"));
         assert!(args.contains("-accel tcg"));
         assert!(!args.contains("memory-backend"), "private memory without virtio-fs");
+        assert!(!args.contains("vsock"));
+        q.vsock_cid = Some(7);
+        assert!(q.args().join(" ").contains("-device vhost-vsock-device,guest-cid=7"));
         q.virtio_fs.push(crate::storage::VirtioFs {
             socket: "/run/fs0.sock".into(),
             tag: "src".into(),

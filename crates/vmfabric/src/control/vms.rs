@@ -795,3 +795,20 @@ impl Vms {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lowest_free_cid_from_three_and_stable_machine_ids() {
+        let taken: std::collections::HashSet<u32> = [3, 4, 6].into_iter().collect();
+        assert_eq!(free_cid(&taken), 5);
+        assert_eq!(free_cid(&Default::default()), 3);
+        let id = derived_machine_id("web-1");
+        assert_eq!(id.len(), 32);
+        assert!(id.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+        assert_eq!(id, derived_machine_id("web-1"), "stable for a name");
+        assert_ne!(id, derived_machine_id("web-2"));
+    }
+}
