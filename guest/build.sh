@@ -103,7 +103,8 @@ bound|renew)
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
     # With several NICs the first to lease (the readiness NIC) keeps the default
     # route and the resolver.
-    if [ -n "$router" ] && [ -z "$(ip route show default)" ]; then
+    # (busybox's "ip route show default" lists every route: ask for 0/0 exactly.)
+    if [ -n "$router" ] && [ -z "$(ip route list exact 0/0)" ]; then
         ip route add default via "${router%% *}" dev "$interface"
     fi
     if [ ! -s /etc/resolv.conf ]; then
