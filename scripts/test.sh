@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# One full build gains little from incremental artifacts but their disk (CI once ran out
+# of space linking); the space left is printed so a link that fails for want of it says so.
+export CARGO_INCREMENTAL=0
+df -h . | sed 's/^/[test] disk: /'
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 guest/build.sh target/guest
 # The Debian disk guest takes minutes to build (mmdebstrap, as root): in the background
