@@ -8,14 +8,15 @@
 # reads and writes the TAP devices). Kernel: two namespaces on the bridge of a
 # kernel-mode network, each joined by a veth pair (what a VMM's TAP is to the bridge).
 # iperf3 TCP, SECS seconds, RUNS runs interleaved, median; CPU % of the daemon.
+# VMFABRIC_BIN measures another build (an earlier commit's, for a before/after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 RUNS=${RUNS:-3}
 SECS=${SECS:-10}
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-dpkg -s iperf3 >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null
-cargo build --release -q -p vmfabric
-BIN=$PWD/target/release/vmfabric
+need_packages iperf3
+bench_binary
 WORK=$(mktemp -d)
 export VMFABRIC_SOCKET=$WORK/api.sock
 P=kb$$
@@ -29,31 +30,32 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-"$BIN" serve --state-dir "$WORK/state" --run-dir "$WORK/run" >"$WORK/daemon.log" 2>&1 &
-DAEMON=$!
-for _ in $(seq 100); do [ -S "$VMFABRIC_SOCKET" ] && break; sleep 0.1; done
+start_daemon
 
 "$BIN" network create ubench --subnet 10.232.0.0/24 --force >/dev/null
 "$BIN" network create kbench --subnet 10.233.0.0/24 --mode kernel --force >/dev/null
 BRIDGE=$(ip -d -o link show | awk -F': ' '/alias vmfabric:.* network kbench/ {print $2; exit}')
+# A userspace port is locked as a VM's would be: the namespace takes the port's MAC
+# and a lease (a static address would be dropped as spoofed).
+printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface" ;; esac\n' >"$WORK/udhcpc.sh"
+chmod 755 "$WORK/udhcpc.sh"
 for i in 0 1; do
-    "$BIN" port add ubench "g$i" --kind tap --ifname "${P}t$i" >/dev/null
+    mac=$("$BIN" port add ubench "g$i" --kind tap --ifname "${P}t$i" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
     ip netns add "${P}u$i"
     ip link set "${P}t$i" netns "${P}u$i"
-    ip -n "${P}u$i" addr add "10.232.0.1$i/24" dev "${P}t$i"
-    ip -n "${P}u$i" link set "${P}t$i" up
+    ip -n "${P}u$i" link set "${P}t$i" address "$mac" up
+    ip netns exec "${P}u$i" busybox udhcpc -i "${P}t$i" -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
     ip netns add "${P}k$i"
     ip link add "${P}v$i" type veth peer name eth0 netns "${P}k$i"
     ip link set "${P}v$i" master "$BRIDGE" up
     ip -n "${P}k$i" addr add "10.233.0.1$i/24" dev eth0
     ip -n "${P}k$i" link set eth0 up
 done
-ip netns exec "${P}u1" iperf3 -s -D -B 10.232.0.11 -I "$WORK/iperf-u.pid" >/dev/null
+U1=$(ip -n "${P}u1" -4 -o addr show dev "${P}t1" | awk '{print $4}' | cut -d/ -f1)
+ip netns exec "${P}u1" iperf3 -s -D -B "$U1" -I "$WORK/iperf-u.pid" >/dev/null
 ip netns exec "${P}k1" iperf3 -s -D -B 10.233.0.11 -I "$WORK/iperf-k.pid" >/dev/null
 sleep 0.5
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
 run_one() { # client-ns server-ip
     local t0 c0 json
     t0=$(date +%s.%N); c0=$(cpu_ticks "$DAEMON")
@@ -65,10 +67,9 @@ import time
 print("%.2f %.0f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9, 100 * (c1 - c0) / hz / (time.time() - t0)))
 ' "$json" "$t0" "$c0" "$(cpu_ticks "$DAEMON")" "$HZ"
 }
-median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ug=() uc=() kg=() kc=()
 for _ in $(seq "$RUNS"); do
-    read -r g c < <(run_one "${P}u0" 10.232.0.11); ug+=("$g") uc+=("$c")
+    read -r g c < <(run_one "${P}u0" "$U1"); ug+=("$g") uc+=("$c")
     read -r g c < <(run_one "${P}k0" 10.233.0.11); kg+=("$g") kc+=("$c")
 done
 echo "| path | Gbit/s (median; runs) | vmfabric daemon CPU % |"

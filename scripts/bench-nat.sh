@@ -6,20 +6,19 @@
 # vmfabric network's host-access address (TAP port, userspace switch, gateway TCP stack)
 # and through slirp4netns's 10.0.2.2. Each case runs RUNS times (10 s each, median),
 # interleaved so that machine noise hits both alike, both directions (-R: host to
-# guest), at MTU 1500 and 65520; then SYNS sequential connect/close pairs through each.
+# guest), at MTU 1500 and 65520, each followed by SYNS sequential connect/close pairs.
 # CPU % is the relaying process's user+system time over the run (vmfabric: the whole
 # daemon, switch and gateway; slirp4netns: its process). Output: a markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 RUNS=${RUNS:-3}
 SECS=${SECS:-10}
 SYNS=${SYNS:-2000}
+MTUS=${MTUS:-1500 65520}
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-for p in iperf3 slirp4netns; do
-    dpkg -s "$p" >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null
-done
-cargo build --release -q -p vmfabric
-BIN=$PWD/target/release/vmfabric
+need_packages iperf3 slirp4netns
+bench_binary
 WORK=$(mktemp -d)
 export VMFABRIC_SOCKET=$WORK/api.sock
 VNS=vfbench$$
@@ -36,9 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" serve --state-dir "$WORK/state" --run-dir "$WORK/run" >"$WORK/daemon.log" 2>&1 &
-DAEMON=$!
-for _ in $(seq 100); do [ -S "$VMFABRIC_SOCKET" ] && break; sleep 0.1; done
+start_daemon
 iperf3 -s -B 127.0.0.1 -p 5301 >/dev/null 2>&1 &
 IPERF=$!
 # The connect-rate server: accepts and closes at once.
@@ -52,8 +49,6 @@ while True:
 ACCEPTOR=$!
 sleep 0.5
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
 
 # One iperf3 run: prints "Gbit/s cpu%".
 iperf_run() { # ns target pid [-R]
@@ -80,18 +75,20 @@ print("%.0f" % (n / (time.monotonic() - t)))
 ' "$SYNS" "$2"
 }
 
-median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 setup_vmfabric() { # mtu
     "$BIN" network rm bench --force >/dev/null 2>&1 || true
     ip netns del "$VNS" 2>/dev/null || true
     "$BIN" network create bench --subnet 10.231.0.0/24 --mtu "$1" --host-access --force >/dev/null
-    "$BIN" port add bench guest --kind tap --ifname vfbtap0 >/dev/null
+    local mac
+    mac=$("$BIN" port add bench guest --kind tap --ifname vfbtap0 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
     ip netns add "$VNS"
     ip link set vfbtap0 netns "$VNS"
-    ip -n "$VNS" link set vfbtap0 mtu "$1" up
-    ip -n "$VNS" addr add 10.231.0.10/24 dev vfbtap0
-    ip -n "$VNS" route add default via 10.231.0.1
+    # The port is locked to its MAC and to the address it leases, as a VM's would be.
+    ip -n "$VNS" link set vfbtap0 address "$mac" mtu "$1" up
+    printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface"; ip route add default via "$router" ;; esac\n' >"$WORK/udhcpc.sh"
+    chmod 755 "$WORK/udhcpc.sh"
+    ip netns exec "$VNS" busybox udhcpc -i vfbtap0 -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
 }
 
 setup_slirp() { # mtu
@@ -106,7 +103,7 @@ setup_slirp() { # mtu
 echo "| MTU | direction | vmfabric Gbit/s | vmfabric CPU % | slirp4netns Gbit/s | slirp4netns CPU % | ratio |"
 echo "|---|---|---|---|---|---|---|"
 declare -A RATE
-for mtu in 1500 65520; do
+for mtu in $MTUS; do
     setup_vmfabric "$mtu"
     setup_slirp "$mtu"
     for dir in up down; do
@@ -124,15 +121,17 @@ for mtu in 1500 65520; do
         [ "$dir" = down ] && label="host→guest"
         echo "| $mtu | $label | $v (${vg[*]}) | $(echo "${vc[*]}" | median) | $s (${sg[*]}) | $(echo "${sc[*]}" | median) | $(python3 -c "print('%.2f' % ($v / $s))")× |"
     done
-    if [ "$mtu" = 1500 ]; then
-        vr=() sr=()
-        for _ in $(seq "$RUNS"); do
-            vr+=("$(connect_rate "$VNS" 10.231.0.254)")
-            sr+=("$(connect_rate "$SNS" 10.0.2.2)")
-        done
-        RATE[v]=$(echo "${vr[*]}" | median) RATE[s]=$(echo "${sr[*]}" | median)
-        RATE[vall]="${vr[*]}" RATE[sall]="${sr[*]}"
-    fi
+    vr=() sr=()
+    for _ in $(seq "$RUNS"); do
+        vr+=("$(connect_rate "$VNS" 10.231.0.254)")
+        sr+=("$(connect_rate "$SNS" 10.0.2.2)")
+    done
+    v=$(echo "${vr[*]}" | median) s=$(echo "${sr[*]}" | median)
+    RATE[$mtu]="| $mtu | $v (${vr[*]}) | $s (${sr[*]}) | $(python3 -c "print('%.2f' % ($v / $s))")× |"
 done
 echo
-echo "Connect/close, $SYNS sequential, median of $RUNS: vmfabric ${RATE[v]}/s (${RATE[vall]}), slirp4netns ${RATE[s]}/s (${RATE[sall]}), ratio $(python3 -c "print('%.2f' % (${RATE[v]} / ${RATE[s]}))")×"
+echo "Connect/close per second, $SYNS sequential, median of $RUNS:"
+echo
+echo "| MTU | vmfabric | slirp4netns | ratio |"
+echo "|---|---|---|---|"
+for mtu in $MTUS; do echo "${RATE[$mtu]}"; done

@@ -14,6 +14,9 @@ pub const MAX_MTU: usize = 65520;
 pub const MIN_MTU: usize = 68;
 /// The longest frame any network can carry: MAX_MTU plus header and one VLAN tag.
 pub const MAX_FRAME_LEN: usize = MAX_MTU + ETH_HEADER_LEN + VLAN_TAG_LEN;
+/// The longest frame a port may hand the switch: a 64 KiB TCP segment offload behind an
+/// Ethernet header and two VLAN tags.
+pub const MAX_RX_FRAME_LEN: usize = crate::offload::MAX_GSO_PACKET + ETH_HEADER_LEN + 2 * VLAN_TAG_LEN;
 
 /// One network: an isolated broadcast domain.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,10 +14,13 @@ pub mod error;
 pub mod frame;
 pub mod guard;
 pub mod mac;
+pub mod offload;
 pub mod port;
+mod ring;
 mod switch;
 mod sys;
 mod transport;
+mod vhost_user;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use config::{NetworkConfig, SwitchConfig, DEFAULT_MTU, MAX_MTU};
@@ -25,7 +28,9 @@ pub use counters::{CounterSnapshot, DropReason};
 pub use error::{FabricError, Result};
 pub use mac::Mac;
 pub use port::{Capture, CapturedFrame, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
+pub use ring::{Full, InProcessEnd};
 pub use switch::Switch;
+pub use vhost_user::device::MAX_QUEUE_PAIRS as VHOST_USER_MAX_QUEUE_PAIRS;
 
 /// Sends frames on a connected datagram socket (a port's far end) in one syscall,
 /// without blocking; returns how many the kernel took (`Err` only when none was sent).
@@ -33,6 +38,7 @@ pub fn send_frames(fd: std::os::fd::BorrowedFd<'_>, frames: &[&[u8]]) -> std::io
     sys::mmsg::send_batch(fd, frames, None)
 }
 
+pub use sys::keep_large_allocations_mapped;
 pub use sys::tun::{check_name as check_ifname, Tun, TunOptions};
 
 /// Opens (creating if needed) the TAP device `name` as `IFF_TAP|IFF_NO_PI`,

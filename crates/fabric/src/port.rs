@@ -27,6 +27,10 @@ pub enum Transport {
     Stream { path: PathBuf },
     /// A TAP device.
     Tap { ifname: String },
+    /// A listening vhost-user path; the VMM shares the guest's memory.
+    VhostUser { path: PathBuf },
+    /// A service in this process (the gateway), through shared queues.
+    InProcess,
 }
 
 impl Transport {
@@ -36,6 +40,8 @@ impl Transport {
             Transport::Unixgram { .. } => "unixgram",
             Transport::Stream { .. } => "stream",
             Transport::Tap { .. } => "tap",
+            Transport::VhostUser { .. } => "vhost-user",
+            Transport::InProcess => "in-process",
         }
     }
 }

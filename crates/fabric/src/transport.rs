@@ -59,6 +59,20 @@ fn clear_stale_socket(path: &Path, kind: SocketType) -> Result<()> {
     }
 }
 
+/// Makes `path` ready to bind a listening stream socket another library creates: its
+/// directory made, a stale socket removed, a live one or another file refused.
+pub(crate) fn prepare_socket_path(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| FabricError::io(format!("create {}", dir.display()), e))?;
+    }
+    clear_stale_socket(path, SocketType::STREAM)
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| FabricError::io(format!("chmod {}", path.display()), e))
+}
+
 /// Binds a socket of `kind` at `path` with the given file mode.
 fn bind_path(path: &Path, kind: SocketType, mode: u32, buffer: usize) -> Result<OwnedFd> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -75,8 +89,7 @@ fn bind_path(path: &Path, kind: SocketType, mode: u32, buffer: usize) -> Result<
     let addr =
         SocketAddrUnix::new(path).map_err(|e| FabricError::io(format!("socket path {}", path.display()), e.into()))?;
     rustix::net::bind(&sock, &addr).map_err(|e| FabricError::io(format!("bind {}", path.display()), e.into()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| FabricError::io(format!("chmod {}", path.display()), e))?;
+    set_mode(path, mode)?;
     size_buffers(&sock, buffer);
     Ok(sock)
 }

@@ -8,7 +8,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use smoltcp::wire::ArpOperation;
-use tokio::net::UnixDatagram;
 
 use crate::dns::Decision;
 use crate::wire::{Inbound, Origin, TcpHead};
@@ -183,7 +182,11 @@ pub(crate) fn route<'a>(
 /// Answers one frame; returns the frames to send back now, and whether the DNS TCP
 /// stack got the frame and needs a run. Forwarded DNS queries are answered by their
 /// own task. Each step runs contained (see `contain`): a panic drops this frame only.
-pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8]) -> (Vec<Vec<u8>>, bool) {
+pub(crate) fn handle_frame(
+    shared: &Arc<Shared>,
+    sock: &Arc<crate::port::GatewayPort>,
+    frame: &[u8],
+) -> (Vec<Vec<u8>>, bool) {
     use contain::{contained, Service};
     let classified = contained(&shared.panics, Service::Frame, frame, || {
         let inbound = wire::classify(frame)?;
@@ -211,7 +214,12 @@ pub(crate) fn handle_frame(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame
 }
 
 /// Hands a routed frame to its service.
-fn deliver(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, frame: &[u8], route: Route<'_>) -> (Vec<Vec<u8>>, bool) {
+fn deliver(
+    shared: &Arc<Shared>,
+    sock: &Arc<crate::port::GatewayPort>,
+    frame: &[u8],
+    route: Route<'_>,
+) -> (Vec<Vec<u8>>, bool) {
     let cfg = &shared.ctx.cfg();
     let c = &shared.ctx.counters;
     let replies = match route {
@@ -319,7 +327,7 @@ fn arp(
 }
 
 /// A DNS query over UDP: answered from the zone, or forwarded upstream by its own task.
-fn dns_query(shared: &Arc<Shared>, sock: &Arc<UnixDatagram>, d: Datagram<'_>) -> Vec<Vec<u8>> {
+fn dns_query(shared: &Arc<Shared>, sock: &Arc<crate::port::GatewayPort>, d: Datagram<'_>) -> Vec<Vec<u8>> {
     let cfg = &shared.ctx.cfg();
     let c = &shared.ctx.counters;
     match dns::decide(&shared.state().zone, d.payload) {

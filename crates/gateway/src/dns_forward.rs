@@ -5,8 +5,6 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::net::UnixDatagram;
-
 use crate::*;
 
 /// Releases a query's place in the in-flight bounds when its task ends.
@@ -30,7 +28,7 @@ impl Drop for InflightGuard {
 
 pub(crate) fn spawn_forward(
     shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
+    sock: &Arc<crate::port::GatewayPort>,
     query: Vec<u8>,
     qname: hickory_proto::rr::Name,
     client_ip: Ipv4Addr,

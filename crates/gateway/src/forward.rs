@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixDatagram};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::counters::GatewayCounters;
 use crate::ctx::Ctx;
@@ -115,7 +115,7 @@ impl Forwards {
 /// Starts a forward from `host` to `guest`.
 pub(crate) fn add(
     svc: &Arc<ForwardService>,
-    port: &Arc<UnixDatagram>,
+    port: &Arc<crate::port::GatewayPort>,
     rt: &tokio::runtime::Handle,
     protocol: Protocol,
     host: SocketAddr,
@@ -174,7 +174,12 @@ pub(crate) fn remove(svc: &ForwardService, id: u64) -> bool {
     true
 }
 
-async fn accept(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, listener: TcpListener, guest: SocketAddrV4) {
+async fn accept(
+    svc: Arc<ForwardService>,
+    port: Arc<crate::port::GatewayPort>,
+    listener: TcpListener,
+    guest: SocketAddrV4,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) if !crate::fd_budget::admits(&stream) => {
@@ -199,7 +204,12 @@ const GUEST_ARP_WAIT: Duration = Duration::from_millis(500);
 /// Carries one host client to the guest, if a guest is there: one that holds a lease
 /// or was seen, or that answers ARP at once. Otherwise (its port is gone, or it never
 /// came) the client gets a reset now, not a connect that hangs until it times out.
-async fn connect_guest(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, guest: SocketAddrV4, stream: TcpStream) {
+async fn connect_guest(
+    svc: Arc<ForwardService>,
+    port: Arc<crate::port::GatewayPort>,
+    guest: SocketAddrV4,
+    stream: TcpStream,
+) {
     let ip = *guest.ip();
     if !svc.ctx.guest_at(ip) {
         let cfg = &svc.ctx.cfg();
@@ -217,7 +227,12 @@ async fn connect_guest(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, guest:
     crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await;
 }
 
-async fn serve(svc: Arc<ForwardService>, port: Arc<UnixDatagram>, socket: Arc<UdpSocket>, info: ForwardInfo) {
+async fn serve(
+    svc: Arc<ForwardService>,
+    port: Arc<crate::port::GatewayPort>,
+    socket: Arc<UdpSocket>,
+    info: ForwardInfo,
+) {
     let cfg = svc.ctx.cfg_arc();
     let mut buf = vec![0u8; 65536];
     loop {

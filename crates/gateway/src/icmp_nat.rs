@@ -17,7 +17,7 @@ use fabric::Mac;
 use rustix::net::{AddressFamily, SocketType};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Ipv4Packet};
-use tokio::net::{UdpSocket, UnixDatagram};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::counters::GatewayCounters;
@@ -105,7 +105,7 @@ fn open(kind: Kind) -> std::io::Result<std::net::UdpSocket> {
 /// Returns a frame for the guest when the request is refused (ICMP prohibited).
 pub(crate) fn outbound(
     svc: &Arc<IcmpNat>,
-    port: &Arc<UnixDatagram>,
+    port: &Arc<crate::port::GatewayPort>,
     origin: &wire::Origin,
     key: FlowKey,
     seq_no: u16,
@@ -157,7 +157,7 @@ pub(crate) fn outbound(
 
 async fn run_flow(
     svc: Arc<IcmpNat>,
-    port: Arc<UnixDatagram>,
+    port: Arc<crate::port::GatewayPort>,
     sock: UdpSocket,
     kind: Kind,
     mut rx: mpsc::Receiver<(u16, Vec<u8>)>,

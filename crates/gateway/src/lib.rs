@@ -21,6 +21,7 @@ mod icmp_nat;
 pub mod leases;
 mod names;
 pub mod policy;
+mod port;
 mod stack;
 pub mod tcp_dns;
 pub mod tcp_nat;
@@ -46,7 +47,6 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fabric::{Mac, PortId, Switch};
-use tokio::net::UnixDatagram;
 
 pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, Upstreams};
 pub use counters::GatewayCounters;
@@ -147,7 +147,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     rt: tokio::runtime::Handle,
     /// The gateway's end of its switch port, for forwards to send on.
-    sock: Arc<UnixDatagram>,
+    sock: Arc<crate::port::GatewayPort>,
     port: PortId,
     events: Mutex<Option<mpsc::Receiver<LeaseEvent>>>,
     task: tokio::task::JoinHandle<()>,
@@ -178,13 +178,11 @@ impl Gateway {
         let (tx, rx) = mpsc::channel();
         let tcp_dns = new_tcp_dns(&cfg, &counters);
         let panics = Arc::new(contain::PanicCounters::default());
-        let (port, fd) = switch.add_port(network, "gateway")?;
+        let (port, end) = switch.add_inprocess_port(network, "gateway")?;
         switch.set_port_trusted(port, true)?;
-        let std_sock = std::os::unix::net::UnixDatagram::from(fd);
-        std_sock.set_nonblocking(true)?;
         let sock = {
             let _guard = rt.enter();
-            Arc::new(UnixDatagram::from_std(std_sock)?)
+            Arc::new(port::GatewayPort::new(end)?)
         };
         let nat = tcp_nat::TcpNat::new(&cfg, sock.clone(), counters.clone(), panics.clone());
         let ctx = Arc::new(ctx::Ctx::new(cfg.clone(), counters.clone()));

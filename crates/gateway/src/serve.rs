@@ -5,14 +5,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixDatagram;
-
 use crate::*;
 
 /// Runs the gateway's frame loop, and runs it again if it ever dies of a panic that
 /// escaped the handlers' containment: the leases, flows and names live in `Shared`
 /// and outlive the loop, so a restart loses at most the frames in hand.
-pub(crate) async fn supervise(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
+pub(crate) async fn supervise(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPort>) {
     /// Aborts the loop when the supervisor itself is aborted (the gateway dropped).
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -36,7 +34,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
     }
 }
 
-pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
+pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPort>) {
     let mut buf = vec![0u8; 65536 + 64];
     // Answers of forwarded TCP queries come back here, to be written by this task.
     let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::unbounded_channel::<(smoltcp::iface::SocketHandle, Vec<u8>)>();
@@ -100,7 +98,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<UnixDatagram>) {
 /// Runs the TCP DNS stack, sends what it produced and forwards what it must.
 pub(crate) async fn run_tcp(
     shared: &Arc<Shared>,
-    sock: &Arc<UnixDatagram>,
+    sock: &Arc<crate::port::GatewayPort>,
     answers: &tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>,
 ) {
     let out = {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fabric::Mac;
-use tokio::net::{UdpSocket, UnixDatagram};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::counters::GatewayCounters;
@@ -77,7 +77,7 @@ impl FlowTable {
 /// frame for the guest when the datagram is refused by policy (ICMP prohibited).
 pub(crate) fn outbound(
     svc: &Arc<UdpNat>,
-    port: &Arc<UnixDatagram>,
+    port: &Arc<crate::port::GatewayPort>,
     origin: &wire::Origin,
     key: FlowKey,
     payload: &[u8],
@@ -139,7 +139,7 @@ pub(crate) fn outbound(
 
 async fn run_flow(
     svc: Arc<UdpNat>,
-    port: Arc<UnixDatagram>,
+    port: Arc<crate::port::GatewayPort>,
     sock: UdpSocket,
     mut rx: mpsc::Receiver<Vec<u8>>,
     key: FlowKey,

@@ -46,6 +46,8 @@ pub enum DriverError {
     Storage(#[from] crate::storage::StorageError),
     #[error("write the cloud-init seed {path}: {source}")]
     Seed { path: PathBuf, source: std::io::Error },
+    #[error("create the VM's scratch directory {path}: {source}")]
+    Scratch { path: PathBuf, source: std::io::Error },
 }
 
 pub struct QemuVm {
@@ -155,17 +157,38 @@ impl QemuVm {
         let _ = std::fs::remove_file(&config.serial_log);
         let scratch = scratch_dir(&qmp);
         let _ = std::fs::remove_dir_all(&scratch);
-        let made_dir = |path: &std::path::Path| {
-            std::fs::create_dir_all(&scratch).map_err(|source| DriverError::Seed {
-                path: path.to_path_buf(),
+        // Overlays, the seed and virtiofsd sockets live here; a start that fails takes
+        // them with it.
+        let needs_scratch = config.cloud_init.is_some()
+            || !config.shares.is_empty()
+            || config
+                .root_disk
+                .iter()
+                .chain(&config.data_disks)
+                .any(|d| d.mode == crate::storage::DiskMode::Overlay);
+        if needs_scratch {
+            std::fs::create_dir_all(&scratch).map_err(|source| DriverError::Scratch {
+                path: scratch.clone(),
                 source,
-            })
-        };
+            })?;
+        }
+        let started = Self::spawn(config, q, &qmp, &scratch, nonce);
+        if started.is_err() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        started
+    }
+
+    /// Prepares the disks, seed and shares in `scratch` and starts QEMU.
+    fn spawn(
+        config: &VmConfig,
+        mut q: QemuConfig,
+        qmp: &std::path::Path,
+        scratch: &std::path::Path,
+        nonce: String,
+    ) -> Result<QemuVm, DriverError> {
         for (i, disk) in config.root_disk.iter().chain(&config.data_disks).enumerate() {
             let overlay = scratch.join(format!("disk{i}.overlay.qcow2"));
-            if disk.mode == crate::storage::DiskMode::Overlay {
-                made_dir(&overlay)?;
-            }
             let attached = crate::storage::attach(disk, &overlay)?;
             match (i, config.root_disk.is_some()) {
                 (0, true) => q.root_disk = Some(attached),
@@ -174,7 +197,6 @@ impl QemuVm {
         }
         if let Some(ci) = &config.cloud_init {
             let path = scratch.join("cloud-init-seed.img");
-            made_dir(&path)?;
             ci.write_seed(&path).map_err(|source| DriverError::Seed {
                 path: path.clone(),
                 source,
@@ -190,7 +212,6 @@ impl QemuVm {
             Some(binary) => {
                 for (i, share) in config.shares.iter().enumerate() {
                     let socket = scratch.join(format!("fs{i}.sock"));
-                    made_dir(&socket)?;
                     helpers.0.push(start_virtiofsd(&binary, share, &socket)?);
                     q.virtio_fs.push(crate::storage::VirtioFs {
                         socket,
@@ -232,7 +253,7 @@ impl QemuVm {
             child: Some(child),
             id,
             nonce: nonce.clone(),
-            qmp,
+            qmp: qmp.to_path_buf(),
             serial_log: config.serial_log.clone(),
             scanner: ReadinessScanner::new(config.serial_log.clone(), nonce),
             state,

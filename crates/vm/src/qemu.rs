@@ -26,6 +26,10 @@ pub enum NicBackend {
     /// A socketpair end a VMM will inherit, for printed arguments: `FD` stands where
     /// its number goes.
     FdToBeGiven,
+    /// A vhost-user port: QEMU connects to `path` (and again after the switch
+    /// restarts) and shares the guest's memory with it; `queues` pairs (one per vCPU
+    /// lets each transmit without a lock in the guest).
+    VhostUser { path: PathBuf, queues: u16 },
 }
 
 #[derive(Debug, Clone)]
@@ -54,19 +58,71 @@ impl Nic {
             NicBackend::Tap { ifname } => {
                 format!("tap,id={id},ifname={ifname},script=no,downscript=no")
             }
+            NicBackend::VhostUser { queues, .. } if *queues > 1 => {
+                format!("vhost-user,id={id},chardev={id}c,queues={queues}")
+            }
+            NicBackend::VhostUser { .. } => format!("vhost-user,id={id},chardev={id}c"),
         }
     }
+
+    /// The `-chardev` value a vhost-user NIC's netdev names (`ID` + `c`), if it has one.
+    pub fn chardev(&self, id: &str) -> Option<String> {
+        match &self.backend {
+            // QEMU 7.2 takes whole seconds to reconnect (later ones `reconnect-ms`).
+            NicBackend::VhostUser { path, .. } => Some(format!("socket,id={id}c,path={},reconnect=1", path.display())),
+            _ => None,
+        }
+    }
+
+    /// Queue pairs beyond the first, as the `-device` option that turns them on.
+    fn multiqueue(&self) -> &'static str {
+        match self.backend {
+            NicBackend::VhostUser { queues, .. } if queues > 1 => ",mq=on",
+            _ => "",
+        }
+    }
+
+    fn is_vhost_user(&self) -> bool {
+        matches!(self.backend, NicBackend::VhostUser { .. })
+    }
+}
+
+/// The guest's memory as a shared memfd: a vhost-user backend (virtiofsd, a vhost-user
+/// port) reads and writes the guest's buffers in place, so it must map it too.
+fn shared_memory_args(memory_mib: u32) -> [String; 4] {
+    [
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={memory_mib}M,share=on"),
+        "-machine".into(),
+        "memory-backend=mem".into(),
+    ]
 }
 
 /// The QEMU arguments that attach a VM with a PCI bus (the usual machine types) to a
 /// vmfabric port, as `port add` prints them; the runner's microvm guests use
 /// `virtio-net-device` instead (see [`QemuConfig::args`]).
 pub fn nic_args(nic: &Nic) -> String {
-    format!(
-        "-netdev {} -device virtio-net-pci,netdev=net0,mac={}",
+    // QEMU 7.2 under TCG crashes (SIGSEGV in msix_set_vector_notifiers) starting a
+    // vhost backend on an MSI-X virtio-pci device: its vector notifiers assume KVM.
+    // Without MSI-X vectors it takes INTx, and runs.
+    // With several queue pairs, MSI-X needs a vector per queue, one for config, one spare.
+    let vectors = match (&nic.backend, Accel::detect().0) {
+        (NicBackend::VhostUser { .. }, Accel::Tcg) => ",vectors=0".to_string(),
+        (NicBackend::VhostUser { queues, .. }, _) if *queues > 1 => format!(",vectors={}", 2 * queues + 2),
+        _ => String::new(),
+    };
+    let device = format!(
+        "-netdev {} -device virtio-net-pci,netdev=net0,mac={}{}{vectors}",
         nic.netdev("net0"),
-        nic.mac
-    )
+        nic.mac,
+        nic.multiqueue()
+    );
+    match nic.chardev("net0") {
+        Some(chardev) => format!(
+            "-chardev {chardev} {device} -object memory-backend-memfd,id=mem,size=MEM,share=on -machine memory-backend=mem"
+        ),
+        None => device,
+    }
 }
 
 /// A guest booted from a kernel, with an initramfs or a root disk or both.
@@ -102,6 +158,9 @@ pub enum Serial {
 }
 
 impl QemuConfig {
+    /// `-m` unless told otherwise.
+    pub const DEFAULT_MEMORY_MIB: u32 = 128;
+
     pub fn new(kernel: PathBuf, initrd: Option<PathBuf>, serial: Serial) -> Self {
         QemuConfig {
             binary: "qemu-system-x86_64".into(),
@@ -112,7 +171,7 @@ impl QemuConfig {
             shares: Vec::new(),
             virtio_fs: Vec::new(),
             vsock_cid: None,
-            memory_mib: 128,
+            memory_mib: Self::DEFAULT_MEMORY_MIB,
             cpus: 1,
             nics: Vec::new(),
             cmdline: Vec::new(),
@@ -168,10 +227,13 @@ impl QemuConfig {
         a.extend(["-serial".into(), serial]);
         for (i, nic) in self.nics.iter().enumerate() {
             let id = format!("net{i}");
+            if let Some(chardev) = nic.chardev(&id) {
+                a.extend(["-chardev".into(), chardev]);
+            }
             a.extend(["-netdev".into(), nic.netdev(&id)]);
             a.extend([
                 "-device".into(),
-                format!("virtio-net-device,netdev={id},mac={}", nic.mac),
+                format!("virtio-net-device,netdev={id},mac={}{}", nic.mac, nic.multiqueue()),
             ]);
         }
         for (i, disk) in self.root_disk.iter().chain(&self.disks).enumerate() {
@@ -180,15 +242,8 @@ impl QemuConfig {
         for (i, share) in self.shares.iter().enumerate() {
             a.extend(share_args(share, &format!("share{i}")));
         }
-        if !self.virtio_fs.is_empty() {
-            // virtiofsd reads and writes the guest's buffers in place: its memory must
-            // be a shared mapping the daemon can map too.
-            a.extend([
-                "-object".into(),
-                format!("memory-backend-memfd,id=mem,size={}M,share=on", self.memory_mib),
-                "-machine".into(),
-                "memory-backend=mem".into(),
-            ]);
+        if !self.virtio_fs.is_empty() || self.nics.iter().any(Nic::is_vhost_user) {
+            a.extend(shared_memory_args(self.memory_mib));
         }
         for (i, fs) in self.virtio_fs.iter().enumerate() {
             a.extend([

@@ -174,3 +174,57 @@ fn guest_on_a_stream_port_is_heard_on_the_network() {
     wait_for_discover(&observer, mac, &mut g);
     assert_eq!(sw.is_port_up(port), Some(true));
 }
+
+/// A guest on a vhost-user port: its frames come out of its virtqueues (in memory it
+/// shares with the switch) onto the network; the port goes down with its VMM and up
+/// again with the next one on the same path.
+#[test]
+fn guest_on_a_vhost_user_port_is_heard_on_the_network() {
+    let Some(guest) = guest_dir() else { return };
+    let work = workdir("vhost-user");
+    let sw = Switch::start(SwitchConfig::default()).unwrap();
+    sw.add_network("default", NetworkConfig::default()).unwrap();
+    let path = work.join("port.vhost");
+    let port = sw.add_vhost_user_port("default", "guest", &path).unwrap();
+    let (_, observer) = sw.add_port("default", "observer").unwrap();
+    let observer = UnixDatagram::from(observer);
+    let mac = Mac::derived(&["default", "guest-vhost"]);
+    let mut g = Guest::boot(
+        &guest,
+        &work,
+        Nic {
+            backend: NicBackend::VhostUser { path, queues: 1 },
+            mac,
+        },
+        &[],
+    );
+    wait_for_discover(&observer, mac, &mut g);
+    assert_eq!(sw.is_port_up(port), Some(true), "the VMM connected");
+    let c = sw.port_counters(port).unwrap();
+    assert!(c.rx_frames > 0, "{c:?}");
+    assert_eq!(c.total_drops(), 0, "{c:?}");
+    drop(g);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sw.is_port_up(port) == Some(true) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sw.is_port_up(port), Some(false), "down once QEMU is gone");
+    // A new VMM on the same port, asking for two queue pairs: a fresh device state,
+    // heard again.
+    let mut again = Guest::boot(
+        &guest,
+        &work,
+        Nic {
+            backend: NicBackend::VhostUser {
+                path: work.join("port.vhost"),
+                queues: 2,
+            },
+            mac,
+        },
+        &[],
+    );
+    wait_for_discover(&observer, mac, &mut again);
+    assert_eq!(sw.is_port_up(port), Some(true), "up with the new VMM");
+    sw.remove_port(port).unwrap();
+    assert!(!work.join("port.vhost").exists(), "the port's socket goes with it");
+}

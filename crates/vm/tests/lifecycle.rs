@@ -122,3 +122,35 @@ fn a_vmm_that_will_not_start_says_why() {
     let log = std::fs::read_to_string(vm::driver::stderr_log(&c.serial_log)).unwrap();
     assert!(log.contains("kernel"), "{log}");
 }
+
+/// A start that fails half-way (the second overlay's base is no usable qcow2) takes the
+/// files it already made (the first overlay) with it.
+#[test]
+fn a_failed_start_leaves_no_scratch_files() {
+    // The skip rule for tests that need QEMU's tools.
+    let Some(_) = common::guest_dir() else { return };
+    let work = common::workdir("scratch");
+    let good = work.join("good.raw");
+    std::fs::write(&good, vec![0u8; 1 << 20]).unwrap();
+    let broken = work.join("broken.qcow2");
+    std::fs::write(&broken, b"QFI\xfbthis is no qcow2 header").unwrap();
+    let mut c = config(&work, &work, "x", "10.96.0.9", work.join("s.sock"));
+    c.kernel = good.clone();
+    c.initramfs = Some(good.clone());
+    for path in [good, broken] {
+        c.data_disks.push(vm::Disk {
+            path,
+            mode: vm::DiskMode::Overlay,
+        });
+    }
+    let Err(e) = QemuVm::start(&c, &work) else {
+        panic!("started on a broken base image")
+    };
+    assert!(e.to_string().contains("broken.qcow2"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".files"))
+        .collect();
+    assert!(left.is_empty(), "scratch left behind: {left:?}");
+}

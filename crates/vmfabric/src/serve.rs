@@ -95,6 +95,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     if let Some(note) = vmfabric::control::privileges::unprivileged_note() {
         tracing::warn!("{note}");
     }
+    fabric::keep_large_allocations_mapped();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vmfabric")

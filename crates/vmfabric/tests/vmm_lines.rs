@@ -1,6 +1,7 @@
 //! The QEMU arguments `port add` prints are what a user pastes: each is booted here as
 //! printed, on the usual PCI machine (q35, virtio-net-pci), with the test guest, which
-//! must lease an address through it. Userspace unixgram and stream ports; kernel-mode
+//! must lease an address through it. Userspace unixgram, stream and vhost-user ports
+//! (the last a modern virtio-net-pci device, where the runner's is legacy); kernel-mode
 //! TAP ports (root). Needs QEMU and the guest image.
 
 #[path = "../../vm/tests/common/mod.rs"]
@@ -54,7 +55,7 @@ fn every_printed_qemu_line_boots_a_guest_that_leases() {
     let Some(image) = common::guest_dir() else { return };
     let dir = common::workdir("vmm-lines");
     let d = harness::start(&dir, None);
-    for kind in ["unixgram", "stream"] {
+    for kind in ["unixgram", "stream", "vhost-user"] {
         let (s, port) = d.call(
             "POST",
             "/v1/networks/default/ports",
@@ -63,6 +64,8 @@ fn every_printed_qemu_line_boots_a_guest_that_leases() {
         assert_eq!(s, 201, "{port}");
         let printed = port["vmm"]["qemu"].as_str().unwrap().to_string();
         assert!(printed.contains("virtio-net-pci"), "{printed}");
+        // A vhost-user line's shared memory is as large as the guest's (`-m`).
+        let printed = printed.replace("size=MEM", &format!("size={}M", vm::QemuConfig::DEFAULT_MEMORY_MIB));
         let console = boot_printed(&image, &dir, kind, &printed);
         let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
         let lease = leases

@@ -9,21 +9,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::Running;
 use serde_json::{json, Value};
-
-/// Polls a VM until its state is one of `done`.
-fn wait_state(d: &Running, name: &str, done: &[&str]) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(150);
-    loop {
-        let (_, v) = d.call("GET", &format!("/v1/vms/{name}"), None);
-        if done.contains(&v["state"].as_str().unwrap_or("")) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn vms_run_find_each_other_and_end_cleanly_or_failed() {
@@ -46,7 +32,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         Some(json!({"name": "big", "network": "default", "memory_mib": 32})),
     );
     assert_eq!(s, 400, "too little memory is refused before anything starts");
-    let web = wait_state(&d, "web", &["ready", "failed"]);
+    let web = d.wait_vm("web", &["ready", "failed"]);
     let web_ip = web["ip"].clone();
     assert_eq!(web["state"], "ready", "{web}");
     let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
@@ -66,7 +52,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         Some(json!({"name": "client", "network": "default", "cmd": cmd})),
     );
     assert_eq!(s, 201);
-    let client_vm = wait_state(&d, "client", &["stopped", "failed"]);
+    let client_vm = d.wait_vm("client", &["stopped", "failed"]);
     assert_eq!(
         client_vm["state"], "stopped",
         "a guest that powers itself off has stopped: {client_vm}"
@@ -135,7 +121,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let web = wait_state(&d, "web", &["ready", "failed"]);
+    let web = d.wait_vm("web", &["ready", "failed"]);
     assert_eq!((web["state"].as_str(), &web["ip"]), (Some("ready"), &web_ip), "{web}");
     assert!(fetch().is_some(), "the restarted guest serves its page");
 
@@ -148,7 +134,7 @@ fn vms_run_find_each_other_and_end_cleanly_or_failed() {
         followed.contains("VMFABRIC_READY"),
         "the follower saw the boot: {followed}"
     );
-    let web = wait_state(&d, "web", &["failed"]);
+    let web = d.wait_vm("web", &["failed"]);
     assert!(web["reason"].as_str().unwrap().contains("signal: 9"), "{web}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -250,7 +236,7 @@ fn a_vm_gets_its_nics_disks_seed_and_share() {
         &script,
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let vm = wait_state(&d, "multi", &["stopped", "failed"]);
+    let vm = d.wait_vm("multi", &["stopped", "failed"]);
     let (_, logs) = d.call("GET", "/v1/vms/multi/logs", None);
     let logs = logs.as_str().unwrap();
     assert_eq!(vm["state"], "stopped", "{vm}\n{logs}");
@@ -305,15 +291,23 @@ fn a_vm_gets_its_nics_disks_seed_and_share() {
         "the overlay holds the guest's write"
     );
     // Run again under the same name while the ended one is still listed: the new
-    // boot's files (overlay, QMP socket) are where the old one's were, and stay.
+    // boot's files (overlay, QMP socket) are where the old one's were, and stay. The
+    // disk is named through a symlink: QEMU gets the path that was checked.
+    std::os::unix::fs::symlink(files.join("base.raw"), files.join("link.raw")).unwrap();
     let (s, v) = d.call(
         "POST",
         "/v1/vms",
-        Some(json!({"name": "multi", "network": "default", "disks": [{"path": files.join("base.raw"), "mode": "overlay"}]})),
+        Some(json!({"name": "multi", "network": "default", "disks": [{"path": files.join("link.raw"), "mode": "overlay"}]})),
     );
     assert_eq!(s, 201, "{v}");
-    let again = wait_state(&d, "multi", &["ready", "failed"]);
+    let again = d.wait_vm("multi", &["ready", "failed"]);
     assert_eq!(again["state"], "ready", "{again}");
+    let (_, inspect) = d.call("GET", "/v1/vms/multi/inspect", None);
+    assert_eq!(
+        inspect["request"]["disks"][0]["path"].as_str(),
+        files.join("base.raw").canonicalize().unwrap().to_str(),
+        "{inspect}"
+    );
     assert!(overlay.exists(), "the new boot's overlay is there");
     let (s, v) = d.call("POST", "/v1/vms/multi/pause", None);
     assert_eq!((s, v["state"].as_str()), (200, Some("paused")), "QMP answers: {v}");
@@ -355,7 +349,7 @@ fn a_vm_gets_its_nics_disks_seed_and_share() {
             Some(json!({"name": "vs", "network": "default", "vsock": true})),
         );
         assert_eq!((s, v["vsock_cid"].as_u64()), (201, Some(3)), "{v}");
-        let v = wait_state(&d, "vs", &["ready", "failed"]);
+        let v = d.wait_vm("vs", &["ready", "failed"]);
         assert_eq!(v["state"], "ready", "{v}");
     } else {
         eprintln!("SKIP the vsock guest: this host's kernel has no vhost-vsock; checked: refused with the reason");

@@ -13,6 +13,7 @@ mod table;
 mod worker;
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,9 +26,10 @@ use rustix::event::EventfdFlags;
 use crate::config::{NetworkConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
 use crate::error::{FabricError, Result};
-use crate::open_tap;
 use crate::port::{Capture, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
+use crate::sys::tun::{self, Tun, TunOptions};
 use crate::transport;
+pub(crate) use worker::DropCounters;
 use worker::{Command, NetShared, NewPort, PortFd, PortShared, Worker, WorkerSetup};
 
 struct PortRecord {
@@ -35,6 +37,8 @@ struct PortRecord {
     label: String,
     transport: Transport,
     shared: Arc<PortShared>,
+    /// The thread serving a vhost-user port's VMM; stopped when the record goes.
+    server: Option<crate::vhost_user::VhostUserServer>,
 }
 
 #[derive(Default)]
@@ -153,8 +157,18 @@ impl Switch {
     }
 
     fn attach(&self, network: &str, label: &str, transport: Transport, io: PortFd) -> Result<PortId> {
+        self.attach_shared(network, label, transport, io, Arc::new(PortShared::default()))
+    }
+
+    fn attach_shared(
+        &self,
+        network: &str,
+        label: &str,
+        transport: Transport,
+        io: PortFd,
+        shared: Arc<PortShared>,
+    ) -> Result<PortId> {
         let id = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
-        let shared = Arc::new(PortShared::default());
         let port = NewPort {
             id,
             io,
@@ -171,6 +185,7 @@ impl Switch {
             label: label.into(),
             transport,
             shared,
+            server: None,
         };
         self.registry().ports.insert(id, record);
         Ok(id)
@@ -209,25 +224,95 @@ impl Switch {
     }
 
     /// Adds a TAP port; returns its id and the device's name. A device created here by
-    /// name is not persistent: it goes away with the port.
+    /// name is not persistent: it goes away with the port. It is opened with a
+    /// virtio-net header and checksum and TCP segmentation offloads, so the kernel
+    /// hands over (and takes) 64 KiB segments; an fd handed over keeps its framing,
+    /// and gets the offloads if it has the header.
     pub fn add_tap_port(&self, network: &str, label: &str, source: TapSource) -> Result<(PortId, String)> {
-        let (fd, ifname) = match source {
-            TapSource::Name(name) => open_tap(&name).map_err(|e| FabricError::io(format!("open TAP {name}"), e))?,
+        let (fd, ifname, vnet_hdr) = match source {
+            TapSource::Name(name) => {
+                let opts = TunOptions {
+                    nonblocking: true,
+                    vnet_hdr: true,
+                    ..Default::default()
+                };
+                let tun = Tun::open(&name, opts).map_err(|e| FabricError::io(format!("open TAP {name}"), e))?;
+                let ifname = tun.name().to_string();
+                (tun.into_fd(), ifname, Some(crate::offload::VNET_HDR_LEN))
+            }
             TapSource::Fd(fd, name) => {
                 rustix::io::ioctl_fionbio(&fd, true)
                     .map_err(|e| FabricError::io("make TAP fd non-blocking", e.into()))?;
-                (fd, name)
+                let vnet_hdr = tun::vnet_hdr_len(fd.as_fd()).map_err(|e| FabricError::io("read TAP flags", e))?;
+                if vnet_hdr.is_some_and(|n| !(10..=12).contains(&n)) {
+                    return Err(FabricError::io(
+                        "TAP fd",
+                        std::io::Error::new(
+                            std::io::ErrorKind::Unsupported,
+                            "a virtio-net header of other than 10 or 12 bytes",
+                        ),
+                    ));
+                }
+                (fd, name, vnet_hdr)
             }
         };
+        if vnet_hdr.is_some() {
+            tun::set_offload(fd.as_fd(), tun::SWITCH_OFFLOADS)
+                .map_err(|e| FabricError::io(format!("set offloads on TAP {ifname}"), e))?;
+        }
         let t = Transport::Tap { ifname: ifname.clone() };
-        let id = self.attach(network, label, t, PortFd::Tap(fd))?;
+        let id = self.attach(network, label, t, PortFd::Tap { fd, vnet_hdr })?;
         Ok((id, ifname))
+    }
+
+    /// Adds a port served by something in this process (a gateway): frames pass through
+    /// shared queues, not a socket. The port is up from the start.
+    pub fn add_inprocess_port(&self, network: &str, label: &str) -> Result<(PortId, crate::InProcessEnd)> {
+        let ring = Arc::new(crate::ring::FrameRing::new()?);
+        ring.set_peer(Some("in-process".into()));
+        let id = self.attach(network, label, Transport::InProcess, PortFd::Ring(ring.clone()))?;
+        Ok((id, crate::InProcessEnd::new(ring)))
+    }
+
+    /// Listens for a vhost-user VMM at `path` (QEMU's `-netdev vhost-user`, Cloud
+    /// Hypervisor's `--net vhost_user=true`); the VMM must share the guest's memory. A
+    /// VMM may connect again after its last connection ended.
+    pub fn add_vhost_user_port(&self, network: &str, label: &str, path: &Path) -> Result<PortId> {
+        let net = self
+            .registry()
+            .networks
+            .get(network)
+            .cloned()
+            .ok_or_else(|| FabricError::NoSuchNetwork(network.into()))?;
+        let ring = Arc::new(crate::ring::FrameRing::new()?);
+        let shared = Arc::new(PortShared::default());
+        let counters = Arc::new(DropCounters {
+            port: shared.clone(),
+            net,
+        });
+        let t = Transport::VhostUser {
+            path: path.to_path_buf(),
+        };
+        let id = self.attach_shared(network, label, t, PortFd::Ring(ring.clone()), shared)?;
+        match crate::vhost_user::VhostUserServer::start(path, self.config.socket_mode, label, ring, counters) {
+            Ok(server) => {
+                if let Some(rec) = self.registry().ports.get_mut(&id) {
+                    rec.server = Some(server);
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = self.remove_port(id);
+                Err(e)
+            }
+        }
     }
 
     /// Removes a port while traffic flows; its socket file, if any, is deleted.
     pub fn remove_port(&self, id: PortId) -> Result<()> {
         self.call(|reply| Command::RemovePort { id, reply })?;
-        if let Some(rec) = self.registry().ports.remove(&id) {
+        let rec = self.registry().ports.remove(&id);
+        if let Some(rec) = rec {
             remove_socket_file(&rec.transport);
         }
         Ok(())
@@ -354,7 +439,8 @@ impl Drop for Switch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        for rec in self.registry().ports.values() {
+        let ports = std::mem::take(&mut self.registry().ports);
+        for rec in ports.values() {
             remove_socket_file(&rec.transport);
         }
     }

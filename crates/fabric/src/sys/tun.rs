@@ -4,7 +4,7 @@
 //! the one place that knows `struct ifreq` (libc's, per architecture).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{Mode, OFlags};
 
@@ -118,6 +118,44 @@ impl Tun {
         }
         Ok(())
     }
+}
+
+/// The offloads the switch takes from a TAP: checksums and TCP segmentation (ECN too),
+/// which is what the software fallback in `crate::offload` can undo.
+pub const SWITCH_OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+
+/// How a TAP fd handed over by someone else frames its packets: the size of its
+/// virtio-net header, or `None` when it has none.
+pub fn vnet_hdr_len(fd: BorrowedFd<'_>) -> io::Result<Option<usize>> {
+    // SAFETY: as in `Tun::open`, all zeroes is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes a struct ifreq into `req`, which lives across the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req as *mut libc::ifreq) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags } as libc::c_int;
+    if flags & libc::IFF_VNET_HDR == 0 {
+        return Ok(None);
+    }
+    let mut len: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int into `len`, which lives across the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut len as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some(len as usize))
+}
+
+/// Asks the kernel for offloaded frames on a TAP fd that has a virtio-net header.
+pub fn set_offload(fd: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

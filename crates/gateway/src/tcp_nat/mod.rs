@@ -32,7 +32,7 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, IpListenEndpoint};
-use tokio::net::{TcpStream, UnixDatagram};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::counters::GatewayCounters;
@@ -111,7 +111,7 @@ pub(crate) struct TcpNat {
     buffer: usize,
     next_forward_port: u16,
     /// The gateway's port, and the frames waiting for room in it, in order.
-    port: Arc<UnixDatagram>,
+    port: Arc<crate::port::GatewayPort>,
     outbox: std::collections::VecDeque<Vec<u8>>,
     /// Wakes the task that writes the outbox when the port has room again.
     writer: Arc<Notify>,
@@ -121,7 +121,7 @@ pub(crate) struct TcpNat {
 impl TcpNat {
     pub fn new(
         cfg: &crate::GatewayConfig,
-        port: Arc<UnixDatagram>,
+        port: Arc<crate::port::GatewayPort>,
         counters: Arc<GatewayCounters>,
         panics: Arc<crate::contain::PanicCounters>,
     ) -> TcpNat {
@@ -230,14 +230,9 @@ impl TcpNat {
     /// Sends what the outbox holds, in batches, until the port is full; true when it
     /// is empty.
     fn flush(&mut self) -> bool {
-        use std::os::fd::AsFd;
         while !self.outbox.is_empty() {
             let frames: Vec<&[u8]> = self.outbox.make_contiguous().iter().take(32).map(|f| &f[..]).collect();
-            // Through try_io, so that a full port clears tokio's write readiness and the
-            // writer task really waits for room.
-            let sent = self.port.try_io(tokio::io::Interest::WRITABLE, || {
-                fabric::send_frames(self.port.as_fd(), &frames)
-            });
+            let sent = self.port.try_send_frames(&frames);
             match sent {
                 Ok(n) if n > 0 => drop(self.outbox.drain(..n)),
                 Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {

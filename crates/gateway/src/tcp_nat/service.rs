@@ -10,7 +10,12 @@ pub(super) fn lock(nat: &Mutex<TcpNat>) -> MutexGuard<'_, TcpNat> {
 
 /// Takes a guest's TCP segment routed through the gateway; returns frames to send now.
 /// The caller runs the stack ([`TcpNat::poll_pending`]) after its batch of frames.
-pub(crate) fn inbound(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, frame: &[u8], head: TcpHead) -> Vec<Vec<u8>> {
+pub(crate) fn inbound(
+    svc: &Arc<TcpService>,
+    port: &Arc<crate::port::GatewayPort>,
+    frame: &[u8],
+    head: TcpHead,
+) -> Vec<Vec<u8>> {
     let key = FlowKey {
         guest: head.src,
         peer: head.dst,
@@ -35,7 +40,7 @@ pub(crate) fn inbound(svc: &Arc<TcpService>, port: &Arc<UnixDatagram>, frame: &[
 /// A guest's new connection: checked, counted, then connected from the host.
 pub(super) fn open(
     svc: &Arc<TcpService>,
-    port: &Arc<UnixDatagram>,
+    port: &Arc<crate::port::GatewayPort>,
     syn: &[u8],
     head: TcpHead,
     key: FlowKey,

@@ -68,6 +68,9 @@ pub(crate) struct VmRunArgs {
     /// systemd's machine id (32 hex digits; default: derived from the name).
     #[arg(long)]
     machine_id: Option<String>,
+    /// Attach its NICs as vhost-user ports (frames through the guest's shared memory).
+    #[arg(long)]
+    vhost_user: bool,
 }
 
 impl VmRunArgs {
@@ -119,6 +122,7 @@ impl VmRunArgs {
             vsock_cid: self.vsock_cid,
             cloud_init,
             machine_id: self.machine_id,
+            vhost_user: self.vhost_user,
             ..VmRequest::new(
                 &self.name.unwrap_or_else(|| format!("vm-{:06x}", rand_suffix())),
                 &network,

@@ -74,6 +74,7 @@ fn port_path(env: &Env, network: &str, spec: &PortSpec) -> Result<String, Contro
     Ok(match spec.kind {
         PortKind::Unixgram => socket(SocketPlace::PortDatagram).display().to_string(),
         PortKind::Stream => socket(SocketPlace::PortStream).display().to_string(),
+        PortKind::VhostUser => socket(SocketPlace::PortVhostUser).display().to_string(),
         PortKind::Tap => {
             let name = spec
                 .ifname
@@ -123,6 +124,7 @@ pub fn restore_port(env: &Env, locker: &mut PortLocker, rec: &PortRecord) -> Res
     let id = match rec.kind {
         PortKind::Unixgram => env.switch.add_unixgram_port(&rec.network, &rec.name, &path)?,
         PortKind::Stream => env.switch.add_stream_port(&rec.network, &rec.name, &path)?,
+        PortKind::VhostUser => env.switch.add_vhost_user_port(&rec.network, &rec.name, &path)?,
         PortKind::Tap => {
             let source = fabric::TapSource::Name(rec.path.clone());
             env.switch
@@ -223,6 +225,20 @@ pub fn vmm_lines(p: &PortRecord, run_dir: &Path, kernel: bool) -> VmmLines {
         },
         PortKind::Socketpair => VmmLines {
             qemu: Some(qemu(vm::NicBackend::FdToBeGiven)),
+            ..VmmLines::default()
+        },
+        // QEMU's guest memory must be shared (MEM in the line: the -m size, as 512M).
+        PortKind::VhostUser => VmmLines {
+            qemu: Some(qemu(vm::NicBackend::VhostUser {
+                path: PathBuf::from(path),
+                queues: 1,
+            })),
+            cloud_hypervisor: Some(format!("vhost_user=true,socket={path},mac={mac}")),
+            note: Some(
+                "the VMM shares the guest's memory with the switch: QEMU with a shared memory backend \
+                 (as in its line), Cloud Hypervisor with --memory shared=on"
+                    .into(),
+            ),
             ..VmmLines::default()
         },
         // The bridge has the device; the VMM opens it by name.

@@ -78,6 +78,10 @@ pub struct VmRequest {
     /// systemd's machine id (32 lowercase hex digits); default: derived from the name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_id: Option<String>,
+    /// Its NICs are vhost-user ports (frames through the guest's memory, which QEMU
+    /// then shares) instead of unixgram ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost_user: bool,
 }
 
 /// What a VM's cloud-init reads besides its name.
@@ -114,6 +118,7 @@ impl VmRequest {
             vsock_cid: None,
             cloud_init: None,
             machine_id: None,
+            vhost_user: false,
         }
     }
 
@@ -123,10 +128,10 @@ impl VmRequest {
     }
 
     /// Every host file or directory it names, to check against the daemon's VM paths.
-    fn host_paths(&self) -> impl Iterator<Item = &std::path::Path> {
-        let files = self.kernel.iter().chain(&self.initrd).map(PathBuf::as_path);
-        let disks = self.root_disk.iter().chain(&self.disks).map(|d| d.path.as_path());
-        files.chain(disks).chain(self.shares.iter().map(|s| s.host.as_path()))
+    fn host_paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        let files = self.kernel.iter_mut().chain(&mut self.initrd);
+        let disks = self.root_disk.iter_mut().chain(&mut self.disks).map(|d| &mut d.path);
+        files.chain(disks).chain(self.shares.iter_mut().map(|s| &mut s.host))
     }
 }
 
@@ -485,9 +490,16 @@ impl Vms {
                 .iter()
                 .zip(switch_paths)
                 .map(|(n, switch_path)| Nic {
-                    backend: NicBackend::Unixgram {
-                        switch_path,
-                        guest_path: n.guest_path.clone(),
+                    backend: match req.vhost_user {
+                        // A queue pair per vCPU, as many as the port serves.
+                        true => NicBackend::VhostUser {
+                            path: switch_path,
+                            queues: req.cpus.clamp(1, fabric::VHOST_USER_MAX_QUEUE_PAIRS as u32) as u16,
+                        },
+                        false => NicBackend::Unixgram {
+                            switch_path,
+                            guest_path: n.guest_path.clone(),
+                        },
                     },
                     mac: n.mac,
                 })
@@ -552,7 +564,7 @@ impl Vms {
                 .filter_map(|d| d.canonicalize().ok())
                 .collect()
         };
-        for path in req.host_paths() {
+        for path in req.host_paths_mut() {
             // A path that does not exist is refused by the config's validation, by name.
             let Ok(real) = path.canonicalize() else { continue };
             if !allowed.iter().any(|dir| real.starts_with(dir)) {
@@ -561,6 +573,9 @@ impl Vms {
                     path.display()
                 )));
             }
+            // QEMU gets the path that was checked: a symlink swapped after the check
+            // cannot lead it elsewhere.
+            *path = real;
         }
         let taken: std::collections::HashSet<u32> = self
             .entries()
@@ -602,7 +617,8 @@ impl Vms {
         Ok((kernel, initramfs))
     }
 
-    /// A unixgram port per NIC: the first named after the VM, the others `NAME-nicI`.
+    /// A unixgram (or vhost-user) port per NIC: the first named after the VM, the
+    /// others `NAME-nicI`.
     /// All or none: a port that cannot be made takes back the ones made before it.
     fn add_nic_ports(&self, broker: &dyn PortBroker, req: &VmRequest) -> Result<Vec<NewNic>, ControlError> {
         let mut made: Vec<NewNic> = Vec::new();
@@ -613,7 +629,13 @@ impl Vms {
             };
             let added = crate::model::Name::new("port", &port)
                 .map_err(ControlError::from)
-                .and_then(|n| broker.add_port(network, PortSpec::new(n, PortKind::Unixgram)));
+                .and_then(|n| {
+                    let kind = match req.vhost_user {
+                        true => PortKind::VhostUser,
+                        false => PortKind::Unixgram,
+                    };
+                    broker.add_port(network, PortSpec::new(n, kind))
+                });
             match added {
                 Ok(view) => made.push(NewNic {
                     switch_path: view.record.path.clone().into(),

@@ -100,19 +100,22 @@ pub enum SocketPlace {
     Guest,
     /// A VM's NIC (the runner's QEMU binds it): `vms/VM.nic.sock`.
     VmNic,
+    /// A vhost-user port's listener: `ports/NETWORK/PORT.vhost`.
+    PortVhostUser,
 }
 
 impl SocketPlace {
-    pub const ALL: [SocketPlace; 4] = [
+    pub const ALL: [SocketPlace; 5] = [
         SocketPlace::PortDatagram,
         SocketPlace::PortStream,
         SocketPlace::Guest,
         SocketPlace::VmNic,
+        SocketPlace::PortVhostUser,
     ];
 
     pub fn subdir(self) -> &'static str {
         match self {
-            SocketPlace::PortDatagram | SocketPlace::PortStream => "ports",
+            SocketPlace::PortDatagram | SocketPlace::PortStream | SocketPlace::PortVhostUser => "ports",
             SocketPlace::Guest => "guests",
             SocketPlace::VmNic => "vms",
         }
@@ -123,13 +126,14 @@ impl SocketPlace {
             SocketPlace::PortDatagram | SocketPlace::Guest => "sock",
             SocketPlace::PortStream => "stream",
             SocketPlace::VmNic => "nic.sock",
+            SocketPlace::PortVhostUser => "vhost",
         }
     }
 
     /// The path's readable form, from the names it is for.
     fn readable(self, names: &[&str]) -> String {
         match self {
-            SocketPlace::PortDatagram | SocketPlace::PortStream => names.join("/"),
+            SocketPlace::PortDatagram | SocketPlace::PortStream | SocketPlace::PortVhostUser => names.join("/"),
             SocketPlace::Guest | SocketPlace::VmNic => names.join("-"),
         }
     }

@@ -50,6 +50,11 @@ pub enum PortKind {
     /// A socketpair whose VM end was handed to the client; it lives as long as the
     /// daemon and is not stored (the other end cannot come back after a restart).
     Socketpair,
+    /// A vhost-user listener (QEMU -netdev vhost-user, Cloud Hypervisor
+    /// vhost_user=true): frames move through the guest's shared memory.
+    #[serde(rename = "vhost-user")]
+    #[value(name = "vhost-user")]
+    VhostUser,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

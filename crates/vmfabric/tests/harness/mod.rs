@@ -11,6 +11,9 @@ use serde_json::Value;
 use vmfabric::{api, client, control::Control};
 
 pub struct Running {
+    /// First, so it drops first: a test that panics still stops its VMs before the
+    /// runtime goes (their QEMU processes would outlive the test).
+    stop_on_panic: StopOnDrop,
     pub rt: tokio::runtime::Runtime,
     pub socket: PathBuf,
     pub daemon: Arc<Control>,
@@ -36,6 +39,7 @@ pub fn start(dir: &Path, guest_dir: Option<PathBuf>) -> Running {
         api::serve(listener, for_api).await.unwrap();
     });
     Running {
+        stop_on_panic: StopOnDrop(Some(daemon.clone())),
         rt,
         socket,
         daemon,
@@ -43,7 +47,63 @@ pub fn start(dir: &Path, guest_dir: Option<PathBuf>) -> Running {
     }
 }
 
+/// Shuts the daemon down (its VMs stopped) when dropped, unless `Running::stop` did.
+struct StopOnDrop(Option<Arc<Control>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(daemon) = self.0.take() {
+            daemon.shutdown();
+        }
+    }
+}
+
+/// A file's SHA-256, as `sha256sum` prints it (the guests print theirs the same way).
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Polls a VM through `get` until its state is one of `done` (TCG boots are slow on a
+/// busy machine: four minutes).
+fn poll_vm(get: impl Fn(&str) -> Value, name: &str, done: &[&str]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let v = get(&format!("/v1/vms/{name}"));
+        if done.contains(&v["state"].as_str().unwrap_or("")) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 impl Running {
+    /// Polls a VM until its state is one of `done`.
+    pub fn wait_vm(&self, name: &str, done: &[&str]) -> Value {
+        poll_vm(|path| self.call("GET", path, None).1, name, done)
+    }
+
+    /// Waits for a console line of the VM starting with `marker`; returns it, trimmed.
+    /// Fails at once if the guest ends without printing it.
+    pub fn wait_line(&self, name: &str, marker: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (_, logs) = self.call("GET", &format!("/v1/vms/{name}/logs"), None);
+            let logs = logs.as_str().unwrap_or("");
+            if let Some(line) = logs.lines().find(|l| l.starts_with(marker)) {
+                return line.trim().to_string();
+            }
+            assert!(!logs.contains("VMFABRIC_END"), "{name} ended without {marker}:\n{logs}");
+            assert!(Instant::now() < deadline, "{name} never printed {marker}:\n{logs}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.rt
             .block_on(client::call(&self.socket, method, path, body))
@@ -84,7 +144,8 @@ impl Running {
     }
 
     /// Stops the daemon as SIGTERM would; the state stays for the next start.
-    pub fn stop(self) {
+    pub fn stop(mut self) {
+        self.stop_on_panic.0 = None;
         self.server.abort();
         self.daemon.shutdown();
         drop(self.daemon);
@@ -259,15 +320,7 @@ impl Process {
 
     /// Polls a VM until its state is one of `done`.
     pub fn wait_vm(&self, name: &str, done: &[&str]) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let (_, v) = self.call("GET", &format!("/v1/vms/{name}"), None);
-            if done.contains(&v["state"].as_str().unwrap_or("")) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{name} never reached {done:?}: {v}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        poll_vm(|path| self.call("GET", path, None).1, name, done)
     }
 
     pub fn logs(&self, name: &str) -> String {

@@ -15,6 +15,20 @@ pub(crate) struct NetShared {
     pub mac_entries: AtomicU64,
 }
 
+/// A port's and its network's drop counters, for a thread that serves the port (a
+/// vhost-user device) to count what never reached the switch.
+pub(crate) struct DropCounters {
+    pub port: Arc<PortShared>,
+    pub net: Arc<NetShared>,
+}
+
+impl DropCounters {
+    pub(crate) fn add(&self, reason: DropReason) {
+        self.port.counters.add_drop(reason, 1);
+        self.net.counters.add_drop(reason, 1);
+    }
+}
+
 pub(crate) struct NewPort {
     pub id: PortId,
     pub io: PortFd,

@@ -3,10 +3,12 @@
 //! destination.
 
 use super::*;
+use crate::offload::MAX_GSO_PACKET;
 
 impl Fabric {
-    /// Decides where each frame of a batch from `src` goes, then sends.
-    pub(super) fn forward(&mut self, src: u32, frames: &[&[u8]]) {
+    /// Decides where each frame of a batch from `src` goes, then sends. `offloads[i]`
+    /// is what frame i's virtio-net header said (plain for ports without one).
+    pub(super) fn forward(&mut self, src: u32, frames: &[&[u8]], offloads: &[Offload]) {
         if frames.is_empty() {
             return;
         }
@@ -39,8 +41,14 @@ impl Fabric {
         };
         let mut last_src: Option<Mac> = None;
         let mut last_dst: Option<(Mac, Option<u32>)> = None;
-        for (i, f) in frames.iter().enumerate() {
-            let view = match EthernetView::parse(f, net.config.mtu) {
+        for (i, (f, off)) in frames.iter().zip(offloads).enumerate() {
+            // A segment offload may exceed the MTU; the segments it stands for may not.
+            let mtu = if off.gso.is_some() {
+                MAX_GSO_PACKET
+            } else {
+                net.config.mtu
+            };
+            let view = match EthernetView::parse(f, mtu) {
                 Ok(v) => v,
                 Err(FrameError::Runt) => {
                     drops[DropReason::Runt as usize] += 1;
@@ -51,6 +59,10 @@ impl Fabric {
                     continue;
                 }
             };
+            if let Err(reason) = off.check(f, net.config.mtu) {
+                drops[reason as usize] += 1;
+                continue;
+            }
             let smac = view.src();
             // A burst from one VM repeats its source and destination. Within a batch
             // the clock stands still and a repeated source changes nothing, so both
@@ -185,7 +197,7 @@ impl Fabric {
         let mut dirty = mem::take(&mut self.dirty);
         for &d in &dirty {
             let list = mem::take(&mut self.pending[d as usize]);
-            self.transmit(d, &list, frames);
+            self.transmit(d, &list, frames, offloads);
             self.pending[d as usize] = list;
             self.pending[d as usize].clear();
         }
@@ -290,7 +302,7 @@ mod tests {
     impl Rig {
         fn send(&mut self, from: usize, f: &[u8]) {
             let slot = self.fab.by_id[&PortId(from as u64 + 1)];
-            self.fab.forward(slot, &[f]);
+            self.fab.forward(slot, &[f], &[Offload::default()]);
         }
 
         /// Which far ends received a frame (each drained).

@@ -40,12 +40,12 @@ impl Fabric {
             return;
         };
         let queued = port.backlog.len() as u64;
-        for b in port.backlog.drain(..) {
+        for (b, _) in port.backlog.drain(..) {
             if self.spare.len() < SPARE_BUFFERS {
                 self.spare.push(b);
             }
         }
-        port.io.down(epoll, slot, port.out_armed);
+        let queued = queued + port.io.down(epoll, slot, port.out_armed);
         port.out_armed = false;
         let was_up = mem::replace(&mut port.up, false);
         port.shared.up.store(false, Ordering::Relaxed);
@@ -164,7 +164,7 @@ impl Fabric {
             net.captures.retain(|tap| tap.slot != Some(slot));
             net.shared.mac_entries.store(net.table.len() as u64, Ordering::Relaxed);
         }
-        for b in port.backlog {
+        for (b, _) in port.backlog {
             if self.spare.len() < SPARE_BUFFERS {
                 self.spare.push(b);
             }

@@ -30,11 +30,12 @@ use rustix::io::Errno;
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
-use crate::config::{NetworkConfig, MAX_FRAME_LEN};
+use crate::config::{NetworkConfig, MAX_RX_FRAME_LEN};
 use crate::counters::{Counters, DropReason};
 use crate::error::{FabricError, Result};
 use crate::frame::{is_dhcp_client_message, EthernetView, FrameError};
 use crate::mac::Mac;
+use crate::offload::{Offload, SoftFrames};
 use crate::port::{CapturedFrame, MacEntry, PortId, PortLock, SwitchEvent};
 use crate::switch::table::{Learned, MacTable};
 use crate::sys::mmsg::{Received, UnixPeer, BATCH};
@@ -74,7 +75,8 @@ struct Port {
     /// Born on a network that seals new ports, and not locked or trusted yet:
     /// everything it sends is dropped.
     sealed: bool,
-    backlog: VecDeque<Vec<u8>>,
+    /// Frames copied for later, with what their virtio-net header said.
+    backlog: VecDeque<(Vec<u8>, Offload)>,
     out_armed: bool,
 }
 
@@ -138,6 +140,8 @@ struct Fabric {
     pending: Vec<Vec<u16>>,
     dirty: Vec<u32>,
     spare: Vec<Vec<u8>>,
+    /// Segments made for a port that takes no offloads.
+    soft: SoftFrames,
 }
 
 /// Where received frames land. Datagram and TAP ports receive into `bufs`; a stream
@@ -145,21 +149,27 @@ struct Fabric {
 struct RxBuffers {
     bufs: Vec<Box<[u8]>>,
     meta: [Received; BATCH],
+    /// What each frame's virtio-net header said (ports that have one).
+    offloads: [Offload; BATCH],
     peers: Box<[UnixPeer; BATCH]>,
     stream: Vec<u8>,
     spans: [(usize, usize); BATCH],
+    /// An in-process port's frames, lent for one batch.
+    owned: Vec<Vec<u8>>,
 }
 
 impl RxBuffers {
     fn new() -> RxBuffers {
         RxBuffers {
             bufs: (0..BATCH)
-                .map(|_| vec![0u8; MAX_FRAME_LEN + 1].into_boxed_slice())
+                .map(|_| vec![0u8; MAX_RX_FRAME_LEN + 1].into_boxed_slice())
                 .collect(),
             meta: [Received::default(); BATCH],
+            offloads: [Offload::default(); BATCH],
             peers: Box::new([UnixPeer::default(); BATCH]),
             stream: Vec::new(),
             spans: [(0, 0); BATCH],
+            owned: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -208,6 +218,7 @@ impl Worker {
                 pending: Vec::new(),
                 dirty: Vec::with_capacity(64),
                 spare: Vec::new(),
+                soft: SoftFrames::default(),
             },
             rx: RxBuffers::new(),
             wake: s.wake,
@@ -241,7 +252,11 @@ impl Worker {
                     continue; // removed earlier in this batch
                 }
                 let flags = ev.flags;
-                if flags.contains(epoll::EventFlags::OUT) {
+                let room = self
+                    .fab
+                    .port(slot)
+                    .is_some_and(|p| p.io.room_wakes_reader() && !p.backlog.is_empty());
+                if flags.contains(epoll::EventFlags::OUT) || room {
                     self.fab.drain_backlog(slot);
                 }
                 if flags.intersects(

@@ -4,6 +4,7 @@
 
 use super::port_io::{frames_of, Trouble};
 use super::*;
+use crate::offload::PLAIN;
 
 impl Worker {
     pub(super) fn readable(&mut self, slot: u32, conn: bool) {
@@ -20,17 +21,23 @@ impl Worker {
             let Some(port) = self.fab.port_mut(slot) else {
                 return;
             };
-            let batch = port.io.recv(&mut self.rx, max_len, reads_left > 0);
+            let mut batch = port.io.recv(&mut self.rx, max_len, reads_left > 0);
             if batch.read {
                 reads_left = reads_left.saturating_sub(1);
             }
             if let Some(peer) = batch.peer {
                 self.fab.set_peer(slot, peer);
             }
+            if let Some(peer) = batch.up.take() {
+                self.fab.mark_up(slot, Some(peer));
+            }
             self.fab.count_cut(slot, batch.cut, batch.cut_bytes);
+            self.fab.count_drop(slot, DropReason::Malformed, batch.malformed);
             if batch.frames > 0 {
                 let frames = frames_of(&self.rx, &batch);
-                self.fab.forward(slot, &frames[..batch.frames]);
+                let offloads = if batch.offloaded { &self.rx.offloads } else { &PLAIN };
+                self.fab
+                    .forward(slot, &frames[..batch.frames], &offloads[..batch.frames]);
                 if let Some(port) = self.fab.port_mut(slot) {
                     port.io.lend_back(&mut self.rx);
                 }

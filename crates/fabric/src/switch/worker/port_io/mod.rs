@@ -4,7 +4,8 @@
 //!
 //! One file per transport: `datagram.rs` (socketpairs and bound datagram paths, a batch
 //! per system call), `stream.rs` (a listening path and the one VMM connected to it,
-//! length-prefixed frames), `tap.rs` (a TAP fd, a frame per system call).
+//! length-prefixed frames), `tap.rs` (a TAP fd, a frame per system call), `ring.rs` (an
+//! in-process port: queues shared with another thread, a wake-up per batch).
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -13,14 +14,17 @@ use rustix::event::epoll;
 
 use super::{token, RxBuffers};
 use crate::counters::DropReason;
+use crate::offload::Offload;
 use crate::port::PortId;
 use crate::sys::mmsg::{UnixPeer, BATCH};
 
 mod datagram;
+mod ring;
 mod stream;
 mod tap;
 
 use datagram::Datagram;
+use ring::Ring;
 use stream::Stream;
 use tap::Tap;
 
@@ -32,7 +36,10 @@ pub(crate) enum PortFd {
     Path(OwnedFd),
     /// A listening stream path.
     Listener(OwnedFd),
-    Tap(OwnedFd),
+    /// A TAP fd; `vnet_hdr` is the length of the virtio-net header its frames carry.
+    Tap { fd: OwnedFd, vnet_hdr: Option<usize> },
+    /// Queues shared with a thread of this process that serves the port.
+    Ring(std::sync::Arc<crate::ring::FrameRing>),
 }
 
 /// What transports take from the switch's configuration.
@@ -46,6 +53,7 @@ pub(super) enum PortIo {
     Datagram(Datagram),
     Stream(Stream),
     Tap(Tap),
+    Ring(Ring),
 }
 
 /// Where the frames of a received batch are in the receive buffers.
@@ -55,6 +63,8 @@ pub(super) enum Source {
     Bufs,
     /// `spans[..frames]` of `stream` (a stream port's buffer, lent until `lend_back`).
     Stream,
+    /// `owned[..frames]`, an in-process port's buffers (given back by `lend_back`).
+    Owned,
 }
 
 /// What went wrong with a receive that the worker must act on.
@@ -74,8 +84,15 @@ pub(super) struct Batch {
     /// Frames received too long for the network, dropped already (with their bytes).
     pub cut: u64,
     pub cut_bytes: u64,
+    /// `rx.offloads[..frames]` holds what each frame's virtio-net header said; false:
+    /// every frame is plain.
+    pub offloaded: bool,
+    /// Frames whose virtio-net header was unusable, dropped already.
+    pub malformed: u64,
     /// A datagram path's sender, when it is a named socket that can be answered.
     pub peer: Option<UnixPeer>,
+    /// An in-process port's peer connected (described).
+    pub up: Option<String>,
     /// A system call was made (counts against the port's turn).
     pub read: bool,
     /// Call again: there may be more now.
@@ -90,7 +107,10 @@ impl Batch {
             frames: 0,
             cut: 0,
             cut_bytes: 0,
+            offloaded: false,
+            malformed: 0,
             peer: None,
+            up: None,
             read,
             more,
             trouble: None,
@@ -133,7 +153,8 @@ impl PortIo {
             PortFd::Connected(fd) => PortIo::Datagram(Datagram::connected(fd)),
             PortFd::Path(fd) => PortIo::Datagram(Datagram::path(fd)),
             PortFd::Listener(fd) => PortIo::Stream(Stream::new(fd, limits)),
-            PortFd::Tap(fd) => PortIo::Tap(Tap::new(fd)),
+            PortFd::Tap { fd, vnet_hdr } => PortIo::Tap(Tap::new(fd, vnet_hdr)),
+            PortFd::Ring(ring) => PortIo::Ring(Ring::new(ring)),
         }
     }
 
@@ -142,7 +163,7 @@ impl PortIo {
     pub(super) fn up_at_once(&self) -> bool {
         match self {
             PortIo::Datagram(d) => d.peer_fixed(),
-            PortIo::Stream(_) => false,
+            PortIo::Stream(_) | PortIo::Ring(_) => false,
             PortIo::Tap(_) => true,
         }
     }
@@ -154,6 +175,7 @@ impl PortIo {
             // must not spin.
             PortIo::Stream(s) => (s.listener(), epoll::EventFlags::IN | epoll::EventFlags::ET),
             PortIo::Tap(t) => (t.fd(), epoll::EventFlags::IN),
+            PortIo::Ring(r) => (r.fd(), epoll::EventFlags::IN),
         };
         epoll::add(epoll, fd, epoll::EventData::new_u64(token(slot, false)), flags)?;
         Ok(())
@@ -169,6 +191,9 @@ impl PortIo {
             PortIo::Tap(t) => {
                 let _ = epoll::delete(epoll, t.fd());
             }
+            PortIo::Ring(r) => {
+                let _ = epoll::delete(epoll, r.fd());
+            }
         }
     }
 
@@ -179,7 +204,14 @@ impl PortIo {
             PortIo::Datagram(d) => Some((d.fd(), false)),
             PortIo::Stream(s) => s.conn_fd().map(|fd| (fd, true)),
             PortIo::Tap(t) => Some((t.fd(), false)),
+            // Room in the ring is announced on the wake-up it reads from.
+            PortIo::Ring(_) => None,
         }
+    }
+
+    /// Room to send is announced by the same wake-up as frames to receive.
+    pub(super) fn room_wakes_reader(&self) -> bool {
+        matches!(self, PortIo::Ring(_))
     }
 
     /// The watched fd is a listener: readable means a VMM is connecting.
@@ -192,24 +224,39 @@ impl PortIo {
         match self {
             PortIo::Datagram(d) if may_read => d.recv(rx, max_len),
             PortIo::Tap(t) if may_read => t.recv(rx, max_len),
-            PortIo::Datagram(_) | PortIo::Tap(_) => Batch::nothing(false, false),
+            PortIo::Ring(r) if may_read => r.recv(rx, max_len),
+            PortIo::Datagram(_) | PortIo::Tap(_) | PortIo::Ring(_) => Batch::nothing(false, false),
             PortIo::Stream(s) => s.recv(rx, max_len, may_read),
         }
     }
 
     /// The batch is forwarded: a stream takes its buffer back.
     pub(super) fn lend_back(&mut self, rx: &mut RxBuffers) {
-        if let PortIo::Stream(s) = self {
-            s.lend_back(rx);
+        match self {
+            PortIo::Stream(s) => s.lend_back(rx),
+            PortIo::Ring(r) => r.lend_back(rx),
+            PortIo::Datagram(_) | PortIo::Tap(_) => {}
         }
     }
 
-    /// Sends from the head of `frames`; returns how many went (at least one).
-    pub(super) fn send(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+    /// The port takes frames as offloaded as they came (a TAP with virtio-net headers);
+    /// the others get them segmented and checksummed first.
+    pub(super) fn takes_offloads(&self) -> bool {
+        match self {
+            PortIo::Tap(t) => t.has_vnet_hdr(),
+            PortIo::Ring(r) => r.takes_offloads(),
+            PortIo::Datagram(_) | PortIo::Stream(_) => false,
+        }
+    }
+
+    /// Sends from the head of `frames`; returns how many went (at least one). Offloads
+    /// other than plain go only to a port that [`takes_offloads`](Self::takes_offloads).
+    pub(super) fn send(&mut self, frames: &[&[u8]], offloads: &[Offload]) -> io::Result<usize> {
         let sent = match self {
             PortIo::Datagram(d) => d.send(frames),
             PortIo::Stream(s) => s.send(frames),
-            PortIo::Tap(t) => t.send(frames),
+            PortIo::Tap(t) => t.send(frames, offloads),
+            PortIo::Ring(r) => r.send(frames, offloads),
         }?;
         if sent == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -222,7 +269,7 @@ impl PortIo {
     pub(super) fn flush(&mut self) -> io::Result<bool> {
         match self {
             PortIo::Stream(s) => s.flush(),
-            PortIo::Datagram(_) | PortIo::Tap(_) => Ok(true),
+            PortIo::Datagram(_) | PortIo::Tap(_) | PortIo::Ring(_) => Ok(true),
         }
     }
 
@@ -230,7 +277,7 @@ impl PortIo {
     pub(super) fn pending_out(&self) -> bool {
         match self {
             PortIo::Stream(s) => s.pending_out(),
-            PortIo::Datagram(_) | PortIo::Tap(_) => false,
+            PortIo::Datagram(_) | PortIo::Tap(_) | PortIo::Ring(_) => false,
         }
     }
 
@@ -242,26 +289,29 @@ impl PortIo {
     pub(super) fn set_peer(&mut self, peer: UnixPeer) -> bool {
         match self {
             PortIo::Datagram(d) => d.set_peer(peer),
-            PortIo::Stream(_) | PortIo::Tap(_) => false,
+            PortIo::Stream(_) | PortIo::Tap(_) | PortIo::Ring(_) => false,
         }
     }
 
     /// The peer is gone: forget it, and stop polling what can never come back.
-    pub(super) fn down(&mut self, epoll: &OwnedFd, slot: u32, out_armed: bool) {
+    /// Returns the frames that waited inside the transport and are dropped.
+    pub(super) fn down(&mut self, epoll: &OwnedFd, slot: u32, out_armed: bool) -> u64 {
         match self {
             PortIo::Datagram(d) => d.down(epoll, slot, out_armed),
             PortIo::Stream(s) => s.down(epoll),
             PortIo::Tap(t) => {
                 let _ = epoll::delete(epoll, t.fd());
             }
+            PortIo::Ring(r) => return r.down(),
         }
+        0
     }
 
     /// Accepts a VMM on a stream port; true if one connected.
     pub(super) fn accept(&mut self, epoll: &OwnedFd, slot: u32, id: PortId, max_frame: usize) -> bool {
         match self {
             PortIo::Stream(s) => s.accept(epoll, slot, id, max_frame),
-            PortIo::Datagram(_) | PortIo::Tap(_) => false,
+            PortIo::Datagram(_) | PortIo::Tap(_) | PortIo::Ring(_) => false,
         }
     }
 }
@@ -278,6 +328,11 @@ pub(super) fn frames_of<'a>(rx: &'a RxBuffers, batch: &Batch) -> [&'a [u8]; BATC
         Source::Stream => {
             for (f, &(start, len)) in frames.iter_mut().zip(&rx.spans[..batch.frames]) {
                 *f = &rx.stream[start..start + len];
+            }
+        }
+        Source::Owned => {
+            for (f, b) in frames.iter_mut().zip(&rx.owned[..batch.frames]) {
+                *f = b;
             }
         }
     }

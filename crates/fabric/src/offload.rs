@@ -1,0 +1,561 @@
+//! Checksum and segmentation offload: what a frame's virtio-net header says about it,
+//! and the software fallback for a port that cannot take such a frame.
+//!
+//! A port that speaks virtio-net headers (a TAP opened with `IFF_VNET_HDR`) may hand
+//! the switch a TCP segment of up to 64 KiB with its checksum left for the receiver to
+//! fill. Such a frame crosses the switch as it is and leaves as it is on a port that
+//! takes offloads; a port that does not (a socketpair, a stream, the gateway) gets it
+//! cut into MTU-sized segments, each with complete IP and TCP checksums, here.
+//!
+//! Written by hand: smoltcp and etherparse parse and build single packets but do not
+//! segment one, and smoltcp's IPv6 checksum helpers need its `proto-ipv6` feature,
+//! which would change the gateway's own stack. The Internet checksum is a few lines.
+
+use crate::counters::DropReason;
+use crate::frame::{EthernetView, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+
+/// Bytes of the virtio-net header TAP devices use by default (no `num_buffers`).
+pub const VNET_HDR_LEN: usize = 10;
+/// The longest IP packet a segment offload carries (the IPv4 total length field's limit).
+pub const MAX_GSO_PACKET: usize = 65535;
+
+const F_NEEDS_CSUM: u8 = 1;
+const F_DATA_VALID: u8 = 2;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+
+/// A checksum left for the receiver: sum from `start` to the end of the frame and store
+/// the result at `start + offset` (which holds the pseudo-header's sum meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialCsum {
+    pub start: u16,
+    pub offset: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GsoKind {
+    Tcp4,
+    Tcp6,
+}
+
+/// A TCP segment to be cut into `size`-byte payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gso {
+    pub kind: GsoKind,
+    pub size: u16,
+    /// The sender set ECN's CWR and expects it on the first segment only.
+    pub ecn: bool,
+    /// Bytes of headers, as the sender counted them (a hint passed on to the next port).
+    pub hdr_len: u16,
+}
+
+/// What a frame's virtio-net header says. The default is a plain frame: complete
+/// checksums, no larger than the MTU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload {
+    pub csum: Option<PartialCsum>,
+    pub gso: Option<Gso>,
+    /// Checksums are known good (the gateway made them): a receiver that takes
+    /// virtio-net headers need not verify them. Never taken from a port's own header:
+    /// only this process says it.
+    pub data_valid: bool,
+}
+
+/// A plain frame's offload, for batches that have none.
+pub const PLAIN: [Offload; crate::sys::mmsg::BATCH] = [Offload {
+    csum: None,
+    gso: None,
+    data_valid: false,
+}; crate::sys::mmsg::BATCH];
+
+impl Offload {
+    pub fn is_plain(&self) -> bool {
+        self.csum.is_none() && self.gso.is_none()
+    }
+
+    /// Reads a virtio-net header (little-endian, as virtio 1.0 and TAP on x86 have it).
+    /// UDP fragmentation offload and anything newer is never negotiated, so it is an error.
+    pub fn from_vnet_hdr(hdr: &[u8]) -> Result<Offload, DropReason> {
+        let hdr = hdr.get(..VNET_HDR_LEN).ok_or(DropReason::Malformed)?;
+        let word = |i: usize| u16::from_le_bytes([hdr[i], hdr[i + 1]]);
+        let csum = (hdr[0] & F_NEEDS_CSUM != 0).then(|| PartialCsum {
+            start: word(6),
+            offset: word(8),
+        });
+        let kind = match hdr[1] & !GSO_ECN {
+            GSO_NONE => None,
+            GSO_TCPV4 => Some(GsoKind::Tcp4),
+            GSO_TCPV6 => Some(GsoKind::Tcp6),
+            _ => return Err(DropReason::Malformed),
+        };
+        let gso = kind.map(|kind| Gso {
+            kind,
+            size: word(4),
+            ecn: hdr[1] & GSO_ECN != 0,
+            hdr_len: word(2),
+        });
+        Ok(Offload {
+            csum,
+            gso,
+            data_valid: false,
+        })
+    }
+
+    /// The virtio-net header that says this.
+    pub fn to_vnet_hdr(&self) -> [u8; VNET_HDR_LEN] {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        if self.data_valid {
+            hdr[0] = F_DATA_VALID;
+        }
+        if let Some(c) = self.csum {
+            hdr[0] = F_NEEDS_CSUM;
+            hdr[6..8].copy_from_slice(&c.start.to_le_bytes());
+            hdr[8..10].copy_from_slice(&c.offset.to_le_bytes());
+        }
+        if let Some(g) = self.gso {
+            hdr[1] = match g.kind {
+                GsoKind::Tcp4 => GSO_TCPV4,
+                GsoKind::Tcp6 => GSO_TCPV6,
+            } | if g.ecn { GSO_ECN } else { 0 };
+            hdr[2..4].copy_from_slice(&g.hdr_len.to_le_bytes());
+            hdr[4..6].copy_from_slice(&g.size.to_le_bytes());
+        }
+        hdr
+    }
+
+    /// Whether the frame can be what its header says, on a network of `mtu`: the
+    /// checksum's place inside the frame, a segment offload on a TCP packet of its IP
+    /// version whose segments fit the MTU. Checked once, where the frame enters.
+    pub fn check(&self, frame: &[u8], mtu: usize) -> Result<(), DropReason> {
+        if let Some(c) = self.csum {
+            let at = usize::from(c.start) + usize::from(c.offset);
+            if usize::from(c.start) >= frame.len() || at + 2 > frame.len() {
+                return Err(DropReason::Malformed);
+            }
+        }
+        if let Some(g) = self.gso {
+            let tcp = TcpFrame::parse(frame).ok_or(DropReason::Malformed)?;
+            let matches = matches!((g.kind, tcp.v6), (GsoKind::Tcp4, false) | (GsoKind::Tcp6, true));
+            if !matches || g.size == 0 || self.csum.is_none() {
+                return Err(DropReason::Malformed);
+            }
+            if tcp.payload - tcp.l3 + usize::from(g.size) > mtu {
+                return Err(DropReason::Oversize);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the headers of an Ethernet/IP/TCP frame end.
+struct TcpFrame {
+    l3: usize,
+    l4: usize,
+    payload: usize,
+    v6: bool,
+}
+
+impl TcpFrame {
+    fn parse(frame: &[u8]) -> Option<TcpFrame> {
+        let view = EthernetView::parse(frame, MAX_GSO_PACKET).ok()?;
+        let (ethertype, ip) = view.inner()?;
+        let l3 = frame.len() - ip.len();
+        let (l4, v6) = match ethertype {
+            ETHERTYPE_IPV4 => {
+                let ihl = usize::from(ip.first()? & 0x0f) * 4;
+                let whole = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+                // Not a fragment, carrying TCP, its length the frame's.
+                let fragment = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x3fff;
+                if ip[0] >> 4 != 4 || ihl < 20 || ip.get(9) != Some(&6) || fragment != 0 || whole != ip.len() {
+                    return None;
+                }
+                (l3 + ihl, false)
+            }
+            // Extension headers are not followed: TCP must come next.
+            ETHERTYPE_IPV6 => {
+                let payload_len = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+                if ip[0] >> 4 != 6 || ip.get(6) != Some(&6) || payload_len + 40 != ip.len() {
+                    return None;
+                }
+                (l3 + 40, true)
+            }
+            _ => return None,
+        };
+        let data_offset = usize::from(frame.get(l4 + 12)? >> 4) * 4;
+        let payload = l4 + data_offset;
+        (data_offset >= 20 && payload <= frame.len()).then_some(TcpFrame { l3, l4, payload, v6 })
+    }
+}
+
+/// Frames made in software for a port that takes no offloads, in buffers reused from
+/// batch to batch.
+#[derive(Default)]
+pub struct SoftFrames {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl SoftFrames {
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub fn frames(&self) -> &[Vec<u8>] {
+        &self.bufs[..self.len]
+    }
+
+    fn next(&mut self) -> &mut Vec<u8> {
+        if self.len == self.bufs.len() {
+            self.bufs.push(Vec::new());
+        }
+        let buf = &mut self.bufs[self.len];
+        self.len += 1;
+        buf.clear();
+        buf
+    }
+
+    /// Appends `frame` as a port without offloads must see it: cut into segments and
+    /// checksummed as its offload asks (copied as it is when plain). The frame passed
+    /// [`Offload::check`]; a frame that still does not parse is an error, never a panic.
+    pub fn push(&mut self, frame: &[u8], off: &Offload) -> Result<(), DropReason> {
+        match (off.gso, off.csum) {
+            (Some(gso), _) => self.segment(frame, &gso),
+            (None, Some(csum)) => {
+                let buf = self.next();
+                buf.extend_from_slice(frame);
+                complete_checksum(buf, csum)
+            }
+            (None, None) => {
+                self.next().extend_from_slice(frame);
+                Ok(())
+            }
+        }
+    }
+
+    fn segment(&mut self, frame: &[u8], gso: &Gso) -> Result<(), DropReason> {
+        let tcp = TcpFrame::parse(frame).ok_or(DropReason::Malformed)?;
+        let size = usize::from(gso.size);
+        if size == 0 {
+            return Err(DropReason::Malformed);
+        }
+        let (headers, data) = frame.split_at(tcp.payload);
+        let seq = u32::from_be_bytes(headers[tcp.l4 + 4..tcp.l4 + 8].try_into().expect("TCP header parsed"));
+        let ip_id = u16::from_be_bytes([headers[tcp.l3 + 4], headers[tcp.l3 + 5]]);
+        let flags = headers[tcp.l4 + 13];
+        let count = data.len().div_ceil(size).max(1);
+        for (k, chunk) in data.chunks(size).chain(data.is_empty().then_some(&[][..])).enumerate() {
+            let buf = self.next();
+            buf.extend_from_slice(headers);
+            buf.extend_from_slice(chunk);
+            let ip_len = buf.len() - tcp.l3;
+            if tcp.v6 {
+                let payload_len = (ip_len - 40) as u16;
+                buf[tcp.l3 + 4..tcp.l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
+            } else {
+                buf[tcp.l3 + 2..tcp.l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+                let id = ip_id.wrapping_add(k as u16);
+                buf[tcp.l3 + 4..tcp.l3 + 6].copy_from_slice(&id.to_be_bytes());
+                buf[tcp.l3 + 10..tcp.l3 + 12].fill(0);
+                let sum = !fold(sum_words(&buf[tcp.l3..tcp.l4], 0));
+                buf[tcp.l3 + 10..tcp.l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            }
+            let seq_k = seq.wrapping_add((k * size) as u32);
+            buf[tcp.l4 + 4..tcp.l4 + 8].copy_from_slice(&seq_k.to_be_bytes());
+            let mut f = flags;
+            if k + 1 < count {
+                f &= !(TCP_FIN | TCP_PSH);
+            }
+            if k > 0 {
+                f &= !TCP_CWR;
+            }
+            buf[tcp.l4 + 13] = f;
+            buf[tcp.l4 + 16..tcp.l4 + 18].fill(0);
+            let pseudo = pseudo_header_sum(buf, &tcp, buf.len() - tcp.l4);
+            let sum = !fold(sum_words(&buf[tcp.l4..], pseudo));
+            buf[tcp.l4 + 16..tcp.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// Fills a checksum left partial: the one's-complement sum from `start` to the end,
+/// which includes the pseudo-header sum the sender left in the field.
+fn complete_checksum(frame: &mut [u8], csum: PartialCsum) -> Result<(), DropReason> {
+    let start = usize::from(csum.start);
+    let at = start + usize::from(csum.offset);
+    if start >= frame.len() || at + 2 > frame.len() {
+        return Err(DropReason::Malformed);
+    }
+    // A sum of zero is written as 0xffff, its other one's-complement form: to UDP a zero
+    // field means "no checksum" (and is invalid over IPv6), as the kernel also avoids.
+    let sum = match !fold(sum_words(&frame[start..], 0)) {
+        0 => 0xffff,
+        sum => sum,
+    };
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    Ok(())
+}
+
+/// The TCP pseudo-header's sum: addresses, protocol and the TCP length.
+fn pseudo_header_sum(frame: &[u8], tcp: &TcpFrame, tcp_len: usize) -> u32 {
+    let addrs = if tcp.v6 {
+        &frame[tcp.l3 + 8..tcp.l3 + 40]
+    } else {
+        &frame[tcp.l3 + 12..tcp.l3 + 20]
+    };
+    sum_words(addrs, 6 + tcp_len as u32)
+}
+
+/// Adds `bytes` as big-endian 16-bit words to `acc` (an odd last byte padded with
+/// zero), in one's-complement arithmetic: the result folds (see [`fold`]) to the same
+/// 16 bits. Eight bytes per step as two 32-bit words: 2^16 is 1 modulo 2^16 - 1, so
+/// wider words sum to the same checksum, and this loop is what a 64 KiB segment costs.
+fn sum_words(bytes: &[u8], acc: u32) -> u32 {
+    let mut sum = u64::from(acc);
+    let mut eights = bytes.chunks_exact(8);
+    for c in &mut eights {
+        let w = u64::from_be_bytes(c.try_into().expect("chunks of eight"));
+        sum += (w >> 32) + (w & 0xffff_ffff);
+    }
+    let mut pairs = eights.remainder().chunks_exact(2);
+    for p in &mut pairs {
+        sum += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    while sum > 0xffff_ffff {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+
+    /// A TCP segment carrying `payload` with its checksum left partial, as a kernel
+    /// with checksum offload hands it over: the pseudo-header's sum in the field.
+    fn tcp_frame(v6: bool, payload: &[u8], flags: u8) -> (Vec<u8>, PartialCsum) {
+        let mut f = Vec::new();
+        f.extend_from_slice(&MAC_B);
+        f.extend_from_slice(&MAC_A);
+        let tcp_len = 20 + payload.len();
+        if v6 {
+            f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+            f.extend_from_slice(&[6, 64]);
+            f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        } else {
+            f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+            f.extend_from_slice(&[0x45, 0]);
+            f.extend_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+            f.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+            let sum = !fold(sum_words(&f[14..34], 0));
+            f[24..26].copy_from_slice(&sum.to_be_bytes());
+        }
+        let l4 = f.len();
+        f.extend_from_slice(&[0x30, 0x39, 0x00, 0x50]);
+        f.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        let tcp = TcpFrame::parse(&f).unwrap();
+        let pseudo = fold(pseudo_header_sum(&f, &tcp, tcp_len));
+        f[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+        let csum = PartialCsum {
+            start: l4 as u16,
+            offset: 16,
+        };
+        (f, csum)
+    }
+
+    /// Checks a segment's IP and TCP checksums with smoltcp (an independent reader)
+    /// and returns its sequence number, flags and payload.
+    fn verify(seg: &[u8], v6: bool) -> (u32, u8, Vec<u8>) {
+        use smoltcp::wire::{EthernetFrame, IpAddress, Ipv4Packet, TcpPacket};
+        let eth = EthernetFrame::new_checked(seg).unwrap();
+        let (tcp_bytes, src, dst) = if v6 {
+            let ip = eth.payload();
+            let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            assert_eq!(plen + 40, ip.len(), "IPv6 payload length");
+            let tcp = TcpFrame::parse(seg).unwrap();
+            let sum = fold(sum_words(
+                &seg[tcp.l4..],
+                pseudo_header_sum(seg, &tcp, seg.len() - tcp.l4),
+            ));
+            assert_eq!(sum, 0xffff, "TCP checksum over IPv6");
+            let t = TcpPacket::new_checked(&ip[40..]).unwrap();
+            return (t.seq_number().0 as u32, ip[40 + 13], t.payload().to_vec());
+        } else {
+            let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+            assert!(ip.verify_checksum(), "IPv4 header checksum");
+            (
+                ip.payload().to_vec(),
+                IpAddress::Ipv4(ip.src_addr()),
+                IpAddress::Ipv4(ip.dst_addr()),
+            )
+        };
+        let t = TcpPacket::new_checked(&tcp_bytes[..]).unwrap();
+        assert!(t.verify_checksum(&src, &dst), "TCP checksum over IPv4");
+        (t.seq_number().0 as u32, tcp_bytes[13], t.payload().to_vec())
+    }
+
+    #[test]
+    fn a_large_segment_is_cut_into_checksummed_segments_that_carry_the_same_bytes() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for v6 in [false, true] {
+            let (frame, csum) = tcp_frame(v6, &payload, TCP_PSH | TCP_FIN | 0x10);
+            let off = Offload {
+                csum: Some(csum),
+                gso: Some(Gso {
+                    kind: if v6 { GsoKind::Tcp6 } else { GsoKind::Tcp4 },
+                    size: 1400,
+                    ecn: false,
+                    hdr_len: 0,
+                }),
+                data_valid: false,
+            };
+            off.check(&frame, 1500).unwrap();
+            let mut soft = SoftFrames::default();
+            soft.push(&frame, &off).unwrap();
+            assert_eq!(soft.frames().len(), 8, "10000 bytes in 1400-byte segments");
+            let mut joined = Vec::new();
+            for (k, seg) in soft.frames().iter().enumerate() {
+                let (seq, flags, data) = verify(seg, v6);
+                assert_eq!(seq, 0xffff_fff0u32.wrapping_add(joined.len() as u32), "seq wraps");
+                let last = k == 7;
+                assert_eq!(flags & (TCP_FIN | TCP_PSH) != 0, last, "FIN and PSH on the last only");
+                assert!(seg.len() <= 1514);
+                joined.extend_from_slice(&data);
+            }
+            assert_eq!(joined, payload);
+        }
+    }
+
+    #[test]
+    fn a_partial_checksum_alone_is_completed() {
+        let (frame, csum) = tcp_frame(false, b"hello, offload", TCP_PSH | 0x10);
+        let off = Offload {
+            csum: Some(csum),
+            ..Offload::default()
+        };
+        let mut soft = SoftFrames::default();
+        soft.push(&frame, &off).unwrap();
+        verify(&soft.frames()[0], false);
+    }
+
+    #[test]
+    fn a_completed_checksum_is_never_zero() {
+        // Bytes whose one's-complement sum is 0xffff: the checksum computes to zero.
+        let mut frame = vec![0u8; 20];
+        frame[10..12].copy_from_slice(&0xffffu16.to_be_bytes());
+        let csum = PartialCsum { start: 0, offset: 16 };
+        complete_checksum(&mut frame, csum).unwrap();
+        assert_eq!(&frame[16..18], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn segments_that_would_not_fit_the_mtu_and_lying_headers_are_refused() {
+        let (frame, csum) = tcp_frame(false, &[0u8; 4000], 0x10);
+        let gso = Gso {
+            kind: GsoKind::Tcp4,
+            size: 1460,
+            ecn: false,
+            hdr_len: 0,
+        };
+        let off = Offload {
+            csum: Some(csum),
+            gso: Some(gso),
+            data_valid: false,
+        };
+        assert_eq!(off.check(&frame, 1400), Err(DropReason::Oversize));
+        let v6 = Offload {
+            gso: Some(Gso {
+                kind: GsoKind::Tcp6,
+                ..gso
+            }),
+            ..off
+        };
+        assert_eq!(v6.check(&frame, 1500), Err(DropReason::Malformed), "kind must match");
+        let far = Offload {
+            csum: Some(PartialCsum {
+                start: 60,
+                offset: 5000,
+            }),
+            ..Offload::default()
+        };
+        assert_eq!(far.check(&frame, 1500), Err(DropReason::Malformed));
+        assert!(SoftFrames::default().push(&frame, &far).is_err());
+        for cut in [0, 13, 20, 40, 54] {
+            assert!(SoftFrames::default().push(&frame[..cut], &off).is_err(), "{cut}");
+        }
+    }
+
+    #[test]
+    fn the_wide_sum_folds_to_the_sum_of_16_bit_words() {
+        let data: Vec<u8> = (0..70_001u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [0, 1, 2, 7, 8, 9, 15, 16, 17, 1499, 70_001] {
+            let bytes = &data[..len];
+            let mut plain = 0u64;
+            for (i, b) in bytes.iter().enumerate() {
+                plain += u64::from(*b) << if i % 2 == 0 { 8 } else { 0 };
+            }
+            while plain > 0xffff {
+                plain = (plain & 0xffff) + (plain >> 16);
+            }
+            assert_eq!(fold(sum_words(bytes, 0x1234)), fold(plain as u32 + 0x1234), "{len}");
+        }
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let off = Offload {
+            csum: Some(PartialCsum { start: 34, offset: 16 }),
+            gso: Some(Gso {
+                kind: GsoKind::Tcp6,
+                size: 1440,
+                ecn: true,
+                hdr_len: 74,
+            }),
+            data_valid: false,
+        };
+        assert_eq!(Offload::from_vnet_hdr(&off.to_vnet_hdr()), Ok(off));
+        let vouched = Offload {
+            data_valid: true,
+            ..Offload::default()
+        };
+        assert_eq!(vouched.to_vnet_hdr()[0], F_DATA_VALID);
+        assert_eq!(
+            Offload::from_vnet_hdr(&vouched.to_vnet_hdr()),
+            Ok(Offload::default()),
+            "a port cannot vouch for its own checksums"
+        );
+        assert_eq!(Offload::from_vnet_hdr(&[0; 10]), Ok(Offload::default()));
+        assert_eq!(
+            Offload::from_vnet_hdr(&[0, 3, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DropReason::Malformed),
+            "UFO"
+        );
+        assert_eq!(Offload::from_vnet_hdr(&[0; 4]), Err(DropReason::Malformed));
+    }
+}

@@ -1,0 +1,78 @@
+//! The gateway's end of its switch port: an in-process port (shared queues, an eventfd
+//! to wait on), so a frame between a guest and the gateway crosses no socket and costs
+//! the switch no system call of its own.
+
+use std::io;
+
+use fabric::InProcessEnd;
+use tokio::net::unix::pipe;
+
+pub(crate) struct GatewayPort {
+    end: InProcessEnd,
+    /// The switch writes a byte here after queueing frames for us.
+    wake: pipe::Receiver,
+}
+
+/// How long a sender waits before looking again when the switch's queue is full (it
+/// is behind; its wake-ups are for its own receives, not for us).
+const FULL_RETRY: std::time::Duration = std::time::Duration::from_micros(200);
+
+impl GatewayPort {
+    /// Needs a Tokio runtime entered (the eventfd joins its reactor).
+    pub(crate) fn new(end: InProcessEnd) -> io::Result<GatewayPort> {
+        let wake = pipe::Receiver::from_owned_fd(end.wake_receiver()?)?;
+        Ok(GatewayPort { end, wake })
+    }
+
+    /// Copies the next frame into `buf` (cut to its length) without waiting.
+    pub(crate) fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let end = &self.end;
+        match end.try_recv() {
+            Some(f) => {
+                let n = f.len().min(buf.len());
+                buf[..n].copy_from_slice(&f[..n]);
+                end.recycle(f);
+                Ok(n)
+            }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Waits for the next frame. Only the frame loop receives; other tasks only send.
+    pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.try_recv(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            self.wake.readable().await?;
+            // Drained before the next look, so a frame queued after it wakes us again.
+            let mut bytes = [0u8; 256];
+            while matches!(self.wake.try_read(&mut bytes), Ok(n) if n > 0) {}
+        }
+    }
+
+    /// Queues a frame for the switch, waiting while its queue is full.
+    pub(crate) async fn send(&self, frame: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.end.try_send(frame) {
+                Ok(()) => return Ok(frame.len()),
+                Err(fabric::Full) => tokio::time::sleep(FULL_RETRY).await,
+            }
+        }
+    }
+
+    /// Queues frames for the switch with one wake-up, without waiting: how many went,
+    /// or WouldBlock when none could.
+    pub(crate) fn try_send_frames(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        self.end
+            .send_batch(frames.iter().copied())
+            .map_err(|fabric::Full| io::ErrorKind::WouldBlock.into())
+    }
+
+    /// Waits until the switch may have made room (it does not say when).
+    pub(crate) async fn writable(&self) -> io::Result<()> {
+        tokio::time::sleep(FULL_RETRY).await;
+        Ok(())
+    }
+}
