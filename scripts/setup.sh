@@ -24,6 +24,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# A machine may carry a newer qemu-utils than Debian 12's (from backports): installing
+# Debian's qemu-system-x86 then removes it, and with it qemu-img. Debian's own goes back in.
+if ! command -v qemu-img >/dev/null 2>&1; then
+    echo "[setup] installing qemu-utils (qemu-img) to match qemu-system-x86"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+fi
 if ! command -v promtool >/dev/null 2>&1; then
     echo "[setup] installing promtool (from Debian's prometheus package)"
     tmp=$(mktemp -d)
@@ -44,4 +50,4 @@ if command -v rustup >/dev/null 2>&1; then
     cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
     cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 fi
-echo "[setup] ok: $(cargo --version), $(qemu-system-x86_64 --version | head -n1)"
+echo "[setup] ok: $(cargo --version), $(qemu-system-x86_64 --version | head -n1), $(qemu-img --version | head -n1)"
