@@ -3,8 +3,9 @@
 # slirp4netns in one run (issue 4's benchmark). Needs root, iperf3 and slirp4netns.
 #
 # A "guest" network namespace reaches an iperf3 server on host loopback: through a
-# vmfabric network's host-access address (TAP port, userspace switch, gateway TCP stack)
-# and through slirp4netns's 10.0.2.2. Each case runs RUNS times (10 s each, median),
+# vmfabric network's host-access address (TAP port, userspace switch, gateway), once per
+# TCP engine (ENGINES: the splice onto host sockets, and the smoltcp stack), and through
+# slirp4netns's 10.0.2.2. Each case runs RUNS times (10 s each, median),
 # interleaved so that machine noise hits both alike, both directions (-R: host to
 # guest), at MTU 1500 and 65520, each followed by SYNS sequential connect/close pairs.
 # CPU % is the relaying process's user+system time over the run (vmfabric: the whole
@@ -16,12 +17,13 @@ RUNS=${RUNS:-3}
 SECS=${SECS:-10}
 SYNS=${SYNS:-2000}
 MTUS=${MTUS:-1500 65520}
+ENGINES=${ENGINES:-splice stack}
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 need_packages iperf3 slirp4netns
 bench_binary
 WORK=$(mktemp -d)
 export VMFABRIC_SOCKET=$WORK/api.sock
-VNS=vfbench$$
+VNS=vfb$$
 SNS=slbench$$
 cleanup() {
     set +e
@@ -29,7 +31,7 @@ cleanup() {
     [ -n "${IPERF:-}" ] && kill "$IPERF" 2>/dev/null
     [ -n "${ACCEPTOR:-}" ] && kill "$ACCEPTOR" 2>/dev/null
     [ -n "${DAEMON:-}" ] && kill "$DAEMON" 2>/dev/null && wait "$DAEMON" 2>/dev/null
-    ip netns del "$VNS" 2>/dev/null
+    for e in $ENGINES; do ip netns del "$VNS$e" 2>/dev/null; done
     ip netns del "$SNS" 2>/dev/null
     rm -rf "$WORK"
 }
@@ -76,20 +78,24 @@ print("%.0f" % (n / (time.monotonic() - t)))
 }
 
 
-setup_vmfabric() { # mtu
-    "$BIN" network rm bench --force >/dev/null 2>&1 || true
-    ip netns del "$VNS" 2>/dev/null || true
-    "$BIN" network create bench --subnet 10.231.0.0/24 --mtu "$1" --host-access --force >/dev/null
+setup_vmfabric() { # mtu engine index: network bench-ENGINE, namespace $VNS$ENGINE
+    local mtu=$1 e=$2 i=$3 ns=$VNS$2 tap=vfbtap$3
+    "$BIN" network rm "bench-$e" --force >/dev/null 2>&1 || true
+    ip netns del "$ns" 2>/dev/null || true
+    "$BIN" network create "bench-$e" --subnet "10.23$i.0.0/24" --mtu "$mtu" --host-access --tcp-engine "$e" --force >/dev/null
     local mac
-    mac=$("$BIN" port add bench guest --kind tap --ifname vfbtap0 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
-    ip netns add "$VNS"
-    ip link set vfbtap0 netns "$VNS"
+    mac=$("$BIN" port add "bench-$e" guest --kind tap --ifname "$tap" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
+    ip netns add "$ns"
+    ip link set "$tap" netns "$ns"
     # The port is locked to its MAC and to the address it leases, as a VM's would be.
-    ip -n "$VNS" link set vfbtap0 address "$mac" mtu "$1" up
+    ip -n "$ns" link set "$tap" address "$mac" mtu "$mtu" up
     printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface"; ip route add default via "$router" ;; esac\n' >"$WORK/udhcpc.sh"
     chmod 755 "$WORK/udhcpc.sh"
-    ip netns exec "$VNS" busybox udhcpc -i vfbtap0 -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
+    ip netns exec "$ns" busybox udhcpc -i "$tap" -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
 }
+
+# The host-access address of engine number $1's network.
+target_of() { echo "10.23$1.0.254"; }
 
 setup_slirp() { # mtu
     [ -n "${SLIRP:-}" ] && kill "$SLIRP" 2>/dev/null && wait "$SLIRP" 2>/dev/null || true
@@ -100,38 +106,58 @@ setup_slirp() { # mtu
     for _ in $(seq 50); do ip -n "$SNS" addr show tap0 2>/dev/null | grep -q 10.0.2.100 && break; sleep 0.1; done
 }
 
-echo "| MTU | direction | vmfabric Gbit/s | vmfabric CPU % | slirp4netns Gbit/s | slirp4netns CPU % | ratio |"
-echo "|---|---|---|---|---|---|---|"
+engines=($ENGINES)
+header="| MTU | direction |"
+rule="|---|---|"
+for e in "${engines[@]}"; do header+=" vmfabric $e Gbit/s | CPU % |"; rule+="---|---|"; done
+echo "$header slirp4netns Gbit/s | CPU % | ratio ${engines[0]}/slirp |"
+echo "$rule---|---|---|"
 declare -A RATE
 for mtu in $MTUS; do
-    setup_vmfabric "$mtu"
+    for i in "${!engines[@]}"; do setup_vmfabric "$mtu" "${engines[$i]}" "$((i + 1))"; done
     setup_slirp "$mtu"
     for dir in up down; do
         flag=()
         [ "$dir" = down ] && flag=(-R)
-        vg=() vc=() sg=() sc=()
+        declare -A G=() C=()
+        sg=() sc=()
         for _ in $(seq "$RUNS"); do
-            read -r g c < <(iperf_run "$VNS" 10.231.0.254 "$DAEMON" "${flag[@]}")
-            vg+=("$g") vc+=("$c")
+            for i in "${!engines[@]}"; do
+                e=${engines[$i]}
+                read -r g c < <(iperf_run "$VNS$e" "$(target_of $((i + 1)))" "$DAEMON" "${flag[@]}")
+                G[$e]+="$g " C[$e]+="$c "
+            done
             read -r g c < <(iperf_run "$SNS" 10.0.2.2 "$SLIRP" "${flag[@]}")
             sg+=("$g") sc+=("$c")
         done
-        v=$(echo "${vg[*]}" | median) s=$(echo "${sg[*]}" | median)
+        s=$(echo "${sg[*]}" | median)
         label="guest→host"
         [ "$dir" = down ] && label="host→guest"
-        echo "| $mtu | $label | $v (${vg[*]}) | $(echo "${vc[*]}" | median) | $s (${sg[*]}) | $(echo "${sc[*]}" | median) | $(python3 -c "print('%.2f' % ($v / $s))")× |"
+        row="| $mtu | $label |"
+        for e in "${engines[@]}"; do
+            row+=" $(echo ${G[$e]} | median) (${G[$e]% }) | $(echo ${C[$e]} | median) |"
+        done
+        first=$(echo ${G[${engines[0]}]} | median)
+        echo "$row $s (${sg[*]}) | $(echo "${sc[*]}" | median) | $(python3 -c "print('%.2f' % ($first / $s))")× |"
     done
-    vr=() sr=()
+    declare -A R=()
+    sr=()
     for _ in $(seq "$RUNS"); do
-        vr+=("$(connect_rate "$VNS" 10.231.0.254)")
+        for i in "${!engines[@]}"; do R[${engines[$i]}]+="$(connect_rate "$VNS${engines[$i]}" "$(target_of $((i + 1)))") "; done
         sr+=("$(connect_rate "$SNS" 10.0.2.2)")
     done
-    v=$(echo "${vr[*]}" | median) s=$(echo "${sr[*]}" | median)
-    RATE[$mtu]="| $mtu | $v (${vr[*]}) | $s (${sr[*]}) | $(python3 -c "print('%.2f' % ($v / $s))")× |"
+    s=$(echo "${sr[*]}" | median)
+    row="| $mtu |"
+    for e in "${engines[@]}"; do row+=" $(echo ${R[$e]} | median) (${R[$e]% }) |"; done
+    first=$(echo ${R[${engines[0]}]} | median)
+    RATE[$mtu]="$row $s (${sr[*]}) | $(python3 -c "print('%.2f' % ($first / $s))")× |"
 done
 echo
 echo "Connect/close per second, $SYNS sequential, median of $RUNS:"
 echo
-echo "| MTU | vmfabric | slirp4netns | ratio |"
-echo "|---|---|---|---|"
+header="| MTU |"
+rule="|---|"
+for e in "${engines[@]}"; do header+=" vmfabric $e |"; rule+="---|"; done
+echo "$header slirp4netns | ratio ${engines[0]}/slirp |"
+echo "$rule---|---|"
 for mtu in $MTUS; do echo "${RATE[$mtu]}"; done

@@ -139,6 +139,8 @@ pub struct GatewayConfig {
     /// Each direction's buffer of one TCP connection: the most the gateway holds for it
     /// (raised to 16 MTUs when that is more, so jumbo frames keep a useful window).
     pub tcp_buffer: usize,
+    /// What carries guest TCP: the splice onto host sockets, or the smoltcp stack.
+    pub tcp_engine: TcpEngine,
     /// An ICMP echo flow (guest, id, destination) with no traffic for this long closes.
     pub icmp_idle: Duration,
 }
@@ -147,6 +149,18 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid gateway configuration: {0}")]
 pub struct ConfigError(pub String);
+
+/// The engine that carries guests' TCP connections (egress and forwards).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TcpEngine {
+    /// Terminated in a smoltcp stack, bytes relayed to host sockets through its buffers.
+    #[default]
+    Stack,
+    /// Segments mapped onto host socket calls, no buffer of the gateway's own
+    /// (see `tcp_splice`). Not the default yet: under iperf3 from a TAP guest it can
+    /// stall (see BENCHMARKS.md).
+    Splice,
+}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
@@ -197,6 +211,7 @@ impl GatewayConfig {
             tcp_forward_flows_total: 1024,
             tcp_connect_timeout: Duration::from_secs(15),
             tcp_buffer: 256 * 1024,
+            tcp_engine: TcpEngine::default(),
             icmp_idle: Duration::from_secs(30),
         }
     }
@@ -362,6 +377,7 @@ impl GatewayConfig {
             && self.mtu == new.mtu
             && self.host_access == new.host_access
             && self.tcp_buffer == new.tcp_buffer
+            && self.tcp_engine == new.tcp_engine
     }
 
     /// A reservation must name a host address of the subnet that is not the gateway's.

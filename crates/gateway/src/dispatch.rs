@@ -193,8 +193,9 @@ pub(crate) fn handle_frame(
         if let Some((ip, mac)) = inbound.sender() {
             shared.ctx.neighbours.saw(ip, mac);
         }
-        Ok::<_, wire::WireError>(route(&shared.ctx.cfg(), inbound, |key| {
-            shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).knows(key)
+        Ok::<_, wire::WireError>(route(&shared.ctx.cfg(), inbound, |key| match &shared.splice {
+            Some(s) => s.knows(key),
+            None => shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).knows(key),
         }))
     });
     let route = match classified {
@@ -272,7 +273,10 @@ fn deliver(
             shared.state().tcp.input(frame);
             return (vec![], true);
         }
-        Route::TcpNat(head) => tcp_nat::inbound(&shared.tcp, sock, frame, head),
+        Route::TcpNat(head) => match &shared.splice {
+            Some(s) => crate::tcp_splice::inbound(s, frame, head),
+            None => tcp_nat::inbound(&shared.tcp, sock, frame, head),
+        },
         Route::IcmpNat(e) => {
             let key = icmp_nat::FlowKey {
                 guest: e.src_ip,

@@ -71,6 +71,7 @@ pub(crate) struct ForwardService {
     pub ctx: Arc<Ctx>,
     pub table: std::sync::Mutex<Forwards>,
     pub tcp: Arc<crate::tcp_nat::TcpService>,
+    pub splice: Option<Arc<crate::tcp_splice::SpliceService>>,
 }
 
 #[derive(Default)]
@@ -224,7 +225,19 @@ async fn connect_guest(
             return;
         }
     }
-    crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await;
+    let guest_mac = svc.ctx.neighbours.get(ip);
+    match (&svc.splice, guest_mac) {
+        (Some(splice), Some(mac)) => match stream.into_std() {
+            Ok(s) => crate::tcp_splice::forward_client(splice.clone(), guest, mac, s.into()).await,
+            Err(_) => GatewayCounters::inc(&svc.ctx.counters.forward_refused),
+        },
+        (Some(_), None) => {
+            // Leased but never heard from: nowhere to address its SYN yet.
+            GatewayCounters::inc(&svc.ctx.counters.forward_refused);
+            let _ = stream.set_zero_linger();
+        }
+        (None, _) => crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await,
+    }
 }
 
 async fn serve(

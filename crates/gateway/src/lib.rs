@@ -7,7 +7,8 @@
 //!
 //! One tokio task per gateway reads frames from the port and answers in order; only
 //! forwarded DNS queries run beside it, each bounded per client and in total.
-#![forbid(unsafe_code)]
+// Unsafe code only in `sys` (two socket calls rustix does not wrap).
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod contain;
@@ -23,10 +24,12 @@ mod names;
 pub mod policy;
 mod port;
 mod stack;
+mod sys;
 pub mod tcp_dns;
 pub mod tcp_nat;
 #[doc(hidden)] // a scripted guest TCP peer for the tests and fuzz targets
 pub mod tcp_peer;
+mod tcp_splice;
 pub mod udp_nat;
 pub mod upstream;
 pub mod wire;
@@ -48,7 +51,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use fabric::{Mac, PortId, Switch};
 
-pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, Upstreams};
+pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, TcpEngine, Upstreams};
 pub use counters::GatewayCounters;
 pub use dhcp::LeaseEvent;
 pub use leases::{Lease, LeaseStore, MemoryLeaseStore, StoreError};
@@ -103,6 +106,8 @@ struct Shared {
     udp: Arc<udp_nat::UdpNat>,
     icmp: Arc<icmp_nat::IcmpNat>,
     tcp: Arc<tcp_nat::TcpService>,
+    /// The splice, when the config picks it over the stack for guest TCP.
+    splice: Option<Arc<tcp_splice::SpliceService>>,
     forwards: Arc<forward::ForwardService>,
 }
 
@@ -152,6 +157,7 @@ pub struct Gateway {
     events: Mutex<Option<mpsc::Receiver<LeaseEvent>>>,
     task: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
+    splice_writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -194,6 +200,8 @@ impl Gateway {
             ctx: ctx.clone(),
             nat: Mutex::new(nat),
         });
+        let splice = (cfg.tcp_engine == config::TcpEngine::Splice)
+            .then(|| Arc::new(tcp_splice::SpliceService::new(ctx.clone(), sock.clone())));
         let shared = Arc::new(Shared {
             panics,
             udp: Arc::new(udp_nat::UdpNat {
@@ -208,8 +216,10 @@ impl Gateway {
                 ctx: ctx.clone(),
                 table: Mutex::default(),
                 tcp: tcp.clone(),
+                splice: splice.clone(),
             }),
             tcp,
+            splice,
             ctx,
             upstreams: UpstreamSet::new(cfg.upstreams.clone()),
             state: Mutex::new(State {
@@ -223,6 +233,7 @@ impl Gateway {
         });
         let task = rt.spawn(supervise(shared.clone(), sock.clone()));
         let writer = rt.spawn(tcp_nat::write_outbox(shared.tcp.clone()));
+        let splice_writer = shared.splice.clone().map(|s| rt.spawn(tcp_splice::write_outbox(s)));
         Ok(Gateway {
             shared,
             rt: rt.clone(),
@@ -231,6 +242,7 @@ impl Gateway {
             events: Mutex::new(Some(rx)),
             task,
             writer,
+            splice_writer,
         })
     }
 
@@ -247,7 +259,7 @@ impl Gateway {
         cfg.validate()?;
         if !self.shared.ctx.cfg().same_identity(&cfg) {
             return Err(ConfigError(
-                "the gateway's subnet, addresses, MTU and host access are fixed while it runs".into(),
+                "the gateway's subnet, addresses, MTU, host access and TCP engine are fixed while it runs".into(),
             )
             .into());
         }
@@ -335,7 +347,10 @@ impl Gateway {
     pub fn open_flows(&self) -> OpenFlows {
         OpenFlows {
             udp: self.shared.udp.flows.lock().unwrap_or_else(|p| p.into_inner()).len(),
-            tcp: self.shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            tcp: match &self.shared.splice {
+                Some(s) => s.len(),
+                None => self.shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            },
             icmp: self.shared.icmp.flows.lock().unwrap_or_else(|p| p.into_inner()).len(),
         }
     }
@@ -347,7 +362,10 @@ impl Gateway {
 
     /// The TCP connections the gateway carries for its guests now (egress and forwards).
     pub fn tcp_flows(&self) -> Vec<tcp_nat::TcpFlowInfo> {
-        tcp_nat::list(&self.shared.tcp)
+        match &self.shared.splice {
+            Some(s) => s.list(),
+            None => tcp_nat::list(&self.shared.tcp),
+        }
     }
 
     /// Replaces the egress policy; it applies to flows opened from now on.
@@ -398,6 +416,9 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.task.abort();
         self.writer.abort();
+        if let Some(w) = &self.splice_writer {
+            w.abort();
+        }
     }
 }
 

@@ -70,6 +70,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPor
                         len = if taken < BATCH { sock.try_recv(&mut buf).ok() } else { None };
                     }
                     shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).poll_pending();
+                    if let Some(splice) = &shared.splice {
+                        splice.after_batch();
+                    }
                     if tcp_touched {
                         run_tcp(&shared, &sock, &tcp_tx).await;
                     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use fabric::TapSource;
 use gateway::forward::Protocol;
+use gateway::TcpEngine;
 use sha2::{Digest, Sha256};
 use testkit::{run as sh, spawn_in_ns as in_ns};
 
@@ -98,7 +99,7 @@ struct Lab {
     _cleanup: Cleanup,
 }
 
-fn lab() -> Option<Lab> {
+fn lab(engine: TcpEngine) -> Option<Lab> {
     let ready = testkit::is_root() && std::path::Path::new("/dev/net/tun").exists();
     if !testkit::ready_or_skip(ready, "needs root and /dev/net/tun") {
         return None;
@@ -109,6 +110,7 @@ fn lab() -> Option<Lab> {
     let guest_ns = format!("tg{id}");
     let lab = common::lab("tcp", "10.95.0.0/24", |cfg| {
         cfg.host_access = Some(cfg.default_host_access());
+        cfg.tcp_engine = engine;
     });
     let cleanup = Cleanup {
         namespaces: vec![guest_ns.clone()],
@@ -158,7 +160,16 @@ fn http_server(listener: TcpListener, body: &'static str) {
 
 #[test]
 fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close() {
-    let Some(l) = lab() else { return };
+    guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close_on(TcpEngine::Stack);
+}
+
+#[test]
+fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close_spliced() {
+    guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close_on(TcpEngine::Splice);
+}
+
+fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close_on(engine: TcpEngine) {
+    let Some(l) = lab(engine) else { return };
     let gw = &l.lab.gw;
 
     eprintln!("step 1");
@@ -320,7 +331,7 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
     // Every state is cleaned up once the connections end.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !gw.tcp_flows().is_empty() {
-        assert!(Instant::now() < deadline, "flows left: {:?}", gw.tcp_flows().len());
+        assert!(Instant::now() < deadline, "flows left: {:?}", gw.tcp_flows());
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -376,7 +387,16 @@ fn guest_tcp_reaches_the_host_and_the_outside_with_flow_control_and_half_close()
 
 #[test]
 fn guest_tcp_and_pings_reach_an_outside_namespace_through_nat() {
-    let Some(l) = lab() else { return };
+    guest_tcp_and_pings_reach_an_outside_namespace_through_nat_on(TcpEngine::Stack);
+}
+
+#[test]
+fn guest_tcp_and_pings_reach_an_outside_namespace_through_nat_spliced() {
+    guest_tcp_and_pings_reach_an_outside_namespace_through_nat_on(TcpEngine::Splice);
+}
+
+fn guest_tcp_and_pings_reach_an_outside_namespace_through_nat_on(engine: TcpEngine) {
+    let Some(l) = lab(engine) else { return };
     let id = l.id;
     let outside = format!("to{id}");
     let (host_end, far_end) = (format!("th{id}"), format!("tf{id}"));
@@ -449,7 +469,16 @@ fn guest_tcp_and_pings_reach_an_outside_namespace_through_nat() {
 
 #[test]
 fn a_tcp_forward_brings_host_clients_to_a_guest_server_until_removed() {
-    let Some(l) = lab() else { return };
+    a_tcp_forward_brings_host_clients_to_a_guest_server_until_removed_on(TcpEngine::Stack);
+}
+
+#[test]
+fn a_tcp_forward_brings_host_clients_to_a_guest_server_until_removed_spliced() {
+    a_tcp_forward_brings_host_clients_to_a_guest_server_until_removed_on(TcpEngine::Splice);
+}
+
+fn a_tcp_forward_brings_host_clients_to_a_guest_server_until_removed_on(engine: TcpEngine) {
+    let Some(l) = lab(engine) else { return };
     let web = in_ns(&l.guest_ns, || TcpListener::bind("10.95.0.10:8080").unwrap())
         .join()
         .unwrap();

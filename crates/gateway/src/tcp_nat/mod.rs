@@ -399,4 +399,4 @@ struct Opened {
 
 mod service;
 
-pub(crate) use service::{forward_client, inbound, list, write_outbox};
+pub(crate) use service::{connect_outcome, forward_client, inbound, list, refusal, start_connect, write_outbox};

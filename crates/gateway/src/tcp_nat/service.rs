@@ -99,7 +99,7 @@ pub(super) fn open(
 }
 
 /// A non-blocking TCP socket with its connect to `target` under way.
-pub(super) fn start_connect(target: SocketAddrV4) -> std::io::Result<OwnedFd> {
+pub(crate) fn start_connect(target: SocketAddrV4) -> std::io::Result<OwnedFd> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let fd = rustix::net::socket_with(
         AddressFamily::INET,
@@ -114,7 +114,7 @@ pub(super) fn start_connect(target: SocketAddrV4) -> std::io::Result<OwnedFd> {
 }
 
 /// Whether the connect has ended (and how) without waiting.
-pub(super) fn connect_outcome(fd: &OwnedFd) -> Option<std::io::Result<()>> {
+pub(crate) fn connect_outcome(fd: &OwnedFd) -> Option<std::io::Result<()>> {
     use rustix::event::{PollFd, PollFlags};
     let mut fds = [PollFd::new(fd, PollFlags::OUT)];
     match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
@@ -153,9 +153,15 @@ pub(super) fn refuse(
     target: SocketAddrV4,
     e: std::io::Error,
 ) -> Vec<Vec<u8>> {
-    let cfg = &svc.ctx.cfg();
-    GatewayCounters::inc(&svc.ctx.counters.nat_tcp_refused);
     lock(&svc.nat).forget(&key);
+    refusal(&svc.ctx, head, target, e)
+}
+
+/// How a guest hears that its connect failed on the host side (counted): RST for a
+/// refusal, ICMP host unreachable otherwise. Both engines answer so.
+pub(crate) fn refusal(ctx: &Ctx, head: TcpHead, target: SocketAddrV4, e: std::io::Error) -> Vec<Vec<u8>> {
+    let cfg = ctx.cfg();
+    GatewayCounters::inc(&ctx.counters.nat_tcp_refused);
     tracing::debug!(%target, "guest connect failed on the host side: {e}");
     let answer = if e.kind() == std::io::ErrorKind::ConnectionRefused {
         wire::tcp_reset(cfg.gateway_mac, &head)

@@ -87,6 +87,10 @@ pub(crate) struct SettingsArgs {
     /// How long a forwarded DNS query waits for its upstreams.
     #[arg(long, value_name = "DURATION")]
     dns_timeout: Option<String>,
+    /// What carries guests' TCP: stack (a userspace TCP stack, the default) or splice
+    /// (segments mapped onto host socket calls); fixed while the network runs.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    tcp_engine: Option<vmfabric::model::TcpEngine>,
     /// Put a setting back to its default (before the flags above apply).
     #[arg(long, value_enum, value_name = "SETTING")]
     reset: Vec<Setting>,
@@ -164,6 +168,7 @@ impl SettingsArgs {
             || s.icmp_idle.is_some()
             || s.tcp_connect_timeout.is_some()
             || s.dns_timeout.is_some()
+            || s.tcp_engine.is_some()
             || !s.reset.is_empty()
     }
 
@@ -271,6 +276,9 @@ impl SettingsArgs {
             if let Some(t) = v {
                 *slot = Some(parse_secs(t)?);
             }
+        }
+        if self.tcp_engine.is_some() {
+            flows.tcp_engine = self.tcp_engine;
         }
         Ok(())
     }

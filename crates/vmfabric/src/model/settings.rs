@@ -152,6 +152,19 @@ pub struct FlowSettings {
     /// Seconds a forwarded DNS query may wait for its upstreams (3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_timeout_secs: Option<u64>,
+    /// What carries guests' TCP (stack): `stack` terminates their connections in a
+    /// userspace TCP stack (smoltcp); `splice` maps their segments onto host socket
+    /// calls, with no buffer of its own. Fixed while the network runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_engine: Option<TcpEngine>,
+}
+
+/// The engines that carry guests' TCP connections (see [`FlowSettings::tcp_engine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpEngine {
+    Splice,
+    Stack,
 }
 
 impl GatewaySettings {
@@ -302,6 +315,12 @@ impl GatewaySettings {
         secs(&mut cfg.icmp_idle, f.icmp_idle_secs);
         secs(&mut cfg.tcp_connect_timeout, f.tcp_connect_timeout_secs);
         secs(&mut cfg.dns_timeout, f.dns_timeout_secs);
+        if let Some(engine) = f.tcp_engine {
+            cfg.tcp_engine = match engine {
+                TcpEngine::Splice => gateway::TcpEngine::Splice,
+                TcpEngine::Stack => gateway::TcpEngine::Stack,
+            };
+        }
         if f.dns_timeout_secs == Some(0) || f.icmp_idle_secs == Some(0) {
             return Err("DNS timeout and ICMP idle time must be above zero".into());
         }

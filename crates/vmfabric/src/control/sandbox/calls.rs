@@ -66,6 +66,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_sendto,
     libc::SYS_recvmmsg,
     libc::SYS_sendmmsg,
+    // The TCP splice peeks a host socket straight into several frames.
+    libc::SYS_recvmsg,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_close,
@@ -117,8 +119,15 @@ const ALLOWED: &[libc::c_long] = &[
 const PRCTL_ALLOWED: &[libc::c_int] = &[libc::PR_SET_NAME, libc::PR_GET_NAME];
 
 /// `ioctl` requests: non-blocking mode and close-on-exec on the gateways' own sockets,
-/// and the bytes waiting in one.
-const IOCTL_ALLOWED: &[libc::c_ulong] = &[libc::FIONBIO, libc::FIONREAD, libc::FIOCLEX, libc::FIONCLEX];
+/// the bytes waiting in one, and the bytes its peer has not acknowledged (SIOCOUTQ,
+/// which is TIOCOUTQ: the TCP splice's window).
+const IOCTL_ALLOWED: &[libc::c_ulong] = &[
+    libc::FIONBIO,
+    libc::FIONREAD,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+    libc::TIOCOUTQ as libc::c_ulong,
+];
 
 /// Namespaces a new thread may not enter: `clone` with any of these is not a thread.
 const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS

@@ -1,0 +1,180 @@
+//! TCP segments of the splice on the wire: a guest's segment read into the fields the
+//! splice acts on, and the gateway's segments written with payload peeked in place.
+//! Parsing and checksums are smoltcp's wire module; only the layout is ours, because
+//! the payload is read by the kernel straight into the frame before the header exists.
+
+use std::net::SocketAddrV4;
+
+use fabric::Mac;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpControl, TcpOption,
+    TcpPacket, TcpRepr,
+};
+
+use super::conn::Greeting;
+
+pub(super) const ETH: usize = 14;
+const IPV4: usize = 20;
+const TCP: usize = 20;
+/// Ethernet, IPv4 and TCP headers without options: where a data segment's payload
+/// starts.
+pub(super) const HEADERS: usize = ETH + IPV4 + TCP;
+
+/// A guest's segment, as the splice needs it.
+pub(super) struct Seg<'a> {
+    pub control: TcpControl,
+    pub fin: bool,
+    pub seq: u32,
+    pub ack: Option<u32>,
+    pub window: u16,
+    pub greeting: Greeting,
+    pub payload: &'a [u8],
+}
+
+/// Reads the TCP segment of a frame the dispatcher classified as TCP; None if it is
+/// malformed (bad checksum, bad options, flags no stack sends).
+pub(super) fn parse(frame: &[u8]) -> Option<Seg<'_>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+    let repr = TcpRepr::parse(&tcp, &src, &dst, &ChecksumCapabilities::default()).ok()?;
+    let fin = tcp.fin();
+    Some(Seg {
+        control: repr.control,
+        fin,
+        seq: repr.seq_number.0 as u32,
+        ack: repr.ack_number.map(|a| a.0 as u32),
+        window: repr.window_len,
+        greeting: Greeting {
+            mss: repr.max_seg_size,
+            scale: repr.window_scale,
+            window: repr.window_len,
+        },
+        payload: repr.payload,
+    })
+}
+
+/// Who a segment goes between.
+pub(super) struct Emit {
+    pub gateway_mac: Mac,
+    pub guest_mac: Mac,
+    /// The address the guest talks to (the gateway speaks as it).
+    pub from: SocketAddrV4,
+    pub to: SocketAddrV4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Flags(u8);
+
+impl Flags {
+    pub const FIN: Flags = Flags(0x01);
+    pub const SYN: Flags = Flags(0x02);
+    pub const RST: Flags = Flags(0x04);
+    pub const PSH: Flags = Flags(0x08);
+    pub const ACK: Flags = Flags(0x10);
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        Flags(self.0 | rhs.0)
+    }
+}
+
+/// What a SYN of ours announces.
+pub(super) struct SynOptions {
+    pub mss: u16,
+    pub scale: Option<u8>,
+}
+
+/// A segment with `payload_len` zero bytes of payload (the caller fills them) or none.
+pub(super) fn build(
+    e: &Emit,
+    flags: Flags,
+    seq: u32,
+    ack: u32,
+    window: u16,
+    syn: Option<SynOptions>,
+    payload_len: usize,
+) -> Vec<u8> {
+    let mut options = [0u8; 8];
+    let mut options_len = 0;
+    if let Some(o) = &syn {
+        let mut rest = &mut options[..];
+        rest = TcpOption::MaxSegmentSize(o.mss).emit(rest);
+        if let Some(scale) = o.scale {
+            // Padded to a 4-byte boundary with a no-op first.
+            rest = TcpOption::NoOperation.emit(rest);
+            rest = TcpOption::WindowScale(scale).emit(rest);
+        }
+        options_len = 8 - rest.len();
+    }
+    let mut frame = vec![0u8; HEADERS + options_len + payload_len];
+    {
+        let header_len = TCP + options_len;
+        let mut packet = TcpPacket::new_unchecked(&mut frame[ETH + IPV4..]);
+        packet.set_header_len(header_len as u8);
+        packet.options_mut().copy_from_slice(&options[..options_len]);
+    }
+    fill(e, &mut frame, flags, seq, ack, window);
+    frame
+}
+
+/// Writes the Ethernet, IPv4 and TCP headers of a frame whose TCP options (if any) and
+/// payload are in place, and its checksums.
+pub(super) fn fill(e: &Emit, frame: &mut [u8], flags: Flags, seq: u32, ack: u32, window: u16) {
+    let ip_len = frame.len() - ETH;
+    {
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        eth.set_src_addr(EthernetAddress(e.gateway_mac.0));
+        eth.set_dst_addr(EthernetAddress(e.guest_mac.0));
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+    }
+    let (src, dst) = (*e.from.ip(), *e.to.ip());
+    {
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[ETH..]);
+        ip.set_version(4);
+        ip.set_header_len(IPV4 as u8);
+        ip.set_dscp(0);
+        ip.set_ecn(0);
+        ip.set_total_len(ip_len as u16);
+        ip.set_ident(0);
+        ip.clear_flags();
+        ip.set_dont_frag(true);
+        ip.set_frag_offset(0);
+        ip.set_hop_limit(64);
+        ip.set_next_header(IpProtocol::Tcp);
+        ip.set_src_addr(src);
+        ip.set_dst_addr(dst);
+        ip.fill_checksum();
+    }
+    let mut tcp = TcpPacket::new_unchecked(&mut frame[ETH + IPV4..]);
+    if tcp.header_len() < TCP as u8 {
+        tcp.set_header_len(TCP as u8);
+    }
+    tcp.set_src_port(e.from.port());
+    tcp.set_dst_port(e.to.port());
+    tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
+    tcp.set_ack_number(smoltcp::wire::TcpSeqNumber(ack as i32));
+    tcp.clear_flags();
+    tcp.set_fin(flags.0 & Flags::FIN.0 != 0);
+    tcp.set_syn(flags.0 & Flags::SYN.0 != 0);
+    tcp.set_rst(flags.0 & Flags::RST.0 != 0);
+    tcp.set_psh(flags.0 & Flags::PSH.0 != 0);
+    tcp.set_ack(flags.0 & Flags::ACK.0 != 0);
+    tcp.set_window_len(window);
+    tcp.set_urgent_at(0);
+    tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+}
+
+/// A reset at `seq` (no ACK), for a connection the gateway gives up or refuses.
+pub(super) fn reset_for(e: &Emit, seq: u32) -> Vec<u8> {
+    build(e, Flags::RST, seq, 0, 0, None, 0)
+}
+
+/// Whether a frame we built is a reset.
+pub(super) fn is_reset(frame: &[u8]) -> bool {
+    frame.get(HEADERS - TCP + 13).is_some_and(|f| f & Flags::RST.0 != 0)
+}

@@ -1,0 +1,136 @@
+//! The TCP splice driven by a hostile guest: a gateway on a real switch, its host side
+//! a loopback echo server. Each input opens a connection from a new guest port and
+//! plays 8-byte steps (flags, options, window, a sequence offset, the payload length,
+//! whether time passes) as in `tcp_scenario`, then resets it. Nothing the guest sends
+//! may panic the gateway (its contained panics are counted, and must stay zero).
+#![no_main]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Mutex, OnceLock};
+
+use fabric::{NetworkConfig, Switch, SwitchConfig};
+use gateway::tcp_peer::{Segment, TcpPeer};
+use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, TcpEngine, Upstreams};
+use libfuzzer_sys::fuzz_target;
+
+const HOST_ACCESS: Ipv4Addr = Ipv4Addr::new(10, 68, 0, 254);
+
+struct World {
+    gw: Gateway,
+    _sw: Switch,
+    _rt: tokio::runtime::Runtime,
+    guest: UnixDatagram,
+    echo_port: u16,
+    next_port: u16,
+}
+
+fn world() -> &'static Mutex<World> {
+    static WORLD: OnceLock<Mutex<World>> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sw = Switch::start(SwitchConfig::default()).unwrap();
+        sw.add_network("fz", NetworkConfig::default()).unwrap();
+        let mut cfg = GatewayConfig::new("fz", "10.68.0.0/24".parse().unwrap());
+        cfg.upstreams = Upstreams::Static(vec![]);
+        cfg.host_access = Some(HOST_ACCESS);
+        cfg.tcp_engine = TcpEngine::Splice;
+        let gw = Gateway::attach(rt.handle(), &sw, "fz", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
+        let (_, fd) = sw.add_port("fz", "guest").unwrap();
+        let guest = UnixDatagram::from(fd);
+        guest.set_nonblocking(true).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Mutex::new(World {
+            gw,
+            _sw: sw,
+            _rt: rt,
+            guest,
+            echo_port,
+            next_port: 1024,
+        })
+    })
+}
+
+fn drain(w: &World, peer: &mut TcpPeer) {
+    let mut buf = vec![0u8; 70000];
+    while let Ok(n) = w.guest.recv(&mut buf) {
+        peer.read(&[buf[..n].to_vec()]);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut w = world().lock().unwrap_or_else(|p| p.into_inner());
+    w.next_port = if w.next_port >= 65000 { 1024 } else { w.next_port + 1 };
+    let mut peer = TcpPeer::guest(9, w.echo_port);
+    peer.ip = Ipv4Addr::new(10, 68, 0, 9);
+    peer.port = w.next_port;
+    peer.server_ip = HOST_ACCESS;
+    peer.server_mac = w.gw.config().gateway_mac.0;
+    let payload = vec![0x41u8; 66000];
+    let send = |peer: &mut TcpPeer, seg: &Segment| {
+        let _ = w.guest.send(&peer.segment(seg));
+    };
+    send(
+        &mut peer,
+        &Segment {
+            syn: true,
+            window: 65535,
+            window_scale: data.first().map(|b| b % 15),
+            mss: Some(1460),
+            ..Default::default()
+        },
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    drain(&w, &mut peer);
+    for step in data.chunks_exact(8) {
+        let flags = step[1];
+        let window = u16::from_be_bytes([step[2], step[3]]);
+        let offset = i16::from_be_bytes([step[4], step[5]]) as i32;
+        let len = usize::from(u16::from_be_bytes([step[6], step[7]])) % 9000;
+        let seg = Segment {
+            syn: flags & 1 != 0,
+            fin: flags & 2 != 0,
+            rst: flags & 4 != 0,
+            ack: flags & 8 != 0,
+            window,
+            window_scale: (flags & 16 != 0).then_some(step[2] % 15),
+            mss: (flags & 32 != 0).then_some(u16::from_be_bytes([step[3], step[2]])),
+            seq: (flags & 64 != 0).then_some(peer.seq.wrapping_add(offset as u32)),
+            payload: &payload[..len],
+        };
+        send(&mut peer, &seg);
+        if flags & 128 != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(u64::from(step[0]) * 4));
+        }
+        drain(&w, &mut peer);
+    }
+    // Ended, so connections do not pile up across inputs.
+    send(
+        &mut peer,
+        &Segment {
+            rst: true,
+            ..Default::default()
+        },
+    );
+    let panics: u64 = w.gw.handler_panics().snapshot().iter().map(|(_, n)| n).sum();
+    assert_eq!(panics, 0, "the gateway caught a panic: {:?}", w.gw.handler_panics().snapshot());
+});
