@@ -688,3 +688,59 @@ fn a_port_locked_to_its_first_mac_keeps_it_and_sends_nothing_but_dhcp_and_probes
     assert_eq!(other.expect(), discover, "only the DISCOVER passes");
     assert_eq!(sw.port_counters(id).unwrap().drops(DropReason::Spoofed), 3);
 }
+
+#[test]
+fn an_in_process_port_that_only_reads_gets_every_frame_the_switch_kept() {
+    let sw = switch();
+    sw.add_network("n", NetworkConfig::default()).unwrap();
+    let sender = Dgram::new(sw.add_port("n", "sender").unwrap().1);
+    let (port, end) = sw.add_inprocess_port("n", "service").unwrap();
+    let wake = end.wake_receiver().unwrap();
+    rustix::fs::fcntl_setfl(&wake, rustix::fs::OFlags::NONBLOCK).unwrap();
+    let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // The reader waits on the wake-up only (as the gateway does), and sends nothing: a
+    // lost "room" wake-up leaves frames in the switch's backlog for good.
+    let reader = {
+        let (got, stop) = (got.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                // Slower than the switch, so its queue fills and the backlog grows,
+                // but quick to take a frame once there, so room is made (and the
+                // switch woken) while the switch is still at work.
+                while let Some(f) = end.try_recv() {
+                    end.recycle(f);
+                    got.fetch_add(1, Ordering::Relaxed);
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_micros(2) {
+                        std::hint::spin_loop();
+                    }
+                }
+                let mut fds = [rustix::event::PollFd::new(&wake, rustix::event::PollFlags::IN)];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 50_000_000,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                while matches!(rustix::io::read(&wake, &mut buf), Ok(n) if n > 0) {}
+            }
+        })
+    };
+    const BURSTS: u64 = 200;
+    const BURST: u64 = 1500;
+    let f = frame(Mac::BROADCAST, mac(1), 200, 1);
+    for burst in 1..=BURSTS {
+        for _ in 0..BURST {
+            sender.send(&f);
+        }
+        // Each burst is taken or dropped (past the queue's bounds) before the next:
+        // none of it may wait in the backlog for a wake-up that never comes.
+        wait_until("every frame of the burst taken or dropped", || {
+            let c = sw.port_counters(port).unwrap();
+            c.tx_frames + c.drops(DropReason::QueueFull) == burst * BURST && got.load(Ordering::Relaxed) == c.tx_frames
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+}

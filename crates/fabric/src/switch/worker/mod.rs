@@ -252,17 +252,23 @@ impl Worker {
                     continue; // removed earlier in this batch
                 }
                 let flags = ev.flags;
-                let room = self
-                    .fab
-                    .port(slot)
-                    .is_some_and(|p| p.io.room_wakes_reader() && !p.backlog.is_empty());
-                if flags.contains(epoll::EventFlags::OUT) || room {
+                let ring = self.fab.port(slot).is_some_and(|p| p.io.room_wakes_reader());
+                if flags.contains(epoll::EventFlags::OUT) && !ring {
                     self.fab.drain_backlog(slot);
                 }
                 if flags.intersects(
                     epoll::EventFlags::IN | epoll::EventFlags::ERR | epoll::EventFlags::HUP | epoll::EventFlags::RDHUP,
                 ) {
                     self.readable(slot, conn);
+                }
+                // An in-process port says "room" on the wake-up its frames use, which
+                // the read above drained: the backlog goes after it, so a wake-up for
+                // room made after this push is a new event. (Pushed before the read,
+                // the port could make room and wake us between the push and the
+                // drain, and that wake-up was lost: the backlog, with every frame for
+                // the gateway behind it, waited for the gateway to send something.)
+                if ring && self.fab.port(slot).is_some_and(|p| !p.backlog.is_empty()) {
+                    self.fab.drain_backlog(slot);
                 }
             }
         }
