@@ -83,6 +83,9 @@ counters! {
     nat_tcp_bounded,
     nat_tcp_tx_bytes,
     nat_tcp_rx_bytes,
+    /// Guest TCP data the host socket had no room for, though its window was offered
+    /// (TCP splice; not acknowledged, the guest sends it again).
+    nat_tcp_host_refusals,
     /// ICMP echo requests sent on behalf of guests, and replies delivered back.
     nat_icmp_requests,
     nat_icmp_replies,

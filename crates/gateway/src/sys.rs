@@ -1,5 +1,5 @@
 //! What the TCP splice needs that safe wrappers do not give: the peek offset of a TCP
-//! socket, the bytes in its send queue, and a socket in Tokio's reactor. The only
+//! socket, the room in its send buffer, and a socket in Tokio's reactor. The only
 //! unsafe code in the gateway.
 #![allow(unsafe_code)]
 
@@ -29,16 +29,32 @@ pub(crate) fn set_peek_offset(fd: impl AsFd, offset: usize) -> io::Result<()> {
     }
 }
 
-/// Bytes written to a TCP socket that its peer has not acknowledged yet (SIOCOUTQ).
-pub(crate) fn unacked_send_bytes(fd: impl AsFd) -> io::Result<usize> {
-    let mut value: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int through the pointer, which points at ours.
-    let rc = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut value as *mut libc::c_int) };
-    if rc == 0 {
-        Ok(usize::try_from(value).unwrap_or(0))
-    } else {
-        Err(io::Error::last_os_error())
+/// The room left in a socket's send buffer, in the kernel's own accounting: the buffer
+/// size less the memory its queued data takes, headers and all (SO_MEMINFO). A TCP
+/// write of up to this much succeeds at once; the bytes in flight (SIOCOUTQ) leave out
+/// that overhead and a window from them promised more than the socket took.
+pub(crate) fn send_buffer_room(fd: impl AsFd) -> io::Result<usize> {
+    // The kernel's SK_MEMINFO_VARS (libc does not name it); a shorter answer leaves
+    // zeros, and an older kernel's fields keep their places.
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that long and
+    // lives across the call, and stores the length it wrote into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    let size = info[libc::SK_MEMINFO_SNDBUF as usize];
+    let queued = info[libc::SK_MEMINFO_WMEM_QUEUED as usize];
+    Ok(size.saturating_sub(queued) as usize)
 }
 
 /// Registers a socket with Tokio's reactor for readiness waits.

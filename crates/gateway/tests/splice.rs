@@ -432,6 +432,9 @@ fn a_host_that_stops_reading_closes_the_window_and_the_rest_follows_when_it_read
         "the window closed with the host not reading ({sent} bytes taken)"
     );
     assert!(sent < data.len());
+    // The window never offered more than the host socket took: nothing sent within
+    // it was refused (a refusal costs the guest a retransmission, a timeout at worst).
+    assert_eq!(r.lab.gw.counters().get("nat_tcp_host_refusals"), Some(0));
     // The host reads: the gateway announces room, and the rest goes through.
     let reader = std::thread::spawn(move || {
         let mut got = Vec::new();

@@ -1,8 +1,9 @@
 //! One spliced connection: the guest's TCP segments mapped onto calls on one host
 //! socket. The sequence space toward the guest is the host socket's receive queue:
-//! `snd_una` is its first byte, `snd_nxt` the first not yet sent to the guest, so a
-//! retransmission peeks the same bytes again and an acknowledgement discards them.
-//! Toward the host, data the guest sends is written at once or not acknowledged.
+//! `head` is its first byte, `snd_una` the first the guest has not acknowledged and
+//! `snd_nxt` the first not yet sent to it, so a retransmission peeks the same bytes
+//! again and acknowledged bytes are discarded (once per pump). Toward the host, data
+//! the guest sends is written within the batch it came in, or not acknowledged.
 
 use std::io::IoSliceMut;
 use std::os::fd::OwnedFd;
@@ -33,11 +34,6 @@ const DUP_ACK_THRESHOLD: u8 = 3;
 /// grow with the guest's ACKs rather than jump to its whole window.
 const INITIAL_WINDOW_SEGMENTS: u32 = 10;
 const MAX_CWND: u32 = 64 << 20;
-/// The least window offered while the host takes data, in segments. Less would wait
-/// on the kernel to say the socket has room, which it says only after a write failed
-/// for want of it: a window closed early would stay closed until the guest probes it.
-/// Offered beyond the room, a write fails in part, and that path reopens reliably.
-const MIN_WINDOW_SEGMENTS: usize = 4;
 /// Guest data taken in one batch before it is written anyway.
 const MAX_PENDING: usize = 256 * 1024;
 /// A guest silent this long is asked whether it is still there; silent for
@@ -84,8 +80,6 @@ pub(super) struct Conn {
     /// The furthest `snd_nxt` reached: a retransmission rewinds `snd_nxt`, and ACKs
     /// up to here are still good.
     snd_max: u32,
-    /// Where our FIN sits in the sequence space, once sent.
-    fin_seq: Option<u32>,
     /// The guest's window in bytes, from `snd_una`.
     snd_wnd: u32,
     dup_acks: u8,
@@ -120,15 +114,30 @@ pub(super) struct Conn {
     head: u32,
     /// An ACK is owed to the guest (data or a FIN taken); sent once per batch.
     pub ack_due: bool,
-    /// A guest segment could not be written whole: the host's send side is full.
-    pub host_full: bool,
+    /// The window is closed until the host socket has room: a write found it full, or
+    /// its room fell below a segment. The kernel owes us a writable edge either way.
+    host_full: bool,
+    /// The host socket refused guest data we had offered a window for: when it has
+    /// room, duplicate ACKs ask the guest to send that data again at once.
+    refused: bool,
     pub last_heard: Instant,
     probed: bool,
     /// When to probe a zero window next, and how long to wait after that.
     probe_at: Option<Instant>,
     probe_every: Duration,
-    /// Bytes written to the host socket so far (the caller counts them).
+    /// What the caller adds to the gateway's counters, since it last took them.
+    counts: Counts,
+}
+
+/// Counter increments a connection owes the gateway's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Counts {
+    /// Guest bytes written to the host socket.
     pub to_host: u64,
+    /// Host bytes sent to the guest, retransmissions included.
+    pub to_guest: u64,
+    /// Writes the host socket refused in part or whole (guest data not acknowledged).
+    pub host_refusals: u64,
 }
 
 /// A guest's SYN (or SYN-ACK) options: its MSS, window scale and window.
@@ -170,7 +179,6 @@ impl Conn {
             snd_una: iss,
             snd_nxt: iss.wrapping_add(1),
             snd_max: iss.wrapping_add(1),
-            fin_seq: None,
             snd_wnd: 0,
             dup_acks: 0,
             cwnd: INITIAL_WINDOW_SEGMENTS * 536,
@@ -191,11 +199,12 @@ impl Conn {
             head: iss.wrapping_add(1),
             ack_due: false,
             host_full: false,
+            refused: false,
             last_heard: now,
             probed: false,
             probe_at: None,
             probe_every: RTO_INITIAL,
-            to_host: 0,
+            counts: Counts::default(),
         }
     }
 
@@ -238,20 +247,24 @@ impl Conn {
         }
     }
 
-    /// The window we can offer the guest: what the host socket's send side has room
-    /// for now, so whatever the guest sends within it can be written at once.
-    fn window_bytes(&self) -> u32 {
-        // After the guest's FIN nothing more comes; while the host refuses, nothing
-        // fits (its buffer counts overhead we cannot see, so room we compute can be
-        // more than it takes).
+    /// The window we can offer the guest: the host socket's room, so whatever the guest
+    /// sends within it can be written at once. Less than a segment offers nothing
+    /// (RFC 9293's receiver-side silly window avoidance), and then the window waits for
+    /// the kernel's writable edge: a poll that finds the socket unwritable makes the
+    /// kernel owe one (it marks the socket as wanting space), where otherwise only a
+    /// failed write would.
+    fn window_bytes(&mut self) -> u32 {
+        // After the guest's FIN nothing more comes.
         if self.guest_fin || self.host_full {
             return 0;
         }
-        let size = rustix::net::sockopt::socket_send_buffer_size(self.fd()).unwrap_or(0);
-        let queued = crate::sys::unacked_send_bytes(self.fd()).unwrap_or(size);
-        let room = size.saturating_sub(queued);
+        let room = crate::sys::send_buffer_room(self.fd()).unwrap_or(0);
+        if room < self.mss && !poll_writable(self.fd()) {
+            self.host_full = true;
+            return 0;
+        }
         let ceiling = 65535usize << self.our_scale;
-        room.max(MIN_WINDOW_SEGMENTS * self.mss).min(ceiling) as u32
+        room.min(ceiling) as u32
     }
 
     fn window_field(&mut self) -> u16 {
@@ -434,7 +447,9 @@ impl Conn {
             return wake;
         }
         let mut data = acked;
-        if self.fin_seq.is_some_and(|fin| ack == fin.wrapping_add(1)) {
+        // Our FIN sits where the host's data ends; an ACK past it is only possible once
+        // it was sent (`acked` is at most what is in flight).
+        if self.data_end.is_some_and(|end| ack == end.wrapping_add(1)) {
             // Our FIN took the last sequence number.
             self.fin_acked = true;
             self.fin_sent = true;
@@ -472,12 +487,11 @@ impl Conn {
         true
     }
 
-    /// Drops acknowledged bytes from the host socket without copying them.
     /// Discards what the guest acknowledged from the host socket (the kernel moves the
     /// peek offset back by as much).
     fn catch_up(&mut self) {
-        let acked_data_end = match self.fin_seq {
-            Some(fin) if self.fin_acked => fin,
+        let acked_data_end = match self.data_end {
+            Some(end) if self.fin_acked => end,
             _ => self.snd_una,
         };
         let len = acked_data_end.wrapping_sub(self.head) as usize;
@@ -536,14 +550,14 @@ impl Conn {
             match rustix::net::send(self.fd(), &self.pending, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
                 Ok(n) => {
                     self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
-                    self.to_host += n as u64;
+                    self.counts.to_host += n as u64;
                     if n < self.pending.len() {
-                        self.host_full = true;
+                        self.refuse();
                         fin = false;
                     }
                 }
                 Err(rustix::io::Errno::AGAIN) => {
-                    self.host_full = true;
+                    self.refuse();
                     fin = false;
                 }
                 Err(_) => {
@@ -560,6 +574,18 @@ impl Conn {
             let _ = rustix::net::shutdown(self.fd(), rustix::net::Shutdown::Write);
         }
         Ok(())
+    }
+
+    /// The host socket took less than the guest sent: the rest is not acknowledged.
+    fn refuse(&mut self) {
+        self.host_full = true;
+        self.refused = true;
+        self.counts.host_refusals += 1;
+    }
+
+    /// The counter increments since the last call.
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
     }
 
     /// Both FINs passed on and ours acknowledged: an orderly end.
@@ -644,7 +670,6 @@ impl Conn {
             ));
             self.ack_due = false;
             self.fin_sent = true;
-            self.fin_seq = Some(self.snd_nxt);
             self.snd_nxt = self.snd_nxt.wrapping_add(1);
             self.advance_max();
             self.retransmit_at.get_or_insert(now + self.rto);
@@ -688,6 +713,7 @@ impl Conn {
         match peeked {
             Ok((n, _)) if n > 0 => {
                 frame.truncate(segment::HEADERS + n.min(len));
+                self.counts.to_guest += n.min(len) as u64;
                 segment::fill(&self.emit(), &mut frame, Flags::ACK, self.snd_una, self.rcv_nxt, window);
                 out.push(frame);
                 Ok(())
@@ -752,6 +778,7 @@ impl Conn {
             segment::fill(&self.emit(), &mut frame, flags, self.snd_nxt, self.rcv_nxt, window);
             self.snd_nxt = self.snd_nxt.wrapping_add(len as u32);
             self.advance_max();
+            self.counts.to_guest += len as u64;
             out.push(frame);
         }
         self.ack_due = false;
@@ -826,15 +853,17 @@ impl Conn {
             return;
         }
         self.host_full = false;
-        if (self.window_bytes() as usize) < self.mss {
-            self.host_full = true;
+        let update = self.control(Flags::ACK, self.snd_nxt);
+        if self.host_full {
+            // Still less than a segment of room: the next edge reopens it.
             return;
         }
-        let update = self.control(Flags::ACK, self.snd_nxt);
-        out.push(update.clone());
-        for _ in 0..DUP_ACK_THRESHOLD {
-            out.push(update.clone());
+        if std::mem::take(&mut self.refused) {
+            for _ in 0..DUP_ACK_THRESHOLD {
+                out.push(update.clone());
+            }
         }
+        out.push(update);
     }
 
     /// A reset toward the guest, for a host side that failed.
@@ -851,6 +880,17 @@ impl Conn {
         self.state == State::Established
             && self.data_end.is_none()
             && self.send_limit() > self.snd_nxt.wrapping_sub(self.snd_una)
+    }
+}
+
+/// Whether the socket could take a write now. A poll that says no leaves the socket
+/// marked as wanting space, so the kernel signals the writable edge when it has some.
+fn poll_writable(fd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::OUT)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(n) => n > 0 && fds[0].revents().contains(rustix::event::PollFlags::OUT),
+        Err(_) => false,
     }
 }
 

@@ -149,7 +149,6 @@ impl SpliceService {
         let mut table = self.lock();
         let keys = std::mem::take(&mut table.acks);
         let mut out = Vec::new();
-        let mut written = 0;
         for key in keys {
             let Some(Flow {
                 entry: Entry::Open(conn, notify),
@@ -158,9 +157,9 @@ impl SpliceService {
             else {
                 continue;
             };
-            let (was_full, before) = (conn.wants_host_writable(), conn.to_host);
+            let was_full = conn.wants_host_writable();
             let flushed = conn.flush_pending();
-            written += conn.to_host - before;
+            account(&self.ctx.counters, conn);
             let end = match flushed {
                 Err(()) => {
                     out.push(conn.reset_guest());
@@ -177,12 +176,6 @@ impl SpliceService {
             if let Some(reset_host) = end {
                 SpliceService::forget(&mut table, &key, reset_host);
             }
-        }
-        if written > 0 {
-            self.ctx
-                .counters
-                .nat_tcp_tx_bytes
-                .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
         }
         self.send(&mut table, out);
     }
@@ -266,15 +259,8 @@ pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead) -> 
     };
     let mut out = Vec::new();
     let before = (conn.ack_due, conn.wants_host_writable());
-    let written = conn.to_host;
     let outcome = conn.on_segment(&seg, Instant::now(), &mut out);
-    let written = conn.to_host - written;
-    if written > 0 {
-        svc.ctx
-            .counters
-            .nat_tcp_tx_bytes
-            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
-    }
+    account(&svc.ctx.counters, conn);
     let owes_ack = conn.ack_due && !before.0;
     let Outcome { done, reset_host, wake } = outcome;
     if wake || (conn.wants_host_writable() && !before.1) {
@@ -507,15 +493,9 @@ async fn drive(svc: Arc<SpliceService>, key: FlowKey, host: Arc<AsyncFd<OwnedFd>
             // Timers first: a retransmission rewinds, and the pump resends at once.
             let mut failed = conn.on_timer(now, &mut out).is_err();
             if !failed {
-                let before = out.len();
                 failed = conn.pump(now, &mut out).is_err();
-                let sent: usize = out[before..]
-                    .iter()
-                    .map(|f| f.len().saturating_sub(segment::HEADERS))
-                    .sum();
-                c.nat_tcp_rx_bytes
-                    .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
             }
+            account(&c, conn);
             if failed {
                 if out.last().is_none_or(|f| !segment::is_reset(f)) {
                     out.push(conn.reset_guest());
@@ -548,6 +528,21 @@ async fn drive(svc: Arc<SpliceService>, key: FlowKey, host: Arc<AsyncFd<OwnedFd>
             }
             _ = notify.notified() => {}
             _ = sleep => {}
+        }
+    }
+}
+
+/// Adds what a connection did since last asked to the gateway's counters.
+fn account(counters: &GatewayCounters, conn: &mut Conn) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counts = conn.take_counts();
+    for (counter, value) in [
+        (&counters.nat_tcp_tx_bytes, counts.to_host),
+        (&counters.nat_tcp_rx_bytes, counts.to_guest),
+        (&counters.nat_tcp_host_refusals, counts.host_refusals),
+    ] {
+        if value > 0 {
+            counter.fetch_add(value, Relaxed);
         }
     }
 }

@@ -208,6 +208,7 @@ const GATEWAY: &[GatewayEntry] = &[
     ("nat_udp_rx_bytes", "vmfabric_nat_bytes", "", &[("proto", "udp"), ("direction", "rx")]),
     ("nat_tcp_tx_bytes", "vmfabric_nat_bytes", "", &[("proto", "tcp"), ("direction", "tx")]),
     ("nat_tcp_rx_bytes", "vmfabric_nat_bytes", "", &[("proto", "tcp"), ("direction", "rx")]),
+    ("nat_tcp_host_refusals", "vmfabric_nat_tcp_host_refusals", "Guest TCP data the host socket refused within the offered window (TCP splice); the guest sends it again.", &[]),
     ("nat_udp_dropped", "vmfabric_nat_refused", "Guest traffic NAT did not carry: bound (a flow bound reached, answered with a reset for TCP), connect_failed (the host-side connect failed), dropped (a bound, a full queue or no host socket).", &[("proto", "udp"), ("reason", "dropped")]),
     ("nat_tcp_refused", "vmfabric_nat_refused", "", &[("proto", "tcp"), ("reason", "connect_failed")]),
     ("nat_tcp_bounded", "vmfabric_nat_refused", "", &[("proto", "tcp"), ("reason", "bound")]),
