@@ -87,8 +87,8 @@ pub(crate) struct SettingsArgs {
     /// How long a forwarded DNS query waits for its upstreams.
     #[arg(long, value_name = "DURATION")]
     dns_timeout: Option<String>,
-    /// What carries guests' TCP: stack (a userspace TCP stack, the default) or splice
-    /// (segments mapped onto host socket calls); fixed while the network runs.
+    /// What carries guests' TCP: splice (segments mapped onto host socket calls, the
+    /// default) or stack (a userspace TCP stack); fixed while the network runs.
     #[arg(long, value_enum, value_name = "ENGINE")]
     tcp_engine: Option<vmfabric::model::TcpEngine>,
     /// Put a setting back to its default (before the flags above apply).

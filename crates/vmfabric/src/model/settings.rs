@@ -152,7 +152,7 @@ pub struct FlowSettings {
     /// Seconds a forwarded DNS query may wait for its upstreams (3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_timeout_secs: Option<u64>,
-    /// What carries guests' TCP (stack): `stack` terminates their connections in a
+    /// What carries guests' TCP (splice): `stack` terminates their connections in a
     /// userspace TCP stack (smoltcp); `splice` maps their segments onto host socket
     /// calls, with no buffer of its own. Fixed while the network runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -73,7 +73,7 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_close,
     libc::SYS_fcntl,
     // The runtime: epoll, parking, the clock; a non-blocking connect's completion
-    // (`ppoll`, in TCP NAT).
+    // (`ppoll`, in TCP NAT) and whether a TCP splice socket has room.
     libc::SYS_epoll_ctl,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_epoll_wait,
@@ -119,15 +119,8 @@ const ALLOWED: &[libc::c_long] = &[
 const PRCTL_ALLOWED: &[libc::c_int] = &[libc::PR_SET_NAME, libc::PR_GET_NAME];
 
 /// `ioctl` requests: non-blocking mode and close-on-exec on the gateways' own sockets,
-/// the bytes waiting in one, and the bytes its peer has not acknowledged (SIOCOUTQ,
-/// which is TIOCOUTQ: the TCP splice's window).
-const IOCTL_ALLOWED: &[libc::c_ulong] = &[
-    libc::FIONBIO,
-    libc::FIONREAD,
-    libc::FIOCLEX,
-    libc::FIONCLEX,
-    libc::TIOCOUTQ as libc::c_ulong,
-];
+/// and the bytes waiting in one.
+const IOCTL_ALLOWED: &[libc::c_ulong] = &[libc::FIONBIO, libc::FIONREAD, libc::FIOCLEX, libc::FIONCLEX];
 
 /// Namespaces a new thread may not enter: `clone` with any of these is not a thread.
 const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS
