@@ -153,6 +153,38 @@ impl Offload {
     }
 }
 
+impl Offload {
+    /// Leaves an Ethernet/IP/TCP frame's TCP checksum to whoever delivers it, for a
+    /// sender in this process that builds its own segments (the gateway's TCP splice):
+    /// the field gets the pseudo-header's sum over the whole segment's length, as Linux
+    /// leaves it, and the offload says where the checksum goes; a payload longer than
+    /// `segment_size` is to be cut into segments of that size. A port that takes
+    /// offloads gets the frame as it is, any other the software fallback
+    /// ([`SoftFrames`]); either way the payload is summed at most once, by whoever must.
+    pub fn defer_tcp_checksum(frame: &mut [u8], segment_size: u16) -> Result<Offload, DropReason> {
+        let tcp = TcpFrame::parse(frame).ok_or(DropReason::Malformed)?;
+        if segment_size == 0 {
+            return Err(DropReason::Malformed);
+        }
+        let pseudo = fold(pseudo_header_sum(frame, &tcp, frame.len() - tcp.l4));
+        frame[tcp.l4 + 16..tcp.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+        let segmented = frame.len() - tcp.payload > usize::from(segment_size);
+        Ok(Offload {
+            csum: Some(PartialCsum {
+                start: tcp.l4 as u16,
+                offset: 16,
+            }),
+            gso: segmented.then_some(Gso {
+                kind: if tcp.v6 { GsoKind::Tcp6 } else { GsoKind::Tcp4 },
+                size: segment_size,
+                ecn: false,
+                hdr_len: tcp.payload as u16,
+            }),
+            data_valid: false,
+        })
+    }
+}
+
 /// Where the headers of an Ethernet/IP/TCP frame end.
 struct TcpFrame {
     l3: usize,
@@ -448,6 +480,41 @@ mod tests {
             }
             assert_eq!(joined, payload);
         }
+    }
+
+    #[test]
+    fn a_deferred_checksum_is_what_a_kernel_leaves_and_completes_to_a_valid_one() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 13 % 253) as u8).collect();
+        for v6 in [false, true] {
+            let (kernel_made, csum) = tcp_frame(v6, &payload, TCP_PSH | 0x10);
+            // The same frame with a garbage checksum field, as a sender that builds
+            // headers and leaves the sum.
+            let mut ours = kernel_made.clone();
+            let at = usize::from(csum.start + csum.offset);
+            ours[at..at + 2].copy_from_slice(&[0xde, 0xad]);
+            let off = Offload::defer_tcp_checksum(&mut ours, 1400).unwrap();
+            assert_eq!(ours, kernel_made, "the pseudo-header sum, as Linux leaves it");
+            assert_eq!(off.csum, Some(csum));
+            let gso = off.gso.expect("5000 bytes are more than a 1400-byte segment");
+            assert_eq!((gso.size, usize::from(gso.hdr_len)), (1400, ours.len() - payload.len()));
+            off.check(&ours, 1500).unwrap();
+            let mut soft = SoftFrames::default();
+            soft.push(&ours, &off).unwrap();
+            let joined: Vec<u8> = soft.frames().iter().flat_map(|s| verify(s, v6).2).collect();
+            assert_eq!(joined, payload);
+            // One segment's worth: the checksum is deferred, the frame not cut.
+            let (mut small, _) = tcp_frame(v6, &payload[..1400], 0x10);
+            let off = Offload::defer_tcp_checksum(&mut small, 1400).unwrap();
+            assert_eq!((off.csum.is_some(), off.gso), (true, None));
+            soft.clear();
+            soft.push(&small, &off).unwrap();
+            verify(&soft.frames()[0], v6);
+        }
+        assert_eq!(
+            Offload::defer_tcp_checksum(&mut [0u8; 60], 1400),
+            Err(DropReason::Malformed),
+            "not a TCP frame"
+        );
     }
 
     #[test]

@@ -70,6 +70,17 @@ impl GatewayPort {
             .map_err(|fabric::Full| io::ErrorKind::WouldBlock.into())
     }
 
+    /// Moves frames from the front of `frames` to the switch, each with its offload,
+    /// without a copy; how many went, or WouldBlock when none could.
+    pub(crate) fn try_send_owned(
+        &self,
+        frames: &mut std::collections::VecDeque<(Vec<u8>, fabric::offload::Offload)>,
+    ) -> io::Result<usize> {
+        self.end
+            .send_owned(frames)
+            .map_err(|fabric::Full| io::ErrorKind::WouldBlock.into())
+    }
+
     /// Waits until the switch may have made room (it does not say when).
     pub(crate) async fn writable(&self) -> io::Result<()> {
         tokio::time::sleep(FULL_RETRY).await;

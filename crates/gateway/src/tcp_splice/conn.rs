@@ -15,13 +15,16 @@ use rustix::net::{RecvFlags, SendFlags};
 use smoltcp::wire::TcpControl;
 use tokio::io::unix::AsyncFd;
 
-use super::segment::{self, Emit, Flags, Seg};
+use super::segment::{self, Emit, Flags, Out, Seg};
 use crate::tcp_nat::{Direction, FlowKey};
 
 /// Window scale we announce: windows up to 8 MiB in 16-bit fields.
 pub(super) const OUR_WINDOW_SCALE: u8 = 7;
-/// The most one connection peeks and sends to the guest per pump.
-const MAX_SEGMENTS_PER_PUMP: usize = 64;
+/// The most frames one peek fills.
+const MAX_FRAMES_PER_PEEK: usize = 64;
+/// The most payload one frame carries: an IPv4 packet's length limit less its
+/// headers, for a frame the guest's port cuts into segments (or the switch does).
+const MAX_FRAME_PAYLOAD: usize = 65535 - 40;
 /// Retransmission timeouts: the first, and the ceiling of its back-off.
 const RTO_INITIAL: Duration = Duration::from_millis(200);
 const RTO_MAX: Duration = Duration::from_secs(30);
@@ -306,7 +309,7 @@ impl Conn {
     }
 
     /// A segment from the guest. Frames to send go to `out`.
-    pub fn on_segment(&mut self, seg: &Seg, now: Instant, out: &mut Vec<Vec<u8>>) -> Outcome {
+    pub fn on_segment(&mut self, seg: &Seg, now: Instant, out: &mut Out) -> Outcome {
         self.last_heard = now;
         self.probed = false;
         match self.state {
@@ -381,7 +384,7 @@ impl Conn {
         outcome
     }
 
-    fn on_syn_sent(&mut self, seg: &Seg, now: Instant, out: &mut Vec<Vec<u8>>) -> Outcome {
+    fn on_syn_sent(&mut self, seg: &Seg, now: Instant, out: &mut Out) -> Outcome {
         let acks_syn = seg.ack == Some(self.iss.wrapping_add(1));
         match seg.control {
             TcpControl::Rst if acks_syn => Outcome {
@@ -509,7 +512,7 @@ impl Conn {
 
     /// Guest data and FIN at the expected sequence number are taken for the host (see
     /// [`Conn::flush_pending`]); Err when the host is gone.
-    fn on_data(&mut self, seg: &Seg, out: &mut Vec<Vec<u8>>) -> Result<(), ()> {
+    fn on_data(&mut self, seg: &Seg, out: &mut Out) -> Result<(), ()> {
         let len = seg.payload.len() as u32;
         let offset = self.expected().wrapping_sub(seg.seq);
         let fin = seg.fin;
@@ -626,7 +629,7 @@ impl Conn {
     /// Sends the guest what the host socket holds, as far as the guest's window and the
     /// congestion window go, then our FIN once the host's data is all sent. `Err` when
     /// the host side failed.
-    pub fn pump(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) -> Result<(), ()> {
+    pub fn pump(&mut self, now: Instant, out: &mut Out) -> Result<(), ()> {
         if self.state != State::Established || self.fin_sent {
             return Ok(());
         }
@@ -640,9 +643,8 @@ impl Conn {
             if room == 0 || self.data_end == Some(self.snd_nxt) {
                 break;
             }
-            let count = room.div_ceil(self.mss).min(MAX_SEGMENTS_PER_PUMP);
             let before = out.len();
-            match self.peek_segments(count, room, out) {
+            match self.peek_frames(room, out) {
                 Ok(0) => {
                     out.truncate(before);
                     break;
@@ -679,7 +681,7 @@ impl Conn {
 
     /// Sends the segment at `snd_una` again (or the FIN, if that is what is missing),
     /// leaving `snd_nxt` where it is.
-    fn resend_first_segment(&mut self, out: &mut Vec<Vec<u8>>) -> Result<(), ()> {
+    fn resend_first_segment(&mut self, out: &mut Out) -> Result<(), ()> {
         if self.snd_max == self.snd_una {
             return Ok(());
         }
@@ -723,16 +725,22 @@ impl Conn {
         }
     }
 
-    /// Peeks up to `count` segments (at most `room` bytes) straight into frames and
-    /// fills their headers. Ok(bytes sent); Err(Ok) when the host has nothing now,
-    /// Err(Err) when it failed.
-    fn peek_segments(&mut self, count: usize, room: usize, out: &mut Vec<Vec<u8>>) -> Result<usize, Result<(), ()>> {
+    /// Peeks up to `room` bytes straight into frames of up to [`MAX_FRAME_PAYLOAD`]
+    /// (whole segments each) and fills their headers, the TCP checksum and the cutting
+    /// into segments left to the port (see [`segment::fill_deferred`]). Ok(bytes sent);
+    /// Err(Ok) when the host has nothing now, Err(Err) when it failed.
+    fn peek_frames(&mut self, room: usize, out: &mut Out) -> Result<usize, Result<(), ()>> {
         let offset = self.snd_nxt.wrapping_sub(self.head) as usize;
+        // Buffers only for what the socket holds (a window can be megabytes, the queue
+        // a few bytes); at least a segment's, so that a peek still tells the host's FIN
+        // (nothing to read, not EAGAIN) apart.
+        let unsent =
+            rustix::io::ioctl_fionread(self.fd()).map_or(room, |queued| (queued as usize).saturating_sub(offset));
+        let room = room.min(unsent.max(self.mss));
+        let per_frame = self.mss * (MAX_FRAME_PAYLOAD / self.mss).max(1);
+        let count = room.div_ceil(per_frame).min(MAX_FRAMES_PER_PEEK);
         let mut frames: Vec<Vec<u8>> = (0..count)
-            .map(|i| {
-                let len = self.mss.min(room - (i * self.mss).min(room));
-                vec![0u8; segment::HEADERS + len]
-            })
+            .map(|i| vec![0u8; segment::HEADERS + per_frame.min(room - i * per_frame)])
             .collect();
         // Without a kernel peek offset, the bytes already sent are peeked again into a
         // scratch buffer ahead of the frames.
@@ -766,6 +774,7 @@ impl Conn {
             return Ok(0);
         }
         let window = self.window_field();
+        let mss = self.mss.min(usize::from(u16::MAX)) as u16;
         let mut left = peeked;
         for mut frame in frames {
             if left == 0 {
@@ -775,11 +784,12 @@ impl Conn {
             frame.truncate(segment::HEADERS + len);
             left -= len;
             let flags = if left == 0 { Flags::ACK | Flags::PSH } else { Flags::ACK };
-            segment::fill(&self.emit(), &mut frame, flags, self.snd_nxt, self.rcv_nxt, window);
+            let offload =
+                segment::fill_deferred(&self.emit(), &mut frame, flags, self.snd_nxt, self.rcv_nxt, window, mss);
             self.snd_nxt = self.snd_nxt.wrapping_add(len as u32);
             self.advance_max();
             self.counts.to_guest += len as u64;
-            out.push(frame);
+            out.push_offloaded(frame, offload);
         }
         self.ack_due = false;
         Ok(peeked)
@@ -787,7 +797,7 @@ impl Conn {
 
     /// Retransmission, zero-window probes and keep-alive; Err when the guest is given
     /// up on. Returns when to call again.
-    pub fn on_timer(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) -> Result<(), ()> {
+    pub fn on_timer(&mut self, now: Instant, out: &mut Out) -> Result<(), ()> {
         if now.duration_since(self.last_heard) >= DEAD_PEER {
             out.push(segment::reset_for(&self.emit(), self.snd_nxt));
             return Err(());
@@ -848,7 +858,7 @@ impl Conn {
 
     /// The host's send side has room again: announce it, and if the guest sent data
     /// we could not take, ask for it again at once with duplicate ACKs.
-    pub fn host_writable(&mut self, out: &mut Vec<Vec<u8>>) {
+    pub fn host_writable(&mut self, out: &mut Out) {
         if !self.host_full {
             return;
         }

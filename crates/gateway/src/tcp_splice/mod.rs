@@ -43,6 +43,7 @@ use crate::ctx::Ctx;
 use crate::tcp_nat::{Direction, FlowKey, TcpFlowInfo};
 use crate::wire::{self, TcpHead};
 use conn::{Conn, Outcome};
+use segment::Out;
 
 /// Gateway-side ports for forwarded connections, as the guest sees them.
 const FORWARD_PORTS: std::ops::Range<u16> = 30000..60000;
@@ -75,7 +76,7 @@ struct Table {
     next_forward_port: u16,
     /// Connections that owe the guest an ACK at the end of the frame batch.
     acks: Vec<FlowKey>,
-    outbox: VecDeque<Vec<u8>>,
+    outbox: VecDeque<(Vec<u8>, fabric::offload::Offload)>,
 }
 
 impl SpliceService {
@@ -117,12 +118,12 @@ impl SpliceService {
     }
 
     /// Sends frames in order behind whatever waits in the outbox.
-    fn send(&self, table: &mut Table, frames: Vec<Vec<u8>>) {
-        if frames.is_empty() {
+    fn send(&self, table: &mut Table, out: Out) {
+        if out.frames.is_empty() {
             return;
         }
         let was_empty = table.outbox.is_empty();
-        table.outbox.extend(frames);
+        table.outbox.extend(out.frames);
         if was_empty && !self.flush(table) {
             self.writer.notify_one();
         }
@@ -131,13 +132,8 @@ impl SpliceService {
     /// Sends what the outbox holds until the port is full; true when it is empty.
     fn flush(&self, table: &mut Table) -> bool {
         while !table.outbox.is_empty() {
-            let frames: Vec<&[u8]> = table.outbox.make_contiguous().iter().take(64).map(|f| &f[..]).collect();
-            match self.port.try_send_frames(&frames) {
-                Ok(n) if n > 0 => drop(table.outbox.drain(..n)),
-                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
-                    table.outbox.pop_front();
-                }
-                _ => return false,
+            if self.port.try_send_owned(&mut table.outbox).is_err() {
+                return false;
             }
         }
         true
@@ -148,7 +144,7 @@ impl SpliceService {
     pub fn after_batch(&self) {
         let mut table = self.lock();
         let keys = std::mem::take(&mut table.acks);
-        let mut out = Vec::new();
+        let mut out = Out::default();
         for key in keys {
             let Some(Flow {
                 entry: Entry::Open(conn, notify),
@@ -257,7 +253,7 @@ pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead) -> 
         GatewayCounters::inc(&svc.ctx.counters.malformed_frames);
         return vec![];
     };
-    let mut out = Vec::new();
+    let mut out = Out::default();
     let before = (conn.ack_due, conn.wants_host_writable());
     let outcome = conn.on_segment(&seg, Instant::now(), &mut out);
     account(&svc.ctx.counters, conn);
@@ -441,7 +437,7 @@ pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddrV4,
         if let Some(flow) = table.flows.get_mut(&key) {
             flow.entry = Entry::Open(Box::new(conn), notify.clone());
         }
-        svc.send(&mut table, vec![syn]);
+        svc.send(&mut table, Out::from(syn));
     }
     GatewayCounters::inc(&svc.ctx.counters.nat_tcp_flows);
     drive_until_established(svc, key, host, notify, cfg.tcp_connect_timeout).await;
@@ -488,7 +484,7 @@ async fn drive(svc: Arc<SpliceService>, key: FlowKey, host: Arc<AsyncFd<OwnedFd>
             else {
                 return;
             };
-            let mut out = Vec::new();
+            let mut out = Out::default();
             let now = Instant::now();
             // Timers first: a retransmission rewinds, and the pump resends at once.
             let mut failed = conn.on_timer(now, &mut out).is_err();
@@ -497,7 +493,7 @@ async fn drive(svc: Arc<SpliceService>, key: FlowKey, host: Arc<AsyncFd<OwnedFd>
             }
             account(&c, conn);
             if failed {
-                if out.last().is_none_or(|f| !segment::is_reset(f)) {
+                if !out.ends_in_reset() {
                     out.push(conn.reset_guest());
                 }
                 SpliceService::forget(&mut table, &key, true);
@@ -520,7 +516,7 @@ async fn drive(svc: Arc<SpliceService>, key: FlowKey, host: Arc<AsyncFd<OwnedFd>
                     guard.clear_ready();
                 }
                 let mut table = svc.lock();
-                let mut out = Vec::new();
+                let mut out = Out::default();
                 if let Some(Flow { entry: Entry::Open(conn, _), .. }) = table.flows.get_mut(&key) {
                     conn.host_writable(&mut out);
                 }

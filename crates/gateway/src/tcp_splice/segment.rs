@@ -5,6 +5,7 @@
 
 use std::net::SocketAddrV4;
 
+use fabric::offload::Offload;
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -89,6 +90,50 @@ pub(super) struct SynOptions {
     pub scale: Option<u8>,
 }
 
+/// Frames for the guest, in order, each with what its virtio-net header is to say.
+#[derive(Default)]
+pub(super) struct Out {
+    pub frames: Vec<(Vec<u8>, Offload)>,
+}
+
+impl Out {
+    /// A frame complete as it is.
+    pub fn push(&mut self, frame: Vec<u8>) {
+        self.frames.push((frame, Offload::default()));
+    }
+
+    pub fn push_offloaded(&mut self, frame: Vec<u8>, offload: Offload) {
+        self.frames.push((frame, offload));
+    }
+
+    pub fn extend(&mut self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        for f in frames {
+            self.push(f);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.frames.truncate(len);
+    }
+
+    /// Whether the last frame is a reset.
+    pub fn ends_in_reset(&self) -> bool {
+        self.frames.last().is_some_and(|(f, _)| is_reset(f))
+    }
+}
+
+impl From<Vec<u8>> for Out {
+    fn from(frame: Vec<u8>) -> Out {
+        let mut out = Out::default();
+        out.push(frame);
+        out
+    }
+}
+
 /// A segment with `payload_len` zero bytes of payload (the caller fills them) or none.
 pub(super) fn build(
     e: &Emit,
@@ -125,6 +170,34 @@ pub(super) fn build(
 /// Writes the Ethernet, IPv4 and TCP headers of a frame whose TCP options (if any) and
 /// payload are in place, and its checksums.
 pub(super) fn fill(e: &Emit, frame: &mut [u8], flags: Flags, seq: u32, ack: u32, window: u16) {
+    fill_headers(e, frame, flags, seq, ack, window);
+    let mut tcp = TcpPacket::new_unchecked(&mut frame[ETH + IPV4..]);
+    tcp.fill_checksum(&IpAddress::Ipv4(*e.from.ip()), &IpAddress::Ipv4(*e.to.ip()));
+}
+
+/// Like [`fill`], but the TCP checksum is left to the port that delivers the frame,
+/// and a payload longer than `mss` is cut into segments there (see
+/// [`Offload::defer_tcp_checksum`]): a guest that takes offloads gets one frame, and
+/// nobody sums its payload.
+pub(super) fn fill_deferred(
+    e: &Emit,
+    frame: &mut [u8],
+    flags: Flags,
+    seq: u32,
+    ack: u32,
+    window: u16,
+    mss: u16,
+) -> Offload {
+    fill_headers(e, frame, flags, seq, ack, window);
+    Offload::defer_tcp_checksum(frame, mss).unwrap_or_else(|_| {
+        // Not reached: the headers were just written. A complete frame is still right.
+        fill(e, frame, flags, seq, ack, window);
+        Offload::default()
+    })
+}
+
+/// Everything but the TCP checksum.
+fn fill_headers(e: &Emit, frame: &mut [u8], flags: Flags, seq: u32, ack: u32, window: u16) {
     let ip_len = frame.len() - ETH;
     {
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
@@ -166,7 +239,6 @@ pub(super) fn fill(e: &Emit, frame: &mut [u8], flags: Flags, seq: u32, ack: u32,
     tcp.set_ack(flags.0 & Flags::ACK.0 != 0);
     tcp.set_window_len(window);
     tcp.set_urgent_at(0);
-    tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
 }
 
 /// A reset at `seq` (no ACK), for a connection the gateway gives up or refuses.
