@@ -217,11 +217,25 @@ impl InProcessEnd {
     }
 
     /// The next frame the switch sent, if any; give it back with [`InProcessEnd::recycle`].
+    /// Plain unless this end said it takes offloads.
     pub fn try_recv(&self) -> Option<Vec<u8>> {
-        // Plain: this end never says it takes offloads, so the switch cut them already.
-        let (f, _) = self.ring.to_port.pop()?;
+        self.try_recv_offloaded().map(|(f, _)| f)
+    }
+
+    /// Says this end takes frames as offloaded as they come (checksums left partial,
+    /// segments of up to 64 KiB), so the switch does not complete or cut them first.
+    pub fn take_offloads(&self) {
+        self.ring
+            .takes_offloads
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The next frame the switch sent, with what its virtio-net header says (see
+    /// [`InProcessEnd::take_offloads`]).
+    pub fn try_recv_offloaded(&self) -> Option<(Vec<u8>, Offload)> {
+        let frame = self.ring.to_port.pop()?;
         self.ring.port_made_room();
-        Some(f)
+        Some(frame)
     }
 
     pub fn recycle(&self, frame: Vec<u8>) {

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use smoltcp::wire::ArpOperation;
 
+use fabric::offload::Offload;
+
 use crate::dns::Decision;
 use crate::wire::{Inbound, Origin, TcpHead};
 use crate::*;
@@ -182,12 +184,26 @@ pub(crate) fn route<'a>(
 /// Answers one frame; returns the frames to send back now, and whether the DNS TCP
 /// stack got the frame and needs a run. Forwarded DNS queries are answered by their
 /// own task. Each step runs contained (see `contain`): a panic drops this frame only.
+///
+/// A frame as offloaded as its guest sent it (a checksum left partial, a TCP segment of
+/// up to 64 KiB: the gateway's port takes them) goes whole only to the TCP splice,
+/// which writes its payload to a host socket in one piece and needs no checksum of
+/// data that never left this machine; for anything else it is completed (cut and
+/// checksummed) here first, as the switch would for a port without offloads.
 pub(crate) fn handle_frame(
     shared: &Arc<Shared>,
     sock: &Arc<crate::port::GatewayPort>,
     frame: &[u8],
+    offload: &Offload,
 ) -> (Vec<Vec<u8>>, bool) {
     use contain::{contained, Service};
+    let checksum_left = !offload.is_plain();
+    // Classifying checks UDP and ICMP checksums: only TCP may stay offloaded that far
+    // (a TCP checksum sits 16 bytes into its header, UDP's 6).
+    let tcp = offload.gso.is_some() || offload.csum.is_some_and(|c| c.offset == 16);
+    if checksum_left && !(tcp && shared.splice.is_some()) {
+        return handle_completed(shared, sock, frame, offload);
+    }
     let classified = contained(&shared.panics, Service::Frame, frame, || {
         let inbound = wire::classify(frame)?;
         if let Some((ip, mac)) = inbound.sender() {
@@ -206,12 +222,38 @@ pub(crate) fn handle_frame(
         }
         None => return (vec![], false),
     };
+    if checksum_left && !matches!(route, Route::TcpNat(_)) {
+        return handle_completed(shared, sock, frame, offload);
+    }
     contained(&shared.panics, route.service(), frame, || {
         #[cfg(test)]
         crate::tests::panic_if_marked(frame, crate::tests::HANDLER_MARK);
-        deliver(shared, sock, frame, route)
+        deliver(shared, sock, frame, route, checksum_left)
     })
     .unwrap_or_default()
+}
+
+/// An offloaded frame for a service that reads complete frames: cut and checksummed
+/// in software, each piece handled as a plain frame.
+fn handle_completed(
+    shared: &Arc<Shared>,
+    sock: &Arc<crate::port::GatewayPort>,
+    frame: &[u8],
+    offload: &Offload,
+) -> (Vec<Vec<u8>>, bool) {
+    let mut soft = fabric::offload::SoftFrames::default();
+    if soft.push(frame, offload).is_err() {
+        GatewayCounters::inc(&shared.ctx.counters.malformed_frames);
+        return (vec![], false);
+    }
+    let mut replies = Vec::new();
+    let mut touched = false;
+    for piece in soft.frames() {
+        let (r, t) = handle_frame(shared, sock, piece, &Offload::default());
+        replies.extend(r);
+        touched |= t;
+    }
+    (replies, touched)
 }
 
 /// Hands a routed frame to its service.
@@ -220,6 +262,7 @@ fn deliver(
     sock: &Arc<crate::port::GatewayPort>,
     frame: &[u8],
     route: Route<'_>,
+    checksum_left: bool,
 ) -> (Vec<Vec<u8>>, bool) {
     let cfg = &shared.ctx.cfg();
     let c = &shared.ctx.counters;
@@ -274,7 +317,7 @@ fn deliver(
             return (vec![], true);
         }
         Route::TcpNat(head) => match &shared.splice {
-            Some(s) => crate::tcp_splice::inbound(s, frame, head),
+            Some(s) => crate::tcp_splice::inbound(s, frame, head, checksum_left),
             None => tcp_nat::inbound(&shared.tcp, sock, frame, head),
         },
         Route::IcmpNat(e) => {

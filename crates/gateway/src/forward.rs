@@ -205,6 +205,10 @@ const GUEST_ARP_WAIT: Duration = Duration::from_millis(500);
 /// Carries one host client to the guest, if a guest is there: one that holds a lease
 /// or was seen, or that answers ARP at once. Otherwise (its port is gone, or it never
 /// came) the client gets a reset now, not a connect that hangs until it times out.
+///
+/// The splice addresses the guest's MAC itself (the smoltcp engine resolves it on its
+/// own), so for it a guest must have been heard from: one that took a lease and has
+/// sent nothing since (a VM serving and never calling out) is asked by ARP first.
 async fn connect_guest(
     svc: Arc<ForwardService>,
     port: Arc<crate::port::GatewayPort>,
@@ -212,31 +216,28 @@ async fn connect_guest(
     stream: TcpStream,
 ) {
     let ip = *guest.ip();
-    if !svc.ctx.guest_at(ip) {
+    let known = || match &svc.splice {
+        Some(_) => svc.ctx.neighbours.get(ip).is_some(),
+        None => svc.ctx.guest_at(ip),
+    };
+    if !known() {
         let cfg = &svc.ctx.cfg();
         let _ = port.send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, ip)).await;
         let deadline = tokio::time::Instant::now() + GUEST_ARP_WAIT;
-        while !svc.ctx.guest_at(ip) && tokio::time::Instant::now() < deadline {
+        while !known() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if !svc.ctx.guest_at(ip) {
-            GatewayCounters::inc(&svc.ctx.counters.forward_refused);
-            let _ = stream.set_zero_linger();
-            return;
-        }
     }
-    let guest_mac = svc.ctx.neighbours.get(ip);
-    match (&svc.splice, guest_mac) {
+    match (&svc.splice, svc.ctx.neighbours.get(ip)) {
         (Some(splice), Some(mac)) => match stream.into_std() {
             Ok(s) => crate::tcp_splice::forward_client(splice.clone(), guest, mac, s.into()).await,
             Err(_) => GatewayCounters::inc(&svc.ctx.counters.forward_refused),
         },
-        (Some(_), None) => {
-            // Leased but never heard from: nowhere to address its SYN yet.
+        (None, _) if svc.ctx.guest_at(ip) => crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await,
+        _ => {
             GatewayCounters::inc(&svc.ctx.counters.forward_refused);
             let _ = stream.set_zero_linger();
         }
-        (None, _) => crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await,
     }
 }
 

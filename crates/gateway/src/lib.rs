@@ -188,7 +188,10 @@ impl Gateway {
         switch.set_port_trusted(port, true)?;
         let sock = {
             let _guard = rt.enter();
-            Arc::new(port::GatewayPort::new(end)?)
+            // Only the splice takes a guest's segment offloads whole; for the stack the
+            // switch's thread cuts them, beside this one.
+            let takes_offloads = cfg.tcp_engine == config::TcpEngine::Splice;
+            Arc::new(port::GatewayPort::new(end, takes_offloads)?)
         };
         let nat = tcp_nat::TcpNat::new(&cfg, sock.clone(), counters.clone(), panics.clone());
         let ctx = Arc::new(ctx::Ctx::new(cfg.clone(), counters.clone()));

@@ -4,6 +4,7 @@
 
 use std::io;
 
+use fabric::offload::Offload;
 use fabric::InProcessEnd;
 use tokio::net::unix::pipe;
 
@@ -19,31 +20,31 @@ const FULL_RETRY: std::time::Duration = std::time::Duration::from_micros(200);
 
 impl GatewayPort {
     /// Needs a Tokio runtime entered (the eventfd joins its reactor).
-    pub(crate) fn new(end: InProcessEnd) -> io::Result<GatewayPort> {
+    /// With `takes_offloads`, a guest's segment offload reaches the TCP splice whole, and
+    /// the frame loop completes any other offloaded frame itself.
+    pub(crate) fn new(end: InProcessEnd, takes_offloads: bool) -> io::Result<GatewayPort> {
+        if takes_offloads {
+            end.take_offloads();
+        }
         let wake = pipe::Receiver::from_owned_fd(end.wake_receiver()?)?;
         Ok(GatewayPort { end, wake })
     }
 
-    /// Copies the next frame into `buf` (cut to its length) without waiting.
-    pub(crate) fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let end = &self.end;
-        match end.try_recv() {
-            Some(f) => {
-                let n = f.len().min(buf.len());
-                buf[..n].copy_from_slice(&f[..n]);
-                end.recycle(f);
-                Ok(n)
-            }
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
+    /// The next frame without waiting, as the switch sent it (offloads and all: see
+    /// `dispatch::handle_frame`); give it back with [`GatewayPort::recycle`].
+    pub(crate) fn try_recv(&self) -> Option<(Vec<u8>, Offload)> {
+        self.end.try_recv_offloaded()
+    }
+
+    pub(crate) fn recycle(&self, frame: Vec<u8>) {
+        self.end.recycle(frame);
     }
 
     /// Waits for the next frame. Only the frame loop receives; other tasks only send.
-    pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) async fn recv(&self) -> io::Result<(Vec<u8>, Offload)> {
         loop {
-            match self.try_recv(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return r,
+            if let Some(frame) = self.try_recv() {
+                return Ok(frame);
             }
             self.wake.readable().await?;
             // Drained before the next look, so a frame queued after it wakes us again.
@@ -74,7 +75,7 @@ impl GatewayPort {
     /// without a copy; how many went, or WouldBlock when none could.
     pub(crate) fn try_send_owned(
         &self,
-        frames: &mut std::collections::VecDeque<(Vec<u8>, fabric::offload::Offload)>,
+        frames: &mut std::collections::VecDeque<(Vec<u8>, Offload)>,
     ) -> io::Result<usize> {
         self.end
             .send_owned(frames)

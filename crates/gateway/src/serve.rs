@@ -35,7 +35,6 @@ pub(crate) async fn supervise(shared: Arc<Shared>, sock: Arc<crate::port::Gatewa
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPort>) {
-    let mut buf = vec![0u8; 65536 + 64];
     // Answers of forwarded TCP queries come back here, to be written by this task.
     let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::unbounded_channel::<(smoltcp::iface::SocketHandle, Vec<u8>)>();
     loop {
@@ -51,23 +50,24 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPor
         let tcp_sleep = tcp_delay.unwrap_or(Duration::from_secs(24 * 3600));
         let nat_sleep = nat_delay.unwrap_or(Duration::from_secs(24 * 3600));
         tokio::select! {
-            r = sock.recv(&mut buf) => match r {
-                Ok(n) => {
+            r = sock.recv() => match r {
+                Ok(first) => {
                     // Take what else is waiting too, up to a batch, and run the TCP
                     // stacks once for all of it.
                     let mut tcp_touched = false;
-                    let mut len = Some(n);
+                    let mut next = Some(first);
                     let mut taken = 0;
-                    while let Some(n) = len {
+                    while let Some((frame, offload)) = next {
                         #[cfg(test)]
-                        tests::panic_if_marked(&buf[..n], tests::TASK_MARK);
-                        let (replies, touched) = handle_frame(&shared, &sock, &buf[..n]);
+                        tests::panic_if_marked(&frame, tests::TASK_MARK);
+                        let (replies, touched) = handle_frame(&shared, &sock, &frame, &offload);
+                        sock.recycle(frame);
                         tcp_touched |= touched;
                         for reply in replies {
                             let _ = sock.send(&reply).await;
                         }
                         taken += 1;
-                        len = if taken < BATCH { sock.try_recv(&mut buf).ok() } else { None };
+                        next = if taken < BATCH { sock.try_recv() } else { None };
                     }
                     shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).poll_pending();
                     if let Some(splice) = &shared.splice {

@@ -6,18 +6,31 @@
 
 mod common;
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
+use fabric::offload::{Offload, SoftFrames};
+use fabric::InProcessEnd;
 use gateway::tcp_peer::{Seen, Segment, TcpPeer};
 use gateway::TcpEngine;
 use smoltcp::wire::TcpControl;
 
+/// The guest's port: a socketpair (frames plain, as the switch cuts them), or an
+/// in-process port that takes offloads (a vhost-user guest's view: 64 KiB segments
+/// with their checksums left partial, both ways).
+enum GuestPort {
+    Socket(UnixDatagram),
+    Offloaded(InProcessEnd),
+}
+
 struct Rig {
     lab: common::Lab,
-    guest: UnixDatagram,
+    guest: GuestPort,
+    /// The most payload one frame to the guest carried.
+    largest_frame_payload: usize,
     peer: TcpPeer,
     listener: TcpListener,
 }
@@ -25,12 +38,22 @@ struct Rig {
 const HOST_ACCESS: Ipv4Addr = Ipv4Addr::new(10, 67, 0, 254);
 
 fn rig(guest_host: u8) -> Rig {
+    rig_on(guest_host, false)
+}
+
+fn rig_on(guest_host: u8, offloaded: bool) -> Rig {
     let lab = common::lab("sp", "10.67.0.0/24", |cfg| {
         cfg.host_access = Some(HOST_ACCESS);
         cfg.tcp_engine = TcpEngine::Splice;
     });
-    let (_, fd) = lab.sw.add_port("sp", "guest").unwrap();
-    let guest = UnixDatagram::from(fd);
+    let guest = if offloaded {
+        let (_, end) = lab.sw.add_inprocess_port("sp", "guest").unwrap();
+        end.take_offloads();
+        GuestPort::Offloaded(end)
+    } else {
+        let (_, fd) = lab.sw.add_port("sp", "guest").unwrap();
+        GuestPort::Socket(UnixDatagram::from(fd))
+    };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut peer = TcpPeer::guest(guest_host, listener.local_addr().unwrap().port());
     peer.ip = Ipv4Addr::new(10, 67, 0, guest_host);
@@ -39,6 +62,7 @@ fn rig(guest_host: u8) -> Rig {
     Rig {
         lab,
         guest,
+        largest_frame_payload: 0,
         peer,
         listener,
     }
@@ -46,8 +70,20 @@ fn rig(guest_host: u8) -> Rig {
 
 impl Rig {
     fn send(&mut self, seg: Segment) {
-        let frame = self.peer.segment(&seg);
-        self.guest.send(&frame).unwrap();
+        let mut frame = self.peer.segment(&seg);
+        match &self.guest {
+            GuestPort::Socket(s) => {
+                s.send(&frame).unwrap();
+            }
+            GuestPort::Offloaded(end) => {
+                // As a guest kernel with TSO hands it over: checksum left, cut later.
+                let offload = Offload::defer_tcp_checksum(&mut frame, 1460).unwrap();
+                let mut queue = VecDeque::from([(frame, offload)]);
+                while end.send_owned(&mut queue).is_err() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
 
     /// What the gateway sent the guest within `wait` (reading stops early once `until`
@@ -61,12 +97,29 @@ impl Rig {
             if left.is_zero() {
                 break;
             }
-            self.guest.set_read_timeout(Some(left)).unwrap();
-            match self.guest.recv(&mut buf) {
-                Ok(n) => seen.extend(self.peer.read(&[buf[..n].to_vec()])),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-                Err(e) => panic!("{e}"),
-            }
+            let frames = match &self.guest {
+                GuestPort::Socket(s) => {
+                    s.set_read_timeout(Some(left)).unwrap();
+                    match s.recv(&mut buf) {
+                        Ok(n) => vec![buf[..n].to_vec()],
+                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                GuestPort::Offloaded(end) => {
+                    let Some((frame, offload)) = end.try_recv_offloaded() else {
+                        std::thread::sleep(Duration::from_millis(1).min(left));
+                        continue;
+                    };
+                    // The peer checks every checksum: complete them as the guest's
+                    // kernel would take them.
+                    self.largest_frame_payload = self.largest_frame_payload.max(frame.len() - 54);
+                    let mut soft = SoftFrames::default();
+                    soft.push(&frame, &offload).unwrap();
+                    soft.frames().to_vec()
+                }
+            };
+            seen.extend(self.peer.read(&frames));
         }
         seen
     }
@@ -558,4 +611,52 @@ fn three_duplicate_acks_resend_the_lost_segment_and_not_the_window_after_it() {
     r.ack(65535);
     r.recv_for(Duration::from_millis(100));
     assert!(payload_of(&r.recv_for(Duration::from_millis(600))).is_empty());
+}
+
+#[test]
+fn segment_offloads_cross_whole_both_ways_with_checksums_left_to_the_ports() {
+    let mut r = rig_on(15, true);
+    let (mut host, syn_ack) = r.open(Some(7));
+    r.ack(65535);
+    // Guest to host: one 60,000-byte segment, its checksum left partial, reaches the
+    // host socket whole (the gateway's port takes it as it is).
+    let up = pattern(60_000);
+    r.send(Segment {
+        ack: true,
+        window: 65535,
+        payload: &up,
+        ..Default::default()
+    });
+    host.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = vec![0u8; up.len()];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(got, up);
+    // Host to guest: frames carry many segments each, checksums left to the port.
+    let down = pattern(1 << 20);
+    let writer = std::thread::spawn(move || {
+        host.write_all(&down).unwrap();
+        host
+    });
+    let mut received = Vec::new();
+    let start = syn_ack.seq.wrapping_add(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.len() < 1 << 20 {
+        assert!(Instant::now() < deadline, "stuck at {}", received.len());
+        let seen = r.recv_until(Duration::from_millis(200), |s| !s.is_empty());
+        assemble(&mut received, start, &seen);
+        r.peer.ack = start.wrapping_add(received.len() as u32);
+        r.ack(65535);
+    }
+    assert_eq!(received, pattern(1 << 20));
+    assert!(
+        r.largest_frame_payload > 1460,
+        "frames of one segment only: {}",
+        r.largest_frame_payload
+    );
+    let _host = writer.join().unwrap();
+    let c = r.lab.gw.counters();
+    assert_eq!(
+        (c.get("malformed_frames"), c.get("nat_tcp_host_refusals")),
+        (Some(0), Some(0))
+    );
 }

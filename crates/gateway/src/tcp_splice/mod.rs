@@ -231,7 +231,9 @@ impl SpliceService {
 }
 
 /// Takes a guest's TCP segment routed through the gateway; returns frames to send now.
-pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead) -> Vec<Vec<u8>> {
+/// `checksum_left`: the guest left the TCP checksum to us (an offload), so it is not
+/// checked, as the kernel does not check a segment that never crossed a wire.
+pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead, checksum_left: bool) -> Vec<Vec<u8>> {
     let key = FlowKey {
         guest: head.src,
         peer: head.dst,
@@ -240,7 +242,7 @@ pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead) -> 
     let Some(flow) = table.flows.get_mut(&key) else {
         drop(table);
         if head.is_open() {
-            return open(svc, frame, head, key);
+            return open(svc, frame, head, key, checksum_left);
         }
         // Anything else for no connection: a reset, as a closed port answers.
         return wire::tcp_reset(svc.ctx.cfg().gateway_mac, &head).into_iter().collect();
@@ -249,7 +251,7 @@ pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead) -> 
         // The guest retransmits its SYN while the host side connects.
         return vec![];
     };
-    let Some(seg) = segment::parse(frame) else {
+    let Some(seg) = segment::parse(frame, checksum_left) else {
         GatewayCounters::inc(&svc.ctx.counters.malformed_frames);
         return vec![];
     };
@@ -273,7 +275,7 @@ pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead) -> 
 }
 
 /// A guest's new connection: checked, counted, then connected from the host.
-fn open(svc: &Arc<SpliceService>, syn: &[u8], head: TcpHead, key: FlowKey) -> Vec<Vec<u8>> {
+fn open(svc: &Arc<SpliceService>, syn: &[u8], head: TcpHead, key: FlowKey, checksum_left: bool) -> Vec<Vec<u8>> {
     let cfg = svc.ctx.cfg();
     let c = &svc.ctx.counters;
     let dst = *key.peer.ip();
@@ -281,7 +283,7 @@ fn open(svc: &Arc<SpliceService>, syn: &[u8], head: TcpHead, key: FlowKey) -> Ve
     if cfg.is_gateway_ip(dst) || svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
         return reset();
     }
-    let Some(seg) = segment::parse(syn) else {
+    let Some(seg) = segment::parse(syn, checksum_left) else {
         GatewayCounters::inc(&c.malformed_frames);
         return vec![];
     };

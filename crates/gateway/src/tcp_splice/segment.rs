@@ -34,13 +34,17 @@ pub(super) struct Seg<'a> {
 }
 
 /// Reads the TCP segment of a frame the dispatcher classified as TCP; None if it is
-/// malformed (bad checksum, bad options, flags no stack sends).
-pub(super) fn parse(frame: &[u8]) -> Option<Seg<'_>> {
+/// malformed (bad checksum unless `checksum_left`, bad options, flags no stack sends).
+pub(super) fn parse(frame: &[u8], checksum_left: bool) -> Option<Seg<'_>> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
     let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
     let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
     let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
-    let repr = TcpRepr::parse(&tcp, &src, &dst, &ChecksumCapabilities::default()).ok()?;
+    let mut caps = ChecksumCapabilities::default();
+    if checksum_left {
+        caps.tcp = smoltcp::phy::Checksum::Tx;
+    }
+    let repr = TcpRepr::parse(&tcp, &src, &dst, &caps).ok()?;
     let fin = tcp.fin();
     Some(Seg {
         control: repr.control,
