@@ -42,9 +42,14 @@ fn rig(guest_host: u8) -> Rig {
 }
 
 fn rig_on(guest_host: u8, offloaded: bool) -> Rig {
+    rig_with(guest_host, offloaded, |_| {})
+}
+
+fn rig_with(guest_host: u8, offloaded: bool, tune: impl FnOnce(&mut gateway::GatewayConfig)) -> Rig {
     let lab = common::lab("sp", "10.67.0.0/24", |cfg| {
         cfg.host_access = Some(HOST_ACCESS);
         cfg.tcp_engine = TcpEngine::Splice;
+        tune(cfg);
     });
     let guest = if offloaded {
         let (_, end) = lab.sw.add_inprocess_port("sp", "guest").unwrap();
@@ -659,4 +664,42 @@ fn segment_offloads_cross_whole_both_ways_with_checksums_left_to_the_ports() {
         (c.get("malformed_frames"), c.get("nat_tcp_host_refusals")),
         (Some(0), Some(0))
     );
+}
+
+#[test]
+fn a_forward_to_a_guest_that_never_answers_resets_its_client_after_the_connect_timeout() {
+    let mut r = rig_with(16, false, |cfg| cfg.tcp_connect_timeout = Duration::from_secs(1));
+    // The guest is heard from (its MAC known), then answers nothing.
+    let arp = r.peer.arp_request();
+    if let GuestPort::Socket(s) = &r.guest {
+        s.send(&arp).unwrap();
+    }
+    let fw = r
+        .lab
+        .gw
+        .add_forward(
+            gateway::forward::Protocol::Tcp,
+            "127.0.0.1:0".parse().unwrap(),
+            std::net::SocketAddrV4::new(r.peer.ip, r.peer.port),
+        )
+        .unwrap();
+    let started = Instant::now();
+    let mut client = TcpStream::connect(fw.host).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let syns = r.recv_until(Duration::from_secs(3), |s| {
+        s.iter().any(|s| s.control == TcpControl::Syn)
+    });
+    assert!(
+        syns.iter().any(|s| s.control == TcpControl::Syn),
+        "our SYN reached the guest"
+    );
+    let mut byte = [0u8; 1];
+    let answer = client.read(&mut byte);
+    assert!(
+        matches!(&answer, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the client is reset: {answer:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "given up too soon: {waited:?}");
+    r.wait_no_flows();
 }

@@ -103,10 +103,7 @@ pub(crate) struct TcpNat {
     sockets: SocketSet<'static>,
     flows: HashMap<FlowKey, Flow>,
     watches: HashMap<SocketHandle, Watch>,
-    per_guest: crate::flows::PerGuest,
-    /// Flows in the table by direction (each has its own budget).
-    egress_flows: usize,
-    forward_flows: usize,
+    budget: crate::flows::TcpBudget,
     epoch: std::time::Instant,
     buffer: usize,
     next_forward_port: u16,
@@ -143,9 +140,7 @@ impl TcpNat {
             sockets: SocketSet::new(Vec::new()),
             flows: HashMap::new(),
             watches: HashMap::new(),
-            per_guest: Default::default(),
-            egress_flows: 0,
-            forward_flows: 0,
+            budget: Default::default(),
             epoch: std::time::Instant::now(),
             buffer,
             next_forward_port: 0,
@@ -245,27 +240,11 @@ impl TcpNat {
         true
     }
 
-    /// Counts a new connection against the bounds; false when it is over them.
-    /// Takes a flow into the table if its direction's budget has room: a guest's own
-    /// connections count per guest and per network, forwards' against their own total.
-    fn admit(&mut self, key: FlowKey, direction: Direction, per_guest: usize, total: usize) -> bool {
-        if self.flows.contains_key(&key) {
+    /// Takes a flow into the table if its direction's budget has room (see
+    /// [`crate::flows::TcpBudget`]).
+    fn admit(&mut self, key: FlowKey, direction: Direction, bounds: &crate::flows::TcpBounds) -> bool {
+        if self.flows.contains_key(&key) || !self.budget.admit(*key.guest.ip(), direction, bounds) {
             return false;
-        }
-        match direction {
-            Direction::Egress => {
-                if self.per_guest.count(*key.guest.ip()) >= per_guest || self.egress_flows >= total {
-                    return false;
-                }
-                self.per_guest.add(*key.guest.ip());
-                self.egress_flows += 1;
-            }
-            Direction::Forward => {
-                if self.forward_flows >= total {
-                    return false;
-                }
-                self.forward_flows += 1;
-            }
         }
         self.flows.insert(
             key,
@@ -336,7 +315,7 @@ impl TcpNat {
             };
             (!self.flows.contains_key(&key)).then_some(key)
         })?;
-        if !self.admit(key, Direction::Forward, usize::MAX, cfg.tcp_forward_flows_total) {
+        if !self.admit(key, Direction::Forward, &crate::flows::TcpBounds::of(cfg)) {
             return None;
         }
         let mut s = self.new_socket(cfg.tcp_connect_timeout);
@@ -361,13 +340,7 @@ impl TcpNat {
             self.watches.remove(&handle);
             self.sockets.remove(handle);
         }
-        match flow.direction {
-            Direction::Egress => {
-                self.per_guest.release(*key.guest.ip());
-                self.egress_flows -= 1;
-            }
-            Direction::Forward => self.forward_flows -= 1,
-        }
+        self.budget.release(*key.guest.ip(), flow.direction);
     }
 
     /// Connections carried now (egress and forwards).

@@ -56,7 +56,7 @@ pub(super) fn open(
     if svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
         return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
-    if !lock(&svc.nat).admit(key, Direction::Egress, cfg.tcp_flows_per_guest, cfg.tcp_flows_total) {
+    if !lock(&svc.nat).admit(key, Direction::Egress, &crate::flows::TcpBounds::of(cfg)) {
         GatewayCounters::inc(&c.nat_tcp_bounded);
         return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }

@@ -96,6 +96,8 @@ pub(super) struct Conn {
     retries: u32,
     rto: Duration,
     retransmit_at: Option<Instant>,
+    /// A forward's SYN unanswered by then: the host client is reset.
+    give_up_at: Option<Instant>,
     /// Where the host's data ends, once its FIN was seen (a peek at that point reads
     /// nothing): our FIN goes there, also when sent again after a rewind.
     data_end: Option<u32>,
@@ -191,6 +193,7 @@ impl Conn {
             retries: 0,
             rto: RTO_INITIAL,
             retransmit_at: Some(now + RTO_INITIAL),
+            give_up_at: None,
             data_end: None,
             fin_sent: false,
             fin_acked: false,
@@ -209,6 +212,11 @@ impl Conn {
             probe_every: RTO_INITIAL,
             counts: Counts::default(),
         }
+    }
+
+    /// A forward's host client waits this long for the guest to answer our SYN.
+    pub fn give_up_unanswered_after(&mut self, timeout: Duration, now: Instant) {
+        self.give_up_at = Some(now + timeout);
     }
 
     /// Takes the guest's options from its SYN (egress) or SYN-ACK (forward).
@@ -806,6 +814,9 @@ impl Conn {
             out.push(segment::reset_for(&self.emit(), self.snd_nxt));
             return Err(());
         }
+        if self.state == State::SynSent && self.give_up_at.is_some_and(|at| at <= now) {
+            return Err(());
+        }
         if self.retransmit_at.is_some_and(|at| at <= now) {
             self.retries += 1;
             if self.retries > MAX_RETRIES {
@@ -854,7 +865,8 @@ impl Conn {
     /// When [`Conn::on_timer`] has work next.
     pub fn deadline(&self) -> Instant {
         let keep_alive = self.last_heard + if self.probed { DEAD_PEER } else { KEEP_ALIVE };
-        [self.retransmit_at, self.probe_at]
+        let give_up = self.give_up_at.filter(|_| self.state == State::SynSent);
+        [self.retransmit_at, self.probe_at, give_up]
             .into_iter()
             .flatten()
             .fold(keep_alive, Instant::min)

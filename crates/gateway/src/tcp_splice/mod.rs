@@ -70,9 +70,7 @@ struct Flow {
 #[derive(Default)]
 struct Table {
     flows: HashMap<FlowKey, Flow>,
-    per_guest: crate::flows::PerGuest,
-    egress_flows: usize,
-    forward_flows: usize,
+    budget: crate::flows::TcpBudget,
     next_forward_port: u16,
     /// Connections that owe the guest an ACK at the end of the frame batch.
     acks: Vec<FlowKey>,
@@ -176,28 +174,12 @@ impl SpliceService {
         self.send(&mut table, out);
     }
 
-    /// Takes a flow into the table if its direction's budget has room.
+    /// Takes a flow into the table if its direction's budget has room (see
+    /// [`crate::flows::TcpBudget`]).
     fn admit(&self, table: &mut Table, key: FlowKey, direction: Direction) -> bool {
-        let cfg = self.ctx.cfg();
-        if table.flows.contains_key(&key) {
+        let bounds = crate::flows::TcpBounds::of(&self.ctx.cfg());
+        if table.flows.contains_key(&key) || !table.budget.admit(*key.guest.ip(), direction, &bounds) {
             return false;
-        }
-        match direction {
-            Direction::Egress => {
-                if table.per_guest.count(*key.guest.ip()) >= cfg.tcp_flows_per_guest
-                    || table.egress_flows >= cfg.tcp_flows_total
-                {
-                    return false;
-                }
-                table.per_guest.add(*key.guest.ip());
-                table.egress_flows += 1;
-            }
-            Direction::Forward => {
-                if table.forward_flows >= cfg.tcp_forward_flows_total {
-                    return false;
-                }
-                table.forward_flows += 1;
-            }
         }
         table.flows.insert(
             key,
@@ -220,13 +202,7 @@ impl SpliceService {
             // The task sees its connection gone and ends, closing the socket.
             notify.notify_one();
         }
-        match flow.direction {
-            Direction::Egress => {
-                table.per_guest.release(*key.guest.ip());
-                table.egress_flows -= 1;
-            }
-            Direction::Forward => table.forward_flows -= 1,
-        }
+        table.budget.release(*key.guest.ip(), flow.direction);
     }
 }
 
@@ -432,6 +408,7 @@ pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddrV4,
         initial_sequence(),
         Instant::now(),
     );
+    conn.give_up_unanswered_after(cfg.tcp_connect_timeout, Instant::now());
     let syn = conn.handshake();
     let notify = Arc::new(Notify::new());
     {
@@ -442,34 +419,7 @@ pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddrV4,
         svc.send(&mut table, Out::from(syn));
     }
     GatewayCounters::inc(&svc.ctx.counters.nat_tcp_flows);
-    drive_until_established(svc, key, host, notify, cfg.tcp_connect_timeout).await;
-}
-
-/// A forward's connection: given up (client reset) if the guest does not answer our
-/// SYN within the connect timeout, else driven like any other.
-async fn drive_until_established(
-    svc: Arc<SpliceService>,
-    key: FlowKey,
-    host: Arc<AsyncFd<OwnedFd>>,
-    notify: Arc<Notify>,
-    timeout: Duration,
-) {
-    let give_up = tokio::time::Instant::now() + timeout;
-    let gave_up = async {
-        tokio::time::sleep_until(give_up).await;
-        let mut table = svc.lock();
-        let pending = matches!(
-            table.flows.get(&key),
-            Some(Flow { entry: Entry::Open(c, _), .. }) if c.state == conn::State::SynSent
-        );
-        if pending {
-            SpliceService::forget(&mut table, &key, true);
-        }
-    };
-    tokio::select! {
-        _ = drive(svc.clone(), key, host, notify) => {}
-        _ = gave_up => {}
-    }
+    drive(svc, key, host, notify).await;
 }
 
 /// A connection's task: moves host data to the guest as its window allows, announces
