@@ -30,22 +30,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let payload = vec![0x41u8; 66000];
     for step in data.chunks_exact(8) {
+        let step: &[u8; 8] = step.try_into().expect("chunks of eight");
         let peer = &mut peers[usize::from(step[0] % 3)];
         let flags = step[1];
-        let window = u16::from_be_bytes([step[2], step[3]]);
-        let offset = i16::from_be_bytes([step[4], step[5]]) as i32;
-        let len = usize::from(u16::from_be_bytes([step[6], step[7]])) % payload.len();
-        let seg = Segment {
-            syn: flags & 1 != 0,
-            fin: flags & 2 != 0,
-            rst: flags & 4 != 0,
-            ack: flags & 8 != 0,
-            window,
-            window_scale: (flags & 16 != 0).then_some(step[2] % 15),
-            mss: (flags & 32 != 0).then_some(u16::from_be_bytes([step[3], step[2]])),
-            seq: (flags & 64 != 0).then_some(peer.seq.wrapping_add(offset as u32)),
-            payload: &payload[..len],
-        };
+        let seg = Segment::from_step(step, peer.seq, &payload);
         let frame = peer.segment(&seg);
         dns.input(&frame);
         let out = dns.poll(&zone);

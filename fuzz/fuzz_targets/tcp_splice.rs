@@ -102,21 +102,9 @@ fuzz_target!(|data: &[u8]| {
     std::thread::sleep(std::time::Duration::from_millis(1));
     drain(&w, &mut peer);
     for step in data.chunks_exact(8) {
+        let step: &[u8; 8] = step.try_into().expect("chunks of eight");
         let flags = step[1];
-        let window = u16::from_be_bytes([step[2], step[3]]);
-        let offset = i16::from_be_bytes([step[4], step[5]]) as i32;
-        let len = usize::from(u16::from_be_bytes([step[6], step[7]])) % 9000;
-        let seg = Segment {
-            syn: flags & 1 != 0,
-            fin: flags & 2 != 0,
-            rst: flags & 4 != 0,
-            ack: flags & 8 != 0,
-            window,
-            window_scale: (flags & 16 != 0).then_some(step[2] % 15),
-            mss: (flags & 32 != 0).then_some(u16::from_be_bytes([step[3], step[2]])),
-            seq: (flags & 64 != 0).then_some(peer.seq.wrapping_add(offset as u32)),
-            payload: &payload[..len],
-        };
+        let seg = Segment::from_step(step, peer.seq, &payload[..9000]);
         send(&mut peer, &seg);
         if flags & 128 != 0 {
             std::thread::sleep(std::time::Duration::from_micros(u64::from(step[0]) * 4));
@@ -132,5 +120,10 @@ fuzz_target!(|data: &[u8]| {
         },
     );
     let panics: u64 = w.gw.handler_panics().snapshot().iter().map(|(_, n)| n).sum();
-    assert_eq!(panics, 0, "the gateway caught a panic: {:?}", w.gw.handler_panics().snapshot());
+    assert_eq!(
+        panics,
+        0,
+        "the gateway caught a panic: {:?}",
+        w.gw.handler_panics().snapshot()
+    );
 });

@@ -53,6 +53,30 @@ pub struct Segment<'a> {
     pub payload: &'a [u8],
 }
 
+impl<'a> Segment<'a> {
+    /// A segment from 8 bytes of a fuzzer's input, as the TCP fuzz targets play them:
+    /// byte 1 the flags (SYN, FIN, RST, ACK, a window scale, an MSS, a sequence number
+    /// other than the next, and in bit 7 whether time passes, left to the caller), 2-3
+    /// the window, 4-5 a signed offset from `next_seq`, 6-7 the payload's length
+    /// (modulo `payload`'s, whose bytes it carries).
+    pub fn from_step(step: &[u8; 8], next_seq: u32, payload: &'a [u8]) -> Segment<'a> {
+        let flags = step[1];
+        let offset = i16::from_be_bytes([step[4], step[5]]) as i32;
+        let len = usize::from(u16::from_be_bytes([step[6], step[7]])) % payload.len().max(1);
+        Segment {
+            syn: flags & 1 != 0,
+            fin: flags & 2 != 0,
+            rst: flags & 4 != 0,
+            ack: flags & 8 != 0,
+            window: u16::from_be_bytes([step[2], step[3]]),
+            window_scale: (flags & 16 != 0).then_some(step[2] % 15),
+            mss: (flags & 32 != 0).then_some(u16::from_be_bytes([step[3], step[2]])),
+            seq: (flags & 64 != 0).then_some(next_seq.wrapping_add(offset as u32)),
+            payload: &payload[..len.min(payload.len())],
+        }
+    }
+}
+
 impl TcpPeer {
     /// A guest at 10.0.0.`host` (MAC 02:00:00:00:00:`host`) talking to a server at
     /// 10.0.0.1 (MAC 02:00:00:00:00:01) on `server_port`, from port 40000.
