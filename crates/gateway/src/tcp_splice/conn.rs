@@ -504,7 +504,7 @@ impl Conn {
 
     /// Discards what the guest acknowledged from the host socket (the kernel moves the
     /// peek offset back by as much).
-    fn catch_up(&mut self) {
+    pub fn catch_up(&mut self) {
         let acked_data_end = match self.data_end {
             Some(end) if self.fin_acked => end,
             _ => self.snd_una,

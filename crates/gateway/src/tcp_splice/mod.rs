@@ -195,9 +195,14 @@ impl SpliceService {
     /// when `reset_host`).
     fn forget(table: &mut Table, key: &FlowKey, reset_host: bool) {
         let Some(flow) = table.flows.remove(key) else { return };
-        if let Entry::Open(conn, notify) = flow.entry {
+        if let Entry::Open(mut conn, notify) = flow.entry {
             if reset_host {
                 let _ = rustix::net::sockopt::set_socket_linger(conn.host.get_ref(), Some(Duration::ZERO));
+            } else {
+                // Bytes the guest acknowledged are discarded once per pump; an orderly
+                // end can come between, and a socket closed with unread bytes resets
+                // its peer instead of ending with a FIN.
+                conn.catch_up();
             }
             // The task sees its connection gone and ends, closing the socket.
             notify.notify_one();
