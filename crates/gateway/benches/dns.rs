@@ -4,7 +4,10 @@
 //! port of the same network. Needs root, /dev/net/tun, iproute2 and dnsmasq.
 //!
 //! Two measures per server: answers per second with 64 queries in flight, and round
-//! trip p50/p99 with one query at a time.
+//! trip p50/p99 with one query at a time. Then round trips with a new socket per query
+//! (as a resolver library's client makes them): local names from both servers, and
+//! names the gateway forwards to a second dnsmasq on the host's loopback (the only
+//! upstream it is given), the forwarded-DNS measure.
 //!
 //! Run: `cargo bench -p gateway --bench dns` (BENCH_SECS per measure, default 2).
 
@@ -165,6 +168,48 @@ fn load(ns: &str, server: Ipv4Addr, secs: f64) -> Result {
     .unwrap()
 }
 
+/// Round trips with a new socket per query, one at a time, from inside `ns`: p50, p99
+/// and how many got no answer.
+fn fresh_sockets(ns: &str, server: Ipv4Addr, names: Vec<String>, secs: f64) -> (Duration, Duration, u64) {
+    let nsfile = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    let server = SocketAddr::from((server, 53));
+    std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(nsfile.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+            .expect("enter the client namespace");
+        let ask = |id: u16, name: &str| -> Option<Duration> {
+            let t = Instant::now();
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.connect(server).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            sock.send(&query(id, name)).unwrap();
+            let mut buf = [0u8; 1500];
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) if n >= 12 && buf[..2] == id.to_be_bytes() => return Some(t.elapsed()),
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        };
+        for (i, name) in names.iter().take(8).enumerate() {
+            let _ = ask(i as u16, name);
+        }
+        let (mut rtts, mut lost, mut id) = (Vec::new(), 0u64, 0u16);
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < deadline {
+            id = id.wrapping_add(1);
+            match ask(id, &names[id as usize % names.len()]) {
+                Some(rtt) => rtts.push(rtt),
+                None => lost += 1,
+            }
+        }
+        rtts.sort();
+        (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100], lost)
+    })
+    .join()
+    .unwrap()
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("dns bench: run it with `cargo bench -p gateway --bench dns`");
@@ -178,8 +223,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
-    let common::Lab { gw, sw, rt: _rt } = common::lab("bench", "10.250.0.0/24", |_| {});
     let pid = std::process::id() % 10000;
+    let upstream = SocketAddr::from(([127, 0, 0, 1], 20000 + (pid % 10000) as u16));
+    let common::Lab { gw, sw, rt: _rt } = common::lab("bench", "10.250.0.0/24", |cfg| {
+        cfg.upstreams = gateway::Upstreams::Static(vec![upstream]);
+    });
     let (client_ns, ref_ns) = (format!("dnsc{pid}"), format!("dnsr{pid}"));
     let mut cleanup = Cleanup(vec![client_ns.clone(), ref_ns.clone()], None);
     netns_with_tap(&sw, &client_ns, &format!("dbc{pid}"), "10.250.0.10/24");
@@ -208,7 +256,34 @@ fn main() {
         dnsmasq.arg(format!("--host-record=vm{i}.vm.internal,{ip}"));
     }
     cleanup.1 = Some(dnsmasq.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(500)); // dnsmasq binds its socket
+    // The gateway's upstream, on loopback: names only it knows.
+    let mut upstream_dnsmasq = Command::new("dnsmasq");
+    upstream_dnsmasq.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--user=root",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--cache-size=1000",
+    ]);
+    upstream_dnsmasq.arg(format!("--port={}", upstream.port()));
+    let external: Vec<String> = (0..NAMES).map(|i| format!("ext{i}.example.")).collect();
+    for (i, name) in external.iter().enumerate() {
+        upstream_dnsmasq.arg(format!(
+            "--host-record={},192.0.2.{}",
+            name.trim_end_matches('.'),
+            1 + i
+        ));
+    }
+    let _upstream = testkit::Killed(
+        upstream_dnsmasq
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500)); // both dnsmasqs bind their sockets
 
     let reps: usize = std::env::var("BENCH_REPS")
         .ok()
@@ -247,6 +322,41 @@ fn main() {
         "\nvmfabric / dnsmasq answers per second: {ratio:.2}× (target ≥ 1×: {})",
         if ratio >= 1.0 { "met" } else { "MISSED" }
     );
+
+    println!(
+        "\n## DNS with a new socket per query, one at a time (median of {reps} interleaved runs, {secs} s each)\n"
+    );
+    println!("| query | p50 | p99 | lost |");
+    println!("|---|---:|---:|---:|");
+    let local: Vec<String> = (0..NAMES).map(|i| format!("vm{i}.vm.internal.")).collect();
+    let cases = [
+        ("gateway, local name", Ipv4Addr::new(10, 250, 0, 1), &local),
+        (
+            "gateway, forwarded to dnsmasq on loopback",
+            Ipv4Addr::new(10, 250, 0, 1),
+            &external,
+        ),
+        (
+            "dnsmasq in a namespace, local name",
+            Ipv4Addr::new(10, 250, 0, 53),
+            &local,
+        ),
+    ];
+    let mut fresh: Vec<Vec<(Duration, Duration, u64)>> = vec![Vec::new(); cases.len()];
+    for _ in 0..reps {
+        for (k, (_, ip, names)) in cases.iter().enumerate() {
+            fresh[k].push(fresh_sockets(&client_ns, *ip, names.to_vec(), secs));
+        }
+    }
+    for ((what, _, _), mut v) in cases.iter().zip(fresh) {
+        v.sort();
+        let (p50, p99, lost) = v[v.len() / 2];
+        println!(
+            "| {what} | {:.0} µs | {:.0} µs | {lost} |",
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
+    }
     println!(
         "gateway counters: {:?}",
         gw.counters()
