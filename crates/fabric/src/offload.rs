@@ -28,6 +28,8 @@ const GSO_ECN: u8 = 0x80;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
+/// Where a TCP header keeps its checksum (a UDP header keeps it at 6).
+const TCP_CSUM_OFFSET: usize = 16;
 const TCP_CWR: u8 = 0x80;
 
 /// A checksum left for the receiver: sum from `start` to the end of the frame and store
@@ -77,6 +79,12 @@ pub const PLAIN: [Offload; crate::sys::mmsg::BATCH] = [Offload {
 impl Offload {
     pub fn is_plain(&self) -> bool {
         self.csum.is_none() && self.gso.is_none()
+    }
+
+    /// Whether what is left to the receiver is a TCP segment's work: cutting one, or its
+    /// checksum (a partial checksum says its protocol only by where the sum goes).
+    pub fn is_tcp(&self) -> bool {
+        self.gso.is_some() || self.csum.is_some_and(|c| usize::from(c.offset) == TCP_CSUM_OFFSET)
     }
 
     /// Reads a virtio-net header (little-endian, as virtio 1.0 and TAP on x86 have it).
@@ -167,12 +175,12 @@ impl Offload {
             return Err(DropReason::Malformed);
         }
         let pseudo = fold(pseudo_header_sum(frame, &tcp, frame.len() - tcp.l4));
-        frame[tcp.l4 + 16..tcp.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+        frame[tcp.l4 + TCP_CSUM_OFFSET..tcp.l4 + TCP_CSUM_OFFSET + 2].copy_from_slice(&pseudo.to_be_bytes());
         let segmented = frame.len() - tcp.payload > usize::from(segment_size);
         Ok(Offload {
             csum: Some(PartialCsum {
                 start: tcp.l4 as u16,
-                offset: 16,
+                offset: TCP_CSUM_OFFSET as u16,
             }),
             gso: segmented.then_some(Gso {
                 kind: if tcp.v6 { GsoKind::Tcp6 } else { GsoKind::Tcp4 },
@@ -307,10 +315,10 @@ impl SoftFrames {
                 f &= !TCP_CWR;
             }
             buf[tcp.l4 + 13] = f;
-            buf[tcp.l4 + 16..tcp.l4 + 18].fill(0);
+            buf[tcp.l4 + TCP_CSUM_OFFSET..tcp.l4 + TCP_CSUM_OFFSET + 2].fill(0);
             let pseudo = pseudo_header_sum(buf, &tcp, buf.len() - tcp.l4);
             let sum = !fold(sum_words(&buf[tcp.l4..], pseudo));
-            buf[tcp.l4 + 16..tcp.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+            buf[tcp.l4 + TCP_CSUM_OFFSET..tcp.l4 + TCP_CSUM_OFFSET + 2].copy_from_slice(&sum.to_be_bytes());
         }
         Ok(())
     }
@@ -527,6 +535,25 @@ mod tests {
         let mut soft = SoftFrames::default();
         soft.push(&frame, &off).unwrap();
         verify(&soft.frames()[0], false);
+    }
+
+    #[test]
+    fn only_tcp_work_left_to_the_receiver_counts_as_tcp() {
+        let udp = PartialCsum { start: 34, offset: 6 };
+        let tcp = PartialCsum { start: 34, offset: 16 };
+        assert!(!Offload::default().is_tcp());
+        assert!(!Offload {
+            csum: Some(udp),
+            ..Default::default()
+        }
+        .is_tcp());
+        assert!(Offload {
+            csum: Some(tcp),
+            ..Default::default()
+        }
+        .is_tcp());
+        let mut frame = tcp_frame(false, &[7u8; 3000], 0x10).0;
+        assert!(Offload::defer_tcp_checksum(&mut frame, 1460).unwrap().is_tcp());
     }
 
     #[test]

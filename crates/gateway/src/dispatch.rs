@@ -198,10 +198,8 @@ pub(crate) fn handle_frame(
 ) -> (Vec<Vec<u8>>, bool) {
     use contain::{contained, Service};
     let checksum_left = !offload.is_plain();
-    // Classifying checks UDP and ICMP checksums: only TCP may stay offloaded that far
-    // (a TCP checksum sits 16 bytes into its header, UDP's 6).
-    let tcp = offload.gso.is_some() || offload.csum.is_some_and(|c| c.offset == 16);
-    if checksum_left && !(tcp && shared.splice.is_some()) {
+    // Classifying checks UDP and ICMP checksums: only TCP may stay offloaded that far.
+    if checksum_left && !(offload.is_tcp() && shared.splice.is_some()) {
         return handle_completed(shared, sock, frame, offload);
     }
     let classified = contained(&shared.panics, Service::Frame, frame, || {

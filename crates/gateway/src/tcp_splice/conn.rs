@@ -502,9 +502,16 @@ impl Conn {
         true
     }
 
+    /// Before an orderly close: bytes the guest acknowledged are discarded once per pump,
+    /// an end can come between, and a socket closed with unread bytes resets its peer
+    /// instead of ending with a FIN.
+    pub fn prepare_orderly_close(&mut self) {
+        self.catch_up();
+    }
+
     /// Discards what the guest acknowledged from the host socket (the kernel moves the
     /// peek offset back by as much).
-    pub fn catch_up(&mut self) {
+    fn catch_up(&mut self) {
         let acked_data_end = match self.data_end {
             Some(end) if self.fin_acked => end,
             _ => self.snd_una,

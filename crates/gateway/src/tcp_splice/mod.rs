@@ -199,10 +199,7 @@ impl SpliceService {
             if reset_host {
                 let _ = rustix::net::sockopt::set_socket_linger(conn.host.get_ref(), Some(Duration::ZERO));
             } else {
-                // Bytes the guest acknowledged are discarded once per pump; an orderly
-                // end can come between, and a socket closed with unread bytes resets
-                // its peer instead of ending with a FIN.
-                conn.catch_up();
+                conn.prepare_orderly_close();
             }
             // The task sees its connection gone and ends, closing the socket.
             notify.notify_one();
