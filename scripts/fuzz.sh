@@ -2,7 +2,8 @@
 # scripts/fuzz.sh — builds the cargo-fuzz targets in fuzz/ and runs each one: first
 # every past crash in fuzz/regressions/TARGET (each must now pass), then the checked-in
 # corpus and new inputs for FUZZ_SECS seconds (default 20) per target. Runs on the
-# stable toolchain (RUSTC_BOOTSTRAP=1 lets it take libFuzzer's flags). New corpus
+# stable toolchain (RUSTC_BOOTSTRAP=1 lets it take libFuzzer's flags). FUZZ_BUILD_ONLY=1
+# builds and stops (the test script builds ahead, beside its package and API checks). New corpus
 # entries go to a scratch directory, never into the checkout; a crash is copied to
 # fuzz/artifacts/ and fails the run. Usage: scripts/fuzz.sh [TARGET...]
 set -euo pipefail
@@ -19,6 +20,7 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
 echo "[fuzz] building ${#targets[@]} targets (debug assertions on)"
 cargo fuzz build -a >/dev/null 2>&1 || cargo fuzz build -a
+[ -z "${FUZZ_BUILD_ONLY:-}" ] || exit 0
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 total=0

@@ -4,6 +4,9 @@
 //! - vmfabric's vhost-user ports (testpmd's `net_virtio_user` devices, a real
 //!   vhost-user frontend), or
 //! - the Linux bridge, over TAP devices (testpmd's `net_tap` devices),
+//! - Open vSwitch with DPDK (Debian's `openvswitch-switch-dpdk`, when installed), its
+//!   `dpdkvhostuserclient` ports on a `netdev` bridge with the NORMAL (learning) flow,
+//!   its one poll-mode thread on core 0 (2 MiB huge pages are reserved for it),
 //!
 //! side by side in one run. Delivered frames are counted where each switch hands them
 //! to an endpoint: the switch's port counters, the TAP devices' tx counters.
@@ -21,10 +24,13 @@ use fabric::{Mac, NetworkConfig, PortId, Switch, SwitchConfig};
 const TESTPMD: &str = "dpdk-testpmd";
 const BRIDGE: &str = "vfbbr0";
 
+const OVS_VSWITCHD_DPDK: &str = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk";
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Impl {
     Vmfabric,
     Bridge,
+    OvsDpdk,
 }
 
 impl Impl {
@@ -32,6 +38,7 @@ impl Impl {
         match self {
             Impl::Vmfabric => "vmfabric vhost-user",
             Impl::Bridge => "Linux bridge + TAP",
+            Impl::OvsDpdk => "OVS-DPDK vhost-user",
         }
     }
 }
@@ -146,21 +153,22 @@ const BURSTS: u32 = 8;
 struct Cell {
     frames_per_s: f64,
     gbps: f64,
-    /// CPU of everything that moves frames, per delivered frame (ns): this process
-    /// (switch and queue threads) and testpmd.
+    /// CPU of everything that moves frames, per delivered frame (ns): testpmd and the
+    /// switch's process (a bridge's work is in testpmd's system time).
     cpu_ns_per_frame: f64,
-    /// This process alone (the switch), per delivered frame (ns).
+    /// The switch's process alone, per delivered frame (ns).
     switch_ns_per_frame: f64,
 }
 
-fn measure(pmd: &mut Testpmd, secs: f64, size: usize, delivered: &dyn Fn() -> u64) -> Cell {
+/// `switch`: the process that switches (this one for vmfabric, ovs-vswitchd), if any.
+fn measure(pmd: &mut Testpmd, secs: f64, size: usize, switch: Option<u32>, delivered: &dyn Fn() -> u64) -> Cell {
     // Warm up: learning, rings filled, the loop at speed.
     std::thread::sleep(Duration::from_millis(1500));
     let pid = pmd.0.id();
-    let me = std::process::id();
-    let (d0, c0, m0, t0) = (delivered(), cpu_seconds(pid), cpu_seconds(me), Instant::now());
+    let switch_cpu = || switch.map_or(0.0, cpu_seconds);
+    let (d0, c0, m0, t0) = (delivered(), cpu_seconds(pid), switch_cpu(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(secs));
-    let (d1, c1, m1) = (delivered(), cpu_seconds(pid), cpu_seconds(me));
+    let (d1, c1, m1) = (delivered(), cpu_seconds(pid), switch_cpu());
     let dt = t0.elapsed().as_secs_f64();
     let frames = (d1 - d0) as f64;
     let per = |cpu: f64| if frames > 0.0 { cpu * 1e9 / frames } else { 0.0 };
@@ -180,11 +188,7 @@ fn run_vmfabric(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
     for p in 0..ports {
         let path = dir.join(format!("p{p}.vhost"));
         ids.push(sw.add_vhost_user_port("bench", &format!("p{p}"), &path).unwrap());
-        vdevs.push(format!(
-            "net_virtio_user{p},path={},mac={},queue_size=1024",
-            path.display(),
-            mac(p)
-        ));
+        vdevs.push(virtio_user(p, &path, false));
     }
     let mut pmd = testpmd(
         &vdevs,
@@ -193,10 +197,7 @@ fn run_vmfabric(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
         &dir.join(format!("testpmd-vhost-{ports}-{size}.log")),
     );
     // Every VMM connected and its rings set up.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ids.iter().all(|id| sw.is_port_up(*id) == Some(true)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(20, || ids.iter().all(|id| sw.is_port_up(*id) == Some(true)));
     std::thread::sleep(Duration::from_millis(500));
     pmd.start(BURSTS);
     let delivered = || {
@@ -205,7 +206,7 @@ fn run_vmfabric(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
             .map(|c| c.tx_frames)
             .sum()
     };
-    measure(&mut pmd, secs, size, &delivered)
+    measure(&mut pmd, secs, size, Some(std::process::id()), &delivered)
 }
 
 fn run_bridge(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
@@ -244,13 +245,197 @@ fn run_bridge(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
         std::thread::sleep(Duration::from_millis(500));
         pmd.start(BURSTS);
         let delivered = || names.iter().map(|n| tap_tx_packets(n)).sum();
-        measure(&mut pmd, secs, size, &delivered)
+        measure(&mut pmd, secs, size, None, &delivered)
     };
     for n in &names {
         let _ = sh(&["ip", "link", "del", n]);
     }
     let _ = sh(&["ip", "link", "del", BRIDGE]);
     cell
+}
+
+/// An OVS-DPDK switch of its own (database and daemon under `dir`), stopped on drop.
+struct Ovs {
+    dir: PathBuf,
+}
+
+impl Ovs {
+    fn db(&self) -> String {
+        format!("--db=unix:{}", self.dir.join("db.sock").display())
+    }
+
+    fn vsctl(&self, args: &[&str]) -> String {
+        let out = Command::new("ovs-vsctl")
+            .arg(self.db())
+            .args(args)
+            .output()
+            .expect("ovs-vsctl");
+        String::from_utf8_lossy(&out.stdout).into()
+    }
+
+    fn start(dir: &Path) -> Ovs {
+        let dir = dir.join("ovs");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        reserve_huge_pages(512);
+        let conf = dir.join("conf.db");
+        assert!(sh(&[
+            "ovsdb-tool",
+            "create",
+            conf.to_str().unwrap(),
+            "/usr/share/openvswitch/vswitch.ovsschema"
+        ]));
+        let at = |f: &str| dir.join(f).display().to_string();
+        assert!(sh(&[
+            "ovsdb-server",
+            &format!("--remote=punix:{}", at("db.sock")),
+            &format!("--pidfile={}", at("ovsdb.pid")),
+            &format!("--unixctl={}", at("ovsdb.ctl")),
+            &format!("--log-file={}", at("ovsdb.log")),
+            "--detach",
+            conf.to_str().unwrap(),
+        ]));
+        let vswitchd_args = [
+            format!("unix:{}", at("db.sock")),
+            format!("--pidfile={}", at("vswitchd.pid")),
+            format!("--unixctl={}", at("vswitchd.ctl")),
+            format!("--log-file={}", at("vswitchd.log")),
+        ];
+        let ovs = Ovs { dir };
+        ovs.vsctl(&["--no-wait", "init"]);
+        // One poll-mode thread on core 0; testpmd forwards on core 1.
+        ovs.vsctl(&[
+            "--no-wait",
+            "set",
+            "Open_vSwitch",
+            ".",
+            "other_config:dpdk-init=true",
+            "other_config:dpdk-extra=--no-pci",
+            "other_config:dpdk-socket-mem=512",
+            "other_config:dpdk-lcore-mask=0x1",
+            "other_config:pmd-cpu-mask=0x1",
+        ]);
+        let mut launch = vec![OVS_VSWITCHD_DPDK];
+        launch.extend(vswitchd_args.iter().map(String::as_str));
+        launch.push("--detach");
+        assert!(sh(&launch), "{OVS_VSWITCHD_DPDK} did not start");
+        ovs.vsctl(&["add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev"]);
+        ovs
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        std::fs::read_to_string(self.dir.join(name))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Frames the switch handed to its ports (their tx), all read by one call.
+    fn delivered(&self, ports: usize) -> u64 {
+        let mut args: Vec<String> = Vec::new();
+        for p in 0..ports {
+            if p > 0 {
+                args.push("--".into());
+            }
+            args.extend([
+                "get".into(),
+                "interface".into(),
+                format!("vhu{p}"),
+                "statistics:tx_packets".into(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.vsctl(&args)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Ovs {
+    fn drop(&mut self) {
+        for pidfile in ["vswitchd.pid", "ovsdb.pid"] {
+            let pid = self.pid(pidfile);
+            if pid > 0 {
+                let _ = sh(&["kill", &pid.to_string()]);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// DPDK in OVS wants huge pages: at least `pages` of 2 MiB, and hugetlbfs mounted.
+fn reserve_huge_pages(pages: u32) {
+    let path = "/proc/sys/vm/nr_hugepages";
+    let now: u32 = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if now < pages {
+        let _ = std::fs::write(path, pages.to_string());
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts.contains("hugetlbfs") {
+        let _ = std::fs::create_dir_all("/dev/hugepages");
+        let _ = sh(&["mount", "-t", "hugetlbfs", "nodev", "/dev/hugepages"]);
+    }
+}
+
+fn run_ovs(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
+    let ovs = Ovs::start(dir);
+    let mut vdevs = Vec::new();
+    for p in 0..ports {
+        let path = ovs.dir.join(format!("vhu{p}.sock"));
+        ovs.vsctl(&[
+            "add-port",
+            "br0",
+            &format!("vhu{p}"),
+            "--",
+            "set",
+            "Interface",
+            &format!("vhu{p}"),
+            "type=dpdkvhostuserclient",
+            &format!("options:vhost-server-path={}", path.display()),
+        ]);
+        // OVS connects as the vhost-user client: testpmd's devices listen.
+        vdevs.push(virtio_user(p, &path, true));
+    }
+    let mut pmd = testpmd(
+        &vdevs,
+        ports,
+        size,
+        &dir.join(format!("testpmd-ovs-{ports}-{size}.log")),
+    );
+    wait_until(30, || {
+        (0..ports).all(|p| {
+            ovs.vsctl(&["get", "interface", &format!("vhu{p}"), "link_state"])
+                .trim()
+                == "up"
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    pmd.start(BURSTS);
+    let delivered = || ovs.delivered(ports);
+    let cell = measure(&mut pmd, secs, size, Some(ovs.pid("vswitchd.pid")), &delivered);
+    drop(pmd);
+    cell
+}
+
+/// testpmd's vhost-user frontend device for port `p` on `path` (listening if `server`).
+fn virtio_user(p: usize, path: &Path, server: bool) -> String {
+    let listen = if server { ",server=1" } else { "" };
+    format!(
+        "net_virtio_user{p},path={}{listen},mac={},queue_size=1024",
+        path.display(),
+        mac(p)
+    )
+}
+
+fn wait_until(secs: u64, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ready() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -275,6 +460,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let with_ovs = Path::new(OVS_VSWITCHD_DPDK).exists() && std::env::var("BENCH_OVS").as_deref() != Ok("0");
+    if !with_ovs {
+        println!("(OVS-DPDK: not measured, {OVS_VSWITCHD_DPDK} missing: apt install openvswitch-switch-dpdk)\n");
+    }
     let dir: PathBuf = std::env::temp_dir().join(format!("vmfabric-vhost-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     println!("| size | ports | implementation | delivered frames/s | Gbit/s | CPU ns/frame (all) | CPU ns/frame (switch process) |");
@@ -288,12 +477,16 @@ fn main() {
     for size in only("BENCH_SIZE", &[64, 1500]) {
         for ports in only("BENCH_PORTS", &[2, 32]) {
             let mut rows: Vec<(Impl, Vec<Cell>)> = vec![(Impl::Vmfabric, vec![]), (Impl::Bridge, vec![])];
+            if with_ovs {
+                rows.push((Impl::OvsDpdk, vec![]));
+            }
             // Interleaved: each repetition runs both, so drift hits both alike.
             for _ in 0..reps {
                 for (imp, cells) in rows.iter_mut() {
                     cells.push(match imp {
                         Impl::Vmfabric => run_vmfabric(&dir, ports, size, secs),
                         Impl::Bridge => run_bridge(&dir, ports, size, secs),
+                        Impl::OvsDpdk => run_ovs(&dir, ports, size, secs),
                     });
                 }
             }
@@ -308,16 +501,23 @@ fn main() {
                     median(cells.iter().map(|c| c.gbps).collect()),
                     median(cells.iter().map(|c| c.cpu_ns_per_frame).collect()),
                     match imp {
-                        Impl::Vmfabric =>
-                            format!("{:.0}", median(cells.iter().map(|c| c.switch_ns_per_frame).collect())),
                         Impl::Bridge => "- (in the kernel)".into(),
+                        _ => format!("{:.0}", median(cells.iter().map(|c| c.switch_ns_per_frame).collect())),
                     },
                 );
             }
             println!(
-                "| {size} | {ports} | ratio | {:.2}× | | | |",
+                "| {size} | {ports} | ratio vmfabric/bridge | {:.2}× | | | |",
                 rates[0] / rates[1].max(1.0)
             );
+            if with_ovs && rates[2] == 0.0 {
+                println!("| {size} | {ports} | ratio vmfabric/OVS-DPDK | none: no frames counted at OVS's ports (its log: ovs/vswitchd.log) | | | |");
+            } else if with_ovs {
+                println!(
+                    "| {size} | {ports} | ratio vmfabric/OVS-DPDK | {:.2}× | | | |",
+                    rates[0] / rates[2]
+                );
+            }
         }
     }
     println!("\ntestpmd's logs: {}", dir.display());
