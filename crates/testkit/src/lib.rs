@@ -178,9 +178,12 @@ impl Drop for Killed {
 
 /// dnsmasq on 127.0.0.1:`port` that answers `domain` and the names under it with `ip`
 /// and knows nothing else: an upstream resolver the test owns (tests never ask the
-/// machine's own). Its pid file goes in `dir`.
+/// machine's own). Its pid file goes in `dir`. Returns once it listens (it writes its
+/// pid file after binding); panics if it exits first (its port taken, say).
 pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &str) -> Killed {
-    let child = Command::new("dnsmasq")
+    let pid_file = dir.join(format!("dnsmasq-{port}.pid"));
+    let _ = std::fs::remove_file(&pid_file);
+    let mut child = Command::new("dnsmasq")
         .args([
             "--keep-in-foreground",
             "--no-resolv",
@@ -189,16 +192,28 @@ pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &st
             "--listen-address=127.0.0.1",
             "--user=root",
         ])
-        .arg(format!(
-            "--pid-file={}",
-            dir.join(format!("dnsmasq-{port}.pid")).display()
-        ))
+        .arg(format!("--pid-file={}", pid_file.display()))
         .arg(format!("--port={port}"))
         .arg(format!("--address=/{domain}/{ip}"))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == child.id().to_string()) {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut why = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut why);
+            }
+            panic!("dnsmasq on 127.0.0.1:{port} exited ({status}): {why}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dnsmasq on 127.0.0.1:{port} did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     Killed(child)
 }
 
