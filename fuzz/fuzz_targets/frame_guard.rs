@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let lock = PortLock {
         mac,
         ips: vec![std::net::Ipv4Addr::new(10, 0, 0, 5)],
+        ips6: vec![],
     };
     let lock = (knobs & 4 != 0).then_some(&lock);
     if let Ok(view) = EthernetView::parse(frame, if knobs & 8 != 0 { 65520 } else { 1500 }) {

@@ -1,5 +1,5 @@
-//! The gateway's classification of a frame and the refusals it builds from what
-//! classification kept.
+//! The gateway's classification of a frame, the refusals it builds from what
+//! classification kept, and its answers to IPv6 Neighbor Discovery and pings.
 #![no_main]
 
 use fabric::Mac;
@@ -16,6 +16,11 @@ fuzz_target!(|frame: &[u8]| {
         }
         Ok(Inbound::Udp { origin, .. } | Inbound::IcmpEcho { origin, .. }) => {
             let _ = gateway::wire::icmp_prohibited(mac, from, &origin);
+        }
+        Ok(Inbound::Icmp6(message)) => {
+            let mut cfg = gateway::GatewayConfig::new("fuzz", "10.0.0.0/24".parse().unwrap());
+            cfg.ipv6 = Some("fd00:9::/64".parse().unwrap());
+            let _ = gateway::ndp::answer(&cfg, &Default::default(), &message);
         }
         _ => {}
     }

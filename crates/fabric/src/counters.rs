@@ -26,15 +26,20 @@ pub enum DropReason {
     RogueDhcp,
     /// IPv6 from an untrusted port on a network that does not carry IPv6.
     Ipv6Off,
-    /// IPv6 that only a router may send (RA, redirect, DHCPv6 server), a Neighbour
-    /// Advertisement for another MAC, or IPv6 hiding its upper layer, from an untrusted port.
+    /// An IPv6 Router Advertisement or redirect from an untrusted port: only the
+    /// gateway routes.
+    RogueRa,
+    /// A DHCPv6 server message (from port 547) from an untrusted port.
+    RogueDhcp6,
+    /// A Neighbour Advertisement for another MAC than its sender's, or IPv6 hiding its
+    /// upper layer behind extension headers, from an untrusted port.
     Ipv6Guard,
     /// More VLAN tags than the switch looks through, or a tag cut short.
     Malformed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::NoRoute,
@@ -43,6 +48,8 @@ impl DropReason {
         DropReason::PeerGone,
         DropReason::RogueDhcp,
         DropReason::Ipv6Off,
+        DropReason::RogueRa,
+        DropReason::RogueDhcp6,
         DropReason::Ipv6Guard,
         DropReason::Malformed,
     ];
@@ -57,6 +64,8 @@ impl DropReason {
             DropReason::PeerGone => "peer_gone",
             DropReason::RogueDhcp => "rogue_dhcp",
             DropReason::Ipv6Off => "ipv6_off",
+            DropReason::RogueRa => "rogue_ra",
+            DropReason::RogueDhcp6 => "rogue_dhcp6",
             DropReason::Ipv6Guard => "ipv6_guard",
             DropReason::Malformed => "malformed",
         }

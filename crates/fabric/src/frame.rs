@@ -6,7 +6,7 @@
 //! read with smoltcp's checked wire views, so a short or lying packet is an error,
 //! never a panic.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::wire::{ArpPacket, Ipv4Packet};
 
@@ -165,8 +165,10 @@ pub enum Ipv6Kind {
     Redirect,
     /// DHCPv6 from the server port (547 to 546): only the gateway may serve.
     Dhcp6Server,
-    /// Neighbour Advertisement (ICMPv6 136), with the link-layer address it announces.
+    /// Neighbour Advertisement (ICMPv6 136): the address it speaks for, and the
+    /// link-layer address it announces.
     NeighbourAdvert {
+        target: Ipv6Addr,
         target_mac: Option<Mac>,
     },
     /// Cut short, or an upper layer hidden behind extension headers the first
@@ -231,8 +233,12 @@ pub fn ipv6_kind(frame: &EthernetView<'_>) -> Ipv6Kind {
                 return match icmp_type {
                     134 => Ipv6Kind::RouterAdvert,
                     137 => Ipv6Kind::Redirect,
-                    136 => Ipv6Kind::NeighbourAdvert {
-                        target_mac: neighbour_advert_lladdr(rest),
+                    136 => match rest.get(8..24).and_then(|t| <[u8; 16]>::try_from(t).ok()) {
+                        Some(target) => Ipv6Kind::NeighbourAdvert {
+                            target: Ipv6Addr::from(target),
+                            target_mac: neighbour_advert_lladdr(rest),
+                        },
+                        None => Ipv6Kind::Malformed,
                     },
                     _ => Ipv6Kind::Plain,
                 };
@@ -279,9 +285,11 @@ pub enum L3Sender {
     Ipv4 { src: Ipv4Addr, dhcp_client: bool },
     /// ARP with this sender hardware and protocol address.
     Arp { sender_mac: Mac, sender_ip: Ipv4Addr },
-    /// Not IPv4 or ARP: layer 3 says nothing the lock checks.
+    /// IPv6 from this source address.
+    Ipv6 { src: Ipv6Addr },
+    /// Not IPv4, IPv6 or ARP: layer 3 says nothing the lock checks.
     Other,
-    /// Claims to be IPv4 or ARP but is malformed.
+    /// Claims to be IPv4, IPv6 or ARP but is malformed.
     Malformed,
 }
 
@@ -315,6 +323,12 @@ pub fn l3_sender(frame: &EthernetView<'_>) -> L3Sender {
                 _ => L3Sender::Malformed,
             }
         }
+        ETHERTYPE_IPV6 => match payload.get(8..24).and_then(|a| <[u8; 16]>::try_from(a).ok()) {
+            Some(src) if payload[0] >> 4 == 6 => L3Sender::Ipv6 {
+                src: Ipv6Addr::from(src),
+            },
+            _ => L3Sender::Malformed,
+        },
         _ => L3Sender::Other,
     }
 }

@@ -14,7 +14,7 @@ pub fn verdict(
     trusted: bool,
     frame: &EthernetView<'_>,
 ) -> Option<DropReason> {
-    if frame.src().is_group() || !lock_allows(lock, frame) {
+    if frame.src().is_group() || !lock_allows(lock, frame, cfg.ipv6) {
         return Some(DropReason::Spoofed);
     }
     if trusted {
@@ -36,13 +36,16 @@ pub fn first_hop_violation(cfg: &crate::NetworkConfig, view: &EthernetView<'_>) 
         Ipv6Kind::NotIpv6 => None,
         _ if !cfg.ipv6 => Some(DropReason::Ipv6Off),
         Ipv6Kind::Plain => None,
-        Ipv6Kind::NeighbourAdvert { target_mac } if target_mac.is_none_or(|m| m == view.src()) => None,
-        _ => Some(DropReason::Ipv6Guard),
+        Ipv6Kind::NeighbourAdvert { target_mac, .. } if target_mac.is_none_or(|m| m == view.src()) => None,
+        Ipv6Kind::RouterAdvert | Ipv6Kind::Redirect => Some(DropReason::RogueRa),
+        Ipv6Kind::Dhcp6Server => Some(DropReason::RogueDhcp6),
+        Ipv6Kind::NeighbourAdvert { .. } | Ipv6Kind::Malformed => Some(DropReason::Ipv6Guard),
     }
 }
 
-/// Whether a locked port may send this frame.
-pub fn lock_allows(lock: Option<&PortLock>, frame: &EthernetView<'_>) -> bool {
+/// Whether a locked port may send this frame. IPv6 is judged by the lock only where
+/// the network carries it (elsewhere the first-hop guard drops it as `ipv6_off`).
+pub fn lock_allows(lock: Option<&PortLock>, frame: &EthernetView<'_>, carries_ipv6: bool) -> bool {
     let Some(lock) = lock else { return true };
     if frame.src() != lock.mac {
         return false;
@@ -52,6 +55,17 @@ pub fn lock_allows(lock: Option<&PortLock>, frame: &EthernetView<'_>) -> bool {
         L3Sender::Ipv4 { src, dhcp_client } => ip_ok(src) || (src.is_unspecified() && dhcp_client),
         L3Sender::Arp { sender_mac, sender_ip } => {
             sender_mac == lock.mac && (ip_ok(sender_ip) || sender_ip.is_unspecified())
+        }
+        L3Sender::Ipv6 { .. } if !carries_ipv6 => true,
+        L3Sender::Ipv6 { src } => {
+            // `::` only probes for duplicates (and joins groups meanwhile): it claims
+            // no address. A Neighbour Advertisement claims its target.
+            let src_ok = src.is_unspecified() || lock.ips6.contains(&src);
+            let claims_ok = match crate::frame::ipv6_kind(frame) {
+                Ipv6Kind::NeighbourAdvert { target, .. } => lock.ips6.contains(&target),
+                _ => true,
+            };
+            src_ok && claims_ok
         }
         L3Sender::Other => true,
         L3Sender::Malformed => false,
@@ -75,7 +89,11 @@ mod tests {
     fn a_trusted_port_skips_the_first_hop_guard_but_not_its_lock() {
         let cfg = crate::NetworkConfig::default();
         let me = Mac([2, 0, 0, 0, 0, 1]);
-        let lock = PortLock { mac: me, ips: vec![] };
+        let lock = PortLock {
+            mac: me,
+            ips: vec![],
+            ips6: vec![],
+        };
         let v6 = frame(me, 0x86dd, &[0x60; 48]);
         let view = EthernetView::parse(&v6, 1500).unwrap();
         assert_eq!(verdict(&cfg, Some(&lock), false, &view), Some(DropReason::Ipv6Off));
@@ -86,5 +104,54 @@ mod tests {
         let group = frame(Mac([3, 0, 0, 0, 0, 2]), 0x88b5, &[0; 46]);
         let view = EthernetView::parse(&group, 1500).unwrap();
         assert_eq!(verdict(&cfg, None, false, &view), Some(DropReason::Spoofed));
+    }
+
+    /// An IPv6 packet from `src`: ICMPv6 of `icmp_type` whose target (for a Neighbour
+    /// Advertisement) is `target`.
+    fn ipv6(src: std::net::Ipv6Addr, icmp_type: u8, target: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0, 0, 24, 58, 255];
+        p.extend(src.octets());
+        p.extend(std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets());
+        p.extend([icmp_type, 0, 0, 0, 0x20, 0, 0, 0]);
+        p.extend(target.octets());
+        p
+    }
+
+    #[test]
+    fn on_an_ipv6_network_a_locked_port_sends_only_from_its_addresses_and_claims_only_them() {
+        let cfg = crate::NetworkConfig {
+            ipv6: true,
+            ..Default::default()
+        };
+        let me = Mac([2, 0, 0, 0, 0, 1]);
+        let mine: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+        let theirs: std::net::Ipv6Addr = "fd00::2".parse().unwrap();
+        let lock = PortLock {
+            mac: me,
+            ips: vec![],
+            ips6: vec![mine],
+        };
+        let judge = |payload: Vec<u8>| {
+            let f = frame(me, 0x86dd, &payload);
+            verdict(&cfg, Some(&lock), false, &EthernetView::parse(&f, 1500).unwrap())
+        };
+        const ECHO: u8 = 128;
+        const NEIGHBOUR_ADVERT: u8 = 136;
+        assert_eq!(judge(ipv6(mine, ECHO, theirs)), None);
+        assert_eq!(judge(ipv6(theirs, ECHO, theirs)), Some(DropReason::Spoofed));
+        // Duplicate address detection speaks from `::`.
+        assert_eq!(judge(ipv6(std::net::Ipv6Addr::UNSPECIFIED, 135, theirs)), None);
+        assert_eq!(judge(ipv6(mine, NEIGHBOUR_ADVERT, mine)), None);
+        assert_eq!(
+            judge(ipv6(mine, NEIGHBOUR_ADVERT, theirs)),
+            Some(DropReason::Spoofed),
+            "an advertisement for another's address"
+        );
+        assert_eq!(judge(ipv6(mine, 134, mine)), Some(DropReason::RogueRa));
+        // A network without IPv6 leaves it to the guard, which drops it all.
+        let v4_only = crate::NetworkConfig::default();
+        let f = frame(me, 0x86dd, &ipv6(theirs, ECHO, theirs));
+        let view = EthernetView::parse(&f, 1500).unwrap();
+        assert_eq!(verdict(&v4_only, Some(&lock), false, &view), Some(DropReason::Ipv6Off));
     }
 }

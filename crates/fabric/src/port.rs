@@ -57,11 +57,14 @@ pub enum TapSource {
 
 /// Restricts what a port may send: frames must carry `mac` as source, and IPv4 and ARP
 /// frames one of `ips` as sender. 0.0.0.0 is always allowed for a DHCP client and for
-/// ARP probes, so a port locked with no addresses can still ask for a lease.
+/// ARP probes, so a port locked with no addresses can still ask for a lease. On a
+/// network that carries IPv6, IPv6 frames must come from one of `ips6` (or `::`, for
+/// duplicate address detection), and a Neighbour Advertisement may speak only for them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortLock {
     pub mac: Mac,
     pub ips: Vec<Ipv4Addr>,
+    pub ips6: Vec<std::net::Ipv6Addr>,
 }
 
 /// Something that happened in the data plane, for the control plane.

@@ -328,6 +328,7 @@ fn a_mac_flood_cannot_make_a_locked_guests_unicast_flood() {
         Some(fabric::PortLock {
             mac: mac(7),
             ips: vec![],
+            ips6: vec![],
         }),
     )
     .unwrap();

@@ -186,6 +186,7 @@ fn a_sealed_network_s_new_ports_pass_nothing_until_locked_or_trusted() {
         Some(PortLock {
             mac: mac(1),
             ips: vec![],
+            ips6: vec![],
         }),
     )
     .unwrap();
@@ -223,6 +224,7 @@ fn locked_port_drops_spoofed_mac_ip_and_arp() {
         Some(PortLock {
             mac: mac(1),
             ips: vec![good_ip],
+            ips6: vec![],
         }),
     )
     .unwrap();
@@ -271,7 +273,8 @@ fn locked_port_drops_spoofed_mac_ip_and_arp() {
             pb,
             Some(PortLock {
                 mac: mac(1),
-                ips: vec![]
+                ips: vec![],
+                ips6: vec![],
             })
         )
         .is_err(),
@@ -646,7 +649,10 @@ fn the_first_hop_guard_sees_through_tags_fragments_and_ipv6_extension_headers() 
     let own = neighbour_advert(mac(66));
     attacker.send(&own);
     assert_eq!(victim.expect(), own, "only the guard's catches are dropped");
-    assert_eq!(sw.port_counters(attacker_id).unwrap().drops(DropReason::Ipv6Guard), 7);
+    let c = sw.port_counters(attacker_id).unwrap();
+    assert_eq!(c.drops(DropReason::RogueRa), 4, "advertisements and the redirect");
+    assert_eq!(c.drops(DropReason::RogueDhcp6), 1);
+    assert_eq!(c.drops(DropReason::Ipv6Guard), 2, "a hidden upper layer, another's MAC");
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! A network's gateway configuration, with the defaults users expect and validation
 //! that turns every mistake into a message.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use fabric::Mac;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// Where forwarded DNS queries go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +143,13 @@ pub struct GatewayConfig {
     pub tcp_engine: TcpEngine,
     /// An ICMP echo flow (guest, id, destination) with no traffic for this long closes.
     pub icmp_idle: Duration,
+    /// The network's IPv6 prefix (a /64: SLAAC needs one), when it has IPv6: the
+    /// gateway routes for it (Router Advertisements) at `prefix::1` and its link-local
+    /// address. `None`: IPv4 only.
+    pub ipv6: Option<Ipv6Net>,
+    /// How often the gateway advertises itself unasked (guests also ask when their link
+    /// comes up); its router lifetime is three times this.
+    pub router_advert_interval: Duration,
 }
 
 /// Why a configuration was refused.
@@ -212,7 +219,21 @@ impl GatewayConfig {
             tcp_buffer: 256 * 1024,
             tcp_engine: TcpEngine::default(),
             icmp_idle: Duration::from_secs(30),
+            ipv6: None,
+            router_advert_interval: Duration::from_secs(200),
         }
+    }
+
+    /// The IPv6 prefix a network gets when none is named: a unique local /64 (RFC 4193)
+    /// whose 40-bit global ID comes from the network's name, so it is the same on every
+    /// start and differs between networks.
+    pub fn derived_ipv6_prefix(network: &str) -> Ipv6Net {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("vmfabric ipv6 prefix\0{network}").as_bytes());
+        let mut octets = [0u8; 16];
+        octets[0] = 0xfd;
+        octets[1..6].copy_from_slice(&digest[..5]);
+        Ipv6Net::new(Ipv6Addr::from(octets), 64).expect("64 is a valid prefix length")
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -294,6 +315,15 @@ impl GatewayConfig {
         }
         if self.dns_inflight_per_client == 0 || self.dns_inflight_total == 0 {
             return err("DNS in-flight bounds must be at least 1");
+        }
+        if let Some(prefix) = self.ipv6 {
+            validate_ipv6_prefix(prefix).map_err(ConfigError)?;
+            if self.mtu < 1280 {
+                return err(format!("MTU {} is below IPv6's minimum of 1280", self.mtu));
+            }
+        }
+        if !(Duration::from_secs(4)..=Duration::from_secs(1800)).contains(&self.router_advert_interval) {
+            return err("the router advertisement interval must be within 4..=1800 s (RFC 4861)");
         }
         Ok(())
     }
@@ -377,6 +407,7 @@ impl GatewayConfig {
             && self.host_access == new.host_access
             && self.tcp_buffer == new.tcp_buffer
             && self.tcp_engine == new.tcp_engine
+            && self.ipv6 == new.ipv6
     }
 
     /// A reservation must name a host address of the subnet that is not the gateway's.
@@ -418,6 +449,60 @@ impl GatewayConfig {
     pub fn is_gateway_ip(&self, ip: Ipv4Addr) -> bool {
         ip == self.gateway_ip || self.extra_ips.contains(&ip)
     }
+
+    /// The gateway's global IPv6 address: the prefix's `::1`.
+    pub fn gateway_ip6(&self) -> Option<Ipv6Addr> {
+        let prefix = self.ipv6?;
+        Some(Ipv6Addr::from(u128::from(prefix.network()) | 1))
+    }
+
+    /// The gateway's link-local address, from its MAC (modified EUI-64, RFC 4291): what
+    /// it sends Router Advertisements from, and what guests route through.
+    pub fn gateway_link_local(&self) -> Ipv6Addr {
+        slaac_address(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), self.gateway_mac)
+    }
+
+    /// Whether `ip` is one of the gateway's IPv6 addresses (none without IPv6).
+    pub fn is_gateway_ip6(&self, ip: Ipv6Addr) -> bool {
+        self.ipv6.is_some() && (Some(ip) == self.gateway_ip6() || ip == self.gateway_link_local())
+    }
+}
+
+/// The address SLAAC forms from a /64 and a MAC: the prefix, then the MAC as a modified
+/// EUI-64 interface identifier (RFC 4291 appendix A: `ff:fe` in the middle, the
+/// universal/local bit flipped). What a Linux guest takes by default.
+pub fn slaac_address(prefix: Ipv6Addr, mac: Mac) -> Ipv6Addr {
+    let m = mac.0;
+    let iid = [m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
+    let mut octets = prefix.octets();
+    octets[8..].copy_from_slice(&iid);
+    Ipv6Addr::from(octets)
+}
+
+/// A network's IPv6 prefix must be a /64 of unicast space that is neither link-local nor
+/// loopback, with no host bits.
+pub fn validate_ipv6_prefix(prefix: Ipv6Net) -> Result<(), String> {
+    if prefix.prefix_len() != 64 {
+        return Err(format!(
+            "IPv6 prefix {prefix} is not a /64 (stateless autoconfiguration needs one)"
+        ));
+    }
+    if prefix.addr() != prefix.network() {
+        return Err(format!("{prefix} has host bits set; the prefix is {}", prefix.trunc()));
+    }
+    let a = prefix.network();
+    let first = a.segments()[0];
+    if a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || (first & 0xffc0) == 0xfe80
+        || a.to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "IPv6 prefix {prefix} is not unicast space a network can use (link-local, multicast, loopback, v4-mapped)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -438,6 +523,45 @@ mod tests {
             (Ipv4Addr::new(10, 77, 0, 2), Ipv4Addr::new(10, 77, 0, 253))
         );
         assert!(c.gateway_mac.is_locally_administered());
+    }
+
+    #[test]
+    fn a_derived_ipv6_prefix_is_a_stable_ula_of_its_own_and_the_gateway_sits_on_it() {
+        let a = GatewayConfig::derived_ipv6_prefix("default");
+        assert_eq!(
+            a,
+            GatewayConfig::derived_ipv6_prefix("default"),
+            "the same on every start"
+        );
+        assert_ne!(a, GatewayConfig::derived_ipv6_prefix("other"));
+        assert_eq!((a.addr().segments()[0] & 0xff00, a.prefix_len()), (0xfd00, 64));
+        let mut c = cfg();
+        assert!(c.gateway_ip6().is_none() && !c.is_gateway_ip6(c.gateway_link_local()));
+        c.ipv6 = Some(a);
+        c.validate().unwrap();
+        let global = c.gateway_ip6().unwrap();
+        assert_eq!(u128::from(global), u128::from(a.network()) | 1);
+        assert!(c.is_gateway_ip6(global) && c.is_gateway_ip6(c.gateway_link_local()));
+        // Modified EUI-64: ff:fe in the middle, the universal/local bit flipped.
+        let mac = Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            slaac_address("fe80::".parse().unwrap(), mac),
+            "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap()
+        );
+        for bad in [
+            "fd00::/48",
+            "fe80::/64",
+            "ff02::/64",
+            "fd00::1/64",
+            "::ffff:0:0/64",
+            "::/64",
+        ] {
+            c.ipv6 = Some(bad.parse().unwrap());
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        c.ipv6 = Some(a);
+        c.mtu = 1200;
+        assert!(c.validate().is_err(), "IPv6 needs an MTU of 1280");
     }
 
     fn rec(name: &str, data: RecordData) -> StaticRecord {

@@ -28,7 +28,12 @@ counters! {
     /// claim never does (its port lock drops it as `spoofed` before anyone hears it),
     /// so a non-zero count means a trusted port (or the host, in kernel mode) claims it.
     arp_conflicts,
+    /// Pings to the gateway answered (IPv4 and IPv6).
     icmp_echo_replies,
+    /// IPv6 Router Advertisements sent (asked for and periodic).
+    router_adverts,
+    /// IPv6 Neighbour Advertisements sent for the gateway's addresses.
+    neighbour_adverts,
     /// Frames that claimed ARP/IPv4/UDP/ICMP but were malformed or had bad checksums.
     malformed_frames,
     dhcp_discover,

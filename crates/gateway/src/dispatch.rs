@@ -50,6 +50,8 @@ pub(crate) enum Route<'a> {
     },
     /// A ping to the gateway.
     Echo(Echo<'a>),
+    /// ICMPv6 for the gateway: Neighbor Discovery and pings (see `ndp`).
+    Icmp6(wire::Icmp6<'a>),
     Dhcp {
         src_mac: Mac,
         payload: &'a [u8],
@@ -75,7 +77,7 @@ impl Route<'_> {
         use contain::Service;
         match self {
             Route::Arp { .. } => Service::Arp,
-            Route::Echo(_) => Service::Icmp,
+            Route::Echo(_) | Route::Icmp6(_) => Service::Icmp,
             Route::Dhcp { .. } => Service::Dhcp,
             Route::Dns(_) => Service::Dns,
             Route::GatewayTcp => Service::DnsTcp,
@@ -177,7 +179,8 @@ pub(crate) fn route<'a>(
                 Route::Nowhere
             }
         }
-        Inbound::Ignored => Route::Nowhere,
+        Inbound::Icmp6(m) if cfg.ipv6.is_some() => Route::Icmp6(m),
+        Inbound::Icmp6(_) | Inbound::Ignored => Route::Nowhere,
     }
 }
 
@@ -291,6 +294,7 @@ fn deliver(
                 e.data,
             )]
         }
+        Route::Icmp6(m) => crate::ndp::answer(cfg, c, &m).into_iter().collect(),
         Route::Dhcp { src_mac, payload } => {
             let (reply, event) = shared.state().dhcp.handle(payload, src_mac, unix_now());
             if let Some(ev) = event {

@@ -21,6 +21,7 @@ pub mod forward;
 mod icmp_nat;
 pub mod leases;
 mod names;
+pub mod ndp;
 pub mod policy;
 mod port;
 mod stack;

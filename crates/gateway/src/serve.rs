@@ -37,6 +37,9 @@ pub(crate) async fn supervise(shared: Arc<Shared>, sock: Arc<crate::port::Gatewa
 pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPort>) {
     // Answers of forwarded TCP queries come back here, to be written by this task.
     let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::unbounded_channel::<(smoltcp::iface::SocketHandle, Vec<u8>)>();
+    // Its first tick is at once: a network's gateway announces itself when it starts.
+    let mut advertise = tokio::time::interval(shared.ctx.cfg().router_advert_interval);
+    advertise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (next, tcp_delay) = {
             let mut st = shared.state();
@@ -88,6 +91,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPor
             }
             _ = tokio::time::sleep(tcp_sleep) => run_tcp(&shared, &sock, &tcp_tx).await,
             _ = tokio::time::sleep(nat_sleep) => shared.tcp.nat.lock().unwrap_or_else(|p| p.into_inner()).poll(),
+            _ = advertise.tick() => {
+                let ra = crate::ndp::unsolicited_advert(&shared.ctx.cfg(), &shared.ctx.counters);
+                if let Some(frame) = ra {
+                    let _ = sock.send(&frame).await;
+                }
+            }
             _ = tokio::time::sleep(sleep) => {
                 let gone = shared.state().dhcp.expire(unix_now());
                 for ev in gone {

@@ -5,14 +5,14 @@
 //! packet, a TCP segment's numbers), so an answer is never built by parsing the frame
 //! again; the builders emit complete frames with checksums.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
-    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
-    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet,
+    Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// What an inbound frame is, as far as the gateway cares.
@@ -46,8 +46,31 @@ pub enum Inbound<'a> {
     },
     /// A TCP segment; its checksum and the rest are the TCP stack's to check.
     Tcp(TcpHead),
-    /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6).
+    /// ICMPv6 the gateway answers (its checksum checked).
+    Icmp6(Icmp6<'a>),
+    /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6
+    /// other than the ICMPv6 above).
     Ignored,
+}
+
+/// An ICMPv6 message to the gateway, with the addresses it came with.
+#[derive(Debug, Clone, Copy)]
+pub struct Icmp6<'a> {
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
+    pub src_ip: Ipv6Addr,
+    pub dst_ip: Ipv6Addr,
+    /// Neighbour Discovery is valid only with 255: a message that crossed a router
+    /// (RFC 4861 section 6.1) is ignored.
+    pub hop_limit: u8,
+    pub message: Icmp6Message<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Icmp6Message<'a> {
+    EchoRequest { ident: u16, seq_no: u16, data: &'a [u8] },
+    RouterSolicit,
+    NeighbourSolicit { target: Ipv6Addr, lladdr: Option<Mac> },
 }
 
 impl Inbound<'_> {
@@ -59,7 +82,7 @@ impl Inbound<'_> {
                 sender_ip, sender_mac, ..
             } => Some((sender_ip, sender_mac)),
             Inbound::IcmpEcho { src_ip, src_mac, .. } | Inbound::Udp { src_ip, src_mac, .. } => Some((src_ip, src_mac)),
-            Inbound::Tcp(_) | Inbound::Ignored => None,
+            Inbound::Tcp(_) | Inbound::Icmp6(_) | Inbound::Ignored => None,
         }
     }
 }
@@ -125,6 +148,8 @@ pub enum WireError {
     Arp,
     #[error("malformed IPv4 header or bad header checksum")]
     Ipv4,
+    #[error("malformed IPv6 header")]
+    Ipv6,
     #[error("malformed UDP datagram or bad checksum")]
     Udp,
     #[error("malformed ICMP message or bad checksum")]
@@ -218,8 +243,82 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                 _ => Ok(Inbound::Ignored),
             }
         }
+        EthernetProtocol::Ipv6 => classify_ipv6(mac(eth.src_addr()), mac(eth.dst_addr()), &frame[ETH..]),
         _ => Ok(Inbound::Ignored),
     }
+}
+
+fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_>, WireError> {
+    let pkt = Ipv6Packet::new_checked(packet).map_err(|_| WireError::Ipv6)?;
+    let ip = Ipv6Repr::parse(&pkt).map_err(|_| WireError::Ipv6)?;
+    // Extension headers (a hop-by-hop one before MLD, say) lead to nothing it serves.
+    if ip.next_header != IpProtocol::Icmpv6 {
+        return Ok(Inbound::Ignored);
+    }
+    // new_checked saw the payload length fit.
+    let body = packet.get(40..40 + ip.payload_len).ok_or(WireError::Ipv6)?;
+    let icmp = Icmpv6Packet::new_checked(body).map_err(|_| WireError::Icmp)?;
+    let message = match Icmpv6Repr::parse(&ip.src_addr, &ip.dst_addr, &icmp, &ChecksumCapabilities::default()) {
+        Ok(Icmpv6Repr::EchoRequest { ident, seq_no, data }) => Icmp6Message::EchoRequest { ident, seq_no, data },
+        Ok(Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { .. })) => Icmp6Message::RouterSolicit,
+        Ok(Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, lladdr })) => Icmp6Message::NeighbourSolicit {
+            target: target_addr,
+            lladdr: lladdr.and_then(|l| <[u8; 6]>::try_from(l.as_bytes()).ok()).map(Mac),
+        },
+        Ok(_) => return Ok(Inbound::Ignored),
+        Err(_) if icmp.verify_checksum(&ip.src_addr, &ip.dst_addr) => return Ok(Inbound::Ignored),
+        Err(_) => return Err(WireError::Icmp),
+    };
+    Ok(Inbound::Icmp6(Icmp6 {
+        src_mac,
+        dst_mac,
+        src_ip: ip.src_addr,
+        dst_ip: ip.dst_addr,
+        hop_limit: ip.hop_limit,
+        message,
+    }))
+}
+
+/// The Ethernet multicast address of an IPv6 multicast group (RFC 2464: `33:33` and the
+/// group's last 32 bits).
+pub fn ipv6_multicast_mac(group: Ipv6Addr) -> Mac {
+    let o = group.octets();
+    Mac([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+/// A complete Ethernet/IPv6/ICMPv6 frame; hop limit 255, as Neighbour Discovery needs.
+pub fn icmp6_frame(src_mac: Mac, dst_mac: Mac, src: Ipv6Addr, dst: Ipv6Addr, repr: &Icmpv6Repr<'_>) -> Vec<u8> {
+    icmp6_frame_with(src_mac, dst_mac, src, dst, repr, &[])
+}
+
+/// The same with `options` (whole NDP options, in 8-byte units) after what `repr`
+/// writes: smoltcp models only some options (RDNSS, RFC 8106, is not among them).
+pub fn icmp6_frame_with(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    repr: &Icmpv6Repr<'_>,
+    options: &[u8],
+) -> Vec<u8> {
+    const IPV6: usize = 40;
+    let icmp_len = repr.buffer_len() + options.len();
+    let mut buf = vec![0u8; ETH + IPV6 + icmp_len];
+    ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv6);
+    Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp_len,
+        hop_limit: 255,
+    }
+    .emit(&mut Ipv6Packet::new_unchecked(&mut buf[ETH..ETH + IPV6]));
+    let body = &mut buf[ETH + IPV6..];
+    body[repr.buffer_len()..].copy_from_slice(options);
+    let mut icmp = Icmpv6Packet::new_unchecked(body);
+    repr.emit(&src, &dst, &mut icmp, &ChecksumCapabilities::default());
+    icmp.fill_checksum(&src, &dst);
+    buf
 }
 
 fn ethernet(buf: &mut [u8], src: Mac, dst: Mac, ethertype: EthernetProtocol) {

@@ -53,6 +53,9 @@ pub struct NetworkDecl {
     pub subnet: ipnet::Ipv4Net,
     #[serde(default)]
     pub mtu: Mtu,
+    /// A /64 prefix, or "auto" for one derived from the name. Left out: IPv4 only.
+    #[serde(default, with = "crate::model::ipv6_prefix")]
+    pub ipv6: Option<ipnet::Ipv6Net>,
     #[serde(default = "yes")]
     pub gateway: bool,
     /// Guests reach the host's loopback at the subnet's last host address.
@@ -99,6 +102,7 @@ impl NetworkDecl {
             name: self.name.clone(),
             subnet: self.subnet,
             mtu: self.mtu,
+            ipv6: self.ipv6,
             gateway: self.gateway,
             host_access: self.host_access,
             mode: self.mode,

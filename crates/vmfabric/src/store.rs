@@ -111,6 +111,8 @@ impl Store {
             "isolated INTEGER NOT NULL DEFAULT 0",
             // and these before gateway settings.
             "settings TEXT NOT NULL DEFAULT '{}'",
+            // and this before IPv6 (NULL: IPv4 only).
+            "ipv6 TEXT",
         ] {
             let _ = conn.execute(&format!("ALTER TABLE networks ADD COLUMN {column}"), []);
         }
@@ -128,8 +130,8 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkSpec) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings, ipv6) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 n.name.as_str(),
                 n.subnet.to_string(),
@@ -139,7 +141,8 @@ impl Store {
                 n.mode.as_str(),
                 n.isolated,
                 n.bridge,
-                serde_json::to_string(&n.settings).expect("plain data")
+                serde_json::to_string(&n.settings).expect("plain data"),
+                n.ipv6.map(|p| p.to_string())
             ],
         )?;
         Ok(())
@@ -163,7 +166,7 @@ impl Store {
     pub fn networks(&self) -> Result<Vec<Result<NetworkSpec, BadRow>>, DbError> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings FROM networks ORDER BY name",
+            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings, ipv6 FROM networks ORDER BY name",
         )?;
         let rows = st.query_map([], |r| {
             let name: String = r.get(0)?;
@@ -172,6 +175,7 @@ impl Store {
             let mode: String = r.get(5)?;
             let (gateway, host_access, isolated, bridge) = (r.get(3)?, r.get(4)?, r.get(6)?, r.get(7)?);
             let settings: String = r.get(8)?;
+            let ipv6: Option<String> = r.get(9)?;
             let bad = |why: String| BadRow {
                 table: "network",
                 key: name.clone(),
@@ -182,6 +186,10 @@ impl Store {
                     name: Name::new("network", &name).map_err(|e| bad(e.0))?,
                     subnet: subnet.parse().map_err(|e| bad(format!("subnet {subnet:?}: {e}")))?,
                     mtu: Mtu::try_from(mtu).map_err(|e| bad(e.0))?,
+                    ipv6: match ipv6 {
+                        Some(p) => Some(p.parse().map_err(|e| bad(format!("ipv6 {p:?}: {e}")))?),
+                        None => None,
+                    },
                     gateway,
                     host_access,
                     mode: match mode.as_str() {

@@ -210,6 +210,7 @@ fn dhcp(
     let lock = fabric::PortLock {
         mac: client,
         ips: vec![],
+        ips6: vec![],
     };
     daemon.switch().lock_port(port, Some(lock)).unwrap();
     let sock = std::os::unix::net::UnixDatagram::from(fd);
@@ -949,6 +950,7 @@ fn egress_refusals_are_sampled_into_the_event_stream() {
     let lock = fabric::PortLock {
         mac: guest,
         ips: vec![ip],
+        ips6: vec![],
     };
     d.daemon.switch().lock_port(port, Some(lock)).unwrap();
     let sock = std::os::unix::net::UnixDatagram::from(fd);

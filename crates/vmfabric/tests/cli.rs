@@ -501,6 +501,33 @@ fn network_show_says_what_the_gateway_serves() {
     }
     let v = json(&dir, &["network", "show", "s"]);
     assert_eq!(v["served"]["address"], "10.92.0.1", "{v}");
+    assert!(v.get("ipv6").is_none(), "IPv4 only unless asked: {v}");
+    // `--ipv6` alone derives a prefix; with a value it takes that one.
+    must(&dir, &["network", "create", "d", "--subnet", "10.93.0.0/24", "--ipv6"]);
+    let v = json(&dir, &["network", "show", "d"]);
+    assert!(
+        v["ipv6"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("fd") && p.ends_with("::/64")),
+        "{v}"
+    );
+    must(
+        &dir,
+        &[
+            "network",
+            "create",
+            "g",
+            "--subnet",
+            "10.94.0.0/24",
+            "--ipv6",
+            "fd00:94::/64",
+        ],
+    );
+    let (ok, out, err) = cli(&dir, &["network", "show", "g"]);
+    assert!(ok, "{err}");
+    for want in ["ipv6:        fd00:94::/64 (SLAAC)", "gateway v6:  fd00:94::1, fe80::"] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

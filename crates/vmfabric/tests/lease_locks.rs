@@ -70,7 +70,7 @@ fn a_leased_port_cannot_spoof_its_ip_or_mac() {
     // The control plane: both event streams into one locker.
     let (tx, rx) = mpsc::channel();
     let mut locker = PortLocker::new(sw.clone());
-    locker.enable("sec", gw.port());
+    locker.enable("sec", gw.port(), None);
     let _locker = locks::spawn(locker, rx);
     let (switch_events, lease_events) = (sw.take_events().unwrap(), gw.take_events().unwrap());
     let tx2 = tx.clone();

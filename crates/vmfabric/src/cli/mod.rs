@@ -167,6 +167,10 @@ pub(crate) enum NetworkCmd {
         /// The largest frame payload on it, 68 to 65520 (jumbo frames: 9000).
         #[arg(long, default_value_t = 1500)]
         mtu: u32,
+        /// IPv6 beside IPv4: this /64 prefix, or without a value a unique local /64
+        /// derived from the network's name. The gateway advertises it (SLAAC).
+        #[arg(long, value_name = "PREFIX", num_args = 0..=1, default_missing_value = "auto")]
+        ipv6: Option<String>,
         /// No gateway (DHCP, DNS) on this network.
         #[arg(long)]
         no_gateway: bool,

@@ -13,6 +13,7 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
             name,
             subnet,
             mtu,
+            ipv6,
             no_gateway,
             host_access,
             mode,
@@ -33,6 +34,12 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
                 name: bad_input(Name::new("network", &name).map_err(Into::into))?,
                 subnet,
                 mtu: bad_input(Mtu::try_from(mtu).map_err(Into::into))?,
+                ipv6: match ipv6 {
+                    Some(p) => Some(bad_input(
+                        vmfabric::model::ipv6_prefix::parse(&p).map_err(anyhow::Error::msg),
+                    )?),
+                    None => None,
+                },
                 gateway: !no_gateway,
                 host_access,
                 mode,
@@ -117,12 +124,18 @@ fn describe(v: &vmfabric::model::NetworkView) -> String {
         ("mode", mode.unwrap_or_default()),
         ("subnet", format!("{} (MTU {})", v.subnet, v.mtu)),
     ];
+    if let Some(prefix) = v.ipv6 {
+        lines.push(("ipv6", format!("{prefix} (SLAAC)")));
+    }
     if let Some(bridge) = &v.bridge {
         lines.push(("bridge", bridge.clone()));
     }
     match &v.served {
         Some(g) => {
             lines.push(("gateway", g.address.to_string()));
+            if let (Some(global), Some(link_local)) = (g.ipv6_address, g.ipv6_link_local) {
+                lines.push(("gateway v6", format!("{global}, {link_local}")));
+            }
             lines.push((
                 "dhcp",
                 format!(

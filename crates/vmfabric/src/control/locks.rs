@@ -10,7 +10,7 @@
 //! arrive in either order.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use fabric::{Mac, PortId, PortLock, Switch, SwitchEvent};
@@ -34,8 +34,9 @@ struct NetworkLocks {
 /// Locks ports to their leases on networks whose gateway asks for it.
 pub struct PortLocker {
     switch: Arc<Switch>,
-    /// Networks with locking on, with their gateway's port (never locked).
-    enabled: HashMap<String, PortId>,
+    /// Networks with locking on, with their gateway's port (never locked) and their
+    /// IPv6 prefix, if they carry IPv6.
+    enabled: HashMap<String, (PortId, Option<ipnet::Ipv6Net>)>,
     nets: HashMap<String, NetworkLocks>,
 }
 
@@ -48,9 +49,10 @@ impl PortLocker {
         }
     }
 
-    /// Turns locking on for `network`, whose gateway sits on `gateway_port`.
-    pub fn enable(&mut self, network: &str, gateway_port: PortId) {
-        self.enabled.insert(network.to_string(), gateway_port);
+    /// Turns locking on for `network`, whose gateway sits on `gateway_port`; with an
+    /// IPv6 prefix, ports are also locked to the IPv6 addresses their MAC gives them.
+    pub fn enable(&mut self, network: &str, gateway_port: PortId, ipv6: Option<ipnet::Ipv6Net>) {
+        self.enabled.insert(network.to_string(), (gateway_port, ipv6));
     }
 
     /// The leases a gateway already holds when it starts (from the store), so that a
@@ -94,7 +96,7 @@ impl PortLocker {
             | ControlEvent::Switch(SwitchEvent::MacMoved {
                 network, mac, to: port, ..
             }) => {
-                if self.enabled.get(network) == Some(port) || !self.enabled.contains_key(network) {
+                if self.enabled.get(network).is_none_or(|(gateway, _)| gateway == port) {
                     return;
                 }
                 self.nets.entry(network.clone()).or_default().ports.insert(*mac, *port);
@@ -140,10 +142,32 @@ impl PortLocker {
             .get(network)
             .and_then(|n| n.leases.get(&mac).copied().flatten());
         let ips: Vec<Ipv4Addr> = lease.into_iter().collect();
-        self.switch.lock_port(port, Some(PortLock { mac, ips: ips.clone() }))?;
-        info!(%network, %port, %mac, ips = ?ips, "port locked");
+        let prefix = self.enabled.get(network).and_then(|(_, p)| *p);
+        let ips6 = ipv6_addresses(prefix, mac);
+        self.switch.lock_port(
+            port,
+            Some(PortLock {
+                mac,
+                ips: ips.clone(),
+                ips6: ips6.clone(),
+            }),
+        )?;
+        info!(%network, %port, %mac, ips = ?ips, ips6 = ?ips6, "port locked");
         Ok(())
     }
+}
+
+/// The IPv6 addresses a MAC forms on a network with `prefix` (none without one): its
+/// link-local and its SLAAC address, both from the MAC (modified EUI-64), as Linux
+/// forms them by default. A guest that forms others (privacy or stable-privacy
+/// addresses) is held to these.
+fn ipv6_addresses(prefix: Option<ipnet::Ipv6Net>, mac: Mac) -> Vec<Ipv6Addr> {
+    let Some(prefix) = prefix else { return vec![] };
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
+    [link_local, prefix.network()]
+        .into_iter()
+        .map(|p| gateway::config::slaac_address(p, mac))
+        .collect()
 }
 
 /// Runs a locker over `events` on its own thread until every sender is gone.

@@ -129,6 +129,26 @@ impl Control {
                 other.spec.subnet
             )));
         }
+        if let Some(prefix) = spec.ipv6 {
+            gateway::config::validate_ipv6_prefix(prefix).map_err(ControlError::invalid)?;
+            if let Some(other) = st.nets.values().find(|n| n.spec.ipv6 == Some(prefix)) {
+                return Err(ControlError::conflict(format!(
+                    "IPv6 prefix {prefix} is network {:?}'s",
+                    other.spec.name.as_str()
+                )));
+            }
+            if spec.mode == crate::model::NetworkMode::Kernel {
+                return Err(ControlError::invalid(
+                    "IPv6 is not carried in kernel mode yet; create the network in userspace mode",
+                ));
+            }
+            if spec.mtu.get() < 1280 {
+                return Err(ControlError::invalid(format!(
+                    "MTU {} is below IPv6's minimum of 1280",
+                    spec.mtu.get()
+                )));
+            }
+        }
         Backend::check_network(spec)?;
         if spec.gateway {
             gateway_config(spec)?;
@@ -141,6 +161,9 @@ impl Control {
     /// body without one reads as): the first free private /24.
     pub fn create_network(&self, mut spec: NetworkSpec, force: bool) -> Result<NetworkSpec, ControlError> {
         let mut st = self.lock();
+        if spec.ipv6 == Some(ipnet::Ipv6Net::default()) {
+            spec.ipv6 = Some(GatewayConfig::derived_ipv6_prefix(&spec.name));
+        }
         if spec.subnet == ipnet::Ipv4Net::default() {
             let taken: Vec<ipnet::Ipv4Net> = st.nets.values().map(|n| n.spec.subnet).collect();
             spec.subnet = crate::hostroutes::free_subnet(&taken).ok_or_else(|| {
@@ -161,6 +184,7 @@ impl Control {
     fn bring_up_network(&self, st: &mut State, spec: NetworkSpec) -> Result<(), ControlError> {
         let cfg = NetworkConfig {
             mtu: usize::from(spec.mtu.get()),
+            ipv6: spec.ipv6.is_some(),
             ..NetworkConfig::default()
         };
         // Everything is checked before the first device is made.
@@ -237,7 +261,7 @@ impl Control {
                 let _ = self.switch.remove_port(gw.port());
                 return Err(e.into());
             }
-            st.locker.enable(&spec.name, gw.port());
+            st.locker.enable(&spec.name, gw.port(), spec.ipv6);
             st.locker
                 .remember_leases(&spec.name, gw.leases().into_iter().map(|l| (l.mac, l.ip)));
         }
@@ -624,6 +648,7 @@ mod tests;
 fn gateway_config(spec: &NetworkSpec) -> Result<GatewayConfig, ControlError> {
     let mut gcfg = GatewayConfig::new(&spec.name, spec.subnet);
     gcfg.mtu = spec.mtu.get();
+    gcfg.ipv6 = spec.ipv6;
     if spec.host_access {
         gcfg.host_access = Some(gcfg.default_host_access());
     }

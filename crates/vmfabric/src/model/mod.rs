@@ -109,6 +109,36 @@ pub mod mac_text {
     }
 }
 
+/// Serde for a network's IPv6 prefix, where `auto` (or `::/0`) asks for one derived
+/// from the network's name: it reads as `::/0` until the network is created.
+pub mod ipv6_prefix {
+    use ipnet::Ipv6Net;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(prefix: &Option<Ipv6Net>, s: S) -> Result<S::Ok, S::Error> {
+        match prefix {
+            Some(p) => s.serialize_str(&p.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv6Net>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => parse(&text).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// `auto`, or a prefix in CIDR notation.
+    pub fn parse(text: &str) -> Result<Ipv6Net, String> {
+        if text == "auto" {
+            return Ok(Ipv6Net::default());
+        }
+        text.parse()
+            .map_err(|e| format!("IPv6 prefix {text:?}: {e} (a /64 such as fd00:1:2:3::/64, or auto)"))
+    }
+}
+
 /// A network to create, and as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +151,12 @@ pub struct NetworkSpec {
     pub subnet: ipnet::Ipv4Net,
     #[serde(default)]
     pub mtu: Mtu,
+    /// IPv6 beside IPv4: a /64 prefix the gateway advertises for autoconfiguration, or
+    /// `auto` for a unique local /64 derived from the network's name. Left out: IPv4
+    /// only (guests' IPv6 is dropped at their ports).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "ipv6_prefix")]
+    #[schema(value_type = Option<String>, example = "auto")]
+    pub ipv6: Option<ipnet::Ipv6Net>,
     /// Run a gateway (ARP/ICMP, DHCP, DNS) on the network.
     #[serde(default = "yes")]
     pub gateway: bool,
@@ -152,6 +188,7 @@ impl NetworkSpec {
             name,
             subnet,
             mtu: Mtu::default(),
+            ipv6: None,
             gateway: true,
             host_access: false,
             mode: NetworkMode::default(),
@@ -171,6 +208,10 @@ pub struct NetworkView {
     #[schema(value_type = String, example = "10.77.0.0/24", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
     pub subnet: ipnet::Ipv4Net,
     pub mtu: Mtu,
+    /// Its IPv6 prefix, when it carries IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "ipv6_prefix")]
+    #[schema(value_type = Option<String>, example = "fd3c:1f0a:77e2::/64")]
+    pub ipv6: Option<ipnet::Ipv6Net>,
     pub gateway: bool,
     pub host_access: bool,
     pub mode: NetworkMode,
@@ -199,6 +240,14 @@ pub struct NetworkView {
 pub struct GatewayView {
     #[schema(value_type = String, format = Ipv4)]
     pub address: Ipv4Addr,
+    /// Its global IPv6 address (the prefix's `::1`), when the network carries IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv6)]
+    pub ipv6_address: Option<std::net::Ipv6Addr>,
+    /// The link-local address it advertises itself from (guests' next hop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv6)]
+    pub ipv6_link_local: Option<std::net::Ipv6Addr>,
     /// First and last address DHCP gives out.
     #[schema(value_type = [String])]
     pub dhcp_range: (Ipv4Addr, Ipv4Addr),
@@ -220,6 +269,8 @@ impl GatewayView {
     pub fn of(cfg: &gateway::GatewayConfig) -> GatewayView {
         GatewayView {
             address: cfg.gateway_ip,
+            ipv6_address: cfg.gateway_ip6(),
+            ipv6_link_local: cfg.ipv6.map(|_| cfg.gateway_link_local()),
             dhcp_range: cfg.dhcp_range,
             lease_secs: cfg.lease_time.as_secs(),
             dns_domain: cfg.domain.clone(),
@@ -378,6 +429,7 @@ impl NetworkView {
             name: spec.name.clone(),
             subnet: spec.subnet,
             mtu: spec.mtu,
+            ipv6: spec.ipv6,
             gateway: spec.gateway,
             host_access: spec.host_access,
             mode: spec.mode,

@@ -218,7 +218,17 @@ impl Fabric {
             (mac.is_unicast() && free).then_some(mac)
         });
         if let Some(mac) = first {
-            if self.lock_port(id, Some(PortLock { mac, ips: vec![] })).is_ok() {
+            if self
+                .lock_port(
+                    id,
+                    Some(PortLock {
+                        mac,
+                        ips: vec![],
+                        ips6: vec![],
+                    }),
+                )
+                .is_ok()
+            {
                 self.ports[src as usize]
                     .as_mut()
                     .expect("checked above")

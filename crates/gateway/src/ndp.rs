@@ -1,0 +1,271 @@
+//! The gateway as its network's IPv6 router on the link (Neighbor Discovery, RFC 4861):
+//! it advertises the network's /64 for stateless autoconfiguration (RFC 4862) with the
+//! MTU, when asked and every few minutes; it answers Neighbour Solicitations for its
+//! own addresses (its link-local one and the prefix's `::1`) and pings to them.
+//!
+//! It advertises a router lifetime of zero: it does not route IPv6 off the network yet,
+//! and a default route through it would send guests' IPv6 into a dead end where IPv4
+//! would have worked. Guests still form addresses from the prefix and reach each other
+//! and the gateway on the link.
+
+use std::net::Ipv6Addr;
+
+use fabric::Mac;
+use smoltcp::time::Duration;
+use smoltcp::wire::{
+    EthernetAddress, Icmpv6Repr, NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscPrefixInformation, NdiscRepr,
+    NdiscRouterFlags,
+};
+
+use crate::counters::GatewayCounters;
+use crate::wire::{self, Icmp6, Icmp6Message};
+use crate::GatewayConfig;
+
+/// All nodes on the link (RFC 4291): where unsolicited advertisements go.
+pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+
+/// How long a formed address stays valid and preferred without a new advertisement
+/// (radvd's defaults); advertisements come far more often.
+const VALID_LIFETIME: Duration = Duration::from_secs(86_400);
+const PREFERRED_LIFETIME: Duration = Duration::from_secs(14_400);
+
+/// The answer to an ICMPv6 message, if the gateway gives one.
+pub fn answer(cfg: &GatewayConfig, c: &GatewayCounters, m: &Icmp6<'_>) -> Option<Vec<u8>> {
+    cfg.ipv6?;
+    match m.message {
+        Icmp6Message::EchoRequest { ident, seq_no, data } if cfg.is_gateway_ip6(m.dst_ip) => {
+            GatewayCounters::inc(&c.icmp_echo_replies);
+            let reply = Icmpv6Repr::EchoReply { ident, seq_no, data };
+            Some(wire::icmp6_frame(
+                cfg.gateway_mac,
+                m.src_mac,
+                m.dst_ip,
+                m.src_ip,
+                &reply,
+            ))
+        }
+        // Neighbour Discovery from beyond the link (hop limit below 255) is forged.
+        _ if m.hop_limit != 255 => None,
+        Icmp6Message::RouterSolicit => {
+            // A solicitor with an address is answered directly (RFC 4861 allows it),
+            // one still without one through all nodes.
+            let to = if m.src_ip.is_unspecified() {
+                (wire::ipv6_multicast_mac(ALL_NODES), ALL_NODES)
+            } else {
+                (m.src_mac, m.src_ip)
+            };
+            Some(router_advert(cfg, c, to))
+        }
+        Icmp6Message::NeighbourSolicit { target, lladdr } if cfg.is_gateway_ip6(target) => {
+            GatewayCounters::inc(&c.neighbour_adverts);
+            let flags = NdiscNeighborFlags::ROUTER | NdiscNeighborFlags::OVERRIDE;
+            let na = |flags| {
+                Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                    flags,
+                    target_addr: target,
+                    lladdr: Some(EthernetAddress(cfg.gateway_mac.0).into()),
+                })
+            };
+            if m.src_ip.is_unspecified() {
+                // Someone's duplicate address detection tries the gateway's address: it
+                // is told to all nodes that the address is taken (RFC 4861 7.2.4).
+                let to = wire::ipv6_multicast_mac(ALL_NODES);
+                return Some(wire::icmp6_frame(cfg.gateway_mac, to, target, ALL_NODES, &na(flags)));
+            }
+            let to_mac = lladdr.unwrap_or(m.src_mac);
+            let repr = na(flags | NdiscNeighborFlags::SOLICITED);
+            Some(wire::icmp6_frame(cfg.gateway_mac, to_mac, target, m.src_ip, &repr))
+        }
+        _ => None,
+    }
+}
+
+/// A Router Advertisement of the network's prefix and MTU, from the gateway's
+/// link-local address (only a link-local source is believed) to `to`.
+pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Addr)) -> Vec<u8> {
+    GatewayCounters::inc(&c.router_adverts);
+    let prefix_info = cfg.ipv6.map(|p| NdiscPrefixInformation {
+        prefix_len: p.prefix_len(),
+        flags: NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF,
+        valid_lifetime: VALID_LIFETIME,
+        preferred_lifetime: PREFERRED_LIFETIME,
+        prefix: p.network(),
+    });
+    let repr = Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+        hop_limit: 64,
+        flags: NdiscRouterFlags::empty(),
+        // Zero: not a default router (see the module's note).
+        router_lifetime: Duration::ZERO,
+        reachable_time: Duration::ZERO,
+        retrans_time: Duration::ZERO,
+        lladdr: Some(EthernetAddress(cfg.gateway_mac.0).into()),
+        mtu: Some(u32::from(cfg.mtu)),
+        prefix_info,
+    });
+    wire::icmp6_frame(cfg.gateway_mac, to.0, cfg.gateway_link_local(), to.1, &repr)
+}
+
+/// The advertisement sent unasked, to all nodes.
+pub fn unsolicited_advert(cfg: &GatewayConfig, c: &GatewayCounters) -> Option<Vec<u8>> {
+    cfg.ipv6?;
+    Some(router_advert(cfg, c, (wire::ipv6_multicast_mac(ALL_NODES), ALL_NODES)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{EthernetFrame, Icmpv6Packet, Ipv6Packet};
+
+    const GUEST: Mac = Mac([0x02, 0, 0, 0, 0, 0x10]);
+
+    fn cfg() -> GatewayConfig {
+        let mut cfg = GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap());
+        cfg.ipv6 = Some("fd00:9::/64".parse().unwrap());
+        cfg
+    }
+
+    /// A guest's ICMPv6 message as the gateway classifies it.
+    fn from_guest(src: Ipv6Addr, dst: Ipv6Addr, dst_mac: Mac, repr: &Icmpv6Repr<'_>) -> Vec<u8> {
+        wire::icmp6_frame(GUEST, dst_mac, src, dst, repr)
+    }
+
+    fn answer_to(cfg: &GatewayConfig, frame: &[u8]) -> Option<Vec<u8>> {
+        match wire::classify(frame).unwrap() {
+            wire::Inbound::Icmp6(m) => answer(cfg, &GatewayCounters::default(), &m),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The reply's addresses and its ICMPv6 message, its checksum verified.
+    fn read(frame: &[u8]) -> (Mac, Ipv6Addr, Ipv6Addr, u8, Icmpv6Repr<'_>) {
+        let eth = EthernetFrame::new_checked(frame).unwrap();
+        let ip = Ipv6Packet::new_checked(&frame[14..]).unwrap();
+        let (src, dst, hop) = (ip.src_addr(), ip.dst_addr(), ip.hop_limit());
+        let icmp = Icmpv6Packet::new_checked(&frame[54..]).unwrap();
+        assert!(icmp.verify_checksum(&src, &dst));
+        let repr = Icmpv6Repr::parse(&src, &dst, &icmp, &ChecksumCapabilities::default()).unwrap();
+        (Mac(eth.dst_addr().0), src, dst, hop, repr)
+    }
+
+    #[test]
+    fn a_router_solicitation_gets_the_prefix_the_mtu_and_no_default_route() {
+        let cfg = cfg();
+        let guest_ll: Ipv6Addr = "fe80::10".parse().unwrap();
+        let rs = Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { lladdr: None });
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+        let frame = from_guest(guest_ll, all_routers, wire::ipv6_multicast_mac(all_routers), &rs);
+        let reply = answer_to(&cfg, &frame).expect("an advertisement");
+        let (to_mac, src, dst, hop, repr) = read(&reply);
+        assert_eq!((to_mac, dst), (GUEST, guest_ll), "answered directly");
+        assert_eq!(src, cfg.gateway_link_local());
+        assert_eq!(hop, 255);
+        let Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+            router_lifetime,
+            mtu,
+            prefix_info: Some(p),
+            lladdr,
+            ..
+        }) = repr
+        else {
+            panic!("{repr:?}");
+        };
+        assert_eq!(router_lifetime, Duration::ZERO);
+        assert_eq!(mtu, Some(1500));
+        assert_eq!((p.prefix, p.prefix_len), ("fd00:9::".parse().unwrap(), 64));
+        assert!(p
+            .flags
+            .contains(NdiscPrefixInfoFlags::ADDRCONF | NdiscPrefixInfoFlags::ON_LINK));
+        assert_eq!(lladdr.unwrap().as_bytes(), &cfg.gateway_mac.0);
+
+        // One without an address yet hears it through all nodes.
+        let frame = from_guest(
+            Ipv6Addr::UNSPECIFIED,
+            all_routers,
+            wire::ipv6_multicast_mac(all_routers),
+            &rs,
+        );
+        let reply = answer_to(&cfg, &frame).unwrap();
+        let (to_mac, _, dst, _, _) = read(&reply);
+        assert_eq!((to_mac, dst), (Mac([0x33, 0x33, 0, 0, 0, 1]), ALL_NODES));
+    }
+
+    #[test]
+    fn neighbour_solicitations_for_the_gateway_are_answered_and_others_are_not() {
+        let cfg = cfg();
+        let guest: Ipv6Addr = "fd00:9::10".parse().unwrap();
+        for target in [cfg.gateway_ip6().unwrap(), cfg.gateway_link_local()] {
+            let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+                target_addr: target,
+                lladdr: Some(EthernetAddress(GUEST.0).into()),
+            });
+            let reply = answer_to(&cfg, &from_guest(guest, target, cfg.gateway_mac, &ns)).unwrap();
+            let (to_mac, src, dst, _, repr) = read(&reply);
+            assert_eq!((to_mac, src, dst), (GUEST, target, guest));
+            let Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                flags,
+                target_addr,
+                lladdr,
+            }) = repr
+            else {
+                panic!("{repr:?}");
+            };
+            assert_eq!(target_addr, target);
+            assert!(flags.contains(NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::ROUTER));
+            assert_eq!(lladdr.unwrap().as_bytes(), &cfg.gateway_mac.0);
+        }
+        // Another guest's address is that guest's to answer.
+        let other: Ipv6Addr = "fd00:9::11".parse().unwrap();
+        let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: other,
+            lladdr: None,
+        });
+        assert!(answer_to(&cfg, &from_guest(guest, other, Mac::BROADCAST, &ns)).is_none());
+        // Duplicate address detection of the gateway's address: defended to all nodes.
+        let gw = cfg.gateway_ip6().unwrap();
+        let dad = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: gw,
+            lladdr: None,
+        });
+        let reply = answer_to(&cfg, &from_guest(Ipv6Addr::UNSPECIFIED, gw, Mac::BROADCAST, &dad)).unwrap();
+        let (_, _, dst, _, _) = read(&reply);
+        assert_eq!(dst, ALL_NODES);
+    }
+
+    #[test]
+    fn pings_to_the_gateway_are_answered_and_forged_discovery_or_no_ipv6_is_not() {
+        let cfg = cfg();
+        let guest: Ipv6Addr = "fd00:9::10".parse().unwrap();
+        let gw = cfg.gateway_ip6().unwrap();
+        let ping = Icmpv6Repr::EchoRequest {
+            ident: 7,
+            seq_no: 3,
+            data: b"abc",
+        };
+        let reply = answer_to(&cfg, &from_guest(guest, gw, cfg.gateway_mac, &ping)).unwrap();
+        let (_, src, dst, _, repr) = read(&reply);
+        assert_eq!((src, dst), (gw, guest));
+        assert!(matches!(
+            repr,
+            Icmpv6Repr::EchoReply {
+                ident: 7,
+                seq_no: 3,
+                data: b"abc"
+            }
+        ));
+
+        // A solicitation that crossed a router (hop limit below 255) is ignored.
+        let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: gw,
+            lladdr: None,
+        });
+        let mut forged = from_guest(guest, gw, cfg.gateway_mac, &ns);
+        forged[14 + 7] = 254;
+        assert!(answer_to(&cfg, &forged).is_none());
+
+        // Without IPv6 the gateway stays silent.
+        let v4_only = GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap());
+        assert!(answer_to(&v4_only, &from_guest(guest, gw, cfg.gateway_mac, &ping)).is_none());
+        assert!(unsolicited_advert(&v4_only, &GatewayCounters::default()).is_none());
+    }
+}

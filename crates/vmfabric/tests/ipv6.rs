@@ -1,0 +1,304 @@
+//! IPv6 on a userspace network, with real kernels: guest namespaces on TAP ports form
+//! their addresses from the gateway's Router Advertisements (SLAAC), ping the gateway
+//! and each other; a hostile guest's Router Advertisement and its Neighbour
+//! Advertisement for another guest's address reach no one (checked in the others'
+//! routes and neighbour tables, and in its port's counters); the prefix survives a
+//! restart. Needs root (TAP ports, namespaces).
+
+use std::net::Ipv6Addr;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fabric::Mac;
+use gateway::wire;
+use serde_json::{json, Value};
+use smoltcp::wire::{
+    EthernetAddress, Icmpv6Repr, NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscPrefixInformation, NdiscRepr,
+    NdiscRouterFlags,
+};
+
+mod harness;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmf-ipv6-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sh(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A namespace whose only link is a new TAP port of `network`, up with the port's MAC.
+struct TapGuest {
+    ns: testkit::Netns,
+    ifname: String,
+    mac: Mac,
+}
+
+fn tap_guest(d: &harness::Running, network: &str, name: &str) -> TapGuest {
+    let ifname = format!("vmf6{name}{}", std::process::id() % 10000);
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/networks/{network}/ports"),
+        Some(json!({"name": name, "kind": "tap", "ifname": ifname})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let mac = v["mac"].as_str().unwrap().to_string();
+    let ns = testkit::Netns::new(&ifname);
+    testkit::run(&["ip", "link", "set", &ifname, "netns", &ns.0]);
+    testkit::run(&["ip", "-n", &ns.0, "link", "set", &ifname, "address", &mac]);
+    testkit::run(&["ip", "-n", &ns.0, "link", "set", &ifname, "up"]);
+    TapGuest {
+        ns,
+        ifname,
+        mac: mac.parse().unwrap(),
+    }
+}
+
+impl TapGuest {
+    fn ip6(&self, args: &[&str]) -> String {
+        let mut all = vec!["ip", "-n", &self.ns.0, "-6"];
+        all.extend(args);
+        testkit::run(&all)
+    }
+
+    /// Waits for the kernel to form a global address from an advertised prefix.
+    fn slaac_address(&self) -> Ipv6Addr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let shown = self.ip6(&["addr", "show", "dev", &self.ifname, "scope", "global"]);
+            let formed = shown.lines().find_map(|l| {
+                let l = l.trim();
+                let rest = l.strip_prefix("inet6 ")?;
+                (!l.contains("tentative")).then(|| rest.split('/').next().unwrap().parse().unwrap())
+            });
+            if let Some(a) = formed {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "no address formed:\n{shown}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// busybox's ping6 (setup.sh installs busybox-static), out of this guest's link.
+    fn ping(&self, to: &str) -> (bool, String) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns.0,
+            "busybox",
+            "ping6",
+            "-I",
+            &self.ifname,
+            "-c",
+            "2",
+            "-W",
+            "3",
+            to,
+        ])
+    }
+}
+
+/// The modified EUI-64 address of `mac` in `prefix` (what Linux forms by default).
+fn eui64(prefix: Ipv6Addr, mac: Mac) -> Ipv6Addr {
+    gateway::config::slaac_address(prefix, mac)
+}
+
+fn port_drops(d: &harness::Running, network: &str, port: &str) -> Value {
+    let (_, stats) = d.call("GET", "/v1/stats", None);
+    let net = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["network"] == network)
+        .unwrap();
+    net["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == port)
+        .map(|p| p["drops"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// A unixgram port of `network` driven by the test: its socket and MAC.
+fn raw_port(d: &harness::Running, dir: &Path, network: &str, name: &str) -> (UnixDatagram, Mac) {
+    let (s, port) = d.call(
+        "POST",
+        &format!("/v1/networks/{network}/ports"),
+        Some(json!({"name": name, "kind": "unixgram"})),
+    );
+    assert_eq!(s, 201, "{port}");
+    let sock = UnixDatagram::bind(dir.join(format!("{name}.vm"))).unwrap();
+    sock.connect(port["path"].as_str().unwrap()).unwrap();
+    (sock, port["mac"].as_str().unwrap().parse().unwrap())
+}
+
+#[test]
+fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_nor_claim_addresses() {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root for TAP ports and namespaces") {
+        return;
+    }
+    let dir = tmp("slaac");
+    let d = harness::start(&dir, None);
+    let (s, net) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "six", "subnet": "10.96.0.0/24", "ipv6": "auto"})),
+    );
+    assert_eq!(s, 201, "{net}");
+    let prefix: ipnet::Ipv6Net = net["ipv6"].as_str().expect("a derived prefix").parse().unwrap();
+    assert_eq!(prefix.prefix_len(), 64);
+    assert_eq!(
+        prefix.network().segments()[0] & 0xff00,
+        0xfd00,
+        "a unique local prefix: {prefix}"
+    );
+    let gateway_ip = Ipv6Addr::from(u128::from(prefix.network()) | 1);
+
+    let a = tap_guest(&d, "six", "a");
+    let b = tap_guest(&d, "six", "b");
+    let a_ip = a.slaac_address();
+    let b_ip = b.slaac_address();
+    assert_eq!(a_ip, eui64(prefix.network(), a.mac));
+    assert_eq!(b_ip, eui64(prefix.network(), b.mac));
+
+    // The gateway at its global and link-local addresses, and one guest from the other.
+    let (ok, out) = a.ping(&gateway_ip.to_string());
+    assert!(ok, "ping the gateway: {out}");
+    let (_, shown) = d.call("GET", "/v1/networks/six", None);
+    assert_eq!(shown["served"]["ipv6_address"], gateway_ip.to_string(), "{shown}");
+    let gateway_ll = shown["served"]["ipv6_link_local"].as_str().unwrap().to_string();
+    let (ok, out) = a.ping(&gateway_ll);
+    assert!(ok, "ping the gateway's link-local address: {out}");
+    let (ok, out) = b.ping(&a_ip.to_string());
+    assert!(ok, "guest to guest: {out}");
+    // The prefix is on the link; the gateway is no default router (it routes no IPv6
+    // off the network yet).
+    let routes = a.ip6(&["route", "show"]);
+    assert!(routes.contains(&prefix.to_string()), "{routes}");
+    assert!(!routes.contains("default"), "{routes}");
+
+    // A hostile guest advertises itself as a router with a prefix of its own, and
+    // claims guest a's address for its own MAC, from its own link-local address
+    // (which its port allows): neither reaches a or b.
+    let (evil, evil_mac) = raw_port(&d, &dir, "six", "evil");
+    let evil_ll = eui64(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), evil_mac);
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let all_nodes_mac = wire::ipv6_multicast_mac(all_nodes);
+    let rogue_ra = Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+        hop_limit: 64,
+        flags: NdiscRouterFlags::empty(),
+        router_lifetime: smoltcp::time::Duration::from_secs(1800),
+        reachable_time: smoltcp::time::Duration::ZERO,
+        retrans_time: smoltcp::time::Duration::ZERO,
+        lladdr: Some(EthernetAddress(evil_mac.0).into()),
+        mtu: None,
+        prefix_info: Some(NdiscPrefixInformation {
+            prefix_len: 64,
+            flags: NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF,
+            valid_lifetime: smoltcp::time::Duration::from_secs(86400),
+            preferred_lifetime: smoltcp::time::Duration::from_secs(14400),
+            prefix: "2001:db8:bad::".parse().unwrap(),
+        }),
+    });
+    let spoofed_na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+        flags: NdiscNeighborFlags::OVERRIDE,
+        target_addr: a_ip,
+        lladdr: Some(EthernetAddress(evil_mac.0).into()),
+    });
+    for _ in 0..3 {
+        evil.send(&wire::icmp6_frame(
+            evil_mac,
+            all_nodes_mac,
+            evil_ll,
+            all_nodes,
+            &rogue_ra,
+        ))
+        .unwrap();
+        evil.send(&wire::icmp6_frame(
+            evil_mac,
+            all_nodes_mac,
+            evil_ll,
+            all_nodes,
+            &spoofed_na,
+        ))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A ping from b after the forgeries: b still reaches a at a's own MAC.
+    let (ok, out) = b.ping(&a_ip.to_string());
+    assert!(ok, "guest to guest after the forgeries: {out}");
+    for g in [&a, &b] {
+        let routes = g.ip6(&["route", "show"]);
+        assert!(!routes.contains("2001:db8") && !routes.contains("default"), "{routes}");
+        let addrs = g.ip6(&["addr", "show"]);
+        assert!(!addrs.contains("2001:db8"), "{addrs}");
+    }
+    let neigh = b.ip6(&["neigh", "show", &a_ip.to_string()]);
+    assert!(
+        neigh.contains(&a.mac.to_string()) && !neigh.contains(&evil_mac.to_string()),
+        "b's entry for a: {neigh}"
+    );
+    let drops = port_drops(&d, "six", "evil");
+    assert_eq!(drops["rogue_ra"], 3, "{drops}");
+    assert_eq!(drops["spoofed"], 3, "the advertisement for a's address: {drops}");
+
+    // The prefix is the network's for good: a restart brings back the same one.
+    drop((a, b));
+    d.stop();
+    let d = harness::start(&dir, None);
+    let (_, again) = d.call("GET", "/v1/networks/six", None);
+    assert_eq!(again["ipv6"], net["ipv6"], "{again}");
+    d.stop();
+}
+
+#[test]
+fn bad_ipv6_prefixes_are_refused_with_a_reason() {
+    let dir = tmp("bad");
+    let d = harness::start(&dir, None);
+    for (prefix, why) in [
+        ("fd00:1::/48", "not a /64"),
+        ("fe80::/64", "link-local"),
+        ("ff02::/64", "multicast"),
+        ("fd00:1::1/64", "host bits"),
+        ("nonsense", "a /64 such as"),
+    ] {
+        let (s, v) = d.call(
+            "POST",
+            "/v1/networks",
+            Some(json!({"name": "bad", "subnet": "10.97.0.0/24", "ipv6": prefix})),
+        );
+        assert!((400..500).contains(&s), "{prefix}: {s} {v}");
+        assert!(v.to_string().contains(why), "{prefix}: {v}");
+    }
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "small", "subnet": "10.97.0.0/24", "ipv6": "auto", "mtu": 1200})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "one", "subnet": "10.97.0.0/24", "ipv6": "fd00:7::/64"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "two", "subnet": "10.98.0.0/24", "ipv6": "fd00:7::/64"})),
+    );
+    assert_eq!(s, 409, "the same prefix twice: {v}");
+    d.stop();
+}
