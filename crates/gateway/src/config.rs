@@ -462,6 +462,12 @@ impl GatewayConfig {
         slaac_address(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), self.gateway_mac)
     }
 
+    /// The address a guest with `mac` forms on the network's prefix (none without IPv6):
+    /// what its port is locked to, and what its name's AAAA says.
+    pub fn slaac_address_of(&self, mac: Mac) -> Option<Ipv6Addr> {
+        Some(slaac_address(self.ipv6?.network(), mac))
+    }
+
     /// Whether `ip` is one of the gateway's IPv6 addresses (none without IPv6).
     pub fn is_gateway_ip6(&self, ip: Ipv6Addr) -> bool {
         self.ipv6.is_some() && (Some(ip) == self.gateway_ip6() || ip == self.gateway_link_local())

@@ -57,6 +57,13 @@ pub(crate) enum Route<'a> {
         payload: &'a [u8],
     },
     Dns(Datagram<'a>),
+    /// A DNS query to one of the gateway's IPv6 addresses.
+    Dns6 {
+        src_mac: Mac,
+        src: std::net::SocketAddrV6,
+        dst: std::net::SocketAddrV6,
+        payload: &'a [u8],
+    },
     /// TCP to the gateway's own address: its DNS-over-TCP stack (which refuses other
     /// ports).
     GatewayTcp,
@@ -79,7 +86,7 @@ impl Route<'_> {
             Route::Arp { .. } => Service::Arp,
             Route::Echo(_) | Route::Icmp6(_) => Service::Icmp,
             Route::Dhcp { .. } => Service::Dhcp,
-            Route::Dns(_) => Service::Dns,
+            Route::Dns(_) | Route::Dns6 { .. } => Service::Dns,
             Route::GatewayTcp => Service::DnsTcp,
             Route::TcpNat(_) => Service::TcpNat,
             Route::IcmpNat(_) => Service::IcmpNat,
@@ -180,7 +187,19 @@ pub(crate) fn route<'a>(
             }
         }
         Inbound::Icmp6(m) if cfg.ipv6.is_some() => Route::Icmp6(m),
-        Inbound::Icmp6(_) | Inbound::Ignored => Route::Nowhere,
+        Inbound::Udp6 {
+            src_mac,
+            src,
+            dst,
+            payload,
+            ..
+        } if dst.port() == 53 && cfg.is_gateway_ip6(*dst.ip()) => Route::Dns6 {
+            src_mac,
+            src,
+            dst,
+            payload,
+        },
+        Inbound::Icmp6(_) | Inbound::Udp6 { .. } | Inbound::Ignored => Route::Nowhere,
     }
 }
 
@@ -313,7 +332,13 @@ fn deliver(
                 .into_iter()
                 .collect()
         }
-        Route::Dns(d) => dns_query(shared, sock, d),
+        Route::Dns(d) => dns_query(shared, sock, d.src_mac, d.src.into(), d.dst.into(), d.payload),
+        Route::Dns6 {
+            src_mac,
+            src,
+            dst,
+            payload,
+        } => dns_query(shared, sock, src_mac, src.into(), dst.into(), payload),
         Route::GatewayTcp => {
             shared.state().tcp.input(frame);
             return (vec![], true);
@@ -375,27 +400,36 @@ fn arp(
     None
 }
 
-/// A DNS query over UDP: answered from the zone, or forwarded upstream by its own task.
-fn dns_query(shared: &Arc<Shared>, sock: &Arc<crate::port::GatewayPort>, d: Datagram<'_>) -> Vec<Vec<u8>> {
+/// A DNS query over UDP (to a gateway address of either IP version, `server`):
+/// answered from the zone, or forwarded upstream by its own task.
+fn dns_query(
+    shared: &Arc<Shared>,
+    sock: &Arc<crate::port::GatewayPort>,
+    client_mac: Mac,
+    client: std::net::SocketAddr,
+    server: std::net::SocketAddr,
+    query: &[u8],
+) -> Vec<Vec<u8>> {
     let cfg = &shared.ctx.cfg();
     let c = &shared.ctx.counters;
-    match dns::decide(&shared.state().zone, d.payload) {
+    match dns::decide(&shared.state().zone, query) {
         Err(dns::Malformed) => {
             GatewayCounters::inc(&c.dns_malformed);
             vec![]
         }
         Ok(Decision::Answer { bytes, nxdomain }) => {
             GatewayCounters::inc(if nxdomain { &c.dns_nxdomain } else { &c.dns_local });
-            let (client, server) = ((*d.src.ip(), d.src.port()), (*d.dst.ip(), 53));
-            vec![wire::udp_frame(cfg.gateway_mac, d.src_mac, server, client, &bytes)]
+            wire::udp_frame_to(cfg.gateway_mac, client_mac, server, client, &bytes)
+                .into_iter()
+                .collect()
         }
         Ok(Decision::Forward { qname }) => {
             let to = ReplyTo::Udp {
-                client_mac: d.src_mac,
-                client: (*d.src.ip(), d.src.port()),
-                server_ip: *d.dst.ip(),
+                client_mac,
+                client,
+                server,
             };
-            spawn_forward(shared, sock, d.payload.to_vec(), qname, *d.src.ip(), to, None);
+            spawn_forward(shared, sock, query.to_vec(), qname, client.ip(), to, None);
             vec![]
         }
     }

@@ -2,14 +2,14 @@
 //!
 //! Theory of operation: names of VMs live in a `Zone` under the network's domain. A
 //! query for `name.<domain>` (or a bare `name` that is known, for clients that do not
-//! use the search list) is answered here: A from the zone, AAAA and other types with
-//! NOERROR and no data (the name exists, IPv4 only for now), unknown names with
-//! NXDOMAIN — a name inside our domain is never sent upstream. PTR queries for the
-//! network's subnet are answered here too. Everything else is forwarded (see
+//! use the search list) is answered here: A and, on a network with IPv6, AAAA from the
+//! zone, other types with NOERROR and no data, unknown names with NXDOMAIN — a name
+//! inside our domain is never sent upstream. PTR queries for the network's subnet and
+//! IPv6 prefix are answered here too. Everything else is forwarded (see
 //! [`crate::upstream`]).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SRV, TXT};
@@ -28,6 +28,10 @@ pub struct Zone {
     subnet: Ipv4Net,
     names: HashMap<String, Ipv4Addr>,
     reverse: HashMap<Ipv4Addr, String>,
+    /// The network's IPv6 prefix, when it has one, and the names' IPv6 addresses.
+    prefix6: Option<ipnet::Ipv6Net>,
+    names6: HashMap<String, Ipv6Addr>,
+    reverse6: HashMap<Ipv6Addr, String>,
     /// Records set by the operator, by lower-case fully qualified name.
     records: HashMap<Name, Vec<(u32, RData)>>,
 }
@@ -41,6 +45,9 @@ impl Zone {
             subnet,
             names: HashMap::new(),
             reverse: HashMap::new(),
+            prefix6: None,
+            names6: HashMap::new(),
+            reverse6: HashMap::new(),
             records: HashMap::new(),
         }
     }
@@ -51,6 +58,9 @@ impl Zone {
         *self = Zone {
             names: std::mem::take(&mut self.names),
             reverse: std::mem::take(&mut self.reverse),
+            prefix6: cfg.ipv6,
+            names6: std::mem::take(&mut self.names6),
+            reverse6: std::mem::take(&mut self.reverse6),
             ..Zone::new(&cfg.domain, cfg.subnet)
         };
         let host = cfg.host_access.filter(|_| !cfg.host_alias.is_empty());
@@ -92,14 +102,39 @@ impl Zone {
         }
     }
 
+    /// Points `label`'s AAAA at `ip` (replacing what either had).
+    pub fn set6(&mut self, label: &str, ip: Ipv6Addr) {
+        let label = label.to_ascii_lowercase();
+        if let Some(old) = self.names6.insert(label.clone(), ip) {
+            self.reverse6.remove(&old);
+        }
+        if let Some(old_label) = self.reverse6.insert(ip, label.clone()) {
+            if old_label != label {
+                self.names6.remove(&old_label);
+            }
+        }
+    }
+
+    /// Removes the name that holds `ip`, with its IPv6 address.
     pub fn remove_ip(&mut self, ip: Ipv4Addr) {
         if let Some(label) = self.reverse.remove(&ip) {
             self.names.remove(&label);
+            if let Some(ip6) = self.names6.remove(&label) {
+                self.reverse6.remove(&ip6);
+            }
         }
     }
 
     pub fn lookup(&self, label: &str) -> Option<Ipv4Addr> {
         self.names.get(&label.to_ascii_lowercase()).copied()
+    }
+
+    pub fn lookup6(&self, label: &str) -> Option<Ipv6Addr> {
+        self.names6.get(&label.to_ascii_lowercase()).copied()
+    }
+
+    fn known(&self, label: &str) -> bool {
+        self.lookup(label).is_some() || self.lookup6(label).is_some()
     }
 
     fn fqdn(&self, label: &str) -> Option<Name> {
@@ -137,19 +172,28 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
     let qname = q.name().to_lowercase();
     let qtype = q.query_type();
 
-    // PTR for our own subnet.
-    if let Ok(ipnet::IpNet::V4(net)) = qname.parse_arpa_name() {
-        if net.prefix_len() == 32 && zone.subnet.contains(&net.addr()) {
-            let answer = zone.reverse.get(&net.addr()).and_then(|l| zone.fqdn(l));
-            return Ok(match (qtype, answer) {
-                (RecordType::PTR, Some(target)) => {
-                    let rec = Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::PTR(PTR(target)));
-                    respond(&req, ResponseCode::NoError, vec![rec])
-                }
-                (_, Some(_)) => respond(&req, ResponseCode::NoError, vec![]),
-                (_, None) => respond(&req, ResponseCode::NXDomain, vec![]),
-            });
+    // PTR for our own subnet and prefix.
+    let reverse = match qname.parse_arpa_name() {
+        Ok(ipnet::IpNet::V4(net)) if net.prefix_len() == 32 && zone.subnet.contains(&net.addr()) => {
+            Some(zone.reverse.get(&net.addr()))
         }
+        Ok(ipnet::IpNet::V6(net))
+            if net.prefix_len() == 128 && zone.prefix6.is_some_and(|p| p.contains(&net.addr())) =>
+        {
+            Some(zone.reverse6.get(&net.addr()))
+        }
+        _ => None,
+    };
+    if let Some(label) = reverse {
+        let answer = label.and_then(|l| zone.fqdn(l));
+        return Ok(match (qtype, answer) {
+            (RecordType::PTR, Some(target)) => {
+                let rec = Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::PTR(PTR(target)));
+                respond(&req, ResponseCode::NoError, vec![rec])
+            }
+            (_, Some(_)) => respond(&req, ResponseCode::NoError, vec![]),
+            (_, None) => respond(&req, ResponseCode::NXDomain, vec![]),
+        });
     }
 
     if let Some(records) = zone.records.get(&{
@@ -170,25 +214,27 @@ pub fn decide(zone: &Zone, query: &[u8]) -> Result<Decision, Malformed> {
             return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
         }
         qname.iter().next().map(|l| String::from_utf8_lossy(l).into_owned())
-    } else if qname.num_labels() == 1
-        && zone
-            .lookup(&String::from_utf8_lossy(qname.iter().next().unwrap_or_default()))
-            .is_some()
-    {
+    } else if qname.num_labels() == 1 && zone.known(&String::from_utf8_lossy(qname.iter().next().unwrap_or_default())) {
         qname.iter().next().map(|l| String::from_utf8_lossy(l).into_owned())
     } else if qname == zone.domain {
         return Ok(respond(&req, ResponseCode::NoError, vec![]));
     } else {
         return Ok(Decision::Forward { qname });
     };
-    let Some(ip) = label.as_deref().and_then(|l| zone.lookup(l)) else {
+    let label = label.unwrap_or_default();
+    if !zone.known(&label) {
         return Ok(respond(&req, ResponseCode::NXDomain, vec![]));
-    };
-    let answers = match qtype {
-        RecordType::A | RecordType::ANY => vec![Record::from_rdata(q.name().clone(), LOCAL_TTL, RData::A(A(ip)))],
-        // The name exists but has no such record: NOERROR with no data.
-        _ => vec![],
-    };
+    }
+    // A name without the asked type still exists: NOERROR with no data.
+    let any = qtype == RecordType::ANY;
+    let a = zone.lookup(&label).filter(|_| any || qtype == RecordType::A);
+    let aaaa = zone.lookup6(&label).filter(|_| any || qtype == RecordType::AAAA);
+    let answers = a
+        .map(|ip| RData::A(A(ip)))
+        .into_iter()
+        .chain(aaaa.map(|ip| RData::AAAA(AAAA(ip))))
+        .map(|d| Record::from_rdata(q.name().clone(), LOCAL_TTL, d))
+        .collect();
     Ok(respond(&req, ResponseCode::NoError, answers))
 }
 
@@ -368,6 +414,50 @@ mod tests {
             decide(&z, &query("1.1.168.192.in-addr.arpa", RecordType::PTR, false)).unwrap(),
             Decision::Forward { .. }
         ));
+    }
+
+    #[test]
+    fn on_a_network_with_ipv6_names_have_aaaa_and_their_addresses_reverse_in_ip6_arpa() {
+        let mut cfg = crate::GatewayConfig::new("n", "10.77.0.0/24".parse().unwrap());
+        cfg.ipv6 = Some("fd00:77::/64".parse().unwrap());
+        let mut z = zone();
+        z.configure(&cfg);
+        let web6: Ipv6Addr = "fd00:77::5054:ff:fe00:5".parse().unwrap();
+        z.set6("web", web6);
+        let m = answer(&z, "web.vm.internal", RecordType::AAAA);
+        assert!(matches!(m.answers[..], [Record { data: RData::AAAA(AAAA(ip)), .. }] if ip == web6));
+        let any = answer(&z, "web", RecordType::ANY);
+        assert_eq!(any.answers.len(), 2, "A and AAAA: {any:?}");
+        let arpa = |ip: Ipv6Addr| {
+            let nibbles: Vec<String> = ip
+                .octets()
+                .iter()
+                .rev()
+                .flat_map(|b| [b & 0xf, b >> 4])
+                .map(|n| format!("{n:x}"))
+                .collect();
+            format!("{}.ip6.arpa", nibbles.join("."))
+        };
+        let m = answer(&z, &arpa(web6), RecordType::PTR);
+        assert!(matches!(&m.answers[0].data, RData::PTR(PTR(n)) if n.to_utf8() == "web.vm.internal."));
+        let nobody = answer(&z, &arpa("fd00:77::9".parse().unwrap()), RecordType::PTR);
+        assert_eq!(nobody.metadata.response_code, ResponseCode::NXDomain);
+        assert!(matches!(
+            decide(
+                &z,
+                &query(&arpa("2001:db8::1".parse().unwrap()), RecordType::PTR, false)
+            )
+            .unwrap(),
+            Decision::Forward { .. }
+        ));
+        // A lease's end takes both addresses with the name.
+        z.remove_ip(Ipv4Addr::new(10, 77, 0, 5));
+        let gone = answer(&z, "web.vm.internal", RecordType::AAAA);
+        assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(
+            answer(&z, &arpa(web6), RecordType::PTR).metadata.response_code,
+            ResponseCode::NXDomain
+        );
     }
 
     #[test]

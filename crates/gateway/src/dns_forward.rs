@@ -1,7 +1,7 @@
 //! Queries the gateway does not answer itself go upstream, bounded per client and in
 //! total, each answered back to its client (UDP) or its TCP connection.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use crate::*;
 /// Releases a query's place in the in-flight bounds when its task ends.
 pub(crate) struct InflightGuard {
     shared: Arc<Shared>,
-    client: Ipv4Addr,
+    client: IpAddr,
 }
 
 impl Drop for InflightGuard {
@@ -31,7 +31,7 @@ pub(crate) fn spawn_forward(
     sock: &Arc<crate::port::GatewayPort>,
     query: Vec<u8>,
     qname: hickory_proto::rr::Name,
-    client_ip: Ipv4Addr,
+    client_ip: IpAddr,
     reply_to: ReplyTo,
     tcp_answers: Option<tokio::sync::mpsc::UnboundedSender<(smoltcp::iface::SocketHandle, Vec<u8>)>>,
 ) {
@@ -79,12 +79,13 @@ pub(crate) fn spawn_forward(
                 ReplyTo::Udp {
                     client_mac,
                     client,
-                    server_ip,
+                    server,
                 },
                 _,
             ) => {
-                let frame = wire::udp_frame(cfg.gateway_mac, client_mac, (server_ip, 53), client, &bytes);
-                let _ = sock.send(&frame).await;
+                if let Some(frame) = wire::udp_frame_to(cfg.gateway_mac, client_mac, server, client, &bytes) {
+                    let _ = sock.send(&frame).await;
+                }
             }
             (ReplyTo::Tcp(handle), Some(tx)) => {
                 let _ = tx.send((handle, bytes));

@@ -89,8 +89,9 @@ struct State {
 enum ReplyTo {
     Udp {
         client_mac: Mac,
-        client: (Ipv4Addr, u16),
-        server_ip: Ipv4Addr,
+        client: std::net::SocketAddr,
+        /// The gateway's address the query went to (port 53).
+        server: std::net::SocketAddr,
     },
     Tcp(smoltcp::iface::SocketHandle),
 }
@@ -102,7 +103,7 @@ struct Shared {
     state: Mutex<State>,
     upstreams: UpstreamSet,
     inflight_total: AtomicUsize,
-    inflight_by_client: Mutex<HashMap<Ipv4Addr, usize>>,
+    inflight_by_client: Mutex<HashMap<std::net::IpAddr, usize>>,
     events: Mutex<Option<mpsc::Sender<LeaseEvent>>>,
     udp: Arc<udp_nat::UdpNat>,
     icmp: Arc<icmp_nat::IcmpNat>,
@@ -124,6 +125,9 @@ impl Shared {
             LeaseEvent::Bound(l) => {
                 if let Some(name) = &l.hostname {
                     st.zone.set(name, l.ip);
+                    if let Some(ip6) = self.ctx.cfg().slaac_address_of(l.mac) {
+                        st.zone.set6(name, ip6);
+                    }
                 }
                 leased.insert(l.ip);
             }
@@ -177,9 +181,15 @@ impl Gateway {
         let mut zone = Zone::new(&cfg.domain, cfg.subnet);
         zone.configure(&cfg);
         zone.set("gateway", cfg.gateway_ip);
+        if let Some(ip6) = cfg.gateway_ip6() {
+            zone.set6("gateway", ip6);
+        }
         for l in dhcp.leases() {
             if let Some(name) = &l.hostname {
                 zone.set(name, l.ip);
+                if let Some(ip6) = cfg.slaac_address_of(l.mac) {
+                    zone.set6(name, ip6);
+                }
             }
         }
         let (tx, rx) = mpsc::channel();

@@ -1,6 +1,6 @@
 //! The gateway as its network's IPv6 router on the link (Neighbor Discovery, RFC 4861):
 //! it advertises the network's /64 for stateless autoconfiguration (RFC 4862) with the
-//! MTU, when asked and every few minutes; it answers Neighbour Solicitations for its
+//! MTU and its DNS server and search list (RFC 8106), when asked and every few minutes; it answers Neighbour Solicitations for its
 //! own addresses (its link-local one and the prefix's `::1`) and pings to them.
 //!
 //! It advertises a router lifetime of zero: it does not route IPv6 off the network yet,
@@ -102,7 +102,43 @@ pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Add
         mtu: Some(u32::from(cfg.mtu)),
         prefix_info,
     });
-    wire::icmp6_frame(cfg.gateway_mac, to.0, cfg.gateway_link_local(), to.1, &repr)
+    let dns = dns_options(cfg);
+    wire::icmp6_frame_with(cfg.gateway_mac, to.0, cfg.gateway_link_local(), to.1, &repr, &dns)
+}
+
+/// The RDNSS and DNSSL options (RFC 8106): the gateway's global address as the DNS
+/// server, the network's search list. By hand: smoltcp models neither. Their lifetime
+/// is three advertisement intervals, as the RFC asks.
+fn dns_options(cfg: &GatewayConfig) -> Vec<u8> {
+    const RDNSS: u8 = 25;
+    const DNSSL: u8 = 31;
+    let Some(server) = cfg.gateway_ip6() else {
+        return vec![];
+    };
+    let lifetime = u32::try_from(cfg.router_advert_interval.as_secs() * 3).unwrap_or(u32::MAX);
+    let mut out = vec![RDNSS, 3, 0, 0];
+    out.extend(lifetime.to_be_bytes());
+    out.extend(server.octets());
+    // Each domain in DNS wire form (length-prefixed labels, a zero to end), the whole
+    // padded with zeros to 8-byte units. The config checked the names.
+    let mut names = Vec::new();
+    for domain in &cfg.search {
+        for label in domain.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+            names.push(label.len().min(63) as u8);
+            names.extend(label.bytes().take(63));
+        }
+        names.push(0);
+    }
+    if !names.is_empty() {
+        let len = (8 + names.len()).div_ceil(8) * 8;
+        if let Ok(units) = u8::try_from(len / 8) {
+            out.extend([DNSSL, units, 0, 0]);
+            out.extend(lifetime.to_be_bytes());
+            out.extend(&names);
+            out.resize(out.len() + len - 8 - names.len(), 0);
+        }
+    }
+    out
 }
 
 /// The advertisement sent unasked, to all nodes.
@@ -177,6 +213,15 @@ mod tests {
             .flags
             .contains(NdiscPrefixInfoFlags::ADDRCONF | NdiscPrefixInfoFlags::ON_LINK));
         assert_eq!(lladdr.unwrap().as_bytes(), &cfg.gateway_mac.0);
+        // RDNSS: the gateway's global address; DNSSL: the search list, in wire form.
+        let body = &reply[54..];
+        let rdnss = body.windows(2).position(|w| w == [25, 3]).expect("an RDNSS option");
+        assert_eq!(&body[rdnss + 8..rdnss + 24], &cfg.gateway_ip6().unwrap().octets());
+        assert!(
+            body.windows(13).any(|w| w == b"\x02vm\x08internal\x00"),
+            "a DNSSL option"
+        );
+        assert_eq!(body.len() % 8, 0, "options fill whole 8-byte units");
 
         // One without an address yet hears it through all nodes.
         let frame = from_guest(

@@ -135,7 +135,7 @@ pub(crate) async fn run_tcp(
         let _ = sock.send(&frame).await;
     }
     for (handle, query, qname) in out.forward {
-        let client = Ipv4Addr::UNSPECIFIED; // TCP connections share one in-flight budget
+        let client = Ipv4Addr::UNSPECIFIED.into(); // TCP connections share one in-flight budget
         spawn_forward(
             shared,
             sock,

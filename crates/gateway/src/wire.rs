@@ -5,7 +5,7 @@
 //! packet, a TCP segment's numbers), so an answer is never built by parsing the frame
 //! again; the builders emit complete frames with checksums.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
@@ -48,6 +48,14 @@ pub enum Inbound<'a> {
     Tcp(TcpHead),
     /// ICMPv6 the gateway answers (its checksum checked).
     Icmp6(Icmp6<'a>),
+    /// A UDP datagram over IPv6 (its checksum checked).
+    Udp6 {
+        src_mac: Mac,
+        dst_mac: Mac,
+        src: SocketAddrV6,
+        dst: SocketAddrV6,
+        payload: &'a [u8],
+    },
     /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6
     /// other than the ICMPv6 above).
     Ignored,
@@ -82,7 +90,7 @@ impl Inbound<'_> {
                 sender_ip, sender_mac, ..
             } => Some((sender_ip, sender_mac)),
             Inbound::IcmpEcho { src_ip, src_mac, .. } | Inbound::Udp { src_ip, src_mac, .. } => Some((src_ip, src_mac)),
-            Inbound::Tcp(_) | Inbound::Icmp6(_) | Inbound::Ignored => None,
+            Inbound::Tcp(_) | Inbound::Icmp6(_) | Inbound::Udp6 { .. } | Inbound::Ignored => None,
         }
     }
 }
@@ -251,14 +259,28 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
 fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_>, WireError> {
     let pkt = Ipv6Packet::new_checked(packet).map_err(|_| WireError::Ipv6)?;
     let ip = Ipv6Repr::parse(&pkt).map_err(|_| WireError::Ipv6)?;
-    // Extension headers (a hop-by-hop one before MLD, say) lead to nothing it serves.
-    if ip.next_header != IpProtocol::Icmpv6 {
-        return Ok(Inbound::Ignored);
-    }
     // new_checked saw the payload length fit.
     let body = packet.get(40..40 + ip.payload_len).ok_or(WireError::Ipv6)?;
+    let caps = ChecksumCapabilities::default();
+    // Extension headers (a hop-by-hop one before MLD, say) lead to nothing it serves.
+    match ip.next_header {
+        IpProtocol::Icmpv6 => {}
+        IpProtocol::Udp => {
+            let udp = UdpPacket::new_checked(body).map_err(|_| WireError::Udp)?;
+            let (src, dst) = (IpAddress::Ipv6(ip.src_addr), IpAddress::Ipv6(ip.dst_addr));
+            let repr = UdpRepr::parse(&udp, &src, &dst, &caps).map_err(|_| WireError::Udp)?;
+            return Ok(Inbound::Udp6 {
+                src_mac,
+                dst_mac,
+                src: SocketAddrV6::new(ip.src_addr, repr.src_port, 0, 0),
+                dst: SocketAddrV6::new(ip.dst_addr, repr.dst_port, 0, 0),
+                payload: udp.payload(),
+            });
+        }
+        _ => return Ok(Inbound::Ignored),
+    }
     let icmp = Icmpv6Packet::new_checked(body).map_err(|_| WireError::Icmp)?;
-    let message = match Icmpv6Repr::parse(&ip.src_addr, &ip.dst_addr, &icmp, &ChecksumCapabilities::default()) {
+    let message = match Icmpv6Repr::parse(&ip.src_addr, &ip.dst_addr, &icmp, &caps) {
         Ok(Icmpv6Repr::EchoRequest { ident, seq_no, data }) => Icmp6Message::EchoRequest { ident, seq_no, data },
         Ok(Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { .. })) => Icmp6Message::RouterSolicit,
         Ok(Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, lladdr })) => Icmp6Message::NeighbourSolicit {
@@ -367,6 +389,50 @@ pub fn udp_frame(src_mac: Mac, dst_mac: Mac, src: (Ipv4Addr, u16), dst: (Ipv4Add
         &ChecksumCapabilities::default(),
     );
     buf
+}
+
+/// A complete Ethernet/IPv6/UDP frame (hop limit 64).
+pub fn udp6_frame(src_mac: Mac, dst_mac: Mac, src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+    const IPV6: usize = 40;
+    let mut buf = vec![0u8; ETH + IPV6 + UDP + payload.len()];
+    ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv6);
+    Ipv6Repr {
+        src_addr: *src.ip(),
+        dst_addr: *dst.ip(),
+        next_header: IpProtocol::Udp,
+        payload_len: UDP + payload.len(),
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv6Packet::new_unchecked(&mut buf[ETH..ETH + IPV6]));
+    UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    }
+    .emit(
+        &mut UdpPacket::new_unchecked(&mut buf[ETH + IPV6..]),
+        &IpAddress::Ipv6(*src.ip()),
+        &IpAddress::Ipv6(*dst.ip()),
+        payload.len(),
+        |p| p.copy_from_slice(payload),
+        &ChecksumCapabilities::default(),
+    );
+    buf
+}
+
+/// A UDP frame over whichever IP version the addresses are (both the same); `None`
+/// for a mixed pair.
+pub fn udp_frame_to(src_mac: Mac, dst_mac: Mac, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => Some(udp_frame(
+            src_mac,
+            dst_mac,
+            (*s.ip(), s.port()),
+            (*d.ip(), d.port()),
+            payload,
+        )),
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => Some(udp6_frame(src_mac, dst_mac, s, d, payload)),
+        _ => None,
+    }
 }
 
 /// An ARP request from the gateway asking who has `target`.

@@ -218,8 +218,9 @@ pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &st
 }
 
 /// The udhcpc script: takes the address and writes what it was told, one `VAR=value`
-/// a line, to `env` beside itself.
-const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"; env > \"$(dirname \"$0\")/env\" ;; esac\n";
+/// a line, to `env` beside itself. It flushes IPv4 only: IPv6 addresses (link-local,
+/// SLAAC) are the kernel's.
+const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"; env > \"$(dirname \"$0\")/env\" ;; esac\n";
 
 /// One busybox udhcpc exchange in namespace `ns` on `ifname` (up to 10 tries a second
 /// apart; `extra` adds flags such as `-r IP` or `-O staticroutes`): the variables its

@@ -1,6 +1,7 @@
 //! IPv6 on a userspace network, with real kernels: guest namespaces on TAP ports form
 //! their addresses from the gateway's Router Advertisements (SLAAC), ping the gateway
-//! and each other; a hostile guest's Router Advertisement and its Neighbour
+//! and each other, and resolve over IPv6 with dig (AAAA of a VM name, its PTR in
+//! ip6.arpa, a forwarded name from a loopback upstream); a hostile guest's Router Advertisement and its Neighbour
 //! Advertisement for another guest's address reach no one (checked in the others'
 //! routes and neighbour tables, and in its port's counters); the prefix survives a
 //! restart. Needs root (TAP ports, namespaces).
@@ -151,10 +152,14 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     }
     let dir = tmp("slaac");
     let d = harness::start(&dir, None);
+    let upstream_port = 20000 + (std::process::id() % 20000) as u16 + 606;
+    let _upstream = testkit::loopback_resolver(&dir, upstream_port, "outside.test", "192.0.2.7");
+    let upstream = format!("127.0.0.1:{upstream_port}");
     let (s, net) = d.call(
         "POST",
         "/v1/networks",
-        Some(json!({"name": "six", "subnet": "10.96.0.0/24", "ipv6": "auto"})),
+        Some(json!({"name": "six", "subnet": "10.96.0.0/24", "ipv6": "auto",
+                    "settings": {"dns": {"upstreams": [upstream]}}})),
     );
     assert_eq!(s, 201, "{net}");
     let prefix: ipnet::Ipv6Net = net["ipv6"].as_str().expect("a derived prefix").parse().unwrap();
@@ -188,6 +193,30 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     let routes = a.ip6(&["route", "show"]);
     assert!(routes.contains(&prefix.to_string()), "{routes}");
     assert!(!routes.contains("default"), "{routes}");
+
+    // Names over IPv6: a leases with a hostname (IPv4, as before); its name then has
+    // an AAAA, its SLAAC address, which b reads from the gateway's IPv6 address.
+    let lease = testkit::udhcpc_once(&a.ns.0, &a.ifname, &dir, &["-x", "hostname:alpha"]);
+    assert!(lease.contains_key("ip"), "{lease:?}");
+    assert_eq!(a.slaac_address(), a_ip, "the IPv4 lease left IPv6 alone");
+    let dig = |g: &TapGuest, args: &[&str]| {
+        let server = format!("@{gateway_ip}");
+        let mut all = vec![
+            "ip", "netns", "exec", &g.ns.0, "dig", "+short", "+time=2", "+tries=2", &server,
+        ];
+        all.extend(args);
+        let (ok, out) = sh(&all);
+        assert!(ok, "dig {args:?}: {out}");
+        out.trim().to_string()
+    };
+    assert_eq!(dig(&b, &["AAAA", "alpha.vm.internal"]), a_ip.to_string());
+    assert_eq!(dig(&b, &["-x", &a_ip.to_string()]), "alpha.vm.internal.");
+    assert_eq!(dig(&b, &["AAAA", "gateway.vm.internal"]), gateway_ip.to_string());
+    assert_eq!(
+        dig(&b, &["A", "outside.test"]),
+        "192.0.2.7",
+        "forwarded, asked over IPv6"
+    );
 
     // A hostile guest advertises itself as a router with a prefix of its own, and
     // claims guest a's address for its own MAC, from its own link-local address
