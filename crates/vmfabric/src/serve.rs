@@ -143,12 +143,16 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         let _guard = rt.enter();
         match activated_listener()? {
             Some(l) => (l, true),
-            None => (api::bind(&args.socket)?, false),
+            None => {
+                let gid = args.socket_group.as_deref().map(group_gid).transpose()?;
+                let listener = api::bind_shared(&args.socket, gid)?;
+                if let (Some(group), Some(gid)) = (&args.socket_group, gid) {
+                    info!(group, gid, "API socket shared with a group");
+                }
+                (listener, false)
+            }
         }
     };
-    if let (Some(group), false) = (&args.socket_group, activated) {
-        share_with_group(&args.socket, group)?;
-    }
     // Only a socket this daemon made is its to remove; systemd keeps its own.
     let socket_inode = std::fs::metadata(&args.socket)
         .ok()
@@ -242,19 +246,15 @@ fn activated_listener() -> Result<Option<tokio::net::UnixListener>> {
 }
 
 /// Gives `group` read and write on the socket (0660).
-fn share_with_group(socket: &std::path::Path, group: &str) -> Result<()> {
-    let gid = match group.parse::<u32>() {
-        Ok(n) => n,
+/// A `--socket-group` as a group id: a number, or a name from /etc/group.
+fn group_gid(group: &str) -> Result<u32> {
+    match group.parse::<u32>() {
+        Ok(n) => Ok(n),
         Err(_) => {
             let text = std::fs::read_to_string("/etc/group").context("read /etc/group")?;
-            group_id(&text, group).with_context(|| format!("no group named {group:?} in /etc/group"))?
+            group_id(&text, group).with_context(|| format!("no group named {group:?} in /etc/group"))
         }
-    };
-    rustix::fs::chown(socket, None, Some(rustix::fs::Gid::from_raw(gid)))
-        .with_context(|| format!("give {} to group {group}", socket.display()))?;
-    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
-    info!(group, gid, "API socket shared with a group");
-    Ok(())
+    }
 }
 
 /// A group's id from /etc/group text. Read by hand: the C library's getgrnam is not

@@ -11,6 +11,8 @@ mod error;
 mod handlers;
 
 use std::path::Path;
+
+use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -268,6 +270,13 @@ pub fn metrics_router(control: Arc<Control>) -> Router {
 /// when something other than a socket is at the path; removes a stale socket left by
 /// a crash.
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    bind_shared(path, None)
+}
+
+/// The same, the socket shared with group `gid` (mode 0660) when given. The socket is
+/// bound under a temporary name, given its mode and group, and only then renamed into
+/// place: nobody ever finds it at `path` with a wider mode or the wrong group.
+pub fn bind_shared(path: &Path, gid: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -285,8 +294,27 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging)?;
+    let placed = (|| {
+        let mode = match gid {
+            Some(gid) => {
+                rustix::fs::chown(&staging, None, Some(rustix::fs::Gid::from_raw(gid)))
+                    .with_context(|| format!("give {} to group {gid}", path.display()))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&staging, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        std::fs::rename(&staging, path)?;
+        anyhow::Ok(())
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
     Ok(listener)
 }
 
