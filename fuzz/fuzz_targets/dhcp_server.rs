@@ -1,5 +1,6 @@
-//! The DHCP server with a lease store, fed a sequence of messages from a few clients.
-//! Input: records of [client byte, time step, length (2 bytes), message].
+//! The DHCP server with a lease store, fed a sequence of messages from a few clients,
+//! DHCPv4 and DHCPv6 (the client byte's top bit picks v6). Input: records of [client
+//! byte, time step, length (2 bytes), message].
 #![no_main]
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mut cfg = GatewayConfig::new("f", "10.9.0.0/29".parse().unwrap());
     cfg.lease_time = std::time::Duration::from_secs(60);
+    cfg.ipv6 = Some("fd00:9::/64".parse().unwrap());
     let mut server = DhcpServer::new(
         Arc::new(cfg),
         Arc::new(GatewayCounters::default()),
@@ -26,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[msg.len()..];
         now += u64::from(step);
         let from = Mac([2, 0, 0, 0, 0, client % 8]);
-        let _ = server.handle(msg, from, now);
+        if client & 0x80 != 0 {
+            let _ = server.handle6(msg, from, now);
+        } else {
+            let _ = server.handle(msg, from, now);
+        }
         let _ = server.expire(now);
     }
 });

@@ -468,9 +468,25 @@ impl GatewayConfig {
         Some(slaac_address(self.ipv6?.network(), mac))
     }
 
+    /// The address DHCPv6 gives a guest with `mac` (none without IPv6): see
+    /// [`dhcp6_address`].
+    pub fn dhcp6_address_of(&self, mac: Mac) -> Option<Ipv6Addr> {
+        Some(dhcp6_address(self.ipv6?, mac))
+    }
+
     /// Whether `ip` is one of the gateway's IPv6 addresses (none without IPv6).
     pub fn is_gateway_ip6(&self, ip: Ipv6Addr) -> bool {
         self.ipv6.is_some() && (Some(ip) == self.gateway_ip6() || ip == self.gateway_link_local())
+    }
+}
+
+#[cfg(test)]
+impl GatewayConfig {
+    /// 10.9.0.0/24 with fd00:9::/64: the dual-stack network of the unit tests.
+    pub(crate) fn dual_stack_for_tests() -> GatewayConfig {
+        let mut cfg = GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap());
+        cfg.ipv6 = Some("fd00:9::/64".parse().unwrap());
+        cfg
     }
 }
 
@@ -482,6 +498,30 @@ pub fn slaac_address(prefix: Ipv6Addr, mac: Mac) -> Ipv6Addr {
     let iid = [m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
     let mut octets = prefix.octets();
     octets[8..].copy_from_slice(&iid);
+    Ipv6Addr::from(octets)
+}
+
+/// The address DHCPv6 gives a guest with `mac` on `prefix`: a function of the two
+/// alone, so the port lock knows it from the port's birth and it is the same after any
+/// restart. Its interface identifier is hashed, with the universal/local bit clear and
+/// no `ff:fe` in the middle, so it is never a SLAAC address (modified EUI-64 of a MAC).
+pub fn dhcp6_address(prefix: Ipv6Net, mac: Mac) -> Ipv6Addr {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"vmfabric dhcp6\0");
+    h.update(prefix.network().octets());
+    h.update(mac.0);
+    let digest = h.finalize();
+    let mut octets = prefix.network().octets();
+    octets[8..].copy_from_slice(&digest[..8]);
+    octets[8] &= !0x02;
+    if octets[11] == 0xff && octets[12] == 0xfe {
+        octets[12] = 0;
+    }
+    // Never the subnet-router anycast ::0 nor the gateway's ::1.
+    if octets[8..15].iter().all(|b| *b == 0) && octets[15] <= 1 {
+        octets[15] = 2;
+    }
     Ipv6Addr::from(octets)
 }
 

@@ -46,6 +46,21 @@ counters! {
     dhcp_nak,
     /// DHCP messages that did not decode, or made no sense (no type, bad hardware address).
     dhcp_malformed,
+    dhcp6_solicit,
+    dhcp6_request,
+    dhcp6_renew,
+    dhcp6_rebind,
+    dhcp6_release,
+    dhcp6_decline,
+    dhcp6_confirm,
+    dhcp6_information_request,
+    dhcp6_advertise,
+    dhcp6_reply,
+    /// DHCPv6 messages that did not decode or broke the protocol's rules.
+    dhcp6_malformed,
+    /// Identity associations answered without an address (the MAC declined its own
+    /// address lately, or a hash collision gave it to another MAC).
+    dhcp6_no_addrs,
     /// Messages whose client hardware address is not the frame's source MAC: a guest
     /// speaking in another's name; dropped.
     dhcp_foreign_client,

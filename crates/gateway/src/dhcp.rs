@@ -21,7 +21,7 @@ use fabric::Mac;
 
 use crate::config::{GatewayConfig, ReservationKey};
 use crate::counters::GatewayCounters;
-use crate::leases::{Lease, LeaseStore};
+use crate::leases::{Lease, Lease6, LeaseStore};
 
 /// What binding or losing a lease means for the rest of vmfabric.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +57,8 @@ pub struct DhcpServer {
     /// Names the control plane knows for MACs (their port's label).
     name_hints: HashMap<Mac, String>,
     reservations: Vec<crate::config::Reservation>,
+    /// DHCPv6 bindings, on a network with an IPv6 prefix.
+    v6: crate::dhcp6::Server6,
 }
 
 use crate::names::sanitize_hostname;
@@ -81,6 +83,7 @@ impl DhcpServer {
             quarantine: HashMap::new(),
             name_hints: HashMap::new(),
             reservations: Vec::new(),
+            v6: Default::default(),
         };
         s.reservations = s.cfg.reservations.clone();
         match s.store.load() {
@@ -95,7 +98,26 @@ impl DhcpServer {
                 GatewayCounters::inc(&s.counters.lease_store_errors);
             }
         }
+        match s.store.load6() {
+            Ok(leases) => s.v6.load(&s.cfg, leases),
+            Err(e) => {
+                tracing::warn!("cannot load DHCPv6 leases, starting empty: {e}");
+                GatewayCounters::inc(&s.counters.lease_store_errors);
+            }
+        }
         s
+    }
+
+    /// Answers a DHCPv6 client message from `from` (see `dhcp6`): the reply's bytes.
+    pub fn handle6(&mut self, payload: &[u8], from: Mac, now: u64) -> Option<Vec<u8>> {
+        self.cfg.ipv6?;
+        self.v6
+            .handle(&self.cfg, &self.counters, &mut *self.store, payload, from, now)
+            .ok()
+    }
+
+    pub fn leases6(&self) -> impl Iterator<Item = &Lease6> {
+        self.v6.bindings()
     }
 
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
@@ -378,6 +400,7 @@ impl DhcpServer {
     pub fn release_port(&mut self, mac: Mac, now: u64) -> Option<LeaseEvent> {
         self.remove_offer(mac);
         self.name_hints.remove(&mac);
+        self.v6.release_port(mac, &self.counters, &mut *self.store);
         let ip = self.leases.get(&mac)?.ip;
         self.drop_lease(mac);
         self.quarantine
@@ -402,6 +425,7 @@ impl DhcpServer {
         let live = &self.offers;
         self.offered.retain(|_, mac| live.contains_key(mac));
         self.quarantine.retain(|_, (until, _)| *until > now);
+        self.v6.expire(now, &self.counters, &mut *self.store);
         let gone: Vec<(Mac, Ipv4Addr)> = self
             .leases
             .values()
@@ -421,7 +445,7 @@ impl DhcpServer {
     pub fn next_expiry(&self) -> Option<u64> {
         let leases = self.leases.values().map(|l| l.expires);
         let offers = self.offers.values().map(|(_, exp)| *exp);
-        leases.chain(offers).min()
+        leases.chain(offers).chain(self.v6.next_expiry()).min()
     }
 
     fn nak(&self, req: &v4::Message) -> Option<DhcpReply> {

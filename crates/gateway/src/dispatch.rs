@@ -57,6 +57,12 @@ pub(crate) enum Route<'a> {
         payload: &'a [u8],
     },
     Dns(Datagram<'a>),
+    /// A DHCPv6 client message (from port 546 to 547).
+    Dhcp6 {
+        src_mac: Mac,
+        src: std::net::SocketAddrV6,
+        payload: &'a [u8],
+    },
     /// A DNS query to one of the gateway's IPv6 addresses.
     Dns6 {
         src_mac: Mac,
@@ -85,7 +91,7 @@ impl Route<'_> {
         match self {
             Route::Arp { .. } => Service::Arp,
             Route::Echo(_) | Route::Icmp6(_) => Service::Icmp,
-            Route::Dhcp { .. } => Service::Dhcp,
+            Route::Dhcp { .. } | Route::Dhcp6 { .. } => Service::Dhcp,
             Route::Dns(_) | Route::Dns6 { .. } => Service::Dns,
             Route::GatewayTcp => Service::DnsTcp,
             Route::TcpNat(_) => Service::TcpNat,
@@ -187,6 +193,18 @@ pub(crate) fn route<'a>(
             }
         }
         Inbound::Icmp6(m) if cfg.ipv6.is_some() => Route::Icmp6(m),
+        Inbound::Udp6 {
+            src_mac,
+            src,
+            dst,
+            payload,
+            ..
+        } if (src.port(), dst.port()) == (546, 547)
+            && cfg.ipv6.is_some()
+            && (*dst.ip() == crate::dhcp6::ALL_SERVERS || cfg.is_gateway_ip6(*dst.ip())) =>
+        {
+            Route::Dhcp6 { src_mac, src, payload }
+        }
         Inbound::Udp6 {
             src_mac,
             src,
@@ -333,6 +351,14 @@ fn deliver(
                 .collect()
         }
         Route::Dns(d) => dns_query(shared, sock, d.src_mac, d.src.into(), d.dst.into(), d.payload),
+        Route::Dhcp6 { src_mac, src, payload } => {
+            let reply = shared.state().dhcp.handle6(payload, src_mac, unix_now());
+            let server = std::net::SocketAddrV6::new(cfg.gateway_link_local(), 547, 0, 0);
+            reply
+                .map(|r| wire::udp6_frame(cfg.gateway_mac, src_mac, server, src, &r))
+                .into_iter()
+                .collect()
+        }
         Route::Dns6 {
             src_mac,
             src,

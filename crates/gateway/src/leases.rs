@@ -17,6 +17,17 @@ pub struct Lease {
     pub expires: u64,
 }
 
+/// A DHCPv6 binding: the address a MAC holds, for the client that asked (its DUID and
+/// the identity association's id), until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease6 {
+    pub mac: Mac,
+    pub ip: std::net::Ipv6Addr,
+    pub duid: Vec<u8>,
+    pub iaid: u32,
+    pub expires: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("lease store: {0}")]
 pub struct StoreError(pub String);
@@ -27,6 +38,10 @@ pub trait LeaseStore: Send {
     fn load(&self) -> Result<Vec<Lease>, StoreError>;
     fn save(&mut self, lease: &Lease) -> Result<(), StoreError>;
     fn remove(&mut self, mac: Mac) -> Result<(), StoreError>;
+    /// The same for DHCPv6 bindings (one per MAC, apart from its IPv4 lease).
+    fn load6(&self) -> Result<Vec<Lease6>, StoreError>;
+    fn save6(&mut self, lease: &Lease6) -> Result<(), StoreError>;
+    fn remove6(&mut self, mac: Mac) -> Result<(), StoreError>;
 }
 
 /// Leases in memory. Clones share one table, so a test (or a restarted gateway in the
@@ -34,11 +49,16 @@ pub trait LeaseStore: Send {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryLeaseStore {
     leases: Arc<Mutex<HashMap<Mac, Lease>>>,
+    leases6: Arc<Mutex<HashMap<Mac, Lease6>>>,
 }
 
 impl MemoryLeaseStore {
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Lease>> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table6(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Lease6>> {
+        self.leases6.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -54,6 +74,20 @@ impl LeaseStore for MemoryLeaseStore {
 
     fn remove(&mut self, mac: Mac) -> Result<(), StoreError> {
         self.table().remove(&mac);
+        Ok(())
+    }
+
+    fn load6(&self) -> Result<Vec<Lease6>, StoreError> {
+        Ok(self.table6().values().cloned().collect())
+    }
+
+    fn save6(&mut self, lease: &Lease6) -> Result<(), StoreError> {
+        self.table6().insert(lease.mac, lease.clone());
+        Ok(())
+    }
+
+    fn remove6(&mut self, mac: Mac) -> Result<(), StoreError> {
+        self.table6().remove(&mac);
         Ok(())
     }
 }

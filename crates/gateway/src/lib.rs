@@ -14,6 +14,7 @@ pub mod config;
 pub mod contain;
 pub mod counters;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod dns;
 pub mod fd_budget;
 mod flows;
@@ -55,7 +56,7 @@ use fabric::{Mac, PortId, Switch};
 pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, TcpEngine, Upstreams};
 pub use counters::GatewayCounters;
 pub use dhcp::LeaseEvent;
-pub use leases::{Lease, LeaseStore, MemoryLeaseStore, StoreError};
+pub use leases::{Lease, Lease6, LeaseStore, MemoryLeaseStore, StoreError};
 
 use dhcp::DhcpServer;
 use dns::Zone;
@@ -308,6 +309,13 @@ impl Gateway {
     pub fn leases(&self) -> Vec<Lease> {
         let mut v: Vec<Lease> = self.shared.state().dhcp.leases().cloned().collect();
         v.sort_by_key(|l| u32::from(l.ip));
+        v
+    }
+
+    /// The DHCPv6 bindings now.
+    pub fn leases6(&self) -> Vec<Lease6> {
+        let mut v: Vec<Lease6> = self.shared.state().dhcp.leases6().cloned().collect();
+        v.sort_by_key(|l| l.ip);
         v
     }
 

@@ -156,9 +156,7 @@ mod tests {
     const GUEST: Mac = Mac([0x02, 0, 0, 0, 0, 0x10]);
 
     fn cfg() -> GatewayConfig {
-        let mut cfg = GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap());
-        cfg.ipv6 = Some("fd00:9::/64".parse().unwrap());
-        cfg
+        GatewayConfig::dual_stack_for_tests()
     }
 
     /// A guest's ICMPv6 message as the gateway classifies it.

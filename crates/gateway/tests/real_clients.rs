@@ -67,25 +67,30 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A namespace with one TAP port of the network inside, removed on drop.
+/// A namespace with one TAP port of the network inside, removed on drop (with its own
+/// resolv.conf: dhclient's script writes that one, not the host's).
 struct Host {
     ns: String,
+    _netns: testkit::Netns,
     ifname: String,
 }
 
 impl Host {
     fn new(sw: &Switch, network: &str, tag: &str) -> Host {
         let id = std::process::id() % 100_000;
-        let ns = format!("gw{id}{tag}");
-        let _ = run_out(&["ip", "netns", "del", &ns]);
-        sh(&["ip", "netns", "add", &ns]);
+        let netns = testkit::Netns::new(&format!("gw{id}{tag}"));
+        let ns = netns.0.clone();
         let (_, ifname) = sw
             .add_tap_port(network, tag, TapSource::Name(format!("gt{id}{tag}")))
             .unwrap();
         sh(&["ip", "link", "set", &ifname, "netns", &ns]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", &ns, "link", "set", &ifname, "up"]);
-        Host { ns, ifname }
+        Host {
+            ns,
+            _netns: netns,
+            ifname,
+        }
     }
 
     fn exec(&self, args: &[&str]) -> (bool, String) {
@@ -121,12 +126,6 @@ impl Host {
         full.extend(args);
         let (_, out) = self.exec(&full);
         out
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = run_out(&["ip", "netns", "del", &self.ns]);
     }
 }
 
@@ -287,8 +286,14 @@ fn dhclient_gets_and_releases_a_lease() {
     let host = Host::new(&net.sw, "beta", "b");
     let (pid, leases) = (dir.join("dhclient.pid"), dir.join("dhclient.leases"));
     let (pid, leases) = (pid.to_str().unwrap(), leases.to_str().unwrap());
+    let host_resolv_conf = std::fs::read("/etc/resolv.conf").ok();
     let (ok, out) = host.exec(&["dhclient", "-1", "-v", "-pf", pid, "-lf", leases, &host.ifname]);
     assert!(ok, "dhclient failed:\n{out}");
+    assert_eq!(
+        std::fs::read("/etc/resolv.conf").ok(),
+        host_resolv_conf,
+        "dhclient's script wrote the host's resolv.conf"
+    );
     wait_until("a lease", || net.gw.leases().len() == 1);
     let lease = net.gw.leases()[0].clone();
     assert_eq!(host.address(), Some(lease.ip), "dhclient configured the leased address");

@@ -35,7 +35,9 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// A network namespace the test made; deleted when dropped.
+/// A network namespace the test made; deleted when dropped. It has a resolv.conf of
+/// its own (`ip netns exec` mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf),
+/// so a DHCP client's script run inside writes that one, never the host's.
 pub struct Netns(pub String);
 
 impl Netns {
@@ -46,6 +48,9 @@ impl Netns {
             .stderr(std::process::Stdio::null())
             .status();
         run(&["ip", "netns", "add", name]);
+        let etc = std::path::Path::new("/etc/netns").join(name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("resolv.conf"), format!("# namespace {name}'s own\n")).unwrap();
         Netns(name.to_string())
     }
 }
@@ -53,6 +58,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&self.0));
     }
 }
 

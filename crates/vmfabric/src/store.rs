@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fabric::Mac;
-use gateway::{Lease, LeaseStore, StoreError};
+use gateway::{Lease, Lease6, LeaseStore, StoreError};
 use rusqlite::{params, Connection};
 
 use crate::model::{ForwardProto, ForwardSpec, Mtu, Name, NetworkSpec};
@@ -88,6 +88,15 @@ CREATE TABLE IF NOT EXISTS leases (
     expires INTEGER NOT NULL,
     PRIMARY KEY (network, mac)
 );
+CREATE TABLE IF NOT EXISTS leases6 (
+    network TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    duid TEXT NOT NULL,
+    iaid INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (network, mac)
+);
 ";
 
 impl Store {
@@ -154,6 +163,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM ports WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM leases WHERE network = ?1", [name])?;
+        tx.execute("DELETE FROM leases6 WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM reservations WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM policies WHERE network = ?1", [name])?;
         tx.execute("DELETE FROM forwards WHERE network = ?1", [name])?;
@@ -450,4 +460,79 @@ impl LeaseStore for SqliteLeaseStore {
             .map_err(store_err)?;
         Ok(())
     }
+
+    fn load6(&self) -> Result<Vec<Lease6>, StoreError> {
+        let conn = self.store.conn();
+        let mut st = conn
+            .prepare("SELECT mac, ip, duid, iaid, expires FROM leases6 WHERE network = ?1")
+            .map_err(store_err)?;
+        let rows = st
+            .query_map([&self.network], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(store_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mac, ip, duid, iaid, expires) = row.map_err(store_err)?;
+            let parsed = (mac.parse::<Mac>(), ip.parse::<std::net::Ipv6Addr>(), from_hex(&duid));
+            let (Ok(mac), Ok(ip), Some(duid)) = parsed else {
+                return Err(StoreError(format!("unreadable DHCPv6 lease row {mac} {ip}")));
+            };
+            out.push(Lease6 {
+                mac,
+                ip,
+                duid,
+                iaid: u32::try_from(iaid).unwrap_or_default(),
+                expires: expires.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn save6(&mut self, lease: &Lease6) -> Result<(), StoreError> {
+        let duid: String = lease.duid.iter().map(|b| format!("{b:02x}")).collect();
+        self.store
+            .conn()
+            .execute(
+                "INSERT OR REPLACE INTO leases6 (network, mac, ip, duid, iaid, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    self.network,
+                    lease.mac.to_string(),
+                    lease.ip.to_string(),
+                    duid,
+                    i64::from(lease.iaid),
+                    lease.expires as i64
+                ],
+            )
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    fn remove6(&mut self, mac: Mac) -> Result<(), StoreError> {
+        self.store
+            .conn()
+            .execute(
+                "DELETE FROM leases6 WHERE network = ?1 AND mac = ?2",
+                params![self.network, mac.to_string()],
+            )
+            .map_err(store_err)?;
+        Ok(())
+    }
+}
+
+/// Bytes from lower-case hex (a DUID as stored); `None` if it is not hex.
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }

@@ -1,10 +1,11 @@
 //! IPv6 on a userspace network, with real kernels: guest namespaces on TAP ports form
 //! their addresses from the gateway's Router Advertisements (SLAAC), ping the gateway
-//! and each other, and resolve over IPv6 with dig (AAAA of a VM name, its PTR in
-//! ip6.arpa, a forwarded name from a loopback upstream); a hostile guest's Router Advertisement and its Neighbour
-//! Advertisement for another guest's address reach no one (checked in the others'
-//! routes and neighbour tables, and in its port's counters); the prefix survives a
-//! restart. Needs root (TAP ports, namespaces).
+//! and each other, resolve over IPv6 with dig (AAAA of a VM name, its PTR in
+//! ip6.arpa, a forwarded name from a loopback upstream), and take a DHCPv6 lease with
+//! ISC dhclient (the address works, shows in the leases, survives a restart); a
+//! hostile guest's Router Advertisement and its Neighbour Advertisement for another
+//! guest's address reach no one (checked in the others' routes and neighbour tables,
+//! and in its port's counters). Needs root (TAP ports, namespaces).
 
 use std::net::Ipv6Addr;
 use std::os::unix::net::UnixDatagram;
@@ -218,6 +219,39 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
         "forwarded, asked over IPv6"
     );
 
+    // DHCPv6 (stateful) with ISC dhclient: a's address is the one its port is locked
+    // to, it works, and the lease shows beside a's IPv4 lease.
+    let want6 = gateway::config::dhcp6_address(prefix, a.mac);
+    let (pid, leases) = (dir.join("dhclient6.pid"), dir.join("dhclient6.leases"));
+    let (pid, leases) = (pid.to_str().unwrap(), leases.to_str().unwrap());
+    let (ok, out) = sh(&[
+        "ip", "netns", "exec", &a.ns.0, "timeout", "60", "dhclient", "-6", "-1", "-v", "-pf", pid, "-lf", leases,
+        &a.ifname,
+    ]);
+    assert!(ok, "dhclient -6: {out}");
+    let addrs = a.ip6(&["addr", "show", "dev", &a.ifname]);
+    assert!(
+        addrs.contains(&want6.to_string()),
+        "{want6} not configured:\n{addrs}\n{out}"
+    );
+    let (ok, out) = b.ping(&want6.to_string());
+    assert!(ok, "the DHCPv6 address answers: {out}");
+    let leased6 = |d: &harness::Running| {
+        let (_, v) = d.call("GET", "/v1/networks/six/leases", None);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["mac"] == a.mac.to_string())
+            .map(|l| l["ipv6"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(leased6(&d), want6.to_string());
+    assert_eq!(
+        dig(&b, &["AAAA", "alpha.vm.internal"]),
+        a_ip.to_string(),
+        "the name keeps its SLAAC address"
+    );
+
     // A hostile guest advertises itself as a router with a prefix of its own, and
     // claims guest a's address for its own MAC, from its own link-local address
     // (which its port allows): neither reaches a or b.
@@ -283,12 +317,14 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     assert_eq!(drops["rogue_ra"], 3, "{drops}");
     assert_eq!(drops["spoofed"], 3, "the advertisement for a's address: {drops}");
 
-    // The prefix is the network's for good: a restart brings back the same one.
-    drop((a, b));
+    // The prefix and the DHCPv6 lease are the network's for good: a restart brings
+    // back the same ones.
     d.stop();
     let d = harness::start(&dir, None);
     let (_, again) = d.call("GET", "/v1/networks/six", None);
     assert_eq!(again["ipv6"], net["ipv6"], "{again}");
+    assert_eq!(leased6(&d), want6.to_string(), "the DHCPv6 lease after a restart");
+    drop((a, b));
     d.stop();
 }
 

@@ -551,13 +551,19 @@ pub(crate) fn run(command: Command) -> Result<()> {
                     .map(|l| {
                         serde_json::json!({
                             "ip": l.ip,
+                            "ipv6": l.ipv6.map(|a| a.to_string()).unwrap_or_default(),
                             "mac": l.mac.to_string(),
                             "hostname": l.hostname,
                             "expires": format!("{} ({})", l.expires_at, table::relative(l.expires)),
                         })
                     })
                     .collect();
-                print_table(&c, &rows, &["ip", "mac", "hostname", "expires"]);
+                let columns: &[&str] = if v.iter().any(|l| l.ipv6.is_some()) {
+                    &["ip", "ipv6", "mac", "hostname", "expires"]
+                } else {
+                    &["ip", "mac", "hostname", "expires"]
+                };
+                print_table(&c, &rows, columns);
             }
             Ok(())
         }

@@ -157,17 +157,19 @@ impl PortLocker {
     }
 }
 
-/// The IPv6 addresses a MAC forms on a network with `prefix` (none without one): its
-/// link-local and its SLAAC address, both from the MAC (modified EUI-64), as Linux
-/// forms them by default. A guest that forms others (privacy or stable-privacy
-/// addresses) is held to these.
+/// The IPv6 addresses a MAC may use on a network with `prefix` (none without one): its
+/// link-local and SLAAC addresses, both from the MAC (modified EUI-64), as Linux forms
+/// them by default, and the address DHCPv6 gives it (a function of the MAC too). A
+/// guest that forms others (privacy or stable-privacy addresses) is held to these.
 fn ipv6_addresses(prefix: Option<ipnet::Ipv6Net>, mac: Mac) -> Vec<Ipv6Addr> {
+    use gateway::config::{dhcp6_address, slaac_address};
     let Some(prefix) = prefix else { return vec![] };
     let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);
-    [link_local, prefix.network()]
-        .into_iter()
-        .map(|p| gateway::config::slaac_address(p, mac))
-        .collect()
+    vec![
+        slaac_address(link_local, mac),
+        slaac_address(prefix.network(), mac),
+        dhcp6_address(prefix, mac),
+    ]
 }
 
 /// Runs a locker over `events` on its own thread until every sender is gone.

@@ -202,7 +202,7 @@ impl Control {
             .net(network)?
             .gateway
             .as_ref()
-            .map(|g| g.leases().into_iter().map(LeaseView::from).collect())
+            .map(|g| LeaseView::of(g.leases(), &g.leases6()))
             .unwrap_or_default())
     }
 

@@ -581,6 +581,13 @@ pub struct LeaseView {
     /// The same, in RFC 3339 (UTC).
     #[schema(format = DateTime)]
     pub expires_at: String,
+    /// The same MAC's DHCPv6 address, on a network with IPv6, while it holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv6)]
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// When that DHCPv6 binding runs out, in seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_expires: Option<u64>,
 }
 
 impl From<gateway::Lease> for LeaseView {
@@ -595,7 +602,26 @@ impl From<gateway::Lease> for LeaseView {
                 .and_then(|s| jiff::Timestamp::from_second(s).ok())
                 .map(|t| t.to_string())
                 .unwrap_or_default(),
+            ipv6: None,
+            ipv6_expires: None,
         }
+    }
+}
+
+impl LeaseView {
+    /// A network's leases, each with its MAC's DHCPv6 binding when there is one.
+    pub fn of(leases: Vec<gateway::Lease>, leases6: &[gateway::Lease6]) -> Vec<LeaseView> {
+        leases
+            .into_iter()
+            .map(|l| {
+                let v6 = leases6.iter().find(|b| b.mac == l.mac);
+                LeaseView {
+                    ipv6: v6.map(|b| b.ip),
+                    ipv6_expires: v6.map(|b| b.expires),
+                    ..LeaseView::from(l)
+                }
+            })
+            .collect()
     }
 }
 
