@@ -93,12 +93,13 @@ done
 
 cat > "$ROOT/etc/dhcp-hook" <<'EOF'
 #!/bin/sh
-# udhcpc calls this with the lease in its environment.
+# udhcpc calls this with the lease in its environment. It flushes IPv4 only: the
+# kernel's IPv6 addresses (link-local, SLAAC) stay.
 case "$1" in
 deconfig)
-    ip addr flush dev "$interface"; ip link set "$interface" up ;;
+    ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
 bound|renew)
-    ip addr flush dev "$interface"
+    ip -4 addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
     # With several NICs the first to lease (the readiness NIC) keeps the default

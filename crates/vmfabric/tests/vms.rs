@@ -359,3 +359,45 @@ fn a_vm_gets_its_nics_disks_seed_and_share() {
         );
     }
 }
+
+/// Real guests on a dual-stack network: each forms its IPv6 address from the gateway's
+/// advertisements (the Debian kernel's SLAAC), and one reaches the other by its name's
+/// AAAA (busybox's ping6 asks the gateway's DNS).
+#[test]
+fn guests_on_a_dual_stack_network_reach_each_other_by_aaaa() {
+    let Some(image) = common::guest_dir() else { return };
+    let dir = common::workdir("daemon-vms-ipv6");
+    let d = harness::start(&dir, Some(image));
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "dual", "subnet": "10.79.6.0/24", "ipv6": "fd00:79:6::/64"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = d.call("POST", "/v1/vms", Some(json!({"name": "web6", "network": "dual"})));
+    assert_eq!(s, 201, "{v}");
+    let web = d.wait_vm("web6", &["ready", "failed"]);
+    assert_eq!(web["state"], "ready", "{web}");
+    let web_mac: fabric::Mac = web["mac"].as_str().unwrap().parse().unwrap();
+    let web6 = gateway::config::slaac_address("fd00:79:6::".parse().unwrap(), web_mac);
+    // The client waits for its own global address, then pings web6 by name.
+    let cmd = "for i in $(seq 100); do ip -6 addr show scope global | grep -q inet6 && break; sleep 0.1; done; \
+               ip -6 addr show scope global; nslookup -type=AAAA web6; ping6 -c 2 -W 5 web6";
+    let (s, v) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "client6", "network": "dual", "cmd": cmd})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let client = d.wait_vm("client6", &["stopped", "failed"]);
+    let (_, logs) = d.call("GET", "/v1/vms/client6/logs", None);
+    let logs = logs.as_str().unwrap_or("");
+    assert!(
+        logs.contains("VMFABRIC_CMD_EXIT 0") && logs.contains(&web6.to_string()),
+        "{client}\n{logs}"
+    );
+    assert!(
+        logs.contains("fd00:79:6:"),
+        "the client formed an address on the prefix:\n{logs}"
+    );
+}
