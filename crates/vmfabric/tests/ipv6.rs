@@ -2,7 +2,7 @@
 //! their addresses from the gateway's Router Advertisements (SLAAC), ping the gateway
 //! and each other, resolve over IPv6 with dig (AAAA of a VM name, its PTR in
 //! ip6.arpa, a forwarded name from a loopback upstream), and take a DHCPv6 lease with
-//! ISC dhclient (the address works, shows in the leases, survives a restart); a
+//! ISC dhclient (the address works, shows in the leases, survives kill -9); a
 //! hostile guest's Router Advertisement and its Neighbour Advertisement for another
 //! guest's address reach no one (checked in the others' routes and neighbour tables,
 //! and in its port's counters). Needs root (TAP ports, namespaces).
@@ -46,7 +46,7 @@ struct TapGuest {
     mac: Mac,
 }
 
-fn tap_guest(d: &harness::Running, network: &str, name: &str) -> TapGuest {
+fn tap_guest(d: &harness::Process, network: &str, name: &str) -> TapGuest {
     let ifname = format!("vmf6{name}{}", std::process::id() % 10000);
     let (s, v) = d.call(
         "POST",
@@ -116,7 +116,7 @@ fn eui64(prefix: Ipv6Addr, mac: Mac) -> Ipv6Addr {
     gateway::config::slaac_address(prefix, mac)
 }
 
-fn port_drops(d: &harness::Running, network: &str, port: &str) -> Value {
+fn port_drops(d: &harness::Process, network: &str, port: &str) -> Value {
     let (_, stats) = d.call("GET", "/v1/stats", None);
     let net = stats
         .as_array()
@@ -134,7 +134,7 @@ fn port_drops(d: &harness::Running, network: &str, port: &str) -> Value {
 }
 
 /// A unixgram port of `network` driven by the test: its socket and MAC.
-fn raw_port(d: &harness::Running, dir: &Path, network: &str, name: &str) -> (UnixDatagram, Mac) {
+fn raw_port(d: &harness::Process, dir: &Path, network: &str, name: &str) -> (UnixDatagram, Mac) {
     let (s, port) = d.call(
         "POST",
         &format!("/v1/networks/{network}/ports"),
@@ -152,7 +152,9 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
         return;
     }
     let dir = tmp("slaac");
-    let d = harness::start(&dir, None);
+    // A daemon process, to be killed with -9 at the end.
+    let no_guests = dir.join("no-guests");
+    let d = harness::Process::start(&dir, &no_guests);
     let upstream_port = 20000 + (std::process::id() % 20000) as u16 + 606;
     let _upstream = testkit::loopback_resolver(&dir, upstream_port, "outside.test", "192.0.2.7");
     let upstream = format!("127.0.0.1:{upstream_port}");
@@ -178,6 +180,13 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     let b_ip = b.slaac_address();
     assert_eq!(a_ip, eui64(prefix.network(), a.mac));
     assert_eq!(b_ip, eui64(prefix.network(), b.mac));
+    // The API shows what each port may send from.
+    let (_, ports) = d.call("GET", "/v1/networks/six/ports", None);
+    let port_a = ports.as_array().unwrap().iter().find(|p| p["name"] == "a").unwrap();
+    assert!(
+        port_a["ipv6"].as_array().unwrap().contains(&json!(a_ip.to_string())),
+        "{port_a}"
+    );
 
     // The gateway at its global and link-local addresses, and one guest from the other.
     let (ok, out) = a.ping(&gateway_ip.to_string());
@@ -236,7 +245,7 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     );
     let (ok, out) = b.ping(&want6.to_string());
     assert!(ok, "the DHCPv6 address answers: {out}");
-    let leased6 = |d: &harness::Running| {
+    let leased6 = |d: &harness::Process| {
         let (_, v) = d.call("GET", "/v1/networks/six/leases", None);
         v.as_array()
             .unwrap()
@@ -317,15 +326,14 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     assert_eq!(drops["rogue_ra"], 3, "{drops}");
     assert_eq!(drops["spoofed"], 3, "the advertisement for a's address: {drops}");
 
-    // The prefix and the DHCPv6 lease are the network's for good: a restart brings
-    // back the same ones.
-    d.stop();
-    let d = harness::start(&dir, None);
+    // The prefix and the DHCPv6 lease are the network's for good: a daemon killed
+    // with -9 brings back the same ones.
+    d.kill_9();
+    let d = harness::Process::start(&dir, &no_guests);
     let (_, again) = d.call("GET", "/v1/networks/six", None);
     assert_eq!(again["ipv6"], net["ipv6"], "{again}");
-    assert_eq!(leased6(&d), want6.to_string(), "the DHCPv6 lease after a restart");
+    assert_eq!(leased6(&d), want6.to_string(), "the DHCPv6 lease after kill -9");
     drop((a, b));
-    d.stop();
 }
 
 #[test]

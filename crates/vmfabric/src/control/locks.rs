@@ -161,7 +161,7 @@ impl PortLocker {
 /// link-local and SLAAC addresses, both from the MAC (modified EUI-64), as Linux forms
 /// them by default, and the address DHCPv6 gives it (a function of the MAC too). A
 /// guest that forms others (privacy or stable-privacy addresses) is held to these.
-fn ipv6_addresses(prefix: Option<ipnet::Ipv6Net>, mac: Mac) -> Vec<Ipv6Addr> {
+pub(crate) fn ipv6_addresses(prefix: Option<ipnet::Ipv6Net>, mac: Mac) -> Vec<Ipv6Addr> {
     use gateway::config::{dhcp6_address, slaac_address};
     let Some(prefix) = prefix else { return vec![] };
     let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0);

@@ -407,13 +407,19 @@ impl Control {
             .ok_or_else(|| ControlError::NoNetwork(name.to_string()))
     }
 
-    fn view(&self, backend: &Backend, rec: &PortRecord, handle: &PortHandle) -> PortView {
-        self.port_view(
-            backend.is_kernel(),
+    /// A live port's view; on a network with IPv6 (`prefix`), with the IPv6 addresses
+    /// its lock allows (none known ahead for a port that learns its MAC).
+    fn view(&self, net: &state::NetState, rec: &PortRecord, handle: &PortHandle) -> PortView {
+        let mut v = self.port_view(
+            net.backend.is_kernel(),
             rec.clone(),
-            backend.port_up(&self.env(), handle),
+            net.backend.port_up(&self.env(), handle),
             None,
-        )
+        );
+        if !rec.learn_mac_once {
+            v.ipv6 = locks::ipv6_addresses(net.spec.ipv6, rec.mac);
+        }
+        v
     }
 
     /// A port's view, with what each VMM is given for it.
@@ -421,6 +427,7 @@ impl Control {
         let vmm = user_net::vmm_lines(&record, &self.run_dir, kernel);
         PortView {
             up,
+            ipv6: vec![],
             qemu_args: vmm.qemu.clone().unwrap_or_default(),
             vmm,
             record,
@@ -458,7 +465,7 @@ impl Control {
                 .remove_port(&env, net.gateway.as_deref(), &mut st.locker, &rec, &handle);
             return Err(e.into());
         }
-        let view = self.view(&net.backend, &rec, &handle);
+        let view = self.view(net, &rec, &handle);
         let kernel = net.backend.is_kernel();
         self.commit_port(st, rec, handle);
         if kernel {
@@ -569,11 +576,7 @@ impl Control {
     pub fn ports(&self, network: &str) -> Result<Vec<PortView>, ControlError> {
         let st = self.lock();
         let net = st.net(network)?;
-        let mut v: Vec<PortView> = net
-            .ports
-            .values()
-            .map(|p| self.view(&net.backend, &p.rec, &p.handle))
-            .collect();
+        let mut v: Vec<PortView> = net.ports.values().map(|p| self.view(net, &p.rec, &p.handle)).collect();
         let kernel = net.backend.is_kernel();
         v.extend(st.failed.ports.iter().filter_map(|((n, _), (rec, why))| {
             let rec = rec.clone().filter(|_| n == network)?;

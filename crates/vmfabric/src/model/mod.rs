@@ -527,6 +527,11 @@ pub struct PortView {
     #[serde(flatten)]
     pub record: PortRecord,
     pub up: bool,
+    /// On a network with IPv6: the addresses the port may send from (link-local, SLAAC
+    /// and DHCPv6, all from its MAC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub ipv6: Vec<std::net::Ipv6Addr>,
     /// The same as `vmm.qemu` (empty where QEMU cannot use the port).
     pub qemu_args: String,
     pub vmm: VmmLines,
