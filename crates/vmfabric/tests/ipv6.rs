@@ -209,6 +209,37 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     let lease = testkit::udhcpc_once(&a.ns.0, &a.ifname, &dir, &["-x", "hostname:alpha"]);
     assert!(lease.contains_key("ip"), "{lease:?}");
     assert_eq!(a.slaac_address(), a_ip, "the IPv4 lease left IPv6 alone");
+
+    // A forward whose host side listens on IPv6 loopback reaches a's IPv4 server.
+    let server = testkit::spawn_in_ns(&a.ns.0, || {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("0.0.0.0:8080").unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"hello over a v6 listener").unwrap();
+    });
+    let guest = format!("{}:8080", lease["ip"]);
+    let (s, fw) = d.call(
+        "POST",
+        "/v1/networks/six/forwards",
+        Some(json!({"host": "[::1]:0", "guest": guest})),
+    );
+    assert_eq!(s, 201, "{fw}");
+    let host: std::net::SocketAddr = fw["host"].as_str().unwrap().parse().unwrap();
+    assert!(host.is_ipv6() && host.port() != 0, "{fw}");
+    let mut got = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.is_empty() && Instant::now() < deadline {
+        use std::io::Read;
+        if let Ok(mut c) = std::net::TcpStream::connect(host) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = c.read_to_string(&mut got);
+        }
+        if got.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(got, "hello over a v6 listener");
+    server.join().unwrap();
     let dig = |g: &TapGuest, args: &[&str]| {
         let server = format!("@{gateway_ip}");
         let mut all = vec![
