@@ -154,7 +154,7 @@ struct Network {
     _rt: tokio::runtime::Runtime,
     sw: Switch,
     gw: Gateway,
-    _dnsmasq: Killed,
+    _dnsmasq: testkit::Resolver,
 }
 
 fn network(name: &str, subnet: &str, dir: &Path) -> Network {
@@ -166,10 +166,8 @@ fn network(name: &str, subnet: &str, dir: &Path) -> Network {
     let sw = Switch::start(SwitchConfig::default()).unwrap();
     sw.add_network(name, NetworkConfig::default()).unwrap();
     // The upstream: dnsmasq on loopback knows one outside name and nothing else.
-    // Tests run at once: each network's resolver has a port of its own.
-    let salt = subnet.bytes().map(u16::from).sum::<u16>() % 1000;
-    let port = 20000 + (std::process::id() % 20000) as u16 + salt;
-    let dnsmasq = testkit::loopback_resolver(dir, port, "outside.test", "192.0.2.7");
+    let dnsmasq = testkit::loopback_resolver(dir, "outside.test", "192.0.2.7");
+    let port = dnsmasq.port;
     let mut cfg = GatewayConfig::new(name, subnet.parse().unwrap());
     cfg.upstreams = Upstreams::Static(vec![format!("127.0.0.1:{port}").parse().unwrap()]);
     cfg.lease_time = Duration::from_secs(120);

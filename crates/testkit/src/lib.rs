@@ -182,11 +182,42 @@ impl Drop for Killed {
     }
 }
 
-/// dnsmasq on 127.0.0.1:`port` that answers `domain` and the names under it with `ip`
-/// and knows nothing else: an upstream resolver the test owns (tests never ask the
-/// machine's own). Its pid file goes in `dir`. Returns once it listens (it writes its
-/// pid file after binding); panics if it exits first (its port taken, say).
-pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &str) -> Killed {
+/// dnsmasq on 127.0.0.1 that answers `domain` and the names under it with `ip` and
+/// knows nothing else: an upstream resolver the test owns (tests never ask the
+/// machine's own). Killed when dropped.
+pub struct Resolver {
+    _child: Killed,
+    /// The port it answers on (UDP and TCP).
+    pub port: u16,
+}
+
+/// Starts a [`Resolver`] on a free port (tried anew if another process takes the port
+/// first: tests in other processes start resolvers too). Its pid file goes in `dir`.
+/// Returns once it listens (it writes its pid file after binding).
+pub fn loopback_resolver(dir: &std::path::Path, domain: &str, ip: &str) -> Resolver {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = free_loopback_port();
+        match start_dnsmasq(dir, port, domain, ip) {
+            Ok(child) => return Resolver { _child: child, port },
+            Err(why) => last = why,
+        }
+    }
+    panic!("dnsmasq did not start on a free port: {last}");
+}
+
+/// A port free on 127.0.0.1 for both UDP and TCP now.
+fn free_loopback_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn start_dnsmasq(dir: &std::path::Path, port: u16, domain: &str, ip: &str) -> Result<Killed, String> {
     let pid_file = dir.join(format!("dnsmasq-{port}.pid"));
     let _ = std::fs::remove_file(&pid_file);
     let mut child = Command::new("dnsmasq")
@@ -212,7 +243,7 @@ pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &st
             if let Some(mut e) = child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut e, &mut why);
             }
-            panic!("dnsmasq on 127.0.0.1:{port} exited ({status}): {why}");
+            return Err(format!("dnsmasq on 127.0.0.1:{port} exited ({status}): {why}"));
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -220,7 +251,7 @@ pub fn loopback_resolver(dir: &std::path::Path, port: u16, domain: &str, ip: &st
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Killed(child)
+    Ok(Killed(child))
 }
 
 /// The udhcpc script: takes the address and writes what it was told, one `VAR=value`

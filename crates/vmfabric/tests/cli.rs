@@ -549,10 +549,9 @@ fn gateway_settings_from_the_cli_reach_real_clients() {
     }
     let dir = tmp("settings");
     let id = std::process::id() % 100_000;
-    let base = 20000 + (id % 20000) as u16;
-    let (upstream_port, corp_port) = (base + 101, base + 102);
-    let upstream = testkit::loopback_resolver(&dir, upstream_port, "outside.test", "192.0.2.7");
-    let corp = testkit::loopback_resolver(&dir, corp_port, "corp.example", "198.51.100.9");
+    let upstream = testkit::loopback_resolver(&dir, "outside.test", "192.0.2.7");
+    let corp = testkit::loopback_resolver(&dir, "corp.example", "198.51.100.9");
+    let (upstream_port, corp_port) = (upstream.port, corp.port);
     let (ns, ifname) = (Netns(format!("gs{id}")), format!("gst{id}"));
     let _ = Command::new("ip")
         .args(["netns", "del", &ns.0])

@@ -155,9 +155,8 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     // A daemon process, to be killed with -9 at the end.
     let no_guests = dir.join("no-guests");
     let d = harness::Process::start(&dir, &no_guests);
-    let upstream_port = 20000 + (std::process::id() % 20000) as u16 + 606;
-    let _upstream = testkit::loopback_resolver(&dir, upstream_port, "outside.test", "192.0.2.7");
-    let upstream = format!("127.0.0.1:{upstream_port}");
+    let resolver = testkit::loopback_resolver(&dir, "outside.test", "192.0.2.7");
+    let upstream = format!("127.0.0.1:{}", resolver.port);
     let (s, net) = d.call(
         "POST",
         "/v1/networks",

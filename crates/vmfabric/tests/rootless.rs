@@ -48,8 +48,8 @@ fn an_unprivileged_daemon_serves_a_real_guest() {
     std::fs::create_dir_all(&dir).unwrap();
     testkit::run(&["chown", &format!("{NOBODY}:{NOBODY}"), dir.to_str().unwrap()]);
     let port = testkit::loopback_web_server("hello from the host, to nobody's guest");
-    let upstream_port = 20000 + (std::process::id() % 20000) as u16 + 7;
-    let _upstream = testkit::loopback_resolver(&dir, upstream_port, "outside.test", "192.0.2.7");
+    let upstream = testkit::loopback_resolver(&dir, "outside.test", "192.0.2.7");
+    let upstream_port = upstream.port;
 
     let daemon = as_nobody(&[BIN, "serve", "--guest-dir", image.to_str().unwrap()])
         .arg("--socket")
