@@ -257,6 +257,8 @@ fn run_bridge(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
 /// An OVS-DPDK switch of its own (database and daemon under `dir`), stopped on drop.
 struct Ovs {
     dir: PathBuf,
+    /// The huge pages reserved before this OVS asked for its own: given back after.
+    huge_pages_before: u32,
 }
 
 impl Ovs {
@@ -277,7 +279,7 @@ impl Ovs {
         let dir = dir.join("ovs");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        reserve_huge_pages(512);
+        let huge_pages_before = reserve_huge_pages(512);
         let conf = dir.join("conf.db");
         assert!(sh(&[
             "ovsdb-tool",
@@ -301,7 +303,7 @@ impl Ovs {
             format!("--unixctl={}", at("vswitchd.ctl")),
             format!("--log-file={}", at("vswitchd.log")),
         ];
-        let ovs = Ovs { dir };
+        let ovs = Ovs { dir, huge_pages_before };
         ovs.vsctl(&["--no-wait", "init"]);
         // One poll-mode thread on core 0; testpmd forwards on core 1.
         ovs.vsctl(&[
@@ -361,24 +363,29 @@ impl Drop for Ovs {
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+        // 1 GiB of huge pages is memory no one else may use: the machine gets it back.
+        let _ = std::fs::write(HUGE_PAGES, self.huge_pages_before.to_string());
     }
 }
 
+const HUGE_PAGES: &str = "/proc/sys/vm/nr_hugepages";
+
 /// DPDK in OVS wants huge pages: at least `pages` of 2 MiB, and hugetlbfs mounted.
-fn reserve_huge_pages(pages: u32) {
-    let path = "/proc/sys/vm/nr_hugepages";
-    let now: u32 = std::fs::read_to_string(path)
+/// Returns how many were reserved before.
+fn reserve_huge_pages(pages: u32) -> u32 {
+    let now: u32 = std::fs::read_to_string(HUGE_PAGES)
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     if now < pages {
-        let _ = std::fs::write(path, pages.to_string());
+        let _ = std::fs::write(HUGE_PAGES, pages.to_string());
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts.contains("hugetlbfs") {
         let _ = std::fs::create_dir_all("/dev/hugepages");
         let _ = sh(&["mount", "-t", "hugetlbfs", "nodev", "/dev/hugepages"]);
     }
+    now
 }
 
 fn run_ovs(dir: &Path, ports: usize, size: usize, secs: f64) -> Cell {
