@@ -78,6 +78,8 @@ pub const SERVER_OWNED_OPTIONS: &[u8] = &[
 pub struct Reservation {
     pub key: ReservationKey,
     pub ip: Ipv4Addr,
+    /// On a network with IPv6: the address DHCPv6 gives it instead of its MAC's own.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +419,15 @@ impl GatewayConfig {
         if !host || self.is_gateway_ip(r.ip) {
             return err(format!("reserved address {} is not a free host address of {net}", r.ip));
         }
+        if let Some(ip6) = r.ip6 {
+            match self.ipv6 {
+                None => return err(format!("reserved IPv6 address {ip6}: the network has no IPv6")),
+                Some(p) if !p.contains(&ip6) || self.is_gateway_ip6(ip6) || ip6 == p.network() => {
+                    return err(format!("reserved IPv6 address {ip6} is not a free address of {p}"));
+                }
+                Some(_) => {}
+            }
+        }
         if let ReservationKey::Name(n) = &r.key {
             if crate::names::sanitize_hostname(n).as_deref() != Some(n.as_str()) {
                 return err(format!(
@@ -639,6 +650,7 @@ mod tests {
                     c.reservations.push(Reservation {
                         key: ReservationKey::Name("x".into()),
                         ip: Ipv4Addr::new(10, 77, 0, 1),
+                        ip6: None,
                     })
                 }),
             ),

@@ -27,8 +27,24 @@ use crate::leases::{Lease, Lease6, LeaseStore};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseEvent {
     Bound(Lease),
-    Released { mac: Mac, ip: Ipv4Addr },
-    Expired { mac: Mac, ip: Ipv4Addr },
+    Released {
+        mac: Mac,
+        ip: Ipv4Addr,
+    },
+    Expired {
+        mac: Mac,
+        ip: Ipv4Addr,
+    },
+    /// A DHCPv6 binding made or renewed.
+    Bound6 {
+        mac: Mac,
+        ip: std::net::Ipv6Addr,
+    },
+    /// A DHCPv6 binding ended (released, declined, expired, its port gone).
+    Ended6 {
+        mac: Mac,
+        ip: std::net::Ipv6Addr,
+    },
 }
 
 /// A reply and where it goes.
@@ -109,11 +125,38 @@ impl DhcpServer {
     }
 
     /// Answers a DHCPv6 client message from `from` (see `dhcp6`): the reply's bytes.
+    /// What it bound or ended waits in [`DhcpServer::take_events6`].
     pub fn handle6(&mut self, payload: &[u8], from: Mac, now: u64) -> Option<Vec<u8>> {
         self.cfg.ipv6?;
+        let reserved = self.reserved6_for(from);
         self.v6
-            .handle(&self.cfg, &self.counters, &mut *self.store, payload, from, now)
+            .handle(
+                &self.cfg,
+                &self.counters,
+                &mut *self.store,
+                payload,
+                from,
+                now,
+                reserved,
+            )
             .ok()
+    }
+
+    /// DHCPv6 bindings made and ended since the last call.
+    pub fn take_events6(&mut self) -> Vec<LeaseEvent> {
+        self.v6.take_events()
+    }
+
+    /// The IPv6 address reserved for `mac` (by MAC, or by the name its IPv4 lease or
+    /// its port gives it), if any.
+    fn reserved6_for(&self, mac: Mac) -> Option<std::net::Ipv6Addr> {
+        let hostname = self.leases.get(&mac).and_then(|l| l.hostname.as_deref());
+        let label = self.name_hints.get(&mac).map(String::as_str);
+        self.reservations.iter().find_map(|r| match &r.key {
+            ReservationKey::Mac(m) if *m == mac => r.ip6,
+            ReservationKey::Name(n) if Some(n.as_str()) == hostname || Some(n.as_str()) == label => r.ip6,
+            _ => None,
+        })
     }
 
     pub fn leases6(&self) -> impl Iterator<Item = &Lease6> {

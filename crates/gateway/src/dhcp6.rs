@@ -34,6 +34,9 @@ pub struct Server6 {
     bindings: HashMap<Mac, Lease6>,
     /// MACs whose address was declined, until when.
     declined: HashMap<Mac, u64>,
+    /// Bindings made and ended, for the port locks (a reserved address is not one the
+    /// lock can know from the MAC).
+    events: Vec<crate::LeaseEvent>,
 }
 
 /// Why a message got no answer.
@@ -50,8 +53,23 @@ impl Server6 {
     /// Takes the bindings the store held, those on the current prefix.
     pub fn load(&mut self, cfg: &GatewayConfig, leases: Vec<Lease6>) {
         for l in leases {
-            if Some(l.ip) == cfg.dhcp6_address_of(l.mac) {
+            if cfg.ipv6.is_some_and(|p| p.contains(&l.ip)) {
+                self.events.push(crate::LeaseEvent::Bound6 { mac: l.mac, ip: l.ip });
                 self.bindings.insert(l.mac, l);
+            }
+        }
+    }
+
+    pub fn take_events(&mut self) -> Vec<crate::LeaseEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn end(&mut self, mac: Mac, c: &GatewayCounters, store: &mut dyn LeaseStore) {
+        if let Some(b) = self.bindings.remove(&mac) {
+            self.events.push(crate::LeaseEvent::Ended6 { mac, ip: b.ip });
+            if let Err(e) = store.remove6(mac) {
+                tracing::warn!(%mac, "{e}");
+                GatewayCounters::inc(&c.lease_store_errors);
             }
         }
     }
@@ -67,7 +85,9 @@ impl Server6 {
         duid
     }
 
-    /// Answers one client message from `from`: the reply's bytes, if any.
+    /// Answers one client message from `from`, whose address is `reserved` if the
+    /// operator reserved one: the reply's bytes, if any.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
         cfg: &GatewayConfig,
@@ -76,12 +96,13 @@ impl Server6 {
         payload: &[u8],
         from: Mac,
         now: u64,
+        reserved: Option<Ipv6Addr>,
     ) -> Result<Vec<u8>, Ignored> {
         let Ok(msg) = v6::Message::decode(&mut Decoder::new(payload)) else {
             GatewayCounters::inc(&c.dhcp6_malformed);
             return Err(Ignored::Malformed);
         };
-        let result = self.answer(cfg, c, store, &msg, from, now);
+        let result = self.answer(cfg, c, store, &msg, from, now, reserved);
         if result == Err(Ignored::Malformed) {
             GatewayCounters::inc(&c.dhcp6_malformed);
         }
@@ -94,6 +115,7 @@ impl Server6 {
         reply.to_vec().map_err(|_| Ignored::Malformed)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &mut self,
         cfg: &GatewayConfig,
@@ -102,6 +124,7 @@ impl Server6 {
         msg: &v6::Message,
         from: Mac,
         now: u64,
+        reserved: Option<Ipv6Addr>,
     ) -> Result<v6::Message, Ignored> {
         let kind = msg.msg_type();
         let client_id = match msg.opts().get(OptionCode::ClientId) {
@@ -160,9 +183,14 @@ impl Server6 {
                     reply.set_msg_type(MessageType::Advertise);
                 }
                 let ia = ia.ok_or(Ignored::NotOurs)?;
+                let want = Want {
+                    reserved,
+                    bind: rapid,
+                    now,
+                };
                 reply
                     .opts_mut()
-                    .insert(self.assign(cfg, c, store, &ia, from, &client_id, now, rapid));
+                    .insert(self.assign(cfg, c, store, &ia, from, &client_id, want));
             }
             MessageType::Request | MessageType::Renew | MessageType::Rebind => {
                 GatewayCounters::inc(match kind {
@@ -171,9 +199,14 @@ impl Server6 {
                     _ => &c.dhcp6_rebind,
                 });
                 let ia = ia.ok_or(Ignored::NotOurs)?;
+                let want = Want {
+                    reserved,
+                    bind: true,
+                    now,
+                };
                 reply
                     .opts_mut()
-                    .insert(self.assign(cfg, c, store, &ia, from, &client_id, now, true));
+                    .insert(self.assign(cfg, c, store, &ia, from, &client_id, want));
             }
             MessageType::Release | MessageType::Decline => {
                 GatewayCounters::inc(if kind == MessageType::Release {
@@ -182,11 +215,7 @@ impl Server6 {
                     &c.dhcp6_decline
                 });
                 if self.bindings.get(&from).is_some_and(|b| b.duid == client_id) {
-                    self.bindings.remove(&from);
-                    if let Err(e) = store.remove6(from) {
-                        tracing::warn!(mac = %from, "{e}");
-                        GatewayCounters::inc(&c.lease_store_errors);
-                    }
+                    self.end(from, c, store);
                 }
                 if kind == MessageType::Decline {
                     self.declined.insert(from, now + DECLINE_QUARANTINE_SECS);
@@ -222,9 +251,10 @@ impl Server6 {
         Ok(reply)
     }
 
-    /// The IA_NA to answer `ia` with: the MAC's address with its lifetimes (bound and
-    /// stored when `bind`), addresses the client holds that are not its own with
-    /// lifetimes of zero, or no address at all when this MAC may not have one now.
+    /// The IA_NA to answer `ia` with: the MAC's address (reserved, or its own) with its
+    /// lifetimes (bound and stored when `want.bind`), addresses the client holds that are
+    /// not it with lifetimes of zero, or no address at all when this MAC may not have
+    /// one now.
     #[allow(clippy::too_many_arguments)]
     fn assign(
         &mut self,
@@ -234,9 +264,9 @@ impl Server6 {
         ia: &IANA,
         from: Mac,
         client_id: &[u8],
-        now: u64,
-        bind: bool,
+        want: Want,
     ) -> DhcpOption {
+        let Want { reserved, bind, now } = want;
         let lease_secs = u32::try_from(cfg.lease_time.as_secs()).unwrap_or(u32::MAX);
         let mut answer = IANA {
             id: ia.id,
@@ -244,7 +274,7 @@ impl Server6 {
             t2: lease_secs / 5 * 4,
             opts: Default::default(),
         };
-        let addr = cfg.dhcp6_address_of(from);
+        let addr = reserved.or_else(|| cfg.dhcp6_address_of(from));
         let taken = addr.is_some_and(|a| self.bindings.iter().any(|(m, b)| *m != from && b.ip == a));
         let declined = self.declined.get(&from).is_some_and(|until| *until > now);
         let Some(addr) = addr.filter(|_| !taken && !declined) else {
@@ -265,7 +295,10 @@ impl Server6 {
             };
             match store.save6(&lease) {
                 Ok(()) => {
-                    self.bindings.insert(from, lease);
+                    if let Some(old) = self.bindings.insert(from, lease).filter(|old| old.ip != addr) {
+                        self.events.push(crate::LeaseEvent::Ended6 { mac: from, ip: old.ip });
+                    }
+                    self.events.push(crate::LeaseEvent::Bound6 { mac: from, ip: addr });
                 }
                 Err(e) => {
                     // Not stored, not promised: the client asks again.
@@ -306,28 +339,28 @@ impl Server6 {
             .map(|b| b.mac)
             .collect();
         for mac in gone {
-            self.bindings.remove(&mac);
-            if let Err(e) = store.remove6(mac) {
-                tracing::warn!(%mac, "{e}");
-                GatewayCounters::inc(&c.lease_store_errors);
-            }
+            self.end(mac, c, store);
         }
     }
 
     /// The control plane took `mac`'s port away: its binding goes now.
     pub fn release_port(&mut self, mac: Mac, c: &GatewayCounters, store: &mut dyn LeaseStore) {
-        if self.bindings.remove(&mac).is_some() {
-            if let Err(e) = store.remove6(mac) {
-                tracing::warn!(%mac, "{e}");
-                GatewayCounters::inc(&c.lease_store_errors);
-            }
-        }
+        self.end(mac, c, store);
     }
 
     pub fn next_expiry(&self) -> Option<u64> {
         let bindings = self.bindings.values().map(|b| b.expires);
         bindings.chain(self.declined.values().copied()).min()
     }
+}
+
+/// What an identity association is to get.
+struct Want {
+    /// The operator's reservation for the MAC, over its own address.
+    reserved: Option<Ipv6Addr>,
+    /// Bind (REQUEST, RENEW, REBIND, Rapid Commit) or only offer (ADVERTISE).
+    bind: bool,
+    now: u64,
 }
 
 /// The addresses inside a client's IA_NA.
@@ -414,19 +447,20 @@ mod tests {
                 &message(MessageType::Solicit, None, None, false),
                 GUEST,
                 100,
+                None,
             )
             .unwrap();
         assert_eq!(read(&adv).0, MessageType::Advertise);
         assert_eq!(read(&adv).1, vec![(want, 3600)]);
         assert!(s.bindings().next().is_none(), "an advertisement binds nothing");
         let req = message(MessageType::Request, Some(ours.clone()), Some(want), false);
-        let reply = s.handle(&cfg, &c, &mut store, &req, GUEST, 100).unwrap();
+        let reply = s.handle(&cfg, &c, &mut store, &req, GUEST, 100, None).unwrap();
         assert_eq!(read(&reply), (MessageType::Reply, vec![(want, 3600)], None));
         assert_eq!(store.load6().unwrap()[0].ip, want, "stored before the reply");
         // A renewal holding another address is told to drop that one.
         let stale: Ipv6Addr = "fd00:9::99".parse().unwrap();
         let renew = message(MessageType::Renew, Some(ours.clone()), Some(stale), false);
-        let reply = s.handle(&cfg, &c, &mut store, &renew, GUEST, 2000).unwrap();
+        let reply = s.handle(&cfg, &c, &mut store, &renew, GUEST, 2000, None).unwrap();
         let mut got = read(&reply).1;
         got.sort_by_key(|(_, life)| std::cmp::Reverse(*life));
         assert_eq!(got, vec![(want, 3600), (stale, 0)]);
@@ -437,7 +471,7 @@ mod tests {
         assert_eq!(again.bindings().next().unwrap().ip, want);
         // RELEASE ends it; expiry would have too.
         let release = message(MessageType::Release, Some(ours), Some(want), false);
-        s.handle(&cfg, &c, &mut store, &release, GUEST, 2001).unwrap();
+        s.handle(&cfg, &c, &mut store, &release, GUEST, 2001, None).unwrap();
         assert!(s.bindings().next().is_none() && store.load6().unwrap().is_empty());
     }
 
@@ -448,15 +482,15 @@ mod tests {
         let mut s = Server6::default();
         let want = cfg.dhcp6_address_of(GUEST).unwrap();
         let rapid = message(MessageType::Solicit, None, None, true);
-        let reply = s.handle(&cfg, &c, &mut store, &rapid, GUEST, 100).unwrap();
+        let reply = s.handle(&cfg, &c, &mut store, &rapid, GUEST, 100, None).unwrap();
         assert_eq!(read(&reply), (MessageType::Reply, vec![(want, 3600)], None));
         assert_eq!(s.bindings().count(), 1);
         let ours = Server6::server_duid(&cfg);
         let decline = message(MessageType::Decline, Some(ours), Some(want), false);
-        s.handle(&cfg, &c, &mut store, &decline, GUEST, 101).unwrap();
-        let again = s.handle(&cfg, &c, &mut store, &rapid, GUEST, 102).unwrap();
+        s.handle(&cfg, &c, &mut store, &decline, GUEST, 101, None).unwrap();
+        let again = s.handle(&cfg, &c, &mut store, &rapid, GUEST, 102, None).unwrap();
         assert_eq!(read(&again).2, Some(Status::NoAddrsAvail));
-        let later = s.handle(&cfg, &c, &mut store, &rapid, GUEST, 102 + 600).unwrap();
+        let later = s.handle(&cfg, &c, &mut store, &rapid, GUEST, 102 + 600, None).unwrap();
         assert_eq!(read(&later).1, vec![(want, 3600)]);
     }
 
@@ -471,27 +505,30 @@ mod tests {
             None,
             false,
         );
-        assert_eq!(s.handle(&cfg, &c, &mut store, &other, GUEST, 1), Err(Ignored::NotOurs));
+        assert_eq!(
+            s.handle(&cfg, &c, &mut store, &other, GUEST, 1, None),
+            Err(Ignored::NotOurs)
+        );
         let unnamed = message(MessageType::Request, None, None, false);
         assert_eq!(
-            s.handle(&cfg, &c, &mut store, &unnamed, GUEST, 1),
+            s.handle(&cfg, &c, &mut store, &unnamed, GUEST, 1, None),
             Err(Ignored::Malformed)
         );
         let mut anonymous = v6::Message::new_with_id(MessageType::Solicit, [1, 2, 3]);
         anonymous.opts_mut().insert(DhcpOption::RapidCommit);
         let anonymous = anonymous.to_vec().unwrap();
         assert_eq!(
-            s.handle(&cfg, &c, &mut store, &anonymous, GUEST, 1),
+            s.handle(&cfg, &c, &mut store, &anonymous, GUEST, 1, None),
             Err(Ignored::Malformed)
         );
         assert_eq!(
-            s.handle(&cfg, &c, &mut store, b"\x01", GUEST, 1),
+            s.handle(&cfg, &c, &mut store, b"\x01", GUEST, 1, None),
             Err(Ignored::Malformed)
         );
         assert!(s.bindings().next().is_none());
         // CONFIRM of an address off the prefix: not on link.
         let confirm = message(MessageType::Confirm, None, Some("2001:db8::1".parse().unwrap()), false);
-        let reply = s.handle(&cfg, &c, &mut store, &confirm, GUEST, 1).unwrap();
+        let reply = s.handle(&cfg, &c, &mut store, &confirm, GUEST, 1, None).unwrap();
         let m = v6::Message::decode(&mut Decoder::new(&reply)).unwrap();
         assert!(matches!(
             m.opts().get(OptionCode::StatusCode),

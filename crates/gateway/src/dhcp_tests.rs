@@ -300,14 +300,17 @@ fn reservations_by_mac_and_by_name() {
         crate::config::Reservation {
             key: ReservationKey::Mac(Mac([2, 0, 0, 0, 0, 1])),
             ip: r_mac,
+            ip6: None,
         },
         crate::config::Reservation {
             key: ReservationKey::Name("db".into()),
             ip: r_name,
+            ip6: None,
         },
         crate::config::Reservation {
             key: ReservationKey::Name("cache".into()),
             ip: Ipv4Addr::new(10, 9, 0, 52),
+            ip6: None,
         },
     ];
     let c = Arc::new(GatewayCounters::default());
@@ -371,4 +374,48 @@ fn extra_options_and_a_new_range_take_effect_without_a_restart() {
         second.opts().get(v4::OptionCode::Unknown(224)),
         Some(DhcpOption::Unknown(u)) if u.data() == b"hello"
     ));
+}
+
+#[test]
+fn an_ipv6_reservation_by_name_pins_the_dhcpv6_address_and_says_so_for_the_lock() {
+    use dhcproto::v6;
+    let mut cfg = GatewayConfig::dual_stack_for_tests();
+    let pinned: std::net::Ipv6Addr = "fd00:9::db".parse().unwrap();
+    cfg.reservations = vec![crate::config::Reservation {
+        key: ReservationKey::Name("db".into()),
+        ip: Ipv4Addr::new(10, 9, 0, 60),
+        ip6: Some(pinned),
+    }];
+    cfg.validate().unwrap();
+    let mut s = DhcpServer::new(
+        Arc::new(cfg.clone()),
+        Arc::new(GatewayCounters::default()),
+        Box::new(MemoryLeaseStore::default()),
+    );
+    let mac = Mac([2, 0, 0, 0, 0, 0x33]);
+    s.set_name_hint(mac, "db".into());
+    let mut m = v6::Message::new_with_id(v6::MessageType::Solicit, [1, 2, 3]);
+    m.opts_mut()
+        .insert(v6::DhcpOption::ClientId(vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 0x33]));
+    m.opts_mut().insert(v6::DhcpOption::IANA(v6::IANA {
+        id: 1,
+        t1: 0,
+        t2: 0,
+        opts: Default::default(),
+    }));
+    m.opts_mut().insert(v6::DhcpOption::RapidCommit);
+    let reply = s.handle6(&m.to_vec().unwrap(), mac, 10).expect("a reply");
+    let reply = v6::Message::decode(&mut Decoder::new(&reply)).unwrap();
+    let Some(v6::DhcpOption::IANA(ia)) = reply.opts().get(v6::OptionCode::IANA) else {
+        panic!("{reply:?}");
+    };
+    assert!(matches!(ia.opts.get(v6::OptionCode::IAAddr), Some(v6::DhcpOption::IAAddr(a)) if a.addr == pinned));
+    assert_eq!(s.take_events6(), vec![LeaseEvent::Bound6 { mac, ip: pinned }]);
+    // Outside the prefix, or on a network without IPv6, a reservation is refused.
+    let mut bad = cfg.clone();
+    bad.reservations[0].ip6 = Some("2001:db8::1".parse().unwrap());
+    assert!(bad.validate().is_err());
+    let mut v4_only = GatewayConfig::new("t", "10.9.0.0/24".parse().unwrap());
+    v4_only.reservations = cfg.reservations.clone();
+    assert!(v4_only.validate().is_err());
 }

@@ -353,6 +353,7 @@ fn deliver(
         Route::Dns(d) => dns_query(shared, sock, d.src_mac, d.src.into(), d.dst.into(), d.payload),
         Route::Dhcp6 { src_mac, src, payload } => {
             let reply = shared.state().dhcp.handle6(payload, src_mac, unix_now());
+            shared.emit_dhcp6();
             let server = std::net::SocketAddrV6::new(cfg.gateway_link_local(), 547, 0, 0);
             reply
                 .map(|r| wire::udp6_frame(cfg.gateway_mac, src_mac, server, src, &r))

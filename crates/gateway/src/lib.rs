@@ -136,11 +136,21 @@ impl Shared {
                 st.zone.remove_ip(*ip);
                 leased.remove(ip);
             }
+            // Names keep their SLAAC address; the port locks care about these.
+            LeaseEvent::Bound6 { .. } | LeaseEvent::Ended6 { .. } => {}
         }
         drop(leased);
         drop(st);
         if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(ev);
+        }
+    }
+
+    /// Sends on what DHCPv6 bound and ended since it last did.
+    fn emit_dhcp6(&self) {
+        let events = self.state().dhcp.take_events6();
+        for ev in events {
+            self.emit(ev);
         }
     }
 }
@@ -246,6 +256,8 @@ impl Gateway {
             inflight_by_client: Mutex::new(HashMap::new()),
             events: Mutex::new(Some(tx)),
         });
+        // The bindings the store held, for the port locks.
+        shared.emit_dhcp6();
         let task = rt.spawn(supervise(shared.clone(), sock.clone()));
         let writer = rt.spawn(tcp_nat::write_outbox(shared.tcp.clone()));
         let splice_writer = shared.splice.clone().map(|s| rt.spawn(tcp_splice::write_outbox(s)));
@@ -409,6 +421,7 @@ impl Gateway {
     /// Returns the address it held.
     pub fn release_port(&self, mac: Mac) -> Option<Ipv4Addr> {
         let event = self.shared.state().dhcp.release_port(mac, unix_now());
+        self.shared.emit_dhcp6();
         self.shared.ctx.neighbours.forget_mac(mac);
         let event = event?;
         let ip = match &event {

@@ -102,6 +102,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, sock: Arc<crate::port::GatewayPor
                 for ev in gone {
                     shared.emit(ev);
                 }
+                shared.emit_dhcp6();
             }
         }
     }

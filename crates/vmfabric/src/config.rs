@@ -165,10 +165,12 @@ mod tests {
         let n = &c.networks[0];
         assert_eq!(
             (n.ports.len(), n.reservations.len(), n.settings.dns.records.len()),
-            (3, 2, 6)
+            (3, 3, 6)
         );
         let mut gw = gateway::GatewayConfig::new(&n.name, n.subnet);
         gw.mtu = n.mtu.get();
+        gw.ipv6 = n.ipv6;
+        gw.validate().unwrap();
         gw.host_access = Some(gw.default_host_access());
         n.settings.apply(&mut gw).unwrap();
         for r in &n.reservations {

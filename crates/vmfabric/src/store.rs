@@ -125,6 +125,8 @@ impl Store {
         ] {
             let _ = conn.execute(&format!("ALTER TABLE networks ADD COLUMN {column}"), []);
         }
+        // Stores made before IPv6 reservations.
+        let _ = conn.execute("ALTER TABLE reservations ADD COLUMN ipv6 TEXT", []);
         // Stores made before ports were locked from birth.
         let _ = conn.execute(
             "ALTER TABLE ports ADD COLUMN learn_mac_once INTEGER NOT NULL DEFAULT 0",
@@ -277,23 +279,48 @@ impl Store {
 
     /// A network's reservations: (key, address); a key is a MAC or a VM name.
     pub fn reservations(&self, network: &str) -> Result<Vec<(String, Ipv4Addr)>, DbError> {
+        Ok(self
+            .reservations_with_ipv6(network)?
+            .into_iter()
+            .map(|(key, ip, _)| (key, ip))
+            .collect())
+    }
+
+    /// The same with each one's IPv6 address, if it has one.
+    #[allow(clippy::type_complexity)]
+    pub fn reservations_with_ipv6(
+        &self,
+        network: &str,
+    ) -> Result<Vec<(String, Ipv4Addr, Option<std::net::Ipv6Addr>)>, DbError> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT key, ip FROM reservations WHERE network = ?1 ORDER BY key")?;
-        let rows = st.query_map([network], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut st = conn.prepare("SELECT key, ip, ipv6 FROM reservations WHERE network = ?1 ORDER BY key")?;
+        let rows = st.query_map([network], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (key, ip) = row?;
+            let (key, ip, ipv6) = row?;
             if let Ok(ip) = ip.parse() {
-                out.push((key, ip));
+                out.push((key, ip, ipv6.and_then(|a| a.parse().ok())));
             }
         }
         Ok(out)
     }
 
-    pub fn put_reservation(&self, network: &str, key: &str, ip: Ipv4Addr) -> Result<(), DbError> {
+    pub fn put_reservation(
+        &self,
+        network: &str,
+        key: &str,
+        ip: Ipv4Addr,
+        ipv6: Option<std::net::Ipv6Addr>,
+    ) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO reservations (network, key, ip) VALUES (?1, ?2, ?3)",
-            params![network, key, ip.to_string()],
+            "INSERT OR REPLACE INTO reservations (network, key, ip, ipv6) VALUES (?1, ?2, ?3, ?4)",
+            params![network, key, ip.to_string(), ipv6.map(|a| a.to_string())],
         )?;
         Ok(())
     }

@@ -893,6 +893,7 @@ fn the_typed_client_reads_every_answer_into_the_model() {
     let r = vmfabric::model::ReservationSpec {
         key: "vm-a".into(),
         ip: "10.231.0.50".parse().unwrap(),
+        ipv6: None,
     };
     assert_eq!(api.add_reservation("typed", &r).unwrap(), r);
     assert_eq!(api.reservations("typed").unwrap(), vec![r]);

@@ -291,6 +291,32 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
         "the name keeps its SLAAC address"
     );
 
+    // A reservation pins b's DHCPv6 address; its port is unlocked for it when bound.
+    let pinned = Ipv6Addr::from(u128::from(prefix.network()) | 0xbeef);
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/six/reservations",
+        Some(json!({"key": b.mac.to_string(), "ip": "10.96.0.77", "ipv6": pinned.to_string()})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (pid, leases) = (dir.join("dhclient6b.pid"), dir.join("dhclient6b.leases"));
+    let (pid, leases) = (pid.to_str().unwrap(), leases.to_str().unwrap());
+    let (ok, out) = sh(&[
+        "ip", "netns", "exec", &b.ns.0, "timeout", "60", "dhclient", "-6", "-1", "-v", "-pf", pid, "-lf", leases,
+        &b.ifname,
+    ]);
+    assert!(ok, "dhclient -6 on b: {out}");
+    let addrs = b.ip6(&["addr", "show", "dev", &b.ifname]);
+    assert!(addrs.contains(&pinned.to_string()), "{pinned} not configured:\n{addrs}");
+    let (ok, out) = a.ping(&pinned.to_string());
+    assert!(ok, "the reserved address answers: {out}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/six/reservations",
+        Some(json!({"key": "other", "ip": "10.96.0.78", "ipv6": "2001:db8::1"})),
+    );
+    assert_eq!(s, 400, "a reserved IPv6 address outside the prefix: {v}");
+
     // A hostile guest advertises itself as a router with a prefix of its own, and
     // claims guest a's address for its own MAC, from its own link-local address
     // (which its port allows): neither reaches a or b.

@@ -429,6 +429,9 @@ pub(crate) enum ReservationCmd {
         key: String,
         /// The address it always gets.
         ip: std::net::Ipv4Addr,
+        /// On a network with IPv6: the address DHCPv6 gives it.
+        #[arg(long)]
+        ipv6: Option<std::net::Ipv6Addr>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -519,14 +522,20 @@ pub(crate) fn run(command: Command) -> Result<()> {
         }
         Command::Reservation { cmd } => {
             match cmd {
-                ReservationCmd::Add { network, key, ip, c } => {
-                    let body = ReservationSpec { key, ip };
+                ReservationCmd::Add {
+                    network,
+                    key,
+                    ip,
+                    ipv6,
+                    c,
+                } => {
+                    let body = ReservationSpec { key, ip, ipv6 };
                     let v = client(&c)?.add_reservation(&network, &body)?;
-                    print_table(&c, &v, &["key", "ip"]);
+                    print_table(&c, &v, &["key", "ip", "ipv6"]);
                 }
                 ReservationCmd::Ls { network, c } => {
                     let v = client(&c)?.reservations(&network)?;
-                    print_table(&c, &v, &["key", "ip"]);
+                    print_table(&c, &v, &["key", "ip", "ipv6"]);
                 }
                 ReservationCmd::Rm { network, key, c } => {
                     client(&c)?.remove_reservation(&network, &key)?;

@@ -98,6 +98,9 @@ fn operator_event(st: &State, ev: &ControlEvent) -> Option<Event> {
                 ip: *ip,
                 mac: mac.to_string(),
             },
+            // DHCPv6 bindings feed the port locks; the event stream speaks of IPv4
+            // leases (the lease list shows both).
+            gateway::LeaseEvent::Bound6 { .. } | gateway::LeaseEvent::Ended6 { .. } => return None,
         },
     })
 }

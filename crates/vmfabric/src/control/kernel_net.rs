@@ -114,6 +114,7 @@ impl KernelNet {
             ReservationSpec {
                 key: mac.to_string(),
                 ip,
+                ipv6: None,
             },
         )?;
         match self.restore_port(env, net, &rec) {
@@ -169,7 +170,7 @@ pub fn reserve(store: &Store, network: &str, gw: Option<&Gateway>, r: Reservatio
         gw.set_reservations(all.iter().map(ReservationSpec::to_gateway).collect())
             .map_err(|e| ControlError::invalid(e.to_string()))?;
     }
-    store.put_reservation(network, &r.key, r.ip)?;
+    store.put_reservation(network, &r.key, r.ip, r.ipv6)?;
     Ok(())
 }
 
@@ -188,9 +189,9 @@ pub fn unreserve(store: &Store, network: &str, gw: Option<&Gateway>, key: &str) 
 
 pub fn stored_reservations(store: &Store, network: &str) -> Result<Vec<ReservationSpec>, ControlError> {
     Ok(store
-        .reservations(network)?
+        .reservations_with_ipv6(network)?
         .into_iter()
-        .map(|(key, ip)| ReservationSpec { key, ip })
+        .map(|(key, ip, ipv6)| ReservationSpec { key, ip, ipv6 })
         .collect())
 }
 

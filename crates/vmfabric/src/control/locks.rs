@@ -29,6 +29,9 @@ struct NetworkLocks {
     ports: HashMap<Mac, PortId>,
     /// The MAC's current lease; `None` once it ended. Absent: never leased, not locked.
     leases: HashMap<Mac, Option<Ipv4Addr>>,
+    /// The MAC's DHCPv6 address while it holds one (a reserved one is not among the
+    /// addresses its MAC gives it).
+    leases6: HashMap<Mac, Ipv6Addr>,
 }
 
 /// Locks ports to their leases on networks whose gateway asks for it.
@@ -116,6 +119,16 @@ impl PortLocker {
                         n.leases.insert(*mac, None);
                         *mac
                     }
+                    LeaseEvent::Bound6 { mac, ip } => {
+                        n.leases6.insert(*mac, *ip);
+                        *mac
+                    }
+                    LeaseEvent::Ended6 { mac, ip } => {
+                        if n.leases6.get(mac) == Some(ip) {
+                            n.leases6.remove(mac);
+                        }
+                        *mac
+                    }
                 };
                 self.apply(network, mac);
             }
@@ -143,7 +156,9 @@ impl PortLocker {
             .and_then(|n| n.leases.get(&mac).copied().flatten());
         let ips: Vec<Ipv4Addr> = lease.into_iter().collect();
         let prefix = self.enabled.get(network).and_then(|(_, p)| *p);
-        let ips6 = ipv6_addresses(prefix, mac);
+        let mut ips6 = ipv6_addresses(prefix, mac);
+        let leased6 = self.nets.get(network).and_then(|n| n.leases6.get(&mac));
+        ips6.extend(leased6.filter(|a| !ips6.contains(a)));
         self.switch.lock_port(
             port,
             Some(PortLock {

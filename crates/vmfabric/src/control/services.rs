@@ -32,6 +32,16 @@ impl Control {
                 r.ip, other.key
             )));
         }
+        if let Some(other) = all
+            .iter()
+            .find(|o| r.ipv6.is_some() && o.ipv6 == r.ipv6 && o.key != r.key)
+        {
+            return Err(ControlError::conflict(format!(
+                "{} is already reserved for {}",
+                r.ipv6.unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+                other.key
+            )));
+        }
         kernel_net::reserve(&self.store, network, Some(&gw), r.clone())?;
         Ok(r)
     }

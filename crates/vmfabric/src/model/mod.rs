@@ -561,6 +561,11 @@ pub struct ReservationSpec {
     pub key: String,
     #[schema(value_type = String, format = Ipv4)]
     pub ip: Ipv4Addr,
+    /// On a network with IPv6: the address DHCPv6 gives it instead of the one derived
+    /// from its MAC (inside the network's prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv6)]
+    pub ipv6: Option<std::net::Ipv6Addr>,
 }
 
 impl ReservationSpec {
@@ -569,7 +574,11 @@ impl ReservationSpec {
             Ok(mac) => gateway::ReservationKey::Mac(mac),
             Err(_) => gateway::ReservationKey::Name(self.key.clone()),
         };
-        gateway::Reservation { key, ip: self.ip }
+        gateway::Reservation {
+            key,
+            ip: self.ip,
+            ip6: self.ipv6,
+        }
     }
 }
 
