@@ -91,6 +91,35 @@ impl TapGuest {
         }
     }
 
+    /// Runs ISC dhclient -6 once (its files in `dir`) and checks it configured `want`.
+    fn dhcpv6_address_is(&self, dir: &Path, want: Ipv6Addr) {
+        let pid = dir.join(format!("dhclient6-{}.pid", self.ifname));
+        let leases = dir.join(format!("dhclient6-{}.leases", self.ifname));
+        let (ok, out) = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns.0,
+            "timeout",
+            "60",
+            "dhclient",
+            "-6",
+            "-1",
+            "-v",
+            "-pf",
+            pid.to_str().unwrap(),
+            "-lf",
+            leases.to_str().unwrap(),
+            &self.ifname,
+        ]);
+        assert!(ok, "dhclient -6 on {}: {out}", self.ifname);
+        let addrs = self.ip6(&["addr", "show", "dev", &self.ifname]);
+        assert!(
+            addrs.contains(&want.to_string()),
+            "{want} not configured:\n{addrs}\n{out}"
+        );
+    }
+
     /// busybox's ping6 (setup.sh installs busybox-static), out of this guest's link.
     fn ping(&self, to: &str) -> (bool, String) {
         sh(&[
@@ -261,18 +290,7 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     // DHCPv6 (stateful) with ISC dhclient: a's address is the one its port is locked
     // to, it works, and the lease shows beside a's IPv4 lease.
     let want6 = gateway::config::dhcp6_address(prefix, a.mac);
-    let (pid, leases) = (dir.join("dhclient6.pid"), dir.join("dhclient6.leases"));
-    let (pid, leases) = (pid.to_str().unwrap(), leases.to_str().unwrap());
-    let (ok, out) = sh(&[
-        "ip", "netns", "exec", &a.ns.0, "timeout", "60", "dhclient", "-6", "-1", "-v", "-pf", pid, "-lf", leases,
-        &a.ifname,
-    ]);
-    assert!(ok, "dhclient -6: {out}");
-    let addrs = a.ip6(&["addr", "show", "dev", &a.ifname]);
-    assert!(
-        addrs.contains(&want6.to_string()),
-        "{want6} not configured:\n{addrs}\n{out}"
-    );
+    a.dhcpv6_address_is(&dir, want6);
     let (ok, out) = b.ping(&want6.to_string());
     assert!(ok, "the DHCPv6 address answers: {out}");
     let leased6 = |d: &harness::Process| {
@@ -299,15 +317,7 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
         Some(json!({"key": b.mac.to_string(), "ip": "10.96.0.77", "ipv6": pinned.to_string()})),
     );
     assert_eq!(s, 201, "{v}");
-    let (pid, leases) = (dir.join("dhclient6b.pid"), dir.join("dhclient6b.leases"));
-    let (pid, leases) = (pid.to_str().unwrap(), leases.to_str().unwrap());
-    let (ok, out) = sh(&[
-        "ip", "netns", "exec", &b.ns.0, "timeout", "60", "dhclient", "-6", "-1", "-v", "-pf", pid, "-lf", leases,
-        &b.ifname,
-    ]);
-    assert!(ok, "dhclient -6 on b: {out}");
-    let addrs = b.ip6(&["addr", "show", "dev", &b.ifname]);
-    assert!(addrs.contains(&pinned.to_string()), "{pinned} not configured:\n{addrs}");
+    b.dhcpv6_address_is(&dir, pinned);
     let (ok, out) = a.ping(&pinned.to_string());
     assert!(ok, "the reserved address answers: {out}");
     let (s, v) = d.call(
