@@ -272,6 +272,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_ipv6_upstream_is_asked_over_ipv6() {
+        let Ok(server) = UdpSocket::bind("[::1]:0").await else {
+            eprintln!("SKIP: no IPv6 loopback here");
+            return;
+        };
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            let q = &buf[..n];
+            server.send_to(&answer_to(q, [q[0], q[1]], false), from).await.unwrap();
+        });
+        let a = forward(&query(0x4321), &[addr], Duration::from_secs(5))
+            .await
+            .expect("an answer over IPv6");
+        assert_eq!(&a[..2], &[0x43, 0x21]);
+    }
+
+    #[tokio::test]
     async fn a_truncated_answer_is_asked_again_over_tcp() {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = udp.local_addr().unwrap();
