@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # scripts/demo.sh — vmfabric's main job on this machine: the daemon with its default
-# network ("default", 10.77.0.0/24, with its gateway: DHCP, DNS, ARP/ICMP, NAT; host
-# access switched on by the demo's config file so guests reach the host's loopback at
-# 10.77.0.254) and two real QEMU guests it runs on that network. Both get their
-# address from vmfabric's DHCP; "web" serves HTTP; "client" resolves web by name,
-# pings the gateway and web, fetches web's page, and fetches a page from a server on
-# the host's loopback through the gateway's NAT; the host fetches web's page through
-# a port forward. vmfabric keeps running afterwards, with the commands to inspect and
+# network ("default", 10.77.0.0/24 and fd00:77::/64, with its gateway: DHCP, DNS,
+# ARP/ICMP, NAT, IPv6 router advertisements; host access switched on by the demo's
+# config file so guests reach the host's loopback at 10.77.0.254) and two real QEMU
+# guests it runs on that network. Both get their address from vmfabric's DHCP and
+# form an IPv6 one; "web" serves HTTP; "client" resolves web by name, pings the
+# gateway and web (also over IPv6, by web's AAAA), fetches web's page, and fetches a
+# page from a server on the host's loopback through the gateway's NAT; the host
+# fetches web's page through a port forward. vmfabric keeps running afterwards, with the commands to inspect and
 # stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ cat > "$RUN/vmfabric.toml" <<'TOML'
 [[network]]
 name = "default"
 subnet = "10.77.0.0/24"
+ipv6 = "fd00:77::/64"
 host_access = true
 TOML
 # A web server on the host's loopback only (busybox httpd), for the client to reach.
@@ -50,7 +52,8 @@ vmf network ls | sed 's/^/  /'
 
 echo "[demo] \$ vmfabric vm run --net default --name web --http --wait"
 vmf vm run --net default --name web --http --wait | sed 's/^/  /'
-CLIENT_CMD="nslookup web; ping -c 2 gateway; ping -c 3 web && wget -qO- http://web/; wget -qO- http://10.77.0.254:$HOST_PORT/"
+V6_READY='for i in $(seq 100); do ip -6 addr show scope global | grep -q inet6 && break; sleep 0.1; done'
+CLIENT_CMD="nslookup web; ping -c 2 gateway; ping -c 3 web && wget -qO- http://web/; $V6_READY; ping6 -c 2 web; wget -qO- http://10.77.0.254:$HOST_PORT/"
 echo "[demo] \$ vmfabric vm run --net default --name client --wait -- '$CLIENT_CMD'"
 vmf vm run --net default --name client --wait -- "$CLIENT_CMD" | sed 's/^/  /'
 for _ in $(seq 300); do vmf vm logs client | grep -q VMFABRIC_END && break; sleep 0.2; done
