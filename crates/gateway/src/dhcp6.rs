@@ -98,7 +98,10 @@ impl Server6 {
         now: u64,
         reserved: Option<Ipv6Addr>,
     ) -> Result<Vec<u8>, Ignored> {
-        let Ok(msg) = v6::Message::decode(&mut Decoder::new(payload)) else {
+        // Checked before dhcproto sees it (see `options_decodable`).
+        let decodable = payload.get(4..).is_some_and(|opts| options_decodable(opts, 0));
+        let decoded = decodable.then(|| v6::Message::decode(&mut Decoder::new(payload)));
+        let Some(Ok(msg)) = decoded else {
             GatewayCounters::inc(&c.dhcp6_malformed);
             return Err(Ignored::Malformed);
         };
@@ -363,6 +366,47 @@ struct Want {
     now: u64,
 }
 
+/// Whether dhcproto 0.15 can decode these options without going wrong. It subtracts a
+/// fixed part from some options' declared lengths without a check (Status Code 2,
+/// Vendor Class and Vendor Options 4), reading from the whole message: a shorter one
+/// underflows (a panic with debug assertions, a wrapped length without), also inside
+/// the containers (IA_NA, IA_TA, IA Address, IA_PD, IA Prefix, Vendor Options). Such
+/// messages are refused before decoding, and so is a relayed message (not served).
+/// Where the options run out mid-way dhcproto stops as this does.
+fn options_decodable(mut opts: &[u8], depth: u8) -> bool {
+    // Containers hold few levels in any real message.
+    if depth > 4 {
+        return false;
+    }
+    while let Some(h) = opts.get(..4) {
+        let code = u16::from_be_bytes([h[0], h[1]]);
+        let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        // The fixed part before a container's own options, or the least length.
+        let (least, inner) = match code {
+            9 => return false,
+            13 => (2, None),
+            16 => (4, None),
+            17 => (4, Some(4)),
+            3 | 25 => (12, Some(12)),
+            4 => (4, Some(4)),
+            5 => (24, Some(24)),
+            26 => (25, Some(25)),
+            _ => (0, None),
+        };
+        if len < least {
+            return false;
+        }
+        let Some(body) = opts.get(4..4 + len) else {
+            return true;
+        };
+        if inner.is_some_and(|skip| !options_decodable(&body[skip..], depth + 1)) {
+            return false;
+        }
+        opts = &opts[4 + len..];
+    }
+    true
+}
+
 /// The addresses inside a client's IA_NA.
 fn addresses(ia: &IANA) -> impl Iterator<Item = Ipv6Addr> + '_ {
     ia.opts.iter().filter_map(|o| match o {
@@ -523,6 +567,22 @@ mod tests {
         );
         assert_eq!(
             s.handle(&cfg, &c, &mut store, b"\x01", GUEST, 1, None),
+            Err(Ignored::Malformed)
+        );
+        // Options shorter than dhcproto's fixed parts (found by the fuzzer: a Vendor
+        // Class of length 0 made dhcproto subtract past zero), bare and inside an IA_NA.
+        let mut short = message(MessageType::Solicit, None, None, true);
+        short.extend([0, 16, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            s.handle(&cfg, &c, &mut store, &short, GUEST, 1, None),
+            Err(Ignored::Malformed)
+        );
+        let mut nested = vec![1, 1, 2, 3, 0, 3, 0, 16];
+        nested.extend([0; 12]);
+        nested.extend([0, 13, 0, 0]);
+        nested.extend([0, 1, 0, 2, 9, 9]);
+        assert_eq!(
+            s.handle(&cfg, &c, &mut store, &nested, GUEST, 1, None),
             Err(Ignored::Malformed)
         );
         assert!(s.bindings().next().is_none());
