@@ -321,7 +321,8 @@ impl Server6 {
             valid_life: lease_secs,
             opts: Default::default(),
         }));
-        for stale in addresses(ia).filter(|a| *a != addr) {
+        // A few are all a real client holds; the reply stays small whatever it sends.
+        for stale in addresses(ia).filter(|a| *a != addr).take(8) {
             answer.opts.insert(DhcpOption::IAAddr(IAAddr {
                 addr: stale,
                 preferred_life: 0,
@@ -370,9 +371,14 @@ struct Want {
 /// fixed part from some options' declared lengths without a check (Status Code 2,
 /// Vendor Class and Vendor Options 4), reading from the whole message: a shorter one
 /// underflows (a panic with debug assertions, a wrapped length without), also inside
-/// the containers (IA_NA, IA_TA, IA Address, IA_PD, IA Prefix, Vendor Options). Such
-/// messages are refused before decoding, and so is a relayed message (not served).
-/// Where the options run out mid-way dhcproto stops as this does.
+/// the containers (IA_NA, IA_TA, IA Address, IA_PD, IA Prefix, Vendor Options). And it
+/// reads some options by their type's size whatever length they declare (Preference,
+/// Elapsed Time, Server Unicast, Rapid Commit, Reconfigure Message and Accept), so
+/// another length would put its reading out of step with the declared lengths this
+/// walk follows: those must declare exactly their size. Such messages are refused
+/// before decoding, and so is a relayed message (not served). Where the options run
+/// out mid-way dhcproto stops as this does. (Both found by the `dhcp_server` fuzz
+/// target.)
 fn options_decodable(mut opts: &[u8], depth: u8) -> bool {
     // Containers hold few levels in any real message.
     if depth > 4 {
@@ -381,6 +387,16 @@ fn options_decodable(mut opts: &[u8], depth: u8) -> bool {
     while let Some(h) = opts.get(..4) {
         let code = u16::from_be_bytes([h[0], h[1]]);
         let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        let exact = match code {
+            7 | 19 => Some(1),
+            8 => Some(2),
+            12 => Some(16),
+            14 | 20 => Some(0),
+            _ => None,
+        };
+        if exact.is_some_and(|size| size != len) {
+            return false;
+        }
         // The fixed part before a container's own options, or the least length.
         let (least, inner) = match code {
             9 => return false,
@@ -583,6 +599,13 @@ mod tests {
         nested.extend([0, 1, 0, 2, 9, 9]);
         assert_eq!(
             s.handle(&cfg, &c, &mut store, &nested, GUEST, 1, None),
+            Err(Ignored::Malformed)
+        );
+        // An Elapsed Time declaring 3 bytes: dhcproto would read 2 and go on out of step.
+        let mut odd = message(MessageType::Solicit, None, None, true);
+        odd.extend([0, 8, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            s.handle(&cfg, &c, &mut store, &odd, GUEST, 1, None),
             Err(Ignored::Malformed)
         );
         assert!(s.bindings().next().is_none());
