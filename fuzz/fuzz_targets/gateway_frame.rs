@@ -8,16 +8,18 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|frame: &[u8]| {
     let mac = Mac([2, 0, 0, 0, 0, 1]);
-    let from = std::net::Ipv4Addr::new(10, 0, 0, 1);
+    let from = (std::net::Ipv4Addr::new(10, 0, 0, 1), "fe80::1".parse().unwrap());
+    let prohibited = gateway::wire::Unreachable::Prohibited;
     match gateway::wire::classify(frame) {
         Ok(Inbound::Tcp(head)) => {
             let _ = gateway::wire::tcp_reset(mac, &head);
-            let _ = gateway::wire::icmp_prohibited(mac, from, &head.origin);
+            let _ = gateway::wire::icmp_unreachable(mac, from, &head.origin, prohibited);
         }
-        Ok(Inbound::Udp { origin, .. } | Inbound::IcmpEcho { origin, .. }) => {
-            let _ = gateway::wire::icmp_prohibited(mac, from, &origin);
+        Ok(Inbound::Udp { origin, .. } | Inbound::IcmpEcho { origin, .. } | Inbound::Udp6 { origin, .. }) => {
+            let _ = gateway::wire::icmp_unreachable(mac, from, &origin, prohibited);
         }
         Ok(Inbound::Icmp6(message)) => {
+            let _ = gateway::wire::icmp_unreachable(mac, from, &message.origin, prohibited);
             let mut cfg = gateway::GatewayConfig::new("fuzz", "10.0.0.0/24".parse().unwrap());
             cfg.ipv6 = Some("fd00:9::/64".parse().unwrap());
             let _ = gateway::ndp::answer(&cfg, &Default::default(), &message);

@@ -422,7 +422,12 @@ impl GatewayConfig {
         if let Some(ip6) = r.ip6 {
             match self.ipv6 {
                 None => return err(format!("reserved IPv6 address {ip6}: the network has no IPv6")),
-                Some(p) if !p.contains(&ip6) || self.is_gateway_ip6(ip6) || ip6 == p.network() => {
+                Some(p)
+                    if !p.contains(&ip6)
+                        || self.is_gateway_ip6(ip6)
+                        || ip6 == p.network()
+                        || Some(ip6) == self.host_access6() =>
+                {
                     return err(format!("reserved IPv6 address {ip6} is not a free address of {p}"));
                 }
                 Some(_) => {}
@@ -448,6 +453,28 @@ impl GatewayConfig {
     /// The address a network's host access gets by default: the last host address.
     pub fn default_host_access(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.broadcast()) - 1)
+    }
+
+    /// The IPv6 address at which guests reach the host's IPv6 loopback: the prefix's
+    /// `::2`, when host access is on and the network has IPv6.
+    pub fn host_access6(&self) -> Option<Ipv6Addr> {
+        self.host_access?;
+        Some(Ipv6Addr::from(u128::from(self.ipv6?.network()) | 2))
+    }
+
+    /// The host-access addresses of both IP versions (none when host access is off).
+    pub fn host_access_addresses(&self) -> Vec<std::net::IpAddr> {
+        let v4 = self.host_access.map(std::net::IpAddr::V4);
+        v4.into_iter()
+            .chain(self.host_access6().map(std::net::IpAddr::V6))
+            .collect()
+    }
+
+    /// The largest UDP payload a frame to a guest can carry over either IP version:
+    /// what a UDP flow reads from the host at most.
+    pub fn max_udp_payload(&self, ipv6: bool) -> usize {
+        let ip_header = if ipv6 { 40 } else { 20 };
+        usize::from(self.mtu).saturating_sub(ip_header + 8)
     }
 
     /// Whether the gateway answers ARP and ping for `ip`: its own addresses and the

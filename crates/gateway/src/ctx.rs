@@ -3,7 +3,7 @@
 //! own table beside it (`UdpNat`, `IcmpNat`, `TcpService`, `ForwardService`).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, RwLock};
 
 use fabric::Mac;
@@ -36,6 +36,14 @@ impl Ctx {
         self.config.store(cfg);
     }
 
+    /// The ICMP destination-unreachable answer to a guest's packet, from the gateway's
+    /// address of the packet's IP version.
+    pub fn unreachable(&self, refused: &crate::wire::Origin, why: crate::wire::Unreachable) -> Vec<u8> {
+        let cfg = self.cfg();
+        let from = (cfg.gateway_ip, cfg.gateway_link_local());
+        crate::wire::icmp_unreachable(cfg.gateway_mac, from, refused, why)
+    }
+
     /// Whether some guest is at `ip`: it holds a lease, or frames came from it.
     pub fn guest_at(&self, ip: Ipv4Addr) -> bool {
         self.leased.lock().unwrap_or_else(|p| p.into_inner()).contains(&ip) || self.neighbours.get(ip).is_some()
@@ -53,7 +61,7 @@ impl Ctx {
                     policy: cfg.egress.clone(),
                     other_subnets: Vec::new(),
                 }),
-                host_access: cfg.host_access,
+                host_access: cfg.host_access_addresses(),
                 host_addrs: policy::HostAddresses::default(),
                 counters: counters.clone(),
             },
@@ -93,14 +101,16 @@ impl Neighbours {
 struct EgressState {
     /// The policy in force (starts as the config's, replaceable at run time).
     policy: policy::EgressPolicy,
-    /// The other networks' subnets, which the policy keeps out of reach.
-    other_subnets: Vec<ipnet::Ipv4Net>,
+    /// The other networks' subnets and IPv6 prefixes, which the policy keeps out of
+    /// reach.
+    other_subnets: Vec<ipnet::IpNet>,
 }
 
 /// The egress check every NAT service asks before it opens a flow.
 pub(crate) struct Egress {
     state: RwLock<EgressState>,
-    host_access: Option<Ipv4Addr>,
+    /// The network's host-access addresses (one per IP version), none when off.
+    host_access: Vec<IpAddr>,
     host_addrs: policy::HostAddresses,
     counters: Arc<GatewayCounters>,
 }
@@ -108,8 +118,8 @@ pub(crate) struct Egress {
 impl Egress {
     /// Whether the policy refuses `dst:port` over `proto` (counted when it does). The
     /// host-access address is not subject to it: the network enabled it.
-    pub fn refused(&self, dst: Ipv4Addr, port: u16, proto: policy::Proto) -> bool {
-        if self.host_access == Some(dst) {
+    pub fn refused(&self, dst: IpAddr, port: u16, proto: policy::Proto) -> bool {
+        if self.host_access.contains(&dst) {
             return false;
         }
         let st = self.state.read().unwrap_or_else(|p| p.into_inner());
@@ -131,7 +141,7 @@ impl Egress {
         self.state.write().unwrap_or_else(|p| p.into_inner()).policy = policy;
     }
 
-    pub fn set_other_subnets(&self, subnets: Vec<ipnet::Ipv4Net>) {
+    pub fn set_other_subnets(&self, subnets: Vec<ipnet::IpNet>) {
         self.state.write().unwrap_or_else(|p| p.into_inner()).other_subnets = subnets;
     }
 }

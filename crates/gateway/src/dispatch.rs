@@ -4,7 +4,7 @@
 //! (UDP, ICMP, TCP) and forwards' return traffic go to their services; everything else
 //! is counted and dropped.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use smoltcp::wire::ArpOperation;
@@ -19,8 +19,8 @@ use crate::*;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Datagram<'a> {
     pub src_mac: Mac,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub payload: &'a [u8],
     pub origin: Origin,
 }
@@ -28,8 +28,8 @@ pub(crate) struct Datagram<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Echo<'a> {
     pub src_mac: Mac,
-    pub src_ip: Ipv4Addr,
-    pub dst_ip: Ipv4Addr,
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
     pub ident: u16,
     pub seq_no: u16,
     pub data: &'a [u8],
@@ -56,18 +56,12 @@ pub(crate) enum Route<'a> {
         src_mac: Mac,
         payload: &'a [u8],
     },
+    /// A DNS query to one of the gateway's addresses, of either IP version.
     Dns(Datagram<'a>),
     /// A DHCPv6 client message (from port 546 to 547).
     Dhcp6 {
         src_mac: Mac,
         src: std::net::SocketAddrV6,
-        payload: &'a [u8],
-    },
-    /// A DNS query to one of the gateway's IPv6 addresses.
-    Dns6 {
-        src_mac: Mac,
-        src: std::net::SocketAddrV6,
-        dst: std::net::SocketAddrV6,
         payload: &'a [u8],
     },
     /// TCP to the gateway's own address: its DNS-over-TCP stack (which refuses other
@@ -92,7 +86,7 @@ impl Route<'_> {
             Route::Arp { .. } => Service::Arp,
             Route::Echo(_) | Route::Icmp6(_) => Service::Icmp,
             Route::Dhcp { .. } | Route::Dhcp6 { .. } => Service::Dhcp,
-            Route::Dns(_) | Route::Dns6 { .. } => Service::Dns,
+            Route::Dns(_) => Service::Dns,
             Route::GatewayTcp => Service::DnsTcp,
             Route::TcpNat(_) => Service::TcpNat,
             Route::IcmpNat(_) => Service::IcmpNat,
@@ -134,8 +128,8 @@ pub(crate) fn route<'a>(
         } => {
             let echo = Echo {
                 src_mac,
-                src_ip,
-                dst_ip,
+                src_ip: src_ip.into(),
+                dst_ip: dst_ip.into(),
                 ident,
                 seq_no,
                 data,
@@ -161,8 +155,8 @@ pub(crate) fn route<'a>(
         } => {
             let d = Datagram {
                 src_mac,
-                src: SocketAddrV4::new(src_ip, src_port),
-                dst: SocketAddrV4::new(dst_ip, dst_port),
+                src: SocketAddrV4::new(src_ip, src_port).into(),
+                dst: SocketAddrV4::new(dst_ip, dst_port).into(),
                 payload,
                 origin,
             };
@@ -177,22 +171,41 @@ pub(crate) fn route<'a>(
             }
         }
         Inbound::Tcp(head) => {
-            let dst = *head.dst.ip();
-            let to_gateway = cfg.is_gateway_ip(dst);
+            let (to_gateway, leaves) = match (head.src.ip(), head.dst.ip()) {
+                (IpAddr::V4(src), IpAddr::V4(dst)) => (cfg.is_gateway_ip(dst), routed_out(cfg, src, dst)),
+                (IpAddr::V6(src), IpAddr::V6(dst)) => (cfg.is_gateway_ip6(dst), routed_out6(cfg, src, dst)),
+                _ => (false, false),
+            };
             let forwarded = to_gateway
                 && nat_knows(&tcp_nat::FlowKey {
                     guest: head.src,
                     peer: head.dst,
                 });
-            if to_gateway && !forwarded {
+            if to_gateway && !forwarded && head.dst.is_ipv4() {
                 Route::GatewayTcp
-            } else if head.dst_mac == cfg.gateway_mac && (forwarded || routed_out(cfg, *head.src.ip(), dst)) {
+            } else if head.dst_mac == cfg.gateway_mac && (forwarded || leaves) {
                 Route::TcpNat(head)
             } else {
+                // DNS over TCP to the gateway's IPv6 addresses is not served yet.
                 Route::Nowhere
             }
         }
-        Inbound::Icmp6(m) if cfg.ipv6.is_some() => Route::Icmp6(m),
+        Inbound::Icmp6(m) if cfg.ipv6.is_some() => match m.message {
+            wire::Icmp6Message::EchoRequest { ident, seq_no, data }
+                if m.dst_mac == cfg.gateway_mac && routed_out6(cfg, m.src_ip, m.dst_ip) =>
+            {
+                Route::IcmpNat(Echo {
+                    src_mac: m.src_mac,
+                    src_ip: m.src_ip.into(),
+                    dst_ip: m.dst_ip.into(),
+                    ident,
+                    seq_no,
+                    data,
+                    origin: m.origin,
+                })
+            }
+            _ => Route::Icmp6(m),
+        },
         Inbound::Udp6 {
             src_mac,
             src,
@@ -207,17 +220,28 @@ pub(crate) fn route<'a>(
         }
         Inbound::Udp6 {
             src_mac,
+            dst_mac,
             src,
             dst,
             payload,
-            ..
-        } if dst.port() == 53 && cfg.is_gateway_ip6(*dst.ip()) => Route::Dns6 {
-            src_mac,
-            src,
-            dst,
-            payload,
-        },
-        Inbound::Icmp6(_) | Inbound::Udp6 { .. } | Inbound::Ignored => Route::Nowhere,
+            origin,
+        } => {
+            let d = Datagram {
+                src_mac,
+                src: src.into(),
+                dst: dst.into(),
+                payload,
+                origin,
+            };
+            if dst.port() == 53 && cfg.is_gateway_ip6(*dst.ip()) {
+                Route::Dns(d)
+            } else if dst_mac == cfg.gateway_mac && routed_out6(cfg, *src.ip(), *dst.ip()) {
+                Route::UdpNat(d)
+            } else {
+                Route::Nowhere
+            }
+        }
+        Inbound::Icmp6(_) | Inbound::Ignored => Route::Nowhere,
     }
 }
 
@@ -319,18 +343,22 @@ fn deliver(
             let reply = arp(cfg, c, op, sender_mac, sender_ip, target_ip);
             return (reply.into_iter().collect(), teaches_tcp);
         }
-        Route::Echo(e) => {
-            GatewayCounters::inc(&c.icmp_echo_replies);
-            vec![wire::icmp_echo_reply(
-                cfg.gateway_mac,
-                e.src_mac,
-                e.dst_ip,
-                e.src_ip,
-                e.ident,
-                e.seq_no,
-                e.data,
-            )]
-        }
+        Route::Echo(e) => match (e.dst_ip, e.src_ip) {
+            (IpAddr::V4(from), IpAddr::V4(to)) => {
+                GatewayCounters::inc(&c.icmp_echo_replies);
+                vec![wire::icmp_echo_reply(
+                    cfg.gateway_mac,
+                    e.src_mac,
+                    from,
+                    to,
+                    e.ident,
+                    e.seq_no,
+                    e.data,
+                )]
+            }
+            // Pings to the gateway's IPv6 addresses are Neighbor Discovery's (`ndp`).
+            _ => vec![],
+        },
         Route::Icmp6(m) => crate::ndp::answer(cfg, c, &m).into_iter().collect(),
         Route::Dhcp { src_mac, payload } => {
             let (reply, event) = shared.state().dhcp.handle(payload, src_mac, unix_now());
@@ -350,7 +378,7 @@ fn deliver(
                 .into_iter()
                 .collect()
         }
-        Route::Dns(d) => dns_query(shared, sock, d.src_mac, d.src.into(), d.dst.into(), d.payload),
+        Route::Dns(d) => dns_query(shared, sock, d.src_mac, d.src, d.dst, d.payload),
         Route::Dhcp6 { src_mac, src, payload } => {
             let reply = shared.state().dhcp.handle6(payload, src_mac, unix_now());
             shared.emit_dhcp6();
@@ -360,12 +388,6 @@ fn deliver(
                 .into_iter()
                 .collect()
         }
-        Route::Dns6 {
-            src_mac,
-            src,
-            dst,
-            payload,
-        } => dns_query(shared, sock, src_mac, src.into(), dst.into(), payload),
         Route::GatewayTcp => {
             shared.state().tcp.input(frame);
             return (vec![], true);
@@ -385,7 +407,9 @@ fn deliver(
                 .collect()
         }
         Route::ForwardReply(d) => {
-            forward::reply(&shared.forwards, d.dst.port(), *d.src.ip(), d.payload);
+            if let IpAddr::V4(guest) = d.src.ip() {
+                forward::reply(&shared.forwards, d.dst.port(), guest, d.payload);
+            }
             vec![]
         }
         Route::UdpNat(d) => {
@@ -469,6 +493,17 @@ pub(crate) fn routed_out(cfg: &GatewayConfig, src: Ipv4Addr, dst: Ipv4Addr) -> b
     cfg.subnet.contains(&src) && !cfg.is_gateway_ip(dst) && !inside && !dst.is_broadcast() && !dst.is_multicast()
 }
 
+/// The same for IPv6: from a guest's address on the prefix (a link-local source
+/// cannot leave the link), to a unicast address off the prefix or the host-access one.
+pub(crate) fn routed_out6(cfg: &GatewayConfig, src: Ipv6Addr, dst: Ipv6Addr) -> bool {
+    let Some(prefix) = cfg.ipv6 else {
+        return false;
+    };
+    let inside = prefix.contains(&dst) && cfg.host_access6() != Some(dst);
+    let unicast = !dst.is_multicast() && !dst.is_unspecified() && !dst.is_unicast_link_local();
+    prefix.contains(&src) && !cfg.is_gateway_ip6(dst) && !inside && unicast
+}
+
 #[cfg(test)]
 mod tests {
     //! The decision alone: frames built with `wire`, classified, routed; no sockets.
@@ -529,6 +564,108 @@ mod tests {
         }
     }
 
+    /// A TCP SYN over IPv6 from the test guest.
+    fn tcp6_syn(dst_mac: Mac, src: Ipv6Addr, dst: (Ipv6Addr, u16)) -> Vec<u8> {
+        use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
+        let repr = TcpRepr {
+            src_port: 40000,
+            dst_port: dst.1,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1),
+            ack_number: None,
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let (src, dst) = (
+            SocketAddr::new(src.into(), repr.src_port),
+            SocketAddr::new(dst.0.into(), dst.1),
+        );
+        wire::tcp_frame(GUEST, dst_mac, src, dst, &repr).unwrap()
+    }
+
+    #[test]
+    fn ipv6_off_the_prefix_is_routed_out_and_on_it_is_not() {
+        use smoltcp::wire::Icmpv6Repr;
+        let mut cfg = GatewayConfig::dual_stack_for_tests();
+        cfg.host_access = Some(cfg.default_host_access());
+        let gw_mac = cfg.gateway_mac;
+        let guest: Ipv6Addr = "fd00:9::10".parse().unwrap();
+        let outside: Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let host_access = cfg.host_access6().unwrap();
+        assert_eq!(host_access, "fd00:9::2".parse::<Ipv6Addr>().unwrap());
+        let udp6 = |dst_mac: Mac, src: Ipv6Addr, dst: Ipv6Addr, port: u16| {
+            let src = std::net::SocketAddrV6::new(src, 5000, 0, 0);
+            wire::udp6_frame(GUEST, dst_mac, src, std::net::SocketAddrV6::new(dst, port, 0, 0), b"x")
+        };
+        let echo = |dst: Ipv6Addr| {
+            let repr = Icmpv6Repr::EchoRequest {
+                ident: 1,
+                seq_no: 1,
+                data: b"p",
+            };
+            wire::icmp6_frame(GUEST, gw_mac, guest, dst, &repr)
+        };
+        let link_local: Ipv6Addr = "fe80::10".parse().unwrap();
+        let cases: [(&str, Vec<u8>); 11] = [
+            ("UdpNat", udp6(gw_mac, guest, outside, 53)),
+            ("UdpNat", udp6(gw_mac, guest, host_access, 9)),
+            ("Dns", udp6(gw_mac, guest, cfg.gateway_ip6().unwrap(), 53)),
+            // On the link: the switch's business, even when sent to the gateway's MAC.
+            ("Nowhere", udp6(gw_mac, guest, "fd00:9::11".parse().unwrap(), 53)),
+            // A link-local source cannot be routed.
+            ("Nowhere", udp6(gw_mac, link_local, outside, 53)),
+            ("Nowhere", udp6(Mac([2, 0, 0, 0, 0, 0x11]), guest, outside, 53)),
+            ("IcmpNat", echo(outside)),
+            ("Icmp6", echo(cfg.gateway_ip6().unwrap())),
+            ("TcpNat", tcp6_syn(gw_mac, guest, (outside, 443))),
+            ("TcpNat", tcp6_syn(gw_mac, guest, (host_access, 22))),
+            ("Nowhere", tcp6_syn(gw_mac, guest, (cfg.gateway_ip6().unwrap(), 53))),
+        ];
+        for (want, frame) in cases {
+            assert_eq!(routed(&cfg, &frame), want, "{frame:02x?}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_refusal_is_icmpv6_and_a_reset_is_tcp_over_ipv6() {
+        use smoltcp::wire::{EthernetFrame, Icmpv6Packet, Icmpv6Repr, Ipv6Packet, TcpPacket};
+        let cfg = GatewayConfig::dual_stack_for_tests();
+        let guest: Ipv6Addr = "fd00:9::10".parse().unwrap();
+        let outside: Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let syn = tcp6_syn(cfg.gateway_mac, guest, (outside, 443));
+        let Route::TcpNat(head) = route(&cfg, wire::classify(&syn).unwrap(), |_| false) else {
+            panic!("not routed out");
+        };
+        let rst = wire::tcp_reset(cfg.gateway_mac, &head).expect("a reset");
+        let ip = Ipv6Packet::new_checked(&rst[14..]).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (outside, guest));
+        let tcp = TcpPacket::new_checked(&rst[54..]).unwrap();
+        assert!(tcp.rst() && tcp.ack() && tcp.verify_checksum(&outside.into(), &guest.into()));
+        assert_eq!(tcp.ack_number(), smoltcp::wire::TcpSeqNumber(2), "the SYN acknowledged");
+
+        let from = (cfg.gateway_ip, cfg.gateway_link_local());
+        let answer = wire::icmp_unreachable(cfg.gateway_mac, from, &head.origin, wire::Unreachable::Prohibited);
+        let eth = EthernetFrame::new_checked(&answer[..]).unwrap();
+        assert_eq!(eth.dst_addr().0, GUEST.0);
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (cfg.gateway_link_local(), guest));
+        let icmp = Icmpv6Packet::new_checked(&answer[54..]).unwrap();
+        let caps = smoltcp::phy::ChecksumCapabilities::default();
+        let Icmpv6Repr::DstUnreachable { reason, header, data } =
+            Icmpv6Repr::parse(&ip.src_addr(), &ip.dst_addr(), &icmp, &caps).unwrap()
+        else {
+            panic!("not a destination unreachable");
+        };
+        assert_eq!(reason, smoltcp::wire::Icmpv6DstUnreachable::AdminProhibit);
+        assert_eq!((header.src_addr, header.dst_addr), (guest, outside));
+        assert_eq!(&data[..4], &[0x9c, 0x40, 0x01, 0xbb], "ports 40000 -> 443");
+    }
+
     #[test]
     fn arp_about_the_gateway_teaches_the_tcp_stacks_and_a_gratuitous_one_does_not() {
         let cfg = cfg();
@@ -557,7 +694,8 @@ mod tests {
         let Route::UdpNat(d) = route(&cfg, wire::classify(&f).unwrap(), |_| false) else {
             panic!("not routed out");
         };
-        let answer = wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, &d.origin);
+        let from = (cfg.gateway_ip, cfg.gateway_link_local());
+        let answer = wire::icmp_unreachable(cfg.gateway_mac, from, &d.origin, wire::Unreachable::Prohibited);
         let eth = EthernetFrame::new_checked(&answer[..]).unwrap();
         assert_eq!(eth.dst_addr().0, GUEST.0);
         let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();

@@ -2,24 +2,24 @@
 //! bound them per guest, and the TCP engines' budgets by direction.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::tcp_nat::Direction;
 
 #[derive(Default)]
-pub(crate) struct PerGuest(HashMap<Ipv4Addr, usize>);
+pub(crate) struct PerGuest(HashMap<IpAddr, usize>);
 
 impl PerGuest {
-    pub fn count(&self, guest: Ipv4Addr) -> usize {
+    pub fn count(&self, guest: IpAddr) -> usize {
         self.0.get(&guest).copied().unwrap_or(0)
     }
 
-    pub fn add(&mut self, guest: Ipv4Addr) {
+    pub fn add(&mut self, guest: IpAddr) {
         *self.0.entry(guest).or_insert(0) += 1;
     }
 
     /// One of the guest's flows ended; a guest with none left is forgotten.
-    pub fn release(&mut self, guest: Ipv4Addr) {
+    pub fn release(&mut self, guest: IpAddr) {
         if let Some(n) = self.0.get_mut(&guest) {
             *n -= 1;
             if *n == 0 {
@@ -58,7 +58,7 @@ impl TcpBounds {
 
 impl TcpBudget {
     /// Counts a new flow of `guest`'s; false (nothing counted) when it is over a bound.
-    pub fn admit(&mut self, guest: Ipv4Addr, direction: Direction, bounds: &TcpBounds) -> bool {
+    pub fn admit(&mut self, guest: IpAddr, direction: Direction, bounds: &TcpBounds) -> bool {
         match direction {
             Direction::Egress => {
                 if self.per_guest.count(guest) >= bounds.per_guest || self.egress >= bounds.egress {
@@ -78,7 +78,7 @@ impl TcpBudget {
     }
 
     /// A flow [`TcpBudget::admit`] counted has ended.
-    pub fn release(&mut self, guest: Ipv4Addr, direction: Direction) {
+    pub fn release(&mut self, guest: IpAddr, direction: Direction) {
         match direction {
             Direction::Egress => {
                 self.per_guest.release(guest);

@@ -8,15 +8,19 @@
 //! picks a datagram socket's identifier; a raw socket's is drawn at random and its
 //! replies are picked out by it. Replies go back to the guest with the guest's own
 //! identifier, as if from the destination. A flow idles out after `icmp_idle`.
+//!
+//! ICMPv6 echo works alike over IPv6 sockets (the same sysctl governs IPv6 ping
+//! sockets). The kernel fills in an ICMPv6 checksum itself (it covers addresses only it
+//! knows), and an IPv6 raw socket delivers no IP header.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
 use fabric::Mac;
 use rustix::net::{AddressFamily, SocketType};
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Ipv4Packet};
+use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Message, Icmpv6Packet, Icmpv6Repr, Ipv4Packet};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -31,9 +35,9 @@ const FLOWS_TOTAL: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FlowKey {
-    pub guest: Ipv4Addr,
+    pub guest: IpAddr,
     pub ident: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
 }
 
 /// Guest pings re-originated from host ping sockets: the flow table beside the context.
@@ -72,9 +76,9 @@ enum Kind {
 fn kind() -> Option<Kind> {
     static KIND: OnceLock<Option<Kind>> = OnceLock::new();
     *KIND.get_or_init(|| {
-        if open(Kind::Datagram).is_ok() {
+        if open(Kind::Datagram, false).is_ok() {
             Some(Kind::Datagram)
-        } else if open(Kind::Raw).is_ok() {
+        } else if open(Kind::Raw, false).is_ok() {
             Some(Kind::Raw)
         } else {
             tracing::warn!(
@@ -85,18 +89,23 @@ fn kind() -> Option<Kind> {
     })
 }
 
-/// An ICMP socket as a std UdpSocket: both are datagram sockets on an IPv4 address, and
+/// An ICMP socket as a std UdpSocket: both are datagram sockets on an IP address, and
 /// tokio's UdpSocket then gives async send and receive without any unsafe code.
-fn open(kind: Kind) -> std::io::Result<std::net::UdpSocket> {
+fn open(kind: Kind, ipv6: bool) -> std::io::Result<std::net::UdpSocket> {
     let ty = match kind {
         Kind::Datagram => SocketType::DGRAM,
         Kind::Raw => SocketType::RAW,
     };
+    let (family, proto) = if ipv6 {
+        (AddressFamily::INET6, rustix::net::ipproto::ICMPV6)
+    } else {
+        (AddressFamily::INET, rustix::net::ipproto::ICMP)
+    };
     let fd = rustix::net::socket_with(
-        AddressFamily::INET,
+        family,
         ty,
         rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
-        Some(rustix::net::ipproto::ICMP),
+        Some(proto),
     )?;
     Ok(std::net::UdpSocket::from(fd))
 }
@@ -121,18 +130,22 @@ pub(crate) fn outbound(
         }
         return None;
     }
-    let host_access = cfg.host_access == Some(key.dst);
+    let host_access = cfg.host_access_addresses().contains(&key.dst);
     if svc.ctx.egress.refused(key.dst, 0, crate::policy::Proto::Icmp) {
-        return Some(wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, origin));
+        return Some(svc.ctx.unreachable(origin, wire::Unreachable::Prohibited));
     }
     let mine = table.per_guest.count(key.guest);
     let Some(kind) = kind().filter(|_| mine < FLOWS_PER_GUEST && table.flows.len() < FLOWS_TOTAL) else {
         GatewayCounters::inc(&c.nat_icmp_dropped);
         return None;
     };
-    let target = if host_access { Ipv4Addr::LOCALHOST } else { key.dst };
-    let sock = match open(kind)
-        .and_then(|s| s.connect(SocketAddrV4::new(target, 0)).map(|_| s))
+    let target = if host_access {
+        crate::udp_nat::loopback_like(key.dst)
+    } else {
+        key.dst
+    };
+    let sock = match open(kind, target.is_ipv6())
+        .and_then(|s| s.connect(SocketAddr::new(target, 0)).map(|_| s))
         .and_then(UdpSocket::from_std)
     {
         Ok(s) if !crate::fd_budget::admits(&s) => {
@@ -176,9 +189,7 @@ async fn run_flow(
         tokio::select! {
             req = rx.recv() => match req {
                 Some((seq_no, data)) => {
-                    let repr = Icmpv4Repr::EchoRequest { ident: host_ident, seq_no, data: &data };
-                    let mut msg = vec![0u8; repr.buffer_len()];
-                    repr.emit(&mut Icmpv4Packet::new_unchecked(&mut msg), &caps);
+                    let msg = echo_request(key.dst, host_ident, seq_no, &data);
                     if sock.send(&msg).await.is_ok() {
                         GatewayCounters::inc(&c.nat_icmp_requests);
                     }
@@ -187,26 +198,79 @@ async fn run_flow(
             },
             got = sock.recv(&mut buf) => {
                 let Ok(n) = got else { continue };
-                let icmp = match kind {
-                    Kind::Datagram => &buf[..n],
-                    Kind::Raw => match Ipv4Packet::new_checked(&buf[..n]) {
+                let icmp = match (kind, key.dst) {
+                    (Kind::Raw, IpAddr::V4(_)) => match Ipv4Packet::new_checked(&buf[..n]) {
                         Ok(ip) => &buf[ip.header_len() as usize..n],
                         Err(_) => continue,
                     },
+                    _ => &buf[..n],
                 };
-                let Ok(pkt) = Icmpv4Packet::new_checked(icmp) else { continue };
-                let Ok(Icmpv4Repr::EchoReply { ident, seq_no, data }) = Icmpv4Repr::parse(&pkt, &caps) else {
-                    continue;
-                };
+                let Some((ident, seq_no, data)) = echo_reply(key.dst, icmp, &caps) else { continue };
                 if kind == Kind::Raw && ident != host_ident {
                     continue; // somebody else's ping
                 }
                 GatewayCounters::inc(&c.nat_icmp_replies);
-                let frame = wire::icmp_echo_reply(cfg.gateway_mac, guest_mac, key.dst, key.guest, key.ident, seq_no, data);
+                let frame = match (key.dst, key.guest) {
+                    (IpAddr::V4(from), IpAddr::V4(to)) => {
+                        wire::icmp_echo_reply(cfg.gateway_mac, guest_mac, from, to, key.ident, seq_no, data)
+                    }
+                    (IpAddr::V6(from), IpAddr::V6(to)) => {
+                        let reply = Icmpv6Repr::EchoReply { ident: key.ident, seq_no, data };
+                        wire::icmp6_frame(cfg.gateway_mac, guest_mac, from, to, &reply)
+                    }
+                    _ => continue, // a flow's ends are of one version
+                };
                 let _ = port.send(&frame).await;
             }
             _ = tokio::time::sleep(cfg.icmp_idle) => break,
         }
     }
     svc.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+}
+
+/// An echo request to `dst` as a host ICMP socket of its version takes it. An ICMPv6
+/// checksum is left to the kernel: it covers the source address, which only the
+/// kernel picks.
+fn echo_request(dst: IpAddr, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+    match dst {
+        IpAddr::V4(_) => {
+            let repr = Icmpv4Repr::EchoRequest { ident, seq_no, data };
+            let mut msg = vec![0u8; repr.buffer_len()];
+            repr.emit(
+                &mut Icmpv4Packet::new_unchecked(&mut msg),
+                &ChecksumCapabilities::default(),
+            );
+            msg
+        }
+        IpAddr::V6(_) => {
+            let mut msg = vec![0u8; 8 + data.len()];
+            let mut pkt = Icmpv6Packet::new_unchecked(&mut msg);
+            pkt.set_msg_type(Icmpv6Message::EchoRequest);
+            pkt.set_msg_code(0);
+            pkt.set_echo_ident(ident);
+            pkt.set_echo_seq_no(seq_no);
+            pkt.payload_mut().copy_from_slice(data);
+            msg
+        }
+    }
+}
+
+/// An echo reply's identifier, sequence number and data, from an ICMP message a host
+/// socket for `dst` received (without any IP header). The kernel checked an ICMPv6
+/// checksum (against addresses not at hand here).
+fn echo_reply<'a>(dst: IpAddr, icmp: &'a [u8], caps: &ChecksumCapabilities) -> Option<(u16, u16, &'a [u8])> {
+    match dst {
+        IpAddr::V4(_) => {
+            let pkt = Icmpv4Packet::new_checked(icmp).ok()?;
+            match Icmpv4Repr::parse(&pkt, caps).ok()? {
+                Icmpv4Repr::EchoReply { ident, seq_no, data } => Some((ident, seq_no, data)),
+                _ => None,
+            }
+        }
+        IpAddr::V6(_) => {
+            let pkt = Icmpv6Packet::new_checked(icmp).ok()?;
+            (pkt.msg_type() == Icmpv6Message::EchoReply && pkt.msg_code() == 0)
+                .then(|| (pkt.echo_ident(), pkt.echo_seq_no(), &icmp[8..]))
+        }
+    }
 }

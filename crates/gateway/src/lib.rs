@@ -411,8 +411,9 @@ impl Gateway {
         self.shared.ctx.egress.policy()
     }
 
-    /// Tells the gateway the other networks' subnets, which its guests may not reach.
-    pub fn set_other_subnets(&self, subnets: Vec<ipnet::Ipv4Net>) {
+    /// Tells the gateway the other networks' subnets and IPv6 prefixes, which its
+    /// guests may not reach.
+    pub fn set_other_subnets(&self, subnets: Vec<ipnet::IpNet>) {
         self.shared.ctx.egress.set_other_subnets(subnets);
     }
 

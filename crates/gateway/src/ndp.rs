@@ -1,12 +1,14 @@
 //! The gateway as its network's IPv6 router on the link (Neighbor Discovery, RFC 4861):
 //! it advertises the network's /64 for stateless autoconfiguration (RFC 4862) with the
-//! MTU and its DNS server and search list (RFC 8106), when asked and every few minutes; it answers Neighbour Solicitations for its
-//! own addresses (its link-local one and the prefix's `::1`) and pings to them.
+//! MTU and its DNS server and search list (RFC 8106), when asked and every few
+//! minutes; it answers Neighbour Solicitations for its own addresses (its link-local
+//! one and the prefix's `::1`) and the host-access address (`::2`, when on), and pings
+//! to its own.
 //!
-//! It advertises a router lifetime of zero: it does not route IPv6 off the network yet,
-//! and a default route through it would send guests' IPv6 into a dead end where IPv4
-//! would have worked. Guests still form addresses from the prefix and reach each other
-//! and the gateway on the link.
+//! It is the guests' default router: IPv6 off the prefix is re-originated from host
+//! sockets like IPv4 (TCP, UDP, ICMPv6 echo; see `dispatch::routed_out6`). Its router
+//! lifetime is three advertisement intervals, so a guest forgets a gateway that went
+//! away within that.
 
 use std::net::Ipv6Addr;
 
@@ -56,9 +58,16 @@ pub fn answer(cfg: &GatewayConfig, c: &GatewayCounters, m: &Icmp6<'_>) -> Option
             };
             Some(router_advert(cfg, c, to))
         }
-        Icmp6Message::NeighbourSolicit { target, lladdr } if cfg.is_gateway_ip6(target) => {
+        Icmp6Message::NeighbourSolicit { target, lladdr }
+            if cfg.is_gateway_ip6(target) || cfg.host_access6() == Some(target) =>
+        {
             GatewayCounters::inc(&c.neighbour_adverts);
-            let flags = NdiscNeighborFlags::ROUTER | NdiscNeighborFlags::OVERRIDE;
+            // The host-access address is the gateway's to answer for, but no router's.
+            let flags = if cfg.is_gateway_ip6(target) {
+                NdiscNeighborFlags::ROUTER | NdiscNeighborFlags::OVERRIDE
+            } else {
+                NdiscNeighborFlags::OVERRIDE
+            };
             let na = |flags| {
                 Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
                     flags,
@@ -94,8 +103,7 @@ pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Add
     let repr = Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
         hop_limit: 64,
         flags: NdiscRouterFlags::empty(),
-        // Zero: not a default router (see the module's note).
-        router_lifetime: Duration::ZERO,
+        router_lifetime: Duration::from_secs(advert_lifetime(cfg).into()),
         reachable_time: Duration::ZERO,
         retrans_time: Duration::ZERO,
         lladdr: Some(EthernetAddress(cfg.gateway_mac.0).into()),
@@ -104,6 +112,14 @@ pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Add
     });
     let dns = dns_options(cfg);
     wire::icmp6_frame_with(cfg.gateway_mac, to.0, cfg.gateway_link_local(), to.1, &repr, &dns)
+}
+
+/// How long what an advertisement says holds without another: three intervals (RFC
+/// 8106 asks so of DNS options); a router lifetime of at most 9000 s (RFC 4861).
+fn advert_lifetime(cfg: &GatewayConfig) -> u32 {
+    u32::try_from(cfg.router_advert_interval.as_secs() * 3)
+        .unwrap_or(u32::MAX)
+        .clamp(1, 9000)
 }
 
 /// The RDNSS and DNSSL options (RFC 8106): the gateway's global address as the DNS
@@ -115,7 +131,7 @@ fn dns_options(cfg: &GatewayConfig) -> Vec<u8> {
     let Some(server) = cfg.gateway_ip6() else {
         return vec![];
     };
-    let lifetime = u32::try_from(cfg.router_advert_interval.as_secs() * 3).unwrap_or(u32::MAX);
+    let lifetime = advert_lifetime(cfg);
     let mut out = vec![RDNSS, 3, 0, 0];
     out.extend(lifetime.to_be_bytes());
     out.extend(server.octets());
@@ -183,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn a_router_solicitation_gets_the_prefix_the_mtu_and_no_default_route() {
+    fn a_router_solicitation_gets_the_prefix_the_mtu_and_a_default_route() {
         let cfg = cfg();
         let guest_ll: Ipv6Addr = "fe80::10".parse().unwrap();
         let rs = Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { lladdr: None });
@@ -204,7 +220,7 @@ mod tests {
         else {
             panic!("{repr:?}");
         };
-        assert_eq!(router_lifetime, Duration::ZERO);
+        assert_eq!(router_lifetime, Duration::from_secs(600), "three intervals of 200 s");
         assert_eq!(mtu, Some(1500));
         assert_eq!((p.prefix, p.prefix_len), ("fd00:9::".parse().unwrap(), 64));
         assert!(p

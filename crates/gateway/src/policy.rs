@@ -2,16 +2,18 @@
 //!
 //! Rules are checked in order and the first match decides; when none matches, the
 //! default decides. Before the rules come the built-in denies, which only an explicit
-//! allow rule for that very destination lifts: link-local 169.254.0.0/16 (cloud
-//! metadata services live there), the host's own addresses, and every other vmfabric
-//! network's subnet.
+//! allow rule for that very destination lifts: link-local addresses (169.254.0.0/16,
+//! where cloud metadata services live, and fe80::/10), the host's own addresses, every
+//! other vmfabric network's subnet and IPv6 prefix, and IPv6 addresses that carry an
+//! IPv4 one (v4-mapped `::ffff:a.b.c.d` and v4-compatible `::a.b.c.d`: a host socket
+//! would take them to the IPv4 address inside, round the IPv4 checks).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -29,7 +31,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub action: Action,
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     /// Inclusive port range; `None` is every port (and ICMP).
     pub ports: Option<(u16, u16)>,
     /// `None` is every protocol.
@@ -37,7 +39,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, dst: Ipv4Addr, port: u16, proto: Proto) -> bool {
+    fn matches(&self, dst: IpAddr, port: u16, proto: Proto) -> bool {
         self.dst.contains(&dst)
             && self.proto.is_none_or(|p| p == proto)
             && self
@@ -65,6 +67,8 @@ impl Default for EgressPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
     LinkLocal,
+    /// An IPv6 address with an IPv4 one inside (v4-mapped or v4-compatible).
+    Ipv4Inside,
     HostAddress,
     OtherNetwork,
     Rule,
@@ -74,13 +78,13 @@ pub enum Denied {
 /// succeeds exactly when it is local, which answers without parsing interface lists.
 #[derive(Default)]
 pub struct HostAddresses {
-    cache: Mutex<HashMap<Ipv4Addr, (bool, Instant)>>,
+    cache: Mutex<HashMap<IpAddr, (bool, Instant)>>,
 }
 
 const HOST_ADDR_TTL: Duration = Duration::from_secs(10);
 
 impl HostAddresses {
-    pub fn is_local(&self, ip: Ipv4Addr) -> bool {
+    pub fn is_local(&self, ip: IpAddr) -> bool {
         if ip.is_loopback() || ip.is_unspecified() {
             return true;
         }
@@ -103,18 +107,21 @@ impl EgressPolicy {
     /// Decides a guest's packet to `dst:port`. `others` are the other networks' subnets.
     pub fn check(
         &self,
-        dst: Ipv4Addr,
+        dst: IpAddr,
         port: u16,
         proto: Proto,
-        others: &[Ipv4Net],
+        others: &[IpNet],
         host: &HostAddresses,
     ) -> Result<(), Denied> {
         let explicit = self.rules.iter().find(|r| r.matches(dst, port, proto));
         if explicit.is_some_and(|r| r.action == Action::Allow) {
             return Ok(());
         }
-        if "169.254.0.0/16".parse::<Ipv4Net>().is_ok_and(|ll| ll.contains(&dst)) {
-            return Err(Denied::LinkLocal);
+        match dst {
+            IpAddr::V4(v4) if v4.is_link_local() => return Err(Denied::LinkLocal),
+            IpAddr::V6(v6) if v6.is_unicast_link_local() => return Err(Denied::LinkLocal),
+            IpAddr::V6(v6) if carries_ipv4(v6) => return Err(Denied::Ipv4Inside),
+            _ => {}
         }
         if others.iter().any(|n| n.contains(&dst)) {
             return Err(Denied::OtherNetwork);
@@ -127,6 +134,15 @@ impl EgressPolicy {
             Action::Deny => Err(Denied::Rule),
         }
     }
+}
+
+/// Whether a host socket sending to `ip` would reach an IPv4 address instead:
+/// v4-mapped (`::ffff:0:0/96`) or the deprecated v4-compatible (`::/96`, less `::` and
+/// `::1`, which are checked as themselves).
+fn carries_ipv4(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    let high_zero = s[..5].iter().all(|&x| x == 0);
+    high_zero && (s[5] == 0xffff || (s[5] == 0 && u128::from(ip) > 1))
 }
 
 #[cfg(test)]
@@ -145,9 +161,9 @@ mod tests {
     #[test]
     fn built_in_denies_and_ordered_rules() {
         let host = HostAddresses::default();
-        let others: Vec<Ipv4Net> = vec!["10.88.0.0/24".parse().unwrap()];
+        let others: Vec<IpNet> = vec!["10.88.0.0/24".parse().unwrap(), "fd00:88::/64".parse().unwrap()];
         let open = EgressPolicy::default();
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             open.check(ip("169.254.169.254"), 80, Proto::Tcp, &others, &host),
             Err(Denied::LinkLocal)
@@ -161,11 +177,24 @@ mod tests {
             Err(Denied::HostAddress)
         );
         assert_eq!(open.check(ip("192.0.2.10"), 443, Proto::Tcp, &others, &host), Ok(()));
+        assert_eq!(open.check(ip("2001:db8::7"), 443, Proto::Tcp, &others, &host), Ok(()));
+        for (dst, why) in [
+            ("fe80::1", Denied::LinkLocal),
+            ("fd00:88::7", Denied::OtherNetwork),
+            ("::1", Denied::HostAddress),
+            ("::", Denied::HostAddress),
+            ("::ffff:127.0.0.1", Denied::Ipv4Inside),
+            ("::ffff:192.0.2.10", Denied::Ipv4Inside),
+            ("::127.0.0.1", Denied::Ipv4Inside),
+        ] {
+            assert_eq!(open.check(ip(dst), 80, Proto::Udp, &others, &host), Err(why), "{dst}");
+        }
         let strict = EgressPolicy {
             rules: vec![
                 rule(Action::Deny, "192.0.2.10/32", Some((443, 443)), Some(Proto::Tcp)),
                 rule(Action::Allow, "192.0.2.0/24", Some((400, 500)), None),
                 rule(Action::Allow, "169.254.169.254/32", Some((80, 80)), Some(Proto::Tcp)),
+                rule(Action::Allow, "2001:db8:1::/48", None, None),
             ],
             default: Action::Deny,
         };
@@ -189,6 +218,15 @@ mod tests {
             strict.check(ip("192.0.2.20"), 450, Proto::Icmp, &others, &host),
             Err(Denied::Rule),
             "ports exclude ICMP"
+        );
+        assert_eq!(
+            strict.check(ip("2001:db8:1::9"), 22, Proto::Tcp, &others, &host),
+            Ok(())
+        );
+        assert_eq!(
+            strict.check(ip("2001:db8:2::9"), 22, Proto::Tcp, &others, &host),
+            Err(Denied::Rule),
+            "IPv6 outside the allowed prefix: the default"
         );
     }
 }

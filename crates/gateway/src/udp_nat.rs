@@ -4,12 +4,14 @@
 //! port). Its first datagram passes the egress policy and the bounds, then gets a host
 //! socket connected to the destination (or to the host's loopback when the destination
 //! is the network's host-access address); datagrams go out through it and replies come
-//! back to the guest as if from the destination. A flow with no traffic for `udp_idle`
-//! closes (`udp_dns_idle`, shorter, for flows to port 53). Flows are bounded per guest and per network; going past a bound is counted
-//! and the datagram dropped.
+//! back to the guest as if from the destination. Both IP versions work alike: an IPv6
+//! flow gets an IPv6 host socket (the host-access address's loopback is `[::1]`). A
+//! flow with no traffic for `udp_idle` closes (`udp_dns_idle`, shorter, for flows to
+//! port 53). Flows are bounded per guest and per network; going past a bound is
+//! counted and the datagram dropped.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +26,8 @@ use crate::wire;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
 }
 
 pub(crate) struct Flow {
@@ -35,8 +37,8 @@ pub(crate) struct Flow {
 /// A flow as [`crate::Gateway::udp_flows`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowInfo {
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub dst: SocketAddr,
 }
 
 /// Guest UDP re-originated from host sockets: the flow table beside the context.
@@ -68,7 +70,7 @@ impl FlowTable {
 
     fn remove(&mut self, key: &FlowKey) {
         if self.flows.remove(key).is_some() {
-            self.per_guest.release(*key.guest.ip());
+            self.per_guest.release(key.guest.ip());
         }
     }
 }
@@ -92,25 +94,26 @@ pub(crate) fn outbound(
         }
         return None;
     }
-    let host_access = cfg.host_access == Some(*key.dst.ip());
+    let host_access = cfg.host_access_addresses().contains(&key.dst.ip());
     if svc
         .ctx
         .egress
-        .refused(*key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp)
+        .refused(key.dst.ip(), key.dst.port(), crate::policy::Proto::Udp)
     {
-        return Some(wire::icmp_prohibited(cfg.gateway_mac, cfg.gateway_ip, origin));
+        return Some(svc.ctx.unreachable(origin, wire::Unreachable::Prohibited));
     }
-    let mine = table.per_guest.count(*key.guest.ip());
+    let mine = table.per_guest.count(key.guest.ip());
     if mine >= cfg.udp_flows_per_guest || table.flows.len() >= cfg.udp_flows_total {
         GatewayCounters::inc(&c.nat_udp_dropped);
         return None;
     }
     let target = if host_access {
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.dst.port())
+        SocketAddr::new(loopback_like(key.dst.ip()), key.dst.port())
     } else {
         key.dst
     };
-    let sock = match std::net::UdpSocket::bind("0.0.0.0:0")
+    let any = SocketAddr::new(unspecified_like(target.ip()), 0);
+    let sock = match std::net::UdpSocket::bind(any)
         .and_then(|s| s.connect(target).map(|_| s))
         .and_then(|s| s.set_nonblocking(true).map(|_| s))
         .and_then(UdpSocket::from_std)
@@ -131,7 +134,7 @@ pub(crate) fn outbound(
     let (tx, rx) = mpsc::channel(64);
     let _ = tx.try_send(payload.to_vec());
     table.flows.insert(key, Flow { tx });
-    table.per_guest.add(*key.guest.ip());
+    table.per_guest.add(key.guest.ip());
     GatewayCounters::inc(&c.nat_udp_flows);
     tokio::spawn(run_flow(svc.clone(), port.clone(), sock, rx, key, guest_mac));
     None
@@ -154,7 +157,7 @@ async fn run_flow(
     // Sized to what fits a frame to the guest, plus one byte to notice a datagram that
     // does not: a flow's buffer is its largest allocation, and a guest may open a
     // thousand flows (64 KiB each left the allocator holding tens of MB after floods).
-    let max = svc.ctx.cfg().max_ipv4_payload().saturating_sub(8);
+    let max = svc.ctx.cfg().max_udp_payload(key.guest.is_ipv6());
     let mut buf = vec![0u8; max + 1];
     loop {
         tokio::select! {
@@ -175,18 +178,31 @@ async fn run_flow(
                         continue;
                     }
                     c.nat_udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    let frame = wire::udp_frame(
-                        svc.ctx.cfg().gateway_mac,
-                        guest_mac,
-                        (*key.dst.ip(), key.dst.port()),
-                        (*key.guest.ip(), key.guest.port()),
-                        &buf[..n],
-                    );
-                    let _ = port.send(&frame).await;
+                    let cfg = svc.ctx.cfg();
+                    // A flow's two ends are of one IP version, so there is a frame.
+                    if let Some(frame) = wire::udp_frame_to(cfg.gateway_mac, guest_mac, key.dst, key.guest, &buf[..n]) {
+                        let _ = port.send(&frame).await;
+                    }
                 }
             }
             _ = tokio::time::sleep(idle) => break,
         }
     }
     svc.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+}
+
+/// The host's loopback address of `ip`'s version: where host access leads.
+pub(crate) fn loopback_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+    }
+}
+
+/// The unspecified address of `ip`'s version: what a host socket binds to.
+pub(crate) fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }

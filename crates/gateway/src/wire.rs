@@ -5,14 +5,15 @@
 //! packet, a TCP segment's numbers), so an answer is never built by parsing the frame
 //! again; the builders emit complete frames with checksums.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
-    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet,
-    Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    UdpPacket, UdpRepr,
 };
 
 /// What an inbound frame is, as far as the gateway cares.
@@ -55,6 +56,7 @@ pub enum Inbound<'a> {
         src: SocketAddrV6,
         dst: SocketAddrV6,
         payload: &'a [u8],
+        origin: Origin,
     },
     /// Valid, but nothing the gateway serves (other protocols, other ICMP types, IPv6
     /// other than the ICMPv6 above).
@@ -72,6 +74,7 @@ pub struct Icmp6<'a> {
     /// (RFC 4861 section 6.1) is ignored.
     pub hop_limit: u8,
     pub message: Icmp6Message<'a>,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,8 +103,8 @@ impl Inbound<'_> {
 pub struct TcpHead {
     pub src_mac: Mac,
     pub dst_mac: Mac,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub syn: bool,
     pub ack: bool,
     pub rst: bool,
@@ -112,18 +115,35 @@ pub struct TcpHead {
     pub origin: Origin,
 }
 
-/// What an ICMP error about an IPv4 packet needs from it: who sent it, its header and
-/// the first 8 bytes of its payload (RFC 792).
+/// What an ICMP error about a packet needs from it: who sent it, its header and the
+/// first 8 bytes of its payload (RFC 792; for IPv6, RFC 4443 would take more, but the
+/// guest's kernel matches an error to its socket by those 8: the ports).
 #[derive(Debug, Clone, Copy)]
 pub struct Origin {
     pub src_mac: Mac,
-    pub header: Ipv4Repr,
+    pub header: SentHeader,
     quote: [u8; 8],
     quote_len: u8,
 }
 
+/// The IP header of a packet an ICMP error is about.
+#[derive(Debug, Clone, Copy)]
+pub enum SentHeader {
+    V4(Ipv4Repr),
+    V6(Ipv6Repr),
+}
+
+/// Why a packet could not be delivered, in the terms of both ICMP versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// The egress policy refused it.
+    Prohibited,
+    /// The host side could not reach the destination.
+    Host,
+}
+
 impl Origin {
-    fn new(src_mac: Mac, header: Ipv4Repr, payload: &[u8]) -> Origin {
+    fn new(src_mac: Mac, header: SentHeader, payload: &[u8]) -> Origin {
         let mut quote = [0u8; 8];
         let quote_len = payload.len().min(quote.len());
         quote[..quote_len].copy_from_slice(&payload[..quote_len]);
@@ -196,7 +216,7 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
             let pkt = Ipv4Packet::new_checked(eth.payload()).map_err(|_| WireError::Ipv4)?;
             let ip = Ipv4Repr::parse(&pkt, &caps).map_err(|_| WireError::Ipv4)?;
             let (src, dst) = (IpAddress::Ipv4(ip.src_addr), IpAddress::Ipv4(ip.dst_addr));
-            let origin = Origin::new(mac(eth.src_addr()), ip, pkt.payload());
+            let origin = Origin::new(mac(eth.src_addr()), SentHeader::V4(ip), pkt.payload());
             match ip.next_header {
                 IpProtocol::Udp => {
                     let udp = UdpPacket::new_checked(pkt.payload()).map_err(|_| WireError::Udp)?;
@@ -233,20 +253,9 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
                     }
                 }
                 IpProtocol::Tcp => {
-                    let tcp = TcpPacket::new_checked(pkt.payload()).map_err(|_| WireError::Tcp)?;
-                    Ok(Inbound::Tcp(TcpHead {
-                        src_mac: mac(eth.src_addr()),
-                        dst_mac: mac(eth.dst_addr()),
-                        src: SocketAddrV4::new(ip.src_addr, tcp.src_port()),
-                        dst: SocketAddrV4::new(ip.dst_addr, tcp.dst_port()),
-                        syn: tcp.syn(),
-                        ack: tcp.ack(),
-                        rst: tcp.rst(),
-                        seq: tcp.seq_number(),
-                        ack_number: tcp.ack_number(),
-                        seq_len: tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin()),
-                        origin,
-                    }))
+                    let (src_mac, dst_mac) = (mac(eth.src_addr()), mac(eth.dst_addr()));
+                    let addrs = (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
+                    tcp_head(src_mac, dst_mac, addrs, pkt.payload(), origin)
                 }
                 _ => Ok(Inbound::Ignored),
             }
@@ -256,12 +265,37 @@ pub fn classify(frame: &[u8]) -> Result<Inbound<'_>, WireError> {
     }
 }
 
+/// A TCP segment's head, from its IP packet's addresses and payload.
+fn tcp_head(
+    src_mac: Mac,
+    dst_mac: Mac,
+    addrs: (IpAddr, IpAddr),
+    segment: &[u8],
+    origin: Origin,
+) -> Result<Inbound<'_>, WireError> {
+    let tcp = TcpPacket::new_checked(segment).map_err(|_| WireError::Tcp)?;
+    Ok(Inbound::Tcp(TcpHead {
+        src_mac,
+        dst_mac,
+        src: SocketAddr::new(addrs.0, tcp.src_port()),
+        dst: SocketAddr::new(addrs.1, tcp.dst_port()),
+        syn: tcp.syn(),
+        ack: tcp.ack(),
+        rst: tcp.rst(),
+        seq: tcp.seq_number(),
+        ack_number: tcp.ack_number(),
+        seq_len: tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin()),
+        origin,
+    }))
+}
+
 fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_>, WireError> {
     let pkt = Ipv6Packet::new_checked(packet).map_err(|_| WireError::Ipv6)?;
     let ip = Ipv6Repr::parse(&pkt).map_err(|_| WireError::Ipv6)?;
     // new_checked saw the payload length fit.
     let body = packet.get(40..40 + ip.payload_len).ok_or(WireError::Ipv6)?;
     let caps = ChecksumCapabilities::default();
+    let origin = Origin::new(src_mac, SentHeader::V6(ip), body);
     // Extension headers (a hop-by-hop one before MLD, say) lead to nothing it serves.
     match ip.next_header {
         IpProtocol::Icmpv6 => {}
@@ -275,7 +309,12 @@ fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_
                 src: SocketAddrV6::new(ip.src_addr, repr.src_port, 0, 0),
                 dst: SocketAddrV6::new(ip.dst_addr, repr.dst_port, 0, 0),
                 payload: udp.payload(),
+                origin,
             });
+        }
+        IpProtocol::Tcp => {
+            let addrs = (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr));
+            return tcp_head(src_mac, dst_mac, addrs, body, origin);
         }
         _ => return Ok(Inbound::Ignored),
     }
@@ -298,6 +337,7 @@ fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_
         dst_ip: ip.dst_addr,
         hop_limit: ip.hop_limit,
         message,
+        origin,
     }))
 }
 
@@ -323,7 +363,6 @@ pub fn icmp6_frame_with(
     repr: &Icmpv6Repr<'_>,
     options: &[u8],
 ) -> Vec<u8> {
-    const IPV6: usize = 40;
     let icmp_len = repr.buffer_len() + options.len();
     let mut buf = vec![0u8; ETH + IPV6 + icmp_len];
     ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv6);
@@ -355,6 +394,7 @@ fn ethernet(buf: &mut [u8], src: Mac, dst: Mac, ethertype: EthernetProtocol) {
 
 const ETH: usize = 14;
 const IPV4: usize = 20;
+const IPV6: usize = 40;
 const UDP: usize = 8;
 
 fn ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload_len: usize) {
@@ -369,6 +409,17 @@ fn ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload
         &mut Ipv4Packet::new_unchecked(&mut buf[ETH..]),
         &ChecksumCapabilities::default(),
     );
+}
+
+fn ipv6(buf: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr, proto: IpProtocol, payload_len: usize) {
+    Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: proto,
+        payload_len,
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv6Packet::new_unchecked(&mut buf[ETH..ETH + IPV6]));
 }
 
 /// A complete Ethernet/IPv4/UDP frame.
@@ -393,17 +444,9 @@ pub fn udp_frame(src_mac: Mac, dst_mac: Mac, src: (Ipv4Addr, u16), dst: (Ipv4Add
 
 /// A complete Ethernet/IPv6/UDP frame (hop limit 64).
 pub fn udp6_frame(src_mac: Mac, dst_mac: Mac, src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
-    const IPV6: usize = 40;
     let mut buf = vec![0u8; ETH + IPV6 + UDP + payload.len()];
     ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv6);
-    Ipv6Repr {
-        src_addr: *src.ip(),
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Udp,
-        payload_len: UDP + payload.len(),
-        hop_limit: 64,
-    }
-    .emit(&mut Ipv6Packet::new_unchecked(&mut buf[ETH..ETH + IPV6]));
+    ipv6(&mut buf, *src.ip(), *dst.ip(), IpProtocol::Udp, UDP + payload.len());
     UdpRepr {
         src_port: src.port(),
         dst_port: dst.port(),
@@ -465,27 +508,36 @@ pub fn arp_reply(mac_of_ip: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> 
     buf
 }
 
-/// An ICMP "administratively prohibited" answer to a refused IPv4 packet.
-pub fn icmp_prohibited(gateway_mac: Mac, from: Ipv4Addr, refused: &Origin) -> Vec<u8> {
-    icmp_unreachable(gateway_mac, from, refused, Icmpv4DstUnreachable::CommProhibited)
-}
-
-/// An ICMP destination-unreachable answer to `refused`, from the gateway's MAC and `from`.
-pub fn icmp_unreachable(gateway_mac: Mac, from: Ipv4Addr, refused: &Origin, reason: Icmpv4DstUnreachable) -> Vec<u8> {
+/// An ICMP destination-unreachable answer to `refused`, from the gateway's MAC and its
+/// address of the packet's IP version (`from`: IPv4, IPv6).
+pub fn icmp_unreachable(gateway_mac: Mac, from: (Ipv4Addr, Ipv6Addr), refused: &Origin, why: Unreachable) -> Vec<u8> {
+    let header = match refused.header {
+        SentHeader::V4(h) => h,
+        SentHeader::V6(header) => {
+            let reason = match why {
+                Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
+                Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
+            };
+            let repr = Icmpv6Repr::DstUnreachable {
+                reason,
+                header,
+                data: refused.quote(),
+            };
+            return icmp6_frame(gateway_mac, refused.src_mac, from.1, header.src_addr, &repr);
+        }
+    };
+    let reason = match why {
+        Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
+        Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+    };
     let repr = Icmpv4Repr::DstUnreachable {
         reason,
-        header: refused.header,
+        header,
         data: refused.quote(),
     };
     let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
     ethernet(&mut buf, gateway_mac, refused.src_mac, EthernetProtocol::Ipv4);
-    ipv4(
-        &mut buf,
-        from,
-        refused.header.src_addr,
-        IpProtocol::Icmp,
-        repr.buffer_len(),
-    );
+    ipv4(&mut buf, from.0, header.src_addr, IpProtocol::Icmp, repr.buffer_len());
     repr.emit(
         &mut Icmpv4Packet::new_unchecked(&mut buf[ETH + IPV4..]),
         &ChecksumCapabilities::default(),
@@ -520,14 +572,31 @@ pub fn tcp_reset(gateway_mac: Mac, refused: &TcpHead) -> Option<Vec<u8>> {
         timestamp: None,
         payload: &[],
     };
-    let (src, dst) = (*refused.dst.ip(), *refused.src.ip());
-    let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
-    ethernet(&mut buf, gateway_mac, refused.src_mac, EthernetProtocol::Ipv4);
-    ipv4(&mut buf, src, dst, IpProtocol::Tcp, repr.buffer_len());
+    tcp_frame(gateway_mac, refused.src_mac, refused.dst, refused.src, &repr)
+}
+
+/// A complete Ethernet/IP/TCP frame of `repr` between two addresses of one IP version
+/// (`None` for a mixed pair).
+pub fn tcp_frame(src_mac: Mac, dst_mac: Mac, src: SocketAddr, dst: SocketAddr, repr: &TcpRepr<'_>) -> Option<Vec<u8>> {
+    let (mut buf, l4) = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut buf = vec![0u8; ETH + IPV4 + repr.buffer_len()];
+            ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv4);
+            ipv4(&mut buf, s, d, IpProtocol::Tcp, repr.buffer_len());
+            (buf, ETH + IPV4)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut buf = vec![0u8; ETH + IPV6 + repr.buffer_len()];
+            ethernet(&mut buf, src_mac, dst_mac, EthernetProtocol::Ipv6);
+            ipv6(&mut buf, s, d, IpProtocol::Tcp, repr.buffer_len());
+            (buf, ETH + IPV6)
+        }
+        _ => return None,
+    };
     repr.emit(
-        &mut TcpPacket::new_unchecked(&mut buf[ETH + IPV4..]),
-        &IpAddress::Ipv4(src),
-        &IpAddress::Ipv4(dst),
+        &mut TcpPacket::new_unchecked(&mut buf[l4..]),
+        &IpAddress::from(src.ip()),
+        &IpAddress::from(dst.ip()),
         &ChecksumCapabilities::default(),
     );
     Some(buf)

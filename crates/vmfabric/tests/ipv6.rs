@@ -91,6 +91,18 @@ impl TapGuest {
         }
     }
 
+    /// The default route, once the gateway's advertisement has set one.
+    fn default_route(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let shown = self.ip6(&["route", "show", "default"]);
+            if shown.contains("via") || Instant::now() > deadline {
+                return shown;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Runs ISC dhclient -6 once (its files in `dir`) and checks it configured `want`.
     fn dhcpv6_address_is(&self, dir: &Path, want: Ipv6Addr) {
         let pid = dir.join(format!("dhclient6-{}.pid", self.ifname));
@@ -226,11 +238,10 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     assert!(ok, "ping the gateway's link-local address: {out}");
     let (ok, out) = b.ping(&a_ip.to_string());
     assert!(ok, "guest to guest: {out}");
-    // The prefix is on the link; the gateway is no default router (it routes no IPv6
-    // off the network yet).
+    // The prefix is on the link, and the gateway is the default router.
     let routes = a.ip6(&["route", "show"]);
     assert!(routes.contains(&prefix.to_string()), "{routes}");
-    assert!(!routes.contains("default"), "{routes}");
+    assert!(a.default_route().contains(&gateway_ll), "{routes}");
 
     // Names over IPv6: a leases with a hostname (IPv4, as before); its name then has
     // an AAAA, its SLAAC address, which b reads from the gateway's IPv6 address.
@@ -379,7 +390,11 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     assert!(ok, "guest to guest after the forgeries: {out}");
     for g in [&a, &b] {
         let routes = g.ip6(&["route", "show"]);
-        assert!(!routes.contains("2001:db8") && !routes.contains("default"), "{routes}");
+        assert!(
+            !routes.contains("2001:db8") && !routes.contains(&evil_ll.to_string()),
+            "{routes}"
+        );
+        assert!(g.default_route().contains(&gateway_ll), "{routes}");
         let addrs = g.ip6(&["addr", "show"]);
         assert!(!addrs.contains("2001:db8"), "{addrs}");
     }
@@ -400,6 +415,161 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     assert_eq!(again["ipv6"], net["ipv6"], "{again}");
     assert_eq!(leased6(&d), want6.to_string(), "the DHCPv6 lease after kill -9");
     drop((a, b));
+}
+
+/// A guest's TCP connect to `to` from inside its namespace: what it read after
+/// sending `upload` bytes and closing its side, or the connect's error.
+fn tcp_exchange(ns: &str, to: std::net::SocketAddr, upload: usize) -> std::io::Result<Vec<u8>> {
+    testkit::in_ns(ns, move || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        let mut left = upload;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            c.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        c.shutdown(std::net::Shutdown::Write)?;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got)?;
+        Ok(got)
+    })
+}
+
+/// A TCP server that answers each client, once it has closed its side, with as many
+/// bytes as it sent (a pattern), `clients` times.
+fn counting_server(listener: std::net::TcpListener, clients: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for _ in 0..clients {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            let mut n = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            let reply: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let _ = s.write_all(&reply);
+        }
+    })
+}
+
+#[test]
+fn guests_reach_an_outside_ipv6_network_through_the_gateway_within_policy_and_the_host_only_at_host_access() {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root for TAP ports, namespaces and veth") {
+        return;
+    }
+    let dir = tmp("egress");
+    let d = harness::Process::start(&dir, &dir.join("no-guests"));
+    let (s, net) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "out6", "subnet": "10.97.0.0/24", "ipv6": "fd00:97::/64", "host_access": true})),
+    );
+    assert_eq!(s, 201, "{net}");
+    // An "outside" network: a namespace behind a veth pair, fd99:97::2 there, the
+    // host's end fd99:97::1.
+    let tag = std::process::id() % 10000;
+    let outside = testkit::Netns::new(&format!("vmf6out{tag}"));
+    let (host_end, far_end) = (format!("vo6h{tag}"), format!("vo6f{tag}"));
+    testkit::run(&["ip", "link", "add", &host_end, "type", "veth", "peer", "name", &far_end]);
+    testkit::run(&["ip", "link", "set", &far_end, "netns", &outside.0]);
+    testkit::run(&["ip", "-6", "addr", "add", "fd99:97::1/64", "dev", &host_end, "nodad"]);
+    testkit::run(&["ip", "link", "set", &host_end, "up"]);
+    let far = |args: &[&str]| {
+        let mut all = vec!["ip", "-n", &outside.0];
+        all.extend(args);
+        testkit::run(&all)
+    };
+    far(&["-6", "addr", "add", "fd99:97::2/64", "dev", &far_end, "nodad"]);
+    far(&["link", "set", &far_end, "up"]);
+    far(&["link", "set", "lo", "up"]);
+    let server: std::net::SocketAddr = "[fd99:97::2]:8080".parse().unwrap();
+    let listener = testkit::in_ns(&outside.0, move || std::net::TcpListener::bind(server).unwrap());
+    let web = counting_server(listener, 1);
+    let udp = testkit::in_ns(&outside.0, || std::net::UdpSocket::bind("[fd99:97::2]:5353").unwrap());
+    let udp_echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let (n, from) = udp.recv_from(&mut buf).unwrap();
+        udp.send_to(&buf[..n], from).unwrap();
+    });
+
+    // Named apart from the other tests' guests: each name is a TAP device and a
+    // namespace of this process.
+    let a = tap_guest(&d, "out6", "e");
+    a.slaac_address();
+    let route = a.default_route();
+    assert!(
+        route.contains("via fe80::"),
+        "the gateway is the default router: {route}"
+    );
+
+    // ICMPv6 echo, TCP both ways with megabytes, UDP: each re-originated from the host.
+    let (ok, out) = a.ping("fd99:97::2");
+    assert!(ok, "ping the outside: {out}");
+    const BULK: usize = 8 << 20;
+    let got = tcp_exchange(&a.ns.0, server, BULK).expect("TCP to the outside");
+    assert_eq!(got.len(), BULK, "as many bytes back as sent");
+    assert!(
+        got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+        "in order, intact"
+    );
+    web.join().unwrap();
+    let echoed = testkit::in_ns(&a.ns.0, || {
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(b"over udp6", "[fd99:97::2]:5353").unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(echoed.0, b"over udp6");
+    assert_eq!(
+        echoed.1.to_string(),
+        "[fd99:97::2]:5353",
+        "answered as if from the server"
+    );
+    udp_echo.join().unwrap();
+
+    // Host access: the prefix's ::2 leads to the host's [::1]. A server on every host
+    // address is reached there, but not at the host's own address (a built-in deny).
+    let host_listener = std::net::TcpListener::bind("[::]:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let host_server = counting_server(host_listener, 1);
+    let host_access: std::net::SocketAddr = format!("[fd00:97::2]:{host_port}").parse().unwrap();
+    let got = tcp_exchange(&a.ns.0, host_access, 1000).expect("the host at its host-access address");
+    assert_eq!(got.len(), 1000);
+    host_server.join().unwrap();
+    let host_own: std::net::SocketAddr = format!("[fd99:97::1]:{host_port}").parse().unwrap();
+    let e = tcp_exchange(&a.ns.0, host_own, 10).expect_err("the host's own address");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+
+    // The egress policy takes IPv6 prefixes: the outside server's port is refused.
+    let (s, v) = d.call(
+        "PUT",
+        "/v1/networks/out6/policy",
+        Some(json!({"default": "allow", "rules": [
+            {"action": "deny", "dst": "fd99:97::/64", "ports": "8080", "proto": "tcp"}]})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let e = tcp_exchange(&a.ns.0, server, 10).expect_err("denied by policy");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let (_, stats) = d.call("GET", "/v1/stats", None);
+    let net = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["network"] == "out6")
+        .unwrap();
+    let gw = &net["gateway"]["counters"];
+    assert!(gw["egress_denied"].as_u64().unwrap() >= 2, "{gw}");
+    assert!(gw["nat_icmp_replies"].as_u64().unwrap() >= 2, "{gw}");
+    drop((a, outside));
 }
 
 #[test]

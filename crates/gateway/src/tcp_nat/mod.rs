@@ -22,7 +22,7 @@
 //! the stack, tasks whose socket changed are woken.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,8 +43,8 @@ use crate::wire::{self, TcpHead};
 /// A connection as the guest sees it: its own end and its peer's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub guest: SocketAddrV4,
-    pub peer: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub peer: SocketAddr,
 }
 
 /// Who opened a connection.
@@ -59,8 +59,8 @@ pub enum Direction {
 /// A connection as [`crate::Gateway::tcp_flows`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpFlowInfo {
-    pub guest: SocketAddrV4,
-    pub peer: SocketAddrV4,
+    pub guest: SocketAddr,
+    pub peer: SocketAddr,
     pub direction: Direction,
     /// The TCP state toward the guest ("CONNECTING" while the host side connects).
     pub state: String,
@@ -243,7 +243,7 @@ impl TcpNat {
     /// Takes a flow into the table if its direction's budget has room (see
     /// [`crate::flows::TcpBudget`]).
     fn admit(&mut self, key: FlowKey, direction: Direction, bounds: &crate::flows::TcpBounds) -> bool {
-        if self.flows.contains_key(&key) || !self.budget.admit(*key.guest.ip(), direction, bounds) {
+        if self.flows.contains_key(&key) || !self.budget.admit(key.guest.ip(), direction, bounds) {
             return false;
         }
         self.flows.insert(
@@ -293,7 +293,7 @@ impl TcpNat {
         self.iface.poll(self.now(), &mut self.device, &mut self.sockets);
         let mut s = self.new_socket(timeout);
         s.listen(IpListenEndpoint {
-            addr: Some((*key.peer.ip()).into()),
+            addr: Some(key.peer.ip().into()),
             port: key.peer.port(),
         })
         .ok()?;
@@ -310,8 +310,8 @@ impl TcpNat {
             let port = FORWARD_PORTS.start + self.next_forward_port % span;
             self.next_forward_port = self.next_forward_port.wrapping_add(1);
             let key = FlowKey {
-                guest,
-                peer: SocketAddrV4::new(gateway_ip, port),
+                guest: guest.into(),
+                peer: SocketAddrV4::new(gateway_ip, port).into(),
             };
             (!self.flows.contains_key(&key)).then_some(key)
         })?;
@@ -340,7 +340,7 @@ impl TcpNat {
             self.watches.remove(&handle);
             self.sockets.remove(handle);
         }
-        self.budget.release(*key.guest.ip(), flow.direction);
+        self.budget.release(key.guest.ip(), flow.direction);
     }
 
     /// Connections carried now (egress and forwards).

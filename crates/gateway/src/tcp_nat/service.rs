@@ -47,10 +47,14 @@ pub(super) fn open(
 ) -> Vec<Vec<u8>> {
     let cfg = &svc.ctx.cfg();
     let c = &svc.ctx.counters;
-    let dst = *key.peer.ip();
-    let host_access = cfg.host_access == Some(dst);
-    if cfg.is_gateway_ip(dst) {
-        // The gateway's own address never leads to the host.
+    let dst = key.peer.ip();
+    let host_access = cfg.host_access_addresses().contains(&dst);
+    // The gateway's own address never leads to the host; and this engine's stack is
+    // IPv4 only (the splice, the default, carries IPv6).
+    let IpAddr::V4(dst_v4) = dst else {
+        return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
+    };
+    if cfg.is_gateway_ip(dst_v4) {
         return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
     if svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
@@ -61,7 +65,7 @@ pub(super) fn open(
         return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
     let target = if host_access {
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.peer.port())
+        SocketAddr::new(crate::udp_nat::loopback_like(dst), key.peer.port())
     } else {
         key.peer
     };
@@ -99,15 +103,20 @@ pub(super) fn open(
 }
 
 /// A non-blocking TCP socket with its connect to `target` under way.
-pub(crate) fn start_connect(target: SocketAddrV4) -> std::io::Result<OwnedFd> {
+pub(crate) fn start_connect(target: SocketAddr) -> std::io::Result<OwnedFd> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if target.is_ipv6() {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
     let fd = rustix::net::socket_with(
-        AddressFamily::INET,
+        family,
         SocketType::STREAM,
         SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
         None,
     )?;
-    match rustix::net::connect(&fd, &std::net::SocketAddr::V4(target)) {
+    match rustix::net::connect(&fd, &target) {
         Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(fd),
         Err(e) => Err(e.into()),
     }
@@ -150,7 +159,7 @@ pub(super) fn refuse(
     svc: &TcpService,
     key: FlowKey,
     head: TcpHead,
-    target: SocketAddrV4,
+    target: SocketAddr,
     e: std::io::Error,
 ) -> Vec<Vec<u8>> {
     lock(&svc.nat).forget(&key);
@@ -159,20 +168,14 @@ pub(super) fn refuse(
 
 /// How a guest hears that its connect failed on the host side (counted): RST for a
 /// refusal, ICMP host unreachable otherwise. Both engines answer so.
-pub(crate) fn refusal(ctx: &Ctx, head: TcpHead, target: SocketAddrV4, e: std::io::Error) -> Vec<Vec<u8>> {
+pub(crate) fn refusal(ctx: &Ctx, head: TcpHead, target: SocketAddr, e: std::io::Error) -> Vec<Vec<u8>> {
     let cfg = ctx.cfg();
     GatewayCounters::inc(&ctx.counters.nat_tcp_refused);
     tracing::debug!(%target, "guest connect failed on the host side: {e}");
     let answer = if e.kind() == std::io::ErrorKind::ConnectionRefused {
         wire::tcp_reset(cfg.gateway_mac, &head)
     } else {
-        let reason = smoltcp::wire::Icmpv4DstUnreachable::HostUnreachable;
-        Some(wire::icmp_unreachable(
-            cfg.gateway_mac,
-            cfg.gateway_ip,
-            &head.origin,
-            reason,
-        ))
+        Some(ctx.unreachable(&head.origin, wire::Unreachable::Host))
     };
     answer.into_iter().collect()
 }

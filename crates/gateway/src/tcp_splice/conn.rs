@@ -177,7 +177,7 @@ impl Conn {
             },
             host,
             peek_offset,
-            mss: mtu.saturating_sub(segment::HEADERS - segment::ETH),
+            mss: mtu.saturating_sub(segment::headers_len(key.guest.is_ipv6()) - segment::ETH),
             guest_scale: 0,
             our_scale: 0,
             iss,
@@ -247,6 +247,11 @@ impl Conn {
 
     fn fd(&self) -> &OwnedFd {
         self.host.get_ref()
+    }
+
+    /// Where a data segment's payload starts in our frames.
+    fn headers(&self) -> usize {
+        segment::headers_len(self.key.guest.is_ipv6())
     }
 
     fn emit(&self) -> Emit {
@@ -719,13 +724,13 @@ impl Conn {
         }
         self.catch_up();
         let len = self.mss.min(self.snd_max.wrapping_sub(self.snd_una) as usize);
-        let mut frame = vec![0u8; segment::HEADERS + len];
+        let mut frame = vec![0u8; self.headers() + len];
         if self.peek_offset {
             let _ = crate::sys::set_peek_offset(self.fd(), 0);
         }
         let peeked = rustix::net::recv(
             self.fd(),
-            &mut frame[segment::HEADERS..],
+            &mut frame[self.headers()..],
             RecvFlags::PEEK | RecvFlags::DONTWAIT,
         );
         if self.peek_offset {
@@ -733,7 +738,7 @@ impl Conn {
         }
         match peeked {
             Ok((n, _)) if n > 0 => {
-                frame.truncate(segment::HEADERS + n.min(len));
+                frame.truncate(self.headers() + n.min(len));
                 self.counts.to_guest += n.min(len) as u64;
                 segment::fill(&self.emit(), &mut frame, Flags::ACK, self.snd_una, self.rcv_nxt, window);
                 out.push(frame);
@@ -759,7 +764,7 @@ impl Conn {
         let per_frame = self.mss * (MAX_FRAME_PAYLOAD / self.mss).max(1);
         let count = room.div_ceil(per_frame).min(MAX_FRAMES_PER_PEEK);
         let mut frames: Vec<Vec<u8>> = (0..count)
-            .map(|i| vec![0u8; segment::HEADERS + per_frame.min(room - i * per_frame)])
+            .map(|i| vec![0u8; self.headers() + per_frame.min(room - i * per_frame)])
             .collect();
         // Without a kernel peek offset, the bytes already sent are peeked again into a
         // scratch buffer ahead of the frames.
@@ -773,7 +778,7 @@ impl Conn {
             if !skip.is_empty() {
                 iov.push(IoSliceMut::new(&mut skip));
             }
-            iov.extend(frames.iter_mut().map(|f| IoSliceMut::new(&mut f[segment::HEADERS..])));
+            iov.extend(frames.iter_mut().map(|f| IoSliceMut::new(&mut f[self.headers()..])));
             rustix::net::recvmsg(
                 self.fd(),
                 &mut iov,
@@ -799,8 +804,8 @@ impl Conn {
             if left == 0 {
                 break;
             }
-            let len = (frame.len() - segment::HEADERS).min(left);
-            frame.truncate(segment::HEADERS + len);
+            let len = (frame.len() - self.headers()).min(left);
+            frame.truncate(self.headers() + len);
             left -= len;
             let flags = if left == 0 { Flags::ACK | Flags::PSH } else { Flags::ACK };
             let offload =

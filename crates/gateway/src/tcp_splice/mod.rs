@@ -29,7 +29,7 @@ mod conn;
 mod segment;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -178,7 +178,7 @@ impl SpliceService {
     /// [`crate::flows::TcpBudget`]).
     fn admit(&self, table: &mut Table, key: FlowKey, direction: Direction) -> bool {
         let bounds = crate::flows::TcpBounds::of(&self.ctx.cfg());
-        if table.flows.contains_key(&key) || !table.budget.admit(*key.guest.ip(), direction, &bounds) {
+        if table.flows.contains_key(&key) || !table.budget.admit(key.guest.ip(), direction, &bounds) {
             return false;
         }
         table.flows.insert(
@@ -204,7 +204,7 @@ impl SpliceService {
             // The task sees its connection gone and ends, closing the socket.
             notify.notify_one();
         }
-        table.budget.release(*key.guest.ip(), flow.direction);
+        table.budget.release(key.guest.ip(), flow.direction);
     }
 }
 
@@ -256,9 +256,13 @@ pub(crate) fn inbound(svc: &Arc<SpliceService>, frame: &[u8], head: TcpHead, che
 fn open(svc: &Arc<SpliceService>, syn: &[u8], head: TcpHead, key: FlowKey, checksum_left: bool) -> Vec<Vec<u8>> {
     let cfg = svc.ctx.cfg();
     let c = &svc.ctx.counters;
-    let dst = *key.peer.ip();
+    let dst = key.peer.ip();
     let reset = || wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
-    if cfg.is_gateway_ip(dst) || svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
+    let to_gateway = match dst {
+        IpAddr::V4(v4) => cfg.is_gateway_ip(v4),
+        IpAddr::V6(v6) => cfg.is_gateway_ip6(v6),
+    };
+    if to_gateway || svc.ctx.egress.refused(dst, key.peer.port(), crate::policy::Proto::Tcp) {
         return reset();
     }
     let Some(seg) = segment::parse(syn, checksum_left) else {
@@ -270,8 +274,8 @@ fn open(svc: &Arc<SpliceService>, syn: &[u8], head: TcpHead, key: FlowKey, check
         GatewayCounters::inc(&c.nat_tcp_bounded);
         return reset();
     }
-    let target = if cfg.host_access == Some(dst) {
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, key.peer.port())
+    let target = if cfg.host_access_addresses().contains(&dst) {
+        SocketAddr::new(crate::udp_nat::loopback_like(dst), key.peer.port())
     } else {
         key.peer
     };
@@ -319,7 +323,7 @@ async fn finish_connect(fd: OwnedFd, timeout: Duration) -> std::io::Result<Owned
 }
 
 /// The host side refused or failed: the guest's connect fails the same way.
-fn refuse(svc: &SpliceService, key: FlowKey, head: TcpHead, target: SocketAddrV4, e: std::io::Error) -> Vec<Vec<u8>> {
+fn refuse(svc: &SpliceService, key: FlowKey, head: TcpHead, target: SocketAddr, e: std::io::Error) -> Vec<Vec<u8>> {
     SpliceService::forget(&mut svc.lock(), &key, false);
     crate::tcp_nat::refusal(&svc.ctx, head, target, e)
 }
@@ -380,8 +384,8 @@ pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddrV4,
             let port = FORWARD_PORTS.start + table.next_forward_port % span;
             table.next_forward_port = table.next_forward_port.wrapping_add(1);
             let key = FlowKey {
-                guest,
-                peer: SocketAddrV4::new(cfg.gateway_ip, port),
+                guest: guest.into(),
+                peer: SocketAddrV4::new(cfg.gateway_ip, port).into(),
             };
             (!table.flows.contains_key(&key)).then_some(key)
         });

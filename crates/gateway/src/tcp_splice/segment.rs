@@ -3,24 +3,22 @@
 //! Parsing and checksums are smoltcp's wire module; only the layout is ours, because
 //! the payload is read by the kernel straight into the frame before the header exists.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 
 use fabric::offload::Offload;
 use fabric::Mac;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpControl, TcpOption,
-    TcpPacket, TcpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpControl,
+    TcpOption, TcpPacket, TcpRepr,
 };
 
 use super::conn::Greeting;
 
 pub(super) const ETH: usize = 14;
 const IPV4: usize = 20;
+const IPV6: usize = 40;
 const TCP: usize = 20;
-/// Ethernet, IPv4 and TCP headers without options: where a data segment's payload
-/// starts.
-pub(super) const HEADERS: usize = ETH + IPV4 + TCP;
 
 /// A guest's segment, as the splice needs it.
 pub(super) struct Seg<'a> {
@@ -37,9 +35,24 @@ pub(super) struct Seg<'a> {
 /// malformed (bad checksum unless `checksum_left`, bad options, flags no stack sends).
 pub(super) fn parse(frame: &[u8], checksum_left: bool) -> Option<Seg<'_>> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+    let (segment, src, dst) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+            (
+                &frame[ETH + usize::from(ip.header_len())..ETH + usize::from(ip.total_len())],
+                src,
+                dst,
+            )
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            let (src, dst) = (IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()));
+            (&frame[ETH + IPV6..ETH + IPV6 + usize::from(ip.payload_len())], src, dst)
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(segment).ok()?;
     let mut caps = ChecksumCapabilities::default();
     if checksum_left {
         caps.tcp = smoltcp::phy::Checksum::Tx;
@@ -66,8 +79,27 @@ pub(super) struct Emit {
     pub gateway_mac: Mac,
     pub guest_mac: Mac,
     /// The address the guest talks to (the gateway speaks as it).
-    pub from: SocketAddrV4,
-    pub to: SocketAddrV4,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+}
+
+impl Emit {
+    /// Where the IP header ends and TCP's begins.
+    fn l4(&self) -> usize {
+        ETH + if self.from.is_ipv6() { IPV6 } else { IPV4 }
+    }
+
+    /// Ethernet, IP and TCP headers without options: where a data segment's payload
+    /// starts.
+    pub fn headers(&self) -> usize {
+        self.l4() + TCP
+    }
+}
+
+/// The headers' length before a segment's payload, without TCP options, for a
+/// connection of either IP version.
+pub(super) fn headers_len(ipv6: bool) -> usize {
+    ETH + if ipv6 { IPV6 } else { IPV4 } + TCP
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,10 +192,10 @@ pub(super) fn build(
         }
         options_len = 8 - rest.len();
     }
-    let mut frame = vec![0u8; HEADERS + options_len + payload_len];
+    let mut frame = vec![0u8; e.headers() + options_len + payload_len];
     {
         let header_len = TCP + options_len;
-        let mut packet = TcpPacket::new_unchecked(&mut frame[ETH + IPV4..]);
+        let mut packet = TcpPacket::new_unchecked(&mut frame[e.l4()..]);
         packet.set_header_len(header_len as u8);
         packet.options_mut().copy_from_slice(&options[..options_len]);
     }
@@ -175,8 +207,8 @@ pub(super) fn build(
 /// payload are in place, and its checksums.
 pub(super) fn fill(e: &Emit, frame: &mut [u8], flags: Flags, seq: u32, ack: u32, window: u16) {
     fill_headers(e, frame, flags, seq, ack, window);
-    let mut tcp = TcpPacket::new_unchecked(&mut frame[ETH + IPV4..]);
-    tcp.fill_checksum(&IpAddress::Ipv4(*e.from.ip()), &IpAddress::Ipv4(*e.to.ip()));
+    let mut tcp = TcpPacket::new_unchecked(&mut frame[e.l4()..]);
+    tcp.fill_checksum(&e.from.ip().into(), &e.to.ip().into());
 }
 
 /// Like [`fill`], but the TCP checksum is left to the port that delivers the frame,
@@ -207,27 +239,46 @@ fn fill_headers(e: &Emit, frame: &mut [u8], flags: Flags, seq: u32, ack: u32, wi
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.set_src_addr(EthernetAddress(e.gateway_mac.0));
         eth.set_dst_addr(EthernetAddress(e.guest_mac.0));
-        eth.set_ethertype(EthernetProtocol::Ipv4);
+        eth.set_ethertype(if e.from.is_ipv6() {
+            EthernetProtocol::Ipv6
+        } else {
+            EthernetProtocol::Ipv4
+        });
     }
-    let (src, dst) = (*e.from.ip(), *e.to.ip());
-    {
-        let mut ip = Ipv4Packet::new_unchecked(&mut frame[ETH..]);
-        ip.set_version(4);
-        ip.set_header_len(IPV4 as u8);
-        ip.set_dscp(0);
-        ip.set_ecn(0);
-        ip.set_total_len(ip_len as u16);
-        ip.set_ident(0);
-        ip.clear_flags();
-        ip.set_dont_frag(true);
-        ip.set_frag_offset(0);
-        ip.set_hop_limit(64);
-        ip.set_next_header(IpProtocol::Tcp);
-        ip.set_src_addr(src);
-        ip.set_dst_addr(dst);
-        ip.fill_checksum();
+    match (e.from.ip(), e.to.ip()) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut ip = Ipv6Packet::new_unchecked(&mut frame[ETH..]);
+            ip.set_version(6);
+            ip.set_traffic_class(0);
+            ip.set_flow_label(0);
+            ip.set_payload_len((ip_len - IPV6) as u16);
+            ip.set_next_header(IpProtocol::Tcp);
+            ip.set_hop_limit(64);
+            ip.set_src_addr(src);
+            ip.set_dst_addr(dst);
+        }
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut ip = Ipv4Packet::new_unchecked(&mut frame[ETH..]);
+            ip.set_version(4);
+            ip.set_header_len(IPV4 as u8);
+            ip.set_dscp(0);
+            ip.set_ecn(0);
+            ip.set_total_len(ip_len as u16);
+            ip.set_ident(0);
+            ip.clear_flags();
+            ip.set_dont_frag(true);
+            ip.set_frag_offset(0);
+            ip.set_hop_limit(64);
+            ip.set_next_header(IpProtocol::Tcp);
+            ip.set_src_addr(src);
+            ip.set_dst_addr(dst);
+            ip.fill_checksum();
+        }
+        // Not built: a flow's key is made from one packet's addresses (or, for a
+        // forward, two IPv4 ones), so its ends are of one version.
+        _ => {}
     }
-    let mut tcp = TcpPacket::new_unchecked(&mut frame[ETH + IPV4..]);
+    let mut tcp = TcpPacket::new_unchecked(&mut frame[e.l4()..]);
     if tcp.header_len() < TCP as u8 {
         tcp.set_header_len(TCP as u8);
     }
@@ -252,5 +303,8 @@ pub(super) fn reset_for(e: &Emit, seq: u32) -> Vec<u8> {
 
 /// Whether a frame we built is a reset.
 pub(super) fn is_reset(frame: &[u8]) -> bool {
-    frame.get(HEADERS - TCP + 13).is_some_and(|f| f & Flags::RST.0 != 0)
+    let ipv6 = frame.get(12..14) == Some(&[0x86, 0xdd]);
+    frame
+        .get(headers_len(ipv6) - TCP + 13)
+        .is_some_and(|f| f & Flags::RST.0 != 0)
 }

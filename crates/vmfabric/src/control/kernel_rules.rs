@@ -16,12 +16,18 @@ fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
     use gateway::policy::{Action, Proto};
     use hostnet::nft::{EgressRule, L4};
     hostnet::nft::Egress {
+        // A kernel network carries no IPv6 (refused at create), so IPv6 rules have
+        // nothing to match there.
         rules: p
             .rules
             .iter()
-            .map(|r| EgressRule {
+            .filter_map(|r| match r.dst {
+                ipnet::IpNet::V4(dst) => Some((r, dst)),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .map(|(r, dst)| EgressRule {
                 allow: r.action == Action::Allow,
-                dst: r.dst,
+                dst,
                 proto: r.proto.map(|p| match p {
                     Proto::Tcp => L4::Tcp,
                     Proto::Udp => L4::Udp,

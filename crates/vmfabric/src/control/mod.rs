@@ -606,7 +606,8 @@ impl Control {
     }
 }
 
-/// Tells every gateway the other networks' subnets, which its guests may not reach.
+/// Tells every gateway the other networks' subnets and IPv6 prefixes, which its guests
+/// may not reach.
 fn share_subnets(st: &State) {
     for (name, net) in &st.nets {
         if let Some(gw) = &net.gateway {
@@ -614,7 +615,10 @@ fn share_subnets(st: &State) {
                 .nets
                 .iter()
                 .filter(|(n, _)| *n != name)
-                .map(|(_, o)| o.spec.subnet)
+                .flat_map(|(_, o)| {
+                    let v6 = o.spec.ipv6.map(ipnet::IpNet::V6);
+                    std::iter::once(ipnet::IpNet::V4(o.spec.subnet)).chain(v6)
+                })
                 .collect();
             gw.set_other_subnets(others);
         }

@@ -717,8 +717,9 @@ pub struct PolicySpec {
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     pub action: Action,
-    #[schema(value_type = String, example = "10.0.0.0/8", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
-    pub dst: ipnet::Ipv4Net,
+    /// An IPv4 or IPv6 CIDR.
+    #[schema(value_type = String, example = "10.0.0.0/8")]
+    pub dst: ipnet::IpNet,
     /// Absent: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<PortRange>,
@@ -845,10 +846,10 @@ pub enum Direction {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TcpFlowView {
     #[schema(value_type = String)]
-    pub guest: SocketAddrV4,
+    pub guest: std::net::SocketAddr,
     /// The other end as the guest sees it (the gateway's address for a forward).
     #[schema(value_type = String)]
-    pub peer: SocketAddrV4,
+    pub peer: std::net::SocketAddr,
     pub direction: Direction,
     pub state: String,
 }
@@ -856,9 +857,9 @@ pub struct TcpFlowView {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UdpFlowView {
     #[schema(value_type = String)]
-    pub guest: SocketAddrV4,
+    pub guest: std::net::SocketAddr,
     #[schema(value_type = String)]
-    pub dst: SocketAddrV4,
+    pub dst: std::net::SocketAddr,
 }
 
 #[cfg(test)]
