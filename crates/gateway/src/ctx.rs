@@ -45,14 +45,19 @@ impl Ctx {
     }
 
     /// Whether some guest is at `ip`: it holds a lease, or frames came from it.
-    pub fn guest_at(&self, ip: Ipv4Addr) -> bool {
-        self.leased.lock().unwrap_or_else(|p| p.into_inner()).contains(&ip) || self.neighbours.get(ip).is_some()
+    pub fn guest_at(&self, ip: IpAddr) -> bool {
+        let leased = match ip {
+            IpAddr::V4(v4) => self.leased.lock().unwrap_or_else(|p| p.into_inner()).contains(&v4),
+            IpAddr::V6(_) => false,
+        };
+        leased || self.neighbours.get(ip).is_some()
     }
 
     pub fn new(cfg: Arc<GatewayConfig>, counters: Arc<GatewayCounters>) -> Ctx {
         Ctx {
             neighbours: Neighbours {
                 subnet: cfg.subnet,
+                prefix: cfg.ipv6,
                 map: Mutex::default(),
             },
             leased: Mutex::default(),
@@ -72,14 +77,15 @@ impl Ctx {
 }
 
 /// Guest addresses and the MACs they were last seen with (bounded: a guest cannot
-/// grow it past the subnet).
+/// grow it past the subnet; on the IPv6 prefix, past what its port lets it send from).
 pub(crate) struct Neighbours {
     subnet: ipnet::Ipv4Net,
-    map: Mutex<HashMap<Ipv4Addr, Mac>>,
+    prefix: Option<ipnet::Ipv6Net>,
+    map: Mutex<HashMap<IpAddr, Mac>>,
 }
 
 impl Neighbours {
-    pub fn get(&self, ip: Ipv4Addr) -> Option<Mac> {
+    pub fn get(&self, ip: IpAddr) -> Option<Mac> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied()
     }
 
@@ -91,8 +97,12 @@ impl Neighbours {
             .retain(|_, m| *m != mac);
     }
 
-    pub fn saw(&self, ip: Ipv4Addr, mac: Mac) {
-        if self.subnet.contains(&ip) && !ip.is_unspecified() && mac.is_unicast() {
+    pub fn saw(&self, ip: IpAddr, mac: Mac) {
+        let on_network = match ip {
+            IpAddr::V4(v4) => self.subnet.contains(&v4),
+            IpAddr::V6(v6) => self.prefix.is_some_and(|p| p.contains(&v6)),
+        };
+        if on_network && !ip.is_unspecified() && mac.is_unicast() {
             self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(ip, mac);
         }
     }

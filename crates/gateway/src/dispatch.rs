@@ -235,6 +235,8 @@ pub(crate) fn route<'a>(
             };
             if dst.port() == 53 && cfg.is_gateway_ip6(*dst.ip()) {
                 Route::Dns(d)
+            } else if Some(*dst.ip()) == cfg.gateway_ip6() {
+                Route::ForwardReply(d)
             } else if dst_mac == cfg.gateway_mac && routed_out6(cfg, *src.ip(), *dst.ip()) {
                 Route::UdpNat(d)
             } else {
@@ -407,9 +409,7 @@ fn deliver(
                 .collect()
         }
         Route::ForwardReply(d) => {
-            if let IpAddr::V4(guest) = d.src.ip() {
-                forward::reply(&shared.forwards, d.dst.port(), guest, d.payload);
-            }
+            forward::reply(&shared.forwards, d.dst.port(), d.src.ip(), d.payload);
             vec![]
         }
         Route::UdpNat(d) => {

@@ -9,12 +9,17 @@
 //! address) gets a flow with its own gateway-side port, so the guest's replies, sent to
 //! `gateway:that port`, go back to that client alone. The guest sees datagrams from the
 //! gateway's address. Flows idle out after `udp_idle`. The guest's MAC comes from what
-//! the gateway has seen it send (ARP, DHCP, any IPv4); for a guest not seen yet the
-//! gateway asks with an ARP request and that first datagram is dropped (counted).
+//! the gateway has seen it send (ARP, DHCP, any IPv4; UDP and ICMPv6 over IPv6); for a
+//! guest not seen yet the gateway asks with an ARP request (a Neighbour Solicitation
+//! for an IPv6 guest) and that first datagram is dropped (counted).
 //! Removing a forward closes its socket and forgets its flows; nothing else waits.
+//!
+//! A guest's IPv6 address works alike: the guest sees clients as the gateway's IPv6
+//! address (the prefix's `::1`). Either host side serves either guest side. TCP to an
+//! IPv6 guest needs the splice engine (the default).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,7 +54,7 @@ pub struct ForwardInfo {
     pub id: u64,
     pub protocol: Protocol,
     pub host: SocketAddr,
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
 }
 
 pub(crate) struct ForwardEntry {
@@ -120,7 +125,7 @@ pub(crate) fn add(
     rt: &tokio::runtime::Handle,
     protocol: Protocol,
     host: SocketAddr,
-    guest: SocketAddrV4,
+    guest: SocketAddr,
 ) -> std::io::Result<ForwardInfo> {
     let _g = rt.enter();
     let mut fw = svc.table.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,7 +184,7 @@ async fn accept(
     svc: Arc<ForwardService>,
     port: Arc<crate::port::GatewayPort>,
     listener: TcpListener,
-    guest: SocketAddrV4,
+    guest: SocketAddr,
 ) {
     loop {
         match listener.accept().await {
@@ -212,17 +217,18 @@ const GUEST_ARP_WAIT: Duration = Duration::from_millis(500);
 async fn connect_guest(
     svc: Arc<ForwardService>,
     port: Arc<crate::port::GatewayPort>,
-    guest: SocketAddrV4,
+    guest: SocketAddr,
     stream: TcpStream,
 ) {
-    let ip = *guest.ip();
+    let ip = guest.ip();
     let known = || match &svc.splice {
         Some(_) => svc.ctx.neighbours.get(ip).is_some(),
         None => svc.ctx.guest_at(ip),
     };
     if !known() {
-        let cfg = &svc.ctx.cfg();
-        let _ = port.send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, ip)).await;
+        if let Some(ask) = solicit(&svc.ctx.cfg(), ip) {
+            let _ = port.send(&ask).await;
+        }
         let deadline = tokio::time::Instant::now() + GUEST_ARP_WAIT;
         while !known() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -233,7 +239,11 @@ async fn connect_guest(
             Ok(s) => crate::tcp_splice::forward_client(splice.clone(), guest, mac, s.into()).await,
             Err(_) => GatewayCounters::inc(&svc.ctx.counters.forward_refused),
         },
-        (None, _) if svc.ctx.guest_at(ip) => crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await,
+        (None, _) if svc.ctx.guest_at(ip) => match guest {
+            SocketAddr::V4(guest) => crate::tcp_nat::forward_client(svc.tcp.clone(), guest, stream).await,
+            // The stack engine carries IPv4 only.
+            SocketAddr::V6(_) => GatewayCounters::inc(&svc.ctx.counters.forward_refused),
+        },
         _ => {
             GatewayCounters::inc(&svc.ctx.counters.forward_refused);
             let _ = stream.set_zero_linger();
@@ -253,13 +263,13 @@ async fn serve(
         let Ok((n, client)) = socket.recv_from(&mut buf).await else {
             return;
         };
-        let guest_ip = *info.guest.ip();
+        let guest_ip = info.guest.ip();
         let Some(mac) = svc.ctx.neighbours.get(guest_ip) else {
             // Not seen yet: ask, and let the client's retry find it.
             GatewayCounters::inc(&svc.ctx.counters.forward_dropped);
-            let _ = port
-                .send(&wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, guest_ip))
-                .await;
+            if let Some(ask) = solicit(&cfg, guest_ip) {
+                let _ = port.send(&ask).await;
+            }
             continue;
         };
         let flow_port = {
@@ -270,25 +280,30 @@ async fn serve(
             GatewayCounters::inc(&svc.ctx.counters.forward_dropped);
             continue;
         };
-        let frame = wire::udp_frame(
+        let Some(from) = gateway_address(&cfg, guest_ip) else {
+            continue;
+        };
+        let frame = wire::udp_frame_to(
             cfg.gateway_mac,
             mac,
-            (cfg.gateway_ip, flow_port),
-            (guest_ip, info.guest.port()),
+            SocketAddr::new(from, flow_port),
+            info.guest,
             &buf[..n],
         );
-        let _ = port.send(&frame).await;
+        if let Some(frame) = frame {
+            let _ = port.send(&frame).await;
+        }
     }
 }
 
 /// A guest's reply to `gateway:flow_port`: back to the client of that flow, if any.
-pub(crate) fn reply(svc: &ForwardService, flow_port: u16, guest: Ipv4Addr, payload: &[u8]) -> bool {
+pub(crate) fn reply(svc: &ForwardService, flow_port: u16, guest: IpAddr, payload: &[u8]) -> bool {
     let target = {
         let mut fw = svc.table.lock().unwrap_or_else(|p| p.into_inner());
         let Some(forward) = fw.flows.get(&flow_port).map(|f| f.forward) else {
             return false;
         };
-        let forward_guest = fw.entries.get(&forward).map(|e| *e.info.guest.ip());
+        let forward_guest = fw.entries.get(&forward).map(|e| e.info.guest.ip());
         if forward_guest != Some(guest) {
             return false;
         }
@@ -298,4 +313,21 @@ pub(crate) fn reply(svc: &ForwardService, flow_port: u16, guest: Ipv4Addr, paylo
     };
     // try_send_to: the host socket is local and rarely full; a full one drops the reply.
     target.0.try_send_to(payload, target.1).is_ok()
+}
+
+/// The gateway's address guests see forwarded clients come from, of `guest`'s version
+/// (none for IPv6 on a network without it).
+pub(crate) fn gateway_address(cfg: &crate::GatewayConfig, guest: IpAddr) -> Option<IpAddr> {
+    match guest {
+        IpAddr::V4(_) => Some(cfg.gateway_ip.into()),
+        IpAddr::V6(_) => cfg.gateway_ip6().map(IpAddr::V6),
+    }
+}
+
+/// Asks who has a guest's address: ARP for IPv4, a Neighbour Solicitation for IPv6.
+fn solicit(cfg: &crate::GatewayConfig, guest: IpAddr) -> Option<Vec<u8>> {
+    match guest {
+        IpAddr::V4(ip) => Some(wire::arp_request(cfg.gateway_mac, cfg.gateway_ip, ip)),
+        IpAddr::V6(ip) => crate::ndp::neighbour_solicit(cfg, ip),
+    }
 }

@@ -354,9 +354,14 @@ impl Gateway {
         &self,
         protocol: forward::Protocol,
         host: std::net::SocketAddr,
-        guest: std::net::SocketAddrV4,
+        guest: std::net::SocketAddr,
     ) -> std::io::Result<forward::ForwardInfo> {
-        if !self.shared.ctx.cfg().subnet.contains(guest.ip()) {
+        let cfg = self.shared.ctx.cfg();
+        let on_network = match guest.ip() {
+            std::net::IpAddr::V4(ip) => cfg.subnet.contains(&ip),
+            std::net::IpAddr::V6(ip) => cfg.ipv6.is_some_and(|p| p.contains(&ip)),
+        };
+        if !on_network {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("{} is not on this network", guest.ip()),
@@ -434,7 +439,7 @@ impl Gateway {
     }
 
     /// Whether some guest is at `ip`: it holds a lease, or frames came from it.
-    pub fn guest_at(&self, ip: Ipv4Addr) -> bool {
+    pub fn guest_at(&self, ip: std::net::IpAddr) -> bool {
         self.shared.ctx.guest_at(ip)
     }
 

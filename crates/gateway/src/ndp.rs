@@ -89,6 +89,26 @@ pub fn answer(cfg: &GatewayConfig, c: &GatewayCounters, m: &Icmp6<'_>) -> Option
     }
 }
 
+/// A Neighbour Solicitation for a guest's `target` address (to its solicited-node
+/// group, RFC 4291), from the gateway's global address: how a forward finds the MAC of
+/// a guest it has not heard from on that address.
+pub fn neighbour_solicit(cfg: &GatewayConfig, target: Ipv6Addr) -> Option<Vec<u8>> {
+    let from = cfg.gateway_ip6()?;
+    let low = u128::from(target) & 0x00ff_ffff;
+    let group = Ipv6Addr::from(0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | low);
+    let repr = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: target,
+        lladdr: Some(EthernetAddress(cfg.gateway_mac.0).into()),
+    });
+    Some(wire::icmp6_frame(
+        cfg.gateway_mac,
+        wire::ipv6_multicast_mac(group),
+        from,
+        group,
+        &repr,
+    ))
+}
+
 /// A Router Advertisement of the network's prefix and MTU, from the gateway's
 /// link-local address (only a link-local source is believed) to `to`.
 pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Addr)) -> Vec<u8> {

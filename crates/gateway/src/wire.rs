@@ -79,21 +79,43 @@ pub struct Icmp6<'a> {
 
 #[derive(Debug, Clone, Copy)]
 pub enum Icmp6Message<'a> {
-    EchoRequest { ident: u16, seq_no: u16, data: &'a [u8] },
+    EchoRequest {
+        ident: u16,
+        seq_no: u16,
+        data: &'a [u8],
+    },
     RouterSolicit,
-    NeighbourSolicit { target: Ipv6Addr, lladdr: Option<Mac> },
+    NeighbourSolicit {
+        target: Ipv6Addr,
+        lladdr: Option<Mac>,
+    },
+    /// A guest's answer to the gateway's solicitation (the switch let it through, so
+    /// the address is the sender's).
+    NeighbourAdvert {
+        target: Ipv6Addr,
+        lladdr: Option<Mac>,
+    },
 }
 
 impl Inbound<'_> {
-    /// Who sent it, by the addresses it claims (neighbours are learnt from ARP, UDP
-    /// and ICMP echo).
-    pub fn sender(&self) -> Option<(Ipv4Addr, Mac)> {
+    /// Who sent it, by the addresses it claims (neighbours are learnt from ARP, UDP,
+    /// ICMP echo and ICMPv6, and a Neighbour Advertisement speaks for its target).
+    pub fn sender(&self) -> Option<(IpAddr, Mac)> {
         match *self {
             Inbound::Arp {
                 sender_ip, sender_mac, ..
-            } => Some((sender_ip, sender_mac)),
-            Inbound::IcmpEcho { src_ip, src_mac, .. } | Inbound::Udp { src_ip, src_mac, .. } => Some((src_ip, src_mac)),
-            Inbound::Tcp(_) | Inbound::Icmp6(_) | Inbound::Udp6 { .. } | Inbound::Ignored => None,
+            } => Some((sender_ip.into(), sender_mac)),
+            Inbound::IcmpEcho { src_ip, src_mac, .. } | Inbound::Udp { src_ip, src_mac, .. } => {
+                Some((src_ip.into(), src_mac))
+            }
+            Inbound::Udp6 { src, src_mac, .. } => Some(((*src.ip()).into(), src_mac)),
+            Inbound::Icmp6(Icmp6 {
+                message: Icmp6Message::NeighbourAdvert { target, lladdr },
+                src_mac,
+                ..
+            }) => Some((target.into(), lladdr.unwrap_or(src_mac))),
+            Inbound::Icmp6(Icmp6 { src_ip, src_mac, .. }) => Some((src_ip.into(), src_mac)),
+            Inbound::Tcp(_) | Inbound::Ignored => None,
         }
     }
 }
@@ -323,6 +345,12 @@ fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_
         Ok(Icmpv6Repr::EchoRequest { ident, seq_no, data }) => Icmp6Message::EchoRequest { ident, seq_no, data },
         Ok(Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { .. })) => Icmp6Message::RouterSolicit,
         Ok(Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, lladdr })) => Icmp6Message::NeighbourSolicit {
+            target: target_addr,
+            lladdr: lladdr.and_then(|l| <[u8; 6]>::try_from(l.as_bytes()).ok()).map(Mac),
+        },
+        Ok(Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            target_addr, lladdr, ..
+        })) => Icmp6Message::NeighbourAdvert {
             target: target_addr,
             lladdr: lladdr.and_then(|l| <[u8; 6]>::try_from(l.as_bytes()).ok()).map(Mac),
         },

@@ -31,7 +31,7 @@ fn idle_forward_clients_cannot_take_the_guests_egress() {
         .send(&gateway::wire::arp_request(me, guest_ip, Ipv4Addr::new(10, 66, 0, 1)))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.guest_at(guest_ip) {
+    while !gw.guest_at(guest_ip.into()) {
         assert!(Instant::now() < deadline, "the gateway never saw the guest");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -39,7 +39,7 @@ fn idle_forward_clients_cannot_take_the_guests_egress() {
         .add_forward(
             Protocol::Tcp,
             "127.0.0.1:0".parse().unwrap(),
-            SocketAddrV4::new(guest_ip, 80),
+            SocketAddrV4::new(guest_ip, 80).into(),
         )
         .unwrap();
     let clients: Vec<TcpStream> = (0..8).filter_map(|_| TcpStream::connect(fw.host).ok()).collect();

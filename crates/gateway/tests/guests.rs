@@ -119,7 +119,7 @@ fn a_guest_fetches_from_the_host_and_serves_the_host_through_a_forward() {
         .add_forward(
             gateway::forward::Protocol::Tcp,
             "127.0.0.1:0".parse().unwrap(),
-            std::net::SocketAddrV4::new(ip, 80),
+            std::net::SocketAddrV4::new(ip, 80).into(),
         )
         .unwrap();
     let mut s = std::net::TcpStream::connect(fw.host).unwrap();

@@ -680,7 +680,7 @@ fn a_forward_to_a_guest_that_never_answers_resets_its_client_after_the_connect_t
         .add_forward(
             gateway::forward::Protocol::Tcp,
             "127.0.0.1:0".parse().unwrap(),
-            std::net::SocketAddrV4::new(r.peer.ip, r.peer.port),
+            std::net::SocketAddrV4::new(r.peer.ip, r.peer.port).into(),
         )
         .unwrap();
     let started = Instant::now();

@@ -549,6 +549,61 @@ fn guests_reach_an_outside_ipv6_network_through_the_gateway_within_policy_and_th
     let e = tcp_exchange(&a.ns.0, host_own, 10).expect_err("the host's own address");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
 
+    // Forwards to a guest's IPv6 port, from either version's host side. The guest has
+    // sent nothing from its global address yet: the gateway finds it by Neighbour
+    // Solicitation. It sees the client as the gateway's IPv6 address.
+    let f = tap_guest(&d, "out6", "f");
+    let f_ip = f.slaac_address();
+    let web6 = testkit::in_ns(&f.ns.0, || std::net::TcpListener::bind("[::]:8081").unwrap());
+    let served = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut s, peer) = web6.accept().unwrap();
+        s.write_all(b"hello from a v6 guest").unwrap();
+        peer
+    });
+    let (s, fw) = d.call(
+        "POST",
+        "/v1/networks/out6/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": format!("[{f_ip}]:8081")})),
+    );
+    assert_eq!(s, 201, "{fw}");
+    let host: std::net::SocketAddr = fw["host"].as_str().unwrap().parse().unwrap();
+    let mut page = String::new();
+    {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect(host).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.read_to_string(&mut page).unwrap();
+    }
+    assert_eq!(page, "hello from a v6 guest");
+    assert_eq!(served.join().unwrap().ip().to_string(), "fd00:97::1");
+    let echo6 = testkit::in_ns(&f.ns.0, || std::net::UdpSocket::bind("[::]:7001").unwrap());
+    let echoing = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let (n, from) = echo6.recv_from(&mut buf).unwrap();
+        echo6.send_to(&buf[..n].to_ascii_uppercase(), from).unwrap();
+        from
+    });
+    let (s, fw) = d.call(
+        "POST",
+        "/v1/networks/out6/forwards",
+        Some(json!({"proto": "udp", "host": "[::1]:0", "guest": format!("[{f_ip}]:7001")})),
+    );
+    assert_eq!(s, 201, "{fw}");
+    let client = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.send_to(b"udp forward", fw["host"].as_str().unwrap()).unwrap();
+    let mut buf = [0u8; 64];
+    let n = client.recv(&mut buf).expect("the guest's answer");
+    assert_eq!(&buf[..n], b"UDP FORWARD");
+    assert_eq!(echoing.join().unwrap().ip().to_string(), "fd00:97::1");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/out6/forwards",
+        Some(json!({"host": "127.0.0.1:0", "guest": "[fd00:98::5]:80"})),
+    );
+    assert_eq!(s, 400, "a guest address off the prefix: {v}");
+
     // The egress policy takes IPv6 prefixes: the outside server's port is refused.
     let (s, v) = d.call(
         "PUT",
@@ -569,7 +624,7 @@ fn guests_reach_an_outside_ipv6_network_through_the_gateway_within_policy_and_th
     let gw = &net["gateway"]["counters"];
     assert!(gw["egress_denied"].as_u64().unwrap() >= 2, "{gw}");
     assert!(gw["nat_icmp_replies"].as_u64().unwrap() >= 2, "{gw}");
-    drop((a, outside));
+    drop((a, f, outside));
 }
 
 #[test]

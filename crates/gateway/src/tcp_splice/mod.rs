@@ -29,7 +29,7 @@ mod conn;
 mod segment;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -375,8 +375,12 @@ fn connected(
 
 /// Connects a forward's host client to `guest`: our SYN goes to the guest, and the
 /// client's socket is the connection's host socket.
-pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddrV4, guest_mac: Mac, fd: OwnedFd) {
+pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddr, guest_mac: Mac, fd: OwnedFd) {
     let cfg = svc.ctx.cfg_arc();
+    // The forward was checked against the network when added.
+    let Some(gateway) = crate::forward::gateway_address(&cfg, guest.ip()) else {
+        return;
+    };
     let key = {
         let mut table = svc.lock();
         let span = FORWARD_PORTS.end - FORWARD_PORTS.start;
@@ -384,8 +388,8 @@ pub(crate) async fn forward_client(svc: Arc<SpliceService>, guest: SocketAddrV4,
             let port = FORWARD_PORTS.start + table.next_forward_port % span;
             table.next_forward_port = table.next_forward_port.wrapping_add(1);
             let key = FlowKey {
-                guest: guest.into(),
-                peer: SocketAddrV4::new(cfg.gateway_ip, port).into(),
+                guest,
+                peer: SocketAddr::new(gateway, port),
             };
             (!table.flows.contains_key(&key)).then_some(key)
         });

@@ -369,8 +369,8 @@ pub(crate) enum ForwardCmd {
         network: String,
         /// Where the host listens, ADDRESS:PORT.
         host: std::net::SocketAddr,
-        /// The guest's ADDRESS:PORT.
-        guest: std::net::SocketAddrV4,
+        /// The guest's ADDRESS:PORT (IPv4, or `[IPv6]:PORT` on the network's prefix).
+        guest: std::net::SocketAddr,
         /// The protocol forwarded.
         #[arg(long, value_enum, default_value = "tcp")]
         proto: vmfabric::model::ForwardProto,

@@ -217,7 +217,12 @@ pub fn check_forward(spec: &NetworkSpec, f: ForwardSpec) -> Result<ForwardSpec, 
             "kernel-mode forwards need a host port (nothing listens to pick one)",
         ));
     }
-    if !spec.subnet.contains(f.guest.ip()) {
+    let on_subnet = match f.guest.ip() {
+        std::net::IpAddr::V4(ip) => spec.subnet.contains(&ip),
+        // Kernel networks carry no IPv6.
+        std::net::IpAddr::V6(_) => false,
+    };
+    if !on_subnet {
         return Err(ControlError::invalid(format!(
             "{} is not on {:?}",
             f.guest.ip(),

@@ -91,14 +91,15 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
         let forwards = stored_forwards(env, name)
             .unwrap_or_default()
             .into_iter()
-            .filter(|f| held.contains(f.guest.ip()))
-            .filter_map(|f| match f.host {
-                SocketAddr::V4(host) => Some(hostnet::nft::Forward {
-                    proto: f.proto.as_str().to_string(),
-                    host,
-                    guest: f.guest,
-                }),
-                SocketAddr::V6(_) => None,
+            .filter_map(|f| match (f.host, f.guest) {
+                (SocketAddr::V4(host), SocketAddr::V4(guest)) if held.contains(guest.ip()) => {
+                    Some(hostnet::nft::Forward {
+                        proto: f.proto.as_str().to_string(),
+                        host,
+                        guest,
+                    })
+                }
+                _ => None,
             })
             .collect();
         rules.push(hostnet::nft::NetworkRules {

@@ -88,8 +88,11 @@ impl Control {
             .into_iter()
             .map(|f| ForwardView {
                 dangling: match (&held, &net.gateway) {
-                    (Some(held), _) => !held.contains(f.guest.ip()),
-                    (None, Some(gw)) => !gw.guest_at(*f.guest.ip()),
+                    (Some(held), _) => match f.guest.ip() {
+                        std::net::IpAddr::V4(ip) => !held.contains(&ip),
+                        std::net::IpAddr::V6(_) => true,
+                    },
+                    (None, Some(gw)) => !gw.guest_at(f.guest.ip()),
                     (None, None) => false,
                 },
                 proto: f.proto,

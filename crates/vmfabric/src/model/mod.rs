@@ -6,7 +6,7 @@
 //! The store keeps its own row types (`store.rs`); these types are the API's and
 //! serialise exactly as the API always answered.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use fabric::Mac;
 use serde::{Deserialize, Serialize};
@@ -809,8 +809,9 @@ pub struct ForwardSpec {
     /// Host address and port; port 0 picks a free one.
     #[schema(value_type = String, example = "127.0.0.1:8080", pattern = r"^(\[[0-9a-fA-F:.]+\]|[0-9]{1,3}(\.[0-9]{1,3}){3}):[0-9]{1,5}$")]
     pub host: SocketAddr,
-    #[schema(value_type = String, example = "10.77.0.5:80", pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}$")]
-    pub guest: SocketAddrV4,
+    /// The guest's IPv4 or IPv6 address (on the network's prefix) and port.
+    #[schema(value_type = String, example = "10.77.0.5:80", pattern = r"^(\[[0-9a-fA-F:.]+\]|[0-9]{1,3}(\.[0-9]{1,3}){3}):[0-9]{1,5}$")]
+    pub guest: SocketAddr,
 }
 
 /// A port forward as the API lists it.
@@ -820,7 +821,7 @@ pub struct ForwardView {
     #[schema(value_type = String, example = "127.0.0.1:8080")]
     pub host: SocketAddr,
     #[schema(value_type = String, example = "10.77.0.5:80")]
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// No guest holds the guest address now (its port is gone, or it never came): new
     /// connections are refused at once.
     pub dangling: bool,
