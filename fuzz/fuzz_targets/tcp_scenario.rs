@@ -18,13 +18,18 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 fuzz_target!(|data: &[u8]| {
     let mut dns = TcpDns::new(
         Mac([2, 0, 0, 0, 0, 1]),
-        &[SERVER],
-        24,
+        &[(SERVER.into(), 24), ("fd00::1".parse().unwrap(), 64)],
         1500 + usize::from(data.first().copied().unwrap_or(0) & 1) * 64000,
         Arc::new(GatewayCounters::default()),
     );
     let zone = Zone::new("vm.internal", "10.0.0.0/24".parse().unwrap());
-    let mut peers: Vec<TcpPeer> = (0..3).map(|i| TcpPeer::guest(9 + i, 53)).collect();
+    // The third peer speaks IPv6: the window guard must hold for both versions.
+    let mut peers: Vec<TcpPeer> = (0..3)
+        .map(|i| match i {
+            2 => TcpPeer::guest6(9 + i, 53),
+            _ => TcpPeer::guest(9 + i, 53),
+        })
+        .collect();
     for p in &peers {
         dns.input(&p.arp_request());
     }

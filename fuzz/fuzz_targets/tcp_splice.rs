@@ -81,9 +81,9 @@ fuzz_target!(|data: &[u8]| {
     let mut w = world().lock().unwrap_or_else(|p| p.into_inner());
     w.next_port = if w.next_port >= 65000 { 1024 } else { w.next_port + 1 };
     let mut peer = TcpPeer::guest(9, w.echo_port);
-    peer.ip = Ipv4Addr::new(10, 68, 0, 9);
+    peer.ip = Ipv4Addr::new(10, 68, 0, 9).into();
     peer.port = w.next_port;
-    peer.server_ip = HOST_ACCESS;
+    peer.server_ip = HOST_ACCESS.into();
     peer.server_mac = w.gw.config().gateway_mac.0;
     let payload = vec![0x41u8; 66000];
     let send = |peer: &mut TcpPeer, seg: &Segment| {

@@ -181,12 +181,11 @@ pub(crate) fn route<'a>(
                     guest: head.src,
                     peer: head.dst,
                 });
-            if to_gateway && !forwarded && head.dst.is_ipv4() {
+            if to_gateway && !forwarded {
                 Route::GatewayTcp
             } else if head.dst_mac == cfg.gateway_mac && (forwarded || leaves) {
                 Route::TcpNat(head)
             } else {
-                // DNS over TCP to the gateway's IPv6 addresses is not served yet.
                 Route::Nowhere
             }
         }
@@ -361,7 +360,20 @@ fn deliver(
             // Pings to the gateway's IPv6 addresses are Neighbor Discovery's (`ndp`).
             _ => vec![],
         },
-        Route::Icmp6(m) => crate::ndp::answer(cfg, c, &m).into_iter().collect(),
+        Route::Icmp6(m) => {
+            // Neighbour Discovery about the gateway teaches the DNS-over-TCP stack
+            // whom it talks to, as ARP does over IPv4.
+            let teaches = match m.message {
+                wire::Icmp6Message::NeighbourSolicit { target, .. } => cfg.is_gateway_ip6(target),
+                wire::Icmp6Message::NeighbourAdvert { .. } => cfg.is_gateway_ip6(m.dst_ip),
+                _ => false,
+            };
+            if teaches {
+                shared.state().tcp.input(frame);
+            }
+            let reply = crate::ndp::answer(cfg, c, &m);
+            return (reply.into_iter().collect(), teaches);
+        }
         Route::Dhcp { src_mac, payload } => {
             let (reply, event) = shared.state().dhcp.handle(payload, src_mac, unix_now());
             if let Some(ev) = event {
@@ -624,7 +636,7 @@ mod tests {
             ("Icmp6", echo(cfg.gateway_ip6().unwrap())),
             ("TcpNat", tcp6_syn(gw_mac, guest, (outside, 443))),
             ("TcpNat", tcp6_syn(gw_mac, guest, (host_access, 22))),
-            ("Nowhere", tcp6_syn(gw_mac, guest, (cfg.gateway_ip6().unwrap(), 53))),
+            ("GatewayTcp", tcp6_syn(gw_mac, guest, (cfg.gateway_ip6().unwrap(), 53))),
         ];
         for (want, frame) in cases {
             assert_eq!(routed(&cfg, &frame), want, "{frame:02x?}");

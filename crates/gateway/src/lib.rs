@@ -467,16 +467,15 @@ impl Drop for Gateway {
 const BATCH: usize = 64;
 
 fn new_tcp_dns(cfg: &GatewayConfig, counters: &Arc<GatewayCounters>) -> tcp_dns::TcpDns {
-    let gateway_ips: Vec<Ipv4Addr> = std::iter::once(cfg.gateway_ip)
-        .chain(cfg.extra_ips.iter().copied())
-        .collect();
-    tcp_dns::TcpDns::new(
-        cfg.gateway_mac,
-        &gateway_ips,
-        cfg.subnet.prefix_len(),
-        usize::from(cfg.mtu),
-        counters.clone(),
-    )
+    let v4 = std::iter::once(cfg.gateway_ip).chain(cfg.extra_ips.iter().copied());
+    let v4 = v4.map(|ip| (ip.into(), cfg.subnet.prefix_len()));
+    let v6 = cfg
+        .gateway_ip6()
+        .into_iter()
+        .chain(cfg.ipv6.map(|_| cfg.gateway_link_local()))
+        .map(|ip| (ip.into(), 64));
+    let gateway_ips: Vec<(std::net::IpAddr, u8)> = v4.chain(v6).collect();
+    tcp_dns::TcpDns::new(cfg.gateway_mac, &gateway_ips, usize::from(cfg.mtu), counters.clone())
 }
 
 #[cfg(test)]

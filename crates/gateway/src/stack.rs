@@ -22,12 +22,12 @@
 //! the edge is exact: with scaling smoltcp rounds the announced window down.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
 
 use crate::counters::GatewayCounters;
 
@@ -47,8 +47,8 @@ pub(crate) struct Queue {
 /// One TCP connection as the stack sees it: the guest's end, then the stack's end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Conn {
-    pub peer: (Ipv4Addr, u16),
-    pub local: (Ipv4Addr, u16),
+    pub peer: (IpAddr, u16),
+    pub local: (IpAddr, u16),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +67,7 @@ struct WindowGuard {
 
 /// The TCP header fields the guard reads.
 struct Segment {
-    conn_from_sender: (Ipv4Addr, u16, Ipv4Addr, u16),
+    conn_from_sender: (IpAddr, u16, IpAddr, u16),
     rst: bool,
     syn: bool,
     fin: bool,
@@ -79,16 +79,29 @@ struct Segment {
 
 fn tcp_segment(frame: &[u8]) -> Option<Segment> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-        return None;
-    }
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let (src, dst, segment): (IpAddr, IpAddr, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            let at = usize::from(ip.header_len())..usize::from(ip.total_len());
+            (ip.src_addr().into(), ip.dst_addr().into(), eth.payload().get(at)?)
+        }
+        // smoltcp takes TCP over IPv6 only right after the fixed header, as this does.
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let at = 40..40 + usize::from(ip.payload_len());
+            (ip.src_addr().into(), ip.dst_addr().into(), eth.payload().get(at)?)
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(segment).ok()?;
     Some(Segment {
-        conn_from_sender: (ip.src_addr(), tcp.src_port(), ip.dst_addr(), tcp.dst_port()),
+        conn_from_sender: (src, tcp.src_port(), dst, tcp.dst_port()),
         rst: tcp.rst(),
         syn: tcp.syn(),
         fin: tcp.fin(),
@@ -179,9 +192,10 @@ impl Queue {
         }
     }
 
-    /// What the stack sent, less ARP replies: the gateway's own responder has answered.
+    /// What the stack sent, less what the gateway's own responders answer (see
+    /// [`answered_by_gateway`]).
     pub fn take_sent(&mut self) -> Vec<Vec<u8>> {
-        self.tx.drain(..).filter(|f| !is_arp_reply(f)).collect()
+        self.tx.drain(..).filter(|f| !answered_by_gateway(f)).collect()
     }
 
     /// Forgets the edges of connections that are no longer in `live` (the connections
@@ -200,14 +214,9 @@ impl Queue {
 /// The connection a smoltcp socket holds, if it holds one.
 pub(crate) fn socket_conn(s: &smoltcp::socket::tcp::Socket) -> Option<Conn> {
     let (l, r) = (s.local_endpoint()?, s.remote_endpoint()?);
-    let v4 = |a: smoltcp::wire::IpAddress| match a {
-        smoltcp::wire::IpAddress::Ipv4(a) => Some(a),
-        #[allow(unreachable_patterns)] // IPv6 is not compiled in yet
-        _ => None,
-    };
     Some(Conn {
-        peer: (v4(r.addr)?, r.port),
-        local: (v4(l.addr)?, l.port),
+        peer: (r.addr.into(), r.port),
+        local: (l.addr.into(), l.port),
     })
 }
 
@@ -259,9 +268,23 @@ impl Device for Queue {
     }
 }
 
-pub(crate) fn is_arp_reply(frame: &[u8]) -> bool {
-    EthernetFrame::new_checked(frame)
-        .is_ok_and(|f| f.ethertype() == EthernetProtocol::Arp && f.payload().get(7) == Some(&2))
+/// Whether a frame the stack sent is the gateway's own responders' to send: an ARP
+/// reply, or ICMPv6 other than a Neighbour Solicitation (the stack's Neighbour
+/// Advertisements and any listener reports). The stack's ARP requests and
+/// solicitations go out: they find the guests it answers.
+pub(crate) fn answered_by_gateway(frame: &[u8]) -> bool {
+    let Ok(f) = EthernetFrame::new_checked(frame) else {
+        return true;
+    };
+    match f.ethertype() {
+        EthernetProtocol::Arp => f.payload().get(7) == Some(&2),
+        EthernetProtocol::Ipv6 => {
+            const NEIGHBOUR_SOLICIT: u8 = 135;
+            let icmp6 = f.payload().get(6) == Some(&58);
+            icmp6 && f.payload().get(40) != Some(&NEIGHBOUR_SOLICIT)
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +294,7 @@ mod tests {
     use smoltcp::iface::{Config, Interface, SocketSet};
     use smoltcp::socket::tcp;
     use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+    use std::net::Ipv4Addr;
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -372,10 +396,10 @@ mod tests {
         let mut guard = WindowGuard::default();
         let peer = TcpPeer {
             mac: MAC,
-            ip: SERVER,
+            ip: SERVER.into(),
             port: 80,
             server_mac: [2, 0, 0, 0, 0, 9],
-            server_ip: Ipv4Addr::new(10, 0, 0, 9),
+            server_ip: Ipv4Addr::new(10, 0, 0, 9).into(),
             server_port: 40000,
             seq: 100,
             ack: 5000,
@@ -390,8 +414,8 @@ mod tests {
             ..Default::default()
         }));
         let conn = Conn {
-            peer: (Ipv4Addr::new(10, 0, 0, 9), 40000),
-            local: (SERVER, 80),
+            peer: (Ipv4Addr::new(10, 0, 0, 9).into(), 40000),
+            local: (SERVER.into(), 80),
         };
         assert_eq!(guard.edges[&conn].right, Some(6000));
         server.ack = 5500;

@@ -3,15 +3,17 @@
 //!
 //! Theory of operation: a smoltcp interface owns the gateway's addresses for TCP only.
 //! The frame loop hands it TCP frames for the gateway and ARP frames about the
-//! gateway (smoltcp learns neighbours only from ARP); the gateway's own ARP responder
-//! keeps answering, so ARP replies smoltcp would send are dropped. One socket always
+//! gateway, and over IPv6 Neighbour Solicitations for the gateway's addresses and
+//! Neighbour Advertisements (smoltcp learns neighbours only from those); the gateway's
+//! own responders keep answering, so the ARP replies and Neighbour Advertisements
+//! smoltcp would send are dropped. One socket always
 //! listens on port 53 while fewer than `MAX_CONNECTIONS` are open. Each connection
 //! carries length-prefixed messages; local answers are written at once, forwarded ones
 //! when the upstream answers. A connection is closed once the client closes its side
 //! and nothing is pending, or when it sends something that is not a DNS query.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,14 +70,16 @@ pub struct TcpDns {
 }
 
 impl TcpDns {
-    pub fn new(mac: Mac, addrs: &[Ipv4Addr], prefix: u8, mtu: usize, counters: Arc<GatewayCounters>) -> TcpDns {
+    /// A stack on the gateway's `addrs` (each with its prefix length), of either IP
+    /// version.
+    pub fn new(mac: Mac, addrs: &[(IpAddr, u8)], mtu: usize, counters: Arc<GatewayCounters>) -> TcpDns {
         let mut device = Queue::new(mtu, counters);
         let epoch = std::time::Instant::now();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         let mut iface = Interface::new(config, &mut device, Instant::from_millis(0));
         iface.update_ip_addrs(|a| {
-            for ip in addrs {
-                let _ = a.push(IpCidr::new((*ip).into(), prefix));
+            for (ip, prefix) in addrs {
+                let _ = a.push(IpCidr::new((*ip).into(), *prefix));
             }
         });
         let mut s = TcpDns {
@@ -246,11 +250,13 @@ fn write_message(sock: &mut tcp::Socket, msg: &[u8]) {
 mod tests {
     use super::*;
     use crate::tcp_peer::{Segment, TcpPeer};
+    use std::net::Ipv4Addr;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
     fn server(counters: &Arc<GatewayCounters>) -> (TcpDns, Zone) {
-        let dns = TcpDns::new(Mac([2, 0, 0, 0, 0, 1]), &[SERVER], 24, 1500, counters.clone());
+        let addrs = [(SERVER.into(), 24), ("fd00::1".parse().unwrap(), 64)];
+        let dns = TcpDns::new(Mac([2, 0, 0, 0, 0, 1]), &addrs, 1500, counters.clone());
         let zone = Zone::new("vm.internal", "10.0.0.0/24".parse().unwrap());
         (dns, zone)
     }
@@ -297,7 +303,7 @@ mod tests {
         let mut refused = 0;
         let mut connect = |dns: &mut TcpDns, ip: Ipv4Addr, port: u16| {
             let mut p = peer();
-            (p.ip, p.port) = (ip, port);
+            (p.ip, p.port) = (ip.into(), port);
             let arp = p.arp_request();
             let syn = p.segment(&Segment {
                 syn: true,
@@ -329,9 +335,18 @@ mod tests {
     /// whole gateway task down.
     #[test]
     fn dns_over_tcp_survives_a_client_that_fills_past_the_advertised_window() {
+        overrun_by(peer());
+    }
+
+    /// The same over IPv6: the window guard reads IPv6 segments too.
+    #[test]
+    fn dns_over_tcp_on_ipv6_survives_a_client_that_fills_past_the_advertised_window() {
+        overrun_by(TcpPeer::guest6(9, 53));
+    }
+
+    fn overrun_by(mut peer: TcpPeer) {
         let counters = Arc::new(GatewayCounters::default());
         let (mut dns, zone) = server(&counters);
-        let mut peer = peer();
         let synack = handshake(&mut dns, &zone, &mut peer, Some(7));
         let [first, past_edge] = peer.window_overrun();
         exchange(&mut dns, &zone, &mut peer, first);
@@ -341,6 +356,10 @@ mod tests {
             synack.window_scale.unwrap_or(0),
             0,
             "the server must not scale its window"
+        );
+        assert!(
+            counters.tcp_beyond_window.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "the segment past the edge was held back"
         );
     }
 }

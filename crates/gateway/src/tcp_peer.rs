@@ -1,24 +1,24 @@
 //! A scripted TCP peer for driving the gateway's smoltcp stacks in-process: it builds the
-//! Ethernet/IPv4/TCP frames a guest would send (any flags, options, windows, sequence
+//! Ethernet/IP/TCP frames (either IP version) a guest would send (any flags, options, windows, sequence
 //! numbers, including ones a well-behaved stack never sends) and reads the gateway's
 //! answers. The regression tests and the fuzz targets use it to replay hostile segment
 //! sequences without a network.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress,
-    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv6Repr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 /// One side of a TCP conversation as a guest on the network.
 pub struct TcpPeer {
     pub mac: [u8; 6],
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub server_mac: [u8; 6],
-    pub server_ip: Ipv4Addr,
+    pub server_ip: IpAddr,
     pub server_port: u16,
     /// Next sequence number this peer sends.
     pub seq: u32,
@@ -83,10 +83,10 @@ impl TcpPeer {
     pub fn guest(host: u8, server_port: u16) -> TcpPeer {
         TcpPeer {
             mac: [2, 0, 0, 0, 0, host],
-            ip: Ipv4Addr::new(10, 0, 0, host),
+            ip: Ipv4Addr::new(10, 0, 0, host).into(),
             port: 40000,
             server_mac: [2, 0, 0, 0, 0, 1],
-            server_ip: Ipv4Addr::new(10, 0, 0, 1),
+            server_ip: Ipv4Addr::new(10, 0, 0, 1).into(),
             server_port,
             seq: 1000,
             ack: 0,
@@ -124,15 +124,27 @@ impl TcpPeer {
         [vec![data, probe], vec![past_edge]]
     }
 
-    /// An ARP request from the peer for the server's address, from which smoltcp learns
-    /// the peer's MAC.
+    /// The same peer over IPv6: fd00::`host` talking to fd00::1.
+    pub fn guest6(host: u8, server_port: u16) -> TcpPeer {
+        TcpPeer {
+            ip: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, host.into()).into(),
+            server_ip: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).into(),
+            ..TcpPeer::guest(host, server_port)
+        }
+    }
+
+    /// How the peer asks for the server's MAC, from which smoltcp learns the peer's:
+    /// an ARP request, or over IPv6 a Neighbour Solicitation.
     pub fn arp_request(&self) -> Vec<u8> {
+        let (IpAddr::V4(ip), IpAddr::V4(server_ip)) = (self.ip, self.server_ip) else {
+            return self.neighbour_solicit();
+        };
         let arp = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Request,
             source_hardware_addr: EthernetAddress(self.mac),
-            source_protocol_addr: self.ip,
+            source_protocol_addr: ip,
             target_hardware_addr: EthernetAddress([0; 6]),
-            target_protocol_addr: self.server_ip,
+            target_protocol_addr: server_ip,
         };
         let eth = EthernetRepr {
             src_addr: EthernetAddress(self.mac),
@@ -146,6 +158,20 @@ impl TcpPeer {
         buf
     }
 
+    fn neighbour_solicit(&self) -> Vec<u8> {
+        let (IpAddr::V6(ip), IpAddr::V6(server_ip)) = (self.ip, self.server_ip) else {
+            return Vec::new();
+        };
+        let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: server_ip,
+            lladdr: Some(EthernetAddress(self.mac).into()),
+        });
+        let group =
+            Ipv6Addr::from(0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | (u128::from(server_ip) & 0xff_ffff));
+        let group_mac = crate::wire::ipv6_multicast_mac(group);
+        crate::wire::icmp6_frame(fabric::Mac(self.mac), group_mac, ip, group, &ns)
+    }
+
     /// Builds a segment; a sent SYN, FIN or payload advances `seq` unless `seg.seq` is set.
     /// A payload longer than an IPv4 packet can carry is cut to fit.
     pub fn segment(&mut self, seg: &Segment) -> Vec<u8> {
@@ -156,7 +182,8 @@ impl TcpPeer {
             _ => TcpControl::None,
         };
         let seq = seg.seq.unwrap_or(self.seq);
-        // The most an IPv4 packet carries after its header and a TCP header with options.
+        // The most an IPv4 packet carries after its header and a TCP header with options
+        // (an IPv6 one carries 20 bytes more).
         const MAX_PAYLOAD: usize = 65535 - 20 - 60;
         let payload = &seg.payload[..seg.payload.len().min(MAX_PAYLOAD)];
         let tcp = TcpRepr {
@@ -176,31 +203,10 @@ impl TcpPeer {
         if seg.seq.is_none() {
             self.seq = self.seq.wrapping_add(tcp.segment_len() as u32);
         }
-        let ip = Ipv4Repr {
-            src_addr: self.ip,
-            dst_addr: self.server_ip,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(self.mac),
-            dst_addr: EthernetAddress(self.server_mac),
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        let caps = ChecksumCapabilities::default();
-        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
-        let mut frame = EthernetFrame::new_unchecked(&mut buf);
-        eth.emit(&mut frame);
-        let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
-        ip.emit(&mut packet, &caps);
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(packet.payload_mut()),
-            &IpAddress::Ipv4(self.ip),
-            &IpAddress::Ipv4(self.server_ip),
-            &caps,
-        );
-        buf
+        let from = SocketAddr::new(self.ip, self.port);
+        let to = SocketAddr::new(self.server_ip, self.server_port);
+        let mac = fabric::Mac;
+        crate::wire::tcp_frame(mac(self.mac), mac(self.server_mac), from, to, &tcp).unwrap_or_default()
     }
 
     /// The TCP segments among `frames` that are addressed to this peer; a SYN, FIN or
@@ -211,24 +217,19 @@ impl TcpPeer {
             let Ok(eth) = EthernetFrame::new_checked(f.as_slice()) else {
                 continue;
             };
-            if eth.ethertype() != EthernetProtocol::Ipv4 {
-                continue;
-            }
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            let Some((src, dst, segment)) = ip_payload(eth.ethertype(), eth.payload()) else {
                 continue;
             };
-            if ip.dst_addr() != self.ip || ip.next_header() != IpProtocol::Tcp {
+            if IpAddr::from(dst) != self.ip {
                 continue;
             }
-            let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+            let Ok(tcp) = TcpPacket::new_checked(segment) else {
                 continue;
             };
             if tcp.dst_port() != self.port {
                 continue;
             }
             let caps = ChecksumCapabilities::default();
-            let src = IpAddress::Ipv4(ip.src_addr());
-            let dst = IpAddress::Ipv4(ip.dst_addr());
             let Ok(repr) = TcpRepr::parse(&tcp, &src, &dst, &caps) else {
                 continue;
             };
@@ -250,5 +251,30 @@ impl TcpPeer {
             });
         }
         seen
+    }
+}
+
+/// A TCP packet's addresses and segment, of either IP version.
+fn ip_payload(ethertype: EthernetProtocol, packet: &[u8]) -> Option<(IpAddress, IpAddress, &[u8])> {
+    match ethertype {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            let at = usize::from(ip.header_len())..usize::from(ip.total_len());
+            (ip.next_header() == IpProtocol::Tcp).then_some((
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                packet.get(at)?,
+            ))
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            let at = 40..40 + usize::from(ip.payload_len());
+            (ip.next_header() == IpProtocol::Tcp).then_some((
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                packet.get(at)?,
+            ))
+        }
+        _ => None,
     }
 }

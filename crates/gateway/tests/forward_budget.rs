@@ -56,10 +56,10 @@ fn idle_forward_clients_cannot_take_the_guests_egress() {
     let port = listener.local_addr().unwrap().port();
     let mut peer = TcpPeer {
         mac: me.0,
-        ip: guest_ip,
+        ip: guest_ip.into(),
         port: 45000,
         server_mac: gw.config().gateway_mac.0,
-        server_ip: gw.config().host_access.unwrap(),
+        server_ip: gw.config().host_access.unwrap().into(),
         server_port: port,
         seq: 100,
         ack: 0,

@@ -61,8 +61,8 @@ fn rig_with(guest_host: u8, offloaded: bool, tune: impl FnOnce(&mut gateway::Gat
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut peer = TcpPeer::guest(guest_host, listener.local_addr().unwrap().port());
-    peer.ip = Ipv4Addr::new(10, 67, 0, guest_host);
-    peer.server_ip = HOST_ACCESS;
+    peer.ip = Ipv4Addr::new(10, 67, 0, guest_host).into();
+    peer.server_ip = HOST_ACCESS.into();
     peer.server_mac = lab.gw.config().gateway_mac.0;
     Rig {
         lab,
@@ -680,7 +680,7 @@ fn a_forward_to_a_guest_that_never_answers_resets_its_client_after_the_connect_t
         .add_forward(
             gateway::forward::Protocol::Tcp,
             "127.0.0.1:0".parse().unwrap(),
-            std::net::SocketAddrV4::new(r.peer.ip, r.peer.port).into(),
+            std::net::SocketAddr::new(r.peer.ip, r.peer.port),
         )
         .unwrap();
     let started = Instant::now();

@@ -297,6 +297,9 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
         "192.0.2.7",
         "forwarded, asked over IPv6"
     );
+    // DNS over TCP on the gateway's IPv6 address: local and forwarded answers.
+    assert_eq!(dig(&b, &["+tcp", "AAAA", "alpha.vm.internal"]), a_ip.to_string());
+    assert_eq!(dig(&a, &["+tcp", "A", "outside.test"]), "192.0.2.7");
 
     // DHCPv6 (stateful) with ISC dhclient: a's address is the one its port is locked
     // to, it works, and the lease shows beside a's IPv4 lease.
