@@ -31,3 +31,6 @@ HZ=$(getconf CLK_TCK)
 
 # The median of whitespace-separated numbers on stdin.
 median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# ADDRESS:PORT, with an IPv6 address in brackets.
+hostport() { if [[ $1 == *:* ]]; then echo "[$1]:$2"; else echo "$1:$2"; fi; }

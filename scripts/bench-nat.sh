@@ -13,6 +13,11 @@
 # against slirp4netns (the issues' anchor). CPU % is the relaying process's user+system
 # time over the run (vmfabric: the whole daemon, switch and gateway; slirp4netns and
 # pasta: their process). Output: markdown tables.
+#
+# FAMILY=6 runs the same over IPv6: the vmfabric network gets a /64 (the guest forms
+# its address from the gateway's advertisements) and the guest reaches the host's [::1]
+# at the prefix's ::2; slirp4netns runs with --enable-ipv6 and is reached at fd00::2;
+# pasta at its IPv6 gateway (when the host has IPv6 routes for it to copy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -21,6 +26,8 @@ SECS=${SECS:-10}
 SYNS=${SYNS:-2000}
 MTUS=${MTUS:-1500 65520}
 ENGINES=${ENGINES:-splice stack}
+FAMILY=${FAMILY:-4}
+[ "$FAMILY" = 6 ] && ENGINES=${ENGINES/stack/}   # the stack engine carries IPv4 only
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 need_packages iperf3 slirp4netns passt
 bench_binary
@@ -46,10 +53,12 @@ cleanup() {
 trap cleanup EXIT
 
 start_daemon
-iperf3 -s -B 127.0.0.1 -p 5301 >/dev/null 2>&1 &
+LOOPBACK=127.0.0.1
+[ "$FAMILY" = 6 ] && LOOPBACK=::1
+iperf3 -s -B "$LOOPBACK" -p 5301 >/dev/null 2>&1 &
 IPERF=$!
 # The connect-rate server: accepts and closes at once.
-"$CONNECT_RATE" serve 127.0.0.1:5302 &
+"$CONNECT_RATE" serve "$(hostport "$LOOPBACK" 5302)" &
 ACCEPTOR=$!
 sleep 0.5
 
@@ -61,10 +70,13 @@ iperf_run() { # ns target pid [-R]
     local t0 c0 t1 c1 json gbps
     t0=$(date +%s.%N)
     c0=$(cpu_ticks "$pid")
-    json=$(ip netns exec "$ns" iperf3 -c "$target" -p 5301 -t "$SECS" -J "$@")
+    json=$(ip netns exec "$ns" iperf3 -c "$target" -p 5301 -t "$SECS" -J "$@" || true)
     c1=$(cpu_ticks "$pid")
     t1=$(date +%s.%N)
-    gbps=$(python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))' <<<"$json")
+    gbps=$(python3 -c 'import json,sys
+j = json.load(sys.stdin)
+if "error" in j: sys.exit("iperf3 in %s to %s: %s" % (sys.argv[1], sys.argv[2], j["error"]))
+print("%.2f" % (j["end"]["sum_received"]["bits_per_second"] / 1e9))' "$ns" "$target" <<<"$json")
     echo "$gbps $(python3 -c "print('%.0f' % (100 * ($c1 - $c0) / $HZ / ($t1 - $t0)))")"
 }
 
@@ -73,7 +85,7 @@ iperf_run() { # ns target pid [-R]
 # searching for a free port (measured: 25 s of system time for 10,000 connects), so
 # keep RUNS * SYNS well under the ~14,000 ports a connect may pick.
 connect_rate() { # ns target
-    ip netns exec "$1" "$CONNECT_RATE" "$2:5302" "$SYNS" | cut -d' ' -f1
+    ip netns exec "$1" "$CONNECT_RATE" "$(hostport "$2" 5302)" "$SYNS" | cut -d' ' -f1
 }
 
 
@@ -81,7 +93,9 @@ setup_vmfabric() { # mtu engine index: network bench-ENGINE, namespace $VNS$ENGI
     local mtu=$1 e=$2 i=$3 ns=$VNS$2 tap=vfbtap$3
     "$BIN" network rm "bench-$e" --force >/dev/null 2>&1 || true
     ip netns del "$ns" 2>/dev/null || true
-    "$BIN" network create "bench-$e" --subnet "10.23$i.0.0/24" --mtu "$mtu" --host-access --tcp-engine "$e" --force >/dev/null
+    local v6=()
+    [ "$FAMILY" = 6 ] && v6=(--ipv6 "fd00:23$i::/64")
+    "$BIN" network create "bench-$e" --subnet "10.23$i.0.0/24" --mtu "$mtu" --host-access --tcp-engine "$e" "${v6[@]}" --force >/dev/null
     local mac
     mac=$("$BIN" port add "bench-$e" guest --kind tap --ifname "$tap" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
     ip netns add "$ns"
@@ -91,19 +105,39 @@ setup_vmfabric() { # mtu engine index: network bench-ENGINE, namespace $VNS$ENGI
     printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface"; ip route add default via "$router" ;; esac\n' >"$WORK/udhcpc.sh"
     chmod 755 "$WORK/udhcpc.sh"
     ip netns exec "$ns" busybox udhcpc -i "$tap" -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
+    [ "$FAMILY" = 6 ] && wait_for_default6 "$ns"
+    return 0
+}
+
+# Waits until a namespace has an IPv6 default route (from a Router Advertisement) and a
+# global address past duplicate address detection.
+wait_for_default6() { # ns
+    for _ in $(seq 100); do
+        ip -n "$1" -6 route show default | grep -q via \
+            && ip -n "$1" -6 addr show scope global | grep -v tentative | grep -q inet6 && return 0
+        sleep 0.2
+    done
+    echo "no IPv6 default route in $1" >&2
+    exit 1
 }
 
 # The host-access address of engine number $1's network.
-target_of() { echo "10.23$1.0.254"; }
+target_of() { if [ "$FAMILY" = 6 ]; then echo "fd00:23$1::2"; else echo "10.23$1.0.254"; fi; }
 
 setup_slirp() { # mtu
     [ -n "${SLIRP:-}" ] && kill "$SLIRP" 2>/dev/null && wait "$SLIRP" 2>/dev/null || true
     ip netns del "$SNS" 2>/dev/null || true
     ip netns add "$SNS"
-    slirp4netns --configure --mtu "$1" --netns-type=path "/var/run/netns/$SNS" tap0 >"$WORK/slirp.log" 2>&1 &
+    local v6=()
+    [ "$FAMILY" = 6 ] && v6=(--enable-ipv6)
+    slirp4netns --configure --mtu "$1" "${v6[@]}" --netns-type=path "/var/run/netns/$SNS" tap0 >"$WORK/slirp.log" 2>&1 &
     SLIRP=$!
     for _ in $(seq 50); do ip -n "$SNS" addr show tap0 2>/dev/null | grep -q 10.0.2.100 && break; sleep 0.1; done
+    [ "$FAMILY" = 6 ] && wait_for_default6 "$SNS"
+    return 0
 }
+SLIRP_HOST=10.0.2.2
+[ "$FAMILY" = 6 ] && SLIRP_HOST=fd00::2
 
 # pasta copies the host's address and routes into the namespace; its default gateway
 # stands for the host's loopback there. As root it would drop to "nobody", who cannot
@@ -114,7 +148,16 @@ setup_pasta() { # mtu; sets PASTA and PASTA_GW
     ip netns add "$PNS"
     pasta --quiet --config-net --runas 0 -m "$1" --netns "/var/run/netns/$PNS" -P "$WORK/pasta.pid" >"$WORK/pasta.log" 2>&1
     PASTA=$(cat "$WORK/pasta.pid")
-    PASTA_GW=$(ip -n "$PNS" route show default | awk '{print $3; exit}')
+    if [ "$FAMILY" = 6 ]; then
+        # The host's gateway as pasta copied it; a link-local one with its interface's
+        # index as the scope (iperf3 and the connect-rate client both parse that).
+        local gw dev
+        read -r gw dev < <(ip -n "$PNS" -6 route show default | awk '{print $3, $5; exit}') || true
+        PASTA_GW=${gw:-}
+        [[ $PASTA_GW == fe80:* ]] && PASTA_GW="$gw%$(ip -n "$PNS" -o link show dev "$dev" | cut -d: -f1)"
+    else
+        PASTA_GW=$(ip -n "$PNS" route show default | awk '{print $3; exit}')
+    fi
     [ -n "$PASTA_GW" ] || { cat "$WORK/pasta.log" >&2; echo "pasta configured no default route" >&2; exit 1; }
 }
 
@@ -140,7 +183,7 @@ for mtu in $MTUS; do
                 read -r g c < <(iperf_run "$VNS$e" "$(target_of $((i + 1)))" "$DAEMON" "${flag[@]}")
                 G[$e]+="$g " C[$e]+="$c "
             done
-            read -r g c < <(iperf_run "$SNS" 10.0.2.2 "$SLIRP" "${flag[@]}")
+            read -r g c < <(iperf_run "$SNS" "$SLIRP_HOST" "$SLIRP" "${flag[@]}")
             G[slirp]+="$g " C[slirp]+="$c "
             read -r g c < <(iperf_run "$PNS" "$PASTA_GW" "$PASTA" "${flag[@]}")
             G[pasta]+="$g " C[pasta]+="$c "
@@ -159,7 +202,7 @@ for mtu in $MTUS; do
     declare -A R=()
     for _ in $(seq "$RUNS"); do
         for i in "${!engines[@]}"; do R[${engines[$i]}]+="$(connect_rate "$VNS${engines[$i]}" "$(target_of $((i + 1)))") "; done
-        R[slirp]+="$(connect_rate "$SNS" 10.0.2.2) "
+        R[slirp]+="$(connect_rate "$SNS" "$SLIRP_HOST") "
         R[pasta]+="$(connect_rate "$PNS" "$PASTA_GW") "
     done
     row="| $mtu |"
