@@ -75,6 +75,9 @@ pub(crate) enum Route<'a> {
     ForwardReply(Datagram<'a>),
     /// Routed through the gateway (addressed to its MAC), bound elsewhere: egress.
     UdpNat(Datagram<'a>),
+    /// IPv6 to beyond the link from a link-local address, which no router forwards:
+    /// answered so (a guest whose global address is still tentative sends so).
+    BeyondScope(Origin),
     Nowhere,
 }
 
@@ -91,6 +94,7 @@ impl Route<'_> {
             Route::TcpNat(_) => Service::TcpNat,
             Route::IcmpNat(_) => Service::IcmpNat,
             Route::ForwardReply(_) | Route::UdpNat(_) => Service::UdpNat,
+            Route::BeyondScope(_) => Service::Icmp,
             Route::Nowhere => Service::Frame,
         }
     }
@@ -171,10 +175,14 @@ pub(crate) fn route<'a>(
             }
         }
         Inbound::Tcp(head) => {
-            let (to_gateway, leaves) = match (head.src.ip(), head.dst.ip()) {
-                (IpAddr::V4(src), IpAddr::V4(dst)) => (cfg.is_gateway_ip(dst), routed_out(cfg, src, dst)),
-                (IpAddr::V6(src), IpAddr::V6(dst)) => (cfg.is_gateway_ip6(dst), routed_out6(cfg, src, dst)),
-                _ => (false, false),
+            let (to_gateway, leaves, out_of_scope) = match (head.src.ip(), head.dst.ip()) {
+                (IpAddr::V4(src), IpAddr::V4(dst)) => (cfg.is_gateway_ip(dst), routed_out(cfg, src, dst), false),
+                (IpAddr::V6(src), IpAddr::V6(dst)) => (
+                    cfg.is_gateway_ip6(dst),
+                    routed_out6(cfg, src, dst),
+                    beyond_scope(cfg, src, dst),
+                ),
+                _ => (false, false, false),
             };
             let forwarded = to_gateway
                 && nat_knows(&tcp_nat::FlowKey {
@@ -185,11 +193,18 @@ pub(crate) fn route<'a>(
                 Route::GatewayTcp
             } else if head.dst_mac == cfg.gateway_mac && (forwarded || leaves) {
                 Route::TcpNat(head)
+            } else if head.dst_mac == cfg.gateway_mac && out_of_scope {
+                Route::BeyondScope(head.origin)
             } else {
                 Route::Nowhere
             }
         }
         Inbound::Icmp6(m) if cfg.ipv6.is_some() => match m.message {
+            wire::Icmp6Message::EchoRequest { .. }
+                if m.dst_mac == cfg.gateway_mac && beyond_scope(cfg, m.src_ip, m.dst_ip) =>
+            {
+                Route::BeyondScope(m.origin)
+            }
             wire::Icmp6Message::EchoRequest { ident, seq_no, data }
                 if m.dst_mac == cfg.gateway_mac && routed_out6(cfg, m.src_ip, m.dst_ip) =>
             {
@@ -238,6 +253,8 @@ pub(crate) fn route<'a>(
                 Route::ForwardReply(d)
             } else if dst_mac == cfg.gateway_mac && routed_out6(cfg, *src.ip(), *dst.ip()) {
                 Route::UdpNat(d)
+            } else if dst_mac == cfg.gateway_mac && beyond_scope(cfg, *src.ip(), *dst.ip()) {
+                Route::BeyondScope(origin)
             } else {
                 Route::Nowhere
             }
@@ -433,6 +450,7 @@ fn deliver(
                 .into_iter()
                 .collect()
         }
+        Route::BeyondScope(origin) => vec![shared.ctx.unreachable(&origin, wire::Unreachable::BeyondScope)],
         Route::Nowhere => vec![],
     };
     (replies, false)
@@ -508,12 +526,24 @@ pub(crate) fn routed_out(cfg: &GatewayConfig, src: Ipv4Addr, dst: Ipv4Addr) -> b
 /// The same for IPv6: from a guest's address on the prefix (a link-local source
 /// cannot leave the link), to a unicast address off the prefix or the host-access one.
 pub(crate) fn routed_out6(cfg: &GatewayConfig, src: Ipv6Addr, dst: Ipv6Addr) -> bool {
+    cfg.ipv6.is_some_and(|p| p.contains(&src)) && leaves_the_link6(cfg, dst)
+}
+
+/// Whether a packet from a link-local `src` asks to be routed off the link (to where
+/// [`routed_out6`] would take it from a global source).
+fn beyond_scope(cfg: &GatewayConfig, src: Ipv6Addr, dst: Ipv6Addr) -> bool {
+    src.is_unicast_link_local() && leaves_the_link6(cfg, dst)
+}
+
+/// Whether the gateway routes IPv6 to `dst` off the network: a unicast address off the
+/// prefix, or the host-access one.
+fn leaves_the_link6(cfg: &GatewayConfig, dst: Ipv6Addr) -> bool {
     let Some(prefix) = cfg.ipv6 else {
         return false;
     };
     let inside = prefix.contains(&dst) && cfg.host_access6() != Some(dst);
     let unicast = !dst.is_multicast() && !dst.is_unspecified() && !dst.is_unicast_link_local();
-    prefix.contains(&src) && !cfg.is_gateway_ip6(dst) && !inside && unicast
+    !cfg.is_gateway_ip6(dst) && !inside && unicast
 }
 
 #[cfg(test)]
@@ -623,14 +653,15 @@ mod tests {
             wire::icmp6_frame(GUEST, gw_mac, guest, dst, &repr)
         };
         let link_local: Ipv6Addr = "fe80::10".parse().unwrap();
-        let cases: [(&str, Vec<u8>); 11] = [
+        let cases: [(&str, Vec<u8>); 12] = [
             ("UdpNat", udp6(gw_mac, guest, outside, 53)),
             ("UdpNat", udp6(gw_mac, guest, host_access, 9)),
             ("Dns", udp6(gw_mac, guest, cfg.gateway_ip6().unwrap(), 53)),
             // On the link: the switch's business, even when sent to the gateway's MAC.
             ("Nowhere", udp6(gw_mac, guest, "fd00:9::11".parse().unwrap(), 53)),
-            // A link-local source cannot be routed.
-            ("Nowhere", udp6(gw_mac, link_local, outside, 53)),
+            // A link-local source cannot be routed: told so.
+            ("BeyondScope", udp6(gw_mac, link_local, outside, 53)),
+            ("BeyondScope", tcp6_syn(gw_mac, link_local, (host_access, 22))),
             ("Nowhere", udp6(Mac([2, 0, 0, 0, 0, 0x11]), guest, outside, 53)),
             ("IcmpNat", echo(outside)),
             ("Icmp6", echo(cfg.gateway_ip6().unwrap())),

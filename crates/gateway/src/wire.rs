@@ -162,6 +162,8 @@ pub enum Unreachable {
     Prohibited,
     /// The host side could not reach the destination.
     Host,
+    /// An IPv6 packet from a link-local address to beyond the link (RFC 4443 code 2).
+    BeyondScope,
 }
 
 impl Origin {
@@ -545,6 +547,7 @@ pub fn icmp_unreachable(gateway_mac: Mac, from: (Ipv4Addr, Ipv6Addr), refused: &
             let reason = match why {
                 Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
                 Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
+                Unreachable::BeyondScope => Icmpv6DstUnreachable::BeyondScope,
             };
             let repr = Icmpv6Repr::DstUnreachable {
                 reason,
@@ -556,7 +559,7 @@ pub fn icmp_unreachable(gateway_mac: Mac, from: (Ipv4Addr, Ipv6Addr), refused: &
     };
     let reason = match why {
         Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
-        Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+        Unreachable::Host | Unreachable::BeyondScope => Icmpv4DstUnreachable::HostUnreachable,
     };
     let repr = Icmpv4Repr::DstUnreachable {
         reason,

@@ -174,6 +174,69 @@ fn port_drops(d: &harness::Process, network: &str, port: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// `vmfabric events --json` against a daemon, its lines gathered as they come.
+struct EventStream {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl EventStream {
+    /// Starts following, and returns once the stream is live: a port of its own comes
+    /// up (its first datagram) and the stream has told of it.
+    fn follow(d: &harness::Process, dir: &Path) -> EventStream {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmfabric"))
+            .args(["events", "--json"])
+            .env("VMFABRIC_SOCKET", &d.socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (out, sink) = (child.stdout.take().unwrap(), lines.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stream = EventStream { child, lines };
+        let network = d.call("GET", "/v1/networks", None).1[0]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (probe, _) = raw_port(d, dir, &network, "events-probe");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !stream.saw(r#""port":"events-probe""#) {
+            assert!(Instant::now() < deadline, "the event stream never went live");
+            let _ = probe.send(&[0u8; 60]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stream
+    }
+
+    fn saw(&self, fragment: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(fragment))
+    }
+
+    fn wait_for(&self, fragment: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.saw(fragment) {
+            assert!(
+                Instant::now() < deadline,
+                "no event with {fragment}:\n{:#?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A unixgram port of `network` driven by the test: its socket and MAC.
 fn raw_port(d: &harness::Process, dir: &Path, network: &str, name: &str) -> (UnixDatagram, Mac) {
     let (s, port) = d.call(
@@ -302,9 +365,14 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     assert_eq!(dig(&a, &["+tcp", "A", "outside.test"]), "192.0.2.7");
 
     // DHCPv6 (stateful) with ISC dhclient: a's address is the one its port is locked
-    // to, it works, and the lease shows beside a's IPv4 lease.
+    // to, it works, the lease shows beside a's IPv4 lease, and the event stream says so.
+    let events = EventStream::follow(&d, &dir);
     let want6 = gateway::config::dhcp6_address(prefix, a.mac);
     a.dhcpv6_address_is(&dir, want6);
+    events.wait_for(&format!(
+        r#""type":"lease6_bound","network":"six","ip":"{want6}","mac":"{}""#,
+        a.mac
+    ));
     let (ok, out) = b.ping(&want6.to_string());
     assert!(ok, "the DHCPv6 address answers: {out}");
     let leased6 = |d: &harness::Process| {

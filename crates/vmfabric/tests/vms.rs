@@ -371,18 +371,43 @@ fn guests_on_a_dual_stack_network_reach_each_other_by_aaaa() {
     let (s, v) = d.call(
         "POST",
         "/v1/networks",
-        Some(json!({"name": "dual", "subnet": "10.79.6.0/24", "ipv6": "fd00:79:6::/64"})),
+        Some(json!({"name": "dual", "subnet": "10.79.6.0/24", "ipv6": "fd00:79:6::/64", "host_access": true})),
     );
     assert_eq!(s, 201, "{v}");
+    // A server on the host's IPv6 loopback with a body of some megabytes: the client
+    // fetches it through the gateway (the prefix's ::2 is the host's [::1]), its
+    // virtio-net segments (offloaded as it negotiated) spliced onto a host socket.
+    const BODY: usize = 4 << 20;
+    let host_web = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let host_port = host_web.local_addr().unwrap().port();
+    let serving = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = host_web.accept().unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.ends_with(b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended early");
+            request.extend_from_slice(&buf[..n]);
+        }
+        let body: Vec<u8> = (0..BODY).map(|i| (i % 251) as u8).collect();
+        write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {BODY}\r\n\r\n").unwrap();
+        s.write_all(&body).unwrap();
+    });
     let (s, v) = d.call("POST", "/v1/vms", Some(json!({"name": "web6", "network": "dual"})));
     assert_eq!(s, 201, "{v}");
     let web = d.wait_vm("web6", &["ready", "failed"]);
     assert_eq!(web["state"], "ready", "{web}");
     let web_mac: fabric::Mac = web["mac"].as_str().unwrap().parse().unwrap();
     let web6 = gateway::config::slaac_address("fd00:79:6::".parse().unwrap(), web_mac);
-    // The client waits for its own global address, then pings web6 by name.
-    let cmd = "for i in $(seq 100); do ip -6 addr show scope global | grep -q inet6 && break; sleep 0.1; done; \
-               ip -6 addr show scope global; nslookup -type=AAAA web6; ping6 -c 2 -W 5 web6";
+    // The client waits for its own global address (past duplicate address detection:
+    // until then its connections would leave from its link-local address, which no
+    // router forwards), then pings web6 by name and fetches from the host.
+    let cmd = format!(
+        "for i in $(seq 100); do ip -6 addr show scope global | grep inet6 | grep -qv tentative && break; sleep 0.1; done; \
+         ip -6 addr show scope global; nslookup -type=AAAA web6; ping6 -c 2 -W 5 web6 && \
+         wget -qO /tmp/big 'http://[fd00:79:6::2]:{host_port}/' && sha256sum /tmp/big"
+    );
     let (s, v) = d.call(
         "POST",
         "/v1/vms",
@@ -396,6 +421,16 @@ fn guests_on_a_dual_stack_network_reach_each_other_by_aaaa() {
         logs.contains("VMFABRIC_CMD_EXIT 0") && logs.contains(&web6.to_string()),
         "{client}\n{logs}"
     );
+    let body: Vec<u8> = (0..BODY).map(|i| (i % 251) as u8).collect();
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    assert!(
+        logs.contains(&format!("{digest}  /tmp/big")),
+        "the host's [::1] over IPv6 host access, intact:\n{logs}"
+    );
+    serving.join().unwrap();
     assert!(
         logs.contains("fd00:79:6:"),
         "the client formed an address on the prefix:\n{logs}"

@@ -65,6 +65,8 @@ fn sentence(e: &Event) -> String {
         },
         Event::LeaseReleased { network, ip, mac } => format!("lease {network} {ip} released by {mac}"),
         Event::LeaseExpired { network, ip, mac } => format!("lease {network} {ip} of {mac} expired"),
+        Event::Lease6Bound { network, ip, mac } => format!("DHCPv6 lease {network} {ip} to {mac}"),
+        Event::Lease6Ended { network, ip, mac } => format!("DHCPv6 lease {network} {ip} of {mac} ended"),
         Event::MacMoved { network, mac, from, to } => format!("MAC {mac} moved on {network} from {from} to {to}"),
         Event::MacTableFull { network } => format!("MAC table of {network} is full"),
         Event::VmState {

@@ -96,7 +96,8 @@ pub(crate) enum Command {
         socket: PathBuf,
     },
     /// Follow what happens, one line an event, until interrupted: ports up and down,
-    /// leases bound, released and expired, MAC moves, VM states, egress refusals
+    /// leases bound, released and expired (DHCPv6 bindings made and ended), MAC moves,
+    /// VM states, egress refusals
     /// (sampled). --json prints the stream's JSON lines.
     Events {
         #[command(flatten)]

@@ -98,9 +98,16 @@ fn operator_event(st: &State, ev: &ControlEvent) -> Option<Event> {
                 ip: *ip,
                 mac: mac.to_string(),
             },
-            // DHCPv6 bindings feed the port locks; the event stream speaks of IPv4
-            // leases (the lease list shows both).
-            gateway::LeaseEvent::Bound6 { .. } | gateway::LeaseEvent::Ended6 { .. } => return None,
+            gateway::LeaseEvent::Bound6 { mac, ip } => Event::Lease6Bound {
+                network: network.clone(),
+                ip: *ip,
+                mac: mac.to_string(),
+            },
+            gateway::LeaseEvent::Ended6 { mac, ip } => Event::Lease6Ended {
+                network: network.clone(),
+                ip: *ip,
+                mac: mac.to_string(),
+            },
         },
     })
 }

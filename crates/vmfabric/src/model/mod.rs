@@ -384,6 +384,20 @@ pub enum Event {
         ip: Ipv4Addr,
         mac: String,
     },
+    /// A DHCPv6 binding made or renewed.
+    Lease6Bound {
+        network: String,
+        #[schema(value_type = String, format = Ipv6)]
+        ip: std::net::Ipv6Addr,
+        mac: String,
+    },
+    /// A DHCPv6 binding ended (released, declined, expired, or its port gone).
+    Lease6Ended {
+        network: String,
+        #[schema(value_type = String, format = Ipv6)]
+        ip: std::net::Ipv6Addr,
+        mac: String,
+    },
     /// A MAC was seen behind another port than before.
     MacMoved {
         network: String,
