@@ -58,7 +58,8 @@ pub struct NetworkDecl {
     pub ipv6: Option<ipnet::Ipv6Net>,
     #[serde(default = "yes")]
     pub gateway: bool,
-    /// Guests reach the host's loopback at the subnet's last host address.
+    /// Guests reach the host's loopback at the subnet's last host address (and its `[::1]`
+    /// at the IPv6 prefix's `::2`).
     #[serde(default)]
     pub host_access: bool,
     /// "userspace" (the default) or "kernel".

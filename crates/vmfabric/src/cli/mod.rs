@@ -175,7 +175,8 @@ pub(crate) enum NetworkCmd {
         /// No gateway (DHCP, DNS) on this network.
         #[arg(long)]
         no_gateway: bool,
-        /// Let guests reach the host's loopback at the subnet's last host address.
+        /// Let guests reach the host's loopback at the subnet's last host address (and its
+        /// [::1] at the IPv6 prefix's ::2).
         #[arg(long)]
         host_access: bool,
         /// Who carries the frames: vmfabric's switch, or a Linux bridge with TAP ports

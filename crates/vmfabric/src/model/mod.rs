@@ -160,7 +160,8 @@ pub struct NetworkSpec {
     /// Run a gateway (ARP/ICMP, DHCP, DNS) on the network.
     #[serde(default = "yes")]
     pub gateway: bool,
-    /// Guests reach the host's loopback at the subnet's last host address.
+    /// Guests reach the host's loopback at the subnet's last host address (and its `[::1]`
+    /// at the IPv6 prefix's `::2`).
     #[serde(default)]
     pub host_access: bool,
     /// Who carries the frames: vmfabric's switch, or a Linux bridge.
