@@ -53,7 +53,8 @@ impl Zone {
     }
 
     /// Takes the domain and records of `cfg` (the VMs' names stay: they are labels).
-    /// The host alias is an A record for the host-access address when that is on.
+    /// The host alias is an A record for the host-access address when that is on, and
+    /// an AAAA for its IPv6 one on a network with IPv6.
     pub fn configure(&mut self, cfg: &crate::GatewayConfig) {
         *self = Zone {
             names: std::mem::take(&mut self.names),
@@ -63,13 +64,20 @@ impl Zone {
             reverse6: std::mem::take(&mut self.reverse6),
             ..Zone::new(&cfg.domain, cfg.subnet)
         };
-        let host = cfg.host_access.filter(|_| !cfg.host_alias.is_empty());
-        let alias = host.map(|ip| crate::config::StaticRecord {
-            name: cfg.host_alias.clone(),
-            data: crate::config::RecordData::A(ip),
-            ttl: LOCAL_TTL,
-        });
-        for r in cfg.records.iter().chain(alias.as_ref()) {
+        use crate::config::RecordData;
+        let named = !cfg.host_alias.is_empty();
+        let v4 = cfg.host_access.filter(|_| named).map(RecordData::A);
+        let v6 = cfg.host_access6().filter(|_| named).map(RecordData::Aaaa);
+        let alias: Vec<crate::config::StaticRecord> = v4
+            .into_iter()
+            .chain(v6)
+            .map(|data| crate::config::StaticRecord {
+                name: cfg.host_alias.clone(),
+                data,
+                ttl: LOCAL_TTL,
+            })
+            .collect();
+        for r in cfg.records.iter().chain(&alias) {
             let (Some(name), Some(data)) = (self.record_name(&r.name), record_data(&r.data)) else {
                 continue; // validated before; nothing to answer otherwise
             };
@@ -489,6 +497,7 @@ mod tests {
         use crate::config::{RecordData as D, StaticRecord};
         let mut cfg = crate::GatewayConfig::new("n", "10.77.0.0/24".parse().unwrap());
         cfg.host_access = Some(Ipv4Addr::new(10, 77, 0, 254));
+        cfg.ipv6 = Some("fd00:77::/64".parse().unwrap());
         let rec = |name: &str, data| StaticRecord {
             name: name.into(),
             data,
@@ -537,6 +546,12 @@ mod tests {
         assert!(matches!(www.answers[1].data, RData::A(A(ip)) if ip == Ipv4Addr::new(10, 77, 0, 5)));
         let host = answer(&z, "host.vm.internal", RecordType::A);
         assert!(matches!(host.answers[0].data, RData::A(A(ip)) if ip == Ipv4Addr::new(10, 77, 0, 254)));
+        let host6 = answer(&z, "host.vm.internal", RecordType::AAAA);
+        let want6: std::net::Ipv6Addr = "fd00:77::2".parse().unwrap();
+        assert!(
+            matches!(host6.answers[..], [ref r] if r.data == RData::AAAA(want6.into())),
+            "{host6:?}"
+        );
         // VMs' names survive a new configuration; a removed record is gone.
         cfg.records.clear();
         cfg.host_alias.clear();

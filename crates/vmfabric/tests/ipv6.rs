@@ -612,6 +612,22 @@ fn guests_reach_an_outside_ipv6_network_through_the_gateway_within_policy_and_th
     let host_listener = std::net::TcpListener::bind("[::]:0").unwrap();
     let host_port = host_listener.local_addr().unwrap().port();
     let host_server = counting_server(host_listener, 1);
+    let (ok, named) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &a.ns.0,
+        "dig",
+        "+short",
+        "+time=2",
+        "AAAA",
+        "host.vm.internal",
+        "@fd00:97::1",
+    ]);
+    assert!(
+        ok && named.trim() == "fd00:97::2",
+        "the host alias has an AAAA: {named}"
+    );
     let host_access: std::net::SocketAddr = format!("[fd00:97::2]:{host_port}").parse().unwrap();
     let got = tcp_exchange(&a.ns.0, host_access, 1000).expect("the host at its host-access address");
     assert_eq!(got.len(), 1000);
