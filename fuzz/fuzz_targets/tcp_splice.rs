@@ -1,12 +1,14 @@
 //! The TCP splice driven by a hostile guest: a gateway on a real switch, its host side
 //! a loopback echo server. Each input opens a connection from a new guest port and
 //! plays 8-byte steps (flags, options, window, a sequence offset, the payload length,
-//! whether time passes) as in `tcp_scenario`, then resets it. Nothing the guest sends
-//! may panic the gateway (its contained panics are counted, and must stay zero).
+//! whether time passes) as in `tcp_scenario`, then resets it; over IPv6 when the first
+//! byte's top bit is set (the host-access address `::2`, an echo server on `[::1]`).
+//! Nothing the guest sends may panic the gateway (its contained panics are counted, and
+//! must stay zero).
 #![no_main]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Mutex, OnceLock};
 
@@ -16,6 +18,7 @@ use gateway::{Gateway, GatewayConfig, MemoryLeaseStore, TcpEngine, Upstreams};
 use libfuzzer_sys::fuzz_target;
 
 const HOST_ACCESS: Ipv4Addr = Ipv4Addr::new(10, 68, 0, 254);
+const HOST_ACCESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x68, 0, 0, 0, 0, 0, 2);
 
 struct World {
     gw: Gateway,
@@ -23,7 +26,28 @@ struct World {
     _rt: tokio::runtime::Runtime,
     guest: UnixDatagram,
     echo_port: u16,
+    echo_port6: u16,
     next_port: u16,
+}
+
+/// A loopback echo server on `addr`; its port.
+fn echo_server(addr: &str) -> u16 {
+    let listener = TcpListener::bind(addr).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
 }
 
 fn world() -> &'static Mutex<World> {
@@ -39,32 +63,19 @@ fn world() -> &'static Mutex<World> {
         let mut cfg = GatewayConfig::new("fz", "10.68.0.0/24".parse().unwrap());
         cfg.upstreams = Upstreams::Static(vec![]);
         cfg.host_access = Some(HOST_ACCESS);
+        cfg.ipv6 = Some("fd00:68::/64".parse().unwrap());
         cfg.tcp_engine = TcpEngine::Splice;
         let gw = Gateway::attach(rt.handle(), &sw, "fz", cfg, Box::new(MemoryLeaseStore::default())).unwrap();
         let (_, fd) = sw.add_port("fz", "guest").unwrap();
         let guest = UnixDatagram::from(fd);
         guest.set_nonblocking(true).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let echo_port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
         Mutex::new(World {
             gw,
             _sw: sw,
             _rt: rt,
             guest,
-            echo_port,
+            echo_port: echo_server("127.0.0.1:0"),
+            echo_port6: echo_server("[::1]:0"),
             next_port: 1024,
         })
     })
@@ -80,10 +91,19 @@ fn drain(w: &World, peer: &mut TcpPeer) {
 fuzz_target!(|data: &[u8]| {
     let mut w = world().lock().unwrap_or_else(|p| p.into_inner());
     w.next_port = if w.next_port >= 65000 { 1024 } else { w.next_port + 1 };
-    let mut peer = TcpPeer::guest(9, w.echo_port);
-    peer.ip = Ipv4Addr::new(10, 68, 0, 9).into();
+    let ipv6 = data.first().is_some_and(|b| b & 0x80 != 0);
+    let mut peer = if ipv6 {
+        let mut p = TcpPeer::guest6(9, w.echo_port6);
+        p.ip = Ipv6Addr::new(0xfd00, 0x68, 0, 0, 0, 0, 0, 9).into();
+        p.server_ip = HOST_ACCESS6.into();
+        p
+    } else {
+        let mut p = TcpPeer::guest(9, w.echo_port);
+        p.ip = Ipv4Addr::new(10, 68, 0, 9).into();
+        p.server_ip = HOST_ACCESS.into();
+        p
+    };
     peer.port = w.next_port;
-    peer.server_ip = HOST_ACCESS.into();
     peer.server_mac = w.gw.config().gateway_mac.0;
     let payload = vec![0x41u8; 66000];
     let send = |peer: &mut TcpPeer, seg: &Segment| {
@@ -94,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
         &Segment {
             syn: true,
             window: 65535,
-            window_scale: data.first().map(|b| b % 15),
+            window_scale: data.first().map(|b| (b & 0x7f) % 15),
             mss: Some(1460),
             ..Default::default()
         },
