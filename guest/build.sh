@@ -148,9 +148,15 @@ for n in $nics; do
     [ "$(cat "/sys/class/net/$n/address")" = "$VMF_READY_MAC" ] && nic=$n
 done
 export VMF_READY_NIC=$nic
+# udhcpc -n gives up after three unanswered REQUESTs (3 s with -T 1); a real client
+# starts over with a DISCOVER, and so does this one, twice, so a slow host costs time,
+# not the lease.
 lease() {
-    udhcpc -i "$1" -s /etc/dhcp-hook -x "hostname:${VMF_HOSTNAME:-guest}" -O search -O mtu \
-        -t "${VMF_DHCP_TRIES:-10}" -T 1 -A 1 -n -q -f
+    for _ in 1 2 3; do
+        udhcpc -i "$1" -s /etc/dhcp-hook -x "hostname:${VMF_HOSTNAME:-guest}" -O search -O mtu \
+            -t "${VMF_DHCP_TRIES:-10}" -T 1 -A 1 -n -q -f && return 0
+    done
+    return 1
 }
 
 ip=

@@ -182,7 +182,8 @@ struct EventStream {
 
 impl EventStream {
     /// Starts following, and returns once the stream is live: a port of its own comes
-    /// up (its first datagram) and the stream has told of it.
+    /// up (its first datagram) and the stream has told of it. A port comes up once, so
+    /// a probe that came up before the stream subscribed is replaced by a fresh one.
     fn follow(d: &harness::Process, dir: &Path) -> EventStream {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmfabric"))
@@ -203,14 +204,21 @@ impl EventStream {
             .as_str()
             .unwrap()
             .to_string();
-        let (probe, _) = raw_port(d, dir, &network, "events-probe");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !stream.saw(r#""port":"events-probe""#) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for attempt in 0.. {
             assert!(Instant::now() < deadline, "the event stream never went live");
+            let name = format!("events-probe-{attempt}");
+            let (probe, _) = raw_port(d, dir, &network, &name);
             let _ = probe.send(&[0u8; 60]);
-            std::thread::sleep(Duration::from_millis(100));
+            let told = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < told {
+                if stream.saw(&format!(r#""port":"{name}""#)) {
+                    return stream;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        stream
+        unreachable!("the loop returns or fails")
     }
 
     fn saw(&self, fragment: &str) -> bool {

@@ -15,7 +15,9 @@ use serde_json::json;
 
 /// Boots the guest on q35 with `printed` (the line `port add` printed, after
 /// `qemu-system-x86_64 ...`) as its only NIC; the console once the guest leased.
-fn boot_printed(image: &Path, dir: &Path, name: &str, printed: &str) -> String {
+/// A guest that never leases fails with the console and the daemon's DHCP and port
+/// counters for `network` (whether its REQUESTs reached the gateway, and what dropped).
+fn boot_printed(d: &harness::Running, network: &str, image: &Path, dir: &Path, name: &str, printed: &str) -> String {
     let mut q = vm::QemuConfig::new(
         image.join("vmlinuz"),
         Some(image.join("initramfs.cpio.gz")),
@@ -44,7 +46,18 @@ fn boot_printed(image: &Path, dir: &Path, name: &str, printed: &str) -> String {
         let ended = guest.0.try_wait().unwrap().is_some();
         if ended || std::time::Instant::now() > deadline {
             let qemu = std::fs::read_to_string(dir.join(format!("{name}.qemu.log"))).unwrap_or_default();
-            panic!("the guest on `{printed}` never leased:\n{console}\nQEMU: {qemu}");
+            let (_, metrics) = d.call("GET", "/metrics", None);
+            let label = format!("network=\"{network}\"");
+            let counters: Vec<&str> = metrics
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&label) && (l.contains("dhcp") || l.contains("port_") || l.contains("drop")))
+                .collect();
+            panic!(
+                "the guest on `{printed}` never leased:\n{console}\nQEMU: {qemu}\ncounters:\n{}",
+                counters.join("\n")
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -66,7 +79,7 @@ fn every_printed_qemu_line_boots_a_guest_that_leases() {
         assert!(printed.contains("virtio-net-pci"), "{printed}");
         // A vhost-user line's shared memory is as large as the guest's (`-m`).
         let printed = printed.replace("size=MEM", &format!("size={}M", vm::QemuConfig::DEFAULT_MEMORY_MIB));
-        let console = boot_printed(&image, &dir, kind, &printed);
+        let console = boot_printed(&d, "default", &image, &dir, kind, &printed);
         let (_, leases) = d.call("GET", "/v1/networks/default/leases", None);
         let lease = leases
             .as_array()
@@ -96,7 +109,7 @@ fn every_printed_qemu_line_boots_a_guest_that_leases() {
             printed.contains("-netdev tap,") && printed.contains("virtio-net-pci"),
             "{printed}"
         );
-        let console = boot_printed(&image, &dir, "tp", &printed);
+        let console = boot_printed(&d, "kl", &image, &dir, "tp", &printed);
         assert!(console.contains("10.76.0."), "a kernel-mode address:\n{console}");
         let (s, _) = d.call("DELETE", "/v1/networks/kl?force=true", None);
         assert_eq!(s, 204);
