@@ -89,6 +89,10 @@ pub struct GatewayConfig {
     /// The router DHCP announces when it is not the gateway itself (kernel mode: the
     /// Linux bridge routes, the gateway serves DHCP and DNS beside it).
     pub router: Option<Ipv4Addr>,
+    /// The MAC of the IPv6 router when it is not the gateway (kernel mode: the host's
+    /// bridge routes the prefix at its `::1`). Router Advertisements then name it, from
+    /// its link-local address and with its MAC, and the gateway itself takes `::2`.
+    pub router6: Option<Mac>,
     pub gateway_mac: Mac,
     /// More addresses the gateway answers ARP and ICMP for.
     pub extra_ips: Vec<Ipv4Addr>,
@@ -222,6 +226,7 @@ impl GatewayConfig {
             tcp_engine: TcpEngine::default(),
             icmp_idle: Duration::from_secs(30),
             ipv6: None,
+            router6: None,
             router_advert_interval: Duration::from_secs(200),
         }
     }
@@ -405,6 +410,7 @@ impl GatewayConfig {
             && self.gateway_mac == new.gateway_mac
             && self.extra_ips == new.extra_ips
             && self.router == new.router
+            && self.router6 == new.router6
             && self.mtu == new.mtu
             && self.host_access == new.host_access
             && self.tcp_buffer == new.tcp_buffer
@@ -425,6 +431,7 @@ impl GatewayConfig {
                 Some(p)
                     if !p.contains(&ip6)
                         || self.is_gateway_ip6(ip6)
+                        || Some(ip6) == self.router_ip6()
                         || ip6 == p.network()
                         || Some(ip6) == self.host_access6() =>
                 {
@@ -462,12 +469,23 @@ impl GatewayConfig {
         Some(Ipv6Addr::from(u128::from(self.ipv6?.network()) | 2))
     }
 
-    /// The host-access addresses of both IP versions (none when host access is off).
-    pub fn host_access_addresses(&self) -> Vec<std::net::IpAddr> {
-        let v4 = self.host_access.map(std::net::IpAddr::V4);
-        v4.into_iter()
-            .chain(self.host_access6().map(std::net::IpAddr::V6))
-            .collect()
+    /// Whether `ip` is a host-access address (of either version; none when off).
+    pub fn is_host_access(&self, ip: std::net::IpAddr) -> bool {
+        match ip {
+            std::net::IpAddr::V4(v4) => self.host_access == Some(v4),
+            std::net::IpAddr::V6(v6) => self.host_access6() == Some(v6),
+        }
+    }
+
+    /// Where the host socket for a guest's flow to `dst` connects: the host's loopback
+    /// of the same version for a host-access address, else `dst` itself.
+    pub fn egress_target(&self, dst: std::net::SocketAddr) -> std::net::SocketAddr {
+        use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+        match dst.ip() {
+            ip if !self.is_host_access(ip) => dst,
+            IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), dst.port()),
+            IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port()),
+        }
     }
 
     /// The largest UDP payload a frame to a guest can carry over either IP version:
@@ -488,10 +506,27 @@ impl GatewayConfig {
         ip == self.gateway_ip || self.extra_ips.contains(&ip)
     }
 
-    /// The gateway's global IPv6 address: the prefix's `::1`.
+    /// The gateway's global IPv6 address: the prefix's `::1`, or `::2` when another
+    /// host routes the prefix ([`GatewayConfig::router6`]) from `::1`.
     pub fn gateway_ip6(&self) -> Option<Ipv6Addr> {
         let prefix = self.ipv6?;
-        Some(Ipv6Addr::from(u128::from(prefix.network()) | 1))
+        let host = if self.router6.is_some() { 2 } else { 1 };
+        Some(Ipv6Addr::from(u128::from(prefix.network()) | host))
+    }
+
+    /// The prefix's router: the gateway's `::1`, or the other router's.
+    pub fn router_ip6(&self) -> Option<Ipv6Addr> {
+        Some(Ipv6Addr::from(u128::from(self.ipv6?.network()) | 1))
+    }
+
+    /// The MAC Router Advertisements name: the gateway's, or the other router's.
+    pub fn router6_mac(&self) -> Mac {
+        self.router6.unwrap_or(self.gateway_mac)
+    }
+
+    /// The link-local address guests route through: the router's, from its MAC.
+    pub fn router_link_local(&self) -> Ipv6Addr {
+        slaac_address(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), self.router6_mac())
     }
 
     /// The gateway's link-local address, from its MAC (modified EUI-64, RFC 4291): what
@@ -556,9 +591,9 @@ pub fn dhcp6_address(prefix: Ipv6Net, mac: Mac) -> Ipv6Addr {
     if octets[11] == 0xff && octets[12] == 0xfe {
         octets[12] = 0;
     }
-    // Never the subnet-router anycast ::0 nor the gateway's ::1.
-    if octets[8..15].iter().all(|b| *b == 0) && octets[15] <= 1 {
-        octets[15] = 2;
+    // Never the subnet-router anycast ::0, the router's ::1 nor the gateway's ::2.
+    if octets[8..15].iter().all(|b| *b == 0) && octets[15] <= 2 {
+        octets[15] = 3;
     }
     Ipv6Addr::from(octets)
 }

@@ -66,7 +66,10 @@ impl Ctx {
                     policy: cfg.egress.clone(),
                     other_subnets: Vec::new(),
                 }),
-                host_access: cfg.host_access_addresses(),
+                host_access: [cfg.host_access.map(IpAddr::V4), cfg.host_access6().map(IpAddr::V6)]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                 host_addrs: policy::HostAddresses::default(),
                 counters: counters.clone(),
             },
@@ -119,7 +122,9 @@ struct EgressState {
 /// The egress check every NAT service asks before it opens a flow.
 pub(crate) struct Egress {
     state: RwLock<EgressState>,
-    /// The network's host-access addresses (one per IP version), none when off.
+    /// The network's host-access addresses (one per IP version), none when off. Fixed
+    /// for the gateway's life: a change of host access restarts it
+    /// (`GatewayConfig::same_identity`).
     host_access: Vec<IpAddr>,
     host_addrs: policy::HostAddresses,
     counters: Arc<GatewayCounters>,

@@ -130,7 +130,6 @@ pub(crate) fn outbound(
         }
         return None;
     }
-    let host_access = cfg.host_access_addresses().contains(&key.dst);
     if svc.ctx.egress.refused(key.dst, 0, crate::policy::Proto::Icmp) {
         return Some(svc.ctx.unreachable(origin, wire::Unreachable::Prohibited));
     }
@@ -139,11 +138,7 @@ pub(crate) fn outbound(
         GatewayCounters::inc(&c.nat_icmp_dropped);
         return None;
     };
-    let target = if host_access {
-        crate::udp_nat::loopback_like(key.dst)
-    } else {
-        key.dst
-    };
+    let target = cfg.egress_target(SocketAddr::new(key.dst, 0)).ip();
     let sock = match open(kind, target.is_ipv6())
         .and_then(|s| s.connect(SocketAddr::new(target, 0)).map(|_| s))
         .and_then(UdpSocket::from_std)

@@ -94,8 +94,7 @@ pub fn answer(cfg: &GatewayConfig, c: &GatewayCounters, m: &Icmp6<'_>) -> Option
 /// a guest it has not heard from on that address.
 pub fn neighbour_solicit(cfg: &GatewayConfig, target: Ipv6Addr) -> Option<Vec<u8>> {
     let from = cfg.gateway_ip6()?;
-    let low = u128::from(target) & 0x00ff_ffff;
-    let group = Ipv6Addr::from(0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | low);
+    let group = wire::solicited_node(target);
     let repr = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
         target_addr: target,
         lladdr: Some(EthernetAddress(cfg.gateway_mac.0).into()),
@@ -109,8 +108,9 @@ pub fn neighbour_solicit(cfg: &GatewayConfig, target: Ipv6Addr) -> Option<Vec<u8
     ))
 }
 
-/// A Router Advertisement of the network's prefix and MTU, from the gateway's
-/// link-local address (only a link-local source is believed) to `to`.
+/// A Router Advertisement of the network's prefix and MTU, from the router's link-local
+/// address (only a link-local source is believed; the gateway's own, or in kernel mode
+/// the bridge's, for which the gateway speaks) to `to`.
 pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Addr)) -> Vec<u8> {
     GatewayCounters::inc(&c.router_adverts);
     let prefix_info = cfg.ipv6.map(|p| NdiscPrefixInformation {
@@ -126,12 +126,12 @@ pub fn router_advert(cfg: &GatewayConfig, c: &GatewayCounters, to: (Mac, Ipv6Add
         router_lifetime: Duration::from_secs(advert_lifetime(cfg).into()),
         reachable_time: Duration::ZERO,
         retrans_time: Duration::ZERO,
-        lladdr: Some(EthernetAddress(cfg.gateway_mac.0).into()),
+        lladdr: Some(EthernetAddress(cfg.router6_mac().0).into()),
         mtu: Some(u32::from(cfg.mtu)),
         prefix_info,
     });
     let dns = dns_options(cfg);
-    wire::icmp6_frame_with(cfg.gateway_mac, to.0, cfg.gateway_link_local(), to.1, &repr, &dns)
+    wire::icmp6_frame_with(cfg.gateway_mac, to.0, cfg.router_link_local(), to.1, &repr, &dns)
 }
 
 /// How long what an advertisement says holds without another: three intervals (RFC
@@ -267,6 +267,47 @@ mod tests {
         let reply = answer_to(&cfg, &frame).unwrap();
         let (to_mac, _, dst, _, _) = read(&reply);
         assert_eq!((to_mac, dst), (Mac([0x33, 0x33, 0, 0, 0, 1]), ALL_NODES));
+    }
+
+    #[test]
+    fn with_another_router_the_advertisement_names_it_and_the_gateway_moves_to_2() {
+        let mut cfg = cfg();
+        let bridge = Mac([0x02, 0xbb, 0, 0, 0, 1]);
+        cfg.router6 = Some(bridge);
+        let rs = Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { lladdr: None });
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+        let frame = from_guest(
+            "fe80::10".parse().unwrap(),
+            all_routers,
+            wire::ipv6_multicast_mac(all_routers),
+            &rs,
+        );
+        let reply = answer_to(&cfg, &frame).expect("an advertisement");
+        let (_, src, _, _, repr) = read(&reply);
+        assert_eq!(
+            src,
+            "fe80::bb:ff:fe00:1".parse::<Ipv6Addr>().unwrap(),
+            "the bridge's link-local"
+        );
+        let Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+            lladdr,
+            router_lifetime,
+            ..
+        }) = repr
+        else {
+            panic!("{repr:?}");
+        };
+        assert_eq!(lladdr.unwrap().as_bytes(), &bridge.0);
+        assert!(router_lifetime > Duration::ZERO);
+        assert_eq!(cfg.gateway_ip6(), Some("fd00:9::2".parse().unwrap()));
+        assert_eq!(cfg.router_ip6(), Some("fd00:9::1".parse().unwrap()));
+        // The DNS server it names is the gateway, at ::2.
+        let body = &reply[54..];
+        let rdnss = body.windows(2).position(|w| w == [25, 3]).expect("an RDNSS option");
+        assert_eq!(&body[rdnss + 8..rdnss + 24], &cfg.gateway_ip6().unwrap().octets());
+        // The gateway answers for ::2 and its own link-local, not for the router's ::1.
+        assert!(cfg.is_gateway_ip6("fd00:9::2".parse().unwrap()));
+        assert!(!cfg.is_gateway_ip6("fd00:9::1".parse().unwrap()));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, TcpPacket};
 
 use crate::counters::GatewayCounters;
 
@@ -78,27 +78,7 @@ struct Segment {
 }
 
 fn tcp_segment(frame: &[u8]) -> Option<Segment> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    let (src, dst, segment): (IpAddr, IpAddr, &[u8]) = match eth.ethertype() {
-        EthernetProtocol::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-                return None;
-            }
-            let at = usize::from(ip.header_len())..usize::from(ip.total_len());
-            (ip.src_addr().into(), ip.dst_addr().into(), eth.payload().get(at)?)
-        }
-        // smoltcp takes TCP over IPv6 only right after the fixed header, as this does.
-        EthernetProtocol::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
-            if ip.next_header() != IpProtocol::Tcp {
-                return None;
-            }
-            let at = 40..40 + usize::from(ip.payload_len());
-            (ip.src_addr().into(), ip.dst_addr().into(), eth.payload().get(at)?)
-        }
-        _ => return None,
-    };
+    let (src, dst, segment) = crate::wire::tcp_in_frame(frame)?;
     let tcp = TcpPacket::new_checked(segment).ok()?;
     Some(Segment {
         conn_from_sender: (src, tcp.src_port(), dst, tcp.dst_port()),

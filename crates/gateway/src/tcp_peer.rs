@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv6Repr,
-    IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    IpAddress, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 /// One side of a TCP conversation as a guest on the network.
@@ -166,8 +166,7 @@ impl TcpPeer {
             target_addr: server_ip,
             lladdr: Some(EthernetAddress(self.mac).into()),
         });
-        let group =
-            Ipv6Addr::from(0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | (u128::from(server_ip) & 0xff_ffff));
+        let group = crate::wire::solicited_node(server_ip);
         let group_mac = crate::wire::ipv6_multicast_mac(group);
         crate::wire::icmp6_frame(fabric::Mac(self.mac), group_mac, ip, group, &ns)
     }
@@ -214,12 +213,10 @@ impl TcpPeer {
     pub fn read(&mut self, frames: &[Vec<u8>]) -> Vec<Seen> {
         let mut seen = Vec::new();
         for f in frames {
-            let Ok(eth) = EthernetFrame::new_checked(f.as_slice()) else {
+            let Some((src, dst, segment)) = crate::wire::tcp_in_frame(f) else {
                 continue;
             };
-            let Some((src, dst, segment)) = ip_payload(eth.ethertype(), eth.payload()) else {
-                continue;
-            };
+            let (src, dst) = (IpAddress::from(src), IpAddress::from(dst));
             if IpAddr::from(dst) != self.ip {
                 continue;
             }
@@ -251,30 +248,5 @@ impl TcpPeer {
             });
         }
         seen
-    }
-}
-
-/// A TCP packet's addresses and segment, of either IP version.
-fn ip_payload(ethertype: EthernetProtocol, packet: &[u8]) -> Option<(IpAddress, IpAddress, &[u8])> {
-    match ethertype {
-        EthernetProtocol::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(packet).ok()?;
-            let at = usize::from(ip.header_len())..usize::from(ip.total_len());
-            (ip.next_header() == IpProtocol::Tcp).then_some((
-                ip.src_addr().into(),
-                ip.dst_addr().into(),
-                packet.get(at)?,
-            ))
-        }
-        EthernetProtocol::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(packet).ok()?;
-            let at = 40..40 + usize::from(ip.payload_len());
-            (ip.next_header() == IpProtocol::Tcp).then_some((
-                ip.src_addr().into(),
-                ip.dst_addr().into(),
-                packet.get(at)?,
-            ))
-        }
-        _ => None,
     }
 }

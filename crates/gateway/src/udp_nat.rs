@@ -94,7 +94,6 @@ pub(crate) fn outbound(
         }
         return None;
     }
-    let host_access = cfg.host_access_addresses().contains(&key.dst.ip());
     if svc
         .ctx
         .egress
@@ -107,11 +106,7 @@ pub(crate) fn outbound(
         GatewayCounters::inc(&c.nat_udp_dropped);
         return None;
     }
-    let target = if host_access {
-        SocketAddr::new(loopback_like(key.dst.ip()), key.dst.port())
-    } else {
-        key.dst
-    };
+    let target = cfg.egress_target(key.dst);
     let any = SocketAddr::new(unspecified_like(target.ip()), 0);
     let sock = match std::net::UdpSocket::bind(any)
         .and_then(|s| s.connect(target).map(|_| s))
@@ -189,14 +184,6 @@ async fn run_flow(
         }
     }
     svc.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-}
-
-/// The host's loopback address of `ip`'s version: where host access leads.
-pub(crate) fn loopback_like(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-    }
 }
 
 /// The unspecified address of `ip`'s version: what a host socket binds to.

@@ -373,6 +373,39 @@ fn classify_ipv6(src_mac: Mac, dst_mac: Mac, packet: &[u8]) -> Result<Inbound<'_
 
 /// The Ethernet multicast address of an IPv6 multicast group (RFC 2464: `33:33` and the
 /// group's last 32 bits).
+/// The solicited-node multicast group of `addr` (RFC 4291 2.7.1): where a Neighbour
+/// Solicitation for it goes.
+pub fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
+    Ipv6Addr::from(0xff02_0000_0000_0000_0000_0001_ff00_0000_u128 | (u128::from(addr) & 0x00ff_ffff))
+}
+
+/// The source and destination addresses and the TCP segment of an Ethernet frame that
+/// carries TCP over IPv4 (unfragmented) or over IPv6 (right after the fixed header, as
+/// smoltcp takes it); `None` for anything else. Bounds come from the checked headers.
+pub fn tcp_in_frame(frame: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let packet = &frame[ETH..];
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            let at = usize::from(ip.header_len())..usize::from(ip.total_len());
+            Some((ip.src_addr().into(), ip.dst_addr().into(), packet.get(at)?))
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let at = IPV6..IPV6 + usize::from(ip.payload_len());
+            Some((ip.src_addr().into(), ip.dst_addr().into(), packet.get(at)?))
+        }
+        _ => None,
+    }
+}
+
 pub fn ipv6_multicast_mac(group: Ipv6Addr) -> Mac {
     let o = group.octets();
     Mac([0x33, 0x33, o[12], o[13], o[14], o[15]])

@@ -173,6 +173,20 @@ impl Links {
         }
     }
 
+    /// Gives the device `index` the IPv6 address `addr/prefix` (kept if it is there),
+    /// usable at once: no duplicate address detection, since the address is vmfabric's
+    /// by construction (the router's `::1` of a prefix of its own).
+    pub async fn ensure_address6(&self, index: u32, addr: std::net::Ipv6Addr, prefix: u8) -> Result<(), HostnetError> {
+        use rtnetlink::packet_route::address::AddressHeaderFlags;
+        let mut add = self.handle.address().add(index, IpAddr::V6(addr), prefix);
+        add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        match add.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if code(&e) == Some(EEXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Makes (or adopts) the persistent TAP device `name`, tagged `tag`, on `bridge`, up.
     pub async fn ensure_tap(&self, name: &str, tag: &str, bridge: u32, opts: &TapOptions) -> Result<u32, HostnetError> {
         valid_name(name)?;

@@ -34,13 +34,26 @@
 //! DHCP and ARP probes), like the userspace switch's port locks; no port may send
 //! VLAN-tagged frames (the kernel's address checks would not see inside them) or, on a
 //! network without IPv6, IPv6 (the bridge itself has IPv6 disabled).
+//!
+//! On a network with an IPv6 prefix the bridge routes it at the prefix's `::1` (the
+//! gateway's advertisements name the bridge), and the same rules hold for IPv6: a
+//! port sends only from its link-local, SLAAC and DHCPv6 addresses (`::` for duplicate
+//! address detection), never a Router Advertisement, redirect or DHCPv6 server message
+//! (RA guard), and no Neighbour Advertisement, nor a DAD probe, for an address not its
+//! own; guests leave masqueraded (NAT66: the prefix is a unique local one, which the
+//! outside could not route back; the documented choice), under the same egress policy,
+//! flow bound and isolation as IPv4; they reach the host only for ping to `::1` and
+//! Neighbour Discovery.
 
 use std::borrow::Cow;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem, CT};
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadField, PayloadRaw, Prefix, Range, SetItem,
+    CT,
+};
 use nftables::schema::{
     self, Chain, Counter, NfCmd, NfListObject, NfObject, Nftables, Rule, SetType, SetTypeValue, Table,
 };
@@ -101,6 +114,8 @@ pub struct PortLock {
     pub ifname: String,
     pub mac: fabric::Mac,
     pub ips: Vec<Ipv4Addr>,
+    /// On a network with IPv6: the addresses the port may send from and claim.
+    pub ips6: Vec<Ipv6Addr>,
 }
 
 /// The layer-4 protocols an egress rule may name.
@@ -115,7 +130,8 @@ pub enum L4 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRule {
     pub allow: bool,
-    pub dst: Ipv4Net,
+    /// Of either IP version; a rule matches only its own version's traffic.
+    pub dst: IpNet,
     /// `None`: every protocol.
     pub proto: Option<L4>,
     /// Inclusive range; `None`: every port (and ICMP).
@@ -148,14 +164,30 @@ pub struct NetworkRules {
     pub forwards: Vec<Forward>,
     pub locked_ports: Vec<PortLock>,
     pub egress: Egress,
-    /// Whether guests may send IPv6 to each other (dropped at the ports otherwise).
-    pub ipv6: bool,
+    /// The network's IPv6 prefix, routed by the bridge at its `::1`; `None`: guests'
+    /// IPv6 is dropped at their ports.
+    pub ipv6: Option<Ipv6Net>,
     /// Live connections out of the network each guest address may hold (`None`: no
     /// bound).
     pub flows_per_guest: Option<u32>,
 }
 
 const LINK_LOCAL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16);
+
+impl NetworkRules {
+    /// The bridge's address on the IPv6 prefix.
+    pub fn router6(&self) -> Option<Ipv6Addr> {
+        Some(Ipv6Addr::from(u128::from(self.ipv6?.network()) | 1))
+    }
+}
+
+/// The address field of `dst`'s IP version ("ip" or "ip6").
+fn ip_field(dst: &IpNet, name: &'static str) -> Expression<'static> {
+    match dst {
+        IpNet::V4(_) => field("ip", name),
+        IpNet::V6(_) => field("ip6", name),
+    }
+}
 
 /// The named counter of refusals in a network's forward (egress) or input chain.
 pub fn counter_name(chain: &str, bridge: &str) -> String {
@@ -189,7 +221,7 @@ fn l4proto(p: L4) -> Expression<'static> {
 /// The matches of an egress rule, as the gateway's `Rule::matches` reads it: a port
 /// range matches TCP and UDP only.
 fn egress_match(r: &EgressRule) -> Vec<Statement<'static>> {
-    let mut m = vec![is(field("ip", "daddr"), Operator::EQ, prefix(r.dst))];
+    let mut m = vec![is(ip_field(&r.dst, "daddr"), Operator::EQ, prefix(r.dst))];
     match (r.proto, r.ports) {
         (Some(p), _) => m.push(is(meta(MetaKey::L4proto), Operator::EQ, l4proto(p))),
         (None, Some(_)) => m.push(is(
@@ -232,11 +264,28 @@ fn field(protocol: &'static str, name: &'static str) -> Expression<'static> {
     })))
 }
 
-fn prefix(net: Ipv4Net) -> Expression<'static> {
+fn prefix(net: impl Into<IpNet>) -> Expression<'static> {
+    let net: IpNet = net.into();
     Expression::Named(NamedExpression::Prefix(Prefix {
         addr: Box::new(Expression::String(net.network().to_string().into())),
         len: u32::from(net.prefix_len()),
     }))
+}
+
+/// The 128 bits of an ICMPv6 Neighbour Solicitation's or Advertisement's target
+/// address (after type, code, checksum and 32 bits of flags). Raw: nft 1.0.6 (Debian
+/// 12) has no `icmpv6 taddr`.
+fn nd_target() -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+        base: PayloadBase::TH,
+        offset: 64,
+        len: 128,
+    })))
+}
+
+/// An IPv6 address as the integer a raw 128-bit payload compares with.
+fn raw128(a: Ipv6Addr) -> Expression<'static> {
+    text(format!("{:#034x}", u128::from(a)))
 }
 
 fn meta(key: MetaKey) -> Expression<'static> {
@@ -332,6 +381,65 @@ fn port_lock_rules(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
     ]
 }
 
+/// The bridge-family rules that hold a port to its IPv6 addresses on a network with
+/// IPv6: its sources, the targets it may advertise or probe, and no router or DHCPv6
+/// server messages.
+fn port_lock_rules6(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
+    let from_port = || is(meta(MetaKey::Iifname), Operator::EQ, text(&lock.ifname));
+    let sources = set(lock.ips6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).map(text));
+    let icmp6_type = |t: &str| is(field("icmpv6", "type"), Operator::EQ, text(t));
+    // Not its own: every target when it has none (an empty set is no nft expression).
+    let not_own_target = || match lock.ips6.is_empty() {
+        true => vec![],
+        false => vec![is(
+            nd_target(),
+            Operator::NEQ,
+            set(lock.ips6.iter().copied().map(raw128)),
+        )],
+    };
+    let rule = |parts: Vec<Vec<Statement<'static>>>| -> Vec<Statement<'static>> {
+        let mut r: Vec<Statement<'static>> = parts.into_iter().flatten().collect();
+        r.push(Statement::Drop(None));
+        r
+    };
+    vec![
+        vec![
+            from_port(),
+            is(field("ip6", "saddr"), Operator::NEQ, sources),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_port(),
+            is(
+                field("icmpv6", "type"),
+                Operator::IN,
+                set([text("nd-router-advert"), text("nd-redirect")]),
+            ),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_port(),
+            is(meta(MetaKey::L4proto), Operator::EQ, l4proto(L4::Udp)),
+            is(field("th", "sport"), Operator::EQ, number(547)),
+            Statement::Drop(None),
+        ],
+        rule(vec![
+            vec![from_port(), icmp6_type("nd-neighbor-advert")],
+            not_own_target(),
+        ]),
+        // A duplicate address probe (from ::) for another's address would make its
+        // owner give the address up.
+        rule(vec![
+            vec![
+                from_port(),
+                is(field("ip6", "saddr"), Operator::EQ, text(Ipv6Addr::UNSPECIFIED)),
+                icmp6_type("nd-neighbor-solicit"),
+            ],
+            not_own_target(),
+        ]),
+    ]
+}
+
 fn dnat(f: &Forward) -> Result<Vec<Statement<'static>>, HostnetError> {
     let proto: &'static str = match f.proto.as_str() {
         "tcp" => "tcp",
@@ -388,17 +496,24 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
     b.add(chain("guard", NfChainType::Filter, NfHook::Prerouting, -300));
     for n in networks {
         if n.flows_per_guest.is_some() {
-            b.add(NfListObject::Set(Box::new(schema::Set {
-                family: NfFamily::INet,
-                table: UNNAMED.into(),
-                name: flows_set(&n.bridge).into(),
-                set_type: SetTypeValue::Single(SetType::Ipv4Addr),
-                // No `dynamic` flag: nft 1.0.6 (Debian 12) refuses it in JSON and sets
-                // it itself for a set that rules add to.
-                // One element per guest address: a /16 is the largest subnet.
-                size: Some(65_536),
-                ..Default::default()
-            })));
+            let families = [(IpFamily::V4, true), (IpFamily::V6, n.ipv6.is_some())];
+            for family in families.into_iter().filter_map(|(f, on)| on.then_some(f)) {
+                b.add(NfListObject::Set(Box::new(schema::Set {
+                    family: NfFamily::INet,
+                    table: UNNAMED.into(),
+                    name: flows_set(&n.bridge, family).into(),
+                    set_type: SetTypeValue::Single(match family {
+                        IpFamily::V4 => SetType::Ipv4Addr,
+                        IpFamily::V6 => SetType::Ipv6Addr,
+                    }),
+                    // No `dynamic` flag: nft 1.0.6 (Debian 12) refuses it in JSON and
+                    // sets it itself for a set that rules add to.
+                    // One element per guest address: a /16 is the largest subnet (on
+                    // IPv6, a guest's few addresses each).
+                    size: Some(65_536),
+                    ..Default::default()
+                })));
+            }
         }
         for chain in ["egress", "input", "flows"] {
             b.add(NfListObject::Counter(Counter {
@@ -420,6 +535,16 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
                 Statement::Masquerade(None),
             ],
         ));
+        if let Some(p6) = n.ipv6 {
+            b.add(rule(
+                "postrouting",
+                vec![
+                    is(field("ip6", "saddr"), Operator::EQ, prefix(p6)),
+                    is(field("ip6", "daddr"), Operator::NEQ, prefix(p6)),
+                    Statement::Masquerade(None),
+                ],
+            ));
+        }
         // Host-local clients of forwards to 127.0.0.1 leave through the bridge with a
         // loopback source (the bridge has route_localnet on): it becomes the bridge's.
         b.add(rule(
@@ -447,7 +572,11 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
             for expr in port_lock_rules(lock) {
                 b.add(family_rule(NfFamily::Bridge, "ports", expr));
             }
-            if !n.ipv6 {
+            if n.ipv6.is_some() {
+                for expr in port_lock_rules6(lock) {
+                    b.add(family_rule(NfFamily::Bridge, "ports", expr));
+                }
+            } else {
                 b.add(family_rule(
                     NfFamily::Bridge,
                     "ports",
@@ -469,25 +598,41 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
     Ok(b.to_nftables())
 }
 
-/// The dynamic set that counts each guest address's connections on `bridge`.
-fn flows_set(bridge: &str) -> String {
-    format!("flows_{bridge}")
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IpFamily {
+    V4,
+    V6,
+}
+
+/// The dynamic set that counts each guest address's connections on `bridge`, one per
+/// IP version.
+fn flows_set(bridge: &str, family: IpFamily) -> String {
+    match family {
+        IpFamily::V4 => format!("flows_{bridge}"),
+        IpFamily::V6 => format!("flows6_{bridge}"),
+    }
 }
 
 /// Refuses a guest's new connection past its bound: the counting statement (marked
 /// for [`with_flow_bounds`]) comes after the protocol match, so each rule counts only
-/// what it may refuse.
-fn flow_bound(n: &NetworkRules, from_guests: Vec<Statement<'static>>) -> Vec<NfListObject<'static>> {
+/// what it may refuse. Per IP version: a set statement reads its address where its
+/// version has it, so each rule first matches the version.
+fn flow_bound(n: &NetworkRules, from_guests: Vec<Statement<'static>>, family: IpFamily) -> Vec<NfListObject<'static>> {
     let counter = counter_name("flows", &n.bridge);
     let count = || Statement::Counter(stmt::Counter::Named(counter.clone().into()));
+    let (nfproto, source) = match family {
+        IpFamily::V4 => ("ipv4", field("ip", "saddr")),
+        IpFamily::V6 => ("ipv6", field("ip6", "saddr")),
+    };
     let over = || {
         Statement::Set(stmt::Set {
             op: stmt::SetOp::Add,
-            elem: field("ip", "saddr"),
-            set: format!("@{}", flows_set(&n.bridge)).into(),
+            elem: source.clone(),
+            set: format!("@{}", flows_set(&n.bridge, family)).into(),
         })
     };
     let mut base = from_guests;
+    base.push(is(meta(MetaKey::Nfproto), Operator::EQ, text(nfproto)));
     base.push(is(
         Expression::Named(NamedExpression::CT(CT {
             key: "state".into(),
@@ -536,7 +681,8 @@ fn with_flow_bounds(mut json: serde_json::Value, networks: &[NetworkRules]) -> s
     }
     let bounds: Vec<(String, u32)> = networks
         .iter()
-        .filter_map(|n| Some((format!("@{}", flows_set(&n.bridge)), n.flows_per_guest?)))
+        .filter_map(|n| Some((n, n.flows_per_guest?)))
+        .flat_map(|(n, bound)| [IpFamily::V4, IpFamily::V6].map(|f| (format!("@{}", flows_set(&n.bridge, f)), bound)))
         .collect();
     visit(&mut json, &bounds);
     json
@@ -563,7 +709,10 @@ fn egress_rules(n: &NetworkRules, networks: &[NetworkRules]) -> Vec<NfListObject
     first.push(Statement::Accept(None));
     out.push(rule("forward", first));
     if n.flows_per_guest.is_some() {
-        out.extend(flow_bound(n, from_guests()));
+        out.extend(flow_bound(n, from_guests(), IpFamily::V4));
+        if n.ipv6.is_some() {
+            out.extend(flow_bound(n, from_guests(), IpFamily::V6));
+        }
     }
     // A port range with ICMP can never match (as in the gateway): such rules are left out.
     for r in n
@@ -591,6 +740,11 @@ fn egress_rules(n: &NetworkRules, networks: &[NetworkRules]) -> Vec<NfListObject
         let mut by_address = from_guests();
         by_address.push(is(field("ip", "daddr"), Operator::EQ, prefix(other.subnet)));
         out.extend(refusals("forward", by_address, &counter));
+        if let Some(p6) = other.ipv6 {
+            let mut by_prefix = from_guests();
+            by_prefix.push(is(field("ip6", "daddr"), Operator::EQ, prefix(p6)));
+            out.extend(refusals("forward", by_prefix, &counter));
+        }
     }
     if !n.egress.default_allow {
         out.extend(refusals("forward", from_guests(), &counter));
@@ -611,6 +765,22 @@ fn input_rules(n: &NetworkRules) -> Vec<NfListObject<'static>> {
     ping.push(is(field("icmp", "type"), Operator::EQ, text("echo-request")));
     ping.push(Statement::Accept(None));
     out.push(rule("input", ping));
+    if let Some(router6) = n.router6() {
+        let mut ping6 = from_guests();
+        ping6.push(is(field("ip6", "daddr"), Operator::EQ, text(router6)));
+        ping6.push(is(field("icmpv6", "type"), Operator::EQ, text("echo-request")));
+        ping6.push(Statement::Accept(None));
+        out.push(rule("input", ping6));
+        // Neighbour Discovery with the bridge (its link-local and `::1`): routing needs it.
+        let mut nd = from_guests();
+        nd.push(is(
+            field("icmpv6", "type"),
+            Operator::IN,
+            set([text("nd-neighbor-solicit"), text("nd-neighbor-advert")]),
+        ));
+        nd.push(Statement::Accept(None));
+        out.push(rule("input", nd));
+    }
     for r in n
         .egress
         .rules
@@ -635,6 +805,17 @@ fn input_rules(n: &NetworkRules) -> Vec<NfListObject<'static>> {
     ));
     group.push(Statement::Drop(None));
     out.push(rule("input", group));
+    if n.ipv6.is_some() {
+        // IPv6's multicast (router solicitations, MLD reports) likewise.
+        let mut group6 = from_guests();
+        group6.push(is(
+            field("ip6", "daddr"),
+            Operator::EQ,
+            prefix(Ipv6Net::new_assert(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8)),
+        ));
+        group6.push(Statement::Drop(None));
+        out.push(rule("input", group6));
+    }
     out.extend(refusals("input", from_guests(), &counter_name("input", &n.bridge)));
     out
 }

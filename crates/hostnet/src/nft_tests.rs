@@ -8,7 +8,7 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
             subnet: "10.70.0.0/24".parse().unwrap(),
             router: "10.70.0.1".parse().unwrap(),
             egress: Egress::default(),
-            ipv6: false,
+            ipv6: None,
             flows_per_guest: Some(1536),
             forwards: vec![Forward {
                 proto: "tcp".into(),
@@ -19,6 +19,7 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
                 ifname: "vmft0".into(),
                 mac: fabric::Mac::derived(&["t", "p"]),
                 ips: vec!["10.70.0.2".parse().unwrap()],
+                ips6: vec![],
             }],
         },
         NetworkRules {
@@ -26,7 +27,7 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
             subnet: "10.71.0.0/24".parse().unwrap(),
             router: "10.71.0.1".parse().unwrap(),
             egress: Egress::default(),
-            ipv6: false,
+            ipv6: None,
             flows_per_guest: None,
             forwards: vec![],
             locked_ports: vec![],
@@ -75,4 +76,65 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
         ..nets[0].clone()
     }];
     assert!(ruleset("vmfabric_t", &bad).is_err());
+}
+
+#[test]
+fn a_network_with_ipv6_gets_its_rules_for_both_versions() {
+    let target: Ipv6Addr = "fd00:70::5054:ff:fe00:1".parse().unwrap();
+    let net = NetworkRules {
+        bridge: "vmfbr6".into(),
+        subnet: "10.70.0.0/24".parse().unwrap(),
+        router: "10.70.0.1".parse().unwrap(),
+        egress: Egress {
+            rules: vec![EgressRule {
+                allow: false,
+                dst: "fd99::/64".parse().unwrap(),
+                proto: Some(L4::Tcp),
+                ports: Some((8080, 8080)),
+            }],
+            default_allow: true,
+        },
+        ipv6: Some("fd00:70::/64".parse().unwrap()),
+        flows_per_guest: Some(100),
+        forwards: vec![],
+        locked_ports: vec![PortLock {
+            ifname: "vmft6".into(),
+            mac: fabric::Mac::derived(&["t", "p6"]),
+            ips: vec![],
+            ips6: vec![target],
+        }],
+    };
+    let json = ruleset_json("vmfabric_t", &[net]).unwrap().to_string();
+    assert!(
+        json.contains("{\"match\":{\"left\":{\"payload\":{\"field\":\"saddr\",\"protocol\":\"ip6\"}},\"op\":\"==\",\"right\":{\"prefix\":{\"addr\":\"fd00:70::\",\"len\":64}}}}"),
+        "NAT66 of the prefix: {json}"
+    );
+    assert_eq!(json.matches("\"masquerade\"").count(), 3, "v4, loopback and v6: {json}");
+    // Each version's flows in a set of its own, each bounded.
+    assert!(
+        json.contains("\"name\":\"flows6_vmfbr6\"") && json.contains("\"type\":\"ipv6_addr\""),
+        "{json}"
+    );
+    assert_eq!(
+        json.matches("{\"ct count\":{\"inv\":true,\"val\":100}}").count(),
+        4,
+        "{json}"
+    );
+    assert!(json.contains("\"set\":\"@flows6_vmfbr6\""), "{json}");
+    // The IPv6 policy rule, the router's ping and its Neighbour Discovery.
+    assert!(json.contains("\"addr\":\"fd99::\""), "{json}");
+    assert!(json.contains("\"right\":\"fd00:70::1\""), "{json}");
+    // The port: its sources, the RA guard, no DHCPv6 server, its own targets only
+    // (the raw target as the integer nft compares).
+    assert!(
+        json.contains("\"nd-router-advert\"") && json.contains("\"nd-redirect\""),
+        "{json}"
+    );
+    assert!(json.contains("\"right\":547"), "{json}");
+    assert!(json.contains(&format!("\"{:#034x}\"", u128::from(target))), "{json}");
+    assert!(json.contains("\"0xfd00007000000000505400fffe000001\""), "{json}");
+    assert!(
+        !json.contains("\"right\":34525"),
+        "IPv6 is not dropped wholesale at the port: {json}"
+    );
 }

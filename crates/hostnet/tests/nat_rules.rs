@@ -143,7 +143,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         subnet: "10.72.0.0/24".parse().unwrap(),
         router: "10.72.0.1".parse().unwrap(),
         egress: Egress::default(),
-        ipv6: false,
+        ipv6: None,
         flows_per_guest: None,
         forwards: vec![Forward {
             proto: "tcp".into(),
@@ -155,6 +155,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
             ifname: "vmfbr0p".into(),
             mac: g0_mac,
             ips: vec!["10.72.0.2".parse().unwrap()],
+            ips6: vec![],
         }],
     };
     let blue = NetworkRules {
@@ -162,7 +163,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         subnet: "10.73.0.0/24".parse().unwrap(),
         router: "10.73.0.1".parse().unwrap(),
         egress: Egress::default(),
-        ipv6: false,
+        ipv6: None,
         // Small, so that the test can reach it.
         flows_per_guest: Some(FLOWS_PER_GUEST),
         forwards: vec![],

@@ -32,6 +32,12 @@ pub fn bridge_name(instance: &str, rec: &NetworkSpec) -> String {
         .unwrap_or_else(|| device_name("vmfb", &["bridge", instance, &rec.name]))
 }
 
+/// The bridge's MAC: stable, so guests' neighbour entries and the gateway's IPv6
+/// advertisements (which name the bridge as the router) survive restarts.
+pub fn bridge_mac(instance: &str, network: &str) -> Mac {
+    Mac::derived(&["bridge", instance, network])
+}
+
 pub fn uplink_name(instance: &str, network: &str) -> String {
     device_name("vmfu", &["uplink", instance, network])
 }
@@ -80,7 +86,7 @@ pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -
     );
     on_netlink(move |links| async move {
         let tag = format!("{instance} network {name}");
-        let mac = Mac::derived(&["bridge", &instance, &name]);
+        let mac = bridge_mac(&instance, &name);
         let bridge = links
             .ensure_bridge_with(&bridge_dev, &tag, router, prefix, Some(mtu), Some(mac))
             .await?;
@@ -95,14 +101,43 @@ pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -
         Ok(())
     })?;
     enable_forwarding();
-    // No IPv6 on the bridge: the host has no link-local address there for guests to
-    // reach (guests' IPv6 is dropped at their ports by the bridge rules).
-    let no_v6 = format!(
-        "/proc/sys/net/ipv6/conf/{}/disable_ipv6",
-        bridge_name(&instance_name, rec)
-    );
-    if let Err(e) = std::fs::write(&no_v6, "1") {
-        tracing::warn!("cannot set {no_v6} ({e}): the host keeps an IPv6 link-local address on the bridge");
+    let bridge_v6 = |key: &str| format!("/proc/sys/net/ipv6/conf/{}/{key}", bridge_name(&instance_name, rec));
+    match rec.ipv6 {
+        Some(prefix) => {
+            // The bridge routes the prefix at `::1` and at the link-local address the
+            // gateway's advertisements name (from the bridge's MAC, whatever address
+            // generation the host uses); it takes no advertisements itself.
+            for (key, value) in [("disable_ipv6", "0"), ("accept_ra", "0")] {
+                std::fs::write(bridge_v6(key), value)
+                    .map_err(|e| HostnetError::Invalid(format!("cannot set {}: {e}", bridge_v6(key))))?;
+            }
+            let router6 = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 1);
+            let link_local = gateway::config::slaac_address(
+                std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+                bridge_mac(&instance_name, &rec.name),
+            );
+            let bridge_dev = bridge_name(&instance_name, rec);
+            let prefix_len = prefix.prefix_len();
+            on_netlink(move |links| async move {
+                let index = links
+                    .index(&bridge_dev)
+                    .await?
+                    .ok_or_else(|| HostnetError::Invalid(format!("the bridge {bridge_dev} is missing")))?;
+                links.ensure_address6(index, link_local, 64).await?;
+                links.ensure_address6(index, router6, prefix_len).await
+            })?;
+            enable_forwarding6();
+        }
+        None => {
+            // No IPv6 on the bridge: the host has no link-local address there for
+            // guests to reach (guests' IPv6 is dropped at their ports by the rules).
+            if let Err(e) = std::fs::write(bridge_v6("disable_ipv6"), "1") {
+                tracing::warn!(
+                    "cannot set {} ({e}): the host keeps an IPv6 link-local address on the bridge",
+                    bridge_v6("disable_ipv6")
+                );
+            }
+        }
     }
     // Forwards from the host's loopback are DNATed out through the bridge; the
     // nftables guard keeps guests from addressing the loopback in return.
@@ -155,6 +190,39 @@ pub fn remove(names: Vec<String>) -> Result<(), HostnetError> {
 pub fn remove_stale(instance: &str, known: HashSet<String>) -> Result<Vec<String>, HostnetError> {
     let instance = instance.to_string();
     on_netlink(move |links| async move { links.remove_stale(&instance, &known).await })
+}
+
+/// Kernel networks with IPv6 route it too. Forwarding turns every interface into a
+/// router, and a router ignores Router Advertisements unless `accept_ra` is 2: the
+/// interfaces that take them now (1) are moved to 2 first, so the host keeps the
+/// addresses and routes its own uplinks learn (what libvirt asks operators to do).
+fn enable_forwarding6() {
+    const ALL: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if std::fs::read_to_string(ALL).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    let interfaces = std::fs::read_dir("/proc/sys/net/ipv6/conf")
+        .into_iter()
+        .flatten()
+        .flatten();
+    for dir in interfaces {
+        let accept_ra = dir.path().join("accept_ra");
+        if std::fs::read_to_string(&accept_ra).is_ok_and(|v| v.trim() == "1") {
+            match std::fs::write(&accept_ra, "2") {
+                Ok(()) => tracing::info!(
+                    "{}: accept_ra 1 -> 2, to keep taking Router Advertisements with IPv6 forwarding on",
+                    dir.file_name().to_string_lossy()
+                ),
+                Err(e) => tracing::warn!("cannot set {} to 2 ({e})", accept_ra.display()),
+            }
+        }
+    }
+    match std::fs::write(ALL, "1") {
+        Ok(()) => tracing::info!("enabled IPv6 forwarding for kernel-mode networks with IPv6"),
+        Err(e) => {
+            tracing::warn!("cannot enable IPv6 forwarding ({e}): kernel-mode guests reach only the host over IPv6")
+        }
+    }
 }
 
 /// Kernel networks route between the guests and the host's uplinks.

@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::{self, DhcpOption, MessageType};
@@ -26,30 +26,6 @@ fn tmp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Whatever happens, this daemon instance's devices and tables go at the end.
-struct InstanceGone(String);
-
-impl Drop for InstanceGone {
-    fn drop(&mut self) {
-        let links = testkit::run(&["ip", "-d", "-o", "link", "show"]);
-        for line in links
-            .lines()
-            .filter(|l| l.contains(&format!("alias vmfabric:{} ", self.0)))
-        {
-            if let Some(name) = line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n)) {
-                let _ = Command::new("ip").args(["link", "del", name]).status();
-            }
-        }
-        let table = hostnet::nft::table_name(&self.0);
-        for family in ["inet", "bridge"] {
-            let _ = Command::new("nft")
-                .args(["delete", "table", family, &table])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
 }
 
 /// A guest's end of a TAP port.
@@ -167,7 +143,7 @@ fn a_kernel_mode_guest_without_a_lease_can_neither_spoof_nor_serve_nor_act_in_an
         return;
     }
     let dir = tmp("spoof");
-    let _gone = InstanceGone(vmfabric::kernel::instance_of(&dir.join("state")));
+    let _gone = harness::KernelInstanceGone::of(&dir.join("state"));
     let d = harness::start(&dir, None);
     let bridge = format!("vmfhk{}", std::process::id() % 10000);
     let (s, v) = d.call(

@@ -5,7 +5,11 @@
 //! ISC dhclient (the address works, shows in the leases, survives kill -9); a
 //! hostile guest's Router Advertisement and its Neighbour Advertisement for another
 //! guest's address reach no one (checked in the others' routes and neighbour tables,
-//! and in its port's counters). Needs root (TAP ports, namespaces).
+//! and in its port's counters). On a kernel-mode network the bridge routes: guests
+//! form addresses from the gateway's advertisements naming the bridge, reach an outside
+//! namespace masqueraded, take DHCPv6, resolve AAAA at the gateway's ::2, and a hostile
+//! port's RA, NAs, duplicate-address probe and spoofed source are stopped by the bridge
+//! table. Needs root (TAP ports, namespaces; nft for kernel mode).
 
 use std::net::Ipv6Addr;
 use std::os::unix::net::UnixDatagram;
@@ -150,6 +154,27 @@ impl TapGuest {
             to,
         ])
     }
+}
+
+/// A hostile guest's Router Advertisement: itself as the default router, with a
+/// prefix of its own (2001:db8:bad::/64) to autoconfigure from.
+fn rogue_router_advert(mac: Mac) -> Icmpv6Repr<'static> {
+    Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+        hop_limit: 64,
+        flags: NdiscRouterFlags::empty(),
+        router_lifetime: smoltcp::time::Duration::from_secs(1800),
+        reachable_time: smoltcp::time::Duration::ZERO,
+        retrans_time: smoltcp::time::Duration::ZERO,
+        lladdr: Some(EthernetAddress(mac.0).into()),
+        mtu: None,
+        prefix_info: Some(NdiscPrefixInformation {
+            prefix_len: 64,
+            flags: NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF,
+            valid_lifetime: smoltcp::time::Duration::from_secs(86400),
+            preferred_lifetime: smoltcp::time::Duration::from_secs(14400),
+            prefix: "2001:db8:bad::".parse().unwrap(),
+        }),
+    })
 }
 
 /// The modified EUI-64 address of `mac` in `prefix` (what Linux forms by default).
@@ -424,22 +449,7 @@ fn guests_autoconfigure_from_the_gateway_and_a_hostile_guest_can_neither_route_n
     let evil_ll = eui64(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), evil_mac);
     let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
     let all_nodes_mac = wire::ipv6_multicast_mac(all_nodes);
-    let rogue_ra = Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
-        hop_limit: 64,
-        flags: NdiscRouterFlags::empty(),
-        router_lifetime: smoltcp::time::Duration::from_secs(1800),
-        reachable_time: smoltcp::time::Duration::ZERO,
-        retrans_time: smoltcp::time::Duration::ZERO,
-        lladdr: Some(EthernetAddress(evil_mac.0).into()),
-        mtu: None,
-        prefix_info: Some(NdiscPrefixInformation {
-            prefix_len: 64,
-            flags: NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF,
-            valid_lifetime: smoltcp::time::Duration::from_secs(86400),
-            preferred_lifetime: smoltcp::time::Duration::from_secs(14400),
-            prefix: "2001:db8:bad::".parse().unwrap(),
-        }),
-    });
+    let rogue_ra = rogue_router_advert(evil_mac);
     let spoofed_na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
         flags: NdiscNeighborFlags::OVERRIDE,
         target_addr: a_ip,
@@ -760,4 +770,340 @@ fn bad_ipv6_prefixes_are_refused_with_a_reason() {
     );
     assert_eq!(s, 409, "the same prefix twice: {v}");
     d.stop();
+}
+
+/// A namespace guest on a kernel-mode TAP port. The port's TAP device stays on the
+/// bridge and is opened here, as a VMM would; the guest has a TAP of its own in its
+/// namespace, and two threads carry frames between the two (the VMM's work).
+struct KernelTapGuest {
+    guest: TapGuest,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for KernelTapGuest {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn kernel_tap_guest(d: &harness::Process, network: &str, name: &str) -> KernelTapGuest {
+    use std::io::{ErrorKind, Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (s, port) = d.call(
+        "POST",
+        &format!("/v1/networks/{network}/ports"),
+        Some(json!({"name": name, "kind": "tap"})),
+    );
+    assert_eq!(s, 201, "{port}");
+    let opts = fabric::TunOptions {
+        nonblocking: true,
+        multi_queue: false,
+        vnet_hdr: false,
+    };
+    let vmm = fabric::Tun::open(port["path"].as_str().unwrap(), opts).unwrap();
+    let ifname = format!("vmk6{name}{}", std::process::id() % 10000);
+    let inner = fabric::Tun::open(&ifname, opts).unwrap();
+    let mac = port["mac"].as_str().unwrap().to_string();
+    let ns = testkit::Netns::new(&ifname);
+    testkit::run(&["ip", "link", "set", &ifname, "netns", &ns.0]);
+    testkit::run(&["ip", "-n", &ns.0, "link", "set", &ifname, "address", &mac]);
+    testkit::run(&["ip", "-n", &ns.0, "link", "set", &ifname, "up"]);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (vmm, inner) = (std::fs::File::from(vmm.into_fd()), std::fs::File::from(inner.into_fd()));
+    for (mut from, mut to) in [(vmm.try_clone().unwrap(), inner.try_clone().unwrap()), (inner, vmm)] {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut frame = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                match from.read(&mut frame) {
+                    Ok(n) => {
+                        let _ = to.write(&frame[..n]);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+    }
+    KernelTapGuest {
+        guest: TapGuest {
+            ns,
+            ifname,
+            mac: mac.parse().unwrap(),
+        },
+        stop,
+    }
+}
+
+#[test]
+fn a_kernel_network_routes_ipv6_through_its_bridge_and_holds_each_port_to_its_addresses() {
+    let ready = testkit::is_root() && std::process::Command::new("nft").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(ready, "needs root (TAP, namespaces, veth) and nft") {
+        return;
+    }
+    let dir = tmp("kernel6");
+    let d = harness::Process::start(&dir, &dir.join("no-guests"));
+    let _gone = harness::KernelInstanceGone::of(&dir.join("state"));
+    let (s, net) = d.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "k6", "subnet": "10.99.0.0/24", "mode": "kernel", "ipv6": "fd00:99::/64"})),
+    );
+    assert_eq!(s, 201, "{net}");
+    // The outside: a namespace behind a veth pair, fd99:99::2 there, the host fd99:99::1.
+    let tag = std::process::id() % 10000;
+    let outside = testkit::Netns::new(&format!("vmfk6o{tag}"));
+    let (host_end, far_end) = (format!("vk6h{tag}"), format!("vk6f{tag}"));
+    let _veth = HostLink(host_end.clone());
+    testkit::run(&["ip", "link", "add", &host_end, "type", "veth", "peer", "name", &far_end]);
+    testkit::run(&["ip", "link", "set", &far_end, "netns", &outside.0]);
+    testkit::run(&["ip", "-6", "addr", "add", "fd99:99::1/64", "dev", &host_end, "nodad"]);
+    testkit::run(&["ip", "link", "set", &host_end, "up"]);
+    testkit::run(&[
+        "ip",
+        "-n",
+        &outside.0,
+        "-6",
+        "addr",
+        "add",
+        "fd99:99::2/64",
+        "dev",
+        &far_end,
+        "nodad",
+    ]);
+    testkit::run(&["ip", "-n", &outside.0, "link", "set", &far_end, "up"]);
+    let server: std::net::SocketAddr = "[fd99:99::2]:8080".parse().unwrap();
+    let listener = testkit::in_ns(&outside.0, move || std::net::TcpListener::bind(server).unwrap());
+    // Answers each client with the address it came from.
+    let who = std::thread::spawn(move || {
+        use std::io::Write;
+        for _ in 0..1 {
+            let (mut s, peer) = listener.accept().unwrap();
+            s.write_all(peer.ip().to_string().as_bytes()).unwrap();
+        }
+    });
+
+    let a = kernel_tap_guest(&d, "k6", "a");
+    let b = kernel_tap_guest(&d, "k6", "b");
+    let prefix = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0);
+    let a_ip = a.guest.slaac_address();
+    assert_eq!(
+        a_ip,
+        eui64(prefix, a.guest.mac),
+        "SLAAC from the gateway's advertisement"
+    );
+    let b_ip = b.guest.slaac_address();
+    let (_, ports) = d.call("GET", "/v1/networks/k6/ports", None);
+    let port_a = ports.as_array().unwrap().iter().find(|p| p["name"] == "a").unwrap();
+    assert!(
+        port_a["ipv6"].as_array().unwrap().contains(&json!(a_ip.to_string())),
+        "the port's view names the addresses it may use: {port_a}"
+    );
+    // The advertisement names the bridge as the router (its link-local, from its MAC),
+    // and the bridge answers: the host routes, the gateway (at ::2) serves DNS.
+    let bridge_ll = eui64(
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        vmfabric::kernel::bridge_mac(&vmfabric::kernel::instance_of(&dir.join("state")), "k6"),
+    );
+    let route = a.guest.default_route();
+    assert!(
+        route.contains(&format!("via {bridge_ll}")),
+        "the bridge routes: {route}"
+    );
+    for to in ["fd00:99::1", "fd00:99::2", &b_ip.to_string()] {
+        let (ok, out) = a.guest.ping(to);
+        assert!(ok, "ping {to}: {out}");
+    }
+    // A name over IPv6: b leases IPv4 with a hostname; its AAAA is its SLAAC address.
+    let b_env = testkit::udhcpc_once(&b.guest.ns.0, &b.guest.ifname, &dir, &["-x", "hostname:bravo"]);
+    assert!(b_env.contains_key("ip"), "{b_env:?}");
+    let (ok, aaaa) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &a.guest.ns.0,
+        "dig",
+        "+short",
+        "+time=2",
+        "+tries=2",
+        "@fd00:99::2",
+        "AAAA",
+        "bravo.vm.internal",
+    ]);
+    assert!(
+        ok && aaaa.trim() == b_ip.to_string(),
+        "AAAA from the gateway at ::2: {aaaa}"
+    );
+
+    // Stateful DHCPv6 from the gateway on the uplink: the address works, its port lets it.
+    let want6 = gateway::config::dhcp6_address("fd00:99::/64".parse().unwrap(), a.guest.mac);
+    a.guest.dhcpv6_address_is(&dir, want6);
+    let (ok, out) = b.guest.ping(&want6.to_string());
+    assert!(ok, "a's DHCPv6 address: {out}");
+    // A forward to an IPv6 guest is refused with the reason.
+    let (s, v) = d.call(
+        "POST",
+        "/v1/networks/k6/forwards",
+        Some(json!({"host": "127.0.0.1:18080", "guest": format!("[{a_ip}]:80")})),
+    );
+    assert!(s == 400 && v.to_string().contains("IPv4"), "{s} {v}");
+
+    // Out through the host, masqueraded: the outside sees the host's address.
+    let seen = tcp_exchange(&a.guest.ns.0, server, 0).expect("TCP to the outside over IPv6");
+    assert_eq!(String::from_utf8_lossy(&seen), "fd99:99::1", "masqueraded");
+    who.join().unwrap();
+    // The host itself is not the guests' to reach, but for ping of the router.
+    let e = tcp_exchange(&a.guest.ns.0, "[fd99:99::1]:22".parse().unwrap(), 0).expect_err("the host");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    // An IPv6 policy rule holds in the kernel's forward chain.
+    let (s, v) = d.call(
+        "PUT",
+        "/v1/networks/k6/policy",
+        Some(json!({"default": "allow", "rules": [
+            {"action": "deny", "dst": "fd99:99::/64", "ports": "8080", "proto": "tcp"}]})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let e = tcp_exchange(&a.guest.ns.0, server, 0).expect_err("denied by policy");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let denied = |d: &harness::Process| {
+        let (_, m) = d.call("GET", "/metrics", None);
+        m.as_str()
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("vmfabric_kernel_egress_denied_total{network=\"k6\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(denied(&d) >= 1);
+
+    // A hostile port (its frames written here): a Router Advertisement with a prefix of
+    // its own, a Neighbour Advertisement claiming b's address and one claiming the
+    // router's, a duplicate-address probe for a's, a packet from b's address. None
+    // reaches a or b.
+    let (s, evil) = d.call(
+        "POST",
+        "/v1/networks/k6/ports",
+        Some(json!({"name": "evil", "kind": "tap"})),
+    );
+    assert_eq!(s, 201, "{evil}");
+    let evil_mac: Mac = evil["mac"].as_str().unwrap().parse().unwrap();
+    let evil_tap = std::fs::File::from(
+        fabric::Tun::open(
+            evil["path"].as_str().unwrap(),
+            fabric::TunOptions {
+                nonblocking: true,
+                multi_queue: false,
+                vnet_hdr: false,
+            },
+        )
+        .unwrap()
+        .into_fd(),
+    );
+    let evil_ll = eui64(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), evil_mac);
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let all_nodes_mac = wire::ipv6_multicast_mac(all_nodes);
+    let rogue_ra = rogue_router_advert(evil_mac);
+    let claim = |target: Ipv6Addr| {
+        Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            flags: NdiscNeighborFlags::OVERRIDE,
+            target_addr: target,
+            lladdr: Some(EthernetAddress(evil_mac.0).into()),
+        })
+    };
+    let router: Ipv6Addr = "fd00:99::1".parse().unwrap();
+    // A probe goes to the target's solicited-node group (or Linux ignores it).
+    let a_solicited = wire::solicited_node(a_ip);
+    let dad_probe = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: a_ip,
+        lladdr: None,
+    });
+    let echo_from_b = Icmpv6Repr::EchoRequest {
+        ident: 7,
+        seq_no: 1,
+        data: b"spoofed",
+    };
+    let echoes_heard = |g: &TapGuest| {
+        let (_, snmp6) = sh(&["ip", "netns", "exec", &g.ns.0, "cat", "/proc/net/snmp6"]);
+        let count = snmp6.lines().find_map(|l| l.strip_prefix("Icmp6InEchos "));
+        count.and_then(|c| c.trim().parse::<u64>().ok()).expect("Icmp6InEchos")
+    };
+    let echoes_before = echoes_heard(&a.guest);
+    {
+        use std::io::Write;
+        let mut evil_tap = &evil_tap;
+        for _ in 0..3 {
+            let frames = [
+                wire::icmp6_frame(evil_mac, all_nodes_mac, evil_ll, all_nodes, &rogue_ra),
+                wire::icmp6_frame(evil_mac, all_nodes_mac, evil_ll, all_nodes, &claim(b_ip)),
+                wire::icmp6_frame(evil_mac, all_nodes_mac, evil_ll, all_nodes, &claim(router)),
+                wire::icmp6_frame(
+                    evil_mac,
+                    wire::ipv6_multicast_mac(a_solicited),
+                    Ipv6Addr::UNSPECIFIED,
+                    a_solicited,
+                    &dad_probe,
+                ),
+                wire::icmp6_frame(evil_mac, a.guest.mac, b_ip, a_ip, &echo_from_b),
+            ];
+            for f in frames {
+                evil_tap.write_all(&f).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    // Had the probe reached a, a would have defended its address to all nodes; had the
+    // echo, a would count it.
+    let mut defended = false;
+    {
+        use std::io::Read;
+        let mut evil_tap = &evil_tap;
+        let mut frame = [0u8; 2048];
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            match evil_tap.read(&mut frame) {
+                Ok(n) if n >= 78 => {
+                    let na = frame[12..14] == [0x86, 0xdd] && frame[20] == 58 && frame[54] == 136;
+                    defended |= na && frame[6..12] == a.guest.mac.0 && frame[62..78] == a_ip.octets();
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+    assert!(!defended, "a heard the duplicate-address probe for its address");
+    assert_eq!(
+        echoes_heard(&a.guest),
+        echoes_before,
+        "a heard the echo from b's address"
+    );
+    let (ok, out) = a.guest.ping(&b_ip.to_string());
+    assert!(ok, "a still reaches b after the forgeries: {out}");
+    for g in [&a.guest, &b.guest] {
+        let routes = g.ip6(&["route", "show"]);
+        assert!(
+            !routes.contains("2001:db8") && !routes.contains(&evil_ll.to_string()),
+            "{routes}"
+        );
+        assert!(g.default_route().contains(&bridge_ll.to_string()), "{routes}");
+        let neigh = g.ip6(&["neigh", "show"]);
+        assert!(
+            !neigh.contains(&evil_mac.to_string()),
+            "no entry names the hostile MAC: {neigh}"
+        );
+    }
+    let (ok, out) = a.guest.ping("fd00:99::1");
+    assert!(ok, "the router, after a claim on its address: {out}");
+
+    let (s, _) = d.call("DELETE", "/v1/networks/k6?force=true", None);
+    assert_eq!(s, 204);
+    drop((a, b, outside));
+}
+
+/// A host link the test made; deleted when dropped.
+struct HostLink(String);
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+    }
 }

@@ -35,15 +35,7 @@ fn ifindex(name: &str) -> u32 {
 
 /// Devices whose alias marks them as this daemon instance's.
 fn ours(instance: &str) -> HashSet<String> {
-    run(&["ip", "-d", "-o", "link", "show"])
-        .lines()
-        .filter(|l| l.contains(&format!("alias vmfabric:{instance} ")))
-        .filter_map(|l| {
-            l.split(": ")
-                .nth(1)
-                .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        })
-        .collect()
+    harness::kernel_devices(instance)
 }
 
 /// A guest on a kernel port (its TAP device and MAC from the API), serving HTTP.
@@ -64,24 +56,6 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         for c in &self.0 {
             let _ = Command::new(c[0]).args(&c[1..]).stderr(Stdio::null()).status();
-        }
-    }
-}
-
-/// Whatever happens, this daemon instance's devices and vmfabric's tables go at the end.
-struct OursGone(String);
-
-impl Drop for OursGone {
-    fn drop(&mut self) {
-        for d in ours(&self.0) {
-            let _ = Command::new("ip").args(["link", "del", &d]).status();
-        }
-        let table = hostnet::nft::table_name(&self.0);
-        for family in ["inet", "bridge"] {
-            let _ = Command::new("nft")
-                .args(["delete", "table", family, &table])
-                .stderr(Stdio::null())
-                .status();
         }
     }
 }
@@ -145,7 +119,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     ]);
 
     let instance = vmfabric::kernel::instance_of(&dir.join("state"));
-    let _devices = OursGone(instance.clone());
+    let _devices = harness::KernelInstanceGone(instance.clone());
     let table = hostnet::nft::table_name(&instance);
     let d = Process::start(&dir, &image);
     let net = d.ok(

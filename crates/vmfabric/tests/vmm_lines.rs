@@ -68,6 +68,7 @@ fn every_printed_qemu_line_boots_a_guest_that_leases() {
     let Some(image) = common::guest_dir() else { return };
     let dir = common::workdir("vmm-lines");
     let d = harness::start(&dir, None);
+    let _gone = harness::KernelInstanceGone::of(&dir.join("state"));
     for kind in ["unixgram", "stream", "vhost-user"] {
         let (s, port) = d.call(
             "POST",

@@ -48,7 +48,6 @@ pub(super) fn open(
     let cfg = &svc.ctx.cfg();
     let c = &svc.ctx.counters;
     let dst = key.peer.ip();
-    let host_access = cfg.host_access_addresses().contains(&dst);
     // The gateway's own address never leads to the host; and this engine's stack is
     // IPv4 only (the splice, the default, carries IPv6).
     let IpAddr::V4(dst_v4) = dst else {
@@ -64,11 +63,7 @@ pub(super) fn open(
         GatewayCounters::inc(&c.nat_tcp_bounded);
         return wire::tcp_reset(cfg.gateway_mac, &head).into_iter().collect();
     }
-    let target = if host_access {
-        SocketAddr::new(crate::udp_nat::loopback_like(dst), key.peer.port())
-    } else {
-        key.peer
-    };
+    let target = cfg.egress_target(key.peer);
     // Started without blocking: a local destination (the host's loopback above all)
     // usually completes at once, and then the guest gets its SYN-ACK in this same turn.
     let socket = match start_connect(target) {

@@ -274,11 +274,7 @@ fn open(svc: &Arc<SpliceService>, syn: &[u8], head: TcpHead, key: FlowKey, check
         GatewayCounters::inc(&c.nat_tcp_bounded);
         return reset();
     }
-    let target = if cfg.host_access_addresses().contains(&dst) {
-        SocketAddr::new(crate::udp_nat::loopback_like(dst), key.peer.port())
-    } else {
-        key.peer
-    };
+    let target = cfg.egress_target(key.peer);
     let socket = match crate::tcp_nat::start_connect(target) {
         Ok(s) if !crate::fd_budget::admits(&s) => {
             GatewayCounters::inc(&c.fd_budget_refused);

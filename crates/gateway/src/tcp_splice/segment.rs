@@ -34,24 +34,8 @@ pub(super) struct Seg<'a> {
 /// Reads the TCP segment of a frame the dispatcher classified as TCP; None if it is
 /// malformed (bad checksum unless `checksum_left`, bad options, flags no stack sends).
 pub(super) fn parse(frame: &[u8], checksum_left: bool) -> Option<Seg<'_>> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    let (segment, src, dst) = match eth.ethertype() {
-        EthernetProtocol::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-            let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
-            (
-                &frame[ETH + usize::from(ip.header_len())..ETH + usize::from(ip.total_len())],
-                src,
-                dst,
-            )
-        }
-        EthernetProtocol::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
-            let (src, dst) = (IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()));
-            (&frame[ETH + IPV6..ETH + IPV6 + usize::from(ip.payload_len())], src, dst)
-        }
-        _ => return None,
-    };
+    let (src, dst, segment) = crate::wire::tcp_in_frame(frame)?;
+    let (src, dst) = (IpAddress::from(src), IpAddress::from(dst));
     let tcp = TcpPacket::new_checked(segment).ok()?;
     let mut caps = ChecksumCapabilities::default();
     if checksum_left {

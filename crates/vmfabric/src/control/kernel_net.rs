@@ -35,9 +35,11 @@ impl KernelNet {
         })
     }
 
-    /// Kernel mode's part of a gateway's configuration (the bridge routes).
-    pub fn gateway_config(spec: &NetworkSpec, cfg: &mut GatewayConfig) {
+    /// Kernel mode's part of a gateway's configuration: the bridge routes, for IPv4
+    /// and for the IPv6 prefix (the gateway's advertisements name it).
+    pub fn gateway_config(spec: &NetworkSpec, instance: &str, cfg: &mut GatewayConfig) {
         cfg.router = Some(kernel::router_of(spec));
+        cfg.router6 = spec.ipv6.map(|_| kernel::bridge_mac(instance, &spec.name));
         cfg.gateway_ip = Ipv4Addr::from(base(spec) + 2);
         cfg.dhcp_range.0 = Ipv4Addr::from(base(spec) + 3);
         // Every guest arrives through the uplink: the kernel holds ports to their MAC
@@ -217,11 +219,14 @@ pub fn check_forward(spec: &NetworkSpec, f: ForwardSpec) -> Result<ForwardSpec, 
             "kernel-mode forwards need a host port (nothing listens to pick one)",
         ));
     }
-    let on_subnet = match f.guest.ip() {
-        std::net::IpAddr::V4(ip) => spec.subnet.contains(&ip),
-        // Kernel networks carry no IPv6.
-        std::net::IpAddr::V6(_) => false,
-    };
+    let on_subnet =
+        match f.guest.ip() {
+            std::net::IpAddr::V4(ip) => spec.subnet.contains(&ip),
+            // The DNAT rules are IPv4's (a userspace network forwards to IPv6 guests).
+            std::net::IpAddr::V6(_) => return Err(ControlError::invalid(
+                "kernel-mode forwards go to a guest's IPv4 address; forwards to IPv6 guests need a userspace network",
+            )),
+        };
     if !on_subnet {
         return Err(ControlError::invalid(format!(
             "{} is not on {:?}",

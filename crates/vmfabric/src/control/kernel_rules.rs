@@ -16,18 +16,12 @@ fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
     use gateway::policy::{Action, Proto};
     use hostnet::nft::{EgressRule, L4};
     hostnet::nft::Egress {
-        // A kernel network carries no IPv6 (refused at create), so IPv6 rules have
-        // nothing to match there.
         rules: p
             .rules
             .iter()
-            .filter_map(|r| match r.dst {
-                ipnet::IpNet::V4(dst) => Some((r, dst)),
-                ipnet::IpNet::V6(_) => None,
-            })
-            .map(|(r, dst)| EgressRule {
+            .map(|r| EgressRule {
                 allow: r.action == Action::Allow,
-                dst,
+                dst: r.dst,
                 proto: r.proto.map(|p| match p {
                     Proto::Tcp => L4::Tcp,
                     Proto::Udp => L4::Udp,
@@ -43,10 +37,11 @@ fn kernel_egress(p: &gateway::policy::EgressPolicy) -> hostnet::nft::Egress {
 /// A kernel-mode guest's live connections out of its network: what the userspace
 /// gateway lets one guest hold, its TCP and UDP shares together (the kernel counts
 /// every protocol's conntrack entries alike).
-fn kernel_flows_per_guest(spec: &crate::model::NetworkSpec) -> u32 {
+fn kernel_flows_per_guest(spec: &crate::model::NetworkSpec, instance: &str) -> u32 {
     // The settings were checked when they were stored; the gateway's defaults stand in
     // should they ever not be.
-    let cfg = super::gateway_config(spec).unwrap_or_else(|_| gateway::GatewayConfig::new(&spec.name, spec.subnet));
+    let cfg =
+        super::gateway_config(spec, instance).unwrap_or_else(|_| gateway::GatewayConfig::new(&spec.name, spec.subnet));
     u32::try_from(cfg.tcp_flows_per_guest + cfg.udp_flows_per_guest).unwrap_or(u32::MAX)
 }
 
@@ -84,6 +79,17 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
         let name = n.spec.name.as_str();
         // One query per network: each port's reservation (keyed by MAC).
         let reserved = env.store.reservations(name).unwrap_or_default();
+        // A reservation may pin a port's DHCPv6 address instead of its MAC's own.
+        let reserved6: Vec<(String, std::net::Ipv6Addr)> = match n.spec.ipv6 {
+            Some(_) => env
+                .store
+                .reservations_with_ipv6(name)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(key, _, ip6)| Some((key, ip6?)))
+                .collect(),
+            None => vec![],
+        };
         let policy = stored_policy(env.store, name).unwrap_or_default().to_gateway();
         let held = held_among(&reserved, n);
         // A forward whose guest is gone gets no DNAT: its clients meet the host's own
@@ -107,8 +113,8 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
             subnet: n.spec.subnet,
             router: kernel::router_of(&n.spec),
             egress: kernel_egress(&policy),
-            ipv6: false,
-            flows_per_guest: Some(kernel_flows_per_guest(&n.spec)),
+            ipv6: n.spec.ipv6,
+            flows_per_guest: Some(kernel_flows_per_guest(&n.spec, env.instance)),
             forwards,
             locked_ports: n
                 .ports
@@ -120,6 +126,15 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
                         .iter()
                         .filter(|(key, _)| *key == p.rec.mac.to_string())
                         .map(|(_, ip)| *ip)
+                        .collect(),
+                    ips6: super::locks::ipv6_addresses(n.spec.ipv6, p.rec.mac)
+                        .into_iter()
+                        .chain(
+                            reserved6
+                                .iter()
+                                .filter(|(key, _)| *key == p.rec.mac.to_string() || *key == p.rec.name.as_str())
+                                .map(|(_, ip)| *ip),
+                        )
                         .collect(),
                 })
                 .collect(),

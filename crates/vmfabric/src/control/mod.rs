@@ -103,7 +103,7 @@ impl Control {
     }
 
     /// Checks a new network against the rules and the others; nothing is made.
-    fn check_network(st: &State, spec: &NetworkSpec, force: bool) -> Result<(), ControlError> {
+    fn check_network(&self, st: &State, spec: &NetworkSpec, force: bool) -> Result<(), ControlError> {
         valid_subnet(spec.subnet)?;
         if let Some((route, iface)) = crate::hostroutes::overlapping(spec.subnet).filter(|_| !force) {
             return Err(ControlError::conflict(format!(
@@ -137,11 +137,6 @@ impl Control {
                     other.spec.name.as_str()
                 )));
             }
-            if spec.mode == crate::model::NetworkMode::Kernel {
-                return Err(ControlError::invalid(
-                    "IPv6 is not carried in kernel mode yet; create the network in userspace mode",
-                ));
-            }
             if spec.mtu.get() < 1280 {
                 return Err(ControlError::invalid(format!(
                     "MTU {} is below IPv6's minimum of 1280",
@@ -151,7 +146,7 @@ impl Control {
         }
         Backend::check_network(spec)?;
         if spec.gateway {
-            gateway_config(spec)?;
+            gateway_config(spec, &self.instance)?;
         }
         Ok(())
     }
@@ -170,7 +165,7 @@ impl Control {
                 ControlError::conflict("no free private /24 is left (10.77-254.0.0, 192.168.100-254.0); name a subnet")
             })?;
         }
-        Self::check_network(&st, &spec, force)?;
+        self.check_network(&st, &spec, force)?;
         self.bring_up_network(&mut st, spec.clone())?;
         if let Err(e) = self.store.put_network(&spec) {
             self.tear_down_network(&mut st, &spec.name);
@@ -241,7 +236,7 @@ impl Control {
         if !spec.gateway {
             return Ok(None);
         }
-        let mut gcfg = gateway_config(spec)?;
+        let mut gcfg = gateway_config(spec, &self.instance)?;
         gcfg.reservations = kernel_net::stored_reservations(&self.store, &spec.name)?
             .iter()
             .map(crate::model::ReservationSpec::to_gateway)
@@ -288,7 +283,7 @@ impl Control {
         let net = st.net(network)?;
         let mut spec = net.spec.clone();
         spec.settings = settings;
-        let mut cfg = gateway_config(&spec)?;
+        let mut cfg = gateway_config(&spec, &self.instance)?;
         if let Some(gw) = &net.gateway {
             cfg.reservations = gw.config().reservations.clone();
             gw.reconfigure(cfg).map_err(|e| ControlError::invalid(e.to_string()))?;
@@ -296,7 +291,7 @@ impl Control {
         if let Err(e) = self.store.put_network(&spec) {
             if let Some(gw) = &net.gateway {
                 // Back to what the store still says.
-                if let Ok(old) = gateway_config(&net.spec) {
+                if let Ok(old) = gateway_config(&net.spec, &self.instance) {
                     let _ = gw.reconfigure(GatewayConfig {
                         reservations: gw.config().reservations.clone(),
                         ..old
@@ -651,8 +646,9 @@ impl vms::PortBroker for Control {
 mod tests;
 
 /// The configuration a network's gateway runs with: the defaults for its subnet, its
-/// mode's part, then the operator's settings, checked together.
-fn gateway_config(spec: &NetworkSpec) -> Result<GatewayConfig, ControlError> {
+/// mode's part (for kernel mode, of this daemon `instance`'s bridge), then the
+/// operator's settings, checked together.
+fn gateway_config(spec: &NetworkSpec, instance: &str) -> Result<GatewayConfig, ControlError> {
     let mut gcfg = GatewayConfig::new(&spec.name, spec.subnet);
     gcfg.mtu = spec.mtu.get();
     gcfg.ipv6 = spec.ipv6;
@@ -660,7 +656,7 @@ fn gateway_config(spec: &NetworkSpec) -> Result<GatewayConfig, ControlError> {
         gcfg.host_access = Some(gcfg.default_host_access());
     }
     if spec.mode == crate::model::NetworkMode::Kernel {
-        kernel_net::KernelNet::gateway_config(spec, &mut gcfg);
+        kernel_net::KernelNet::gateway_config(spec, instance, &mut gcfg);
     }
     spec.settings
         .apply(&mut gcfg)

@@ -377,3 +377,44 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// The kernel devices whose alias marks them as the daemon instance's (of the daemon
+/// whose state lives in `state_dir`).
+pub fn kernel_devices(instance: &str) -> std::collections::HashSet<String> {
+    testkit::run(&["ip", "-d", "-o", "link", "show"])
+        .lines()
+        .filter(|l| l.contains(&format!("alias vmfabric:{instance} ")))
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        })
+        .collect()
+}
+
+/// Whatever happens, a daemon instance's kernel devices and nftables tables go at the
+/// end (a test that fails half-way would leave a bridge whose route the next run's
+/// network overlaps).
+pub struct KernelInstanceGone(pub String);
+
+impl KernelInstanceGone {
+    /// For the daemon whose state directory is `state_dir`.
+    pub fn of(state_dir: &Path) -> KernelInstanceGone {
+        KernelInstanceGone(vmfabric::kernel::instance_of(state_dir))
+    }
+}
+
+impl Drop for KernelInstanceGone {
+    fn drop(&mut self) {
+        for d in kernel_devices(&self.0) {
+            let _ = Command::new("ip").args(["link", "del", &d]).status();
+        }
+        let table = hostnet::nft::table_name(&self.0);
+        for family in ["inet", "bridge"] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", family, &table])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
