@@ -381,12 +381,16 @@ fn port_lock_rules(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
     ]
 }
 
+/// What the bridge table counts per network with IPv6, as the userspace switch's port
+/// drops do: Router Advertisements and redirects, DHCPv6 server messages, and IPv6
+/// sources or Neighbour Discovery targets a port does not hold.
+pub const BRIDGE_COUNTERS: [&str; 3] = ["rogue_ra", "rogue_dhcp6", "spoofed6"];
+
 /// The bridge-family rules that hold a port to its IPv6 addresses on a network with
-/// IPv6: its sources, the targets it may advertise or probe, and no router or DHCPv6
-/// server messages.
-fn port_lock_rules6(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
+/// IPv6 (`bridge`): its sources, the targets it may advertise or probe, and no router
+/// or DHCPv6 server messages; each drop counted.
+fn port_lock_rules6(lock: &PortLock, bridge: &str) -> Vec<Vec<Statement<'static>>> {
     let from_port = || is(meta(MetaKey::Iifname), Operator::EQ, text(&lock.ifname));
-    let sources = set(lock.ips6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).map(text));
     let icmp6_type = |t: &str| is(field("icmpv6", "type"), Operator::EQ, text(t));
     // Not its own: every target when it has none (an empty set is no nft expression).
     let not_own_target = || match lock.ips6.is_empty() {
@@ -397,46 +401,43 @@ fn port_lock_rules6(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
             set(lock.ips6.iter().copied().map(raw128)),
         )],
     };
-    let rule = |parts: Vec<Vec<Statement<'static>>>| -> Vec<Statement<'static>> {
-        let mut r: Vec<Statement<'static>> = parts.into_iter().flatten().collect();
-        r.push(Statement::Drop(None));
-        r
+    let counted_drop = |counter: &str, mut matches: Vec<Statement<'static>>| {
+        matches.insert(0, from_port());
+        matches.push(Statement::Counter(stmt::Counter::Named(
+            counter_name(counter, bridge).into(),
+        )));
+        matches.push(Statement::Drop(None));
+        matches
     };
+    let sources = set(lock.ips6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).map(text));
+    let mut advert = vec![icmp6_type("nd-neighbor-advert")];
+    advert.extend(not_own_target());
+    // A duplicate address probe (from ::) for another's address would make its owner
+    // give the address up.
+    let mut probe = vec![
+        is(field("ip6", "saddr"), Operator::EQ, text(Ipv6Addr::UNSPECIFIED)),
+        icmp6_type("nd-neighbor-solicit"),
+    ];
+    probe.extend(not_own_target());
     vec![
-        vec![
-            from_port(),
-            is(field("ip6", "saddr"), Operator::NEQ, sources),
-            Statement::Drop(None),
-        ],
-        vec![
-            from_port(),
-            is(
+        counted_drop("spoofed6", vec![is(field("ip6", "saddr"), Operator::NEQ, sources)]),
+        counted_drop(
+            "rogue_ra",
+            vec![is(
                 field("icmpv6", "type"),
                 Operator::IN,
                 set([text("nd-router-advert"), text("nd-redirect")]),
-            ),
-            Statement::Drop(None),
-        ],
-        vec![
-            from_port(),
-            is(meta(MetaKey::L4proto), Operator::EQ, l4proto(L4::Udp)),
-            is(field("th", "sport"), Operator::EQ, number(547)),
-            Statement::Drop(None),
-        ],
-        rule(vec![
-            vec![from_port(), icmp6_type("nd-neighbor-advert")],
-            not_own_target(),
-        ]),
-        // A duplicate address probe (from ::) for another's address would make its
-        // owner give the address up.
-        rule(vec![
+            )],
+        ),
+        counted_drop(
+            "rogue_dhcp6",
             vec![
-                from_port(),
-                is(field("ip6", "saddr"), Operator::EQ, text(Ipv6Addr::UNSPECIFIED)),
-                icmp6_type("nd-neighbor-solicit"),
+                is(meta(MetaKey::L4proto), Operator::EQ, l4proto(L4::Udp)),
+                is(field("th", "sport"), Operator::EQ, number(547)),
             ],
-            not_own_target(),
-        ]),
+        ),
+        counted_drop("spoofed6", advert),
+        counted_drop("spoofed6", probe),
     ]
 }
 
@@ -515,9 +516,14 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
                 })));
             }
         }
-        for chain in ["egress", "input", "flows"] {
+        let bridge_counters = BRIDGE_COUNTERS.iter().filter(|_| n.ipv6.is_some());
+        let counters = ["egress", "input", "flows"]
+            .iter()
+            .map(|c| (NfFamily::INet, c))
+            .chain(bridge_counters.map(|c| (NfFamily::Bridge, c)));
+        for (family, chain) in counters {
             b.add(NfListObject::Counter(Counter {
-                family: NfFamily::INet,
+                family,
                 table: UNNAMED.into(),
                 name: counter_name(chain, &n.bridge).into(),
                 handle: None,
@@ -573,7 +579,7 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
                 b.add(family_rule(NfFamily::Bridge, "ports", expr));
             }
             if n.ipv6.is_some() {
-                for expr in port_lock_rules6(lock) {
+                for expr in port_lock_rules6(lock, &n.bridge) {
                     b.add(family_rule(NfFamily::Bridge, "ports", expr));
                 }
             } else {
@@ -820,22 +826,22 @@ fn input_rules(n: &NetworkRules) -> Vec<NfListObject<'static>> {
     out
 }
 
-/// The refusal counters of vmfabric's table (name, packets), as the kernel holds them
-/// now; they start again from zero whenever the table is written.
+/// The counters of vmfabric's tables, both families (name, packets), as the kernel
+/// holds them now; they start again from zero whenever the tables are written.
 pub fn counters(table: &str) -> Result<Vec<(String, u64)>, HostnetError> {
-    let args = ["-j", "list", "counters", "table", "inet", table];
-    let rs = nftables::helper::get_current_ruleset_with_args(nftables::helper::DEFAULT_NFT, args)
-        .map_err(|e| HostnetError::Nft(e.to_string()))?;
-    Ok(rs
-        .objects
-        .iter()
-        .filter_map(|o| match o {
+    let mut out = Vec::new();
+    for family in ["inet", "bridge"] {
+        let args = ["-j", "list", "counters", "table", family, table];
+        let rs = nftables::helper::get_current_ruleset_with_args(nftables::helper::DEFAULT_NFT, args)
+            .map_err(|e| HostnetError::Nft(e.to_string()))?;
+        out.extend(rs.objects.iter().filter_map(|o| match o {
             NfObject::ListObject(NfListObject::Counter(c)) => {
                 Some((c.name.to_string(), u64::from(c.packets.unwrap_or(0))))
             }
             _ => None,
-        })
-        .collect())
+        }));
+    }
+    Ok(out)
 }
 
 /// Writes the table `table` for `networks` (an empty list leaves an empty table).

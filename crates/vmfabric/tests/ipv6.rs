@@ -1044,6 +1044,19 @@ fn a_kernel_network_routes_ipv6_through_its_bridge_and_holds_each_port_to_its_ad
                     &dad_probe,
                 ),
                 wire::icmp6_frame(evil_mac, a.guest.mac, b_ip, a_ip, &echo_from_b),
+                // A DHCPv6 ADVERTISE, as a server would answer a's SOLICIT.
+                wire::udp6_frame(
+                    evil_mac,
+                    a.guest.mac,
+                    std::net::SocketAddrV6::new(evil_ll, 547, 0, 0),
+                    std::net::SocketAddrV6::new(
+                        eui64(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), a.guest.mac),
+                        546,
+                        0,
+                        0,
+                    ),
+                    &[2, 0x12, 0x34, 0x56],
+                ),
             ];
             for f in frames {
                 evil_tap.write_all(&f).unwrap();
@@ -1093,6 +1106,20 @@ fn a_kernel_network_routes_ipv6_through_its_bridge_and_holds_each_port_to_its_ad
     }
     let (ok, out) = a.guest.ping("fd00:99::1");
     assert!(ok, "the router, after a claim on its address: {out}");
+    // Each drop counted, as the userspace switch counts its ports' (three rounds: the
+    // RA; the ADVERTISE; two NAs, the probe and the spoofed source).
+    let (_, m) = d.call("GET", "/metrics", None);
+    let metric = |family: &str| {
+        let line = format!("{family}_total{{network=\"k6\"}} ");
+        let text = m.as_str().unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {line}in:\n{text}"))
+    };
+    assert_eq!(metric("vmfabric_kernel_rogue_ra"), 3);
+    assert_eq!(metric("vmfabric_kernel_rogue_dhcp6"), 3);
+    assert_eq!(metric("vmfabric_kernel_spoofed6"), 12);
 
     let (s, _) = d.call("DELETE", "/v1/networks/k6?force=true", None);
     assert_eq!(s, 204);

@@ -155,15 +155,12 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// A kernel network's refusals so far: (egress, input, flows past a guest's bound),
-/// from its nftables counters.
-/// `now` is what the counters hold at present ([`hostnet::nft::counters`]).
-pub fn refusals(st: &State, k: &KernelNet, now: &[(String, u64)]) -> (u64, u64, u64) {
-    let total = |chain: &str| {
-        let name = hostnet::nft::counter_name(chain, &k.bridge);
-        st.kernel_denied.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
-    };
-    (total("egress"), total("input"), total("flows"))
+/// What a kernel network's nftables counter `counter` ("egress", "input", "flows", or
+/// one of [`hostnet::nft::BRIDGE_COUNTERS`]) has counted so far, across rewrites of the
+/// tables. `now` is what the counters hold at present ([`hostnet::nft::counters`]).
+pub fn refused(st: &State, k: &KernelNet, now: &[(String, u64)], counter: &str) -> u64 {
+    let name = hostnet::nft::counter_name(counter, &k.bridge);
+    st.kernel_denied.get(&name).copied().unwrap_or(0) + now.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
 }
 
 /// After a start: removes this instance's kernel devices that the store no longer

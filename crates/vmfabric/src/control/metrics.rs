@@ -306,6 +306,40 @@ fn data_plane(
     out.counter(not_learned, help_not_learned, labels(base), c.not_learned);
 }
 
+/// Kernel mode's nftables counters: (counter, family, help).
+const KERNEL_COUNTERS: [(&str, &str, &str); 6] = [
+    (
+        "egress",
+        "vmfabric_kernel_egress_denied",
+        "Kernel mode: guest traffic the egress policy refused.",
+    ),
+    (
+        "input",
+        "vmfabric_kernel_input_denied",
+        "Kernel mode: guest traffic to the host the input filter refused.",
+    ),
+    (
+        "flows",
+        "vmfabric_kernel_flows_denied",
+        "Kernel mode: guest connections refused past the guest's share.",
+    ),
+    (
+        "rogue_ra",
+        "vmfabric_kernel_rogue_ra",
+        "Kernel mode: Router Advertisements and redirects from guest ports, dropped.",
+    ),
+    (
+        "rogue_dhcp6",
+        "vmfabric_kernel_rogue_dhcp6",
+        "Kernel mode: DHCPv6 server messages from guest ports, dropped.",
+    ),
+    (
+        "spoofed6",
+        "vmfabric_kernel_spoofed6",
+        "Kernel mode: IPv6 from an address the port does not hold, or Neighbour Discovery claiming one, dropped.",
+    ),
+];
+
 impl Control {
     /// Every metric family, now.
     pub fn metric_families(&self) -> Families {
@@ -319,25 +353,10 @@ impl Control {
         for (name, net) in &st.nets {
             let network = [("network", name.as_str())];
             if let Some(k) = net.backend.kernel() {
-                let (egress, input, flows) = kernel_rules::refusals(&st, k, &kernel_counts);
-                out.counter(
-                    "vmfabric_kernel_egress_denied",
-                    "Kernel mode: guest traffic the egress policy refused.",
-                    labels(&network),
-                    egress,
-                );
-                out.counter(
-                    "vmfabric_kernel_input_denied",
-                    "Kernel mode: guest traffic to the host the input filter refused.",
-                    labels(&network),
-                    input,
-                );
-                out.counter(
-                    "vmfabric_kernel_flows_denied",
-                    "Kernel mode: guest connections refused past the guest's share.",
-                    labels(&network),
-                    flows,
-                );
+                for (counter, family, help) in KERNEL_COUNTERS {
+                    let n = kernel_rules::refused(&st, k, &kernel_counts, counter);
+                    out.counter(family, help, labels(&network), n);
+                }
             }
             if let Some(c) = self.switch.network_counters(name) {
                 data_plane(&mut out, &NETWORK, &network, &c);
