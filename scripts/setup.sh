@@ -10,9 +10,10 @@
 # passwd (the package test: socket activation, systemd-analyze, the vmfabric group and a
 # member of it), mmdebstrap and openssh-client (the Debian disk guest: built from
 # Debian's packages, reached over SSH), libseccomp-dev and libcap-ng-dev (virtiofsd,
-# built from crates.io by scripts/test.sh). Rust comes from rustup; this script checks it is there.
+# built from crates.io by scripts/test.sh), ethtool (the VXLAN test turns off a kernel
+# vxlan device's checksum offload). Rust comes from rustup; this script checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd mmdebstrap openssh-client libseccomp-dev libcap-ng-dev)
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd mmdebstrap openssh-client libseccomp-dev libcap-ng-dev ethtool)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -21,6 +21,7 @@ mod switch;
 mod sys;
 mod transport;
 mod vhost_user;
+pub mod vxlan;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use config::{NetworkConfig, SwitchConfig, DEFAULT_MTU, MAX_MTU};

@@ -1,0 +1,430 @@
+//! VXLAN tunnels (RFC 7348) that join a switch network to the same network on other
+//! hosts, wire-compatible with Linux's `vxlan` devices.
+//!
+//! A [`Vtep`] owns one UDP socket on the underlay (port 4789 by default) and serves
+//! every tunnelled network through it: each network gets an in-process port on the
+//! switch, so the switch learns the remote MACs behind that port and floods to it like
+//! to any other. Frames the switch sends to the port go to the host the destination
+//! MAC lives on, or to every member host for broadcast and unknown unicast (head-end
+//! replication); where MACs live is told, not learnt from traffic (flood-and-learn
+//! would let any member claim any MAC). A datagram is taken only from a member host's
+//! address, for a network this VTEP serves, with an inner source MAC that lives on the
+//! host that sent it; the rest is counted and dropped.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustix::event::{epoll, eventfd, EventfdFlags};
+
+use crate::error::{FabricError, Result};
+use crate::{InProcessEnd, Mac, PortId, Switch};
+
+/// The IANA port for VXLAN (Linux's `dstport` default is 8472 unless told 4789).
+pub const DEFAULT_PORT: u16 = 4789;
+/// The VXLAN header: flags, reserved, the 24-bit VNI, reserved.
+pub const HEADER_LEN: usize = 8;
+/// What VXLAN over IPv4 adds to a frame on the underlay: outer Ethernet, IPv4, UDP and
+/// VXLAN headers. A 1500-byte underlay carries inner frames of 1450 bytes (MTU 1450).
+pub const OVERHEAD_IPV4: usize = 14 + 20 + 8 + HEADER_LEN;
+/// The largest VNI (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// The "I" flag: the VNI field is valid (RFC 7348 5).
+const FLAG_VNI: u8 = 0x08;
+const ETHERNET_HEADER: usize = 14;
+
+/// Why a datagram is not a VXLAN frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VxlanError {
+    #[error("shorter than a VXLAN header and an Ethernet header")]
+    Short,
+    #[error("the VNI flag is not set")]
+    NoVni,
+}
+
+/// The VXLAN header for `vni`. Eight bytes by hand: no packet crate in use here
+/// (smoltcp, etherparse) models VXLAN.
+pub fn header(vni: u32) -> [u8; HEADER_LEN] {
+    let v = vni.to_be_bytes();
+    [FLAG_VNI, 0, 0, 0, v[1], v[2], v[3], 0]
+}
+
+/// The VNI and the inner Ethernet frame of a VXLAN datagram. Reserved bits are
+/// ignored on receipt, as the RFC asks.
+pub fn decapsulate(datagram: &[u8]) -> std::result::Result<(u32, &[u8]), VxlanError> {
+    if datagram.len() < HEADER_LEN + ETHERNET_HEADER {
+        return Err(VxlanError::Short);
+    }
+    if datagram[0] & FLAG_VNI == 0 {
+        return Err(VxlanError::NoVni);
+    }
+    let vni = u32::from_be_bytes([0, datagram[4], datagram[5], datagram[6]]);
+    Ok((vni, &datagram[HEADER_LEN..]))
+}
+
+/// The other hosts of a tunnelled network, as the cluster's state says: every member
+/// gets broadcast and unknown unicast; a MAC in `macs` lives on that member only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Remotes {
+    pub members: Vec<IpAddr>,
+    pub macs: HashMap<Mac, IpAddr>,
+}
+
+/// What a VTEP did and refused, since it started.
+#[derive(Debug, Default)]
+pub struct VtepCounters {
+    /// Frames taken from the underlay into a network.
+    pub rx_frames: AtomicU64,
+    /// Datagrams sent to member hosts (a flooded frame counts once per member).
+    pub tx_datagrams: AtomicU64,
+    /// Datagrams from an address that is no member of the network they name.
+    pub from_stranger: AtomicU64,
+    /// Datagrams for a VNI this VTEP does not serve.
+    pub unknown_vni: AtomicU64,
+    /// Frames whose inner source MAC does not live on the host that sent them.
+    pub foreign_mac: AtomicU64,
+    /// Datagrams that are not VXLAN.
+    pub malformed: AtomicU64,
+    /// Frames the switch had no room for.
+    pub switch_full: AtomicU64,
+    /// Sends the underlay refused.
+    pub send_errors: AtomicU64,
+}
+
+impl VtepCounters {
+    /// Name and value of each counter, for metrics.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("rx_frames", get(&self.rx_frames)),
+            ("tx_datagrams", get(&self.tx_datagrams)),
+            ("from_stranger", get(&self.from_stranger)),
+            ("unknown_vni", get(&self.unknown_vni)),
+            ("foreign_mac", get(&self.foreign_mac)),
+            ("malformed", get(&self.malformed)),
+            ("switch_full", get(&self.switch_full)),
+            ("send_errors", get(&self.send_errors)),
+        ]
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One tunnelled network.
+struct Tunnel {
+    vni: u32,
+    port: PortId,
+    end: InProcessEnd,
+    /// Readable when the switch queued frames for the tunnel.
+    wake: OwnedFd,
+    remotes: ArcSwap<Remotes>,
+}
+
+struct Shared {
+    socket: UdpSocket,
+    /// The members' VXLAN port (the same across a cluster).
+    remote_port: u16,
+    /// By VNI; replaced whole when a network joins or leaves (rare), read per frame.
+    tunnels: ArcSwap<HashMap<u32, Arc<Tunnel>>>,
+    counters: VtepCounters,
+    stop: AtomicBool,
+    /// Written when `tunnels` changed or the VTEP stops.
+    control: OwnedFd,
+}
+
+/// A VXLAN tunnel endpoint serving any number of a switch's networks over one
+/// underlay socket, on a thread of its own.
+pub struct Vtep {
+    shared: Arc<Shared>,
+    switch: Arc<Switch>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const SOCKET_TOKEN: u64 = u64::MAX;
+const CONTROL_TOKEN: u64 = u64::MAX - 1;
+
+impl Vtep {
+    /// Binds `local` (an underlay address and port) and starts serving; members are
+    /// sent to on `remote_port`.
+    pub fn start(switch: Arc<Switch>, local: SocketAddr, remote_port: u16) -> Result<Vtep> {
+        let socket = UdpSocket::bind(local).map_err(|e| FabricError::io(format!("bind VXLAN socket {local}"), e))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| FabricError::io("make the VXLAN socket non-blocking", e))?;
+        crate::transport::size_buffers(&socket, 4 << 20);
+        let control = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| FabricError::io("create the VTEP's eventfd", e.into()))?;
+        let shared = Arc::new(Shared {
+            socket,
+            remote_port,
+            tunnels: ArcSwap::from_pointee(HashMap::new()),
+            counters: VtepCounters::default(),
+            stop: AtomicBool::new(false),
+            control,
+        });
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| FabricError::io("create the VTEP's epoll", e.into()))?;
+        for (fd, token) in [
+            (shared.socket.as_fd(), SOCKET_TOKEN),
+            (shared.control.as_fd(), CONTROL_TOKEN),
+        ] {
+            epoll::add(&epoll, fd, epoll::EventData::new_u64(token), epoll::EventFlags::IN)
+                .map_err(|e| FabricError::io("watch the VTEP's fds", e.into()))?;
+        }
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vxlan".into())
+            .spawn(move || serve(&for_thread, epoll))
+            .map_err(|e| FabricError::io("start the VTEP's thread", e))?;
+        Ok(Vtep {
+            shared,
+            switch,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address the underlay socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.shared.socket.local_addr()
+    }
+
+    /// Tunnels `network` as `vni` to `remotes`: a port `label` on it carries the
+    /// network's frames to and from them.
+    pub fn attach(&self, network: &str, label: &str, vni: u32, remotes: Remotes) -> Result<PortId> {
+        if vni > MAX_VNI {
+            return Err(FabricError::InvalidConfig(format!("VNI {vni} is more than 24 bits")));
+        }
+        if self.shared.tunnels.load().contains_key(&vni) {
+            return Err(FabricError::InvalidConfig(format!("VNI {vni} is tunnelled already")));
+        }
+        let (port, end) = self.switch.add_inprocess_port(network, label)?;
+        let wake = match end.wake_receiver() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = self.switch.remove_port(port);
+                return Err(FabricError::io("the tunnel port's wake-up fd", e));
+            }
+        };
+        let tunnel = Arc::new(Tunnel {
+            vni,
+            port,
+            end,
+            wake,
+            remotes: ArcSwap::from_pointee(remotes),
+        });
+        self.shared.tunnels.rcu(|t| {
+            let mut t = HashMap::clone(t);
+            t.insert(vni, tunnel.clone());
+            t
+        });
+        self.poke();
+        Ok(port)
+    }
+
+    /// Says where the members of `vni`'s network are now.
+    pub fn set_remotes(&self, vni: u32, remotes: Remotes) -> Result<()> {
+        let tunnels = self.shared.tunnels.load();
+        let t = tunnels
+            .get(&vni)
+            .ok_or_else(|| FabricError::InvalidConfig(format!("VNI {vni} is not tunnelled")))?;
+        t.remotes.store(Arc::new(remotes));
+        Ok(())
+    }
+
+    /// Ends `vni`'s tunnel and removes its port.
+    pub fn detach(&self, vni: u32) -> Result<()> {
+        let mut gone = None;
+        self.shared.tunnels.rcu(|t| {
+            let mut t = HashMap::clone(t);
+            gone = t.remove(&vni);
+            t
+        });
+        self.poke();
+        match gone {
+            Some(t) => self.switch.remove_port(t.port),
+            None => Err(FabricError::InvalidConfig(format!("VNI {vni} is not tunnelled"))),
+        }
+    }
+
+    pub fn counters(&self) -> &VtepCounters {
+        &self.shared.counters
+    }
+
+    fn poke(&self) {
+        let _ = rustix::io::write(&self.shared.control, &1u64.to_ne_bytes());
+    }
+}
+
+impl Drop for Vtep {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.poke();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for t in self.shared.tunnels.load().values() {
+            let _ = self.switch.remove_port(t.port);
+        }
+    }
+}
+
+/// Reads everything waiting on a non-blocking fd (an eventfd or a wake-up pipe).
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 64];
+    while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
+}
+
+/// The VTEP's loop: datagrams in, frames out, tunnels watched as they come and go.
+fn serve(shared: &Shared, epoll: OwnedFd) {
+    let mut watched: HashMap<u32, Arc<Tunnel>> = HashMap::new();
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+    let mut datagram = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(65536);
+    loop {
+        events.clear();
+        match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::warn!("the VTEP stops: epoll_wait failed: {e}");
+                return;
+            }
+        }
+        for ev in &events {
+            match ev.data.u64() {
+                SOCKET_TOKEN => receive(shared, &mut datagram),
+                CONTROL_TOKEN => {
+                    drain(&shared.control);
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    rewatch(shared, &epoll, &mut watched);
+                }
+                vni => {
+                    if let Some(t) = watched.get(&(vni as u32)) {
+                        transmit(shared, t, &mut out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Watches the wake-up fds of the tunnels there are now, and no others.
+fn rewatch(shared: &Shared, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunnel>>) {
+    let now = shared.tunnels.load_full();
+    watched.retain(|vni, t| {
+        let stays = now.get(vni).is_some_and(|n| Arc::ptr_eq(n, t));
+        if !stays {
+            let _ = epoll::delete(epoll, &t.wake);
+        }
+        stays
+    });
+    for (vni, t) in now.iter() {
+        if watched.contains_key(vni) {
+            continue;
+        }
+        let data = epoll::EventData::new_u64(u64::from(*vni));
+        if epoll::add(epoll, &t.wake, data, epoll::EventFlags::IN).is_ok() {
+            watched.insert(*vni, t.clone());
+            // Frames may have been queued before the fd was watched.
+            let mut out = Vec::new();
+            transmit(shared, t, &mut out);
+        }
+    }
+}
+
+/// Takes what waits on the underlay socket into the networks it is for.
+fn receive(shared: &Shared, buf: &mut [u8]) {
+    let c = &shared.counters;
+    let tunnels = shared.tunnels.load();
+    // A bounded turn, so the networks' own queues get their turn too.
+    for _ in 0..256 {
+        let (n, from) = match shared.socket.recv_from(buf) {
+            Ok(got) => got,
+            Err(_) => return,
+        };
+        let Ok((vni, frame)) = decapsulate(&buf[..n]) else {
+            count(&c.malformed);
+            continue;
+        };
+        let Some(t) = tunnels.get(&vni) else {
+            count(&c.unknown_vni);
+            continue;
+        };
+        let remotes = t.remotes.load();
+        let sender = from.ip().to_canonical();
+        if !remotes.members.contains(&sender) {
+            count(&c.from_stranger);
+            continue;
+        }
+        let src = Mac::from_slice(&frame[6..12]);
+        if src.and_then(|m| remotes.macs.get(&m)) != Some(&sender) {
+            count(&c.foreign_mac);
+            continue;
+        }
+        match t.end.try_send(frame) {
+            Ok(()) => count(&c.rx_frames),
+            Err(_) => count(&c.switch_full),
+        }
+    }
+}
+
+/// Sends what the switch queued for a tunnel to the member hosts it is for.
+fn transmit(shared: &Shared, t: &Tunnel, out: &mut Vec<u8>) {
+    let c = &shared.counters;
+    drain(&t.wake);
+    let remotes = t.remotes.load();
+    while let Some(frame) = t.end.try_recv() {
+        let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
+        let known = dst.filter(Mac::is_unicast).and_then(|m| remotes.macs.get(&m));
+        out.clear();
+        out.extend_from_slice(&header(t.vni));
+        out.extend_from_slice(&frame);
+        let targets: &[IpAddr] = match known {
+            Some(ip) => std::slice::from_ref(ip),
+            None => &remotes.members,
+        };
+        for ip in targets {
+            match shared.socket.send_to(out, SocketAddr::new(*ip, shared.remote_port)) {
+                Ok(_) => count(&c.tx_datagrams),
+                Err(_) => count(&c.send_errors),
+            }
+        }
+        t.end.recycle(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_carries_the_vni_and_the_flag_and_reads_back() {
+        let h = header(0x12_3456);
+        assert_eq!(h, [0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0]);
+        let mut datagram = h.to_vec();
+        datagram.extend([0xaa; 60]);
+        let (vni, frame) = decapsulate(&datagram).unwrap();
+        assert_eq!((vni, frame.len()), (0x12_3456, 60));
+        // Reserved bits set by a sender are ignored.
+        datagram[1] = 0xff;
+        datagram[7] = 0xff;
+        assert_eq!(decapsulate(&datagram).unwrap().0, 0x12_3456);
+    }
+
+    #[test]
+    fn what_is_not_vxlan_is_refused() {
+        assert_eq!(decapsulate(&[0x08; 21]), Err(VxlanError::Short));
+        let mut datagram = vec![0u8; 64];
+        assert_eq!(decapsulate(&datagram), Err(VxlanError::NoVni));
+        datagram[0] = 0x08;
+        assert!(decapsulate(&datagram).is_ok());
+    }
+}
