@@ -1,0 +1,165 @@
+//! Cluster-wide address claims against a real etcd (Debian's etcd-server, started here
+//! on loopback ports of its own): a claim is won once, held on renewal, refused to
+//! another MAC; two "hosts" (two clients) racing many claims for one address give it
+//! to exactly one; a release by a non-holder does nothing; with etcd gone a claim
+//! fails (closed) instead of guessing. Needs the `etcd` binary.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fabric::Mac;
+use vmfabric::cluster::{Claim, ClusterStore};
+
+/// An etcd member on loopback, killed when dropped.
+struct Etcd {
+    child: Child,
+    endpoint: String,
+    _dir: PathBuf,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_etcd() -> Option<Etcd> {
+    if Command::new("etcd").arg("--version").output().is_err() {
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("vmf-etcd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir"])
+        .arg(&dir)
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("t={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Some(Etcd {
+        child,
+        endpoint: client_url,
+        _dir: dir,
+    })
+}
+
+fn mac(n: u8) -> Mac {
+    Mac([0x02, 0, 0, 0, 0x0e, n])
+}
+
+#[test]
+fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
+    let Some(mut etcd) = start_etcd() else {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "needs etcd (apt-get install etcd-server)"
+        );
+        eprintln!("SKIP: needs etcd (apt-get install etcd-server)");
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let endpoints = vec![etcd.endpoint.clone()];
+    let connect = || {
+        let endpoints = endpoints.clone();
+        rt.block_on(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match ClusterStore::connect(&endpoints, "/vmfabric/test", Duration::from_secs(2)).await {
+                    // A first request proves the member is serving, not only listening.
+                    Ok(s) => match s.release_address("probe", Ipv4Addr::UNSPECIFIED, mac(0)).await {
+                        Ok(_) => return s,
+                        Err(e) => assert!(Instant::now() < deadline, "etcd never served: {e}"),
+                    },
+                    Err(e) => assert!(Instant::now() < deadline, "etcd never came up: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let (host_a, host_b) = (connect(), connect());
+    let ip = Ipv4Addr::new(10, 0, 0, 5);
+    rt.block_on(async {
+        assert_eq!(host_a.claim_address("n", ip, mac(1)).await.unwrap(), Claim::Won);
+        assert_eq!(host_a.claim_address("n", ip, mac(1)).await.unwrap(), Claim::Held);
+        assert_eq!(
+            host_b.claim_address("n", ip, mac(1)).await.unwrap(),
+            Claim::Held,
+            "the same guest on another host"
+        );
+        assert_eq!(
+            host_b.claim_address("n", ip, mac(2)).await.unwrap(),
+            Claim::TakenBy(mac(1))
+        );
+        // Another network's address of the same number is another key.
+        assert_eq!(host_b.claim_address("m", ip, mac(2)).await.unwrap(), Claim::Won);
+        assert!(
+            !host_b.release_address("n", ip, mac(2)).await.unwrap(),
+            "not the holder's to release"
+        );
+        assert!(host_a.release_address("n", ip, mac(1)).await.unwrap());
+        assert_eq!(
+            host_b.claim_address("n", ip, mac(2)).await.unwrap(),
+            Claim::Won,
+            "free again"
+        );
+    });
+
+    // The race: both hosts, 40 guests each, one remaining address, all at once.
+    let last = Ipv4Addr::new(10, 0, 0, 250);
+    let won = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for n in 0..80u8 {
+            let host = if n % 2 == 0 { host_a.clone() } else { host_b.clone() };
+            tasks.push(tokio::spawn(async move {
+                (n, host.claim_address("n", last, mac(100 + n)).await)
+            }));
+        }
+        let mut won = Vec::new();
+        let mut holders = Vec::new();
+        for t in tasks {
+            let (n, claim) = t.await.unwrap();
+            match claim.unwrap() {
+                Claim::Won => won.push(n),
+                Claim::TakenBy(m) => holders.push(m),
+                Claim::Held => panic!("guest {n} cannot hold it already"),
+            }
+        }
+        assert_eq!(won.len(), 1, "exactly one winner: {won:?}");
+        assert!(
+            holders.iter().all(|m| *m == mac(100 + won[0])),
+            "every loser told the winner"
+        );
+        won[0]
+    });
+    assert!(won < 80);
+
+    // etcd gone: a claim fails, it does not guess.
+    let _ = etcd.child.kill();
+    let _ = etcd.child.wait();
+    let refused = rt.block_on(host_a.claim_address("n", Ipv4Addr::new(10, 0, 0, 7), mac(3)));
+    assert!(refused.is_err(), "{refused:?}");
+}
