@@ -72,6 +72,9 @@ pub fn decapsulate(datagram: &[u8]) -> std::result::Result<(u32, &[u8]), VxlanEr
 pub struct Remotes {
     pub members: Vec<IpAddr>,
     pub macs: HashMap<Mac, IpAddr>,
+    /// MACs every host answers as itself (the distributed gateway's): frames from or
+    /// to them stay on this host, so each host's gateway serves its own guests only.
+    pub local_everywhere: Vec<Mac>,
 }
 
 /// What a VTEP did and refused, since it started.
@@ -93,6 +96,8 @@ pub struct VtepCounters {
     pub switch_full: AtomicU64,
     /// Sends the underlay refused.
     pub send_errors: AtomicU64,
+    /// Frames from or to the distributed gateway, kept on this host.
+    pub kept_local: AtomicU64,
 }
 
 impl VtepCounters {
@@ -108,6 +113,7 @@ impl VtepCounters {
             ("malformed", get(&self.malformed)),
             ("switch_full", get(&self.switch_full)),
             ("send_errors", get(&self.send_errors)),
+            ("kept_local", get(&self.kept_local)),
         ]
     }
 }
@@ -383,6 +389,13 @@ fn transmit(shared: &Shared, t: &Tunnel, out: &mut Vec<u8>) {
     let remotes = t.remotes.load();
     while let Some(frame) = t.end.try_recv() {
         let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
+        let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
+        let local = |m: Option<Mac>| m.is_some_and(|m| remotes.local_everywhere.contains(&m));
+        if local(src) || local(dst) {
+            count(&c.kept_local);
+            t.end.recycle(frame);
+            continue;
+        }
         let known = dst.filter(Mac::is_unicast).and_then(|m| remotes.macs.get(&m));
         out.clear();
         out.extend_from_slice(&header(t.vni));

@@ -127,6 +127,7 @@ fn a_switch_network_and_a_kernel_vxlan_device_are_one_network_and_strangers_are_
     let remotes = Remotes {
         members: vec![underlay],
         macs: HashMap::from([(remote_mac, underlay)]),
+        local_everywhere: Vec::new(),
     };
     let tunnel = vtep.attach("n", "vxlan", 42, remotes).unwrap();
     let (g, ifname) = sw.add_tap_port("n", "g", TapSource::Name(format!("fvg{id}"))).unwrap();

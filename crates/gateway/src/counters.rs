@@ -73,6 +73,11 @@ counters! {
     leases_released,
     /// Lease store writes that failed (the lease still works until a restart).
     lease_store_errors,
+    /// New leases and offers refused because the cluster's store could not be asked
+    /// (fail closed; the guest asks again). Renewals are answered from the cache.
+    dhcp_store_unavailable,
+    /// Addresses another host held when this one was about to offer them.
+    dhcp_claimed_elsewhere,
     dns_local,
     dns_forwarded,
     dns_nxdomain,

@@ -21,7 +21,7 @@ use fabric::Mac;
 
 use crate::config::{GatewayConfig, ReservationKey};
 use crate::counters::GatewayCounters;
-use crate::leases::{Lease, Lease6, LeaseStore};
+use crate::leases::{Claimed, Lease, Lease6, LeaseStore};
 
 /// What binding or losing a lease means for the rest of vmfabric.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +219,42 @@ impl DhcpServer {
                 .is_some_and(|m| *m != mac && self.offers.get(m).is_some_and(|(_, exp)| *exp > now))
     }
 
+    /// Whether `ip` is `mac`'s here already: its live lease, or an open offer.
+    fn is_claimed_here(&self, mac: Mac, ip: Ipv4Addr, now: u64) -> bool {
+        self.leases.get(&mac).is_some_and(|l| l.ip == ip && l.expires > now)
+            || self.offers.get(&mac).is_some_and(|(o, exp)| *o == ip && *exp > now)
+    }
+
+    /// An address for `mac` that the lease store also granted (where other hosts hand
+    /// out the same network's addresses, it asks them). One another host holds rests
+    /// here for an offer's hold, and the next is tried; a few tries, then the guest's
+    /// next DISCOVER tries again. Err: why none is offered.
+    fn pick_claimed(
+        &mut self,
+        mac: Mac,
+        requested: Option<Ipv4Addr>,
+        hostname: Option<&str>,
+        now: u64,
+        hold_until: u64,
+    ) -> Result<Ipv4Addr, Claimed> {
+        const TRIES: usize = 8;
+        for _ in 0..TRIES {
+            let ip = self.pick_address(mac, requested, hostname, now).ok_or(Claimed::Taken)?;
+            if self.is_claimed_here(mac, ip, now) {
+                return Ok(ip);
+            }
+            match self.store.claim(ip, mac, hold_until) {
+                Claimed::Granted => return Ok(ip),
+                Claimed::Unavailable => return Err(Claimed::Unavailable),
+                Claimed::Taken => {
+                    GatewayCounters::inc(&self.counters.dhcp_claimed_elsewhere);
+                    self.quarantine.insert(ip, (hold_until, None));
+                }
+            }
+        }
+        Err(Claimed::Taken)
+    }
+
     fn pick_address(
         &mut self,
         mac: Mac,
@@ -325,11 +361,19 @@ impl DhcpServer {
         match kind {
             MessageType::Discover => {
                 GatewayCounters::inc(&c.dhcp_discover);
-                let Some(ip) = self.pick_address(mac, requested, hostname.as_deref(), now) else {
-                    GatewayCounters::inc(&self.counters.dhcp_pool_exhausted);
-                    return (None, None);
+                let hold_until = now + self.cfg.offer_hold.as_secs();
+                let ip = match self.pick_claimed(mac, requested, hostname.as_deref(), now, hold_until) {
+                    Ok(ip) => ip,
+                    Err(Claimed::Unavailable) => {
+                        GatewayCounters::inc(&self.counters.dhcp_store_unavailable);
+                        return (None, None);
+                    }
+                    Err(_) => {
+                        GatewayCounters::inc(&self.counters.dhcp_pool_exhausted);
+                        return (None, None);
+                    }
                 };
-                self.add_offer(mac, ip, now + self.cfg.offer_hold.as_secs());
+                self.add_offer(mac, ip, hold_until);
                 GatewayCounters::inc(&self.counters.dhcp_offer);
                 (self.reply(&req, MessageType::Offer, ip, true), None)
             }
@@ -353,12 +397,28 @@ impl DhcpServer {
                 if !self.available(ip, mac, hostname.as_deref(), now) {
                     return (self.nak(&req), None);
                 }
+                let expires = now + self.cfg.lease_time.as_secs();
+                // An address offered to this MAC, or its live lease, was claimed
+                // already: a renewal is answered from this host's cache.
+                if !self.is_claimed_here(mac, ip, now) {
+                    match self.store.claim(ip, mac, expires) {
+                        Claimed::Granted => {}
+                        Claimed::Taken => {
+                            GatewayCounters::inc(&self.counters.dhcp_claimed_elsewhere);
+                            return (self.nak(&req), None);
+                        }
+                        Claimed::Unavailable => {
+                            GatewayCounters::inc(&self.counters.dhcp_store_unavailable);
+                            return (None, None);
+                        }
+                    }
+                }
                 let name = hostname.or_else(|| self.name_hints.get(&mac).cloned());
                 let lease = Lease {
                     mac,
                     ip,
                     hostname: name,
-                    expires: now + self.cfg.lease_time.as_secs(),
+                    expires,
                 };
                 if let Err(e) = self.store.save(&lease) {
                     tracing::warn!(%mac, %ip, "{e}");

@@ -419,3 +419,120 @@ fn an_ipv6_reservation_by_name_pins_the_dhcpv6_address_and_says_so_for_the_lock(
     v4_only.reservations = cfg.reservations.clone();
     assert!(v4_only.validate().is_err());
 }
+
+/// Two hosts' lease stores sharing one table of claims (what etcd is to a cluster),
+/// which can be made unreachable.
+#[derive(Clone, Default)]
+struct SharedClaims {
+    local: MemoryLeaseStore,
+    claims: Arc<std::sync::Mutex<HashMap<Ipv4Addr, (Mac, u64)>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    now: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LeaseStore for SharedClaims {
+    fn load(&self) -> Result<Vec<Lease>, crate::StoreError> {
+        self.local.load()
+    }
+    fn save(&mut self, lease: &Lease) -> Result<(), crate::StoreError> {
+        self.local.save(lease)
+    }
+    fn remove(&mut self, mac: Mac) -> Result<(), crate::StoreError> {
+        self.local.remove(mac)
+    }
+    fn load6(&self) -> Result<Vec<Lease6>, crate::StoreError> {
+        self.local.load6()
+    }
+    fn save6(&mut self, lease: &Lease6) -> Result<(), crate::StoreError> {
+        self.local.save6(lease)
+    }
+    fn remove6(&mut self, mac: Mac) -> Result<(), crate::StoreError> {
+        self.local.remove6(mac)
+    }
+    fn claim(&mut self, ip: Ipv4Addr, mac: Mac, expires: u64) -> Claimed {
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+            return Claimed::Unavailable;
+        }
+        let now = self.now.load(std::sync::atomic::Ordering::Relaxed);
+        let mut claims = self.claims.lock().unwrap();
+        match claims.get(&ip) {
+            Some((holder, until)) if *holder != mac && *until > now => Claimed::Taken,
+            _ => {
+                claims.insert(ip, (mac, expires));
+                Claimed::Granted
+            }
+        }
+    }
+}
+
+fn host(claims: &SharedClaims) -> DhcpServer {
+    let mut cfg = GatewayConfig::new("t", "10.9.0.0/29".parse().unwrap()); // hosts .1-.6
+    cfg.lease_time = Duration::from_secs(600);
+    let store = SharedClaims {
+        local: MemoryLeaseStore::default(),
+        ..claims.clone()
+    };
+    DhcpServer::new(Arc::new(cfg), Arc::new(GatewayCounters::default()), Box::new(store))
+}
+
+fn count(s: &DhcpServer, c: fn(&GatewayCounters) -> &std::sync::atomic::AtomicU64) -> u64 {
+    c(&s.counters).load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn hosts_sharing_a_network_never_offer_or_bind_one_address_twice() {
+    let claims = SharedClaims::default();
+    claims.now.store(100, std::sync::atomic::Ordering::Relaxed);
+    let (mut a, mut b) = (host(&claims), host(&claims));
+    // Both hosts would pick the first free address; the second host's pick was
+    // claimed by the first, so it offers the next one.
+    let offer_a = decode(
+        &a.handle_unbound(&msg(1, MessageType::Discover, vec![], Z), 100)
+            .0
+            .unwrap(),
+    )
+    .yiaddr();
+    let offer_b = decode(
+        &b.handle_unbound(&msg(2, MessageType::Discover, vec![], Z), 100)
+            .0
+            .unwrap(),
+    )
+    .yiaddr();
+    assert_ne!(offer_a, offer_b);
+    assert_eq!(count(&b, |c| &c.dhcp_claimed_elsewhere), 1);
+    // A guest on host b asking for host a's address by INIT-REBOOT is refused.
+    let (nak, _) = b.handle_unbound(
+        &msg(
+            3,
+            MessageType::Request,
+            vec![DhcpOption::RequestedIpAddress(offer_a)],
+            Z,
+        ),
+        100,
+    );
+    assert_eq!(decode(&nak.unwrap()).opts().msg_type(), Some(MessageType::Nak));
+    assert_eq!(bind(&mut a, 1, 100), offer_a);
+
+    // The shared store unreachable: a new guest gets nothing (and asks again)...
+    claims.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (nothing, _) = b.handle_unbound(&msg(4, MessageType::Discover, vec![], Z), 101);
+    assert!(nothing.is_none());
+    assert_eq!(count(&b, |c| &c.dhcp_store_unavailable), 1);
+    // ...while a bound guest renews from the host's own leases.
+    let renew = msg(1, MessageType::Request, vec![], offer_a);
+    let (ack, _) = a.handle_unbound(&renew, 102);
+    assert_eq!(decode(&ack.unwrap()).opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(count(&a, |c| &c.dhcp_store_unavailable), 0);
+
+    // Back: a claim run out (host b's offer, never taken) is free for others again,
+    // while guest 1's renewed lease still holds its address.
+    claims.down.store(false, std::sync::atomic::Ordering::Relaxed);
+    claims.now.store(500, std::sync::atomic::Ordering::Relaxed);
+    let again = decode(
+        &a.handle_unbound(&msg(5, MessageType::Discover, vec![], Z), 500)
+            .0
+            .unwrap(),
+    )
+    .yiaddr();
+    assert_eq!(again, offer_b, "host b's stale offer gave way");
+}

@@ -32,6 +32,17 @@ pub struct Lease6 {
 #[error("lease store: {0}")]
 pub struct StoreError(pub String);
 
+/// What a claim on an address shared with other hosts came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// The address is the MAC's (now, or already) until the claim's expiry.
+    Granted,
+    /// Another host gave it to another MAC.
+    Taken,
+    /// The shared store cannot be asked now: nothing is handed out on a guess.
+    Unavailable,
+}
+
 /// Where leases are kept. Every change is written before the client hears about it,
 /// so an acknowledged lease survives a crash once the store is durable.
 pub trait LeaseStore: Send {
@@ -42,6 +53,12 @@ pub trait LeaseStore: Send {
     fn load6(&self) -> Result<Vec<Lease6>, StoreError>;
     fn save6(&mut self, lease: &Lease6) -> Result<(), StoreError>;
     fn remove6(&mut self, mac: Mac) -> Result<(), StoreError>;
+    /// Claims `ip` for `mac` until `expires` where other hosts hand out addresses of
+    /// the same network (a cluster), before the address is offered or bound anew.
+    /// One host's store has no one else to ask.
+    fn claim(&mut self, _ip: Ipv4Addr, _mac: Mac, _expires: u64) -> Claimed {
+        Claimed::Granted
+    }
 }
 
 /// Leases in memory. Clones share one table, so a test (or a restarted gateway in the

@@ -56,7 +56,7 @@ use fabric::{Mac, PortId, Switch};
 pub use config::{ConfigError, GatewayConfig, Reservation, ReservationKey, TcpEngine, Upstreams};
 pub use counters::GatewayCounters;
 pub use dhcp::LeaseEvent;
-pub use leases::{Lease, Lease6, LeaseStore, MemoryLeaseStore, StoreError};
+pub use leases::{Claimed, Lease, Lease6, LeaseStore, MemoryLeaseStore, StoreError};
 
 use dhcp::DhcpServer;
 use dns::Zone;

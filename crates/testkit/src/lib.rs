@@ -292,3 +292,94 @@ pub fn fenced_block<'a>(doc: &'a str, lang: &str, n: usize) -> Option<&'a str> {
         .nth(n + 1)
         .and_then(|rest| rest.split("```").next())
 }
+
+/// A one-member etcd (Debian's etcd-server) for cluster tests, listening for clients
+/// on `ip` (loopback, or an address of a test's own underlay) and for peers on
+/// loopback; stopped when dropped. It can be stopped and started again on the same
+/// data, as an outage.
+pub struct Etcd {
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+    dir: std::path::PathBuf,
+    pub endpoint: String,
+}
+
+impl Etcd {
+    /// None when there is no `etcd` binary.
+    pub fn start(ip: &str, dir: std::path::PathBuf) -> Option<Etcd> {
+        Command::new("etcd").arg("--version").output().ok()?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let free = |ip: &str| {
+            std::net::TcpListener::bind((ip, 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let client_url = format!("http://{ip}:{}", free(ip));
+        let peer_url = format!("http://127.0.0.1:{}", free("127.0.0.1"));
+        let args = [
+            "--name",
+            "t",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut etcd = Etcd {
+            child: None,
+            args,
+            dir,
+            endpoint: client_url,
+        };
+        etcd.start_again();
+        Some(etcd)
+    }
+
+    /// Starts the member again on its data (after [`Etcd::stop`]).
+    pub fn start_again(&mut self) {
+        let child = Command::new("etcd")
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Serving once a client request is answered.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let health = format!("{}/health", self.endpoint);
+        while !Command::new("curl")
+            .args(["-sf", "-m", "1", &health])
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("true"))
+        {
+            assert!(std::time::Instant::now() < deadline, "etcd never served");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Kills the member (an outage); its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -110,6 +110,8 @@ impl NetworkDecl {
             isolated: self.isolated,
             bridge: self.bridge.clone(),
             settings: self.settings.clone(),
+            scope: Default::default(),
+            vni: None,
         }
     }
 }

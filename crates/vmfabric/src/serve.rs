@@ -73,6 +73,53 @@ pub(crate) struct ServeArgs {
     /// kernel log line.)
     #[arg(long)]
     no_sandbox: bool,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Joining a cluster: networks of scope `cluster` live in etcd and span its nodes.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// etcd's client URLs (http://host:2379,...): join the cluster whose state lives
+    /// there. Without it the daemon is a single host.
+    #[arg(long, value_delimiter = ',', value_name = "URL", requires_all = ["node", "underlay"])]
+    cluster_endpoints: Vec<String>,
+    /// This node's name, unique in the cluster.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+    /// The address other nodes reach this one's VXLAN tunnels at.
+    #[arg(long, value_name = "ADDR")]
+    underlay: Option<std::net::IpAddr>,
+    /// The UDP port of every node's VXLAN tunnels (4789 is IANA's).
+    #[arg(long, default_value_t = 4789)]
+    vxlan_port: u16,
+    /// The underlay's MTU; cluster networks may be at most 50 bytes less.
+    #[arg(long, default_value_t = 1500)]
+    underlay_mtu: u16,
+    /// Where the cluster's keys live in etcd (clusters may share one etcd).
+    #[arg(long, default_value = "/vmfabric")]
+    cluster_prefix: String,
+    /// Seconds this node's keys (its MACs, its membership) outlive it.
+    #[arg(long, default_value_t = 10)]
+    node_ttl: u64,
+}
+
+impl ClusterArgs {
+    fn config(&self, runtime: tokio::runtime::Handle) -> Option<vmfabric::cluster::node::NodeConfig> {
+        let (Some(node), Some(underlay)) = (self.node.clone(), self.underlay) else {
+            return None;
+        };
+        (!self.cluster_endpoints.is_empty()).then(|| vmfabric::cluster::node::NodeConfig {
+            endpoints: self.cluster_endpoints.clone(),
+            prefix: self.cluster_prefix.clone(),
+            node,
+            underlay,
+            vxlan_port: self.vxlan_port,
+            underlay_mtu: self.underlay_mtu,
+            lease_ttl: Duration::from_secs(self.node_ttl.max(3)),
+            runtime,
+        })
+    }
 }
 
 /// Descriptors kept from guests' flows for the daemon's own API, ports and store (a
@@ -123,6 +170,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         args.guest_dir.clone(),
         first,
         !args.no_sandbox,
+        args.cluster.config(rt.handle().clone()),
     )?;
     let file_paths = declared.iter().flat_map(|c| c.vm_paths.iter().cloned());
     daemon

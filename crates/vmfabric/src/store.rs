@@ -122,6 +122,8 @@ impl Store {
             "settings TEXT NOT NULL DEFAULT '{}'",
             // and this before IPv6 (NULL: IPv4 only).
             "ipv6 TEXT",
+            // A cluster network's VNI; NULL for a host's own network.
+            "vni INTEGER",
         ] {
             let _ = conn.execute(&format!("ALTER TABLE networks ADD COLUMN {column}"), []);
         }
@@ -141,8 +143,8 @@ impl Store {
 
     pub fn put_network(&self, n: &NetworkSpec) -> Result<(), DbError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings, ipv6) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT OR REPLACE INTO networks (name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings, ipv6, vni) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 n.name.as_str(),
                 n.subnet.to_string(),
@@ -153,7 +155,8 @@ impl Store {
                 n.isolated,
                 n.bridge,
                 serde_json::to_string(&n.settings).expect("plain data"),
-                n.ipv6.map(|p| p.to_string())
+                n.ipv6.map(|p| p.to_string()),
+                n.vni.filter(|_| n.scope == crate::model::Scope::Cluster)
             ],
         )?;
         Ok(())
@@ -178,7 +181,7 @@ impl Store {
     pub fn networks(&self) -> Result<Vec<Result<NetworkSpec, BadRow>>, DbError> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings, ipv6 FROM networks ORDER BY name",
+            "SELECT name, subnet, mtu, gateway, host_access, mode, isolated, bridge, settings, ipv6, vni FROM networks ORDER BY name",
         )?;
         let rows = st.query_map([], |r| {
             let name: String = r.get(0)?;
@@ -188,6 +191,7 @@ impl Store {
             let (gateway, host_access, isolated, bridge) = (r.get(3)?, r.get(4)?, r.get(6)?, r.get(7)?);
             let settings: String = r.get(8)?;
             let ipv6: Option<String> = r.get(9)?;
+            let vni: Option<u32> = r.get(10)?;
             let bad = |why: String| BadRow {
                 table: "network",
                 key: name.clone(),
@@ -212,6 +216,11 @@ impl Store {
                     isolated,
                     bridge,
                     settings: serde_json::from_str(&settings).map_err(|e| bad(format!("settings: {e}")))?,
+                    scope: match vni {
+                        Some(_) => crate::model::Scope::Cluster,
+                        None => crate::model::Scope::Host,
+                    },
+                    vni,
                 })
             })();
             Ok(parsed)

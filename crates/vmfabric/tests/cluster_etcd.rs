@@ -4,67 +4,22 @@
 //! to exactly one; a release by a non-holder does nothing; with etcd gone a claim
 //! fails (closed) instead of guessing. Needs the `etcd` binary.
 
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use fabric::Mac;
 use vmfabric::cluster::{Claim, ClusterStore};
 
-/// An etcd member on loopback, killed when dropped.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    _dir: PathBuf,
+/// A claim's end well after the test.
+fn later() -> u64 {
+    now() + 600
 }
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_etcd() -> Option<Etcd> {
-    if Command::new("etcd").arg("--version").output().is_err() {
-        return None;
-    }
-    let dir = std::env::temp_dir().join(format!("vmf-etcd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (client, peer) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "t", "--data-dir"])
-        .arg(&dir)
-        .args([
-            "--listen-client-urls",
-            &client_url,
-            "--advertise-client-urls",
-            &client_url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("t={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Some(Etcd {
-        child,
-        endpoint: client_url,
-        _dir: dir,
-    })
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn mac(n: u8) -> Mac {
@@ -73,7 +28,8 @@ fn mac(n: u8) -> Mac {
 
 #[test]
 fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
-    let Some(mut etcd) = start_etcd() else {
+    let dir = std::env::temp_dir().join(format!("vmf-etcd-{}", std::process::id()));
+    let Some(mut etcd) = testkit::Etcd::start("127.0.0.1", dir) else {
         assert!(
             std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
             "needs etcd (apt-get install etcd-server)"
@@ -83,12 +39,12 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let endpoints = vec![etcd.endpoint.clone()];
-    let connect = || {
+    let connect = |node: &'static str| {
         let endpoints = endpoints.clone();
         rt.block_on(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                match ClusterStore::connect(&endpoints, "/vmfabric/test", Duration::from_secs(2)).await {
+                match ClusterStore::connect(&endpoints, "/vmfabric/test", node, Duration::from_secs(2)).await {
                     // A first request proves the member is serving, not only listening.
                     Ok(s) => match s.release_address("probe", Ipv4Addr::UNSPECIFIED, mac(0)).await {
                         Ok(_) => return s,
@@ -100,32 +56,59 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
             }
         })
     };
-    let (host_a, host_b) = (connect(), connect());
+    let (host_a, host_b) = (connect("a"), connect("b"));
     let ip = Ipv4Addr::new(10, 0, 0, 5);
     rt.block_on(async {
-        assert_eq!(host_a.claim_address("n", ip, mac(1)).await.unwrap(), Claim::Won);
-        assert_eq!(host_a.claim_address("n", ip, mac(1)).await.unwrap(), Claim::Held);
         assert_eq!(
-            host_b.claim_address("n", ip, mac(1)).await.unwrap(),
+            host_a.claim_address("n", ip, mac(1), later(), None).await.unwrap(),
+            Claim::Won
+        );
+        assert_eq!(
+            host_a.claim_address("n", ip, mac(1), later(), None).await.unwrap(),
+            Claim::Held
+        );
+        assert_eq!(
+            host_b.claim_address("n", ip, mac(1), later(), None).await.unwrap(),
             Claim::Held,
             "the same guest on another host"
         );
         assert_eq!(
-            host_b.claim_address("n", ip, mac(2)).await.unwrap(),
+            host_b.claim_address("n", ip, mac(2), later(), None).await.unwrap(),
             Claim::TakenBy(mac(1))
         );
         // Another network's address of the same number is another key.
-        assert_eq!(host_b.claim_address("m", ip, mac(2)).await.unwrap(), Claim::Won);
+        assert_eq!(
+            host_b.claim_address("m", ip, mac(2), later(), None).await.unwrap(),
+            Claim::Won
+        );
         assert!(
             !host_b.release_address("n", ip, mac(2)).await.unwrap(),
             "not the holder's to release"
         );
         assert!(host_a.release_address("n", ip, mac(1)).await.unwrap());
         assert_eq!(
-            host_b.claim_address("n", ip, mac(2)).await.unwrap(),
+            host_b.claim_address("n", ip, mac(2), later(), None).await.unwrap(),
             Claim::Won,
             "free again"
         );
+        // A claim whose time ran out (an offer never taken, a lease not renewed) is
+        // any node's to take over; one still running is not.
+        let other = Ipv4Addr::new(10, 0, 0, 6);
+        assert_eq!(
+            host_a.claim_address("n", other, mac(4), now() - 1, None).await.unwrap(),
+            Claim::Won
+        );
+        assert_eq!(
+            host_b.claim_address("n", other, mac(5), later(), None).await.unwrap(),
+            Claim::Won
+        );
+        assert_eq!(
+            host_a.claim_address("n", other, mac(4), later(), None).await.unwrap(),
+            Claim::TakenBy(mac(5))
+        );
+        // The view shows who holds what, from which node.
+        let view = host_a.view().await.unwrap();
+        assert!(view.networks.is_empty(), "no network was created, only claims");
     });
 
     // The race: both hosts, 40 guests each, one remaining address, all at once.
@@ -135,7 +118,7 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
         for n in 0..80u8 {
             let host = if n % 2 == 0 { host_a.clone() } else { host_b.clone() };
             tasks.push(tokio::spawn(async move {
-                (n, host.claim_address("n", last, mac(100 + n)).await)
+                (n, host.claim_address("n", last, mac(100 + n), later(), None).await)
             }));
         }
         let mut won = Vec::new();
@@ -158,8 +141,7 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
     assert!(won < 80);
 
     // etcd gone: a claim fails, it does not guess.
-    let _ = etcd.child.kill();
-    let _ = etcd.child.wait();
-    let refused = rt.block_on(host_a.claim_address("n", Ipv4Addr::new(10, 0, 0, 7), mac(3)));
+    etcd.stop();
+    let refused = rt.block_on(host_a.claim_address("n", Ipv4Addr::new(10, 0, 0, 7), mac(3), later(), None));
     assert!(refused.is_err(), "{refused:?}");
 }

@@ -189,6 +189,13 @@ pub(crate) enum NetworkCmd {
         /// Kernel mode: the bridge's name (default: derived from the network's name).
         #[arg(long)]
         bridge: Option<String>,
+        /// This host's network, or one every node of the cluster serves (the daemon
+        /// must run with --cluster-endpoints).
+        #[arg(long, value_enum, default_value = "host")]
+        scope: vmfabric::model::Scope,
+        /// A cluster network's VXLAN network identifier (default: derived from the name).
+        #[arg(long, requires = "scope")]
+        vni: Option<u32>,
         /// Create it even if the subnet overlaps a host route.
         #[arg(long)]
         force: bool,

@@ -19,6 +19,8 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
             mode,
             isolated,
             bridge,
+            scope,
+            vni,
             force,
             exist_ok,
             settings,
@@ -46,6 +48,8 @@ pub(super) fn run(cmd: NetworkCmd) -> Result<()> {
                 isolated,
                 bridge,
                 settings: gateway_settings,
+                scope,
+                vni,
             };
             let client = client(&c)?;
             let columns = ["name", "subnet", "mtu", "gateway", "mode"];

@@ -41,6 +41,9 @@ pub struct PortLocker {
     /// IPv6 prefix, if they carry IPv6.
     enabled: HashMap<String, (PortId, Option<ipnet::Ipv6Net>)>,
     nets: HashMap<String, NetworkLocks>,
+    /// Ports that carry many MACs and are never locked (a cluster network's tunnel:
+    /// the VTEP holds each remote MAC to its node instead).
+    exempt: std::collections::HashSet<PortId>,
 }
 
 impl PortLocker {
@@ -49,6 +52,7 @@ impl PortLocker {
             switch,
             enabled: HashMap::new(),
             nets: HashMap::new(),
+            exempt: Default::default(),
         }
     }
 
@@ -87,7 +91,13 @@ impl PortLocker {
     }
 
     /// Forgets a removed port's MAC, so the MAC may be locked to another port later.
+    /// Never locks `port`, whatever MACs it carries.
+    pub fn exempt(&mut self, port: PortId) {
+        self.exempt.insert(port);
+    }
+
     pub fn forget_port(&mut self, network: &str, port: PortId) {
+        self.exempt.remove(&port);
         if let Some(n) = self.nets.get_mut(network) {
             n.ports.retain(|_, p| *p != port);
         }
@@ -99,7 +109,7 @@ impl PortLocker {
             | ControlEvent::Switch(SwitchEvent::MacMoved {
                 network, mac, to: port, ..
             }) => {
-                if self.enabled.get(network).is_none_or(|(gateway, _)| gateway == port) {
+                if self.enabled.get(network).is_none_or(|(gateway, _)| gateway == port) || self.exempt.contains(port) {
                     return;
                 }
                 self.nets.entry(network.clone()).or_default().ports.insert(*mac, *port);

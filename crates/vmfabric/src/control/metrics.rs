@@ -209,6 +209,8 @@ const GATEWAY: &[GatewayEntry] = &[
     ("leases_expired", "vmfabric_lease_events", "", &[("event", "expired")]),
     ("leases_released", "vmfabric_lease_events", "", &[("event", "released")]),
     ("lease_store_errors", "vmfabric_lease_store_errors", "Lease store writes that failed (the lease works until a restart).", &[]),
+    ("dhcp_store_unavailable", "vmfabric_dhcp_store_unavailable", "New leases and offers refused because the cluster's store could not be asked (renewals are answered from the cache).", &[]),
+    ("dhcp_claimed_elsewhere", "vmfabric_dhcp_claimed_elsewhere", "Addresses another host of the cluster held when this one was about to offer or bind them.", &[]),
     ("dns_local", "vmfabric_dns_queries", "DNS queries by what became of them: answered locally, forwarded upstream, dropped (in-flight bound), malformed.", &[("outcome", "local")]),
     ("dns_forwarded", "vmfabric_dns_queries", "", &[("outcome", "forwarded")]),
     ("dns_dropped", "vmfabric_dns_queries", "", &[("outcome", "dropped")]),
@@ -455,6 +457,22 @@ impl Control {
                 LOST,
                 labels(&[("network", network.as_str()), ("capture", "ended")]),
                 *lost,
+            );
+        }
+        if let Some(link) = self.cluster.get() {
+            for (what, n) in link.vtep_counters().snapshot() {
+                out.counter(
+                    "vmfabric_vxlan",
+                    "The node's VXLAN tunnel endpoint: frames taken in, datagrams sent, and what it refused (from_stranger: not a member node's address; unknown_vni; foreign_mac: an inner source MAC that does not live on the sending node; malformed) or kept on this node (kept_local: the distributed gateway's frames).",
+                    labels(&[("what", what)]),
+                    n,
+                );
+            }
+            out.gauge(
+                "vmfabric_cluster_store_up",
+                "Whether etcd answered this node lately (1) or not (0).",
+                Vec::new(),
+                u64::from(link.is_healthy()),
             );
         }
         out.gauge(

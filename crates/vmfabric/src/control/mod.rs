@@ -9,6 +9,7 @@ pub mod locks;
 pub mod vms;
 
 mod backend;
+mod cluster;
 mod env;
 mod events;
 mod kernel_net;
@@ -54,6 +55,8 @@ pub struct Control {
     /// Out to `GET /v1/events`.
     bus: events::EventBus,
     vms: Arc<vms::Vms>,
+    /// Set when the daemon is a node of a cluster (before any network is restored).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::node::ClusterLink>>,
     /// Held for the daemon's life: one instance per state directory.
     _state_lock: std::fs::File,
 }
@@ -148,6 +151,7 @@ impl Control {
         if spec.gateway {
             gateway_config(spec, &self.instance)?;
         }
+        self.check_scope(st, spec)?;
         Ok(())
     }
 
@@ -165,11 +169,21 @@ impl Control {
                 ControlError::conflict("no free private /24 is left (10.77-254.0.0, 192.168.100-254.0); name a subnet")
             })?;
         }
+        if spec.scope == crate::model::Scope::Cluster {
+            spec.vni = Some(spec.vni.unwrap_or_else(|| NetworkSpec::derived_vni(&spec.name)));
+        }
         self.check_network(&st, &spec, force)?;
-        self.bring_up_network(&mut st, spec.clone())?;
-        if let Err(e) = self.store.put_network(&spec) {
-            self.tear_down_network(&mut st, &spec.name);
-            return Err(e.into());
+        // The cluster first: a name taken there is not this node's to take.
+        self.publish_cluster_network(&spec)?;
+        let made = self.bring_up_network(&mut st, spec.clone()).and_then(|()| {
+            self.store.put_network(&spec).map_err(|e| {
+                self.tear_down_network(&mut st, &spec.name);
+                e.into()
+            })
+        });
+        if let Err(e) = made {
+            let _ = self.unpublish_cluster_network(&spec);
+            return Err(e);
         }
         Ok(spec)
     }
@@ -246,7 +260,7 @@ impl Control {
             &self.switch,
             &spec.name,
             gcfg,
-            Box::new(self.store.leases_of(&spec.name)),
+            self.lease_store(spec)?,
         )
         .map_err(|e| ControlError::invalid(e.to_string()))?;
         let gw = Arc::new(gw);
@@ -364,6 +378,8 @@ impl Control {
                 net.ports.len()
             )));
         }
+        // Every node takes a cluster network down; this one at once.
+        self.unpublish_cluster_network(&net.spec.clone())?;
         // The store forgets the network, its ports, leases and forwards in one
         // transaction; then everything it had is taken down.
         self.store.delete_network(name)?;
@@ -584,6 +600,9 @@ impl Control {
     /// Stops the VMs and removes the ports' sockets and the forwards' listeners; the
     /// store keeps everything for the next start.
     pub fn shutdown(&self) {
+        if let Some(link) = self.cluster.get() {
+            link.stop();
+        }
         self.vms.stop_all(self);
         let st = self.lock();
         for net in st.nets.values() {

@@ -66,7 +66,7 @@ impl Control {
         run_dir: PathBuf,
         guest_dir: Option<PathBuf>,
     ) -> anyhow::Result<Arc<Control>> {
-        Control::start_configured(state_dir, run_dir, guest_dir, None, true)
+        Control::start_configured(state_dir, run_dir, guest_dir, None, true, None)
     }
 
     /// Like [`Control::start_with_guests`]; with an empty store, `first` (a config
@@ -79,6 +79,7 @@ impl Control {
         guest_dir: Option<PathBuf>,
         first: Option<NetworkSpec>,
         sandbox: bool,
+        cluster: Option<crate::cluster::node::NodeConfig>,
     ) -> anyhow::Result<Arc<Control>> {
         crate::model::check_run_dir(&run_dir)?;
         std::fs::create_dir_all(&state_dir)?;
@@ -112,8 +113,12 @@ impl Control {
             events,
             bus,
             vms,
+            cluster: Default::default(),
             _state_lock: state_lock,
         });
+        if let Some(cfg) = cluster {
+            control.join_cluster(crate::cluster::node::ClusterLink::join(cfg, control.switch.clone())?);
+        }
         let broker: Arc<dyn super::vms::PortBroker> = control.clone();
         control.vms.supervise(Arc::downgrade(&broker));
         let saved = control.store.networks()?;
@@ -137,6 +142,9 @@ impl Control {
         {
             let mut st = control.lock();
             kernel_rules::reconcile(&control.env(), &mut st);
+        }
+        if let Some(link) = control.cluster.get() {
+            link.start(Arc::downgrade(&control))?;
         }
         Ok(control)
     }

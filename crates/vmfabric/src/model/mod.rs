@@ -37,6 +37,24 @@ impl NetworkMode {
     }
 }
 
+/// Where a network lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// On this host only.
+    #[default]
+    Host,
+    /// On every node of the cluster (`serve --cluster-endpoints`): stored in etcd,
+    /// tunnelled between the nodes over VXLAN, addresses claimed cluster-wide.
+    Cluster,
+}
+
+impl Scope {
+    pub fn is_host(&self) -> bool {
+        *self == Scope::Host
+    }
+}
+
 /// How a port is reached, as stored and as the API takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -176,6 +194,14 @@ pub struct NetworkSpec {
     /// The gateway's DNS, DHCP and flow settings; unset ones keep their defaults.
     #[serde(default)]
     pub settings: GatewaySettings,
+    /// This host only, or every node of the cluster.
+    #[serde(default, skip_serializing_if = "Scope::is_host")]
+    pub scope: Scope,
+    /// A cluster network's VXLAN network identifier (1 to 16777215; default: derived
+    /// from the name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16777215)]
+    pub vni: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -196,7 +222,16 @@ impl NetworkSpec {
             isolated: false,
             bridge: None,
             settings: GatewaySettings::default(),
+            scope: Scope::Host,
+            vni: None,
         }
+    }
+
+    /// The VXLAN network identifier a cluster network has when none was given: from
+    /// its name, so every node derives the same one.
+    pub fn derived_vni(name: &str) -> u32 {
+        let m = fabric::Mac::derived(&["vni", name]).0;
+        (u32::from_be_bytes([0, m[3], m[4], m[5]])).max(1)
     }
 }
 
@@ -219,6 +254,10 @@ pub struct NetworkView {
     pub isolated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Scope::is_host")]
+    pub scope: Scope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
     pub ports: usize,
     pub leases: usize,
     /// The gateway settings chosen for it (unset ones have their defaults).
@@ -450,6 +489,8 @@ impl NetworkView {
             mode: spec.mode,
             isolated: spec.isolated,
             bridge: spec.bridge.clone(),
+            scope: spec.scope,
+            vni: spec.vni,
             ports,
             leases,
             settings: spec.settings.clone(),

@@ -272,6 +272,12 @@ impl Process {
 
     /// Like [`Process::start`], with more `serve` arguments.
     pub fn start_with(dir: &Path, guests: &Path, more: &[&std::ffi::OsStr]) -> Process {
+        Process::start_in(None, dir, guests, more)
+    }
+
+    /// Like [`Process::start_with`], in network namespace `ns` if given (`ip netns
+    /// exec` execs the daemon: the child is the daemon).
+    pub fn start_in(ns: Option<&str>, dir: &Path, guests: &Path, more: &[&std::ffi::OsStr]) -> Process {
         let socket = dir.join("api.sock");
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::OpenOptions::new()
@@ -279,7 +285,15 @@ impl Process {
             .append(true)
             .open(dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vmfabric"))
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vmfabric")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vmfabric")),
+        };
+        let child = command
             .args(["serve", "--socket"])
             .arg(&socket)
             .arg("--state-dir")

@@ -1,0 +1,183 @@
+//! Cluster networks in the control plane: the checks and steps a network of scope
+//! `cluster` adds to a host's own, and what the node's etcd loop
+//! ([`crate::cluster::node`]) asks of the control plane.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use fabric::{Mac, PortId};
+use gateway::LeaseStore;
+
+use super::error::ControlError;
+use super::state::State;
+use super::Control;
+use crate::cluster::leases::ClusterLeases;
+use crate::cluster::node::ClusterLink;
+use crate::model::{NetworkMode, NetworkSpec, Scope};
+
+impl Control {
+    /// Makes this daemon a node of a cluster: before networks are restored, so a
+    /// restored cluster network's gateway claims through etcd from the start.
+    pub(super) fn join_cluster(&self, link: Arc<ClusterLink>) {
+        let _ = self.cluster.set(link);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
+        self.cluster.get()
+    }
+
+    fn link(&self, spec: &NetworkSpec) -> Result<Option<&Arc<ClusterLink>>, ControlError> {
+        match (spec.scope, self.cluster.get()) {
+            (Scope::Host, _) => Ok(None),
+            (Scope::Cluster, Some(link)) => Ok(Some(link)),
+            (Scope::Cluster, None) => Err(ControlError::invalid(
+                "scope cluster needs a daemon in a cluster (vmfabric serve --cluster-endpoints URL --node NAME --underlay ADDR)",
+            )),
+        }
+    }
+
+    /// What a cluster network may not be (yet), and its VXLAN numbers.
+    pub(super) fn check_scope(&self, st: &State, spec: &NetworkSpec) -> Result<(), ControlError> {
+        let Some(link) = self.link(spec)? else {
+            return match spec.vni {
+                Some(_) => Err(ControlError::invalid("vni is for networks of scope cluster")),
+                None => Ok(()),
+            };
+        };
+        if spec.mode != NetworkMode::Userspace {
+            return Err(ControlError::invalid(
+                "a cluster network runs on the userspace switch (mode kernel is not tunnelled yet)",
+            ));
+        }
+        if spec.ipv6.is_some() {
+            return Err(ControlError::invalid(
+                "a cluster network carries IPv4 only for now (DHCPv6 is not claimed cluster-wide yet)",
+            ));
+        }
+        if let Some(vni) = spec.vni.filter(|v| !(1..=fabric::vxlan::MAX_VNI).contains(v)) {
+            return Err(ControlError::invalid(format!("vni {vni}: 1 to 16777215")));
+        }
+        if spec.mtu.get() > link.max_mtu() {
+            return Err(ControlError::invalid(format!(
+                "MTU {} does not fit the underlay: VXLAN adds {} bytes to an underlay MTU of {}, so at most {}",
+                spec.mtu.get(),
+                crate::cluster::node::VXLAN_OVERHEAD,
+                link.max_mtu() + crate::cluster::node::VXLAN_OVERHEAD,
+                link.max_mtu()
+            )));
+        }
+        if let Some(other) = st
+            .nets
+            .values()
+            .find(|n| n.spec.scope == Scope::Cluster && n.spec.vni == spec.vni && n.spec.name != spec.name)
+        {
+            return Err(ControlError::conflict(format!(
+                "vni {:?} is network {:?}'s",
+                spec.vni,
+                other.spec.name.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores a new cluster network in etcd (nothing for a host's own).
+    pub(super) fn publish_cluster_network(&self, spec: &NetworkSpec) -> Result<(), ControlError> {
+        let Some(link) = self.link(spec)? else { return Ok(()) };
+        match link.publish_network(spec) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ControlError::conflict(format!(
+                "the cluster has a network {:?} already",
+                spec.name.as_str()
+            ))),
+            Err(e) => Err(ControlError::host(format!("etcd: {e}"))),
+        }
+    }
+
+    /// Removes a cluster network from etcd: refused while etcd cannot be reached, so
+    /// a node never drops a network the others still serve.
+    pub(super) fn unpublish_cluster_network(&self, spec: &NetworkSpec) -> Result<(), ControlError> {
+        let Some(link) = self.link(spec)? else { return Ok(()) };
+        link.unpublish_network(&spec.name)
+            .map_err(|e| ControlError::host(format!("etcd: {e}")))
+    }
+
+    /// Where a network's gateway keeps its leases: SQLite, and for a cluster network
+    /// also claims in etcd.
+    pub(super) fn lease_store(&self, spec: &NetworkSpec) -> Result<Box<dyn LeaseStore>, ControlError> {
+        let local = self.store.leases_of(&spec.name);
+        Ok(match self.link(spec)? {
+            Some(link) => Box::new(ClusterLeases::new(link.clone(), &spec.name, local)),
+            None => Box::new(local),
+        })
+    }
+
+    /// The cluster networks this node serves now.
+    pub fn cluster_networks(&self) -> Vec<NetworkSpec> {
+        let st = self.lock();
+        st.nets
+            .values()
+            .map(|n| &n.spec)
+            .chain(st.failed.networks.values().filter_map(|(s, _)| s.as_ref()))
+            .filter(|s| s.scope == Scope::Cluster)
+            .cloned()
+            .collect()
+    }
+
+    /// Serves a cluster network etcd has (made on another node, or while this one
+    /// was down): as created there, without asking etcd again.
+    pub fn adopt_cluster_network(&self, spec: NetworkSpec) -> Result<(), ControlError> {
+        if spec.scope != Scope::Cluster {
+            return Err(ControlError::invalid("not a cluster network"));
+        }
+        let mut st = self.lock();
+        if st.failed.networks.contains_key(spec.name.as_str()) {
+            // Stored here but failed to come back: a restart tries again.
+            return Ok(());
+        }
+        // The creating node checked its host routes; this one serves it as it is.
+        self.check_network(&st, &spec, true)?;
+        self.bring_up_network(&mut st, spec.clone())?;
+        if let Err(e) = self.store.put_network(&spec) {
+            self.tear_down_network(&mut st, &spec.name);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Takes down a cluster network etcd no longer has, with its ports, here only.
+    pub fn drop_cluster_network(&self, name: &str) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        self.store.delete_network(name)?;
+        st.failed.networks.remove(name);
+        st.failed.ports.retain(|(net, _), _| net != name);
+        self.tear_down_network(&mut st, name);
+        Ok(())
+    }
+
+    /// A cluster network served here: `Some(its gateway's MAC, if it has a gateway)`.
+    pub fn cluster_network_parts(&self, name: &str) -> Option<Option<Mac>> {
+        let st = self.lock();
+        let net = st.nets.get(name).filter(|n| n.spec.scope == Scope::Cluster)?;
+        Some(net.gateway.as_ref().map(|g| g.config().gateway_mac))
+    }
+
+    /// The MACs of a network's ports on this node.
+    pub fn port_macs(&self, name: &str) -> HashSet<Mac> {
+        let st = self.lock();
+        st.nets
+            .get(name)
+            .map(|n| n.ports.values().map(|p| p.rec.mac).collect())
+            .unwrap_or_default()
+    }
+
+    /// Lets a network's tunnel port carry frames: never locked to one MAC (the VTEP
+    /// holds remote MACs to their nodes), not trusted (remote gateways' DHCP and RAs
+    /// stay out).
+    pub fn open_tunnel_port(&self, name: &str, port: PortId) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        st.net(name)?;
+        st.locker.exempt(port);
+        self.switch.set_port_trusted(port, false)?;
+        Ok(())
+    }
+}
