@@ -448,6 +448,15 @@ impl Gateway {
         self.shared.state().zone.set(label, ip);
     }
 
+    /// Takes back a name [`Gateway::set_static_name`] published, if it still points
+    /// at `ip`.
+    pub fn remove_static_name(&self, label: &str, ip: Ipv4Addr) {
+        let mut st = self.shared.state();
+        if st.zone.lookup(label) == Some(ip) {
+            st.zone.remove_ip(ip);
+        }
+    }
+
     pub fn resolve(&self, label: &str) -> Option<Ipv4Addr> {
         self.shared.state().zone.lookup(label)
     }

@@ -293,20 +293,30 @@ pub fn fenced_block<'a>(doc: &'a str, lang: &str, n: usize) -> Option<&'a str> {
         .and_then(|rest| rest.split("```").next())
 }
 
-/// A one-member etcd (Debian's etcd-server) for cluster tests, listening for clients
-/// on `ip` (loopback, or an address of a test's own underlay) and for peers on
-/// loopback; stopped when dropped. It can be stopped and started again on the same
-/// data, as an outage.
+/// An etcd cluster (Debian's etcd-server) for cluster tests: `n` members listening
+/// for clients on `ip` (loopback, or an address of a test's own underlay) and for
+/// each other on loopback; stopped when dropped. Members can be stopped and started
+/// again on their data, as outages.
 pub struct Etcd {
-    child: Option<std::process::Child>,
-    args: Vec<String>,
+    members: Vec<EtcdMember>,
     dir: std::path::PathBuf,
-    pub endpoint: String,
+    /// Every member's client URL.
+    pub endpoints: Vec<String>,
+}
+
+struct EtcdMember {
+    args: Vec<String>,
+    child: Option<std::process::Child>,
 }
 
 impl Etcd {
-    /// None when there is no `etcd` binary.
+    /// One member; None when there is no `etcd` binary.
     pub fn start(ip: &str, dir: std::path::PathBuf) -> Option<Etcd> {
+        Etcd::start_members(ip, dir, 1)
+    }
+
+    /// `n` members, serving once they have a leader; None without an `etcd` binary.
+    pub fn start_members(ip: &str, dir: std::path::PathBuf, n: usize) -> Option<Etcd> {
         Command::new("etcd").arg("--version").output().ok()?;
         let _ = std::fs::remove_dir_all(&dir);
         let free = |ip: &str| {
@@ -316,63 +326,94 @@ impl Etcd {
                 .unwrap()
                 .port()
         };
-        let client_url = format!("http://{ip}:{}", free(ip));
-        let peer_url = format!("http://127.0.0.1:{}", free("127.0.0.1"));
-        let args = [
-            "--name",
-            "t",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--listen-client-urls",
-            &client_url,
-            "--advertise-client-urls",
-            &client_url,
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
-            &format!("t={peer_url}"),
-        ]
-        .map(String::from)
-        .to_vec();
+        let clients: Vec<String> = (0..n).map(|_| format!("http://{ip}:{}", free(ip))).collect();
+        let peers: Vec<String> = (0..n)
+            .map(|_| format!("http://127.0.0.1:{}", free("127.0.0.1")))
+            .collect();
+        let cluster = (0..n)
+            .map(|i| format!("m{i}={}", peers[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members = (0..n)
+            .map(|i| EtcdMember {
+                args: [
+                    "--name",
+                    &format!("m{i}"),
+                    "--data-dir",
+                    dir.join(format!("m{i}")).to_str().unwrap(),
+                    "--listen-client-urls",
+                    &clients[i],
+                    "--advertise-client-urls",
+                    &clients[i],
+                    "--listen-peer-urls",
+                    &peers[i],
+                    "--initial-advertise-peer-urls",
+                    &peers[i],
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-token",
+                    dir.to_str().unwrap(),
+                ]
+                .map(String::from)
+                .to_vec(),
+                child: None,
+            })
+            .collect();
         let mut etcd = Etcd {
-            child: None,
-            args,
+            members,
             dir,
-            endpoint: client_url,
+            endpoints: clients,
         };
         etcd.start_again();
         Some(etcd)
     }
 
-    /// Starts the member again on its data (after [`Etcd::stop`]).
+    /// The client URLs, comma-separated (as `--cluster-endpoints` takes them).
+    pub fn endpoint_list(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// Starts the stopped members again on their data, and waits until they serve.
     pub fn start_again(&mut self) {
-        let child = Command::new("etcd")
-            .args(&self.args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        // Serving once a client request is answered.
+        for m in self.members.iter_mut().filter(|m| m.child.is_none()) {
+            let child = Command::new("etcd")
+                .args(&m.args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            m.child = Some(child);
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let health = format!("{}/health", self.endpoint);
-        while !Command::new("curl")
-            .args(["-sf", "-m", "1", &health])
-            .output()
-            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("true"))
-        {
-            assert!(std::time::Instant::now() < deadline, "etcd never served");
-            std::thread::sleep(std::time::Duration::from_millis(200));
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            // Serving (with a leader) once its health says so.
+            let health = format!("{endpoint}/health");
+            while !Command::new("curl")
+                .args(["-sf", "-m", "1", &health])
+                .output()
+                .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("true"))
+            {
+                assert!(std::time::Instant::now() < deadline, "etcd member {i} never served");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
         }
     }
 
-    /// Kills the member (an outage); its data stays.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    /// Kills member `i` (an outage of one); its data stays.
+    pub fn stop_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Kills every member (a full outage); their data stays.
+    pub fn stop(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop_member(i);
         }
     }
 }

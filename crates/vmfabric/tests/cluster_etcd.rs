@@ -38,7 +38,7 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let endpoints = vec![etcd.endpoint.clone()];
+    let endpoints = etcd.endpoints.clone();
     let connect = |node: &'static str| {
         let endpoints = endpoints.clone();
         rt.block_on(async move {

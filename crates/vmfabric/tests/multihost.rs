@@ -1,12 +1,13 @@
-//! Two nodes of a cluster on one machine: each node a network namespace with a
-//! vmfabric daemon, joined by an underlay bridge; etcd on the bridge's address; guests
-//! as namespaces on the daemons' TAP ports. A network created on one node is served
-//! by both; guests on different nodes lease distinct addresses, reach each other
-//! through the VXLAN tunnel and each reach the same gateway address on their own
-//! node; the race for one last address has one winner; with etcd stopped the guests'
-//! traffic and renewals go on while a new guest's lease is refused and counted; a
-//! forged VXLAN datagram from a stranger, or from a member in another node's name,
-//! is dropped and counted. Needs root, etcd and busybox.
+//! Three nodes of a cluster on one machine: each node a network namespace with a
+//! vmfabric daemon, joined by an underlay bridge; a three-member etcd on the bridge's
+//! address; guests as namespaces on the daemons' TAP ports. A network created on one
+//! node is served by all; guests on different nodes lease distinct addresses, reach
+//! each other through the VXLAN tunnels and by name, and each reach the same gateway
+//! address on their own node; the race for one last address has one winner; forged
+//! VXLAN from a stranger, or from a member in another node's name, is dropped and
+//! counted; node b killed with its etcd member: the others go on and still lease;
+//! etcd stopped: traffic and renewals go on while a new lease is refused and counted;
+//! a restarted node rebuilds with nothing held twice. Needs root, etcd and busybox.
 
 mod harness;
 
@@ -80,12 +81,55 @@ fn guest(node: &Node, net: &str, port: &str, ns: &Netns) {
     run(&["ip", "-n", &ns.0, "link", "set", &ns.0, "up"]);
 }
 
-/// A guest on each node's port of `net`, namespaces `{prefix}a` and `{prefix}b`.
-fn guest_on_each(a: &Node, b: &Node, net: &str, prefix: &str) -> (Netns, Netns) {
-    let (ga, gb) = (Netns::new(&format!("{prefix}a")), Netns::new(&format!("{prefix}b")));
-    guest(a, net, &format!("{}a", &net[..1]), &ga);
-    guest(b, net, &format!("{}b", &net[..1]), &gb);
-    (ga, gb)
+/// A guest namespace `{prefix}{port}` on a new port `port` of `net` on `node`.
+fn on_port(node: &Node, net: &str, prefix: &str, port: &str) -> Netns {
+    let ns = Netns::new(&format!("{prefix}{port}"));
+    guest(node, net, port, &ns);
+    ns
+}
+
+/// What `name` resolves to at `server`, asked from namespace `ns` with dig.
+fn dig(ns: &str, server: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+            &format!("@{server}"),
+            name,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// etcd's view of the cluster, read as a node would (a few tries: a fresh client may
+/// first pick a member that is down).
+fn etcd_view(etcd: &testkit::Etcd) -> vmfabric::cluster::ClusterView {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut last = None;
+        for _ in 0..10 {
+            let store =
+                vmfabric::cluster::ClusterStore::connect(&etcd.endpoints, "/vmfabric", "test", Duration::from_secs(3));
+            match store.await {
+                Ok(s) => match s.view().await {
+                    Ok(v) => return v,
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        panic!("etcd never answered: {last:?}")
+    })
 }
 
 /// One udhcpc exchange in `ns` (a few tries): the address, or None if none came.
@@ -162,7 +206,7 @@ fn parse_mac(text: &str) -> [u8; 6] {
 }
 
 #[test]
-fn a_cluster_network_spans_two_nodes_through_vxlan_with_addresses_claimed_in_etcd() {
+fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_etcd() {
     if !testkit::ready_or_skip(testkit::is_root(), "needs root (namespaces, TAP devices)") {
         return;
     }
@@ -185,45 +229,38 @@ fn a_cluster_network_spans_two_nodes_through_vxlan_with_addresses_claimed_in_etc
     let base = format!("198.18.{id}");
     run(&["ip", "addr", "add", &format!("{base}.1/24"), "dev", &bridge.0]);
     run(&["ip", "link", "set", &bridge.0, "up"]);
-    let node_ns: Vec<Netns> = ["a", "b"].iter().map(|n| Netns::new(&format!("mh{id}{n}"))).collect();
+    let node_ns: Vec<Netns> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Netns::new(&format!("mh{id}{n}")))
+        .collect();
     for (i, ns) in node_ns.iter().enumerate() {
         let (outer, inner) = (format!("{}o", ns.0), format!("{}i", ns.0));
         run(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner]);
         run(&["ip", "link", "set", &outer, "master", &bridge.0, "up"]);
         run(&["ip", "link", "set", &inner, "netns", &ns.0]);
-        run(&[
-            "ip",
-            "-n",
-            &ns.0,
-            "addr",
-            "add",
-            &format!("{base}.{}/24", 11 + i),
-            "dev",
-            &inner,
-        ]);
+        let addr = format!("{base}.{}/24", 11 + i);
+        run(&["ip", "-n", &ns.0, "addr", "add", &addr, "dev", &inner]);
         run(&["ip", "-n", &ns.0, "link", "set", &inner, "up"]);
         run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
     }
-    let mut etcd = testkit::Etcd::start(&format!("{base}.1"), dir.join("etcd")).unwrap();
+    // Three etcd members (member 1 counts as node b's: it goes down with it).
+    let mut etcd = testkit::Etcd::start_members(&format!("{base}.1"), dir.join("etcd"), 3).unwrap();
     let guests: PathBuf = std::env::var_os("VMFABRIC_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.clone());
-    let a = start_node(
-        "a",
-        &node_ns[0].0,
-        &format!("{base}.11"),
-        &etcd.endpoint,
-        &dir.join("a"),
-        &guests,
-    );
-    let b = start_node(
-        "b",
-        &node_ns[1].0,
-        &format!("{base}.12"),
-        &etcd.endpoint,
-        &dir.join("b"),
-        &guests,
-    );
+    let start = |i: usize| {
+        let name = ["a", "b", "c"][i];
+        let underlay = format!("{base}.{}", 11 + i);
+        start_node(
+            name,
+            &node_ns[i].0,
+            &underlay,
+            &etcd.endpoint_list(),
+            &dir.join(name),
+            &guests,
+        )
+    };
+    let (mut a, b, c) = (start(0), start(1), start(2));
 
     // Checked before anything is made: the underlay's MTU leaves 1450.
     let subnet = format!("10.66.{id}.0/24");
@@ -248,33 +285,47 @@ fn a_cluster_network_spans_two_nodes_through_vxlan_with_addresses_claimed_in_etc
         Some(json!({"name": "span", "subnet": format!("10.65.{id}.0/24"), "mtu": 1450, "scope": "cluster"})),
     );
     assert_eq!(status, 409, "{body}");
-    eventually(20, "node b serves the network", || {
-        b.daemon.call("GET", "/v1/networks/span", None).0 == 200
-    });
+    for n in [&b, &c] {
+        eventually(20, "every node serves the network", || {
+            n.daemon.call("GET", "/v1/networks/span", None).0 == 200
+        });
+    }
 
-    // A guest on each node: distinct addresses, each other by ping through the
-    // tunnel, and the same gateway address, answered on its own node.
-    let (ga, gb) = guest_on_each(&a, &b, "span", &format!("mh{id}g"));
-    let ip_a =
-        lease(&ga.0, &dir.join("ga"), "10").unwrap_or_else(|| panic!("guest a leased no address: {}", dhcp_lines(&a)));
-    let ip_b =
-        lease(&gb.0, &dir.join("gb"), "10").unwrap_or_else(|| panic!("guest b leased no address: {}", dhcp_lines(&b)));
-    assert_ne!(ip_a, ip_b, "one address handed out twice");
+    // A guest on each node: distinct addresses; a and c reach each other through
+    // the tunnel, by name too, and the same gateway address on their own node.
+    let prefix = format!("mh{id}");
+    let (ga, gb, gc) = (
+        on_port(&a, "span", &prefix, "sa"),
+        on_port(&b, "span", &prefix, "sb"),
+        on_port(&c, "span", &prefix, "sc"),
+    );
+    let leased = |ns: &Netns, n: &Node| {
+        lease(&ns.0, &dir.join(&ns.0), "10").unwrap_or_else(|| panic!("{} leased no address: {}", ns.0, dhcp_lines(n)))
+    };
+    let (ip_a, ip_b, ip_c) = (leased(&ga, &a), leased(&gb, &b), leased(&gc, &c));
+    assert!(
+        ip_a != ip_b && ip_b != ip_c && ip_a != ip_c,
+        "one address handed out twice: {ip_a} {ip_b} {ip_c}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pings(&ga.0, &ip_b) {
+    while !pings(&ga.0, &ip_c) {
         assert!(
             Instant::now() < deadline,
-            "guest a never pinged guest b across nodes\nnode a:\n{}\nnode b:\n{}",
+            "guest a never pinged guest c across nodes\nnode a:\n{}\nnode c:\n{}",
             dhcp_lines(&a),
-            dhcp_lines(&b)
+            dhcp_lines(&c)
         );
     }
-    assert!(pings(&gb.0, &ip_a));
+    assert!(pings(&gc.0, &ip_a) && pings(&gb.0, &ip_a));
     let gateway = format!("10.66.{id}.1");
-    assert!(pings(&ga.0, &gateway) && pings(&gb.0, &gateway));
+    assert!(pings(&ga.0, &gateway) && pings(&gc.0, &gateway));
+    eventually(20, "guest a resolves guest c's name on its own node", || {
+        dig(&ga.0, &gateway, "sc") == ip_c
+    });
+    assert_eq!(dig(&gc.0, &gateway, "sa"), ip_a);
     let rx = "vmfabric_vxlan_total{what=\"rx_frames\"}";
     assert!(
-        metric(&a, rx) > 0 && metric(&b, rx) > 0,
+        metric(&a, rx) > 0 && metric(&c, rx) > 0,
         "frames came through the tunnel"
     );
     assert!(
@@ -282,7 +333,7 @@ fn a_cluster_network_spans_two_nodes_through_vxlan_with_addresses_claimed_in_etc
         "the gateway's frames stayed on their node"
     );
 
-    // The race: one address left, a new guest on each node asks at the same moment.
+    // The race: one address left, a new guest on nodes a and b asks at once.
     let last = format!("10.67.{id}.50");
     a.daemon.ok(
         "POST",
@@ -295,7 +346,7 @@ fn a_cluster_network_spans_two_nodes_through_vxlan_with_addresses_claimed_in_etc
     eventually(20, "node b serves the race network", || {
         b.daemon.call("GET", "/v1/networks/race", None).0 == 200
     });
-    let (ra, rb) = guest_on_each(&a, &b, "race", &format!("mh{id}r"));
+    let (ra, rb) = (on_port(&a, "race", &prefix, "ra"), on_port(&b, "race", &prefix, "rb"));
     let (dir_ra, dir_rb) = (dir.join("ra"), dir.join("rb"));
     let (ns_ra, ns_rb) = (ra.0.clone(), rb.0.clone());
     let first = std::thread::spawn(move || lease(&ns_ra, &dir_ra, "3"));
@@ -314,47 +365,108 @@ fn a_cluster_network_spans_two_nodes_through_vxlan_with_addresses_claimed_in_etc
     let ports = a.daemon.ok("GET", "/v1/networks/span/ports", None);
     let mac_a = parse_mac(ports[0]["mac"].as_str().unwrap());
     let stranger = UdpSocket::bind(format!("{base}.1:0")).unwrap();
-    stranger
-        .send_to(
-            &vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 1]),
-            format!("{}:4789", b.underlay),
-        )
-        .unwrap();
-    let (from_b, to_b) = (b.underlay.clone(), a.underlay.clone());
+    let forged = vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 1]);
+    stranger.send_to(&forged, format!("{}:4789", c.underlay)).unwrap();
+    let (from_b, to_a) = (b.underlay.clone(), a.underlay.clone());
     testkit::in_ns(&b.ns, move || {
         let s = UdpSocket::bind(format!("{from_b}:0")).unwrap();
-        s.send_to(&vxlan_datagram(vni, mac_a), format!("{to_b}:4789")).unwrap();
+        s.send_to(&vxlan_datagram(vni, mac_a), format!("{to_a}:4789")).unwrap();
     });
     eventually(10, "the forged datagrams are counted", || {
-        metric(&b, "vmfabric_vxlan_total{what=\"from_stranger\"}") >= 1
+        metric(&c, "vmfabric_vxlan_total{what=\"from_stranger\"}") >= 1
             && metric(&a, "vmfabric_vxlan_total{what=\"foreign_mac\"}") >= 1
     });
 
-    // etcd stopped: traffic goes on, the bound guest renews from its node's cache,
+    // Node b dies with its etcd member: a and c go on, new leases are granted (two
+    // members of three are a quorum), and b's MACs leave with its etcd lease.
+    b.daemon.kill_9();
+    etcd.stop_member(1);
+    assert!(pings(&ga.0, &ip_c), "a and c never needed b");
+    let gd = on_port(&a, "span", &prefix, "sd");
+    let ip_d = leased(&gd, &a);
+    assert!(![&ip_a, &ip_b, &ip_c].contains(&&ip_d), "{ip_d} handed out twice");
+    eventually(20, "node b is gone from etcd with its MACs", || {
+        let view = etcd_view(&etcd);
+        let span = &view.networks["span"];
+        !view.nodes.contains_key("b") && !span.members.contains("b") && span.macs.values().all(|n| n != "b")
+    });
+
+    // etcd stopped: traffic goes on, a bound guest renews from its node's leases,
     // a new guest's lease is refused (fail closed) and counted.
     etcd.stop();
-    assert!(pings(&ga.0, &ip_b), "traffic needs no etcd");
+    assert!(pings(&ga.0, &ip_c), "traffic needs no etcd");
     assert_eq!(
-        lease(&ga.0, &dir.join("ga"), "5").as_deref(),
+        lease(&ga.0, &dir.join(&ga.0), "5").as_deref(),
         Some(ip_a.as_str()),
         "renewed"
     );
-    let gc = Netns::new(&format!("mh{id}gc"));
-    guest(&a, "span", "gc", &gc);
-    assert_eq!(lease(&gc.0, &dir.join("gc"), "3"), None, "no new lease without etcd");
-    assert!(metric(&a, "vmfabric_dhcp_store_unavailable_total{network=\"span\"}") > 0);
-    assert_eq!(metric(&a, "vmfabric_cluster_store_up"), 0);
+    let ge = on_port(&c, "span", &prefix, "se");
+    assert_eq!(lease(&ge.0, &dir.join(&ge.0), "3"), None, "no new lease without etcd");
+    assert!(metric(&c, "vmfabric_dhcp_store_unavailable_total{network=\"span\"}") > 0);
+    assert_eq!(metric(&c, "vmfabric_cluster_store_up"), 0);
     // Back: the new guest leases an address no one else holds.
     etcd.start_again();
-    eventually(30, "node a sees etcd again", || {
-        metric(&a, "vmfabric_cluster_store_up") == 1
+    eventually(30, "node c sees etcd again", || {
+        metric(&c, "vmfabric_cluster_store_up") == 1
     });
-    let ip_c = lease(&gc.0, &dir.join("gc"), "10").expect("a lease once etcd is back");
-    assert!(ip_c != ip_a && ip_c != ip_b, "{ip_c} handed out twice");
+    let ip_e = leased(&ge, &c);
+    assert!(
+        ![&ip_a, &ip_b, &ip_c, &ip_d].contains(&&ip_e),
+        "{ip_e} handed out twice"
+    );
 
-    // Deleted on one node, gone from both.
-    a.daemon.ok("DELETE", "/v1/networks/race?force=true", None);
-    eventually(20, "node b drops the deleted network", || {
-        b.daemon.call("GET", "/v1/networks/race", None).0 == 404
+    // Node a restarts: it rebuilds from its own store and etcd, its guest (on a new
+    // TAP device, as after a VMM restart) keeps its address, nothing is held twice.
+    let a_dir = dir.join("a");
+    drop(a);
+    a = start_node(
+        "a",
+        &node_ns[0].0,
+        &format!("{base}.11"),
+        &etcd.endpoint_list(),
+        &a_dir,
+        &guests,
+    );
+    eventually(20, "node a serves the network again", || {
+        a.daemon.call("GET", "/v1/networks/span", None).0 == 200 && metric(&a, "vmfabric_cluster_store_up") == 1
     });
+    run(&["ip", "-n", &a.ns, "link", "set", &ga.0, "netns", &ga.0]);
+    let mac = a.daemon.ok("GET", "/v1/networks/span/ports", None)[0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run(&["ip", "-n", &ga.0, "link", "set", &ga.0, "address", &mac]);
+    run(&["ip", "-n", &ga.0, "link", "set", &ga.0, "up"]);
+    assert_eq!(
+        lease(&ga.0, &dir.join(&ga.0), "10").as_deref(),
+        Some(ip_a.as_str()),
+        "kept its address"
+    );
+    eventually(20, "guest a reaches guest c again", || pings(&ga.0, &ip_c));
+    let view = etcd_view(&etcd);
+    let span = &view.networks["span"];
+    let mut holders: Vec<_> = span
+        .addresses
+        .values()
+        .filter(|h| h.expires > now())
+        .map(|h| h.mac)
+        .collect();
+    let held = holders.len();
+    holders.sort_by_key(|m| m.0);
+    holders.dedup();
+    assert_eq!(holders.len(), held, "a MAC holds two addresses: {:?}", span.addresses);
+    assert!(span.members.contains("a") && view.nodes.contains_key("a"));
+
+    // Deleted on one node, gone from the others.
+    a.daemon.ok("DELETE", "/v1/networks/race?force=true", None);
+    eventually(20, "node c drops the deleted network", || {
+        c.daemon.call("GET", "/v1/networks/race", None).0 == 404
+    });
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

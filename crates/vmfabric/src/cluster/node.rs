@@ -69,6 +69,8 @@ pub struct ClusterLink {
     lease: AtomicI64,
     pending: Mutex<HashMap<(String, Ipv4Addr), WriteBack>>,
     tunnels: Mutex<HashMap<String, Tunnel>>,
+    /// Other nodes' guests' names this node's gateways answer, by network.
+    remote_names: Mutex<HashMap<String, HashMap<String, Ipv4Addr>>>,
     wake: tokio::sync::Notify,
     stop: AtomicBool,
 }
@@ -103,6 +105,7 @@ impl ClusterLink {
             lease: AtomicI64::new(0),
             pending: Mutex::new(HashMap::new()),
             tunnels: Mutex::new(HashMap::new()),
+            remote_names: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
         }))
@@ -304,8 +307,30 @@ impl ClusterLink {
             for (mac, _) in net.macs.iter().filter(|(m, n)| n.as_str() == me && !ours.contains(m)) {
                 self.block_on(self.store.withdraw_mac(name, *mac))?;
             }
+            let now = super::now_secs();
+            let names = net
+                .addresses
+                .iter()
+                .filter(|(_, h)| h.node != me && h.expires > now)
+                .filter_map(|(ip, h)| Some((h.name.clone()?, *ip)))
+                .collect();
+            self.follow_names(control, name, names);
         }
+        locked(&self.remote_names).retain(|net, _| view.networks.contains_key(net));
         Ok(())
+    }
+
+    /// Makes the network's gateway answer exactly `names` for other nodes' guests.
+    fn follow_names(&self, control: &Arc<Control>, network: &str, names: HashMap<String, Ipv4Addr>) {
+        let mut all = locked(&self.remote_names);
+        let known = all.entry(network.to_string()).or_default();
+        for (label, ip) in known.iter().filter(|(l, ip)| names.get(*l) != Some(*ip)) {
+            control.name_remote_guest(network, label, *ip, false);
+        }
+        for (label, ip) in names.iter().filter(|(l, ip)| known.get(*l) != Some(*ip)) {
+            control.name_remote_guest(network, label, *ip, true);
+        }
+        *known = names;
     }
 
     /// Makes sure `network` is tunnelled as `vni` to `remotes`.

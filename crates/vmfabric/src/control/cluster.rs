@@ -161,6 +161,20 @@ impl Control {
         Some(net.gateway.as_ref().map(|g| g.config().gateway_mac))
     }
 
+    /// Publishes (or with `add` false, takes back) the DNS name of a guest on another
+    /// node, in this node's gateway of the network.
+    pub fn name_remote_guest(&self, network: &str, label: &str, ip: std::net::Ipv4Addr, add: bool) {
+        let st = self.lock();
+        let Some(gw) = st.nets.get(network).and_then(|n| n.gateway.as_ref()) else {
+            return;
+        };
+        if add {
+            gw.set_static_name(label, ip);
+        } else {
+            gw.remove_static_name(label, ip);
+        }
+    }
+
     /// The MACs of a network's ports on this node.
     pub fn port_macs(&self, name: &str) -> HashSet<Mac> {
         let st = self.lock();
