@@ -248,29 +248,12 @@ impl ClusterStore {
         Ok(self.client.clone().lease_grant(ttl, None).await?.id())
     }
 
-    /// Keeps `lease` alive until it is lost (expired, or etcd unreachable for a
-    /// request): returns why.
-    pub async fn keep_alive(&self, lease: i64, every: Duration) -> ClusterError {
-        let (mut keeper, mut stream) = match self.client.clone().lease_keep_alive(lease).await {
-            Ok(k) => k,
-            Err(e) => return e.into(),
-        };
-        loop {
-            if let Err(e) = keeper.keep_alive().await {
-                return e.into();
-            }
-            match stream.message().await {
-                Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(_) => {
-                    return ClusterError::Corrupt {
-                        key: format!("lease {lease:x}"),
-                        value: "expired".into(),
-                    }
-                }
-                Err(e) => return e.into(),
-            }
-            tokio::time::sleep(every).await;
-        }
+    /// Renews `lease` once: the seconds it has left, 0 if it expired. A stream of its
+    /// own each time, so a renewal after a member died goes to one that lives.
+    pub async fn renew_lease(&self, lease: i64) -> Result<i64, ClusterError> {
+        let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        Ok(stream.message().await?.map(|r| r.ttl()).unwrap_or(0))
     }
 
     /// Says this node is up, at `underlay`, for as long as `lease` lives.

@@ -67,6 +67,9 @@ pub struct ClusterLink {
     healthy: AtomicBool,
     /// This node's etcd lease; 0 while it has none.
     lease: AtomicI64,
+    /// The lease this node's keys were last written under: a new lease writes them
+    /// all again (the old one's keys go when it expires).
+    published: AtomicI64,
     pending: Mutex<HashMap<(String, Ipv4Addr), WriteBack>>,
     tunnels: Mutex<HashMap<String, Tunnel>>,
     /// Other nodes' guests' names this node's gateways answer, by network.
@@ -103,6 +106,7 @@ impl ClusterLink {
             vtep,
             healthy: AtomicBool::new(false),
             lease: AtomicI64::new(0),
+            published: AtomicI64::new(0),
             pending: Mutex::new(HashMap::new()),
             tunnels: Mutex::new(HashMap::new()),
             remote_names: Mutex::new(HashMap::new()),
@@ -233,31 +237,59 @@ impl ClusterLink {
         let lease = self.block_on(self.store.grant_lease(self.cfg.lease_ttl))?;
         self.lease.store(lease, Ordering::Relaxed);
         let link = self.clone();
-        let every = self.cfg.lease_ttl / 3;
-        self.cfg.runtime.spawn(async move {
-            let why = link.store.keep_alive(lease, every).await;
-            tracing::warn!(node = %link.cfg.node, "lost the node's etcd lease: {why}");
-            let _ = link
-                .lease
-                .compare_exchange(lease, 0, Ordering::Relaxed, Ordering::Relaxed);
-            link.wake.notify_one();
-        });
+        self.cfg.runtime.spawn(async move { link.keep_alive(lease).await });
         Ok(lease)
+    }
+
+    /// Renews `lease` a few times a TTL until it expires. A failed renewal (the member
+    /// it went to died, etcd is away) is tried again while the lease may still live:
+    /// a new lease would drop this node's keys for a while when the old one expired.
+    async fn keep_alive(self: Arc<Self>, lease: i64) {
+        let ttl = self.cfg.lease_ttl;
+        let mut renewed = tokio::time::Instant::now();
+        let why = loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match tokio::time::timeout(ttl / 3, self.store.renew_lease(lease)).await {
+                Ok(Ok(left)) if left > 0 => {
+                    renewed = tokio::time::Instant::now();
+                    tokio::time::sleep(ttl / 3).await;
+                }
+                Ok(Ok(_)) => break "expired".to_string(),
+                Ok(Err(e)) if renewed.elapsed() > ttl => break e.to_string(),
+                Err(_) if renewed.elapsed() > ttl => break "etcd did not answer".to_string(),
+                _ => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        };
+        tracing::warn!(node = %self.cfg.node, "lost the node's etcd lease: {why}");
+        let _ = self
+            .lease
+            .compare_exchange(lease, 0, Ordering::Relaxed, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     /// One pass: read etcd, make this node match, write what waits. The revision read.
     fn sync(self: &Arc<Self>, control: &Arc<Control>) -> Result<i64, ClusterError> {
         let lease = self.ensure_lease()?;
         let view = self.block_on(self.store.view())?;
-        if view.nodes.get(&self.cfg.node) != Some(&self.cfg.underlay) {
+        let republish = self.published.load(Ordering::Relaxed) != lease;
+        if republish || view.nodes.get(&self.cfg.node) != Some(&self.cfg.underlay) {
             self.block_on(self.store.register(self.cfg.underlay, lease))?;
         }
-        self.follow_networks(control, &view, lease)?;
+        self.follow_networks(control, &view, lease, republish)?;
+        self.published.store(lease, Ordering::Relaxed);
         self.flush_write_backs()?;
         Ok(view.revision)
     }
 
-    fn follow_networks(&self, control: &Arc<Control>, view: &ClusterView, lease: i64) -> Result<(), ClusterError> {
+    fn follow_networks(
+        &self,
+        control: &Arc<Control>,
+        view: &ClusterView,
+        lease: i64,
+        republish: bool,
+    ) -> Result<(), ClusterError> {
         let me = self.cfg.node.as_str();
         let local: HashSet<String> = control
             .cluster_networks()
@@ -295,12 +327,12 @@ impl ClusterLink {
                 local_everywhere: gateway_mac.into_iter().collect(),
             };
             self.open_tunnel(control, name, vni, remotes);
-            if !net.members.contains(me) {
+            if republish || !net.members.contains(me) {
                 self.block_on(self.store.join_network(name, lease))?;
             }
             let ours = control.port_macs(name);
             for mac in &ours {
-                if net.macs.get(mac).map(String::as_str) != Some(me) {
+                if republish || net.macs.get(mac).map(String::as_str) != Some(me) {
                     self.block_on(self.store.publish_mac(name, *mac, lease))?;
                 }
             }
