@@ -22,7 +22,8 @@ use arc_swap::ArcSwap;
 use rustix::event::{epoll, eventfd, EventfdFlags};
 
 use crate::error::{FabricError, Result};
-use crate::{InProcessEnd, Mac, PortId, Switch};
+use crate::frame::EthernetView;
+use crate::{InProcessEnd, Mac, PortId, PortLock, Switch};
 
 /// The IANA port for VXLAN (Linux's `dstport` default is 8472 unless told 4789).
 pub const DEFAULT_PORT: u16 = 4789;
@@ -75,6 +76,10 @@ pub struct Remotes {
     /// MACs every host answers as itself (the distributed gateway's): frames from or
     /// to them stay on this host, so each host's gateway serves its own guests only.
     pub local_everywhere: Vec<Mac>,
+    /// What a remote MAC may send from (the addresses it holds), as a local port's
+    /// lock holds a local guest: frames from other addresses are dropped (`spoofed`).
+    /// A MAC without an entry is judged by its member only.
+    pub locks: HashMap<Mac, PortLock>,
 }
 
 /// What a VTEP did and refused, since it started.
@@ -90,6 +95,8 @@ pub struct VtepCounters {
     pub unknown_vni: AtomicU64,
     /// Frames whose inner source MAC does not live on the host that sent them.
     pub foreign_mac: AtomicU64,
+    /// Frames from an address their remote MAC does not hold.
+    pub spoofed: AtomicU64,
     /// Datagrams that are not VXLAN.
     pub malformed: AtomicU64,
     /// Frames the switch had no room for.
@@ -110,6 +117,7 @@ impl VtepCounters {
             ("from_stranger", get(&self.from_stranger)),
             ("unknown_vni", get(&self.unknown_vni)),
             ("foreign_mac", get(&self.foreign_mac)),
+            ("spoofed", get(&self.spoofed)),
             ("malformed", get(&self.malformed)),
             ("switch_full", get(&self.switch_full)),
             ("send_errors", get(&self.send_errors)),
@@ -370,10 +378,20 @@ fn receive(shared: &Shared, buf: &mut [u8]) {
             count(&c.from_stranger);
             continue;
         }
-        let src = Mac::from_slice(&frame[6..12]);
+        let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
         if src.and_then(|m| remotes.macs.get(&m)) != Some(&sender) {
             count(&c.foreign_mac);
             continue;
+        }
+        if let Some(lock) = src.and_then(|m| remotes.locks.get(&m)) {
+            // IPv6 is left to the tunnel port's first-hop guard (the lock judges it
+            // only where a network carries it).
+            let allowed = EthernetView::parse(frame, crate::MAX_MTU)
+                .is_ok_and(|view| crate::guard::lock_allows(Some(lock), &view, false));
+            if !allowed {
+                count(&c.spoofed);
+                continue;
+            }
         }
         match t.end.try_send(frame) {
             Ok(()) => count(&c.rx_frames),

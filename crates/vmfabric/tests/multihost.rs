@@ -185,15 +185,26 @@ fn dhcp_lines(node: &Node) -> String {
         .join("\n")
 }
 
-/// A VXLAN datagram for `vni` carrying an Ethernet frame from `src` to broadcast.
-fn vxlan_datagram(vni: u32, src: [u8; 6]) -> Vec<u8> {
+/// A VXLAN datagram for `vni` carrying an Ethernet frame from `src` to broadcast:
+/// an ARP probe, or with `from` an IPv4 UDP datagram from that address.
+fn vxlan_datagram(vni: u32, src: [u8; 6], from: Option<[u8; 4]>) -> Vec<u8> {
     let mut d = vec![0x08, 0, 0, 0];
     d.extend_from_slice(&vni.to_be_bytes()[1..]);
     d.push(0);
     d.extend_from_slice(&[0xff; 6]);
     d.extend_from_slice(&src);
-    d.extend_from_slice(&[0x08, 0x06]);
-    d.extend_from_slice(&[0; 46]);
+    match from {
+        None => {
+            d.extend_from_slice(&[0x08, 0x06]);
+            d.extend_from_slice(&[0; 46]);
+        }
+        Some(ip) => {
+            d.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]);
+            d.extend_from_slice(&ip);
+            d.extend_from_slice(&[255, 255, 255, 255, 0, 9, 0, 9, 0, 8, 0, 0]);
+            d.extend_from_slice(&[0; 18]);
+        }
+    }
     d
 }
 
@@ -395,16 +406,28 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     let ports = a.daemon.ok("GET", "/v1/networks/span/ports", None);
     let mac_a = parse_mac(ports[0]["mac"].as_str().unwrap());
     let stranger = UdpSocket::bind(format!("{base}.1:0")).unwrap();
-    let forged = vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 1]);
+    let forged = vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 1], None);
     stranger.send_to(&forged, format!("{}:4789", c.underlay)).unwrap();
+    // And node b's own guest, from an address it does not hold: its lock holds on
+    // the other nodes too.
+    let mac_b = b.daemon.ok("GET", "/v1/networks/span/ports", None)[0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let not_held = [10, 66, id as u8, 200];
+    let spoofed_before = metric(&a, "vmfabric_vxlan_total{what=\"spoofed\"}");
     let (from_b, to_a) = (b.underlay.clone(), a.underlay.clone());
     testkit::in_ns(&b.ns, move || {
         let s = UdpSocket::bind(format!("{from_b}:0")).unwrap();
-        s.send_to(&vxlan_datagram(vni, mac_a), format!("{to_a}:4789")).unwrap();
+        s.send_to(&vxlan_datagram(vni, mac_a, None), format!("{to_a}:4789"))
+            .unwrap();
+        let spoofed = vxlan_datagram(vni, parse_mac(&mac_b), Some(not_held));
+        s.send_to(&spoofed, format!("{to_a}:4789")).unwrap();
     });
     eventually(10, "the forged datagrams are counted", || {
         metric(&c, "vmfabric_vxlan_total{what=\"from_stranger\"}") >= 1
             && metric(&a, "vmfabric_vxlan_total{what=\"foreign_mac\"}") >= 1
+            && metric(&a, "vmfabric_vxlan_total{what=\"spoofed\"}") > spoofed_before
     });
 
     // Node b dies with its etcd member: a and c go on, new leases are granted (two

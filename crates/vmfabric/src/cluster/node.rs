@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fabric::vxlan::{Remotes, Vtep, VtepCounters};
-use fabric::{Mac, PortId, Switch};
+use fabric::{Mac, PortId, PortLock, Switch};
 use gateway::Lease;
 
 use super::{ClusterError, ClusterStore, ClusterView};
@@ -47,6 +47,31 @@ pub struct NodeConfig {
 pub enum WriteBack {
     Hold(Lease),
     Release(Mac),
+}
+
+/// The locks of other nodes' guests: each MAC to the addresses it holds now (none
+/// before its lease: then only DHCP and ARP probes, which stay on its node anyway).
+fn remote_locks(net: &super::ClusterNetwork, me: &str) -> HashMap<Mac, PortLock> {
+    let now = super::now_secs();
+    let mut locks: HashMap<Mac, PortLock> = net
+        .macs
+        .iter()
+        .filter(|(_, node)| node.as_str() != me)
+        .map(|(mac, _)| {
+            let lock = PortLock {
+                mac: *mac,
+                ips: Vec::new(),
+                ips6: Vec::new(),
+            };
+            (*mac, lock)
+        })
+        .collect();
+    for (ip, holder) in net.addresses.iter().filter(|(_, h)| h.expires > now) {
+        if let Some(lock) = locks.get_mut(&holder.mac) {
+            lock.ips.push(*ip);
+        }
+    }
+    locks
 }
 
 /// One cluster network's tunnel on this node.
@@ -325,6 +350,7 @@ impl ClusterLink {
                     .filter_map(|(mac, node)| Some((*mac, live_ip(node)?)))
                     .collect(),
                 local_everywhere: gateway_mac.into_iter().collect(),
+                locks: remote_locks(net, me),
             };
             self.open_tunnel(control, name, vni, remotes);
             if republish || !net.members.contains(me) {

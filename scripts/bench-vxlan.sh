@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# scripts/bench-vxlan.sh — guest-to-guest traffic between two nodes over VXLAN: through
+# vmfabric's userspace tunnels (two daemons joined into a cluster, a cluster network,
+# guests on TAP ports) and through the Linux kernel's vxlan devices on bridges (the
+# reference), side by side in one run (issue 17's benchmark). Needs root, iperf3 and
+# etcd (etcd-server).
+#
+# Two "hosts" are network namespaces on an underlay bridge (MTU 1500); each has, for
+# the kernel path, a bridge with a vxlan device (VNI 4242, UDP 4790) and a veth to a
+# guest namespace, and for the userspace path a vmfabric daemon (VXLAN on UDP 4789)
+# with a TAP port moved into a guest namespace. Guests' MTU 1450 on both paths.
+# iperf3 TCP (Gbit/s) and UDP with 64-byte payloads (frames/s received), SECS seconds,
+# RUNS runs interleaved, median; CPU % of both daemons together.
+# VMFABRIC_BIN measures another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
+RUNS=${RUNS:-3}
+SECS=${SECS:-10}
+[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
+need_packages iperf3 etcd-server busybox-static
+bench_binary
+WORK=$(mktemp -d)
+P=vb$$
+UNDER=10.201.77
+cleanup() {
+    set +e
+    for f in "$WORK"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
+    for pid in ${DAEMONS:-} ${ETCD:-}; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    for ns in ${P}h1 ${P}h2 ${P}u1 ${P}u2 ${P}k1 ${P}k2; do ip netns del "$ns" 2>/dev/null; done
+    ip link del ${P}br 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The underlay.
+ip link add ${P}br type bridge
+ip addr add $UNDER.1/24 dev ${P}br
+ip link set ${P}br up
+for i in 1 2; do
+    ip netns add ${P}h$i
+    ip link add ${P}o$i type veth peer name under netns ${P}h$i
+    ip link set ${P}o$i master ${P}br up
+    ip -n ${P}h$i addr add $UNDER.1$i/24 dev under
+    ip -n ${P}h$i link set under up
+    ip -n ${P}h$i link set lo up
+done
+
+# Kernel path: in each host, a bridge with a vxlan device to the other host and a
+# veth to a guest namespace.
+for i in 1 2; do
+    other=$((3 - i))
+    h=${P}h$i
+    ip -n $h link add vx type vxlan id 4242 dstport 4790 local $UNDER.1$i remote $UNDER.1$other
+    ip -n $h link add br type bridge
+    ip -n $h link set vx master br up
+    ip netns add ${P}k$i
+    ip -n $h link add kv type veth peer name eth0 netns ${P}k$i
+    ip -n $h link set kv master br up
+    ip -n $h link set br up
+    ip -n ${P}k$i link set eth0 mtu 1450
+    ip -n ${P}k$i addr add 10.204.77.$i/24 dev eth0
+    ip -n ${P}k$i link set eth0 up
+done
+
+# Userspace path: etcd on the underlay, a daemon per host, a cluster network.
+etcd --name b --data-dir "$WORK/etcd" --listen-client-urls http://$UNDER.1:23790 \
+    --advertise-client-urls http://$UNDER.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
+    --initial-advertise-peer-urls http://127.0.0.1:23800 --initial-cluster b=http://127.0.0.1:23800 \
+    >"$WORK/etcd.log" 2>&1 &
+ETCD=$!
+for _ in $(seq 100); do curl -sf http://$UNDER.1:23790/health >/dev/null && break; sleep 0.1; done
+DAEMONS=
+for i in 1 2; do
+    ip netns exec ${P}h$i "$BIN" serve --socket "$WORK/h$i.sock" --state-dir "$WORK/s$i" \
+        --run-dir "$WORK/r$i" --cluster-endpoints http://$UNDER.1:23790 --node h$i \
+        --underlay $UNDER.1$i >"$WORK/daemon$i.log" 2>&1 &
+    DAEMONS="$DAEMONS $!"
+    for _ in $(seq 100); do [ -S "$WORK/h$i.sock" ] && break; sleep 0.1; done
+done
+VMFABRIC_SOCKET=$WORK/h1.sock "$BIN" network create vx --subnet 10.203.77.0/24 --mtu 1450 --scope cluster >/dev/null
+for _ in $(seq 100); do VMFABRIC_SOCKET=$WORK/h2.sock "$BIN" network show vx >/dev/null 2>&1 && break; sleep 0.2; done
+printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface" ;; esac\n' >"$WORK/udhcpc.sh"
+chmod 755 "$WORK/udhcpc.sh"
+for i in 1 2; do
+    mac=$(VMFABRIC_SOCKET=$WORK/h$i.sock "$BIN" port add vx g$i --kind tap --ifname ${P}t$i --json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
+    ip netns add ${P}u$i
+    ip -n ${P}h$i link set ${P}t$i netns ${P}u$i
+    ip -n ${P}u$i link set ${P}t$i address "$mac" up
+    ip netns exec ${P}u$i busybox udhcpc -i ${P}t$i -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
+done
+U2=$(ip -n ${P}u2 -4 -o addr show dev ${P}t2 | awk '{print $4}' | cut -d/ -f1)
+# The tunnels learn where each guest lives from etcd: wait until they reach each other.
+for _ in $(seq 50); do ip netns exec ${P}u1 busybox ping -c 1 -W 1 "$U2" >/dev/null 2>&1 && break; done
+ip netns exec ${P}u2 iperf3 -s -D -B "$U2" -I "$WORK/iperf-u.pid" >/dev/null
+ip netns exec ${P}k2 iperf3 -s -D -B 10.204.77.2 -I "$WORK/iperf-k.pid" >/dev/null
+sleep 0.5
+
+daemon_ticks() { local t=0; for p in $DAEMONS; do t=$((t + $(cpu_ticks "$p"))); done; echo $t; }
+
+run_one() { # client-ns server-ip tcp|udp
+    local t0 c0 json args=()
+    [ "$3" = udp ] && args=(-u -b 0 -l 64)
+    t0=$(date +%s.%N); c0=$(daemon_ticks)
+    json=$(ip netns exec "$1" iperf3 -c "$2" -t "$SECS" "${args[@]}" -J)
+    python3 -c '
+import json, sys, time
+d = json.loads(sys.argv[1]); kind = sys.argv[2]; t0, c0, c1, hz = map(float, sys.argv[3:7])
+cpu = 100 * (c1 - c0) / hz / (time.time() - t0)
+if kind == "tcp":
+    print("%.2f %.0f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9, cpu))
+else:
+    s = d["end"]["sum"]
+    print("%.0f %.0f" % ((s["packets"] - s["lost_packets"]) / s["seconds"], cpu))
+' "$json" "$3" "$t0" "$c0" "$(daemon_ticks)" "$HZ"
+}
+ut=() utc=() kt=() uu=() uuc=() ku=()
+for _ in $(seq "$RUNS"); do
+    read -r v c < <(run_one ${P}u1 "$U2" tcp); ut+=("$v") utc+=("$c")
+    read -r v _ < <(run_one ${P}k1 10.204.77.2 tcp); kt+=("$v")
+    read -r v c < <(run_one ${P}u1 "$U2" udp); uu+=("$v") uuc+=("$c")
+    read -r v _ < <(run_one ${P}k1 10.204.77.2 udp); ku+=("$v")
+done
+med() { echo "$@" | median; }
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+echo "| path | TCP Gbit/s (median; runs) | UDP 64 B frames/s received (median; runs) | daemons' CPU % (TCP, UDP) |"
+echo "|---|---|---|---|"
+echo "| Linux vxlan + bridge | $(med "${kt[*]}") (${kt[*]}) | $(med "${ku[*]}") (${ku[*]}) | — |"
+echo "| vmfabric userspace VXLAN | $(med "${ut[*]}") (${ut[*]}) | $(med "${uu[*]}") (${uu[*]}) | $(med "${utc[*]}"), $(med "${uuc[*]}") |"
+echo "| vmfabric / Linux | $(ratio "$(med "${ut[*]}")" "$(med "${kt[*]}")") | $(ratio "$(med "${uu[*]}")" "$(med "${ku[*]}")") | |"
