@@ -52,12 +52,12 @@ for i in 1 2; do
     other=$((3 - i))
     h=${P}h$i
     ip -n $h link add vx type vxlan id 4242 dstport 4790 local $UNDER.1$i remote $UNDER.1$other
-    ip -n $h link add br type bridge
-    ip -n $h link set vx master br up
+    ip -n $h link add vxbr type bridge
+    ip -n $h link set vx master vxbr up
     ip netns add ${P}k$i
     ip -n $h link add kv type veth peer name eth0 netns ${P}k$i
-    ip -n $h link set kv master br up
-    ip -n $h link set br up
+    ip -n $h link set kv master vxbr up
+    ip -n $h link set vxbr up
     ip -n ${P}k$i link set eth0 mtu 1450
     ip -n ${P}k$i addr add 10.204.77.$i/24 dev eth0
     ip -n ${P}k$i link set eth0 up
@@ -87,7 +87,7 @@ for i in 1 2; do
         python3 -c 'import json,sys; print(json.load(sys.stdin)["mac"])')
     ip netns add ${P}u$i
     ip -n ${P}h$i link set ${P}t$i netns ${P}u$i
-    ip -n ${P}u$i link set ${P}t$i address "$mac" up
+    ip -n ${P}u$i link set ${P}t$i address "$mac" mtu 1450 up
     ip netns exec ${P}u$i busybox udhcpc -i ${P}t$i -q -f -n -t 10 -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1
 done
 U2=$(ip -n ${P}u2 -4 -o addr show dev ${P}t2 | awk '{print $4}' | cut -d/ -f1)
@@ -129,3 +129,9 @@ echo "|---|---|---|---|"
 echo "| Linux vxlan + bridge | $(med "${kt[*]}") (${kt[*]}) | $(med "${ku[*]}") (${ku[*]}) | — |"
 echo "| vmfabric userspace VXLAN | $(med "${ut[*]}") (${ut[*]}) | $(med "${uu[*]}") (${uu[*]}) | $(med "${utc[*]}"), $(med "${uuc[*]}") |"
 echo "| vmfabric / Linux | $(ratio "$(med "${ut[*]}")" "$(med "${kt[*]}")") | $(ratio "$(med "${uu[*]}")" "$(med "${ku[*]}")") | |"
+# What the tunnels counted (refusals and drops would explain a slow row).
+for i in 1 2; do
+    echo "node h$i:" >&2
+    curl -s --unix-socket "$WORK/h$i.sock" http://vmfabric/metrics |
+        grep -E '^vmfabric_(vxlan_total|port_drops_total|network_drops_total)' | grep -v ' 0$' >&2 || true
+done

@@ -298,8 +298,7 @@ fn drain(fd: &OwnedFd) {
 fn serve(shared: &Shared, epoll: OwnedFd) {
     let mut watched: HashMap<u32, Arc<Tunnel>> = HashMap::new();
     let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
-    let mut datagram = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(65536);
+    let mut arena = vec![0u8; ARENA];
     loop {
         events.clear();
         match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
@@ -312,7 +311,7 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
         }
         for ev in &events {
             match ev.data.u64() {
-                SOCKET_TOKEN => receive(shared, &mut datagram),
+                SOCKET_TOKEN => receive(shared, &mut arena),
                 CONTROL_TOKEN => {
                     drain(&shared.control);
                     if shared.stop.load(Ordering::Relaxed) {
@@ -322,7 +321,7 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
                 }
                 vni => {
                     if let Some(t) = watched.get(&(vni as u32)) {
-                        transmit(shared, t, &mut out);
+                        transmit(shared, t);
                     }
                 }
             }
@@ -348,23 +347,34 @@ fn rewatch(shared: &Shared, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunn
         if epoll::add(epoll, &t.wake, data, epoll::EventFlags::IN).is_ok() {
             watched.insert(*vni, t.clone());
             // Frames may have been queued before the fd was watched.
-            let mut out = Vec::new();
-            transmit(shared, t, &mut out);
+            transmit(shared, t);
         }
     }
 }
 
-/// Takes what waits on the underlay socket into the networks it is for.
-fn receive(shared: &Shared, buf: &mut [u8]) {
+/// The receive arena: datagrams read in one turn, back to back (a turn stops when
+/// less than a largest datagram is left).
+const ARENA: usize = 1 << 20;
+const MAX_DATAGRAM: usize = 65536;
+/// Frames sent per `sendmmsg`.
+const TX_BATCH: usize = 32;
+
+/// Takes what waits on the underlay socket into the networks it is for: a turn's
+/// datagrams first, then each network's frames in one batch (one wake-up of the
+/// switch per network, not one per frame).
+fn receive(shared: &Shared, arena: &mut [u8]) {
     let c = &shared.counters;
     let tunnels = shared.tunnels.load();
-    // A bounded turn, so the networks' own queues get their turn too.
-    for _ in 0..256 {
-        let (n, from) = match shared.socket.recv_from(buf) {
+    // (tunnel, start, length) of each frame taken this turn.
+    let mut taken: Vec<(&Arc<Tunnel>, usize, usize)> = Vec::with_capacity(256);
+    let mut used = 0;
+    while arena.len() - used >= MAX_DATAGRAM && taken.len() < 256 {
+        let (n, from) = match shared.socket.recv_from(&mut arena[used..used + MAX_DATAGRAM]) {
             Ok(got) => got,
-            Err(_) => return,
+            Err(_) => break,
         };
-        let Ok((vni, frame)) = decapsulate(&buf[..n]) else {
+        let datagram = &arena[used..used + n];
+        let Ok((vni, frame)) = decapsulate(datagram) else {
             count(&c.malformed);
             continue;
         };
@@ -393,42 +403,94 @@ fn receive(shared: &Shared, buf: &mut [u8]) {
                 continue;
             }
         }
-        match t.end.try_send(frame) {
-            Ok(()) => count(&c.rx_frames),
-            Err(_) => count(&c.switch_full),
+        taken.push((t, used + HEADER_LEN, n - HEADER_LEN));
+        used += n;
+    }
+    let mut rest = taken.as_slice();
+    while let Some((t, ..)) = rest.first() {
+        // Consecutive frames of one network go together (a turn is mostly one flow).
+        let run = rest.iter().take_while(|(u, ..)| Arc::ptr_eq(u, t)).count();
+        let frames = rest[..run].iter().map(|(_, at, len)| &arena[*at..*at + *len]);
+        let went = t.end.send_batch(frames).unwrap_or(0);
+        c.rx_frames.fetch_add(went as u64, Ordering::Relaxed);
+        c.switch_full.fetch_add((run - went) as u64, Ordering::Relaxed);
+        rest = &rest[run..];
+    }
+}
+
+/// Sends what the switch queued for a tunnel to the member hosts it is for, up to
+/// [`TX_BATCH`] datagrams a system call (`sendmmsg`), each the shared VXLAN header and
+/// the frame, gathered without a copy.
+fn transmit(shared: &Shared, t: &Tunnel) {
+    let c = &shared.counters;
+    drain(&t.wake);
+    let remotes = t.remotes.load();
+    let header = header(t.vni);
+    let mut frames: Vec<Vec<u8>> = Vec::with_capacity(TX_BATCH);
+    let mut sends: Vec<(usize, rustix::net::SocketAddrAny)> = Vec::with_capacity(TX_BATCH);
+    loop {
+        frames.clear();
+        sends.clear();
+        while sends.len() < TX_BATCH {
+            let Some(frame) = t.end.try_recv() else { break };
+            let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
+            let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
+            let local = |m: Option<Mac>| m.is_some_and(|m| remotes.local_everywhere.contains(&m));
+            if local(src) || local(dst) {
+                count(&c.kept_local);
+                t.end.recycle(frame);
+                continue;
+            }
+            let known = dst.filter(Mac::is_unicast).and_then(|m| remotes.macs.get(&m));
+            let targets: &[IpAddr] = match known {
+                Some(ip) => std::slice::from_ref(ip),
+                None => &remotes.members,
+            };
+            for ip in targets {
+                let to = SocketAddr::new(*ip, shared.remote_port);
+                sends.push((frames.len(), rustix::net::SocketAddrAny::from(to)));
+            }
+            frames.push(frame);
+        }
+        if frames.is_empty() {
+            return;
+        }
+        send_all(shared, &header, &frames, &sends);
+        for f in frames.drain(..) {
+            t.end.recycle(f);
         }
     }
 }
 
-/// Sends what the switch queued for a tunnel to the member hosts it is for.
-fn transmit(shared: &Shared, t: &Tunnel, out: &mut Vec<u8>) {
+/// One `sendmmsg` (and more for what it did not take) for `sends`: (frame, member).
+fn send_all(shared: &Shared, header: &[u8], frames: &[Vec<u8>], sends: &[(usize, rustix::net::SocketAddrAny)]) {
+    use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
     let c = &shared.counters;
-    drain(&t.wake);
-    let remotes = t.remotes.load();
-    while let Some(frame) = t.end.try_recv() {
-        let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
-        let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
-        let local = |m: Option<Mac>| m.is_some_and(|m| remotes.local_everywhere.contains(&m));
-        if local(src) || local(dst) {
-            count(&c.kept_local);
-            t.end.recycle(frame);
-            continue;
-        }
-        let known = dst.filter(Mac::is_unicast).and_then(|m| remotes.macs.get(&m));
-        out.clear();
-        out.extend_from_slice(&header(t.vni));
-        out.extend_from_slice(&frame);
-        let targets: &[IpAddr] = match known {
-            Some(ip) => std::slice::from_ref(ip),
-            None => &remotes.members,
-        };
-        for ip in targets {
-            match shared.socket.send_to(out, SocketAddr::new(*ip, shared.remote_port)) {
-                Ok(_) => count(&c.tx_datagrams),
-                Err(_) => count(&c.send_errors),
+    let iovs: Vec<[io::IoSlice<'_>; 2]> = sends
+        .iter()
+        .map(|(f, _)| [io::IoSlice::new(header), io::IoSlice::new(&frames[*f])])
+        .collect();
+    let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = sends.iter().map(|_| Default::default()).collect();
+    let mut msgs: Vec<MMsgHdr<'_>> = sends
+        .iter()
+        .zip(&iovs)
+        .zip(controls.iter_mut())
+        .map(|(((_, to), iov), control)| MMsgHdr::new_with_addr(to, iov, control))
+        .collect();
+    let mut at = 0;
+    while at < msgs.len() {
+        match sendmmsg(&shared.socket, &mut msgs[at..], SendFlags::empty()) {
+            Ok(0) | Err(_) => {
+                // The first of the rest was refused (a full buffer, an unreachable
+                // member): it is lost, the others are tried.
+                count(&c.send_errors);
+                at += 1;
+            }
+            Ok(n) => {
+                c.tx_datagrams.fetch_add(n as u64, Ordering::Relaxed);
+                at += n;
             }
         }
-        t.end.recycle(frame);
     }
 }
 
