@@ -23,6 +23,7 @@ use rustix::event::{epoll, eventfd, EventfdFlags};
 
 use crate::error::{FabricError, Result};
 use crate::frame::EthernetView;
+use crate::offload::SoftFrames;
 use crate::{InProcessEnd, Mac, PortId, PortLock, Switch};
 
 /// The IANA port for VXLAN (Linux's `dstport` default is 8472 unless told 4789).
@@ -218,6 +219,7 @@ impl Vtep {
             return Err(FabricError::InvalidConfig(format!("VNI {vni} is tunnelled already")));
         }
         let (port, end) = self.switch.add_inprocess_port(network, label)?;
+        end.take_offloads();
         let wake = match end.wake_receiver() {
             Ok(fd) => fd,
             Err(e) => {
@@ -299,6 +301,7 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
     let mut watched: HashMap<u32, Arc<Tunnel>> = HashMap::new();
     let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
     let mut arena = vec![0u8; ARENA];
+    let mut soft = SoftFrames::default();
     loop {
         events.clear();
         match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
@@ -321,7 +324,7 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
                 }
                 vni => {
                     if let Some(t) = watched.get(&(vni as u32)) {
-                        transmit(shared, t);
+                        transmit(shared, t, &mut soft);
                     }
                 }
             }
@@ -347,7 +350,7 @@ fn rewatch(shared: &Shared, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunn
         if epoll::add(epoll, &t.wake, data, epoll::EventFlags::IN).is_ok() {
             watched.insert(*vni, t.clone());
             // Frames may have been queued before the fd was watched.
-            transmit(shared, t);
+            transmit(shared, t, &mut SoftFrames::default());
         }
     }
 }
@@ -408,31 +411,42 @@ fn receive(shared: &Shared, arena: &mut [u8]) {
     }
     let mut rest = taken.as_slice();
     while let Some((t, ..)) = rest.first() {
-        // Consecutive frames of one network go together (a turn is mostly one flow).
+        // Consecutive frames of one network go together (a turn is mostly one flow),
+        // a TCP flow's segments merged back into one as the sender's TSO made them.
         let run = rest.iter().take_while(|(u, ..)| Arc::ptr_eq(u, t)).count();
-        let frames = rest[..run].iter().map(|(_, at, len)| &arena[*at..*at + *len]);
-        let went = t.end.send_batch(frames).unwrap_or(0);
-        c.rx_frames.fetch_add(went as u64, Ordering::Relaxed);
-        c.switch_full.fetch_add((run - went) as u64, Ordering::Relaxed);
+        let mut coalescer = crate::offload::TcpCoalescer::default();
+        for (_, at, len) in &rest[..run] {
+            coalescer.push(&arena[*at..*at + *len]);
+        }
+        let merged = coalescer.finish();
+        let _ = t.end.send_owned(merged);
+        // What the switch had no room for stays behind: dropped, as a full NIC ring.
+        let lost = merged.len();
+        merged.clear();
+        c.rx_frames.fetch_add(run as u64, Ordering::Relaxed);
+        c.switch_full.fetch_add(lost as u64, Ordering::Relaxed);
         rest = &rest[run..];
     }
 }
 
 /// Sends what the switch queued for a tunnel to the member hosts it is for, up to
 /// [`TX_BATCH`] datagrams a system call (`sendmmsg`), each the shared VXLAN header and
-/// the frame, gathered without a copy.
-fn transmit(shared: &Shared, t: &Tunnel) {
+/// the frame, gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP
+/// segment takes one place in its queue, and is cut into the network's MTU here.
+fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
     let c = &shared.counters;
     drain(&t.wake);
     let remotes = t.remotes.load();
     let header = header(t.vni);
-    let mut frames: Vec<Vec<u8>> = Vec::with_capacity(TX_BATCH);
-    let mut sends: Vec<(usize, rustix::net::SocketAddrAny)> = Vec::with_capacity(TX_BATCH);
+    let mut frames: Vec<Vec<u8>> = Vec::with_capacity(2 * TX_BATCH);
+    let mut sends: Vec<(usize, rustix::net::SocketAddrAny)> = Vec::with_capacity(2 * TX_BATCH);
     loop {
         frames.clear();
         sends.clear();
         while sends.len() < TX_BATCH {
-            let Some(frame) = t.end.try_recv() else { break };
+            let Some((frame, offload)) = t.end.try_recv_offloaded() else {
+                break;
+            };
             let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
             let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
             let local = |m: Option<Mac>| m.is_some_and(|m| remotes.local_everywhere.contains(&m));
@@ -446,11 +460,23 @@ fn transmit(shared: &Shared, t: &Tunnel) {
                 Some(ip) => std::slice::from_ref(ip),
                 None => &remotes.members,
             };
-            for ip in targets {
-                let to = SocketAddr::new(*ip, shared.remote_port);
-                sends.push((frames.len(), rustix::net::SocketAddrAny::from(to)));
+            let mut queue = |f: Vec<u8>| {
+                for ip in targets {
+                    let to = SocketAddr::new(*ip, shared.remote_port);
+                    sends.push((frames.len(), rustix::net::SocketAddrAny::from(to)));
+                }
+                frames.push(f);
+            };
+            if offload.is_plain() {
+                queue(frame);
+                continue;
             }
-            frames.push(frame);
+            soft.clear();
+            match soft.push(&frame, &offload) {
+                Ok(()) => soft.frames().iter().for_each(|f| queue(f.clone())),
+                Err(_) => count(&c.malformed),
+            }
+            t.end.recycle(frame);
         }
         if frames.is_empty() {
             return;
