@@ -12,12 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
-RUNS=${RUNS:-3}
-SECS=${SECS:-10}
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-need_packages iperf3
-bench_binary
-WORK=$(mktemp -d)
+bench_start iperf3
 export VMFABRIC_SOCKET=$WORK/api.sock
 P=kb$$
 cleanup() {

@@ -18,6 +18,17 @@ start_daemon() {
     for _ in $(seq 100); do [ -S "$VMFABRIC_SOCKET" ] && break; sleep 0.1; done
 }
 
+# What every benchmark starts with: RUNS and SECS defaulted, root checked, the Debian
+# packages named installed, BIN built, a scratch directory in WORK.
+bench_start() {
+    RUNS=${RUNS:-3}
+    SECS=${SECS:-10}
+    [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
+    need_packages "$@"
+    bench_binary
+    WORK=$(mktemp -d)
+}
+
 # Installs Debian packages that are missing.
 need_packages() {
     for p in "$@"; do

@@ -21,18 +21,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
-RUNS=${RUNS:-3}
 MIB=${MIB:-100}
 # Uploads are smaller: busybox nc in the emulated guest sends about 10 Mbit/s whatever the
 # backend (measured), so 100 MiB would take minutes per run.
 UP_MIB=${UP_MIB:-10}
 MTUS=${MTUS:-1500 65520}
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-need_packages qemu-system-x86 python3
-bench_binary
+bench_start qemu-system-x86 python3
 GUEST=${VMFABRIC_GUEST_DIR:-$PWD/target/guest}
 [ -f "$GUEST/vmlinuz" ] || guest/build.sh "$GUEST" >&2
-WORK=$(mktemp -d)
 export VMFABRIC_SOCKET=$WORK/api.sock
 # Under TCG the guest's own TSC calibration can fail on a busy host and hang its kernel
 # (as the VM runner knows): it is given the host's rate.

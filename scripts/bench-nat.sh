@@ -21,19 +21,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
-RUNS=${RUNS:-3}
-SECS=${SECS:-10}
 SYNS=${SYNS:-2000}
 MTUS=${MTUS:-1500 65520}
 ENGINES=${ENGINES:-splice stack}
 FAMILY=${FAMILY:-4}
 [ "$FAMILY" = 6 ] && ENGINES=${ENGINES/stack/}   # the stack engine carries IPv4 only
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-need_packages iperf3 slirp4netns passt
-bench_binary
+bench_start iperf3 slirp4netns passt
 cargo build --release -q -p testkit --bin connect-rate
 CONNECT_RATE=$PWD/target/release/connect-rate
-WORK=$(mktemp -d)
 export VMFABRIC_SOCKET=$WORK/api.sock
 VNS=vfb$$
 SNS=slbench$$

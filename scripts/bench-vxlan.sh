@@ -15,12 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
-RUNS=${RUNS:-3}
-SECS=${SECS:-10}
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-need_packages iperf3 etcd-server busybox-static
-bench_binary
-WORK=$(mktemp -d)
+bench_start iperf3 etcd-server busybox-static
 P=vb$$
 UNDER=10.201.77
 cleanup() {

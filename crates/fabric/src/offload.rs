@@ -262,8 +262,18 @@ impl SoftFrames {
 
     /// Appends `frame` as a port without offloads must see it: cut into segments and
     /// checksummed as its offload asks (copied as it is when plain). The frame passed
-    /// [`Offload::check`]; a frame that still does not parse is an error, never a panic.
+    /// [`Offload::check`]; a frame that still does not parse is an error, never a panic,
+    /// and leaves nothing of itself behind.
     pub fn push(&mut self, frame: &[u8], off: &Offload) -> Result<(), DropReason> {
+        let before = self.len;
+        let made = self.make(frame, off);
+        if made.is_err() {
+            self.len = before;
+        }
+        made
+    }
+
+    fn make(&mut self, frame: &[u8], off: &Offload) -> Result<(), DropReason> {
         match (off.gso, off.csum) {
             (Some(gso), _) => self.segment(frame, &gso),
             (None, Some(csum)) => {

@@ -439,10 +439,12 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
     let remotes = t.remotes.load();
     let header = header(t.vni);
     let mut frames: Vec<Vec<u8>> = Vec::with_capacity(2 * TX_BATCH);
-    let mut sends: Vec<(usize, rustix::net::SocketAddrAny)> = Vec::with_capacity(2 * TX_BATCH);
+    let mut sends: Vec<(Queued, rustix::net::SocketAddrAny)> = Vec::with_capacity(2 * TX_BATCH);
     loop {
         frames.clear();
         sends.clear();
+        // A batch's software-cut segments stay in `soft` until they are sent.
+        soft.clear();
         while sends.len() < TX_BATCH {
             let Some((frame, offload)) = t.end.try_recv_offloaded() else {
                 break;
@@ -460,41 +462,61 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
                 Some(ip) => std::slice::from_ref(ip),
                 None => &remotes.members,
             };
-            let mut queue = |f: Vec<u8>| {
+            let mut queue = |what: Queued| {
                 for ip in targets {
                     let to = SocketAddr::new(*ip, shared.remote_port);
-                    sends.push((frames.len(), rustix::net::SocketAddrAny::from(to)));
+                    sends.push((what, rustix::net::SocketAddrAny::from(to)));
                 }
-                frames.push(f);
             };
             if offload.is_plain() {
-                queue(frame);
+                queue(Queued::Frame(frames.len()));
+                frames.push(frame);
                 continue;
             }
-            soft.clear();
+            let before = soft.frames().len();
             match soft.push(&frame, &offload) {
-                Ok(()) => soft.frames().iter().for_each(|f| queue(f.clone())),
+                Ok(()) => (before..soft.frames().len()).for_each(|i| queue(Queued::Segment(i))),
                 Err(_) => count(&c.malformed),
             }
             t.end.recycle(frame);
         }
-        if frames.is_empty() {
+        if sends.is_empty() {
             return;
         }
-        send_all(shared, &header, &frames, &sends);
+        send_all(shared, &header, &frames, soft.frames(), &sends);
         for f in frames.drain(..) {
             t.end.recycle(f);
         }
     }
 }
 
+/// A frame waiting in a transmit batch: as the switch queued it, or a segment cut
+/// from an offloaded one.
+#[derive(Clone, Copy)]
+enum Queued {
+    Frame(usize),
+    Segment(usize),
+}
+
 /// One `sendmmsg` (and more for what it did not take) for `sends`: (frame, member).
-fn send_all(shared: &Shared, header: &[u8], frames: &[Vec<u8>], sends: &[(usize, rustix::net::SocketAddrAny)]) {
+fn send_all(
+    shared: &Shared,
+    header: &[u8],
+    frames: &[Vec<u8>],
+    segments: &[Vec<u8>],
+    sends: &[(Queued, rustix::net::SocketAddrAny)],
+) {
     use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
     let c = &shared.counters;
     let iovs: Vec<[io::IoSlice<'_>; 2]> = sends
         .iter()
-        .map(|(f, _)| [io::IoSlice::new(header), io::IoSlice::new(&frames[*f])])
+        .map(|(what, _)| {
+            let frame = match *what {
+                Queued::Frame(i) => &frames[i],
+                Queued::Segment(i) => &segments[i],
+            };
+            [io::IoSlice::new(header), io::IoSlice::new(frame)]
+        })
         .collect();
     let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = sends.iter().map(|_| Default::default()).collect();
     let mut msgs: Vec<MMsgHdr<'_>> = sends

@@ -4,6 +4,7 @@
 //! to the daemon's runtime and waited for, briefly. Renewals and releases are written
 //! back to etcd later, so they never wait for it (and survive its outage).
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +23,26 @@ pub struct ClusterLeases {
     link: Arc<ClusterLink>,
     network: String,
     local: SqliteLeaseStore,
+    /// Each bound MAC's address, so a release knows what to give up in etcd without
+    /// reading every lease back.
+    bound: HashMap<Mac, Ipv4Addr>,
 }
 
 impl ClusterLeases {
     pub fn new(link: Arc<ClusterLink>, network: &str, local: SqliteLeaseStore) -> ClusterLeases {
+        // A store that cannot be read leaves the map empty: a release it misses is
+        // not written back, and the holder in etcd lapses at its lease's end instead.
+        let bound = local
+            .load()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| (l.mac, l.ip))
+            .collect();
         ClusterLeases {
             link,
             network: network.to_string(),
             local,
+            bound,
         }
     }
 }
@@ -41,14 +54,15 @@ impl LeaseStore for ClusterLeases {
 
     fn save(&mut self, lease: &Lease) -> Result<(), StoreError> {
         self.local.save(lease)?;
+        self.bound.insert(lease.mac, lease.ip);
         self.link
             .write_back(&self.network, lease.ip, WriteBack::Hold(lease.clone()));
         Ok(())
     }
 
     fn remove(&mut self, mac: Mac) -> Result<(), StoreError> {
-        let ip = self.local.load()?.into_iter().find(|l| l.mac == mac).map(|l| l.ip);
         self.local.remove(mac)?;
+        let ip = self.bound.remove(&mac);
         if let Some(ip) = ip {
             self.link.write_back(&self.network, ip, WriteBack::Release(mac));
         }

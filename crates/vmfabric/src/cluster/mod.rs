@@ -40,6 +40,8 @@ pub enum ClusterError {
     Corrupt { key: String, value: String },
     #[error("{0}: too many nodes changed it at once; try again")]
     Contended(String),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// What a claim on an address came to.

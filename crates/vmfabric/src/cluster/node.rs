@@ -176,7 +176,7 @@ impl ClusterLink {
         self.cfg.runtime.block_on(async {
             match tokio::time::timeout(REQUEST_WAIT, f).await {
                 Ok(r) => r,
-                Err(_) => Err(ClusterError::Contended("etcd did not answer in time".into())),
+                Err(_) => Err(ClusterError::Timeout(REQUEST_WAIT)),
             }
         })
     }

@@ -136,22 +136,13 @@ impl Control {
         }
         // The creating node checked its host routes; this one serves it as it is.
         self.check_network(&st, &spec, true)?;
-        self.bring_up_network(&mut st, spec.clone())?;
-        if let Err(e) = self.store.put_network(&spec) {
-            self.tear_down_network(&mut st, &spec.name);
-            return Err(e.into());
-        }
-        Ok(())
+        self.make_network(&mut st, &spec)
     }
 
     /// Takes down a cluster network etcd no longer has, with its ports, here only.
     pub fn drop_cluster_network(&self, name: &str) -> Result<(), ControlError> {
         let mut st = self.lock();
-        self.store.delete_network(name)?;
-        st.failed.networks.remove(name);
-        st.failed.ports.retain(|(net, _), _| net != name);
-        self.tear_down_network(&mut st, name);
-        Ok(())
+        self.forget_network(&mut st, name)
     }
 
     /// A cluster network served here: `Some(its gateway's MAC, if it has a gateway)`.

@@ -175,17 +175,32 @@ impl Control {
         self.check_network(&st, &spec, force)?;
         // The cluster first: a name taken there is not this node's to take.
         self.publish_cluster_network(&spec)?;
-        let made = self.bring_up_network(&mut st, spec.clone()).and_then(|()| {
-            self.store.put_network(&spec).map_err(|e| {
-                self.tear_down_network(&mut st, &spec.name);
-                e.into()
-            })
-        });
-        if let Err(e) = made {
+        if let Err(e) = self.make_network(&mut st, &spec) {
             let _ = self.unpublish_cluster_network(&spec);
             return Err(e);
         }
         Ok(spec)
+    }
+
+    /// Brings a checked network up and stores it; taken down again if the store
+    /// refuses it.
+    fn make_network(&self, st: &mut State, spec: &NetworkSpec) -> Result<(), ControlError> {
+        self.bring_up_network(st, spec.clone())?;
+        if let Err(e) = self.store.put_network(spec) {
+            self.tear_down_network(st, &spec.name);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The store forgets a network, its ports, leases and forwards in one transaction;
+    /// then everything it had here (if it came up at all) is taken down.
+    fn forget_network(&self, st: &mut State, name: &str) -> Result<(), ControlError> {
+        self.store.delete_network(name)?;
+        st.failed.networks.remove(name);
+        st.failed.ports.retain(|(net, _), _| net != name);
+        self.tear_down_network(st, name);
+        Ok(())
     }
 
     /// Makes a network's switch network, backend and gateway, undoing what was made
@@ -366,10 +381,7 @@ impl Control {
         let mut st = self.lock();
         if !st.nets.contains_key(name) && st.failed.networks.contains_key(name) {
             // Never came back at start: only its rows remain.
-            self.store.delete_network(name)?;
-            st.failed.networks.remove(name);
-            st.failed.ports.retain(|(net, _), _| net != name);
-            return Ok(());
+            return self.forget_network(&mut st, name);
         }
         let net = st.net(name)?;
         if !net.ports.is_empty() && !force {
@@ -380,12 +392,7 @@ impl Control {
         }
         // Every node takes a cluster network down; this one at once.
         self.unpublish_cluster_network(&net.spec.clone())?;
-        // The store forgets the network, its ports, leases and forwards in one
-        // transaction; then everything it had is taken down.
-        self.store.delete_network(name)?;
-        st.failed.ports.retain(|(net, _), _| net != name);
-        self.tear_down_network(&mut st, name);
-        Ok(())
+        self.forget_network(&mut st, name)
     }
 
     pub fn networks(&self) -> Vec<NetworkView> {
