@@ -14,7 +14,7 @@ pub mod links;
 pub mod mac;
 pub mod nft;
 
-pub use links::{Links, OwnedLink, TapOptions};
+pub use links::{Links, OwnedLink, TapOptions, VxlanOptions};
 
 /// The `ifalias` prefix of every device vmfabric creates.
 pub const ALIAS_PREFIX: &str = "vmfabric:";

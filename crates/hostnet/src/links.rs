@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVxlan};
 
 use crate::{HostnetError, ALIAS_PREFIX};
 
@@ -39,6 +39,17 @@ pub struct TapOptions {
     /// uplink and the bridge itself stay reachable).
     pub isolated: bool,
     pub mtu: Option<u32>,
+}
+
+/// How a network's VXLAN device is made: RFC 7348 encapsulation as Linux and
+/// vmfabric's userspace VTEP both speak it.
+#[derive(Debug, Clone)]
+pub struct VxlanOptions {
+    pub vni: u32,
+    /// This host's underlay address: datagrams leave from it.
+    pub local: Ipv4Addr,
+    pub port: u16,
+    pub mtu: u32,
 }
 
 /// A netlink connection in the network namespace of the thread that opened it.
@@ -210,6 +221,95 @@ impl Links {
         Ok(index)
     }
 
+    /// Makes the VXLAN device `name`, tagged `tag`, on `bridge`, up, with an empty
+    /// forwarding table: one found from before is made again, so no entry of a past
+    /// run outlives it. No learning: where a MAC lives is programmed ([`Self::fdb_add`]).
+    pub async fn ensure_vxlan(
+        &self,
+        name: &str,
+        tag: &str,
+        bridge: u32,
+        opts: &VxlanOptions,
+    ) -> Result<u32, HostnetError> {
+        valid_name(name)?;
+        if let Some(old) = self.ours(name).await? {
+            self.handle.link().del(old).execute().await?;
+        }
+        let link = LinkVxlan::new(name, opts.vni)
+            .local(opts.local)
+            .port(opts.port)
+            .learning(false)
+            .mtu(opts.mtu)
+            .build();
+        self.handle.link().add(link).execute().await?;
+        let index = self.index_of(name).await?;
+        let set = LinkUnspec::new_with_index(index)
+            .alias(format!("{ALIAS_PREFIX}{tag}"))
+            .controller(bridge)
+            .up();
+        self.handle.link().set(set.build()).execute().await?;
+        // The bridge does not learn on it either: remote MACs stay where etcd says.
+        let port = LinkBridgePort::new(index).learning(false).build();
+        self.handle.link().set_port(port).execute().await?;
+        Ok(index)
+    }
+
+    /// Sends frames for `mac` on the VXLAN device `index` to `dst`, and has the bridge
+    /// send them to the device (a static entry: it does not learn there). The
+    /// all-zeros MAC adds `dst` to those that get broadcasts and unknown unicast
+    /// (head-end replication: one entry per member, hence appended, not replaced).
+    pub async fn fdb_add(&self, index: u32, mac: fabric::Mac, dst: IpAddr) -> Result<(), HostnetError> {
+        use rtnetlink::packet_core::{NLM_F_APPEND, NLM_F_REPLACE};
+        if mac == fabric::Mac([0; 6]) {
+            return self
+                .neighbour_request(fdb_entry(index, mac, Some(dst)), NLM_F_APPEND)
+                .await;
+        }
+        self.neighbour_request(fdb_entry(index, mac, Some(dst)), NLM_F_REPLACE)
+            .await?;
+        self.neighbour_request(fdb_entry(index, mac, None), NLM_F_REPLACE).await
+    }
+
+    /// Takes back what [`Self::fdb_add`] programmed; an entry already gone is fine.
+    pub async fn fdb_del(&self, index: u32, mac: fabric::Mac, dst: IpAddr) -> Result<(), HostnetError> {
+        const ENOENT: i32 = -libc::ENOENT;
+        let mut entries = vec![fdb_entry(index, mac, Some(dst))];
+        if mac != fabric::Mac([0; 6]) {
+            entries.push(fdb_entry(index, mac, None));
+        }
+        for entry in entries {
+            match self.handle.neighbours().del(entry).execute().await {
+                Err(e) if code(&e) == Some(ENOENT) => {}
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A new neighbour entry with the creation flag `how` (rtnetlink's own request
+    /// cannot append).
+    async fn neighbour_request(
+        &self,
+        entry: rtnetlink::packet_route::neighbour::NeighbourMessage,
+        how: u16,
+    ) -> Result<(), HostnetError> {
+        use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+        use rtnetlink::packet_route::RouteNetlinkMessage;
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(entry));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | how;
+        let mut handle = self.handle.clone();
+        let mut answers = handle.request(req)?;
+        while let Some(m) = futures_util::StreamExt::next(&mut answers).await {
+            match m.payload {
+                // Appending an entry that is there already.
+                NetlinkPayload::Error(e) if e.raw_code() == EEXIST => {}
+                NetlinkPayload::Error(e) => return Err(rtnetlink::Error::NetlinkError(e).into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The index of the device vmfabric made under `name`, if there is one.
     pub async fn index(&self, name: &str) -> Result<Option<u32>, HostnetError> {
         self.ours(name).await
@@ -259,6 +359,40 @@ impl Links {
         }
         Ok(gone)
     }
+}
+
+/// With `dst`, the VXLAN device's own forwarding entry (`bridge fdb ... dev VXLAN dst
+/// IP self permanent`); without, the bridge's static entry for the MAC on that device
+/// (`... master static`).
+fn fdb_entry(
+    index: u32,
+    mac: fabric::Mac,
+    dst: Option<IpAddr>,
+) -> rtnetlink::packet_route::neighbour::NeighbourMessage {
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    };
+    use rtnetlink::packet_route::AddressFamily;
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = index;
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    match dst {
+        Some(dst) => {
+            m.header.state = NeighbourState::Permanent;
+            m.header.flags = NeighbourFlags::Own;
+            m.attributes.push(NeighbourAttribute::Destination(match dst {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }));
+        }
+        None => {
+            // Permanent would make it the bridge's own address; static is NOARP.
+            m.header.state = NeighbourState::Noarp;
+            m.header.flags = NeighbourFlags::Controller;
+        }
+    }
+    m
 }
 
 /// Creates the TAP device `name` if it does not exist (an existing one is reused) and

@@ -170,7 +170,29 @@ pub struct NetworkRules {
     /// Live connections out of the network each guest address may hold (`None`: no
     /// bound).
     pub flows_per_guest: Option<u32>,
+    /// A cluster network's VXLAN device on the bridge.
+    pub tunnel: Option<TunnelRules>,
 }
+
+/// What a cluster network's VXLAN device may carry: datagrams only from the cluster's
+/// nodes, frames only from other nodes' guests (each from the addresses it holds),
+/// and never the gateway's own frames (it is the same gateway on every node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRules {
+    pub ifname: String,
+    /// The UDP port VXLAN arrives on.
+    pub port: u16,
+    /// The registered nodes' underlay addresses.
+    pub peers: Vec<Ipv4Addr>,
+    /// MACs every node has as its own: the gateway's and the router's.
+    pub kept_local: Vec<fabric::Mac>,
+    /// Other nodes' guests: each MAC with the addresses it holds.
+    pub remote: Vec<(fabric::Mac, Vec<Ipv4Addr>)>,
+}
+
+/// What a tunnel's refusals are counted as: frames (bridge family) and datagrams
+/// from strangers (inet).
+pub const TUNNEL_COUNTERS: [&str; 2] = ["tunnel", "vxlan"];
 
 const LINK_LOCAL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16);
 
@@ -495,6 +517,12 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
     b.add(chain("forward", NfChainType::Filter, NfHook::Forward, 0));
     b.add(chain("input", NfChainType::Filter, NfHook::Input, 0));
     b.add(chain("guard", NfChainType::Filter, NfHook::Prerouting, -300));
+    if networks.iter().any(|n| n.tunnel.is_some()) {
+        // Frames leaving by a tunnel: bridged from a port, or the bridge's own.
+        for (name, hook) in [("tunnel_out", NfHook::Forward), ("tunnel_own", NfHook::Output)] {
+            b.add(family_chain(NfFamily::Bridge, name, NfChainType::Filter, hook, 0));
+        }
+    }
     for n in networks {
         if n.flows_per_guest.is_some() {
             let families = [(IpFamily::V4, true), (IpFamily::V6, n.ipv6.is_some())];
@@ -517,10 +545,17 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
             }
         }
         let bridge_counters = BRIDGE_COUNTERS.iter().filter(|_| n.ipv6.is_some());
+        let tunnel_counters = n.tunnel.iter().flat_map(|_| {
+            [
+                (NfFamily::Bridge, &TUNNEL_COUNTERS[0]),
+                (NfFamily::INet, &TUNNEL_COUNTERS[1]),
+            ]
+        });
         let counters = ["egress", "input", "flows"]
             .iter()
             .map(|c| (NfFamily::INet, c))
-            .chain(bridge_counters.map(|c| (NfFamily::Bridge, c)));
+            .chain(bridge_counters.map(|c| (NfFamily::Bridge, c)))
+            .chain(tunnel_counters);
         for (family, chain) in counters {
             b.add(NfListObject::Counter(Counter {
                 family,
@@ -594,6 +629,11 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
                 ));
             }
         }
+        if let Some(t) = &n.tunnel {
+            for obj in tunnel_rules(t, &n.bridge) {
+                b.add(obj);
+            }
+        }
         for obj in egress_rules(n, networks) {
             b.add(obj);
         }
@@ -602,6 +642,70 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
         }
     }
     Ok(b.to_nftables())
+}
+
+/// A tunnel's rules: what [`TunnelRules`] says, each refusal counted.
+fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
+    let counted = |counter: &str, mut matches: Vec<Statement<'static>>| {
+        matches.push(Statement::Counter(stmt::Counter::Named(
+            counter_name(counter, bridge).into(),
+        )));
+        matches.push(Statement::Drop(None));
+        matches
+    };
+    let from = || is(meta(MetaKey::Iifname), Operator::EQ, text(&t.ifname));
+    let to = || is(meta(MetaKey::Oifname), Operator::EQ, text(&t.ifname));
+    let local_macs = || set(t.kept_local.iter().map(text));
+    let mut out = Vec::new();
+    // Datagrams from anybody but the cluster's nodes (a guest's too): never decapsulated.
+    let mut stranger = vec![is(field("udp", "dport"), Operator::EQ, number(u32::from(t.port)))];
+    if !t.peers.is_empty() {
+        stranger.push(is(field("ip", "saddr"), Operator::NEQ, set(t.peers.iter().map(text))));
+    }
+    out.push(rule("guard", counted("vxlan", stranger)));
+    let mut inbound = vec![counted(
+        "tunnel",
+        vec![from(), is(field("ether", "saddr"), Operator::IN, local_macs())],
+    )];
+    let mut stranger_mac = vec![from()];
+    if !t.remote.is_empty() {
+        let macs = set(t.remote.iter().map(|(mac, _)| text(mac)));
+        stranger_mac.push(is(field("ether", "saddr"), Operator::NEQ, macs));
+    }
+    inbound.push(counted("tunnel", stranger_mac));
+    inbound.push(counted(
+        "tunnel",
+        vec![from(), is(field("ether", "type"), Operator::EQ, number(0x86dd))],
+    ));
+    for (mac, ips) in &t.remote {
+        let allowed = || set(ips.iter().copied().chain([Ipv4Addr::UNSPECIFIED]).map(text));
+        let of = || is(field("ether", "saddr"), Operator::EQ, text(mac));
+        inbound.push(counted(
+            "tunnel",
+            vec![from(), of(), is(field("ip", "saddr"), Operator::NEQ, allowed())],
+        ));
+        inbound.push(counted(
+            "tunnel",
+            vec![from(), of(), is(field("arp", "saddr ip"), Operator::NEQ, allowed())],
+        ));
+    }
+    out.extend(inbound.into_iter().map(|r| family_rule(NfFamily::Bridge, "ports", r)));
+    for chain in ["tunnel_out", "tunnel_own"] {
+        let own = vec![
+            to(),
+            is(field("ether", "saddr"), Operator::IN, local_macs()),
+            Statement::Drop(None),
+        ];
+        out.push(family_rule(NfFamily::Bridge, chain, own));
+        // DHCP is each node's own gateway's to answer.
+        let dhcp = vec![
+            to(),
+            is(field("udp", "dport"), Operator::EQ, number(67)),
+            Statement::Drop(None),
+        ];
+        out.push(family_rule(NfFamily::Bridge, chain, dhcp));
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,7 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
             egress: Egress::default(),
             ipv6: None,
             flows_per_guest: Some(1536),
+            tunnel: None,
             forwards: vec![Forward {
                 proto: "tcp".into(),
                 host: "0.0.0.0:8080".parse().unwrap(),
@@ -29,6 +30,7 @@ fn the_table_holds_masquerade_dnat_and_isolation() {
             egress: Egress::default(),
             ipv6: None,
             flows_per_guest: None,
+            tunnel: None,
             forwards: vec![],
             locked_ports: vec![],
         },
@@ -96,6 +98,7 @@ fn a_network_with_ipv6_gets_its_rules_for_both_versions() {
         },
         ipv6: Some("fd00:70::/64".parse().unwrap()),
         flows_per_guest: Some(100),
+        tunnel: None,
         forwards: vec![],
         locked_ports: vec![PortLock {
             ifname: "vmft6".into(),

@@ -145,6 +145,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         egress: Egress::default(),
         ipv6: None,
         flows_per_guest: None,
+        tunnel: None,
         forwards: vec![Forward {
             proto: "tcp".into(),
             host: "10.205.0.1:8081".parse().unwrap(),
@@ -166,6 +167,7 @@ fn masquerade_forwards_and_isolation_with_real_traffic() {
         ipv6: None,
         // Small, so that the test can reach it.
         flows_per_guest: Some(FLOWS_PER_GUEST),
+        tunnel: None,
         forwards: vec![],
         locked_ports: vec![],
     };

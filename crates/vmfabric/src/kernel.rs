@@ -38,6 +38,20 @@ pub fn bridge_mac(instance: &str, network: &str) -> Mac {
     Mac::derived(&["bridge", instance, network])
 }
 
+/// The bridge's MAC as made: a cluster network's is its gateway's, the same on every
+/// node (the distributed gateway: a guest that moves keeps its router's MAC).
+pub fn bridge_mac_of(instance: &str, rec: &NetworkSpec) -> Mac {
+    match rec.scope {
+        crate::model::Scope::Cluster => gateway::GatewayConfig::new(&rec.name, rec.subnet).gateway_mac,
+        crate::model::Scope::Host => bridge_mac(instance, &rec.name),
+    }
+}
+
+/// A cluster network's VXLAN device on its bridge.
+pub fn vxlan_name(instance: &str, network: &str) -> String {
+    device_name("vmfx", &["vxlan", instance, network])
+}
+
 pub fn uplink_name(instance: &str, network: &str) -> String {
     device_name("vmfu", &["uplink", instance, network])
 }
@@ -78,6 +92,7 @@ pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -
     let localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", bridge_name(instance, rec));
     let bridge_dev = bridge_name(instance, rec);
     let instance_name = instance.to_string();
+    let mac = bridge_mac_of(instance, rec);
     let (name, prefix, mtu, instance) = (
         rec.name.to_string(),
         rec.subnet.prefix_len(),
@@ -86,7 +101,6 @@ pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -
     );
     on_netlink(move |links| async move {
         let tag = format!("{instance} network {name}");
-        let mac = bridge_mac(&instance, &name);
         let bridge = links
             .ensure_bridge_with(&bridge_dev, &tag, router, prefix, Some(mtu), Some(mac))
             .await?;
@@ -112,17 +126,11 @@ pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -
                     .map_err(|e| HostnetError::Invalid(format!("cannot set {}: {e}", bridge_v6(key))))?;
             }
             let router6 = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 1);
-            let link_local = gateway::config::slaac_address(
-                std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
-                bridge_mac(&instance_name, &rec.name),
-            );
+            let link_local = gateway::config::slaac_address(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), mac);
             let bridge_dev = bridge_name(&instance_name, rec);
             let prefix_len = prefix.prefix_len();
             on_netlink(move |links| async move {
-                let index = links
-                    .index(&bridge_dev)
-                    .await?
-                    .ok_or_else(|| HostnetError::Invalid(format!("the bridge {bridge_dev} is missing")))?;
+                let index = existing(&links, &bridge_dev).await?;
                 links.ensure_address6(index, link_local, 64).await?;
                 links.ensure_address6(index, router6, prefix_len).await
             })?;
@@ -147,16 +155,21 @@ pub fn bring_up(instance: &str, rec: &NetworkSpec, router: std::net::Ipv4Addr) -
     Ok(())
 }
 
+/// The index of the device `name` vmfabric made, which must be there.
+async fn existing(links: &Links, name: &str) -> Result<u32, HostnetError> {
+    links
+        .index(name)
+        .await?
+        .ok_or_else(|| HostnetError::Invalid(format!("{name} is missing (deleted by hand?)")))
+}
+
 /// Makes (or adopts) a port's TAP device on the network's bridge.
 /// The device keeps a MAC of its own: the guest's MAC goes to the VMM and the port's
 /// rules, never to the host side, or the bridge would take the guest's frames.
 pub fn add_port(instance: &str, bridge: &str, rec: &PortRecord, mtu: u32, isolated: bool) -> Result<(), HostnetError> {
     let (instance, bridge_dev, rec) = (instance.to_string(), bridge.to_string(), rec.clone());
     on_netlink(move |links| async move {
-        let bridge = links
-            .index(&bridge_dev)
-            .await?
-            .ok_or_else(|| HostnetError::Invalid(format!("the bridge of {} is missing", rec.network)))?;
+        let bridge = existing(&links, &bridge_dev).await?;
         let owner = match (rec.tap.owner_uid, rec.tap.owner_gid) {
             (None, None) => None,
             (uid, gid) => Some((uid.unwrap_or(0), gid.unwrap_or(0))),
@@ -171,6 +184,53 @@ pub fn add_port(instance: &str, bridge: &str, rec: &PortRecord, mtu: u32, isolat
         };
         let tag = format!("{instance} port {}/{}", rec.network, rec.name);
         links.ensure_tap(&rec.path, &tag, bridge, &opts).await?;
+        Ok(())
+    })
+}
+
+/// Makes a cluster network's VXLAN device on its bridge afresh (no forwarding entries).
+pub fn add_vxlan(instance: &str, rec: &NetworkSpec, opts: hostnet::VxlanOptions) -> Result<(), HostnetError> {
+    let (bridge_dev, device) = (bridge_name(instance, rec), vxlan_name(instance, &rec.name));
+    let tag = format!("{instance} vxlan {}", rec.name);
+    on_netlink(move |links| async move {
+        let bridge = existing(&links, &bridge_dev).await?;
+        links.ensure_vxlan(&device, &tag, bridge, &opts).await?;
+        Ok(())
+    })?;
+    // Checksums are filled before encapsulation, not left to the underlay's NIC: a
+    // virtual underlay (veth, virtio) hands a frame's partial checksum on as it is, and
+    // a node that reads VXLAN from a socket (vmfabric's userspace VTEP) never learns
+    // it was partial. (ethtool: netlink's ethtool family has no crate we use.)
+    let device = vxlan_name(instance, &rec.name);
+    let out = std::process::Command::new("ethtool")
+        .args(["-K", &device, "tx", "off"])
+        .output()
+        .map_err(|e| HostnetError::Invalid(format!("ethtool: {e}")))?;
+    if !out.status.success() {
+        return Err(HostnetError::Invalid(format!(
+            "ethtool -K {device} tx off: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Changes a VXLAN device's forwarding entries: (MAC, node) pairs; the all-zeros MAC
+/// is a member that gets broadcasts.
+pub fn program_fdb(
+    device: &str,
+    add: Vec<(Mac, std::net::IpAddr)>,
+    del: Vec<(Mac, std::net::IpAddr)>,
+) -> Result<(), HostnetError> {
+    let device = device.to_string();
+    on_netlink(move |links| async move {
+        let index = existing(&links, &device).await?;
+        for (mac, dst) in del {
+            links.fdb_del(index, mac, dst).await?;
+        }
+        for (mac, dst) in add {
+            links.fdb_add(index, mac, dst).await?;
+        }
         Ok(())
     })
 }

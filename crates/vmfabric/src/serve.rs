@@ -102,6 +102,11 @@ struct ClusterArgs {
     /// Seconds this node's keys (its MACs, its membership) outlive it.
     #[arg(long, default_value_t = 10)]
     node_ttl: u64,
+    /// What carries this node's cluster networks: vmfabric's switch and VXLAN tunnels
+    /// (userspace), or a Linux bridge with a vxlan device (kernel). Nodes of either
+    /// mode share networks.
+    #[arg(long, value_enum, default_value = "userspace")]
+    cluster_mode: vmfabric::model::NetworkMode,
 }
 
 impl ClusterArgs {
@@ -117,6 +122,7 @@ impl ClusterArgs {
             vxlan_port: self.vxlan_port,
             underlay_mtu: self.underlay_mtu,
             lease_ttl: Duration::from_secs(self.node_ttl.max(3)),
+            mode: self.cluster_mode,
             runtime,
         })
     }

@@ -7,7 +7,8 @@
 //! VXLAN from a stranger, or from a member in another node's name, is dropped and
 //! counted; node b killed with its etcd member: the others go on and still lease;
 //! etcd stopped: traffic and renewals go on while a new lease is refused and counted;
-//! a restarted node rebuilds with nothing held twice. Needs root, etcd and busybox.
+//! a restarted node rebuilds with nothing held twice. And a kernel-mode node beside a
+//! userspace node on one network. Needs root, etcd and busybox (and QEMU's guest).
 
 mod harness;
 
@@ -36,7 +37,8 @@ struct Node {
     underlay: String,
 }
 
-fn start_node(name: &str, ns: &str, underlay: &str, etcd: &str, dir: &Path, guests: &Path) -> Node {
+/// Starts node `name`'s daemon in `ns`; `extra` are more `serve` flags.
+fn start_node(name: &str, ns: &str, underlay: &str, etcd: &str, dir: &Path, guests: &Path, extra: &[&str]) -> Node {
     std::fs::create_dir_all(dir).unwrap();
     let args = [
         "--cluster-endpoints",
@@ -48,12 +50,39 @@ fn start_node(name: &str, ns: &str, underlay: &str, etcd: &str, dir: &Path, gues
         "--node-ttl",
         "4",
     ];
-    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    let args: Vec<&OsStr> = args.iter().chain(extra).map(OsStr::new).collect();
     Node {
         daemon: harness::Process::start_in(Some(ns), dir, guests, &args),
         ns: ns.to_string(),
         underlay: underlay.to_string(),
     }
+}
+
+/// The underlay: a bridge in this namespace at `198.18.{id}.1`, and a namespace per
+/// node (`mh{id}{node}`) on a veth at `.11`, `.12`, ...; with the addresses' first
+/// three octets.
+fn underlay(id: u32, nodes: &[&str]) -> (Bridge, Vec<Netns>, String) {
+    let bridge = Bridge(format!("vmfu{id}"));
+    let _ = Command::new("ip")
+        .args(["link", "del", &bridge.0])
+        .stderr(std::process::Stdio::null())
+        .status();
+    run(&["ip", "link", "add", &bridge.0, "type", "bridge"]);
+    let base = format!("198.18.{id}");
+    run(&["ip", "addr", "add", &format!("{base}.1/24"), "dev", &bridge.0]);
+    run(&["ip", "link", "set", &bridge.0, "up"]);
+    let node_ns: Vec<Netns> = nodes.iter().map(|n| Netns::new(&format!("mh{id}{n}"))).collect();
+    for (i, ns) in node_ns.iter().enumerate() {
+        let (outer, inner) = (format!("{}o", ns.0), format!("{}i", ns.0));
+        run(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+        run(&["ip", "link", "set", &outer, "master", &bridge.0, "up"]);
+        run(&["ip", "link", "set", &inner, "netns", &ns.0]);
+        let addr = format!("{base}.{}/24", 11 + i);
+        run(&["ip", "-n", &ns.0, "addr", "add", &addr, "dev", &inner]);
+        run(&["ip", "-n", &ns.0, "link", "set", &inner, "up"]);
+        run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+    }
+    (bridge, node_ns, base)
 }
 
 /// Polls `f` until it is true, for up to `secs`.
@@ -155,6 +184,16 @@ fn lease(ns: &str, dir: &Path, tries: &str) -> Option<String> {
     ok.then(|| std::fs::read_to_string(dir.join("ip")).unwrap().trim().to_string())
 }
 
+/// Whether `ns` fetches the test guest's web page from `ip`.
+fn fetches_page(ns: &str, ip: &str) -> bool {
+    let page = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-s", "-m", "2"])
+        .arg(format!("http://{ip}/"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&page.stdout).contains("hello from vmfabric guest")
+}
+
 fn pings(ns: &str, ip: &str) -> bool {
     Command::new("ip")
         .args(["netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "1", ip])
@@ -230,30 +269,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
 
-    // The underlay: a bridge in this namespace, a veth to each node's namespace.
-    let bridge = Bridge(format!("vmfu{id}"));
-    let _ = Command::new("ip")
-        .args(["link", "del", &bridge.0])
-        .stderr(std::process::Stdio::null())
-        .status();
-    run(&["ip", "link", "add", &bridge.0, "type", "bridge"]);
-    let base = format!("198.18.{id}");
-    run(&["ip", "addr", "add", &format!("{base}.1/24"), "dev", &bridge.0]);
-    run(&["ip", "link", "set", &bridge.0, "up"]);
-    let node_ns: Vec<Netns> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Netns::new(&format!("mh{id}{n}")))
-        .collect();
-    for (i, ns) in node_ns.iter().enumerate() {
-        let (outer, inner) = (format!("{}o", ns.0), format!("{}i", ns.0));
-        run(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner]);
-        run(&["ip", "link", "set", &outer, "master", &bridge.0, "up"]);
-        run(&["ip", "link", "set", &inner, "netns", &ns.0]);
-        let addr = format!("{base}.{}/24", 11 + i);
-        run(&["ip", "-n", &ns.0, "addr", "add", &addr, "dev", &inner]);
-        run(&["ip", "-n", &ns.0, "link", "set", &inner, "up"]);
-        run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    }
+    let (_bridge, node_ns, base) = underlay(id, &["a", "b", "c"]);
     // Three etcd members (member 1 counts as node b's: it goes down with it).
     let mut etcd = testkit::Etcd::start_members(&format!("{base}.1"), dir.join("etcd"), 3).unwrap();
     let guest_image = std::env::var_os("VMFABRIC_GUEST_DIR").map(PathBuf::from);
@@ -272,6 +288,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
             &etcd.endpoint_list(),
             &dir.join(name),
             &guests,
+            &[],
         )
     };
     let (mut a, b, c) = (start(0), start(1), start(2));
@@ -365,12 +382,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
         });
         // Ready is told before the guest's httpd listens: a few tries.
         eventually(20, "guest c fetches the VM's page across nodes", || {
-            let page = Command::new("ip")
-                .args(["netns", "exec", &gc.0, "curl", "-s", "-m", "2"])
-                .arg(format!("http://{web_ip}/"))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&page.stdout).contains("hello from vmfabric guest")
+            fetches_page(&gc.0, &web_ip)
         });
     }
 
@@ -484,6 +496,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
         &etcd.endpoint_list(),
         &a_dir,
         &guests,
+        &[],
     );
     eventually(20, "node a serves the network again", || {
         a.daemon.call("GET", "/v1/networks/span", None).0 == 200 && metric(&a, "vmfabric_cluster_store_up") == 1
@@ -519,6 +532,165 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     a.daemon.ok("DELETE", "/v1/networks/race?force=true", None);
     eventually(20, "node c drops the deleted network", || {
         c.daemon.call("GET", "/v1/networks/race", None).0 == 404
+    });
+}
+
+/// A kernel-mode node (a Linux bridge with a vxlan device, forwarding entries from
+/// etcd) and a userspace node serve one network: a QEMU guest on the kernel node's TAP
+/// port and a namespace guest on the userspace node lease distinct addresses (claimed
+/// in etcd), reach each other through the two kinds of VTEP, by name at their own
+/// gateway; the kernel node drops VXLAN from a stranger and a remote guest's frame from
+/// an address it does not hold, and counts both.
+#[test]
+fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root (namespaces, bridges, nftables)") {
+        return;
+    }
+    let have_etcd = Command::new("etcd").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(have_etcd, "needs etcd (apt-get install etcd-server)") {
+        return;
+    }
+    let Some(image) = std::env::var_os("VMFABRIC_GUEST_DIR").map(PathBuf::from) else {
+        testkit::ready_or_skip(
+            false,
+            "needs VMFABRIC_GUEST_DIR (guest/build.sh DIR) for its QEMU guest",
+        );
+        return;
+    };
+    // Beside the three-node test in this binary: its own addresses.
+    let id = (std::process::id() % 200 + 20) ^ 1;
+    let dir = std::env::temp_dir().join(format!("vmf-multihost-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_bridge, node_ns, base) = underlay(id, &["u", "k"]);
+    let etcd = testkit::Etcd::start_members(&format!("{base}.1"), dir.join("etcd"), 1).unwrap();
+    let endpoints = etcd.endpoint_list();
+    let u = start_node(
+        "u",
+        &node_ns[0].0,
+        &format!("{base}.11"),
+        &endpoints,
+        &dir.join("u"),
+        &image,
+        &[],
+    );
+    let start_k = || {
+        start_node(
+            "k",
+            &node_ns[1].0,
+            &format!("{base}.12"),
+            &endpoints,
+            &dir.join("k"),
+            &image,
+            &["--cluster-mode", "kernel"],
+        )
+    };
+    let mut k = start_k();
+
+    // Made on the kernel node; each node serves it in its own mode.
+    let subnet = format!("10.68.{id}.0/24");
+    let created = k.daemon.ok(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "mixed", "subnet": subnet, "mtu": 1450, "scope": "cluster"})),
+    );
+    assert_eq!(created["mode"], "kernel", "{created}");
+    let vni = created["vni"].as_u64().unwrap() as u32;
+    eventually(20, "the userspace node serves the network", || {
+        u.daemon.call("GET", "/v1/networks/mixed", None).0 == 200
+    });
+    assert_eq!(u.daemon.ok("GET", "/v1/networks/mixed", None)["mode"], "userspace");
+    let gu = on_port(&u, "mixed", &format!("mh{id}"), "su");
+    let ip_u = lease(&gu.0, &dir.join(&gu.0), "10")
+        .unwrap_or_else(|| panic!("the userspace guest leased no address: {}", dhcp_lines(&u)));
+    // The second address is a kernel node's gateway's on every node.
+    assert!(!ip_u.ends_with(".2") && !ip_u.ends_with(".1"), "{ip_u}");
+
+    // A QEMU guest on the kernel node's TAP port pings the userspace guest and
+    // resolves its name at its own gateway.
+    let port = k.daemon.ok(
+        "POST",
+        "/v1/networks/mixed/ports",
+        Some(json!({"name": "kvm", "kind": "tap"})),
+    );
+    let nic = vm::Nic {
+        backend: vm::NicBackend::Tap {
+            ifname: port["path"].as_str().unwrap().to_string(),
+        },
+        mac: port["mac"].as_str().unwrap().parse().unwrap(),
+    };
+    let cmd = format!("ping -c 3 -W 2 {ip_u} && echo ACROSS-OK; nslookup su && echo NAMED-OK");
+    let (log, image) = (dir.join("kvm.log"), image.clone());
+    let mut kvm = testkit::in_ns(&k.ns, move || {
+        testkit::Guest::boot(&image, log, nic, "kvm", Some(&cmd), &["VMF_HTTP=1", "VMF_END=hang"])
+    });
+    let out = kvm.wait_for("VMFABRIC_CMD_EXIT");
+    let ip_k = out
+        .lines()
+        .find(|l| l.starts_with("VMFABRIC_READY"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .to_string();
+    assert!(
+        out.contains("ACROSS-OK") && out.contains("NAMED-OK"),
+        "the kernel node's guest reached the userspace guest by address and name:\n{out}\nnode k:\n{}",
+        dhcp_lines(&k)
+    );
+    assert_ne!(ip_k, ip_u);
+
+    // The userspace guest finds the QEMU guest by name at its own gateway, and fetches
+    // its page (TCP both ways through both VTEPs).
+    let gateway = format!("10.68.{id}.1");
+    eventually(20, "the userspace guest resolves the kernel node's guest", || {
+        dig(&gu.0, &gateway, "kvm") == ip_k
+    });
+    eventually(20, "the userspace guest fetches the kernel node's guest's page", || {
+        fetches_page(&gu.0, &ip_k)
+    });
+    let view = etcd_view(&etcd);
+    let mixed = &view.networks["mixed"];
+    let holder = |ip: &str| mixed.addresses[&ip.parse().unwrap()].node.clone();
+    assert_eq!((holder(&ip_u), holder(&ip_k)), ("u".to_string(), "k".to_string()));
+    assert!(mixed.members.contains("u") && mixed.members.contains("k"));
+
+    // The kernel node restarts (its guest runs on): the vxlan device is made again
+    // and programmed from etcd, and the guests reach each other as before.
+    drop(k);
+    k = start_k();
+    eventually(
+        20,
+        "the restarted kernel node carries the guests' traffic again",
+        || pings(&gu.0, &ip_k),
+    );
+
+    // The kernel node refuses VXLAN from a stranger, and the userspace guest's MAC
+    // from an address it does not hold.
+    let stranger = UdpSocket::bind(format!("{base}.1:0")).unwrap();
+    let forged = vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 2], None);
+    stranger.send_to(&forged, format!("{}:4789", k.underlay)).unwrap();
+    let mac_u = parse_mac(
+        u.daemon.ok("GET", "/v1/networks/mixed/ports", None)[0]["mac"]
+            .as_str()
+            .unwrap(),
+    );
+    let spoofed = vxlan_datagram(vni, mac_u, Some([10, 68, id as u8, 200]));
+    let (from_u, to_k) = (u.underlay.clone(), k.underlay.clone());
+    testkit::in_ns(&u.ns, move || {
+        let s = UdpSocket::bind(format!("{from_u}:0")).unwrap();
+        s.send_to(&spoofed, format!("{to_k}:4789")).unwrap();
+    });
+    eventually(10, "the kernel node counts what it refused", || {
+        metric(&k, "vmfabric_vxlan_total{what=\"from_stranger\"}") >= 1
+            && metric(&k, "vmfabric_vxlan_total{what=\"refused_frames\"}") >= 1
+    });
+    assert!(pings(&gu.0, &ip_k), "the refusals took nothing else");
+
+    // The kernel port's address goes back to the cluster with the port.
+    drop(kvm);
+    k.daemon.ok("DELETE", "/v1/networks/mixed/ports/kvm", None);
+    let ip_k: std::net::Ipv4Addr = ip_k.parse().unwrap();
+    eventually(10, "the kernel port's address is given back in etcd", || {
+        !etcd_view(&etcd).networks["mixed"].addresses.contains_key(&ip_k)
     });
 }
 

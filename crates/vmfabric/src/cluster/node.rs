@@ -17,7 +17,7 @@ use gateway::Lease;
 
 use super::{ClusterError, ClusterStore, ClusterView};
 use crate::control::Control;
-use crate::model::NetworkSpec;
+use crate::model::{NetworkMode, NetworkSpec};
 
 /// What VXLAN adds to each frame on the underlay: outer IPv4 (20), UDP (8), VXLAN (8)
 /// and the inner Ethernet header (14), which the network's MTU does not count.
@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub underlay_mtu: u16,
     /// How long this node's keys outlive its last keep-alive.
     pub lease_ttl: Duration,
+    /// What carries this node's cluster networks: its switch and a userspace VTEP, or
+    /// Linux bridges with vxlan devices.
+    pub mode: NetworkMode,
     /// The daemon's runtime, where etcd requests run.
     pub runtime: tokio::runtime::Handle,
 }
@@ -87,7 +90,8 @@ struct Tunnel {
 pub struct ClusterLink {
     pub store: ClusterStore,
     cfg: NodeConfig,
-    vtep: Vtep,
+    /// The userspace VTEP; none on a kernel-mode node (its vxlan devices own the port).
+    vtep: Option<Vtep>,
     /// Whether etcd answered lately; claims fail at once while it does not.
     healthy: AtomicBool,
     /// This node's etcd lease; 0 while it has none.
@@ -124,7 +128,18 @@ impl ClusterLink {
             ))
             .with_context(|| format!("connect to etcd at {}", cfg.endpoints.join(",")))?;
         let local = SocketAddr::new(cfg.underlay, cfg.vxlan_port);
-        let vtep = Vtep::start(switch, local, cfg.vxlan_port).with_context(|| format!("VXLAN on {local}"))?;
+        let vtep = match cfg.mode {
+            NetworkMode::Userspace => {
+                Some(Vtep::start(switch, local, cfg.vxlan_port).with_context(|| format!("VXLAN on {local}"))?)
+            }
+            NetworkMode::Kernel => {
+                anyhow::ensure!(
+                    cfg.underlay.is_ipv4(),
+                    "a kernel-mode node's vxlan devices need an IPv4 underlay address"
+                );
+                None
+            }
+        };
         Ok(Arc::new(ClusterLink {
             store,
             cfg,
@@ -162,8 +177,33 @@ impl ClusterLink {
         self.cfg.underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
     }
 
-    pub fn vtep_counters(&self) -> &VtepCounters {
-        self.vtep.counters()
+    /// The userspace VTEP's counters (a kernel-mode node counts in nftables).
+    pub fn vtep_counters(&self) -> Option<&VtepCounters> {
+        self.vtep.as_ref().map(Vtep::counters)
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// Claims `ip` for `mac` in etcd, waiting for the answer (not on a runtime thread).
+    pub fn claim(&self, network: &str, ip: Ipv4Addr, mac: Mac, expires: u64) -> Result<super::Claim, ClusterError> {
+        self.block_on(self.store.claim_address(network, ip, mac, expires, None))
+    }
+
+    /// Gives `ip` up in etcd if `mac` holds it.
+    pub fn release(&self, network: &str, ip: Ipv4Addr, mac: Mac) -> Result<(), ClusterError> {
+        self.block_on(self.store.release_address(network, ip, mac)).map(|_| ())
+    }
+
+    /// The addresses etcd holds for a network's guests, on every node.
+    pub fn held_addresses(&self, network: &str) -> Result<HashSet<Ipv4Addr>, ClusterError> {
+        let view = self.block_on(self.store.view())?;
+        Ok(view
+            .networks
+            .get(network)
+            .map(|n| n.addresses.keys().copied().collect())
+            .unwrap_or_default())
     }
 
     /// Queues a lease's renewal or release for etcd; the loop writes it.
@@ -297,12 +337,20 @@ impl ClusterLink {
     /// One pass: read etcd, make this node match, write what waits. The revision read.
     fn sync(self: &Arc<Self>, control: &Arc<Control>) -> Result<i64, ClusterError> {
         let lease = self.ensure_lease()?;
+        // What this node serves, taken before etcd is read: a network created here
+        // meanwhile is in etcd before it is served, so it is never taken for one etcd
+        // no longer has.
+        let local: HashSet<String> = control
+            .cluster_networks()
+            .into_iter()
+            .map(|s| s.name.to_string())
+            .collect();
         let view = self.block_on(self.store.view())?;
         let republish = self.published.load(Ordering::Relaxed) != lease;
         if republish || view.nodes.get(&self.cfg.node) != Some(&self.cfg.underlay) {
             self.block_on(self.store.register(self.cfg.underlay, lease))?;
         }
-        self.follow_networks(control, &view, lease, republish)?;
+        self.follow_networks(control, &view, &local, lease, republish)?;
         self.published.store(lease, Ordering::Relaxed);
         self.flush_write_backs()?;
         Ok(view.revision)
@@ -312,15 +360,11 @@ impl ClusterLink {
         &self,
         control: &Arc<Control>,
         view: &ClusterView,
+        local: &HashSet<String>,
         lease: i64,
         republish: bool,
     ) -> Result<(), ClusterError> {
         let me = self.cfg.node.as_str();
-        let local: HashSet<String> = control
-            .cluster_networks()
-            .into_iter()
-            .map(|s| s.name.to_string())
-            .collect();
         for (name, net) in &view.networks {
             if !local.contains(name) {
                 match control.adopt_cluster_network(net.spec.clone()) {
@@ -352,7 +396,15 @@ impl ClusterLink {
                 local_everywhere: gateway_mac.into_iter().collect(),
                 locks: remote_locks(net, me),
             };
-            self.open_tunnel(control, name, vni, remotes);
+            match &self.vtep {
+                Some(vtep) => self.open_tunnel(vtep, control, name, vni, remotes),
+                None => {
+                    let nodes: Vec<IpAddr> = view.nodes.keys().filter_map(live_ip).collect();
+                    if let Err(e) = control.follow_kernel_tunnel(name, &remotes, &nodes) {
+                        tracing::warn!(network = %name, "vxlan device: {e}");
+                    }
+                }
+            }
             if republish || !net.members.contains(me) {
                 self.block_on(self.store.join_network(name, lease))?;
             }
@@ -392,23 +444,23 @@ impl ClusterLink {
     }
 
     /// Makes sure `network` is tunnelled as `vni` to `remotes`.
-    fn open_tunnel(&self, control: &Arc<Control>, network: &str, vni: u32, remotes: Remotes) {
+    fn open_tunnel(&self, vtep: &Vtep, control: &Arc<Control>, network: &str, vni: u32, remotes: Remotes) {
         let mut tunnels = locked(&self.tunnels);
         if let Some(t) = tunnels.get(network) {
             if t.vni == vni {
-                if let Err(e) = self.vtep.set_remotes(vni, remotes) {
+                if let Err(e) = vtep.set_remotes(vni, remotes) {
                     tracing::warn!(%network, "tunnel: {e}");
                 }
                 return;
             }
-            let _ = self.vtep.detach(t.vni);
+            let _ = vtep.detach(t.vni);
             tunnels.remove(network);
         }
-        match self.vtep.attach(network, "vxlan", vni, remotes) {
+        match vtep.attach(network, "vxlan", vni, remotes) {
             Ok(port) => {
                 if let Err(e) = control.open_tunnel_port(network, port) {
                     tracing::warn!(%network, "tunnel port: {e}");
-                    let _ = self.vtep.detach(vni);
+                    let _ = vtep.detach(vni);
                     return;
                 }
                 tracing::info!(%network, vni, "tunnel open");
@@ -419,8 +471,8 @@ impl ClusterLink {
     }
 
     fn close_tunnel(&self, network: &str) {
-        if let Some(t) = locked(&self.tunnels).remove(network) {
-            let _ = self.vtep.detach(t.vni);
+        if let (Some(t), Some(vtep)) = (locked(&self.tunnels).remove(network), &self.vtep) {
+            let _ = vtep.detach(t.vni);
         }
     }
 

@@ -67,6 +67,13 @@ impl Backend {
     }
 
     /// The kernel network, for its rules; `None` in userspace mode.
+    pub fn kernel_mut(&mut self) -> Option<&mut KernelNet> {
+        match self {
+            Backend::Kernel(k) => Some(k),
+            Backend::User => None,
+        }
+    }
+
     pub fn kernel(&self) -> Option<&KernelNet> {
         match self {
             Backend::Kernel(k) => Some(k),

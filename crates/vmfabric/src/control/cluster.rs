@@ -44,10 +44,11 @@ impl Control {
                 None => Ok(()),
             };
         };
-        if spec.mode != NetworkMode::Userspace {
-            return Err(ControlError::invalid(
-                "a cluster network runs on the userspace switch (mode kernel is not tunnelled yet)",
-            ));
+        if spec.mode != link.config().mode {
+            return Err(ControlError::invalid(format!(
+                "this node serves cluster networks in mode {} (vmfabric serve --cluster-mode)",
+                link.config().mode.as_str()
+            )));
         }
         if spec.ipv6.is_some() {
             return Err(ControlError::invalid(
@@ -123,15 +124,31 @@ impl Control {
             .collect()
     }
 
+    /// A cluster network's mode is each node's own (`serve --cluster-mode`): a spec
+    /// that asks for none (the default, userspace) gets this node's.
+    pub(super) fn node_mode(&self, spec: &mut NetworkSpec) {
+        if let (Scope::Cluster, Some(link)) = (spec.scope, self.cluster.get()) {
+            if spec.mode == NetworkMode::Userspace {
+                spec.mode = link.config().mode;
+            }
+        }
+    }
+
     /// Serves a cluster network etcd has (made on another node, or while this one
-    /// was down): as created there, without asking etcd again.
-    pub fn adopt_cluster_network(&self, spec: NetworkSpec) -> Result<(), ControlError> {
+    /// was down): as created there, in this node's mode, without asking etcd again.
+    pub fn adopt_cluster_network(&self, mut spec: NetworkSpec) -> Result<(), ControlError> {
         if spec.scope != Scope::Cluster {
             return Err(ControlError::invalid("not a cluster network"));
         }
+        if let Some(link) = self.cluster.get() {
+            spec.mode = link.config().mode;
+            // Bridge names and isolation are one node's choices, not the cluster's.
+            spec.bridge = None;
+        }
         let mut st = self.lock();
-        if st.failed.networks.contains_key(spec.name.as_str()) {
-            // Stored here but failed to come back: a restart tries again.
+        if st.failed.networks.contains_key(spec.name.as_str()) || st.nets.contains_key(spec.name.as_str()) {
+            // Served already (created here a moment ago), or stored here but failed
+            // to come back (a restart tries again).
             return Ok(());
         }
         // The creating node checked its host routes; this one serves it as it is.
@@ -173,6 +190,27 @@ impl Control {
             .get(name)
             .map(|n| n.ports.values().map(|p| p.rec.mac).collect())
             .unwrap_or_default()
+    }
+
+    /// Programs a kernel-mode cluster network's VXLAN device for `remotes` (from etcd)
+    /// and `nodes` (every other registered node), and its rules when they change.
+    pub fn follow_kernel_tunnel(
+        &self,
+        name: &str,
+        remotes: &fabric::vxlan::Remotes,
+        nodes: &[std::net::IpAddr],
+    ) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        let tunnel = st
+            .nets
+            .get_mut(name)
+            .and_then(|n| n.backend.kernel_mut())
+            .and_then(|k| k.tunnel.as_mut());
+        let Some(tunnel) = tunnel else { return Ok(()) };
+        if tunnel.follow(remotes, nodes)? {
+            super::kernel_rules::apply_rules(&self.env(), &mut st)?;
+        }
+        Ok(())
     }
 
     /// Lets a network's tunnel port carry frames: never locked to one MAC (the VTEP

@@ -18,6 +18,9 @@ pub(crate) struct Env<'a> {
     pub store: &'a Store,
     pub run_dir: &'a Path,
     pub instance: &'a str,
+    /// The cluster this daemon is a node of: a cluster network's addresses are
+    /// claimed there, and its kernel-mode bridge gets a VXLAN device.
+    pub cluster: Option<&'a Arc<crate::cluster::node::ClusterLink>>,
 }
 
 /// How a port is reached: a switch port, or a TAP device on a bridge.

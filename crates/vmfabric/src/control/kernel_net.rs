@@ -5,14 +5,16 @@
 //! nftables rules of this instance's own tables. Devices are made by `crate::kernel`.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use fabric::{Mac, PortId};
 use gateway::{Gateway, GatewayConfig};
 
 use super::env::{Env, NetParts, PortHandle};
 use super::error::ControlError;
+use crate::cluster::node::ClusterLink;
 use crate::kernel;
+use crate::model::Scope;
 use crate::model::{ForwardSpec, NetworkSpec, PolicySpec, PortKind, PortSpec, ReservationSpec};
 use crate::store::{PortRecord, Store};
 
@@ -20,18 +22,123 @@ pub(crate) struct KernelNet {
     pub(super) bridge: String,
     /// The switch port on the bridge's uplink TAP, where the gateway is.
     uplink: Option<PortId>,
+    /// A cluster network's VXLAN device on the bridge.
+    pub(super) tunnel: Option<Box<KernelTunnel>>,
+}
+
+/// A cluster network's VXLAN device: its forwarding entries and its rules, as etcd
+/// last said.
+pub(crate) struct KernelTunnel {
+    device: String,
+    /// (MAC, node) entries programmed; the all-zeros MAC for each member node.
+    programmed: HashSet<(Mac, IpAddr)>,
+    pub(super) rules: hostnet::nft::TunnelRules,
+}
+
+impl KernelTunnel {
+    /// Programs the device for `remotes` (other nodes: members, where each MAC lives,
+    /// what each holds) and `nodes` (every registered node's underlay address);
+    /// whether its nftables rules changed.
+    pub fn follow(&mut self, remotes: &fabric::vxlan::Remotes, nodes: &[IpAddr]) -> Result<bool, ControlError> {
+        let everyone = Mac([0; 6]);
+        let want: HashSet<(Mac, IpAddr)> = remotes
+            .members
+            .iter()
+            .map(|ip| (everyone, *ip))
+            .chain(remotes.macs.iter().map(|(mac, ip)| (*mac, *ip)))
+            .collect();
+        if want != self.programmed {
+            let add = want.difference(&self.programmed).copied().collect();
+            let del = self.programmed.difference(&want).copied().collect();
+            kernel::program_fdb(&self.device, add, del)?;
+            self.programmed = want;
+        }
+        let mut peers: Vec<Ipv4Addr> = nodes
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        peers.sort();
+        let mut remote: Vec<(Mac, Vec<Ipv4Addr>)> = remotes
+            .locks
+            .values()
+            .map(|lock| {
+                let mut ips = lock.ips.clone();
+                ips.sort();
+                (lock.mac, ips)
+            })
+            .collect();
+        remote.sort();
+        let rules = hostnet::nft::TunnelRules {
+            peers,
+            remote,
+            ..self.rules.clone()
+        };
+        let changed = rules != self.rules;
+        self.rules = rules;
+        Ok(changed)
+    }
 }
 
 fn base(spec: &NetworkSpec) -> u32 {
     u32::from(spec.subnet.network())
 }
 
+/// A kernel-mode cluster network's gateway (DHCP and DNS at the second address): the
+/// same on every kernel-mode node, and never across a tunnel.
+fn services_mac(network: &str) -> Mac {
+    Mac::derived(&["gateway services", network])
+}
+
 impl KernelNet {
     pub fn prepare(env: &Env, spec: &NetworkSpec) -> Result<KernelNet, ControlError> {
         kernel::bring_up(env.instance, spec, kernel::router_of(spec))?;
-        Ok(KernelNet {
+        let mut made = KernelNet {
             bridge: kernel::bridge_name(env.instance, spec),
             uplink: None,
+            tunnel: None,
+        };
+        if let (Scope::Cluster, Some(link)) = (spec.scope, env.cluster) {
+            match KernelNet::tunnel(env, spec, link) {
+                Ok(t) => made.tunnel = Some(Box::new(t)),
+                Err(e) => {
+                    let _ = made.tear_down(env, spec);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(made)
+    }
+
+    /// A cluster network's VXLAN device, made afresh; until etcd is read its rules
+    /// let nothing in.
+    fn tunnel(env: &Env, spec: &NetworkSpec, link: &ClusterLink) -> Result<KernelTunnel, ControlError> {
+        let cfg = link.config();
+        let IpAddr::V4(local) = cfg.underlay else {
+            return Err(ControlError::invalid(
+                "a kernel-mode node needs an IPv4 underlay address",
+            ));
+        };
+        let opts = hostnet::VxlanOptions {
+            vni: spec.vni.unwrap_or_else(|| NetworkSpec::derived_vni(&spec.name)),
+            local,
+            port: cfg.vxlan_port,
+            mtu: spec.mtu.get().into(),
+        };
+        kernel::add_vxlan(env.instance, spec, opts)?;
+        let device = kernel::vxlan_name(env.instance, &spec.name);
+        Ok(KernelTunnel {
+            rules: hostnet::nft::TunnelRules {
+                ifname: device.clone(),
+                port: cfg.vxlan_port,
+                peers: Vec::new(),
+                kept_local: vec![kernel::bridge_mac_of(env.instance, spec), services_mac(&spec.name)],
+                remote: Vec::new(),
+            },
+            device,
+            programmed: HashSet::new(),
         })
     }
 
@@ -42,6 +149,10 @@ impl KernelNet {
         cfg.router6 = spec.ipv6.map(|_| kernel::bridge_mac(instance, &spec.name));
         cfg.gateway_ip = Ipv4Addr::from(base(spec) + 2);
         cfg.dhcp_range.0 = Ipv4Addr::from(base(spec) + 3);
+        if spec.scope == Scope::Cluster {
+            // The bridge has the distributed gateway's MAC (the router guests know).
+            cfg.gateway_mac = services_mac(&spec.name);
+        }
         // Every guest arrives through the uplink: the kernel holds ports to their MAC
         // and address (the bridge-family rules), not the switch.
         cfg.lock_ports = false;
@@ -60,7 +171,12 @@ impl KernelNet {
         if let Some(id) = self.uplink.take() {
             let _ = env.switch.remove_port(id);
         }
-        kernel::remove(vec![kernel::uplink_name(env.instance, &spec.name), self.bridge.clone()])?;
+        let mut devices = vec![kernel::uplink_name(env.instance, &spec.name), self.bridge.clone()];
+        if spec.scope == Scope::Cluster {
+            devices.insert(0, kernel::vxlan_name(env.instance, &spec.name));
+        }
+        self.tunnel = None;
+        kernel::remove(devices)?;
         Ok(())
     }
 
@@ -98,7 +214,10 @@ impl KernelNet {
             subnet: net.spec.subnet,
             gateway: Ipv4Addr::from(base(net.spec) + 1),
         };
-        let ip = pool.assign(&used, &Default::default(), by_name)?;
+        let ip = match (self.tunnel.is_some(), env.cluster) {
+            (true, Some(link)) => claim_in_cluster(link, network, &pool, used, by_name, mac)?,
+            _ => pool.assign(&used, &Default::default(), by_name)?,
+        };
         let rec = PortRecord {
             network: network.to_string(),
             name: spec.name.to_string(),
@@ -123,7 +242,18 @@ impl KernelNet {
             Ok(handle) => Ok((rec, handle)),
             Err(e) => {
                 let _ = unreserve(env.store, network, gw, &mac.to_string());
+                self.release_in_cluster(env, network, ip, mac);
                 Err(e)
+            }
+        }
+    }
+
+    /// Gives a cluster network's address back in etcd (a node that cannot reach
+    /// etcd leaves it held: the address stays unused rather than given twice).
+    fn release_in_cluster(&self, env: &Env, network: &str, ip: Ipv4Addr, mac: Mac) {
+        if let (Some(_), Some(link)) = (&self.tunnel, env.cluster) {
+            if let Err(e) = link.release(network, ip, mac) {
+                tracing::warn!(%network, %ip, %mac, "cannot give the address back in etcd: {e}");
             }
         }
     }
@@ -144,9 +274,50 @@ impl KernelNet {
         ifname: &str,
     ) -> Result<(), ControlError> {
         kernel::remove(vec![ifname.to_string()])?;
-        let _ = unreserve(env.store, &rec.network, gateway, &rec.mac.to_string());
+        let key = rec.mac.to_string();
+        let held = env
+            .store
+            .reservations(&rec.network)?
+            .into_iter()
+            .find(|(k, _)| *k == key);
+        let _ = unreserve(env.store, &rec.network, gateway, &key);
+        if let Some((_, ip)) = held {
+            self.release_in_cluster(env, &rec.network, ip, rec.mac);
+        }
         Ok(())
     }
+}
+
+/// An address for a new port of a cluster network: free here and claimed in etcd,
+/// so no other node's guest has it.
+fn claim_in_cluster(
+    link: &ClusterLink,
+    network: &str,
+    pool: &hostnet::ipam::Pool,
+    mut used: HashSet<Ipv4Addr>,
+    by_name: Option<Ipv4Addr>,
+    mac: Mac,
+) -> Result<Ipv4Addr, ControlError> {
+    let etcd = |e: crate::cluster::ClusterError| ControlError::host(format!("etcd: {e}"));
+    used.extend(link.held_addresses(network).map_err(etcd)?);
+    // Each refused claim takes one address out: others may claim at the same time.
+    for _ in 0..16 {
+        let ip = pool.assign(&used, &Default::default(), by_name)?;
+        match link.claim(network, ip, mac, u64::MAX).map_err(etcd)? {
+            crate::cluster::Claim::Won | crate::cluster::Claim::Held => return Ok(ip),
+            crate::cluster::Claim::TakenBy(_) if by_name.is_some() => {
+                return Err(ControlError::conflict(format!(
+                    "{ip}, reserved for the port, is another node's guest's"
+                )))
+            }
+            crate::cluster::Claim::TakenBy(_) => {
+                used.insert(ip);
+            }
+        }
+    }
+    Err(ControlError::conflict(
+        "other nodes took every address tried; try again",
+    ))
 }
 
 pub fn check_port(spec: &PortSpec) -> Result<(), ControlError> {

@@ -115,6 +115,7 @@ pub fn apply_rules(env: &Env, st: &mut State) -> Result<(), ControlError> {
             egress: kernel_egress(&policy),
             ipv6: n.spec.ipv6,
             flows_per_guest: Some(kernel_flows_per_guest(&n.spec, env.instance)),
+            tunnel: k.tunnel.as_ref().map(|t| t.rules.clone()),
             forwards,
             locked_ports: n
                 .ports
@@ -173,6 +174,7 @@ pub fn reconcile(env: &Env, st: &mut State) {
             any = true;
             known.insert(k.bridge.clone());
             known.insert(kernel::uplink_name(env.instance, &n.spec.name));
+            known.insert(kernel::vxlan_name(env.instance, &n.spec.name));
             known.extend(n.ports.values().map(|p| p.rec.path.clone()));
         }
     }

@@ -352,12 +352,21 @@ impl Control {
         } else {
             Vec::new()
         };
+        // A kernel-mode node's vxlan devices: what their rules refused, all networks.
+        let mut kernel_vxlan: Vec<(&'static str, u64)> = Vec::new();
         for (name, net) in &st.nets {
             let network = [("network", name.as_str())];
             if let Some(k) = net.backend.kernel() {
                 for (counter, family, help) in KERNEL_COUNTERS {
                     let n = kernel_rules::refused(&st, k, &kernel_counts, counter);
                     out.counter(family, help, labels(&network), n);
+                }
+                if k.tunnel.is_some() {
+                    kernel_vxlan.push(("from_stranger", kernel_rules::refused(&st, k, &kernel_counts, "vxlan")));
+                    kernel_vxlan.push((
+                        "refused_frames",
+                        kernel_rules::refused(&st, k, &kernel_counts, "tunnel"),
+                    ));
                 }
             }
             if let Some(c) = self.switch.network_counters(name) {
@@ -460,10 +469,17 @@ impl Control {
             );
         }
         if let Some(link) = self.cluster.get() {
-            for (what, n) in link.vtep_counters().snapshot() {
+            let mut vxlan = link.vtep_counters().map(|c| c.snapshot()).unwrap_or_default();
+            for (what, n) in kernel_vxlan {
+                match vxlan.iter_mut().find(|(w, _)| *w == what) {
+                    Some((_, sum)) => *sum += n,
+                    None => vxlan.push((what, n)),
+                }
+            }
+            for (what, n) in vxlan {
                 out.counter(
                     "vmfabric_vxlan",
-                    "The node's VXLAN tunnel endpoint: frames taken in, datagrams sent, and what it refused (from_stranger: not a member node's address; unknown_vni; foreign_mac: an inner source MAC that does not live on the sending node; malformed) or kept on this node (kept_local: the distributed gateway's frames).",
+                    "The node's VXLAN tunnel endpoint: frames taken in, datagrams sent, and what it refused (from_stranger: not a registered node's address; unknown_vni; foreign_mac: an inner source MAC that does not live on the sending node; spoofed: a remote guest's frame from an address it does not hold; malformed; on a kernel-mode node refused_frames: its vxlan devices' rules) or kept on this node (kept_local: the distributed gateway's frames).",
                     labels(&[("what", what)]),
                     n,
                 );

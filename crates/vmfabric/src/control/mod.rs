@@ -90,6 +90,7 @@ impl Control {
             store: &self.store,
             run_dir: &self.run_dir,
             instance: &self.instance,
+            cluster: self.cluster.get(),
         }
     }
 
@@ -171,6 +172,7 @@ impl Control {
         }
         if spec.scope == crate::model::Scope::Cluster {
             spec.vni = Some(spec.vni.unwrap_or_else(|| NetworkSpec::derived_vni(&spec.name)));
+            self.node_mode(&mut spec);
         }
         self.check_network(&st, &spec, force)?;
         // The cluster first: a name taken there is not this node's to take.
@@ -683,6 +685,12 @@ fn gateway_config(spec: &NetworkSpec, instance: &str) -> Result<GatewayConfig, C
     }
     if spec.mode == crate::model::NetworkMode::Kernel {
         kernel_net::KernelNet::gateway_config(spec, instance, &mut gcfg);
+    }
+    if spec.scope == crate::model::Scope::Cluster {
+        // The same on every node, whatever its mode: a kernel-mode node's gateway
+        // serves at the second address, so no node leases it.
+        let third = std::net::Ipv4Addr::from(u32::from(spec.subnet.network()) + 3);
+        gcfg.dhcp_range.0 = gcfg.dhcp_range.0.max(third);
     }
     spec.settings
         .apply(&mut gcfg)
