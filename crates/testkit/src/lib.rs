@@ -302,6 +302,85 @@ pub struct Etcd {
     dir: std::path::PathBuf,
     /// Every member's client URL.
     pub endpoints: Vec<String>,
+    /// curl's TLS options for the health check (none without TLS).
+    curl_tls: Vec<String>,
+}
+
+/// Certificates for an etcd that speaks TLS to clients and asks them for theirs: a CA,
+/// etcd's certificate for one address, and a client's, PEM files made by openssl.
+pub struct EtcdPki {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+impl EtcdPki {
+    /// Makes them in `dir`, etcd's certificate for `ip`.
+    pub fn make(dir: &std::path::Path, ip: &str) -> EtcdPki {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        let new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let mut ca = vec!["openssl", "req", "-x509"];
+        ca.extend(new_key);
+        let (ca_key, ca_pem) = (path("ca.key"), path("ca.pem"));
+        ca.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_pem,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=vmfabric test CA",
+        ]);
+        run(&ca);
+        let sign = |name: &str, ext: &str| {
+            let (key, csr, pem, extfile) = (
+                path(&format!("{name}.key")),
+                path(&format!("{name}.csr")),
+                path(&format!("{name}.pem")),
+                path(&format!("{name}.ext")),
+            );
+            std::fs::write(&extfile, ext).unwrap();
+            let mut req = vec!["openssl", "req"];
+            req.extend(new_key);
+            let subject = format!("/CN={name}");
+            req.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+            run(&req);
+            run(&[
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]);
+        };
+        sign(
+            "etcd",
+            &format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"),
+        );
+        sign("node", "extendedKeyUsage=clientAuth\n");
+        EtcdPki {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("etcd.pem"),
+            server_key: dir.join("etcd.key"),
+            client_cert: dir.join("node.pem"),
+            client_key: dir.join("node.key"),
+        }
+    }
 }
 
 struct EtcdMember {
@@ -317,6 +396,16 @@ impl Etcd {
 
     /// `n` members, serving once they have a leader; None without an `etcd` binary.
     pub fn start_members(ip: &str, dir: std::path::PathBuf, n: usize) -> Option<Etcd> {
+        Etcd::start_with(ip, dir, n, None)
+    }
+
+    /// One member serving clients over TLS only, and only those with a certificate
+    /// `pki` signed; None without an `etcd` binary.
+    pub fn start_tls(ip: &str, dir: std::path::PathBuf, pki: &EtcdPki) -> Option<Etcd> {
+        Etcd::start_with(ip, dir, 1, Some(pki))
+    }
+
+    fn start_with(ip: &str, dir: std::path::PathBuf, n: usize, pki: Option<&EtcdPki>) -> Option<Etcd> {
         Command::new("etcd").arg("--version").output().ok()?;
         let _ = std::fs::remove_dir_all(&dir);
         let free = |ip: &str| {
@@ -326,7 +415,31 @@ impl Etcd {
                 .unwrap()
                 .port()
         };
-        let clients: Vec<String> = (0..n).map(|_| format!("http://{ip}:{}", free(ip))).collect();
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let clients: Vec<String> = (0..n).map(|_| format!("{scheme}://{ip}:{}", free(ip))).collect();
+        let file = |p: &std::path::PathBuf| p.to_str().unwrap().to_string();
+        let (server_tls, curl_tls) = match pki {
+            Some(p) => (
+                vec![
+                    "--cert-file".to_string(),
+                    file(&p.server_cert),
+                    "--key-file".to_string(),
+                    file(&p.server_key),
+                    "--client-cert-auth".to_string(),
+                    "--trusted-ca-file".to_string(),
+                    file(&p.ca),
+                ],
+                vec![
+                    "--cacert".to_string(),
+                    file(&p.ca),
+                    "--cert".to_string(),
+                    file(&p.client_cert),
+                    "--key".to_string(),
+                    file(&p.client_key),
+                ],
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         let peers: Vec<String> = (0..n)
             .map(|_| format!("http://127.0.0.1:{}", free("127.0.0.1")))
             .collect();
@@ -355,7 +468,9 @@ impl Etcd {
                     dir.to_str().unwrap(),
                 ]
                 .map(String::from)
-                .to_vec(),
+                .into_iter()
+                .chain(server_tls.iter().cloned())
+                .collect(),
                 child: None,
             })
             .collect();
@@ -363,6 +478,7 @@ impl Etcd {
             members,
             dir,
             endpoints: clients,
+            curl_tls,
         };
         etcd.start_again();
         Some(etcd)
@@ -393,6 +509,7 @@ impl Etcd {
             let health = format!("{endpoint}/health");
             while !Command::new("curl")
                 .args(["-sf", "-m", "1", &health])
+                .args(&self.curl_tls)
                 .output()
                 .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("true"))
             {

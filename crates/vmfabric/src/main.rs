@@ -42,7 +42,7 @@ fn main() -> ExitCode {
             .init();
     }
     let result = match cli.command {
-        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Serve(args) => serve::run(*args),
         cli::Command::BootGuest(args) => cli::boot_guest::run(args),
         other => cli::run(other),
     };

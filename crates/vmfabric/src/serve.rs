@@ -107,24 +107,45 @@ struct ClusterArgs {
     /// mode share networks.
     #[arg(long, value_enum, default_value = "userspace")]
     cluster_mode: vmfabric::model::NetworkMode,
+    /// The CA (PEM) that signed etcd's certificate: talk to etcd over TLS (the
+    /// endpoints are https:// URLs).
+    #[arg(long, value_name = "FILE")]
+    cluster_ca: Option<std::path::PathBuf>,
+    /// This node's client certificate (PEM), where etcd asks for one
+    /// (--client-cert-auth).
+    #[arg(long, value_name = "FILE", requires_all = ["cluster_ca", "cluster_key"])]
+    cluster_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cluster_cert")]
+    cluster_key: Option<std::path::PathBuf>,
 }
 
 impl ClusterArgs {
-    fn config(&self, runtime: tokio::runtime::Handle) -> Option<vmfabric::cluster::node::NodeConfig> {
+    fn config(&self, runtime: tokio::runtime::Handle) -> Result<Option<vmfabric::cluster::node::NodeConfig>> {
         let (Some(node), Some(underlay)) = (self.node.clone(), self.underlay) else {
-            return None;
+            return Ok(None);
         };
-        (!self.cluster_endpoints.is_empty()).then(|| vmfabric::cluster::node::NodeConfig {
-            endpoints: self.cluster_endpoints.clone(),
-            prefix: self.cluster_prefix.clone(),
-            node,
-            underlay,
-            vxlan_port: self.vxlan_port,
-            underlay_mtu: self.underlay_mtu,
-            lease_ttl: Duration::from_secs(self.node_ttl.max(3)),
-            mode: self.cluster_mode,
-            runtime,
-        })
+        let tls = match &self.cluster_ca {
+            Some(ca) => Some(
+                vmfabric::cluster::ClusterTls::load(ca, self.cluster_cert.as_deref(), self.cluster_key.as_deref())
+                    .context("TLS to etcd")?,
+            ),
+            None => None,
+        };
+        Ok(
+            (!self.cluster_endpoints.is_empty()).then(|| vmfabric::cluster::node::NodeConfig {
+                endpoints: self.cluster_endpoints.clone(),
+                prefix: self.cluster_prefix.clone(),
+                node,
+                underlay,
+                vxlan_port: self.vxlan_port,
+                underlay_mtu: self.underlay_mtu,
+                lease_ttl: Duration::from_secs(self.node_ttl.max(3)),
+                mode: self.cluster_mode,
+                tls,
+                runtime,
+            }),
+        )
     }
 }
 
@@ -176,7 +197,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         args.guest_dir.clone(),
         first,
         !args.no_sandbox,
-        args.cluster.config(rt.handle().clone()),
+        args.cluster.config(rt.handle().clone())?,
     )?;
     let file_paths = declared.iter().flat_map(|c| c.vm_paths.iter().cloned());
     daemon

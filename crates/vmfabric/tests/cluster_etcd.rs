@@ -2,13 +2,16 @@
 //! on loopback ports of its own): a claim is won once, held on renewal, refused to
 //! another MAC; two "hosts" (two clients) racing many claims for one address give it
 //! to exactly one; a release by a non-holder does nothing; with etcd gone a claim
-//! fails (closed) instead of guessing. Needs the `etcd` binary.
+//! fails (closed) instead of guessing; over TLS, only nodes with a certificate are
+//! served. Needs the `etcd` binary (and openssl).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+mod harness;
+
 use fabric::Mac;
-use vmfabric::cluster::{Claim, ClusterStore};
+use vmfabric::cluster::{Claim, ClusterStore, ClusterTls};
 
 /// A claim's end well after the test.
 fn later() -> u64 {
@@ -44,7 +47,7 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
         rt.block_on(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                match ClusterStore::connect(&endpoints, "/vmfabric/test", node, Duration::from_secs(2)).await {
+                match ClusterStore::connect(&endpoints, "/vmfabric/test", node, Duration::from_secs(2), None).await {
                     // A first request proves the member is serving, not only listening.
                     Ok(s) => match s.release_address("probe", Ipv4Addr::UNSPECIFIED, mac(0)).await {
                         Ok(_) => return s,
@@ -144,4 +147,95 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
     etcd.stop();
     let refused = rt.block_on(host_a.claim_address("n", Ipv4Addr::new(10, 0, 0, 7), mac(3), later(), None));
     assert!(refused.is_err(), "{refused:?}");
+}
+
+/// etcd speaking TLS and asking clients for certificates: a node with the CA and its
+/// certificate claims addresses; without its certificate, or without TLS, it is
+/// refused; a daemon given `--cluster-ca/--cluster-cert/--cluster-key` joins and
+/// publishes a cluster network there.
+#[test]
+fn etcd_over_tls_serves_only_nodes_with_a_certificate() {
+    let dir = std::env::temp_dir().join(format!("vmf-etcd-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = testkit::EtcdPki::make(&dir.join("pki"), "127.0.0.1");
+    let Some(etcd) = testkit::Etcd::start_tls("127.0.0.1", dir.join("etcd"), &pki) else {
+        assert!(
+            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
+            "needs etcd (apt-get install etcd-server)"
+        );
+        eprintln!("SKIP: needs etcd (apt-get install etcd-server)");
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let claim = |tls: Option<&ClusterTls>| {
+        rt.block_on(async {
+            let store =
+                ClusterStore::connect(&etcd.endpoints, "/vmfabric/tls", "a", Duration::from_secs(3), tls).await?;
+            store
+                .claim_address("n", Ipv4Addr::new(10, 0, 0, 9), mac(9), later(), None)
+                .await
+        })
+    };
+    let with_cert = ClusterTls::load(&pki.ca, Some(&pki.client_cert), Some(&pki.client_key)).unwrap();
+    assert_eq!(claim(Some(&with_cert)).unwrap(), Claim::Won);
+    let without_cert = ClusterTls::load(&pki.ca, None, None).unwrap();
+    assert!(
+        claim(Some(&without_cert)).is_err(),
+        "etcd took a node without a certificate"
+    );
+    assert!(claim(None).is_err(), "etcd took a node without TLS");
+
+    // A daemon with the flags: its cluster network is in etcd.
+    let daemon_dir = dir.join("daemon");
+    std::fs::create_dir_all(&daemon_dir).unwrap();
+    let vxlan_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let args = [
+        "--cluster-endpoints",
+        &etcd.endpoint_list(),
+        "--cluster-prefix",
+        "/vmfabric/tls",
+        "--node",
+        "d",
+        "--underlay",
+        "127.0.0.1",
+        "--vxlan-port",
+        &vxlan_port,
+        "--cluster-ca",
+        pki.ca.to_str().unwrap(),
+        "--cluster-cert",
+        pki.client_cert.to_str().unwrap(),
+        "--cluster-key",
+        pki.client_key.to_str().unwrap(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let daemon = harness::Process::start_in(None, &daemon_dir, &daemon_dir, &args);
+    daemon.ok(
+        "POST",
+        "/v1/networks",
+        Some(serde_json::json!({"name": "secure", "subnet": "10.69.0.0/24", "mtu": 1450, "scope": "cluster"})),
+    );
+    let view = rt.block_on(async {
+        let store = ClusterStore::connect(
+            &etcd.endpoints,
+            "/vmfabric/tls",
+            "t",
+            Duration::from_secs(3),
+            Some(&with_cert),
+        )
+        .await
+        .unwrap();
+        store.view().await.unwrap()
+    });
+    assert!(
+        view.networks.contains_key("secure") && view.nodes.contains_key("d"),
+        "{:?}",
+        view.nodes
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -146,8 +146,13 @@ fn etcd_view(etcd: &testkit::Etcd) -> vmfabric::cluster::ClusterView {
     rt.block_on(async {
         let mut last = None;
         for _ in 0..10 {
-            let store =
-                vmfabric::cluster::ClusterStore::connect(&etcd.endpoints, "/vmfabric", "test", Duration::from_secs(3));
+            let store = vmfabric::cluster::ClusterStore::connect(
+                &etcd.endpoints,
+                "/vmfabric",
+                "test",
+                Duration::from_secs(3),
+                None,
+            );
             match store.await {
                 Ok(s) => match s.view().await {
                     Ok(v) => return v,

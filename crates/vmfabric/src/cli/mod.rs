@@ -35,7 +35,7 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run the daemon: networks, gateways and ports from the state store, the API on a
     /// Unix socket. With an empty store it creates network `default` (10.77.0.0/24).
-    Serve(crate::serve::ServeArgs),
+    Serve(Box<crate::serve::ServeArgs>),
     /// Networks: create, set, ls, show, rm.
     Network {
         #[command(subcommand)]

@@ -118,20 +118,67 @@ fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, ClusterErro
     serde_json::from_slice(kv.value()).map_err(|_| corrupt(kv))
 }
 
+/// TLS to etcd (`https://` endpoints): the CA that signed etcd's certificate, and this
+/// node's certificate and key where etcd asks clients for one (`--client-cert-auth`).
+#[derive(Clone)]
+pub struct ClusterTls {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClusterTls {
+    /// Reads the PEM files; a certificate needs its key.
+    pub fn load(
+        ca: &std::path::Path,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> std::io::Result<ClusterTls> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (None, None) => None,
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a client certificate and its key go together",
+                ))
+            }
+        };
+        Ok(ClusterTls {
+            ca_pem: read(ca)?,
+            identity,
+        })
+    }
+
+    fn options(&self) -> etcd_client::TlsOptions {
+        let tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem));
+        match &self.identity {
+            Some((cert, key)) => tls.identity(etcd_client::Identity::from_pem(cert, key)),
+            None => tls,
+        }
+    }
+}
+
 impl ClusterStore {
-    /// Connects to any of `endpoints` (`http://host:port`) as node `node`; each request
-    /// gives up after `timeout`, so an unreachable etcd costs a caller one timeout,
-    /// not a hang.
+    /// Connects to any of `endpoints` (`http://host:port`, or `https://` with `tls`)
+    /// as node `node`; each request gives up after `timeout`, so an unreachable etcd
+    /// costs a caller one timeout, not a hang.
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
         node: &str,
         timeout: Duration,
+        tls: Option<&ClusterTls>,
     ) -> Result<ClusterStore, ClusterError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(2), timeout);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options());
+        }
         let client = Client::connect(endpoints, Some(options)).await?;
         Ok(ClusterStore {
             client,

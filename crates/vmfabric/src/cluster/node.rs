@@ -41,6 +41,8 @@ pub struct NodeConfig {
     /// What carries this node's cluster networks: its switch and a userspace VTEP, or
     /// Linux bridges with vxlan devices.
     pub mode: NetworkMode,
+    /// TLS to etcd, for `https://` endpoints.
+    pub tls: Option<super::ClusterTls>,
     /// The daemon's runtime, where etcd requests run.
     pub runtime: tokio::runtime::Handle,
 }
@@ -125,6 +127,7 @@ impl ClusterLink {
                 &cfg.prefix,
                 &cfg.node,
                 REQUEST_WAIT,
+                cfg.tls.as_ref(),
             ))
             .with_context(|| format!("connect to etcd at {}", cfg.endpoints.join(",")))?;
         let local = SocketAddr::new(cfg.underlay, cfg.vxlan_port);
