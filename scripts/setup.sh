@@ -15,7 +15,7 @@
 # client's gRPC code is generated at build time) and etcd-server (the cluster tests
 # start their own member on loopback). Rust comes from rustup; this script checks it is there.
 set -euo pipefail
-need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd mmdebstrap openssh-client libseccomp-dev libcap-ng-dev ethtool protobuf-compiler libprotobuf-dev etcd-server)
+need=(qemu-system-x86 qemu-utils busybox-static iproute2 ca-certificates isc-dhcp-client bind9-dnsutils dnsmasq-base tshark nftables g++ python3-venv socat curl python3-prometheus-client systemd adduser passwd mmdebstrap openssh-client libseccomp-dev libcap-ng-dev ethtool protobuf-compiler libprotobuf-dev etcd-server openssl)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
