@@ -668,6 +668,36 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         || pings(&gu.0, &ip_k),
     );
 
+    // An egress policy set on the kernel node is the network's: the userspace node's
+    // gateway holds its own guest's NAT egress to it.
+    let web = std::net::TcpListener::bind(format!("{base}.1:0")).unwrap();
+    let web_url = format!("http://{}/", web.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in web.incoming().flatten() {
+            let mut request = [0u8; 512];
+            let _ = s.read(&mut request);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    run(&["ip", "-n", &gu.0, "route", "replace", "default", "via", &gateway]);
+    let egress = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &gu.0, "curl", "-s", "-m", "2", &web_url])
+            .output()
+            .unwrap();
+        out.stdout == b"ok"
+    };
+    assert!(egress(), "the userspace node's guest reaches the underlay through NAT");
+    let deny = json!({"default": "allow", "rules": [{"action": "deny", "dst": format!("{base}.0/24")}]});
+    k.daemon.ok("PUT", "/v1/networks/mixed/policy", Some(deny.clone()));
+    eventually(
+        20,
+        "the policy set on the kernel node holds on the userspace node",
+        || !egress(),
+    );
+    assert_eq!(u.daemon.ok("GET", "/v1/networks/mixed/policy", None), deny);
+
     // The kernel node refuses VXLAN from a stranger, and the userspace guest's MAC
     // from an address it does not hold.
     let stranger = UdpSocket::bind(format!("{base}.1:0")).unwrap();

@@ -5,6 +5,7 @@
 //! - `nodes/{node}`: the node's underlay address; under the node's etcd lease, so a
 //!   node that stops renewing it is gone for the others.
 //! - `networks/{net}/spec`: a cluster network (JSON, as the API takes it).
+//! - `networks/{net}/policy`: its egress policy (JSON), set on any node, applied on all.
 //! - `networks/{net}/members/{node}` and `networks/{net}/macs/{mac}` (= node): who
 //!   serves the network and where each guest's MAC lives; under the node's lease too,
 //!   so a dead node's MACs go with it.
@@ -76,6 +77,8 @@ pub struct ClusterNetwork {
     /// Where its guests' MACs live.
     pub macs: HashMap<Mac, String>,
     pub addresses: HashMap<Ipv4Addr, Holder>,
+    /// Its egress policy (JSON as the API takes it), when one was set.
+    pub policy: Option<String>,
 }
 
 /// Everything under the prefix, read at one revision.
@@ -326,6 +329,16 @@ impl ClusterStore {
         Ok(self.client.clone().txn(txn).await?.succeeded())
     }
 
+    /// Sets a cluster network's egress policy (JSON) for every node; false if the
+    /// network is not in etcd.
+    pub async fn put_policy(&self, network: &str, policy: &str) -> Result<bool, ClusterError> {
+        let base = self.network_key(network);
+        let txn = Txn::new()
+            .when([Compare::create_revision(format!("{base}spec"), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(format!("{base}policy"), policy, None)]);
+        Ok(self.client.clone().txn(txn).await?.succeeded())
+    }
+
     /// Removes a cluster network and everything under it; every node takes it down.
     pub async fn delete_network(&self, network: &str) -> Result<(), ClusterError> {
         self.client
@@ -378,6 +391,7 @@ impl ClusterStore {
             ..Default::default()
         };
         let mut specs = BTreeMap::new();
+        let mut policies = BTreeMap::new();
         let mut parts: BTreeMap<String, Vec<&KeyValue>> = BTreeMap::new();
         for kv in got.kvs() {
             let key = String::from_utf8_lossy(kv.key());
@@ -391,6 +405,9 @@ impl ClusterStore {
                 ["networks", net, "spec"] => {
                     specs.insert(net.to_string(), parse::<NetworkSpec>(kv)?);
                 }
+                ["networks", net, "policy"] => {
+                    policies.insert(net.to_string(), String::from_utf8_lossy(kv.value()).into_owned());
+                }
                 ["networks", net, ..] => parts.entry(net.to_string()).or_default().push(kv),
                 _ => {}
             }
@@ -401,6 +418,7 @@ impl ClusterStore {
                 members: BTreeSet::new(),
                 macs: HashMap::new(),
                 addresses: HashMap::new(),
+                policy: policies.remove(&name),
             };
             for kv in parts.remove(&name).unwrap_or_default() {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();

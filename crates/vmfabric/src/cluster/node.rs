@@ -231,6 +231,13 @@ impl ClusterLink {
         r
     }
 
+    /// Sets a cluster network's egress policy in etcd: every node applies it.
+    pub fn publish_policy(&self, network: &str, policy: &str) -> Result<bool, ClusterError> {
+        let r = self.block_on(self.store.put_policy(network, policy));
+        self.wake.notify_one();
+        r
+    }
+
     /// Removes a cluster network from etcd: every node takes it down.
     pub fn unpublish_network(&self, name: &str) -> Result<(), ClusterError> {
         let r = self.block_on(self.store.delete_network(name));
@@ -419,6 +426,11 @@ impl ClusterLink {
             }
             for (mac, _) in net.macs.iter().filter(|(m, n)| n.as_str() == me && !ours.contains(m)) {
                 self.block_on(self.store.withdraw_mac(name, *mac))?;
+            }
+            if let Some(policy) = &net.policy {
+                if let Err(e) = control.follow_cluster_policy(name, policy) {
+                    tracing::warn!(network = %name, "the cluster's egress policy: {e}");
+                }
             }
             let now = super::now_secs();
             let names = net

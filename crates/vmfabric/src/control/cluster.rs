@@ -94,6 +94,20 @@ impl Control {
         }
     }
 
+    /// Stores a cluster network's egress policy in etcd, for every node (nothing for a
+    /// host's own network): refused while etcd cannot be reached.
+    pub(super) fn publish_cluster_policy(&self, spec: &NetworkSpec, json: &str) -> Result<(), ControlError> {
+        let Some(link) = self.link(spec)? else { return Ok(()) };
+        match link.publish_policy(&spec.name, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ControlError::conflict(format!(
+                "the cluster no longer has network {:?}",
+                spec.name.as_str()
+            ))),
+            Err(e) => Err(ControlError::host(format!("etcd: {e}"))),
+        }
+    }
+
     /// Removes a cluster network from etcd: refused while etcd cannot be reached, so
     /// a node never drops a network the others still serve.
     pub(super) fn unpublish_cluster_network(&self, spec: &NetworkSpec) -> Result<(), ControlError> {

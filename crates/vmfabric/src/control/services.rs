@@ -63,15 +63,41 @@ impl Control {
         kernel_net::stored_policy(&self.store, network)
     }
 
+    /// Sets a network's egress policy; a cluster network's goes to etcd first, and
+    /// every node applies it.
     pub fn set_policy(&self, network: &str, p: PolicySpec) -> Result<PolicySpec, ControlError> {
         let mut st = self.lock();
-        let gw = st.gateway(network)?;
         let json = serde_json::to_string(&p).map_err(ControlError::host)?;
-        self.store.put_policy(network, &json)?;
+        self.publish_cluster_policy(&st.net(network)?.spec, &json)?;
+        self.apply_policy(&mut st, network, p, &json)
+    }
+
+    /// Applies the egress policy etcd holds for a cluster network, if it is not the
+    /// one applied here already.
+    pub fn follow_cluster_policy(&self, network: &str, json: &str) -> Result<(), ControlError> {
+        let p: PolicySpec = serde_json::from_str(json)
+            .map_err(|e| ControlError::host(format!("etcd holds a policy that does not parse: {e}")))?;
+        let json = serde_json::to_string(&p).map_err(ControlError::host)?;
+        let mut st = self.lock();
+        if !st.nets.contains_key(network) || self.store.policy(network)?.as_deref() == Some(json.as_str()) {
+            return Ok(());
+        }
+        self.apply_policy(&mut st, network, p, &json).map(|_| ())
+    }
+
+    fn apply_policy(
+        &self,
+        st: &mut super::state::State,
+        network: &str,
+        p: PolicySpec,
+        json: &str,
+    ) -> Result<PolicySpec, ControlError> {
+        let gw = st.gateway(network)?;
+        self.store.put_policy(network, json)?;
         gw.set_egress_policy(p.to_gateway());
         if st.net(network)?.backend.is_kernel() {
             // The guests' traffic bypasses the gateway here: the kernel enforces it.
-            kernel_rules::apply_rules(&self.env(), &mut st)?;
+            kernel_rules::apply_rules(&self.env(), st)?;
         }
         Ok(p)
     }
