@@ -658,6 +658,32 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     assert_eq!((holder(&ip_u), holder(&ip_k)), ("u".to_string(), "k".to_string()));
     assert!(mixed.members.contains("u") && mixed.members.contains("k"));
 
+    // Reservations are claimed cluster-wide: the kernel node's guest's address is not
+    // reservable on the userspace node for another MAC; a free one is, held in etcd by
+    // that MAC until the reservation goes.
+    let other_mac = "02:00:00:00:68:01";
+    let (status, body) = u.daemon.call(
+        "POST",
+        "/v1/networks/mixed/reservations",
+        Some(json!({"key": other_mac, "ip": ip_k})),
+    );
+    assert_eq!(status, 409, "{body}");
+    let free = format!("10.68.{id}.250");
+    u.daemon.ok(
+        "POST",
+        "/v1/networks/mixed/reservations",
+        Some(json!({"key": other_mac, "ip": free})),
+    );
+    let free: std::net::Ipv4Addr = free.parse().unwrap();
+    let holder = etcd_view(&etcd).networks["mixed"]
+        .addresses
+        .get(&free)
+        .map(|h| h.mac.to_string());
+    assert_eq!(holder.as_deref(), Some(other_mac));
+    u.daemon
+        .ok("DELETE", &format!("/v1/networks/mixed/reservations/{other_mac}"), None);
+    assert!(!etcd_view(&etcd).networks["mixed"].addresses.contains_key(&free));
+
     // The kernel node restarts (its guest runs on): the vxlan device is made again
     // and programmed from etcd, and the guests reach each other as before.
     drop(k);

@@ -108,6 +108,38 @@ impl Control {
         }
     }
 
+    /// Claims a cluster network's reservation in etcd, for the MAC it is keyed by: an
+    /// address another node's guest holds cannot be reserved here. A reservation keyed
+    /// by a name is claimed when its guest binds (the gateway claims every binding).
+    pub(super) fn claim_reservation(
+        &self,
+        spec: &NetworkSpec,
+        key: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), ControlError> {
+        let (Some(link), Ok(mac)) = (self.link(spec)?, key.parse::<Mac>()) else {
+            return Ok(());
+        };
+        match link.claim(&spec.name, ip, mac, u64::MAX) {
+            Ok(crate::cluster::Claim::Won | crate::cluster::Claim::Held) => Ok(()),
+            Ok(crate::cluster::Claim::TakenBy(other)) => Err(ControlError::conflict(format!(
+                "{ip} is held in the cluster by {other}"
+            ))),
+            Err(e) => Err(ControlError::host(format!("etcd: {e}"))),
+        }
+    }
+
+    /// Gives a MAC-keyed reservation's address back in etcd (logged if etcd is away:
+    /// the address then stays unused, never given twice).
+    pub(super) fn release_reservation(&self, spec: &NetworkSpec, key: &str, ip: std::net::Ipv4Addr) {
+        let (Ok(Some(link)), Ok(mac)) = (self.link(spec), key.parse::<Mac>()) else {
+            return;
+        };
+        if let Err(e) = link.release(&spec.name, ip, mac) {
+            tracing::warn!(network = %spec.name.as_str(), %ip, %mac, "cannot give the reserved address back in etcd: {e}");
+        }
+    }
+
     /// Removes a cluster network from etcd: refused while etcd cannot be reached, so
     /// a node never drops a network the others still serve.
     pub(super) fn unpublish_cluster_network(&self, spec: &NetworkSpec) -> Result<(), ControlError> {

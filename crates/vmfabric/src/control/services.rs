@@ -42,17 +42,32 @@ impl Control {
                 other.key
             )));
         }
-        kernel_net::reserve(&self.store, network, Some(&gw), r.clone())?;
+        let spec = &st.net(network)?.spec;
+        let before = all.iter().find(|o| o.key == r.key).map(|o| o.ip);
+        self.claim_reservation(spec, &r.key, r.ip)?;
+        if let Err(e) = kernel_net::reserve(&self.store, network, Some(&gw), r.clone()) {
+            self.release_reservation(spec, &r.key, r.ip);
+            return Err(e);
+        }
+        if let Some(old) = before.filter(|old| *old != r.ip) {
+            self.release_reservation(spec, &r.key, old);
+        }
         Ok(r)
     }
 
     pub fn unreserve(&self, network: &str, key: &str) -> Result<(), ControlError> {
         let st = self.lock();
         let gw = st.gateway(network)?;
+        let held = kernel_net::stored_reservations(&self.store, network)?
+            .into_iter()
+            .find(|o| o.key == key);
         if !kernel_net::unreserve(&self.store, network, Some(&gw), key)? {
             return Err(ControlError::NotFound(format!(
                 "no reservation for {key:?} on {network:?}"
             )));
+        }
+        if let Some(r) = held {
+            self.release_reservation(&st.net(network)?.spec, key, r.ip);
         }
         Ok(())
     }
