@@ -269,11 +269,26 @@ impl InProcessEnd {
     /// each with what its virtio-net header is to say (a frame the sender left
     /// checksums or segmentation to, see [`Offload::defer_tcp_checksum`]); wakes the
     /// switch once, stops at the first that does not fit and returns how many went.
+    /// Plain frames go vouched for: this end made their checksums.
     pub fn send_owned(&self, frames: &mut std::collections::VecDeque<(Vec<u8>, Offload)>) -> Result<usize, Full> {
+        self.send_owned_as(frames, VOUCHED)
+    }
+
+    /// [`Self::send_owned`] for frames this end only relays (a tunnel's, from another
+    /// host): plain ones go as they came, for their receiver to verify.
+    pub fn relay_owned(&self, frames: &mut std::collections::VecDeque<(Vec<u8>, Offload)>) -> Result<usize, Full> {
+        self.send_owned_as(frames, Offload::default())
+    }
+
+    fn send_owned_as(
+        &self,
+        frames: &mut std::collections::VecDeque<(Vec<u8>, Offload)>,
+        plain: Offload,
+    ) -> Result<usize, Full> {
         let mut sent = 0;
         let mut full = false;
         while let Some((frame, offload)) = frames.pop_front() {
-            let offload = if offload.is_plain() { VOUCHED } else { offload };
+            let offload = if offload.is_plain() { plain } else { offload };
             if let Err(back) = self.ring.push_to_switch((frame, offload)) {
                 frames.push_front(back);
                 full = true;
@@ -317,6 +332,21 @@ mod tests {
         r.push_to_port(back).unwrap();
         // A spent buffer comes back empty.
         assert!(r.buffer().is_empty());
+    }
+
+    #[test]
+    fn only_frames_this_end_made_are_vouched_for() {
+        let end = InProcessEnd::new(std::sync::Arc::new(FrameRing::new().unwrap()));
+        let plain = || std::collections::VecDeque::from([(vec![1u8; 60], Offload::default())]);
+        end.send_owned(&mut plain()).unwrap();
+        end.relay_owned(&mut plain()).unwrap();
+        let made = end.ring.to_switch.pop().unwrap().1;
+        let relayed = end.ring.to_switch.pop().unwrap().1;
+        assert!(made.data_valid, "the gateway's own frame");
+        assert!(
+            !relayed.data_valid,
+            "a tunnel's frame is left to its receiver to verify"
+        );
     }
 
     #[test]
