@@ -110,6 +110,24 @@ fn guest(node: &Node, net: &str, port: &str, ns: &Netns) {
     run(&["ip", "-n", &ns.0, "link", "set", &ns.0, "up"]);
 }
 
+/// After its node's daemon restarted (making the port's TAP device again, in the node's
+/// namespace), moves guest `ns` back onto port `port` of `net`, with the port's MAC.
+fn reattach(node: &Node, net: &str, port: &str, ns: &Netns) {
+    run(&["ip", "-n", &node.ns, "link", "set", &ns.0, "netns", &ns.0]);
+    let ports = node.daemon.ok("GET", &format!("/v1/networks/{net}/ports"), None);
+    let mac = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == port)
+        .unwrap_or_else(|| panic!("no port {port}: {ports}"))["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run(&["ip", "-n", &ns.0, "link", "set", &ns.0, "address", &mac]);
+    run(&["ip", "-n", &ns.0, "link", "set", &ns.0, "up"]);
+}
+
 /// A guest namespace `{prefix}{port}` on a new port `port` of `net` on `node`.
 fn on_port(node: &Node, net: &str, prefix: &str, port: &str) -> Netns {
     let ns = Netns::new(&format!("{prefix}{port}"));
@@ -296,7 +314,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
             &[],
         )
     };
-    let (mut a, b, c) = (start(0), start(1), start(2));
+    let (mut a, b, mut c) = (start(0), start(1), start(2));
 
     // Checked before anything is made: the underlay's MTU leaves 1450.
     let subnet = format!("10.66.{id}.0/24");
@@ -506,13 +524,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     eventually(20, "node a serves the network again", || {
         a.daemon.call("GET", "/v1/networks/span", None).0 == 200 && metric(&a, "vmfabric_cluster_store_up") == 1
     });
-    run(&["ip", "-n", &a.ns, "link", "set", &ga.0, "netns", &ga.0]);
-    let mac = a.daemon.ok("GET", "/v1/networks/span/ports", None)[0]["mac"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    run(&["ip", "-n", &ga.0, "link", "set", &ga.0, "address", &mac]);
-    run(&["ip", "-n", &ga.0, "link", "set", &ga.0, "up"]);
+    reattach(&a, "span", "sa", &ga);
     assert_eq!(
         lease(&ga.0, &dir.join(&ga.0), "10").as_deref(),
         Some(ip_a.as_str()),
@@ -521,16 +533,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     eventually(20, "guest a reaches guest c again", || pings(&ga.0, &ip_c));
     let view = etcd_view(&etcd);
     let span = &view.networks["span"];
-    let mut holders: Vec<_> = span
-        .addresses
-        .values()
-        .filter(|h| h.expires > now())
-        .map(|h| h.mac)
-        .collect();
-    let held = holders.len();
-    holders.sort_by_key(|m| m.0);
-    holders.dedup();
-    assert_eq!(holders.len(), held, "a MAC holds two addresses: {:?}", span.addresses);
+    no_mac_holds_two(span);
     assert!(span.members.contains("a") && view.nodes.contains_key("a"));
 
     // Deleted on one node, gone from the others.
@@ -538,6 +541,52 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     eventually(20, "node c drops the deleted network", || {
         c.daemon.call("GET", "/v1/networks/race", None).0 == 404
     });
+
+    // Everything restarted at once (b stays dead), etcd too: the nodes rebuild from
+    // their stores and etcd, their guests keep their addresses and reach each other,
+    // and nothing is held twice.
+    drop(a);
+    drop(c);
+    etcd.stop();
+    etcd.start_again();
+    let restart = |name: &str, i: usize| {
+        start_node(
+            name,
+            &node_ns[i].0,
+            &format!("{base}.{}", 11 + i),
+            &etcd.endpoint_list(),
+            &dir.join(name),
+            &guests,
+            &[],
+        )
+    };
+    (a, c) = (restart("a", 0), restart("c", 2));
+    for n in [&a, &c] {
+        eventually(30, "each node serves the network again", || {
+            n.daemon.call("GET", "/v1/networks/span", None).0 == 200 && metric(n, "vmfabric_cluster_store_up") == 1
+        });
+    }
+    reattach(&a, "span", "sa", &ga);
+    reattach(&c, "span", "sc", &gc);
+    for (ns, ip) in [(&ga, &ip_a), (&gc, &ip_c)] {
+        assert_eq!(
+            lease(&ns.0, &dir.join(&ns.0), "10").as_deref(),
+            Some(ip.as_str()),
+            "kept its address"
+        );
+    }
+    eventually(20, "guests a and c reach each other after the restart", || {
+        pings(&ga.0, &ip_c) && pings(&gc.0, &ip_a)
+    });
+    let view = etcd_view(&etcd);
+    let span = &view.networks["span"];
+    no_mac_holds_two(span);
+    assert_eq!(
+        span.members,
+        ["a", "c"].map(String::from).into(),
+        "members: {:?}",
+        span.members
+    );
 }
 
 /// A kernel-mode node (a Linux bridge with a vxlan device, forwarding entries from
@@ -753,6 +802,20 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     eventually(10, "the kernel port's address is given back in etcd", || {
         !etcd_view(&etcd).networks["mixed"].addresses.contains_key(&ip_k)
     });
+}
+
+/// Asserts that no MAC holds two live addresses of `net` in etcd.
+fn no_mac_holds_two(net: &vmfabric::cluster::ClusterNetwork) {
+    let mut holders: Vec<_> = net
+        .addresses
+        .values()
+        .filter(|h| h.expires > now())
+        .map(|h| h.mac)
+        .collect();
+    let held = holders.len();
+    holders.sort_by_key(|m| m.0);
+    holders.dedup();
+    assert_eq!(holders.len(), held, "a MAC holds two addresses: {:?}", net.addresses);
 }
 
 fn now() -> u64 {
