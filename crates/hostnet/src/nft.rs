@@ -182,17 +182,27 @@ pub struct TunnelRules {
     pub ifname: String,
     /// The UDP port VXLAN arrives on.
     pub port: u16,
+    pub vni: u32,
     /// The registered nodes' underlay addresses.
     pub peers: Vec<Ipv4Addr>,
     /// MACs every node has as its own: the gateway's and the router's.
     pub kept_local: Vec<fabric::Mac>,
-    /// Other nodes' guests: each MAC with the addresses it holds.
-    pub remote: Vec<(fabric::Mac, Vec<Ipv4Addr>)>,
+    /// Other nodes' guests.
+    pub remote: Vec<RemoteGuest>,
 }
 
-/// What a tunnel's refusals are counted as: frames (bridge family) and datagrams
-/// from strangers (inet).
-pub const TUNNEL_COUNTERS: [&str; 2] = ["tunnel", "vxlan"];
+/// A guest on another node: its MAC, that node's underlay address, and the addresses
+/// it holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteGuest {
+    pub mac: fabric::Mac,
+    pub node: Ipv4Addr,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+/// What a tunnel's refusals are counted as: frames (bridge family), datagrams from
+/// strangers and datagrams in another node's guest's name (inet).
+pub const TUNNEL_COUNTERS: [&str; 3] = ["tunnel", "vxlan", "foreign"];
 
 const LINK_LOCAL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16);
 
@@ -549,6 +559,7 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
             [
                 (NfFamily::Bridge, &TUNNEL_COUNTERS[0]),
                 (NfFamily::INet, &TUNNEL_COUNTERS[1]),
+                (NfFamily::INet, &TUNNEL_COUNTERS[2]),
             ]
         });
         let counters = ["egress", "input", "flows"]
@@ -663,13 +674,33 @@ fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
         stranger.push(is(field("ip", "saddr"), Operator::NEQ, set(t.peers.iter().map(text))));
     }
     out.push(rule("guard", counted("vxlan", stranger)));
+    // A member node's datagram for this network in another node's guest's name: the
+    // inner source MAC, read from the datagram before it is decapsulated (UDP header,
+    // VXLAN header: flags, VNI at bit 32; then the inner destination and source MACs).
+    let raw = |offset: u32, len: u32| {
+        Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+            base: PayloadBase::TH,
+            offset,
+            len,
+        })))
+    };
+    for g in &t.remote {
+        let mac = g.mac.0.iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+        let foreign = vec![
+            is(field("udp", "dport"), Operator::EQ, number(u32::from(t.port))),
+            is(raw(96, 24), Operator::EQ, number(t.vni)),
+            is(raw(176, 48), Operator::EQ, text(format!("{mac:#014x}"))),
+            is(field("ip", "saddr"), Operator::NEQ, text(g.node)),
+        ];
+        out.push(rule("guard", counted("foreign", foreign)));
+    }
     let mut inbound = vec![counted(
         "tunnel",
         vec![from(), is(field("ether", "saddr"), Operator::IN, local_macs())],
     )];
     let mut stranger_mac = vec![from()];
     if !t.remote.is_empty() {
-        let macs = set(t.remote.iter().map(|(mac, _)| text(mac)));
+        let macs = set(t.remote.iter().map(|g| text(g.mac)));
         stranger_mac.push(is(field("ether", "saddr"), Operator::NEQ, macs));
     }
     inbound.push(counted("tunnel", stranger_mac));
@@ -677,9 +708,9 @@ fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
         "tunnel",
         vec![from(), is(field("ether", "type"), Operator::EQ, number(0x86dd))],
     ));
-    for (mac, ips) in &t.remote {
-        let allowed = || set(ips.iter().copied().chain([Ipv4Addr::UNSPECIFIED]).map(text));
-        let of = || is(field("ether", "saddr"), Operator::EQ, text(mac));
+    for g in &t.remote {
+        let allowed = || set(g.ips.iter().copied().chain([Ipv4Addr::UNSPECIFIED]).map(text));
+        let of = || is(field("ether", "saddr"), Operator::EQ, text(g.mac));
         inbound.push(counted(
             "tunnel",
             vec![from(), of(), is(field("ip", "saddr"), Operator::NEQ, allowed())],

@@ -773,9 +773,17 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     );
     assert_eq!(u.daemon.ok("GET", "/v1/networks/mixed/policy", None), deny);
 
-    // The kernel node refuses VXLAN from a stranger, and the userspace guest's MAC
-    // from an address it does not hold.
-    let stranger = UdpSocket::bind(format!("{base}.1:0")).unwrap();
+    // The kernel node refuses VXLAN from a stranger, the userspace guest's MAC from
+    // another registered node, and from an address it does not hold.
+    run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{base}.2/24"),
+        "dev",
+        &format!("vmfu{id}"),
+    ]);
+    let stranger = UdpSocket::bind(format!("{base}.2:0")).unwrap();
     let forged = vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 2], None);
     stranger.send_to(&forged, format!("{}:4789", k.underlay)).unwrap();
     let mac_u = parse_mac(
@@ -783,6 +791,30 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
             .as_str()
             .unwrap(),
     );
+    // Node f: registered in etcd (at this namespace's underlay address), no guests.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let f = rt
+        .block_on(vmfabric::cluster::ClusterStore::connect(
+            &etcd.endpoints,
+            "/vmfabric",
+            "f",
+            Duration::from_secs(3),
+            None,
+        ))
+        .unwrap();
+    let f_lease = rt.block_on(f.grant_lease(Duration::from_secs(60))).unwrap();
+    rt.block_on(f.register(format!("{base}.1").parse().unwrap(), f_lease))
+        .unwrap();
+    let as_f = UdpSocket::bind(format!("{base}.1:0")).unwrap();
+    eventually(20, "node f's datagram in node u's guest's name is refused", || {
+        as_f.send_to(&vxlan_datagram(vni, mac_u, None), format!("{}:4789", k.underlay))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        metric(&k, "vmfabric_vxlan_total{what=\"foreign_mac\"}") >= 1
+    });
     let spoofed = vxlan_datagram(vni, mac_u, Some([10, 68, id as u8, 200]));
     let (from_u, to_k) = (u.underlay.clone(), k.underlay.clone());
     testkit::in_ns(&u.ns, move || {

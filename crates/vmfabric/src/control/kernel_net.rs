@@ -61,13 +61,18 @@ impl KernelTunnel {
             })
             .collect();
         peers.sort();
-        let mut remote: Vec<(Mac, Vec<Ipv4Addr>)> = remotes
-            .locks
-            .values()
-            .map(|lock| {
-                let mut ips = lock.ips.clone();
+        let mut remote: Vec<hostnet::nft::RemoteGuest> = remotes
+            .macs
+            .iter()
+            .filter_map(|(mac, node)| {
+                let IpAddr::V4(node) = node else { return None };
+                let mut ips = remotes.locks.get(mac).map(|l| l.ips.clone()).unwrap_or_default();
                 ips.sort();
-                (lock.mac, ips)
+                Some(hostnet::nft::RemoteGuest {
+                    mac: *mac,
+                    node: *node,
+                    ips,
+                })
             })
             .collect();
         remote.sort();
@@ -127,12 +132,14 @@ impl KernelNet {
             port: cfg.vxlan_port,
             mtu: spec.mtu.get().into(),
         };
+        let vni = opts.vni;
         kernel::add_vxlan(env.instance, spec, opts)?;
         let device = kernel::vxlan_name(env.instance, &spec.name);
         Ok(KernelTunnel {
             rules: hostnet::nft::TunnelRules {
                 ifname: device.clone(),
                 port: cfg.vxlan_port,
+                vni,
                 peers: Vec::new(),
                 kept_local: vec![kernel::bridge_mac_of(env.instance, spec), services_mac(&spec.name)],
                 remote: Vec::new(),

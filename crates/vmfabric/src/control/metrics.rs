@@ -367,6 +367,7 @@ impl Control {
                         "refused_frames",
                         kernel_rules::refused(&st, k, &kernel_counts, "tunnel"),
                     ));
+                    kernel_vxlan.push(("foreign_mac", kernel_rules::refused(&st, k, &kernel_counts, "foreign")));
                 }
             }
             if let Some(c) = self.switch.network_counters(name) {
