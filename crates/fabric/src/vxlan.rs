@@ -148,6 +148,9 @@ struct Shared {
     /// By VNI; replaced whole when a network joins or leaves (rare), read per frame.
     tunnels: ArcSwap<HashMap<u32, Arc<Tunnel>>>,
     counters: VtepCounters,
+    /// Whether runs of a segment's datagrams go as one segmented send (UDP_SEGMENT);
+    /// cleared for good when the kernel refuses one.
+    segmented_sends: AtomicBool,
     stop: AtomicBool,
     /// Written when `tunnels` changed or the VTEP stops.
     control: OwnedFd,
@@ -173,6 +176,10 @@ impl Vtep {
             .set_nonblocking(true)
             .map_err(|e| FabricError::io("make the VXLAN socket non-blocking", e))?;
         crate::transport::size_buffers(&socket, 4 << 20);
+        // Runs from one member come up as one buffer (a kernel without it: one by one).
+        if let Err(e) = crate::sys::udp_gso::enable_gro(socket.as_fd()) {
+            tracing::debug!("the VXLAN socket receives datagrams one by one: UDP_GRO: {e}");
+        }
         let control = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| FabricError::io("create the VTEP's eventfd", e.into()))?;
         let shared = Arc::new(Shared {
@@ -180,6 +187,7 @@ impl Vtep {
             remote_port,
             tunnels: ArcSwap::from_pointee(HashMap::new()),
             counters: VtepCounters::default(),
+            segmented_sends: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             control,
         });
@@ -372,41 +380,17 @@ fn receive(shared: &Shared, arena: &mut [u8]) {
     let mut taken: Vec<(&Arc<Tunnel>, usize, usize)> = Vec::with_capacity(256);
     let mut used = 0;
     while arena.len() - used >= MAX_DATAGRAM && taken.len() < 256 {
-        let (n, from) = match shared.socket.recv_from(&mut arena[used..used + MAX_DATAGRAM]) {
-            Ok(got) => got,
-            Err(_) => break,
-        };
-        let datagram = &arena[used..used + n];
-        let Ok((vni, frame)) = decapsulate(datagram) else {
-            count(&c.malformed);
-            continue;
-        };
-        let Some(t) = tunnels.get(&vni) else {
-            count(&c.unknown_vni);
-            continue;
-        };
-        let remotes = t.remotes.load();
-        let sender = from.ip().to_canonical();
-        if !remotes.members.contains(&sender) {
-            count(&c.from_stranger);
-            continue;
-        }
-        let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
-        if src.and_then(|m| remotes.macs.get(&m)) != Some(&sender) {
-            count(&c.foreign_mac);
-            continue;
-        }
-        if let Some(lock) = src.and_then(|m| remotes.locks.get(&m)) {
-            // IPv6 is left to the tunnel port's first-hop guard (the lock judges it
-            // only where a network carries it).
-            let allowed = EthernetView::parse(frame, crate::MAX_MTU)
-                .is_ok_and(|view| crate::guard::lock_allows(Some(lock), &view, false));
-            if !allowed {
-                count(&c.spoofed);
-                continue;
+        let got = crate::sys::udp_gso::recv_coalesced(shared.socket.as_fd(), &mut arena[used..used + MAX_DATAGRAM]);
+        let Ok((n, from, segment)) = got else { break };
+        // A coalesced run is datagrams of `segment` bytes back to back, the last
+        // possibly shorter.
+        let segment = segment.unwrap_or(n).max(1);
+        for start in (0..n).step_by(segment) {
+            let len = segment.min(n - start);
+            if let Some(t) = admit(shared, &tunnels, &arena[used + start..used + start + len], from) {
+                taken.push((t, used + start + HEADER_LEN, len - HEADER_LEN));
             }
         }
-        taken.push((t, used + HEADER_LEN, n - HEADER_LEN));
         used += n;
     }
     let mut rest = taken.as_slice();
@@ -430,6 +414,47 @@ fn receive(shared: &Shared, arena: &mut [u8]) {
     }
 }
 
+/// The tunnel a datagram from `from` is for, if it passes every check; else counted
+/// and `None`.
+fn admit<'t>(
+    shared: &Shared,
+    tunnels: &'t HashMap<u32, Arc<Tunnel>>,
+    datagram: &[u8],
+    from: SocketAddr,
+) -> Option<&'t Arc<Tunnel>> {
+    let c = &shared.counters;
+    let Ok((vni, frame)) = decapsulate(datagram) else {
+        count(&c.malformed);
+        return None;
+    };
+    let Some(t) = tunnels.get(&vni) else {
+        count(&c.unknown_vni);
+        return None;
+    };
+    let remotes = t.remotes.load();
+    let sender = from.ip().to_canonical();
+    if !remotes.members.contains(&sender) {
+        count(&c.from_stranger);
+        return None;
+    }
+    let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
+    if src.and_then(|m| remotes.macs.get(&m)) != Some(&sender) {
+        count(&c.foreign_mac);
+        return None;
+    }
+    if let Some(lock) = src.and_then(|m| remotes.locks.get(&m)) {
+        // IPv6 is left to the tunnel port's first-hop guard (the lock judges it only
+        // where a network carries it).
+        let allowed = EthernetView::parse(frame, crate::MAX_MTU)
+            .is_ok_and(|view| crate::guard::lock_allows(Some(lock), &view, false));
+        if !allowed {
+            count(&c.spoofed);
+            return None;
+        }
+    }
+    Some(t)
+}
+
 /// Sends what the switch queued for a tunnel to the member hosts it is for, up to
 /// [`TX_BATCH`] datagrams a system call (`sendmmsg`), each the shared VXLAN header and
 /// the frame, gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP
@@ -440,7 +465,7 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
     let remotes = t.remotes.load();
     let header = header(t.vni);
     let mut frames: Vec<Vec<u8>> = Vec::with_capacity(2 * TX_BATCH);
-    let mut sends: Vec<(Queued, rustix::net::SocketAddrAny)> = Vec::with_capacity(2 * TX_BATCH);
+    let mut sends: Vec<(Queued, SocketAddr)> = Vec::with_capacity(2 * TX_BATCH);
     loop {
         frames.clear();
         sends.clear();
@@ -465,8 +490,7 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
             };
             let mut queue = |what: Queued| {
                 for ip in targets {
-                    let to = SocketAddr::new(*ip, shared.remote_port);
-                    sends.push((what, rustix::net::SocketAddrAny::from(to)));
+                    sends.push((what, SocketAddr::new(*ip, shared.remote_port)));
                 }
             };
             if offload.is_plain() {
@@ -476,7 +500,14 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
             }
             let before = soft.frames().len();
             match soft.push(&frame, &offload) {
-                Ok(()) => (before..soft.frames().len()).for_each(|i| queue(Queued::Segment(i))),
+                Ok(()) => {
+                    let after = soft.frames().len();
+                    if after - before > 1 && shared.segmented_sends.load(Ordering::Relaxed) {
+                        queue(Queued::Run(before, after));
+                    } else {
+                        (before..after).for_each(|i| queue(Queued::Segment(i)));
+                    }
+                }
                 Err(_) => count(&c.malformed),
             }
             t.end.recycle(frame);
@@ -491,40 +522,98 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
     }
 }
 
-/// A frame waiting in a transmit batch: as the switch queued it, or a segment cut
-/// from an offloaded one.
+/// A frame waiting in a transmit batch: as the switch queued it, a segment cut from
+/// an offloaded one, or all the segments cut from one (`start..end`), to go as one
+/// segmented send.
 #[derive(Clone, Copy)]
 enum Queued {
     Frame(usize),
     Segment(usize),
+    Run(usize, usize),
 }
 
-/// One `sendmmsg` (and more for what it did not take) for `sends`: (frame, member).
-fn send_all(
-    shared: &Shared,
-    header: &[u8],
-    frames: &[Vec<u8>],
-    segments: &[Vec<u8>],
-    sends: &[(Queued, rustix::net::SocketAddrAny)],
-) {
+/// Sends `sends` (what, member) in order: runs of single datagrams by `sendmmsg`, a
+/// segment's run of datagrams by one segmented send.
+fn send_all(shared: &Shared, header: &[u8], frames: &[Vec<u8>], segments: &[Vec<u8>], sends: &[(Queued, SocketAddr)]) {
+    let mut rest = sends;
+    while let Some((first, to)) = rest.first() {
+        if let Queued::Run(start, end) = *first {
+            send_run(shared, header, &segments[start..end], *to);
+            rest = &rest[1..];
+            continue;
+        }
+        let singles: Vec<(&[u8], SocketAddr)> = rest
+            .iter()
+            .map_while(|(what, to)| match *what {
+                Queued::Frame(i) => Some((frames[i].as_slice(), *to)),
+                Queued::Segment(i) => Some((segments[i].as_slice(), *to)),
+                Queued::Run(..) => None,
+            })
+            .collect();
+        send_singles(shared, header, &singles);
+        rest = &rest[singles.len()..];
+    }
+}
+
+/// A segment's datagrams to `to`: all but the last are the same size (as
+/// [`SoftFrames`] cuts them), so the kernel cuts them from one buffer, as many a send
+/// as it takes. A kernel (or underlay) that refuses gets them one by one, from now on.
+fn send_run(shared: &Shared, header: &[u8], segments: &[Vec<u8>], to: SocketAddr) {
+    use crate::sys::udp_gso::{send_segments, MAX_BYTES, MAX_SEGMENTS};
+    let c = &shared.counters;
+    let size = HEADER_LEN + segments[0].len();
+    let uniform = segments.iter().all(|s| HEADER_LEN + s.len() <= size)
+        && segments[..segments.len() - 1]
+            .iter()
+            .all(|s| HEADER_LEN + s.len() == size);
+    let per_send = (MAX_BYTES / size).clamp(1, MAX_SEGMENTS);
+    if uniform && size <= usize::from(u16::MAX) && shared.segmented_sends.load(Ordering::Relaxed) {
+        for chunk in segments.chunks(per_send) {
+            let parts: Vec<io::IoSlice<'_>> = chunk
+                .iter()
+                .flat_map(|s| [io::IoSlice::new(header), io::IoSlice::new(s)])
+                .collect();
+            match send_segments(shared.socket.as_fd(), to, &parts, size as u16) {
+                Ok(_) => {
+                    c.tx_datagrams.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A full buffer: lost, as a datagram would be.
+                    c.send_errors.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
+                    shared.segmented_sends.store(false, Ordering::Relaxed);
+                    let singles: Vec<_> = chunk.iter().map(|s| (s.as_slice(), to)).collect();
+                    send_singles(shared, header, &singles);
+                }
+            }
+        }
+        return;
+    }
+    let singles: Vec<_> = segments.iter().map(|s| (s.as_slice(), to)).collect();
+    send_singles(shared, header, &singles);
+}
+
+/// One `sendmmsg` (and more for what it did not take) for `sends`: (frame, member),
+/// each datagram `header` and the frame, gathered without a copy.
+fn send_singles(shared: &Shared, header: &[u8], sends: &[(&[u8], SocketAddr)]) {
     use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
     let c = &shared.counters;
     let iovs: Vec<[io::IoSlice<'_>; 2]> = sends
         .iter()
-        .map(|(what, _)| {
-            let frame = match *what {
-                Queued::Frame(i) => &frames[i],
-                Queued::Segment(i) => &segments[i],
-            };
-            [io::IoSlice::new(header), io::IoSlice::new(frame)]
-        })
+        .map(|(frame, _)| [io::IoSlice::new(header), io::IoSlice::new(frame)])
+        .collect();
+    let addrs: Vec<rustix::net::SocketAddrAny> = sends
+        .iter()
+        .map(|(_, to)| rustix::net::SocketAddrAny::from(*to))
         .collect();
     let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = sends.iter().map(|_| Default::default()).collect();
-    let mut msgs: Vec<MMsgHdr<'_>> = sends
+    let mut msgs: Vec<MMsgHdr<'_>> = addrs
         .iter()
         .zip(&iovs)
         .zip(controls.iter_mut())
-        .map(|(((_, to), iov), control)| MMsgHdr::new_with_addr(to, iov, control))
+        .map(|((to, iov), control)| MMsgHdr::new_with_addr(to, iov, control))
         .collect();
     let mut at = 0;
     while at < msgs.len() {

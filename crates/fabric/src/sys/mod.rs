@@ -7,6 +7,7 @@
 pub mod mmsg;
 pub mod seccomp;
 pub mod tun;
+pub mod udp_gso;
 
 /// Makes every allocation of 128 KiB or more take pages of its own from the kernel,
 /// already zero and touched only where used. glibc's default raises that threshold to
