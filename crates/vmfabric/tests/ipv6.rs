@@ -129,11 +129,21 @@ impl TapGuest {
             &self.ifname,
         ]);
         assert!(ok, "dhclient -6 on {}: {out}", self.ifname);
-        let addrs = self.ip6(&["addr", "show", "dev", &self.ifname]);
-        assert!(
-            addrs.contains(&want.to_string()),
-            "{want} not configured:\n{addrs}\n{out}"
-        );
+        // Configured, and past duplicate address detection: a tentative address
+        // answers nobody (CI once pinged it too early on a busy host).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let addrs = self.ip6(&["addr", "show", "dev", &self.ifname]);
+            let line = addrs.lines().find(|l| l.contains(&format!("{want}/")));
+            match line {
+                Some(l) if !l.contains("tentative") => return,
+                _ => assert!(
+                    Instant::now() < deadline,
+                    "{want} not configured, or still tentative:\n{addrs}\n{out}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// busybox's ping6 (setup.sh installs busybox-static), out of this guest's link.
