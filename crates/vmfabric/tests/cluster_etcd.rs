@@ -32,14 +32,11 @@ fn mac(n: u8) -> Mac {
 #[test]
 fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
     let dir = std::env::temp_dir().join(format!("vmf-etcd-{}", std::process::id()));
-    let Some(mut etcd) = testkit::Etcd::start("127.0.0.1", dir) else {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "needs etcd (apt-get install etcd-server)"
-        );
-        eprintln!("SKIP: needs etcd (apt-get install etcd-server)");
+    let etcd = testkit::Etcd::start("127.0.0.1", dir);
+    if !testkit::ready_or_skip(etcd.is_some(), "needs etcd (apt-get install etcd-server)") {
         return;
-    };
+    }
+    let mut etcd = etcd.unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let endpoints = etcd.endpoints.clone();
     let connect = |node: &'static str| {
@@ -158,14 +155,11 @@ fn etcd_over_tls_serves_only_nodes_with_a_certificate() {
     let dir = std::env::temp_dir().join(format!("vmf-etcd-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pki = testkit::EtcdPki::make(&dir.join("pki"), "127.0.0.1");
-    let Some(etcd) = testkit::Etcd::start_tls("127.0.0.1", dir.join("etcd"), &pki) else {
-        assert!(
-            std::env::var("VMFABRIC_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
-            "needs etcd (apt-get install etcd-server)"
-        );
-        eprintln!("SKIP: needs etcd (apt-get install etcd-server)");
+    let etcd = testkit::Etcd::start_tls("127.0.0.1", dir.join("etcd"), &pki);
+    if !testkit::ready_or_skip(etcd.is_some(), "needs etcd (apt-get install etcd-server)") {
         return;
-    };
+    }
+    let etcd = etcd.unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let claim = |tls: Option<&ClusterTls>| {
         rt.block_on(async {
