@@ -385,6 +385,23 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
         dig(&ga.0, &gateway, "sc") == ip_c
     });
     assert_eq!(dig(&gc.0, &gateway, "sa"), ip_a);
+    // A port that learns its MAC (the VMM picks one): the MAC it sends from is
+    // published once seen, so a guest on another node reaches it.
+    let gl = Netns::new(&format!("{prefix}sl"));
+    a.daemon.ok(
+        "POST",
+        "/v1/networks/span/ports",
+        Some(json!({"name": "sl", "kind": "tap", "ifname": gl.0, "learn_mac_once": true})),
+    );
+    run(&["ip", "-n", &a.ns, "link", "set", &gl.0, "netns", &gl.0]);
+    let own_mac = format!("02:00:00:00:77:{:02x}", id % 256);
+    run(&["ip", "-n", &gl.0, "link", "set", &gl.0, "address", &own_mac]);
+    run(&["ip", "-n", &gl.0, "link", "set", "lo", "up"]);
+    run(&["ip", "-n", &gl.0, "link", "set", &gl.0, "up"]);
+    let ip_l = leased(&gl, &a);
+    eventually(20, "guest c reaches the guest whose port learned its MAC", || {
+        pings(&gc.0, &ip_l)
+    });
     let rx = "vmfabric_vxlan_total{what=\"rx_frames\"}";
     assert!(
         metric(&a, rx) > 0 && metric(&c, rx) > 0,

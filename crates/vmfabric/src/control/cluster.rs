@@ -229,13 +229,25 @@ impl Control {
         }
     }
 
-    /// The MACs of a network's ports on this node.
+    /// The MACs of a network's ports on this node: each port's own, or for a port
+    /// that learns its MAC, the one its VMM sent from (none before its first frame).
     pub fn port_macs(&self, name: &str) -> HashSet<Mac> {
         let st = self.lock();
-        st.nets
-            .get(name)
-            .map(|n| n.ports.values().map(|p| p.rec.mac).collect())
-            .unwrap_or_default()
+        let Some(net) = st.nets.get(name) else {
+            return HashSet::new();
+        };
+        let learning: HashSet<PortId> = net
+            .ports
+            .values()
+            .filter(|p| p.rec.learn_mac_once)
+            .filter_map(|p| p.handle.switch_port())
+            .collect();
+        net.ports
+            .values()
+            .filter(|p| !p.rec.learn_mac_once)
+            .map(|p| p.rec.mac)
+            .chain(st.locker.macs_of(name, &learning))
+            .collect()
     }
 
     /// Programs a kernel-mode cluster network's VXLAN device for `remotes` (from etcd)

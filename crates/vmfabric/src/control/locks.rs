@@ -96,6 +96,21 @@ impl PortLocker {
         self.exempt.insert(port);
     }
 
+    /// The MACs `ports` of `network` were seen sending from (a port that learns its
+    /// MAC has one once its VMM sent a frame).
+    pub fn macs_of(&self, network: &str, ports: &std::collections::HashSet<PortId>) -> Vec<Mac> {
+        self.nets
+            .get(network)
+            .map(|n| {
+                n.ports
+                    .iter()
+                    .filter(|(_, p)| ports.contains(p))
+                    .map(|(m, _)| *m)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn forget_port(&mut self, network: &str, port: PortId) {
         self.exempt.remove(&port);
         if let Some(n) = self.nets.get_mut(network) {
