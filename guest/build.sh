@@ -182,8 +182,10 @@ else
         [ -n "$VMF_DNS" ] && echo "nameserver $VMF_DNS" > /etc/resolv.conf ;;
     esac
 fi
-[ -n "$ip" ] && echo "VMFABRIC_READY ${VMF_NONCE:--} $ip $(cat "/sys/class/net/$nic/address")"
+# Served before the marker: a guest said ready answers at once (a test that fetched
+# right after a restart's marker found nothing listening yet).
 [ "${VMF_HTTP:-0}" = 1 ] && httpd -p 80 -h /www
+[ -n "$ip" ] && echo "VMFABRIC_READY ${VMF_NONCE:--} $ip $(cat "/sys/class/net/$nic/address")"
 
 if [ -n "$VMF_CMD" ]; then
     echo "$VMF_CMD" | base64 -d > /tmp/cmd
