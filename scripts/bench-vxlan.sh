@@ -129,4 +129,7 @@ for i in 1 2; do
     echo "node h$i:" >&2
     curl -s --unix-socket "$WORK/h$i.sock" http://vmfabric/metrics |
         grep -E '^vmfabric_(vxlan_total|port_drops_total|network_drops_total)' | grep -v ' 0$' >&2 || true
+    # Datagrams the host's UDP stack dropped for a full socket buffer (both paths).
+    ip netns exec ${P}h$i awk '/^Udp:/ { if (!n++) split($0, k); else for (i = 2; i <= NF; i++)
+        if (k[i] ~ /bufErrors/) print "  udp " k[i] " " $i }' /proc/net/snmp >&2
 done

@@ -23,7 +23,7 @@ use rustix::event::{epoll, eventfd, EventfdFlags};
 
 use crate::error::{FabricError, Result};
 use crate::frame::EthernetView;
-use crate::offload::SoftFrames;
+use crate::offload::{Offload, SoftFrames, TcpCuts};
 use crate::{InProcessEnd, Mac, PortId, PortLock, Switch};
 
 /// The IANA port for VXLAN (Linux's `dstport` default is 8472 unless told 4789).
@@ -100,7 +100,7 @@ pub struct VtepCounters {
     pub spoofed: AtomicU64,
     /// Datagrams that are not VXLAN.
     pub malformed: AtomicU64,
-    /// Frames the switch had no room for.
+    /// Times the switch had no room for frames: they waited, and the socket with them.
     pub switch_full: AtomicU64,
     /// Sends the underlay refused.
     pub send_errors: AtomicU64,
@@ -309,7 +309,8 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
     let mut watched: HashMap<u32, Arc<Tunnel>> = HashMap::new();
     let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
     let mut arena = vec![0u8; ARENA];
-    let mut soft = SoftFrames::default();
+    let mut out = Outgoing::default();
+    let mut held = Held::default();
     loop {
         events.clear();
         match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
@@ -322,21 +323,95 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
         }
         for ev in &events {
             match ev.data.u64() {
-                SOCKET_TOKEN => receive(shared, &mut arena),
+                SOCKET_TOKEN => {
+                    receive(shared, &mut arena, &mut held);
+                    if !held.is_empty() {
+                        // The switch is behind: what comes next waits in the socket's
+                        // buffer until it took what is held.
+                        pause_reading(shared, &epoll, true);
+                    }
+                }
                 CONTROL_TOKEN => {
                     drain(&shared.control);
                     if shared.stop.load(Ordering::Relaxed) {
                         return;
                     }
                     rewatch(shared, &epoll, &mut watched);
+                    if !held.is_empty() {
+                        held.forget_gone(&watched);
+                        if held.is_empty() {
+                            pause_reading(shared, &epoll, false);
+                        }
+                    }
                 }
                 vni => {
                     if let Some(t) = watched.get(&(vni as u32)) {
-                        transmit(shared, t, &mut soft);
+                        // Drained before the queues are looked at, so a wake-up that
+                        // comes meanwhile is not lost.
+                        drain(&t.wake);
+                        if held.deliver(t) && held.is_empty() {
+                            pause_reading(shared, &epoll, false);
+                        }
+                        transmit(shared, t, &mut out);
                     }
                 }
             }
         }
+    }
+}
+
+/// Stops (or resumes) taking datagrams off the underlay socket.
+fn pause_reading(shared: &Shared, epoll: &OwnedFd, pause: bool) {
+    let flags = if pause {
+        epoll::EventFlags::empty()
+    } else {
+        epoll::EventFlags::IN
+    };
+    let data = epoll::EventData::new_u64(SOCKET_TOKEN);
+    if let Err(e) = epoll::modify(epoll, shared.socket.as_fd(), data, flags) {
+        tracing::warn!(
+            "the VTEP could not {} reading its socket: {e}",
+            if pause { "pause" } else { "resume" }
+        );
+    }
+}
+
+/// Frames taken off the underlay that the switch had no room for yet, by network:
+/// they wait for the switch to take them (it wakes the tunnel when it made room), and
+/// the socket is not read meanwhile, so a burst waits in the socket's buffer instead
+/// of being lost at the switch (TCP takes every loss as congestion).
+#[derive(Default)]
+struct Held {
+    frames: HashMap<u32, std::collections::VecDeque<(Vec<u8>, Offload)>>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Hands `t` what is held for it; whether anything was held.
+    fn deliver(&mut self, t: &Tunnel) -> bool {
+        let Some(queue) = self.frames.get_mut(&t.vni) else {
+            return false;
+        };
+        let _ = t.end.relay_owned(queue);
+        if queue.is_empty() {
+            self.frames.remove(&t.vni);
+        }
+        true
+    }
+
+    /// Keeps what the switch did not take of `frames` for `vni`.
+    fn keep(&mut self, vni: u32, frames: &mut std::collections::VecDeque<(Vec<u8>, Offload)>) {
+        if !frames.is_empty() {
+            self.frames.entry(vni).or_default().extend(frames.drain(..));
+        }
+    }
+
+    /// Drops what is held for networks no longer tunnelled.
+    fn forget_gone(&mut self, tunnels: &HashMap<u32, Arc<Tunnel>>) {
+        self.frames.retain(|vni, _| tunnels.contains_key(vni));
     }
 }
 
@@ -358,7 +433,7 @@ fn rewatch(shared: &Shared, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunn
         if epoll::add(epoll, &t.wake, data, epoll::EventFlags::IN).is_ok() {
             watched.insert(*vni, t.clone());
             // Frames may have been queued before the fd was watched.
-            transmit(shared, t, &mut SoftFrames::default());
+            transmit(shared, t, &mut Outgoing::default());
         }
     }
 }
@@ -372,8 +447,8 @@ const TX_BATCH: usize = 32;
 
 /// Takes what waits on the underlay socket into the networks it is for: a turn's
 /// datagrams first, then each network's frames in one batch (one wake-up of the
-/// switch per network, not one per frame).
-fn receive(shared: &Shared, arena: &mut [u8]) {
+/// switch per network, not one per frame); what the switch has no room for is held.
+fn receive(shared: &Shared, arena: &mut [u8], held: &mut Held) {
     let c = &shared.counters;
     let tunnels = shared.tunnels.load();
     // (tunnel, start, length) of each frame taken this turn.
@@ -403,13 +478,15 @@ fn receive(shared: &Shared, arena: &mut [u8]) {
             coalescer.push(&arena[*at..*at + *len]);
         }
         let merged = coalescer.finish();
-        // Remote bytes: never vouched for (what the coalescer merged it verified).
-        let _ = t.end.relay_owned(merged);
-        // What the switch had no room for stays behind: dropped, as a full NIC ring.
-        let lost = merged.len();
-        merged.clear();
+        if !held.frames.contains_key(&t.vni) {
+            // Remote bytes: never vouched for (what the coalescer merged it verified).
+            let _ = t.end.relay_owned(merged);
+        }
+        if !merged.is_empty() {
+            count(&c.switch_full);
+            held.keep(t.vni, merged);
+        }
         c.rx_frames.fetch_add(run as u64, Ordering::Relaxed);
-        c.switch_full.fetch_add(lost as u64, Ordering::Relaxed);
         rest = &rest[run..];
     }
 }
@@ -455,23 +532,42 @@ fn admit<'t>(
     Some(t)
 }
 
+/// A transmit batch's frames, and what was made of them, in buffers reused from batch
+/// to batch.
+#[derive(Default)]
+struct Outgoing {
+    /// Frames as the switch queued them (recycled once the batch went).
+    frames: Vec<Vec<u8>>,
+    /// Segments cut from offloaded ones in `frames`, their payloads left in place.
+    cuts: TcpCuts,
+    /// Frames completed or cut in software (a checksum left partial, or an underlay
+    /// that refuses segmented sends).
+    soft: SoftFrames,
+    /// What goes to which member, in order.
+    sends: Vec<(Queued, SocketAddr)>,
+}
+
+impl Outgoing {
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.cuts.clear();
+        self.soft.clear();
+        self.sends.clear();
+    }
+}
+
 /// Sends what the switch queued for a tunnel to the member hosts it is for, up to
-/// [`TX_BATCH`] datagrams a system call (`sendmmsg`), each the shared VXLAN header and
-/// the frame, gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP
-/// segment takes one place in its queue, and is cut into the network's MTU here.
-fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
+/// [`TX_BATCH`] sends a turn, each datagram the shared VXLAN header and the frame,
+/// gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP segment takes
+/// one place in its queue and is cut into the network's MTU here, its payload never
+/// copied: its datagrams go as one segmented send, gathered from the segment.
+fn transmit(shared: &Shared, t: &Tunnel, out: &mut Outgoing) {
     let c = &shared.counters;
-    drain(&t.wake);
     let remotes = t.remotes.load();
     let header = header(t.vni);
-    let mut frames: Vec<Vec<u8>> = Vec::with_capacity(2 * TX_BATCH);
-    let mut sends: Vec<(Queued, SocketAddr)> = Vec::with_capacity(2 * TX_BATCH);
     loop {
-        frames.clear();
-        sends.clear();
-        // A batch's software-cut segments stay in `soft` until they are sent.
-        soft.clear();
-        while sends.len() < TX_BATCH {
+        out.clear();
+        while out.sends.len() < TX_BATCH {
             let Some((frame, offload)) = t.end.try_recv_offloaded() else {
                 break;
             };
@@ -488,66 +584,71 @@ fn transmit(shared: &Shared, t: &Tunnel, soft: &mut SoftFrames) {
                 Some(ip) => std::slice::from_ref(ip),
                 None => &remotes.members,
             };
+            let sends = &mut out.sends;
             let mut queue = |what: Queued| {
                 for ip in targets {
                     sends.push((what, SocketAddr::new(*ip, shared.remote_port)));
                 }
             };
-            if offload.is_plain() {
-                queue(Queued::Frame(frames.len()));
-                frames.push(frame);
-                continue;
-            }
-            let before = soft.frames().len();
-            match soft.push(&frame, &offload) {
-                Ok(()) => {
-                    let after = soft.frames().len();
-                    if after - before > 1 && shared.segmented_sends.load(Ordering::Relaxed) {
-                        queue(Queued::Run(before, after));
-                    } else {
-                        (before..after).for_each(|i| queue(Queued::Segment(i)));
-                    }
+            let segmented = shared.segmented_sends.load(Ordering::Relaxed);
+            let made = match offload.gso {
+                _ if offload.is_plain() => {
+                    queue(Queued::Frame(out.frames.len()));
+                    out.frames.push(frame);
+                    continue;
                 }
-                Err(_) => count(&c.malformed),
+                Some(gso) if segmented => out.cuts.cut(&frame, &gso).map(|cut| {
+                    queue(Queued::Cut(out.frames.len(), cut.start, cut.end));
+                    out.frames.push(frame);
+                }),
+                _ => {
+                    let before = out.soft.frames().len();
+                    let made = out.soft.push(&frame, &offload);
+                    (before..out.soft.frames().len()).for_each(|i| queue(Queued::Soft(i)));
+                    t.end.recycle(frame);
+                    made
+                }
+            };
+            if made.is_err() {
+                count(&c.malformed);
             }
-            t.end.recycle(frame);
         }
-        if sends.is_empty() {
+        if out.sends.is_empty() {
             return;
         }
-        send_all(shared, &header, &frames, soft.frames(), &sends);
-        for f in frames.drain(..) {
+        send_all(shared, &header, out);
+        for f in out.frames.drain(..) {
             t.end.recycle(f);
         }
     }
 }
 
-/// A frame waiting in a transmit batch: as the switch queued it, a segment cut from
-/// an offloaded one, or all the segments cut from one (`start..end`), to go as one
-/// segmented send.
+/// A datagram (or a run of them) waiting in a transmit batch: a frame as the switch
+/// queued it, one made in software, or the segments `start..end` cut from a frame, to
+/// go as one segmented send.
 #[derive(Clone, Copy)]
 enum Queued {
     Frame(usize),
-    Segment(usize),
-    Run(usize, usize),
+    Soft(usize),
+    Cut(usize, usize, usize),
 }
 
-/// Sends `sends` (what, member) in order: runs of single datagrams by `sendmmsg`, a
-/// segment's run of datagrams by one segmented send.
-fn send_all(shared: &Shared, header: &[u8], frames: &[Vec<u8>], segments: &[Vec<u8>], sends: &[(Queued, SocketAddr)]) {
-    let mut rest = sends;
+/// Sends a batch's datagrams in order: runs of single datagrams by `sendmmsg`, a
+/// frame's cut segments by segmented sends.
+fn send_all(shared: &Shared, header: &[u8], out: &Outgoing) {
+    let mut rest = out.sends.as_slice();
     while let Some((first, to)) = rest.first() {
-        if let Queued::Run(start, end) = *first {
-            send_run(shared, header, &segments[start..end], *to);
+        if let Queued::Cut(frame, start, end) = *first {
+            send_cut(shared, header, &out.frames[frame], &out.cuts, start..end, *to);
             rest = &rest[1..];
             continue;
         }
-        let singles: Vec<(&[u8], SocketAddr)> = rest
+        let singles: Vec<([&[u8]; 2], SocketAddr)> = rest
             .iter()
             .map_while(|(what, to)| match *what {
-                Queued::Frame(i) => Some((frames[i].as_slice(), *to)),
-                Queued::Segment(i) => Some((segments[i].as_slice(), *to)),
-                Queued::Run(..) => None,
+                Queued::Frame(i) => Some(([out.frames[i].as_slice(), &[]], *to)),
+                Queued::Soft(i) => Some(([out.soft.frames()[i].as_slice(), &[]], *to)),
+                Queued::Cut(..) => None,
             })
             .collect();
         send_singles(shared, header, &singles);
@@ -555,54 +656,74 @@ fn send_all(shared: &Shared, header: &[u8], frames: &[Vec<u8>], segments: &[Vec<
     }
 }
 
-/// A segment's datagrams to `to`: all but the last are the same size (as
-/// [`SoftFrames`] cuts them), so the kernel cuts them from one buffer, as many a send
-/// as it takes. A kernel (or underlay) that refuses gets them one by one, from now on.
-fn send_run(shared: &Shared, header: &[u8], segments: &[Vec<u8>], to: SocketAddr) {
+/// A frame's cut segments to `to`: all but the last are the same size, so the kernel
+/// cuts their datagrams from one gathered buffer (the VXLAN header, the segment's
+/// headers, its payload in the frame, for each), as many a send as it takes. An
+/// underlay that refuses gets them one by one, and every later frame is cut in
+/// software.
+fn send_cut(
+    shared: &Shared,
+    header: &[u8],
+    frame: &[u8],
+    cuts: &TcpCuts,
+    segments: std::ops::Range<usize>,
+    to: SocketAddr,
+) {
     use crate::sys::udp_gso::{send_segments, MAX_BYTES, MAX_SEGMENTS};
     let c = &shared.counters;
-    let size = HEADER_LEN + segments[0].len();
-    let uniform = segments.iter().all(|s| HEADER_LEN + s.len() <= size)
-        && segments[..segments.len() - 1]
-            .iter()
-            .all(|s| HEADER_LEN + s.len() == size);
+    let parts = |k: usize| {
+        let (headers, payload) = cuts.segment(k);
+        [headers, &frame[payload]]
+    };
+    let datagram = |k: usize| HEADER_LEN + parts(k).iter().map(|p| p.len()).sum::<usize>();
+    let size = datagram(segments.start);
     let per_send = (MAX_BYTES / size).clamp(1, MAX_SEGMENTS);
-    if uniform && size <= usize::from(u16::MAX) && shared.segmented_sends.load(Ordering::Relaxed) {
-        for chunk in segments.chunks(per_send) {
-            let parts: Vec<io::IoSlice<'_>> = chunk
-                .iter()
-                .flat_map(|s| [io::IoSlice::new(header), io::IoSlice::new(s)])
-                .collect();
-            match send_segments(shared.socket.as_fd(), to, &parts, size as u16) {
-                Ok(_) => {
-                    c.tx_datagrams.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // A full buffer: lost, as a datagram would be.
-                    c.send_errors.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
+    let ks: Vec<usize> = segments.collect();
+    for chunk in ks.chunks(per_send) {
+        let gathered: Vec<io::IoSlice<'_>> = chunk
+            .iter()
+            .flat_map(|&k| {
+                let [headers, payload] = parts(k);
+                [
+                    io::IoSlice::new(header),
+                    io::IoSlice::new(headers),
+                    io::IoSlice::new(payload),
+                ]
+            })
+            .collect();
+        let sent = match u16::try_from(size) {
+            Ok(size) if shared.segmented_sends.load(Ordering::Relaxed) => {
+                send_segments(shared.socket.as_fd(), to, &gathered, size)
+            }
+            _ => Err(io::Error::from(io::ErrorKind::Unsupported)),
+        };
+        match sent {
+            Ok(_) => {
+                c.tx_datagrams.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A full buffer: lost, as a datagram would be.
+                c.send_errors.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if shared.segmented_sends.swap(false, Ordering::Relaxed) {
                     tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
-                    shared.segmented_sends.store(false, Ordering::Relaxed);
-                    let singles: Vec<_> = chunk.iter().map(|s| (s.as_slice(), to)).collect();
-                    send_singles(shared, header, &singles);
                 }
+                let singles: Vec<_> = chunk.iter().map(|&k| (parts(k), to)).collect();
+                send_singles(shared, header, &singles);
             }
         }
-        return;
     }
-    let singles: Vec<_> = segments.iter().map(|s| (s.as_slice(), to)).collect();
-    send_singles(shared, header, &singles);
 }
 
-/// One `sendmmsg` (and more for what it did not take) for `sends`: (frame, member),
-/// each datagram `header` and the frame, gathered without a copy.
-fn send_singles(shared: &Shared, header: &[u8], sends: &[(&[u8], SocketAddr)]) {
+/// One `sendmmsg` (and more for what it did not take) for `sends`: (frame in parts,
+/// member), each datagram `header` and the frame's parts, gathered without a copy.
+fn send_singles(shared: &Shared, header: &[u8], sends: &[([&[u8]; 2], SocketAddr)]) {
     use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
     let c = &shared.counters;
-    let iovs: Vec<[io::IoSlice<'_>; 2]> = sends
+    let iovs: Vec<[io::IoSlice<'_>; 3]> = sends
         .iter()
-        .map(|(frame, _)| [io::IoSlice::new(header), io::IoSlice::new(frame)])
+        .map(|([head, rest], _)| [io::IoSlice::new(header), io::IoSlice::new(head), io::IoSlice::new(rest)])
         .collect();
     let addrs: Vec<rustix::net::SocketAddrAny> = sends
         .iter()
