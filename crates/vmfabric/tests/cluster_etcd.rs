@@ -5,6 +5,7 @@
 //! fails (closed) instead of guessing; over TLS, only nodes with a certificate are
 //! served. Needs the `etcd` binary (and openssl).
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,14 @@ fn addresses_are_claimed_once_across_hosts_and_never_on_a_guess() {
             host_a.claim_address("n", other, mac(4), later(), None).await.unwrap(),
             Claim::TakenBy(mac(5))
         );
+        // What a new port must not take: the network's held addresses, from any node.
+        assert_eq!(
+            host_b.held_addresses("n").await.unwrap(),
+            HashSet::from([ip, other]),
+            "the network's own, not network m's"
+        );
+        assert_eq!(host_a.held_addresses("m").await.unwrap(), HashSet::from([ip]));
+        assert!(host_a.held_addresses("none").await.unwrap().is_empty());
         // The view shows who holds what, from which node.
         let view = host_a.view().await.unwrap();
         assert!(view.networks.is_empty(), "no network was created, only claims");

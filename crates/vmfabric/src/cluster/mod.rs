@@ -18,7 +18,7 @@
 pub mod leases;
 pub mod node;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -376,6 +376,23 @@ impl ClusterStore {
             .and_then([TxnOp::delete(key, None)]);
         self.client.clone().txn(txn).await?;
         Ok(())
+    }
+
+    /// The addresses held in `network`, on any node: its address keys alone, not the
+    /// cluster's whole state (a port is added on the API's path).
+    pub async fn held_addresses(&self, network: &str) -> Result<HashSet<Ipv4Addr>, ClusterError> {
+        let prefix = format!("{}addresses/", self.network_key(network));
+        let opts = GetOptions::new().with_prefix().with_keys_only();
+        let got = self.client.clone().get(prefix.clone(), Some(opts)).await?;
+        got.kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                key.get(prefix.len()..)
+                    .and_then(|ip| ip.parse().ok())
+                    .ok_or_else(|| corrupt(kv))
+            })
+            .collect()
     }
 
     /// Everything under the prefix, at one revision.

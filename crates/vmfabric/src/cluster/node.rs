@@ -201,12 +201,7 @@ impl ClusterLink {
 
     /// The addresses etcd holds for a network's guests, on every node.
     pub fn held_addresses(&self, network: &str) -> Result<HashSet<Ipv4Addr>, ClusterError> {
-        let view = self.block_on(self.store.view())?;
-        Ok(view
-            .networks
-            .get(network)
-            .map(|n| n.addresses.keys().copied().collect())
-            .unwrap_or_default())
+        self.block_on(self.store.held_addresses(network))
     }
 
     /// Queues a lease's renewal or release for etcd; the loop writes it.
