@@ -147,6 +147,15 @@ impl Guest {
     }
 }
 
+/// The address a guest's console says it leased: `VMFABRIC_READY <nonce> <ip> <mac>`.
+pub fn ready_ip(console: &str) -> Option<String> {
+    console
+        .lines()
+        .find(|l| l.starts_with("VMFABRIC_READY"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .map(str::to_string)
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -268,21 +277,43 @@ pub fn udhcpc_once(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> std::collections::HashMap<String, String> {
+    udhcpc(ns, ifname, dir, 10, extra).unwrap_or_else(|| panic!("udhcpc on {ifname} in {ns} got no lease"))
+}
+
+/// [`udhcpc_once`] with `tries` DISCOVERs a second apart: `None` when no lease came.
+pub fn udhcpc(
+    ns: &str,
+    ifname: &str,
+    dir: &std::path::Path,
+    tries: u32,
+    extra: &[&str],
+) -> Option<std::collections::HashMap<String, String>> {
+    std::fs::create_dir_all(dir).unwrap();
     let script = dir.join("udhcpc.sh");
     std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
     run(&["chmod", "755", script.to_str().unwrap()]);
     let _ = std::fs::remove_file(dir.join("env"));
-    let mut args = vec![
-        "ip", "netns", "exec", ns, "busybox", "udhcpc", "-i", ifname, "-q", "-f", "-n", "-t", "10", "-T", "1", "-s",
-    ];
-    args.push(script.to_str().unwrap());
-    args.extend(extra);
-    run(&args);
-    std::fs::read_to_string(dir.join("env"))
+    let tries = tries.to_string();
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "busybox", "udhcpc", "-i", ifname, "-q", "-f", "-n", "-t",
+        ])
+        .arg(&tries)
+        .args(["-T", "1", "-s"])
+        .arg(&script)
+        .args(extra)
+        .output()
         .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect()
+        .status;
+    if !status.success() {
+        return None;
+    }
+    let env = std::fs::read_to_string(dir.join("env")).ok()?;
+    Some(
+        env.lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect(),
+    )
 }
 
 /// The `n`th (from 0) fenced code block of language `lang` in a Markdown document, for

@@ -242,12 +242,7 @@ fn a_kernel_network_serves_real_guests_and_survives_kill_9() {
     });
     let mut c = boot(&image, &work, "c", &port_c, "true");
     let out_c = c.wait_for("VMFABRIC_READY");
-    let ip_c = out_c
-        .lines()
-        .find(|l| l.starts_with("VMFABRIC_READY"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap()
-        .to_string();
+    let ip_c = testkit::ready_ip(&out_c).unwrap();
     let d_cmd = format!(
         "ping -c 1 -W 3 10.85.0.1 && echo ROUTER-OK; \
          if ping -c 2 -W 2 {ip_c}; then echo PEER-REACHED; else echo PEER-ISOLATED; fi; \

@@ -185,26 +185,8 @@ fn etcd_view(etcd: &testkit::Etcd) -> vmfabric::cluster::ClusterView {
 }
 
 /// One udhcpc exchange in `ns` (a few tries): the address, or None if none came.
-fn lease(ns: &str, dir: &Path, tries: &str) -> Option<String> {
-    std::fs::create_dir_all(dir).unwrap();
-    let script = dir.join("udhcpc.sh");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\ncase \"$1\" in bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\"; echo \"$ip\" > \"$(dirname \"$0\")/ip\" ;; esac\n",
-    )
-    .unwrap();
-    run(&["chmod", "755", script.to_str().unwrap()]);
-    let _ = std::fs::remove_file(dir.join("ip"));
-    let ok = Command::new("ip")
-        .args([
-            "netns", "exec", ns, "busybox", "udhcpc", "-i", ns, "-q", "-f", "-n", "-t", tries, "-T", "1", "-s",
-        ])
-        .arg(&script)
-        .output()
-        .unwrap()
-        .status
-        .success();
-    ok.then(|| std::fs::read_to_string(dir.join("ip")).unwrap().trim().to_string())
+fn lease(ns: &str, dir: &Path, tries: u32) -> Option<String> {
+    testkit::udhcpc(ns, ns, dir, tries, &[]).and_then(|env| env.get("ip").cloned())
 }
 
 /// Whether `ns` fetches the test guest's web page from `ip`.
@@ -362,7 +344,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
         on_port(&c, "span", &prefix, "sc"),
     );
     let leased = |ns: &Netns, n: &Node| {
-        lease(&ns.0, &dir.join(&ns.0), "10").unwrap_or_else(|| panic!("{} leased no address: {}", ns.0, dhcp_lines(n)))
+        lease(&ns.0, &dir.join(&ns.0), 10).unwrap_or_else(|| panic!("{} leased no address: {}", ns.0, dhcp_lines(n)))
     };
     let (ip_a, ip_b, ip_c) = (leased(&ga, &a), leased(&gb, &b), leased(&gc, &c));
     assert!(
@@ -442,8 +424,8 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     let (ra, rb) = (on_port(&a, "race", &prefix, "ra"), on_port(&b, "race", &prefix, "rb"));
     let (dir_ra, dir_rb) = (dir.join("ra"), dir.join("rb"));
     let (ns_ra, ns_rb) = (ra.0.clone(), rb.0.clone());
-    let first = std::thread::spawn(move || lease(&ns_ra, &dir_ra, "3"));
-    let second = std::thread::spawn(move || lease(&ns_rb, &dir_rb, "3"));
+    let first = std::thread::spawn(move || lease(&ns_ra, &dir_ra, 3));
+    let second = std::thread::spawn(move || lease(&ns_rb, &dir_rb, 3));
     let (got_a, got_b) = (first.join().unwrap(), second.join().unwrap());
     assert!(
         got_a.is_some() != got_b.is_some(),
@@ -506,12 +488,12 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
         dhcp_lines(&c)
     );
     assert_eq!(
-        lease(&ga.0, &dir.join(&ga.0), "5").as_deref(),
+        lease(&ga.0, &dir.join(&ga.0), 5).as_deref(),
         Some(ip_a.as_str()),
         "renewed"
     );
     let ge = on_port(&c, "span", &prefix, "se");
-    assert_eq!(lease(&ge.0, &dir.join(&ge.0), "3"), None, "no new lease without etcd");
+    assert_eq!(lease(&ge.0, &dir.join(&ge.0), 3), None, "no new lease without etcd");
     assert!(metric(&c, "vmfabric_dhcp_store_unavailable_total{network=\"span\"}") > 0);
     assert_eq!(metric(&c, "vmfabric_cluster_store_up"), 0);
     // Back: the new guest leases an address no one else holds.
@@ -543,7 +525,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     });
     reattach(&a, "span", "sa", &ga);
     assert_eq!(
-        lease(&ga.0, &dir.join(&ga.0), "10").as_deref(),
+        lease(&ga.0, &dir.join(&ga.0), 10).as_deref(),
         Some(ip_a.as_str()),
         "kept its address"
     );
@@ -587,7 +569,7 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
     reattach(&c, "span", "sc", &gc);
     for (ns, ip) in [(&ga, &ip_a), (&gc, &ip_c)] {
         assert_eq!(
-            lease(&ns.0, &dir.join(&ns.0), "10").as_deref(),
+            lease(&ns.0, &dir.join(&ns.0), 10).as_deref(),
             Some(ip.as_str()),
             "kept its address"
         );
@@ -672,7 +654,7 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     });
     assert_eq!(u.daemon.ok("GET", "/v1/networks/mixed", None)["mode"], "userspace");
     let gu = on_port(&u, "mixed", &format!("mh{id}"), "su");
-    let ip_u = lease(&gu.0, &dir.join(&gu.0), "10")
+    let ip_u = lease(&gu.0, &dir.join(&gu.0), 10)
         .unwrap_or_else(|| panic!("the userspace guest leased no address: {}", dhcp_lines(&u)));
     // The second address is a kernel node's gateway's on every node.
     assert!(!ip_u.ends_with(".2") && !ip_u.ends_with(".1"), "{ip_u}");
@@ -696,12 +678,7 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         testkit::Guest::boot(&image, log, nic, "kvm", Some(&cmd), &["VMF_HTTP=1", "VMF_END=hang"])
     });
     let out = kvm.wait_for("VMFABRIC_CMD_EXIT");
-    let ip_k = out
-        .lines()
-        .find(|l| l.starts_with("VMFABRIC_READY"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap()
-        .to_string();
+    let ip_k = testkit::ready_ip(&out).unwrap();
     assert!(
         out.contains("ACROSS-OK") && out.contains("NAMED-OK"),
         "the kernel node's guest reached the userspace guest by address and name:\n{out}\nnode k:\n{}",
