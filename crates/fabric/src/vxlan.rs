@@ -691,13 +691,14 @@ fn send_cut(
                 ]
             })
             .collect();
-        let sent = match u16::try_from(size) {
-            Ok(size) if shared.segmented_sends.load(Ordering::Relaxed) => {
-                send_segments(shared.socket.as_fd(), to, &gathered, size)
-            }
-            _ => Err(io::Error::from(io::ErrorKind::Unsupported)),
+        let singles = || -> Vec<([&[u8]; 2], SocketAddr)> { chunk.iter().map(|&k| (parts(k), to)).collect() };
+        let (Ok(size), true) = (u16::try_from(size), shared.segmented_sends.load(Ordering::Relaxed)) else {
+            // Larger than a segmented send describes (not for an MTU that passed
+            // the offload check), or the underlay refused one before.
+            send_singles(shared, header, &singles());
+            continue;
         };
-        match sent {
+        match send_segments(shared.socket.as_fd(), to, &gathered, size) {
             Ok(_) => {
                 c.tx_datagrams.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
@@ -709,8 +710,7 @@ fn send_cut(
                 if shared.segmented_sends.swap(false, Ordering::Relaxed) {
                     tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
                 }
-                let singles: Vec<_> = chunk.iter().map(|&k| (parts(k), to)).collect();
-                send_singles(shared, header, &singles);
+                send_singles(shared, header, &singles());
             }
         }
     }
