@@ -625,11 +625,8 @@ fn fold64(mut acc: u64) -> u16 {
     acc as u16
 }
 
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
+fn fold(acc: u32) -> u16 {
+    fold64(u64::from(acc))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -151,17 +151,17 @@ struct Shared {
     /// Whether runs of a segment's datagrams go as one segmented send (UDP_SEGMENT);
     /// cleared for good when the kernel refuses one.
     segmented_sends: AtomicBool,
-    stop: AtomicBool,
-    /// Written when `tunnels` changed or the VTEP stops.
+    /// Written when `tunnels` changed.
     control: OwnedFd,
 }
 
 /// A VXLAN tunnel endpoint serving any number of a switch's networks over one
-/// underlay socket, on a thread of its own.
+/// underlay socket. The switch's thread does its work (see [`crate::switch::Poller`]).
 pub struct Vtep {
     shared: Arc<Shared>,
     switch: Arc<Switch>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The switch's name for the work it does for this VTEP.
+    poller: u64,
 }
 
 const SOCKET_TOKEN: u64 = u64::MAX;
@@ -188,7 +188,6 @@ impl Vtep {
             tunnels: ArcSwap::from_pointee(HashMap::new()),
             counters: VtepCounters::default(),
             segmented_sends: AtomicBool::new(true),
-            stop: AtomicBool::new(false),
             control,
         });
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
@@ -200,16 +199,16 @@ impl Vtep {
             epoll::add(&epoll, fd, epoll::EventData::new_u64(token), epoll::EventFlags::IN)
                 .map_err(|e| FabricError::io("watch the VTEP's fds", e.into()))?;
         }
-        let for_thread = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("vxlan".into())
-            .spawn(move || serve(&for_thread, epoll))
-            .map_err(|e| FabricError::io("start the VTEP's thread", e))?;
-        Ok(Vtep {
-            shared,
-            switch,
-            thread: Some(thread),
-        })
+        let serving = Serving {
+            shared: shared.clone(),
+            epoll,
+            watched: HashMap::new(),
+            arena: vec![0u8; ARENA],
+            out: Outgoing::default(),
+            held: Held::default(),
+        };
+        let poller = switch.add_poller(Box::new(serving))?;
+        Ok(Vtep { shared, switch, poller })
     }
 
     /// The address the underlay socket is bound to.
@@ -287,11 +286,7 @@ impl Vtep {
 
 impl Drop for Vtep {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.poke();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.switch.remove_poller(self.poller);
         for t in self.shared.tunnels.load().values() {
             let _ = self.switch.remove_port(t.port);
         }
@@ -304,43 +299,60 @@ fn drain(fd: &OwnedFd) {
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
 }
 
-/// The VTEP's loop: datagrams in, frames out, tunnels watched as they come and go.
-fn serve(shared: &Shared, epoll: OwnedFd) {
-    let mut watched: HashMap<u32, Arc<Tunnel>> = HashMap::new();
-    let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
-    let mut arena = vec![0u8; ARENA];
-    let mut out = Outgoing::default();
-    let mut held = Held::default();
-    loop {
-        events.clear();
-        match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
+/// What the VTEP's work needs from turn to turn, owned by the switch thread that does it.
+struct Serving {
+    shared: Arc<Shared>,
+    /// The underlay socket, the control eventfd and each tunnel's wake-up.
+    epoll: OwnedFd,
+    watched: HashMap<u32, Arc<Tunnel>>,
+    arena: Vec<u8>,
+    out: Outgoing,
+    held: Held,
+}
+
+impl crate::switch::Poller for Serving {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+
+    /// Datagrams in, frames out, tunnels watched as they come and go.
+    fn poll(&mut self) {
+        let Serving {
+            shared,
+            epoll,
+            watched,
+            arena,
+            out,
+            held,
+        } = self;
+        let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 64];
+        let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        let ready = match epoll::wait(&*epoll, &mut events, Some(&now)) {
+            Ok((ready, _)) => ready,
             Err(e) => {
-                tracing::warn!("the VTEP stops: epoll_wait failed: {e}");
+                if e != rustix::io::Errno::INTR {
+                    tracing::warn!("the VTEP could not see what is ready: epoll_wait failed: {e}");
+                }
                 return;
             }
-        }
-        for ev in &events {
+        };
+        for ev in ready.iter() {
             match ev.data.u64() {
                 SOCKET_TOKEN => {
-                    receive(shared, &mut arena, &mut held);
+                    receive(shared, arena, held);
                     if !held.is_empty() {
                         // The switch is behind: what comes next waits in the socket's
                         // buffer until it took what is held.
-                        pause_reading(shared, &epoll, true);
+                        pause_reading(shared, epoll, true);
                     }
                 }
                 CONTROL_TOKEN => {
                     drain(&shared.control);
-                    if shared.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    rewatch(shared, &epoll, &mut watched);
+                    rewatch(shared, epoll, watched);
                     if !held.is_empty() {
-                        held.forget_gone(&watched);
+                        held.forget_gone(watched);
                         if held.is_empty() {
-                            pause_reading(shared, &epoll, false);
+                            pause_reading(shared, epoll, false);
                         }
                     }
                 }
@@ -350,9 +362,9 @@ fn serve(shared: &Shared, epoll: OwnedFd) {
                         // comes meanwhile is not lost.
                         drain(&t.wake);
                         if held.deliver(t) && held.is_empty() {
-                            pause_reading(shared, &epoll, false);
+                            pause_reading(shared, epoll, false);
                         }
-                        transmit(shared, t, &mut out);
+                        transmit(shared, t, out);
                     }
                 }
             }
@@ -404,9 +416,7 @@ impl Held {
 
     /// Keeps what the switch did not take of `frames` for `vni`.
     fn keep(&mut self, vni: u32, frames: &mut std::collections::VecDeque<(Vec<u8>, Offload)>) {
-        if !frames.is_empty() {
-            self.frames.entry(vni).or_default().extend(frames.drain(..));
-        }
+        self.frames.entry(vni).or_default().extend(frames.drain(..));
     }
 
     /// Drops what is held for networks no longer tunnelled.
@@ -680,6 +690,13 @@ fn send_cut(
     let per_send = (MAX_BYTES / size).clamp(1, MAX_SEGMENTS);
     let ks: Vec<usize> = segments.collect();
     for chunk in ks.chunks(per_send) {
+        let singles = || -> Vec<([&[u8]; 2], SocketAddr)> { chunk.iter().map(|&k| (parts(k), to)).collect() };
+        let (Ok(size), true) = (u16::try_from(size), shared.segmented_sends.load(Ordering::Relaxed)) else {
+            // Larger than a segmented send describes (not for an MTU that passed
+            // the offload check), or the underlay refused one before.
+            send_singles(shared, header, &singles());
+            continue;
+        };
         let gathered: Vec<io::IoSlice<'_>> = chunk
             .iter()
             .flat_map(|&k| {
@@ -691,13 +708,6 @@ fn send_cut(
                 ]
             })
             .collect();
-        let singles = || -> Vec<([&[u8]; 2], SocketAddr)> { chunk.iter().map(|&k| (parts(k), to)).collect() };
-        let (Ok(size), true) = (u16::try_from(size), shared.segmented_sends.load(Ordering::Relaxed)) else {
-            // Larger than a segmented send describes (not for an MTU that passed
-            // the offload check), or the underlay refused one before.
-            send_singles(shared, header, &singles());
-            continue;
-        };
         match send_segments(shared.socket.as_fd(), to, &gathered, size) {
             Ok(_) => {
                 c.tx_datagrams.fetch_add(chunk.len() as u64, Ordering::Relaxed);

@@ -29,8 +29,8 @@ use crate::error::{FabricError, Result};
 use crate::port::{Capture, MacEntry, PortId, PortInfo, PortLock, SwitchEvent, TapSource, Transport};
 use crate::sys::tun::{self, Tun, TunOptions};
 use crate::transport;
-pub(crate) use worker::DropCounters;
 use worker::{Command, NetShared, NewPort, PortFd, PortShared, Worker, WorkerSetup};
+pub(crate) use worker::{DropCounters, Poller};
 
 struct PortRecord {
     network: String,
@@ -394,6 +394,17 @@ impl Switch {
         v
     }
 
+    /// Has the switch thread do `poller`'s work beside forwarding, from now until
+    /// [`Switch::remove_poller`].
+    pub(crate) fn add_poller(&self, poller: Box<dyn Poller>) -> Result<u64> {
+        self.call(|reply| Command::AddPoller { poller, reply })
+    }
+
+    /// Stops a poller; it is dropped on the switch thread before this returns.
+    pub(crate) fn remove_poller(&self, id: u64) -> Result<()> {
+        self.call(|reply| Command::RemovePoller { id, reply })
+    }
+
     pub fn mac_table(&self, network: &str) -> Result<Vec<MacEntry>> {
         let network = network.to_string();
         self.call(|reply| Command::MacTable { network, reply })
@@ -451,5 +462,67 @@ impl std::fmt::Debug for Switch {
         f.debug_struct("Switch")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::BorrowedFd;
+    use std::time::Duration;
+
+    /// Says each time it is polled, and when it is dropped.
+    struct Telling {
+        ready: OwnedFd,
+        polled: mpsc::Sender<&'static str>,
+    }
+
+    impl Poller for Telling {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.ready.as_fd()
+        }
+        fn poll(&mut self) {
+            let mut buf = [0u8; 8];
+            let _ = rustix::io::read(&self.ready, &mut buf);
+            let _ = self.polled.send("polled");
+        }
+    }
+
+    impl Drop for Telling {
+        fn drop(&mut self) {
+            let _ = self.polled.send("dropped");
+        }
+    }
+
+    #[test]
+    fn the_switch_thread_polls_a_poller_while_its_fd_is_readable_and_drops_it_when_removed() {
+        let switch = Switch::start(SwitchConfig {
+            sandbox: false,
+            ..Default::default()
+        })
+        .unwrap();
+        let ready = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+        let signal = rustix::io::dup(&ready).unwrap();
+        let (tx, said) = mpsc::channel();
+        let id = switch.add_poller(Box::new(Telling { ready, polled: tx })).unwrap();
+        let next = || said.recv_timeout(Duration::from_secs(5));
+        assert!(
+            said.recv_timeout(Duration::from_millis(200)).is_err(),
+            "polled with nothing ready"
+        );
+        rustix::io::write(&signal, &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(next(), Ok("polled"));
+        switch.remove_poller(id).unwrap();
+        assert_eq!(
+            said.try_recv(),
+            Ok("dropped"),
+            "removed, it is dropped before remove_poller returns"
+        );
+        rustix::io::write(&signal, &1u64.to_ne_bytes()).unwrap();
+        assert!(
+            said.recv_timeout(Duration::from_millis(200)).is_err(),
+            "polled after its removal"
+        );
+        assert!(switch.remove_poller(id).is_err(), "removed twice");
     }
 }

@@ -17,7 +17,8 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetA
 
 /// The calls the switch thread may make, whatever their arguments.
 const ALLOWED: &[libc::c_long] = &[
-    // Frames and the wake-up eventfd.
+    // Frames and the wake-up eventfd; the VTEP's underlay socket (`recvmsg` with
+    // UDP_GRO, `sendmsg` with UDP_SEGMENT), whose work this thread does.
     libc::SYS_recvmmsg,
     libc::SYS_sendmmsg,
     libc::SYS_read,

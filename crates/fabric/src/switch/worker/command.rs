@@ -89,5 +89,13 @@ pub(crate) enum Command {
         tap: CaptureTap,
         reply: Reply<()>,
     },
+    AddPoller {
+        poller: Box<dyn Poller>,
+        reply: Reply<u64>,
+    },
+    RemovePoller {
+        id: u64,
+        reply: Reply<()>,
+    },
     Shutdown,
 }

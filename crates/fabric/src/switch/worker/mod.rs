@@ -41,6 +41,8 @@ use crate::switch::table::{Learned, MacTable};
 use crate::sys::mmsg::{Received, UnixPeer, BATCH};
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Set in the token of a poller's fd (a port's token is its slot, 33 bits at most).
+const POLLER_TOKEN: u64 = 1 << 62;
 /// Batches read from one port per wake-up before the others get their turn.
 const ROUNDS_PER_WAKE: usize = 8;
 /// Backlog buffers kept for reuse instead of being freed.
@@ -174,11 +176,24 @@ impl RxBuffers {
     }
 }
 
+/// Work a service of this process has the switch thread do beside forwarding (a VXLAN
+/// tunnel endpoint): its frames then reach the switch's queues, and leave them, without
+/// waking a thread of its own on the way, which on a machine of few cores shared with
+/// the guests costs more than the work.
+pub(crate) trait Poller: Send {
+    /// Readable while the poller has work (an epoll fd of its own).
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_>;
+    /// Does the work there is now, without blocking.
+    fn poll(&mut self);
+}
+
 pub(crate) struct Worker {
     fab: Fabric,
     rx: RxBuffers,
     wake: Arc<OwnedFd>,
     commands: Receiver<Command>,
+    /// By index (the low bits of their token); a removed one leaves a hole.
+    pollers: Vec<Option<Box<dyn Poller>>>,
 }
 
 pub(crate) struct WorkerSetup {
@@ -223,6 +238,7 @@ impl Worker {
             rx: RxBuffers::new(),
             wake: s.wake,
             commands: s.commands,
+            pollers: Vec::new(),
         })
     }
 
@@ -243,6 +259,12 @@ impl Worker {
                 if tok == WAKE_TOKEN {
                     if !self.drain_commands() {
                         return;
+                    }
+                    continue;
+                }
+                if tok & POLLER_TOKEN != 0 {
+                    if let Some(Some(p)) = self.pollers.get_mut((tok & !POLLER_TOKEN) as usize) {
+                        p.poll();
                     }
                     continue;
                 }
@@ -327,9 +349,41 @@ impl Worker {
                 Command::MacTable { network, reply } => {
                     let _ = reply.send(self.fab.mac_table(&network));
                 }
+                Command::AddPoller { poller, reply } => {
+                    let _ = reply.send(self.add_poller(poller));
+                }
+                Command::RemovePoller { id, reply } => {
+                    let gone = self.pollers.get_mut(id as usize).and_then(Option::take);
+                    let _ = reply.send(match gone {
+                        Some(p) => {
+                            let _ = epoll::delete(&self.fab.epoll, p.fd());
+                            drop(p);
+                            Ok(())
+                        }
+                        None => Err(FabricError::InvalidConfig(format!("no poller {id}"))),
+                    });
+                }
             }
         }
         true
+    }
+}
+
+impl Worker {
+    fn add_poller(&mut self, poller: Box<dyn Poller>) -> Result<u64> {
+        let id = self
+            .pollers
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.pollers.len());
+        let data = epoll::EventData::new_u64(POLLER_TOKEN | id as u64);
+        epoll::add(&self.fab.epoll, poller.fd(), data, epoll::EventFlags::IN)
+            .map_err(|e| FabricError::io("watch a poller's fd", e.into()))?;
+        if id == self.pollers.len() {
+            self.pollers.push(None);
+        }
+        self.pollers[id] = Some(poller);
+        Ok(id as u64)
     }
 }
 
