@@ -444,15 +444,32 @@ const TCP_ACK: u8 = 0x10;
 impl TcpCoalescer {
     /// Takes the next frame received.
     pub fn push(&mut self, frame: &[u8]) {
+        self.push_into(frame, Vec::new);
+    }
+
+    /// [`Self::push`], a frame that needs a buffer of its own copied into `buffer()`
+    /// (a spent one from a pool: fresh memory costs a page fault per page on first
+    /// touch, more than the copy).
+    pub fn push_into(&mut self, frame: &[u8], buffer: impl FnOnce() -> Vec<u8>) {
         if let Some(run) = &mut self.run {
             if run.take(frame) {
                 return;
             }
             self.close();
         }
+        let mut buf = buffer();
+        buf.clear();
         match Run::start(frame) {
-            Some(run) => self.run = Some(run),
-            None => self.out.push_back((frame.to_vec(), Offload::default())),
+            Some(mut run) => {
+                buf.reserve(MAX_GSO_PACKET);
+                buf.extend_from_slice(frame);
+                run.frame = buf;
+                self.run = Some(run);
+            }
+            None => {
+                buf.extend_from_slice(frame);
+                self.out.push_back((buf, Offload::default()));
+            }
         }
     }
 
@@ -471,7 +488,8 @@ impl TcpCoalescer {
 
 impl Run {
     /// A run starting with `frame`, if it can start one: a good IPv4 TCP segment with
-    /// payload, no IP options, only ACK (and PSH) set.
+    /// payload, no IP options, only ACK (and PSH) set. Its `frame` is the caller's to
+    /// fill with `frame`.
     fn start(frame: &[u8]) -> Option<Run> {
         let tcp = TcpFrame::parse(frame)?;
         let len = frame.len() - tcp.payload;
@@ -479,10 +497,8 @@ impl Run {
         if tcp.v6 || tcp.l4 - tcp.l3 != 20 || len == 0 || flags & !TCP_PSH != TCP_ACK || !checksums_good(frame, &tcp) {
             return None;
         }
-        let mut buf = Vec::with_capacity(MAX_GSO_PACKET);
-        buf.extend_from_slice(frame);
         Some(Run {
-            frame: buf,
+            frame: Vec::new(),
             l3: tcp.l3,
             l4: tcp.l4,
             payload: tcp.payload,

@@ -242,6 +242,12 @@ impl InProcessEnd {
         self.ring.recycle(frame);
     }
 
+    /// An empty buffer, a spent one if the pool has any (frames given to the switch
+    /// come back to the pool once sent).
+    pub fn buffer(&self) -> Vec<u8> {
+        self.ring.buffer()
+    }
+
     /// Queues a copy of `frame` for the switch and wakes it.
     pub fn try_send(&self, frame: &[u8]) -> Result<(), Full> {
         self.send_batch(std::iter::once(frame)).map(|_| ())

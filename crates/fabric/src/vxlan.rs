@@ -448,9 +448,13 @@ fn rewatch(shared: &Shared, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunn
     }
 }
 
-/// The receive arena: datagrams read in one turn, back to back (a turn stops when
-/// less than a largest datagram is left).
-const ARENA: usize = 1 << 20;
+/// Bytes taken off the underlay per turn before they go to the switch: the switch
+/// writes them on before the next turn, so little waits (1 MB turns kept a guest's TCP
+/// at a longer round trip).
+const RX_TURN_BYTES: usize = 256 << 10;
+/// The receive arena: a turn's datagrams, back to back (the last read may start just
+/// short of the turn's bytes).
+const ARENA: usize = RX_TURN_BYTES + MAX_DATAGRAM;
 const MAX_DATAGRAM: usize = 65536;
 /// Frames sent per `sendmmsg`.
 const TX_BATCH: usize = 32;
@@ -464,7 +468,7 @@ fn receive(shared: &Shared, arena: &mut [u8], held: &mut Held) {
     // (tunnel, start, length) of each frame taken this turn.
     let mut taken: Vec<(&Arc<Tunnel>, usize, usize)> = Vec::with_capacity(256);
     let mut used = 0;
-    while arena.len() - used >= MAX_DATAGRAM && taken.len() < 256 {
+    while used < RX_TURN_BYTES && taken.len() < 256 {
         let got = crate::sys::udp_gso::recv_coalesced(shared.socket.as_fd(), &mut arena[used..used + MAX_DATAGRAM]);
         let Ok((n, from, segment)) = got else { break };
         // A coalesced run is datagrams of `segment` bytes back to back, the last
@@ -485,7 +489,7 @@ fn receive(shared: &Shared, arena: &mut [u8], held: &mut Held) {
         let run = rest.iter().take_while(|(u, ..)| Arc::ptr_eq(u, t)).count();
         let mut coalescer = crate::offload::TcpCoalescer::default();
         for (_, at, len) in &rest[..run] {
-            coalescer.push(&arena[*at..*at + *len]);
+            coalescer.push_into(&arena[*at..*at + *len], || t.end.buffer());
         }
         let merged = coalescer.finish();
         if !held.frames.contains_key(&t.vni) {

@@ -45,6 +45,10 @@ const WAKE_TOKEN: u64 = u64::MAX;
 const POLLER_TOKEN: u64 = 1 << 62;
 /// Batches read from one port per wake-up before the others get their turn.
 const ROUNDS_PER_WAKE: usize = 8;
+/// Bytes read from one port per wake-up: a TAP's offloaded segments are 64 KiB each, and
+/// eight rounds of them (3 MB) kept a tunnel's acknowledgements waiting behind them,
+/// which held a guest's TCP at 3 ms of round trip (BENCHMARKS.md, VXLAN).
+const TURN_BYTES: usize = 128 << 10;
 /// Backlog buffers kept for reuse instead of being freed.
 const SPARE_BUFFERS: usize = 4096;
 

@@ -17,6 +17,7 @@ impl Worker {
         }
         let max_len = self.fab.net(port.net).config.max_frame_len();
         let mut reads_left = ROUNDS_PER_WAKE;
+        let mut bytes = 0;
         loop {
             let Some(port) = self.fab.port_mut(slot) else {
                 return;
@@ -35,6 +36,10 @@ impl Worker {
             self.fab.count_drop(slot, DropReason::Malformed, batch.malformed);
             if batch.frames > 0 {
                 let frames = frames_of(&self.rx, &batch);
+                bytes += frames[..batch.frames].iter().map(|f| f.len()).sum::<usize>();
+                if bytes >= TURN_BYTES {
+                    reads_left = 0;
+                }
                 let offloads = if batch.offloaded { &self.rx.offloads } else { &PLAIN };
                 self.fab
                     .forward(slot, &frames[..batch.frames], &offloads[..batch.frames]);
