@@ -40,6 +40,10 @@ need_packages() {
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
+# The whole machine's busy CPU time so far (user, nice, system, irq, softirq, steal),
+# in clock ticks summed over its processors.
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+
 # The median of whitespace-separated numbers on stdin.
 median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 

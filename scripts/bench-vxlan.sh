@@ -10,7 +10,9 @@
 # guest namespace, and for the userspace path a vmfabric daemon (VXLAN on UDP 4789)
 # with a TAP port moved into a guest namespace. Guests' MTU 1450 on both paths.
 # iperf3 TCP (Gbit/s) and UDP with 64-byte payloads (frames/s received), SECS seconds,
-# RUNS runs interleaved, median; CPU % of both daemons together.
+# RUNS runs interleaved, median; CPU % of both daemons together; and for TCP, the whole
+# machine's busy processors and the gigabits each busy processor-second carried: what
+# a path costs, which decides the ratio once both paths have every processor busy.
 # VMFABRIC_BIN measures another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,36 +96,41 @@ sleep 0.5
 
 daemon_ticks() { local t=0; for p in $DAEMONS; do t=$((t + $(cpu_ticks "$p"))); done; echo $t; }
 
-run_one() { # client-ns server-ip tcp|udp
-    local t0 c0 json args=()
+run_one() { # client-ns server-ip tcp|udp -> rate, daemons' CPU %, busy processors
+    local t0 c0 b0 json args=()
     [ "$3" = udp ] && args=(-u -b 0 -l 64)
-    t0=$(date +%s.%N); c0=$(daemon_ticks)
+    t0=$(date +%s.%N); c0=$(daemon_ticks); b0=$(busy_ticks)
     json=$(ip netns exec "$1" iperf3 -c "$2" -t "$SECS" "${args[@]}" -J)
     python3 -c '
 import json, sys, time
-d = json.loads(sys.argv[1]); kind = sys.argv[2]; t0, c0, c1, hz = map(float, sys.argv[3:7])
-cpu = 100 * (c1 - c0) / hz / (time.time() - t0)
+d = json.loads(sys.argv[1]); kind = sys.argv[2]; t0, c0, c1, b0, b1, hz = map(float, sys.argv[3:9])
+secs = time.time() - t0
+cpu = 100 * (c1 - c0) / hz / secs
+busy = (b1 - b0) / hz / secs
 if kind == "tcp":
-    print("%.2f %.0f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9, cpu))
+    print("%.2f %.0f %.2f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9, cpu, busy))
 else:
     s = d["end"]["sum"]
-    print("%.0f %.0f" % ((s["packets"] - s["lost_packets"]) / s["seconds"], cpu))
-' "$json" "$3" "$t0" "$c0" "$(daemon_ticks)" "$HZ"
+    print("%.0f %.0f %.2f" % ((s["packets"] - s["lost_packets"]) / s["seconds"], cpu, busy))
+' "$json" "$3" "$t0" "$c0" "$(daemon_ticks)" "$b0" "$(busy_ticks)" "$HZ"
 }
-ut=() utc=() kt=() uu=() uuc=() ku=()
+ut=() utc=() utb=() kt=() ktb=() uu=() uuc=() ku=()
 for _ in $(seq "$RUNS"); do
-    read -r v c < <(run_one ${P}u1 "$U2" tcp); ut+=("$v") utc+=("$c")
-    read -r v _ < <(run_one ${P}k1 10.204.77.2 tcp); kt+=("$v")
-    read -r v c < <(run_one ${P}u1 "$U2" udp); uu+=("$v") uuc+=("$c")
-    read -r v _ < <(run_one ${P}k1 10.204.77.2 udp); ku+=("$v")
+    read -r v c b < <(run_one ${P}u1 "$U2" tcp); ut+=("$v") utc+=("$c") utb+=("$b")
+    read -r v _ b < <(run_one ${P}k1 10.204.77.2 tcp); kt+=("$v") ktb+=("$b")
+    read -r v c _ < <(run_one ${P}u1 "$U2" udp); uu+=("$v") uuc+=("$c")
+    read -r v _ _ < <(run_one ${P}k1 10.204.77.2 udp); ku+=("$v")
 done
 med() { echo "$@" | median; }
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
-echo "| path | TCP Gbit/s (median; runs) | UDP 64 B frames/s received (median; runs) | daemons' CPU % (TCP, UDP) |"
-echo "|---|---|---|---|"
-echo "| Linux vxlan + bridge | $(med "${kt[*]}") (${kt[*]}) | $(med "${ku[*]}") (${ku[*]}) | — |"
-echo "| vmfabric userspace VXLAN | $(med "${ut[*]}") (${ut[*]}) | $(med "${uu[*]}") (${uu[*]}) | $(med "${utc[*]}"), $(med "${uuc[*]}") |"
-echo "| vmfabric / Linux | $(ratio "$(med "${ut[*]}")" "$(med "${kt[*]}")") | $(ratio "$(med "${uu[*]}")" "$(med "${ku[*]}")") | |"
+# Gigabits per busy processor-second, run by run: rates and busy processors in order.
+per_busy() { python3 -c 'import sys; h = len(sys.argv) // 2; print(" ".join("%.2f" % (float(r) / float(b)) for r, b in zip(sys.argv[1:h + 1], sys.argv[h + 1:])))' "$@"; }
+ke=$(per_busy "${kt[@]}" "${ktb[@]}") ue=$(per_busy "${ut[@]}" "${utb[@]}")
+echo "| path | TCP Gbit/s (median; runs) | UDP 64 B frames/s received (median; runs) | daemons' CPU % (TCP, UDP) | busy processors, TCP (median) | TCP Gbit per busy processor-second (median; runs) |"
+echo "|---|---|---|---|---|---|"
+echo "| Linux vxlan + bridge | $(med "${kt[*]}") (${kt[*]}) | $(med "${ku[*]}") (${ku[*]}) | — | $(med "${ktb[*]}") | $(med "$ke") ($ke) |"
+echo "| vmfabric userspace VXLAN | $(med "${ut[*]}") (${ut[*]}) | $(med "${uu[*]}") (${uu[*]}) | $(med "${utc[*]}"), $(med "${uuc[*]}") | $(med "${utb[*]}") | $(med "$ue") ($ue) |"
+echo "| vmfabric / Linux | $(ratio "$(med "${ut[*]}")" "$(med "${kt[*]}")") | $(ratio "$(med "${uu[*]}")" "$(med "${ku[*]}")") | | | $(ratio "$(med "$ue")" "$(med "$ke")") |"
 # What the tunnels counted (refusals and drops would explain a slow row).
 for i in 1 2; do
     echo "node h$i:" >&2

@@ -597,40 +597,21 @@ fn pseudo_header_sum(frame: &[u8], tcp: &TcpFrame, tcp_len: usize) -> u32 {
 
 /// Adds `bytes` as big-endian 16-bit words to `acc` (an odd last byte padded with
 /// zero), in one's-complement arithmetic: the result folds (see [`fold`]) to the same
-/// 16 bits. This loop is what every byte a tunnel carries costs, so it is wide: 2^16 is
-/// 1 modulo 2^16 - 1, so 64-bit words (their carries added back) sum to the same
-/// checksum; read in the machine's byte order, the sum comes out byte-swapped, which a
-/// swap of the folded result undoes (RFC 1071 2B); four chains of additions keep the
-/// processor's adders busy side by side.
+/// 16 bits. 2^16 is 1 modulo 2^16 - 1, so 32-bit words summed wide (see
+/// [`crate::sys::wide_sum`]) give the same checksum; read in the machine's byte order,
+/// the sum comes out byte-swapped, which a swap of the folded result undoes (RFC 1071
+/// 2B).
 fn sum_words(bytes: &[u8], acc: u32) -> u32 {
-    let mut lanes = [0u64; 4];
-    let mut carries = 0u64;
-    let mut add = |lane: usize, word: &[u8]| {
-        let (sum, carry) = lanes[lane].overflowing_add(u64::from_ne_bytes(word.try_into().expect("eight bytes")));
-        lanes[lane] = sum;
-        carries += u64::from(carry);
-    };
-    let mut blocks = bytes.chunks_exact(32);
-    for b in &mut blocks {
-        add(0, &b[..8]);
-        add(1, &b[8..16]);
-        add(2, &b[16..24]);
-        add(3, &b[24..]);
-    }
-    let mut eights = blocks.remainder().chunks_exact(8);
-    for w in &mut eights {
-        add(0, w);
-    }
-    let wide = lanes.iter().map(|&l| u128::from(l)).sum::<u128>() + u128::from(carries);
-    // At most 66 bits: folded to 16 in u64 without loss.
-    let native = fold64((wide >> 64) as u64 + (wide as u64 >> 32) + (wide as u64 & 0xffff_ffff));
+    let whole = bytes.len() & !3;
+    let wide = crate::sys::wide_sum::sum_u32_words(&bytes[..whole]);
+    let native = fold64((wide >> 32) + (wide & 0xffff_ffff));
     let folded = if cfg!(target_endian = "little") {
         native.swap_bytes()
     } else {
         native
     };
     let mut sum = u64::from(acc) + u64::from(folded);
-    let mut pairs = eights.remainder().chunks_exact(2);
+    let mut pairs = bytes[whole..].chunks_exact(2);
     for p in &mut pairs {
         sum += u64::from(u16::from_be_bytes([p[0], p[1]]));
     }
@@ -641,6 +622,12 @@ fn sum_words(bytes: &[u8], acc: u32) -> u32 {
         sum = (sum & 0xffff_ffff) + (sum >> 32);
     }
     sum as u32
+}
+
+/// RFC 1071's sum of `bytes` as big-endian 16-bit words, folded and not complemented
+/// (what a checksum field holds the complement of).
+pub fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    fold(sum_words(bytes, 0))
 }
 
 fn fold64(mut acc: u64) -> u16 {

@@ -2,12 +2,14 @@
 //!
 //! Everything `unsafe` in the data plane lives here: batched datagram I/O
 //! (`recvmmsg`/`sendmmsg`, which rustix and std do not wrap without allocating per call)
-//! the TUN/TAP ioctls, and one allocator setting. Each block states why it is sound.
+//! the TUN/TAP ioctls, one allocator setting, and the checksum loop's choice of vector
+//! unit. Each block states why it is sound.
 
 pub mod mmsg;
 pub mod seccomp;
 pub mod tun;
 pub mod udp_gso;
+pub mod wide_sum;
 
 /// Makes every allocation of 128 KiB or more take pages of its own from the kernel,
 /// already zero and touched only where used. glibc's default raises that threshold to
