@@ -51,7 +51,17 @@ pub(crate) struct FrameRing {
     generation: AtomicU64,
     /// The peer, while one is connected: what `port ls` shows.
     peer: Mutex<Option<String>>,
+    /// Set for a port whose own code runs on the switch's thread: the switch hands it
+    /// what it sends, borrowed, instead of queueing a copy (see [`DirectSink`]).
+    direct: std::sync::OnceLock<DirectSink>,
 }
+
+/// What takes a port's frames where the switch sends them, on the switch's thread,
+/// borrowed for the call: a VXLAN tunnel (the switch thread serves the VTEP anyway), so
+/// a 64 KiB segment is cut and sent from the buffer the switch read it into, not copied
+/// into the port's queue first and sent a wake-up later. It takes every frame (what it
+/// cannot send it counts as lost, as a datagram would be).
+pub(crate) type DirectSink = Box<dyn Fn(&[&[u8]], &[Offload]) + Send + Sync>;
 
 fn new_eventfd() -> Result<OwnedFd> {
     eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| FabricError::io("create eventfd", e.into()))
@@ -81,7 +91,13 @@ impl FrameRing {
             port_waits: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             peer: Mutex::new(None),
+            direct: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The port's [`DirectSink`], if it has one.
+    pub(crate) fn direct(&self) -> Option<&DirectSink> {
+        self.direct.get()
     }
 
     pub(crate) fn switch_fd(&self) -> BorrowedFd<'_> {
@@ -240,6 +256,13 @@ impl InProcessEnd {
 
     pub fn recycle(&self, frame: Vec<u8>) {
         self.ring.recycle(frame);
+    }
+
+    /// From now on the switch hands what it sends through this port to `sink`, on its
+    /// own thread, instead of queueing it (for a port served by the switch's thread;
+    /// set once, later calls are ignored).
+    pub(crate) fn send_directly(&self, sink: DirectSink) {
+        let _ = self.ring.direct.set(sink);
     }
 
     /// An empty buffer, a spent one if the pool has any (frames given to the switch

@@ -246,6 +246,13 @@ impl Vtep {
             t.insert(vni, tunnel.clone());
             t
         });
+        // Weak: the sink lives in the port's ring, which the tunnel holds.
+        let shared = Arc::downgrade(&self.shared);
+        tunnel.end.send_directly(Box::new(move |frames, offloads| {
+            if let Some(shared) = shared.upgrade() {
+                send_batch(&shared, vni, frames, offloads);
+            }
+        }));
         self.poke();
         Ok(port)
     }
@@ -595,95 +602,151 @@ impl<'t> Admission<'t> {
     }
 }
 
-/// A transmit batch's frames, and what was made of them, in buffers reused from batch
-/// to batch.
+/// What a transmit batch makes of its frames, in buffers reused from batch to batch.
 #[derive(Default)]
-struct Outgoing {
-    /// Frames as the switch queued them (recycled once the batch went).
-    frames: Vec<Vec<u8>>,
-    /// Segments cut from offloaded ones in `frames`, their payloads left in place.
+struct Plan {
+    /// Segments cut from offloaded frames, their payloads left in place.
     cuts: TcpCuts,
     /// Frames completed or cut in software (a checksum left partial, or an underlay
     /// that refuses segmented sends).
     soft: SoftFrames,
-    /// What goes to which member, in order.
+    /// What goes to which member, in order; frames by their place in the batch.
     sends: Vec<(Queued, SocketAddr)>,
 }
 
-impl Outgoing {
+impl Plan {
     fn clear(&mut self) {
-        self.frames.clear();
         self.cuts.clear();
         self.soft.clear();
         self.sends.clear();
     }
+
+    fn is_full(&self) -> bool {
+        self.sends.len() >= TX_BATCH
+    }
+
+    /// Plans the datagrams for `frame`, the batch's `index`th, to the members it is
+    /// for; what it cannot send is counted.
+    fn add(
+        &mut self,
+        shared: &Shared,
+        remotes: &Remotes,
+        header: &[u8],
+        index: usize,
+        frame: &[u8],
+        offload: &Offload,
+    ) {
+        let c = &shared.counters;
+        let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
+        let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
+        let local = |m: Option<Mac>| m.is_some_and(|m| remotes.local_everywhere.contains(&m));
+        if local(src) || local(dst) {
+            count(&c.kept_local);
+            return;
+        }
+        let known = dst.filter(Mac::is_unicast).and_then(|m| remotes.macs.get(&m));
+        let targets: &[IpAddr] = match known {
+            Some(ip) => std::slice::from_ref(ip),
+            None => &remotes.members,
+        };
+        let sends = &mut self.sends;
+        let mut queue = |what: Queued| {
+            for ip in targets {
+                sends.push((what, SocketAddr::new(*ip, shared.remote_port)));
+            }
+        };
+        let made = match offload.gso {
+            _ if offload.is_plain() => {
+                queue(Queued::Frame(index));
+                Ok(())
+            }
+            Some(gso) if shared.segmented_sends.load(Ordering::Relaxed) => self
+                .cuts
+                .cut_after(header, frame, &gso)
+                .map(|cut| queue(Queued::Cut(index, cut.start, cut.end))),
+            _ => {
+                let before = self.soft.frames().len();
+                let made = self.soft.push(frame, offload);
+                (before..self.soft.frames().len()).for_each(|i| queue(Queued::Soft(i)));
+                made
+            }
+        };
+        if made.is_err() {
+            count(&c.malformed);
+        }
+    }
+}
+
+/// Frames taken off a tunnel's queue for a transmit batch, in buffers reused from
+/// batch to batch.
+#[derive(Default)]
+struct Outgoing {
+    /// Frames as the switch queued them (recycled once the batch went).
+    frames: Vec<Vec<u8>>,
+    plan: Plan,
 }
 
 /// Sends what the switch queued for a tunnel to the member hosts it is for, up to
-/// [`TX_BATCH`] sends a turn, each datagram the shared VXLAN header and the frame,
-/// gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP segment takes
-/// one place in its queue and is cut into the network's MTU here, its payload never
-/// copied: its datagrams go as one segmented send, gathered from the segment.
+/// [`TX_BATCH`] sends a turn (see [`send_batch`]). Frames reach the queue only before
+/// the tunnel's port sends directly (see [`Vtep::attach`]).
 fn transmit(shared: &Shared, t: &Tunnel, out: &mut Outgoing) {
-    let c = &shared.counters;
     let remotes = t.remotes.load();
     let header = header(t.vni);
     loop {
-        out.clear();
-        while out.sends.len() < TX_BATCH {
+        out.frames.clear();
+        out.plan.clear();
+        while !out.plan.is_full() {
             let Some((frame, offload)) = t.end.try_recv_offloaded() else {
                 break;
             };
-            let dst = Mac::from_slice(&frame[..6.min(frame.len())]);
-            let src = Mac::from_slice(frame.get(6..12).unwrap_or_default());
-            let local = |m: Option<Mac>| m.is_some_and(|m| remotes.local_everywhere.contains(&m));
-            if local(src) || local(dst) {
-                count(&c.kept_local);
-                t.end.recycle(frame);
-                continue;
-            }
-            let known = dst.filter(Mac::is_unicast).and_then(|m| remotes.macs.get(&m));
-            let targets: &[IpAddr] = match known {
-                Some(ip) => std::slice::from_ref(ip),
-                None => &remotes.members,
-            };
-            let sends = &mut out.sends;
-            let mut queue = |what: Queued| {
-                for ip in targets {
-                    sends.push((what, SocketAddr::new(*ip, shared.remote_port)));
-                }
-            };
-            let segmented = shared.segmented_sends.load(Ordering::Relaxed);
-            let made = match offload.gso {
-                _ if offload.is_plain() => {
-                    queue(Queued::Frame(out.frames.len()));
-                    out.frames.push(frame);
-                    continue;
-                }
-                Some(gso) if segmented => out.cuts.cut_after(&header, &frame, &gso).map(|cut| {
-                    queue(Queued::Cut(out.frames.len(), cut.start, cut.end));
-                    out.frames.push(frame);
-                }),
-                _ => {
-                    let before = out.soft.frames().len();
-                    let made = out.soft.push(&frame, &offload);
-                    (before..out.soft.frames().len()).for_each(|i| queue(Queued::Soft(i)));
-                    t.end.recycle(frame);
-                    made
-                }
-            };
-            if made.is_err() {
-                count(&c.malformed);
-            }
+            out.plan
+                .add(shared, &remotes, &header, out.frames.len(), &frame, &offload);
+            out.frames.push(frame);
         }
-        if out.sends.is_empty() {
+        if out.frames.is_empty() {
             return;
         }
-        send_all(shared, &header, out);
+        let frames: Vec<&[u8]> = out.frames.iter().map(Vec::as_slice).collect();
+        send_all(shared, &header, &frames, &out.plan);
         for f in out.frames.drain(..) {
             t.end.recycle(f);
         }
     }
+}
+
+thread_local! {
+    /// The plan of a batch the switch hands a tunnel directly, per switch thread.
+    static DIRECT_PLAN: std::cell::RefCell<Plan> = std::cell::RefCell::new(Plan::default());
+}
+
+/// Sends `frames`, which the switch hands the tunnel for `vni` from its own buffers,
+/// to the member hosts they are for, each datagram the shared VXLAN header and the
+/// frame gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP segment
+/// is cut into the network's MTU here, its payload never copied: its datagrams go as
+/// one segmented send, gathered from the segment.
+fn send_batch(shared: &Shared, vni: u32, frames: &[&[u8]], offloads: &[Offload]) {
+    let tunnels = shared.tunnels.load();
+    let Some(t) = tunnels.get(&vni) else {
+        // Detached meanwhile: its frames have nowhere to go.
+        return;
+    };
+    let remotes = t.remotes.load();
+    let header = header(vni);
+    DIRECT_PLAN.with_borrow_mut(|plan| {
+        let mut first = 0;
+        plan.clear();
+        for (i, (frame, offload)) in frames.iter().zip(offloads).enumerate() {
+            plan.add(shared, &remotes, &header, i - first, frame, offload);
+            if plan.is_full() {
+                send_all(shared, &header, &frames[first..=i], plan);
+                plan.clear();
+                first = i + 1;
+            }
+        }
+        if !plan.sends.is_empty() {
+            send_all(shared, &header, &frames[first..], plan);
+        }
+    });
 }
 
 /// A datagram (or a run of them) waiting in a transmit batch: a frame as the switch
@@ -696,21 +759,21 @@ enum Queued {
     Cut(usize, usize, usize),
 }
 
-/// Sends a batch's datagrams in order: runs of single datagrams by `sendmmsg`, a
-/// frame's cut segments by segmented sends.
-fn send_all(shared: &Shared, header: &[u8], out: &Outgoing) {
-    let mut rest = out.sends.as_slice();
+/// Sends a batch's datagrams as `plan` says, in order: runs of single datagrams by
+/// `sendmmsg`, a frame's cut segments by segmented sends.
+fn send_all(shared: &Shared, header: &[u8], frames: &[&[u8]], plan: &Plan) {
+    let mut rest = plan.sends.as_slice();
     while let Some((first, to)) = rest.first() {
         if let Queued::Cut(frame, start, end) = *first {
-            send_cut(shared, &out.frames[frame], &out.cuts, start..end, *to);
+            send_cut(shared, frames[frame], &plan.cuts, start..end, *to);
             rest = &rest[1..];
             continue;
         }
         let singles: Vec<([&[u8]; 2], SocketAddr)> = rest
             .iter()
             .map_while(|(what, to)| match *what {
-                Queued::Frame(i) => Some(([out.frames[i].as_slice(), &[]], *to)),
-                Queued::Soft(i) => Some(([out.soft.frames()[i].as_slice(), &[]], *to)),
+                Queued::Frame(i) => Some(([frames[i], &[]], *to)),
+                Queued::Soft(i) => Some(([plan.soft.frames()[i].as_slice(), &[]], *to)),
                 Queued::Cut(..) => None,
             })
             .collect();
