@@ -683,56 +683,58 @@ impl Plan {
 struct Outgoing {
     /// Frames as the switch queued them (recycled once the batch went).
     frames: Vec<Vec<u8>>,
-    plan: Plan,
+    offloads: Vec<Offload>,
 }
 
-/// Sends what the switch queued for a tunnel to the member hosts it is for, up to
-/// [`TX_BATCH`] sends a turn (see [`send_batch`]). Frames reach the queue only before
-/// the tunnel's port sends directly (see [`Vtep::attach`]).
+/// Sends what the switch queued for a tunnel, [`TX_BATCH`] frames a turn (see
+/// [`send_frames`]). Frames reach the queue only before the tunnel's port sends
+/// directly (see [`Vtep::attach`]).
 fn transmit(shared: &Shared, t: &Tunnel, out: &mut Outgoing) {
-    let remotes = t.remotes.load();
-    let header = header(t.vni);
     loop {
         out.frames.clear();
-        out.plan.clear();
-        while !out.plan.is_full() {
+        out.offloads.clear();
+        while out.frames.len() < TX_BATCH {
             let Some((frame, offload)) = t.end.try_recv_offloaded() else {
                 break;
             };
-            out.plan
-                .add(shared, &remotes, &header, out.frames.len(), &frame, &offload);
             out.frames.push(frame);
+            out.offloads.push(offload);
         }
         if out.frames.is_empty() {
             return;
         }
         let frames: Vec<&[u8]> = out.frames.iter().map(Vec::as_slice).collect();
-        send_all(shared, &header, &frames, &out.plan);
+        send_frames(shared, t, &frames, &out.offloads);
         for f in out.frames.drain(..) {
             t.end.recycle(f);
         }
     }
 }
 
-thread_local! {
-    /// The plan of a batch the switch hands a tunnel directly, per switch thread.
-    static DIRECT_PLAN: std::cell::RefCell<Plan> = std::cell::RefCell::new(Plan::default());
-}
-
-/// Sends `frames`, which the switch hands the tunnel for `vni` from its own buffers,
-/// to the member hosts they are for, each datagram the shared VXLAN header and the
-/// frame gathered without a copy. The tunnel port takes offloads: a 64 KiB TCP segment
-/// is cut into the network's MTU here, its payload never copied: its datagrams go as
-/// one segmented send, gathered from the segment.
+/// What the switch hands the tunnel for `vni` from its own buffers, sent (see
+/// [`send_frames`]).
 fn send_batch(shared: &Shared, vni: u32, frames: &[&[u8]], offloads: &[Offload]) {
     let tunnels = shared.tunnels.load();
-    let Some(t) = tunnels.get(&vni) else {
-        // Detached meanwhile: its frames have nowhere to go.
-        return;
-    };
+    if let Some(t) = tunnels.get(&vni) {
+        send_frames(shared, t, frames, offloads);
+    }
+    // Else detached meanwhile: its frames have nowhere to go.
+}
+
+thread_local! {
+    /// A transmit batch's plan, per switch thread (the only threads that send).
+    static PLAN: std::cell::RefCell<Plan> = std::cell::RefCell::new(Plan::default());
+}
+
+/// Sends `frames` to the member hosts they are for, [`TX_BATCH`] datagrams at most a
+/// `sendmmsg`, each datagram the shared VXLAN header and the frame gathered without a
+/// copy. The tunnel port takes offloads: a 64 KiB TCP segment is cut into the
+/// network's MTU here, its payload never copied: its datagrams go as one segmented
+/// send, gathered from the segment.
+fn send_frames(shared: &Shared, t: &Tunnel, frames: &[&[u8]], offloads: &[Offload]) {
     let remotes = t.remotes.load();
-    let header = header(vni);
-    DIRECT_PLAN.with_borrow_mut(|plan| {
+    let header = header(t.vni);
+    PLAN.with_borrow_mut(|plan| {
         let mut first = 0;
         plan.clear();
         for (i, (frame, offload)) in frames.iter().zip(offloads).enumerate() {
