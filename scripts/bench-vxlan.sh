@@ -13,7 +13,8 @@
 # RUNS runs interleaved, median; CPU % of both daemons together; and for TCP, the whole
 # machine's busy processors and the gigabits each busy processor-second carried: what
 # a path costs, which decides the ratio once both paths have every processor busy.
-# VMFABRIC_BIN measures another build.
+# VMFABRIC_BIN measures another build. SWITCH_THREAD_HOOK, a diagnostic, is a command
+# run with each daemon's switch thread id before the runs (e.g. "chrt -b -p 0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -114,6 +115,13 @@ else:
     print("%.0f %.0f %.2f" % ((s["packets"] - s["lost_packets"]) / s["seconds"], cpu, busy))
 ' "$json" "$3" "$t0" "$c0" "$(daemon_ticks)" "$b0" "$(busy_ticks)" "$HZ"
 }
+if [ -n "${SWITCH_THREAD_HOOK:-}" ]; then
+    for p in $DAEMONS; do
+        for t in /proc/"$p"/task/*; do
+            if [ "$(cat "$t/comm")" = fabric-switch ]; then $SWITCH_THREAD_HOOK "${t##*/}"; fi
+        done
+    done
+fi
 ut=() utc=() utb=() kt=() ktb=() uu=() uuc=() ku=()
 for _ in $(seq "$RUNS"); do
     read -r v c b < <(run_one ${P}u1 "$U2" tcp); ut+=("$v") utc+=("$c") utb+=("$b")
