@@ -16,7 +16,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use rustix::event::{epoll, eventfd, EventfdFlags};
@@ -322,6 +322,21 @@ impl crate::switch::Poller for Serving {
         self.epoll.as_fd()
     }
 
+    fn holds(&self) -> bool {
+        TAIL.with_borrow(|tail| !tail.bytes.is_empty())
+    }
+
+    /// What waits for a fuller send waits one round of the switch's events at most.
+    fn settle(&mut self, idle: bool) {
+        TAIL.with_borrow_mut(|tail| {
+            if idle || tail.waited {
+                tail.flush();
+            } else {
+                tail.waited = true;
+            }
+        });
+    }
+
     /// Datagrams in, frames out, tunnels watched as they come and go.
     fn poll(&mut self) {
         let Serving {
@@ -433,7 +448,7 @@ impl Held {
 }
 
 /// Watches the wake-up fds of the tunnels there are now, and no others.
-fn rewatch(shared: &Shared, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunnel>>) {
+fn rewatch(shared: &Arc<Shared>, epoll: &OwnedFd, watched: &mut HashMap<u32, Arc<Tunnel>>) {
     let now = shared.tunnels.load_full();
     watched.retain(|vni, t| {
         let stays = now.get(vni).is_some_and(|n| Arc::ptr_eq(n, t));
@@ -689,7 +704,7 @@ struct Outgoing {
 /// Sends what the switch queued for a tunnel, [`TX_BATCH`] frames a turn (see
 /// [`send_frames`]). Frames reach the queue only before the tunnel's port sends
 /// directly (see [`Vtep::attach`]).
-fn transmit(shared: &Shared, t: &Tunnel, out: &mut Outgoing) {
+fn transmit(shared: &Arc<Shared>, t: &Tunnel, out: &mut Outgoing) {
     loop {
         out.frames.clear();
         out.offloads.clear();
@@ -713,7 +728,7 @@ fn transmit(shared: &Shared, t: &Tunnel, out: &mut Outgoing) {
 
 /// What the switch hands the tunnel for `vni` from its own buffers, sent (see
 /// [`send_frames`]).
-fn send_batch(shared: &Shared, vni: u32, frames: &[&[u8]], offloads: &[Offload]) {
+fn send_batch(shared: &Arc<Shared>, vni: u32, frames: &[&[u8]], offloads: &[Offload]) {
     let tunnels = shared.tunnels.load();
     if let Some(t) = tunnels.get(&vni) {
         send_frames(shared, t, frames, offloads);
@@ -724,6 +739,61 @@ fn send_batch(shared: &Shared, vni: u32, frames: &[&[u8]], offloads: &[Offload])
 thread_local! {
     /// A transmit batch's plan, per switch thread (the only threads that send).
     static PLAN: std::cell::RefCell<Plan> = std::cell::RefCell::new(Plan::default());
+    /// Datagrams held for a fuller send, per switch thread.
+    static TAIL: std::cell::RefCell<Tail> = std::cell::RefCell::new(Tail::default());
+}
+
+/// The last datagrams cut from a segment, too few for a send of their own, held
+/// (copied) for the next segment to the same member to top up. A guest's 64 KiB TCP
+/// segment of 46 pieces makes 46 datagrams of 1,472 bytes at MTU 1450, more than one
+/// segmented send carries (65,507 bytes): without holding, every segment costs a
+/// second send of two datagrams, a second trip through the underlay and the far host's
+/// receive. Only full-sized datagrams are held (a segmented send's datagrams are all
+/// one size but the last), and for one round of the switch's events at most, never
+/// while the thread sleeps (see [`crate::switch::Poller::settle`]); any other send
+/// flushes them first, so nothing overtakes them.
+#[derive(Default)]
+struct Tail {
+    owner: Weak<Shared>,
+    to: Option<SocketAddr>,
+    /// Each datagram's size; `bytes` holds whole datagrams back to back.
+    size: usize,
+    bytes: Vec<u8>,
+    /// Held through a whole round of the switch's events already.
+    waited: bool,
+}
+
+impl Tail {
+    fn count(&self) -> usize {
+        self.bytes.len() / self.size.max(1)
+    }
+
+    /// Whether what is held may lead a send of `size`-byte datagrams to `to` by `shared`.
+    fn continues(&self, shared: &Arc<Shared>, to: SocketAddr, size: usize) -> bool {
+        !self.bytes.is_empty()
+            && self.to == Some(to)
+            && self.size == size
+            && Weak::ptr_eq(&self.owner, &Arc::downgrade(shared))
+    }
+
+    /// Sends what is held on its own.
+    fn flush(&mut self) {
+        let (Some(to), false) = (self.to, self.bytes.is_empty()) else {
+            return;
+        };
+        if let Some(shared) = self.owner.upgrade() {
+            let count = self.count();
+            let size = u16::try_from(self.size).expect("held datagrams passed the size check");
+            let sent =
+                crate::sys::udp_gso::send_segments(shared.socket.as_fd(), to, &[io::IoSlice::new(&self.bytes)], size);
+            let c = &shared.counters;
+            match sent {
+                Ok(_) => c.tx_datagrams.fetch_add(count as u64, Ordering::Relaxed),
+                Err(_) => c.send_errors.fetch_add(count as u64, Ordering::Relaxed),
+            };
+        }
+        self.bytes.clear();
+    }
 }
 
 /// Sends `frames` to the member hosts they are for, [`TX_BATCH`] datagrams at most a
@@ -731,7 +801,7 @@ thread_local! {
 /// copy. The tunnel port takes offloads: a 64 KiB TCP segment is cut into the
 /// network's MTU here, its payload never copied: its datagrams go as one segmented
 /// send, gathered from the segment.
-fn send_frames(shared: &Shared, t: &Tunnel, frames: &[&[u8]], offloads: &[Offload]) {
+fn send_frames(shared: &Arc<Shared>, t: &Tunnel, frames: &[&[u8]], offloads: &[Offload]) {
     let remotes = t.remotes.load();
     let header = header(t.vni);
     PLAN.with_borrow_mut(|plan| {
@@ -763,7 +833,7 @@ enum Queued {
 
 /// Sends a batch's datagrams as `plan` says, in order: runs of single datagrams by
 /// `sendmmsg`, a frame's cut segments by segmented sends.
-fn send_all(shared: &Shared, header: &[u8], frames: &[&[u8]], plan: &Plan) {
+fn send_all(shared: &Arc<Shared>, header: &[u8], frames: &[&[u8]], plan: &Plan) {
     let mut rest = plan.sends.as_slice();
     while let Some((first, to)) = rest.first() {
         if let Queued::Cut(frame, start, end) = *first {
@@ -771,6 +841,8 @@ fn send_all(shared: &Shared, header: &[u8], frames: &[&[u8]], plan: &Plan) {
             rest = &rest[1..];
             continue;
         }
+        // Held datagrams go first: nothing overtakes them.
+        TAIL.with_borrow_mut(Tail::flush);
         let singles: Vec<([&[u8]; 2], SocketAddr)> = rest
             .iter()
             .map_while(|(what, to)| match *what {
@@ -786,10 +858,11 @@ fn send_all(shared: &Shared, header: &[u8], frames: &[&[u8]], plan: &Plan) {
 
 /// A frame's cut segments to `to`: all but the last are the same size, so the kernel
 /// cuts their datagrams from one gathered buffer (the segment's headers after the
-/// VXLAN header, its payload in the frame, for each), as many a send as it takes. An
-/// underlay that refuses gets them one by one, and every later frame is cut in
-/// software.
-fn send_cut(shared: &Shared, frame: &[u8], cuts: &TcpCuts, segments: std::ops::Range<usize>, to: SocketAddr) {
+/// VXLAN header, its payload in the frame, for each), as many a send as it takes,
+/// the first topped up from what an earlier segment left held ([`Tail`]) and a short
+/// run of full-sized ones at the end held in turn. An underlay that refuses gets them
+/// one by one, and every later frame is cut in software.
+fn send_cut(shared: &Arc<Shared>, frame: &[u8], cuts: &TcpCuts, segments: std::ops::Range<usize>, to: SocketAddr) {
     use crate::sys::udp_gso::{send_segments, MAX_BYTES, MAX_SEGMENTS};
     let c = &shared.counters;
     let parts = |k: usize| {
@@ -799,32 +872,69 @@ fn send_cut(shared: &Shared, frame: &[u8], cuts: &TcpCuts, segments: std::ops::R
     let datagram = |k: usize| parts(k).iter().map(|p| p.len()).sum::<usize>();
     let size = datagram(segments.start);
     let per_send = (MAX_BYTES / size).clamp(1, MAX_SEGMENTS);
-    let ks: Vec<usize> = segments.collect();
-    for chunk in ks.chunks(per_send) {
-        let singles = || -> Vec<([&[u8]; 2], SocketAddr)> { chunk.iter().map(|&k| (parts(k), to)).collect() };
-        let (Ok(size), true) = (u16::try_from(size), shared.segmented_sends.load(Ordering::Relaxed)) else {
-            // Larger than a segmented send describes (not for an MTU that passed
-            // the offload check), or the underlay refused one before.
-            send_singles(shared, &[], &singles());
-            continue;
-        };
-        let gathered: Vec<io::IoSlice<'_>> = chunk.iter().flat_map(|&k| parts(k).map(io::IoSlice::new)).collect();
-        match send_segments(shared.socket.as_fd(), to, &gathered, size) {
-            Ok(_) => {
-                c.tx_datagrams.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // A full buffer: lost, as a datagram would be.
-                c.send_errors.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                if shared.segmented_sends.swap(false, Ordering::Relaxed) {
-                    tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
-                }
-                send_singles(shared, &[], &singles());
-            }
+    let segmented = u16::try_from(size)
+        .ok()
+        .filter(|_| shared.segmented_sends.load(Ordering::Relaxed));
+    TAIL.with_borrow_mut(|tail| {
+        if !tail.continues(shared, to, size) || segmented.is_none() {
+            tail.flush();
         }
-    }
+        let mut ks: &[usize] = &segments.collect::<Vec<_>>();
+        while !ks.is_empty() {
+            let held = tail.count();
+            let (chunk, rest) = ks.split_at(ks.len().min(per_send - held));
+            ks = rest;
+            let singles = || -> Vec<([&[u8]; 2], SocketAddr)> { chunk.iter().map(|&k| (parts(k), to)).collect() };
+            let Some(size16) = segmented.filter(|_| shared.segmented_sends.load(Ordering::Relaxed)) else {
+                // Larger than a segmented send describes (not for an MTU that passed
+                // the offload check), or the underlay refused one before.
+                send_singles(shared, &[], &singles());
+                continue;
+            };
+            if ks.is_empty() && held + chunk.len() < per_send && chunk.iter().all(|&k| datagram(k) == size) {
+                // Too few for a send: held for the next segment to top up.
+                if held == 0 {
+                    tail.owner = Arc::downgrade(shared);
+                    tail.to = Some(to);
+                    tail.size = size;
+                    tail.waited = false;
+                }
+                for &k in chunk {
+                    parts(k).iter().for_each(|p| tail.bytes.extend_from_slice(p));
+                }
+                return;
+            }
+            let mut gathered: Vec<io::IoSlice<'_>> = Vec::with_capacity(1 + 2 * chunk.len());
+            if held > 0 {
+                gathered.push(io::IoSlice::new(&tail.bytes));
+            }
+            gathered.extend(chunk.iter().flat_map(|&k| parts(k).map(io::IoSlice::new)));
+            let datagrams = (held + chunk.len()) as u64;
+            match send_segments(shared.socket.as_fd(), to, &gathered, size16) {
+                Ok(_) => {
+                    c.tx_datagrams.fetch_add(datagrams, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A full buffer: lost, as a datagram would be.
+                    c.send_errors.fetch_add(datagrams, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if shared.segmented_sends.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
+                    }
+                    if held > 0 {
+                        let held_singles: Vec<([&[u8]; 2], SocketAddr)> =
+                            tail.bytes.chunks(size).map(|d| ([d, &[][..]], to)).collect();
+                        send_singles(shared, &[], &held_singles);
+                    }
+                    send_singles(shared, &[], &singles());
+                    tail.bytes.clear();
+                    continue;
+                }
+            }
+            tail.bytes.clear();
+        }
+    });
 }
 
 /// One `sendmmsg` (and more for what it did not take) for `sends`: (frame in parts,
@@ -892,8 +1002,8 @@ mod tests {
         f
     }
 
-    #[test]
-    fn within_a_turn_what_was_found_for_a_sender_is_reused_but_every_frame_meets_its_lock() {
+    /// A switch (unconfined, as tests run) with one network, "n".
+    fn switch_with_network_n() -> Arc<Switch> {
         let switch = Arc::new(
             Switch::start(crate::SwitchConfig {
                 sandbox: false,
@@ -902,6 +1012,12 @@ mod tests {
             .unwrap(),
         );
         switch.add_network("n", crate::NetworkConfig::default()).unwrap();
+        switch
+    }
+
+    #[test]
+    fn within_a_turn_what_was_found_for_a_sender_is_reused_but_every_frame_meets_its_lock() {
+        let switch = switch_with_network_n();
         let vtep = Vtep::start(switch.clone(), "127.0.0.1:0".parse().unwrap(), DEFAULT_PORT).unwrap();
         let (member, other): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
         let (locked, free): (Mac, Mac) = (
@@ -958,6 +1074,96 @@ mod tests {
             "after another MAC, the lock again"
         );
         assert_eq!(get(&c.spoofed), 2);
+    }
+
+    /// An IPv4 TCP segment of `pieces` MSS-sized pieces from `src` to `dst`, its
+    /// checksum and cutting left to the tunnel, as a guest's TAP hands it over.
+    fn tcp_segment(src: Mac, dst: Mac, seq: u32, pieces: usize) -> (Vec<u8>, Offload) {
+        let payload: Vec<u8> = (0..pieces * MSS).map(|i| (i % 251) as u8).collect();
+        let mut f = [dst.0, src.0].concat();
+        f.extend([0x08, 0x00, 0x45, 0]);
+        f.extend(((40 + payload.len()) as u16).to_be_bytes());
+        f.extend([0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend([0x30, 0x39, 0x00, 0x50]);
+        f.extend(seq.to_be_bytes());
+        f.extend([0, 0, 0, 1, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend(payload);
+        let offload = Offload::defer_tcp_checksum(&mut f, MSS as u16).unwrap();
+        (f, offload)
+    }
+    /// A guest's TCP payload per piece at MTU 1450 (with timestamps).
+    const MSS: usize = 1398;
+
+    #[test]
+    fn a_segments_last_datagrams_top_up_the_next_segments_send_and_nothing_overtakes_them() {
+        let switch = switch_with_network_n();
+        // The member: a plain socket that takes runs of datagrams as one buffer, as
+        // a VTEP does, so each send shows as one read.
+        let member = UdpSocket::bind("127.0.0.1:0").unwrap();
+        crate::sys::udp_gso::enable_gro(member.as_fd()).unwrap();
+        member
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let port = member.local_addr().unwrap().port();
+        let vtep = Vtep::start(switch.clone(), "127.0.0.1:0".parse().unwrap(), port).unwrap();
+        let (here, there): (Mac, Mac) = (
+            "02:00:00:00:00:01".parse().unwrap(),
+            "02:00:00:00:00:02".parse().unwrap(),
+        );
+        let remotes = Remotes {
+            members: vec!["127.0.0.1".parse().unwrap()],
+            macs: HashMap::from([(there, "127.0.0.1".parse().unwrap())]),
+            ..Default::default()
+        };
+        vtep.attach("n", "tunnel", 42, remotes).unwrap();
+        let tunnel = vtep.shared.tunnels.load().get(&42).unwrap().clone();
+
+        // Two 46-piece segments: 92 datagrams of 1,472 bytes, 44 to a send at most.
+        let (a, a_off) = tcp_segment(here, there, 1000, 46);
+        let (b, b_off) = tcp_segment(here, there, 1000 + 46 * MSS as u32, 46);
+        send_frames(&vtep.shared, &tunnel, &[&a], &[a_off]);
+        assert!(
+            TAIL.with_borrow(|t| t.count()) == 2,
+            "the first segment's last two wait"
+        );
+        send_frames(&vtep.shared, &tunnel, &[&b], &[b_off]);
+        // An ARP request (a single datagram) must not overtake what is held.
+        let mut arp = [Mac::BROADCAST.0, here.0].concat();
+        arp.extend([0x08, 0x06]);
+        arp.extend([0u8; 28]);
+        send_frames(&vtep.shared, &tunnel, &[&arp], &[Offload::default()]);
+        assert!(
+            TAIL.with_borrow(|t| t.bytes.is_empty()),
+            "a single send flushed what was held"
+        );
+
+        let mut reads = Vec::new();
+        let mut datagrams = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while datagrams.len() < 93 {
+            let (n, _, segment) = crate::sys::udp_gso::recv_coalesced(member.as_fd(), &mut buf).unwrap();
+            let segment = segment.unwrap_or(n);
+            reads.push(n.div_ceil(segment));
+            datagrams.extend(buf[..n].chunks(segment).map(<[u8]>::to_vec));
+        }
+        assert_eq!(reads, [44, 44, 4, 1], "sends of 44 datagrams, not 44 + 2 per segment");
+        // In order, each the piece it should be, the ARP request last.
+        for (i, d) in datagrams[..92].iter().enumerate() {
+            let (vni, inner) = decapsulate(d).unwrap();
+            assert_eq!((vni, inner.len()), (42, 14 + 40 + MSS));
+            let seq = u32::from_be_bytes(inner[38..42].try_into().unwrap());
+            assert_eq!(seq, 1000 + (i * MSS) as u32, "datagram {i} in order");
+            let at = (i % 46) * MSS;
+            assert!(
+                inner[54..]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &x)| x == ((at + j) % 251) as u8),
+                "datagram {i}'s payload"
+            );
+        }
+        assert_eq!(decapsulate(&datagrams[92]).unwrap().1, &arp[..]);
+        assert_eq!(vtep.shared.counters.tx_datagrams.load(Ordering::Relaxed), 93);
     }
 
     #[test]

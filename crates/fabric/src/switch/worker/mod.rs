@@ -189,6 +189,14 @@ pub(crate) trait Poller: Send {
     fn fd(&self) -> std::os::fd::BorrowedFd<'_>;
     /// Does the work there is now, without blocking.
     fn poll(&mut self);
+    /// Whether it holds work back for more to join it (see [`Poller::settle`]).
+    fn holds(&self) -> bool {
+        false
+    }
+    /// Called after each round of events while it [holds](Poller::holds) work back,
+    /// `idle` when nothing else is ready: it does that work by the next round at the
+    /// latest, at once when idle.
+    fn settle(&mut self, _idle: bool) {}
 }
 
 pub(crate) struct Worker {
@@ -248,15 +256,23 @@ impl Worker {
 
     pub(crate) fn run(mut self) {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
         loop {
             events.clear();
-            match epoll::wait(&self.fab.epoll, spare_capacity(&mut events), None) {
+            // A poller holding work back gets to do it before the thread sleeps, and
+            // only then: what is ready now may join it.
+            let holding = self.pollers.iter().flatten().any(|p| p.holds());
+            match epoll::wait(&self.fab.epoll, spare_capacity(&mut events), holding.then_some(&now)) {
                 Ok(_) => {}
                 Err(Errno::INTR) => continue,
                 Err(e) => {
                     warn!("switch worker stops: epoll_wait failed: {e}");
                     return;
                 }
+            }
+            if holding && events.is_empty() {
+                self.pollers.iter_mut().flatten().for_each(|p| p.settle(true));
+                continue;
             }
             for ev in &events {
                 let tok = ev.data.u64();
@@ -295,6 +311,11 @@ impl Worker {
                 // the gateway behind it, waited for the gateway to send something.)
                 if ring && self.fab.port(slot).is_some_and(|p| !p.backlog.is_empty()) {
                     self.fab.drain_backlog(slot);
+                }
+            }
+            for p in self.pollers.iter_mut().flatten() {
+                if p.holds() {
+                    p.settle(false);
                 }
             }
         }
