@@ -768,6 +768,14 @@ impl Tail {
         self.bytes.len() / self.size.max(1)
     }
 
+    /// What is held, a datagram at a time (for an underlay that refuses segmented sends).
+    fn singles(&self, to: SocketAddr) -> Vec<([&[u8]; 2], SocketAddr)> {
+        self.bytes
+            .chunks(self.size.max(1))
+            .map(|d| ([d, &[][..]], to))
+            .collect()
+    }
+
     /// Whether what is held may lead a send of `size`-byte datagrams to `to` by `shared`.
     fn continues(&self, shared: &Arc<Shared>, to: SocketAddr, size: usize) -> bool {
         !self.bytes.is_empty()
@@ -782,15 +790,16 @@ impl Tail {
             return;
         };
         if let Some(shared) = self.owner.upgrade() {
-            let count = self.count();
             let size = u16::try_from(self.size).expect("held datagrams passed the size check");
-            let sent =
-                crate::sys::udp_gso::send_segments(shared.socket.as_fd(), to, &[io::IoSlice::new(&self.bytes)], size);
-            let c = &shared.counters;
-            match sent {
-                Ok(_) => c.tx_datagrams.fetch_add(count as u64, Ordering::Relaxed),
-                Err(_) => c.send_errors.fetch_add(count as u64, Ordering::Relaxed),
-            };
+            let one_by_one = || self.singles(to);
+            send_run(
+                &shared,
+                to,
+                &[io::IoSlice::new(&self.bytes)],
+                size,
+                self.count(),
+                one_by_one,
+            );
         }
         self.bytes.clear();
     }
@@ -863,8 +872,7 @@ fn send_all(shared: &Arc<Shared>, header: &[u8], frames: &[&[u8]], plan: &Plan) 
 /// run of full-sized ones at the end held in turn. An underlay that refuses gets them
 /// one by one, and every later frame is cut in software.
 fn send_cut(shared: &Arc<Shared>, frame: &[u8], cuts: &TcpCuts, segments: std::ops::Range<usize>, to: SocketAddr) {
-    use crate::sys::udp_gso::{send_segments, MAX_BYTES, MAX_SEGMENTS};
-    let c = &shared.counters;
+    use crate::sys::udp_gso::{MAX_BYTES, MAX_SEGMENTS};
     let parts = |k: usize| {
         let (headers, payload) = cuts.segment(k);
         [headers, &frame[payload]]
@@ -872,11 +880,15 @@ fn send_cut(shared: &Arc<Shared>, frame: &[u8], cuts: &TcpCuts, segments: std::o
     let datagram = |k: usize| parts(k).iter().map(|p| p.len()).sum::<usize>();
     let size = datagram(segments.start);
     let per_send = (MAX_BYTES / size).clamp(1, MAX_SEGMENTS);
-    let segmented = u16::try_from(size)
-        .ok()
-        .filter(|_| shared.segmented_sends.load(Ordering::Relaxed));
+    // The size a segmented send is told, while the underlay takes them (a refusal
+    // below turns them off for the rest too).
+    let segmented = || {
+        u16::try_from(size)
+            .ok()
+            .filter(|_| shared.segmented_sends.load(Ordering::Relaxed))
+    };
     TAIL.with_borrow_mut(|tail| {
-        if !tail.continues(shared, to, size) || segmented.is_none() {
+        if !tail.continues(shared, to, size) || segmented().is_none() {
             tail.flush();
         }
         let mut ks: &[usize] = &segments.collect::<Vec<_>>();
@@ -885,7 +897,7 @@ fn send_cut(shared: &Arc<Shared>, frame: &[u8], cuts: &TcpCuts, segments: std::o
             let (chunk, rest) = ks.split_at(ks.len().min(per_send - held));
             ks = rest;
             let singles = || -> Vec<([&[u8]; 2], SocketAddr)> { chunk.iter().map(|&k| (parts(k), to)).collect() };
-            let Some(size16) = segmented.filter(|_| shared.segmented_sends.load(Ordering::Relaxed)) else {
+            let Some(size16) = segmented() else {
                 // Larger than a segmented send describes (not for an MTU that passed
                 // the offload check), or the underlay refused one before.
                 send_singles(shared, &[], &singles());
@@ -909,32 +921,40 @@ fn send_cut(shared: &Arc<Shared>, frame: &[u8], cuts: &TcpCuts, segments: std::o
                 gathered.push(io::IoSlice::new(&tail.bytes));
             }
             gathered.extend(chunk.iter().flat_map(|&k| parts(k).map(io::IoSlice::new)));
-            let datagrams = (held + chunk.len()) as u64;
-            match send_segments(shared.socket.as_fd(), to, &gathered, size16) {
-                Ok(_) => {
-                    c.tx_datagrams.fetch_add(datagrams, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // A full buffer: lost, as a datagram would be.
-                    c.send_errors.fetch_add(datagrams, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    if shared.segmented_sends.swap(false, Ordering::Relaxed) {
-                        tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
-                    }
-                    if held > 0 {
-                        let held_singles: Vec<([&[u8]; 2], SocketAddr)> =
-                            tail.bytes.chunks(size).map(|d| ([d, &[][..]], to)).collect();
-                        send_singles(shared, &[], &held_singles);
-                    }
-                    send_singles(shared, &[], &singles());
-                    tail.bytes.clear();
-                    continue;
-                }
-            }
+            let one_by_one = || [tail.singles(to), singles()].concat();
+            send_run(shared, to, &gathered, size16, held + chunk.len(), one_by_one);
             tail.bytes.clear();
         }
     });
+}
+
+/// One segmented send of `datagrams` datagrams of `size` bytes gathered from `parts`
+/// (the last possibly shorter). A full buffer loses them, as it would a datagram; an
+/// underlay that refuses segmented sends gets them one by one (`one_by_one`), and
+/// every later frame is cut in software.
+fn send_run<'a>(
+    shared: &Shared,
+    to: SocketAddr,
+    parts: &[io::IoSlice<'_>],
+    size: u16,
+    datagrams: usize,
+    one_by_one: impl FnOnce() -> Vec<([&'a [u8]; 2], SocketAddr)>,
+) {
+    let c = &shared.counters;
+    match crate::sys::udp_gso::send_segments(shared.socket.as_fd(), to, parts, size) {
+        Ok(_) => {
+            c.tx_datagrams.fetch_add(datagrams as u64, Ordering::Relaxed);
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            c.send_errors.fetch_add(datagrams as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            if shared.segmented_sends.swap(false, Ordering::Relaxed) {
+                tracing::info!("the underlay refuses segmented sends ({e}); VXLAN datagrams go one by one");
+            }
+            send_singles(shared, &[], &one_by_one());
+        }
+    }
 }
 
 /// One `sendmmsg` (and more for what it did not take) for `sends`: (frame in parts,
