@@ -148,9 +148,21 @@ pub fn is_dhcp_server_message(frame: &EthernetView<'_>) -> bool {
     }
 }
 
-/// Whether the frame is IPv4/UDP from port 68 to port 67: a DHCP client speaking.
+/// Whether the frame is a DHCP client speaking: IPv4/UDP from port 68 to port 67, or
+/// IPv6/UDP from port 546 to port 547 right after the fixed header (where every
+/// DHCPv6 client puts it; one hiding it behind extension headers is flooded as before).
 pub fn is_dhcp_client_message(frame: &EthernetView<'_>) -> bool {
-    udp_ports(frame) == UdpPorts::Ports(68, 67)
+    udp_ports(frame) == UdpPorts::Ports(68, 67) || is_dhcp6_client_message(frame)
+}
+
+fn is_dhcp6_client_message(frame: &EthernetView<'_>) -> bool {
+    const UDP: u8 = 17;
+    let Some((ETHERTYPE_IPV6, ip)) = frame.inner() else {
+        return false;
+    };
+    ip.first().is_some_and(|v| v >> 4 == 6)
+        && ip.get(6) == Some(&UDP)
+        && ip.get(40..44) == Some(&[0x02, 0x22, 0x02, 0x23])
 }
 
 /// What an IPv6 frame from a guest is, for the first-hop guard.
@@ -389,6 +401,26 @@ mod tests {
         let v = EthernetView::parse(&f, 1500).unwrap();
         assert_eq!(v.inner(), None);
         assert_eq!(l3_sender(&v), L3Sender::Malformed);
+    }
+
+    #[test]
+    fn dhcp6_client_messages_are_dhcp_client_messages() {
+        // A SOLICIT's start: IPv6 to ff02::1:2, UDP 546 -> 547.
+        let mut f = vec![0x33, 0x33, 0, 1, 0, 2, 0x52, 0x54, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend([0x60, 0, 0, 0, 0, 12, 17, 1]);
+        f.extend([0xfe, 0x80].iter().chain(&[0; 14]));
+        f.extend([0xff, 0x02].iter().chain(&[0; 11]).chain(&[1, 0, 2]));
+        f.extend([0x02, 0x22, 0x02, 0x23, 0, 12, 0, 0, 1, 0, 0, 0]);
+        let v = EthernetView::parse(&f, 1500).unwrap();
+        assert!(is_dhcp_client_message(&v));
+        // The server's answer (547 -> 546) is not, nor is other UDP, nor a short frame.
+        let mut reply = f.clone();
+        reply[54..58].copy_from_slice(&[0x02, 0x23, 0x02, 0x22]);
+        assert!(!is_dhcp_client_message(&EthernetView::parse(&reply, 1500).unwrap()));
+        let mut tcp = f.clone();
+        tcp[20] = 6;
+        assert!(!is_dhcp_client_message(&EthernetView::parse(&tcp, 1500).unwrap()));
+        assert!(!is_dhcp_client_message(&EthernetView::parse(&f[..56], 1500).unwrap()));
     }
 
     #[test]

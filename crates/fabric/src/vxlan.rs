@@ -572,10 +572,11 @@ impl<'t> Admission<'t> {
             None => self.last.insert(Self::look_up(shared, tunnels, vni, sender, src)?),
         };
         if let Some(lock) = &admitted.lock {
-            // IPv6 is left to the tunnel port's first-hop guard (the lock judges it
-            // only where a network carries it).
+            // A lock with IPv6 addresses is for a network that carries IPv6; elsewhere
+            // IPv6 is left to the tunnel port's first-hop guard (dropped as `ipv6_off`).
+            let carries_ipv6 = !lock.ips6.is_empty();
             let allowed = EthernetView::parse(frame, crate::MAX_MTU)
-                .is_ok_and(|view| crate::guard::lock_allows(Some(lock), &view, false));
+                .is_ok_and(|view| crate::guard::lock_allows(Some(lock), &view, carries_ipv6));
             if !allowed {
                 count(&c.spoofed);
                 return None;

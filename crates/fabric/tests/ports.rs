@@ -656,6 +656,30 @@ fn the_first_hop_guard_sees_through_tags_fragments_and_ipv6_extension_headers() 
 }
 
 #[test]
+fn a_dhcp6_clients_multicast_goes_to_the_trusted_port_alone() {
+    let sw = switch();
+    let v6 = NetworkConfig {
+        ipv6: true,
+        ..Default::default()
+    };
+    sw.add_network("v6", v6).unwrap();
+    let (vm, other) = (
+        sw.add_port("v6", "vm").unwrap().1,
+        sw.add_port("v6", "other").unwrap().1,
+    );
+    let (gw_id, gw) = sw.add_port("v6", "gateway").unwrap();
+    let (vm, other, gw) = (Dgram::new(vm), Dgram::new(other), Dgram::new(gw));
+    sw.set_port_trusted(gw_id, true).unwrap();
+    let solicit = ipv6_frame(mac(1), 17, &[2, 34, 2, 35, 0, 8, 0, 0]);
+    vm.send(&solicit);
+    assert_eq!(gw.expect(), solicit);
+    let echo = ipv6_frame(mac(1), 58, &[128, 0, 0, 0, 0, 1, 0, 1]);
+    vm.send(&echo);
+    assert_eq!(other.expect(), echo, "the VM saw the echo after it, and nothing before");
+    assert_eq!(gw.expect(), echo);
+}
+
+#[test]
 fn a_port_locked_to_its_first_mac_keeps_it_and_sends_nothing_but_dhcp_and_probes_before_a_lease() {
     let (sw, eps) = network_with_ports(2);
     let [vm, other] = <[Dgram; 2]>::try_from(eps).ok().unwrap();

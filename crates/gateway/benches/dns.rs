@@ -263,7 +263,7 @@ fn main() {
     ]);
     for i in 0..NAMES {
         let ip = Ipv4Addr::new(10, 250, 0, 100 + i as u8);
-        gw.set_static_name(&format!("vm{i}"), ip);
+        gw.set_static_name(&format!("vm{i}"), ip, None);
         dnsmasq.arg(format!("--host-record=vm{i}.vm.internal,{ip}"));
     }
     cleanup.1 = Some(dnsmasq.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());

@@ -443,9 +443,14 @@ impl Gateway {
         self.shared.ctx.guest_at(ip)
     }
 
-    /// Publishes a name that no lease backs (a host with a static address).
-    pub fn set_static_name(&self, label: &str, ip: Ipv4Addr) {
-        self.shared.state().zone.set(label, ip);
+    /// Publishes a name that no lease backs (a host with a static address, a guest
+    /// on another node), with its IPv6 address when it has one.
+    pub fn set_static_name(&self, label: &str, ip: Ipv4Addr, ip6: Option<std::net::Ipv6Addr>) {
+        let mut st = self.shared.state();
+        st.zone.set(label, ip);
+        if let Some(ip6) = ip6 {
+            st.zone.set6(label, ip6);
+        }
     }
 
     /// Takes back a name [`Gateway::set_static_name`] published, if it still points

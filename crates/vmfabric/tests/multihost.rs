@@ -7,8 +7,10 @@
 //! VXLAN from a stranger, or from a member in another node's name, is dropped and
 //! counted; node b killed with its etcd member: the others go on and still lease;
 //! etcd stopped: traffic and renewals go on while a new lease is refused and counted;
-//! a restarted node rebuilds with nothing held twice. And a kernel-mode node beside a
-//! userspace node on one network. Needs root, etcd and busybox (and QEMU's guest).
+//! a restarted node rebuilds with nothing held twice. A kernel-mode node beside a
+//! userspace node on one network. IPv6 between two userspace nodes: SLAAC and DHCPv6
+//! addresses, names, and locks on remote guests. Needs root, etcd, busybox, dig and
+//! dhclient (and QEMU's guest).
 
 mod harness;
 
@@ -83,6 +85,43 @@ fn underlay(id: u32, nodes: &[&str]) -> (Bridge, Vec<Netns>, String) {
         run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
     }
     (bridge, node_ns, base)
+}
+
+/// What each test stands on: its id (its addresses and names), a scratch directory,
+/// the underlay with a namespace per node, and etcd on the bridge's address.
+struct Bed {
+    id: u32,
+    dir: PathBuf,
+    _bridge: Bridge,
+    node_ns: Vec<Netns>,
+    base: String,
+    etcd: testkit::Etcd,
+}
+
+/// A test bed for `nodes` and `members` etcd members, or None (said why) when this
+/// machine cannot run one. `variant` keeps the tests of this binary apart.
+fn bed(variant: u32, nodes: &[&str], members: usize) -> Option<Bed> {
+    if !testkit::ready_or_skip(testkit::is_root(), "needs root (namespaces, TAP devices, bridges)") {
+        return None;
+    }
+    let have_etcd = Command::new("etcd").arg("--version").output().is_ok();
+    if !testkit::ready_or_skip(have_etcd, "needs etcd (apt-get install etcd-server)") {
+        return None;
+    }
+    let id = (std::process::id() % 200 + 20) ^ variant;
+    let dir = std::env::temp_dir().join(format!("vmf-multihost-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (bridge, node_ns, base) = underlay(id, nodes);
+    let etcd = testkit::Etcd::start_members(&format!("{base}.1"), dir.join("etcd"), members).unwrap();
+    Some(Bed {
+        id,
+        dir,
+        _bridge: bridge,
+        node_ns,
+        base,
+        etcd,
+    })
 }
 
 /// Polls `f` until it is true, for up to `secs`.
@@ -232,11 +271,7 @@ fn dhcp_lines(node: &Node) -> String {
 /// A VXLAN datagram for `vni` carrying an Ethernet frame from `src` to broadcast:
 /// an ARP probe, or with `from` an IPv4 UDP datagram from that address.
 fn vxlan_datagram(vni: u32, src: [u8; 6], from: Option<[u8; 4]>) -> Vec<u8> {
-    let mut d = vec![0x08, 0, 0, 0];
-    d.extend_from_slice(&vni.to_be_bytes()[1..]);
-    d.push(0);
-    d.extend_from_slice(&[0xff; 6]);
-    d.extend_from_slice(&src);
+    let mut d = vxlan_header(vni, src);
     match from {
         None => {
             d.extend_from_slice(&[0x08, 0x06]);
@@ -252,6 +287,28 @@ fn vxlan_datagram(vni: u32, src: [u8; 6], from: Option<[u8; 4]>) -> Vec<u8> {
     d
 }
 
+/// A VXLAN datagram for `vni` carrying an IPv6 UDP datagram from `src` at `from` to
+/// all nodes (ff02::1).
+fn vxlan_ipv6_datagram(vni: u32, src: [u8; 6], from: std::net::Ipv6Addr) -> Vec<u8> {
+    let mut d = vxlan_header(vni, src);
+    d.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 8, 17, 64]);
+    d.extend_from_slice(&from.octets());
+    d.extend_from_slice(&std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets());
+    d.extend_from_slice(&[0, 9, 0, 9, 0, 8, 0, 0]);
+    d
+}
+
+/// The VXLAN header for `vni` and an inner Ethernet header from `src` to broadcast,
+/// its ethertype left to the caller.
+fn vxlan_header(vni: u32, src: [u8; 6]) -> Vec<u8> {
+    let mut d = vec![0x08, 0, 0, 0];
+    d.extend_from_slice(&vni.to_be_bytes()[1..]);
+    d.push(0);
+    d.extend_from_slice(&[0xff; 6]);
+    d.extend_from_slice(&src);
+    d
+}
+
 fn parse_mac(text: &str) -> [u8; 6] {
     let mut m = [0u8; 6];
     for (i, part) in text.split(':').enumerate() {
@@ -262,21 +319,18 @@ fn parse_mac(text: &str) -> [u8; 6] {
 
 #[test]
 fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_etcd() {
-    if !testkit::ready_or_skip(testkit::is_root(), "needs root (namespaces, TAP devices)") {
-        return;
-    }
-    let have_etcd = Command::new("etcd").arg("--version").output().is_ok();
-    if !testkit::ready_or_skip(have_etcd, "needs etcd (apt-get install etcd-server)") {
-        return;
-    }
-    let id = std::process::id() % 200 + 20;
-    let dir = std::env::temp_dir().join(format!("vmf-multihost-{id}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-
-    let (_bridge, node_ns, base) = underlay(id, &["a", "b", "c"]);
     // Three etcd members (member 1 counts as node b's: it goes down with it).
-    let mut etcd = testkit::Etcd::start_members(&format!("{base}.1"), dir.join("etcd"), 3).unwrap();
+    let Some(Bed {
+        id,
+        dir,
+        _bridge,
+        node_ns,
+        base,
+        mut etcd,
+    }) = bed(0, &["a", "b", "c"], 3)
+    else {
+        return;
+    };
     let guest_image = std::env::var_os("VMFABRIC_GUEST_DIR").map(PathBuf::from);
     let with_vm = testkit::ready_or_skip(
         guest_image.is_some(),
@@ -596,13 +650,6 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
 /// an address it does not hold, and counts both.
 #[test]
 fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
-    if !testkit::ready_or_skip(testkit::is_root(), "needs root (namespaces, bridges, nftables)") {
-        return;
-    }
-    let have_etcd = Command::new("etcd").arg("--version").output().is_ok();
-    if !testkit::ready_or_skip(have_etcd, "needs etcd (apt-get install etcd-server)") {
-        return;
-    }
     let Some(image) = std::env::var_os("VMFABRIC_GUEST_DIR").map(PathBuf::from) else {
         testkit::ready_or_skip(
             false,
@@ -610,13 +657,8 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         );
         return;
     };
-    // Beside the three-node test in this binary: its own addresses.
-    let id = (std::process::id() % 200 + 20) ^ 1;
-    let dir = std::env::temp_dir().join(format!("vmf-multihost-{id}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (_bridge, node_ns, base) = underlay(id, &["u", "k"]);
-    let etcd = testkit::Etcd::start_members(&format!("{base}.1"), dir.join("etcd"), 1).unwrap();
+    let Some(t) = bed(1, &["u", "k"], 1) else { return };
+    let (id, dir, base, etcd, node_ns) = (t.id, &t.dir, &t.base, &t.etcd, &t.node_ns);
     let endpoints = etcd.endpoint_list();
     let u = start_node(
         "u",
@@ -649,6 +691,14 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     );
     assert_eq!(created["mode"], "kernel", "{created}");
     let vni = created["vni"].as_u64().unwrap() as u32;
+    // Its nftables tunnel guard checks IPv4 sources only: no IPv6 on a kernel node.
+    let (status, body) = k.daemon.call(
+        "POST",
+        "/v1/networks",
+        Some(json!({"name": "mixed6", "subnet": format!("10.69.{id}.0/24"), "ipv6": "fd69::/64", "mtu": 1450, "scope": "cluster"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("kernel mode"), "{body}");
     eventually(20, "the userspace node serves the network", || {
         u.daemon.call("GET", "/v1/networks/mixed", None).0 == 200
     });
@@ -695,7 +745,7 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     eventually(20, "the userspace guest fetches the kernel node's guest's page", || {
         fetches_page(&gu.0, &ip_k)
     });
-    let view = etcd_view(&etcd);
+    let view = etcd_view(etcd);
     let mixed = &view.networks["mixed"];
     let holder = |ip: &str| mixed.addresses[&ip.parse().unwrap()].node.clone();
     assert_eq!((holder(&ip_u), holder(&ip_k)), ("u".to_string(), "k".to_string()));
@@ -718,14 +768,14 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         Some(json!({"key": other_mac, "ip": free})),
     );
     let free: std::net::Ipv4Addr = free.parse().unwrap();
-    let holder = etcd_view(&etcd).networks["mixed"]
+    let holder = etcd_view(etcd).networks["mixed"]
         .addresses
         .get(&free)
         .map(|h| h.mac.to_string());
     assert_eq!(holder.as_deref(), Some(other_mac));
     u.daemon
         .ok("DELETE", &format!("/v1/networks/mixed/reservations/{other_mac}"), None);
-    assert!(!etcd_view(&etcd).networks["mixed"].addresses.contains_key(&free));
+    assert!(!etcd_view(etcd).networks["mixed"].addresses.contains_key(&free));
 
     // The kernel node restarts (its guest runs on): the vxlan device is made again
     // and programmed from etcd, and the guests reach each other as before.
@@ -826,7 +876,157 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     k.daemon.ok("DELETE", "/v1/networks/mixed/ports/kvm", None);
     let ip_k: std::net::Ipv4Addr = ip_k.parse().unwrap();
     eventually(10, "the kernel port's address is given back in etcd", || {
-        !etcd_view(&etcd).networks["mixed"].addresses.contains_key(&ip_k)
+        !etcd_view(etcd).networks["mixed"].addresses.contains_key(&ip_k)
+    });
+}
+
+/// Two userspace nodes on a dual-stack cluster network: guests form their SLAAC
+/// addresses and reach each other over IPv6 by name; DHCPv6 stays on a guest's node;
+/// a remote guest's IPv6 frames from an address not its own are dropped.
+#[test]
+fn a_cluster_network_carries_ipv6_between_userspace_nodes() {
+    let Some(t) = bed(2, &["a", "c"], 1) else { return };
+    let (id, dir) = (t.id, &t.dir);
+    let start = |i: usize, name: &str| {
+        let underlay = format!("{}.{}", t.base, 11 + i);
+        let endpoints = t.etcd.endpoint_list();
+        start_node(name, &t.node_ns[i].0, &underlay, &endpoints, &dir.join(name), dir, &[])
+    };
+    let (a, c) = (start(0, "a"), start(1, "c"));
+    let prefix: ipnet::Ipv6Net = format!("fd67:{id:x}::/64").parse().unwrap();
+    let created = a.daemon.ok(
+        "POST",
+        "/v1/networks",
+        Some(json!({
+            "name": "six", "subnet": format!("10.67.{id}.0/24"), "ipv6": prefix.to_string(),
+            "mtu": 1450, "scope": "cluster",
+        })),
+    );
+    let vni = created["vni"].as_u64().unwrap() as u32;
+    eventually(20, "node c serves the network", || {
+        c.daemon.call("GET", "/v1/networks/six", None).0 == 200
+    });
+    // IPv6 reservations would need claims in etcd; the guests' own addresses do not.
+    let (status, body) = a.daemon.call(
+        "POST",
+        "/v1/networks/six/reservations",
+        Some(json!({"key": "02:00:00:00:67:01", "ip": format!("10.67.{id}.50"), "ipv6": format!("{}50", prefix.network())})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("IPv4 only"), "{body}");
+
+    let ns_prefix = format!("mh{id}");
+    let (ga, gc) = (
+        on_port(&a, "six", &ns_prefix, "xa"),
+        on_port(&c, "six", &ns_prefix, "xc"),
+    );
+    let mac_of = |n: &Node| -> fabric::Mac {
+        n.daemon.ok("GET", "/v1/networks/six/ports", None)[0]["mac"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (mac_a, mac_c) = (mac_of(&a), mac_of(&c));
+    for (ns, n) in [(&ga, &a), (&gc, &c)] {
+        lease(&ns.0, &dir.join(&ns.0), 10).unwrap_or_else(|| panic!("{} leased no address: {}", ns.0, dhcp_lines(n)));
+    }
+    // Each guest forms its SLAAC address from its own node's advertisement.
+    let slaac_a = gateway::config::slaac_address(prefix.network(), mac_a);
+    let slaac_c = gateway::config::slaac_address(prefix.network(), mac_c);
+    for (ns, want) in [(&ga, slaac_a), (&gc, slaac_c)] {
+        eventually(20, "the guest's SLAAC address is formed and past DAD", || {
+            let shown = run(&["ip", "-n", &ns.0, "-6", "addr", "show", "dev", &ns.0]);
+            shown
+                .lines()
+                .any(|l| l.contains(&format!("{want}/")) && !l.contains("tentative"))
+        });
+    }
+    let pings6 = |ns: &Netns, to: std::net::Ipv6Addr| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "busybox", "ping6", "-c", "1", "-W", "1"])
+            .arg(to.to_string())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    eventually(20, "guest a pings guest c over IPv6 across nodes", || {
+        pings6(&ga, slaac_c)
+    });
+    assert!(pings6(&gc, slaac_a));
+    let gateway6 = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 1);
+    assert!(
+        pings6(&ga, gateway6) && pings6(&gc, gateway6),
+        "each guest's own node answers as the gateway"
+    );
+    let gateway = format!("10.67.{id}.1");
+    let aaaa = |ns: &Netns, name: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "dig", "+short", "+time=1", "+tries=1"])
+            .args([&format!("@{gateway}"), "AAAA", name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    eventually(20, "guest a resolves guest c's AAAA on its own node", || {
+        aaaa(&ga, "xc") == slaac_c.to_string()
+    });
+    assert_eq!(aaaa(&gc, "xa"), slaac_a.to_string());
+
+    // DHCPv6 on node a: the guest's address is a function of its MAC, so no claim in
+    // etcd; its SOLICIT goes to its own node's gateway alone, never through the tunnel.
+    let (pid, leases) = (dir.join("dhclient6.pid"), dir.join("dhclient6.leases"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ga.0, "timeout", "60", "dhclient", "-6", "-1", "-pf"])
+        .args([
+            pid.as_os_str(),
+            OsStr::new("-lf"),
+            leases.as_os_str(),
+            OsStr::new(&ga.0),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dhclient -6: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = Command::new("kill")
+        .arg(std::fs::read_to_string(&pid).unwrap_or_default().trim())
+        .status();
+    let dhcp6_a = gateway::config::dhcp6_address(prefix, mac_a);
+    eventually(20, "guest c pings guest a's DHCPv6 address", || pings6(&gc, dhcp6_a));
+    let dhcp6_answers = |n: &Node| {
+        let text = n.daemon.ok("GET", "/metrics", None);
+        let text = text.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .filter(|l| l.starts_with("vmfabric_dhcp6_messages"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert!(dhcp6_answers(&a) >= 2, "node a answered: {}", dhcp_lines(&a));
+    assert_eq!(
+        dhcp6_answers(&c),
+        0,
+        "node c's gateway heard guest a's DHCPv6: {}",
+        dhcp_lines(&c)
+    );
+
+    // Guest c's MAC from node c, but from an IPv6 address it does not have: the lock
+    // node a holds for it drops the frame.
+    let spoofed_before = metric(&a, "vmfabric_vxlan_total{what=\"spoofed\"}");
+    let (from_c, to_a) = (c.underlay.clone(), a.underlay.clone());
+    let not_held = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 0xbad);
+    testkit::in_ns(&c.ns, move || {
+        let s = UdpSocket::bind(format!("{from_c}:0")).unwrap();
+        let own = vxlan_ipv6_datagram(vni, mac_c.0, slaac_c);
+        s.send_to(&own, format!("{to_a}:4789")).unwrap();
+        let spoofed = vxlan_ipv6_datagram(vni, mac_c.0, not_held);
+        s.send_to(&spoofed, format!("{to_a}:4789")).unwrap();
+    });
+    eventually(10, "the spoofed IPv6 datagram is counted", || {
+        metric(&a, "vmfabric_vxlan_total{what=\"spoofed\"}") == spoofed_before + 1
     });
 }
 

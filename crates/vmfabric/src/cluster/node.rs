@@ -66,7 +66,8 @@ fn remote_locks(net: &super::ClusterNetwork, me: &str) -> HashMap<Mac, PortLock>
             let lock = PortLock {
                 mac: *mac,
                 ips: Vec::new(),
-                ips6: Vec::new(),
+                // Functions of the MAC, as a local port's lock has them.
+                ips6: crate::control::locks::ipv6_addresses(net.spec.ipv6, *mac),
             };
             (*mac, lock)
         })
@@ -78,6 +79,9 @@ fn remote_locks(net: &super::ClusterNetwork, me: &str) -> HashMap<Mac, PortLock>
     }
     locks
 }
+
+/// Other nodes' guests' names on one network: each one's address and MAC.
+type RemoteNames = HashMap<String, (Ipv4Addr, Mac)>;
 
 /// One cluster network's tunnel on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +108,7 @@ pub struct ClusterLink {
     pending: Mutex<HashMap<(String, Ipv4Addr), WriteBack>>,
     tunnels: Mutex<HashMap<String, Tunnel>>,
     /// Other nodes' guests' names this node's gateways answer, by network.
-    remote_names: Mutex<HashMap<String, HashMap<String, Ipv4Addr>>>,
+    remote_names: Mutex<HashMap<String, RemoteNames>>,
     wake: tokio::sync::Notify,
     stop: AtomicBool,
 }
@@ -432,7 +436,7 @@ impl ClusterLink {
                 .addresses
                 .iter()
                 .filter(|(_, h)| h.node != me && h.expires > now)
-                .filter_map(|(ip, h)| Some((h.name.clone()?, *ip)))
+                .filter_map(|(ip, h)| Some((h.name.clone()?, (*ip, h.mac))))
                 .collect();
             self.follow_names(control, name, names);
         }
@@ -441,14 +445,14 @@ impl ClusterLink {
     }
 
     /// Makes the network's gateway answer exactly `names` for other nodes' guests.
-    fn follow_names(&self, control: &Arc<Control>, network: &str, names: HashMap<String, Ipv4Addr>) {
+    fn follow_names(&self, control: &Arc<Control>, network: &str, names: RemoteNames) {
         let mut all = locked(&self.remote_names);
         let known = all.entry(network.to_string()).or_default();
-        for (label, ip) in known.iter().filter(|(l, ip)| names.get(*l) != Some(*ip)) {
-            control.name_remote_guest(network, label, *ip, false);
+        for (label, (ip, mac)) in known.iter().filter(|(l, held)| names.get(*l) != Some(*held)) {
+            control.name_remote_guest(network, label, *ip, *mac, false);
         }
-        for (label, ip) in names.iter().filter(|(l, ip)| known.get(*l) != Some(*ip)) {
-            control.name_remote_guest(network, label, *ip, true);
+        for (label, (ip, mac)) in names.iter().filter(|(l, held)| known.get(*l) != Some(*held)) {
+            control.name_remote_guest(network, label, *ip, *mac, true);
         }
         *known = names;
     }

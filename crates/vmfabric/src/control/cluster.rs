@@ -50,9 +50,12 @@ impl Control {
                 link.config().mode.as_str()
             )));
         }
-        if spec.ipv6.is_some() {
+        // A guest's IPv6 addresses are functions of its MAC (see `locks::ipv6_addresses`),
+        // so a userspace node needs no claims in etcd for them. A kernel node's tunnel
+        // guard (nftables) checks IPv4 sources only: it would pass spoofed IPv6.
+        if spec.ipv6.is_some() && spec.mode == NetworkMode::Kernel {
             return Err(ControlError::invalid(
-                "a cluster network carries IPv4 only for now (DHCPv6 is not claimed cluster-wide yet)",
+                "a cluster network in kernel mode carries IPv4 only (its nftables tunnel guard does not check IPv6 sources)",
             ));
         }
         if let Some(vni) = spec.vni.filter(|v| !(1..=fabric::vxlan::MAX_VNI).contains(v)) {
@@ -116,7 +119,13 @@ impl Control {
         spec: &NetworkSpec,
         key: &str,
         ip: std::net::Ipv4Addr,
+        ipv6: Option<std::net::Ipv6Addr>,
     ) -> Result<(), ControlError> {
+        if ipv6.is_some() && self.link(spec)?.is_some() {
+            return Err(ControlError::invalid(
+                "a cluster network's reservations are IPv4 only: an IPv6 address is not claimed cluster-wide (a guest's DHCPv6 address is a function of its MAC, the same on every node)",
+            ));
+        }
         let (Some(link), Ok(mac)) = (self.link(spec)?, key.parse::<Mac>()) else {
             return Ok(());
         };
@@ -216,14 +225,15 @@ impl Control {
     }
 
     /// Publishes (or with `add` false, takes back) the DNS name of a guest on another
-    /// node, in this node's gateway of the network.
-    pub fn name_remote_guest(&self, network: &str, label: &str, ip: std::net::Ipv4Addr, add: bool) {
+    /// node, in this node's gateway of the network: its IPv4 address, and on a network
+    /// with IPv6 the SLAAC address of its MAC (as a local guest's name has).
+    pub fn name_remote_guest(&self, network: &str, label: &str, ip: std::net::Ipv4Addr, mac: Mac, add: bool) {
         let st = self.lock();
         let Some(gw) = st.nets.get(network).and_then(|n| n.gateway.as_ref()) else {
             return;
         };
         if add {
-            gw.set_static_name(label, ip);
+            gw.set_static_name(label, ip, gw.config().slaac_address_of(mac));
         } else {
             gw.remove_static_name(label, ip);
         }

@@ -44,7 +44,7 @@ impl Control {
         }
         let spec = &st.net(network)?.spec;
         let before = all.iter().find(|o| o.key == r.key).map(|o| o.ip);
-        self.claim_reservation(spec, &r.key, r.ip)?;
+        self.claim_reservation(spec, &r.key, r.ip, r.ipv6)?;
         if let Err(e) = kernel_net::reserve(&self.store, network, Some(&gw), r.clone()) {
             self.release_reservation(spec, &r.key, r.ip);
             return Err(e);

@@ -139,9 +139,10 @@ impl Fabric {
                 Some(d) if d == src => drops[DropReason::NoRoute as usize] += 1,
                 Some(d) => push(d, i),
                 None => {
-                    // A DHCP client's broadcast is for the DHCP server only: under the
-                    // guard it goes to the trusted ports, so VMs neither see each
-                    // other's DHCP nor pay for flooding it.
+                    // A DHCP client's broadcast (or DHCPv6 multicast) is for the DHCP
+                    // server only: under the guard it goes to the trusted ports, so VMs
+                    // neither see each other's DHCP nor pay for flooding it, and it
+                    // never crosses a tunnel to another node's gateway.
                     let only_trusted = net.config.dhcp_guard && is_dhcp_client_message(&view);
                     let mut sent = false;
                     for &d in &net.ports {
