@@ -192,12 +192,13 @@ pub struct TunnelRules {
 }
 
 /// A guest on another node: its MAC, that node's underlay address, and the addresses
-/// it holds.
+/// it holds (IPv6 ones where the network carries IPv6).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RemoteGuest {
     pub mac: fabric::Mac,
     pub node: Ipv4Addr,
     pub ips: Vec<Ipv4Addr>,
+    pub ips6: Vec<Ipv6Addr>,
 }
 
 /// What a tunnel's refusals are counted as: frames (bridge family), datagrams from
@@ -419,29 +420,38 @@ fn port_lock_rules(lock: &PortLock) -> Vec<Vec<Statement<'static>>> {
 pub const BRIDGE_COUNTERS: [&str; 3] = ["rogue_ra", "rogue_dhcp6", "spoofed6"];
 
 /// The bridge-family rules that hold a port to its IPv6 addresses on a network with
-/// IPv6 (`bridge`): its sources, the targets it may advertise or probe, and no router
-/// or DHCPv6 server messages; each drop counted.
+/// IPv6 (`bridge`).
 fn port_lock_rules6(lock: &PortLock, bridge: &str) -> Vec<Vec<Statement<'static>>> {
-    let from_port = || is(meta(MetaKey::Iifname), Operator::EQ, text(&lock.ifname));
+    let from_port = || vec![is(meta(MetaKey::Iifname), Operator::EQ, text(&lock.ifname))];
+    lock_rules6(from_port, &lock.ips6, bridge, None)
+}
+
+/// The bridge-family rules that hold a sender (`who` matches it: a port, or a remote
+/// guest's MAC arriving by a tunnel) to the IPv6 addresses `ips6` on a network with
+/// IPv6 (`bridge`): its sources, the targets it may advertise or probe, and no router
+/// or DHCPv6 server messages; each drop counted by its kind, or all as `count_as`.
+fn lock_rules6(
+    who: impl Fn() -> Vec<Statement<'static>>,
+    ips6: &[Ipv6Addr],
+    bridge: &str,
+    count_as: Option<&str>,
+) -> Vec<Vec<Statement<'static>>> {
     let icmp6_type = |t: &str| is(field("icmpv6", "type"), Operator::EQ, text(t));
     // Not its own: every target when it has none (an empty set is no nft expression).
-    let not_own_target = || match lock.ips6.is_empty() {
+    let not_own_target = || match ips6.is_empty() {
         true => vec![],
-        false => vec![is(
-            nd_target(),
-            Operator::NEQ,
-            set(lock.ips6.iter().copied().map(raw128)),
-        )],
+        false => vec![is(nd_target(), Operator::NEQ, set(ips6.iter().copied().map(raw128)))],
     };
-    let counted_drop = |counter: &str, mut matches: Vec<Statement<'static>>| {
-        matches.insert(0, from_port());
-        matches.push(Statement::Counter(stmt::Counter::Named(
-            counter_name(counter, bridge).into(),
+    let counted_drop = |counter: &str, matches: Vec<Statement<'static>>| {
+        let mut all = who();
+        all.extend(matches);
+        all.push(Statement::Counter(stmt::Counter::Named(
+            counter_name(count_as.unwrap_or(counter), bridge).into(),
         )));
-        matches.push(Statement::Drop(None));
-        matches
+        all.push(Statement::Drop(None));
+        all
     };
-    let sources = set(lock.ips6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).map(text));
+    let sources = set(ips6.iter().copied().chain([Ipv6Addr::UNSPECIFIED]).map(text));
     let mut advert = vec![icmp6_type("nd-neighbor-advert")];
     advert.extend(not_own_target());
     // A duplicate address probe (from ::) for another's address would make its owner
@@ -641,7 +651,7 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
             }
         }
         if let Some(t) = &n.tunnel {
-            for obj in tunnel_rules(t, &n.bridge) {
+            for obj in tunnel_rules(t, &n.bridge, n.ipv6.is_some()) {
                 b.add(obj);
             }
         }
@@ -655,8 +665,10 @@ fn unnamed_ruleset(networks: &[NetworkRules]) -> Result<Nftables<'static>, Hostn
     Ok(b.to_nftables())
 }
 
-/// A tunnel's rules: what [`TunnelRules`] says, each refusal counted.
-fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
+/// A tunnel's rules: what [`TunnelRules`] says, each refusal counted. On a network
+/// that carries IPv6 (`carries_ipv6`) a remote guest's IPv6 is held to its addresses as
+/// a local port's is; elsewhere IPv6 never enters.
+fn tunnel_rules(t: &TunnelRules, bridge: &str, carries_ipv6: bool) -> Vec<NfListObject<'static>> {
     let counted = |counter: &str, mut matches: Vec<Statement<'static>>| {
         matches.push(Statement::Counter(stmt::Counter::Named(
             counter_name(counter, bridge).into(),
@@ -704,10 +716,12 @@ fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
         stranger_mac.push(is(field("ether", "saddr"), Operator::NEQ, macs));
     }
     inbound.push(counted("tunnel", stranger_mac));
-    inbound.push(counted(
-        "tunnel",
-        vec![from(), is(field("ether", "type"), Operator::EQ, number(0x86dd))],
-    ));
+    if !carries_ipv6 {
+        inbound.push(counted(
+            "tunnel",
+            vec![from(), is(field("ether", "type"), Operator::EQ, number(0x86dd))],
+        ));
+    }
     for g in &t.remote {
         let allowed = || set(g.ips.iter().copied().chain([Ipv4Addr::UNSPECIFIED]).map(text));
         let of = || is(field("ether", "saddr"), Operator::EQ, text(g.mac));
@@ -719,6 +733,9 @@ fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
             "tunnel",
             vec![from(), of(), is(field("arp", "saddr ip"), Operator::NEQ, allowed())],
         ));
+        if carries_ipv6 {
+            inbound.extend(lock_rules6(|| vec![from(), of()], &g.ips6, bridge, Some("tunnel")));
+        }
     }
     out.extend(inbound.into_iter().map(|r| family_rule(NfFamily::Bridge, "ports", r)));
     for chain in ["tunnel_out", "tunnel_own"] {
@@ -728,10 +745,10 @@ fn tunnel_rules(t: &TunnelRules, bridge: &str) -> Vec<NfListObject<'static>> {
             Statement::Drop(None),
         ];
         out.push(family_rule(NfFamily::Bridge, chain, own));
-        // DHCP is each node's own gateway's to answer.
+        // DHCP (and DHCPv6) is each node's own gateway's to answer.
         let dhcp = vec![
             to(),
-            is(field("udp", "dport"), Operator::EQ, number(67)),
+            is(field("udp", "dport"), Operator::IN, set([number(67), number(547)])),
             Statement::Drop(None),
         ];
         out.push(family_rule(NfFamily::Bridge, chain, dhcp));

@@ -8,9 +8,9 @@
 //! counted; node b killed with its etcd member: the others go on and still lease;
 //! etcd stopped: traffic and renewals go on while a new lease is refused and counted;
 //! a restarted node rebuilds with nothing held twice. A kernel-mode node beside a
-//! userspace node on one network. IPv6 between two userspace nodes: SLAAC and DHCPv6
-//! addresses, names, and locks on remote guests. Needs root, etcd, busybox, dig and
-//! dhclient (and QEMU's guest).
+//! userspace node on one dual-stack network. IPv6 between two userspace nodes: SLAAC
+//! and DHCPv6 addresses, names, and locks on remote guests. Needs root, etcd, busybox,
+//! dig and dhclient (and QEMU's guest).
 
 mod harness;
 
@@ -245,6 +245,36 @@ fn pings(ns: &str, ip: &str) -> bool {
         .unwrap()
         .status
         .success()
+}
+
+fn pings6(ns: &Netns, to: std::net::Ipv6Addr) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.0, "busybox", "ping6", "-c", "1", "-W", "1"])
+        .arg(to.to_string())
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Waits until guest `ns` has formed `want` (its SLAAC address) and is past DAD.
+fn formed(ns: &Netns, want: std::net::Ipv6Addr) {
+    eventually(20, "the guest's SLAAC address is formed and past DAD", || {
+        let shown = run(&["ip", "-n", &ns.0, "-6", "addr", "show", "dev", &ns.0]);
+        shown
+            .lines()
+            .any(|l| l.contains(&format!("{want}/")) && !l.contains("tentative"))
+    });
+}
+
+/// What `name`'s AAAA record is at `server`, asked from `ns` with dig.
+fn dig_aaaa(ns: &Netns, server: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "dig", "+short", "+time=1", "+tries=1"])
+        .args([&format!("@{server}"), "AAAA", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A counter's value from a daemon's metrics, by the start of its line.
@@ -645,9 +675,9 @@ fn a_cluster_network_spans_three_nodes_through_vxlan_with_addresses_claimed_in_e
 /// A kernel-mode node (a Linux bridge with a vxlan device, forwarding entries from
 /// etcd) and a userspace node serve one network: a QEMU guest on the kernel node's TAP
 /// port and a namespace guest on the userspace node lease distinct addresses (claimed
-/// in etcd), reach each other through the two kinds of VTEP, by name at their own
-/// gateway; the kernel node drops VXLAN from a stranger and a remote guest's frame from
-/// an address it does not hold, and counts both.
+/// in etcd), reach each other through the two kinds of VTEP, over IPv4 and IPv6, by
+/// name at their own gateway; the kernel node drops VXLAN from a stranger and a remote
+/// guest's frame from an IPv4 or IPv6 address it does not hold, and counts both.
 #[test]
 fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     let Some(image) = std::env::var_os("VMFABRIC_GUEST_DIR").map(PathBuf::from) else {
@@ -684,21 +714,14 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
 
     // Made on the kernel node; each node serves it in its own mode.
     let subnet = format!("10.68.{id}.0/24");
+    let prefix: ipnet::Ipv6Net = format!("fd68:{id:x}::/64").parse().unwrap();
     let created = k.daemon.ok(
         "POST",
         "/v1/networks",
-        Some(json!({"name": "mixed", "subnet": subnet, "mtu": 1450, "scope": "cluster"})),
+        Some(json!({"name": "mixed", "subnet": subnet, "ipv6": prefix.to_string(), "mtu": 1450, "scope": "cluster"})),
     );
     assert_eq!(created["mode"], "kernel", "{created}");
     let vni = created["vni"].as_u64().unwrap() as u32;
-    // Its nftables tunnel guard checks IPv4 sources only: no IPv6 on a kernel node.
-    let (status, body) = k.daemon.call(
-        "POST",
-        "/v1/networks",
-        Some(json!({"name": "mixed6", "subnet": format!("10.69.{id}.0/24"), "ipv6": "fd69::/64", "mtu": 1450, "scope": "cluster"})),
-    );
-    assert_eq!(status, 400, "{body}");
-    assert!(body.to_string().contains("kernel mode"), "{body}");
     eventually(20, "the userspace node serves the network", || {
         u.daemon.call("GET", "/v1/networks/mixed", None).0 == 200
     });
@@ -708,9 +731,16 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         .unwrap_or_else(|| panic!("the userspace guest leased no address: {}", dhcp_lines(&u)));
     // The second address is a kernel node's gateway's on every node.
     assert!(!ip_u.ends_with(".2") && !ip_u.ends_with(".1"), "{ip_u}");
+    let mac_u: fabric::Mac = u.daemon.ok("GET", "/v1/networks/mixed/ports", None)[0]["mac"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let slaac_u = gateway::config::slaac_address(prefix.network(), mac_u);
+    formed(&gu, slaac_u);
 
-    // A QEMU guest on the kernel node's TAP port pings the userspace guest and
-    // resolves its name at its own gateway.
+    // A QEMU guest on the kernel node's TAP port pings the userspace guest (over IPv4
+    // and, from its own SLAAC address, IPv6) and resolves its name at its own gateway.
     let port = k.daemon.ok(
         "POST",
         "/v1/networks/mixed/ports",
@@ -722,7 +752,12 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         },
         mac: port["mac"].as_str().unwrap().parse().unwrap(),
     };
-    let cmd = format!("ping -c 3 -W 2 {ip_u} && echo ACROSS-OK; nslookup su && echo NAMED-OK");
+    let slaac_k = gateway::config::slaac_address(prefix.network(), nic.mac);
+    let cmd = format!(
+        "ping -c 3 -W 2 {ip_u} && echo ACROSS-OK; nslookup su && echo NAMED-OK; \
+         for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do \
+         ping6 -c 1 -W 1 {slaac_u} >/dev/null && echo V6-OK && break; sleep 1; done"
+    );
     let (log, image) = (dir.join("kvm.log"), image.clone());
     let mut kvm = testkit::in_ns(&k.ns, move || {
         testkit::Guest::boot(&image, log, nic, "kvm", Some(&cmd), &["VMF_HTTP=1", "VMF_END=hang"])
@@ -730,7 +765,7 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     let out = kvm.wait_for("VMFABRIC_CMD_EXIT");
     let ip_k = testkit::ready_ip(&out).unwrap();
     assert!(
-        out.contains("ACROSS-OK") && out.contains("NAMED-OK"),
+        out.contains("ACROSS-OK") && out.contains("NAMED-OK") && out.contains("V6-OK"),
         "the kernel node's guest reached the userspace guest by address and name:\n{out}\nnode k:\n{}",
         dhcp_lines(&k)
     );
@@ -745,6 +780,13 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     eventually(20, "the userspace guest fetches the kernel node's guest's page", || {
         fetches_page(&gu.0, &ip_k)
     });
+    assert_eq!(dig_aaaa(&gu, &gateway, "kvm"), slaac_k.to_string());
+    // Its first ping may wait for neighbour discovery across the tunnel.
+    eventually(
+        10,
+        "the userspace guest pings the kernel node's guest over IPv6",
+        || pings6(&gu, slaac_k),
+    );
     let view = etcd_view(etcd);
     let mixed = &view.networks["mixed"];
     let holder = |ip: &str| mixed.addresses[&ip.parse().unwrap()].node.clone();
@@ -830,11 +872,6 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     let stranger = UdpSocket::bind(format!("{base}.2:0")).unwrap();
     let forged = vxlan_datagram(vni, [0x02, 0, 0, 0, 0x66, 2], None);
     stranger.send_to(&forged, format!("{}:4789", k.underlay)).unwrap();
-    let mac_u = parse_mac(
-        u.daemon.ok("GET", "/v1/networks/mixed/ports", None)[0]["mac"]
-            .as_str()
-            .unwrap(),
-    );
     // Node f: registered in etcd (at this namespace's underlay address), no guests.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -854,21 +891,37 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
         .unwrap();
     let as_f = UdpSocket::bind(format!("{base}.1:0")).unwrap();
     eventually(20, "node f's datagram in node u's guest's name is refused", || {
-        as_f.send_to(&vxlan_datagram(vni, mac_u, None), format!("{}:4789", k.underlay))
+        as_f.send_to(&vxlan_datagram(vni, mac_u.0, None), format!("{}:4789", k.underlay))
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         metric(&k, "vmfabric_vxlan_total{what=\"foreign_mac\"}") >= 1
     });
-    let spoofed = vxlan_datagram(vni, mac_u, Some([10, 68, id as u8, 200]));
-    let (from_u, to_k) = (u.underlay.clone(), k.underlay.clone());
-    testkit::in_ns(&u.ns, move || {
-        let s = UdpSocket::bind(format!("{from_u}:0")).unwrap();
-        s.send_to(&spoofed, format!("{to_k}:4789")).unwrap();
-    });
+    let spoofed = vxlan_datagram(vni, mac_u.0, Some([10, 68, id as u8, 200]));
+    let (from_u, to_k, ns_u) = (u.underlay.clone(), k.underlay.clone(), u.ns.clone());
+    let send_from_u = move |datagram: Vec<u8>| {
+        let (from_u, to_k) = (from_u.clone(), to_k.clone());
+        testkit::in_ns(&ns_u, move || {
+            let s = UdpSocket::bind(format!("{from_u}:0")).unwrap();
+            s.send_to(&datagram, format!("{to_k}:4789")).unwrap();
+        })
+    };
+    send_from_u(spoofed);
+    let refused = || metric(&k, "vmfabric_vxlan_total{what=\"refused_frames\"}");
     eventually(10, "the kernel node counts what it refused", || {
-        metric(&k, "vmfabric_vxlan_total{what=\"from_stranger\"}") >= 1
-            && metric(&k, "vmfabric_vxlan_total{what=\"refused_frames\"}") >= 1
+        metric(&k, "vmfabric_vxlan_total{what=\"from_stranger\"}") >= 1 && refused() >= 1
     });
+    // Over IPv6 too: the guest's own address passes, another is refused.
+    let before = refused();
+    let not_held = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 0xbad);
+    send_from_u(vxlan_ipv6_datagram(vni, mac_u.0, slaac_u));
+    send_from_u(vxlan_ipv6_datagram(vni, mac_u.0, not_held));
+    eventually(
+        10,
+        "the kernel node refuses the remote guest's spoofed IPv6 source",
+        || refused() > before,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(refused(), before + 1, "the remote guest's own IPv6 address passed");
     assert!(pings(&gu.0, &ip_k), "the refusals took nothing else");
 
     // The kernel port's address goes back to the cluster with the port.
@@ -934,23 +987,8 @@ fn a_cluster_network_carries_ipv6_between_userspace_nodes() {
     // Each guest forms its SLAAC address from its own node's advertisement.
     let slaac_a = gateway::config::slaac_address(prefix.network(), mac_a);
     let slaac_c = gateway::config::slaac_address(prefix.network(), mac_c);
-    for (ns, want) in [(&ga, slaac_a), (&gc, slaac_c)] {
-        eventually(20, "the guest's SLAAC address is formed and past DAD", || {
-            let shown = run(&["ip", "-n", &ns.0, "-6", "addr", "show", "dev", &ns.0]);
-            shown
-                .lines()
-                .any(|l| l.contains(&format!("{want}/")) && !l.contains("tentative"))
-        });
-    }
-    let pings6 = |ns: &Netns, to: std::net::Ipv6Addr| {
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "busybox", "ping6", "-c", "1", "-W", "1"])
-            .arg(to.to_string())
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
+    formed(&ga, slaac_a);
+    formed(&gc, slaac_c);
     eventually(20, "guest a pings guest c over IPv6 across nodes", || {
         pings6(&ga, slaac_c)
     });
@@ -961,18 +999,10 @@ fn a_cluster_network_carries_ipv6_between_userspace_nodes() {
         "each guest's own node answers as the gateway"
     );
     let gateway = format!("10.67.{id}.1");
-    let aaaa = |ns: &Netns, name: &str| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "dig", "+short", "+time=1", "+tries=1"])
-            .args([&format!("@{gateway}"), "AAAA", name])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     eventually(20, "guest a resolves guest c's AAAA on its own node", || {
-        aaaa(&ga, "xc") == slaac_c.to_string()
+        dig_aaaa(&ga, &gateway, "xc") == slaac_c.to_string()
     });
-    assert_eq!(aaaa(&gc, "xa"), slaac_a.to_string());
+    assert_eq!(dig_aaaa(&gc, &gateway, "xa"), slaac_a.to_string());
 
     // DHCPv6 on node a: the guest's address is a function of its MAC, so no claim in
     // etcd; its SOLICIT goes to its own node's gateway alone, never through the tunnel.

@@ -50,14 +50,6 @@ impl Control {
                 link.config().mode.as_str()
             )));
         }
-        // A guest's IPv6 addresses are functions of its MAC (see `locks::ipv6_addresses`),
-        // so a userspace node needs no claims in etcd for them. A kernel node's tunnel
-        // guard (nftables) checks IPv4 sources only: it would pass spoofed IPv6.
-        if spec.ipv6.is_some() && spec.mode == NetworkMode::Kernel {
-            return Err(ControlError::invalid(
-                "a cluster network in kernel mode carries IPv4 only (its nftables tunnel guard does not check IPv6 sources)",
-            ));
-        }
         if let Some(vni) = spec.vni.filter(|v| !(1..=fabric::vxlan::MAX_VNI).contains(v)) {
             return Err(ControlError::invalid(format!("vni {vni}: 1 to 16777215")));
         }

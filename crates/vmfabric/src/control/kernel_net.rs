@@ -66,12 +66,16 @@ impl KernelTunnel {
             .iter()
             .filter_map(|(mac, node)| {
                 let IpAddr::V4(node) = node else { return None };
-                let mut ips = remotes.locks.get(mac).map(|l| l.ips.clone()).unwrap_or_default();
+                let lock = remotes.locks.get(mac);
+                let mut ips = lock.map(|l| l.ips.clone()).unwrap_or_default();
+                let mut ips6 = lock.map(|l| l.ips6.clone()).unwrap_or_default();
                 ips.sort();
+                ips6.sort();
                 Some(hostnet::nft::RemoteGuest {
                     mac: *mac,
                     node: *node,
                     ips,
+                    ips6,
                 })
             })
             .collect();
