@@ -243,6 +243,13 @@ impl Links {
             .build();
         self.handle.link().add(link).execute().await?;
         let index = self.index_of(name).await?;
+        // Before it is up: the device itself is no host on the network, and with IPv6
+        // it would send its own solicitations and reports into the tunnel, in a MAC no
+        // node's guest has (the others count them as foreign).
+        let no_ipv6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        if let Err(e) = std::fs::write(&no_ipv6, "1") {
+            tracing::debug!("{no_ipv6}: {e} (a host without IPv6)");
+        }
         let set = LinkUnspec::new_with_index(index)
             .alias(format!("{ALIAS_PREFIX}{tag}"))
             .controller(bridge)

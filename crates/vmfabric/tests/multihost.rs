@@ -924,6 +924,13 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     assert_eq!(refused(), before + 1, "the remote guest's own IPv6 address passed");
     assert!(pings(&gu.0, &ip_k), "the refusals took nothing else");
 
+    // Nothing the kernel node sent was in a MAC etcd does not place on it (its vxlan
+    // device, with IPv6 on, sent solicitations and reports of its own).
+    assert_eq!(
+        metric(&u, "vmfabric_vxlan_total{what=\"foreign_mac\"}"),
+        0,
+        "the userspace node refused frames from the kernel node"
+    );
     // The kernel port's address goes back to the cluster with the port.
     drop(kvm);
     k.daemon.ok("DELETE", "/v1/networks/mixed/ports/kvm", None);
