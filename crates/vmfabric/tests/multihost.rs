@@ -176,18 +176,14 @@ fn on_port(node: &Node, net: &str, prefix: &str, port: &str) -> Netns {
 
 /// What `name` resolves to at `server`, asked from namespace `ns` with dig.
 fn dig(ns: &str, server: &str, name: &str) -> String {
+    dig_record(ns, server, "A", name)
+}
+
+/// `name`'s records of type `qtype` at `server`, asked from namespace `ns` with dig.
+fn dig_record(ns: &str, server: &str, qtype: &str, name: &str) -> String {
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "dig",
-            "+short",
-            "+time=1",
-            "+tries=1",
-            &format!("@{server}"),
-            name,
-        ])
+        .args(["netns", "exec", ns, "dig", "+short", "+time=1", "+tries=1"])
+        .args([&format!("@{server}"), qtype, name])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -238,19 +234,11 @@ fn fetches_page(ns: &str, ip: &str) -> bool {
     String::from_utf8_lossy(&page.stdout).contains("hello from vmfabric guest")
 }
 
-fn pings(ns: &str, ip: &str) -> bool {
+/// Whether `ns` gets an answer from `ip` (IPv4 or IPv6) to one ping.
+fn pings(ns: &str, ip: impl std::fmt::Display) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "1", ip])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
-fn pings6(ns: &Netns, to: std::net::Ipv6Addr) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", &ns.0, "busybox", "ping6", "-c", "1", "-W", "1"])
-        .arg(to.to_string())
+        .args(["netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "1"])
+        .arg(ip.to_string())
         .output()
         .unwrap()
         .status
@@ -265,16 +253,6 @@ fn formed(ns: &Netns, want: std::net::Ipv6Addr) {
             .lines()
             .any(|l| l.contains(&format!("{want}/")) && !l.contains("tentative"))
     });
-}
-
-/// What `name`'s AAAA record is at `server`, asked from `ns` with dig.
-fn dig_aaaa(ns: &Netns, server: &str, name: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "dig", "+short", "+time=1", "+tries=1"])
-        .args([&format!("@{server}"), "AAAA", name])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A counter's value from a daemon's metrics, by the start of its line.
@@ -780,12 +758,12 @@ fn a_kernel_mode_node_and_a_userspace_node_share_a_network() {
     eventually(20, "the userspace guest fetches the kernel node's guest's page", || {
         fetches_page(&gu.0, &ip_k)
     });
-    assert_eq!(dig_aaaa(&gu, &gateway, "kvm"), slaac_k.to_string());
+    assert_eq!(dig_record(&gu.0, &gateway, "AAAA", "kvm"), slaac_k.to_string());
     // Its first ping may wait for neighbour discovery across the tunnel.
     eventually(
         10,
         "the userspace guest pings the kernel node's guest over IPv6",
-        || pings6(&gu, slaac_k),
+        || pings(&gu.0, slaac_k),
     );
     let view = etcd_view(etcd);
     let mixed = &view.networks["mixed"];
@@ -997,19 +975,19 @@ fn a_cluster_network_carries_ipv6_between_userspace_nodes() {
     formed(&ga, slaac_a);
     formed(&gc, slaac_c);
     eventually(20, "guest a pings guest c over IPv6 across nodes", || {
-        pings6(&ga, slaac_c)
+        pings(&ga.0, slaac_c)
     });
-    assert!(pings6(&gc, slaac_a));
+    assert!(pings(&gc.0, slaac_a));
     let gateway6 = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 1);
     assert!(
-        pings6(&ga, gateway6) && pings6(&gc, gateway6),
+        pings(&ga.0, gateway6) && pings(&gc.0, gateway6),
         "each guest's own node answers as the gateway"
     );
     let gateway = format!("10.67.{id}.1");
     eventually(20, "guest a resolves guest c's AAAA on its own node", || {
-        dig_aaaa(&ga, &gateway, "xc") == slaac_c.to_string()
+        dig_record(&ga.0, &gateway, "AAAA", "xc") == slaac_c.to_string()
     });
-    assert_eq!(dig_aaaa(&gc, &gateway, "xa"), slaac_a.to_string());
+    assert_eq!(dig_record(&gc.0, &gateway, "AAAA", "xa"), slaac_a.to_string());
 
     // DHCPv6 on node a: the guest's address is a function of its MAC, so no claim in
     // etcd; its SOLICIT goes to its own node's gateway alone, never through the tunnel.
@@ -1033,7 +1011,7 @@ fn a_cluster_network_carries_ipv6_between_userspace_nodes() {
         .arg(std::fs::read_to_string(&pid).unwrap_or_default().trim())
         .status();
     let dhcp6_a = gateway::config::dhcp6_address(prefix, mac_a);
-    eventually(20, "guest c pings guest a's DHCPv6 address", || pings6(&gc, dhcp6_a));
+    eventually(20, "guest c pings guest a's DHCPv6 address", || pings(&gc.0, dhcp6_a));
     let dhcp6_answers = |n: &Node| {
         let text = n.daemon.ok("GET", "/metrics", None);
         let text = text.as_str().unwrap_or_default().to_string();
